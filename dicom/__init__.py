@@ -1,0 +1,1 @@
+"""medsegagent.dicom"""

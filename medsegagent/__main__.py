@@ -1,0 +1,5 @@
+import sys
+
+from medsegagent.node.cli import main
+
+sys.exit(main())
