@@ -1,0 +1,356 @@
+"""Read DICOM image series into :class:`~medsegagent.dicom.volume.Volume` objects.
+
+A folder (or a list of files) is scanned once; instances are grouped by
+Series Instance UID; every image series is checked for a consistent,
+regular geometry and stacked in spatial order, whatever order the files or
+Instance Numbers are in.  Single-frame images and multi-frame (Enhanced /
+Legacy Converted Enhanced) images are both supported.
+
+Anything that cannot be turned into a trustworthy voxel grid is refused with
+a :class:`SeriesError` that says what is wrong: a missing slice, a gantry
+tilt, mixed orientations or sizes, no pixel data.  Guessing there would put
+a segmentation on the wrong voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medsegagent.dicom.volume import Geometry, Volume
+
+log = logging.getLogger(__name__)
+
+#: Relative tolerance on slice spacing before a gap counts as a missing slice.
+SPACING_TOLERANCE = 0.1
+#: Tolerance (cosine) for "parallel" / "perpendicular" direction checks.
+ANGLE_TOLERANCE = 1e-3
+
+
+class SeriesError(ValueError):
+    """A folder or series that cannot be read as a voxel grid."""
+
+
+@dataclass
+class SeriesInfo:
+    """Header facts of one series, read without pixel data."""
+
+    series_instance_uid: str
+    modality: str
+    description: str
+    files: list[Path] = field(default_factory=list)
+    sop_class_uids: set[str] = field(default_factory=set)
+    study_instance_uid: str = ""
+    is_image: bool = True
+    number_of_frames: int = 0
+
+    @property
+    def label(self) -> str:
+        """Short human name: ``CT 'CT ABDOMEN' (64 images)``."""
+        return f"{self.modality} '{self.description}' ({self.number_of_frames} images)"
+
+
+#: SOP classes that hold pixel data but are not volumes we segment.
+_NON_VOLUME_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+}
+
+
+def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
+    """Group the DICOM files under ``paths`` by series, reading headers only.
+
+    Parameters
+    ----------
+    paths : Path or iterable of Path
+        A folder (searched recursively) or explicit files.
+
+    Returns
+    -------
+    dict
+        Series Instance UID -> :class:`SeriesInfo`.  Non-DICOM files are
+        skipped with a debug log line.
+
+    Raises
+    ------
+    SeriesError
+        When the folder does not exist or holds no DICOM file at all.
+    """
+    if isinstance(paths, Path):
+        if not paths.exists():
+            raise SeriesError(f"{paths} does not exist")
+        files = sorted(p for p in paths.rglob("*") if p.is_file()) if paths.is_dir() else [paths]
+    else:
+        files = sorted(Path(p) for p in paths)
+    series: dict[str, SeriesInfo] = {}
+    for path in files:
+        try:
+            # defer_size keeps pixel data on disk while still telling us it exists.
+            ds = pydicom.dcmread(path, defer_size="4 KB")
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            log.debug("skipping %s: not DICOM (%s)", path, exc)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid:
+            log.debug("skipping %s: no SeriesInstanceUID", path)
+            continue
+        sop_class = str(ds.get("SOPClassUID", ""))
+        info = series.setdefault(
+            uid,
+            SeriesInfo(
+                series_instance_uid=uid,
+                modality=str(ds.get("Modality", "")),
+                description=str(ds.get("SeriesDescription", "")),
+                study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+            ),
+        )
+        info.files.append(path)
+        info.sop_class_uids.add(sop_class)
+        has_pixels = "PixelData" in ds or "FloatPixelData" in ds
+        has_geometry = "ImageOrientationPatient" in ds or "SharedFunctionalGroupsSequence" in ds
+        if not has_pixels or not has_geometry or sop_class in _NON_VOLUME_SOP_CLASSES:
+            info.is_image = False
+        info.number_of_frames += int(ds.get("NumberOfFrames", 1) or 1)
+    if not series:
+        where = paths if isinstance(paths, Path) else "the given files"
+        raise SeriesError(f"no DICOM instances found in {where}")
+    return series
+
+
+def image_series(series: dict[str, SeriesInfo]) -> list[SeriesInfo]:
+    """The series of ``series`` that are image volumes, largest first."""
+    return sorted((s for s in series.values() if s.is_image), key=lambda s: -s.number_of_frames)
+
+
+def read_series(info: SeriesInfo | list[Path]) -> Volume:
+    """Read one image series into a :class:`Volume` in spatial order.
+
+    Parameters
+    ----------
+    info : SeriesInfo or list of Path
+        The series (from :func:`scan_folder`) or its files.
+
+    Returns
+    -------
+    Volume
+        Real-world values (rescale applied) as float32, stacked along the
+        slice normal; ``source_instances`` lists the referenced instance
+        (and frame) of each slice.
+
+    Raises
+    ------
+    SeriesError
+        Mixed series, inconsistent orientation/size/spacing, gantry tilt,
+        missing slices, or no pixel data.
+    """
+    files = info.files if isinstance(info, SeriesInfo) else list(info)
+    datasets = [pydicom.dcmread(p) for p in files]
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(uids) != 1:
+        raise SeriesError(f"files belong to {len(uids)} series; read one series at a time")
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(datasets[0])
+    return _read_single_frames(datasets)
+
+
+# -- single-frame series ------------------------------------------------------
+def _read_single_frames(datasets: list[Dataset]) -> Volume:
+    first = datasets[0]
+    for ds in datasets:
+        if "PixelData" not in ds:
+            raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise SeriesError("series mixes multi-frame and single-frame instances")
+        for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+            if key not in ds:
+                raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')} lacks {key}: no geometry")
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+    if np.abs(orientations - orientations[0]).max() > ANGLE_TOLERANCE:
+        raise SeriesError("slices of the series have different orientations")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) != 1:
+        raise SeriesError(f"slices of the series have different sizes: {sorted(shapes)}")
+    spacings = {tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in datasets}
+    if len(spacings) != 1:
+        raise SeriesError("slices of the series have different pixel spacings")
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    frames = [_frame_values(ds, ds.pixel_array) for ds in datasets]
+    refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None) for ds in datasets]
+    return _stack(first, orientations[0], [float(v) for v in first.PixelSpacing], positions, frames, refs)
+
+
+def _frame_values(
+    ds: Dataset, pixels: np.ndarray, slope: float | None = None, intercept: float | None = None
+) -> np.ndarray:
+    slope = float(ds.get("RescaleSlope", 1.0)) if slope is None else slope
+    intercept = float(ds.get("RescaleIntercept", 0.0)) if intercept is None else intercept
+    if pixels.ndim != 2:
+        raise SeriesError(f"expected a greyscale frame, got pixel array of shape {pixels.shape}")
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+# -- multi-frame (enhanced) --------------------------------------------------
+def _read_multiframe(ds: Dataset) -> Volume:
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise SeriesError("multi-frame instance without per-frame functional groups: no per-frame geometry")
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+
+    def group(frame: Dataset, name: str) -> Dataset | None:
+        for source in (frame, shared):
+            if name in source and len(source[name].value):
+                return source[name].value[0]
+        return None
+
+    orientations, positions, spacings, rescales = [], [], [], []
+    for i, frame in enumerate(per_frame):
+        orient = group(frame, "PlaneOrientationSequence")
+        pos = group(frame, "PlanePositionSequence")
+        meas = group(frame, "PixelMeasuresSequence")
+        if orient is None or pos is None or meas is None:
+            raise SeriesError(f"frame {i + 1} lacks plane orientation, position or pixel measures")
+        orientations.append([float(v) for v in orient.ImageOrientationPatient])
+        positions.append([float(v) for v in pos.ImagePositionPatient])
+        spacings.append(tuple(round(float(v), 4) for v in meas.PixelSpacing))
+        trans = group(frame, "PixelValueTransformationSequence")
+        rescales.append(
+            (float(trans.get("RescaleSlope", 1.0)), float(trans.get("RescaleIntercept", 0.0)))
+            if trans is not None
+            else (float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0)))
+        )
+    orientations_arr = np.array(orientations)
+    if np.abs(orientations_arr - orientations_arr[0]).max() > ANGLE_TOLERANCE:
+        raise SeriesError("frames of the multi-frame image have different orientations")
+    if len(set(spacings)) != 1:
+        raise SeriesError("frames of the multi-frame image have different pixel spacings")
+    pixels = ds.pixel_array
+    if pixels.ndim != 3:
+        raise SeriesError(f"expected greyscale frames, got pixel array of shape {pixels.shape}")
+    frames = [_frame_values(ds, pixels[i], *rescales[i]) for i in range(pixels.shape[0])]
+    refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), i + 1) for i in range(pixels.shape[0])]
+    return _stack(ds, orientations_arr[0], list(spacings[0]), np.array(positions), frames, refs)
+
+
+# -- common stacking -----------------------------------------------------------
+def _stack(
+    header: Dataset,
+    orientation: np.ndarray,
+    pixel_spacing: list[float],
+    positions: np.ndarray,
+    frames: list[np.ndarray],
+    refs: list[tuple[str, str, int | None]],
+) -> Volume:
+    row_dir = orientation[:3] / np.linalg.norm(orientation[:3])
+    col_dir = orientation[3:] / np.linalg.norm(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    distances = positions @ normal
+    order = np.argsort(distances, kind="stable")
+    distances = distances[order]
+    positions = positions[order]
+    if len(frames) == 1:
+        thickness = float(header.get("SliceThickness", 0) or 0) or 1.0
+        slice_dir, spacing = normal, thickness
+    else:
+        gaps = np.diff(distances)
+        if np.any(gaps < 1e-3):
+            raise SeriesError("two slices share one position (duplicate or mixed acquisitions in one series)")
+        spacing = float(np.median(gaps))
+        if np.any(np.abs(gaps - spacing) > SPACING_TOLERANCE * spacing):
+            worst = int(np.argmax(np.abs(gaps - spacing)))
+            raise SeriesError(
+                f"irregular slice spacing: gap of {gaps[worst]:.2f} mm after slice {worst + 1} where "
+                f"{spacing:.2f} mm is usual; a slice is probably missing"
+            )
+        step = (positions[-1] - positions[0]) / (len(frames) - 1)
+        slice_dir = step / np.linalg.norm(step)
+        tilt = float(np.degrees(np.arccos(np.clip(abs(slice_dir @ normal), -1.0, 1.0))))
+        if tilt > 0.5:
+            raise SeriesError(
+                f"slices are not stacked along their normal (gantry tilt or shear of {tilt:.1f} degrees); "
+                "resample the series to an orthogonal grid before segmenting"
+            )
+        # Store the normal itself so tiny rounding in positions does not skew the grid.
+        slice_dir = normal
+    array = np.stack([frames[i] for i in order])
+    geometry = Geometry(
+        shape=array.shape,
+        origin=positions[0],
+        row_direction=row_dir,
+        column_direction=col_dir,
+        slice_direction=slice_dir,
+        spacing=(spacing, float(pixel_spacing[0]), float(pixel_spacing[1])),
+    )
+    return Volume(
+        array=array,
+        geometry=geometry,
+        modality=str(header.get("Modality", "")),
+        series_instance_uid=str(header.SeriesInstanceUID),
+        source_instances=[refs[i] for i in order],
+        meta=_series_meta(header),
+    )
+
+
+def _series_meta(ds: Dataset) -> dict:
+    """Header facts the router, writers and reports use."""
+    keys = (
+        "StudyInstanceUID",
+        "SeriesDescription",
+        "StudyDescription",
+        "PatientID",
+        "PatientName",
+        "AccessionNumber",
+        "SeriesNumber",
+        "FrameOfReferenceUID",
+        "BodyPartExamined",
+        "RequestedProcedureDescription",
+        "ScanningSequence",
+        "SequenceName",
+        "ContrastBolusAgent",
+        "Manufacturer",
+        "StudyDate",
+    )
+    meta = {k: str(ds.get(k, "")) for k in keys}
+    meta["ImageType"] = [str(v) for v in ds.get("ImageType", [])]
+    return meta
+
+
+def group_problem(series: dict[str, SeriesInfo]) -> str | None:
+    """Explain why a folder has no readable image series, or ``None``."""
+    if image_series(series):
+        return None
+    kinds = ", ".join(sorted({s.modality or "?" for s in series.values()}))
+    return f"no image series among the {len(series)} series found (modalities: {kinds})"
+
+
+def choose_series(series: dict[str, SeriesInfo], modality: str | None = None) -> SeriesInfo:
+    """Pick the image series to segment.
+
+    Parameters
+    ----------
+    series : dict
+        Output of :func:`scan_folder`.
+    modality : str, optional
+        Wanted DICOM modality (``CT``, ``MR``, ``PT``); when omitted the
+        largest image series wins.
+
+    Raises
+    ------
+    SeriesError
+        When no image series (of that modality) exists.
+    """
+    problem = group_problem(series)
+    if problem:
+        raise SeriesError(problem)
+    candidates = [s for s in image_series(series) if modality is None or s.modality == modality]
+    if not candidates:
+        have = ", ".join(s.label for s in image_series(series))
+        raise SeriesError(f"no {modality} image series in the folder (found: {have})")
+    return candidates[0]

@@ -1,0 +1,34 @@
+"""UID validation: a UID must be a UID before it becomes part of a path."""
+
+from __future__ import annotations
+
+import re
+
+#: PS3.5 9.1: digits and dots, components without leading zeros, at most 64 chars.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUIDError(ValueError):
+    """A value that is not a valid DICOM UID."""
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a syntactically valid DICOM UID."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def checked_uid(value: object, what: str = "UID") -> str:
+    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUIDError`.
+
+    Parameters
+    ----------
+    value : object
+        Candidate UID (typically from a received dataset).
+    what : str
+        Name used in the error message, e.g. ``"SOPInstanceUID"``.
+    """
+    text = str(value) if value is not None else ""
+    if not is_valid_uid(text):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidUIDError(f"{what} {shown!r} is not a valid DICOM UID")
+    return text

@@ -1,0 +1,250 @@
+"""DICOM intake: a Verification and Storage SCP that spools studies durably.
+
+Every received instance is written to
+``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` —
+temporary file, ``fsync``, atomic rename — *before* the success status is
+returned, so a study acknowledged to the sender is on disk.  UIDs are
+validated before they form a path; a malformed instance is refused with a
+DICOM failure status and a log line, and the listener keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+from pynetdicom.transport import ThreadedAssociationServer
+
+from medsegagent.dicom.uids import InvalidUIDError, checked_uid
+
+log = logging.getLogger(__name__)
+
+#: Storage SOP classes the node accepts: the images its registry's modalities
+#: need, plus SR documents that carry requests.
+STORAGE_SOP_CLASSES = (
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.LegacyConvertedEnhancedMRImageStorage,
+    sc.PositronEmissionTomographyImageStorage,
+    sc.EnhancedPETImageStorage,
+    sc.LegacyConvertedEnhancedPETImageStorage,
+    sc.UltrasoundImageStorage,
+    sc.UltrasoundMultiFrameImageStorage,
+    sc.BasicTextSRStorage,
+    sc.EnhancedSRStorage,
+    sc.ComprehensiveSRStorage,
+)
+
+# C-STORE status codes (PS3.4 Annex B.2.3 / PS3.7 C).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class IntakeStats:
+    """Counters of one listener, for logs and the API."""
+
+    stored: int = 0
+    refused: int = 0
+    last_instance_at: dict[str, float] = field(default_factory=dict)
+    instances_per_study: dict[str, int] = field(default_factory=dict)
+
+
+def _nodelay(event: evt.Event) -> None:
+    # Small PDUs otherwise wait for the peer's delayed ACK (~40 ms each).
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename is durable only once the directory entry is.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StorageSCP:
+    """The node's DICOM listener.
+
+    Parameters
+    ----------
+    spool_dir : Path
+        Root of the study spool.
+    ae_title : str
+        The node's AE title.
+    host, port : str, int
+        Interface and port to bind (loopback by default; port 0 picks a free one).
+    allowed_callers : iterable of str, optional
+        Calling AE titles allowed to associate; ``None`` allows any.
+    allowed_hosts : iterable of str, optional
+        Peer IP addresses allowed to associate; ``None`` allows any.
+    on_instance : callable, optional
+        ``(study_uid, series_uid, path, called_ae)`` called after each stored instance.
+    """
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        *,
+        ae_title: str = "MEDSEG",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        allowed_callers: Iterable[str] | None = None,
+        allowed_hosts: Iterable[str] | None = None,
+        on_instance: Callable[[str, str, Path, str], None] | None = None,
+        max_associations: int = 8,
+    ) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.allowed_callers = {a.strip() for a in allowed_callers} if allowed_callers is not None else None
+        self.allowed_hosts = set(allowed_hosts) if allowed_hosts is not None else None
+        self.on_instance = on_instance
+        self.stats = IntakeStats()
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        # Accepted sockets otherwise never time out: a stalled peer would hold a slot forever.
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.require_called_aet = False  # presets bind extra called AE titles to requests
+        ae.add_supported_context(sc.Verification)
+        for sop in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop)
+        self._ae = ae
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads; returns the bound address."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self.port = self._server.server_address[1]
+        log.info("listening as %s on %s:%d, spool %s", self.ae_title, self.host, self.port, self.spool_dir)
+        return self.host, self.port
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers --------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        address = assoc.requestor.address
+        if self.allowed_callers is not None and calling not in self.allowed_callers:
+            log.warning("rejecting association from %s (%s): calling AE title not allowed", calling, address)
+            # 0x01 rejected-permanent, 0x01 service user, 0x03 calling AE title not recognised.
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        if self.allowed_hosts is not None and address not in self.allowed_hosts:
+            log.warning("rejecting association from %s (%s): peer address not allowed", calling, address)
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        calling = event.assoc.requestor.ae_title.strip()
+        called = event.assoc.acceptor.ae_title.strip()
+        try:
+            ds = event.dataset
+            study = checked_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        except InvalidUIDError as exc:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {exc}")
+        except Exception as exc:  # a dataset that does not even decode
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: undecodable dataset ({exc})")
+        if sop != str(event.request.AffectedSOPInstanceUID):
+            return self._refuse(STATUS_DATASET_MISMATCH, f"from {calling}: SOP Instance UID differs from the request")
+        if "PixelData" not in ds and not str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88"):
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: image {sop} has no pixel data")
+        path = self.spool_dir / study / series / f"{sop}.dcm"
+        try:
+            write_atomically(path, [event.encoded_dataset()])
+        except OSError as exc:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
+        with self._lock:
+            self.stats.stored += 1
+            self.stats.last_instance_at[study] = time.monotonic()
+            self.stats.instances_per_study[study] = self.stats.instances_per_study.get(study, 0) + 1
+        if self.on_instance is not None:
+            self.on_instance(study, series, path, called)
+        return STATUS_SUCCESS
+
+    def _refuse(self, status: int, message: str) -> int:
+        with self._lock:
+            self.stats.refused += 1
+        log.warning("C-STORE refused (0x%04X): %s", status, message)
+        return status
+
+    # -- study assembly ----------------------------------------------------------
+    def wait_for_study(
+        self, study_uid: str, *, quiet_seconds: float, timeout: float, expected: int | None = None
+    ) -> Path:
+        """Block until ``study_uid`` has been quiet for ``quiet_seconds``.
+
+        Parameters
+        ----------
+        study_uid : str
+            The study to wait for.
+        quiet_seconds : float
+            A study is complete when no instance arrived for this long.
+        timeout : float
+            Give up after this many seconds.
+        expected : int, optional
+            Return as soon as this many instances arrived (explicit trigger).
+
+        Raises
+        ------
+        TimeoutError
+            When the study did not arrive or settle in time.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                last = self.stats.last_instance_at.get(study_uid)
+                count = self.stats.instances_per_study.get(study_uid, 0)
+            if expected is not None and count >= expected:
+                return self.spool_dir / study_uid
+            if last is not None and time.monotonic() - last >= quiet_seconds:
+                return self.spool_dir / study_uid
+            time.sleep(0.05)
+        raise TimeoutError(f"study {study_uid} not complete after {timeout:.0f} s")
