@@ -1,0 +1,89 @@
+"""Sub-commands of the node: ``segment`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medsegagent.dicom.seg import SegType
+
+#: Exit status for a study the pipeline refused (bad input, nothing to do).
+EXIT_REFUSED = 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``segment`` and ``demo`` to the CLI."""
+    seg = subparsers.add_parser(
+        "segment",
+        help="segment a DICOM folder offline and write a DICOM-SEG",
+        description="Read the image series in DICOM_DIR, route TEXT to models, run them, fuse and write a SEG.",
+    )
+    seg.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR")
+    seg.add_argument("text", metavar="TEXT", help='the request, e.g. "liver and both kidneys"')
+    seg.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    seg.add_argument("--collection", help="route within one registry collection (e.g. demo)")
+    seg.add_argument("--seg-type", choices=[t.value for t in SegType], default=SegType.BINARY.value)
+    seg.add_argument("--registry", type=Path, help="registry.yaml to use instead of the installed one")
+    seg.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    seg.set_defaults(func=run_segment)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="run the embedded default end to end: phantom study -> node over DICOM -> SEG",
+        description="Make a synthetic CT study, send it to the node over DICOM, segment it with the demo models.",
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("medsegagent-demo"), help="work folder (default ./medsegagent-demo)"
+    )
+    demo.add_argument("--request", default=None, help="instruction text (default: the demo organs)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--modality", choices=["CT", "MR"], default="CT")
+    demo.set_defaults(func=run_demo_command)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """``medsegagent segment``."""
+    from medsegagent.models.registry import RegistryError, load_registry
+    from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study
+
+    try:
+        registry = load_registry(args.registry)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        result = segment_study(
+            args.dicom_dir,
+            args.text,
+            args.out,
+            registry=registry,
+            collection=args.collection,
+            seg_type=SegType(args.seg_type),
+            cache=ModelCache(args.device),
+            progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
+        )
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    for seg in result.report["segments"]:
+        print(
+            f"{seg['number']:>3}  {seg['label']:<28} {seg['volume_ml']:10.1f} mL{'  (empty)' if seg['empty'] else ''}"
+        )
+    print(f"SEG: {result.seg_path}\nreport: {result.report_path}\npreview: {result.preview_path}")
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``medsegagent demo``."""
+    from medsegagent.node.demo import DEFAULT_REQUEST, run_demo, summary
+    from medsegagent.node.pipeline import PipelineError
+
+    print("MedSegAgent demo: phantom study -> node (DICOM) -> plan -> models -> ensemble -> DICOM-SEG", file=sys.stderr)
+    try:
+        outcome = run_demo(args.out, request=args.request or DEFAULT_REQUEST, seed=args.seed, modality=args.modality)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(summary(outcome))
+    return 0

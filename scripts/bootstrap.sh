@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for the node and run one job.
+#
+#   bash scripts/bootstrap.sh demo   # install, then `medsegagent demo`
+#   bash scripts/bootstrap.sh test   # install (with test tools), then the test suite
+#
+# Installs the Debian packages the node and its tests use (as root, or with
+# sudo), creates ./.venv and installs the project into it. Re-running skips
+# what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job="${1:-demo}"
+shift || true
+case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install [args...]" >&2; exit 2 ;; esac
+
+apt_packages=(dcmtk python3-venv)
+missing=()
+for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== apt: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+extras=""; [ "$job" = test ] && extras="[test]"
+stamp=".venv/.medsegagent-installed$extras"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "== pip: installing the project$extras"
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and pinned: on this platform the pin resolves to the CPU build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".$extras"
+  touch "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+case "$job" in
+  demo) exec .venv/bin/medsegagent demo "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  install) echo "installed: .venv/bin/medsegagent" ;;
+esac
