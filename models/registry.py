@@ -1,0 +1,1246 @@
+"""Model registry: datasets (capabilities), labels, codes and model references.
+
+The registry (``registry.yaml``) is the model library of the node: one entry per
+dataset the router can select, with the labels it segments (values, SNOMED CT
+codes for DICOM-SEG, colours, synonyms, quality), the modalities and body
+regions it accepts, and zero or more references to installed models. See
+``docs/registry.md`` for the schema.
+
+The file is validated when it is loaded; every problem found is collected and
+reported in one :class:`RegistryError` whose message names the dataset, the
+label or model, and the field.
+
+Examples
+--------
+>>> from medsegagent.models.registry import load_registry
+>>> reg = load_registry()
+>>> reg.datasets["AMOS22_Task2"].label_values("kidney_left")
+[3]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    import highdicom
+    import pydicom.sr.coding
+
+__all__ = [
+    "INPUT_MODALITIES",
+    "MODALITIES",
+    "MR_SEQUENCES",
+    "REGIONS",
+    "SCHEMA_VERSION",
+    "Backend",
+    "Code",
+    "Dataset",
+    "InputChannel",
+    "Intensity",
+    "Label",
+    "LabelKind",
+    "Laterality",
+    "ModelRef",
+    "Preprocessing",
+    "Registry",
+    "RegistryError",
+    "clear_cache",
+    "default_registry_path",
+    "load_registry",
+    "normalize_modality",
+]
+
+#: The only schema version this loader understands.
+SCHEMA_VERSION = 1
+
+#: MR sequence qualifiers accepted after ``MR:``.
+MR_SEQUENCES: frozenset[str] = frozenset({"T1", "T1C", "T2", "FLAIR", "DWI", "ADC"})
+
+#: Modality strings a dataset may list in ``modalities``.
+MODALITIES: frozenset[str] = frozenset({"CT", "MR", "PT", "PT+CT", "US"} | {f"MR:{s}" for s in MR_SEQUENCES})
+
+#: Modality strings a single model input channel may have (``PT+CT`` is two channels).
+INPUT_MODALITIES: frozenset[str] = MODALITIES - {"PT+CT"}
+
+#: Body regions a dataset may list in ``regions``.
+REGIONS: frozenset[str] = frozenset(
+    {
+        "head",
+        "neck",
+        "thorax",
+        "heart",
+        "abdomen",
+        "pelvis",
+        "spine",
+        "upper_limb",
+        "lower_limb",
+        "breast",
+        "whole_body",
+    }
+)
+
+_ORIENTATIONS = frozenset({"RAS", "LPS", "native"})
+_INTENSITY_KINDS = frozenset({"ct_window", "zscore", "minmax", "none"})
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+#: Aliases accepted by :func:`normalize_modality` (upper-case keys).
+_MODALITY_ALIASES = {
+    "MRI": "MR",
+    "PET": "PT",
+    "PET/CT": "PT+CT",
+    "PET-CT": "PT+CT",
+    "PETCT": "PT+CT",
+    "PT/CT": "PT+CT",
+    "PT-CT": "PT+CT",
+    "CT+PT": "PT+CT",
+    "ULTRASOUND": "US",
+}
+_SEQUENCE_ALIASES = {
+    "T1CE": "T1C",
+    "T1GD": "T1C",
+    "T1+C": "T1C",
+    "T1-C": "T1C",
+    "T2FLAIR": "FLAIR",
+    "T2-FLAIR": "FLAIR",
+}
+
+
+class RegistryError(ValueError):
+    """The registry file cannot be read or is invalid.
+
+    Parameters
+    ----------
+    path
+        The registry file.
+    errors
+        One message per problem, each naming the dataset, label/model and field
+        (for example ``datasets.LiTS.labels.liver.color: ...``).
+
+    Attributes
+    ----------
+    path : str
+        The registry file.
+    errors : list of str
+        All problems found.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], errors: list[str]) -> None:
+        self.path = str(path)
+        self.errors = list(errors)
+        n = len(self.errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"invalid registry {self.path}: {n} error{'s' if n != 1 else ''}\n{lines}")
+
+
+class Backend(StrEnum):
+    """How a model is run."""
+
+    MONAI_BUNDLE = "monai_bundle"
+    NNUNETV2 = "nnunetv2"
+    TOTALSEGMENTATOR = "totalsegmentator"
+    TORCHSCRIPT = "torchscript"
+
+
+class LabelKind(StrEnum):
+    """What a label is (routing uses it to tell organs from lesions)."""
+
+    ORGAN = "organ"
+    LESION = "lesion"
+    VESSEL = "vessel"
+    BONE = "bone"
+    MUSCLE = "muscle"
+    CAVITY = "cavity"
+    OTHER = "other"
+
+
+class Laterality(StrEnum):
+    """Side of the body a label covers."""
+
+    LEFT = "left"
+    RIGHT = "right"
+    BILATERAL = "bilateral"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (for example a SNOMED CT code).
+
+    Attributes
+    ----------
+    scheme : str
+        Coding scheme designator (``SCT``).
+    value : str
+        Code value.
+    meaning : str
+        Code meaning, verbatim from the DICOM code tables.
+    """
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def to_highdicom(self) -> highdicom.sr.CodedConcept:
+        """Return the code as a :class:`highdicom.sr.CodedConcept`."""
+        from highdicom.sr import CodedConcept
+
+        return CodedConcept(value=self.value, scheme_designator=self.scheme, meaning=self.meaning)
+
+    def to_pydicom(self) -> pydicom.sr.coding.Code:
+        """Return the code as a :class:`pydicom.sr.coding.Code`."""
+        from pydicom.sr.coding import Code as PydicomCode
+
+        return PydicomCode(value=self.value, scheme_designator=self.scheme, meaning=self.meaning)
+
+    def to_list(self) -> list[str]:
+        """Return ``[scheme, value, meaning]`` (the registry's YAML form)."""
+        return [self.scheme, self.value, self.meaning]
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label (segment) of a dataset.
+
+    Attributes
+    ----------
+    name : str
+        Label name, exactly as in the dataset.
+    value : int or tuple of int
+        Output value, or the values of an nnU-Net region label (their union).
+    kind : LabelKind
+        Organ, lesion, vessel, ...
+    category : Code
+        Segmented property category (DICOM CID 7150).
+    type : Code
+        Segmented property type (DICOM CID 7151 family).
+    color : tuple of int
+        Recommended display colour (R, G, B), 0..255.
+    dataset : str
+        Name of the dataset the label belongs to.
+    laterality : Laterality or None
+        Side covered, ``None`` when not lateral.
+    synonyms : tuple of str
+        Lower-case words/phrases a clinician would use for this label.
+    type_modifier : Code or None
+        Laterality modifier of ``type`` when the type code is not itself lateral.
+    quality : float or None
+        Validation Dice where known.
+    volume_ml : tuple of float or None
+        Plausible (min, max) adult volume of the whole structure in ml.
+    """
+
+    name: str
+    value: int | tuple[int, ...]
+    kind: LabelKind
+    category: Code
+    type: Code
+    color: tuple[int, int, int]
+    dataset: str = ""
+    laterality: Laterality | None = None
+    synonyms: tuple[str, ...] = ()
+    type_modifier: Code | None = None
+    quality: float | None = None
+    volume_ml: tuple[float, float] | None = None
+
+    @property
+    def values(self) -> list[int]:
+        """The label's output values, flattened and sorted."""
+        return sorted({self.value} if isinstance(self.value, int) else set(self.value))
+
+    @property
+    def is_region(self) -> bool:
+        """True for an nnU-Net region label (a list of values)."""
+        return not isinstance(self.value, int)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Intensity normalisation of a model's input.
+
+    Attributes
+    ----------
+    kind : str
+        ``ct_window``, ``zscore``, ``minmax`` or ``none``.
+    window : tuple of float or None
+        (low, high) for ``ct_window``.
+    """
+
+    kind: str = "none"
+    window: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Preprocessing a model expects.
+
+    Attributes
+    ----------
+    orientation : str
+        ``RAS``, ``LPS`` or ``native``.
+    spacing : tuple of float or None
+        Target voxel spacing in mm, ``None`` to keep the source spacing.
+    size : tuple of int or None
+        Fixed input size (x, y, z), ``None`` for any size (sliding window).
+    intensity : Intensity
+        Intensity normalisation.
+    """
+
+    orientation: str = "native"
+    spacing: tuple[float, float, float] | None = None
+    size: tuple[int, int, int] | None = None
+    intensity: Intensity = field(default_factory=Intensity)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRef:
+    """A reference to a model that implements (part of) a dataset.
+
+    Attributes
+    ----------
+    name : str
+        Unique model name across the registry.
+    backend : Backend
+        How the model is run.
+    location : str
+        Where the model lives, as written in the registry (relative to the
+        registry file's directory, absolute, ``~`` or ``$VAR`` expanded).
+    dataset : str
+        Name of the dataset the model belongs to.
+    base_dir : pathlib.Path
+        Directory relative locations are resolved against.
+    labels : dict
+        Model output value(s) per registry label name where they differ from
+        the dataset's values.
+    preprocessing : Preprocessing or None
+        Expected preprocessing (``None``: backend default).
+    quality : dict
+        Validation Dice of this model per label name.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    options : dict
+        Backend-specific options (for example ``{task: total}`` for
+        TotalSegmentator, ``{configuration: 3d_fullres, folds: [0]}`` for nnU-Net).
+    """
+
+    name: str
+    backend: Backend
+    location: str
+    dataset: str = ""
+    base_dir: Path = field(default_factory=Path)
+    labels: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+    device: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        """The resolved absolute location."""
+        p = Path(os.path.expanduser(os.path.expandvars(self.location)))
+        if not p.is_absolute():
+            p = self.base_dir / p
+        return Path(os.path.normpath(p.absolute()))
+
+    @property
+    def installed(self) -> bool:
+        """True when the location exists."""
+        return self.path.exists()
+
+    def values_for(self, label: Label) -> list[int]:
+        """The model's output values for a registry label.
+
+        Parameters
+        ----------
+        label
+            A label of the model's dataset.
+
+        Returns
+        -------
+        list of int
+            Flattened sorted values: the override in :attr:`labels` if any,
+            else the label's own values.
+        """
+        v = self.labels.get(label.name)
+        if v is None:
+            return label.values
+        return sorted({v} if isinstance(v, int) else set(v))
+
+
+@dataclass(frozen=True)
+class InputChannel:
+    """One input channel of a dataset's models.
+
+    Attributes
+    ----------
+    channel : int
+        Channel index (0-based, in order).
+    modalities : tuple of str
+        Accepted modality of this channel (several for "CT or MR" models).
+    description : str or None
+        Free text, e.g. ``non-contrast CT``.
+    """
+
+    channel: int
+    modalities: tuple[str, ...]
+    description: str | None = None
+
+    @property
+    def modality(self) -> str:
+        """The channel's modality; alternatives joined by ``|``."""
+        return "|".join(self.modalities)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A dataset (capability) of the registry.
+
+    Attributes
+    ----------
+    name : str
+        Dataset name.
+    description : str
+        Free text.
+    collections : tuple of str
+        Collection tags (``medsegagent-23``, ``extra``, ``demo``).
+    modalities : tuple of str
+        Accepted input modalities (see :data:`MODALITIES`).
+    regions : tuple of str
+        Body regions covered (see :data:`REGIONS`).
+    labels : dict of str to Label
+        Labels by name, in registry order.
+    inputs : tuple of InputChannel
+        Model input channels in order.
+    specificity : float
+        How specialised the dataset is to its region(s), 0..1 (explicit, or
+        ``1 / len(regions)``).
+    models : tuple of ModelRef
+        Model references (possibly none).
+    install_hint : str or None
+        How to obtain weights.
+    """
+
+    name: str
+    description: str
+    collections: tuple[str, ...]
+    modalities: tuple[str, ...]
+    regions: tuple[str, ...]
+    labels: dict[str, Label]
+    inputs: tuple[InputChannel, ...] = ()
+    specificity: float = 1.0
+    models: tuple[ModelRef, ...] = ()
+    install_hint: str | None = None
+
+    def label(self, name: str) -> Label:
+        """Return the label called ``name`` (``KeyError`` if unknown)."""
+        try:
+            return self.labels[name]
+        except KeyError:
+            raise KeyError(f"dataset {self.name!r} has no label {name!r}") from None
+
+    def label_values(self, name: str) -> list[int]:
+        """Flattened sorted output values of the label ``name``."""
+        return self.label(name).values
+
+    def accepts(self, modality: str) -> bool:
+        """Whether the dataset's models accept a study of ``modality``.
+
+        Parameters
+        ----------
+        modality
+            ``CT``, ``MR``, ``MR:T1`` (etc.), ``PT``, ``PT+CT`` or ``US``;
+            common spellings (``MRI``, ``PET/CT``) are normalised.
+
+        Returns
+        -------
+        bool
+            ``MR:<SEQ>`` is accepted by a dataset listing ``MR`` or that
+            sequence; plain ``MR`` by any ``MR`` or ``MR:*`` dataset; ``PT+CT``
+            (and ``PT``, PET being acquired as PET/CT) by datasets listing
+            ``PT+CT``; other modalities by an exact match.
+        """
+        try:
+            m = normalize_modality(modality)
+        except ValueError:
+            return False
+        mine = set(self.modalities)
+        if m in mine:
+            return True
+        if m == "MR":
+            return any(x.startswith("MR:") for x in mine)
+        if m.startswith("MR:"):
+            return "MR" in mine
+        if m == "PT":
+            return "PT+CT" in mine
+        return False
+
+    @property
+    def installed_models(self) -> list[ModelRef]:
+        """Model references whose location exists."""
+        return [m for m in self.models if m.installed]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of labels."""
+        return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class Registry:
+    """The loaded, validated registry.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The registry file.
+    content_hash : str
+        SHA-256 (hex) of the file bytes; caches derived from the registry
+        (e.g. label embeddings) key on it.
+    datasets : dict of str to Dataset
+        Datasets by name, in file order. Treat as read-only.
+    schema_version : int
+        Schema version of the file.
+    """
+
+    path: Path
+    content_hash: str
+    datasets: dict[str, Dataset]
+    schema_version: int = SCHEMA_VERSION
+
+    def in_collection(self, name: str | None) -> list[Dataset]:
+        """Datasets tagged with collection ``name`` (all datasets for ``None``)."""
+        if name is None:
+            return list(self.datasets.values())
+        return [d for d in self.datasets.values() if name in d.collections]
+
+    @property
+    def collections(self) -> list[str]:
+        """All collection tags, sorted."""
+        return sorted({c for d in self.datasets.values() for c in d.collections})
+
+    @property
+    def num_labels(self) -> int:
+        """Total number of labels over all datasets."""
+        return sum(len(d.labels) for d in self.datasets.values())
+
+    def models(self) -> Iterator[ModelRef]:
+        """Iterate over every model reference."""
+        for d in self.datasets.values():
+            yield from d.models
+
+    def model(self, name: str) -> ModelRef:
+        """Return the model reference called ``name`` (``KeyError`` if unknown)."""
+        for m in self.models():
+            if m.name == name:
+                return m
+        raise KeyError(f"no model {name!r} in the registry")
+
+    def __getitem__(self, name: str) -> Dataset:
+        return self.datasets[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.datasets
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return iter(self.datasets.values())
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+
+def normalize_modality(modality: str) -> str:
+    """Normalise a modality string (``"mri:t1ce"`` -> ``"MR:T1C"``, ``"PET/CT"`` -> ``"PT+CT"``).
+
+    Raises
+    ------
+    ValueError
+        If the result is not one of :data:`MODALITIES`.
+    """
+    m = str(modality).strip().upper().replace(" ", "")
+    head, sep, seq = m.partition(":")
+    head = _MODALITY_ALIASES.get(head, head)
+    if sep:
+        seq = _SEQUENCE_ALIASES.get(seq, seq)
+        m = f"{head}:{seq}"
+    else:
+        m = head
+    if m not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(sorted(MODALITIES))}")
+    return m
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_registry_path() -> Path:
+    """The registry used when none is given: ``$MEDSEGAGENT_REGISTRY`` or the packaged one."""
+    env = os.environ.get("MEDSEGAGENT_REGISTRY")
+    if env:
+        return Path(env)
+    from medsegagent import registry_path
+
+    return Path(registry_path())
+
+
+_cache: dict[tuple[str, int, int], Registry] = {}
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every loaded registry."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
+    """Load and validate a registry file.
+
+    Parameters
+    ----------
+    path
+        The YAML file; default ``$MEDSEGAGENT_REGISTRY``, else the registry
+        shipped with the package.
+
+    Returns
+    -------
+    Registry
+        The validated registry (cached by path, modification time and size).
+
+    Raises
+    ------
+    RegistryError
+        If the file cannot be read or parsed, or is invalid; the message lists
+        every problem found.
+    """
+    p = Path(path) if path is not None else default_registry_path()
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise RegistryError(p, [f"cannot read registry: {exc.strerror or exc}"]) from None
+    key = (str(p.absolute()), st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise RegistryError(p, [f"cannot read registry: {exc.strerror or exc}"]) from None
+    # Relative model locations are relative to the real file (the packaged registry is a symlink).
+    reg = _parse(data, p, base_dir=p.resolve().parent)
+    with _cache_lock:
+        _cache[key] = reg
+    return reg
+
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """Safe loader that rejects duplicate mapping keys (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in out
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable key {key!r}", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse(data: bytes, path: Path, base_dir: Path) -> Registry:
+    try:
+        doc = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise RegistryError(path, [f"not UTF-8 text: {exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(path, [f"YAML error: {' '.join(str(exc).split())}"]) from None
+    v = _Validator(base_dir)
+    datasets = v.document(doc)
+    if v.errors:
+        raise RegistryError(path, v.errors)
+    return Registry(
+        path=path,
+        content_hash=hashlib.sha256(data).hexdigest(),
+        datasets=datasets,
+        schema_version=SCHEMA_VERSION,
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@lru_cache(maxsize=1)
+def _known_codes() -> dict[str, dict[str, frozenset[str]]]:
+    """scheme -> code value -> the meanings pydicom's DICOM code tables give it."""
+    from pydicom.sr._concepts_dict import concepts
+
+    out: dict[str, dict[str, set[str]]] = {}
+    for scheme, by_keyword in concepts.items():
+        table = out.setdefault(scheme, {})
+        for entries in by_keyword.values():
+            for value, (meaning, _cids) in entries.items():
+                table.setdefault(str(value), set()).add(meaning)
+    return {s: {v: frozenset(m) for v, m in t.items()} for s, t in out.items()}
+
+
+@lru_cache(maxsize=1)
+def _category_codes() -> frozenset[tuple[str, str]]:
+    """(scheme, value) of the segmentation property categories (DICOM CID 7150)."""
+    from pydicom.sr._cid_dict import cid_concepts
+    from pydicom.sr._concepts_dict import concepts
+
+    out: set[tuple[str, str]] = set()
+    for scheme, keywords in cid_concepts[7150].items():
+        for kw in keywords:
+            for value, (_meaning, cids) in concepts[scheme][kw].items():
+                if 7150 in cids:
+                    out.add((scheme, str(value)))
+    return frozenset(out)
+
+
+_LATERALITY_CODES = {"7771000": Laterality.LEFT, "24028007": Laterality.RIGHT, "51440002": Laterality.BILATERAL}
+
+_TOP_KEYS = {"schema_version", "datasets"}
+_DATASET_REQUIRED = {"description", "collections", "modalities", "regions", "labels"}
+_DATASET_KEYS = _DATASET_REQUIRED | {"inputs", "specificity", "models", "install_hint"}
+_LABEL_REQUIRED = {"value", "kind", "category", "type", "color"}
+_LABEL_KEYS = _LABEL_REQUIRED | {"laterality", "synonyms", "type_modifier", "quality", "volume_ml"}
+_MODEL_REQUIRED = {"name", "backend", "location"}
+_MODEL_KEYS = _MODEL_REQUIRED | {"labels", "preprocessing", "quality", "device", "options"}
+_PREPROC_KEYS = {"orientation", "spacing", "size", "intensity"}
+_INTENSITY_KEYS = {"kind", "window"}
+_INPUT_KEYS = {"channel", "modality", "description"}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _kind_of(x: object) -> str:
+    if x is None:
+        return "null"
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(x), type(x).__name__
+    )
+
+
+class _Validator:
+    """Builds the dataclasses while collecting every error."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+        self.model_names: dict[str, str] = {}
+
+    def err(self, where: str, msg: str) -> None:
+        self.errors.append(f"{where}: {msg}")
+
+    def keys(self, where: str, obj: Mapping[Any, Any], allowed: set[str], required: set[str]) -> None:
+        for k in obj:
+            if k not in allowed:
+                self.err(f"{where}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for k in sorted(required - set(obj)):
+            self.err(f"{where}.{k}", "missing required field")
+
+    def string(self, where: str, x: object, *, empty: bool = False) -> str | None:
+        if not isinstance(x, str):
+            self.err(where, f"expected a string, got {_kind_of(x)}")
+            return None
+        if not empty and not x.strip():
+            self.err(where, "must not be empty")
+            return None
+        return x
+
+    def str_list(self, where: str, x: object, *, nonempty: bool = True) -> list[str]:
+        if not isinstance(x, list):
+            self.err(where, f"expected a list of strings, got {_kind_of(x)}")
+            return []
+        if nonempty and not x:
+            self.err(where, "must not be empty")
+        out = []
+        for i, item in enumerate(x):
+            if not isinstance(item, str):
+                self.err(f"{where}[{i}]", f"expected a string, got {_kind_of(item)}")
+            else:
+                out.append(item)
+        return out
+
+    # ---------------------------------------------------------------- document
+    def document(self, doc: object) -> dict[str, Dataset]:
+        if not isinstance(doc, dict):
+            self.err("<top>", f"expected a mapping with schema_version and datasets, got {_kind_of(doc)}")
+            return {}
+        self.keys("<top>", doc, _TOP_KEYS, _TOP_KEYS)
+        sv = doc.get("schema_version")
+        if "schema_version" in doc and sv != SCHEMA_VERSION:
+            self.err("schema_version", f"unsupported schema version {sv!r} (this loader reads {SCHEMA_VERSION})")
+        raw = doc.get("datasets")
+        if "datasets" in doc and not isinstance(raw, dict):
+            self.err("datasets", f"expected a mapping of dataset name -> entry, got {_kind_of(raw)}")
+            return {}
+        out: dict[str, Dataset] = {}
+        for name, entry in (raw or {}).items():
+            where = f"datasets.{name}"
+            if not isinstance(name, str) or not name.strip():
+                self.err(where, "dataset name must be a non-empty string")
+                continue
+            d = self.dataset(where, name, entry)
+            if d is not None:
+                out[name] = d
+        if isinstance(raw, dict) and not raw:
+            self.err("datasets", "no datasets")
+        return out
+
+    # ---------------------------------------------------------------- dataset
+    def dataset(self, where: str, name: str, e: object) -> Dataset | None:
+        if not isinstance(e, dict):
+            self.err(where, f"expected a mapping, got {_kind_of(e)}")
+            return None
+        self.keys(where, e, _DATASET_KEYS, _DATASET_REQUIRED)
+        description = self.string(f"{where}.description", e.get("description", ""), empty=True) or ""
+
+        collections = self.str_list(f"{where}.collections", e.get("collections", []))
+        for i, c in enumerate(collections):
+            if not _COLLECTION_RE.match(c):
+                self.err(f"{where}.collections[{i}]", f"invalid collection name {c!r}")
+
+        modalities = self.str_list(f"{where}.modalities", e.get("modalities", []))
+        for i, m in enumerate(modalities):
+            if m not in MODALITIES:
+                allowed = ", ".join(sorted(MODALITIES))
+                self.err(f"{where}.modalities[{i}]", f"unknown modality {m!r} (allowed: {allowed})")
+        if len(set(modalities)) != len(modalities):
+            self.err(f"{where}.modalities", "duplicate entries")
+
+        regions = self.str_list(f"{where}.regions", e.get("regions", []))
+        for i, r in enumerate(regions):
+            if r not in REGIONS:
+                self.err(f"{where}.regions[{i}]", f"unknown region {r!r} (allowed: {', '.join(sorted(REGIONS))})")
+        if len(set(regions)) != len(regions):
+            self.err(f"{where}.regions", "duplicate entries")
+
+        inputs = self.inputs(f"{where}.inputs", e.get("inputs", []))
+
+        specificity = 1.0 / max(1, len(set(regions)))
+        if "specificity" in e:
+            s = e["specificity"]
+            if not _is_num(s) or not 0.0 <= float(s) <= 1.0:
+                self.err(f"{where}.specificity", f"expected a number in 0..1, got {s!r}")
+            else:
+                specificity = float(s)
+
+        labels = self.labels(where, name, e.get("labels"))
+
+        models: list[ModelRef] = []
+        raw_models = e.get("models", [])
+        if raw_models is None:
+            raw_models = []
+        if not isinstance(raw_models, list):
+            self.err(f"{where}.models", f"expected a list of model references, got {_kind_of(raw_models)}")
+        else:
+            for i, m in enumerate(raw_models):
+                ref = self.model(f"{where}.models[{i}]", name, m, labels)
+                if ref is not None:
+                    models.append(ref)
+
+        hint = e.get("install_hint")
+        if hint is not None:
+            hint = self.string(f"{where}.install_hint", hint)
+
+        return Dataset(
+            name=name,
+            description=description,
+            collections=tuple(collections),
+            modalities=tuple(modalities),
+            regions=tuple(regions),
+            labels=labels,
+            inputs=tuple(inputs),
+            specificity=round(specificity, 4),
+            models=tuple(models),
+            install_hint=hint,
+        )
+
+    def inputs(self, where: str, raw: object) -> list[InputChannel]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.err(where, f"expected a list of {{channel, modality}}, got {_kind_of(raw)}")
+            return []
+        out = []
+        for i, item in enumerate(raw):
+            w = f"{where}[{i}]"
+            if not isinstance(item, dict):
+                self.err(w, f"expected a mapping {{channel, modality}}, got {_kind_of(item)}")
+                continue
+            self.keys(w, item, _INPUT_KEYS, {"channel", "modality"})
+            ch = item.get("channel")
+            if "channel" in item and ch != i:
+                self.err(f"{w}.channel", f"expected channel {i} (channels are listed in order from 0), got {ch!r}")
+            mod = item.get("modality")
+            mods = [mod] if isinstance(mod, str) else mod
+            if "modality" in item:
+                if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+                    self.err(f"{w}.modality", f"expected a modality or a list of modalities, got {mod!r}")
+                    mods = []
+                for m in mods:
+                    if m not in INPUT_MODALITIES:
+                        self.err(
+                            f"{w}.modality",
+                            f"unknown channel modality {m!r} (allowed: {', '.join(sorted(INPUT_MODALITIES))})",
+                        )
+            desc = item.get("description")
+            if desc is not None:
+                desc = self.string(f"{w}.description", desc)
+            out.append(InputChannel(channel=i, modalities=tuple(mods or ()), description=desc))
+        return out
+
+    # ---------------------------------------------------------------- labels
+    def labels(self, where: str, dataset: str, raw: object) -> dict[str, Label]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.err(f"{where}.labels", f"expected a mapping of label name -> entry, got {_kind_of(raw)}")
+            return {}
+        if not raw:
+            self.err(f"{where}.labels", "a dataset needs at least one label")
+        out: dict[str, Label] = {}
+        int_values: dict[int, str] = {}
+        colors: dict[tuple[int, ...], str] = {}
+        for name, e in raw.items():
+            w = f"{where}.labels.{name}"
+            if not isinstance(name, str) or not name.strip():
+                self.err(w, "label name must be a non-empty string")
+                continue
+            lab = self.label(w, dataset, name, e)
+            if lab is None:
+                continue
+            if isinstance(lab.value, int):
+                if lab.value in int_values:
+                    self.err(f"{w}.value", f"value {lab.value} already used by label {int_values[lab.value]!r}")
+                else:
+                    int_values[lab.value] = name
+            if lab.color in colors:
+                self.err(f"{w}.color", f"colour {list(lab.color)} already used by label {colors[lab.color]!r}")
+            else:
+                colors[lab.color] = name
+            out[name] = lab
+        return out
+
+    def value(self, where: str, v: object) -> int | tuple[int, ...] | None:
+        if _is_int(v):
+            if not 1 <= v <= 65535:
+                self.err(where, f"label value must be 1..65535 (0 is background), got {v}")
+                return None
+            return v
+        if isinstance(v, list):
+            if not v:
+                self.err(where, "region label value list must not be empty")
+                return None
+            if not all(_is_int(x) and 1 <= x <= 65535 for x in v):
+                self.err(where, f"region label values must be integers 1..65535, got {v!r}")
+                return None
+            if len(set(v)) != len(v):
+                self.err(where, f"duplicate values in region label {v!r}")
+                return None
+            return tuple(v)
+        self.err(where, f"expected an integer or a list of integers, got {_kind_of(v)}")
+        return None
+
+    def code(self, where: str, c: object, *, category: bool = False) -> Code | None:
+        if not isinstance(c, list) or len(c) != 3:
+            self.err(where, f"expected [scheme, value, meaning], got {c!r}")
+            return None
+        scheme, value, meaning = c
+        if _is_int(value):
+            value = str(value)
+        if not all(isinstance(x, str) and x for x in (scheme, value, meaning)):
+            self.err(where, f"expected [scheme, value, meaning] of non-empty strings, got {c!r}")
+            return None
+        table = _known_codes().get(scheme)
+        if table is None:
+            self.err(where, f"unknown coding scheme {scheme!r}")
+            return None
+        meanings = table.get(value)
+        if meanings is None:
+            self.err(where, f"code {scheme} {value} is not in pydicom's DICOM code tables")
+            return None
+        if meaning not in meanings:
+            ms = " | ".join(repr(m) for m in sorted(meanings))
+            self.err(where, f"meaning {meaning!r} does not match code {scheme} {value} (expected one of {ms})")
+            return None
+        if category and (scheme, value) not in _category_codes():
+            self.err(where, f"code {scheme} {value} {meaning!r} is not a segmentation property category (CID 7150)")
+            return None
+        return Code(scheme=scheme, value=value, meaning=meaning)
+
+    def label(self, where: str, dataset: str, name: str, e: object) -> Label | None:
+        if not isinstance(e, dict):
+            self.err(where, f"expected a mapping, got {_kind_of(e)}")
+            return None
+        self.keys(where, e, _LABEL_KEYS, _LABEL_REQUIRED)
+        n_err = len(self.errors)
+        value = self.value(f"{where}.value", e["value"]) if "value" in e else None
+
+        kind = None
+        if "kind" in e:
+            try:
+                kind = LabelKind(e["kind"])
+            except ValueError:
+                allowed = ", ".join(k.value for k in LabelKind)
+                self.err(f"{where}.kind", f"unknown kind {e['kind']!r} (allowed: {allowed})")
+
+        laterality = None
+        if e.get("laterality") is not None:
+            try:
+                laterality = Laterality(e["laterality"])
+            except ValueError:
+                self.err(
+                    f"{where}.laterality",
+                    f"unknown laterality {e['laterality']!r} (allowed: left, right, bilateral, null)",
+                )
+
+        synonyms: list[str] = []
+        if e.get("synonyms") is not None:
+            for i, s in enumerate(self.str_list(f"{where}.synonyms", e["synonyms"], nonempty=False)):
+                if s != s.strip().lower() or not s.strip():
+                    self.err(f"{where}.synonyms[{i}]", f"synonyms must be non-empty lower-case text, got {s!r}")
+                elif s in synonyms:
+                    self.err(f"{where}.synonyms[{i}]", f"duplicate synonym {s!r}")
+                else:
+                    synonyms.append(s)
+
+        category = self.code(f"{where}.category", e["category"], category=True) if "category" in e else None
+        type_ = self.code(f"{where}.type", e["type"]) if "type" in e else None
+        modifier = None
+        if e.get("type_modifier") is not None:
+            modifier = self.code(f"{where}.type_modifier", e["type_modifier"])
+            lat_of_mod = _LATERALITY_CODES.get(modifier.value) if modifier else None
+            if lat_of_mod is not None and laterality is not None and lat_of_mod != laterality:
+                self.err(
+                    f"{where}.type_modifier",
+                    f"modifier {modifier.meaning!r} contradicts laterality {laterality.value!r}",
+                )
+
+        color = None
+        if "color" in e:
+            c = e["color"]
+            if not isinstance(c, list) or len(c) != 3 or not all(_is_int(x) and 0 <= x <= 255 for x in c):
+                self.err(f"{where}.color", f"expected [R, G, B] integers 0..255, got {c!r}")
+            else:
+                color = (c[0], c[1], c[2])
+
+        quality = None
+        if e.get("quality") is not None:
+            q = e["quality"]
+            if not _is_num(q) or not 0.0 <= float(q) <= 1.0:
+                self.err(f"{where}.quality", f"expected a Dice in 0..1, got {q!r}")
+            else:
+                quality = float(q)
+
+        volume = None
+        if e.get("volume_ml") is not None:
+            v = e["volume_ml"]
+            if not isinstance(v, list) or len(v) != 2 or not all(_is_num(x) for x in v) or not 0 <= v[0] < v[1]:
+                self.err(f"{where}.volume_ml", f"expected [min, max] ml with 0 <= min < max, got {v!r}")
+            else:
+                volume = (float(v[0]), float(v[1]))
+
+        if len(self.errors) != n_err or None in (value, kind, category, type_, color):
+            return None
+        assert value is not None and kind is not None and category is not None  # for the type checker
+        assert type_ is not None and color is not None
+        return Label(
+            name=name,
+            value=value,
+            kind=kind,
+            category=category,
+            type=type_,
+            color=color,
+            dataset=dataset,
+            laterality=laterality,
+            synonyms=tuple(synonyms),
+            type_modifier=modifier,
+            quality=quality,
+            volume_ml=volume,
+        )
+
+    # ---------------------------------------------------------------- models
+    def model(self, where: str, dataset: str, e: object, labels: dict[str, Label]) -> ModelRef | None:
+        if not isinstance(e, dict):
+            self.err(where, f"expected a mapping, got {_kind_of(e)}")
+            return None
+        if isinstance(e.get("name"), str) and e["name"]:
+            where = f"{where.rsplit('.models', 1)[0]}.models[{e['name']}]"
+        self.keys(where, e, _MODEL_KEYS, _MODEL_REQUIRED)
+        n_err = len(self.errors)
+
+        name = self.string(f"{where}.name", e["name"]) if "name" in e else None
+        if name is not None:
+            if not _MODEL_NAME_RE.match(name):
+                self.err(f"{where}.name", f"invalid model name {name!r} (letters, digits, . _ -)")
+            elif name in self.model_names:
+                self.err(f"{where}.name", f"model name {name!r} already used in dataset {self.model_names[name]!r}")
+            else:
+                self.model_names[name] = dataset
+
+        backend = None
+        if "backend" in e:
+            try:
+                backend = Backend(e["backend"])
+            except ValueError:
+                allowed = ", ".join(b.value for b in Backend)
+                self.err(f"{where}.backend", f"unknown backend {e['backend']!r} (allowed: {allowed})")
+
+        location = self.string(f"{where}.location", e["location"]) if "location" in e else None
+        if location is not None:
+            expanded = os.path.expandvars(os.path.expanduser(location))
+            if not os.path.isabs(expanded):
+                norm = os.path.normpath(expanded)
+                if norm == ".." or norm.startswith(".." + os.sep) or os.path.isabs(norm):
+                    self.err(
+                        f"{where}.location",
+                        f"relative location {location!r} escapes the registry directory (use an absolute path)",
+                    )
+
+        out_labels: dict[str, int | tuple[int, ...]] = {}
+        raw_labels = e.get("labels")
+        if raw_labels is not None:
+            if not isinstance(raw_labels, dict):
+                got = _kind_of(raw_labels)
+                self.err(f"{where}.labels", f"expected a mapping label name -> model output value, got {got}")
+            else:
+                for ln, lv in raw_labels.items():
+                    if ln not in labels:
+                        self.err(f"{where}.labels.{ln}", f"no label {ln!r} in dataset {dataset!r}")
+                        continue
+                    v = self.value(f"{where}.labels.{ln}", lv)
+                    if v is not None:
+                        out_labels[ln] = v
+
+        quality: dict[str, float] = {}
+        raw_q = e.get("quality")
+        if raw_q is not None:
+            if not isinstance(raw_q, dict):
+                self.err(f"{where}.quality", f"expected a mapping label name -> Dice, got {_kind_of(raw_q)}")
+            else:
+                for ln, q in raw_q.items():
+                    if ln not in labels:
+                        self.err(f"{where}.quality.{ln}", f"no label {ln!r} in dataset {dataset!r}")
+                    elif not _is_num(q) or not 0.0 <= float(q) <= 1.0:
+                        self.err(f"{where}.quality.{ln}", f"expected a Dice in 0..1, got {q!r}")
+                    else:
+                        quality[ln] = float(q)
+
+        pre = None
+        if e.get("preprocessing") is not None:
+            pre = self.preprocessing(f"{where}.preprocessing", e["preprocessing"])
+
+        device = e.get("device", "auto")
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            self.err(f"{where}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+        options = e.get("options") or {}
+        if not isinstance(options, dict):
+            self.err(f"{where}.options", f"expected a mapping, got {_kind_of(options)}")
+
+        if len(self.errors) != n_err or None in (name, backend, location):
+            return None
+        assert name is not None and backend is not None and location is not None
+        return ModelRef(
+            name=name,
+            backend=backend,
+            location=location,
+            dataset=dataset,
+            base_dir=self.base_dir,
+            labels=out_labels,
+            preprocessing=pre,
+            quality=quality,
+            device=device,
+            options=dict(options),
+        )
+
+    def preprocessing(self, where: str, p: object) -> Preprocessing | None:
+        if not isinstance(p, dict):
+            self.err(where, f"expected a mapping, got {_kind_of(p)}")
+            return None
+        self.keys(where, p, _PREPROC_KEYS, set())
+        orientation = p.get("orientation", "native")
+        if orientation not in _ORIENTATIONS:
+            self.err(f"{where}.orientation", f"expected RAS, LPS or native, got {orientation!r}")
+        spacing = p.get("spacing")
+        if spacing is not None and (
+            not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_num(x) and x > 0 for x in spacing)
+        ):
+            self.err(f"{where}.spacing", f"expected null or 3 positive numbers (mm), got {spacing!r}")
+            spacing = None
+        size = p.get("size")
+        if size is not None and (
+            not isinstance(size, list) or len(size) != 3 or not all(_is_int(x) and x > 0 for x in size)
+        ):
+            self.err(f"{where}.size", f"expected null or 3 positive integers, got {size!r}")
+            size = None
+        intensity = Intensity()
+        raw_i = p.get("intensity")
+        if raw_i is not None:
+            if not isinstance(raw_i, dict):
+                self.err(f"{where}.intensity", f"expected a mapping {{kind, window}}, got {_kind_of(raw_i)}")
+            else:
+                self.keys(f"{where}.intensity", raw_i, _INTENSITY_KEYS, {"kind"})
+                kind = raw_i.get("kind", "none")
+                if kind not in _INTENSITY_KINDS:
+                    self.err(
+                        f"{where}.intensity.kind",
+                        f"unknown intensity kind {kind!r} (allowed: {', '.join(sorted(_INTENSITY_KINDS))})",
+                    )
+                window = raw_i.get("window")
+                if kind == "ct_window" and window is None:
+                    self.err(f"{where}.intensity.window", "ct_window needs window: [low, high]")
+                if window is not None:
+                    if not isinstance(window, list) or len(window) != 2 or not all(_is_num(x) for x in window) or not (
+                        window[0] < window[1]
+                    ):
+                        self.err(f"{where}.intensity.window", f"expected [low, high] with low < high, got {window!r}")
+                        window = None
+                    elif kind != "ct_window":
+                        self.err(f"{where}.intensity.window", f"window is only used with kind ct_window, not {kind!r}")
+                intensity = Intensity(
+                    kind=kind if isinstance(kind, str) else "none",
+                    window=(float(window[0]), float(window[1])) if window else None,
+                )
+        return Preprocessing(
+            orientation=orientation if isinstance(orientation, str) else "native",
+            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])) if spacing else None,
+            size=(size[0], size[1], size[2]) if size else None,
+            intensity=intensity,
+        )
