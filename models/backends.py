@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from medsegagent.dicom.volume import Volume
-from medsegagent.models.resample import model_grid, resample
+from medsegagent.models.resample import foreground_mask, model_grid, resample
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ class MonaiBundleModel:
     The bundle's ``inference.json`` holds ``network_def`` (instantiated with
     MONAI's :class:`~monai.bundle.ConfigParser`) and a ``medsegagent``
     section with the preprocessing the weights were trained with
-    (``size`` of the axis-aligned model grid, ``intensity``) and the output
-    ``labels`` (name -> channel).
+    (``size`` of the axis-aligned model grid, ``crop_foreground`` to cover
+    only the patient, ``intensity``) and the output ``labels`` (name ->
+    channel).
     """
 
     def __init__(self, name: str, path: Path, device: str = "auto") -> None:
@@ -136,7 +137,8 @@ class MonaiBundleModel:
         """Run the network on ``volume`` and return probabilities on its grid."""
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        grid = model_grid(volume.geometry, self.size)
+        foreground = foreground_mask(volume.array) if self.spec.get("crop_foreground") else None
+        grid = model_grid(volume.geometry, self.size, foreground)
         fill = float(volume.array.min())
         image = resample(volume.array, volume.geometry, grid, fill=fill)
         image = normalise_intensity(image, self.spec.get("intensity", {"kind": "none"}))

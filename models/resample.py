@@ -23,8 +23,10 @@ from medsegagent.dicom.volume import Geometry
 _CHUNK_VOXELS = 8_000_000
 
 
-def model_grid(source: Geometry, size: Sequence[int]) -> Geometry:
-    """Axis-aligned LPS grid of ``size`` voxels covering ``source``'s extent.
+def model_grid(
+    source: Geometry, size: Sequence[int], foreground: np.ndarray | None = None, margin_mm: float = 10.0
+) -> Geometry:
+    """Axis-aligned LPS grid of ``size`` voxels covering ``source`` (or its foreground).
 
     Parameters
     ----------
@@ -32,6 +34,12 @@ def model_grid(source: Geometry, size: Sequence[int]) -> Geometry:
         The grid to cover (any orientation).
     size : sequence of int
         ``(x, y, z)`` voxel counts of the model's input grid.
+    foreground : numpy.ndarray, optional
+        Boolean mask on ``source``; when given (and not empty) the grid covers
+        only its bounding box plus ``margin_mm``, so the model's voxels are
+        spent on the patient rather than on air.
+    margin_mm : float
+        Margin around the foreground box.
 
     Returns
     -------
@@ -40,17 +48,19 @@ def model_grid(source: Geometry, size: Sequence[int]) -> Geometry:
         (posterior), slices along +z (superior), spanning the bounding box
         of ``source``'s voxel centres.
     """
+    lo_idx, hi_idx = np.zeros(3), np.array(source.shape, dtype=float) - 1  # (slice, row, column)
+    margin = 0.0
+    if foreground is not None and foreground.any():
+        hits = [np.flatnonzero(foreground.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+        lo_idx = np.array([h[0] for h in hits], dtype=float)
+        hi_idx = np.array([h[-1] for h in hits], dtype=float)
+        margin = margin_mm
     corners = np.array(
-        [
-            [c, r, s]
-            for c in (0, source.shape[2] - 1)
-            for r in (0, source.shape[1] - 1)
-            for s in (0, source.shape[0] - 1)
-        ],
+        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])],
         dtype=float,
     )
     points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
-    low, high = points.min(axis=0), points.max(axis=0)
+    low, high = points.min(axis=0) - margin, points.max(axis=0) + margin
     nx, ny, nz = (int(v) for v in size)
     spacing_xyz = np.maximum((high - low) / np.maximum(np.array([nx, ny, nz]) - 1, 1), 1e-3)
     return Geometry(
@@ -61,6 +71,16 @@ def model_grid(source: Geometry, size: Sequence[int]) -> Geometry:
         slice_direction=(0.0, 0.0, 1.0),
         spacing=(float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0])),
     )
+
+
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """Voxels clearly above the background (air) level of an image.
+
+    The threshold is 10 % of the way from the 1st to the 99th percentile,
+    which separates air from any tissue in CT (HU) and in MR/PET alike.
+    """
+    low, high = np.percentile(array[:: max(1, array.shape[0] // 16)], [1, 99])
+    return array > low + 0.1 * (high - low)
 
 
 def resample(

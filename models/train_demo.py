@@ -27,7 +27,7 @@ import torch
 
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.models.backends import normalise_intensity
-from medsegagent.models.resample import model_grid, resample
+from medsegagent.models.resample import foreground_mask, model_grid, resample
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ DEMO_LABELS = {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4, "pa
 #: Phantom label value -> demo label value.
 PHANTOM_TO_DEMO = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 1}
 #: Axis-aligned model grid, (x, y, z) voxels.
-GRID_SIZE = (96, 96, 64)
+GRID_SIZE = (96, 80, 48)
 INTENSITY = {"CT": {"kind": "ct_window", "window": [-200, 300]}, "MR": {"kind": "zscore"}}
 ORIENTATIONS = ("axial", "axial", "coronal", "sagittal", "oblique")
 
@@ -57,7 +57,7 @@ ARCHITECTURES = (
             "spatial_dims": 3,
             "in_channels": 1,
             "out_channels": len(DEMO_LABELS) + 1,
-            "channels": [16, 32, 64, 128],
+            "channels": [8, 16, 32, 64],
             "strides": [2, 2, 2],
             "num_res_units": 1,
             "norm": "instance",
@@ -70,8 +70,9 @@ ARCHITECTURES = (
             "spatial_dims": 3,
             "in_channels": 1,
             "out_channels": len(DEMO_LABELS) + 1,
-            "init_filters": 8,
-            "blocks_down": [1, 2, 2, 4],
+            "init_filters": 4,
+            "norm": ["group", {"num_groups": 4}],
+            "blocks_down": [1, 1, 2, 2],
             "blocks_up": [1, 1, 1],
         },
     ),
@@ -85,7 +86,7 @@ def make_sample(modality: str, seed: int, rng: np.random.Generator) -> tuple[np.
     slices = int(rng.integers(24, 64))
     phantom = make_phantom(modality, seed=seed, slices=slices, size=size, orientation=orientation)
     image, geometry = phantom.images[modality]
-    grid = model_grid(geometry, GRID_SIZE)
+    grid = model_grid(geometry, GRID_SIZE, foreground_mask(image))
     x = resample(image, geometry, grid, fill=float(image.min()))
     lut = np.zeros(256, np.uint8)
     for src, dst in PHANTOM_TO_DEMO.items():
@@ -142,7 +143,7 @@ def train_one(
                 arch.key,
                 step + 1,
                 iterations,
-                float(loss),
+                loss.item(),
                 time.perf_counter() - started,
             )
     net.eval()
@@ -178,6 +179,7 @@ def save_bundle(
             "labels": DEMO_LABELS,
             "size": list(GRID_SIZE),
             "grid": "axis-aligned LPS box covering the source (medsegagent.models.resample.model_grid)",
+            "crop_foreground": True,
             "intensity": INTENSITY[modality],
         },
     }
