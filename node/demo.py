@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsegagent.dicom.phantom import Phantom, make_phantom, write_phantom
+from medsegagent.dicom.image_writer import write_phantom
+from medsegagent.dicom.phantom import Phantom, make_phantom
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.resample import resample
 from medsegagent.node.dispatch import send_files
