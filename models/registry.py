@@ -861,6 +861,8 @@ class _Validator:
                 specificity = float(s)
 
         labels = self.labels(where, name, e.get("labels"))
+        # models are checked against every label named, valid or not (no cascade of errors)
+        label_names = set(e["labels"]) if isinstance(e.get("labels"), dict) else set()
 
         models: list[ModelRef] = []
         raw_models = e.get("models", [])
@@ -870,7 +872,7 @@ class _Validator:
             self.err(f"{where}.models", f"expected a list of model references, got {_kind_of(raw_models)}")
         else:
             for i, m in enumerate(raw_models):
-                ref = self.model(f"{where}.models[{i}]", name, m, labels)
+                ref = self.model(f"{where}.models[{i}]", name, m, label_names)
                 if ref is not None:
                     models.append(ref)
 
@@ -1096,7 +1098,7 @@ class _Validator:
         )
 
     # ---------------------------------------------------------------- models
-    def model(self, where: str, dataset: str, e: object, labels: dict[str, Label]) -> ModelRef | None:
+    def model(self, where: str, dataset: str, e: object, labels: set[str]) -> ModelRef | None:
         if not isinstance(e, dict):
             self.err(where, f"expected a mapping, got {_kind_of(e)}")
             return None
@@ -1227,8 +1229,11 @@ class _Validator:
                 if kind == "ct_window" and window is None:
                     self.err(f"{where}.intensity.window", "ct_window needs window: [low, high]")
                 if window is not None:
-                    if not isinstance(window, list) or len(window) != 2 or not all(_is_num(x) for x in window) or not (
-                        window[0] < window[1]
+                    if (
+                        not isinstance(window, list)
+                        or len(window) != 2
+                        or not all(_is_num(x) for x in window)
+                        or not (window[0] < window[1])
                     ):
                         self.err(f"{where}.intensity.window", f"expected [low, high] with low < high, got {window!r}")
                         window = None
