@@ -989,6 +989,9 @@ class _Validator:
         if not all(isinstance(x, str) and x for x in (scheme, value, meaning)):
             self.err(where, f"expected [scheme, value, meaning] of non-empty strings, got {c!r}")
             return None
+        if len(meaning) > 64:
+            self.err(where, f"code meaning {meaning!r} is longer than 64 characters (DICOM LO): choose another concept")
+            return None
         table = _known_codes().get(scheme)
         if table is None:
             self.err(where, f"unknown coding scheme {scheme!r}")

@@ -100,6 +100,25 @@ def test_every_label_is_coded_with_valid_sct_codes(reg: Registry) -> None:
                 assert label.type_modifier.meaning == expected[label.laterality], (ds.name, label.name)
 
 
+def test_codes_build_dicom_seg_segment_descriptions(reg: Registry) -> None:
+    import highdicom as hd
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="test", version="1", family=hd.sr.CodedConcept("123109", "DCM", "Manual Processing")
+    )
+    for ds in reg:
+        for number, label in enumerate(ds.labels.values(), start=1):
+            desc = hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label.name,
+                segmented_property_category=label.category.to_highdicom(),
+                segmented_property_type=label.type.to_highdicom(),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+            assert desc.segmented_property_type.value == label.type.value
+
+
 def test_lateral_labels_carry_laterality(reg: Registry) -> None:
     # "kidney_left", "Eye_L", "right kidney", "rib_left_4"; heart chambers ("Left Ventricle") are not lateral
     for ds in reg:
@@ -372,6 +391,10 @@ def test_minimal_registry_loads(tmp_path: Path) -> None:
         (
             lambda d: _lab(d, "liver").update(type=["SCT", "10200004", "Hepar"]),
             "datasets.Tiny.labels.liver.type: meaning 'Hepar' does not match",
+        ),
+        (
+            lambda d: _lab(d, "liver").update(type=["SCT", "61671002", "x" * 65]),
+            "datasets.Tiny.labels.liver.type: code meaning 'xxxx",
         ),
         (
             lambda d: _lab(d, "liver").update(type=["XYZ", "10200004", "Liver"]),
