@@ -141,6 +141,9 @@ class StorageSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.require_called_aet = False  # presets bind extra called AE titles to requests
+        if self.allowed_callers is not None:
+            # pynetdicom rejects others with "calling AE title not recognised".
+            ae.require_calling_aet = sorted(self.allowed_callers)
         ae.add_supported_context(sc.Verification)
         for sop in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop)
@@ -152,6 +155,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_CONN_OPEN, _nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -169,16 +173,15 @@ class StorageSCP:
     # -- handlers --------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
         address = assoc.requestor.address
-        if self.allowed_callers is not None and calling not in self.allowed_callers:
-            log.warning("rejecting association from %s (%s): calling AE title not allowed", calling, address)
-            # 0x01 rejected-permanent, 0x01 service user, 0x03 calling AE title not recognised.
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            return
         if self.allowed_hosts is not None and address not in self.allowed_hosts:
-            log.warning("rejecting association from %s (%s): peer address not allowed", calling, address)
+            log.warning("rejecting association from %s: peer address not allowed", address)
+            # rejected-permanent, service user, calling AE title not recognised (no better reason exists).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning("association from %s (%s) rejected", requestor.ae_title.strip(), requestor.address)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling = event.assoc.requestor.ae_title.strip()

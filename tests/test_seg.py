@@ -92,7 +92,7 @@ def test_seg_valid_and_on_the_right_voxels(phantom_factory, tmp_path, geometry):
 
 
 def test_highdicom_reads_back_segments(phantom_factory, tmp_path):
-    volume, labels, seg_path = _write(phantom_factory, tmp_path, orientation="coronal")
+    volume, _, seg_path = _write(phantom_factory, tmp_path, orientation="coronal")
     seg = hd.seg.segread(seg_path)
     assert [d.segment_label for d in seg.SegmentSequence] == [s.label for s in _specs()]
     kidney_right = seg.SegmentSequence[2]

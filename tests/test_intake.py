@@ -1,0 +1,142 @@
+"""The node's DICOM listener against real DCMTK peers (echoscu, storescu)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pydicom
+import pytest
+
+from medsegagent.node.dispatch import DeliveryError, send_files
+from medsegagent.node.intake import StorageSCP
+
+#: Debian's DCMTK; the venv's pynetdicom apps shadow the names on PATH.
+DCMTK = "/usr/bin"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(name: str) -> str:
+    path = os.path.join(DCMTK, name)
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"DCMTK {name} missing at {path}; run scripts/bootstrap.sh test")
+    return path
+
+
+@pytest.fixture
+def scp(tmp_path):
+    node = StorageSCP(tmp_path / "spool", ae_title="MEDSEG", host="127.0.0.1", port=0, allowed_callers={"PACS"})
+    node.start()
+    yield node
+    node.stop()
+
+
+def test_echo_and_store_with_dcmtk(scp, phantom_factory):
+    _, files = phantom_factory("CT")
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "PACS", "-aec", "MEDSEG", "127.0.0.1", str(scp.port)],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert echo.returncode == 0, echo.stderr
+    paths = [str(p) for p in files.series["CT"]]
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-aet", "PACS", "-aec", "MEDSEG", "127.0.0.1", str(scp.port), *paths],
+        env=ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    study = pydicom.dcmread(files.series["CT"][0], stop_before_pixels=True)
+    spooled = sorted((scp.spool_dir / study.StudyInstanceUID / study.SeriesInstanceUID).glob("*.dcm"))
+    assert len(spooled) == len(files.series["CT"])
+    # Bytes on disk decode to the same instances; no temporary files are left.
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in spooled} == {
+        pydicom.dcmread(p).SOPInstanceUID for p in files.series["CT"]
+    }
+    assert not list(scp.spool_dir.rglob("*.tmp"))
+    assert (
+        scp.wait_for_study(study.StudyInstanceUID, quiet_seconds=0.1, timeout=5)
+        == scp.spool_dir / study.StudyInstanceUID
+    )
+
+
+def test_unknown_calling_ae_is_rejected(scp):
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STRANGER", "-aec", "MEDSEG", "127.0.0.1", str(scp.port)],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert echo.returncode != 0
+    assert "Calling AE Title Not Recognized" in echo.stderr + echo.stdout
+
+
+def test_path_like_uid_is_refused_and_node_keeps_serving(scp, phantom_factory, tmp_path):
+    _, files = phantom_factory("CT")
+    bad = tmp_path / "bad.dcm"
+    ds = pydicom.dcmread(files.series["CT"][0])
+    ds.StudyInstanceUID = "1.2.3/../../../etc"
+    ds.save_as(bad)
+    result = subprocess.run(
+        [dcmtk("storescu"), "-v", "-aet", "PACS", "-aec", "MEDSEG", "127.0.0.1", str(scp.port), str(bad)],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "Error: CannotUnderstand" in result.stderr
+    assert scp.stats.refused == 1
+    assert not any(p.name == "etc" for p in scp.spool_dir.rglob("*"))
+    # Still serving: a good instance goes through right after.
+    assert (
+        send_files(files.series["CT"][:2], host="127.0.0.1", port=scp.port, called_ae="MEDSEG", calling_ae="PACS").sent
+        == 2
+    )
+
+
+def test_missing_pixel_data_is_refused(scp, phantom_factory, tmp_path):
+    _, files = phantom_factory("CT")
+    path = tmp_path / "nopixels.dcm"
+    ds = pydicom.dcmread(files.series["CT"][0])
+    del ds.PixelData
+    ds.save_as(path)
+    result = send_files([path], host="127.0.0.1", port=scp.port, called_ae="MEDSEG", calling_ae="PACS")
+    assert result.sent == 0
+    assert list(result.failed.values()) == [0xC000]
+
+
+def test_our_scu_reports_rejection(scp, phantom_factory):
+    _, files = phantom_factory("CT")
+    with pytest.raises(DeliveryError, match="not accepted"):
+        send_files(files.series["CT"][:1], host="127.0.0.1", port=scp.port, called_ae="MEDSEG", calling_ae="NOBODY")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"nothing listens on port {port}")
+
+
+def test_dcmtk_storescp_receives_from_our_scu(phantom_factory, tmp_path):
+    """Our SCU against DCMTK's SCP: the delivery path to a PACS."""
+    _, files = phantom_factory("CT")
+    port = _free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "PACS", "-od", str(out), str(port)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_listening(port)
+        result = send_files(files.series["CT"], host="127.0.0.1", port=port, called_ae="PACS")
+        assert result.sent == len(files.series["CT"])
+        assert len(list(out.iterdir())) == len(files.series["CT"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
