@@ -82,7 +82,7 @@ def derived_uid(*parts: str) -> str:
 
 def _truncate(text: str, limit: int = _LO_MAX) -> str:
     text = " ".join(text.split()).replace("\\", "/")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_source_datasets(volume: Volume, files: Sequence[Path]) -> list[Dataset]:

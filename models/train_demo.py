@@ -112,14 +112,15 @@ def train_one(
     val: list[tuple[np.ndarray, np.ndarray]],
     iterations: int,
     seed: int,
+    device: str = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``arch`` on ``train`` and return it with its validation Dice."""
+    """Train ``arch`` on ``train`` and return it (on the CPU) with its validation Dice."""
     from monai.bundle import ConfigParser
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
     parser = ConfigParser({"network_def": arch.network_def})
-    net = parser.get_parsed_content("network_def")
+    net = parser.get_parsed_content("network_def").to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=iterations, pct_start=0.1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -131,7 +132,7 @@ def train_one(
         # Intensity jitter only: flips would swap left and right organs.
         x = np.stack([b[0] * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05) for b in batch])[:, None]
         y = np.stack([b[1] for b in batch])[:, None]
-        loss = loss_fn(net(torch.from_numpy(x.astype(np.float32))), torch.from_numpy(y))
+        loss = loss_fn(net(torch.from_numpy(x.astype(np.float32)).to(device)), torch.from_numpy(y).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,10 +151,10 @@ def train_one(
     scores: dict[str, list[float]] = {name: [] for name in DEMO_LABELS}
     with torch.inference_mode():
         for x, y in val:
-            pred = net(torch.from_numpy(x)[None, None]).argmax(1)[0].numpy()
+            pred = net(torch.from_numpy(x)[None, None].to(device)).argmax(1)[0].cpu().numpy()
             for name, value in dice_per_label(pred, y).items():
                 scores[name].append(value)
-    return net, {name: round(float(np.mean(v)), 4) for name, v in scores.items()}
+    return net.cpu(), {name: round(float(np.mean(v)), 4) for name, v in scores.items()}
 
 
 def save_bundle(
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantoms", type=int, default=32, help="training phantoms per task")
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %d training phantoms in %.0f s", modality, len(train), time.perf_counter() - t0)
         for arch in archs:
             t0 = time.perf_counter()
-            net, dice = train_one(modality, arch, train, val, args.iterations, args.seed)
+            net, dice = train_one(modality, arch, train, val, args.iterations, args.seed, args.device)
             name = f"demo_{modality.lower()}_{arch.key}"
             path = save_bundle(args.out, name, modality, arch, net, dice, args.iterations, len(train))
             log.info("%s: saved %s in %.0f s, validation Dice %s", modality, path, time.perf_counter() - t0, dice)

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification
+
+from medsegagent.node.intake import set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ def send_files(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts = [build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)]
-    assoc = ae.associate(host, port, contexts=contexts, ae_title=called_ae)
+    assoc = ae.associate(
+        host, port, contexts=contexts, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+    )
     if not assoc.is_established:
         raise DeliveryError(f"association to {called_ae}@{host}:{port} was not accepted")
     result = SendResult()

@@ -64,7 +64,8 @@ class IntakeStats:
     instances_per_study: dict[str, int] = field(default_factory=dict)
 
 
-def _nodelay(event: evt.Event) -> None:
+def set_nodelay(event: evt.Event) -> None:
+    """``EVT_CONN_OPEN`` handler: disable Nagle's algorithm on the association's socket."""
     # Small PDUs otherwise wait for the peer's delayed ACK (~40 ms each).
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
@@ -153,7 +154,7 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound address."""
         handlers = [
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),

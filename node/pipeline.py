@@ -98,8 +98,11 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
     segments: dict[tuple[str, str | None], Segment] = {}
     skipped: list[dict] = []
     for target in plan.targets:
+        if target.negated:
+            continue
         runnable = 0
-        for candidate in target.candidates:
+        chosen = [c for c in target.candidates if c.selected]
+        for candidate in chosen:
             dataset = registry.datasets[candidate.dataset]
             installed = [ref for ref in dataset.models if ref.installed]
             for label_name in candidate.labels:
@@ -111,8 +114,8 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
                 if segment is not None:
                     segment.members.extend((dataset, label, ref) for ref in installed)
             runnable += len(installed)
-        if not runnable:
-            hints = sorted({registry.datasets[c.dataset].install_hint or c.dataset for c in target.candidates})
+        if chosen and not runnable:
+            hints = sorted({registry.datasets[c.dataset].install_hint or c.dataset for c in chosen})
             skipped.append({"target": target.text, "reason": "no installed model", "install": hints})
     return [s for s in segments.values() if s.members], skipped
 
