@@ -210,6 +210,14 @@ class Tube:
         """Boolean mask of ``points`` inside the tube."""
         return self.level(points) < 1.0
 
+    def bounds(self, z_range: tuple[float, float] = (-500.0, 500.0)) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned LPS box of the tube over ``z_range``."""
+        z = np.array(z_range)
+        ends = self.centre[None, :] + self.slope[None, :] * z[:, None]
+        lo = np.r_[ends.min(axis=0) - self.axes, z[0]]
+        hi = np.r_[ends.max(axis=0) + self.axes, z[1]]
+        return lo, hi
+
 
 @dataclass(frozen=True)
 class Sphere:
@@ -257,13 +265,18 @@ class Anatomy:
     bias_waves: np.ndarray  # MR coil sensitivity, same layout
 
     # -- evaluation -----------------------------------------------------------
-    def evaluate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(self, points: np.ndarray, grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, tissue classes and viscera mix at LPS ``points``.
 
         Parameters
         ----------
         points : numpy.ndarray
             ``(..., 3)`` LPS positions in mm (float32 is fastest).
+        grid : numpy.ndarray, optional
+            When ``points`` is a regular ``(slices, rows, columns, 3)`` block,
+            the 4x4 matrix mapping LPS to its ``(column, row, slice)``
+            indices; each structure is then evaluated only on the sub-block
+            its bounding box covers (much faster, same result).
 
         Returns
         -------
@@ -277,40 +290,61 @@ class Anatomy:
         pts = np.asarray(points)
         if pts.dtype not in (np.float32, np.float64):
             pts = pts.astype(np.float64)
-        shape = pts.shape[:-1]
-        x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-        labels = np.zeros(shape, np.uint8)
-        tissue = np.full(shape, AIR, np.uint8)
+        sel = _Selector(pts, grid)
+        labels = np.zeros(pts.shape[:-1], np.uint8)
+        tissue = np.full(pts.shape[:-1], AIR, np.uint8)
+        inf = 1e4
 
         # Body wall: skin ellipse, subcutaneous fat, then a muscle layer.
         a, b = (float(v) for v in self.body_axes)
-        tissue[(x / a) ** 2 + (y / b) ** 2 < 1] = FAT
         fa, fb = a - self.fat_thickness, b - self.fat_thickness
-        tissue[(x / fa) ** 2 + (y / fb) ** 2 < 1] = MUSCLE
         ca, cb = fa - self.wall_thickness, fb - self.wall_thickness
-        cavity = (x / ca) ** 2 + (y / cb) ** 2 < 1
-        tissue[cavity] = VISCERA
-        # Paraspinal muscles fill the posterior wall either side of the spine.
+        region = sel.box((-a, -b, -inf), (a, b, inf))
+        if region is not None:
+            p = pts[region]
+            x2, y2 = p[..., 0] ** 2, p[..., 1] ** 2
+            t = np.full(x2.shape, AIR, np.uint8)
+            t[x2 / (a * a) + y2 / (b * b) < 1] = FAT
+            t[x2 / (fa * fa) + y2 / (fb * fb) < 1] = MUSCLE
+            t[x2 / (ca * ca) + y2 / (cb * cb) < 1] = VISCERA
+            sel.put(tissue, region, None, t)
+        # Paraspinal muscles fill the posterior wall either side of the spine;
+        # the psoas thickens towards the pelvis.
         sx, sy = (float(v) for v in self.spine_centre)
         for side in (-1.0, 1.0):
-            tissue[((x - side * 42) / 30) ** 2 + ((y - (sy + 42)) / 24) ** 2 < 1] = MUSCLE
-            # Psoas: thickens towards the pelvis.
-            r = np.clip(6.0 + 0.08 * (110.0 - z), 6.0, 26.0)
-            cx = side * (22.0 + 0.06 * (110.0 - z))
-            tissue[(x - cx) ** 2 + (y - (sy - 2)) ** 2 < r * r] = MUSCLE
+            cx = sx + side * 42.0
+            region = sel.box((cx - 30, sy + 18, -inf), (cx + 30, sy + 66, inf))
+            if region is not None:
+                p = pts[region]
+                inside = ((p[..., 0] - cx) / 30) ** 2 + ((p[..., 1] - (sy + 42)) / 24) ** 2 < 1
+                sel.put(tissue, region, inside, MUSCLE)
+            region = sel.box((min(0.0, side * 80), sy - 28, -inf), (max(0.0, side * 80), sy + 24, inf))
+            if region is not None:
+                p = pts[region]
+                z = p[..., 2]
+                r = np.clip(6.0 + 0.08 * (110.0 - z), 6.0, 26.0)
+                px = side * (22.0 + 0.06 * (110.0 - z))
+                inside = (p[..., 0] - px) ** 2 + (p[..., 1] - (sy - 2)) ** 2 < r * r
+                sel.put(tissue, region, inside, MUSCLE)
         for lung in self.lungs:
-            _paint(tissue, lung, pts, LUNG)
-        # Spine: vertebral bodies with discs, canal, posterior elements.
-        rr = (x - sx) ** 2 + (y - sy) ** 2
-        body = rr < self.spine_radius**2
-        tissue[body] = BONE
-        disc = body & (np.mod(z - self.disc_phase, 32.0) < 7.0)
-        tissue[disc] = DISC
-        canal_y = sy + self.spine_radius + 9.0
-        tissue[((x - sx) / 16) ** 2 + ((y - canal_y - 8) / 22) ** 2 < 1] = BONE  # lamina + spinous process
-        tissue[(x - sx) ** 2 + (y - canal_y) ** 2 < 81.0] = CANAL
+            _paint(sel, tissue, lung, pts, LUNG)
+        # Spine: vertebral bodies with discs, posterior elements, canal.
+        sr = self.spine_radius
+        canal_y = sy + sr + 9.0
+        region = sel.box((sx - 20, sy - sr - 1, -inf), (sx + 20, canal_y + 31, inf))
+        if region is not None:
+            p = pts[region]
+            dx, dy, z = p[..., 0] - sx, p[..., 1], p[..., 2]
+            t = np.full(dx.shape, 255, np.uint8)  # 255: leave as is
+            body = dx**2 + (dy - sy) ** 2 < sr * sr
+            t[body] = BONE
+            t[body & (np.mod(z - self.disc_phase, 32.0) < 7.0)] = DISC
+            t[(dx / 16) ** 2 + ((dy - canal_y - 8) / 22) ** 2 < 1] = BONE  # lamina + spinous process
+            t[dx**2 + (dy - canal_y) ** 2 < 81.0] = CANAL
+            sel.put(tissue, region, t != 255, t)
 
         # Labelled organs; later ones win where shapes touch.
+        values = {v: k for k, v in PHANTOM_LABELS.items()}
         order = (
             ("liver", LIVER),
             ("spleen", SPLEEN),
@@ -318,32 +352,30 @@ class Anatomy:
             ("kidney_right", KIDNEY_R),
             ("kidney_left", KIDNEY_L),
         )
-        values = {v: k for k, v in PHANTOM_LABELS.items()}
         for name, cls in order:
-            hit = _paint(tissue, self.organs[name], pts, cls, want_level=name.startswith("kidney"))
+            hit = _paint(sel, tissue, self.organs[name], pts, cls)
             if hit is None:
                 continue
-            mask, level = hit
-            labels[mask] = values[name]
-            if level is not None:  # kidney medulla: the inner 60 % of the radius
-                inner = np.zeros(shape, bool)
-                inner[mask] = level < 0.6
-                tissue[inner] = MEDULLA
-        ivc = self.ivc.contains(pts)
-        tissue[ivc] = IVC
-        labels[ivc] = 0
-        aorta = self.organs["aorta"].contains(pts)
-        tissue[aorta] = AORTA
-        labels[aorta] = values["aorta"]
-        hit = _paint(tissue, self.organs["liver_tumour"], pts, None)
+            region, inside, level = hit
+            sel.put(labels, region, inside, values[name])
+            if name.startswith("kidney"):  # medulla: the inner 60 % of the radius
+                sel.put(tissue, region, inside & (level < 0.6), MEDULLA)
+        hit = _paint(sel, tissue, self.ivc, pts, IVC)
         if hit is not None:
-            tumour = hit[0] & (labels == values["liver"])
-            tissue[tumour] = TUMOUR
-            labels[tumour] = values["liver_tumour"]
+            sel.put(labels, hit[0], hit[1], 0)
+        hit = _paint(sel, tissue, self.organs["aorta"], pts, AORTA)
+        if hit is not None:
+            sel.put(labels, hit[0], hit[1], values["aorta"])
+        hit = _paint(sel, tissue, self.organs["liver_tumour"], pts, None)
+        if hit is not None:
+            region, inside, _ = hit
+            inside = inside & (sel.get(labels, region) == values["liver"])
+            sel.put(tissue, region, inside, TUMOUR)
+            sel.put(labels, region, inside, values["liver_tumour"])
         # Nothing outside the skin.
         labels[tissue == AIR] = 0
 
-        mix = np.zeros(shape, np.float32)
+        mix = np.zeros(pts.shape[:-1], np.float32)
         vis = tissue == VISCERA
         if vis.any():
             mix[vis] = _wave_field(pts[vis], self.viscera_waves, sharpness=2.0)
@@ -354,24 +386,79 @@ class Anatomy:
         return self.evaluate(points)[0]
 
 
+class _Selector:
+    """Finds the points of an LPS box: index slices of a grid block, else a boolean mask.
+
+    Slices give views (no gather/scatter), which is what makes evaluating a
+    512 x 512 x 300 grid affordable.
+    """
+
+    def __init__(self, pts: np.ndarray, grid: np.ndarray | None) -> None:
+        self.pts = pts
+        self.grid = grid
+        if grid is not None:
+            flat = pts.reshape(-1, 3)
+            corners = pts[np.ix_(*[[0, n - 1] for n in pts.shape[:-1]])].reshape(-1, 3) if flat.size else flat
+            self.lo, self.hi = corners.min(axis=0), corners.max(axis=0)
+
+    def box(self, lo: tuple | np.ndarray, hi: tuple | np.ndarray) -> tuple[slice, ...] | np.ndarray | None:
+        """Selection covering every point inside ``[lo, hi]`` (``None`` when empty)."""
+        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        if self.grid is None:
+            box = np.ones(self.pts.shape[:-1], bool)
+            for axis in range(3):
+                c = self.pts[..., axis]
+                box &= (c >= lo[axis]) & (c <= hi[axis])
+            return box if box.any() else None
+        lo, hi = np.maximum(lo, self.lo), np.minimum(hi, self.hi)
+        if np.any(lo > hi):
+            return None
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        idx = corners @ self.grid[:3, :3].T + self.grid[:3, 3]  # (column, row, slice)
+        shape = self.pts.shape[:-1]  # (slices, rows, columns)
+        out = []
+        for axis, n in zip((2, 1, 0), shape, strict=True):
+            first = max(int(np.floor(idx[:, axis].min() - 1e-3)), 0)
+            last = min(int(np.ceil(idx[:, axis].max() + 1e-3)), n - 1)
+            if first > last:
+                return None
+            out.append(slice(first, last + 1))
+        return tuple(out)
+
+    @staticmethod
+    def get(arr: np.ndarray, region: tuple[slice, ...] | np.ndarray) -> np.ndarray:
+        """Values of ``arr`` in ``region`` (a view for slices)."""
+        return arr[region]
+
+    @staticmethod
+    def put(
+        arr: np.ndarray, region: tuple[slice, ...] | np.ndarray, where: np.ndarray | None, value: int | np.ndarray
+    ) -> None:
+        """``arr[region][where] = value`` (``value`` may be an array shaped like the region)."""
+        sub = arr[region]
+        if where is None:
+            sub[...] = value
+        elif isinstance(value, np.ndarray):
+            sub[where] = value[where]
+        else:
+            sub[where] = value
+        if not isinstance(region, tuple):  # boolean indexing made a copy
+            arr[region] = sub
+
+
 def _paint(
-    tissue: np.ndarray, shape: Blob | Sphere, pts: np.ndarray, cls: int | None, want_level: bool = False
-) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Evaluate ``shape`` only inside its bounding box; paint ``cls``; return (mask, level)."""
+    sel: _Selector, tissue: np.ndarray, shape: Blob | Sphere | Tube, pts: np.ndarray, cls: int | None
+) -> tuple[tuple[slice, ...] | np.ndarray, np.ndarray, np.ndarray] | None:
+    """Evaluate ``shape`` only inside its bounding box; paint ``cls``; return (region, inside, level)."""
     lo, hi = shape.bounds()
-    box = np.ones(pts.shape[:-1], bool)
-    for axis in range(3):
-        c = pts[..., axis]
-        box &= (c >= lo[axis]) & (c <= hi[axis])
-    if not box.any():
+    region = sel.box(lo, hi)
+    if region is None:
         return None
-    level = shape.level(pts[box])
+    level = shape.level(pts[region])
     inside = level < 1.0
-    mask = np.zeros(box.shape, bool)
-    mask[box] = inside
     if cls is not None:
-        tissue[mask] = cls
-    return mask, (level[inside] if want_level else None)
+        sel.put(tissue, region, inside, cls)
+    return region, inside, level
 
 
 def _wave_field(points: np.ndarray, waves: np.ndarray, sharpness: float) -> np.ndarray:
@@ -619,17 +706,31 @@ class Phantom:
         return f"medsegagent-phantom|{self.modality}|{self.seed}|{self.orientation}|{s}x{r}x{c}"
 
 
-def _slab_points(geometry: Geometry, k0: int, k1: int) -> np.ndarray:
-    """float32 LPS voxel centres of slices ``k0..k1-1``, shape ``(k1-k0, rows, cols, 3)``."""
+def _slab_points(geometry: Geometry, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 LPS voxel centres of slices ``k0..k1-1`` and the LPS -> slab index matrix.
+
+    Returns
+    -------
+    points : numpy.ndarray
+        ``(k1-k0, rows, cols, 3)``.
+    grid : numpy.ndarray
+        4x4 matrix mapping LPS to ``(column, row, slice - k0)``.
+    """
     _, rows, cols = geometry.shape
     ds, dr, dc = geometry.spacing
-    plane = (
-        geometry.origin[None, None, :]
-        + np.arange(rows)[:, None, None] * (geometry.column_direction * dr)[None, None, :]
-        + np.arange(cols)[None, :, None] * (geometry.row_direction * dc)[None, None, :]
-    )
-    offs = np.arange(k0, k1)[:, None, None, None] * (geometry.slice_direction * ds)[None, None, None, :]
-    return (plane[None] + offs).astype(np.float32)
+    f32 = np.float32
+    start = (geometry.origin + geometry.slice_direction * ds * k0).astype(f32)
+    col_step = (geometry.row_direction * dc).astype(f32)
+    row_step = (geometry.column_direction * dr).astype(f32)
+    slice_step = (geometry.slice_direction * ds).astype(f32)
+    pts = np.empty((k1 - k0, rows, cols, 3), f32)
+    pts[...] = start
+    pts += np.arange(k1 - k0, dtype=f32)[:, None, None, None] * slice_step
+    pts += np.arange(rows, dtype=f32)[None, :, None, None] * row_step
+    pts += np.arange(cols, dtype=f32)[None, None, :, None] * col_step
+    shift = np.eye(4)
+    shift[2, 3] = -k0
+    return pts, shift @ np.linalg.inv(geometry.affine)
 
 
 def make_phantom(
@@ -677,8 +778,8 @@ def make_phantom(
     slab = max(1, 2_000_000 // (size * size))  # ~2 M points per slab
     for k0 in range(0, slices, slab):
         k1 = min(slices, k0 + slab)
-        pts = _slab_points(geometry, k0, k1)
-        lab, tissue, mix = anatomy.evaluate(pts)
+        pts, grid = _slab_points(geometry, k0, k1)
+        lab, tissue, mix = anatomy.evaluate(pts, grid)
         labels[k0:k1] = lab
         vis = tissue == VISCERA
         for m in wanted:
