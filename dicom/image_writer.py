@@ -201,7 +201,8 @@ def _patient_study_modules(ds: Dataset, study: StudyInfo) -> None:
     ds.PatientWeight = _ds(study.patient_weight_kg)
 
 
-def _equipment_module(ds: Dataset, study: StudyInfo, model: str, *, enhanced: bool = False) -> None:
+def _equipment_module(ds: Dataset, study: StudyInfo, model: str) -> None:
+    # General Equipment; also satisfies Enhanced General Equipment (all type 1 there).
     ds.Manufacturer = _MANUFACTURER
     ds.InstitutionName = study.institution_name
     ds.StationName = study.station_name
@@ -479,7 +480,6 @@ def _enhanced_ct(ctx: _SeriesContext, order: list[int], stored: np.ndarray) -> D
     study = ctx.study
     sop_uid = deterministic_uid(ctx.series_uid, "enhanced-ct")
     ds = _common(ctx, ENHANCED_CT_IMAGE_STORAGE, sop_uid)
-    ds.Manufacturer = _MANUFACTURER  # Enhanced General Equipment: all type 1
     acq_dt = study.study_date + ctx.series_time
     frame_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     # Enhanced CT Image
@@ -898,6 +898,7 @@ def write_phantom(
     pet = PetInfo(injected_dose_bq=PET_INJECTED_DOSE_BQ, injection_time=injection)
     for modality, (image, geometry) in sorted(phantom.images.items()):
         number, description, offset = _SERIES_PLAN[modality]
+        series_uid = deterministic_uid(study.study_instance_uid, "series", modality, number, multiframe, reverse_order)
         paths = write_series(
             image,
             geometry,
@@ -909,18 +910,20 @@ def write_phantom(
             reverse_order=reverse_order,
             multiframe=multiframe,
             frame_of_reference_uid=frame_uid,
+            series_instance_uid=series_uid,
             series_time=_add_seconds(study.study_time, offset),
             pet=pet if modality == "PT" else None,
             window=(4.0 * SUV_BQML, 8.0 * SUV_BQML) if modality == "PT" else None,
         )
         files.series[modality] = paths
-        files.uids[f"series_{modality}"] = deterministic_uid(
-            study.study_instance_uid, "series", modality, number, multiframe, reverse_order
-        )
+        files.uids[f"series_{modality}"] = series_uid
 
     g = phantom.geometry
     truth = nib.Nifti1Image(np.ascontiguousarray(phantom.labels.transpose(2, 1, 0)), g.nifti_affine())
     truth.header.set_data_dtype(np.uint8)
+    # Both forms, "scanner" code: ITK-based tools read the qform, nibabel the sform.
+    truth.set_qform(g.nifti_affine(), code=1)
+    truth.set_sform(g.nifti_affine(), code=1)
     truth.header.set_xyzt_units("mm")
     files.truth = out_dir / "truth.nii.gz"
     nib.save(truth, files.truth)

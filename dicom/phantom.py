@@ -161,7 +161,8 @@ class Blob:
 
     def level(self, points: np.ndarray) -> np.ndarray:
         """Implicit function at LPS ``points`` (..., 3): < 1 inside, 1 on the surface."""
-        dt = points.dtype if points.dtype in (np.float32, np.float64) else np.float64
+        points = np.asarray(points)
+        dt = points.dtype if points.dtype in (np.float32, np.float64) else np.dtype(np.float64)
         u = (points - self.centre.astype(dt)) @ self.rotation.astype(dt)
         u /= self.axes.astype(dt)
         if self.bend:
@@ -228,7 +229,8 @@ class Sphere:
 
     def level(self, points: np.ndarray) -> np.ndarray:
         """Implicit function: < 1 inside."""
-        d = points - self.centre.astype(points.dtype)
+        points = np.asarray(points)
+        d = points - self.centre.astype(points.dtype if points.dtype == np.float32 else np.float64)
         return np.sqrt(np.einsum("...i,...i->...", d, d)) / self.radius
 
     def contains(self, points: np.ndarray) -> np.ndarray:
