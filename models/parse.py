@@ -1,0 +1,1504 @@
+"""Grammar for segmentation requests: modality hint, region hints and targets.
+
+A request such as ``"CT ABD/PEL W CON - LIVER + SPLEEN VOLUMETRY"`` or
+``"segment both kidneys and the 3rd left rib on the T1 MR"`` is turned into
+
+* a modality hint (``CT``, ``MR``, ``MR:T1`` ... ``PT+CT``, ``US``) when the
+  text names one (the caller's DICOM modality always wins over it),
+* region hints (``abdomen``, ``pelvis`` ...) from worklist-style context,
+* a list of :class:`ParsedTarget`: one per requested structure, each a
+  *concept* (a tuple of canonical tokens such as ``("kidney",)`` or
+  ``("liver", "tumor")``) plus laterality, indices (rib numbers, vertebral
+  levels) and flags (lesion, negated).
+
+Label names of the registry go through the same canonicaliser
+(:func:`label_concept`), so matching is a comparison of concepts rather than of
+strings: ``"suprarenal_gland_left"`` and ``"left adrenal"`` both become
+``(("adrenal",), left)``.  The lexicon below is general medical vocabulary
+(synonyms, abbreviations, adjectival forms); dataset-specific synonyms live in
+the registry.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from collections.abc import Collection
+from functools import lru_cache
+
+# ---------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------
+
+#: Words that carry no structure: commands, politeness, imaging boilerplate.
+STOPWORDS = frozenset(
+    """
+    a an the of in on at to for from into onto by with within without and or plus also as well along together
+    this that these those its it their his her patient patients pt pts case cases study studies exam exams
+    examination scan scans image images imaging series volume volumes dataset data file sequence sequences
+    please pls kindly can could would will you i we me my our us need want like get give show do make run
+    perform performing performed provide produce generate create compute calculate return output
+    segment segments segmented segmenting segmentation segmentations seg delineate delineation delineating
+    contour contours contouring outline outlining outlined label labels labeling labelling labelled
+    mask masks masking mark annotate annotation annotations identify identification find extract extraction
+    detect detection localize localise localization localisation isolate isolation draw trace
+    volumetry volumetric volumes measure measurement measurements quantify quantification assess assessment
+    evaluate evaluation eval analysis analyze analyse auto automatic automated ai tool model models
+    each every entire whole total complete full complete only just some any structure structures
+    region regions area areas part parts
+    view views study routine protocol followup follow up fu f rule r o staging restaging planning plan
+    radiotherapy rt treatment contouring tx pre post preop postop op
+    w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc
+    is are be been there here which what where how where's please thanks thank hi hello help
+    using use used via through about around between
+    """.split()
+)
+
+#: Token marking a composite concept ("kidney and masses"): it only ever matches exactly.
+COMPOSITE = "&"
+_COMPOSITE_WORDS = frozenset({"and", "with", "including", "plus", "incl"})
+
+#: Tokens that make a concept a lesion (after canonicalisation).
+LESION_TOKENS = frozenset(
+    {"tumor", "mass", "lesion", "cyst", "hemorrhage", "embolism", "stroke", "nodule", "neuroblastoma", "gtv"}
+)
+
+#: Lesion tokens that can stand in for each other at a lower score ("liver lesion" ~ "liver tumor").
+SOFT_LESION = frozenset({"tumor", "mass", "lesion", "nodule"})
+
+#: Region words: context for the anatomy stage, not targets by themselves.
+REGION_WORDS: dict[str, tuple[str, ...]] = {
+    "abdomen": ("abdomen",),
+    "abdominal": ("abdomen",),
+    "abd": ("abdomen",),
+    "abdo": ("abdomen",),
+    "belly": ("abdomen",),
+    "upper abdomen": ("abdomen",),
+    "pelvis": ("pelvis",),
+    "pelvic": ("pelvis",),
+    "pel": ("pelvis",),
+    "abdominopelvic": ("abdomen", "pelvis"),
+    "chest": ("thorax",),
+    "thorax": ("thorax",),
+    "thoracic": ("thorax",),
+    "mediastinum": ("thorax",),
+    "head": ("head",),
+    "cranial": ("head",),
+    "neuro": ("head",),
+    "neck": ("neck",),
+    "cervical": ("neck",),
+    "head and neck": ("head", "neck"),
+    "hn": ("head", "neck"),
+    "h n": ("head", "neck"),
+    "cardiac": ("heart",),
+    "coronary": ("heart",),
+    "whole body": ("whole_body",),
+    "wholebody": ("whole_body",),
+    "wb": ("whole_body",),
+    "total body": ("whole_body",),
+    "body": ("whole_body",),
+    "skull base": ("head",),
+    "spine": ("spine",),
+    "breast": ("breast",),
+    "extremity": ("lower_limb", "upper_limb"),
+    "leg": ("lower_limb",),
+    "legs": ("lower_limb",),
+    "lower limb": ("lower_limb",),
+    "lower extremity": ("lower_limb",),
+    "arm": ("upper_limb",),
+    "upper limb": ("upper_limb",),
+    "upper extremity": ("upper_limb",),
+    "tap": ("thorax", "abdomen", "pelvis"),
+    "cap": ("thorax", "abdomen", "pelvis"),
+}
+
+#: Where an organ lies: lets "brain tumour" use a brain-region dataset's generic "tumor" label
+#: and keeps "lung cancer" away from a brain-tumour dataset.
+ORGAN_REGIONS: dict[str, tuple[str, ...]] = {
+    "brain": ("head",),
+    "brainstem": ("head",),
+    "eye": ("head",),
+    "cochlea": ("head",),
+    "pituitary": ("head",),
+    "parotid": ("head", "neck"),
+    "thyroid": ("neck",),
+    "larynx": ("neck",),
+    "pharynx": ("neck",),
+    "nasopharyngeal": ("head", "neck"),
+    "oropharyngeal": ("head", "neck"),
+    "lung": ("thorax",),
+    "pulmonary": ("thorax",),
+    "mediastinal": ("thorax",),
+    "esophagus": ("thorax", "abdomen"),
+    "heart": ("heart", "thorax"),
+    "breast": ("breast", "thorax"),
+    "liver": ("abdomen",),
+    "kidney": ("abdomen",),
+    "adrenal": ("abdomen",),
+    "pancreas": ("abdomen",),
+    "spleen": ("abdomen",),
+    "stomach": ("abdomen",),
+    "gallbladder": ("abdomen",),
+    "colon": ("abdomen", "pelvis"),
+    "bowel": ("abdomen", "pelvis"),
+    "duodenum": ("abdomen",),
+    "prostate": ("pelvis",),
+    "bladder": ("pelvis",),
+    "uterus": ("pelvis",),
+    "rectum": ("pelvis",),
+    "ovary": ("pelvis",),
+    "spine": ("spine",),
+    "vertebra": ("spine",),
+    "bone": ("whole_body",),
+    "skin": ("whole_body",),
+}
+
+#: Multi-word phrases -> canonical tokens (keys are lower-case, singular, space separated).
+#: Applied longest first, before :data:`WORDS`.
+PHRASES: dict[str, str] = {
+    # imaging boilerplate
+    "oral contrast": "",
+    "positive oral contrast": "",
+    # adrenal / kidney / liver
+    "suprarenal gland": "adrenal",
+    "adrenal gland": "adrenal",
+    "adrenocortical carcinoma": "adrenal tumor",
+    "adrenocortical tumor": "adrenal tumor",
+    "adrenal cortical carcinoma": "adrenal tumor",
+    "renal cell carcinoma": "kidney tumor",
+    "hepatocellular carcinoma": "liver tumor",
+    "hepatic portal vein": "portal vein",
+    "portal venous system": "portal vein",
+    "gall bladder": "gallbladder",
+    "urinary bladder": "bladder",
+    "bile bladder": "gallbladder",
+    "small intestine": "small bowel",
+    "small bowel": "small bowel",
+    "large intestine": "colon",
+    "large bowel": "colon",
+    "inferior vena cava": "inferior vena cava",
+    "superior vena cava": "superior vena cava",
+    "infrahepatic vena cava": "inferior vena cava",
+    "vena cava inferior": "inferior vena cava",
+    "vena cava superior": "superior vena cava",
+    "iliac vena": "iliac vein",
+    # thorax
+    "pulmonary airway": "airway",
+    "bronchial tree": "airway",
+    "tracheobronchial tree": "airway",
+    "airway tree": "airway",
+    "pulmonary trunk": "pulmonary artery",
+    "main pulmonary artery": "pulmonary artery",
+    "pulmonary arterial tree": "pulmonary artery",
+    "pulmonary embolus": "pulmonary embolism",
+    "coronary tree": "coronary artery",
+    "coronary vessel": "coronary artery",
+    "costal cartilage": "costal cartilage",
+    "rib cartilage": "costal cartilage",
+    "breast bone": "sternum",
+    "collar bone": "clavicle",
+    "shoulder blade": "scapula",
+    "innominate artery": "brachiocephalic trunk",
+    "brachiocephalic artery": "brachiocephalic trunk",
+    "innominate vein": "brachiocephalic vein",
+    "mediastinal lymph node": "mediastinal node",
+    # heart
+    "heart left": "left",
+    "heart right": "right",
+    "heart ascending": "ascending",
+    "blood cavity": "",
+    "blood pool": "",
+    "left ventricular cavity": "left ventricle",
+    "right ventricular cavity": "right ventricle",
+    "left ventricular myocardium": "left myocardium",
+    "left ventricle myocardium": "left myocardium",
+    "lv myocardium": "left myocardium",
+    "lv myo": "left myocardium",
+    "ventricular myocardium": "myocardium",
+    "heart muscle": "myocardium",
+    "cardiac muscle": "myocardium",
+    "left atrial appendage": "left atrial appendage",
+    "left ventricular": "left ventricle",
+    "right ventricular": "right ventricle",
+    "left atrial": "left atrium",
+    "right atrial": "right atrium",
+    "ascending thoracic aorta": "ascending aorta",
+    "heart chamber": "heart chamber",
+    "cardiac chamber": "heart chamber",
+    "whole heart": "heart",
+    # brain / head and neck
+    "brain stem": "brainstem",
+    "optic chiasm": "chiasm",
+    "optic chiasma": "chiasm",
+    "optic nerve": "optic nerve",
+    "temporal lobe": "temporal lobe",
+    "internal auditory canal": "internal auditory canal",
+    "internal acoustic meatus": "internal auditory canal",
+    "internal auditory meatus": "internal auditory canal",
+    "tympanic cavity": "tympanic cavity",
+    "middle ear": "middle ear",
+    "inner ear": "inner ear",
+    "vestibul semi": "vestibule semicircular",
+    "vestibule semicircular canal": "vestibule semicircular",
+    "vestibule and semicircular canal": "vestibule semicircular",
+    "semicircular canal": "vestibule semicircular",
+    "eustachian tube bone": "eustachian bone",
+    "eustachian tube": "eustachian bone",
+    "et bone": "eustachian bone",
+    "temporomandibular joint": "temporomandibular joint",
+    "tm joint": "temporomandibular joint",
+    "oral cavity": "oral cavity",
+    "pharynx const": "pharyngeal constrictor",
+    "pharyngeal constrictor muscle": "pharyngeal constrictor",
+    "pharyngeal constrictor": "pharyngeal constrictor",
+    "constrictor muscle": "pharyngeal constrictor",
+    "glottic larynx": "glottic larynx",
+    "larynx glottic": "glottic larynx",
+    "supraglottic larynx": "supraglottic larynx",
+    "larynx supraglot": "supraglottic larynx",
+    "larynx supraglottic": "supraglottic larynx",
+    "spinal cord": "spinal cord",
+    "submandibular gland": "submandibular",
+    "parotid gland": "parotid",
+    "pituitary gland": "pituitary",
+    "thyroid gland": "thyroid",
+    "lacrimal gland": "lacrimal",
+    "intracranial hemorrhage": "brain hemorrhage",
+    "intracerebral hemorrhage": "brain hemorrhage",
+    "cerebral hemorrhage": "brain hemorrhage",
+    "brain bleed": "brain hemorrhage",
+    "head bleed": "brain hemorrhage",
+    "ischemic stroke": "stroke",
+    "ischemic lesion": "stroke",
+    "stroke lesion": "stroke",
+    "infarct core": "stroke",
+    "whole tumor": "tumor",
+    "gross tumor volume": "gtv",
+    "primary gross tumor volume": "primary tumor",
+    "primary tumor volume": "primary tumor",
+    "primary tumor": "primary tumor",
+    "nodal gross tumor volume": "node tumor",
+    "nodal tumor volume": "node tumor",
+    "nodal gtv": "node tumor",
+    "gtv node": "node tumor",
+    "gtv n": "node tumor",
+    "gtv t": "primary tumor",
+    "gtv p": "primary tumor",
+    "gtv nd": "node tumor",
+    "lymph node": "node",
+    "node metastasis": "node tumor",
+    "nodal metastasis": "node tumor",
+    "metastatic node": "node tumor",
+    "involved node": "node tumor",
+    "malignant node": "node tumor",
+    "nodal disease": "node tumor",
+    "vestibular schwannoma": "vestibular tumor",
+    "acoustic neuroma": "vestibular tumor",
+    "intra meatal tumor": "intrameatal vestibular tumor",
+    "extra meatal tumor": "extrameatal vestibular tumor",
+    "intrameatal tumor": "intrameatal vestibular tumor",
+    "extrameatal tumor": "extrameatal vestibular tumor",
+    "pediatric neuroblastoma": "neuroblastoma",
+    "fdg avid lesion": "tumor",
+    "fdg avid": "tumor",
+    "hypermetabolic lesion": "tumor",
+    "tumor burden": "tumor",
+    "breast lesion": "breast tumor",
+    # muscles / bones
+    "erector spinae": "autochthon",
+    "paraspinal muscle": "autochthon",
+    "paraspinal": "autochthon",
+    "paravertebral muscle": "autochthon",
+    "deep back muscle": "autochthon",
+    "back muscle": "autochthon",
+    "autochthonous muscle": "autochthon",
+    "autochthonous back muscle": "autochthon",
+    "psoas muscle": "iliopsoas",
+    "psoas major": "iliopsoas",
+    "gluteus maximus muscle": "gluteus maximus",
+    "gluteal muscle": "gluteus",
+    "glute": "gluteus",
+    "quadriceps femoris": "quadriceps",
+    "quadricep": "quadriceps",
+    "thigh medial compartment": "thigh medial compartment",
+    "medial thigh compartment": "thigh medial compartment",
+    "medial compartment of the thigh": "thigh medial compartment",
+    "adductor muscle": "thigh medial compartment",
+    "adductor": "thigh medial compartment",
+    "posterior thigh compartment": "thigh posterior compartment",
+    "hamstring muscle": "thigh posterior compartment",
+    "hamstring": "thigh posterior compartment",
+    "hip bone": "hip",
+    "pelvic bone": "hip",
+    "os coxae": "hip",
+    "innominate bone": "hip",
+    "iliac bone": "hip",
+    "thigh bone": "femur",
+    "upper arm bone": "humerus",
+    "shin bone": "tibia",
+    "calf bone": "fibula",
+    "intervertebral disc": "intervertebral disc",
+    "intervertebral disk": "intervertebral disc",
+    "vertebral body": "vertebra",
+    "vertebral column": "spine",
+    "spinal column": "spine",
+    "whole spine": "spine",
+    "entire spine": "spine",
+    "rib cage": "rib",
+    "lower jaw": "mandible",
+    "jaw bone": "mandible",
+    "common iliac artery": "common iliac artery",
+    "common iliac vein": "common iliac vein",
+    "common carotid artery": "common carotid artery",
+    "carotid artery": "common carotid artery",
+    # lungs
+    "lung upper lobe": "lung upper lobe",
+    "upper lobe": "lung upper lobe",
+    "middle lobe": "lung middle lobe",
+    "lower lobe": "lung lower lobe",
+    "lung lobe": "lung lobe",
+    "pulmonary lobe": "lung lobe",
+    # groups
+    "organ at risk": "oar",
+    "organs at risk": "oar",
+    "abdominal organ": "abdomen organ",
+    "multi organ": "organ",
+    "multiorgan": "organ",
+    "iliac vessel": "iliac vessel",
+    "true rib": "rib",
+    "great vessel": "great vessel",
+    "lymph node station": "node",
+}
+
+#: Single words -> canonical tokens ("" drops the word).  Keys are singular.
+WORDS: dict[str, str] = {
+    # adjectives and Greek/Latin forms
+    "hepatic": "liver",
+    "hepar": "liver",
+    "renal": "kidney",
+    "nephric": "kidney",
+    "suprarenal": "adrenal",
+    "adrenals": "adrenal",
+    "splenic": "splenic",
+    "lien": "spleen",
+    "pancreatic": "pancreas",
+    "gastric": "stomach",
+    "esophageal": "esophagus",
+    "oesophagus": "esophagus",
+    "oesophageal": "esophagus",
+    "gullet": "esophagus",
+    "duodenal": "duodenum",
+    "colonic": "colon",
+    "rectal": "rectum",
+    "vesical": "bladder",
+    "cholecyst": "gallbladder",
+    "gb": "gallbladder",
+    "womb": "uterus",
+    "uterine": "uterus",
+    "prostatic": "prostate",
+    "aortic": "aorta",
+    "cerebral": "brain",
+    "cerebrum": "brain",
+    "intracranial": "brain",
+    "encephalon": "brain",
+    "brainstem": "brainstem",
+    "cardiac": "heart",
+    "myocardial": "myocardium",
+    "cardio": "heart",
+    "atria": "atrium",
+    "pulmonic": "pulmonary",
+    "lungs": "lung",
+    "thyroidal": "thyroid",
+    "tracheal": "trachea",
+    "windpipe": "trachea",
+    "airways": "airway",
+    "bronchi": "airway",
+    "bronchus": "airway",
+    "bowel": "bowel",
+    "intestinal": "intestine",
+    "ileum": "small bowel",
+    "jejunum": "small bowel",
+    "vertebrae": "vertebra",
+    "vertebral": "vertebra",
+    "vert": "vertebra",
+    "verts": "vertebra",
+    "costal": "costal",
+    "ribs": "rib",
+    "clavicula": "clavicle",
+    "clavicular": "clavicle",
+    "collarbone": "clavicle",
+    "breastbone": "sternum",
+    "sternal": "sternum",
+    "scapular": "scapula",
+    "femoral": "femur",
+    "humeral": "humerus",
+    "tibial": "tibia",
+    "fibular": "fibula",
+    "sacral": "sacrum",
+    "cranium": "skull",
+    "calvarium": "skull",
+    "calvaria": "skull",
+    "mandibular": "mandible",
+    "jaw": "mandible",
+    "hypophysis": "pituitary",
+    "pituitary": "pituitary",
+    "parotids": "parotid",
+    "eyeball": "eye",
+    "globe": "eye",
+    "ocular": "eye",
+    "orbit": "eye",
+    "lenses": "lens",
+    "chiasma": "chiasm",
+    "hippocampal": "hippocampus",
+    "hippocampi": "hippocampus",
+    "cochlear": "cochlea",
+    "mastoid": "mastoid",
+    "laryngeal": "larynx",
+    "glottis": "glottic larynx",
+    "supraglottis": "supraglottic larynx",
+    "supraglot": "supraglottic",
+    "mouth": "oral cavity",
+    "etbone": "eustachian bone",
+    "tmjoint": "temporomandibular joint",
+    "tmj": "temporomandibular joint",
+    "iac": "internal auditory canal",
+    "pharyngeal": "pharyngeal",
+    "cord": "cord",
+    "disc": "intervertebral disc",
+    "disk": "intervertebral disc",
+    "ivd": "intervertebral disc",
+    "psoas": "iliopsoas",
+    "iliopsoa": "iliopsoas",
+    "gluteal": "gluteus",
+    "glutei": "gluteus",
+    "quads": "quadriceps",
+    "autochthonous": "autochthon",
+    "heart": "heart",
+    "hip": "hip",
+    "venous": "vein",
+    "vena": "vena",
+    "arterial": "artery",
+    "arteria": "artery",
+    "artery": "artery",
+    "vessel": "vessel",
+    "vasculature": "vessel",
+    "coronaries": "coronary artery",
+    "coronary": "coronary",
+    "postcava": "inferior vena cava",
+    "precava": "superior vena cava",
+    # lesions
+    "tumour": "tumor",
+    "tumours": "tumor",
+    "neoplasm": "tumor",
+    "neoplasia": "tumor",
+    "neoplastic": "tumor",
+    "cancer": "tumor",
+    "cancerous": "tumor",
+    "carcinoma": "tumor",
+    "malignancy": "tumor",
+    "malignant": "tumor",
+    "metastasis": "tumor",
+    "metastases": "tumor",
+    "metastatic": "tumor",
+    "met": "tumor",
+    "mets": "tumor",
+    "lymphoma": "tumor",
+    "melanoma": "tumor",
+    "sarcoma": "tumor",
+    "hcc": "liver tumor",
+    "rcc": "kidney tumor",
+    "acc": "adrenal tumor",
+    "glioma": "brain tumor",
+    "glioblastoma": "brain tumor",
+    "gbm": "brain tumor",
+    "astrocytoma": "brain tumor",
+    "tumoral": "tumor",
+    "masses": "mass",
+    "lesional": "lesion",
+    "nodular": "nodule",
+    "cystic": "cyst",
+    "haemorrhage": "hemorrhage",
+    "hemorrhagic": "hemorrhage",
+    "haemorrhagic": "hemorrhage",
+    "bleed": "hemorrhage",
+    "bleeding": "hemorrhage",
+    "hematoma": "hemorrhage",
+    "haematoma": "hemorrhage",
+    "ich": "brain hemorrhage",
+    "old": "chronic",
+    "subacute": "acute",
+    "infarct": "stroke",
+    "infarction": "stroke",
+    "ischemia": "stroke",
+    "ischaemia": "stroke",
+    "ischemic": "stroke",
+    "ischaemic": "stroke",
+    "embolus": "embolism",
+    "emboli": "embolism",
+    "thrombus": "embolism",
+    "clot": "embolism",
+    "pe": "pulmonary embolism",
+    "gtvp": "primary tumor",
+    "hnc": "primary tumor",
+    "hnscc": "primary tumor",
+    "npc": "primary tumor",
+    "gtvt": "primary tumor",
+    "gtvnd": "node tumor",
+    "gtvn": "node tumor",
+    "nodal": "node",
+    "nodes": "node",
+    "ln": "node",
+    "lns": "node",
+    "schwannoma": "vestibular tumor",
+    "neuroblastoma": "neuroblastoma",
+    "enhancing": "enhancing",
+    "et": "enhancing tumor",
+    "wt": "tumor",
+    "tc": "tumor core",
+    # heart abbreviations
+    "lv": "left ventricle",
+    "rv": "right ventricle",
+    "la": "left atrium",
+    "ra": "right atrium",
+    "laa": "left atrial appendage",
+    "myo": "myocardium",
+    "aao": "ascending aorta",
+    "pa": "pulmonary artery",
+    "ivc": "inferior vena cava",
+    "svc": "superior vena cava",
+    "pv": "portal vein",
+    "cca": "common carotid artery",
+    "sma": "superior mesenteric artery",
+    "ventricular": "ventricle",
+    "atrial": "atrial",
+    "chamber": "chamber",
+    # lung lobe abbreviations (laterality added by the grammar)
+    "lul": "left lung upper lobe",
+    "lll": "left lung lower lobe",
+    "rul": "right lung upper lobe",
+    "rml": "right lung middle lobe",
+    "rll": "right lung lower lobe",
+    "lobar": "lobe",
+    # groups and vague words
+    "oar": "oar",
+    "oars": "oar",
+    "organ": "organ",
+    "viscera": "organ",
+    "visceral": "organ",
+    "muscle": "",
+    "musculature": "",
+    "gland": "",
+    "bone": "bone",
+    "bony": "bone",
+    "osseous": "bone",
+    "skeleton": "bone",
+    "skeletal": "bone",
+    "parenchyma": "",
+    "tissue": "",
+}
+
+#: Concepts that stand for several others (a dataset without the whole gets its parts).
+GROUPS: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {
+    ("lung",): (("lung", "upper", "lobe"), ("lung", "middle", "lobe"), ("lung", "lower", "lobe")),
+    ("lung", "lobe"): (("lung", "upper", "lobe"), ("lung", "middle", "lobe"), ("lung", "lower", "lobe")),
+    ("heart", "chamber"): (("ventricle",), ("atrium",)),
+    ("chamber",): (("ventricle",), ("atrium",)),
+    # Whole-heart segmentation: chambers, myocardium and the roots of the great vessels.
+    ("heart",): (("ventricle",), ("atrium",), ("myocardium",), ("ascending", "aorta"), ("pulmonary", "artery")),
+    ("spine",): (("vertebra",),),
+    ("vena", "cava"): (("inferior", "vena", "cava"), ("superior", "vena", "cava")),
+    ("gluteus",): (("gluteus", "maximus"), ("gluteus", "medius"), ("gluteus", "minimus")),
+    ("inner", "ear"): (("cochlea",), ("vestibule", "semicircular")),
+    ("iliac", "artery"): (("common", "iliac", "artery"),),
+    ("iliac", "vein"): (("common", "iliac", "vein"),),
+    ("thigh", "muscle"): (
+        ("quadriceps",),
+        ("sartorius",),
+        ("thigh", "medial", "compartment"),
+        ("thigh", "posterior", "compartment"),
+    ),
+    ("ventricle",): (("ventricle",),),
+    ("gtv",): (("primary", "tumor"), ("node", "tumor")),
+}
+
+#: Lateral words.  ``l``/``r`` only count as laterality when standing alone.
+_LATERAL = {
+    "left": "left",
+    "lt": "left",
+    "l": "left",
+    "sinister": "left",
+    "sin": "left",
+    "right": "right",
+    "rt": "right",
+    "r": "right",
+    "dexter": "right",
+    "dx": "right",
+    "bilateral": "bilateral",
+    "bilat": "bilateral",
+    "both": "bilateral",
+    "bl": "bilateral",
+    "b l": "bilateral",
+    "paired": "bilateral",
+    "pair": "bilateral",
+}
+
+_ORDINALS = {
+    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
+    "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12,
+}  # fmt: skip
+
+#: Vertebral levels in cranio-caudal order (ranges like "T10 through L2" walk this list).
+SPINE_LEVELS: tuple[str, ...] = (
+    *(f"C{i}" for i in range(1, 8)),
+    *(f"T{i}" for i in range(1, 13)),
+    *(f"L{i}" for i in range(1, 6)),
+    *(f"S{i}" for i in range(1, 6)),
+)
+_LEVEL_CONTEXT = frozenset(
+    {"vertebra", "vertebrae", "vertebral", "vert", "verts", "spine", "spinal", "level", "levels", "body", "bodies"}
+)
+_HNC_WORDS = frozenset({"cancer", "cancers", "carcinoma", "tumor", "tumors", "tumour", "tumours", "scc", "malignancy"})
+#: Anatomical classes of ribs by number.
+_RIB_CLASSES: dict[str, tuple[int, ...]] = {
+    "true": tuple(range(1, 8)),
+    "vertebrosternal": tuple(range(1, 8)),
+    "false": tuple(range(8, 13)),
+    "vertebrochondral": (8, 9, 10),
+    "floating": (11, 12),
+}
+_SEGMENT_LEVELS = {
+    "cervical": tuple(f"C{i}" for i in range(1, 8)),
+    "thoracic": tuple(f"T{i}" for i in range(1, 13)),
+    "dorsal": tuple(f"T{i}" for i in range(1, 13)),
+    "lumbar": tuple(f"L{i}" for i in range(1, 6)),
+    "sacral": tuple(f"S{i}" for i in range(1, 6)),
+    "lumbosacral": (*(f"L{i}" for i in range(1, 6)), "S1"),
+    "thoracolumbar": (*(f"T{i}" for i in range(1, 13)), *(f"L{i}" for i in range(1, 6))),
+    "cervicothoracic": (*(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 13))),
+}
+
+# ---------------------------------------------------------------------------
+# Modality hints
+# ---------------------------------------------------------------------------
+
+_MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("PT+CT", re.compile(r"\b(?:fdg[\s-]*)?pet\s*(?:[/+\-&]|and|with)?\s*ct\b|\bpetct\b|\bpet\s*/\s*ct\b", re.I)),
+    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg|psma|suv|pt)\b", re.I)),
+    (
+        "MR:T1C",
+        re.compile(
+            r"\b(?:t1\s*(?:[-+]|w(?:eighted)?)?\s*(?:c\b|ce\b|gd\b|gad\w*|post[\s-]*(?:contrast|gad\w*|gd)|contrast[\s-]*enhanced|with\s+contrast|\+\s*c\b|\+\s*gd\b)|t1c\b|t1ce\b|t1gd\b|t1post\b|post[\s-]*(?:contrast|gad\w*|gd)\s*t1\w*|contrast[\s-]*enhanced\s+t1\w*|gadolinium[\s-]*enhanced\s+t1\w*|cet1\w*)",
+            re.I,
+        ),
+    ),
+    ("MR:T1", re.compile(r"\b(?:t1(?:w|wi)?|t1[\s-]*weighted|mprage|spgr)\b", re.I)),
+    ("MR:T2", re.compile(r"\b(?:t2(?:w|wi)?|t2[\s-]*weighted|haste)\b(?![\s-]*flair)", re.I)),
+    ("MR:FLAIR", re.compile(r"\b(?:t2[\s-]*)?flair\b", re.I)),
+    ("MR:DWI", re.compile(r"\b(?:dwi|diffusion(?:[\s-]*weighted)?(?:\s+imaging)?|b1000)\b", re.I)),
+    ("MR:ADC", re.compile(r"\b(?:adc(?:\s+map)?|apparent\s+diffusion\s+coefficient)\b", re.I)),
+    (
+        "MR",
+        re.compile(
+            r"\b(?:mri|mr|mra|mrcp|mrs|nmr|cmr|magnetic\s+resonance(?:\s+imaging)?|cine|mr\s+angiography|mpmri|mp-mri)\b",
+            re.I,
+        ),
+    ),
+    (
+        "CT",
+        re.compile(
+            r"\b(?:ct|cta|ctpa|cect|ncct|nect|hrct|mdct|ldct|cat\s+scan|computed\s+tomography|computerized\s+tomography|computerised\s+tomography|ct\s+angiography|ctu|ctc|cac)\b",
+            re.I,
+        ),
+    ),
+    ("US", re.compile(r"\b(?:ultrasound|ultrasonography|sonography|sonogram|sonographic|abus|echography|usg)\b", re.I)),
+)
+_US_UPPER = re.compile(r"\bUS\b")  # "US" only in capitals: "help us" is not ultrasound
+
+#: A T1/T2 that is a vertebra, not a sequence: "T1 vertebra", "T1-T4", "T1 through L2", "T12".
+_VERTEBRA_T = re.compile(
+    r"\bt(?:1[0-2]?|[2-9])\b(?=\s*(?:-|–|to|through|thru|until|and|,)?\s*(?:vertebra|vert\b|level|body|[ctls]\d))"
+    r"|(?:(?<=[-–])|(?<=\bto\s)|(?<=through\s)|(?<=thru\s))\s*t(?:1[0-2]?|[2-9])\b",
+    re.I,
+)
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A structure as canonical tokens plus attributes.
+
+    Attributes
+    ----------
+    core : tuple of str
+        Canonical tokens, sorted (matching is set-based).
+    laterality : str or None
+        ``left``, ``right``, ``bilateral`` or None.
+    index : frozenset of str or None
+        Rib numbers (``"3"``) or vertebral levels (``"L4"``); None = all.
+    """
+
+    core: tuple[str, ...]
+    laterality: str | None = None
+    index: frozenset[str] | None = None
+
+    @property
+    def lesion(self) -> bool:
+        """True when the concept names a lesion (tumor, hemorrhage, ...)."""
+        return any(t in LESION_TOKENS for t in self.core)
+
+    def phrase(self) -> str:
+        """Readable form, e.g. ``"left kidney"``."""
+        parts = [self.laterality] if self.laterality else []
+        parts += list(self.core)
+        if self.index:
+            parts.append("/".join(sorted(self.index, key=_index_order)))
+        return " ".join(parts)
+
+
+@dataclass
+class ParsedTarget:
+    """One requested structure.
+
+    Attributes
+    ----------
+    text : str
+        The phrase as written (after splitting), for reports.
+    concept : Concept
+        Canonical form used for matching.
+    words : tuple of str
+        The phrase's normalised words (for the sentence encoder).
+    unknown : tuple of str
+        Words the lexicon does not know (left for the sentence encoder).
+    negated : bool
+        From "except ..." / "excluding ..." / "but not ...".
+    group : str or None
+        ``"organs"`` for "all organs"/"OARs" style requests (resolved per region).
+    context : tuple of str
+        Body regions named in the phrase itself ("thoracic aorta" -> ``thorax``).
+    """
+
+    text: str
+    concept: Concept
+    words: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    negated: bool = False
+    group: str | None = None
+    context: tuple[str, ...] = ()
+
+    @property
+    def laterality(self) -> str | None:
+        """Shortcut for ``concept.laterality``."""
+        return self.concept.laterality
+
+    @property
+    def lesion(self) -> bool:
+        """Shortcut for ``concept.lesion``."""
+        return self.concept.lesion
+
+
+@dataclass
+class ParsedRequest:
+    """What the grammar made of a request."""
+
+    text: str
+    modality_hint: str | None
+    regions: tuple[str, ...]
+    targets: list[ParsedTarget] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Token helpers
+# ---------------------------------------------------------------------------
+
+_NO_SINGULAR = frozenset(
+    """
+    lens pancreas humerus uterus sartorius medius minimus maximus iliopsoas thorax abdomen pelvis iris
+    os meatus bronchus hippocampus ductus corpus plexus sinus fundus globus isthmus thalamus esophagus
+    oesophagus gluteus quadriceps biceps triceps femoris mass chiasm ascites diabetes axis canalis
+    analysis diagnosis metastasis stenosis thrombosis sclerosis process gas always hips ribs series
+    ileus tibialis bus us is has was this thus plus vas cavas cava vena
+    """.split()
+) - {"hips", "ribs"}
+
+_IRREGULAR = {
+    "vertebrae": "vertebra",
+    "atria": "atrium",
+    "metastases": "metastasis",
+    "hippocampi": "hippocampus",
+    "bronchi": "bronchus",
+    "emboli": "embolus",
+    "femora": "femur",
+    "masses": "mass",
+    "glutei": "gluteus",
+    "cavae": "cava",
+    "venae": "vena",
+    "lenses": "lens",
+    "diagnoses": "diagnosis",
+    "axes": "axis",
+    "vertebraes": "vertebra",
+    "cochleae": "cochlea",
+    "scapulae": "scapula",
+    "claviculae": "clavicula",
+    "tibiae": "tibia",
+    "fibulae": "fibula",
+    "ovaries": "ovary",
+    "arteries": "artery",
+    "cavities": "cavity",
+    "humeri": "humerus",
+    "radii": "radius",
+    "ulnae": "ulna",
+    "pelves": "pelvis",
+    "testes": "testis",
+    "nuclei": "nucleus",
+    "coronaries": "coronaries",
+}
+
+
+@lru_cache(maxsize=8192)
+def singular(word: str) -> str:
+    """Singular form of an English/medical plural (``kidneys`` -> ``kidney``)."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or word in _NO_SINGULAR or word.endswith(("ss", "us", "is", "as", "ys")) and word != "kidneys":
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "xes", "sses")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def _ascii(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+def _index_order(key: str) -> tuple[int, int]:
+    if key in SPINE_LEVELS:
+        return (1, SPINE_LEVELS.index(key))
+    return (0, int(key)) if key.isdigit() else (2, 0)
+
+
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+_WORD = re.compile(r"[a-z0-9]+")
+_LEVEL = re.compile(r"^([ctls])(\d{1,2})$")
+_NUMBER = re.compile(r"^(\d{1,2})(?:st|nd|rd|th)?$")
+
+
+def _vocabulary() -> frozenset[str]:
+    words: set[str] = set(STOPWORDS) | set(WORDS) | set(_LATERAL) | set(_ORDINALS) | set(_SEGMENT_LEVELS)
+    for table in (PHRASES, REGION_WORDS):
+        for key in table:
+            words.update(key.split())
+    for value in list(PHRASES.values()) + list(WORDS.values()):
+        words.update(value.split())
+    for key, members in GROUPS.items():
+        words.update(key)
+        for member in members:
+            words.update(member)
+    words.update(
+        """
+        liver spleen kidney pancreas stomach duodenum colon rectum bladder prostate uterus aorta esophagus
+        gallbladder trachea thyroid lung heart brain skull sternum sacrum rib vertebra femur humerus scapula
+        clavicle tibia fibula hip mandible eye lens parotid submandibular mastoid cochlea larynx pituitary
+        hippocampus chiasm brainstem optic nerve myocardium ventricle atrium appendage pulmonary artery vein
+        portal splenic brachiocephalic subclavian carotid iliac common trunk inferior superior vena cava
+        coronary airway gluteus maximus medius minimus iliopsoas autochthon quadriceps sartorius thigh
+        medial posterior compartment spinal cord intervertebral disc costal cartilage small bowel intestine
+        tumor mass lesion cyst hemorrhage embolism stroke nodule core enhancing whole primary node gtv
+        ascending upper middle lower lobe all and with except excluding but not acute chronic
+        organ vessel muscle bone gland cavity tympanic ear temporal internal auditory canal oral pharyngeal
+        constrictor glottic supraglottic joint temporomandibular eustachian vestibule semicircular
+        adrenal breast vestibular neuroblastoma pediatric intrameatal extrameatal mediastinal
+        """.split()
+    )
+    return frozenset(w for w in words if w)
+
+
+_VOCAB: frozenset[str] = _vocabulary()
+_VOCAB_BY_LEN: dict[int, tuple[str, ...]] = {}
+for _w in _VOCAB:
+    _VOCAB_BY_LEN.setdefault(len(_w), ())
+    _VOCAB_BY_LEN[len(_w)] += (_w,)
+
+
+def extend_vocabulary(words: set[str]) -> None:
+    """Add words (e.g. from registry label names and synonyms) to the spelling vocabulary."""
+    global _VOCAB
+    new = {w for w in words if w and w not in _VOCAB and w.isalpha()}
+    if not new:
+        return
+    _VOCAB = _VOCAB | frozenset(new)
+    for w in new:
+        _VOCAB_BY_LEN[len(w)] = (*_VOCAB_BY_LEN.get(len(w), ()), w)
+    correct_spelling.cache_clear()
+
+
+def _damerau(a: str, b: str, limit: int) -> int:
+    # Optimal-string-alignment distance with early exit once ``limit`` is exceeded.
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        best = cur[0]
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            v = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                v = min(v, prev2[j - 2] + 1)
+            cur[j] = v
+            best = min(best, v)
+        if best > limit:
+            return limit + 1
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+@lru_cache(maxsize=8192)
+def correct_spelling(word: str) -> str:
+    """Closest vocabulary word for a misspelt ``word`` (unchanged when none is close).
+
+    One edit is allowed for words of 4-7 letters, two for longer ones; ties
+    keep the word unchanged (a guess between two structures is worse than none).
+    """
+    if word in _VOCAB or len(word) < 4 or not word.isalpha():
+        return word
+    limit = 1 if len(word) <= 7 else 2
+    best: list[str] = []
+    best_d = limit + 1
+    for length in range(len(word) - limit, len(word) + limit + 1):
+        for cand in _VOCAB_BY_LEN.get(length, ()):
+            if cand[0] != word[0] and len(word) <= 5:  # short words: first letter is rarely the typo
+                continue
+            d = _damerau(word, cand, limit)
+            if d < best_d:
+                best_d, best = d, [cand]
+            elif d == best_d:
+                best.append(cand)
+    if best_d <= limit and len({singular(b) for b in best}) == 1:
+        return best[0]
+    return word
+
+
+_PHRASE_KEYS: dict[int, dict[tuple[str, ...], tuple[str, ...]]] = {}
+for _k, _v in PHRASES.items():
+    _toks = tuple(singular(t) for t in _k.split())
+    _PHRASE_KEYS.setdefault(len(_toks), {})[_toks] = tuple(_v.split())
+_MAX_PHRASE = max(_PHRASE_KEYS)
+
+
+def _apply_phrases(tokens: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for n in range(min(_MAX_PHRASE, len(tokens) - i), 1, -1):
+            rep = _PHRASE_KEYS.get(n, {}).get(tuple(tokens[i : i + n]))
+            if rep is not None:
+                out.extend(rep)
+                i += n
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+def canonical_tokens(
+    words: list[str], fix_spelling: bool = True, keep_unknown: bool = False
+) -> tuple[list[str], list[str]]:
+    """Canonical tokens of a word list, plus the words nobody knows.
+
+    Parameters
+    ----------
+    words
+        Lower-case words (already without laterality/index words).
+    fix_spelling
+        Correct misspelt words (requests); off for registry names and synonyms.
+    keep_unknown
+        Keep unknown words in the tokens (registry synonyms: every word counts).
+
+    Returns
+    -------
+    tokens : list of str
+        Canonical tokens (stopwords removed), in order.
+    unknown : list of str
+        Words not in the vocabulary even after spelling correction.
+    """
+    if fix_spelling:
+        fixed = [singular(correct_spelling(w)) for w in words]
+        fixed = [singular(correct_spelling(w)) if w not in _VOCAB else w for w in fixed]
+    else:
+        fixed = [singular(w) for w in words]
+    tokens: list[str] = []
+    unknown: list[str] = []
+    for tok in _apply_phrases(fixed):
+        rep = WORDS.get(tok, tok)
+        for t in rep.split():
+            if t in STOPWORDS:
+                continue
+            if t not in _VOCAB and not t.isdigit():
+                unknown.append(t)  # kept out of a request's concept: the encoder looks at these
+                if not keep_unknown:
+                    continue
+            tokens.append(t)
+    # A second phrase pass: word mappings can complete a phrase ("suprarenal gland").
+    tokens = [t for t in _apply_phrases(tokens) if t and t not in STOPWORDS]
+    return tokens, unknown
+
+
+def _finish_core(tokens: list[str]) -> tuple[str, ...]:
+    toks = [t for t in tokens if t]
+    # "stroke lesion", "tumor lesion": the generic word adds nothing next to a specific one.
+    if "lesion" in toks and any(t in LESION_TOKENS and t != "lesion" for t in toks):
+        toks = [t for t in toks if t != "lesion"]
+    # "heart left ventricle", "heart ascending aorta": the heart prefix adds nothing to a part of it.
+    if "heart" in toks and {"ventricle", "atrium", "myocardium", "ascending", "atrial", "appendage"} & set(toks):
+        toks = [t for t in toks if t != "heart"]
+    # A lobe is a lung lobe unless another organ is named.
+    if "lobe" in toks and "lung" not in toks and not ({"temporal", "liver", "frontal", "brain"} & set(toks)):
+        toks.append("lung")
+    return tuple(sorted(set(toks)))
+
+
+GROUPS = {
+    _finish_core(list(key)): tuple(_finish_core(list(m)) for m in members) for key, members in GROUPS.items()
+}
+
+# ---------------------------------------------------------------------------
+# Label names
+# ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def label_concepts(name: str) -> tuple[Concept, ...]:
+    """Concepts of a registry label name (several for composite labels).
+
+    ``"kidney_left"`` -> ``(kidney, left)``; ``"TemporalLobe_L"`` ->
+    ``(lobe temporal, left)``; ``"vertebrae_L4"`` -> ``(vertebra, index L4)``;
+    ``"rib_left_3"`` -> ``(rib, left, index 3)``; composite names
+    (``"prostate_or_uterus"``, ``"kidney and masses"``) give one concept per
+    part, lesion parts inheriting the organ (``kidney``, ``kidney mass``).
+
+    Parameters
+    ----------
+    name
+        Label name as written in the registry.
+
+    Returns
+    -------
+    tuple of Concept
+        The whole name first, then the parts of a composite name.
+    """
+    text = _CAMEL.sub(" ", _ascii(name)).replace("_", " ")
+    words = _WORD.findall(text.lower())
+    laterality = None
+    index: set[str] = set()
+    rest: list[str] = []
+    for w in words:
+        m = _LEVEL.match(w)
+        if m and "vertebra" in " ".join(words) + " vertebrae":
+            index.add(m.group(1).upper() + m.group(2))
+        elif w.isdigit():
+            index.add(str(int(w)))
+        elif w in ("left", "l", "right", "r"):
+            laterality = _LATERAL[w]
+        else:
+            rest.append(w)
+    idx = frozenset(index) or None
+    parts = _split_composite(rest)
+    whole_tokens, _ = canonical_tokens([w for w in rest if w not in ("and", "or")], False, True)
+    if len(parts) > 1 and any(w == "and" for w in rest):
+        whole_tokens.append(COMPOSITE)  # "kidney and masses" is not "kidney masses"
+    concepts = [Concept(_finish_core(whole_tokens), laterality, idx)]
+    if len(parts) > 1:
+        organ: list[str] = []
+        for part in parts:
+            toks, _ = canonical_tokens(part, False, True)
+            if any(t in LESION_TOKENS for t in toks) and organ and not (set(toks) - LESION_TOKENS):
+                toks = organ + toks  # "kidney and masses": the masses are kidney masses
+            elif toks:
+                organ = [t for t in toks if t not in LESION_TOKENS]
+            concepts.append(Concept(_finish_core(toks), laterality, idx))
+    return tuple(concepts)
+
+
+def _split_composite(words: list[str]) -> list[list[str]]:
+    parts: list[list[str]] = [[]]
+    for w in words:
+        if w in ("and", "or"):
+            parts.append([])
+        else:
+            parts[-1].append(w)
+    return [p for p in parts if p]
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+_SPLIT = re.compile(
+    r"\s*(?:[,;:\n\u2022]|\band\b|\bor\b|&|\+|/|\bplus\b|\bas well as\b|\balong with\b|\btogether with\b"
+    r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s|\(|\)|\[|\])\s*"
+)
+_NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
+_LEVEL_RANGE = re.compile(
+    r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
+)
+_NUM_RANGE = re.compile(
+    r"\b(\d{1,2})(?:st|nd|rd|th)?\s*(?:-|–|—|to|through|thru)\s*(\d{1,2})(?:st|nd|rd|th)?\b"
+)
+_ORDINAL_RANGE = re.compile(
+    r"\b(" + "|".join(_ORDINALS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_ORDINALS) + r")\b"
+)
+
+
+def detect_modality(text: str) -> tuple[str | None, str]:
+    """Modality hint named in ``text`` and the text with the hint removed.
+
+    Parameters
+    ----------
+    text
+        Raw request text (original casing: ``US`` counts only in capitals).
+
+    Returns
+    -------
+    hint : str or None
+        ``CT``, ``MR``, ``MR:T1``, ``MR:T1C``, ``MR:T2``, ``MR:FLAIR``,
+        ``MR:DWI``, ``MR:ADC``, ``PT``, ``PT+CT``, ``US`` or None.  Several MR
+        sequences give ``MR``; PET and CT named separately give ``PT+CT``.
+    rest : str
+        Lower-case text with the modality words replaced by separators.
+    """
+    found: list[str] = []
+    work = _ascii(text)
+    if _US_UPPER.search(work):
+        found.append("US")
+        work = _US_UPPER.sub(" ; ", work)
+    low = work.lower()
+    # Protect vertebral T-levels ("T1-T4", "T12 vertebra") from the sequence patterns.
+    protected: dict[str, str] = {}
+
+    def _protect(m: re.Match[str]) -> str:
+        key = f"zzlevel{len(protected)}zz"
+        protected[key] = m.group(0)
+        return key
+
+    low = _VERTEBRA_T.sub(_protect, low)
+    if re.search(r"\b(?:vertebra\w*|spine|spinal|rib|ribs)\b", low) and not re.search(
+        r"\b(?:mri?|magnetic|weighted|flair|sequence)\b", low
+    ):
+        # A bare "T7" in a spine request is a level, never a sequence.
+        low = re.sub(r"\bt(?:1[0-2]?|[2-9])\b", _protect, low)
+    for modality, pattern in _MODALITY_PATTERNS:
+        if pattern.search(low):
+            found.append(modality)
+            low = pattern.sub(" ; ", low)
+    for key, value in protected.items():
+        low = low.replace(key, value)
+    return _combine(found), low
+
+
+def _combine(found: list[str]) -> str | None:
+    kinds = set(found)
+    if not kinds:
+        return None
+    if "PT+CT" in kinds or ("PT" in kinds and "CT" in kinds):
+        return "PT+CT"
+    mr = sorted(k for k in kinds if k.startswith("MR"))
+    seqs = [k for k in mr if k != "MR"]
+    if mr:
+        if len(kinds - set(mr)) > 0:
+            return None  # "CT or MR": no single hint
+        return seqs[0] if len(seqs) == 1 else "MR"
+    return found[0] if len(kinds) == 1 else None
+
+
+def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
+    """Parse a request into a modality hint, region hints and targets.
+
+    Parameters
+    ----------
+    text
+        Free text: a clinician's sentence, worklist shorthand, a list.
+    protected
+        Lower-case phrases that contain a list word but name one structure
+        (registry names/synonyms such as ``"kidney and masses"``): they are
+        not split into several targets.
+
+    Returns
+    -------
+    ParsedRequest
+        Targets in the order written; a target whose words are all unknown is
+        still returned (the router may resolve it with the sentence encoder).
+    """
+    hint, low = detect_modality(text)
+    low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
+    low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
+    low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
+    low = re.sub(r"(?<=[a-z])'s\b", "", low)
+    regions: list[str] = []
+    notes: list[str] = []
+    # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
+    low = _LEVEL_RANGE.sub(_expand_level_range, low)
+    low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
+    low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_ORDINALS[m.group(1)], _ORDINALS[m.group(2)]), low)
+    for phrase in protected:
+        if phrase in low:
+            joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
+            low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
+    negated_from = None
+    neg = _NEGATION.search(low)
+    if neg:
+        negated_from = neg.start()
+        low = low[: neg.start()] + " ; " + low[neg.end() :]
+    raw_segments: list[tuple[str, bool]] = []
+    pos = 0
+    for piece in _SPLIT.split(low):
+        start = low.find(piece, pos) if piece else pos
+        pos = start + len(piece)
+        if piece.strip():
+            raw_segments.append((piece.strip(), negated_from is not None and start >= negated_from))
+    # "head and neck" is a region, not two targets: rejoin before interpreting.
+    raw_segments = _rejoin_regions(raw_segments)
+    targets: list[ParsedTarget] = []
+    pending: list[ParsedTarget] = []  # modifier-only segments waiting for a head noun
+    for seg_text, negated in raw_segments:
+        target, seg_regions = _parse_segment(seg_text, negated)
+        regions.extend(seg_regions)
+        if target is None:
+            continue
+        if not target.concept.core and not target.unknown and target.group is None:
+            if target.concept.laterality or target.concept.index:
+                pending.append(target)  # "left and right kidney", "3rd, 4th and 5th ribs"
+            continue
+        if pending:
+            targets.extend(_borrow_head(p, target) for p in pending)
+            pending = []
+        targets.append(target)
+    if pending and targets:
+        # Trailing modifiers borrow from the previous target ("kidney, left and right").
+        head = targets[-1]
+        targets.extend(_borrow_head(p, head) for p in pending)
+    elif pending:
+        for p in pending:
+            if p.concept.index and all(i in SPINE_LEVELS for i in p.concept.index):
+                targets.append(_borrow_head(p, ParsedTarget("vertebra", Concept(("vertebra",)))))
+            else:
+                notes.append(f"'{p.text}' names no structure")
+    targets = _inherit_lesion_organ(targets)
+    # Several mentions of one concept are one target.
+    unique: list[ParsedTarget] = []
+    seen: set[tuple] = set()
+    for t in targets:
+        key = (t.concept, t.negated, t.group, t.unknown)
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return ParsedRequest(text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes)
+
+
+def _expand_level_range(m: re.Match[str]) -> str:
+    a = f"{m.group(1).upper()}{int(m.group(2))}"
+    b = f"{(m.group(3) or m.group(1)).upper()}{int(m.group(4))}"
+    if a not in SPINE_LEVELS or b not in SPINE_LEVELS:
+        return m.group(0)
+    i, j = sorted((SPINE_LEVELS.index(a), SPINE_LEVELS.index(b)))
+    # Joined with spaces (not separators) so that they stay one target.
+    return " " + " ".join(SPINE_LEVELS[i : j + 1]).lower() + " vertebra "
+
+
+def _expand_numbers(a: int, b: int) -> str:
+    lo, hi = sorted((a, b))
+    if hi - lo > 30:
+        return f" {a} {b} "
+    return " " + " ".join(f"n{n}" for n in range(lo, hi + 1)) + " "
+
+
+_REGION_PHRASES = sorted(REGION_WORDS, key=lambda k: -len(k.split()))
+
+
+def _rejoin_regions(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
+    for seg, neg in segments:
+        if out and seg.split()[:1] == ["neck"] and out[-1][0].split()[-1:] == ["head"]:
+            out[-1] = (out[-1][0] + " and " + seg, neg)
+        else:
+            out.append((seg, neg))
+    return out
+
+
+def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[ParsedTarget | None, list[str]]:
+    words = _WORD.findall(seg)
+    if not words:
+        return None, []
+    regions: list[str] = []
+    laterality: str | None = None
+    index: set[str] = set()
+    group: str | None = None
+    rest: list[str] = []
+    level_context = any(w in _LEVEL_CONTEXT for w in words)
+    rib_context = any(w in ("rib", "ribs") for w in words)
+    levels: set[str] = set()
+    numbers: set[int] = set()
+    segments: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in _SEGMENT_LEVELS and level_context:
+            segments.append(w)  # "lumbar vertebrae", "fifth lumbar vertebra"
+            i += 1
+            continue
+        if rib_context and w in _RIB_CLASSES:
+            numbers.update(_RIB_CLASSES[w])  # "false ribs" = 8-12
+            i += 1
+            continue
+        # Region phrases ("head and neck", "whole body") -> region hints.
+        matched = False
+        for phrase in _REGION_PHRASES:
+            n = len(phrase.split())
+            if words[i : i + n] == phrase.split():
+                structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs")
+                if phrase in ("spine", "breast") or structure_follows:
+                    break  # a structure itself ("the spine", "pelvic bones")
+                regions.extend(REGION_WORDS[phrase])
+                i += n
+                if phrase in ("head and neck", "hn", "h n") and i < len(words) and words[i] in _HNC_WORDS:
+                    rest.append("hnc")  # "head and neck cancer" is a disease, the primary tumour
+                    i += 1
+                matched = True
+                break
+        if matched:
+            continue
+        m = _LEVEL.match(w)
+        nm = re.match(r"^n(\d{1,2})$", w)
+        if m and (m.group(1).upper() + str(int(m.group(2)))) in SPINE_LEVELS:
+            levels.add(m.group(1).upper() + str(int(m.group(2))))
+        elif re.match(r"^th(\d{1,2})$", w) and 1 <= int(w[2:]) <= 12:
+            levels.add(f"T{int(w[2:])}")  # German-style "Th12"
+        elif m:
+            rest.append(w)
+        elif nm:
+            numbers.add(int(nm.group(1)))
+        elif w in _ORDINALS:
+            numbers.add(_ORDINALS[w])
+        elif _NUMBER.match(w) and (w.isdigit() or w[-2:] in ("st", "nd", "rd", "th")):
+            n = int(_NUMBER.match(w).group(1))
+            if 1 <= n <= 30:
+                numbers.add(n)
+        elif w == "b" and i + 1 < len(words) and words[i + 1] == "l":
+            laterality = "bilateral"
+            i += 1
+        elif w in _LATERAL:
+            lat = _LATERAL[w]
+            laterality = lat if laterality in (None, lat) else "bilateral"
+        elif w in ("all", "every", "entire", "whole"):
+            pass
+        else:
+            rest.append(w)
+        i += 1
+    if levels:
+        index.update(levels)  # explicit levels beat "lumbar" etc.
+    elif segments and numbers:
+        for seg_word in segments:
+            letter = _SEGMENT_LEVELS[seg_word][0][0]
+            index.update(f"{letter}{n}" for n in numbers if f"{letter}{n}" in SPINE_LEVELS)
+    elif segments:
+        for seg_word in segments:
+            index.update(_SEGMENT_LEVELS[seg_word])
+    elif numbers:
+        index.update(str(n) for n in numbers)
+    composite = any(w in _COMPOSITE_WORDS for w in rest)
+    tokens, unknown = canonical_tokens(rest, fix_spelling=not label_form, keep_unknown=label_form)
+    if composite and tokens:
+        tokens.append(COMPOSITE)
+    # A lateral lung-lobe abbreviation ("RML") carries its own side.
+    for side in ("left", "right"):
+        if side in tokens:
+            tokens = [t for t in tokens if t != side]
+            laterality = side if laterality in (None, side) else "bilateral"
+    if index and all(i in SPINE_LEVELS for i in index) and not tokens:
+        tokens = ["vertebra"]
+    if tokens and tokens[0] == "spine" and index:
+        tokens = ["vertebra"]
+    core = _finish_core(tokens)
+    if "oar" in core or "organ" in core:
+        group = "organs"
+        region_words = [t for t in core if t in REGION_WORDS]
+        for rw in region_words:
+            regions.extend(REGION_WORDS[rw])
+        core = tuple(t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS)
+        if core:
+            group = None  # "liver organ": just the liver
+    if laterality == "bilateral":
+        laterality = None  # both sides = the structure without a side restriction
+    concept = Concept(core, laterality, frozenset(index) or None)
+    context = tuple(sorted(set(regions)))
+    return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+def phrase_target(phrase: str) -> ParsedTarget | None:
+    """Parse one registry phrase (a label synonym) without splitting it into a list.
+
+    Unlike requests, no spelling correction is applied and unknown words stay
+    in the concept (a curated synonym means every word it has).
+
+    Parameters
+    ----------
+    phrase
+        E.g. ``"left upper lobe"`` or ``"thoracic aorta"``.
+
+    Returns
+    -------
+    ParsedTarget or None
+        None when the phrase holds no word.
+    """
+    low = _ascii(phrase).lower().replace("-", " ")
+    low = _LEVEL_RANGE.sub(_expand_level_range, low)
+    target, _ = _parse_segment(low, False, label_form=True)
+    return target
+
+
+def _borrow_head(modifier: ParsedTarget, head: ParsedTarget) -> ParsedTarget:
+    c = head.concept
+    concept = Concept(
+        c.core,
+        modifier.concept.laterality or c.laterality,
+        modifier.concept.index or c.index,
+    )
+    text = f"{modifier.text} {head.text}"
+    return ParsedTarget(
+        text, concept, modifier.words + head.words, head.unknown, modifier.negated, head.group, head.context
+    )
+
+
+def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    # "liver and its tumours", "kidney + masses": a bare lesion word after an
+    # organ means a lesion of that organ.
+    out: list[ParsedTarget] = []
+    organ: tuple[str, ...] = ()
+    for t in targets:
+        core = t.concept.core
+        if core and all(tok in LESION_TOKENS for tok in core) and organ and t.group is None:
+            new_core = tuple(sorted(set(core) | set(organ)))
+            t = ParsedTarget(
+                t.text,
+                Concept(new_core, t.concept.laterality, t.concept.index),
+                t.words,
+                t.unknown,
+                t.negated,
+                None,
+                t.context,
+            )
+        elif core and not any(tok in LESION_TOKENS for tok in core):
+            organ = core
+        out.append(t)
+    return out

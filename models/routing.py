@@ -1,0 +1,929 @@
+"""Coarse-to-fine routing: request text -> (dataset, label values) selection.
+
+The method (MedSegAgent's coarse-to-fine model matching, done locally):
+
+1. **Parse** (:mod:`medsegagent.models.parse`): the request becomes targets
+   (canonical concepts with laterality, rib numbers / vertebral levels, lesion
+   flag) plus an optional modality hint and region hints.
+2. **Modality** (coarse): the caller's DICOM modality, else the text's hint,
+   keeps only datasets whose models accept it (``Dataset.accepts``).  A dataset
+   that does not accept the modality is never selected.
+3. **Anatomy**: region hints ("abdominal", "head and neck") restrict targets
+   that carry no organ of their own ("tumour", "all organs") to datasets of
+   those regions; lesion labels without an organ are matched against the
+   target's organ through the dataset's regions.
+4. **Label** (fine): every label is known by its name and registry synonyms,
+   all canonicalised like the request; a target matches a label by concept
+   comparison (exact, part of a composite label, a group's members, a more
+   specific label, a lesion word standing in for another), scored in [0, 1].
+   Words the grammar does not know go to the local sentence encoder
+   (all-MiniLM-L6-v2), whose cosine similarity over the label strings is
+   accepted above :data:`ENCODER_ACCEPT` and then checked against the
+   registry's structure (lesion vs organ, laterality).  Only the best *tier*
+   of matches over all datasets is selected, so that a label matching only
+   loosely never joins exact matches of other datasets.
+
+The result is a :class:`Plan` (JSON via :meth:`Plan.to_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medsegagent.models import parse as grammar
+from medsegagent.models.registry import Dataset, Label, Registry, load_registry, normalize_modality
+
+log = logging.getLogger(__name__)
+
+#: Score tiers: only datasets whose best match is in the best tier found are selected.
+TIERS: tuple[float, ...] = (0.9, 0.7, 0.5)
+#: Scores of the kinds of lexical match (see :func:`Router._score`).
+SCORE_EXACT = 1.0
+SCORE_PART = 0.95  # a part of a composite label ("prostate_or_uterus", "kidney and masses")
+SCORE_GROUP = 0.93  # a member of a group ("lung" -> its lobes)
+SCORE_SOFT_LESION = 0.9  # "liver lesion" ~ "liver tumour"
+SCORE_SPECIFIC = 0.75  # the label is a more specific kind of the target ("vena cava" -> "inferior vena cava")
+SCORE_COARSE = 0.6  # the label covers more than asked (no side / no level)
+#: Cosine similarity above which the sentence encoder's best label is accepted.
+ENCODER_ACCEPT = 0.72
+#: The encoder's runner-up labels must be this close to the best to be kept too.
+ENCODER_MARGIN = 0.03
+
+
+def _tier(score: float) -> int:
+    for i, floor in enumerate(TIERS):
+        if score >= floor - 1e-9:
+            return i
+    return len(TIERS)
+
+
+# ---------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One dataset that can segment a target.
+
+    Attributes
+    ----------
+    dataset : str
+        Dataset name.
+    labels : list of str
+        Label names of the dataset for the target.
+    values : list of int
+        Their output values, flattened and sorted.
+    score : float
+        Match score in [0, 1] (1 = exact name or synonym).
+    installed : bool
+        Whether the dataset has at least one installed model.
+    models : list of str
+        Names of its installed models.
+    selected : bool
+        Whether the candidate is part of the plan's selection.
+    """
+
+    dataset: str
+    labels: list[str]
+    values: list[int]
+    score: float
+    installed: bool
+    models: list[str]
+    selected: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "dataset": self.dataset,
+            "labels": list(self.labels),
+            "values": list(self.values),
+            "score": round(self.score, 4),
+            "installed": self.installed,
+            "models": list(self.models),
+            "selected": self.selected,
+        }
+
+
+@dataclass
+class Target:
+    """One requested structure and its ranked candidates.
+
+    Attributes
+    ----------
+    text : str
+        The phrase as parsed from the request.
+    concept : str
+        Canonical reading of it (e.g. ``"left kidney"``, ``"rib 3/4"``).
+    laterality : str or None
+        ``left``, ``right`` or None (both / not lateral).
+    kind : str
+        Label kind of the best candidate (``organ``, ``lesion``, ``vessel`` ...),
+        or the grammar's guess (``lesion``/``organ``) when nothing matched.
+    candidates : list of Candidate
+        Best first; ``selected`` marks those in the selection.
+    negated : bool
+        True for "except ..." targets (their values are removed from the selection).
+    """
+
+    text: str
+    concept: str
+    laterality: str | None
+    kind: str
+    candidates: list[Candidate] = field(default_factory=list)
+    negated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "target": self.text,
+            "concept": self.concept,
+            "laterality": self.laterality,
+            "kind": self.kind,
+            "negated": self.negated,
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+
+@dataclass
+class Plan:
+    """What to segment with which datasets' models.
+
+    Attributes
+    ----------
+    text : str
+        The request.
+    modality : str or None
+        Modality used for the modality stage (caller's, else the text's hint).
+    modality_source : str or None
+        ``"caller"`` (DICOM headers), ``"text"`` or None (no filter).
+    collection : str or None
+        Registry collection routed within.
+    targets : list of Target
+        Parsed targets with ranked candidates.
+    selection : dict of str to list of int
+        Dataset -> sorted label values (region labels flattened): the plan.
+    unmatched : list of dict
+        ``{"target", "reason"}`` for targets that select nothing.
+    missing_models : list of dict
+        ``{"dataset", "install_hint"}`` for selected datasets without an installed model.
+    explain : list of dict
+        Per target and stage, what was kept or dropped and why.
+    regions : list of str
+        Region hints found in the text.
+    elapsed_ms : float
+        Planning time.
+    """
+
+    text: str
+    modality: str | None
+    modality_source: str | None
+    collection: str | None
+    targets: list[Target] = field(default_factory=list)
+    selection: dict[str, list[int]] = field(default_factory=dict)
+    unmatched: list[dict[str, str]] = field(default_factory=list)
+    missing_models: list[dict[str, str | None]] = field(default_factory=list)
+    explain: list[dict[str, Any]] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as a JSON-serialisable dict (the ``--json`` contract)."""
+        return {
+            "text": self.text,
+            "modality": self.modality,
+            "modality_source": self.modality_source,
+            "collection": self.collection,
+            "selection": {k: list(v) for k, v in self.selection.items()},
+            "targets": [t.to_json() for t in self.targets],
+            "unmatched": [dict(u) for u in self.unmatched],
+            "missing_models": [dict(m) for m in self.missing_models],
+            "regions": list(self.regions),
+            "explain": list(self.explain),
+            "elapsed_ms": round(self.elapsed_ms, 3),
+        }
+
+    def dumps(self, **kwargs: Any) -> str:
+        """``json.dumps`` of :meth:`to_json`."""
+        return json.dumps(self.to_json(), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Label index
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Form:
+    """One way a label is named: a canonical core with its context regions."""
+
+    core: frozenset[str]
+    context: frozenset[str]
+    source: str  # "name", "part" (of a composite name) or "synonym"
+    values: tuple[int, ...] | None = None  # a part's own values when derivable ("kidney" of "kidney and masses")
+
+
+@dataclass
+class _Entry:
+    dataset: Dataset
+    label: Label
+    laterality: str | None  # left / right / bilateral / None
+    index: frozenset[str] | None
+    lesion: bool
+    forms: list[_Form]
+    generic_lesion: bool  # a lesion label naming no organ ("tumor", "stroke lesion")
+    strings: list[str]  # name + synonyms, for the sentence encoder
+
+    @property
+    def name_core(self) -> frozenset[str]:
+        return self.forms[0].core
+
+
+def _label_entry(dataset: Dataset, label: Label) -> _Entry:
+    concepts = grammar.label_concepts(label.name)
+    index = concepts[0].index
+    # The registry's side, else the one in the name ("heart_left_atrium_blood_cavity").
+    laterality = label.laterality.value if label.laterality is not None else concepts[0].laterality
+    forms: list[_Form] = []
+    seen: set[tuple[frozenset[str], frozenset[str]]] = set()
+
+    def add(core: Iterable[str], context: Iterable[str], source: str) -> None:
+        key = (frozenset(core), frozenset(context))
+        if key[0] and key[0] != {grammar.COMPOSITE} and key not in seen:
+            seen.add(key)
+            forms.append(_Form(key[0], key[1], source))
+
+    for i, c in enumerate(concepts):
+        add(c.core, (), "part" if i else "name")
+    for synonym in label.synonyms:
+        t = grammar.phrase_target(synonym)
+        if t is None:
+            continue
+        if t.laterality and laterality in ("left", "right") and t.laterality != laterality:
+            continue  # a synonym naming the other side is a registry slip; ignore it
+        if t.concept.index and index and not (t.concept.index <= index):
+            continue
+        add(t.concept.core, t.context, "synonym")
+    if not forms:  # a name of stopwords only: keep the raw words
+        forms.append(_Form(frozenset(label.name.lower().split()), frozenset(), "name"))
+    lesion = label.kind.value == "lesion" or any(f.core & grammar.LESION_TOKENS for f in forms if f.source == "name")
+    # Generic: the label's own name names no organ ("tumor", "stroke lesion", "GTVp").
+    generic = lesion and not any(f.core & _ORGAN_TOKENS for f in forms if f.source == "name")
+    strings = [label.name.replace("_", " ")] + [s for s in label.synonyms if s]
+    return _Entry(dataset, label, laterality, index, lesion, forms, generic, strings)
+
+
+def _derive_part_values(entries: list[_Entry]) -> None:
+    # "kidney and masses" = [1, 2, 3] and "kidney masses" = [2, 3] in one dataset: the part
+    # "kidney" alone is [1].  Region labels are unions, so a part's values are the whole's
+    # values minus those of the dataset's labels that are the other parts.
+    by_dataset: dict[str, list[_Entry]] = defaultdict(list)
+    for e in entries:
+        by_dataset[e.dataset.name].append(e)
+    for group in by_dataset.values():
+        for e in group:
+            if grammar.COMPOSITE not in e.name_core:
+                continue
+            parts = [f for f in e.forms if f.source == "part"]
+            for k, part in enumerate(parts):
+                others: set[int] = set()
+                for other_part in parts[:k] + parts[k + 1 :]:
+                    for o in group:
+                        if o is not e and o.name_core == other_part.core:
+                            others.update(o.label.values)
+                own = tuple(v for v in e.label.values if v not in others)
+                if others and own:
+                    e.forms[e.forms.index(part)] = _Form(part.core, part.context, part.source, own)
+
+
+#: Tokens that name an organ/structure a lesion may be in (for "liver tumour" vs a generic "tumor" label).
+_ORGAN_TOKENS = frozenset(
+    """
+    liver kidney adrenal pancreas spleen brain lung breast bone prostate bladder stomach colon head neck
+    node thyroid esophagus uterus ovary skin bowel intestine heart pulmonary vestibular primary
+    """.split()
+)
+
+#: Label kinds making up "the bones"/"skeleton" of a dataset without a bone label of its own.
+_SKELETAL_TOKENS = frozenset({"cartilage", "disc"})
+
+
+class _Index:
+    """Label forms of a registry, indexed by token for fast candidate lookup."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        # Registry words first: they must not be "corrected" into other words.
+        words: set[str] = set()
+        for dataset in registry.datasets.values():
+            for label in dataset.labels.values():
+                for s in [label.name, *label.synonyms]:
+                    words.update(w for w in grammar._WORD.findall(grammar._CAMEL.sub(" ", s).lower()) if len(w) > 3)
+        grammar.extend_vocabulary(words)
+        self.entries: list[_Entry] = [
+            _label_entry(dataset, label) for dataset in registry.datasets.values() for label in dataset.labels.values()
+        ]
+        _derive_part_values(self.entries)
+        self.by_token: dict[str, list[int]] = defaultdict(list)
+        for n, entry in enumerate(self.entries):
+            for token in {t for f in entry.forms for t in f.core}:
+                self.by_token[token].append(n)
+        # Phrases that contain a list word but name one structure ("kidney and masses").
+        protected: set[str] = set()
+        for e in self.entries:
+            for s in e.strings:
+                low = " ".join(grammar._WORD.findall(grammar._ascii(s).lower()))
+                if re.search(r"\b(?:and|with|including)\b", low) and len(low.split()) <= 6 and "head and neck" not in low:
+                    protected.add(low)
+        self.protected = tuple(sorted(protected, key=lambda x: -len(x)))
+        # Structures with sided labels somewhere: a sideless label of them covers both sides.
+        self.paired: set[frozenset[str]] = set()
+        for e in self.entries:
+            if e.laterality in ("left", "right", "bilateral"):
+                self.paired.update(f.core for f in e.forms)
+        self.strings: list[str] = []
+        self.string_entry: list[int] = []
+        for n, e in enumerate(self.entries):
+            for s in e.strings:
+                self.strings.append(s)
+                self.string_entry.append(n)
+        self.string_entry_arr = np.asarray(self.string_entry, dtype=np.int64)
+
+    def lookup(self, tokens: Iterable[str]) -> set[int]:
+        out: set[int] = set()
+        for t in tokens:
+            out.update(self.by_token.get(t, ()))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Router
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Match:
+    entry: _Entry
+    score: float
+    why: str
+    source: str = "name"  # which kind of form matched: name / part / synonym / group / encoder
+    values: tuple[int, ...] | None = None  # overrides the label's values (a composite's part)
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        return self.values if self.values is not None else tuple(self.entry.label.values)
+
+
+class Router:
+    """Reusable router: holds the registry, its label index and the encoder.
+
+    Parameters
+    ----------
+    registry
+        The model library (default: :func:`load_registry`).
+    use_encoder
+        Use the sentence encoder for words the grammar does not know (loaded
+        lazily, on first need, once per process).
+    encoder
+        An encoder object with ``encode(list[str]) -> ndarray`` (default: the
+        process-wide all-MiniLM-L6-v2 from :func:`encoder.get_encoder`).
+
+    Notes
+    -----
+    ``plan`` is thread-safe; the label index is built once in the constructor.
+    """
+
+    def __init__(self, registry: Registry | None = None, *, use_encoder: bool = True, encoder: Any = None) -> None:
+        t0 = time.perf_counter()
+        self.registry = registry if registry is not None else load_registry()
+        self._index = _Index(self.registry)
+        self.use_encoder = use_encoder
+        self._encoder = encoder
+        self._label_emb: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._phrase_cache: dict[str, np.ndarray] = {}
+        self.init_seconds = time.perf_counter() - t0
+
+    # -- encoder -----------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Load the sentence encoder and the label embeddings now (not on first need).
+
+        Returns
+        -------
+        float
+            Seconds spent.
+        """
+        t0 = time.perf_counter()
+        if self.use_encoder:
+            self._embeddings()
+            self._encode_phrase("liver")
+        return time.perf_counter() - t0
+
+    def _get_encoder(self) -> Any:
+        if self._encoder is None:
+            from medsegagent.models.encoder import get_encoder
+
+            self._encoder = get_encoder()
+        return self._encoder
+
+    def _embeddings(self) -> np.ndarray:
+        if self._label_emb is None:
+            with self._lock:
+                if self._label_emb is None:
+                    from medsegagent.models.encoder import cached_embeddings
+
+                    self._label_emb = cached_embeddings(
+                        self._index.strings,
+                        key=self.registry.content_hash,
+                        encoder=self._encoder,
+                    )
+        return self._label_emb
+
+    def _encode_phrase(self, phrase: str) -> np.ndarray:
+        vec = self._phrase_cache.get(phrase)
+        if vec is None:
+            vec = self._get_encoder().encode([phrase])[0]
+            if len(self._phrase_cache) < 4096:
+                self._phrase_cache[phrase] = vec
+        return vec
+
+    # -- planning ----------------------------------------------------------------
+    def plan(
+        self,
+        text: str,
+        modality: str | None = None,
+        *,
+        collection: str | None = None,
+        installed_only: bool = False,
+    ) -> Plan:
+        """Plan the segmentation of ``text``.
+
+        Parameters
+        ----------
+        text
+            The request (free text, list, worklist shorthand).
+        modality
+            Study modality from the DICOM headers (``CT``, ``MR``, ``MR:T1`` ...,
+            ``PT``, ``PT+CT``, ``US``); it overrides any modality named in the text.
+        collection
+            Route within this registry collection only (e.g. ``medsegagent-23``, ``demo``).
+        installed_only
+            Consider only datasets with an installed model.
+
+        Returns
+        -------
+        Plan
+            Selection, ranked candidates per target, unmatched targets with reasons.
+
+        Raises
+        ------
+        ValueError
+            For an unknown modality or an empty collection.
+        """
+        t0 = time.perf_counter()
+        parsed = grammar.parse_request(text, self._index.protected)
+        source: str | None = None
+        if modality:
+            modality = normalize_modality(modality)
+            source = "caller"
+        elif parsed.modality_hint:
+            modality = parsed.modality_hint
+            source = "text"
+        plan = Plan(text=text, modality=modality, modality_source=source, collection=collection)
+        plan.regions = list(parsed.regions)
+        datasets = self.registry.in_collection(collection) if collection else list(self.registry.datasets.values())
+        if collection and not datasets:
+            raise ValueError(
+                f"no dataset in collection {collection!r} (known: {', '.join(self.registry.collections)})"
+            )
+        # Stage 1: modality (coarse).  Never relaxed later.
+        kept: list[Dataset] = []
+        dropped: dict[str, str] = {}
+        for d in datasets:
+            if modality and not d.accepts(modality):
+                dropped[d.name] = f"does not accept {modality} (accepts {', '.join(d.modalities)})"
+            elif installed_only and not d.installed_models:
+                dropped[d.name] = "no installed model"
+            else:
+                kept.append(d)
+        plan.explain.append(
+            {"stage": "modality", "modality": modality, "source": source, "kept": [d.name for d in kept], "dropped": dropped}
+        )
+        kept_names = {d.name for d in kept}
+        all_names = {d.name for d in datasets}
+        if not parsed.targets:
+            reason = "no segmentable structure found in the request"
+            if parsed.regions:
+                reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
+            plan.unmatched.append({"target": text, "reason": reason})
+        routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
+        for pt in parsed.targets:
+            target, explain = self._route_target(pt, parsed, kept_names)
+            routed.append((pt, target, explain))
+        _pair_organs_with_lesions(routed)
+        selection: dict[str, set[int]] = defaultdict(set)
+        removal: dict[str, set[int]] = defaultdict(set)
+        for pt, target, explain in routed:
+            plan.targets.append(target)
+            plan.explain.append(explain)
+            if not any(c.selected for c in target.candidates):
+                reason = self._why_unmatched(pt, parsed, all_names, kept_names, modality, collection)
+                plan.unmatched.append({"target": pt.text, "reason": reason})
+            for c in target.candidates:
+                if c.selected:
+                    (removal if pt.negated else selection)[c.dataset].update(c.values)
+        for name in sorted(selection):
+            values = sorted(selection[name] - removal.get(name, set()))
+            if values:
+                plan.selection[name] = values
+        for name in plan.selection:
+            d = self.registry.datasets[name]
+            if not d.installed_models:
+                plan.missing_models.append({"dataset": name, "install_hint": d.install_hint})
+        plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        return plan
+
+    def _route_target(
+        self, pt: grammar.ParsedTarget, parsed: grammar.ParsedRequest, kept: set[str]
+    ) -> tuple[Target, dict[str, Any]]:
+        c = pt.concept
+        explain: dict[str, Any] = {"stage": "target", "target": pt.text, "concept": c.phrase() or None}
+        regions = set(pt.context) | set(parsed.regions)
+        matches, how = self._match(pt, regions, kept)
+        explain["method"] = how
+        # Anatomy stage: targets without an organ of their own stay in the hinted regions.
+        anatomy_dropped: dict[str, str] = {}
+        organless = not (set(c.core) - grammar.LESION_TOKENS - {grammar.COMPOSITE})
+        if regions and matches and (pt.group == "organs" or organless):
+            inside = [m for m in matches if set(m.entry.dataset.regions) & regions]
+            for m in matches:
+                if m not in inside:
+                    anatomy_dropped[m.entry.dataset.name] = f"regions {', '.join(m.entry.dataset.regions)}"
+            matches = inside
+        explain["anatomy"] = {"regions": sorted(regions), "dropped": anatomy_dropped}
+        matches = _demote_synonym_only(matches)
+        per_dataset: dict[str, list[_Match]] = defaultdict(list)
+        for m in matches:
+            per_dataset[m.entry.dataset.name].append(m)
+        best = {name: max(m.score for m in ms) for name, ms in per_dataset.items()}
+        top_tier = min((_tier(v) for v in best.values()), default=len(TIERS))
+        candidates: list[Candidate] = []
+        label_explain: dict[str, Any] = {}
+        for name, ms in per_dataset.items():
+            top = best[name]
+            chosen = [m for m in ms if m.score >= top - 1e-9]
+            if top >= TIERS[0] and not pt.lesion:
+                # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx).
+                chosen += [m for m in ms if m.why == _WHY_SPECIFIC and m.source == "name" and m not in chosen]
+            d = self.registry.datasets[name]
+            labels = list(dict.fromkeys(m.entry.label.name for m in chosen))
+            values = sorted({v for m in chosen for v in m.label_values})
+            selected = _tier(top) == top_tier and top_tier < len(TIERS)
+            installed = [r.name for r in d.installed_models]
+            candidates.append(Candidate(name, labels, values, top, bool(installed), installed, selected))
+            label_explain[name] = {
+                "labels": labels,
+                "score": round(top, 4),
+                "why": sorted({m.why for m in chosen}),
+                "selected": selected,
+                **({} if selected else {"reason": "a better tier of match exists in another dataset"}),
+            }
+        candidates.sort(
+            key=lambda x: (
+                not x.selected,
+                -x.score,
+                not x.installed,
+                -(self.registry.datasets[x.dataset].specificity or 0.0),
+                x.dataset,
+            )
+        )
+        explain["label"] = label_explain
+        kinds = [self.registry.datasets[x.dataset].labels[x.labels[0]].kind.value for x in candidates if x.selected]
+        kind = max(set(kinds), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
+        target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
+        return target, explain
+
+    def _why_unmatched(
+        self,
+        pt: grammar.ParsedTarget,
+        parsed: grammar.ParsedRequest,
+        everywhere: set[str],
+        kept: set[str],
+        modality: str | None,
+        collection: str | None,
+    ) -> str:
+        regions = set(pt.context) | set(parsed.regions)
+        if pt.group == "organs":
+            if not regions:
+                return "too vague: name the structures or the body region (e.g. 'abdominal organs')"
+            return f"no region-specific dataset for the organs of {', '.join(sorted(regions))}"
+        if not pt.concept.core and pt.unknown:
+            return f"not a known anatomical structure or lesion: '{' '.join(pt.unknown)}'"
+        phrase = pt.concept.phrase() or pt.text
+        if modality and everywhere - kept:
+            others, _ = self._match(pt, regions, everywhere - kept)
+            if others:
+                mods = sorted({m for x in others for m in x.entry.dataset.modalities})
+                names = sorted({x.entry.dataset.name for x in others})
+                return f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})"
+        scope = f" in collection '{collection}'" if collection else ""
+        return f"no dataset{scope} has a label for '{phrase}'"
+
+    # -- matching ------------------------------------------------------------------
+    def _match(
+        self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str], *, use_encoder: bool = True
+    ) -> tuple[list[_Match], str]:
+        c = pt.concept
+        core = frozenset(c.core)
+        if pt.group == "organs":
+            return self._organ_group(regions, allowed), "group: organs of the named region"
+        members = list(grammar.GROUPS.get(c.core, ()))
+        if "vessel" in core and len(core) > 1:
+            # "iliac vessels" = the iliac arteries and veins.
+            rest = core - {"vessel"}
+            members += [tuple(sorted(rest | {"artery"})), tuple(sorted(rest | {"vein"}))]
+        member_sets = {frozenset(m) for m in members}
+        tokens = set(core)
+        for m in members:
+            tokens.update(m)
+        if core & grammar.SOFT_LESION:
+            tokens |= grammar.SOFT_LESION  # "lesion" may be called "tumor" in a label
+        out: list[_Match] = []
+        if core:
+            for n in self._index.lookup(tokens):
+                e = self._index.entries[n]
+                if e.dataset.name in allowed:
+                    m = self._score(pt, core, member_sets, regions, e)
+                    if m is not None:
+                        out.append(m)
+            if core == {"bone"}:
+                has_bone = {m.entry.dataset.name for m in out if m.score >= TIERS[0]}
+                out += self._skeleton(pt, regions, allowed, has_bone)
+            out = _enough_members(out, len(member_sets))
+        if out:
+            return out, "grammar"
+        if use_encoder and self.use_encoder and (pt.unknown or core):
+            return self._encoder_match(pt, regions, allowed)
+        return [], "grammar"
+
+    def _score(
+        self,
+        pt: grammar.ParsedTarget,
+        core: frozenset[str],
+        members: set[frozenset[str]],
+        regions: set[str],
+        e: _Entry,
+    ) -> _Match | None:
+        c = pt.concept
+        cap = 1.0
+        why_cap = ""
+        # Laterality: a sided target never takes the other side; a sideless label of a
+        # paired structure covers more than asked.
+        if c.laterality in ("left", "right"):
+            if e.laterality in ("left", "right") and e.laterality != c.laterality:
+                return None
+            paired = any(f.core in self._index.paired for f in e.forms)
+            if e.laterality == "bilateral" or (e.laterality is None and paired):
+                cap, why_cap = SCORE_COARSE, f"label covers both sides, {c.laterality} asked"
+        # Indices (rib numbers, vertebral levels).
+        if c.index:
+            if e.index:
+                if not (e.index & c.index):
+                    return None
+            else:
+                cap, why_cap = SCORE_COARSE, "label covers all levels"
+        best: _Match | None = None
+        target_lesion = bool(core & grammar.LESION_TOKENS)
+        ctx = set(pt.context) | regions
+        for f in e.forms:
+            if f.context and not f.context <= ctx:
+                continue  # "thoracic aorta" is not just "aorta"... unless the context is given
+            s, w = 0.0, ""
+            if f.core == core:
+                s, w = (SCORE_PART, "part of a composite label") if f.source == "part" else (SCORE_EXACT, "exact")
+            elif grammar.COMPOSITE in f.core or grammar.COMPOSITE in core:
+                continue  # composite names ("kidney and masses") match exactly or not at all
+            elif _soft_equal(f.core, core):
+                s, w = SCORE_SOFT_LESION, "lesion word stands in for another"
+            elif f.core in members:
+                s, w = SCORE_GROUP, "member of the requested group"
+            elif f.core < core:
+                extra = core - f.core
+                if e.generic_lesion and target_lesion and all(t in grammar.ORGAN_REGIONS for t in extra):
+                    # "brain tumour" vs a label "tumor": fine if the dataset covers that organ's region.
+                    organ_regions = set().union(*(grammar.ORGAN_REGIONS[t] for t in extra))
+                    if not (organ_regions & set(e.dataset.regions)):
+                        continue
+                    s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
+                    w = _WHY_CONTEXT
+            elif core < f.core:
+                extra = f.core - core
+                if (extra & grammar.LESION_TOKENS) and not target_lesion:
+                    continue  # organ asked, lesion label: never
+                if target_lesion and not (core - grammar.LESION_TOKENS) and not (extra - grammar.LESION_TOKENS):
+                    continue  # "tumor" vs "tumor core": a sub-region of the lesion, not the lesion
+                s, w = SCORE_SPECIFIC, _WHY_SPECIFIC
+                if target_lesion and not (core & f.core & grammar.LESION_TOKENS):
+                    s -= 0.05  # "mass" vs "kidney tumor": the lesion word differs too
+            elif target_lesion and _soft_subset(core, f.core):
+                s, w = SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC
+            # Generic lesion labels of whole-body datasets lose against region-specific ones
+            # when the target names a place.
+            if s >= TIERS[0] and e.generic_lesion and ctx and not f.context:
+                s = min(s, 0.7 + 0.3 * float(e.dataset.specificity or 0.0))
+                w = "generic lesion label, region named"
+            if s > cap:
+                s, w = cap, why_cap
+            if s > 0.0 and (best is None or s > best.score):
+                source = {"member of the requested group": "group", _WHY_CONTEXT: "context"}.get(w, f.source)
+                best = _Match(e, s, w, source, f.values)
+        return best
+
+    def _skeleton(
+        self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str], has_bone: set[str]
+    ) -> list[_Match]:
+        # "bones"/"skeleton": datasets without a bone label of their own give all their bones
+        # (and skeletal cartilage), by the registry's label kinds.  Without a region named,
+        # only whole-body datasets hold "the skeleton"; a head-and-neck dataset's mandible is not it.
+        out: list[_Match] = []
+        for e in self._index.entries:
+            d = e.dataset.name
+            if d not in allowed or d in has_bone:
+                continue
+            if not (set(e.dataset.regions) & (regions or {"whole_body"})):
+                continue
+            if e.label.kind.value == "bone" or (e.name_core & _SKELETAL_TOKENS):
+                lat = pt.concept.laterality
+                if lat in ("left", "right") and e.laterality in ("left", "right") and e.laterality != lat:
+                    continue
+                out.append(_Match(e, SCORE_GROUP, "bone of the skeleton (label kind)", "group"))
+        return out
+
+    def _organ_group(self, regions: set[str], allowed: set[str]) -> list[_Match]:
+        out: list[_Match] = []
+        if not regions:
+            return out
+        for e in self._index.entries:
+            d = e.dataset
+            if d.name not in allowed or e.lesion or "whole_body" in d.regions:
+                continue
+            if set(d.regions) & regions and (d.specificity or 0.0) >= 0.5:
+                out.append(_Match(e, SCORE_GROUP, "organ of a dataset of the named region", "group"))
+        return out
+
+    def _encoder_match(
+        self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str]
+    ) -> tuple[list[_Match], str]:
+        # The encoder translates words the grammar does not know into the nearest label's
+        # concept; the grammar then matches that concept everywhere (sides, levels, all
+        # datasets), so the encoder never picks a single dataset by itself.
+        words = [w for w in pt.words if w not in grammar.STOPWORDS]
+        phrase = " ".join(words)
+        if not phrase:
+            return [], "encoder: nothing to encode"
+        emb = self._embeddings()
+        sims = emb @ self._encode_phrase(phrase)
+        order = np.argsort(-sims)[:40]
+        best_n, best_s = -1, -1.0
+        for i in order:
+            n = int(self._index.string_entry_arr[i])
+            e = self._index.entries[n]
+            if e.dataset.name not in allowed:
+                continue
+            if pt.concept.core and bool(set(pt.concept.core) & grammar.LESION_TOKENS) != e.lesion:
+                continue  # structure check: an organ request never takes a lesion label, nor vice versa
+            best_n, best_s = n, float(sims[i])
+            break
+        if best_n < 0 or best_s < ENCODER_ACCEPT:
+            return [], f"encoder: best similarity {max(best_s, float(sims[order[0]])):.3f} < {ENCODER_ACCEPT}"
+        e = self._index.entries[best_n]
+        core = tuple(sorted(e.name_core))
+        lat = pt.concept.laterality
+        translated = grammar.ParsedTarget(
+            pt.text,
+            grammar.Concept(core, lat, pt.concept.index),
+            pt.words,
+            (),
+            pt.negated,
+            None,
+            pt.context,
+        )
+        matches, _ = self._match(translated, regions, allowed, use_encoder=False)
+        how = f"encoder: '{phrase}' ~ '{e.strings[0]}' ({best_s:.3f}) -> {' '.join(core)}"
+        # Tiers stay those of the translated concept; the reason records the similarity.
+        via = f" (via encoder {best_s:.3f})"
+        return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
+
+
+_WHY_SPECIFIC = "label is a more specific kind"
+_WHY_CONTEXT = "lesion label of a dataset covering that organ's region"
+
+
+def _enough_members(matches: list[_Match], n_members: int) -> list[_Match]:
+    # A group of many parts ("heart": chambers, myocardium, great-vessel roots) is not
+    # served by a dataset holding one of them only (a pulmonary-artery dataset is no heart model).
+    if n_members < 3:
+        return matches
+    found: dict[str, set[frozenset[str]]] = defaultdict(set)
+    for m in matches:
+        if m.source == "group":
+            found[m.entry.dataset.name].add(m.entry.name_core)
+    return [m for m in matches if m.source != "group" or len(found[m.entry.dataset.name]) >= 2]
+
+
+def _demote_synonym_only(matches: list[_Match]) -> list[_Match]:
+    # When some dataset names the structure exactly, a label that only matches through a
+    # curated synonym is a looser fit (WORD "intestine" vs "small bowel"): one tier down.
+    if not any(m.source in ("name", "part", "group") and m.score >= TIERS[0] for m in matches):
+        return matches
+    out = []
+    for m in matches:
+        if m.source == "synonym" and m.score >= TIERS[0]:
+            m = _Match(m.entry, SCORE_SPECIFIC + 0.05, "synonym only, another dataset names it", m.source, m.values)
+        out.append(m)
+    return out
+
+
+def _pair_organs_with_lesions(routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
+    # "liver and liver tumours": when datasets segment both the organ and its lesion, the
+    # organ comes from them too, so that the lesion lies inside the organ it was found in.
+    for pt, target, explain in routed:
+        if pt.lesion or pt.negated:
+            continue
+        organ = set(pt.concept.core)
+        for lt, ltarget, _ in routed:
+            if not lt.lesion or lt.negated or not organ or not organ < set(lt.concept.core):
+                continue
+            lesion_sets = {c.dataset for c in ltarget.candidates if c.selected}
+            organ_sets = {c.dataset for c in target.candidates if c.selected}
+            both = lesion_sets & organ_sets
+            if both and both != organ_sets:
+                for cand in target.candidates:
+                    if cand.selected and cand.dataset not in both:
+                        cand.selected = False
+                        explain["label"][cand.dataset]["selected"] = False
+                        why = f"'{lt.text}' is segmented by {', '.join(sorted(both))}"
+                        explain["label"][cand.dataset]["reason"] = why
+
+
+def _soft_equal(a: frozenset[str], b: frozenset[str]) -> bool:
+    # Equal once every soft lesion word counts as one ("liver lesion" == "liver tumor").
+    if not (a & grammar.SOFT_LESION and b & grammar.SOFT_LESION):
+        return False
+    return (a - grammar.SOFT_LESION) == (b - grammar.SOFT_LESION)
+
+
+def _soft_subset(a: frozenset[str], b: frozenset[str]) -> bool:
+    if not (a & grammar.SOFT_LESION and b & grammar.SOFT_LESION):
+        return False
+    return (a - grammar.SOFT_LESION) < (b - grammar.SOFT_LESION)
+
+
+_DEFAULT: dict[int, Router] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def plan(
+    text: str,
+    modality: str | None = None,
+    *,
+    collection: str | None = None,
+    registry: Registry | None = None,
+    installed_only: bool = False,
+) -> Plan:
+    """Plan ``text`` with a process-wide :class:`Router` (one per registry).
+
+    Parameters
+    ----------
+    text
+        The request.
+    modality
+        Study modality from the DICOM headers; overrides the text.
+    collection
+        Registry collection to route within.
+    registry
+        Registry to use (default: :func:`load_registry`).
+    installed_only
+        Consider only datasets with an installed model.
+
+    Returns
+    -------
+    Plan
+        See :class:`Plan`.
+    """
+    reg = registry if registry is not None else load_registry()
+    with _DEFAULT_LOCK:
+        router = _DEFAULT.get(id(reg))
+        if router is None or router.registry is not reg:
+            router = _DEFAULT[id(reg)] = Router(reg)
+    return router.plan(text, modality, collection=collection, installed_only=installed_only)
