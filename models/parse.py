@@ -67,6 +67,12 @@ LESION_TOKENS = frozenset(
 #: Lesion tokens that can stand in for each other at a lower score ("liver lesion" ~ "liver tumor").
 SOFT_LESION = frozenset({"tumor", "mass", "lesion", "nodule"})
 
+#: Class nouns too vague to stand alone ("arteries"): they never match a more specific label.
+CLASS_NOUNS = frozenset({"artery", "vein", "vessel", "muscle", "nerve", "lobe", "cavity", "gland", "joint", "canal"})
+#: Generic nouns a request may add to a structure's name ("left atrium cavity", "LV wall"):
+#: dropped when the reading with them matches nothing.
+GENERIC_NOUNS = frozenset({"cavity", "chamber", "wall", "lumen", "pool", "blood", "space", "volume", "proper", "contour"})
+
 #: Region words: context for the anatomy stage, not targets by themselves.
 REGION_WORDS: dict[str, tuple[str, ...]] = {
     "abdomen": ("abdomen",),
@@ -92,8 +98,13 @@ REGION_WORDS: dict[str, tuple[str, ...]] = {
     "hn": ("head", "neck"),
     "h n": ("head", "neck"),
     "cardiac": ("heart",),
-    "coronary": ("heart",),
     "whole body": ("whole_body",),
+    "skull base to mid thigh": ("whole_body",),
+    "skull base to thigh": ("whole_body",),
+    "base of skull to mid thigh": ("whole_body",),
+    "vertex to toe": ("whole_body",),
+    "vertex to toes": ("whole_body",),
+    "eyes to thighs": ("whole_body",),
     "wholebody": ("whole_body",),
     "wb": ("whole_body",),
     "total body": ("whole_body",),
@@ -269,8 +280,6 @@ PHRASES: dict[str, str] = {
     "cerebral hemorrhage": "brain hemorrhage",
     "brain bleed": "brain hemorrhage",
     "head bleed": "brain hemorrhage",
-    "ischemic stroke": "stroke",
-    "ischemic lesion": "stroke",
     "stroke lesion": "stroke",
     "infarct core": "stroke",
     "whole tumor": "tumor",
@@ -530,10 +539,9 @@ WORDS: dict[str, str] = {
     "subacute": "acute",
     "infarct": "stroke",
     "infarction": "stroke",
-    "ischemia": "stroke",
-    "ischaemia": "stroke",
-    "ischemic": "stroke",
-    "ischaemic": "stroke",
+    "ischaemic": "ischemic",
+    "ischaemia": "ischemic stroke",
+    "ischemia": "ischemic stroke",
     "embolus": "embolism",
     "emboli": "embolism",
     "thrombus": "embolism",
@@ -684,7 +692,7 @@ _SEGMENT_LEVELS = {
 
 _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("PT+CT", re.compile(r"\b(?:fdg[\s-]*)?pet\s*(?:[/+\-&]|and|with)?\s*ct\b|\bpetct\b|\bpet\s*/\s*ct\b", re.I)),
-    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg|psma|suv|pt)\b", re.I)),
+    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg(?![\s-]*avid)|psma|suv|pt)\b", re.I)),
     (
         "MR:T1C",
         re.compile(
@@ -913,7 +921,7 @@ def _vocabulary() -> frozenset[str]:
         coronary airway gluteus maximus medius minimus iliopsoas autochthon quadriceps sartorius thigh
         medial posterior compartment spinal cord intervertebral disc costal cartilage small bowel intestine
         tumor mass lesion cyst hemorrhage embolism stroke nodule core enhancing whole primary node gtv
-        ascending upper middle lower lobe all and with except excluding but not acute chronic
+        ascending upper middle lower lobe all and with except excluding but not acute chronic ischemic
         organ vessel muscle bone gland cavity tympanic ear temporal internal auditory canal oral pharyngeal
         constrictor glottic supraglottic joint temporomandibular eustachian vestibule semicircular
         adrenal breast vestibular neuroblastoma pediatric intrameatal extrameatal mediastinal
@@ -1058,8 +1066,9 @@ def canonical_tokens(
 def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     toks = [t for t in tokens if t]
     # "stroke lesion", "tumor lesion": the generic word adds nothing next to a specific one.
-    if "lesion" in toks and any(t in LESION_TOKENS and t != "lesion" for t in toks):
-        toks = [t for t in toks if t != "lesion"]
+    for generic in ("lesion", "gtv"):
+        if generic in toks and any(t in LESION_TOKENS and t not in ("lesion", "gtv") for t in toks):
+            toks = [t for t in toks if t != generic]
     # "heart left ventricle", "heart ascending aorta": the heart prefix adds nothing to a part of it.
     if "heart" in toks and {"ventricle", "atrium", "myocardium", "ascending", "atrial", "appendage"} & set(toks):
         toks = [t for t in toks if t != "heart"]
@@ -1069,9 +1078,11 @@ def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     return tuple(sorted(set(toks)))
 
 
-GROUPS = {
-    _finish_core(list(key)): tuple(_finish_core(list(m)) for m in members) for key, members in GROUPS.items()
-}
+def _group_core(words: tuple[str, ...]) -> tuple[str, ...]:
+    return _finish_core(canonical_tokens(list(words), False, True)[0])
+
+
+GROUPS = {_group_core(key): tuple(_group_core(m) for m in members) for key, members in GROUPS.items()}
 
 # ---------------------------------------------------------------------------
 # Label names
@@ -1147,8 +1158,9 @@ def _split_composite(words: list[str]) -> list[list[str]]:
 
 _SPLIT = re.compile(
     r"\s*(?:[,;:\n\u2022]|\band\b|\bor\b|&|\+|/|\bplus\b|\bas well as\b|\balong with\b|\btogether with\b"
-    r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s|\(|\)|\[|\])\s*"
+    r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s)\s*"
 )
+_WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
@@ -1241,11 +1253,22 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         still returned (the router may resolve it with the sentence encoder).
     """
     hint, low = detect_modality(text)
+    header_regions: list[str] = []
+    head = _WORKLIST_HEADER.match(text)
+    if head and detect_modality(head.group(1))[0] is not None and _WORD.search(text[head.end() :].lower()):
+        # "MR BRAIN W/WO - TUMOR": the part before the dash names the exam (modality and body
+        # part); the body part is context for what follows, not a target itself.
+        header = parse_request(head.group(1))
+        header_regions = list(header.regions) + [
+            r for t in header.targets for tok in t.concept.core for r in ORGAN_REGIONS.get(tok, ())
+        ]
+        low = detect_modality(text[head.end() :])[1]
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
+    low = re.sub(r"[()\[\]]", " ", low)  # "kidney (R)": a side note, not a list
     low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
-    regions: list[str] = []
+    regions: list[str] = list(header_regions)
     notes: list[str] = []
     # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
@@ -1294,6 +1317,9 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
                 targets.append(_borrow_head(p, ParsedTarget("vertebra", Concept(("vertebra",)))))
             else:
                 notes.append(f"'{p.text}' names no structure")
+    if any(t.group is None for t in targets):
+        # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header.
+        targets = [t for t in targets if t.group != "organs"]
     targets = _inherit_lesion_organ(targets)
     # Several mentions of one concept are one target.
     unique: list[ParsedTarget] = []

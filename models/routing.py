@@ -672,9 +672,30 @@ class Router:
             out = _enough_members(out, len(member_sets))
         if out:
             return out, "grammar"
-        if use_encoder and self.use_encoder and (pt.unknown or core):
+        generic = core & grammar.GENERIC_NOUNS
+        if generic and core - generic and use_encoder:
+            # "left atrium cavity": retry without the generic noun.
+            relaxed = self._with_core(pt, tuple(sorted(core - generic)))
+            out, how = self._match(relaxed, regions, allowed, use_encoder=False)
+            if out:
+                return out, f"grammar (without '{' '.join(sorted(generic))}')"
+        if use_encoder and self.use_encoder and (pt.unknown or (core and not self._known(pt, regions))):
+            # The encoder reads words the grammar does not know, or a reading that no label of
+            # the whole registry has.  A known structure that the allowed datasets do not cover
+            # stays unmatched (with its reason), never "something similar".
             return self._encoder_match(pt, regions, allowed)
         return [], "grammar"
+
+    def _known(self, pt: grammar.ParsedTarget, regions: set[str]) -> bool:
+        everywhere = set(self.registry.datasets)
+        return bool(self._match(pt, regions, everywhere, use_encoder=False)[0])
+
+    @staticmethod
+    def _with_core(pt: grammar.ParsedTarget, core: tuple[str, ...]) -> grammar.ParsedTarget:
+        c = pt.concept
+        return grammar.ParsedTarget(
+            pt.text, grammar.Concept(core, c.laterality, c.index), pt.words, (), pt.negated, None, pt.context
+        )
 
     def _score(
         self,
@@ -726,7 +747,7 @@ class Router:
                         continue
                     s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
                     w = _WHY_CONTEXT
-            elif core < f.core:
+            elif core < f.core and not core <= grammar.CLASS_NOUNS:
                 extra = f.core - core
                 if (extra & grammar.LESION_TOKENS) and not target_lesion:
                     continue  # organ asked, lesion label: never
@@ -796,10 +817,10 @@ class Router:
         order = np.argsort(-sims)[:40]
         best_n, best_s = -1, -1.0
         for i in order:
+            # The nearest label anywhere in the registry defines the concept; the modality and
+            # collection filters then apply to that concept like to any other.
             n = int(self._index.string_entry_arr[i])
             e = self._index.entries[n]
-            if e.dataset.name not in allowed:
-                continue
             if pt.concept.core and bool(set(pt.concept.core) & grammar.LESION_TOKENS) != e.lesion:
                 continue  # structure check: an organ request never takes a lesion label, nor vice versa
             best_n, best_s = n, float(sims[i])
@@ -808,16 +829,7 @@ class Router:
             return [], f"encoder: best similarity {max(best_s, float(sims[order[0]])):.3f} < {ENCODER_ACCEPT}"
         e = self._index.entries[best_n]
         core = tuple(sorted(e.name_core))
-        lat = pt.concept.laterality
-        translated = grammar.ParsedTarget(
-            pt.text,
-            grammar.Concept(core, lat, pt.concept.index),
-            pt.words,
-            (),
-            pt.negated,
-            None,
-            pt.context,
-        )
+        translated = self._with_core(pt, core)
         matches, _ = self._match(translated, regions, allowed, use_encoder=False)
         how = f"encoder: '{phrase}' ~ '{e.strings[0]}' ({best_s:.3f}) -> {' '.join(core)}"
         # Tiers stay those of the translated concept; the reason records the similarity.
