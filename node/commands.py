@@ -41,6 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--modality", choices=["CT", "MR"], default="CT")
     demo.set_defaults(func=run_demo_command)
 
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the node: DICOM listener, job processing, delivery, HTTP API",
+        description="Run the node with a YAML configuration (see docs/node.md).",
+    )
+    serve.add_argument("--config", type=Path, required=True, metavar="FILE")
+    serve.set_defaults(func=run_serve)
+
 
 def run_segment(args: argparse.Namespace) -> int:
     """``medsegagent segment``."""
@@ -86,4 +94,42 @@ def run_demo_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(summary(outcome))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``medsegagent serve``: run until SIGINT/SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from medsegagent.node.api import TokenMissingError
+    from medsegagent.node.config import ConfigError, load_config
+    from medsegagent.node.service import Node
+
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        node.start()
+    except (TokenMissingError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        node.stop()
+        return EXIT_REFUSED
+    print(
+        f"medsegagent node {config.node.ae_title} listening on {config.node.host}:{node.scp.port}"
+        + (f", HTTP API on http://{config.http.host}:{node.http_port}" if node.http_port else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    node.stop()
     return 0

@@ -110,7 +110,14 @@ class StorageSCP:
     allowed_hosts : iterable of str, optional
         Peer IP addresses allowed to associate; ``None`` allows any.
     on_instance : callable, optional
-        ``(study_uid, series_uid, path, called_ae)`` called after each stored instance.
+        ``(study_uid, series_uid, path, called_ae, calling_ae)`` called after
+        each stored instance (before the success status goes back).
+    admit : callable, optional
+        ``study_uid -> reason or None``; a reason refuses the instance with
+        *Out of Resources* (disk watermark, study size limit) before anything
+        is written.
+    max_associations : int
+        Concurrent associations; more are rejected (transient).
     """
 
     def __init__(
@@ -122,7 +129,8 @@ class StorageSCP:
         port: int = 11112,
         allowed_callers: Iterable[str] | None = None,
         allowed_hosts: Iterable[str] | None = None,
-        on_instance: Callable[[str, str, Path, str], None] | None = None,
+        on_instance: Callable[[str, str, Path, str, str], None] | None = None,
+        admit: Callable[[str], str | None] | None = None,
         max_associations: int = 8,
     ) -> None:
         self.spool_dir = Path(spool_dir)
@@ -132,6 +140,7 @@ class StorageSCP:
         self.allowed_callers = {a.strip() for a in allowed_callers} if allowed_callers is not None else None
         self.allowed_hosts = set(allowed_hosts) if allowed_hosts is not None else None
         self.on_instance = on_instance
+        self.admit = admit
         self.stats = IntakeStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -186,7 +195,9 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling = event.assoc.requestor.ae_title.strip()
-        called = event.assoc.acceptor.ae_title.strip()
+        # The title the peer asked for (presets bind extra titles to requests), not our own.
+        primitive = getattr(event.assoc.requestor, "primitive", None)
+        called = str(getattr(primitive, "called_ae_title", "") or event.assoc.acceptor.ae_title).strip()
         try:
             ds = event.dataset
             study = checked_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
@@ -200,6 +211,10 @@ class StorageSCP:
             return self._refuse(STATUS_DATASET_MISMATCH, f"from {calling}: SOP Instance UID differs from the request")
         if "PixelData" not in ds and not str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88"):
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: image {sop} has no pixel data")
+        if self.admit is not None:
+            reason = self.admit(study)
+            if reason:
+                return self._refuse(STATUS_OUT_OF_RESOURCES, f"from {calling}: {reason}")
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
             write_atomically(path, [event.encoded_dataset()])
@@ -210,7 +225,11 @@ class StorageSCP:
             self.stats.last_instance_at[study] = time.monotonic()
             self.stats.instances_per_study[study] = self.stats.instances_per_study.get(study, 0) + 1
         if self.on_instance is not None:
-            self.on_instance(study, series, path, called)
+            try:
+                self.on_instance(study, series, path, called, calling)
+            except Exception as exc:  # the instance is on disk but not recorded: let the sender retry
+                log.exception("recording %s failed", sop)
+                return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
         return STATUS_SUCCESS
 
     def _refuse(self, status: int, message: str) -> int:

@@ -1,0 +1,159 @@
+"""HTTP API of the node (FastAPI): health, jobs, explicit requests.
+
+Every route but ``/health`` needs ``Authorization: Bearer <token>``; the
+token is read from the environment variable named by ``http.token_env``.
+The OpenAPI description is served at ``/openapi.json`` (and ``/docs``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Query, status
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from medsegagent import __version__
+from medsegagent.node.jobs import JobState
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from medsegagent.node.service import Node
+
+log = logging.getLogger(__name__)
+
+
+class JobRequest(BaseModel):
+    """Body of ``POST /jobs``."""
+
+    study_uid: str = Field(description="Study Instance UID of a study this node has received")
+    request: str = Field(min_length=1, max_length=1024, description='the request, e.g. "liver and both kidneys"')
+
+
+class TokenMissingError(RuntimeError):
+    """The HTTP API is enabled but its token variable is not set."""
+
+
+def create_app(node: Node, token: str) -> FastAPI:
+    """The FastAPI application bound to ``node``, guarded by ``token``."""
+    app = FastAPI(title="MedSegAgent node", version=__version__,
+                  description="Instructive segmentation node: jobs, requests, results.")  # fmt: skip
+    bearer = HTTPBearer(auto_error=False)
+
+    # A default value, not an Annotated hint: hints of this closure are strings that FastAPI
+    # resolves in module scope, where ``bearer`` does not exist.
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    auth = [Depends(authorised)]
+
+    def job_or_404(job_id: str):
+        try:
+            return node.store.get(job_id)
+        except KeyError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness and a count of jobs per state (no token needed)."""
+        counts = {s.value: 0 for s in JobState}
+        for job in node.store.list(limit=10_000):
+            counts[job.state.value] += 1
+        return {"status": "ok", "version": __version__, "ae_title": node.config.node.ae_title,
+                "dicom_port": node.scp.port, "jobs": counts, "time": time.time()}  # fmt: skip
+
+    @app.get("/jobs", dependencies=auth)
+    def list_jobs(
+        state: Annotated[JobState | None, Query()] = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[dict]:
+        """Newest jobs first."""
+        return [job.to_json() for job in node.store.list(state=state, limit=limit)]
+
+    @app.get("/jobs/{job_id}", dependencies=auth)
+    def job_detail(job_id: str) -> dict:
+        """State, request, plan, report (timings, segments), history, deliveries."""
+        job = job_or_404(job_id)
+        out = job.to_json(detail=True)
+        out["deliveries"] = [
+            {"destination": i.destination, "file": Path(i.path).name, "state": i.state, "attempts": i.attempts,
+             "last_error": i.last_error}
+            for i in node.store.outbox(job_id)
+        ]  # fmt: skip
+        out["preview"] = f"/jobs/{job_id}/preview" if job.result_dir else None
+        return out
+
+    @app.get("/jobs/{job_id}/preview", dependencies=auth, response_class=FileResponse)
+    def job_preview(job_id: str) -> FileResponse:
+        """The PNG preview of a written job."""
+        job = job_or_404(job_id)
+        path = Path(job.result_dir or "") / "preview.png"
+        if not job.result_dir or not path.is_file():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no preview for this job")
+        return FileResponse(path, media_type="image/png")
+
+    @app.post("/jobs", dependencies=auth, status_code=status.HTTP_202_ACCEPTED)
+    def create_job(body: JobRequest) -> dict:
+        """Segment a received study with an explicit request."""
+        try:
+            return node.submit(body.study_uid, body.request).to_json()
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        except FileNotFoundError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+    @app.post("/jobs/{job_id}/retry", dependencies=auth)
+    def retry_job(job_id: str) -> dict:
+        """Re-run a failed/cancelled job, or re-queue failed deliveries of a written one."""
+        job_or_404(job_id)
+        try:
+            job = node.store.retry(job_id)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        node.wake()
+        return job.to_json()
+
+    @app.post("/jobs/{job_id}/cancel", dependencies=auth)
+    def cancel_job(job_id: str) -> dict:
+        """Cancel a job that has not finished."""
+        job_or_404(job_id)
+        try:
+            return node.store.cancel(job_id).to_json()
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+    return app
+
+
+def start_http(node: Node) -> uvicorn.Server:
+    """Serve the API in a background thread on the configured interface."""
+    import uvicorn
+
+    settings = node.config.http
+    token = os.environ.get(settings.token_env, "")
+    if not token:
+        raise TokenMissingError(
+            f"the HTTP API needs a bearer token in ${settings.token_env} (or set http.enabled: false)"
+        )
+    app = create_app(node, token)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medseg-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"HTTP API did not start on {settings.host}:{settings.port}")
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+    node.http_port = port
+    log.info("HTTP API on http://%s:%d (token from $%s)", settings.host, port, settings.token_env)
+    return server

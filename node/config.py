@@ -1,0 +1,302 @@
+"""Node configuration (YAML), validated at start with clear errors.
+
+The contract (more keys may be added)::
+
+    node: {ae_title: MEDSEG, host: 127.0.0.1, port: 11112, data_dir: ./var, quiet_seconds: 5}
+    peers: [{ae_title: ORTHANC, host: 127.0.0.1}]          # allow-list of callers
+    destinations: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242}]
+    presets: {LIVERSEG: "liver and liver tumour"}         # Called AE Title -> request
+    instruction_sources: [request, sr, worklist, tags, preset]
+    worklist: {ae_title: WLM, host: 127.0.0.1, port: 2005}
+    http: {host: 127.0.0.1, port: 8080, token_env: MEDSEG_TOKEN}
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message lists every problem."""
+
+
+class InstructionSource(enum.Enum):
+    """Where a job's request text may come from."""
+
+    REQUEST = "request"
+    SR = "sr"
+    WORKLIST = "worklist"
+    TAGS = "tags"
+    PRESET = "preset"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The node's own DICOM identity and storage."""
+
+    ae_title: str = "MEDSEG"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: Path = Path("./var")
+    quiet_seconds: float = 5.0
+    max_associations: int = 8
+    max_study_instances: int = 5000
+    min_free_disk_mb: int = 1024
+    collection: str | None = None
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A caller allowed to associate (AE title and optional address)."""
+
+    ae_title: str
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results are stored (C-STORE)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Worklist:
+    """The modality worklist SCP queried for requests."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """HTTP API binding and the environment variable holding its bearer token."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_env: str = "MEDSEG_TOKEN"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Retry policy of the outbox."""
+
+    retry_initial_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+    give_up_after_hours: float = 72.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole node configuration."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    peers: tuple[Peer, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    presets: dict[str, str] = field(default_factory=dict)
+    instruction_sources: tuple[InstructionSource, ...] = tuple(InstructionSource)
+    worklist: Worklist | None = None
+    http: HttpSettings = field(default_factory=HttpSettings)
+    delivery: Delivery = field(default_factory=Delivery)
+    source: Path | None = None
+
+
+_SECTIONS = {
+    "node": NodeSettings,
+    "peers": Peer,
+    "destinations": Destination,
+    "presets": dict,
+    "instruction_sources": list,
+    "worklist": Worklist,
+    "http": HttpSettings,
+    "delivery": Delivery,
+}
+
+
+def _ae_title(value: Any, where: str, errors: list[str]) -> str:
+    text = str(value) if value is not None else ""
+    if not text.strip() or len(text) > 16 or "\\" in text or not text.isprintable():
+        errors.append(f"{where}: {text!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return text.strip()
+
+
+def _port(value: Any, where: str, errors: list[str], allow_zero: bool = False) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not ((0 if allow_zero else 1) <= value <= 65535):
+        errors.append(f"{where}: {value!r} is not a valid TCP port")
+        return 0
+    return value
+
+
+def _host(value: Any, where: str, errors: list[str]) -> str:
+    text = str(value or "")
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not text or any(c.isspace() for c in text):
+            errors.append(f"{where}: {text!r} is not an IP address or host name")
+    return text
+
+
+def _build(cls: type, raw: Any, where: str, errors: list[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+        return {}
+    known = set(cls.__dataclass_fields__)
+    for key in raw:
+        if key not in known:
+            errors.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def parse_config(data: Any, source: Path | None = None) -> Config:
+    """Validate a parsed YAML document into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem with its location (``node.port: ...``).
+    """
+    errors: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: top level must be a mapping")
+    for key in data:
+        if key not in _SECTIONS:
+            errors.append(f"{key}: unknown section (known: {', '.join(_SECTIONS)})")
+
+    node_raw = _build(NodeSettings, data.get("node", {}), "node", errors)
+    node = NodeSettings(
+        ae_title=_ae_title(node_raw.get("ae_title", "MEDSEG"), "node.ae_title", errors),
+        host=_host(node_raw.get("host", "127.0.0.1"), "node.host", errors),
+        port=_port(node_raw.get("port", 11112), "node.port", errors, allow_zero=True),
+        data_dir=_resolve(node_raw.get("data_dir", "./var"), source),
+        quiet_seconds=_positive(node_raw.get("quiet_seconds", 5), "node.quiet_seconds", errors),
+        max_associations=int(_positive(node_raw.get("max_associations", 8), "node.max_associations", errors)),
+        max_study_instances=int(
+            _positive(node_raw.get("max_study_instances", 5000), "node.max_study_instances", errors)
+        ),
+        min_free_disk_mb=int(
+            _positive(node_raw.get("min_free_disk_mb", 1024), "node.min_free_disk_mb", errors, zero=True)
+        ),
+        collection=node_raw.get("collection"),
+        workers=int(_positive(node_raw.get("workers", 1), "node.workers", errors)),
+    )
+
+    peers = []
+    for i, raw in enumerate(_list(data.get("peers", []), "peers", errors)):
+        item = _build(Peer, raw, f"peers[{i}]", errors)
+        host = item.get("host")
+        peers.append(Peer(_ae_title(item.get("ae_title"), f"peers[{i}].ae_title", errors),
+                          _host(host, f"peers[{i}].host", errors) if host is not None else None))  # fmt: skip
+
+    destinations = []
+    for i, raw in enumerate(_list(data.get("destinations", []), "destinations", errors)):
+        item = _build(Destination, raw, f"destinations[{i}]", errors)
+        name = str(item.get("name") or f"destination{i + 1}")
+        destinations.append(
+            Destination(
+                name=name,
+                ae_title=_ae_title(item.get("ae_title"), f"destinations[{i}].ae_title", errors),
+                host=_host(item.get("host"), f"destinations[{i}].host", errors),
+                port=_port(item.get("port"), f"destinations[{i}].port", errors),
+            )
+        )
+    if len({d.name for d in destinations}) != len(destinations):
+        errors.append("destinations: names must be unique")
+
+    presets_raw = data.get("presets", {}) or {}
+    presets: dict[str, str] = {}
+    if not isinstance(presets_raw, dict):
+        errors.append("presets: expected a mapping of Called AE Title -> request text")
+    else:
+        for ae, text in presets_raw.items():
+            title = _ae_title(ae, f"presets.{ae}", errors)
+            if not isinstance(text, str) or not text.strip():
+                errors.append(f"presets.{ae}: the request text must be a non-empty string")
+            else:
+                presets[title] = text.strip()
+
+    sources: list[InstructionSource] = []
+    for i, raw in enumerate(_list(data.get("instruction_sources", [s.value for s in InstructionSource]),
+                                  "instruction_sources", errors)):  # fmt: skip
+        try:
+            sources.append(InstructionSource(raw))
+        except ValueError:
+            known = ", ".join(s.value for s in InstructionSource)
+            errors.append(f"instruction_sources[{i}]: {raw!r} is not one of {known}")
+
+    worklist = None
+    if data.get("worklist") is not None:
+        item = _build(Worklist, data["worklist"], "worklist", errors)
+        worklist = Worklist(
+            _ae_title(item.get("ae_title"), "worklist.ae_title", errors),
+            _host(item.get("host"), "worklist.host", errors),
+            _port(item.get("port"), "worklist.port", errors),
+        )
+    if InstructionSource.WORKLIST in sources and worklist is None and "instruction_sources" in data:
+        errors.append("instruction_sources: 'worklist' is listed but no worklist section is configured")
+
+    http_raw = _build(HttpSettings, data.get("http", {}) or {}, "http", errors)
+    http = HttpSettings(
+        host=_host(http_raw.get("host", "127.0.0.1"), "http.host", errors),
+        port=_port(http_raw.get("port", 8080), "http.port", errors, allow_zero=True),
+        token_env=str(http_raw.get("token_env", "MEDSEG_TOKEN")),
+        enabled=bool(http_raw.get("enabled", True)),
+    )
+    delivery_raw = _build(Delivery, data.get("delivery", {}) or {}, "delivery", errors)
+    delivery = Delivery(
+        **{k: _positive(v, f"delivery.{k}", errors) for k, v in delivery_raw.items()}  # type: ignore[arg-type]
+    )
+    if errors:
+        where = f"{source}: " if source else ""
+        raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
+    return Config(node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, Path(path))
+
+
+def _list(value: Any, where: str, errors: list[str]) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        errors.append(f"{where}: expected a list")
+        return []
+    return value
+
+
+def _positive(value: Any, where: str, errors: list[str], zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero):
+        errors.append(f"{where}: {value!r} must be a {'non-negative' if zero else 'positive'} number")
+        return 1.0
+    return float(value)
+
+
+def _resolve(value: Any, source: Path | None) -> Path:
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute() and source is not None:
+        path = source.resolve().parent / path
+    return path

@@ -1,0 +1,277 @@
+"""The running node: receiver, assembler, processor and dispatcher threads.
+
+:class:`Node` wires the parts of ``medsegagent serve`` together:
+
+* **receiver** — :class:`~medsegagent.node.intake.StorageSCP` spools each
+  instance durably and records it in the job store before acknowledging;
+* **assembler** — turns a study into a job once no instance arrived for
+  ``quiet_seconds``;
+* **processor** — finds the request (instruction sources in order), plans,
+  runs the models and writes the SEG (:func:`~medsegagent.node.pipeline.segment_study`);
+* **dispatcher** — delivers results from the durable outbox with retries and
+  back-off.
+
+Each loop catches and logs its own errors: one study's data never stops the
+node.  On start, jobs a crash interrupted are resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from medsegagent.dicom.modality import study_modality
+from medsegagent.dicom.series import SeriesError, image_series, scan_folder
+from medsegagent.dicom.uids import is_valid_uid
+from medsegagent.models.registry import Registry, load_registry
+from medsegagent.models.routing import Router
+from medsegagent.node.config import Config
+from medsegagent.node.dispatch import DeliveryError, send_files
+from medsegagent.node.instructions import resolve_instruction
+from medsegagent.node.intake import StorageSCP
+from medsegagent.node.jobs import Job, JobState, JobStore
+from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study
+
+log = logging.getLogger(__name__)
+
+#: C-STORE statuses worth retrying (out of resources); others refuse the object for good.
+_TRANSIENT_STATUSES = {0xA700, 0xA701, 0xA702, -1}
+
+
+class Node:
+    """One node process.
+
+    Parameters
+    ----------
+    config : Config
+        Validated configuration.
+    registry : Registry, optional
+        Model library (default: the installed ``registry.yaml``).
+    poll_seconds : float
+        Period of the assembler, processor and dispatcher loops.
+    """
+
+    def __init__(self, config: Config, registry: Registry | None = None, *, poll_seconds: float = 0.2) -> None:
+        self.config = config
+        self.data_dir = Path(config.node.data_dir)
+        self.spool_dir = self.data_dir / "spool"
+        self.results_dir = self.data_dir / "results"
+        self.store = JobStore(self.data_dir / "jobs.sqlite")
+        self.registry = registry or load_registry()
+        self.router = Router(self.registry)
+        self.cache = ModelCache()
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._wake_processor = threading.Event()
+        peers = config.peers
+        self.scp = StorageSCP(
+            self.spool_dir,
+            ae_title=config.node.ae_title,
+            host=config.node.host,
+            port=config.node.port,
+            allowed_callers={p.ae_title for p in peers} if peers else None,
+            allowed_hosts=_allowed_hosts(config),
+            on_instance=self._on_instance,
+            admit=self._admit,
+            max_associations=config.node.max_associations,
+        )
+        self.http_server = None
+        self.http_port: int | None = None
+
+    def wake(self) -> None:
+        """Tell the processor there may be work (new or retried job)."""
+        self._wake_processor.set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume unfinished jobs, start listening and start the worker loops."""
+        resumed = self.store.resume_unfinished()
+        if resumed:
+            log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+        self.scp.start()
+        for name, loop in (("assembler", self._assemble_loop), ("processor", self._process_loop),
+                           ("dispatcher", self._dispatch_loop)):  # fmt: skip
+            thread = threading.Thread(target=self._run_loop, args=(name, loop), name=f"medseg-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.http.enabled:
+            from medsegagent.node.api import start_http
+
+            self.http_server = start_http(self)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening and let the loops finish their current step."""
+        self._stop.set()
+        self._wake_processor.set()
+        self.scp.stop()
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _run_loop(self, name: str, step) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = step()
+            except Exception:  # a loop must survive anything one study throws at it
+                log.exception("%s step failed", name)
+                busy = False
+            if not busy:
+                if name == "processor":
+                    self._wake_processor.wait(self.poll_seconds)
+                    self._wake_processor.clear()
+                else:
+                    self._stop.wait(self.poll_seconds)
+
+    # -- receiver hooks ----------------------------------------------------------------------
+    def _on_instance(self, study: str, series: str, path: Path, called_ae: str, calling_ae: str) -> None:
+        self.store.touch_study(study, called_ae, calling_ae)
+
+    def _admit(self, study: str) -> str | None:
+        free_mb = shutil.disk_usage(self.data_dir).free / 2**20
+        if free_mb < self.config.node.min_free_disk_mb:
+            return f"only {free_mb:.0f} MB free on the spool disk (watermark {self.config.node.min_free_disk_mb} MB)"
+        if self.store.study_instances(study) >= self.config.node.max_study_instances:
+            return f"study exceeds {self.config.node.max_study_instances} instances"
+        return None
+
+    # -- assembler --------------------------------------------------------------------------------
+    def _assemble_loop(self) -> bool:
+        jobs = self.store.close_quiet_studies(self.config.node.quiet_seconds)
+        for job in jobs:
+            log.info("study %s complete: job %s", job.study_uid, job.id)
+        if jobs:
+            self.wake()
+        return bool(jobs)
+
+    # -- processor ----------------------------------------------------------------------------------
+    def submit(self, study_uid: str, request: str | None) -> Job:
+        """Queue a job for a study already in the spool (HTTP API, Orthanc button)."""
+        if not is_valid_uid(study_uid):
+            raise ValueError(f"{study_uid!r} is not a valid Study Instance UID")
+        if not (self.spool_dir / study_uid).is_dir():
+            raise FileNotFoundError(f"study {study_uid} has not been received by this node")
+        job = self.store.create_job(study_uid, explicit_request=request)
+        self.wake()
+        return job
+
+    def _process_loop(self) -> bool:
+        job = self.store.claim_next()
+        if job is None:
+            return False
+        self.process(job)
+        return True
+
+    def process(self, job: Job) -> Job:
+        """Run one claimed job to ``written`` (or ``failed``); never raises."""
+        study_dir = self.spool_dir / job.study_uid
+        log.info("job %s: study %s", job.id, job.study_uid)
+        try:
+            modality = _study_modality(study_dir)
+            collection = self.config.node.collection
+            instruction = resolve_instruction(
+                study_dir, self.config, explicit=job.explicit_request, called_ae=job.called_ae,
+                usable=lambda text: self._unusable(text, modality, collection),
+            )  # fmt: skip
+            if instruction.text is None:
+                tried = "; ".join(f"{t['source']}: {t['reason']}" for t in instruction.tried) or "no sources"
+                return self.store.transition(job.id, JobState.FAILED, error=f"no usable request ({tried})")
+            plan = self.router.plan(instruction.text, modality=modality, collection=collection)
+            self.store.transition(
+                job.id, JobState.PLANNED, request_text=instruction.text, request_source=instruction.source,
+                plan=plan.to_json(),
+            )  # fmt: skip
+            self.store.transition(job.id, JobState.RUNNING)
+            out_dir = self.results_dir / job.id
+            result = segment_study(
+                study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
+                collection=collection, request_source=instruction.source, cache=self.cache, uid_key=job.id,
+            )  # fmt: skip
+        except (PipelineError, SeriesError) as exc:
+            log.warning("job %s failed: %s", job.id, exc)
+            return self.store.transition(job.id, JobState.FAILED, error=str(exc))
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job.id)
+            return self.store.transition(job.id, JobState.FAILED, error=f"internal error: {exc}")
+        self.store.transition(job.id, JobState.RUNNING, result_dir=str(out_dir))
+        names = [d.name for d in self.config.destinations]
+        job = self.store.enqueue_results(job.id, names, [str(result.seg_path)], result.report)
+        log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(names))
+        return job
+
+    def _unusable(self, text: str, modality: str | None, collection: str | None) -> str | None:
+        plan = self.router.plan(text, modality=modality, collection=collection)
+        if not plan.selection:
+            reasons = "; ".join(u["reason"] for u in plan.unmatched) or "no target recognised"
+            return f"selects nothing ({reasons})"
+        if not any(self.registry.datasets[name].installed_models for name in plan.selection):
+            return "no installed model for the selected datasets"
+        return None
+
+    # -- dispatcher -----------------------------------------------------------------------------------
+    def _dispatch_loop(self) -> bool:
+        due = self.store.due_deliveries()
+        if not due:
+            return False
+        by_destination = defaultdict(list)
+        for item in due:
+            by_destination[item.destination].append(item)
+        destinations = {d.name: d for d in self.config.destinations}
+        policy = self.config.delivery
+        for name, items in by_destination.items():
+            dest = destinations.get(name)
+            if dest is None:
+                for item in items:
+                    self.store.delivery_failed(item.id, f"destination {name!r} is no longer configured", None)
+                continue
+            try:
+                result = send_files(
+                    [Path(i.path) for i in items], host=dest.host, port=dest.port, called_ae=dest.ae_title,
+                    calling_ae=self.config.node.ae_title,
+                )  # fmt: skip
+            except (DeliveryError, OSError, RuntimeError) as exc:
+                for item in items:
+                    self._retry_or_give_up(item, f"{dest.ae_title}@{dest.host}:{dest.port}: {exc}", policy)
+                continue
+            for item in items:
+                status = result.failed.get(item.path)
+                if status is None:
+                    self.store.delivery_succeeded(item.id)
+                    log.info("delivered %s to %s", Path(item.path).name, name)
+                elif status in _TRANSIENT_STATUSES:
+                    self._retry_or_give_up(item, f"C-STORE status 0x{status & 0xFFFF:04X}", policy)
+                else:
+                    self.store.delivery_failed(item.id, f"refused by {name}: C-STORE status 0x{status:04X}", None)
+        return True
+
+    def _retry_or_give_up(self, item, error: str, policy) -> None:
+        job = self.store.get(item.job_id)
+        if time.time() - job.updated_at > policy.give_up_after_hours * 3600:
+            self.store.delivery_failed(item.id, f"{error} (giving up after {policy.give_up_after_hours:g} h)", None)
+            return
+        delay = min(policy.retry_initial_seconds * 2 ** min(item.attempts, 16), policy.retry_max_seconds)
+        log.warning("delivery of %s to %s failed (%s); retry in %.0f s", Path(item.path).name, item.destination,
+                    error, delay)  # fmt: skip
+        self.store.delivery_failed(item.id, error, delay)
+
+
+def _allowed_hosts(config: Config) -> set[str] | None:
+    hosts = {p.host for p in config.peers if p.host}
+    # Only enforce addresses when every peer names one; otherwise AE titles decide.
+    return hosts if config.peers and all(p.host for p in config.peers) else None
+
+
+def _study_modality(study_dir: Path) -> str | None:
+    import pydicom
+
+    headers = []
+    for info in image_series(scan_folder(study_dir)):
+        ds = pydicom.dcmread(info.files[0], stop_before_pixels=True)
+        headers.append({k: ds.get(k) for k in ("Modality", "SeriesDescription", "SequenceName", "ProtocolName",
+                                                "ContrastBolusAgent", "ImageType")})  # fmt: skip
+    return study_modality(headers)
