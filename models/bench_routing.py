@@ -211,7 +211,7 @@ def run_bench(
     if latencies:
         ordered = sorted(latencies)
         result.p50_ms = statistics.median(ordered)
-        result.p95_ms = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+        result.p95_ms = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
         result.max_ms = ordered[-1]
     result.categories = dict(categories)
     return result

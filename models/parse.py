@@ -23,9 +23,15 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from functools import lru_cache
+
+
+def word_list(text: str) -> list[str]:
+    """The whitespace-separated words of a block of text (vocabulary tables)."""
+    return text.split()
+
 
 # ---------------------------------------------------------------------------
 # Vocabulary
@@ -33,26 +39,27 @@ from functools import lru_cache
 
 #: Words that carry no structure: commands, politeness, imaging boilerplate.
 STOPWORDS = frozenset(
-    """
-    a an the of in on at to for from into onto by with within without and or plus also as well along together
-    this that these those its it their his her patient patients pt pts case cases study studies exam exams
-    examination scan scans image images imaging series volume volumes dataset data file sequence sequences
-    please pls kindly can could would will you i we me my our us need want like get give show do make run
-    perform performing performed provide produce generate create compute calculate return output
-    segment segments segmented segmenting segmentation segmentations seg delineate delineation delineating
-    contour contours contouring outline outlining outlined label labels labeling labelling labelled
-    mask masks masking mark annotate annotation annotations identify identification find extract extraction
-    detect detection localize localise localization localisation isolate isolation draw trace
-    volumetry volumetric volumes measure measurement measurements quantify quantification assess assessment
-    evaluate evaluation eval analysis analyze analyse auto automatic automated ai tool model models
-    each every entire whole total complete full complete only just some any structure structures
-    region regions area areas part parts
-    view views study routine protocol followup follow up fu f rule r o staging restaging planning plan
-    radiotherapy rt treatment contouring tx pre post preop postop op
-    w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc
-    is are be been there here which what where how where's please thanks thank hi hello help
-    using use used via through about around between
-    """.split()
+    word_list(
+        """
+        a an the of in on at to for from into onto by with within without and or plus also as well along
+        together this that these those its it their his her patient patients pt pts case cases study studies
+        exam exams examination scan scans image images imaging series volume volumes dataset data file
+        sequence sequences please pls kindly can could would will you i we me my our us need want like get
+        give show do make run perform performing performed provide produce generate create compute calculate
+        return output segment segments segmented segmenting segmentation segmentations seg delineate
+        delineation delineating contour contours contouring outline outlining outlined label labels labeling
+        labelling labelled mask masks masking mark annotate annotation annotations identify identification
+        find extract extraction detect detection localize localise localization localisation isolate isolation
+        draw trace volumetry volumetric volumes measure measurement measurements quantify quantification
+        assess assessment evaluate evaluation eval analysis analyze analyse auto automatic automated ai tool
+        model models each every entire whole total complete full complete only just some any structure
+        structures region regions area areas part parts view views study routine protocol followup follow up
+        fu f rule r o staging restaging planning plan radiotherapy rt treatment contouring tx pre post preop
+        postop op w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc is are be been there
+        here which what where how where's please thanks thank hi hello help using use used via through about
+        around between
+        """
+    )
 )
 
 #: Token marking a composite concept ("kidney and masses"): it only ever matches exactly.
@@ -71,7 +78,9 @@ SOFT_LESION = frozenset({"tumor", "mass", "lesion", "nodule"})
 CLASS_NOUNS = frozenset({"artery", "vein", "vessel", "muscle", "nerve", "lobe", "cavity", "gland", "joint", "canal"})
 #: Generic nouns a request may add to a structure's name ("left atrium cavity", "LV wall"):
 #: dropped when the reading with them matches nothing.
-GENERIC_NOUNS = frozenset({"cavity", "chamber", "wall", "lumen", "pool", "blood", "space", "volume", "proper", "contour"})
+GENERIC_NOUNS = frozenset(
+    {"cavity", "chamber", "wall", "lumen", "pool", "blood", "space", "volume", "proper", "contour"}
+)
 
 #: Region words: context for the anatomy stage, not targets by themselves.
 REGION_WORDS: dict[str, tuple[str, ...]] = {
@@ -825,13 +834,15 @@ class ParsedRequest:
 # ---------------------------------------------------------------------------
 
 _NO_SINGULAR = frozenset(
-    """
-    lens pancreas humerus uterus sartorius medius minimus maximus iliopsoas thorax abdomen pelvis iris
-    os meatus bronchus hippocampus ductus corpus plexus sinus fundus globus isthmus thalamus esophagus
-    oesophagus gluteus quadriceps biceps triceps femoris mass chiasm ascites diabetes axis canalis
-    analysis diagnosis metastasis stenosis thrombosis sclerosis process gas always hips ribs series
-    ileus tibialis bus us is has was this thus plus vas cavas cava vena
-    """.split()
+    word_list(
+        """
+        lens pancreas humerus uterus sartorius medius minimus maximus iliopsoas thorax abdomen pelvis iris os
+        meatus bronchus hippocampus ductus corpus plexus sinus fundus globus isthmus thalamus esophagus
+        oesophagus gluteus quadriceps biceps triceps femoris mass chiasm ascites diabetes axis canalis
+        analysis diagnosis metastasis stenosis thrombosis sclerosis process gas always hips ribs series ileus
+        tibialis bus us is has was this thus plus vas cavas cava vena
+        """
+    )
 ) - {"hips", "ribs"}
 
 _IRREGULAR = {
@@ -873,7 +884,7 @@ def singular(word: str) -> str:
     """Singular form of an English/medical plural (``kidneys`` -> ``kidney``)."""
     if word in _IRREGULAR:
         return _IRREGULAR[word]
-    if len(word) <= 3 or word in _NO_SINGULAR or word.endswith(("ss", "us", "is", "as", "ys")) and word != "kidneys":
+    if len(word) <= 3 or word in _NO_SINGULAR or (word.endswith(("ss", "us", "is", "as", "ys")) and word != "kidneys"):
         return word
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"
@@ -912,20 +923,22 @@ def _vocabulary() -> frozenset[str]:
         for member in members:
             words.update(member)
     words.update(
-        """
-        liver spleen kidney pancreas stomach duodenum colon rectum bladder prostate uterus aorta esophagus
-        gallbladder trachea thyroid lung heart brain skull sternum sacrum rib vertebra femur humerus scapula
-        clavicle tibia fibula hip mandible eye lens parotid submandibular mastoid cochlea larynx pituitary
-        hippocampus chiasm brainstem optic nerve myocardium ventricle atrium appendage pulmonary artery vein
-        portal splenic brachiocephalic subclavian carotid iliac common trunk inferior superior vena cava
-        coronary airway gluteus maximus medius minimus iliopsoas autochthon quadriceps sartorius thigh
-        medial posterior compartment spinal cord intervertebral disc costal cartilage small bowel intestine
-        tumor mass lesion cyst hemorrhage embolism stroke nodule core enhancing whole primary node gtv
-        ascending upper middle lower lobe all and with except excluding but not acute chronic ischemic
-        organ vessel muscle bone gland cavity tympanic ear temporal internal auditory canal oral pharyngeal
-        constrictor glottic supraglottic joint temporomandibular eustachian vestibule semicircular
-        adrenal breast vestibular neuroblastoma pediatric intrameatal extrameatal mediastinal
-        """.split()
+        word_list(
+            """
+            liver spleen kidney pancreas stomach duodenum colon rectum bladder prostate uterus aorta esophagus
+            gallbladder trachea thyroid lung heart brain skull sternum sacrum rib vertebra femur humerus
+            scapula clavicle tibia fibula hip mandible eye lens parotid submandibular mastoid cochlea larynx
+            pituitary hippocampus chiasm brainstem optic nerve myocardium ventricle atrium appendage pulmonary
+            artery vein portal splenic brachiocephalic subclavian carotid iliac common trunk inferior superior
+            vena cava coronary airway gluteus maximus medius minimus iliopsoas autochthon quadriceps sartorius
+            thigh medial posterior compartment spinal cord intervertebral disc costal cartilage small bowel
+            intestine tumor mass lesion cyst hemorrhage embolism stroke nodule core enhancing whole primary
+            node gtv ascending upper middle lower lobe all and with except excluding but not acute chronic
+            ischemic organ vessel muscle bone gland cavity tympanic ear temporal internal auditory canal oral
+            pharyngeal constrictor glottic supraglottic joint temporomandibular eustachian vestibule
+            semicircular adrenal breast vestibular neuroblastoma pediatric intrameatal extrameatal mediastinal
+            """
+        )
     )
     return frozenset(w for w in words if w)
 
@@ -1165,9 +1178,7 @@ _NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other th
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
 )
-_NUM_RANGE = re.compile(
-    r"\b(\d{1,2})(?:st|nd|rd|th)?\s*(?:-|–|—|to|through|thru)\s*(\d{1,2})(?:st|nd|rd|th)?\b"
-)
+_NUM_RANGE = re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s*(?:-|–|—|to|through|thru)\s*(\d{1,2})(?:st|nd|rd|th)?\b")
 _ORDINAL_RANGE = re.compile(
     r"\b(" + "|".join(_ORDINALS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_ORDINALS) + r")\b"
 )
@@ -1329,7 +1340,9 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         if key not in seen:
             seen.add(key)
             unique.append(t)
-    return ParsedRequest(text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes)
+    return ParsedRequest(
+        text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
+    )
 
 
 def _expand_level_range(m: re.Match[str]) -> str:

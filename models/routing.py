@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from medsegagent.models import parse as grammar
+from medsegagent.models.parse import word_list
 from medsegagent.models.registry import Dataset, Label, Registry, load_registry, normalize_modality
 
 log = logging.getLogger(__name__)
@@ -308,10 +309,12 @@ def _derive_part_values(entries: list[_Entry]) -> None:
 
 #: Tokens that name an organ/structure a lesion may be in (for "liver tumour" vs a generic "tumor" label).
 _ORGAN_TOKENS = frozenset(
-    """
-    liver kidney adrenal pancreas spleen brain lung breast bone prostate bladder stomach colon head neck
-    node thyroid esophagus uterus ovary skin bowel intestine heart pulmonary vestibular primary
-    """.split()
+    word_list(
+        """
+        liver kidney adrenal pancreas spleen brain lung breast bone prostate bladder stomach colon head neck
+        node thyroid esophagus uterus ovary skin bowel intestine heart pulmonary vestibular primary
+        """
+    )
 )
 
 #: Label kinds making up "the bones"/"skeleton" of a dataset without a bone label of its own.
@@ -329,7 +332,7 @@ class _Index:
             for label in dataset.labels.values():
                 for s in [label.name, *label.synonyms]:
                     words.update(w for w in grammar._WORD.findall(grammar._CAMEL.sub(" ", s).lower()) if len(w) > 3)
-        grammar.extend_vocabulary(words)
+        grammar.extend_vocabulary(words | {grammar.singular(w) for w in words})
         self.entries: list[_Entry] = [
             _label_entry(dataset, label) for dataset in registry.datasets.values() for label in dataset.labels.values()
         ]
@@ -343,7 +346,11 @@ class _Index:
         for e in self.entries:
             for s in e.strings:
                 low = " ".join(grammar._WORD.findall(grammar._ascii(s).lower()))
-                if re.search(r"\b(?:and|with|including)\b", low) and len(low.split()) <= 6 and "head and neck" not in low:
+                if (
+                    re.search(r"\b(?:and|with|including)\b", low)
+                    and len(low.split()) <= 6
+                    and "head and neck" not in low
+                ):
                     protected.add(low)
         self.protected = tuple(sorted(protected, key=lambda x: -len(x)))
         # Structures with sided labels somewhere: a sideless label of them covers both sides.
@@ -503,9 +510,7 @@ class Router:
         plan.regions = list(parsed.regions)
         datasets = self.registry.in_collection(collection) if collection else list(self.registry.datasets.values())
         if collection and not datasets:
-            raise ValueError(
-                f"no dataset in collection {collection!r} (known: {', '.join(self.registry.collections)})"
-            )
+            raise ValueError(f"no dataset in collection {collection!r} (known: {', '.join(self.registry.collections)})")
         # Stage 1: modality (coarse).  Never relaxed later.
         kept: list[Dataset] = []
         dropped: dict[str, str] = {}
@@ -517,7 +522,13 @@ class Router:
             else:
                 kept.append(d)
         plan.explain.append(
-            {"stage": "modality", "modality": modality, "source": source, "kept": [d.name for d in kept], "dropped": dropped}
+            {
+                "stage": "modality",
+                "modality": modality,
+                "source": source,
+                "kept": [d.name for d in kept],
+                "dropped": dropped,
+            }
         )
         kept_names = {d.name for d in kept}
         all_names = {d.name for d in datasets}
@@ -529,6 +540,14 @@ class Router:
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in parsed.targets:
             target, explain = self._route_target(pt, parsed, kept_names)
+            loose = not any(c.selected for c in target.candidates) or explain["method"].startswith("encoder")
+            if loose and len(pt.words) > 1:
+                pieces = self._split_unseparated(pt, parsed, all_names)
+                if pieces:
+                    # "LV RV MYO", "LIVER SPLEEN": a list written without separators.
+                    for piece in pieces:
+                        routed.append((piece, *self._route_target(piece, parsed, kept_names)))
+                    continue
             routed.append((pt, target, explain))
         _pair_organs_with_lesions(routed)
         selection: dict[str, set[int]] = defaultdict(set)
@@ -613,6 +632,37 @@ class Router:
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
 
+    def _split_unseparated(
+        self, pt: grammar.ParsedTarget, parsed: grammar.ParsedRequest, everywhere: set[str]
+    ) -> list[grammar.ParsedTarget]:
+        # Greedy longest spans of the segment's words that each name a known structure exactly.
+        words = list(pt.words)
+        if len(words) > 8:
+            return []
+        pieces: list[grammar.ParsedTarget] = []
+        i = 0
+        regions = set(parsed.regions)
+        while i < len(words):
+            for j in range(len(words), i, -1):
+                sub = " ".join(words[i:j])
+                cand = grammar.phrase_target(sub)
+                if cand is None or not cand.concept.core or cand.unknown:
+                    continue
+                cand = grammar.ParsedTarget(
+                    sub, cand.concept, cand.words, (), pt.negated, cand.group, cand.context or pt.context
+                )
+                matches, _ = self._match(cand, regions, everywhere, use_encoder=False)
+                if any(m.score >= TIERS[0] for m in matches):
+                    pieces.append(cand)
+                    i = j
+                    break
+            else:
+                if words[i] in grammar.STOPWORDS:
+                    i += 1
+                    continue
+                return []
+        return pieces if len(pieces) > 1 else []
+
     def _why_unmatched(
         self,
         pt: grammar.ParsedTarget,
@@ -635,7 +685,9 @@ class Router:
             if others:
                 mods = sorted({m for x in others for m in x.entry.dataset.modalities})
                 names = sorted({x.entry.dataset.name for x in others})
-                return f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})"
+                return (
+                    f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})"
+                )
         scope = f" in collection '{collection}'" if collection else ""
         return f"no dataset{scope} has a label for '{phrase}'"
 
@@ -676,7 +728,7 @@ class Router:
         if generic and core - generic and use_encoder:
             # "left atrium cavity": retry without the generic noun.
             relaxed = self._with_core(pt, tuple(sorted(core - generic)))
-            out, how = self._match(relaxed, regions, allowed, use_encoder=False)
+            out, _ = self._match(relaxed, regions, allowed, use_encoder=False)
             if out:
                 return out, f"grammar (without '{' '.join(sorted(generic))}')"
         if use_encoder and self.use_encoder and (pt.unknown or (core and not self._known(pt, regions))):

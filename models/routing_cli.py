@@ -40,9 +40,7 @@ def get_bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._Su
     """
     global _BENCH_SUBPARSERS, _BENCH_OWNER
     if _BENCH_SUBPARSERS is None or _BENCH_OWNER is not subparsers:
-        bench = subparsers.add_parser(
-            "bench", help="run a benchmark", description="Benchmarks of the node's stages."
-        )
+        bench = subparsers.add_parser("bench", help="run a benchmark", description="Benchmarks of the node's stages.")
         _BENCH_SUBPARSERS = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
         _BENCH_SUBPARSERS.required = True
         _BENCH_OWNER = subparsers
@@ -114,9 +112,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.jsonl:
         return _plan_jsonl(router, args)
     try:
-        plan = router.plan(
-            args.text, args.modality, collection=args.collection, installed_only=args.installed_only
-        )
+        plan = router.plan(args.text, args.modality, collection=args.collection, installed_only=args.installed_only)
     except ValueError as exc:
         print(f"medsegagent plan: {exc}", file=sys.stderr)
         return 2
@@ -192,9 +188,7 @@ def format_plan(plan: Any, explain: bool = False) -> str:
         for c in t.candidates:
             mark = "*" if c.selected else " "
             inst = "installed: " + ", ".join(c.models) if c.installed else "no installed model"
-            lines.append(
-                f"      {mark} {c.dataset}: {', '.join(c.labels)} = {c.values}  score {c.score:.2f}  ({inst})"
-            )
+            lines.append(f"      {mark} {c.dataset}: {', '.join(c.labels)} = {c.values}  score {c.score:.2f}  ({inst})")
     lines.append("selection:")
     if plan.selection:
         lines += [f"  {name}: {values}" for name, values in plan.selection.items()]
