@@ -1173,6 +1173,7 @@ _SPLIT = re.compile(
     r"\s*(?:[,;:\n\u2022]|\band\b|\bor\b|&|\+|/|\bplus\b|\bas well as\b|\balong with\b|\btogether with\b"
     r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s)\s*"
 )
+_SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
 _LEVEL_RANGE = re.compile(
@@ -1289,24 +1290,30 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         if phrase in low:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
             low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
-    negated_from = None
     neg = _NEGATION.search(low)
     if neg:
-        negated_from = neg.start()
-        low = low[: neg.start()] + " ; " + low[neg.end() :]
+        low = low[: neg.start()] + " \x00 " + low[neg.end() :]  # \x00 marks where the exclusion starts
+    # Segments with the separator before each; an exclusion lasts until a comma/semicolon.
     raw_segments: list[tuple[str, bool]] = []
-    pos = 0
-    for piece in _SPLIT.split(low):
-        start = low.find(piece, pos) if piece else pos
-        pos = start + len(piece)
+    negated = False
+    pieces = _SPLIT_KEEP.split(low)
+    for k in range(0, len(pieces), 2):
+        piece, sep = pieces[k], (pieces[k - 1] if k else "")
+        if sep.strip() in (",", ";") and "\x00" not in piece:
+            negated = False
+        if "\x00" in piece:
+            before, _, piece = piece.partition("\x00")
+            if before.strip():
+                raw_segments.append((before.strip(), negated))
+            negated = True
         if piece.strip():
-            raw_segments.append((piece.strip(), negated_from is not None and start >= negated_from))
+            raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
     raw_segments = _rejoin_regions(raw_segments)
     targets: list[ParsedTarget] = []
     pending: list[ParsedTarget] = []  # modifier-only segments waiting for a head noun
-    for seg_text, negated in raw_segments:
-        target, seg_regions = _parse_segment(seg_text, negated)
+    for seg_text, neg_flag in raw_segments:
+        target, seg_regions = _parse_segment(seg_text, neg_flag)
         regions.extend(seg_regions)
         if target is None:
             continue
@@ -1315,12 +1322,20 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
                 pending.append(target)  # "left and right kidney", "3rd, 4th and 5th ribs"
             continue
         if pending:
-            targets.extend(_borrow_head(p, target) for p in pending)
+            # Modifiers take the next head noun ("left and right kidney") unless that one is on
+            # the other side of an exclusion ("ribs except the 12th, left kidney").
+            same = [p for p in pending if p.negated == target.negated]
+            other = [p for p in pending if p.negated != target.negated]
+            targets.extend(_borrow_head(p, target) for p in same)
+            for p in other:
+                head = next((t for t in reversed(targets) if t.concept.core), None)
+                if head is not None:
+                    targets.append(_borrow_head(p, head))
             pending = []
         targets.append(target)
     if pending and targets:
-        # Trailing modifiers borrow from the previous target ("kidney, left and right").
-        head = targets[-1]
+        # Trailing modifiers borrow from the previous head ("kidney, left and right", "ribs except the 12th").
+        head = next((t for t in reversed(targets) if t.concept.core), targets[-1])
         targets.extend(_borrow_head(p, head) for p in pending)
     elif pending:
         for p in pending:

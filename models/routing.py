@@ -132,9 +132,12 @@ class Target:
         Label kind of the best candidate (``organ``, ``lesion``, ``vessel`` ...),
         or the grammar's guess (``lesion``/``organ``) when nothing matched.
     candidates : list of Candidate
-        Best first; ``selected`` marks those in the selection.
+        The selected candidates, best first (run them all; rank by ``score``,
+        then registry quality).
     negated : bool
-        True for "except ..." targets (their values are removed from the selection).
+        True for "except ..." targets (listed in ``Plan.excluded``).
+    alternatives : list of Candidate
+        Datasets that also match, but only in a lower tier (not selected).
     """
 
     text: str
@@ -143,6 +146,7 @@ class Target:
     kind: str
     candidates: list[Candidate] = field(default_factory=list)
     negated: bool = False
+    alternatives: list[Candidate] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -153,6 +157,7 @@ class Target:
             "kind": self.kind,
             "negated": self.negated,
             "candidates": [c.to_json() for c in self.candidates],
+            "alternatives": [c.to_json() for c in self.alternatives],
         }
 
 
@@ -182,6 +187,8 @@ class Plan:
         Per target and stage, what was kept or dropped and why.
     regions : list of str
         Region hints found in the text.
+    excluded : list of Target
+        "except ..." targets; their values are not in the selection.
     elapsed_ms : float
         Planning time.
     """
@@ -196,6 +203,7 @@ class Plan:
     missing_models: list[dict[str, str | None]] = field(default_factory=list)
     explain: list[dict[str, Any]] = field(default_factory=list)
     regions: list[str] = field(default_factory=list)
+    excluded: list[Target] = field(default_factory=list)
     elapsed_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +218,7 @@ class Plan:
             "unmatched": [dict(u) for u in self.unmatched],
             "missing_models": [dict(m) for m in self.missing_models],
             "regions": list(self.regions),
+            "excluded": [t.to_json() for t in self.excluded],
             "explain": list(self.explain),
             "elapsed_ms": round(self.elapsed_ms, 3),
         }
@@ -391,6 +400,20 @@ class _Match:
         return self.values if self.values is not None else tuple(self.entry.label.values)
 
 
+_INDEXES: dict[tuple[int, str], _Index] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def _shared_index(registry: Registry) -> _Index:
+    # Routers of one registry share its label index (built once, read-only afterwards).
+    key = (id(registry), registry.content_hash)
+    with _INDEX_LOCK:
+        index = _INDEXES.get(key)
+        if index is None or index.registry is not registry:
+            index = _INDEXES[key] = _Index(registry)
+        return index
+
+
 class Router:
     """Reusable router: holds the registry, its label index and the encoder.
 
@@ -413,7 +436,7 @@ class Router:
     def __init__(self, registry: Registry | None = None, *, use_encoder: bool = True, encoder: Any = None) -> None:
         t0 = time.perf_counter()
         self.registry = registry if registry is not None else load_registry()
-        self._index = _Index(self.registry)
+        self._index = _shared_index(self.registry)
         self.use_encoder = use_encoder
         self._encoder = encoder
         self._label_emb: np.ndarray | None = None
@@ -550,27 +573,48 @@ class Router:
                     continue
             routed.append((pt, target, explain))
         _pair_organs_with_lesions(routed)
-        selection: dict[str, set[int]] = defaultdict(set)
+        # "all ribs except the 12th": excluded targets remove their values from the others.
         removal: dict[str, set[int]] = defaultdict(set)
+        for pt, target, _ in routed:
+            if pt.negated:
+                for c in target.candidates:
+                    if c.selected:
+                        removal[c.dataset].update(c.values)
+        selection: dict[str, set[int]] = defaultdict(set)
         for pt, target, explain in routed:
-            plan.targets.append(target)
             plan.explain.append(explain)
+            if pt.negated:
+                target.candidates = [c for c in target.candidates if c.selected]
+                plan.excluded.append(target)
+                continue
             if not any(c.selected for c in target.candidates):
                 reason = self._why_unmatched(pt, parsed, all_names, kept_names, modality, collection)
                 plan.unmatched.append({"target": pt.text, "reason": reason})
             for c in target.candidates:
-                if c.selected:
-                    (removal if pt.negated else selection)[c.dataset].update(c.values)
+                if c.selected and removal.get(c.dataset):
+                    self._apply_exclusion(c, removal[c.dataset])
+            # Consumers run every listed candidate: only the selected ones are candidates.
+            target.alternatives = [c for c in target.candidates if not c.selected]
+            target.candidates = [c for c in target.candidates if c.selected]
+            plan.targets.append(target)
+            for c in target.candidates:
+                selection[c.dataset].update(c.values)
         for name in sorted(selection):
-            values = sorted(selection[name] - removal.get(name, set()))
-            if values:
-                plan.selection[name] = values
+            if selection[name]:
+                plan.selection[name] = sorted(selection[name])
         for name in plan.selection:
             d = self.registry.datasets[name]
             if not d.installed_models:
                 plan.missing_models.append({"dataset": name, "install_hint": d.install_hint})
         plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
         return plan
+
+    def _apply_exclusion(self, c: Candidate, removed: set[int]) -> None:
+        labels = self.registry.datasets[c.dataset].labels
+        c.values = [v for v in c.values if v not in removed]
+        c.labels = [name for name in c.labels if set(labels[name].values) & set(c.values)]
+        if not c.values:
+            c.selected = False
 
     def _route_target(
         self, pt: grammar.ParsedTarget, parsed: grammar.ParsedRequest, kept: set[str]
