@@ -56,8 +56,8 @@ STOPWORDS = frozenset(
         structures region regions area areas part parts view views study routine protocol followup follow up
         fu f rule r o staging restaging planning plan radiotherapy rt treatment contouring tx pre post preop
         postop op w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc is are be been there
-        here which what where how where's please thanks thank hi hello help using use used via through about
-        around between
+        here which what where how where's please thanks thank hi hello help side sides sided
+        using use used via through about around between
         """
     )
 )
@@ -637,6 +637,13 @@ GROUPS: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {
     ),
     ("ventricle",): (("ventricle",),),
     ("gtv",): (("primary", "tumor"), ("node", "tumor")),
+    ("great", "vessel"): (
+        ("aorta",),
+        ("pulmonary", "artery"),
+        ("pulmonary", "vein"),
+        ("superior", "vena", "cava"),
+        ("inferior", "vena", "cava"),
+    ),
 }
 
 #: Lateral words.  ``l``/``r`` only count as laterality when standing alone.
@@ -794,7 +801,8 @@ class ParsedTarget:
     negated : bool
         From "except ..." / "excluding ..." / "but not ...".
     group : str or None
-        ``"organs"`` for "all organs"/"OARs" style requests (resolved per region).
+        ``"organs"`` ("abdominal organs") or ``"oars"`` ("head and neck OARs"): every
+        organ (OARs: also bones and muscles) of the region's datasets.
     context : tuple of str
         Body regions named in the phrase itself ("thoracic aorta" -> ``thorax``).
     """
@@ -1334,8 +1342,12 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
             pending = []
         targets.append(target)
     if pending and targets:
-        # Trailing modifiers borrow from the previous head ("kidney, left and right", "ribs except the 12th").
+        # Trailing modifiers qualify the previous head: "ribs, left side" is the left ribs,
+        # "kidney, left and right" both kidneys; an exclusion ("ribs except the 12th") adds.
         head = next((t for t in reversed(targets) if t.concept.core), targets[-1])
+        same = [p for p in pending if p.negated == head.negated]
+        if same and not head.concept.laterality:
+            targets.remove(head)
         targets.extend(_borrow_head(p, head) for p in pending)
     elif pending:
         for p in pending:
@@ -1345,7 +1357,7 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
                 notes.append(f"'{p.text}' names no structure")
     if any(t.group is None for t in targets):
         # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header.
-        targets = [t for t in targets if t.group != "organs"]
+        targets = [t for t in targets if t.group not in ("organs", "oars")]
     targets = _inherit_lesion_organ(targets)
     # Several mentions of one concept are one target.
     unique: list[ParsedTarget] = []
@@ -1395,6 +1407,14 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
     if not words:
         return None, []
     regions: list[str] = []
+    if not label_form and "for" in words[1:]:
+        # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
+        # purpose; its organs are region context, not targets.
+        cut = words.index("for", 1)
+        purpose, words = words[cut + 1 :], words[:cut]
+        for w in purpose:
+            for tok in canonical_tokens([w])[0]:
+                regions.extend(ORGAN_REGIONS.get(tok, REGION_WORDS.get(tok, ())))
     laterality: str | None = None
     index: set[str] = set()
     group: str | None = None
@@ -1420,8 +1440,10 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
         for phrase in _REGION_PHRASES:
             n = len(phrase.split())
             if words[i : i + n] == phrase.split():
-                structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs")
-                if phrase in ("spine", "breast") or structure_follows:
+                structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of")
+                # "femoral head", "head of pancreas": a part of a structure, not the body region.
+                part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
+                if phrase in ("spine", "breast") or structure_follows or part_of:
                     break  # a structure itself ("the spine", "pelvic bones")
                 regions.extend(REGION_WORDS[phrase])
                 i += n
@@ -1485,7 +1507,8 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
         tokens = ["vertebra"]
     core = _finish_core(tokens)
     if "oar" in core or "organ" in core:
-        group = "organs"
+        # Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors).
+        group = "oars" if "oar" in core else "organs"
         region_words = [t for t in core if t in REGION_WORDS]
         for rw in region_words:
             regions.extend(REGION_WORDS[rw])

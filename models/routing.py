@@ -627,7 +627,7 @@ class Router:
         # Anatomy stage: targets without an organ of their own stay in the hinted regions.
         anatomy_dropped: dict[str, str] = {}
         organless = not (set(c.core) - grammar.LESION_TOKENS - {grammar.COMPOSITE})
-        if regions and matches and (pt.group == "organs" or organless):
+        if regions and matches and (pt.group in ("organs", "oars") or organless):
             inside = [m for m in matches if set(m.entry.dataset.regions) & regions]
             for m in matches:
                 if m not in inside:
@@ -692,6 +692,8 @@ class Router:
                 cand = grammar.phrase_target(sub)
                 if cand is None or not cand.concept.core or cand.unknown:
                     continue
+                if not (set(cand.concept.core) - grammar.LESION_TOKENS):
+                    return []  # "lung nodules" is one lesion concept, never "lung" + "nodules"
                 cand = grammar.ParsedTarget(
                     sub, cand.concept, cand.words, (), pt.negated, cand.group, cand.context or pt.context
                 )
@@ -717,7 +719,7 @@ class Router:
         collection: str | None,
     ) -> str:
         regions = set(pt.context) | set(parsed.regions)
-        if pt.group == "organs":
+        if pt.group in ("organs", "oars"):
             if not regions:
                 return "too vague: name the structures or the body region (e.g. 'abdominal organs')"
             return f"no region-specific dataset for the organs of {', '.join(sorted(regions))}"
@@ -733,6 +735,11 @@ class Router:
                     f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})"
                 )
         scope = f" in collection '{collection}'" if collection else ""
+        if collection:
+            outside, _ = self._match(pt, regions, set(self.registry.datasets) - everywhere, use_encoder=False)
+            names = sorted({m.entry.dataset.name for m in outside if m.score >= TIERS[0]})
+            if names:
+                return f"no dataset{scope} has a label for '{phrase}'; outside it: {', '.join(names)}"
         return f"no dataset{scope} has a label for '{phrase}'"
 
     # -- matching ------------------------------------------------------------------
@@ -741,8 +748,8 @@ class Router:
     ) -> tuple[list[_Match], str]:
         c = pt.concept
         core = frozenset(c.core)
-        if pt.group == "organs":
-            return self._organ_group(regions, allowed), "group: organs of the named region"
+        if pt.group in ("organs", "oars"):
+            return self._organ_group(regions, allowed, pt.group == "oars"), "group: organs of the named region"
         members = list(grammar.GROUPS.get(c.core, ()))
         if "vessel" in core and len(core) > 1:
             # "iliac vessels" = the iliac arteries and veins.
@@ -886,7 +893,7 @@ class Router:
                 out.append(_Match(e, SCORE_GROUP, "bone of the skeleton (label kind)", "group"))
         return out
 
-    def _organ_group(self, regions: set[str], allowed: set[str]) -> list[_Match]:
+    def _organ_group(self, regions: set[str], allowed: set[str], oars: bool = False) -> list[_Match]:
         out: list[_Match] = []
         if not regions:
             return out
@@ -894,6 +901,8 @@ class Router:
             d = e.dataset
             if d.name not in allowed or e.lesion or "whole_body" in d.regions:
                 continue
+            if not oars and e.label.kind.value in ("bone", "muscle"):
+                continue  # organs, their vessels and cavities; not the skeleton or muscles
             if set(d.regions) & regions and (d.specificity or 0.0) >= 0.5:
                 out.append(_Match(e, SCORE_GROUP, "organ of a dataset of the named region", "group"))
         return out
