@@ -5,6 +5,22 @@ The writer takes masks on the source grid (the :class:`Volume` returned by
 back onto the source instances' own frame order, so a SEG frame always
 references the image it was computed on.
 
+What every SEG carries (see ``docs/seg.md`` for a tag-by-tag example):
+
+* one segment per requested target, described even when the ensemble found
+  nothing (its Segment Description then says so);
+* SNOMED CT category / type (+ laterality modifier) and a display colour;
+* Segment Algorithm Type ``AUTOMATIC`` and an Algorithm Identification
+  (name, family *Artificial Intelligence*, version) whose parameters list
+  the models that voted on that segment with their ranks and weights;
+* the IHE AI Results (AIR) Contributing Equipment item for the AI model
+  (Purpose of Reference ``(Newcode1, 99IHE, "Processing Algorithm")``,
+  Manufacturer, Model Name, Software Versions, Device UID), the Device UID
+  being derived from the contributing models' names and versions / weight
+  digests so that it changes whenever a model does;
+* Series and Content Description with the request text and its source;
+* ``ReferencedSeriesSequence`` to the source series.
+
 SOP Instance and Series UIDs are derived from a stable key (job, source
 series, output kind): writing the same result twice yields the same UIDs, so
 a re-send to a PACS replaces rather than duplicates.
@@ -13,34 +29,161 @@ a re-send to a PACS replaces rather than duplicates.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from medsegagent import __version__
 from medsegagent.dicom.volume import Volume
 
+log = logging.getLogger(__name__)
+
 #: Manufacturer written into every object the node creates.
 MANUFACTURER = "MedSegAgent"
+#: Manufacturer's Model Name of the node (General Equipment module).
 MODEL_NAME = "MedSegAgent node"
 
-#: DICOM LO value limit: Series Description and Content Description are LO (64).
-_LO_MAX = 64
+#: VR length limits (PS3.5 table 6.2-1) of the text attributes we fill.
+LO_MAX = 64
+ST_MAX = 1024
+LT_MAX = 10240
+_LO_MAX = LO_MAX  # kept for callers of the former private name
+
+#: IHE Radiology AI Results (AIR) profile: purpose of reference of the
+#: Contributing Equipment item describing the AI model.  DICOM has not yet
+#: assigned a DCM code for it, so IHE's placeholder code is used verbatim.
+IHE_PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+#: Identification of the private ``99IHE`` coding scheme (PS3.3 C.12.1.1.4).
+IHE_CODING_SCHEME = CodingSchemeIdentificationItem(
+    designator="99IHE",
+    name="IHE placeholder codes",
+    responsible_organization="IHE International",
+)
+
+#: Segment Description (ST) written on segments the ensemble left empty.
+EMPTY_SEGMENT_NOTE = "Empty: requested, but no voxel was assigned to this structure."
 
 
 class SegType(enum.Enum):
-    """Segmentation encodings the writer supports."""
+    """Segmentation encodings the writer supports.
+
+    ``BINARY`` (1 bit per pixel and segment, uncompressed) is the default:
+    every SEG-capable viewer reads it.  ``LABELMAP`` (Label Map
+    Segmentation Storage, RLE) is an order of magnitude smaller but newer;
+    ``FRACTIONAL`` (8 bit probabilities) keeps the ensemble's soft scores.
+    """
 
     BINARY = "BINARY"
     LABELMAP = "LABELMAP"
     FRACTIONAL = "FRACTIONAL"
+
+
+def _check_text(what: str, value: str, limit: int, *, empty: bool = False, multi_value: bool = False) -> str:
+    """Validate a text value for a DICOM string VR; return it unchanged."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > limit:
+        raise ValueError(f"{what} is {len(value)} characters; the DICOM limit is {limit}: {value[:40]!r}...")
+    if not multi_value and "\\" in value:
+        raise ValueError(f"{what} must not contain a backslash (the DICOM value delimiter): {value!r}")
+    if any(ord(c) < 32 and c not in "\r\n\t" for c in value):
+        raise ValueError(f"{what} contains control characters: {value!r}")
+    return value
+
+
+def _coded(value: hd.sr.CodedConcept | Code, what: str) -> hd.sr.CodedConcept:
+    if isinstance(value, hd.sr.CodedConcept):
+        return value
+    if isinstance(value, Code):
+        return hd.sr.CodedConcept.from_code(value)
+    raise TypeError(f"{what} must be a highdicom CodedConcept or pydicom Code, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class ContributingModel:
+    """A model that contributed to the result (provenance).
+
+    Parameters
+    ----------
+    name : str
+        Model name as in the registry (``demo_ct_abdomen``).
+    version : str
+        Its version, or a digest of its weights (:func:`model_fingerprint`),
+        so that retrained weights under the same name count as a new model.
+
+    Raises
+    ------
+    ValueError
+        When either value is empty or is not a valid DICOM LO value.
+    """
+
+    name: str
+    version: str
+
+    def __post_init__(self) -> None:
+        _check_text("ContributingModel.name", self.name, LO_MAX)
+        _check_text("ContributingModel.version", self.version, LO_MAX)
+
+    @classmethod
+    def coerce(cls, value: ContributingModel | tuple[str, str]) -> ContributingModel:
+        """Accept a :class:`ContributingModel` or a ``(name, version)`` pair."""
+        if isinstance(value, ContributingModel):
+            return value
+        if isinstance(value, tuple | list) and len(value) == 2:
+            return cls(str(value[0]), str(value[1]))
+        raise TypeError(f"a contributing model is (name, version_or_hash), got {value!r}")
+
+    @property
+    def software_version(self) -> str:
+        """``name version`` as one Software Versions value (LO, truncated)."""
+        return _truncate(f"{self.name} {self.version}")
+
+
+@dataclass(frozen=True)
+class SegmentMember:
+    """One model's vote on one segment, for the segment's algorithm parameters.
+
+    Parameters
+    ----------
+    model : str
+        Model name.
+    rank : int
+        Rank of the model for this segment (1 = best; drives its weight).
+    weight : float, optional
+        Fusion weight the ensemble gave it (``None`` when dropped).
+    """
+
+    model: str
+    rank: int
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_text("SegmentMember.model", self.model, LO_MAX)
+        if not isinstance(self.rank, int | np.integer) or self.rank < 1:
+            raise ValueError(f"SegmentMember.rank must be a positive int, got {self.rank!r}")
+        if self.weight is not None and not (0.0 <= float(self.weight) <= 1.0):
+            raise ValueError(f"SegmentMember.weight must be in [0, 1], got {self.weight!r}")
+
+    def encode(self) -> str:
+        """``model:rank1:w0.62`` (``:dropped`` when it had no weight)."""
+        tail = f"w{float(self.weight):.2f}" if self.weight is not None else "dropped"
+        return f"{self.model}:rank{int(self.rank)}:{tail}"
 
 
 @dataclass(frozen=True)
@@ -50,13 +193,21 @@ class SegmentSpec:
     Parameters
     ----------
     label : str
-        Segment Label (human name, e.g. ``liver``).
-    category, type : highdicom.sr.CodedConcept
-        Segmented Property Category and Type (SNOMED CT).
+        Segment Label (human name, e.g. ``liver``); truncated to 64 characters.
+    category, type : highdicom.sr.CodedConcept or pydicom Code
+        Segmented Property Category (CID 7150) and Type (SNOMED CT).
     type_modifier : highdicom.sr.CodedConcept, optional
         Laterality modifier when ``type`` is not lateral itself.
     color : tuple of int, optional
         Recommended display colour, sRGB 0-255.
+    members : tuple of SegmentMember
+        Models that voted on this segment (written into its Algorithm
+        Identification parameters).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an empty label, a colour outside 0-255 or codes of the wrong type.
     """
 
     label: str
@@ -64,15 +215,51 @@ class SegmentSpec:
     type: hd.sr.CodedConcept
     type_modifier: hd.sr.CodedConcept | None = None
     color: tuple[int, int, int] | None = None
+    members: tuple[SegmentMember, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise ValueError("SegmentSpec.label must be a non-empty str")
+        object.__setattr__(self, "category", _coded(self.category, "SegmentSpec.category"))
+        object.__setattr__(self, "type", _coded(self.type, "SegmentSpec.type"))
+        if self.type_modifier is not None:
+            object.__setattr__(self, "type_modifier", _coded(self.type_modifier, "SegmentSpec.type_modifier"))
+        if self.color is not None:
+            color = tuple(int(c) for c in self.color)
+            if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+                raise ValueError(f"SegmentSpec.color must be three ints in 0..255, got {self.color!r}")
+            object.__setattr__(self, "color", color)
+        members = tuple(self.members)
+        if not all(isinstance(m, SegmentMember) for m in members):
+            raise TypeError("SegmentSpec.members must be SegmentMember objects")
+        object.__setattr__(self, "members", members)
 
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
-    """Provenance written into every segment (Algorithm Identification)."""
+    """Provenance written into every segment (Algorithm Identification).
+
+    Parameters
+    ----------
+    name : str
+        Algorithm Name (LO).
+    version : str
+        Algorithm Version (LO).
+    parameters : dict
+        Extra Algorithm Parameters (``key=value``, comma-joined into one LT
+        value together with each segment's members).
+    """
 
     name: str = "MedSegAgent rank-aware ensemble"
     version: str = __version__
     parameters: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_text("AlgorithmInfo.name", self.name, LO_MAX)
+        _check_text("AlgorithmInfo.version", self.version, LO_MAX)
+        for key, value in self.parameters.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"algorithm parameters must map str to str, got {key!r}: {value!r}")
 
 
 def derived_uid(*parts: str) -> str:
@@ -80,7 +267,67 @@ def derived_uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=["medsegagent", *parts])
 
 
-def _truncate(text: str, limit: int = _LO_MAX) -> str:
+def device_uid(models: Sequence[ContributingModel], algorithm: AlgorithmInfo | None = None) -> str:
+    """Device UID of "this node running these models".
+
+    Derived from the node's version, the algorithm name/version and every
+    contributing model's name and version (order-independent): the UID is
+    stable across jobs with the same models and changes when any model,
+    its weights, or the node changes.
+    """
+    algorithm = algorithm or AlgorithmInfo()
+    items = sorted(f"{m.name}={m.version}" for m in models)
+    return derived_uid("device", MANUFACTURER, __version__, algorithm.name, algorithm.version, *items)
+
+
+@lru_cache(maxsize=256)
+def _fingerprint_cached(path: str, signature: tuple) -> str:
+    digest = hashlib.sha256()
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """Digest of a model's weights (a file, or every file under a folder).
+
+    The digest is cached per path and (size, mtime) of its files, so a node
+    hashes each weights file once, not once per job.
+
+    Parameters
+    ----------
+    path : Path or str
+        Weights file or model folder.
+
+    Returns
+    -------
+    str
+        ``sha256:`` and the first 16 hex digits (fits a DICOM LO value).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    """
+    root = Path(path).resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"model weights not found: {root}")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    signature = tuple((str(p), *_stat(p)) for p in files)
+    return _fingerprint_cached(str(root), signature)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _truncate(text: str, limit: int = LO_MAX) -> str:
     text = " ".join(text.split()).replace("\\", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -112,135 +359,49 @@ def load_source_datasets(volume: Volume, files: Sequence[Path]) -> list[Dataset]
     return [by_uid[uid] for uid in wanted]
 
 
-def write_segmentation(
-    volume: Volume,
-    source_datasets: Sequence[Dataset],
-    masks: np.ndarray,
-    segments: Sequence[SegmentSpec],
-    out_path: Path,
-    *,
+def segment_description(
+    number: int,
+    spec: SegmentSpec,
+    algorithm: AlgorithmInfo,
     uid_key: str,
-    request_text: str = "",
-    request_source: str = "",
-    algorithm: AlgorithmInfo | None = None,
-    seg_type: SegType = SegType.BINARY,
-    series_number: int = 9901,
-) -> Dataset:
-    """Encode ``masks`` as a DICOM SEG referencing the source series.
+    *,
+    empty: bool = False,
+) -> hd.seg.SegmentDescription:
+    """The Segment Sequence item of one segment.
 
     Parameters
     ----------
-    volume : Volume
-        Source volume; masks are on its grid, slices in its order.
-    source_datasets : sequence of Dataset
-        Source instance headers from :func:`load_source_datasets`.
-    masks : numpy.ndarray
-        ``(segments, slices, rows, columns)`` bool array, or a label map
-        ``(slices, rows, columns)`` with values ``1..len(segments)``.
-    segments : sequence of SegmentSpec
-        One per segment, in segment-number order.  Segments whose mask is
-        empty are still described (viewers then show them as empty).
-    out_path : Path
-        Where to write; the file is written to a temporary name and renamed.
+    number : int
+        Segment Number (1-based).
+    spec : SegmentSpec
+        What the segment is.
+    algorithm : AlgorithmInfo
+        Ensemble identification; the segment's members are appended to its
+        parameters as ``models=a:rank1:w0.62;b:rank2:w0.38``.
     uid_key : str
-        Stable key (e.g. ``job-id/source-series``) from which the SEG's
-        Series and SOP Instance UIDs are derived.
-    request_text, request_source : str
-        The instruction and where it came from (Series / Content
-        Description, truncated to the VR limit).
-    algorithm : AlgorithmInfo, optional
-        Provenance; defaults to the ensemble's name and version.
-    seg_type : SegType
-        ``BINARY`` (widest viewer support, default), ``LABELMAP`` (RLE
-        compressed) or ``FRACTIONAL``.
-    series_number : int
-        Series Number of the SEG series.
+        Key from which the segment's Tracking UID is derived.
+    empty : bool
+        Whether the mask is empty (recorded in Segment Description).
 
     Returns
     -------
-    pydicom.dataset.Dataset
-        The written SEG.
+    highdicom.seg.SegmentDescription
     """
-    if not segments:
-        raise ValueError("a SEG needs at least one segment")
-    stack = _as_stack(masks, len(segments), volume.geometry.shape)
-    frames, sources = _to_source_frame_order(volume, source_datasets, stack)
-    algorithm = algorithm or AlgorithmInfo()
+    parameters = dict(algorithm.parameters)
+    if spec.members:
+        parameters["models"] = ";".join(m.encode() for m in spec.members)
+    encoded = ",".join(f"{k}={v}" for k, v in parameters.items())
+    if len(encoded) > LT_MAX:
+        # Algorithm Parameters is LT (10240 chars); keep the first (highest ranked) entries.
+        log.warning("algorithm parameters of segment %s truncated from %d characters", spec.label, len(encoded))
+        parameters = {"parameters": encoded[: LT_MAX - len("parameters=...")] + "..."}
     algo_id = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
         family=codes.cid7162.ArtificialIntelligence,
         version=algorithm.version,
-        parameters=algorithm.parameters or None,
+        source=MANUFACTURER,
+        parameters=parameters or None,
     )
-    descriptions = [_description(number, spec, algo_id, uid_key) for number, spec in enumerate(segments, start=1)]
-    description = _truncate(f"SEG {request_text}" if request_text else "MedSegAgent SEG")
-    content = _truncate(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
-    kwargs: dict = {}
-    if seg_type is SegType.LABELMAP:
-        # RLE keeps a label map small and stays readable by dcmqi (JPEG-LS does not).
-        kwargs["transfer_syntax_uid"] = RLELossless
-        pixel = np.zeros(frames.shape[1:], dtype=np.uint8)
-        for index in range(frames.shape[0]):
-            pixel[frames[index]] = index + 1
-        pixel_array = pixel
-    else:
-        kwargs["transfer_syntax_uid"] = ExplicitVRLittleEndian
-        pixel_array = np.moveaxis(frames, 0, -1).astype(np.uint8)
-    if seg_type is SegType.FRACTIONAL:
-        pixel_array = pixel_array.astype(np.float32)
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel_array,
-        segmentation_type=seg_type.value,
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(uid_key, "seg-series"),
-        series_number=series_number,
-        sop_instance_uid=derived_uid(uid_key, "seg-instance", seg_type.value),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
-        device_serial_number="0",
-        content_description=content,
-        content_label="SEGMENTATION",
-        series_description=description,
-        omit_empty_frames=True,
-        **kwargs,
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    seg.save_as(tmp, enforce_file_format=True)
-    tmp.replace(out_path)
-    return seg
-
-
-def _as_stack(masks: np.ndarray, n_segments: int, shape: tuple[int, int, int]) -> np.ndarray:
-    if masks.ndim == 3:
-        if masks.shape != shape:
-            raise ValueError(f"label map shape {masks.shape} does not match the volume {shape}")
-        return np.stack([masks == number for number in range(1, n_segments + 1)])
-    if masks.ndim != 4 or masks.shape[0] != n_segments or masks.shape[1:] != shape:
-        raise ValueError(f"mask stack shape {masks.shape} does not match {n_segments} segments on {shape}")
-    return masks.astype(bool)
-
-
-def _to_source_frame_order(
-    volume: Volume, source_datasets: Sequence[Dataset], stack: np.ndarray
-) -> tuple[np.ndarray, list[Dataset]]:
-    """Reorder ``(segments, slices, ...)`` so frames follow the sources' own order."""
-    refs = volume.source_instances
-    if refs and refs[0][2] is not None:
-        # Multi-frame source: highdicom expects frames in the source's frame order.
-        order = np.argsort([frame for _, _, frame in refs])
-        return stack[:, order], list(source_datasets)
-    # Single-frame: highdicom pairs frame i with source_images[i]; keep spatial order.
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
-    return stack, [by_uid[uid] for _, uid, _ in refs]
-
-
-def _description(
-    number: int, spec: SegmentSpec, algo_id: hd.AlgorithmIdentificationSequence, uid_key: str
-) -> hd.seg.SegmentDescription:
     color = hd.color.CIELabColor(*_rgb_to_cielab(spec.color)) if spec.color else None
     desc = hd.seg.SegmentDescription(
         segment_number=number,
@@ -260,7 +421,254 @@ def _description(
         modifier.CodingSchemeDesignator = spec.type_modifier.scheme_designator
         modifier.CodeMeaning = spec.type_modifier.meaning
         type_item.SegmentedPropertyTypeModifierCodeSequence = [modifier]
+    if empty:
+        desc.SegmentDescription = EMPTY_SEGMENT_NOTE
     return desc
+
+
+def ai_model_equipment(
+    models: Sequence[ContributingModel],
+    algorithm: AlgorithmInfo,
+    when: datetime | None = None,
+) -> hd.ContributingEquipment:
+    """The IHE AIR Contributing Equipment item describing the AI model.
+
+    highdicom only accepts DCM purpose codes in its API, so the item is
+    built as a "Processing Equipment" item and its Purpose of Reference is
+    replaced by IHE's ``(Newcode1, 99IHE, "Processing Algorithm")``.
+
+    Parameters
+    ----------
+    models : sequence of ContributingModel
+        The models of this run (may be empty: the ensemble itself is still
+        described).
+    algorithm : AlgorithmInfo
+        The ensemble's name and version (Manufacturer's Model Name).
+    when : datetime, optional
+        Contribution DateTime (default: now).
+
+    Returns
+    -------
+    highdicom.ContributingEquipment
+    """
+    versions = [_truncate(f"{MANUFACTURER} {__version__}")] + [m.software_version for m in models]
+    names = ", ".join(f"{m.name} ({m.version})" for m in models) or "no model"
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_truncate(f"{algorithm.name} {algorithm.version}"),
+        software_versions=versions,
+        contribution_datetime=when or datetime.now(),
+        contribution_description=_truncate(f"AI segmentation by {algorithm.name}: {names}", ST_MAX),
+    )
+    item.PurposeOfReferenceCodeSequence = [IHE_PROCESSING_ALGORITHM]
+    item.DeviceUID = device_uid(models, algorithm)
+    return item
+
+
+def write_segmentation(
+    volume: Volume,
+    source_datasets: Sequence[Dataset],
+    masks: np.ndarray,
+    segments: Sequence[SegmentSpec],
+    out_path: Path,
+    *,
+    uid_key: str,
+    request_text: str = "",
+    request_source: str = "",
+    algorithm: AlgorithmInfo | None = None,
+    seg_type: SegType = SegType.BINARY,
+    series_number: int = 9901,
+    models: Sequence[ContributingModel | tuple[str, str]] = (),
+) -> Dataset:
+    """Encode ``masks`` as a DICOM SEG referencing the source series.
+
+    Parameters
+    ----------
+    volume : Volume
+        Source volume; masks are on its grid, slices in its order.
+    source_datasets : sequence of Dataset
+        Source instance headers from :func:`load_source_datasets`; all of
+        one series, the volume's (one SEG per source series).
+    masks : numpy.ndarray
+        A label map ``(slices, rows, columns)`` with values
+        ``0..len(segments)`` (the ensemble's output), or a stack
+        ``(segments, slices, rows, columns)`` of binary masks, or — for
+        ``FRACTIONAL`` only — of probabilities in ``[0, 1]``.
+    segments : sequence of SegmentSpec
+        One per segment, in segment-number order.  Segments whose mask is
+        empty are still described, with a Segment Description saying so.
+    out_path : Path
+        Where to write; the file is written to a temporary name and renamed.
+    uid_key : str
+        Stable key of the job (e.g. the job id); combined with the source
+        Series Instance UID and ``seg_type`` into the SEG's Series and SOP
+        Instance UIDs.
+    request_text, request_source : str
+        The instruction and where it came from (Series / Content
+        Description, truncated to the VR limit).
+    algorithm : AlgorithmInfo, optional
+        Ensemble identification; defaults to the ensemble's name and version.
+    seg_type : SegType
+        ``BINARY`` (widest viewer support, default), ``LABELMAP`` (RLE
+        compressed) or ``FRACTIONAL``.
+    series_number : int
+        Series Number of the SEG series.
+    models : sequence of ContributingModel or (name, version_or_hash)
+        Models of the run: written into the IHE AIR Contributing Equipment
+        item and hashed into the Device UID.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The written SEG.
+
+    Raises
+    ------
+    ValueError
+        On masks that do not fit the volume or the segments, sources of
+        another series, or values the SEG type cannot carry.
+    """
+    if not segments:
+        raise ValueError("a SEG needs at least one segment")
+    if not all(isinstance(s, SegmentSpec) for s in segments):
+        raise TypeError("segments must be SegmentSpec objects")
+    if not isinstance(seg_type, SegType):
+        raise TypeError(f"seg_type must be a SegType, got {seg_type!r}")
+    _check_text("uid_key", uid_key, 10_000, multi_value=True)
+    contributors = [ContributingModel.coerce(m) for m in models]
+    algorithm = algorithm or AlgorithmInfo()
+    _check_sources(volume, source_datasets)
+
+    pixel_array, present = _pixel_array(masks, len(segments), volume.geometry.shape, seg_type)
+    pixel_array, sources = _to_source_frame_order(volume, source_datasets, pixel_array)
+    key = f"{uid_key}|{volume.series_instance_uid}"
+    descriptions = [
+        segment_description(number, spec, algorithm, key, empty=not present[number - 1])
+        for number, spec in enumerate(segments, start=1)
+    ]
+    description = _truncate(f"SEG {request_text}" if request_text else "MedSegAgent SEG")
+    content = _truncate(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
+    now = datetime.now()
+    equipment = ai_model_equipment(contributors, algorithm, now)
+    # RLE keeps a label map small and stays readable by dcmqi (JPEG-LS does not);
+    # BINARY stays uncompressed because a PACS that transcodes 1-bit J2K breaks it.
+    syntax = RLELossless if seg_type is SegType.LABELMAP else ExplicitVRLittleEndian
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=seg_type.value,
+        segment_descriptions=descriptions,
+        series_instance_uid=derived_uid(key, "seg-series"),
+        series_number=series_number,
+        sop_instance_uid=derived_uid(key, "seg-instance", seg_type.value),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=__version__,
+        device_serial_number="0",
+        content_description=content,
+        content_label="SEGMENTATION",
+        series_description=description,
+        omit_empty_frames=True,
+        transfer_syntax_uid=syntax,
+        contributing_equipment=[equipment],
+        coding_schemes=[IHE_CODING_SCHEME],
+        content_date=now.date(),
+        content_time=now.time(),
+    )
+    # Content Creator's Name is type 2 in the Content Identification macro: an
+    # automatic result has no human creator, so it is present and empty.
+    seg.ContentCreatorName = ""
+    # General Equipment: the device that made this SEG is "the node running these
+    # models", so it gets the same Device UID as the IHE AIR item.
+    seg.DeviceUID = equipment.DeviceUID
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    seg.save_as(tmp, enforce_file_format=True)
+    tmp.replace(out_path)
+    return seg
+
+
+def _check_sources(volume: Volume, source_datasets: Sequence[Dataset]) -> None:
+    if not source_datasets:
+        raise ValueError("no source datasets: a SEG must reference the images it was computed on")
+    series = {str(ds.SeriesInstanceUID) for ds in source_datasets}
+    if series != {volume.series_instance_uid}:
+        raise ValueError(
+            f"source datasets belong to series {sorted(series)}, the volume to {volume.series_instance_uid}: "
+            "write one SEG per source series"
+        )
+    have = {str(ds.SOPInstanceUID) for ds in source_datasets}
+    missing = {uid for _, uid, _ in volume.source_instances} - have
+    if missing:
+        raise ValueError(f"{len(missing)} instances of the volume are missing from source_datasets")
+
+
+def _pixel_array(
+    masks: np.ndarray, n_segments: int, shape: tuple[int, int, int], seg_type: SegType
+) -> tuple[np.ndarray, list[bool]]:
+    """Validate ``masks``; return highdicom's input (in volume slice order) and which segments are non-empty.
+
+    A label map stays a label map (highdicom's label-map style: one byte per
+    voxel instead of one per voxel and segment), a stack becomes
+    ``(slices, rows, columns, segments)``.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim == 3:
+        if masks.shape != shape:
+            raise ValueError(f"label map shape {masks.shape} does not match the volume {shape}")
+        if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
+            raise ValueError(f"a label map must hold integers, got {masks.dtype}")
+        low, high = int(masks.min()), int(masks.max())
+        if low < 0 or high > n_segments:
+            raise ValueError(f"label map values must be 0..{n_segments} (one per segment), got {low}..{high}")
+        counts = np.bincount(masks.ravel().astype(np.intp, copy=False), minlength=n_segments + 1)
+        present = [bool(c) for c in counts[1:]]
+        dtype = np.uint8 if n_segments < 256 else np.uint16
+        return masks.astype(dtype, copy=False), present
+    if masks.ndim != 4 or masks.shape[0] != n_segments or masks.shape[1:] != shape:
+        raise ValueError(f"mask stack shape {masks.shape} does not match {n_segments} segments on {shape}")
+    if np.issubdtype(masks.dtype, np.floating):
+        if seg_type is not SegType.FRACTIONAL:
+            raise ValueError(f"{seg_type.value} SEGs need binary masks; threshold the probabilities first")
+        if not np.isfinite(masks).all() or masks.min() < 0.0 or masks.max() > 1.0:
+            raise ValueError("probabilities must be finite and within [0, 1]")
+        present = [bool(np.any(m > 0)) for m in masks]
+        return np.moveaxis(masks.astype(np.float32, copy=False), 0, -1), present
+    if masks.dtype != bool:
+        if not np.issubdtype(masks.dtype, np.integer) or masks.min() < 0 or masks.max() > 1:
+            raise ValueError("a mask stack must be binary (bool, or integers 0/1)")
+        masks = masks.astype(bool)
+    present = [bool(m.any()) for m in masks]
+    if seg_type is SegType.LABELMAP:
+        if (masks.sum(axis=0, dtype=np.uint16) > 1).any():
+            raise ValueError("segments overlap: a LABELMAP SEG needs mutually exclusive masks")
+        labels = np.zeros(shape, np.uint8 if n_segments < 256 else np.uint16)
+        for number, mask in enumerate(masks, start=1):
+            labels[mask] = number
+        return labels, present
+    return np.moveaxis(masks, 0, -1).view(np.uint8), present
+
+
+def _to_source_frame_order(
+    volume: Volume, source_datasets: Sequence[Dataset], pixel_array: np.ndarray
+) -> tuple[np.ndarray, list[Dataset]]:
+    """Reorder slices (axis 0) so frames follow the sources' own order."""
+    refs = volume.source_instances
+    if refs and refs[0][2] is not None:
+        # Multi-frame source: highdicom pairs frame i with frame i+1 of the source.
+        order = np.argsort([frame for _, _, frame in refs])
+        return pixel_array[order], list(source_datasets)
+    # Single-frame: highdicom pairs frame i with source_images[i]; keep spatial order.
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    return pixel_array, [by_uid[uid] for _, uid, _ in refs]
+
+
+def segment_specs_by_number(seg: Dataset) -> Mapping[int, Dataset]:
+    """Segment Sequence items of ``seg`` by Segment Number (background 0 excluded)."""
+    return {int(item.SegmentNumber): item for item in seg.SegmentSequence if int(item.SegmentNumber) > 0}
 
 
 def _rgb_to_cielab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:

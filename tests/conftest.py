@@ -58,3 +58,83 @@ def phantom_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# -- DICOM-SEG fixtures (issue 5) ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seg_factory(phantom_factory):
+    """Write a SEG of a phantom's ground truth: ``factory(out_dir, seg_type=..., modality=..., **geometry)``.
+
+    Returns a ``types.SimpleNamespace`` with ``volume``, ``labels`` (the truth
+    written, on the volume grid), ``specs``, ``sources`` (headers), ``files``
+    (source files), ``path`` and ``dataset`` (the SEG).  ``empty`` names
+    segment labels whose mask is cleared first (empty segments).
+    """
+    import types
+
+    import numpy as np
+
+    from medsegagent.dicom.seg import (
+        AlgorithmInfo,
+        SegmentMember,
+        SegmentSpec,
+        SegType,
+        load_source_datasets,
+        write_segmentation,
+    )
+    from medsegagent.dicom.series import choose_series, read_series, scan_folder
+    from medsegagent.models.registry import load_registry
+
+    labels_of_demo = load_registry().datasets["Demo_CT_Abdomen"].labels
+    specs = [
+        SegmentSpec(
+            label.name,
+            label.category.to_highdicom(),
+            label.type.to_highdicom(),
+            label.type_modifier.to_highdicom() if label.type_modifier else None,
+            label.color,
+            members=(SegmentMember("demo_ct_abdomen", 1, 0.7), SegmentMember("other_model", 2, 0.3)),
+        )
+        for label in labels_of_demo.values()
+    ]
+    volumes = {}
+
+    def write(
+        out_dir: Path,
+        seg_type: SegType = SegType.BINARY,
+        *,
+        modality: str = "CT",
+        empty: tuple[str, ...] = (),
+        uid_key: str | None = None,
+        models=(("demo_ct_abdomen", "sha256:00112233aabbccdd"), ("other_model", "1.2.0")),
+        **geometry,
+    ):
+        phantom, files = phantom_factory(modality, **geometry)
+        key = (modality, tuple(sorted(geometry.items())))
+        if key not in volumes:
+            series = choose_series(scan_folder(files.dicom_dir), "CT" if modality == "PT+CT" else None)
+            volume = read_series(series)
+            # The reader must recover the phantom's grid whatever the file order or encoding.
+            assert volume.geometry.same_grid(phantom.geometry)
+            volumes[key] = (series, volume, load_source_datasets(volume, series.files))
+        series, volume, sources = volumes[key]
+        # The demo label set counts the tumour (7) as liver (1).
+        labels = np.where(phantom.labels == 7, 1, phantom.labels).astype(np.uint8)
+        for name in empty:
+            labels[labels == [s.label for s in specs].index(name) + 1] = 0
+        out_dir = Path(out_dir)
+        path = out_dir / f"seg-{seg_type.value.lower()}.dcm"
+        dataset = write_segmentation(
+            volume, sources, labels, specs, path,
+            uid_key=uid_key or f"test/{modality}/{sorted(geometry.items())}",
+            request_text="liver, spleen, kidneys, pancreas, aorta", request_source="test",
+            algorithm=AlgorithmInfo(parameters={"fusion": "rank-weighted mean"}),
+            seg_type=seg_type, models=models,
+        )  # fmt: skip
+        return types.SimpleNamespace(
+            volume=volume, labels=labels, specs=specs, sources=sources, files=series.files, path=path, dataset=dataset
+        )
+
+    return write

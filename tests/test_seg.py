@@ -1,23 +1,46 @@
 """DICOM-SEG written for every source geometry, checked by independent tools.
 
-dciodvfy validates the IOD, dcmqi's ``segimage2itkimage`` reads the SEG back
-and its image must put every segment on the same patient-space voxels as
-the mask we wrote, and highdicom reads the segment metadata back.
+dciodvfy validates the IOD, dcmqi's ``segimage2itkimage`` reads every BINARY
+and LABELMAP SEG back and its images must put every segment on exactly the
+patient-space voxels of the mask we wrote (empty frames are omitted by the
+writer, so dcmqi's images span fewer slices than the source: the comparison
+goes through patient space, never through array indices), and highdicom
+reads the segment metadata back.  Also here: provenance (IHE AIR), coding of
+every registry label, validation errors, the preview PNG / Secondary
+Capture, and the benchmark's ``--quick`` mode.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.sr.codedict import codes
 
-from medsegagent.dicom.seg import SegmentSpec, SegType, load_source_datasets, write_segmentation
-from medsegagent.dicom.series import choose_series, read_series, scan_folder
-from medsegagent.dicom.volume import LPS_TO_RAS
+from medsegagent.dicom.preview import preview_rgb, render_preview
+from medsegagent.dicom.secondary_capture import PREVIEW_NOTE, patient_direction, write_preview_sc
+from medsegagent.dicom.seg import (
+    EMPTY_SEGMENT_NOTE,
+    IHE_PROCESSING_ALGORITHM,
+    AlgorithmInfo,
+    ContributingModel,
+    SegmentMember,
+    SegmentSpec,
+    SegType,
+    device_uid,
+    model_fingerprint,
+    segment_description,
+    write_segmentation,
+)
+from medsegagent.dicom.volume import LPS_TO_RAS, Geometry
 from medsegagent.models.registry import load_registry
 from tests.conftest import dciodvfy_errors, tool
 
@@ -27,98 +50,339 @@ GEOMETRIES = [
     pytest.param({"orientation": "coronal"}, id="coronal"),
     pytest.param({"orientation": "oblique"}, id="oblique"),
     pytest.param({"orientation": "axial", "reverse_order": True}, id="reversed"),
-    pytest.param({"orientation": "axial", "multiframe": True}, id="multiframe"),
+    pytest.param({"orientation": "axial", "multiframe": True}, id="enhanced-ct"),
+    pytest.param({"modality": "MR", "orientation": "axial"}, id="mr"),
+    pytest.param({"modality": "MR", "orientation": "coronal", "multiframe": True}, id="mr-multiframe"),
 ]
 
-
-def _specs() -> list[SegmentSpec]:
-    dataset = load_registry().datasets["Demo_CT_Abdomen"]
-    return [
-        SegmentSpec(
-            label.name,
-            label.category.to_highdicom(),
-            label.type.to_highdicom(),
-            label.type_modifier.to_highdicom() if label.type_modifier else None,
-            label.color,
-        )
-        for label in dataset.labels.values()
-    ]
+LABEL_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
-def _truth_labels(phantom) -> np.ndarray:
-    # The demo label set counts the tumour (7) as liver (1).
-    return np.where(phantom.labels == 7, 1, phantom.labels).astype(np.uint8)
+def dcmqi_labels(seg_path: Path, geometry: Geometry, outdir: Path) -> np.ndarray:
+    """Decode ``seg_path`` with dcmqi and put its segments on ``geometry`` (segment numbers by label).
 
-
-def _write(phantom_factory, tmp_path, seg_type=SegType.BINARY, **kwargs):
-    phantom, files = phantom_factory("CT", **kwargs)
-    series = choose_series(scan_folder(files.dicom_dir))
-    volume = read_series(series)
-    # The reader must recover the phantom's grid whatever the file order or encoding.
-    assert volume.geometry.same_grid(phantom.geometry)
-    labels = _truth_labels(phantom)
-    out = tmp_path / "seg.dcm"
-    write_segmentation(
-        volume, load_source_datasets(volume, series.files), labels, _specs(), out,
-        uid_key=f"test/{kwargs}", request_text="liver, spleen, kidneys, pancreas, aorta", request_source="test",
-        seg_type=seg_type,
-    )  # fmt: skip
-    return volume, labels, out
-
-
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_seg_valid_and_on_the_right_voxels(phantom_factory, tmp_path, geometry):
-    volume, labels, seg_path = _write(phantom_factory, tmp_path, **geometry)
-    assert dciodvfy_errors(seg_path) == []
-
-    # dcmqi decodes each segment to its own image; every voxel it marks must be
-    # a voxel of that segment on our grid, and it must mark all of them.
-    outdir = tmp_path / "dcmqi"
-    outdir.mkdir()
+    Every voxel dcmqi marks must land exactly on a voxel centre of our grid
+    (same geometry, not just the same rounding), and no voxel may get two
+    segments.
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [tool("segimage2itkimage"), "--inputDICOM", str(seg_path), "--outputDirectory", str(outdir),
          "--outputType", "nifti"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    inverse = np.linalg.inv(volume.geometry.affine)
-    for number in range(1, 7):
-        image = nib.load(outdir / f"{number}.nii.gz")
+    meta = json.loads((outdir / "meta.json").read_text())
+    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in pydicom.dcmread(seg_path).SegmentSequence}
+    decoded = np.zeros(geometry.shape, np.uint8)
+    inverse = np.linalg.inv(geometry.affine)
+    for file_number, attributes in enumerate(meta["segmentAttributes"], start=1):
+        image = nib.load(outdir / f"{file_number}.nii.gz")
         data = np.asarray(image.dataobj)
-        ijk = np.argwhere(data > 0)
-        lps = (LPS_TO_RAS @ image.affine @ np.c_[ijk, np.ones(len(ijk))].T).T
-        col, row, sl = np.rint((inverse @ lps.T)[:3]).astype(int)
-        assert (labels[sl, row, col] == number).all(), f"segment {number} has voxels off its mask"
-        assert len(ijk) == int((labels == number).sum()), f"segment {number} lost voxels"
+        for attribute in attributes:
+            ijk = np.argwhere(data == attribute["labelID"])
+            if not len(ijk):
+                continue
+            lps = (LPS_TO_RAS @ image.affine @ np.c_[ijk, np.ones(len(ijk))].T).T
+            index = (inverse @ lps.T)[:3]
+            assert np.abs(index - np.rint(index)).max() < 1e-3, "dcmqi's voxels are off our grid"
+            col, row, sl = np.rint(index).astype(int)
+            assert not decoded[sl, row, col].any(), "two segments on one voxel"
+            decoded[sl, row, col] = numbers[attribute["SegmentLabel"]]
+    return decoded
 
 
-def test_highdicom_reads_back_segments(phantom_factory, tmp_path):
-    volume, _, seg_path = _write(phantom_factory, tmp_path, orientation="coronal")
-    seg = hd.seg.segread(seg_path)
-    assert [d.segment_label for d in seg.SegmentSequence] == [s.label for s in _specs()]
-    kidney_right = seg.SegmentSequence[2]
-    assert kidney_right.segmented_property_type.value == "64033007"
-    modifier = kidney_right.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
-    assert modifier.CodeMeaning == "Right"
-    assert kidney_right.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_instance_uid
-    ds = pydicom.dcmread(seg_path)
+def _geometry_args(geometry: dict) -> tuple[str, dict]:
+    geometry = dict(geometry)
+    return geometry.pop("modality", "CT"), geometry
+
+
+@pytest.mark.parametrize("seg_type", list(SegType), ids=lambda t: t.value.lower())
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_seg_valid_and_on_the_right_voxels(seg_factory, tmp_path, geometry, seg_type):
+    modality, geometry = _geometry_args(geometry)
+    written = seg_factory(tmp_path, seg_type, modality=modality, **geometry)
+    assert dciodvfy_errors(written.path) == []
+    if seg_type is not SegType.FRACTIONAL:
+        decoded = dcmqi_labels(written.path, written.volume.geometry, tmp_path / "dcmqi")
+        assert np.array_equal(decoded, written.labels), "dcmqi's masks differ from ours"
+
+    # highdicom reads back the same segment metadata, and the same voxels.
+    seg = hd.seg.segread(written.path)
+    assert seg.SegmentationType == seg_type.value
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == written.volume.series_instance_uid
+    described = [d for d in seg.SegmentSequence if d.segment_number > 0]
+    assert [d.segment_label for d in described] == [s.label for s in written.specs]
+    for description, spec in zip(described, written.specs, strict=True):
+        assert description.segmented_property_category == spec.category
+        assert description.segmented_property_type == spec.type
+        assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        algorithm = description.algorithm_identification[0]
+        assert algorithm.AlgorithmName == "MedSegAgent rank-aware ensemble"
+        assert "models=demo_ct_abdomen:rank1:w0.70;other_model:rank2:w0.30" in algorithm.AlgorithmParameters
+        assert description.SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
+    pixels = seg.get_volume(segment_numbers=list(range(1, 7)), allow_missing_positions=True).array
+    counts = [int(np.count_nonzero(pixels[..., n - 1])) for n in range(1, 7)]
+    assert counts == [int((written.labels == n).sum()) for n in range(1, 7)]
+
+
+@pytest.mark.parametrize("seg_type", [SegType.BINARY, SegType.LABELMAP], ids=["binary", "labelmap"])
+def test_empty_segment_is_described_and_readable(seg_factory, tmp_path, seg_type):
+    written = seg_factory(tmp_path, seg_type, orientation="sagittal", empty=("spleen",))
+    assert not (written.labels == 2).any()
+    assert dciodvfy_errors(written.path) == []
+    ds = pydicom.dcmread(written.path)
+    spleen = next(item for item in ds.SegmentSequence if item.SegmentNumber == 2)
+    assert spleen.SegmentLabel == "spleen"
+    assert spleen.SegmentDescription == EMPTY_SEGMENT_NOTE
+    others = [item for item in ds.SegmentSequence if item.SegmentNumber not in (0, 2)]
+    assert all("SegmentDescription" not in item for item in others)
+    decoded = dcmqi_labels(written.path, written.volume.geometry, tmp_path / "dcmqi")
+    assert np.array_equal(decoded, written.labels)
+
+
+def test_all_segments_empty_still_writes_a_valid_seg(seg_factory, tmp_path):
+    names = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta")
+    written = seg_factory(tmp_path, SegType.BINARY, orientation="axial", empty=names)
+    assert dciodvfy_errors(written.path) == []
+    ds = pydicom.dcmread(written.path)
+    assert [item.SegmentDescription for item in ds.SegmentSequence] == [EMPTY_SEGMENT_NOTE] * len(names)
+
+
+def test_provenance_ihe_air_item_and_device_uid(seg_factory, tmp_path):
+    written = seg_factory(tmp_path / "a", orientation="coronal")
+    ds = pydicom.dcmread(written.path)
+    assert ds.Manufacturer == "MedSegAgent"
+    assert ds.ManufacturerModelName == "MedSegAgent node"
+    assert ds.ContentCreatorName == ""
+    items = [
+        item
+        for item in ds.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    ]
+    assert len(items) == 1
+    air = items[0]
+    purpose = air.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodeMeaning) == ("Newcode1", "Processing Algorithm")
+    assert hd.sr.CodedConcept.from_dataset(purpose) == IHE_PROCESSING_ALGORITHM
+    assert air.Manufacturer == "MedSegAgent"
+    assert air.ManufacturerModelName.startswith("MedSegAgent rank-aware ensemble")
+    versions = list(air.SoftwareVersions)
+    assert "demo_ct_abdomen sha256:00112233aabbccdd" in versions
+    assert "other_model 1.2.0" in versions
+    assert air.DeviceUID == ds.DeviceUID
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99IHE"
+    # The acquisition equipment of the source is kept as well (highdicom adds it).
+    purposes = {item.PurposeOfReferenceCodeSequence[0].CodeValue for item in ds.ContributingEquipmentSequence}
+    assert {"109101", "Newcode1"} <= purposes
+
+    # Same models (any order) -> same Device UID; a changed weight digest -> a new one.
+    same = seg_factory(tmp_path / "b", orientation="coronal", models=list(reversed(written_models())))
+    assert pydicom.dcmread(same.path).DeviceUID == ds.DeviceUID
+    retrained = seg_factory(
+        tmp_path / "c",
+        orientation="coronal",
+        models=[("demo_ct_abdomen", "sha256:ffffffffffffffff"), ("other_model", "1.2.0")],
+    )
+    assert pydicom.dcmread(retrained.path).DeviceUID != ds.DeviceUID
+
+
+def written_models() -> list[tuple[str, str]]:
+    return [("demo_ct_abdomen", "sha256:00112233aabbccdd"), ("other_model", "1.2.0")]
+
+
+def test_device_uid_is_order_independent_and_model_sensitive():
+    a = [ContributingModel("m1", "1"), ContributingModel("m2", "2")]
+    assert device_uid(a) == device_uid(list(reversed(a)))
+    assert device_uid(a) != device_uid([ContributingModel("m1", "1"), ContributingModel("m2", "3")])
+    assert device_uid(a) != device_uid(a, AlgorithmInfo(version="9.9"))
+
+
+def test_model_fingerprint_follows_the_weights(tmp_path):
+    weights = tmp_path / "model" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"a" * 1000)
+    first = model_fingerprint(tmp_path / "model")
+    assert first.startswith("sha256:") and len(first) <= 64
+    assert model_fingerprint(tmp_path / "model") == first
+    weights.write_bytes(b"b" * 1001)
+    assert model_fingerprint(tmp_path / "model") != first
+    assert model_fingerprint(weights) != first
+    with pytest.raises(FileNotFoundError):
+        model_fingerprint(tmp_path / "missing")
+
+
+def test_series_and_content_description_carry_the_request(seg_factory, tmp_path):
+    written = seg_factory(tmp_path, orientation="axial")
+    ds = pydicom.dcmread(written.path)
     assert ds.SeriesDescription.startswith("SEG liver")
-    assert ds.ContentDescription.startswith("test: ")
+    assert ds.ContentDescription.startswith("test: liver")
+    assert len(ds.SeriesDescription) <= 64 and len(ds.ContentDescription) <= 64
+    long_text = "segment " + ", ".join(["the liver and both kidneys"] * 10)
+    out = tmp_path / "long.dcm"
+    ds = write_segmentation(
+        written.volume, written.sources, written.labels, written.specs, out, uid_key="long",
+        request_text=long_text, request_source="worklist",
+    )  # fmt: skip
+    assert len(ds.SeriesDescription) == 64 and ds.SeriesDescription.endswith("...")
+    assert ds.ContentDescription.startswith("worklist: segment the liver")
+    assert dciodvfy_errors(out) == []
 
 
-def test_labelmap_seg_is_valid_and_readable(phantom_factory, tmp_path):
-    _, _, seg_path = _write(phantom_factory, tmp_path, seg_type=SegType.LABELMAP, orientation="axial")
-    assert dciodvfy_errors(seg_path) == []
-    ds = pydicom.dcmread(seg_path)
-    assert ds.SegmentationType == "LABELMAP"
-    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+def test_uids_are_deterministic_per_job_series_and_kind(seg_factory, tmp_path):
+    a = seg_factory(tmp_path / "a", orientation="axial", uid_key="job-1").dataset
+    b = seg_factory(tmp_path / "b", orientation="axial", uid_key="job-1").dataset
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    labelmap = seg_factory(tmp_path / "c", SegType.LABELMAP, orientation="axial", uid_key="job-1").dataset
+    assert labelmap.SOPInstanceUID != a.SOPInstanceUID
+    other_job = seg_factory(tmp_path / "d", orientation="axial", uid_key="job-2").dataset
+    assert other_job.SOPInstanceUID != a.SOPInstanceUID
+    other_series = seg_factory(tmp_path / "e", orientation="sagittal", uid_key="job-1").dataset
+    assert other_series.SeriesInstanceUID != a.SeriesInstanceUID
 
 
-def test_uids_are_deterministic(phantom_factory, tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    _, _, first = _write(phantom_factory, tmp_path / "a", orientation="axial")
-    _, _, second = _write(phantom_factory, tmp_path / "b", orientation="axial")
-    a, b = pydicom.dcmread(first), pydicom.dcmread(second)
-    assert a.SOPInstanceUID == b.SOPInstanceUID
-    assert a.SeriesInstanceUID == b.SeriesInstanceUID
+def test_fractional_keeps_probabilities(seg_factory, tmp_path):
+    written = seg_factory(tmp_path, orientation="axial")
+    stack = np.stack([(written.labels == n).astype(np.float32) * 0.8 for n in range(1, 7)])
+    out = tmp_path / "fractional.dcm"
+    write_segmentation(
+        written.volume, written.sources, stack, written.specs, out, uid_key="p", seg_type=SegType.FRACTIONAL
+    )
+    assert dciodvfy_errors(out) == []
+    seg = hd.seg.segread(out)
+    volume = seg.get_volume(segment_numbers=[1], rescale_fractional=True, allow_missing_positions=True)
+    assert np.isclose(volume.array.max(), 0.8, atol=1 / 255)
+
+
+def test_invalid_inputs_are_refused_clearly(seg_factory, phantom_factory, tmp_path):
+    written = seg_factory(tmp_path, orientation="axial")
+    volume, sources, labels, specs = written.volume, written.sources, written.labels, written.specs
+
+    def write(masks=labels, segs=specs, srcs=sources, **kwargs):
+        return write_segmentation(volume, srcs, masks, segs, tmp_path / "x.dcm", uid_key="bad", **kwargs)
+
+    with pytest.raises(ValueError, match="at least one segment"):
+        write(segs=[])
+    with pytest.raises(ValueError, match="does not match the volume"):
+        write(masks=labels[:-1])
+    with pytest.raises(ValueError, match=r"values must be 0\.\.5"):
+        write(segs=specs[:5])
+    with pytest.raises(ValueError, match="threshold"):
+        write(masks=np.stack([(labels == n) * 0.5 for n in range(1, 7)]))
+    overlapping = np.stack([labels > 0] + [labels == n for n in range(2, 7)])
+    with pytest.raises(ValueError, match="overlap"):
+        write(masks=overlapping, seg_type=SegType.LABELMAP)
+    with pytest.raises(ValueError, match="one SEG per source series"):
+        _, mr_files = phantom_factory("MR")
+        write(srcs=[pydicom.dcmread(mr_files.series["MR"][0], stop_before_pixels=True)])
+    with pytest.raises(ValueError, match="missing from source_datasets"):
+        write(srcs=sources[:-1])
+    with pytest.raises(TypeError, match="name, version"):
+        write(models=["just-a-name"])
+    with pytest.raises(ValueError, match="must not be empty"):
+        ContributingModel("model", "")
+    with pytest.raises(ValueError, match="backslash"):
+        ContributingModel("a\\b", "1")
+    with pytest.raises(ValueError, match="rank"):
+        SegmentMember("m", 0)
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        SegmentSpec("x", specs[0].category, specs[0].type, color=(0, 0, 300))
+    with pytest.raises(ValueError, match="64"):
+        AlgorithmInfo(name="x" * 65)
+
+
+def test_every_registry_label_codes_into_a_segment_description():
+    """All labels of all datasets: category from CID 7150, type from the SNOMED CT table, valid SEG items."""
+    from pydicom.sr._concepts_dict import concepts
+
+    sct = {value for entries in concepts["SCT"].values() for value in entries}
+    cid7150 = {(code.scheme_designator, code.value) for code in codes.cid7150.concepts.values()}
+    registry = load_registry()
+    count = 0
+    for dataset in registry:
+        for number, label in enumerate(dataset.labels.values(), start=1):
+            spec = SegmentSpec(
+                label.name,
+                label.category.to_highdicom(),
+                label.type.to_highdicom(),
+                label.type_modifier.to_highdicom() if label.type_modifier else None,
+                label.color,
+            )
+            description = segment_description(number, spec, AlgorithmInfo(), f"coding/{dataset.name}")
+            where = f"{dataset.name}/{label.name}"
+            category = description.SegmentedPropertyCategoryCodeSequence[0]
+            assert (category.CodingSchemeDesignator, category.CodeValue) in cid7150, where
+            type_item = description.SegmentedPropertyTypeCodeSequence[0]
+            assert type_item.CodingSchemeDesignator == "SCT" and type_item.CodeValue in sct, where
+            assert 0 < len(type_item.CodeMeaning) <= 64, where
+            if label.type_modifier is not None:
+                modifier = type_item.SegmentedPropertyTypeModifierCodeSequence[0]
+                assert modifier.CodeValue in {"7771000", "24028007", "51440002"}, where
+            assert len(description.RecommendedDisplayCIELabValue) == 3, where
+            count += 1
+    assert len([d for d in registry.in_collection("medsegagent-23")]) == 23
+    assert count >= 23
+
+
+def test_patient_direction_letters():
+    assert patient_direction(np.array([1.0, 0, 0])) == "L"
+    assert patient_direction(np.array([-1.0, 0, 0])) == "R"
+    assert patient_direction(np.array([0, 0, -1.0])) == "F"
+    assert patient_direction(np.array([0.8, 0.6, 0])) == "LP"
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[5], GEOMETRIES[6]],
+    ids=["axial", "sagittal", "oblique", "enhanced-ct", "mr"],
+)
+def test_preview_secondary_capture(seg_factory, tmp_path, geometry):
+    modality, geometry = _geometry_args(geometry)
+    written = seg_factory(tmp_path, modality=modality, **geometry)
+    colors = [s.color for s in written.specs]
+    out = tmp_path / "sc.dcm"
+    sc = write_preview_sc(
+        written.volume, written.sources, written.labels, colors, out, uid_key="job", request_text="liver"
+    )
+    assert dciodvfy_errors(out) == []
+    ds = pydicom.dcmread(out)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+    assert ds.StudyInstanceUID == written.sources[0].StudyInstanceUID
+    assert ds.DerivationDescription == PREVIEW_NOTE
+    shown = preview_rgb(written.volume.array, written.labels, colors, modality=written.volume.modality)
+    _, sop_uid, frame = written.volume.source_instances[shown.slice_index]
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == sop_uid
+    assert ds.SourceImageSequence[0].get("ReferencedFrameNumber") == frame
+    assert np.array_equal(ds.pixel_array, shown.rgb)
+    assert sc.SeriesInstanceUID != written.dataset.SeriesInstanceUID
+    row, column = written.volume.geometry.row_direction, written.volume.geometry.column_direction
+    assert list(ds.PatientOrientation) == [patient_direction(row), patient_direction(column)]
+    if geometry["orientation"] == "sagittal":
+        assert ds.PatientOrientation[0] in {"P", "A"}
+    if geometry["orientation"] == "oblique":
+        assert len(ds.PatientOrientation[0]) > 1
+
+
+def test_render_preview_png(seg_factory, tmp_path):
+    written = seg_factory(tmp_path, orientation="axial")
+    colors = [s.color for s in written.specs]
+    index = render_preview(written.volume.array, written.labels, colors, tmp_path / "p.png")
+    areas = (written.labels > 0).reshape(written.labels.shape[0], -1).sum(axis=1)
+    assert index == int(np.argmax(areas))
+    picture = Image.open(tmp_path / "p.png")
+    assert picture.mode == "RGB" and max(picture.size) >= 512
+    with pytest.raises(ValueError, match="no colour"):
+        preview_rgb(written.volume.array, written.labels, colors[:2])
+
+
+def test_benchmark_quick_writes_its_table(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_seg.py"
+    out = tmp_path / "seg.md"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    for row in ("BINARY", "LABELMAP", "FRACTIONAL", "dcmqi"):
+        assert row in table
+    assert "| type |" in proc.stdout
