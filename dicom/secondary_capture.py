@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medsegagent.dicom.preview import preview_rgb
-from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, _truncate, derived_uid
+from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, derived_uid, truncate_text
 from medsegagent.dicom.volume import Volume
 
 #: Derivation Description (ST) of every preview.
@@ -120,7 +120,7 @@ def write_preview_sc(
         # highdicom accepts single letters only; the oblique letters are set below.
         patient_orientation=(orientation[0][0], orientation[1][0]),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=_truncate(f"Preview {request_text}" if request_text else "MedSegAgent preview"),
+        series_description=truncate_text(f"Preview {request_text}" if request_text else "MedSegAgent preview"),
         manufacturer_model_name=MODEL_NAME,
     )
     reference = Dataset()

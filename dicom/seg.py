@@ -61,7 +61,6 @@ MODEL_NAME = "MedSegAgent node"
 LO_MAX = 64
 ST_MAX = 1024
 LT_MAX = 10240
-_LO_MAX = LO_MAX  # kept for callers of the former private name
 
 #: IHE Radiology AI Results (AIR) profile: purpose of reference of the
 #: Contributing Equipment item describing the AI model.  DICOM has not yet
@@ -152,7 +151,7 @@ class ContributingModel:
     @property
     def software_version(self) -> str:
         """``name version`` as one Software Versions value (LO, truncated)."""
-        return _truncate(f"{self.name} {self.version}")
+        return truncate_text(f"{self.name} {self.version}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +183,25 @@ class SegmentMember:
         """``model:rank1:w0.62`` (``:dropped`` when it had no weight)."""
         tail = f"w{float(self.weight):.2f}" if self.weight is not None else "dropped"
         return f"{self.model}:rank{int(self.rank)}:{tail}"
+
+
+def members_from_ranks(ranks: Mapping[str, int], weights: Mapping[str, float]) -> tuple[SegmentMember, ...]:
+    """The voters of one segment from the ensemble's decisions, best rank first.
+
+    Parameters
+    ----------
+    ranks : mapping
+        Model -> rank (1 = best) among all candidates of the target.
+    weights : mapping
+        Model -> normalised fusion weight of the members that were kept; a
+        ranked model without a weight was dropped (empty or implausible).
+
+    Returns
+    -------
+    tuple of SegmentMember
+    """
+    order = sorted(ranks, key=lambda name: (ranks[name], name))
+    return tuple(SegmentMember(name, int(ranks[name]), weights.get(name)) for name in order)
 
 
 @dataclass(frozen=True)
@@ -327,7 +345,8 @@ def _stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _truncate(text: str, limit: int = LO_MAX) -> str:
+def truncate_text(text: str, limit: int = LO_MAX) -> str:
+    """``text`` as one DICOM text value: whitespace collapsed, ``\\`` -> ``/``, cut to ``limit`` with ``...``."""
     text = " ".join(text.split()).replace("\\", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -405,13 +424,13 @@ def segment_description(
     color = hd.color.CIELabColor(*_rgb_to_cielab(spec.color)) if spec.color else None
     desc = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=_truncate(spec.label),
+        segment_label=truncate_text(spec.label),
         segmented_property_category=spec.category,
         segmented_property_type=spec.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algo_id,
         tracking_uid=derived_uid(uid_key, "segment", spec.label),
-        tracking_id=_truncate(spec.label),
+        tracking_id=truncate_text(spec.label),
         display_color=color,
     )
     if spec.type_modifier is not None:
@@ -451,15 +470,15 @@ def ai_model_equipment(
     -------
     highdicom.ContributingEquipment
     """
-    versions = [_truncate(f"{MANUFACTURER} {__version__}")] + [m.software_version for m in models]
+    versions = [truncate_text(f"{MANUFACTURER} {__version__}")] + [m.software_version for m in models]
     names = ", ".join(f"{m.name} ({m.version})" for m in models) or "no model"
     item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=_truncate(f"{algorithm.name} {algorithm.version}"),
+        manufacturer_model_name=truncate_text(f"{algorithm.name} {algorithm.version}"),
         software_versions=versions,
         contribution_datetime=when or datetime.now(),
-        contribution_description=_truncate(f"AI segmentation by {algorithm.name}: {names}", ST_MAX),
+        contribution_description=truncate_text(f"AI segmentation by {algorithm.name}: {names}", ST_MAX),
     )
     item.PurposeOfReferenceCodeSequence = [IHE_PROCESSING_ALGORITHM]
     item.DeviceUID = device_uid(models, algorithm)
@@ -536,6 +555,8 @@ def write_segmentation(
     if not isinstance(seg_type, SegType):
         raise TypeError(f"seg_type must be a SegType, got {seg_type!r}")
     _check_text("uid_key", uid_key, 10_000, multi_value=True)
+    if not isinstance(series_number, int) or not 1 <= series_number < 2**31:
+        raise ValueError(f"series_number must be a positive int (IS), got {series_number!r}")
     contributors = [ContributingModel.coerce(m) for m in models]
     algorithm = algorithm or AlgorithmInfo()
     _check_sources(volume, source_datasets)
@@ -547,8 +568,8 @@ def write_segmentation(
         segment_description(number, spec, algorithm, key, empty=not present[number - 1])
         for number, spec in enumerate(segments, start=1)
     ]
-    description = _truncate(f"SEG {request_text}" if request_text else "MedSegAgent SEG")
-    content = _truncate(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
+    description = truncate_text(f"SEG {request_text}" if request_text else "MedSegAgent SEG")
+    content = truncate_text(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
     now = datetime.now()
     equipment = ai_model_equipment(contributors, algorithm, now)
     # RLE keeps a label map small and stays readable by dcmqi (JPEG-LS does not);

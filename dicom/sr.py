@@ -30,9 +30,9 @@ from medsegagent.dicom.seg import (
     MANUFACTURER,
     MODEL_NAME,
     AlgorithmInfo,
-    _truncate,
     derived_uid,
     segment_specs_by_number,
+    truncate_text,
 )
 
 #: Label Map Segmentation Storage: not referenced by reports (see write_volume_report).
@@ -184,7 +184,7 @@ def write_volume_report(
             uid=device_uid,
             name=MODEL_NAME,
             manufacturer_name=MANUFACTURER,
-            model_name=_truncate(f"{algorithm.name} {algorithm.version}"),
+            model_name=truncate_text(f"{algorithm.name} {algorithm.version}"),
         ),
     )
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
@@ -206,7 +206,7 @@ def write_volume_report(
             ]
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=_truncate(label)),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=truncate_text(label)),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=str(seg_dataset.SOPClassUID),
                     sop_instance_uid=str(seg_dataset.SOPInstanceUID),
@@ -232,7 +232,7 @@ def write_volume_report(
         imaging_measurements=groups,
     )
     key = f"{uid_key}|{seg_dataset.SOPInstanceUID}"
-    description = _truncate(f"Volumes {request_text}" if request_text else "MedSegAgent volumes", LO_MAX)
+    description = truncate_text(f"Volumes {request_text}" if request_text else "MedSegAgent volumes", LO_MAX)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg_dataset],
         content=report,

@@ -36,6 +36,7 @@ from medsegagent.dicom.seg import (
     SegmentSpec,
     SegType,
     device_uid,
+    members_from_ranks,
     model_fingerprint,
     segment_description,
     write_segmentation,
@@ -195,6 +196,11 @@ def test_device_uid_is_order_independent_and_model_sensitive():
     assert device_uid(a) == device_uid(list(reversed(a)))
     assert device_uid(a) != device_uid([ContributingModel("m1", "1"), ContributingModel("m2", "3")])
     assert device_uid(a) != device_uid(a, AlgorithmInfo(version="9.9"))
+
+
+def test_members_from_ensemble_ranks():
+    members = members_from_ranks({"b": 2, "a": 1, "c": 3}, {"a": 0.7, "b": 0.3})
+    assert [m.encode() for m in members] == ["a:rank1:w0.70", "b:rank2:w0.30", "c:rank3:dropped"]
 
 
 def test_model_fingerprint_follows_the_weights(tmp_path):
