@@ -300,6 +300,9 @@ def device_uid(models: Sequence[ContributingModel], algorithm: AlgorithmInfo | N
 
 @lru_cache(maxsize=256)
 def _fingerprint_cached(path: str, signature: tuple) -> str:
+    # ``signature`` (every file's size and mtime) is only part of the cache key:
+    # a rewritten weights file misses the cache and is hashed again.
+    del signature
     digest = hashlib.sha256()
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -454,7 +457,10 @@ def ai_model_equipment(
 
     highdicom only accepts DCM purpose codes in its API, so the item is
     built as a "Processing Equipment" item and its Purpose of Reference is
-    replaced by IHE's ``(Newcode1, 99IHE, "Processing Algorithm")``.
+    replaced by IHE's ``(Newcode1, 99IHE, "Processing Algorithm")``.  The
+    Device UID in the item is what IHE AIR asks for; the SOP Common macro
+    does not list it, so dciodvfy reports a Standard Extended SOP Class
+    (a warning, see ``docs/seg.md``).
 
     Parameters
     ----------
