@@ -1182,6 +1182,7 @@ _SPLIT = re.compile(
     r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s)\s*"
 )
 _SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
+_TRAILING_SIDE = re.compile(r"\b(?:on|of)\s+the\s+(left|right)(?:\s+side)?$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
 _LEVEL_RANGE = re.compile(
@@ -1285,7 +1286,9 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         low = detect_modality(text[head.end() :])[1]
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
-    low = re.sub(r"[()\[\]]", " ", low)  # "kidney (R)": a side note, not a list
+    low = re.sub(r"(?:^|(?<=\s))\(?\d{1,2}[).](?=\s)", " ; ", low)  # "1) liver 2) spleen", "1. liver"
+    low = re.sub(r"[(\[]\s*(left|right|l|r|lt|rt|bilateral|both)\s*[)\]]", r" \1 ", low)  # "kidney (R)"
+    low = re.sub(r"[()\[\]]", " , ", low)  # any other bracket: an aside, i.e. another item
     low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     regions: list[str] = list(header_regions)
@@ -1358,6 +1361,14 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
     if any(t.group is None for t in targets):
         # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header.
         targets = [t for t in targets if t.group not in ("organs", "oars")]
+    side = _TRAILING_SIDE.search(low.rstrip(" ;,."))
+    if side and len(targets) > 1:
+        # "gluteus maximus, medius and minimus on the left": the side closes the whole list.
+        lat = _LATERAL[side.group(1)]
+        targets = [
+            t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat)), t)
+            for t in targets
+        ]
     targets = _inherit_lesion_organ(targets)
     # Several mentions of one concept are one target.
     unique: list[ParsedTarget] = []
@@ -1551,7 +1562,7 @@ def _borrow_head(modifier: ParsedTarget, head: ParsedTarget) -> ParsedTarget:
         modifier.concept.laterality or c.laterality,
         modifier.concept.index or c.index,
     )
-    text = f"{modifier.text} {head.text}"
+    text = f"{modifier.text} {head.text}".strip()
     return ParsedTarget(
         text, concept, modifier.words + head.words, head.unknown, modifier.negated, head.group, head.context
     )

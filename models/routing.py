@@ -571,6 +571,12 @@ class Router:
                     for piece in pieces:
                         routed.append((piece, *self._route_target(piece, parsed, kept_names)))
                     continue
+            if loose and routed:
+                sibling = self._sibling(pt, routed[-1][0], parsed, all_names)
+                if sibling is not None:
+                    # "gluteus maximus, medius and minimus": "medius" shares the head "gluteus".
+                    routed.append((sibling, *self._route_target(sibling, parsed, kept_names)))
+                    continue
             routed.append((pt, target, explain))
         _pair_organs_with_lesions(routed)
         # "all ribs except the 12th": excluded targets remove their values from the others.
@@ -675,6 +681,25 @@ class Router:
         kind = max(set(kinds), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
+
+    def _sibling(
+        self, pt: grammar.ParsedTarget, prev: grammar.ParsedTarget, parsed: grammar.ParsedRequest, everywhere: set[str]
+    ) -> grammar.ParsedTarget | None:
+        # A one-word item after a multi-word one may replace its last word.
+        own = [w for w in pt.words if w not in grammar.STOPWORDS and w not in ("left", "right", "on", "side")]
+        head = [w for w in prev.words if w not in grammar.STOPWORDS]
+        if len(own) != 1 or len(head) < 2:
+            return None
+        words = head[:-1] + own
+        cand = grammar.phrase_target(" ".join(words))
+        if cand is None or cand.unknown or not cand.concept.core:
+            return None
+        concept = grammar.Concept(cand.concept.core, pt.concept.laterality, pt.concept.index or cand.concept.index)
+        sibling = grammar.ParsedTarget(
+            f"{' '.join(head[:-1])} {pt.text}", concept, tuple(words), (), pt.negated, None, pt.context
+        )
+        matches, _ = self._match(sibling, set(parsed.regions), everywhere, use_encoder=False)
+        return sibling if any(m.score >= TIERS[0] for m in matches) else None
 
     def _split_unseparated(
         self, pt: grammar.ParsedTarget, parsed: grammar.ParsedRequest, everywhere: set[str]
@@ -816,7 +841,8 @@ class Router:
         if c.laterality in ("left", "right"):
             if e.laterality in ("left", "right") and e.laterality != c.laterality:
                 return None
-            paired = any(f.core in self._index.paired for f in e.forms)
+            # A sideless lesion label ("kidney masses") finds lesions on either side: no cap.
+            paired = not e.lesion and any(f.core in self._index.paired for f in e.forms)
             if e.laterality == "bilateral" or (e.laterality is None and paired):
                 cap, why_cap = SCORE_COARSE, f"label covers both sides, {c.laterality} asked"
         # Indices (rib numbers, vertebral levels).
