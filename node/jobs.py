@@ -200,6 +200,15 @@ class JobStore:
         row = self._connect().execute("SELECT instances FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         return int(row["instances"]) if row else 0
 
+    def restart_quiet_timers(self) -> int:
+        """Give every open study a fresh quiet period (at start-up).
+
+        A transfer cut off by a crash is retried by its sender; without this
+        the half-received study would become a job before the retry arrives.
+        """
+        with self._tx() as db:
+            return db.execute("UPDATE studies SET last_instance_at=? WHERE state='open'", (time.time(),)).rowcount
+
     def close_quiet_studies(self, quiet_seconds: float) -> list[Job]:
         """Turn every open study quiet for ``quiet_seconds`` into a new job."""
         cutoff = time.time() - quiet_seconds

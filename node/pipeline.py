@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +26,11 @@ from medsegagent.dicom.preview import render_preview
 from medsegagent.dicom.seg import AlgorithmInfo, SegmentSpec, SegType, load_source_datasets, write_segmentation
 from medsegagent.dicom.series import SeriesError, SeriesInfo, choose_series, image_series, read_series, scan_folder
 from medsegagent.dicom.volume import Volume
-from medsegagent.models.backends import ModelLoadError, Prediction, SegmentationModel, load_model
+from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
 from medsegagent.models.ensemble import Member, TargetResult, fuse_target, resolve_overlaps
-from medsegagent.models.registry import Dataset, Label, ModelRef, Registry, load_registry
+from medsegagent.models.executor import Executor, InProcessExecutor, Job, JobResult, ModelCache
+from medsegagent.models.registry import Dataset, Label, LabelKind, ModelRef, Registry, load_registry
+from medsegagent.models.resample import BoxedMap
 from medsegagent.models.routing import Plan, Router
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,6 @@ def _concept(label: Label) -> tuple[str, str | None]:
     return (label.type.value, modifier)
 
 
-class ModelCache:
-    """Loaded models by name, so a node loads each model once."""
-
-    def __init__(self, device: str = "auto") -> None:
-        self.device = device
-        self._models: dict[str, SegmentationModel] = {}
-
-    def get(self, ref: ModelRef) -> SegmentationModel:
-        """The loaded model for ``ref`` (loading it on first use)."""
-        if ref.name not in self._models:
-            self._models[ref.name] = load_model(ref.name, str(ref.backend), ref.path, self.device)
-        return self._models[ref.name]
-
-
 def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[dict]]:
     """Turn a plan into output segments with the installed models voting on each.
 
@@ -120,30 +107,59 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
     return [s for s in segments.values() if s.members], skipped
 
 
-def _rank_key(dataset: Dataset, label: Label, ref: ModelRef) -> tuple:
+#: A member whose mask disagrees this much with three or more others is an outlier (Dice).
+MIN_AGREEMENT = 0.5
+#: Share of a non-lesion mask allowed in pieces smaller than SPECKLE_ML before it counts as noise.
+MAX_SPECKLE_SHARE = 0.25
+SPECKLE_ML = 0.5
+
+
+def _rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
+    """Ranking of a candidate: registry quality, then dataset specificity, then the model's own validation Dice."""
     quality = (ref.quality or {}).get(label.name, label.quality) if isinstance(ref.quality, dict) else label.quality
-    return (-(quality or 0.0), -(dataset.specificity or 0.0), ref.name)
+    own = prediction.quality.get(label.name, 0.0) if prediction is not None else 0.0
+    return (-(quality or 0.0), -(dataset.specificity or 0.0), -own, ref.name)
 
 
-def _run_models(
-    refs: list[ModelRef], volume: Volume, cache: ModelCache, workers: int
-) -> tuple[dict[str, Prediction], dict[str, str]]:
-    """Run every model once, in parallel; failures stay per model."""
-    predictions: dict[str, Prediction] = {}
-    errors: dict[str, str] = {}
+def build_jobs(segments: list[Segment], timeout_s: float | None = None) -> list[Job]:
+    """One job per model of the plan, asking it for the labels its segments need."""
+    specs: dict[str, ModelSpec] = {}
+    wanted: dict[str, list[str]] = {}
+    for segment in segments:
+        for dataset, label, ref in segment.members:
+            if ref.name not in specs:
+                specs[ref.name] = ModelSpec.from_registry(ref, dataset)
+                wanted[ref.name] = []
+            if label.name not in wanted[ref.name]:
+                wanted[ref.name].append(label.name)
+    return [Job(spec, tuple(wanted[name]), timeout_s) for name, spec in specs.items()]
 
-    def run(ref: ModelRef) -> Prediction:
-        return cache.get(ref).predict(volume)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {ref.name: pool.submit(run, ref) for ref in refs}
-        for name, future in futures.items():
-            try:
-                predictions[name] = future.result()
-            except (ModelLoadError, RuntimeError, ValueError, OSError) as exc:
-                log.error("model %s failed: %s", name, exc)
-                errors[name] = str(exc)
-    return predictions, errors
+def _needs_other_series(jobs: list[Job], primary: Volume) -> bool:
+    """Whether some model takes a channel the primary series cannot fill."""
+    have = channel_modality(primary)
+    for job in jobs:
+        channels = job.spec.channels
+        if len(channels) > 1:
+            return True
+        if channels and not any(m == have or (m == "MR" and have.startswith("MR")) for m in channels[0].modalities):
+            return True
+    return False
+
+
+def _study_images(volume: Volume, chosen: SeriesInfo, images: list[SeriesInfo], jobs: list[Job]) -> StudyImages:
+    """The primary volume plus, when a model needs them, the study's other image series."""
+    if not _needs_other_series(jobs, volume):
+        return StudyImages(volume)
+    others = []
+    for info in images:
+        if info is chosen:
+            continue
+        try:
+            others.append(read_series(info))
+        except SeriesError as exc:  # an unreadable extra series fails only the models that need it
+            log.warning("series %s skipped: %s", info.label, exc)
+    return StudyImages(volume, tuple(others))
 
 
 def segment_study(
@@ -160,6 +176,8 @@ def segment_study(
     workers: int = 2,
     uid_key: str | None = None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
+    timeout_s: float | None = None,
 ) -> Result:
     """Segment the image series of ``dicom_dir`` as ``text`` asks.
 
@@ -180,14 +198,19 @@ def segment_study(
     seg_type : SegType
         SEG encoding.
     cache : ModelCache, optional
-        Loaded models, shared across studies.
+        Loaded models, shared across studies (used by the default executor).
     workers : int
-        Models run concurrently.
+        Models run concurrently (default executor).
     uid_key : str, optional
         Stable key for the SEG's UIDs (the job id in the node); defaults to
         the source series UID and the request.
     progress : callable, optional
         Receives one line per step.
+    executor : Executor, optional
+        Runs the models; an in-process one over ``cache`` with ``workers``
+        threads by default.
+    timeout_s : float, optional
+        Wall-time limit per model; a model over it fails alone.
 
     Raises
     ------
@@ -198,7 +221,8 @@ def segment_study(
     timings: dict[str, float] = {}
     registry = registry or load_registry()
     router = router or Router(registry)
-    cache = cache or ModelCache()
+    if executor is None:
+        executor = InProcessExecutor(cache if cache is not None else ModelCache(), workers=workers)
 
     t0 = time.perf_counter()
     say(f"reading {dicom_dir}")
@@ -228,28 +252,16 @@ def segment_study(
     say("plan: " + ", ".join(f"{s.label.name} <- {len(s.members)} model(s)" for s in segments))
 
     t0 = time.perf_counter()
-    refs = list({ref.name: ref for s in segments for _, _, ref in s.members}.values())
-    say(f"running {len(refs)} model(s): {', '.join(r.name for r in refs)}")
-    predictions, errors = _run_models(refs, volume, cache, workers)
+    jobs = build_jobs(segments, timeout_s)
+    say(f"running {len(jobs)} model(s): {', '.join(j.name for j in jobs)}")
+    study = _study_images(volume, chosen, images, jobs)
+    outcomes = executor.run(jobs, study)
+    predictions = {name: r.prediction for name, r in outcomes.items() if r.ok and r.prediction is not None}
+    errors = {name: r.error or r.status for name, r in outcomes.items() if not r.ok}
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    results: list[TargetResult] = []
-    for segment in segments:
-        members = [
-            Member(ref.name, predictions[ref.name].probabilities[label.name], _rank_key(dataset, label, ref))
-            for dataset, label, ref in segment.members
-            if ref.name in predictions and label.name in predictions[ref.name].probabilities
-        ]
-        if not members:
-            results.append(TargetResult(segment.label.name, np.zeros(volume.geometry.shape, np.float32)))
-            continue
-        volume_range = tuple(segment.label.volume_ml) if segment.label.volume_ml else None
-        results.append(
-            fuse_target(
-                segment.label.name, members, voxel_ml=volume.geometry.voxel_volume_ml, volume_range_ml=volume_range
-            )
-        )
+    results = [_fuse_segment(segment, predictions, errors, volume) for segment in segments]
     labels = resolve_overlaps(results)
     timings["ensemble"] = time.perf_counter() - t0
 
@@ -299,8 +311,7 @@ def segment_study(
             segments,
             results,
             labels,
-            predictions,
-            errors,
+            outcomes,
             skipped,
             timings,
             shown,
@@ -312,6 +323,43 @@ def segment_study(
         shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {out_dir / 'seg.dcm'}")
     return Result(out_dir / "seg.dcm", out_dir / "report.json", out_dir / "preview.png", report, labels, volume)
+
+
+def _fuse_segment(
+    segment: Segment, predictions: dict[str, Prediction], errors: dict[str, str], volume: Volume
+) -> TargetResult:
+    """Rank-aware fusion of one segment's members; failed models are listed as dropped with their reason."""
+    members = []
+    failed: dict[str, str] = {}
+    seen: set[str] = set()
+    for dataset, label, ref in segment.members:
+        if ref.name in seen:  # two targets may name the same structure
+            continue
+        seen.add(ref.name)
+        prediction = predictions.get(ref.name)
+        if prediction is None:
+            failed[ref.name] = f"model failed: {errors.get(ref.name, 'no prediction')}"
+        elif label.name not in prediction.maps:
+            failed[ref.name] = f"model has no output for {label.name!r}"
+        else:
+            # The map is resampled to the study's grid only when the ensemble reads it.
+            lazy = lambda p=prediction, name=label.name: p.boxed(name)  # noqa: E731
+            members.append(Member(ref.name, lazy, _rank_key(dataset, label, ref, prediction)))
+    if not members:
+        return TargetResult(segment.label.name, BoxedMap.empty(volume.geometry.shape), dropped=failed)
+    volume_range = tuple(segment.label.volume_ml) if segment.label.volume_ml else None
+    result = fuse_target(
+        segment.label.name,
+        members,
+        voxel_ml=volume.geometry.voxel_volume_ml,
+        volume_range_ml=volume_range,
+        # Lesions may legitimately be many small pieces; anatomy is not.
+        max_speckle_share=None if segment.label.kind == LabelKind.LESION else MAX_SPECKLE_SHARE,
+        speckle_ml=SPECKLE_ML,
+        min_agreement=MIN_AGREEMENT,
+    )
+    result.dropped.update(failed)
+    return result
 
 
 def _header(info: SeriesInfo) -> dict:
@@ -342,8 +390,7 @@ def _report(
     segments: list[Segment],
     results: list[TargetResult],
     labels: np.ndarray,
-    predictions: dict[str, Prediction],
-    errors: dict[str, str],
+    outcomes: dict[str, JobResult],
     skipped: list[dict],
     timings: dict[str, float],
     preview_slice: int,
@@ -361,11 +408,7 @@ def _report(
             "spacing_mm": list(volume.geometry.spacing),
         },
         "plan": plan.to_json(),
-        "models": [
-            {"name": name, "status": "ok", "seconds": {k: round(v, 3) for k, v in p.seconds.items()}}
-            for name, p in predictions.items()
-        ]
-        + [{"name": name, "status": "failed", "error": err} for name, err in errors.items()],
+        "models": [_model_entry(outcome) for outcome in outcomes.values()],
         "segments": [
             {
                 "number": number,
@@ -384,3 +427,17 @@ def _report(
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "preview_slice": preview_slice,
     }
+
+
+def _model_entry(outcome: JobResult) -> dict:
+    """One model's line in the report: status, device, seconds per step, or the reason it failed."""
+    entry: dict = {"name": outcome.model, "status": "ok" if outcome.ok else "failed"}
+    if outcome.ok and outcome.prediction is not None:
+        seconds = {**outcome.seconds, **outcome.prediction.seconds}
+        entry["device"] = outcome.prediction.device
+        entry["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    else:
+        entry["error"] = outcome.error or outcome.status
+        if outcome.status == "timeout":
+            entry["timeout"] = True
+    return entry

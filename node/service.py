@@ -90,6 +90,10 @@ class Node:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Resume unfinished jobs, start listening and start the worker loops."""
+        # Partial writes of a crashed process were never acknowledged: the sender retries them.
+        for stale in self.spool_dir.rglob(".*.tmp") if self.spool_dir.exists() else ():
+            stale.unlink(missing_ok=True)
+        self.store.restart_quiet_timers()
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
