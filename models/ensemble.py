@@ -1,24 +1,48 @@
 """Rank-aware ensemble of per-label probability maps.
 
-For a target ``t`` with members ``m_1 .. m_n`` ranked best first (registry
-quality for that label, then dataset specificity), member ``m_r`` gets the
-weight
+For a target ``t`` with candidate members ``m_1 .. m_n`` ranked best first
+(registry quality for that label, then dataset specificity), let ``K`` be the
+members that survive the plausibility checks.  Member ``m_r`` in ``K`` gets
+the weight
 
-    w_r = (1 / r) / sum_{k in kept} (1 / k)
+    w_r = (1 / r) / sum_{k in K} (1 / k)
 
-and the fused score of a voxel is ``S_t(x) = sum_r w_r * p_{r,t}(x)``.  A
-member whose mask (``p > 0.5``) is empty, or whose volume lies outside the
-registry's plausible range for the label, is dropped before the weights are
-normalised, so the others are re-weighted.  A voxel belongs to the target
-with the highest fused score when that score exceeds ``threshold``; this
-resolves overlaps between targets.
+(``r`` is its rank among *all* candidates, so dropping a member re-weights the
+others without promoting them), and the fused score of a voxel is
+``S_t(x) = sum_{r in K} w_r * p_{r,t}(x)``.  A member is dropped when its mask
+(``p > 0.5``) is
+
+* empty;
+* of implausible volume: above the registry's maximum for the label, or below
+  its minimum -- unless the mask touches the border of the volume, because a
+  structure cut by the field of view can be arbitrarily small;
+* speckled (optional, for structures that are not lesions): more than a
+  given share of the mask lies in connected pieces smaller than
+  ``speckle_ml`` (noise, not anatomy);
+* an outlier (optional, while three or more members remain): its mean Dice
+  with the other members is the lowest and below a given agreement.
+
+A voxel belongs to the target with the highest fused score when that score
+exceeds ``threshold``; this resolves overlaps between targets.  Maps are
+handled as :class:`~medsegagent.models.resample.BoxedMap` (support box plus
+contents) so that fusing a handful of organs on a 512x512x300 CT stays in
+the memory of a few organ boxes; see ``docs/ensemble.md`` for a worked
+example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from medsegagent.models.resample import BoxedMap
+
+__all__ = ["Member", "TargetResult", "as_boxed", "fuse_target", "rank_weights", "resolve_overlaps"]
+
+#: What a member's opinion may be: a dense map, a boxed map, or a callable that makes one on demand.
+MapLike = np.ndarray | BoxedMap | Callable[[], "np.ndarray | BoxedMap"]
 
 
 @dataclass(frozen=True)
@@ -29,26 +53,88 @@ class Member:
     ----------
     model : str
         Model name.
-    probability : numpy.ndarray
-        Probability map on the source grid.
+    probability : array, BoxedMap or callable
+        Probability map on the source grid, or a zero-argument callable that
+        returns one (so the map is resampled only when the ensemble needs it).
     rank_key : tuple
         Sort key, smaller is better (e.g. ``(-quality, -specificity, name)``).
     """
 
     model: str
-    probability: np.ndarray
+    probability: MapLike
     rank_key: tuple = ()
 
 
-@dataclass
 class TargetResult:
-    """Fused result for one target with the decisions that produced it."""
+    """Fused result for one target with the decisions that produced it.
 
-    target: str
-    score: np.ndarray
-    weights: dict[str, float] = field(default_factory=dict)
-    ranks: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
+    Parameters
+    ----------
+    target : str
+        Target (label) name.
+    score : numpy.ndarray or BoxedMap
+        Fused score on the source grid.
+    weights : dict, optional
+        Model -> normalised weight of the kept members.
+    ranks : dict, optional
+        Model -> rank (1 = best) among all candidates.
+    dropped : dict, optional
+        Model -> why it was left out.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        score: np.ndarray | BoxedMap,
+        weights: dict[str, float] | None = None,
+        ranks: dict[str, int] | None = None,
+        dropped: dict[str, str] | None = None,
+    ) -> None:
+        self.target = target
+        self.score_map: BoxedMap = score if isinstance(score, BoxedMap) else BoxedMap.from_dense(score)
+        self.weights: dict[str, float] = dict(weights or {})
+        self.ranks: dict[str, int] = dict(ranks or {})
+        self.dropped: dict[str, str] = dict(dropped or {})
+
+    @property
+    def score(self) -> np.ndarray:
+        """The fused score as a dense float32 array on the source grid."""
+        return self.score_map.dense(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of the source grid."""
+        return self.score_map.shape
+
+    def __repr__(self) -> str:
+        return f"TargetResult({self.target!r}, weights={self.weights}, dropped={self.dropped})"
+
+
+def as_boxed(value: MapLike) -> BoxedMap:
+    """Materialise a member's map as a :class:`BoxedMap` (float32)."""
+    if callable(value) and not isinstance(value, np.ndarray | BoxedMap):
+        value = value()
+    if isinstance(value, BoxedMap):
+        if value.data.dtype != np.float32:
+            return BoxedMap(value.shape, value.box, value.data.astype(np.float32))
+        return value
+    array = np.asarray(value)
+    return BoxedMap.from_dense(array.astype(np.float32, copy=False))
+
+
+def rank_weights(ranks: Sequence[int]) -> list[float]:
+    """Normalised ``1 / rank`` weights of the kept members' ranks."""
+    raw = [1.0 / r for r in ranks]
+    total = sum(raw)
+    return [v / total for v in raw]
+
+
+@dataclass
+class _Kept:
+    rank: int
+    model: str
+    map: BoxedMap
+    mask_voxels: int = field(default=0)
 
 
 def fuse_target(
@@ -57,6 +143,9 @@ def fuse_target(
     *,
     voxel_ml: float,
     volume_range_ml: tuple[float, float] | None = None,
+    max_speckle_share: float | None = None,
+    speckle_ml: float = 0.5,
+    min_agreement: float | None = None,
 ) -> TargetResult:
     """Fuse the members of one target with rank-decaying weights.
 
@@ -69,7 +158,17 @@ def fuse_target(
     voxel_ml : float
         Volume of one voxel, for the plausibility check.
     volume_range_ml : tuple of float, optional
-        Plausible ``(min, max)`` volume; members outside it are dropped.
+        Plausible ``(min, max)`` volume of the whole structure; members outside
+        it are dropped (the minimum is waived for masks touching the border).
+    max_speckle_share : float, optional
+        Drop members with more than this share of their mask in connected
+        pieces (6-connectivity) smaller than ``speckle_ml`` (not for lesions,
+        which may be that small).
+    speckle_ml : float
+        Size below which a piece counts as speckle.
+    min_agreement : float, optional
+        While three or more members are kept, drop the one with the lowest
+        mean Dice with the others if that is below this (one at a time).
 
     Returns
     -------
@@ -78,38 +177,152 @@ def fuse_target(
     """
     ranked = sorted(members, key=lambda m: m.rank_key)
     ranks = {m.model: r for r, m in enumerate(ranked, start=1)}
-    kept: list[tuple[int, Member]] = []
     dropped: dict[str, str] = {}
+    kept: list[_Kept] = []
+    shape: tuple[int, int, int] | None = None
     for rank, member in enumerate(ranked, start=1):
-        volume = float(np.count_nonzero(member.probability > 0.5)) * voxel_ml
-        if volume == 0.0:
-            dropped[member.model] = "empty output"
-        elif volume_range_ml and not (volume_range_ml[0] <= volume <= volume_range_ml[1]):
-            low, high = volume_range_ml
-            dropped[member.model] = f"implausible volume {volume:.1f} mL (expected {low:g}-{high:g} mL)"
+        boxed = as_boxed(member.probability)
+        if shape is None:
+            shape = boxed.shape
+        elif boxed.shape != shape:
+            raise ValueError(f"member {member.model} has grid {boxed.shape}, expected {shape}")
+        reason = _implausible(boxed, voxel_ml, volume_range_ml, max_speckle_share, speckle_ml)
+        if reason:
+            dropped[member.model] = reason
         else:
-            kept.append((rank, member))
+            kept.append(_Kept(rank, member.model, boxed, boxed.count(0.5)))
+    if min_agreement is not None and len(kept) >= 3:
+        kept, outliers = _drop_outliers(kept, min_agreement)
+        dropped.update(outliers)
+    if shape is None:
+        return TargetResult(target, BoxedMap.empty((0, 0, 0)), {}, ranks, dropped)
     if not kept:
-        shape = members[0].probability.shape if members else (0,)
-        return TargetResult(target, np.zeros(shape, np.float32), {}, ranks, dropped)
-    raw = {member.model: 1.0 / rank for rank, member in kept}
-    total = sum(raw.values())
-    weights = {name: value / total for name, value in raw.items()}
-    score = np.zeros(kept[0][1].probability.shape, dtype=np.float32)
-    for _, member in kept:
-        score += np.float32(weights[member.model]) * member.probability.astype(np.float32, copy=False)
-    return TargetResult(target, score, weights, ranks, dropped)
+        return TargetResult(target, BoxedMap.empty(shape), {}, ranks, dropped)
+    weights = dict(zip((k.model for k in kept), rank_weights([k.rank for k in kept]), strict=True))
+    return TargetResult(
+        target, _weighted_sum(shape, [(weights[k.model], k.map) for k in kept]), weights, ranks, dropped
+    )
+
+
+def _implausible(
+    boxed: BoxedMap,
+    voxel_ml: float,
+    volume_range_ml: tuple[float, float] | None,
+    max_speckle_share: float | None,
+    speckle_ml: float,
+) -> str | None:
+    """Why a member's map is not a plausible mask of its target, or ``None``."""
+    voxels = boxed.count(0.5)
+    if voxels == 0:
+        return "empty output"
+    volume = voxels * voxel_ml
+    if volume_range_ml is not None:
+        low, high = volume_range_ml
+        if volume > high:
+            return f"implausible volume {volume:.1f} mL (expected {low:g}-{high:g} mL)"
+        if volume < low and not boxed.touches_border(0.5):
+            return f"implausible volume {volume:.1f} mL (expected {low:g}-{high:g} mL)"
+    if max_speckle_share is not None:
+        from scipy import ndimage  # only when the check is asked for
+
+        pieces, n = ndimage.label(boxed.data > 0.5)
+        if n > 1:
+            sizes = np.bincount(pieces.ravel())[1:]
+            share = float(sizes[sizes * voxel_ml < speckle_ml].sum()) / voxels
+            if share > max_speckle_share:
+                return f"speckled output ({100 * share:.0f} % of the mask in {n} pieces < {speckle_ml:g} mL)"
+    return None
+
+
+def _drop_outliers(kept: list[_Kept], min_agreement: float) -> tuple[list[_Kept], dict[str, str]]:
+    """Drop, one at a time, the member that agrees least with the others while three or more remain.
+
+    Agreement is a member's mean Dice with each other kept member (unweighted:
+    a high-ranked outlier must not pull the judgement its way).
+    """
+    kept = list(kept)
+    outliers: dict[str, str] = {}
+    pairs = {(a.model, b.model): _dice(a.map, b.map) for i, a in enumerate(kept) for b in kept[i + 1 :]}
+    pairs.update({(b, a): d for (a, b), d in list(pairs.items())})
+    while len(kept) >= 3:
+        agreement = {m.model: float(np.mean([pairs[m.model, o.model] for o in kept if o is not m])) for m in kept}
+        worst = min(kept, key=lambda m: (agreement[m.model], -m.rank))
+        if agreement[worst.model] >= min_agreement:
+            break
+        outliers[worst.model] = (
+            f"disagrees with the other members (mean Dice {agreement[worst.model]:.2f} < {min_agreement:g})"
+        )
+        kept.remove(worst)
+    return kept, outliers
+
+
+def _union_box(maps: Sequence[BoxedMap]) -> tuple[slice, slice, slice] | None:
+    boxes = [m.box for m in maps if not m.is_empty]
+    if not boxes:
+        return None
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))  # type: ignore[return-value]
+
+
+def _local(box: tuple[slice, ...], within: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, within, strict=True))
+
+
+def _weighted_sum(shape: tuple[int, int, int], terms: list[tuple[float, BoxedMap]]) -> BoxedMap:
+    """``sum w * map`` on the union of the maps' boxes."""
+    union = _union_box([m for _, m in terms])
+    if union is None:
+        return BoxedMap.empty(shape)
+    block = np.zeros(tuple(s.stop - s.start for s in union), np.float32)
+    for weight, m in terms:
+        if not m.is_empty:
+            block[_local(m.box, union)] += np.float32(weight) * m.data
+    return BoxedMap(shape, union, block)
+
+
+def _dice(a: BoxedMap, b: BoxedMap, threshold: float = 0.5) -> float:
+    """Dice of two maps' masks (``> threshold``), computed on the union of their boxes."""
+    union = _union_box([a, b])
+    if union is None:
+        return 1.0
+    extent = tuple(s.stop - s.start for s in union)
+    masks = []
+    for m in (a, b):
+        mask = np.zeros(extent, bool)
+        if not m.is_empty:
+            mask[_local(m.box, union)] = m.data > threshold
+        masks.append(mask)
+    total = int(masks[0].sum() + masks[1].sum())
+    return 2.0 * float((masks[0] & masks[1]).sum()) / total if total else 1.0
 
 
 def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.ndarray:
     """Label map ``1..len(results)`` (0 = background) by highest fused score.
 
     A voxel is assigned to target ``i`` when ``S_i`` is the largest fused
-    score at that voxel and exceeds ``threshold``.
+    score at that voxel and exceeds ``threshold`` (ties go to the earlier
+    target).  Scores are visited box by box, so memory is one label map plus
+    one running maximum, whatever the number of targets.
     """
     if not results:
         raise ValueError("nothing to fuse")
-    scores = np.stack([r.score for r in results])
-    best = np.argmax(scores, axis=0)
-    peak = np.take_along_axis(scores, best[None], axis=0)[0]
-    return np.where(peak > threshold, best + 1, 0).astype(np.uint8)
+    if len(results) > 255:
+        raise ValueError(f"at most 255 targets fit a uint8 label map, got {len(results)}")
+    shape = next((r.shape for r in results if r.shape != (0, 0, 0)), (0, 0, 0))
+    best = np.zeros(shape, np.uint8)
+    peak = np.zeros(shape, np.float32)
+    for number, result in enumerate(results, start=1):
+        m = result.score_map
+        if m.is_empty:
+            continue
+        if m.shape != shape:
+            raise ValueError(f"target {result.target} has grid {m.shape}, expected {shape}")
+        region_peak, region_best = peak[m.box], best[m.box]
+        better = m.data > region_peak
+        region_peak[better] = m.data[better]
+        region_best[better] = number
+    for result in results:  # outside every box the peak is 0: only boxes can hold a label
+        m = result.score_map
+        if not m.is_empty:
+            region_best = best[m.box]
+            region_best[peak[m.box] <= threshold] = 0
+    return best

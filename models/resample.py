@@ -1,17 +1,21 @@
 """Resampling between voxel grids in patient space.
 
-Models are trained on a fixed, axis-aligned grid; sources come in any
-orientation and size.  :func:`model_grid` builds the axis-aligned LPS grid
-that covers a source volume, and :func:`resample` moves data between any two
+Models are trained on a grid of their own (fixed size, fixed spacing, a
+canonical orientation); sources come in any orientation and size.
+:func:`target_grid` builds the grid a model wants over a source volume,
+:func:`resample` moves data between any two
 :class:`~medsegagent.dicom.volume.Geometry` grids by sampling at voxel
-centres (trilinear for images and probabilities, nearest for labels).  Going
-there and back is the same operation twice, so masks land on the source
-voxels they were computed for.
+centres (trilinear for images and probabilities, nearest for labels), and
+:func:`resample_boxed` does the way back only where a map has support, so a
+probability map of a kidney on a 512x512x300 CT costs the kidney's box, not
+the whole volume.  Going there and back is the same operation twice, so masks
+land on the source voxels they were computed for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,14 +23,151 @@ import torch.nn.functional as F
 
 from medsegagent.dicom.volume import Geometry
 
-#: Destination slices resampled per chunk; bounds the sampling grid's memory.
-_CHUNK_VOXELS = 8_000_000
+__all__ = [
+    "ORIENTATIONS",
+    "BoxedMap",
+    "derived_grid",
+    "foreground_mask",
+    "model_grid",
+    "resample",
+    "resample_boxed",
+    "sub_geometry",
+    "target_grid",
+]
+
+#: Destination voxels resampled per chunk; bounds the sampling grid's memory.
+_CHUNK_VOXELS = 4_000_000
+
+#: Axis directions (column, row, slice) of the canonical orientations, in LPS.
+_AXES = {
+    "LPS": np.eye(3),
+    "RAS": np.diag([-1.0, -1.0, 1.0]),
+}
+#: Orientations :func:`target_grid` understands (``native``: the source's own axes).
+ORIENTATIONS = ("LPS", "RAS", "native")
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def _axes_of(source: Geometry, orientation: str) -> np.ndarray:
+    """Rows: unit vectors of the target grid's column, row and slice axes."""
+    if orientation == "native":
+        slice_dir = source.slice_direction
+        # A tilted (gantry) stack has a slice direction off the normal; a model
+        # grid must be orthogonal, so it uses the normal then.
+        if abs(slice_dir @ source.row_direction) > 1e-4 or abs(slice_dir @ source.column_direction) > 1e-4:
+            slice_dir = source.normal
+        return np.stack([source.row_direction, source.column_direction, slice_dir])
+    try:
+        return _AXES[orientation]
+    except KeyError:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}") from None
+
+
+def _index_box(shape: Sequence[int], foreground: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(slice, row, column) index bounds of the whole grid or of the foreground."""
+    lo, hi = np.zeros(3), np.array(shape, dtype=float) - 1
+    if foreground is not None and foreground.any():
+        hits = [np.flatnonzero(foreground.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+        return np.array([h[0] for h in hits], float), np.array([h[-1] for h in hits], float), True
+    return lo, hi, False
+
+
+def target_grid(
+    source: Geometry,
+    *,
+    orientation: str = "LPS",
+    spacing: Sequence[float] | None = None,
+    size: Sequence[int] | None = None,
+    foreground: np.ndarray | None = None,
+    margin_mm: float = 10.0,
+) -> Geometry:
+    """The grid a model wants over ``source``.
+
+    Parameters
+    ----------
+    source : Geometry
+        The grid to cover (any orientation).
+    orientation : {"LPS", "RAS", "native"}
+        Axis directions of the result: ``LPS`` has columns along +x (patient
+        left), rows along +y (posterior), slices along +z (superior); ``RAS``
+        flips x and y; ``native`` keeps the source's own axes.
+    spacing : sequence of float, optional
+        ``(x, y, z)`` voxel size in mm along the result's column, row and
+        slice axes.  The grid is as large as needed to cover the box.
+    size : sequence of int, optional
+        ``(x, y, z)`` voxel counts; the spacing is then whatever covers the
+        box (the demo models' fixed grids).  ``size`` wins over ``spacing``.
+    foreground : numpy.ndarray, optional
+        Boolean mask on ``source``; when given (and not empty) the grid covers
+        only its bounding box plus ``margin_mm``, so the model's voxels are
+        spent on the patient rather than on air.
+    margin_mm : float
+        Margin around the foreground box (whole voxels when ``spacing`` is set).
+
+    Returns
+    -------
+    Geometry
+        With neither ``spacing`` nor ``size`` the spacing along each axis is
+        the source spacing of the source axis closest to it, so a source whose
+        axes are a permutation or flip of the requested ones is reproduced
+        voxel for voxel (a pure re-orientation, exact with ``mode="nearest"``).
+        ``native`` with neither and no foreground is ``source`` itself.
+    """
+    axes = _axes_of(source, orientation)
+    if size is None and spacing is None and orientation == "native" and foreground is None:
+        return source
+    lo_idx, hi_idx, cropped = _index_box(source.shape, foreground)
+    margin = margin_mm if cropped else 0.0
+    corners = np.array(
+        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])],
+        dtype=float,
+    )
+    points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
+    coords = points @ axes.T  # position along each target axis
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    if size is not None:
+        n = np.array([int(v) for v in size])
+        if n.shape != (3,) or (n < 1).any():
+            raise ValueError(f"size must be three positive ints (x, y, z), got {size!r}")
+        low, high = low - margin, high + margin
+        step = np.maximum((high - low) / np.maximum(n - 1, 1), 1e-3)
+        start = low
+    else:
+        if spacing is None:
+            # The source axis (column, row, slice) closest to each target axis lends its spacing.
+            source_axes = np.stack([source.row_direction, source.column_direction, source.slice_direction])
+            source_spacing = np.array([source.spacing[2], source.spacing[1], source.spacing[0]])
+            step = source_spacing[np.argmax(np.abs(axes @ source_axes.T), axis=1)]
+        else:
+            step = np.array([float(v) for v in spacing])
+            if step.shape != (3,) or (step <= 0).any():
+                raise ValueError(f"spacing must be three positive numbers (x, y, z), got {spacing!r}")
+        extent = (high - low) / step
+        # Whole voxels, so an aligned source keeps its voxel centres (no interpolation).
+        whole = np.where(np.isclose(extent, np.round(extent), atol=1e-3), np.round(extent), np.ceil(extent))
+        pad = np.ceil(margin / step - 1e-9)
+        n = (whole + 1 + 2 * pad).astype(int)
+        start = (low + high) / 2 - (n - 1) * step / 2
+    origin = axes.T @ start
+    return Geometry(
+        shape=(int(n[2]), int(n[1]), int(n[0])),
+        origin=origin,
+        row_direction=axes[0],
+        column_direction=axes[1],
+        slice_direction=axes[2],
+        spacing=(float(step[2]), float(step[1]), float(step[0])),
+    )
 
 
 def model_grid(
     source: Geometry, size: Sequence[int], foreground: np.ndarray | None = None, margin_mm: float = 10.0
 ) -> Geometry:
     """Axis-aligned LPS grid of ``size`` voxels covering ``source`` (or its foreground).
+
+    The fixed grid of the demo models; ``target_grid(source, size=size, ...)``
+    with ``orientation="LPS"``.
 
     Parameters
     ----------
@@ -35,42 +176,64 @@ def model_grid(
     size : sequence of int
         ``(x, y, z)`` voxel counts of the model's input grid.
     foreground : numpy.ndarray, optional
-        Boolean mask on ``source``; when given (and not empty) the grid covers
-        only its bounding box plus ``margin_mm``, so the model's voxels are
-        spent on the patient rather than on air.
+        Boolean mask on ``source``; the grid covers its bounding box plus ``margin_mm``.
     margin_mm : float
         Margin around the foreground box.
-
-    Returns
-    -------
-    Geometry
-        A grid whose columns run along +x (patient left), rows along +y
-        (posterior), slices along +z (superior), spanning the bounding box
-        of ``source``'s voxel centres.
     """
-    lo_idx, hi_idx = np.zeros(3), np.array(source.shape, dtype=float) - 1  # (slice, row, column)
-    margin = 0.0
-    if foreground is not None and foreground.any():
-        hits = [np.flatnonzero(foreground.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
-        lo_idx = np.array([h[0] for h in hits], dtype=float)
-        hi_idx = np.array([h[-1] for h in hits], dtype=float)
-        margin = margin_mm
-    corners = np.array(
-        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])],
-        dtype=float,
-    )
-    points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
-    low, high = points.min(axis=0) - margin, points.max(axis=0) + margin
-    nx, ny, nz = (int(v) for v in size)
-    spacing_xyz = np.maximum((high - low) / np.maximum(np.array([nx, ny, nz]) - 1, 1), 1e-3)
+    return target_grid(source, orientation="LPS", size=size, foreground=foreground, margin_mm=margin_mm)
+
+
+def derived_grid(
+    base: Geometry,
+    axes: Sequence[int],
+    shape: Sequence[int],
+    start: Sequence[float] = (0.0, 0.0, 0.0),
+    step: Sequence[float] = (1.0, 1.0, 1.0),
+) -> Geometry:
+    """A grid laid along the axes of ``base`` (permuted, cropped, rescaled).
+
+    Array axis ``k`` of the result runs along array axis ``axes[k]`` of
+    ``base`` (0 = slice, 1 = row, 2 = column); its voxel ``i`` sits at base
+    index ``start[k] + step[k] * i`` along that axis.  This describes what
+    libraries such as nnU-Net do to an array (transpose, crop, resize) in
+    patient space.
+
+    Parameters
+    ----------
+    base : Geometry
+        The grid the array came from.
+    axes : sequence of int
+        A permutation of ``(0, 1, 2)``.
+    shape : sequence of int
+        Shape of the derived array.
+    start, step : sequence of float
+        Per derived axis, in base index units (``step`` may be fractional or negative).
+    """
+    if sorted(int(a) for a in axes) != [0, 1, 2]:
+        raise ValueError(f"axes must be a permutation of (0, 1, 2), got {axes!r}")
+    directions = [base.slice_direction, base.column_direction, base.row_direction]
+    position = np.zeros(3)  # base (slice, row, column) index of the new origin
+    new_dirs, new_spacing = [], []
+    for k, a in enumerate(axes):
+        position[a] = start[k]
+        new_dirs.append(directions[a] * (1.0 if step[k] >= 0 else -1.0))
+        new_spacing.append(abs(float(step[k])) * base.spacing[a])
+    origin = base.index_to_lps(position[2], position[1], position[0])
     return Geometry(
-        shape=(nz, ny, nx),
-        origin=low,
-        row_direction=(1.0, 0.0, 0.0),
-        column_direction=(0.0, 1.0, 0.0),
-        slice_direction=(0.0, 0.0, 1.0),
-        spacing=(float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0])),
+        shape=tuple(int(s) for s in shape),
+        origin=origin,
+        row_direction=new_dirs[2],
+        column_direction=new_dirs[1],
+        slice_direction=new_dirs[0],
+        spacing=(new_spacing[0], new_spacing[1], new_spacing[2]),
     )
+
+
+def sub_geometry(geometry: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
+    """The part of ``geometry`` covered by ``box`` (slices with integer start/stop, step 1)."""
+    starts = [int(s.start) for s in box]
+    shape = [int(s.stop) - int(s.start) for s in box]
+    return derived_grid(geometry, (0, 1, 2), shape, starts, (1.0, 1.0, 1.0))
 
 
 def foreground_mask(array: np.ndarray) -> np.ndarray:
@@ -83,6 +246,9 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return array > low + 0.1 * (high - low)
 
 
+# --------------------------------------------------------------------------- sampling
+
+
 def resample(
     data: np.ndarray | torch.Tensor,
     source: Geometry,
@@ -90,6 +256,7 @@ def resample(
     *,
     mode: str = "linear",
     fill: float | None = None,
+    outside: float | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Sample ``data`` (on ``source``) at every voxel centre of ``target``.
@@ -103,53 +270,205 @@ def resample(
     mode : {"linear", "nearest"}
         Trilinear for intensities and probabilities, nearest for labels.
     fill : float, optional
-        Value outside the source; by default the nearest border value.
+        Value the source fades to beyond its outermost voxel centres (images:
+        the air value); by default the border value is extended.
+    outside : float, optional
+        Value of target voxels that lie outside the source's extent (its voxel
+        centres plus half a voxel); by default they follow ``fill``.  Model
+        outputs use ``0``: beyond the box the model saw, it said nothing.
     dtype : torch.dtype
         Working precision.
 
     Returns
     -------
     numpy.ndarray
-        ``target.shape`` (with the channel axis first if the input had one).
+        float32, ``target.shape`` (with the channel axis first if the input had one).
     """
-    tensor = torch.as_tensor(data)
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    # Views with negative strides (flipped arrays) are fine here, not in torch.
+    tensor = torch.as_tensor(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
     squeeze = tensor.ndim == 3
     if squeeze:
         tensor = tensor[None]
     if tuple(tensor.shape[1:]) != source.shape:
         raise ValueError(f"data shape {tuple(tensor.shape)} does not match source grid {source.shape}")
     if source.same_grid(target):
-        out = tensor.to(dtype).numpy()
+        out = tensor.to(torch.float32).numpy()
         return out[0] if squeeze else out
     tensor = tensor.to(dtype)[None]  # (1, C, D, H, W)
+    if fill is not None:
+        tensor = tensor - fill
     # Affine from target indices straight to source indices: one matmul per voxel.
     index_map = np.linalg.inv(source.affine) @ target.affine
     depth, rows, cols = source.shape
+    limits = np.array([cols, rows, depth], dtype=np.float64) - 0.5
     scale = np.array([2.0 / max(cols - 1, 1), 2.0 / max(rows - 1, 1), 2.0 / max(depth - 1, 1)])
     out = np.empty((tensor.shape[1], *target.shape), dtype=np.float32)
     per_slice = target.shape[1] * target.shape[2]
     step = max(1, _CHUNK_VOXELS // per_slice)
     jj, ii = np.meshgrid(np.arange(target.shape[1]), np.arange(target.shape[2]), indexing="ij")
+    # The in-plane part of the map is the same for every slice: compute it once.
+    plane = ii[..., None] * index_map[:3, 0] + jj[..., None] * index_map[:3, 1] + index_map[:3, 3]
     grid_mode = "nearest" if mode == "nearest" else "bilinear"
     padding = "border" if fill is None else "zeros"
-    for start in range(0, target.shape[0], step):
-        ks = np.arange(start, min(start + step, target.shape[0]))
-        idx = np.stack(
-            [
-                np.broadcast_to(ii, (len(ks), *ii.shape)),
-                np.broadcast_to(jj, (len(ks), *jj.shape)),
-                np.broadcast_to(ks[:, None, None], (len(ks), *ii.shape)),
-            ],
-            axis=-1,
-        ).astype(np.float64)
-        src_idx = idx @ index_map[:3, :3].T + index_map[:3, 3]
+    for first in range(0, target.shape[0], step):
+        ks = np.arange(first, min(first + step, target.shape[0]))
+        src_idx = plane[None] + ks[:, None, None, None] * index_map[:3, 2]  # (k, rows, cols, 3) column/row/slice
         grid = torch.from_numpy((src_idx * scale - 1.0).astype(np.float32))[None]
+        sampled = F.grid_sample(tensor, grid.to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
+        block = sampled[0].float().numpy()
         if fill is not None:
-            sampled = F.grid_sample(
-                tensor - fill, grid.to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True
-            )
-            sampled = sampled + fill
-        else:
-            sampled = F.grid_sample(tensor, grid.to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
-        out[:, ks] = sampled[0].float().numpy()
+            block += fill
+        if outside is not None:
+            beyond = ((src_idx < -0.5 - 1e-6) | (src_idx > limits + 1e-6)).any(axis=-1)
+            block[:, beyond] = outside
+        out[:, ks] = block
     return out[0] if squeeze else out
+
+
+@dataclass(frozen=True)
+class BoxedMap:
+    """A map on a grid that is zero outside one box.
+
+    Model outputs are local (an organ fills a few percent of a CT), so they are
+    kept and fused as the box where they have support plus its contents; the
+    dense array is built only on request.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(slices, rows, columns)`` of the whole grid.
+    box : tuple of slice
+        Where ``data`` lies in the grid (integer bounds, step 1).
+    data : numpy.ndarray
+        The values inside ``box``.
+    """
+
+    shape: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 3:
+            raise ValueError(f"shape must have three axes, got {self.shape}")
+        box = tuple(slice(int(s.start), int(s.stop)) for s in self.box)
+        for s, n in zip(box, shape, strict=True):
+            if not 0 <= s.start <= s.stop <= n:
+                raise ValueError(f"box {self.box} does not fit in grid {shape}")
+        extent = tuple(s.stop - s.start for s in box)
+        if tuple(self.data.shape) != extent:
+            raise ValueError(f"data shape {self.data.shape} does not match box extent {extent}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "box", box)
+
+    @classmethod
+    def empty(cls, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> BoxedMap:
+        """A map that is zero everywhere."""
+        return cls(tuple(shape), (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype))
+
+    @classmethod
+    def from_dense(cls, array: np.ndarray, threshold: float = 0.0) -> BoxedMap:
+        """Crop ``array`` to the box of its values above ``threshold``."""
+        support = array > threshold
+        if not support.any():
+            return cls.empty(array.shape, array.dtype)
+        box = _support_box(support)
+        return cls(array.shape, box, array[box])
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the box holds no voxel."""
+        return self.data.size == 0
+
+    def dense(self, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """The whole map as one array."""
+        out = np.zeros(self.shape, dtype or self.data.dtype)
+        out[self.box] = self.data
+        return out
+
+    def count(self, threshold: float = 0.5) -> int:
+        """Voxels above ``threshold``."""
+        return int(np.count_nonzero(self.data > threshold))
+
+    def touches_border(self, threshold: float = 0.5) -> bool:
+        """Whether the map is above ``threshold`` on a face of the whole grid.
+
+        A structure cut by the field of view touches it; its volume may then
+        be anything below the whole organ's.
+        """
+        if self.is_empty:
+            return False
+        mask = self.data > threshold
+        for axis, (s, n) in enumerate(zip(self.box, self.shape, strict=True)):
+            if s.start == 0 and np.take(mask, 0, axis=axis).any():
+                return True
+            if s.stop == n and np.take(mask, -1, axis=axis).any():
+                return True
+        return False
+
+
+def _support_box(support: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice]:
+    """Bounding box of a non-empty boolean array, grown by ``pad`` voxels and clipped."""
+    box = []
+    for axis, axes in enumerate(((1, 2), (0, 2), (0, 1))):
+        hits = np.flatnonzero(support.any(axis=axes))
+        box.append(slice(max(int(hits[0]) - pad, 0), min(int(hits[-1]) + 1 + pad, support.shape[axis])))
+    return box[0], box[1], box[2]
+
+
+def resample_boxed(
+    data: np.ndarray,
+    source: Geometry,
+    target: Geometry,
+    *,
+    mode: str = "linear",
+    eps: float = 1e-3,
+) -> BoxedMap:
+    """Resample a model output to ``target`` only where it has support.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        ``(slices, rows, columns)`` probability (``linear``) or mask
+        (``nearest``) on ``source``.
+    source, target : Geometry
+        The model's grid and the grid of the result (the study's series).
+    mode : {"linear", "nearest"}
+        Interpolation.
+    eps : float
+        Values at or below ``eps`` count as zero (``linear``; masks use 0).
+
+    Returns
+    -------
+    BoxedMap
+        On ``target``: the target voxels whose centres fall within one source
+        voxel of the support, resampled; zero elsewhere (and outside the
+        source's extent).
+    """
+    threshold = eps if mode == "linear" else 0.0
+    support = data > threshold
+    if not support.any():
+        return BoxedMap.empty(target.shape)
+    if source.same_grid(target):  # a backend that answers on the study's grid: just crop
+        box = _support_box(support)
+        return BoxedMap(target.shape, box, np.where(support[box], data[box], 0).astype(np.float32))
+    # One voxel of slack: linear interpolation reaches one voxel beyond the support.
+    box = _support_box(support, pad=1)
+    lo = np.array([s.start for s in box], float) - 0.5  # (slice, row, column) edges
+    hi = np.array([s.stop for s in box], float) - 0.5
+    corners = np.array([[c, r, s] for c in (lo[2], hi[2]) for r in (lo[1], hi[1]) for s in (lo[0], hi[0])])
+    index_map = np.linalg.inv(target.affine) @ source.affine
+    inside = corners @ index_map[:3, :3].T + index_map[:3, 3]  # target (column, row, slice)
+    first = np.floor(inside.min(axis=0)).astype(int)
+    last = np.ceil(inside.max(axis=0)).astype(int)
+    upper = np.array([target.shape[2], target.shape[1], target.shape[0]])
+    first, last = np.clip(first, 0, upper), np.clip(last + 1, 0, upper)
+    if (last <= first).any():
+        return BoxedMap.empty(target.shape)
+    out_box = (slice(first[2], last[2]), slice(first[1], last[1]), slice(first[0], last[0]))
+    block = resample(data, source, sub_geometry(target, out_box), mode=mode, outside=0.0)
+    if mode == "linear":
+        block[block <= eps] = 0.0
+    return BoxedMap(target.shape, out_box, block)

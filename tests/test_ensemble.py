@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medsegagent.models.ensemble import Member, fuse_target, resolve_overlaps
+from medsegagent.models.resample import BoxedMap
 
 
 def _box(shape=(10, 10, 10), lo=2, hi=7) -> np.ndarray:
@@ -52,3 +53,100 @@ def test_overlaps_go_to_higher_fused_score():
     labels = resolve_overlaps([a, b, c])
     assert (labels == 2).all()
     assert (resolve_overlaps([c]) == 0).all()
+
+
+def test_dropping_a_member_keeps_the_others_ranks():
+    """Weights use ranks among all candidates: dropping rank 1 leaves 1/2 and 1/3, normalised."""
+    members = [
+        Member("best", np.zeros((10, 10, 10), np.float32), (-0.95,)),
+        Member("second", _box(), (-0.9,)),
+        Member("third", _box(), (-0.8,)),
+    ]
+    result = fuse_target("spleen", members, voxel_ml=0.001)
+    assert result.weights == pytest.approx({"second": 0.6, "third": 0.4})
+    assert result.ranks == {"best": 1, "second": 2, "third": 3}
+
+
+def test_worked_example_of_the_docs():
+    """docs/ensemble.md: three liver members, one voxel each of three kinds."""
+    p1 = np.array([0.9, 0.4, 0.2], np.float32).reshape(1, 1, 3)
+    p2 = np.array([0.8, 0.7, 0.1], np.float32).reshape(1, 1, 3)
+    p3 = np.array([0.6, 0.9, 0.9], np.float32).reshape(1, 1, 3)
+    members = [Member("A", p1, (-0.96,)), Member("B", p2, (-0.95,)), Member("C", p3, (-0.90,))]
+    result = fuse_target("liver", members, voxel_ml=1.0)
+    assert result.weights == pytest.approx({"A": 6 / 11, "B": 3 / 11, "C": 2 / 11})
+    np.testing.assert_allclose(result.score.ravel(), [9.0 / 11, 6.3 / 11, 3.3 / 11], atol=1e-6)
+    assert resolve_overlaps([result]).ravel().tolist() == [1, 1, 0]
+
+
+def test_minimum_volume_is_waived_for_structures_cut_by_the_field_of_view():
+    inside = _box(shape=(20, 20, 20), lo=8, hi=11)  # 27 mL: below the minimum, fully in view
+    cut = np.zeros((20, 20, 20), np.float32)
+    cut[0:3, 8:11, 8:11] = 1.0  # same size, touching the first slice
+    kept = fuse_target("liver", [Member("m", cut)], voxel_ml=1.0, volume_range_ml=(600, 4500))
+    assert kept.weights == {"m": 1.0}
+    dropped = fuse_target("liver", [Member("m", inside)], voxel_ml=1.0, volume_range_ml=(600, 4500))
+    assert "implausible volume 27.0 mL" in dropped.dropped["m"]
+    huge = np.ones((20, 20, 20), np.float32)  # touches the border too, but the maximum always applies
+    assert (
+        "implausible"
+        in fuse_target("liver", [Member("m", huge)], voxel_ml=1.0, volume_range_ml=(600, 4500)).dropped["m"]
+    )
+
+
+def test_speckled_member_is_dropped_unless_speckle_is_allowed():
+    rng = np.random.default_rng(0)
+    noisy = np.clip(_box(shape=(30, 30, 30), lo=10, hi=16) + rng.normal(0, 0.3, (30, 30, 30)), 0, 1).astype(np.float32)
+    clean = _box(shape=(30, 30, 30), lo=10, hi=16)
+    members = [Member("noisy", noisy, (-0.9,)), Member("clean", clean, (-0.8,))]
+    result = fuse_target("kidney", members, voxel_ml=0.01, max_speckle_share=0.25, speckle_ml=0.5)
+    assert "speckled output" in result.dropped["noisy"]
+    assert result.weights == {"clean": 1.0}
+    lesions = fuse_target("lesion", members, voxel_ml=0.01)  # no speckle check: both kept
+    assert set(lesions.weights) == {"noisy", "clean"}
+
+
+def test_outlier_among_three_is_dropped_but_two_members_are_not_judged():
+    a, b = _box(shape=(20, 20, 20), lo=5, hi=12), _box(shape=(20, 20, 20), lo=6, hi=13)
+    shifted = np.roll(a, 8, axis=0)
+    members = [Member("shifted", shifted, (-0.99,)), Member("a", a, (-0.9,)), Member("b", b, (-0.8,))]
+    result = fuse_target("organ", members, voxel_ml=1.0, min_agreement=0.5)
+    assert "disagrees with the other members" in result.dropped["shifted"]
+    assert result.weights == pytest.approx({"a": 0.6, "b": 0.4})
+    two = fuse_target("organ", members[:2], voxel_ml=1.0, min_agreement=0.5)
+    assert set(two.weights) == {"shifted", "a"}  # who is right cannot be told from two opinions
+
+
+def test_boxed_and_lazy_members_fuse_like_dense_ones():
+    rng = np.random.default_rng(1)
+    dense = [np.where(_box(lo=lo, hi=lo + 4) > 0, rng.random((10, 10, 10)), 0).astype(np.float32) for lo in (1, 3, 5)]
+    reference = fuse_target("t", [Member(f"m{i}", p, (i,)) for i, p in enumerate(dense)], voxel_ml=1.0)
+    calls = []
+
+    def lazy(i):
+        def make():
+            calls.append(i)
+            return BoxedMap.from_dense(dense[i])
+
+        return make
+
+    fused = fuse_target("t", [Member(f"m{i}", lazy(i), (i,)) for i in range(3)], voxel_ml=1.0)
+    assert sorted(calls) == [0, 1, 2]  # each map made once, on demand
+    np.testing.assert_allclose(fused.score, reference.score, atol=1e-6)
+    assert fused.score_map.box != (slice(0, 10),) * 3  # the score covers the members' union box only
+
+
+def test_resolve_overlaps_matches_the_dense_argmax():
+    rng = np.random.default_rng(2)
+    shape = (12, 12, 12)
+    results = []
+    for lo in (0, 3, 6):
+        score = np.zeros(shape, np.float32)
+        score[lo : lo + 6, 2:10, lo : lo + 6] = rng.random((6, 8, 6))
+        results.append(fuse_target(f"t{lo}", [Member("m", score)], voxel_ml=1.0))
+    scores = np.stack([r.score for r in results])
+    best = np.argmax(scores, axis=0)
+    expected = np.where(np.take_along_axis(scores, best[None], 0)[0] > 0.5, best + 1, 0)
+    np.testing.assert_array_equal(resolve_overlaps(results), expected)
+    with pytest.raises(ValueError, match="nothing to fuse"):
+        resolve_overlaps([])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsegagent.dicom.volume import Geometry
-from medsegagent.models.resample import model_grid, resample
+from medsegagent.models.resample import BoxedMap, derived_grid, model_grid, resample, resample_boxed, target_grid
 
 
 def _oblique_geometry(shape=(20, 40, 48)) -> Geometry:
@@ -71,3 +71,117 @@ def test_axis_permutation_is_exact():
     data = np.random.default_rng(1).random(axial.shape).astype(np.float32)
     moved = resample(data, axial, sagittal, mode="nearest")
     np.testing.assert_allclose(moved, data.transpose(2, 1, 0))
+
+
+# --------------------------------------------------------------------------- model grids
+
+
+def _old_model_grid(source: Geometry, size, foreground=None, margin_mm=10.0) -> Geometry:
+    """The demo models were trained on this grid: it must not move."""
+    lo_idx, hi_idx = np.zeros(3), np.array(source.shape, dtype=float) - 1
+    margin = 0.0
+    if foreground is not None and foreground.any():
+        hits = [np.flatnonzero(foreground.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+        lo_idx = np.array([h[0] for h in hits], dtype=float)
+        hi_idx = np.array([h[-1] for h in hits], dtype=float)
+        margin = margin_mm
+    corners = np.array(
+        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])]
+    )
+    points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
+    low, high = points.min(axis=0) - margin, points.max(axis=0) + margin
+    n = np.array(size)
+    spacing = np.maximum((high - low) / np.maximum(n - 1, 1), 1e-3)
+    return Geometry((n[2], n[1], n[0]), low, (1, 0, 0), (0, 1, 0), (0, 0, 1), tuple(spacing[::-1]))
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_fixed_size_grid_is_the_demo_models_grid(crop):
+    geo = _oblique_geometry()
+    foreground = _ball(geo, geo.index_to_lps(20, 20, 10), 25.0) if crop else None
+    assert model_grid(geo, (32, 24, 16), foreground).same_grid(_old_model_grid(geo, (32, 24, 16), foreground), 1e-9)
+    assert target_grid(geo, size=(32, 24, 16), foreground=foreground).same_grid(
+        model_grid(geo, (32, 24, 16), foreground)
+    )
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+def test_reorientation_without_resampling_is_exact(orientation):
+    """A sagittal series on a canonical grid at its own spacing: every voxel centre is kept, labels survive exactly."""
+    sagittal = Geometry((8, 7, 6), (10.0, -5.0, 30.0), (0, 1, 0), (0, 0, -1), (-1, 0, 0), (2.0, 1.5, 3.0))
+    grid = target_grid(sagittal, orientation=orientation)
+    assert grid.shape == (7, 6, 8)  # z from the rows, y from the columns, x from the slices
+    np.testing.assert_allclose(grid.spacing, (1.5, 3.0, 2.0))
+    sign = 1.0 if orientation == "LPS" else -1.0
+    np.testing.assert_allclose(grid.row_direction, [sign, 0, 0])
+    labels = np.random.default_rng(2).integers(0, 5, sagittal.shape).astype(np.float32)
+    there = resample(labels, sagittal, grid, mode="nearest")
+    np.testing.assert_array_equal(np.sort(there.ravel()), np.sort(labels.ravel()))
+    np.testing.assert_array_equal(resample(there, grid, sagittal, mode="nearest"), labels)
+
+
+def test_native_grid_and_spacing_grid():
+    geo = _oblique_geometry()
+    assert target_grid(geo, orientation="native") is geo
+    same = target_grid(geo, orientation="native", spacing=(1.5, 2.0, 3.0))
+    assert same.same_grid(geo)  # whole voxels of the source spacing: the source grid itself
+    coarse = target_grid(geo, spacing=(4.0, 4.0, 4.0), foreground=np.ones(geo.shape, bool), margin_mm=8.0)
+    np.testing.assert_allclose(coarse.spacing, (4.0, 4.0, 4.0))
+    corners = geo.index_to_lps(np.array([0, 47]), np.array([0, 39]), np.array([0, 19]))
+    inside = coarse.lps_to_index(corners)
+    assert (inside >= 2 - 1e-6).all()  # two voxels (8 mm) of margin on every side
+    assert (inside <= np.array(coarse.shape[::-1]) - 3 + 1e-6).all()
+    with pytest.raises(ValueError, match="orientation"):
+        target_grid(geo, orientation="RAI")
+
+
+def test_derived_grid_describes_transpose_crop_and_stride():
+    geo = _oblique_geometry((10, 12, 14))
+    data = np.random.default_rng(3).random(geo.shape).astype(np.float32)
+    # An array that library code made: transposed to (columns, slices, rows), cropped, every 2nd slice.
+    made = data.transpose(2, 0, 1)[3:11, 1:9:2, 2:10]
+    grid = derived_grid(geo, (2, 0, 1), made.shape, start=(3, 1, 2), step=(1, 2, 1))
+    np.testing.assert_allclose(resample(made, grid, geo, mode="nearest")[1:9:2, 2:10, 3:11], data[1:9:2, 2:10, 3:11])
+    flipped = derived_grid(geo, (0, 1, 2), geo.shape, start=(9, 0, 0), step=(-1, 1, 1))
+    np.testing.assert_allclose(resample(data[::-1], flipped, geo, mode="nearest"), data)
+
+
+def test_outside_value_beyond_the_source_extent():
+    small = Geometry((4, 4, 4), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+    big = Geometry((8, 8, 8), (-2, -2, -2), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+    out = resample(np.ones(small.shape, np.float32), small, big, outside=0.0)
+    assert out[2:6, 2:6, 2:6].min() == 1.0  # the border value inside the extent
+    assert out.sum() == 64.0  # and nothing beyond it
+    assert resample(np.ones(small.shape, np.float32), small, big).min() == 1.0  # default: border extended
+
+
+def test_boxed_resample_equals_the_dense_one_and_round_trips():
+    geo = _oblique_geometry((40, 96, 96))
+    mask = _ball(geo, geo.index_to_lps(60, 40, 18), 22.0)
+    grid = target_grid(geo, spacing=(3.0, 3.0, 3.0))
+    prob = resample(mask.astype(np.float32), geo, grid)
+    boxed = resample_boxed(prob, grid, geo)
+    assert np.prod(boxed.data.shape) < 0.2 * mask.size  # only the ball's box was computed
+    dense = resample(prob, grid, geo, outside=0.0)
+    dense[dense <= 1e-3] = 0.0
+    np.testing.assert_allclose(boxed.dense(), dense, atol=1e-6)
+    back = boxed.dense() > 0.5
+    assert 2 * (mask & back).sum() / (mask.sum() + back.sum()) >= 0.97
+    assert resample_boxed(np.zeros(grid.shape, np.float32), grid, geo).is_empty
+
+
+def test_boxed_map_rules():
+    shape = (5, 6, 7)
+    data = np.zeros(shape, np.float32)
+    data[0, 2:4, 2:4] = 1.0
+    boxed = BoxedMap.from_dense(data)
+    assert boxed.box == (slice(0, 1), slice(2, 4), slice(2, 4))
+    assert boxed.touches_border() and boxed.count() == 4
+    np.testing.assert_array_equal(boxed.dense(), data)
+    inner = np.zeros(shape, np.float32)
+    inner[2, 2:4, 2:4] = 1.0
+    assert not BoxedMap.from_dense(inner).touches_border()
+    with pytest.raises(ValueError, match="does not fit"):
+        BoxedMap(shape, (slice(0, 6), slice(0, 1), slice(0, 1)), np.zeros((6, 1, 1)))
+    with pytest.raises(ValueError, match="does not match"):
+        BoxedMap(shape, (slice(0, 2), slice(0, 1), slice(0, 1)), np.zeros((1, 1, 1)))
