@@ -285,3 +285,59 @@ def test_serve_refuses_without_token(tmp_path, monkeypatch):
     config.write_text(f"node: {{port: 0, data_dir: {tmp_path / 'var'}}}\nhttp: {{port: 0}}\n")
     assert main(["serve", "--config", str(config)]) == 2
     shutil.rmtree(tmp_path / "var", ignore_errors=True)
+
+
+def _worklist_item(reference: Path, folder: Path, procedure: str) -> None:
+    """A worklist file for ``wlmscpfs`` scheduling the study of ``reference``."""
+    src = pydicom.dcmread(reference, stop_before_pixels=True)
+    ds = Dataset()
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber"):
+        setattr(ds, key, src.get(key, ""))
+    ds.RequestedProcedureID = "RP1"
+    ds.RequestedProcedureDescription = procedure
+    ds.ReasonForTheRequestedProcedure = "volumetry"
+    ds.ReferringPhysicianName = "REFERRER"
+    step = Dataset()
+    step.Modality = "CT"
+    step.ScheduledStationAETitle = "CT1"
+    step.ScheduledProcedureStepStartDate = "20240315"
+    step.ScheduledProcedureStepStartTime = "101500"
+    step.ScheduledPerformingPhysicianName = ""
+    step.ScheduledProcedureStepDescription = procedure
+    step.ScheduledProcedureStepID = "SPS1"
+    ds.ScheduledProcedureStepSequence = [step]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "item1.wl", enforce_file_format=False)
+
+
+def test_worklist_source_with_dcmtk_wlmscpfs(node_factory, phantom_factory, tmp_path):
+    """The request comes from a C-FIND to DCMTK's worklist SCP by Accession Number."""
+    _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+    study = files.series["CT"]
+    wl_dir = tmp_path / "worklists"
+    _worklist_item(study[0], wl_dir / "WLM", "CT ABD W CON - SPLEEN VOLUMETRY")
+    (wl_dir / "WLM" / "lockfile").write_text("")
+    wl_port = _free_port()
+    wlm = subprocess.Popen(["/usr/bin/wlmscpfs", "-dfp", str(wl_dir), str(wl_port)], env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        _wait_port(wl_port)
+        node = node_factory(
+            pacs.port,
+            worklist={"ae_title": "WLM", "host": "127.0.0.1", "port": wl_port},
+            instruction_sources=["request", "worklist", "preset"],
+        )
+        _storescu(study, node.scp.port)
+        jobs = _wait_state(node, {JobState.DELIVERED, JobState.FAILED})
+        assert [(j.state, j.request_source, j.request_text) for j in jobs] == [
+            (JobState.DELIVERED, "worklist", "CT ABD W CON - SPLEEN VOLUMETRY")
+        ], jobs[0].error
+        seg = pydicom.dcmread(pacs.segs()[0])
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+    finally:
+        pacs.stop()
+        wlm.terminate()
+        wlm.wait(timeout=10)
