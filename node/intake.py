@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
@@ -46,6 +48,31 @@ STORAGE_SOP_CLASSES = (
     sc.EnhancedSRStorage,
     sc.ComprehensiveSRStorage,
 )
+
+#: Compressed transfer syntaxes accepted when pydicom has a decoder for them
+#: (pylibjpeg-openjpeg: JPEG 2000; pyjpegls: JPEG-LS; RLE is native; JPEG
+#: lossless needs pylibjpeg-libjpeg or python-gdcm, installed by the user).
+_COMPRESSED_SYNTAXES = (
+    uid.RLELossless,
+    uid.JPEGLSLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,
+)
+
+
+def supported_transfer_syntaxes() -> list[str]:
+    """Transfer syntaxes the node accepts: uncompressed, deflate, and every decodable lossless one."""
+    syntaxes = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
+                uid.ExplicitVRBigEndian]  # fmt: skip
+    for syntax in _COMPRESSED_SYNTAXES:
+        try:
+            if get_decoder(syntax).is_available:
+                syntaxes.append(syntax)
+        except NotImplementedError:
+            continue
+    return [str(s) for s in syntaxes]
+
 
 # C-STORE status codes (PS3.4 Annex B.2.3 / PS3.7 C).
 STATUS_SUCCESS = 0x0000
@@ -155,8 +182,9 @@ class StorageSCP:
             # pynetdicom rejects others with "calling AE title not recognised".
             ae.require_calling_aet = sorted(self.allowed_callers)
         ae.add_supported_context(sc.Verification)
+        syntaxes = supported_transfer_syntaxes()
         for sop in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop)
+            ae.add_supported_context(sop, syntaxes)
         self._ae = ae
 
     # -- lifecycle -------------------------------------------------------------

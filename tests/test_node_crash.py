@@ -43,6 +43,7 @@ class ServeProcess:
                 "collection": "demo",
                 "min_free_disk_mb": 1,
             },
+            "peers": [{"ae_title": "MODALITY"}],
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": dest_port}],
             "presets": {"LIVERSEG": "liver"},
             "instruction_sources": ["request", "preset"],
