@@ -19,8 +19,9 @@ others without promoting them), and the fused score of a voxel is
 * speckled (optional, for structures that are not lesions): more than a
   given share of the mask lies in connected pieces smaller than
   ``speckle_ml`` (noise, not anatomy);
-* an outlier (optional, while three or more members remain): its mean Dice
-  with the other members is the lowest and below a given agreement.
+* an outlier (optional): while three or more members remain, the one whose
+  mean Dice with the others is lowest and below a given agreement; of two
+  members that disagree that much, the lower-ranked (no majority to decide).
 
 A voxel belongs to the target with the highest fused score when that score
 exceeds ``threshold``; this resolves overlaps between targets.  Maps are
@@ -168,7 +169,8 @@ def fuse_target(
         Size below which a piece counts as speckle.
     min_agreement : float, optional
         While three or more members are kept, drop the one with the lowest
-        mean Dice with the others if that is below this (one at a time).
+        mean Dice with the others if that is below this (one at a time); of
+        two members with a Dice below this, drop the lower-ranked.
 
     Returns
     -------
@@ -191,7 +193,7 @@ def fuse_target(
             dropped[member.model] = reason
         else:
             kept.append(_Kept(rank, member.model, boxed, boxed.count(0.5)))
-    if min_agreement is not None and len(kept) >= 3:
+    if min_agreement is not None and len(kept) >= 2:
         kept, outliers = _drop_outliers(kept, min_agreement)
         dropped.update(outliers)
     if shape is None:
@@ -235,10 +237,13 @@ def _implausible(
 
 
 def _drop_outliers(kept: list[_Kept], min_agreement: float) -> tuple[list[_Kept], dict[str, str]]:
-    """Drop, one at a time, the member that agrees least with the others while three or more remain.
+    """Drop members that disagree with the others.
 
-    Agreement is a member's mean Dice with each other kept member (unweighted:
-    a high-ranked outlier must not pull the judgement its way).
+    While three or more remain, the member with the lowest mean Dice with
+    the others goes if that is below ``min_agreement`` (unweighted: a
+    high-ranked outlier must not pull the judgement its way), one at a time.
+    Of two members that disagree there is no majority: the lower-ranked goes,
+    because averaging two incompatible masks yields neither.
     """
     kept = list(kept)
     outliers: dict[str, str] = {}
@@ -253,6 +258,14 @@ def _drop_outliers(kept: list[_Kept], min_agreement: float) -> tuple[list[_Kept]
             f"disagrees with the other members (mean Dice {agreement[worst.model]:.2f} < {min_agreement:g})"
         )
         kept.remove(worst)
+    if len(kept) == 2:
+        better, worse = sorted(kept, key=lambda m: m.rank)
+        agreement = pairs[better.model, worse.model]
+        if agreement < min_agreement:
+            outliers[worse.model] = (
+                f"disagrees with higher-ranked {better.model} (Dice {agreement:.2f} < {min_agreement:g}; no majority)"
+            )
+            kept.remove(worse)
     return kept, outliers
 
 

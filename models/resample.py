@@ -297,8 +297,6 @@ def resample(
         out = tensor.to(torch.float32).numpy()
         return out[0] if squeeze else out
     tensor = tensor.to(dtype)[None]  # (1, C, D, H, W)
-    if fill is not None:
-        tensor = tensor - fill
     # Affine from target indices straight to source indices: one matmul per voxel.
     index_map = np.linalg.inv(source.affine) @ target.affine
     depth, rows, cols = source.shape
@@ -312,19 +310,36 @@ def resample(
     plane = ii[..., None] * index_map[:3, 0] + jj[..., None] * index_map[:3, 1] + index_map[:3, 3]
     grid_mode = "nearest" if mode == "nearest" else "bilinear"
     padding = "border" if fill is None else "zeros"
+    sizes = np.array([cols, rows, depth])
     for first in range(0, target.shape[0], step):
         ks = np.arange(first, min(first + step, target.shape[0]))
         src_idx = plane[None] + ks[:, None, None, None] * index_map[:3, 2]  # (k, rows, cols, 3) column/row/slice
-        grid = torch.from_numpy((src_idx * scale - 1.0).astype(np.float32))[None]
+        normalised = (src_idx * scale - 1.0).astype(np.float32)
+        grid = torch.from_numpy(normalised)[None]
         sampled = F.grid_sample(tensor, grid.to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
         block = sampled[0].float().numpy()
         if fill is not None:
-            block += fill
+            # Zero padding fades towards 0; adding fill * (1 - weight inside) makes it fade towards
+            # ``fill`` without a shifted copy of the (possibly 300 MB) source.
+            block += np.float32(fill) * (1.0 - _inside_weight(normalised, sizes, mode))
         if outside is not None:
             beyond = ((src_idx < -0.5 - 1e-6) | (src_idx > limits + 1e-6)).any(axis=-1)
             block[:, beyond] = outside
         out[:, ks] = block
     return out[0] if squeeze else out
+
+
+def _inside_weight(normalised: np.ndarray, sizes: np.ndarray, mode: str) -> np.ndarray:
+    """Share of ``grid_sample``'s interpolation weight that falls inside the source (zero padding)."""
+    # The same float32 positions grid_sample sees (align_corners=True).
+    x = (normalised.astype(np.float32) + np.float32(1.0)) / np.float32(2.0) * (sizes - 1).astype(np.float32)
+    if mode == "nearest":
+        nearest = np.rint(x)
+        return ((nearest >= 0) & (nearest <= sizes - 1)).all(axis=-1).astype(np.float32)
+    low = np.floor(x)
+    frac = x - low
+    weight = (1.0 - frac) * ((low >= 0) & (low <= sizes - 1)) + frac * ((low >= -1) & (low <= sizes - 2))
+    return weight.prod(axis=-1).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -107,18 +107,33 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
     return [s for s in segments.values() if s.members], skipped
 
 
-#: A member whose mask disagrees this much with three or more others is an outlier (Dice).
+#: While three or more members remain, the one whose mean Dice with the others is below this is an outlier.
 MIN_AGREEMENT = 0.5
 #: Share of a non-lesion mask allowed in pieces smaller than SPECKLE_ML before it counts as noise.
 MAX_SPECKLE_SHARE = 0.25
 SPECKLE_ML = 0.5
 
 
-def _rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
-    """Ranking of a candidate: registry quality, then dataset specificity, then the model's own validation Dice."""
+def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
+    """Ranking of a candidate, smaller first: registry quality, then dataset specificity.
+
+    Ties (the demo models have no registry quality) go to the model's own
+    validation Dice where it ships one (bundle metadata), then to the name.
+    """
     quality = (ref.quality or {}).get(label.name, label.quality) if isinstance(ref.quality, dict) else label.quality
     own = prediction.quality.get(label.name, 0.0) if prediction is not None else 0.0
     return (-(quality or 0.0), -(dataset.specificity or 0.0), -own, ref.name)
+
+
+def fusion_options(label: Label) -> dict:
+    """The plausibility rules :func:`~medsegagent.models.ensemble.fuse_target` applies to ``label``'s members."""
+    return {
+        "volume_range_ml": tuple(label.volume_ml) if label.volume_ml else None,
+        # Lesions may legitimately be many small pieces; anatomy is not.
+        "max_speckle_share": None if label.kind == LabelKind.LESION else MAX_SPECKLE_SHARE,
+        "speckle_ml": SPECKLE_ML,
+        "min_agreement": MIN_AGREEMENT,
+    }
 
 
 def build_jobs(segments: list[Segment], timeout_s: float | None = None) -> list[Job]:
@@ -261,6 +276,7 @@ def segment_study(
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    say(f"ensemble: fusing {len(segments)} segment(s) on the source grid")
     results = [_fuse_segment(segment, predictions, errors, volume) for segment in segments]
     labels = resolve_overlaps(results)
     timings["ensemble"] = time.perf_counter() - t0
@@ -344,19 +360,11 @@ def _fuse_segment(
         else:
             # The map is resampled to the study's grid only when the ensemble reads it.
             lazy = lambda p=prediction, name=label.name: p.boxed(name)  # noqa: E731
-            members.append(Member(ref.name, lazy, _rank_key(dataset, label, ref, prediction)))
+            members.append(Member(ref.name, lazy, rank_key(dataset, label, ref, prediction)))
     if not members:
         return TargetResult(segment.label.name, BoxedMap.empty(volume.geometry.shape), dropped=failed)
-    volume_range = tuple(segment.label.volume_ml) if segment.label.volume_ml else None
     result = fuse_target(
-        segment.label.name,
-        members,
-        voxel_ml=volume.geometry.voxel_volume_ml,
-        volume_range_ml=volume_range,
-        # Lesions may legitimately be many small pieces; anatomy is not.
-        max_speckle_share=None if segment.label.kind == LabelKind.LESION else MAX_SPECKLE_SHARE,
-        speckle_ml=SPECKLE_ML,
-        min_agreement=MIN_AGREEMENT,
+        segment.label.name, members, voxel_ml=volume.geometry.voxel_volume_ml, **fusion_options(segment.label)
     )
     result.dropped.update(failed)
     return result

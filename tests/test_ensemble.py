@@ -77,6 +77,11 @@ def test_worked_example_of_the_docs():
     assert result.weights == pytest.approx({"A": 6 / 11, "B": 3 / 11, "C": 2 / 11})
     np.testing.assert_allclose(result.score.ravel(), [9.0 / 11, 6.3 / 11, 3.3 / 11], atol=1e-6)
     assert resolve_overlaps([result]).ravel().tolist() == [1, 1, 0]
+    # B returns nothing: A and C are re-weighted over 1/1 + 1/3.
+    members[1] = Member("B", np.zeros_like(p2), (-0.95,))
+    without_b = fuse_target("liver", members, voxel_ml=1.0)
+    assert without_b.weights == pytest.approx({"A": 0.75, "C": 0.25})
+    np.testing.assert_allclose(without_b.score.ravel()[1], 0.525, atol=1e-6)
 
 
 def test_minimum_volume_is_waived_for_structures_cut_by_the_field_of_view():
@@ -106,15 +111,18 @@ def test_speckled_member_is_dropped_unless_speckle_is_allowed():
     assert set(lesions.weights) == {"noisy", "clean"}
 
 
-def test_outlier_among_three_is_dropped_but_two_members_are_not_judged():
+def test_outlier_among_three_is_dropped_and_of_two_the_rank_decides():
     a, b = _box(shape=(20, 20, 20), lo=5, hi=12), _box(shape=(20, 20, 20), lo=6, hi=13)
     shifted = np.roll(a, 8, axis=0)
     members = [Member("shifted", shifted, (-0.99,)), Member("a", a, (-0.9,)), Member("b", b, (-0.8,))]
     result = fuse_target("organ", members, voxel_ml=1.0, min_agreement=0.5)
     assert "disagrees with the other members" in result.dropped["shifted"]
     assert result.weights == pytest.approx({"a": 0.6, "b": 0.4})
+    # Two that disagree: no majority, the rank decides (right or wrong, it is one clean mask, not a blend).
     two = fuse_target("organ", members[:2], voxel_ml=1.0, min_agreement=0.5)
-    assert set(two.weights) == {"shifted", "a"}  # who is right cannot be told from two opinions
+    assert two.weights == {"shifted": 1.0} and "no majority" in two.dropped["a"]
+    agreeing = fuse_target("organ", members[1:], voxel_ml=1.0, min_agreement=0.5)
+    assert set(agreeing.weights) == {"a", "b"}
 
 
 def test_boxed_and_lazy_members_fuse_like_dense_ones():
