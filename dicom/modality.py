@@ -12,6 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+import pydicom
+
+from medsegagent.dicom.series import SeriesInfo, image_series
+
 #: Series-description patterns for MR sequences, most specific first.
 _MR_SEQUENCE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("MR:ADC", re.compile(r"\b(adc|apparent diffusion)\b", re.I)),
@@ -69,3 +73,19 @@ def study_modality(series_headers: Iterable[Mapping[str, object]]) -> str | None
         if modality in modalities:
             return modality
     return next(iter(sorted(modalities)), None) or None
+
+
+#: Header attributes :func:`mr_sequence` and :func:`study_modality` look at.
+_ROUTING_KEYS = ("Modality", "SeriesDescription", "SequenceName", "ProtocolName", "ContrastBolusAgent", "ImageType")
+
+
+def routing_modality(series: Mapping[str, SeriesInfo]) -> str | None:
+    """Routing modality of a scanned folder (output of :func:`~medsegagent.dicom.series.scan_folder`).
+
+    Reads one header per image series; ``None`` when there is no image series.
+    """
+    headers = []
+    for info in image_series(dict(series)):
+        ds = pydicom.dcmread(info.files[0], stop_before_pixels=True)
+        headers.append({key: ds.get(key) for key in _ROUTING_KEYS})
+    return study_modality(headers)

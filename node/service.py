@@ -24,8 +24,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from medsegagent.dicom.modality import study_modality
-from medsegagent.dicom.series import SeriesError, image_series, scan_folder
+from medsegagent.dicom.modality import routing_modality
+from medsegagent.dicom.series import SeriesError, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.routing import Router
@@ -271,11 +271,4 @@ def _allowed_hosts(config: Config) -> set[str] | None:
 
 
 def _study_modality(study_dir: Path) -> str | None:
-    import pydicom
-
-    headers = []
-    for info in image_series(scan_folder(study_dir)):
-        ds = pydicom.dcmread(info.files[0], stop_before_pixels=True)
-        headers.append({k: ds.get(k) for k in ("Modality", "SeriesDescription", "SequenceName", "ProtocolName",
-                                                "ContrastBolusAgent", "ImageType")})  # fmt: skip
-    return study_modality(headers)
+    return routing_modality(scan_folder(study_dir))
