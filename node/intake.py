@@ -74,6 +74,42 @@ def supported_transfer_syntaxes() -> list[str]:
     return [str(s) for s in syntaxes]
 
 
+#: Largest frame count / matrix the node accepts; anything above is a corrupt or hostile claim.
+_MAX_FRAMES = 10_000
+_MAX_MATRIX = 8192
+
+
+def image_problem(ds: Dataset) -> str | None:
+    """Why an image data set cannot be a usable image, or ``None``.
+
+    Checks only what is cheap and decisive before the instance is stored:
+    pixel data present, sane matrix and frame claims, and, for native
+    (uncompressed) pixel data, a length that matches those claims (a
+    truncated transfer otherwise lands on disk as a "valid" instance).
+    """
+    if str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88"):
+        return None  # SR documents carry no pixels
+    if "PixelData" not in ds:
+        return "image has no pixel data"
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"image pixel description is incomplete ({exc})"
+    if not (0 < rows <= _MAX_MATRIX and 0 < cols <= _MAX_MATRIX and 0 < frames <= _MAX_FRAMES):
+        return f"implausible image size claim ({rows} x {cols} x {frames} frames)"
+    if bits not in (1, 8, 16, 32, 64) or samples not in (1, 3):
+        return f"unsupported pixel layout (BitsAllocated {bits}, SamplesPerPixel {samples})"
+    element = ds["PixelData"]
+    if not getattr(element, "is_undefined_length", False):  # native: the length is checkable
+        expected = rows * cols * frames * samples * bits // 8
+        if len(element.value) < expected:
+            return f"pixel data truncated ({len(element.value)} of {expected} bytes)"
+    return None
+
+
 # C-STORE status codes (PS3.4 Annex B.2.3 / PS3.7 C).
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -237,8 +273,9 @@ class StorageSCP:
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: undecodable dataset ({exc})")
         if sop != str(event.request.AffectedSOPInstanceUID):
             return self._refuse(STATUS_DATASET_MISMATCH, f"from {calling}: SOP Instance UID differs from the request")
-        if "PixelData" not in ds and not str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88"):
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: image {sop} has no pixel data")
+        problem = image_problem(ds)
+        if problem:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {sop}: {problem}")
         if self.admit is not None:
             reason = self.admit(study)
             if reason:
