@@ -50,6 +50,17 @@ class NodeSettings:
     min_free_disk_mb: int = 1024
     collection: str | None = None
     workers: int = 1
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM over TLS (BCP 195): the node's certificate and key, and whom to trust."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,7 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         ),
         collection=node_raw.get("collection"),
         workers=int(_positive(node_raw.get("workers", 1), "node.workers", errors)),
+        tls=_tls(node_raw.get("tls"), source, errors),
     )
 
     peers = []
@@ -300,3 +312,25 @@ def _resolve(value: Any, source: Path | None) -> Path:
     if not path.is_absolute() and source is not None:
         path = source.resolve().parent / path
     return path
+
+
+def _tls(raw: Any, source: Path | None, errors: list[str]) -> TlsSettings | None:
+    if raw is None:
+        return None
+    item = _build(TlsSettings, raw, "node.tls", errors)
+    paths = {}
+    for key in ("certificate", "private_key", "ca_certificates"):
+        if item.get(key) is None:
+            if key != "ca_certificates":
+                errors.append(f"node.tls.{key}: required")
+            continue
+        path = _resolve(item[key], source)
+        if not path.is_file():
+            errors.append(f"node.tls.{key}: {path} is not a readable file")
+        paths[key] = path
+    require = bool(item.get("require_client_certificate", False))
+    if require and "ca_certificates" not in paths:
+        errors.append("node.tls.require_client_certificate: needs ca_certificates to verify clients against")
+    if "certificate" not in paths or "private_key" not in paths:
+        return None
+    return TlsSettings(paths["certificate"], paths["private_key"], paths.get("ca_certificates"), require)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -181,6 +182,8 @@ class StorageSCP:
         is written.
     max_associations : int
         Concurrent associations; more are rejected (transient).
+    ssl_context : ssl.SSLContext, optional
+        Serve DICOM over TLS with this server context.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class StorageSCP:
         on_instance: Callable[[str, str, Path, str, str], None] | None = None,
         admit: Callable[[str], str | None] | None = None,
         max_associations: int = 8,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.ae_title = ae_title
@@ -204,6 +208,7 @@ class StorageSCP:
         self.allowed_hosts = set(allowed_hosts) if allowed_hosts is not None else None
         self.on_instance = on_instance
         self.admit = admit
+        self.ssl_context = ssl_context
         self.stats = IntakeStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -233,7 +238,9 @@ class StorageSCP:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = self._ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         self.port = self._server.server_address[1]
         log.info("listening as %s on %s:%d, spool %s", self.ae_title, self.host, self.port, self.spool_dir)
         return self.host, self.port

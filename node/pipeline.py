@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,7 +278,7 @@ def segment_study(
 
     t0 = time.perf_counter()
     say(f"ensemble: fusing {len(segments)} segment(s) on the source grid")
-    results = [_fuse_segment(segment, predictions, errors, volume) for segment in segments]
+    results = [_fuse_segment(segment, predictions, errors, volume, workers) for segment in segments]
     labels = resolve_overlaps(results)
     timings["ensemble"] = time.perf_counter() - t0
 
@@ -342,10 +343,10 @@ def segment_study(
 
 
 def _fuse_segment(
-    segment: Segment, predictions: dict[str, Prediction], errors: dict[str, str], volume: Volume
+    segment: Segment, predictions: dict[str, Prediction], errors: dict[str, str], volume: Volume, workers: int = 2
 ) -> TargetResult:
     """Rank-aware fusion of one segment's members; failed models are listed as dropped with their reason."""
-    members = []
+    candidates: list[tuple[str, Prediction, str, tuple]] = []
     failed: dict[str, str] = {}
     seen: set[str] = set()
     for dataset, label, ref in segment.members:
@@ -358,9 +359,12 @@ def _fuse_segment(
         elif label.name not in prediction.maps:
             failed[ref.name] = f"model has no output for {label.name!r}"
         else:
-            # The map is resampled to the study's grid only when the ensemble reads it.
-            lazy = lambda p=prediction, name=label.name: p.boxed(name)  # noqa: E731
-            members.append(Member(ref.name, lazy, rank_key(dataset, label, ref, prediction)))
+            candidates.append((ref.name, prediction, label.name, rank_key(dataset, label, ref, prediction)))
+    # Each member's label is resampled to the study's grid inside its support box; members of one
+    # segment in parallel (torch releases the GIL), one segment at a time (memory: one organ's boxes).
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        maps = list(pool.map(lambda c: c[1].boxed(c[2]), candidates))
+    members = [Member(name, boxed, key) for (name, _, _, key), boxed in zip(candidates, maps, strict=True)]
     if not members:
         return TargetResult(segment.label.name, BoxedMap.empty(volume.geometry.shape), dropped=failed)
     result = fuse_target(

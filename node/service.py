@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ from medsegagent.dicom.series import SeriesError, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.routing import Router
-from medsegagent.node.config import Config
+from medsegagent.node.config import Config, TlsSettings
 from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.instructions import resolve_instruction
 from medsegagent.node.intake import StorageSCP
@@ -79,6 +80,7 @@ class Node:
             on_instance=self._on_instance,
             admit=self._admit,
             max_associations=config.node.max_associations,
+            ssl_context=server_ssl_context(config.node.tls) if config.node.tls else None,
         )
         self.http_server = None
         self.http_port: int | None = None
@@ -272,3 +274,14 @@ def _allowed_hosts(config: Config) -> set[str] | None:
 
 def _study_modality(study_dir: Path) -> str | None:
     return routing_modality(scan_folder(study_dir))
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Server-side TLS context (TLS 1.2+, as BCP 195 asks) from the node's TLS settings."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context

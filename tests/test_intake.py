@@ -140,3 +140,40 @@ def test_dcmtk_storescp_receives_from_our_scu(phantom_factory, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _make_cert(folder, name: str) -> tuple[str, str]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", f"/CN={name}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(key), str(cert)
+
+
+def test_dicom_over_tls_with_dcmtk(tmp_path, phantom_factory):
+    """Optional TLS: DCMTK echoscu/storescu with +tls reach the node; plain TCP does not."""
+    from medsegagent.node.config import TlsSettings
+    from medsegagent.node.service import server_ssl_context
+
+    node_key, node_cert = _make_cert(tmp_path, "node")
+    peer_key, peer_cert = _make_cert(tmp_path, "peer")
+    context = server_ssl_context(TlsSettings(node_cert, node_key, peer_cert, require_client_certificate=True))
+    node = StorageSCP(tmp_path / "spool", ae_title="MEDSEG", host="127.0.0.1", port=0, ssl_context=context)
+    node.start()
+    try:
+        tls = ["+tls", peer_key, peer_cert, "+cf", node_cert]
+        echo = subprocess.run([dcmtk("echoscu"), *tls, "-aec", "MEDSEG", "127.0.0.1", str(node.port)],
+                              env=ENV, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert echo.returncode == 0, echo.stderr
+        _, files = phantom_factory("CT")
+        target = [*tls, "-aec", "MEDSEG", "127.0.0.1", str(node.port), str(files.series["CT"][0])]
+        sent = subprocess.run([dcmtk("storescu"), *target], env=ENV, capture_output=True, text=True, timeout=30)
+        assert sent.returncode == 0, sent.stderr
+        assert len(list(node.spool_dir.rglob("*.dcm"))) == 1
+        plain = subprocess.run([dcmtk("echoscu"), "-aec", "MEDSEG", "127.0.0.1", str(node.port)],
+                               env=ENV, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert plain.returncode != 0
+    finally:
+        node.stop()
