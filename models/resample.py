@@ -297,49 +297,52 @@ def resample(
         out = tensor.to(torch.float32).numpy()
         return out[0] if squeeze else out
     tensor = tensor.to(dtype)[None]  # (1, C, D, H, W)
-    # Affine from target indices straight to source indices: one matmul per voxel.
-    index_map = np.linalg.inv(source.affine) @ target.affine
+    # Affine from target indices straight to source indices (column, row, slice), in float32 torch
+    # ops: the sampling grid of a 512 x 512 x 300 target costs less than sampling itself.
+    index_map = torch.from_numpy(np.linalg.inv(source.affine) @ target.affine).to(torch.float32)
     depth, rows, cols = source.shape
-    limits = np.array([cols, rows, depth], dtype=np.float64) - 0.5
-    scale = np.array([2.0 / max(cols - 1, 1), 2.0 / max(rows - 1, 1), 2.0 / max(depth - 1, 1)])
+    sizes = torch.tensor([cols, rows, depth], dtype=torch.float32)
+    scale = 2.0 / torch.clamp(sizes - 1, min=1)
     out = np.empty((tensor.shape[1], *target.shape), dtype=np.float32)
     per_slice = target.shape[1] * target.shape[2]
     step = max(1, _CHUNK_VOXELS // per_slice)
-    jj, ii = np.meshgrid(np.arange(target.shape[1]), np.arange(target.shape[2]), indexing="ij")
-    # The in-plane part of the map is the same for every slice: compute it once.
-    plane = ii[..., None] * index_map[:3, 0] + jj[..., None] * index_map[:3, 1] + index_map[:3, 3]
+    jj, ii = torch.meshgrid(
+        torch.arange(target.shape[1], dtype=torch.float32),
+        torch.arange(target.shape[2], dtype=torch.float32),
+        indexing="ij",
+    )
+    # The in-plane part of the map is the same for every slice: compute it once, normalised.
+    plane = (ii[..., None] * index_map[:3, 0] + jj[..., None] * index_map[:3, 1] + index_map[:3, 3]) * scale - 1.0
+    slice_step = index_map[:3, 2] * scale
     grid_mode = "nearest" if mode == "nearest" else "bilinear"
     padding = "border" if fill is None else "zeros"
-    sizes = np.array([cols, rows, depth])
     for first in range(0, target.shape[0], step):
-        ks = np.arange(first, min(first + step, target.shape[0]))
-        src_idx = plane[None] + ks[:, None, None, None] * index_map[:3, 2]  # (k, rows, cols, 3) column/row/slice
-        normalised = (src_idx * scale - 1.0).astype(np.float32)
-        grid = torch.from_numpy(normalised)[None]
-        sampled = F.grid_sample(tensor, grid.to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
-        block = sampled[0].float().numpy()
+        ks = torch.arange(first, min(first + step, target.shape[0]), dtype=torch.float32)
+        grid = plane[None] + ks[:, None, None, None] * slice_step  # (k, rows, cols, 3), normalised
+        sampled = F.grid_sample(tensor, grid[None].to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
+        block = sampled[0].float()
         if fill is not None:
             # Zero padding fades towards 0; adding fill * (1 - weight inside) makes it fade towards
             # ``fill`` without a shifted copy of the (possibly 300 MB) source.
-            block += np.float32(fill) * (1.0 - _inside_weight(normalised, sizes, mode))
+            block += fill * (1.0 - _inside_weight(grid, sizes, mode))
         if outside is not None:
-            beyond = ((src_idx < -0.5 - 1e-6) | (src_idx > limits + 1e-6)).any(axis=-1)
-            block[:, beyond] = outside
-        out[:, ks] = block
+            # Beyond the voxel centres plus half a voxel, in normalised units.
+            bound = 1.0 + scale / 2.0 + 1e-6
+            block[:, (grid.abs() > bound).any(dim=-1)] = outside
+        out[:, first : first + len(ks)] = block.numpy()
     return out[0] if squeeze else out
 
 
-def _inside_weight(normalised: np.ndarray, sizes: np.ndarray, mode: str) -> np.ndarray:
+def _inside_weight(grid: torch.Tensor, sizes: torch.Tensor, mode: str) -> torch.Tensor:
     """Share of ``grid_sample``'s interpolation weight that falls inside the source (zero padding)."""
-    # The same float32 positions grid_sample sees (align_corners=True).
-    x = (normalised.astype(np.float32) + np.float32(1.0)) / np.float32(2.0) * (sizes - 1).astype(np.float32)
+    x = (grid + 1.0) / 2.0 * (sizes - 1)  # the positions grid_sample unnormalises to (align_corners=True)
     if mode == "nearest":
-        nearest = np.rint(x)
-        return ((nearest >= 0) & (nearest <= sizes - 1)).all(axis=-1).astype(np.float32)
-    low = np.floor(x)
+        nearest = torch.round(x)  # half to even, as grid_sample
+        return ((nearest >= 0) & (nearest <= sizes - 1)).all(dim=-1).to(torch.float32)
+    low = torch.floor(x)
     frac = x - low
     weight = (1.0 - frac) * ((low >= 0) & (low <= sizes - 1)) + frac * ((low >= -1) & (low <= sizes - 2))
-    return weight.prod(axis=-1).astype(np.float32)
+    return weight.prod(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -439,6 +442,7 @@ def resample_boxed(
     target: Geometry,
     *,
     mode: str = "linear",
+    support: float = 0.05,
     eps: float = 1e-3,
 ) -> BoxedMap:
     """Resample a model output to ``target`` only where it has support.
@@ -452,38 +456,48 @@ def resample_boxed(
         The model's grid and the grid of the result (the study's series).
     mode : {"linear", "nearest"}
         Interpolation.
+    support : float
+        The box covers the source voxels above ``support`` (masks: above 0).
+        Softmax outputs have faint tails everywhere (p ~ 0.01); boxing them
+        would mean resampling the whole volume for every label, while they
+        change no fused score by more than ``support`` times a weight.
     eps : float
-        Values at or below ``eps`` count as zero (``linear``; masks use 0).
+        Values at or below ``eps`` inside the box are set to zero.
 
     Returns
     -------
     BoxedMap
         On ``target``: the target voxels whose centres fall within one source
-        voxel of the support, resampled; zero elsewhere (and outside the
+        voxel of the support box, resampled; zero elsewhere (and outside the
         source's extent).
     """
-    threshold = eps if mode == "linear" else 0.0
-    support = data > threshold
-    if not support.any():
+    threshold = support if mode == "linear" else 0.0
+    inside = data > threshold
+    if not inside.any():
         return BoxedMap.empty(target.shape)
     if source.same_grid(target):  # a backend that answers on the study's grid: just crop
-        box = _support_box(support)
-        return BoxedMap(target.shape, box, np.where(support[box], data[box], 0).astype(np.float32))
+        box = _support_box(inside)
+        block = data[box].astype(np.float32)
+        block[block <= (eps if mode == "linear" else 0.0)] = 0.0
+        return BoxedMap(target.shape, box, block)
     # One voxel of slack: linear interpolation reaches one voxel beyond the support.
-    box = _support_box(support, pad=1)
+    box = _support_box(inside, pad=1)
     lo = np.array([s.start for s in box], float) - 0.5  # (slice, row, column) edges
     hi = np.array([s.stop for s in box], float) - 0.5
     corners = np.array([[c, r, s] for c in (lo[2], hi[2]) for r in (lo[1], hi[1]) for s in (lo[0], hi[0])])
     index_map = np.linalg.inv(target.affine) @ source.affine
-    inside = corners @ index_map[:3, :3].T + index_map[:3, 3]  # target (column, row, slice)
-    first = np.floor(inside.min(axis=0)).astype(int)
-    last = np.ceil(inside.max(axis=0)).astype(int)
+    reach = corners @ index_map[:3, :3].T + index_map[:3, 3]  # target (column, row, slice)
+    first = np.floor(reach.min(axis=0)).astype(int)
+    last = np.ceil(reach.max(axis=0)).astype(int)
     upper = np.array([target.shape[2], target.shape[1], target.shape[0]])
     first, last = np.clip(first, 0, upper), np.clip(last + 1, 0, upper)
     if (last <= first).any():
         return BoxedMap.empty(target.shape)
     out_box = (slice(first[2], last[2]), slice(first[1], last[1]), slice(first[0], last[0]))
-    block = resample(data, source, sub_geometry(target, out_box), mode=mode, outside=0.0)
+    # Only the source's box is sampled from: outside it the map counts as zero.
+    cropped = np.zeros(tuple(s.stop - s.start for s in box), np.float32)
+    cropped[...] = data[box]
+    block = resample(cropped, sub_geometry(source, box), sub_geometry(target, out_box), mode=mode, outside=0.0)
     if mode == "linear":
         block[block <= eps] = 0.0
     return BoxedMap(target.shape, out_box, block)

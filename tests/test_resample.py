@@ -160,11 +160,18 @@ def test_boxed_resample_equals_the_dense_one_and_round_trips():
     mask = _ball(geo, geo.index_to_lps(60, 40, 18), 22.0)
     grid = target_grid(geo, spacing=(3.0, 3.0, 3.0))
     prob = resample(mask.astype(np.float32), geo, grid)
-    boxed = resample_boxed(prob, grid, geo)
+    boxed = resample_boxed(prob, grid, geo, support=1e-3)
     assert np.prod(boxed.data.shape) < 0.2 * mask.size  # only the ball's box was computed
     dense = resample(prob, grid, geo, outside=0.0)
     dense[dense <= 1e-3] = 0.0
-    np.testing.assert_allclose(boxed.dense(), dense, atol=1e-6)
+    np.testing.assert_allclose(boxed.dense(), dense, atol=1e-3)
+    # A faint softmax tail far away does not stretch the box (default support 0.05)...
+    tail = prob.copy()
+    tail[0, 0, 0] = 0.02
+    assert resample_boxed(tail, grid, geo).box == resample_boxed(prob, grid, geo).box
+    # ...a real second blob does.
+    tail[0, 0, 0] = 0.9
+    assert resample_boxed(tail, grid, geo).box != resample_boxed(prob, grid, geo).box
     back = boxed.dense() > 0.5
     assert 2 * (mask & back).sum() / (mask.sum() + back.sum()) >= 0.97
     assert resample_boxed(np.zeros(grid.shape, np.float32), grid, geo).is_empty
