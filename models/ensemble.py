@@ -17,8 +17,9 @@ others without promoting them), and the fused score of a voxel is
   its minimum -- unless the mask touches the border of the volume, because a
   structure cut by the field of view can be arbitrarily small;
 * speckled (optional, for structures that are not lesions): more than a
-  given share of the mask lies in connected pieces smaller than
-  ``speckle_ml`` (noise, not anatomy);
+  given share of the mask lies in connected pieces, other than the largest,
+  smaller than ``speckle_ml`` (noise, not anatomy; a structure smaller than
+  that is its own largest piece);
 * an outlier (optional): while three or more members remain, the one whose
   mean Dice with the others is lowest and below a given agreement; of two
   members that disagree that much, the lower-ranked (no majority to decide).
@@ -163,8 +164,8 @@ def fuse_target(
         it are dropped (the minimum is waived for masks touching the border).
     max_speckle_share : float, optional
         Drop members with more than this share of their mask in connected
-        pieces (6-connectivity) smaller than ``speckle_ml`` (not for lesions,
-        which may be that small).
+        pieces (6-connectivity) smaller than ``speckle_ml``, the largest piece
+        excepted (not for lesions, which may be many such pieces).
     speckle_ml : float
         Size below which a piece counts as speckle.
     min_agreement : float, optional
@@ -229,7 +230,7 @@ def _implausible(
 
         pieces, n = ndimage.label(boxed.data > 0.5)
         if n > 1:
-            sizes = np.bincount(pieces.ravel())[1:]
+            sizes = np.sort(np.bincount(pieces.ravel())[1:])[:-1]  # the largest piece is the structure itself
             share = float(sizes[sizes * voxel_ml < speckle_ml].sum()) / voxels
             if share > max_speckle_share:
                 return f"speckled output ({100 * share:.0f} % of the mask in {n} pieces < {speckle_ml:g} mL)"

@@ -240,46 +240,55 @@ class InProcessExecutor:
         if len(set(names)) != len(names):
             raise ValueError(f"one job per model, got {names}")
         done: queue.Queue[JobResult] = queue.Queue()
-        slots = threading.Semaphore(self.workers)
-        started: dict[str, float] = {}
+        started: dict[str, float] = {}  # model -> when its prediction began
         lock = threading.Lock()
 
         def work(job: Job) -> None:
-            with slots:
-                seconds: dict[str, float] = {}
-                try:
-                    t0 = time.perf_counter()
-                    model, loaded = self.cache.get(job.spec)
-                    seconds["load"] = time.perf_counter() - t0 if loaded else 0.0
-                    with lock:
-                        # The clock runs from the prediction: a cold first load (imports, weights) is not a hang.
-                        started[job.name] = time.monotonic()
-                    t0 = time.perf_counter()
-                    prediction = model.predict(images, job.labels or None)
-                    seconds["run"] = time.perf_counter() - t0
-                    done.put(JobResult(job.name, "ok", prediction, None, seconds))
-                except Exception as exc:  # one model's failure must not fail the study
-                    log.error("model %s failed: %s", job.name, _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
-                    done.put(JobResult(job.name, "failed", None, _describe(exc), seconds))
+            seconds: dict[str, float] = {}
+            try:
+                t0 = time.perf_counter()
+                model, loaded = self.cache.get(job.spec)
+                seconds["load"] = time.perf_counter() - t0 if loaded else 0.0
+                with lock:
+                    # The clock runs from the prediction: a cold first load (imports, weights) is not a hang.
+                    started[job.name] = time.monotonic()
+                t0 = time.perf_counter()
+                prediction = model.predict(images, job.labels or None)
+                seconds["run"] = time.perf_counter() - t0
+                done.put(JobResult(job.name, "ok", prediction, None, seconds))
+            except Exception as exc:  # one model's failure must not fail the study
+                log.error("model %s failed: %s", job.name, _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+                done.put(JobResult(job.name, "failed", None, _describe(exc), seconds))
 
-        for job in jobs:
-            threading.Thread(target=work, args=(job,), name=f"model-{job.name}", daemon=True).start()
-        results: dict[str, JobResult] = {}
         limits = {job.name: job.timeout_s if job.timeout_s is not None else self.timeout_s for job in jobs}
+        waiting = list(jobs)
+        active: set[str] = set()
+        results: dict[str, JobResult] = {}
         while len(results) < len(jobs):
+            # The coordinator hands out the worker slots, so a timed-out model (whose thread cannot be
+            # stopped) gives its slot back instead of blocking the jobs behind it.
+            while waiting and len(active) < self.workers:
+                job = waiting.pop(0)
+                active.add(job.name)
+                threading.Thread(target=work, args=(job,), name=f"model-{job.name}", daemon=True).start()
             try:
                 result = done.get(timeout=0.05)
             except queue.Empty:
                 now = time.monotonic()
                 with lock:
-                    for name, t_start in started.items():
-                        limit = limits[name]
-                        if name not in results and limit is not None and now - t_start > limit:
-                            log.error("model %s timed out after %.1f s", name, limit)
-                            results[name] = JobResult(name, "timeout", None, f"timed out after {limit:g} s")
+                    overdue = [
+                        name
+                        for name in active
+                        if name in started and limits[name] is not None and now - started[name] > limits[name]
+                    ]
+                for name in overdue:
+                    log.error("model %s timed out after %.1f s", name, limits[name])
+                    results[name] = JobResult(name, "timeout", None, f"timed out after {limits[name]:g} s")
+                    active.discard(name)
                 continue
             if result.model not in results:  # a late answer from a timed-out model is discarded
                 results[result.model] = result
+                active.discard(result.model)
         return {name: results[name] for name in names}
 
     def close(self) -> None:

@@ -109,6 +109,9 @@ def test_speckled_member_is_dropped_unless_speckle_is_allowed():
     assert result.weights == {"clean": 1.0}
     lesions = fuse_target("lesion", members, voxel_ml=0.01)  # no speckle check: both kept
     assert set(lesions.weights) == {"noisy", "clean"}
+    tiny = _box(shape=(30, 30, 30), lo=10, hi=13)  # 0.27 mL: smaller than a speckle, but in one piece
+    kept = fuse_target("chiasm", [Member("m", tiny)], voxel_ml=0.01, max_speckle_share=0.25, speckle_ml=0.5)
+    assert kept.weights == {"m": 1.0}
 
 
 def test_outlier_among_three_is_dropped_and_of_two_the_rank_decides():

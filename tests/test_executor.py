@@ -97,6 +97,13 @@ def test_failure_and_timeout_fail_only_their_model():
     assert (results["broken"].status, results["broken"].error) == ("failed", "model broken: weights missing")
 
 
+def test_a_hung_model_gives_its_worker_back():
+    """One worker: the job queued behind a hung model still runs once the hung one times out."""
+    executor = InProcessExecutor(ModelCache(loader=_loader({"hangs": {"delay": 5.0}})), workers=1, timeout_s=0.3)
+    results = executor.run([Job(_spec("hangs")), Job(_spec("next"))], _volume())
+    assert results["hangs"].status == "timeout" and results["next"].ok
+
+
 def test_job_timeout_overrides_the_executors():
     executor = InProcessExecutor(ModelCache(loader=_loader({"slow": {"delay": 0.6}})), timeout_s=0.1)
     assert executor.run([Job(_spec("slow"), timeout_s=5.0)], _volume())["slow"].ok
