@@ -62,7 +62,7 @@ NODE_MANUFACTURER = "MedSegAgent"
 #: Manufacturer and series of the request SRs this plugin writes.
 REQUEST_MANUFACTURER = "MedSegAgent Orthanc plugin"
 REQUEST_SERIES_DESCRIPTION = "MedSegAgent request"
-REQUEST_SERIES_NUMBER = "9901"
+REQUEST_SERIES_NUMBER = "9900"  # next to the node's own series (SEG 9901)
 #: Study metadata (declared in ``UserMetadata``) recording what was sent: ``{"series": {id: count}}``.
 ROUTED_METADATA = "MedSegAgentRouted"
 #: The node stores the request in the SEG's Content Description (ST, 1024 characters).

@@ -111,7 +111,7 @@ local function createRequestSr(studyId, text)
       Modality = "SR",
       Manufacturer = "MedSegAgent Orthanc plugin",
       SeriesDescription = "MedSegAgent request",
-      SeriesNumber = "9901",
+      SeriesNumber = "9900",
       InstanceNumber = "1",
       ReferencedPerformedProcedureStepSequence = {},
       PerformedProcedureCodeSequence = {},

@@ -14,7 +14,7 @@ job="${1:-demo}"
 shift || true
 case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install [args...]" >&2; exit 2 ;; esac
 
-apt_packages=(dcmtk python3-venv); if [ "$job" = test ]; then apt_packages+=(orthanc); fi
+apt_packages=(dcmtk python3-venv); if [ "$job" = test ]; then apt_packages+=(orthanc orthanc-python orthanc-dicomweb chromium); fi
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
