@@ -188,7 +188,7 @@ def test_segment_study_reports_a_timed_out_member_and_keeps_the_other(phantom_fa
     registry = load_registry(custom)
 
     def loader(spec: ModelSpec, device: str | None):
-        if spec.name == "demo_ct_segresnet":
+        if spec.name == "demo_ct_unet_bn":
             return FakeModel(spec.name, delay=5.0)
         return load_model(spec, device)
 
@@ -200,14 +200,14 @@ def test_segment_study_reports_a_timed_out_member_and_keeps_the_other(phantom_fa
     models = {m["name"]: m for m in result.report["models"]}
     assert models["demo_ct_unet"]["status"] == "ok" and models["demo_ct_unet"]["device"] == "cpu"
     assert set(models["demo_ct_unet"]["seconds"]) >= {"load", "run", "preprocess", "inference", "to_source"}
-    assert models["demo_ct_segresnet"] == {
-        "name": "demo_ct_segresnet",
+    assert models["demo_ct_unet_bn"] == {
+        "name": "demo_ct_unet_bn",
         "status": "failed",
         "error": "timed out after 2 s",
         "timeout": True,
     }
     segment = result.report["segments"][0]
-    assert segment["dropped"]["demo_ct_segresnet"] == "model failed: timed out after 2 s"
+    assert segment["dropped"]["demo_ct_unet_bn"] == "model failed: timed out after 2 s"
     assert set(segment["ranks"]) == {"demo_ct_unet"}
     assert set(result.report["timings_s"]) >= {"read", "plan", "inference", "ensemble", "write"}
     assert (tmp_path / "out" / "seg.dcm").is_file()

@@ -40,7 +40,7 @@ def test_segment_writes_valid_seg_report_and_preview(phantom_factory, tmp_path, 
     report = json.loads((out / "report.json").read_text())
     labels = [s["label"] for s in report["segments"]]
     assert labels == ["liver", "spleen", "kidney_right", "kidney_left"]
-    assert {m["name"] for m in report["models"]} == {"demo_ct_unet", "demo_ct_segresnet"}
+    assert {m["name"] for m in report["models"]} == {"demo_ct_unet", "demo_ct_unet_bn"}
     assert all(m["status"] == "ok" for m in report["models"])
     assert report["request"]["text"] == "liver, spleen and both kidneys"
     assert set(report["timings_s"]) >= {"read", "plan", "inference", "ensemble", "write"}
@@ -83,8 +83,8 @@ def test_failing_model_is_reported_and_the_other_member_carries_on(phantom_facto
     assert main(["segment", str(files.dicom_dir), "spleen", "-o", str(out), "--registry", str(custom)]) == 0
     report = json.loads((out / "report.json").read_text())
     status = {m["name"]: m["status"] for m in report["models"]}
-    assert status == {"demo_ct_segresnet": "ok", "demo_ct_unet": "failed"}
-    assert report["segments"][0]["weights"] == {"demo_ct_segresnet": 1.0}
+    assert status == {"demo_ct_unet_bn": "ok", "demo_ct_unet": "failed"}
+    assert report["segments"][0]["weights"] == {"demo_ct_unet_bn": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ def test_demo_datasets_and_models(reg: Registry) -> None:
             "pancreas": 5,
             "aorta": 6,
         }
-        assert [m.name for m in ds.models] == [f"demo_{tag}_unet", f"demo_{tag}_segresnet"]
+        assert [m.name for m in ds.models] == [f"demo_{tag}_unet", f"demo_{tag}_unet_bn"]
         for m in ds.models:
             assert m.backend is Backend.MONAI_BUNDLE
             assert m.dataset == ds.name
