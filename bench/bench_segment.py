@@ -3,8 +3,8 @@
 The study is a synthetic CT phantom (``--slices`` x ``--size`` x ``--size``,
 default 300 x 512 x 512) written as single-frame DICOM once and reused
 (``--study``).  A fresh Python process then runs
-:func:`medsegagent.node.pipeline.segment_study` on it -- the two demo CT
-models (``demo_ct_unet``, ``demo_ct_segresnet``) for six organs -- twice: cold
+:func:`medsegagent.node.pipeline.segment_study` on it -- the registry's two
+demo CT models for six organs -- twice: cold
 (imports, model loading) and warm (models cached, as in the node).  A thread
 samples the process's resident memory (``/proc/self/status``) every 10 ms;
 the pipeline's progress lines mark the stages:
@@ -150,8 +150,9 @@ def _table(made: dict | None, runs: list[dict], args: argparse.Namespace) -> lis
         "`python bench/bench_segment.py" + (" --quick" if args.quick else "") + "`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU (CPU inference), python "
-        f"{platform.python_version()}. Request: {REQUEST!r} (collection demo: demo_ct_unet + demo_ct_segresnet, "
-        "run in parallel). Peak memory is the resident set of the segmenting process (sampled every 10 ms), "
+        f"{platform.python_version()}. Request: {REQUEST!r} (collection demo: "
+        + " + ".join(m["name"] for m in runs[0]["models"])
+        + ", run in parallel). Peak memory is the resident set of the segmenting process (sampled every 10 ms), "
         "which holds the models, the volume and everything else; the stage's peak is the highest value seen "
         "while it ran.",
         "",
