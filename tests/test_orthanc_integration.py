@@ -422,3 +422,25 @@ def test_lua_rule_adds_request_sr(phantom_factory, tmp_path):
         assert len(lua.jobs(seg.StudyInstanceUID)) == 1
     finally:
         stop_stack(lua)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="node: instruction source 'sr' takes the first SR of the spooled study by file path, so a second "
+    "request SR on the same study is ignored (node/instructions.py sr_request should prefer the newest SR)",
+)
+def test_second_request_on_same_study_uses_the_new_text(stack, phantom_factory, tmp_path):
+    _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+    study = stack.orthanc.upload(fresh_study(files.series["CT"], tmp_path / "study", StudyDescription="RESEARCH"))
+    uid = stack.orthanc.get_json(f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"]
+
+    def finished() -> int:
+        return len([j for j in stack.jobs(uid) if j.state.value in ("delivered", "failed")])
+
+    for n, text in enumerate(("spleen", "liver"), start=1):
+        status, answer = stack.orthanc.post_json("/medsegagent/segment", {"study": study, "request": text})
+        assert status == 200, answer
+        wait_for(lambda n=n: finished() == n, 180, f"job {n}", stack)
+    newest = max(stack.jobs(uid), key=lambda j: j.created_at)
+    assert (newest.request_source, newest.request_text) == ("sr", "liver")
