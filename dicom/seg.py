@@ -610,6 +610,10 @@ def write_segmentation(
     # General Equipment: the device that made this SEG is "the node running these
     # models", so it gets the same Device UID as the IHE AIR item.
     seg.DeviceUID = equipment.DeviceUID
+    # Series Date/Time are optional (type 3) but PACS browsers (Orthanc Explorer)
+    # sort and label series by them; the series is created now, with its content.
+    seg.SeriesDate = seg.ContentDate
+    seg.SeriesTime = seg.ContentTime
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")

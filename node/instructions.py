@@ -59,14 +59,21 @@ def study_headers(study_dir: Path) -> Iterator[Dataset]:
 
 
 def sr_request(study_dir: Path) -> str | None:
-    """First TEXT content item of an SR document in the study."""
+    """First TEXT content item of the newest SR document in the study.
+
+    Newest by Content Date/Time (then Instance Creation Date/Time): a second
+    request on the same study must win over the first one.
+    """
+    requests: list[tuple[str, str]] = []
     for ds in study_headers(study_dir):
         if not str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX):
             continue
         text = _first_text(ds.get("ContentSequence", []))
         if text:
-            return text
-    return None
+            when = "".join(str(ds.get(k, "") or "") for k in ("ContentDate", "ContentTime"))
+            when = when or "".join(str(ds.get(k, "") or "") for k in ("InstanceCreationDate", "InstanceCreationTime"))
+            requests.append((when, text))
+    return max(requests, key=lambda item: item[0])[1] if requests else None
 
 
 def _first_text(items: list[Dataset]) -> str | None:

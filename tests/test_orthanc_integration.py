@@ -425,11 +425,6 @@ def test_lua_rule_adds_request_sr(phantom_factory, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="node: instruction source 'sr' takes the first SR of the spooled study by file path, so a second "
-    "request SR on the same study is ignored (node/instructions.py sr_request should prefer the newest SR)",
-)
 def test_second_request_on_same_study_uses_the_new_text(stack, phantom_factory, tmp_path):
     _, files = phantom_factory("CT", seed=2, size=96, slices=32)
     study = stack.orthanc.upload(fresh_study(files.series["CT"], tmp_path / "study", StudyDescription="RESEARCH"))
