@@ -1286,6 +1286,8 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         low = detect_modality(text[head.end() :])[1]
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
+    # Spelled out, "head and neck" is one region, not a list of two items.
+    low = re.sub(r"\bhead\s*(?:and|&|/|\+)\s*neck\b", " hn ", low)
     low = re.sub(r"(?:^|(?<=\s))\(?\d{1,2}[).](?=\s)", " ; ", low)  # "1) liver 2) spleen", "1. liver"
     low = re.sub(r"[(\[]\s*(left|right|l|r|lt|rt|bilateral|both)\s*[)\]]", r" \1 ", low)  # "kidney (R)"
     low = re.sub(r"[()\[\]]", " , ", low)  # any other bracket: an aside, i.e. another item
