@@ -9,12 +9,15 @@ The contract (more keys may be added)::
     instruction_sources: [request, sr, worklist, tags, preset]
     worklist: {ae_title: WLM, host: 127.0.0.1, port: 2005}
     http: {host: 127.0.0.1, port: 8080, token_env: MEDSEG_TOKEN}
+    executor: {kind: inprocess}       # or {kind: ray, address: null|auto|HOST:PORT|ray://HOST:PORT,
+                                      #     num_gpus_per_model: 0.5, models: {NAME: {prefer: gpu_a}}}
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,48 @@ class Delivery:
     give_up_after_hours: float = 72.0
 
 
+class ExecutorKind(enum.Enum):
+    """Where the models of a study run."""
+
+    INPROCESS = "inprocess"
+    RAY = "ray"
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """The model executor (``executor:`` section; see ``docs/scale-out.md``).
+
+    ``kind: inprocess`` runs models in threads of the node (``workers`` at a
+    time); ``kind: ray`` runs them on Ray actors: a private local Ray when
+    ``address`` is null, else the cluster at ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:PORT``.  The other keys are
+    :class:`~medsegagent.models.ray_executor.RayExecutor` parameters;
+    ``models`` maps a model name to its placement (``num_cpus``,
+    ``num_gpus``, ``resources``, ``prefer``, ``replicas``); ``local`` sizes a
+    private local Ray (``num_cpus``, ``num_gpus``, ``object_store_mb``,
+    ``resources``, ``temp_dir``).  A study whose cluster is unreachable goes
+    back to the queue after ``retry_delay_s``, at most ``max_job_attempts``
+    times, then fails (``POST /jobs/{id}/retry`` runs it again).
+    """
+
+    kind: ExecutorKind = ExecutorKind.INPROCESS
+    address: str | None = None
+    workers: int = 2
+    timeout_s: float | None = None
+    num_cpus_per_model: float = 1.0
+    num_gpus_per_model: float = 0.0
+    replicas: int = 1
+    spread: bool = False
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    retries: int = 2
+    head_grace_s: float = 15.0
+    max_job_attempts: int = 3
+    retry_delay_s: float = 10.0
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    local: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole node configuration."""
@@ -122,6 +167,7 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     delivery: Delivery = field(default_factory=Delivery)
     source: Path | None = None
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
 _SECTIONS = {
@@ -133,6 +179,7 @@ _SECTIONS = {
     "worklist": Worklist,
     "http": HttpSettings,
     "delivery": Delivery,
+    "executor": ExecutorSettings,
 }
 
 
@@ -272,10 +319,65 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
     delivery = Delivery(
         **{k: _positive(v, f"delivery.{k}", errors) for k, v in delivery_raw.items()}  # type: ignore[arg-type]
     )
+    executor = _executor(data.get("executor", {}) or {}, errors)
     if errors:
         where = f"{source}: " if source else ""
         raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
-    return Config(node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source)
+    return Config(
+        node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor
+    )
+
+
+def _executor(raw: Any, errors: list[str]) -> ExecutorSettings:
+    """The ``executor`` section; placement keys are checked here so a typo fails at start, not at the first study."""
+    item = _build(ExecutorSettings, raw, "executor", errors)
+    values: dict[str, Any] = {}
+    try:
+        values["kind"] = ExecutorKind(item.get("kind", "inprocess"))
+    except ValueError:
+        errors.append(f"executor.kind: {item.get('kind')!r} is not one of {', '.join(k.value for k in ExecutorKind)}")
+    address = item.get("address")
+    if address is not None:
+        if isinstance(address, str) and (address == "auto" or re.fullmatch(r"(ray://)?[^:/\s]+(:\d{1,5})?", address)):
+            values["address"] = address
+        else:
+            errors.append(f"executor.address: {address!r} is not null, auto, HOST:PORT or ray://HOST:PORT")
+    for key in ("workers", "replicas", "max_job_attempts"):
+        if key in item:
+            values[key] = int(_positive(item[key], f"executor.{key}", errors))
+    for key in ("max_restarts", "max_task_retries", "retries"):
+        if key in item:
+            values[key] = int(_positive(item[key], f"executor.{key}", errors, zero=True))
+    for key in ("num_cpus_per_model", "num_gpus_per_model", "retry_delay_s"):
+        if key in item:
+            values[key] = _positive(item[key], f"executor.{key}", errors, zero=True)
+    for key in ("timeout_s", "head_grace_s"):
+        if item.get(key) is not None:
+            values[key] = _positive(item[key], f"executor.{key}", errors)
+    if "spread" in item:
+        values["spread"] = bool(item["spread"])
+    models = item.get("models") or {}
+    if not isinstance(models, dict):
+        errors.append("executor.models: expected a mapping of model name -> placement")
+        models = {}
+    from medsegagent.models.ray_executor import ModelPlacement  # plain data; Ray itself is imported on use
+
+    for name, placement in models.items():
+        if not isinstance(placement, dict):
+            errors.append(f"executor.models.{name}: expected a mapping of placement keys")
+            continue
+        try:
+            ModelPlacement.of(placement)
+        except (TypeError, ValueError) as exc:
+            errors.append(f"executor.models.{name}: {exc}")
+    values["models"] = {str(k): dict(v) for k, v in models.items() if isinstance(v, dict)}
+    local = item.get("local") or {}
+    known_local = {"num_cpus", "num_gpus", "object_store_mb", "resources", "temp_dir"}
+    if not isinstance(local, dict) or set(local) - known_local:
+        errors.append(f"executor.local: expected a mapping with keys among {', '.join(sorted(known_local))}")
+    else:
+        values["local"] = dict(local)
+    return ExecutorSettings(**values)
 
 
 def load_config(path: Path) -> Config:

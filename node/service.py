@@ -28,9 +28,11 @@ from pathlib import Path
 from medsegagent.dicom.modality import routing_modality
 from medsegagent.dicom.series import SeriesError, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
+from medsegagent.models.executor import Executor, InProcessExecutor
+from medsegagent.models.ray_executor import ClusterUnavailable
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.routing import Router
-from medsegagent.node.config import Config, TlsSettings
+from medsegagent.node.config import Config, ExecutorKind, TlsSettings
 from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.instructions import resolve_instruction
 from medsegagent.node.intake import StorageSCP
@@ -65,6 +67,7 @@ class Node:
         self.registry = registry or load_registry()
         self.router = Router(self.registry)
         self.cache = ModelCache()
+        self.executor = build_executor(config, self.cache)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -119,6 +122,7 @@ class Node:
             self.http_server.should_exit = True
         for thread in self._threads:
             thread.join(timeout)
+        self.executor.close()
 
     def _run_loop(self, name: str, step) -> None:
         while not self._stop.is_set():
@@ -197,7 +201,10 @@ class Node:
             result = segment_study(
                 study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
                 collection=collection, request_source=instruction.source, cache=self.cache, uid_key=job.id,
+                executor=self.executor,
             )  # fmt: skip
+        except ClusterUnavailable as exc:
+            return self._cluster_unavailable(job, exc)
         except (PipelineError, SeriesError) as exc:
             log.warning("job %s failed: %s", job.id, exc)
             return self.store.transition(job.id, JobState.FAILED, error=str(exc))
@@ -209,6 +216,18 @@ class Node:
         job = self.store.enqueue_results(job.id, names, [str(result.seg_path)], result.report)
         log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(names))
         return job
+
+    def _cluster_unavailable(self, job: Job, exc: ClusterUnavailable) -> Job:
+        """The executor's cluster is gone: the study goes back to the queue (the job store keeps it), or fails."""
+        settings = self.config.executor
+        if job.attempts >= settings.max_job_attempts:
+            log.error("job %s: cluster unavailable after %d attempt(s): %s", job.id, job.attempts, exc)
+            error = f"cluster unavailable after {job.attempts} attempt(s): {exc}; retry with POST /jobs/{job.id}/retry"
+            return self.store.transition(job.id, JobState.FAILED, error=error)
+        log.warning("job %s: cluster unavailable (%s); re-queued in %.0f s", job.id, exc, settings.retry_delay_s)
+        # Wait before re-queueing, so the processor does not spin against a dead cluster.
+        self._stop.wait(settings.retry_delay_s)
+        return self.store.transition(job.id, JobState.RECEIVED, error=f"cluster unavailable (will retry): {exc}")
 
     def _unusable(self, text: str, modality: str | None, collection: str | None) -> str | None:
         plan = self.router.plan(text, modality=modality, collection=collection)
@@ -264,6 +283,22 @@ class Node:
         log.warning("delivery of %s to %s failed (%s); retry in %.0f s", Path(item.path).name, item.destination,
                     error, delay)  # fmt: skip
         self.store.delivery_failed(item.id, error, delay)
+
+
+def build_executor(config: Config, cache: ModelCache | None = None) -> Executor:
+    """The executor the configuration asks for: in-process threads, or Ray actors (connected on first use)."""
+    settings = config.executor
+    if settings.kind is ExecutorKind.RAY:
+        from medsegagent.models.ray_executor import RayExecutor
+
+        return RayExecutor(
+            settings.address, num_cpus_per_model=settings.num_cpus_per_model,
+            num_gpus_per_model=settings.num_gpus_per_model, placement=settings.models, replicas=settings.replicas,
+            spread=settings.spread, timeout_s=settings.timeout_s, max_restarts=settings.max_restarts,
+            max_task_retries=settings.max_task_retries, retries=settings.retries, head_grace_s=settings.head_grace_s,
+            local=settings.local,
+        )  # fmt: skip
+    return InProcessExecutor(cache, workers=settings.workers, timeout_s=settings.timeout_s)
 
 
 def _allowed_hosts(config: Config) -> set[str] | None:
