@@ -3,15 +3,15 @@
 On synthetic phantoms with exact truth (``medsegagent.dicom.phantom``), every
 demo model of a modality runs once per phantom (through the in-process
 executor, as the node runs them); then each scenario fuses their outputs the
-way the pipeline does (``rank_key``, ``fusion_options``, ``fuse_target``,
-``resolve_overlaps``):
+way the pipeline does (``rank_key``, ``fusion_options``, ``fuse_study`` with
+the phantom image, ``resolve_overlaps``):
 
 * ``clean`` -- the models as they are;
 * ``failed M`` -- model M raised (no output; the ensemble lists it as dropped);
 * ``emptied M`` -- M returned nothing;
-* ``shifted M`` -- M's maps moved 15 mm to the patient's left (a plausible
-  but wrong answer: right shape, right size, wrong place);
-* ``noisy M`` -- Gaussian noise (sigma 0.35) added to M's probabilities.
+* ``shifted M`` -- M's maps moved 15 mm to the patient's left (``--shift-mm``;
+  a plausible but wrong answer: right shape, right size, wrong place);
+* ``noisy M`` -- Gaussian noise (sigma 0.35, ``--noise``) added to M's probabilities.
 
 A single model's Dice is its own output (threshold 0.5, overlaps by higher
 probability), with no plausibility rules; the ensemble applies them.  The
@@ -42,18 +42,18 @@ from scipy import ndimage
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ModelSpec, Prediction
-from medsegagent.models.ensemble import Member, TargetResult, fuse_target, resolve_overlaps
+from medsegagent.models.ensemble import Member, TargetResult, fuse_study, resolve_overlaps
 from medsegagent.models.executor import InProcessExecutor, Job, ModelCache
 from medsegagent.models.registry import Dataset, ModelRef, load_registry
 from medsegagent.models.resample import BoxedMap
-from medsegagent.node.pipeline import fusion_options, rank_key
+from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_options, rank_key
 
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta")
 #: Phantom structures that make up each demo organ (the tumour lies in the liver).
 PARTS = {"liver": ("liver", "liver_tumour")}
 ORIENTATIONS = ("axial", "oblique", "sagittal", "coronal")
 MODES = ("failed", "emptied", "shifted", "noisy")
-SHIFT_MM = np.array([15.0, 0.0, 0.0])  # towards the patient's left (LPS +x)
+SHIFT_MM = (15.0, 0.0, 0.0)  # towards the patient's left (LPS +x)
 NOISE_SIGMA = 0.35
 TOLERANCE = 0.01  # one Dice point
 
@@ -65,6 +65,7 @@ class Case:
     seed: int
     orientation: str
     geometry: Geometry
+    image: np.ndarray
     truth: dict[str, np.ndarray]
     maps: dict[str, dict[str, BoxedMap]]  # model -> organ -> probability
     predictions: dict[str, Prediction]
@@ -76,16 +77,23 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / total if total else 1.0
 
 
-def break_map(boxed: BoxedMap, mode: str, geometry: Geometry, rng: np.random.Generator) -> BoxedMap:
+def break_map(
+    boxed: BoxedMap,
+    mode: str,
+    geometry: Geometry,
+    rng: np.random.Generator,
+    shift_mm: tuple[float, float, float] = SHIFT_MM,
+    sigma: float = NOISE_SIGMA,
+) -> BoxedMap:
     """A deliberately broken copy of one model's map."""
     if mode == "emptied":
         return BoxedMap.empty(boxed.shape)
     if mode == "shifted":
         # The patient-space shift in (slice, row, column) index units of this grid.
-        offset = (np.linalg.inv(geometry.affine[:3, :3]) @ SHIFT_MM)[::-1]
+        offset = (np.linalg.inv(geometry.affine[:3, :3]) @ np.asarray(shift_mm, float))[::-1]
         return BoxedMap.from_dense(ndimage.shift(boxed.dense(np.float32), offset, order=1), threshold=1e-3)
     if mode == "noisy":
-        noisy = boxed.dense(np.float32) + rng.normal(0.0, NOISE_SIGMA, boxed.shape).astype(np.float32)
+        noisy = boxed.dense(np.float32) + rng.normal(0.0, sigma, boxed.shape).astype(np.float32)
         return BoxedMap.from_dense(np.clip(noisy, 0.0, 1.0))
     raise ValueError(mode)
 
@@ -103,7 +111,7 @@ def run_case(modality: str, seed: int, orientation: str, size: int, slices: int,
         raise RuntimeError(f"models failed on the clean run: {failed}")
     predictions = {name: r.prediction for name, r in results.items()}
     maps = {name: {organ: p.boxed(organ) for organ in ORGANS} for name, p in predictions.items()}
-    return Case(seed, orientation, geometry, truth, maps, predictions)
+    return Case(seed, orientation, geometry, image, truth, maps, predictions)
 
 
 def single_dice(case: Case, maps: dict[str, BoxedMap]) -> dict[str, float]:
@@ -116,7 +124,7 @@ def ensemble_dice(
     case: Case, dataset: Dataset, refs: dict[str, ModelRef], maps: dict[str, dict[str, BoxedMap] | None]
 ) -> tuple[dict[str, float], dict[str, dict]]:
     """Dice per organ of the pipeline's fusion; ``maps[model] is None`` for a failed model."""
-    results, decisions = [], {}
+    targets = []
     for organ in ORGANS:
         label = dataset.labels[organ]
         members = [
@@ -124,9 +132,17 @@ def ensemble_dice(
             for name, model_maps in maps.items()
             if model_maps is not None
         ]
-        result = fuse_target(organ, members, voxel_ml=case.geometry.voxel_volume_ml, **fusion_options(label))
+        targets.append((organ, members, fusion_options(label)))
+    results = fuse_study(
+        targets,
+        voxel_ml=case.geometry.voxel_volume_ml,
+        shape=case.geometry.shape,
+        image=case.image,
+        min_study_agreement=MIN_STUDY_AGREEMENT,
+    )
+    decisions = {}
+    for organ, result in zip(ORGANS, results, strict=True):
         result.dropped.update({name: "model failed" for name, m in maps.items() if m is None})
-        results.append(result)
         decisions[organ] = {"weights": result.weights, "dropped": result.dropped}
     labels = resolve_overlaps(results)
     return {organ: dice(labels == i, case.truth[organ]) for i, organ in enumerate(ORGANS, start=1)}, decisions
@@ -163,7 +179,10 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
                 elif mode == "failed":
                     maps[name] = None
                 else:
-                    maps[name] = {o: break_map(m, mode, case.geometry, rng) for o, m in case.maps[name].items()}
+                    maps[name] = {
+                        o: break_map(m, mode, case.geometry, rng, args.shift_mm, args.noise)
+                        for o, m in case.maps[name].items()
+                    }
             for name, model_maps in maps.items():
                 single = single_dice(case, model_maps) if model_maps is not None else dict.fromkeys(ORGANS, 0.0)
                 for organ, value in single.items():
@@ -235,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--seed", type=int, default=401, help="first phantom seed (training used 10000+)")
+    parser.add_argument("--shift-mm", type=float, nargs=3, default=SHIFT_MM, help="LPS shift of a 'shifted' member")
+    parser.add_argument("--noise", type=float, default=NOISE_SIGMA, help="sigma of a 'noisy' member")
     parser.add_argument("--registry", type=Path, default=None, help="registry file (default: the packaged one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ensemble.md")
     args = parser.parse_args(argv)
@@ -245,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "`" + " ".join(["python bench/bench_ensemble.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"python {platform.python_version()}. Broken members: shift {SHIFT_MM[0]:g} mm to the left, "
-        f"noise sigma {NOISE_SIGMA}. Criterion: ensemble >= best single member - {TOLERANCE} per organ.",
+        f"python {platform.python_version()}. Broken members: shift {tuple(args.shift_mm)} mm (LPS), "
+        f"noise sigma {args.noise}. Criterion: ensemble >= best single member - {TOLERANCE} per organ.",
         "",
     ]
     modalities = ["CT", "MR"] if args.modality == "all" else [args.modality]

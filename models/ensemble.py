@@ -34,14 +34,25 @@ example.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import combinations
 
 import numpy as np
 
 from medsegagent.models.resample import BoxedMap
 
-__all__ = ["Member", "TargetResult", "as_boxed", "fuse_target", "rank_weights", "resolve_overlaps"]
+__all__ = [
+    "Member",
+    "TargetResult",
+    "as_boxed",
+    "fuse_study",
+    "fuse_target",
+    "rank_weights",
+    "resolve_overlaps",
+    "study_outliers",
+]
 
 #: What a member's opinion may be: a dense map, a boxed map, or a callable that makes one on demand.
 MapLike = np.ndarray | BoxedMap | Callable[[], "np.ndarray | BoxedMap"]
@@ -148,6 +159,8 @@ def fuse_target(
     max_speckle_share: float | None = None,
     speckle_ml: float = 0.5,
     min_agreement: float | None = None,
+    exclude: Mapping[str, str] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> TargetResult:
     """Fuse the members of one target with rank-decaying weights.
 
@@ -172,18 +185,26 @@ def fuse_target(
         While three or more members are kept, drop the one with the lowest
         mean Dice with the others if that is below this (one at a time); of
         two members with a Dice below this, drop the lower-ranked.
+    exclude : dict, optional
+        Model -> reason: members already judged elsewhere (:func:`study_outliers`);
+        they keep their rank, so the others are re-weighted, not promoted.
+    shape : tuple of int, optional
+        The study's grid, for a target whose members are all excluded (or none).
 
     Returns
     -------
     TargetResult
         An all-zero score when every member was dropped.
     """
+    exclude = exclude or {}
     ranked = sorted(members, key=lambda m: m.rank_key)
     ranks = {m.model: r for r, m in enumerate(ranked, start=1)}
     dropped: dict[str, str] = {}
     kept: list[_Kept] = []
-    shape: tuple[int, int, int] | None = None
     for rank, member in enumerate(ranked, start=1):
+        if member.model in exclude:
+            dropped[member.model] = exclude[member.model]
+            continue
         boxed = as_boxed(member.probability)
         if shape is None:
             shape = boxed.shape
@@ -307,6 +328,162 @@ def _dice(a: BoxedMap, b: BoxedMap, threshold: float = 0.5) -> float:
         masks.append(mask)
     total = int(masks[0].sum() + masks[1].sum())
     return 2.0 * float((masks[0] & masks[1]).sum()) / total if total else 1.0
+
+
+def _exclusive_contrast(a: BoxedMap, b: BoxedMap, image: np.ndarray, min_voxels: int) -> tuple[float, float] | None:
+    """How unlike the voxels both masks share are the voxels only ``a`` (only ``b``) claims.
+
+    Returns robust z-scores ``|median(image[only x]) - median(image[both])| / (1.4826 MAD(image[both]))``,
+    or ``None`` when one of the three regions is too small to say.
+    """
+    union = _union_box([a, b])
+    if union is None:
+        return None
+    extent = tuple(s.stop - s.start for s in union)
+    masks = []
+    for m in (a, b):
+        mask = np.zeros(extent, bool)
+        if not m.is_empty:
+            mask[_local(m.box, union)] = m.data > 0.5
+        masks.append(mask)
+    values = image[union]
+    core = values[masks[0] & masks[1]]
+    only = [values[masks[0] & ~masks[1]], values[masks[1] & ~masks[0]]]
+    if core.size < min_voxels or min(o.size for o in only) < min_voxels:
+        return None
+    centre = float(np.median(core))
+    spread = max(1.4826 * float(np.median(np.abs(core - centre))), 1e-6 * max(abs(centre), 1.0))
+    za, zb = (abs(float(np.median(o)) - centre) / spread for o in only)
+    return za, zb
+
+
+def study_outliers(
+    maps: Mapping[str, Mapping[str, BoxedMap]],
+    image: np.ndarray,
+    *,
+    min_agreement: float = 0.7,
+    min_contrast: float = 1.0,
+    min_voxels: int = 20,
+) -> dict[str, str]:
+    """Models to drop from every target: they disagree with another across the study, and the image sides with it.
+
+    A model that is wrong as a whole (a flipped axis, a wrong orientation, a
+    shifted grid) gives a plausible mask for every target -- the right size and
+    shape in the wrong place -- which no per-target rule can catch when only
+    two models vote.  Across the study it stands out: its mean Dice with
+    another model over their shared targets is low.  The image then arbitrates:
+    in each shared target, the voxels both models claim show what the
+    structure looks like, and the model whose *own* voxels look less like them
+    (robust z-score higher by more than ``min_contrast``) gets a vote against
+    it.  A model with more votes against it than the other, and at least half
+    the shared targets, is dropped.  Without a clear verdict nothing is
+    dropped here (the per-target rules then apply).
+
+    Parameters
+    ----------
+    maps : dict
+        Model -> target -> probability on the study's grid.
+    image : numpy.ndarray
+        The study's image on the same grid.
+    min_agreement : float
+        Mean Dice over the shared targets below which two models are in conflict.
+    min_contrast : float
+        Difference of robust z-scores that counts as a vote.
+    min_voxels : int
+        Smallest region (shared or exclusive) worth a vote.
+
+    Returns
+    -------
+    dict
+        Model -> reason.
+    """
+    outliers: dict[str, str] = {}
+    for a, b in combinations(sorted(maps), 2):
+        if a in outliers or b in outliers:
+            continue
+        shared = [t for t in maps[a] if t in maps[b] and maps[a][t].count() and maps[b][t].count()]
+        if not shared:
+            continue
+        agreement = float(np.mean([_dice(maps[a][t], maps[b][t]) for t in shared]))
+        if agreement >= min_agreement:
+            continue
+        against = {a: 0, b: 0}
+        for t in shared:
+            contrast = _exclusive_contrast(maps[a][t], maps[b][t], image, min_voxels)
+            if contrast is None:
+                continue
+            za, zb = contrast
+            if za - zb > min_contrast:
+                against[a] += 1
+            elif zb - za > min_contrast:
+                against[b] += 1
+        loser, winner = (a, b) if against[a] > against[b] else (b, a)
+        if against[loser] > against[winner] and 2 * against[loser] >= len(shared):
+            outliers[loser] = (
+                f"disagrees with {winner} across the study (mean Dice {agreement:.2f} over {len(shared)} targets)"
+                f" and the image sides with {winner} in {against[loser]}"
+            )
+    return outliers
+
+
+def fuse_study(
+    targets: Sequence[tuple[str, Sequence[Member], Mapping]],
+    *,
+    voxel_ml: float,
+    shape: tuple[int, int, int],
+    image: np.ndarray | None = None,
+    min_study_agreement: float = 0.7,
+    workers: int = 1,
+) -> list[TargetResult]:
+    """Fuse every target of a study: members materialised, whole-model outliers removed, then :func:`fuse_target`.
+
+    Parameters
+    ----------
+    targets : sequence of (name, members, options)
+        ``options`` are :func:`fuse_target` keyword arguments for that target.
+    voxel_ml : float
+        Volume of one voxel of the study's grid.
+    shape : tuple of int
+        The study's grid (for targets left without members).
+    image : numpy.ndarray, optional
+        The study's image; enables :func:`study_outliers`.
+    min_study_agreement : float
+        See :func:`study_outliers`.
+    workers : int
+        Threads materialising members (resampling releases the GIL).
+
+    Returns
+    -------
+    list of TargetResult
+        In ``targets`` order.
+    """
+    pending = [(i, m) for i, (_, members, _) in enumerate(targets) for m in members]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        boxed = list(pool.map(lambda item: as_boxed(item[1].probability), pending))
+    materialised: list[list[Member]] = [[] for _ in targets]
+    for (i, member), value in zip(pending, boxed, strict=True):
+        materialised[i].append(Member(member.model, value, member.rank_key))
+    del boxed
+    outliers = _study_outliers_of(targets, materialised, image, min_study_agreement) if image is not None else {}
+    results = []
+    for (name, _, options), members in zip(targets, materialised, strict=True):
+        results.append(fuse_target(name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **dict(options)))
+        members.clear()  # the target's boxes are no longer needed
+    return results
+
+
+def _study_outliers_of(
+    targets: Sequence[tuple[str, Sequence[Member], Mapping]],
+    materialised: list[list[Member]],
+    image: np.ndarray,
+    min_agreement: float,
+) -> dict[str, str]:
+    maps: dict[str, dict[str, BoxedMap]] = {}
+    for (name, _, _), members in zip(targets, materialised, strict=True):
+        for member in members:
+            assert isinstance(member.probability, BoxedMap)
+            maps.setdefault(member.model, {})[name] = member.probability
+    return study_outliers(maps, image, min_agreement=min_agreement) if len(maps) >= 2 else {}
 
 
 def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.ndarray:

@@ -15,8 +15,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,9 @@ from medsegagent.dicom.seg import AlgorithmInfo, SegmentSpec, SegType, load_sour
 from medsegagent.dicom.series import SeriesError, SeriesInfo, choose_series, image_series, read_series, scan_folder
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
-from medsegagent.models.ensemble import Member, TargetResult, fuse_target, resolve_overlaps
+from medsegagent.models.ensemble import Member, TargetResult, fuse_study, resolve_overlaps
 from medsegagent.models.executor import Executor, InProcessExecutor, Job, JobResult, ModelCache
 from medsegagent.models.registry import Dataset, Label, LabelKind, ModelRef, Registry, load_registry
-from medsegagent.models.resample import BoxedMap
 from medsegagent.models.routing import Plan, Router
 
 log = logging.getLogger(__name__)
@@ -113,6 +112,8 @@ MIN_AGREEMENT = 0.5
 #: Share of a non-lesion mask allowed in pieces smaller than SPECKLE_ML before it counts as noise.
 MAX_SPECKLE_SHARE = 0.25
 SPECKLE_ML = 0.5
+#: Two models whose mean Dice over a study's targets is below this are in conflict; the image arbitrates.
+MIN_STUDY_AGREEMENT = 0.7
 
 
 def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
@@ -278,7 +279,7 @@ def segment_study(
 
     t0 = time.perf_counter()
     say(f"ensemble: fusing {len(segments)} segment(s) on the source grid")
-    results = [_fuse_segment(segment, predictions, errors, volume, workers) for segment in segments]
+    results = _fuse_segments(segments, predictions, errors, volume, workers)
     labels = resolve_overlaps(results)
     timings["ensemble"] = time.perf_counter() - t0
 
@@ -342,36 +343,46 @@ def segment_study(
     return Result(out_dir / "seg.dcm", out_dir / "report.json", out_dir / "preview.png", report, labels, volume)
 
 
-def _fuse_segment(
-    segment: Segment, predictions: dict[str, Prediction], errors: dict[str, str], volume: Volume, workers: int = 2
-) -> TargetResult:
-    """Rank-aware fusion of one segment's members; failed models are listed as dropped with their reason."""
-    candidates: list[tuple[str, Prediction, str, tuple]] = []
-    failed: dict[str, str] = {}
-    seen: set[str] = set()
-    for dataset, label, ref in segment.members:
-        if ref.name in seen:  # two targets may name the same structure
-            continue
-        seen.add(ref.name)
-        prediction = predictions.get(ref.name)
-        if prediction is None:
-            failed[ref.name] = f"model failed: {errors.get(ref.name, 'no prediction')}"
-        elif label.name not in prediction.maps:
-            failed[ref.name] = f"model has no output for {label.name!r}"
-        else:
-            candidates.append((ref.name, prediction, label.name, rank_key(dataset, label, ref, prediction)))
-    # Each member's label is resampled to the study's grid inside its support box; members of one
-    # segment in parallel (torch releases the GIL), one segment at a time (memory: one organ's boxes).
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        maps = list(pool.map(lambda c: c[1].boxed(c[2]), candidates))
-    members = [Member(name, boxed, key) for (name, _, _, key), boxed in zip(candidates, maps, strict=True)]
-    if not members:
-        return TargetResult(segment.label.name, BoxedMap.empty(volume.geometry.shape), dropped=failed)
-    result = fuse_target(
-        segment.label.name, members, voxel_ml=volume.geometry.voxel_volume_ml, **fusion_options(segment.label)
+def _fuse_segments(
+    segments: list[Segment],
+    predictions: dict[str, Prediction],
+    errors: dict[str, str],
+    volume: Volume,
+    workers: int = 2,
+) -> list[TargetResult]:
+    """Rank-aware fusion of every segment; failed models are listed as dropped with their reason."""
+    targets = []
+    failures = []
+    for segment in segments:
+        members: list[Member] = []
+        failed: dict[str, str] = {}
+        seen: set[str] = set()
+        for dataset, label, ref in segment.members:
+            if ref.name in seen:  # two targets may name the same structure
+                continue
+            seen.add(ref.name)
+            prediction = predictions.get(ref.name)
+            if prediction is None:
+                failed[ref.name] = f"model failed: {errors.get(ref.name, 'no prediction')}"
+            elif label.name not in prediction.maps:
+                failed[ref.name] = f"model has no output for {label.name!r}"
+            else:
+                # Resampled to the study's grid inside its support box when the ensemble reads it.
+                lazy = partial(prediction.boxed, label.name)
+                members.append(Member(ref.name, lazy, rank_key(dataset, label, ref, prediction)))
+        targets.append((segment.label.name, members, fusion_options(segment.label)))
+        failures.append(failed)
+    results = fuse_study(
+        targets,
+        voxel_ml=volume.geometry.voxel_volume_ml,
+        shape=volume.geometry.shape,
+        image=volume.array,
+        min_study_agreement=MIN_STUDY_AGREEMENT,
+        workers=workers,
     )
-    result.dropped.update(failed)
-    return result
+    for result, failed in zip(results, failures, strict=True):
+        result.dropped.update(failed)
+    return results
 
 
 def _header(info: SeriesInfo) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsegagent.models.ensemble import Member, fuse_target, resolve_overlaps
+from medsegagent.models.ensemble import Member, fuse_study, fuse_target, resolve_overlaps, study_outliers
 from medsegagent.models.resample import BoxedMap
 
 
@@ -161,3 +161,52 @@ def test_resolve_overlaps_matches_the_dense_argmax():
     np.testing.assert_array_equal(resolve_overlaps(results), expected)
     with pytest.raises(ValueError, match="nothing to fuse"):
         resolve_overlaps([])
+
+
+def _organs(shift: int = 0) -> dict[str, np.ndarray]:
+    """Two box organs on a 40^3 grid, optionally moved ``shift`` voxels along the last axis."""
+    out = {}
+    for name, lo in (("liver", 5), ("spleen", 22)):
+        p = np.zeros((40, 40, 40), np.float32)
+        p[lo : lo + 12, 10:30, lo + shift : lo + 12 + shift] = 1.0
+        out[name] = p
+    return out
+
+
+def _image() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    image = rng.normal(0.0, 5.0, (40, 40, 40)).astype(np.float32)  # fat around the organs
+    truth = _organs()
+    image[truth["liver"] > 0] += 60.0
+    image[truth["spleen"] > 0] += 45.0
+    return image
+
+
+def test_study_outlier_is_the_model_the_image_contradicts():
+    right, shifted = _organs(), _organs(shift=7)
+    maps = {
+        "top": {k: BoxedMap.from_dense(v) for k, v in shifted.items()},
+        "second": {k: BoxedMap.from_dense(v) for k, v in right.items()},
+    }
+    outliers = study_outliers(maps, _image())
+    assert list(outliers) == ["top"] and "image sides with second in 2" in outliers["top"]
+    assert study_outliers(maps, np.zeros((40, 40, 40), np.float32)) == {}  # no image evidence: no verdict
+    close = {"top": {k: BoxedMap.from_dense(v) for k, v in _organs(shift=1).items()}, "second": maps["second"]}
+    assert study_outliers(close, _image()) == {}  # ordinary disagreement is not a conflict
+
+
+def test_fuse_study_drops_a_whole_model_and_keeps_the_ranks():
+    right, shifted = _organs(), _organs(shift=7)
+    targets = [
+        (name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))], {})
+        for name in ("liver", "spleen")
+    ]
+    results = fuse_study(targets, voxel_ml=1.0, shape=(40, 40, 40), image=_image())
+    for result, name in zip(results, ("liver", "spleen"), strict=True):
+        assert result.weights == {"second": 1.0} and result.ranks == {"top": 1, "second": 2}
+        assert "across the study" in result.dropped["top"]
+        np.testing.assert_array_equal(result.score > 0.5, right[name] > 0)
+    without_image = fuse_study(targets, voxel_ml=1.0, shape=(40, 40, 40))
+    assert set(without_image[0].weights) == {"top", "second"}  # no image, no per-target rules: both stay
+    empty = fuse_study([("liver", [], {})], voxel_ml=1.0, shape=(40, 40, 40))
+    assert empty[0].shape == (40, 40, 40) and not empty[0].weights
