@@ -658,19 +658,21 @@ class RayExecutor:
             for task in pending:
                 if task.retry_at is not None and now >= task.retry_at:
                     self._submit(ray, task, images_ref)
+            # By value, not identity: Ray Client hands back new reference objects from wait().
             waiting = {}
             for task in pending:
                 if task.retry_at is None:
-                    waiting[task.run_ref if task.loaded else task.load_ref] = task
+                    waiting[task.run_ref if task.loaded else task.load_ref] = (task, task.loaded)
             if waiting:
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=0.1)
                 for ref in ready:
-                    self._collect(ray, waiting[ref], ref, results)
+                    task, is_run = waiting[ref]
+                    self._collect(ray, task, ref, is_run, results)
             else:
                 time.sleep(0.05)
             self._enforce_limits(ray, pending, results)
 
-    def _collect(self, ray: Any, task: _Task, ref: Any, results: dict[str, JobResult]) -> None:
+    def _collect(self, ray: Any, task: _Task, ref: Any, is_run: bool, results: dict[str, JobResult]) -> None:
         from ray.exceptions import (
             ActorUnavailableError,
             ObjectLostError,
@@ -694,7 +696,7 @@ class RayExecutor:
             results[name] = JobResult(name, "failed", None, f"Ray worker error: {_describe(cause)}")
             return
         task.lost_since, task.backoff = None, 0.25
-        if ref is task.load_ref and not task.loaded:
+        if not is_run:
             task.loaded = True
             task.load_s = float(value[0])
             task.started = time.monotonic()  # like in-process: the clock runs from the prediction
