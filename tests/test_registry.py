@@ -185,11 +185,12 @@ def test_demo_datasets_and_models(reg: Registry) -> None:
             assert m.path.is_absolute()
             assert m.path.parts[-3:] == ("models", "bundles", m.name)
             assert m.installed == m.path.exists()
-            assert m.quality == {}
-            pre = m.preprocessing
-            assert pre is not None and pre.orientation == "LPS" and pre.spacing is None and pre.size == (96, 96, 64)
-            assert pre.intensity.kind == kind
-            assert pre.intensity.window == ((-200.0, 300.0) if kind == "ct_window" else None)
+            # Ranks come from the bundles' own validation Dice; the bundle carries its preprocessing.
+            metadata = json.loads((m.path / "configs" / "metadata.json").read_text())
+            assert m.quality == pytest.approx(metadata["validation_dice"], abs=5e-4)
+            assert m.preprocessing is None
+            section = json.loads((m.path / "configs" / "inference.json").read_text())["medsegagent"]
+            assert section["intensity"]["kind"] == kind
             assert m.values_for(ds.labels["pancreas"]) == [5]
     assert reg.model("demo_ct_unet").dataset == "Demo_CT_Abdomen"
     with pytest.raises(KeyError):
