@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($python --version)"
   "$python" -m venv .venv
 fi
-extras=""; [ "$job" = test ] && extras="[test]"
+extras=""; [ "$job" = test ] && extras="[test,nnunet]"
 stamp=".venv/.medsegagent-installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== pip: installing the project$extras"
