@@ -70,7 +70,8 @@ class Member:
         Probability map on the source grid, or a zero-argument callable that
         returns one (so the map is resampled only when the ensemble needs it).
     rank_key : tuple
-        Sort key, smaller is better (e.g. ``(-quality, -specificity, name)``).
+        Sort key, smaller is better (e.g. ``(-quality, -specificity)``); members
+        with equal keys share a rank.
     """
 
     model: str
@@ -197,11 +198,13 @@ def fuse_target(
         An all-zero score when every member was dropped.
     """
     exclude = exclude or {}
-    ranked = sorted(members, key=lambda m: m.rank_key)
-    ranks = {m.model: r for r, m in enumerate(ranked, start=1)}
+    ranked = sorted(members, key=lambda m: (m.rank_key, m.model))
+    # Competition ranking ("1, 1, 3"): members with equal keys share a rank, and so a weight.
+    ranks = {m.model: 1 + sum(o.rank_key < m.rank_key for o in members) for m in members}
     dropped: dict[str, str] = {}
     kept: list[_Kept] = []
-    for rank, member in enumerate(ranked, start=1):
+    for member in ranked:
+        rank = ranks[member.model]
         if member.model in exclude:
             dropped[member.model] = exclude[member.model]
             continue

@@ -120,11 +120,12 @@ def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Predicti
     """Ranking of a candidate, smaller first: registry quality, then dataset specificity.
 
     Ties (the demo models have no registry quality) go to the model's own
-    validation Dice where it ships one (bundle metadata), then to the name.
+    validation Dice where it ships one (bundle metadata); members still tied
+    share a rank, and so a weight.
     """
     quality = (ref.quality or {}).get(label.name, label.quality) if isinstance(ref.quality, dict) else label.quality
     own = prediction.quality.get(label.name, 0.0) if prediction is not None else 0.0
-    return (-(quality or 0.0), -(dataset.specificity or 0.0), -own, ref.name)
+    return (-(quality or 0.0), -(dataset.specificity or 0.0), -own)
 
 
 def fusion_options(label: Label) -> dict:

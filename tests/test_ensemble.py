@@ -55,6 +55,13 @@ def test_overlaps_go_to_higher_fused_score():
     assert (resolve_overlaps([c]) == 0).all()
 
 
+def test_tied_members_share_a_rank_and_a_weight():
+    members = [Member("b", _box(), (-0.9,)), Member("a", _box(), (-0.9,)), Member("c", _box(), (-0.7,))]
+    result = fuse_target("liver", members, voxel_ml=0.001)
+    assert result.ranks == {"a": 1, "b": 1, "c": 3}
+    assert result.weights == pytest.approx({"a": 3 / 7, "b": 3 / 7, "c": 1 / 7})
+
+
 def test_dropping_a_member_keeps_the_others_ranks():
     """Weights use ranks among all candidates: dropping rank 1 leaves 1/2 and 1/3, normalised."""
     members = [
