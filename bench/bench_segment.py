@@ -212,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         made = _child(["--child-make", str(study), "--size", str(args.size), "--slices", str(args.slices)], 3600)
     with tempfile.TemporaryDirectory(prefix="medsegagent-bench-out-") as tmp:
         print("segmenting in a fresh process ...", file=sys.stderr)
+        load_before = os.getloadavg()[0]
         measured = _child(["--child-run", str(study), tmp, "--runs", str(args.runs)], 3600)
+        load_after = os.getloadavg()[0]
     lines = _table(made, measured["runs"], args)
+    # Other work on the machine slows every stage; say how busy it was.
+    lines += [f"Load average (1 min) before / after the measurement: {load_before:.1f} / {load_after:.1f}.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
