@@ -119,7 +119,7 @@ MIN_STUDY_AGREEMENT = 0.7
 def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
     """Ranking of a candidate, smaller first: registry quality, then dataset specificity.
 
-    Ties (the demo models have no registry quality) go to the model's own
+    Ties (e.g. references without a registry quality) go to the model's own
     validation Dice where it ships one (bundle metadata); members still tied
     share a rank, and so a weight.
     """
