@@ -372,6 +372,7 @@ class RayExecutor:
         self._head_lost = threading.Event()
         self._stop_watch = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._owner_release = threading.Event()  # ends the thread that started a private local Ray
 
     # -- connection ----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -409,7 +410,8 @@ class RayExecutor:
                     options = {_LOCAL_KEYS[k]: v for k, v in self.local.items()}
                     if "object_store_memory" in options:
                         options["object_store_memory"] = int(float(options["object_store_memory"]) * 2**20)
-                    ray.init(
+                    self._init_local(
+                        ray,
                         address="local",  # never RAY_ADDRESS: local means a private instance
                         include_dashboard=False,
                         log_to_driver=False,
@@ -439,6 +441,32 @@ class RayExecutor:
             log.info("Ray executor connected (%s, head %s)", self.address or "local", self._where())
             return ray
 
+    def _init_local(self, ray: Any, **options: Any) -> None:
+        """``ray.init`` for a private local Ray, from a thread that lives as long as the connection.
+
+        Ray starts its local processes with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
+        started them ends: started from a node's short-lived worker thread, the whole local Ray would
+        die with it.
+        """
+        started = threading.Event()
+        failure: list[BaseException] = []
+        self._owner_release.clear()
+
+        def owner() -> None:
+            try:
+                ray.init(**options)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                started.set()
+            if not failure:
+                self._owner_release.wait()
+
+        threading.Thread(target=owner, name="ray-local-owner", daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+
     @staticmethod
     def _gcs_address(ray: Any) -> tuple[str, int] | None:
         try:
@@ -455,7 +483,7 @@ class RayExecutor:
         down_since: float | None = None
         while not self._stop_watch.wait(self.probe_interval_s):
             assert self._probe is not None
-            if _reachable(self._probe):
+            if _reachable(self._probe) or self._stop_watch.is_set():  # stopped: a disconnect closed the head
                 down_since = None
                 continue
             now = time.monotonic()
@@ -482,6 +510,7 @@ class RayExecutor:
 
                 with contextlib.suppress(Exception):
                     ray.shutdown()
+            self._owner_release.set()
             self._connected = False
             self._actor_cls = None
 

@@ -1,0 +1,272 @@
+"""Every benchmark of the project in one command -> ``bench/results/SUMMARY.md``.
+
+    python bench/run_all.py            # full sizes: tens of minutes on 2 cores; run it once
+    python bench/run_all.py --quick    # small sizes, minutes -> bench/results/SUMMARY-quick.md
+    python bench/run_all.py --only routing-public,throughput
+    python bench/run_all.py --routing-benchmark PATH   # default ../shared/benchmarks/... beside the repo
+
+Runs, one after the other (2 cores: never two at once), each in its own
+process and each with its peer measured in the same run:
+
+=================  ==========================================================  ===========================
+key                what                                                        peer
+=================  ==========================================================  ===========================
+routing-public     ``medsegagent bench routing`` on the public 343-query set   the paper's expected models
+routing-ours       the same on ``tests/data/routing_requests.jsonl``           expected models
+ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
+seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
+node               end-to-end overhead per study, everything but model time    (split of one study)
+ensemble           Dice of each demo model vs the rank-aware ensemble          the single models
+segment            ``segment`` wall time and peak memory on a large study      (stages)
+throughput         studies/hour with 1 and 2 executors                         in-process vs Ray
+=================  ==========================================================  ===========================
+
+The summary has one row per benchmark (headline figures, wall time, the
+peak resident memory of its largest process, the command that reproduces
+it), then each benchmark's own tables.  A benchmark that fails is reported
+as failed; the others still run, and the exit status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+PUBLIC = REPO.parent / "shared" / "benchmarks" / "medsegagent-model-selection-343.jsonl"
+OURS = REPO / "tests" / "data" / "routing_requests.jsonl"
+
+
+@dataclass
+class Bench:
+    """One benchmark: how to run it at full and quick size, and what it is compared with."""
+
+    key: str
+    title: str
+    peer: str
+    full: list[str]
+    quick: list[str]
+    headline: str = ""
+    output: str = ""
+    status: str = "not run"
+    wall_s: float = 0.0
+    peak_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def argv(self, quick: bool) -> list[str]:
+        """Arguments after the interpreter (``python``) or the ``medsegagent`` script."""
+        return self.quick if quick else self.full
+
+
+def _medsegagent() -> list[str]:
+    script = Path(sys.executable).parent / "medsegagent"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("medsegagent")
+    return [found] if found else [sys.executable, "-m", "medsegagent.node.cli"]
+
+
+def benchmarks(public: Path) -> list[Bench]:
+    """The project's benchmarks with their full and quick command lines."""
+    py = "python"
+    return [
+        Bench("routing-public", "Routing, public benchmark (343 queries)", "expected models of the benchmark",
+              ["medsegagent", "bench", "routing", str(public), "--json"],
+              ["medsegagent", "bench", "routing", str(public), "--json"]),
+        Bench("routing-ours", "Routing, our request set", "expected models of the set",
+              ["medsegagent", "bench", "routing", "tests/data/routing_requests.jsonl", "--json"],
+              ["medsegagent", "bench", "routing", "tests/data/routing_requests.jsonl", "--json"]),
+        Bench("ingest", "Ingest (C-STORE) vs DCMTK storescp", "DCMTK storescp",
+              [py, "bench/bench_ingest.py"], [py, "bench/bench_ingest.py", "--quick"]),
+        Bench("seg", "DICOM-SEG encode vs dcmqi", "dcmqi itkimage2segimage",
+              [py, "bench/bench_seg.py"], [py, "bench/bench_seg.py", "--quick"]),
+        Bench("node", "End-to-end overhead per study", "the study's own model time",
+              [py, "bench/bench_node.py"], [py, "bench/bench_node.py", "--size", "64", "--slices", "24"]),
+        Bench("ensemble", "Ensemble vs single models (Dice)", "each demo model alone",
+              [py, "bench/bench_ensemble.py"],
+              [py, "bench/bench_ensemble.py", "--modality", "CT", "--phantoms", "1", "--size", "64", "--slices", "32",
+               "--out", "bench/results/ensemble-quick.md"]),
+        Bench("segment", "segment: wall time and peak memory", "stages of the same run",
+              [py, "bench/bench_segment.py"], [py, "bench/bench_segment.py", "--quick"]),
+        Bench("throughput", "Throughput, 1 and 2 executors", "in-process vs Ray",
+              [py, "bench/bench_throughput.py", "--json", "bench/results/throughput.json"],
+              [py, "bench/bench_throughput.py", "--quick", "--json", "bench/results/throughput-quick.json"]),
+    ]  # fmt: skip
+
+
+def _run(bench: Bench, quick: bool, timeout: float) -> None:
+    """Run one benchmark in its own process; record output, wall time and its largest process's peak RSS."""
+    argv = bench.argv(quick)
+    command = _medsegagent() + argv[1:] if argv[0] == "medsegagent" else [sys.executable, *argv[1:]]
+    if bench.key == "routing-public" and not (REPO / argv[3]).is_file():
+        bench.status = f"skipped: {argv[3]} not found (pass --routing-benchmark)"
+        return
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # The tools the test extra installs (dcmqi, dciodvfy) live beside the interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = Path(tempfile.gettempdir()) / f"medsegagent-bench-{bench.key}.log"  # its stderr (kept when it fails)
+    t0 = time.perf_counter()
+    chunks: list[str] = []
+    with log.open("w") as err:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        # wait4, not wait: its rusage is this benchmark's own (largest process among it and its children).
+        _, status, usage = os.wait4(proc.pid, 0)
+        killer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        reader.join()
+    bench.wall_s = time.perf_counter() - t0
+    bench.peak_mb = usage.ru_maxrss / 1024.0
+    bench.output = "".join(chunks).strip()
+    out = bench.output
+    if bench.wall_s >= timeout:
+        bench.status = f"timed out after {timeout:.0f} s"
+        return
+    if proc.returncode != 0:
+        if out and not bench.key.startswith("routing"):
+            # It ran and printed its tables, but its own acceptance checks failed (bench_ensemble does this).
+            bench.status = f"exit {proc.returncode}: its own checks did not all hold (see its tables)"
+            return
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        bench.status = f"failed (exit {proc.returncode}; log {log}): {' / '.join(tail)[-300:]}"
+        return
+    bench.status = "ok"
+    log.unlink(missing_ok=True)
+    if bench.key.startswith("routing"):
+        data = json.loads(out)
+        bench.extra = data
+        bench.headline = (
+            f"hit {data['hit_rate']:.3f}, strict {data['strict']:.3f}, soft {data['soft']:.3f};"
+            f" p50 {data['p50_ms']:.1f} ms, p95 {data['p95_ms']:.1f} ms (n={data['n']})"
+        )
+    elif bench.key == "throughput":
+        path = REPO / argv[argv.index("--json") + 1]
+        rows = json.loads(path.read_text())["rows"]
+        bench.headline = "; ".join(
+            f"{'in-process' if r['kind'] == 'inprocess' else 'Ray'} x{r['lanes']}: "
+            + (f"{r['per_hour']:.0f}/h, {r['peak_pss_mb']:.0f} MB" if "per_hour" in r else "failed")
+            for r in rows
+        )
+
+
+def _routing_table(bench: Bench) -> str:
+    d = bench.extra
+    return "\n".join(
+        [
+            "| queries | hit rate | strict | soft | p50 ms | p95 ms | max ms | start-up s |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {d['n']} | {d['hit_rate']:.3f} | {d['strict']:.3f} | {d['soft']:.3f} | {d['p50_ms']:.2f}"
+            f" | {d['p95_ms']:.2f} | {d['max_ms']:.2f} | {d.get('startup_s', 0):.2f} |",
+        ]
+    )
+
+
+def _machine() -> str:
+    memory = ""
+    try:
+        with open("/proc/meminfo") as info:
+            memory = f", {int(info.readline().split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}, CPU only"
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        return rev.stdout.strip() + (" (with local changes)" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def write_summary(benches: list[Bench], quick: bool, out: Path, total_s: float) -> str:
+    """The markdown summary: one row per benchmark, then each benchmark's own tables."""
+    suffix = " --quick" if quick else ""
+    lines = [
+        "# Benchmarks" + (" (quick sizes)" if quick else ""),
+        "",
+        f"* command: `python bench/run_all.py{suffix}` ({total_s / 60:.1f} min in all)",
+        f"* date: {time.strftime('%Y-%m-%dT%H:%M:%S')}; commit {_commit()}",
+        f"* machine: {_machine()}; shared and noisy, so each figure is compared with its peer from the same run",
+        "* peak RSS: resident memory of the benchmark's largest single process (itself or one it started and"
+        " waited for), from wait4(); the throughput table gives whole-tree memory (PSS) including Ray's processes",
+        "",
+        "| benchmark | peer (same run) | headline | status | wall s | peak RSS MB | reproduce |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in benches:
+        argv = b.argv(quick)
+        command = " ".join(argv)
+        lines.append(
+            f"| {b.title} | {b.peer} | {b.headline or 'see below'} | {b.status} | {b.wall_s:.0f} | {b.peak_mb:.0f}"
+            f" | `{command}` |"
+        )
+    for b in benches:
+        lines += ["", f"## {b.title}", "", f"`{' '.join(b.argv(quick))}` -- {b.status}", ""]
+        if not b.output or (b.key.startswith("routing") and b.status != "ok"):
+            continue
+        if b.key.startswith("routing"):
+            lines.append(_routing_table(b))
+        else:
+            # The benchmark's own markdown: drop its top-level title, keep its tables and notes.
+            body = [line for line in b.output.splitlines() if not line.startswith("# ")]
+            lines.append("\n".join(body).strip())
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks and write the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes), for a smoke run")
+    parser.add_argument("--routing-benchmark", type=Path, default=PUBLIC, help=f"public routing set (default {PUBLIC})")
+    parser.add_argument("--only", help="comma-separated keys (default: all)")
+    parser.add_argument("--out", type=Path, help="summary file (default bench/results/SUMMARY[-quick].md)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
+    args = parser.parse_args(argv)
+    public = Path(os.path.relpath(args.routing_benchmark.resolve(), REPO))  # shown as typed from the repo root
+    benches = benchmarks(public)
+    if args.only:
+        keys = {k.strip() for k in args.only.split(",")}
+        unknown = keys - {b.key for b in benches}
+        if unknown:
+            parser.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(b.key for b in benches)}")
+        benches = [b for b in benches if b.key in keys]
+    out = args.out or RESULTS / f"SUMMARY{'-quick' if args.quick else ''}.md"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for bench in benches:
+        print(f"== {bench.key}: {' '.join(bench.argv(args.quick))}", file=sys.stderr, flush=True)
+        _run(bench, args.quick, args.timeout)
+        print(f"   {bench.status} in {bench.wall_s:.0f} s {bench.headline}", file=sys.stderr, flush=True)
+    print(write_summary(benches, args.quick, out, time.perf_counter() - t0))
+    print(f"wrote {out}", file=sys.stderr)
+    # A benchmark whose own checks did not hold still produced its figures; only crashes and timeouts fail the run.
+    return 1 if any(b.status.startswith(("failed", "timed out")) for b in benches) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
