@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--seg-type", choices=[t.value for t in SegType], default=SegType.BINARY.value)
     seg.add_argument("--registry", type=Path, help="registry.yaml to use instead of the installed one")
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    seg.add_argument("--sr", action="store_true", help="also write a TID 1500 volume report (sr.dcm)")
+    seg.add_argument("--preview-sc", action="store_true", help="also write the preview as a Secondary Capture")
     seg.set_defaults(func=run_segment)
 
     demo = subparsers.add_parser(
@@ -69,6 +71,8 @@ def run_segment(args: argparse.Namespace) -> int:
             collection=args.collection,
             seg_type=SegType(args.seg_type),
             cache=ModelCache(args.device),
+            volume_report=args.sr,
+            preview_sc=args.preview_sc,
             progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
         )
     except PipelineError as exc:
@@ -79,6 +83,9 @@ def run_segment(args: argparse.Namespace) -> int:
             f"{seg['number']:>3}  {seg['label']:<28} {seg['volume_ml']:10.1f} mL{'  (empty)' if seg['empty'] else ''}"
         )
     print(f"SEG: {result.seg_path}\nreport: {result.report_path}\npreview: {result.preview_path}")
+    extra = [name for name in result.report.get("outputs", []) if name not in ("seg.dcm", "preview.png")]
+    if extra:
+        print("also: " + ", ".join(str(args.out / name) for name in extra))
     return 0
 
 

@@ -82,6 +82,8 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    volume_report: bool = False
+    preview_sc: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,8 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
                 ae_title=_ae_title(item.get("ae_title"), f"destinations[{i}].ae_title", errors),
                 host=_host(item.get("host"), f"destinations[{i}].host", errors),
                 port=_port(item.get("port"), f"destinations[{i}].port", errors),
+                volume_report=bool(item.get("volume_report", False)),
+                preview_sc=bool(item.get("preview_sc", False)),
             )
         )
     if len({d.name for d in destinations}) != len(destinations):

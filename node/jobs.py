@@ -347,18 +347,21 @@ class JobStore:
         return self.get(job_id)
 
     # -- outbox ------------------------------------------------------------------------
-    def enqueue_results(self, job_id: str, destinations: list[str], paths: list[str], report: dict) -> Job:
-        """Mark ``job_id`` written and queue each result file for each destination (one transaction)."""
+    def enqueue_results(self, job_id: str, deliveries: dict[str, list[str]], report: dict) -> Job:
+        """Mark ``job_id`` written and queue its result files per destination (one transaction).
+
+        ``deliveries`` maps a destination name to the files it receives.
+        """
         now = time.time()
         with self._tx() as db:
-            for dest in destinations:
+            for dest, paths in deliveries.items():
                 for path in paths:
                     db.execute(
                         """INSERT OR IGNORE INTO outbox(job_id, destination, path, state, next_attempt_at)
                            VALUES (?, ?, ?, 'pending', ?)""",
                         (job_id, dest, path, now),
                     )
-            self._set_state(db, job_id, JobState.WRITTEN if destinations else JobState.DELIVERED, report=report)
+            self._set_state(db, job_id, JobState.WRITTEN if deliveries else JobState.DELIVERED, report=report)
         return self.get(job_id)
 
     def due_deliveries(self, now: float | None = None) -> list[OutboxItem]:

@@ -9,6 +9,7 @@ moved into place only when every step succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -24,8 +25,18 @@ import numpy as np
 from medsegagent import __version__
 from medsegagent.dicom.modality import study_modality
 from medsegagent.dicom.preview import render_preview
-from medsegagent.dicom.seg import AlgorithmInfo, SegmentSpec, SegType, load_source_datasets, write_segmentation
+from medsegagent.dicom.secondary_capture import write_preview_sc
+from medsegagent.dicom.seg import (
+    ContributingModel,
+    SegmentSpec,
+    SegType,
+    load_source_datasets,
+    members_from_ranks,
+    model_fingerprint,
+    write_segmentation,
+)
 from medsegagent.dicom.series import SeriesError, SeriesInfo, choose_series, image_series, read_series, scan_folder
+from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
 from medsegagent.models.ensemble import Member, TargetResult, fuse_study, resolve_overlaps
@@ -196,6 +207,8 @@ def segment_study(
     progress: Progress | None = None,
     executor: Executor | None = None,
     timeout_s: float | None = None,
+    volume_report: bool = False,
+    preview_sc: bool = False,
 ) -> Result:
     """Segment the image series of ``dicom_dir`` as ``text`` asks.
 
@@ -227,6 +240,13 @@ def segment_study(
     executor : Executor, optional
         Runs the models; an in-process one over ``cache`` with ``workers``
         threads by default.
+    volume_report : bool
+        Also write ``sr.dcm``: a TID 1500 Measurement Report with each
+        segment's volume (plus ``seg-binary.dcm`` for it to reference when
+        ``seg_type`` is LABELMAP).
+    preview_sc : bool
+        Also write ``preview-sc.dcm``: the preview as a Secondary Capture for
+        PACS that cannot show SEG.
     timeout_s : float, optional
         Wall-time limit per model; a model over it fails alone.
 
@@ -290,28 +310,35 @@ def segment_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        specs = [_segment_spec(s.label) for s in segments]
-        algorithm = AlgorithmInfo(
-            parameters={
-                s.label.name: ", ".join(f"{m}:rank{r.ranks.get(m)}:w{w:.2f}" for m, w in r.weights.items())[:64]
-                or "none"
-                for s, r in zip(segments, results, strict=True)
-            }
-        )
+        # Each segment names its own voters with their ranks and weights; the
+        # contributing models (with weight digests) make the SEG's Device UID.
+        specs = [
+            dataclasses.replace(_segment_spec(s.label), members=members_from_ranks(r.ranks, r.weights))
+            for s, r in zip(segments, results, strict=True)
+        ]
+        ran = {ref.name: ref for s in segments for _, _, ref in s.members if ref.name in predictions}
+        contributing = [ContributingModel(name, model_fingerprint(ref.path)) for name, ref in sorted(ran.items())]
         key = uid_key or f"{volume.series_instance_uid}/{' '.join(text.split()).lower()}"
         sources = load_source_datasets(volume, chosen.files)
-        write_segmentation(
-            volume,
-            sources,
-            labels,
-            specs,
-            staging / "seg.dcm",
-            uid_key=key,
-            request_text=text,
-            request_source=request_source,
-            algorithm=algorithm,
-            seg_type=seg_type,
-        )
+        common = {"uid_key": key, "request_text": text, "request_source": request_source, "models": contributing}
+        seg = write_segmentation(volume, sources, labels, specs, staging / "seg.dcm", seg_type=seg_type, **common)
+        outputs = ["seg.dcm", "preview.png"]
+        if volume_report:
+            # TID 1500 references segments of a BINARY (or FRACTIONAL) SEG, never of a LABELMAP one.
+            referenced = seg
+            if seg_type is SegType.LABELMAP:
+                referenced = write_segmentation(
+                    volume, sources, labels, specs, staging / "seg-binary.dcm", seg_type=SegType.BINARY, **common
+                )
+                outputs.append("seg-binary.dcm")
+            volumes = segment_volumes_ml(labels, len(specs), volume.geometry.voxel_volume_ml)
+            write_volume_report(referenced, volumes, staging / "sr.dcm", key, request_text=text)
+            outputs.append("sr.dcm")
+        if preview_sc:
+            colors = [spec.color or (255, 0, 0) for spec in specs]
+            write_preview_sc(volume, sources, labels, colors, staging / "preview-sc.dcm", uid_key=key,
+                             request_text=text)  # fmt: skip
+            outputs.append("preview-sc.dcm")
         shown = render_preview(
             volume.array,
             labels,
@@ -335,8 +362,9 @@ def segment_study(
             timings,
             shown,
         )
+        report["outputs"] = outputs
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        for name in ("seg.dcm", "preview.png", "report.json"):  # report last: its presence means "complete"
+        for name in [*outputs, "report.json"]:  # report last: its presence means "complete"
             (staging / name).replace(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -202,6 +202,8 @@ class Node:
                 study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
                 collection=collection, request_source=instruction.source, cache=self.cache, uid_key=job.id,
                 executor=self.executor,
+                volume_report=any(d.volume_report for d in self.config.destinations),
+                preview_sc=any(d.preview_sc for d in self.config.destinations),
             )  # fmt: skip
         except ClusterUnavailable as exc:
             return self._cluster_unavailable(job, exc)
@@ -212,9 +214,8 @@ class Node:
             log.exception("job %s failed unexpectedly", job.id)
             return self.store.transition(job.id, JobState.FAILED, error=f"internal error: {exc}")
         self.store.transition(job.id, JobState.RUNNING, result_dir=str(out_dir))
-        names = [d.name for d in self.config.destinations]
-        job = self.store.enqueue_results(job.id, names, [str(result.seg_path)], result.report)
-        log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(names))
+        job = self.store.enqueue_results(job.id, self._deliveries(out_dir, result.report), result.report)
+        log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(self.config.destinations))
         return job
 
     def _cluster_unavailable(self, job: Job, exc: ClusterUnavailable) -> Job:
@@ -228,6 +229,19 @@ class Node:
         # Wait before re-queueing, so the processor does not spin against a dead cluster.
         self._stop.wait(settings.retry_delay_s)
         return self.store.transition(job.id, JobState.RECEIVED, error=f"cluster unavailable (will retry): {exc}")
+
+    def _deliveries(self, out_dir: Path, report: dict) -> dict[str, list[str]]:
+        """Files each destination receives: the SEG, plus the SR / SC where it asked for them."""
+        written = set(report.get("outputs", ["seg.dcm"]))
+        deliveries = {}
+        for dest in self.config.destinations:
+            names = ["seg.dcm"]
+            if dest.volume_report and "sr.dcm" in written:
+                names += [n for n in ("seg-binary.dcm", "sr.dcm") if n in written]
+            if dest.preview_sc and "preview-sc.dcm" in written:
+                names.append("preview-sc.dcm")
+            deliveries[dest.name] = [str(out_dir / n) for n in names]
+        return deliveries
 
     def _unusable(self, text: str, modality: str | None, collection: str | None) -> str | None:
         plan = self.router.plan(text, modality=modality, collection=collection)

@@ -341,3 +341,28 @@ def test_worklist_source_with_dcmtk_wlmscpfs(node_factory, phantom_factory, tmp_
         pacs.stop()
         wlm.terminate()
         wlm.wait(timeout=10)
+
+
+def test_destinations_choose_sr_and_secondary_capture(node_factory, phantom_factory, tmp_path):
+    """Per destination: one PACS gets the SEG only, the other also the volume SR and the preview SC."""
+    plain, full = StoreSCP(tmp_path / "plain").start(), StoreSCP(tmp_path / "full").start()
+    try:
+        node = node_factory(
+            plain.port,
+            destinations=[
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": plain.port},
+                {"name": "archive", "ae_title": "PACS", "host": "127.0.0.1", "port": full.port,
+                 "volume_report": True, "preview_sc": True},
+            ],
+        )  # fmt: skip
+        _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+        _storescu(files.series["CT"], node.scp.port, called="LIVERSEG")
+        _wait_state(node, {JobState.DELIVERED})
+        modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in full.folder.iterdir())
+        assert modalities == ["OT", "SEG", "SR"]
+        assert [pydicom.dcmread(p, stop_before_pixels=True).Modality for p in plain.folder.iterdir()] == ["SEG"]
+        for path in full.folder.iterdir():
+            assert dciodvfy_errors(path) == []
+    finally:
+        plain.stop()
+        full.stop()
