@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 
 import pydicom
 import pytest
 
 from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.intake import StorageSCP
+from tests.test_node import _free_port, _wait_port
 
 #: Debian's DCMTK; the venv's pynetdicom apps shadow the names on PATH.
 DCMTK = "/usr/bin"
@@ -106,22 +105,6 @@ def test_our_scu_reports_rejection(scp, phantom_factory):
         send_files(files.series["CT"][:1], host="127.0.0.1", port=scp.port, called_ae="MEDSEG", calling_ae="NOBODY")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"nothing listens on port {port}")
-
-
 def test_dcmtk_storescp_receives_from_our_scu(phantom_factory, tmp_path):
     """Our SCU against DCMTK's SCP: the delivery path to a PACS."""
     _, files = phantom_factory("CT")
@@ -133,7 +116,7 @@ def test_dcmtk_storescp_receives_from_our_scu(phantom_factory, tmp_path):
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait_listening(port)
+        _wait_port(port)
         result = send_files(files.series["CT"], host="127.0.0.1", port=port, called_ae="PACS")
         assert result.sent == len(files.series["CT"])
         assert len(list(out.iterdir())) == len(files.series["CT"])
