@@ -320,6 +320,10 @@ def test_failures_and_timeouts_as_in_process_and_models_stay_loaded(ray_tmp):
     jobs = [Job(spec(name)) for name in behaviour]
     expected = InProcessExecutor(ModelCache(loader=loader), workers=4, timeout_s=2.0).run(jobs, volume())
     with RayExecutor(num_cpus_per_model=0.2, timeout_s=2.0, loader=loader, local=local_ray(ray_tmp)) as executor:
+        # Connected from a thread that then ends (as a node's worker thread may): the local Ray must outlive it.
+        connector = threading.Thread(target=executor.connect)
+        connector.start()
+        connector.join()
         t0 = time.monotonic()
         results = executor.run(jobs, volume())
         assert time.monotonic() - t0 < 90  # actor start-up, not the hung model's two minutes
