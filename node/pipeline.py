@@ -270,7 +270,10 @@ def segment_study(
         modality = study_modality(_header(s) for s in images)
         if modality is None:
             choose_series(series)  # raises with the reason
-        chosen = choose_series(series, "CT" if modality == "PT+CT" else None)
+        # Segment the series the routing modality came from (PET+CT: the CT), so a
+        # study with several series never pairs an MR plan with the CT images.
+        wanted = "CT" if modality == "PT+CT" else (modality.split(":")[0] if modality else None)
+        chosen = choose_series(series, wanted)
         volume = read_series(chosen)
     except SeriesError as exc:
         raise PipelineError(str(exc)) from exc

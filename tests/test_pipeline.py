@@ -122,3 +122,25 @@ def test_demo_end_to_end_meets_dice(tmp_path):
     assert not low, f"Dice below 0.85: {low}"
     assert dciodvfy_errors(outcome.result.seg_path) == []
     assert np.any(outcome.result.labels)
+
+
+def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_factory, tmp_path):
+    """CT and MR series in one folder: the segmented series is of the routing modality, and the report says which."""
+    _demo_models_installed()
+    from medsegagent.node.pipeline import segment_study
+
+    _, ct = phantom_factory("CT", seed=3, size=96, slices=40)
+    _, mr = phantom_factory("MR", seed=3, size=96, slices=40)
+    mixed = tmp_path / "mixed"
+    for sub, paths in (("ct", ct.series["CT"]), ("mr", mr.series["MR"])):
+        (mixed / sub).mkdir(parents=True)
+        for path in paths:
+            shutil.copy(path, mixed / sub / path.name)
+    result = segment_study(mixed, "liver", tmp_path / "out")
+    report = result.report
+    assert report["series"]["modality"] == report["modality"].split(":")[0]
+    # The headers make this an MR study (a CT beside it is context); the MR models ran on the MR series.
+    assert report["modality"].startswith("MR")
+    assert {m["name"] for m in report["models"]} == {"demo_mr_unet", "demo_mr_unet_bn"}
+    assert report["series"]["uid"] in {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID
+                                       for p in (ct.series["CT"][0], mr.series["MR"][0])}  # fmt: skip
