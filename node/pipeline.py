@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medsegagent import __version__
-from medsegagent.dicom.modality import study_modality
+from medsegagent.dicom.modality import routing_modality
 from medsegagent.dicom.preview import render_preview
 from medsegagent.dicom.secondary_capture import write_preview_sc
 from medsegagent.dicom.seg import (
@@ -267,7 +267,7 @@ def segment_study(
     try:
         series = scan_folder(Path(dicom_dir))
         images = image_series(series)
-        modality = study_modality(_header(s) for s in images)
+        modality = routing_modality(series)
         if modality is None:
             choose_series(series)  # raises with the reason
         # Segment the series the routing modality came from (PET+CT: the CT), so a
@@ -415,14 +415,6 @@ def _fuse_segments(
     for result, failed in zip(results, failures, strict=True):
         result.dropped.update(failed)
     return results
-
-
-def _header(info: SeriesInfo) -> dict:
-    import pydicom
-
-    ds = pydicom.dcmread(info.files[0], stop_before_pixels=True)
-    keys = ("Modality", "SeriesDescription", "SequenceName", "ProtocolName", "ContrastBolusAgent", "ImageType")
-    return {k: ds.get(k) for k in keys}
 
 
 def _segment_spec(label: Label) -> SegmentSpec:
