@@ -140,7 +140,17 @@ def _marks(folder: Path, model: str) -> list[tuple[int, str]]:
 
 def test_ray_client_address_runs_a_study(cluster, tmp_path):
     """``ray://`` (Ray Client): the study goes through the head's client server, same labels as in-process."""
-    result = _finish(cluster, _drive(cluster, tmp_path, cluster.client_address, 0.0), tmp_path, 300)
+    for attempt in (1, 2):
+        work = tmp_path / f"attempt{attempt}"
+        work.mkdir()
+        try:
+            result = _finish(cluster, _drive(cluster, work, cluster.client_address, 0.0), work, 300)
+            break
+        except pytest.fail.Exception as failure:
+            # Ray Client starts a per-client gRPC server; on a loaded 2-core machine its channel can miss
+            # Ray's readiness deadline (grpc.FutureTimeoutError). That is start-up, not the executor: retry once.
+            if attempt == 2 or "FutureTimeoutError" not in str(failure):
+                raise
     assert result["statuses"] == {HEAD_MODEL: "ok", WORKER_MODEL: "ok"}
     assert result["labels_equal"] and result["labelled_voxels"] > 0
 
