@@ -182,7 +182,7 @@ class Node:
         study_dir = self.spool_dir / job.study_uid
         log.info("job %s: study %s", job.id, job.study_uid)
         try:
-            modality = _study_modality(study_dir)
+            modality = routing_modality(scan_folder(study_dir))
             collection = self.config.node.collection
             instruction = resolve_instruction(
                 study_dir, self.config, explicit=job.explicit_request, called_ae=job.called_ae,
@@ -319,10 +319,6 @@ def _allowed_hosts(config: Config) -> set[str] | None:
     hosts = {p.host for p in config.peers if p.host}
     # Only enforce addresses when every peer names one; otherwise AE titles decide.
     return hosts if config.peers and all(p.host for p in config.peers) else None
-
-
-def _study_modality(study_dir: Path) -> str | None:
-    return routing_modality(scan_folder(study_dir))
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:

@@ -10,16 +10,10 @@ import pytest
 from medsegagent.dicom.seg import SegType
 from medsegagent.dicom.sr import read_volumes_ml, segment_volumes_ml, write_volume_report
 from tests.conftest import dciodvfy_errors
+from tests.test_seg import GEOMETRIES as SEG_GEOMETRIES
 
-GEOMETRIES = [
-    pytest.param({"orientation": "axial"}, id="axial"),
-    pytest.param({"orientation": "sagittal"}, id="sagittal"),
-    pytest.param({"orientation": "coronal"}, id="coronal"),
-    pytest.param({"orientation": "oblique"}, id="oblique"),
-    pytest.param({"orientation": "axial", "reverse_order": True}, id="reversed"),
-    pytest.param({"orientation": "axial", "multiframe": True}, id="enhanced-ct"),
-    pytest.param({"modality": "MR", "orientation": "axial"}, id="mr"),
-]
+# The SEG suite's geometries; SR tests skip the multi-frame MR source, which adds nothing for a volume report.
+GEOMETRIES = [param for param in SEG_GEOMETRIES if param.id != "mr-multiframe"]
 
 
 def _write(seg_factory, tmp_path, seg_type=SegType.BINARY, empty=(), **geometry):
