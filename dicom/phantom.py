@@ -73,26 +73,41 @@ LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, PANCREAS, AORTA, TUMOUR, MEDULLA = 11, 12, 13
 
 #: Per tissue: (CT HU, MR T1 VIBE signal, PET SUV).  VISCERA is a mix of two
 #: rows (fatty mesentery / bowel) driven by a smooth random field.
+#:
+#: MR is a non-contrast fat-saturated 3-D spoiled GRE (VIBE: TR 4.1 ms, TE
+#: 1.9 ms, flip 10 degrees, as written in the headers).  The organ ordering
+#: follows the steady-state signal PD * sin(a)(1 - E1) / (1 - cos(a) E1) with
+#: literature 1.5 T T1s (liver ~590 ms, renal cortex ~970 ms, spleen
+#: ~1060 ms, muscle ~1010 ms, CSF ~4000 ms) scaled to liver = 460: pancreas
+#: brightest (its protein-rich acinar tissue shortens T1), liver > renal cortex
+#: > spleen > renal medulla, muscle and suppressed fat darker.  Flowing blood is
+#: not the stationary-blood value: the aorta's fast pulsatile flow dephases
+#: within the voxel and its long-T1 blood stays saturated across the thick 3-D
+#: slab, so it is a dark flow void, well below fat-suppressed retroperitoneal
+#: fat; the IVC's slow, steady flow keeps an intermediate signal.  CSF in the
+#: spinal canal is dark from its long T1 but well above the void.
 _TISSUE_VALUES: dict[int, tuple[float, float, float]] = {
     AIR: (-1000.0, 0.0, 0.0),
     FAT: (-100.0, 120.0, 0.4),  # fat-saturated T1 VIBE: fat is dark
     MUSCLE: (50.0, 260.0, 0.8),
-    BONE: (700.0, 80.0, 1.5),
+    BONE: (700.0, 80.0, 1.5),  # cortex is void, fat-suppressed marrow low
     DISC: (90.0, 300.0, 0.8),
-    CANAL: (15.0, 180.0, 0.6),
+    CANAL: (15.0, 130.0, 0.6),  # CSF: long T1, low signal
     LUNG: (-850.0, 20.0, 0.4),
-    IVC: (150.0, 170.0, 1.7),
+    IVC: (150.0, 170.0, 1.7),  # slow venous flow: intermediate, no void
     LIVER: (110.0, 460.0, 2.3),
-    SPLEEN: (125.0, 330.0, 1.9),
-    KIDNEY_R: (175.0, 420.0, 4.0),  # cortex
-    KIDNEY_L: (175.0, 420.0, 4.0),
-    MEDULLA: (140.0, 300.0, 5.0),  # excreted tracer collects centrally
+    SPLEEN: (125.0, 330.0, 1.9),  # hypointense to liver and renal cortex
+    KIDNEY_R: (175.0, 390.0, 4.0),  # cortex: above spleen, below liver
+    KIDNEY_L: (175.0, 390.0, 4.0),
+    MEDULLA: (140.0, 300.0, 5.0),  # excreted tracer collects centrally; corticomedullary contrast on T1
     PANCREAS: (85.0, 680.0, 1.5),  # pancreas is the brightest organ on T1 FS
-    AORTA: (185.0, 140.0, 1.7),
+    AORTA: (185.0, 30.0, 1.7),  # MR: arterial flow void (see above)
     TUMOUR: (45.0, 230.0, 8.0),
 }
+#: Fatty mesentery is suppressed on MR; bowel loops (intermediate wall, long-T1
+#: fluid contents) stay below muscle and spleen on non-contrast T1.
 _VISCERA_FATTY = (-95.0, 150.0, 0.6)
-_VISCERA_BOWEL = (30.0, 380.0, 1.6)
+_VISCERA_BOWEL = (30.0, 240.0, 1.6)
 
 #: Nominal organ volumes (mL) before the +-10 % random scaling.
 NOMINAL_VOLUMES_ML = {"liver": 1500.0, "spleen": 200.0, "kidney_right": 155.0, "kidney_left": 155.0, "pancreas": 75.0}
