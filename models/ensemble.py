@@ -45,12 +45,15 @@ from medsegagent.models.resample import BoxedMap
 
 __all__ = [
     "Member",
+    "Placement",
     "TargetResult",
     "as_boxed",
     "fuse_study",
     "fuse_target",
+    "placement_evidence",
     "rank_weights",
     "resolve_overlaps",
+    "study_misplaced",
     "study_outliers",
 ]
 
@@ -162,6 +165,9 @@ def fuse_target(
     min_agreement: float | None = None,
     exclude: Mapping[str, str] | None = None,
     shape: tuple[int, int, int] | None = None,
+    image: np.ndarray | None = None,
+    min_misplacement: float | None = None,
+    placements: Mapping[tuple[str, str], Placement | None] | None = None,
 ) -> TargetResult:
     """Fuse the members of one target with rank-decaying weights.
 
@@ -191,6 +197,15 @@ def fuse_target(
         they keep their rank, so the others are re-weighted, not promoted.
     shape : tuple of int, optional
         The study's grid, for a target whose members are all excluded (or none).
+    image : numpy.ndarray, optional
+        The study's image on the same grid, for the placement rule.
+    min_misplacement : float, optional
+        With ``image``: drop a member whose :func:`placement_evidence` against
+        it exceeds this when compared with another kept member (and that wins
+        no such comparison), before the agreement rule -- the image decides
+        before the rank does.
+    placements : dict, optional
+        ``(model_a, model_b) -> Placement`` already computed (by :func:`fuse_study`).
 
     Returns
     -------
@@ -218,6 +233,9 @@ def fuse_target(
             dropped[member.model] = reason
         else:
             kept.append(_Kept(rank, member.model, boxed, boxed.count(0.5)))
+    if image is not None and min_misplacement is not None and len(kept) >= 2:
+        kept, misplaced = _drop_misplaced(kept, image, min_misplacement, placements or {})
+        dropped.update(misplaced)
     if min_agreement is not None and len(kept) >= 2:
         kept, outliers = _drop_outliers(kept, min_agreement)
         dropped.update(outliers)
@@ -259,6 +277,47 @@ def _implausible(
             if share > max_speckle_share:
                 return f"speckled output ({100 * share:.0f} % of the mask in {n} pieces < {speckle_ml:g} mL)"
     return None
+
+
+def _pair_placement(
+    a: _Kept, b: _Kept, image: np.ndarray, known: Mapping[tuple[str, str], Placement | None]
+) -> Placement | None:
+    if (a.model, b.model) in known:
+        return known[a.model, b.model]
+    if (b.model, a.model) in known:
+        p = known[b.model, a.model]
+        return None if p is None else Placement(tuple(-v for v in p.offset), p.rho_b, p.rho_a)  # type: ignore[arg-type]
+    return placement_evidence(a.map, b.map, image)
+
+
+def _drop_misplaced(
+    kept: list[_Kept], image: np.ndarray, threshold: float, known: Mapping[tuple[str, str], Placement | None]
+) -> tuple[list[_Kept], dict[str, str]]:
+    """Drop members the image places elsewhere: they lose a placement test and win none."""
+    lost: dict[str, tuple[str, tuple[int, ...], float]] = {}  # loser -> (winner, its move onto the winner, evidence)
+    won: set[str] = set()
+    for a, b in combinations(kept, 2):
+        p = _pair_placement(a, b, image, known)
+        if p is None:
+            continue
+        # a is b moved by p.offset: a goes onto b by -offset, b onto a by +offset.
+        for loser, winner, evidence, move in (
+            (a, b, p.against_a, tuple(-v for v in p.offset)),
+            (b, a, -p.against_a, tuple(p.offset)),
+        ):
+            if evidence > threshold:
+                won.add(winner.model)
+                if evidence > lost.get(loser.model, ("", (), -np.inf))[2]:  # report the strongest case
+                    lost[loser.model] = (winner.model, move, evidence)
+    misplaced = {
+        model: (
+            f"misplaced: its mask fits the image's edges better moved by {move} voxels, onto {winner}'s"
+            f" (placement evidence {evidence:.2f} > {threshold:g})"
+        )
+        for model, (winner, move, evidence) in lost.items()
+        if model not in won
+    }
+    return [k for k in kept if k.model not in misplaced], misplaced
 
 
 def _drop_outliers(kept: list[_Kept], min_agreement: float) -> tuple[list[_Kept], dict[str, str]]:
@@ -360,6 +419,187 @@ def _exclusive_contrast(a: BoxedMap, b: BoxedMap, image: np.ndarray, min_voxels:
     return za, zb
 
 
+#: Per-target placement evidence (:func:`placement_evidence`) above which a member is dropped.
+MIN_MISPLACEMENT = 0.8
+#: Study-wide placement evidence (:func:`study_misplaced`) above which a model is dropped.
+MIN_STUDY_MISPLACEMENT = 0.5
+#: Largest test grid of :func:`placement_evidence` (voxels); bigger boxes are coarsened to fit.
+PLACEMENT_MAX_VOXELS = 1 << 19
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the image says about where two members put one structure.
+
+    Attributes
+    ----------
+    offset : tuple of int
+        ``a``'s mask is ``b``'s moved by this many voxels of the study's grid
+        (``(slice, row, column)``; the peak of the masks' cross-correlation).
+    rho_a : float
+        ``ln E_a(-offset) - ln E_a(0)``: how much better ``a``'s own shape
+        sits on the image's edges at ``b``'s place than at its own.
+    rho_b : float
+        ``ln E_b(+offset) - ln E_b(0)``, the same for ``b`` at ``a``'s place.
+    """
+
+    offset: tuple[int, int, int]
+    rho_a: float
+    rho_b: float
+
+    @property
+    def against_a(self) -> float:
+        """Evidence that ``a`` is the misplaced one (``rho_a - rho_b``; negative: ``b`` is)."""
+        return self.rho_a - self.rho_b
+
+
+def _coarsen(values: np.ndarray, step: int) -> np.ndarray:
+    """Block means of ``step``-cubes (the array is padded with its edge values to a multiple of ``step``)."""
+    if step == 1:
+        return values.astype(np.float32, copy=False)
+    pad = [(0, -n % step) for n in values.shape]
+    values = np.pad(values.astype(np.float32, copy=False), pad, mode="edge")
+    n0, n1, n2 = (n // step for n in values.shape)
+    return values.reshape(n0, step, n1, step, n2, step).mean(axis=(1, 3, 5))
+
+
+def _shell(mask: np.ndarray) -> np.ndarray:
+    """Voxels on either side of the mask's surface (6-connected inner and outer boundary)."""
+    from scipy import ndimage
+
+    return (mask & ~ndimage.binary_erosion(mask)) | (ndimage.binary_dilation(mask) & ~mask)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> int:
+    """Voxels where ``a`` and ``b`` moved by ``d`` are both set (same-shape masks)."""
+    sa, sb = [], []
+    for k, n in zip(d, a.shape, strict=True):
+        k = int(k)
+        if abs(k) >= n:
+            return 0
+        sa.append(slice(k, n) if k >= 0 else slice(0, n + k))
+        sb.append(slice(0, n - k) if k >= 0 else slice(-k, n))
+    return int(np.count_nonzero(a[tuple(sa)] & b[tuple(sb)]))
+
+
+_NEIGHBOURS = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if i or j or k])
+
+
+def _peak_offset(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Shift of ``b`` that overlaps ``a`` most, by steepest ascent from no shift.
+
+    The overlap of two convex shapes is log-concave in the shift, so the
+    ascent finds its peak; starting at zero and moving only for a strict gain
+    keeps the smallest of equal shifts.  Masks that do not touch start from
+    their centroids' offset instead.
+    """
+    d = np.zeros(3, int)
+    best = _overlap(a, b, d)
+    if best == 0:
+        d = np.rint(np.argwhere(a).mean(axis=0) - np.argwhere(b).mean(axis=0)).astype(int)
+        best = _overlap(a, b, d)
+    while True:
+        gains = [(_overlap(a, b, d + step), tuple(step)) for step in _NEIGHBOURS]
+        value, step = max(gains, key=lambda g: (g[0], -sum(abs(v) for v in g[1])))
+        if value <= best:
+            return d
+        best, d = value, d + np.asarray(step)
+
+
+def _mask_box(m: BoxedMap, threshold: float = 0.5) -> tuple[slice, ...] | None:
+    """Box of the map's mask (``p > threshold``) on the whole grid; ``None`` when empty."""
+    if m.is_empty:
+        return None
+    support = m.data > threshold
+    if not support.any():
+        return None
+    return tuple(
+        slice(m.box[axis].start + int(hits[0]), m.box[axis].start + int(hits[-1]) + 1)
+        for axis, hits in enumerate(np.flatnonzero(support.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+    )
+
+
+def placement_evidence(
+    a: BoxedMap,
+    b: BoxedMap,
+    image: np.ndarray,
+    *,
+    sigma: float = 1.0,
+    max_voxels: int = PLACEMENT_MAX_VOXELS,
+) -> Placement | None:
+    """Ask the image which of two masks of one structure is in the wrong place.
+
+    Two members that agree on a structure's shape but not on its place (a
+    shifted grid, a wrong origin) cannot both sit on its edges.  ``d``, the
+    shift of ``b``'s mask that overlaps ``a``'s most, separates *place* from
+    *shape*; then each member's own shape is tried at both places:
+
+        E_m(delta) = mean of |grad (G_sigma * image)| on the shell of mask m moved by delta
+        rho_a = ln E_a(-d) - ln E_a(0),   rho_b = ln E_b(+d) - ln E_b(0)
+
+    A misplaced ``a`` fits better at ``b``'s place (``rho_a > 0``) while a
+    well-placed ``b`` fits worse at ``a``'s (``rho_b < 0``), so
+    ``rho_a - rho_b`` is the evidence against ``a``.  Each member is compared
+    with itself, so a model that draws its masks a little larger or smaller
+    than another is not penalised for it.  Deterministic and cheap: the test
+    runs on the two masks' bounding box, coarsened by block means until it has
+    at most ``max_voxels`` voxels.
+
+    Parameters
+    ----------
+    a, b : BoxedMap
+        The members' probabilities (masks are ``p > 0.5``) on the image's grid.
+    image : numpy.ndarray
+        The study's image.
+    sigma : float
+        Gaussian scale of the gradient, in voxels of the test grid.
+    max_voxels : int
+        Size of the test grid above which the box is coarsened.
+
+    Returns
+    -------
+    Placement or None
+        ``None`` when a mask is empty, the masks do not overlap at any shift,
+        or they are best aligned as they are (``d = 0``: nothing to decide).
+    """
+    from scipy import ndimage
+
+    masks_of = [_mask_box(m) for m in (a, b)]
+    if masks_of[0] is None or masks_of[1] is None:
+        return None
+    union = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(*masks_of, strict=True))
+    margin = 3  # room for the shells and the gradient's support
+    box = tuple(
+        slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(union, image.shape, strict=True)
+    )
+    extent = tuple(s.stop - s.start for s in box)
+    step = max(1, int(np.ceil((np.prod(extent) / max_voxels) ** (1 / 3))))
+    masks = []
+    for m in (a, b):
+        mask = np.zeros(extent, np.float32)
+        inside = tuple(slice(max(s.start, t.start), min(s.stop, t.stop)) for s, t in zip(m.box, box, strict=True))
+        mask[_local(inside, box)] = m.data[_local(inside, m.box)] > 0.5  # the mask lies inside; p > 1e-3 may not
+        masks.append(_coarsen(mask, step) > 0.5)
+    mask_a, mask_b = masks
+    if not mask_a.any() or not mask_b.any():
+        return None
+    d = _peak_offset(mask_a, mask_b)
+    if not d.any():
+        return None
+    edges = ndimage.gaussian_gradient_magnitude(_coarsen(image[box], step), sigma)
+    reach = int(np.abs(d).max())
+    edges = np.pad(edges, reach, mode="edge")  # a shell moved out of the box reads the box's border
+
+    def fit(mask: np.ndarray, delta: np.ndarray) -> float:
+        points = np.argwhere(_shell(mask)) + reach + delta
+        return float(edges[tuple(points.T)].mean())
+
+    tiny = 1e-12  # a flat image gives no evidence either way
+    rho_a = float(np.log((fit(mask_a, -d) + tiny) / (fit(mask_a, 0 * d) + tiny)))
+    rho_b = float(np.log((fit(mask_b, d) + tiny) / (fit(mask_b, 0 * d) + tiny)))
+    return Placement(tuple(int(v) * step for v in d), rho_a, rho_b)  # type: ignore[arg-type]
+
+
 def study_outliers(
     maps: Mapping[str, Mapping[str, BoxedMap]],
     image: np.ndarray,
@@ -436,6 +676,8 @@ def fuse_study(
     shape: tuple[int, int, int],
     image: np.ndarray | None = None,
     min_study_agreement: float = 0.7,
+    min_misplacement: float | None = MIN_MISPLACEMENT,
+    min_study_misplacement: float | None = MIN_STUDY_MISPLACEMENT,
     workers: int = 1,
 ) -> list[TargetResult]:
     """Fuse every target of a study: members materialised, whole-model outliers removed, then :func:`fuse_target`.
@@ -449,11 +691,15 @@ def fuse_study(
     shape : tuple of int
         The study's grid (for targets left without members).
     image : numpy.ndarray, optional
-        The study's image; enables :func:`study_outliers`.
+        The study's image; enables :func:`study_outliers` and the placement rules.
     min_study_agreement : float
         See :func:`study_outliers`.
+    min_misplacement : float, optional
+        Per-target placement rule of :func:`fuse_target` (with ``image``; ``None``: off).
+    min_study_misplacement : float, optional
+        See :func:`study_misplaced` (with ``image``; ``None``: off).
     workers : int
-        Threads materialising members (resampling releases the GIL).
+        Threads materialising members (resampling releases the GIL) and testing placements.
 
     Returns
     -------
@@ -463,16 +709,85 @@ def fuse_study(
     pending = [(i, m) for i, (_, members, _) in enumerate(targets) for m in members]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         boxed = list(pool.map(lambda item: as_boxed(item[1].probability), pending))
-    materialised: list[list[Member]] = [[] for _ in targets]
-    for (i, member), value in zip(pending, boxed, strict=True):
-        materialised[i].append(Member(member.model, value, member.rank_key))
-    del boxed
-    outliers = _study_outliers_of(targets, materialised, image, min_study_agreement) if image is not None else {}
+        materialised: list[list[Member]] = [[] for _ in targets]
+        for (i, member), value in zip(pending, boxed, strict=True):
+            materialised[i].append(Member(member.model, value, member.rank_key))
+        del boxed
+        outliers = _study_outliers_of(targets, materialised, image, min_study_agreement) if image is not None else {}
+        placements: list[dict[tuple[str, str], Placement | None]] = [{} for _ in targets]
+        if image is not None and (min_misplacement is not None or min_study_misplacement is not None):
+            pairs = [
+                (i, a, b)
+                for i, members in enumerate(materialised)
+                for a, b in combinations(sorted(members, key=lambda m: m.model), 2)
+                if a.model not in outliers and b.model not in outliers
+            ]
+            tested = pool.map(lambda item: placement_evidence(item[1].probability, item[2].probability, image), pairs)
+            for (i, a, b), placement in zip(pairs, tested, strict=True):
+                placements[i][a.model, b.model] = placement
+    if min_study_misplacement is not None:
+        outliers.update(study_misplaced(materialised, placements, min_study_misplacement))
     results = []
-    for (name, _, options), members in zip(targets, materialised, strict=True):
-        results.append(fuse_target(name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **dict(options)))
+    for (name, _, options), members, known in zip(targets, materialised, placements, strict=True):
+        options = dict(options)
+        if image is not None:
+            options.setdefault("image", image)
+            options.setdefault("min_misplacement", min_misplacement)
+            options.setdefault("placements", known)
+        results.append(fuse_target(name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **options))
         members.clear()  # the target's boxes are no longer needed
     return results
+
+
+def study_misplaced(
+    members: Sequence[Sequence[Member]],
+    placements: Sequence[Mapping[tuple[str, str], Placement | None]],
+    threshold: float = MIN_STUDY_MISPLACEMENT,
+) -> dict[str, str]:
+    """Models the image places elsewhere across the study.
+
+    For two models ``a`` and ``b`` with non-empty masks for ``n`` common
+    targets, ``S = sum_t (rho_a - rho_b)_t / sqrt(n)`` (a target whose masks
+    are best aligned as they are adds 0): a model shifted as a whole loses a
+    little in every target, and the sum of ``n`` small, consistent losses
+    grows like ``n`` while the noise of sound models grows like ``sqrt(n)``.
+    ``a`` is dropped from every target when ``S > threshold`` (one target:
+    the per-target test with the same threshold).
+
+    Parameters
+    ----------
+    members : sequence of sequence of Member
+        Per target, its members with materialised (:class:`BoxedMap`) maps.
+    placements : sequence of dict
+        Per target, ``(a, b) -> Placement`` (``a < b`` by name) from :func:`placement_evidence`.
+    threshold : float
+        Evidence above which a model is dropped.
+
+    Returns
+    -------
+    dict
+        Model -> reason.
+    """
+    totals: dict[tuple[str, str], list[float]] = {}
+    for target_members, known in zip(members, placements, strict=True):
+        present = sorted(
+            m.model for m in target_members if isinstance(m.probability, BoxedMap) and m.probability.count()
+        )
+        for a, b in combinations(present, 2):
+            p = known.get((a, b))
+            totals.setdefault((a, b), []).append(0.0 if p is None else p.against_a)
+    misplaced: dict[str, str] = {}
+    for (a, b), values in sorted(totals.items()):
+        if a in misplaced or b in misplaced or len(values) < 2:
+            continue
+        score = float(np.sum(values)) / np.sqrt(len(values))
+        for loser, winner, evidence in ((a, b, score), (b, a, -score)):
+            if evidence > threshold:
+                misplaced[loser] = (
+                    f"misplaced across the study: its masks fit the image's edges better at {winner}'s places"
+                    f" (placement evidence {evidence:.2f} over {len(values)} targets > {threshold:g})"
+                )
+    return misplaced
 
 
 def _study_outliers_of(

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsegagent.models.ensemble import Member, fuse_study, fuse_target, resolve_overlaps, study_outliers
+from medsegagent.models.ensemble import (
+    Member,
+    fuse_study,
+    fuse_target,
+    placement_evidence,
+    resolve_overlaps,
+    study_misplaced,
+    study_outliers,
+)
 from medsegagent.models.resample import BoxedMap
 
 
@@ -217,3 +225,90 @@ def test_fuse_study_drops_a_whole_model_and_keeps_the_ranks():
     assert set(without_image[0].weights) == {"top", "second"}  # no image, no per-target rules: both stay
     empty = fuse_study([("liver", [], {})], voxel_ml=1.0, shape=(40, 40, 40))
     assert empty[0].shape == (40, 40, 40) and not empty[0].weights
+
+
+def test_placement_evidence_points_at_the_shifted_mask():
+    right, shifted = _organs()["liver"], _organs(shift=3)["liver"]
+    image = _image()
+    p = placement_evidence(BoxedMap.from_dense(shifted), BoxedMap.from_dense(right), image)
+    assert p is not None and p.offset == (0, 0, 3)  # a is b moved 3 voxels along the last axis
+    assert p.rho_a > 0 > p.rho_b  # the shifted shape fits better at the right place, the right one worse at the wrong
+    assert p.against_a > 0.8
+    q = placement_evidence(BoxedMap.from_dense(right), BoxedMap.from_dense(shifted), image)
+    assert q is not None and q.offset == (0, 0, -3) and q.against_a == pytest.approx(-p.against_a, abs=1e-6)
+    # Best aligned as they are (same place, one a voxel larger all round): nothing to decide.
+    larger = np.zeros_like(right)
+    larger[4:18, 9:31, 4:18] = 1.0
+    assert placement_evidence(BoxedMap.from_dense(larger), BoxedMap.from_dense(right), image) is None
+    # No edges, no evidence either way.
+    flat = placement_evidence(BoxedMap.from_dense(shifted), BoxedMap.from_dense(right), np.zeros_like(image))
+    assert flat is not None and flat.against_a == pytest.approx(0.0, abs=1e-6)
+
+
+def test_misplaced_top_member_is_dropped_when_the_image_contradicts_it():
+    right, shifted = _organs()["liver"], _organs(shift=3)["liver"]
+    members = [Member("top", shifted, (-0.99,)), Member("second", right, (-0.9,))]
+    result = fuse_target("liver", members, voxel_ml=1.0, image=_image(), min_misplacement=0.8)
+    assert result.weights == {"second": 1.0} and result.ranks == {"top": 1, "second": 2}
+    reason = result.dropped["top"]
+    assert reason.startswith(
+        "misplaced: its mask fits the image's edges better moved by (0, 0, -3) voxels, onto second"
+    )
+    assert "placement evidence" in reason
+    np.testing.assert_array_equal(result.score > 0.5, right > 0)
+    # Without the image (or the rule) the top-ranked member decides, as before: weight 2/3 > 1/2.
+    blind = fuse_target("liver", members, voxel_ml=1.0)
+    assert set(blind.weights) == {"top", "second"} and not blind.dropped
+    np.testing.assert_array_equal(blind.score > 0.5, shifted > 0)
+    # The image decides before the rank does: shifted far enough to fail the agreement rule, still the right one stays.
+    far = [Member("top", _organs(shift=8)["liver"], (-0.99,)), Member("second", right, (-0.9,))]
+    decided = fuse_target("liver", far, voxel_ml=1.0, image=_image(), min_misplacement=0.8, min_agreement=0.5)
+    assert decided.weights == {"second": 1.0} and "misplaced" in decided.dropped["top"]
+
+
+def test_agreeing_members_are_untouched_by_the_placement_rule():
+    right = _organs()["spleen"]
+    larger = np.zeros_like(right)
+    larger[21:35, 9:31, 21:35] = 1.0  # a model that draws the organ one voxel larger all round
+    members = [Member("top", larger, (-0.99,)), Member("second", right, (-0.9,))]
+    result = fuse_target("spleen", members, voxel_ml=1.0, image=_image(), min_misplacement=0.8)
+    assert not result.dropped
+    assert result.weights == pytest.approx({"top": 2 / 3, "second": 1 / 3})
+
+
+def test_fuse_study_drops_a_model_misplaced_by_a_little_in_every_target():
+    right, shifted = _organs(), _organs(shift=2)  # Dice 0.83: above the agreement gate, so only the image can tell
+    targets = [
+        (name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))], {})
+        for name in ("liver", "spleen")
+    ]
+    assert (
+        study_outliers(
+            {m: {n: BoxedMap.from_dense(v[n]) for n in v} for m, v in (("top", shifted), ("second", right))}, _image()
+        )
+        == {}
+    )
+    results = fuse_study(targets, voxel_ml=1.0, shape=(40, 40, 40), image=_image())
+    for result, name in zip(results, ("liver", "spleen"), strict=True):
+        assert result.weights == {"second": 1.0}
+        assert result.dropped["top"].startswith("misplaced across the study")
+        assert "over 2 targets" in result.dropped["top"]
+        np.testing.assert_array_equal(result.score > 0.5, right[name] > 0)
+    off = fuse_study(
+        targets, voxel_ml=1.0, shape=(40, 40, 40), image=_image(), min_misplacement=None, min_study_misplacement=None
+    )
+    assert set(off[0].weights) == {"top", "second"}  # the rules can be switched off
+
+
+def test_study_misplacement_sums_small_consistent_evidence():
+    """S = sum(evidence) / sqrt(n): three targets at 0.35 each pass 0.5, one alone does not."""
+    from medsegagent.models.ensemble import Placement
+
+    box = BoxedMap.from_dense(_box())
+    members = [[Member("a", box), Member("b", box)] for _ in range(3)]
+    evidence = [{("a", "b"): Placement((0, 0, 1), 0.2, -0.15)} for _ in range(3)]
+    verdict = study_misplaced(members, evidence, threshold=0.5)
+    assert list(verdict) == ["a"] and "0.61 over 3 targets" in verdict["a"]
+    assert study_misplaced(members[:1], evidence[:1], threshold=0.5) == {}  # one target: the per-target rule's job
+    flipped = [{("a", "b"): Placement((0, 0, 1), -0.2, 0.15)} for _ in range(3)]
+    assert list(study_misplaced(members, flipped, threshold=0.5)) == ["b"]
