@@ -570,3 +570,94 @@ def test_prediction_checks_its_maps():
     geo = _geometry("axial", shape=(4, 4, 4))
     with pytest.raises(ValueError, match="shape"):
         Prediction("m", geo, geo, {"a": np.zeros((3, 4, 4), np.float32)})
+
+
+# --------------------------------------------------------------------------- sliding window, devices
+
+
+class SmoothConv(torch.nn.Module):
+    """A two-class 3x3x3 convolution: unlike a 1x1x1 one, its patches see (zero-padded) context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            self.conv.weight[1, 0] = 20.0 / 27.0  # a local mean, thresholded at 0.5
+            self.conv.bias[1] = -10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_forced_sliding_window_on_cpu_matches_whole_volume_inference(tmp_path):
+    """``options.roi_size`` / ``overlap`` force MONAI's sliding window on any device; patches need context."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(SmoothConv()).save(str(tmp_path / "model.ts"))
+    pre = Preprocessing(orientation="LPS", spacing=(2.5, 2.5, 3.0), intensity=Intensity("ct_window", (-100.0, 300.0)))
+    volume, truth = _ball_volume("axial")
+    whole = load_model(_spec("torchscript", tmp_path, labels={"ball": (1,)}, preprocessing=pre), "cpu")
+    assert whole.plan.roi_size is None  # default: one pass over the whole grid
+    options = {"roi_size": [16, 16, 12], "overlap": 0.5}
+    windowed = load_model(
+        _spec("torchscript", tmp_path, labels={"ball": (1,)}, preprocessing=pre, options=options), "cpu"
+    )
+    assert windowed.plan.roi_size == (16, 16, 12) and windowed.plan.overlap == 0.5
+    reference = whole.predict(volume).maps["ball"]
+    patched = windowed.predict(volume).maps["ball"]
+    assert patched.shape == reference.shape and reference.shape[1] > 16  # the grid is larger than a patch
+    # Patch borders see zero padding instead of their neighbours: close, not equal, and the same masks.
+    difference = np.abs(patched - reference)
+    assert 0.0 < float(difference.max()) < 0.5 and float(difference.mean()) < 0.01
+    assert _dice(patched > 0.5, reference > 0.5) >= 0.99
+    assert _dice(patched > 0.5, truth) >= 0.9
+
+
+def _demo_ct() -> ModelSpec:
+    registry = load_registry(None)
+    dataset = registry.datasets["Demo_CT_Abdomen"]
+    ref = next(r for r in dataset.models if r.name == "demo_ct_unet")
+    if not ref.installed:
+        pytest.skip("demo CT bundle not installed")
+    return ModelSpec.from_registry(ref, dataset)
+
+
+def _demo_phantom() -> Volume:
+    from medsegagent.dicom.phantom import make_phantom
+
+    phantom = make_phantom("CT", seed=11, slices=48, size=96)
+    image, geometry = phantom.images["CT"]
+    return Volume(image, geometry, "CT", "2.25.11")
+
+
+def _windowed(spec: ModelSpec) -> ModelSpec:
+    from dataclasses import replace
+
+    # The bundle's grid is (x, y, z) = (96, 80, 48); patches of (48, 48, 32) with half overlap, divisible by 8.
+    return replace(spec, options={**spec.options, "roi_size": [48, 48, 32], "overlap": 0.5})
+
+
+def test_registry_options_force_the_sliding_window_on_a_bundle_with_its_own_section():
+    """The demo bundles run on their whole grid; ``options.roi_size`` switches them to patches (not the default)."""
+    spec = _demo_ct()
+    assert load_model(spec, "cpu").plan.roi_size is None
+    model = load_model(_windowed(spec), "cpu")
+    assert model.plan.roi_size == (48, 48, 32) and model.plan.overlap == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_bundle_on_cuda_with_amp_and_sliding_window_matches_cpu():
+    spec = _demo_ct()
+    volume = _demo_phantom()
+    # Whole grid, then forced sliding window (patches on the GPU, the same patches on the CPU: the demo
+    # networks use instance norm over their whole grid, so patches change their answer on any device).
+    for make in (lambda s: s, _windowed):
+        cpu = load_model(make(spec), "cpu").predict(volume)
+        cuda = load_model(make(spec), "cuda").predict(volume)  # float16 autocast on CUDA
+        assert cuda.device.startswith("cuda") and cpu.device == "cpu"
+        for label in cpu.maps:
+            a, b = cuda.maps[label] > 0.5, cpu.maps[label] > 0.5
+            if a.sum() + b.sum() > 100:  # labels the model finds on this phantom
+                assert _dice(a, b) >= 0.99, label
