@@ -112,10 +112,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from medsegagent.node.api import TokenMissingError
     from medsegagent.node.config import ConfigError, load_config
+    from medsegagent.node.intake import quiet_pynetdicom
     from medsegagent.node.service import Node
 
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
+    quiet_pynetdicom(verbose=logging.getLogger().level <= logging.DEBUG)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

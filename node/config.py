@@ -53,6 +53,7 @@ class NodeSettings:
     min_free_disk_mb: int = 1024
     collection: str | None = None
     workers: int = 1
+    intake_processes: int = 1
     tls: TlsSettings | None = None
 
 
@@ -253,6 +254,7 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         ),
         collection=node_raw.get("collection"),
         workers=int(_positive(node_raw.get("workers", 1), "node.workers", errors)),
+        intake_processes=int(_positive(node_raw.get("intake_processes", 1), "node.intake_processes", errors)),
         tls=_tls(node_raw.get("tls"), source, errors),
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -28,6 +29,7 @@ from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
 from medsegagent.dicom.uids import InvalidUIDError, checked_uid
+from medsegagent.node.config import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,16 @@ class IntakeStats:
     instances_per_study: dict[str, int] = field(default_factory=dict)
 
 
+def quiet_pynetdicom(verbose: bool = False) -> None:
+    """Keep pynetdicom's per-message INFO lines ("Received Store Request") out of the node's log.
+
+    The node logs one line per association itself; per-instance lines cost
+    time on every C-STORE and bury what an administrator looks for.  With
+    ``verbose`` pynetdicom logs at DEBUG (PDU dumps), for protocol debugging.
+    """
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def set_nodelay(event: evt.Event) -> None:
     """``EVT_CONN_OPEN`` handler: disable Nagle's algorithm on the association's socket."""
     # Small PDUs otherwise wait for the peer's delayed ACK (~40 ms each).
@@ -136,9 +148,49 @@ def set_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` (new files, renames, new sub-directories) durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_durable_dirs(path: Path, root: Path) -> None:
+    """Create ``path`` and its missing parents below ``root``, each entry durable.
+
+    A new directory survives a power loss only once its parent directory is
+    fsynced, so every directory created here has its parent fsynced.
+    """
+    missing = []
+    current = path
+    while current != root and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # another association created it meanwhile
+            continue
+        fsync_directory(directory.parent)
+
+
+def write_atomically(path: Path, chunks: Iterable[bytes], *, make_parents: bool = True) -> None:
+    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename.
+
+    Parameters
+    ----------
+    path : Path
+        Final file name; it appears complete or not at all.
+    chunks : iterable of bytes
+        The content.
+    make_parents : bool
+        Create the parent directory if needed (callers that keep track of the
+        directories they made durable pass ``False``).
+    """
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -151,11 +203,47 @@ def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     # The rename is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Server-side TLS context (TLS 1.2+, as BCP 195 asks) from the node's TLS settings."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """The threaded association server the node starts with :meth:`AE.make_server`.
+
+    ``AE.start_server`` registers its servers with the AE and pynetdicom's
+    ``shutdown`` unregisters them; a server made with ``make_server`` was never
+    registered, so shutting it down only stops the loop and closes the socket.
+    """
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class ReusePortAssociationServer(NodeAssociationServer):
+    """A threaded association server whose socket joins an ``SO_REUSEPORT`` group.
+
+    Several intake processes bind the same port; the kernel spreads incoming
+    associations over them, so parallel associations use several cores
+    (pynetdicom handles one association in one thread under the GIL).
+    """
+
+    def server_bind(self) -> None:
+        """Join the port's ``SO_REUSEPORT`` group, then bind as pynetdicom does."""
+        # pynetdicom's server_bind sets only SO_REUSEADDR; the option must be set before bind().
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class StorageSCP:
@@ -184,6 +272,9 @@ class StorageSCP:
         Concurrent associations; more are rejected (transient).
     ssl_context : ssl.SSLContext, optional
         Serve DICOM over TLS with this server context.
+    reuse_port : bool
+        Bind with ``SO_REUSEPORT`` so that other intake processes can serve
+        the same port (see :mod:`medsegagent.node.intake_pool`).
     """
 
     def __init__(
@@ -199,6 +290,7 @@ class StorageSCP:
         admit: Callable[[str], str | None] | None = None,
         max_associations: int = 8,
         ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.ae_title = ae_title
@@ -209,8 +301,11 @@ class StorageSCP:
         self.on_instance = on_instance
         self.admit = admit
         self.ssl_context = ssl_context
+        self.reuse_port = reuse_port
         self.stats = IntakeStats()
         self._lock = threading.Lock()
+        # Series directories already created and made durable: one mkdir + fsync per series, not per instance.
+        self._durable_dirs: set[Path] = set()
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=ae_title)
         ae.maximum_associations = max_associations
@@ -234,15 +329,22 @@ class StorageSCP:
         handlers = [
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        server_class = ReusePortAssociationServer if self.reuse_port else NodeAssociationServer
+        server = self._ae.make_server(
+            (self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context, server_class=server_class
         )
-        self.port = self._server.server_address[1]
-        log.info("listening as %s on %s:%d, spool %s", self.ae_title, self.host, self.port, self.spool_dir)
+        thread = threading.Thread(target=server.serve_forever, name=f"medseg-scp-{self.ae_title}", daemon=True)
+        thread.start()
+        self._server = server
+        self.port = server.server_address[1]
+        log.info("listening as %s on %s:%d (pid %d), spool %s", self.ae_title, self.host, self.port, os.getpid(),
+                 self.spool_dir)  # fmt: skip
         return self.host, self.port
 
     def stop(self) -> None:
@@ -259,6 +361,11 @@ class StorageSCP:
             log.warning("rejecting association from %s: peer address not allowed", address)
             # rejected-permanent, service user, calling AE title not recognised (no better reason exists).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.info("association from %s (%s) accepted by pid %d", requestor.ae_title.strip(), requestor.address,
+                 os.getpid())  # fmt: skip
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -289,7 +396,7 @@ class StorageSCP:
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"from {calling}: {reason}")
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
-            write_atomically(path, [event.encoded_dataset()])
+            self._store_file(path, event.encoded_dataset())
         except OSError as exc:
             return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
         with self._lock:
@@ -303,6 +410,22 @@ class StorageSCP:
                 log.exception("recording %s failed", sop)
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
         return STATUS_SUCCESS
+
+    def _store_file(self, path: Path, data: bytes) -> None:
+        """Write one instance durably; its series directory is created (durably) once."""
+        directory = path.parent
+        if directory not in self._durable_dirs:
+            make_durable_dirs(directory, self.spool_dir)
+            with self._lock:
+                self._durable_dirs.add(directory)
+        try:
+            write_atomically(path, [data], make_parents=False)
+        except FileNotFoundError:
+            # The directory went away (spool clean-up): forget it and create it again.
+            with self._lock:
+                self._durable_dirs.discard(directory)
+            make_durable_dirs(directory, self.spool_dir)
+            write_atomically(path, [data], make_parents=False)
 
     def _refuse(self, status: int, message: str) -> int:
         with self._lock:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medsegagent.dicom.uids import is_valid_uid
+
 
 class JobState(enum.Enum):
     """Life cycle of a job."""
@@ -143,9 +145,19 @@ class JobStore:
     ----------
     path : Path
         Database file (created with its tables when missing).
+    synchronous : {"FULL", "NORMAL"}
+        SQLite's ``synchronous`` setting for this object's connections.
+        ``FULL`` (default) fsyncs every commit: a state change survives power
+        loss.  ``NORMAL`` in WAL mode survives a process crash (``kill -9``)
+        and fsyncs only at checkpoints; the intake records arrivals this way
+        because the spool itself is durable and :meth:`reconcile_spool`
+        rebuilds any arrival record a power loss took.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.synchronous = synchronous
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
@@ -159,7 +171,7 @@ class JobStore:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed state change survives power loss, not only a process crash.
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
         return db
@@ -199,6 +211,41 @@ class JobStore:
         """Instances recorded for ``study_uid`` (0 when unknown)."""
         row = self._connect().execute("SELECT instances FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         return int(row["instances"]) if row else 0
+
+    def reconcile_spool(self, spool_dir: Path) -> list[str]:
+        """Record spooled studies whose arrivals the database does not fully know (at start-up).
+
+        Instances are durable on disk before they are acknowledged; their
+        arrival records are committed without an fsync each (see
+        ``synchronous``).  After a power loss the spool may therefore hold
+        instances the database never counted: such a study is (re)opened with
+        its file count, so it becomes a job after the quiet time.
+
+        Returns
+        -------
+        list of str
+            Study Instance UIDs that were opened.
+        """
+        spool_dir = Path(spool_dir)
+        if not spool_dir.is_dir():
+            return []
+        opened = []
+        now = time.time()
+        with self._tx() as db:
+            known = {r["study_uid"]: r["instances"] for r in db.execute("SELECT study_uid, instances FROM studies")}
+            for study_dir in sorted(p for p in spool_dir.iterdir() if p.is_dir() and is_valid_uid(p.name)):
+                files = sum(1 for _ in study_dir.glob("*/*.dcm"))
+                if files == 0 or known.get(study_dir.name, -1) >= files:
+                    continue  # re-sent instances make the count exceed the files: that is fine
+                db.execute(
+                    """INSERT INTO studies(study_uid, state, instances, last_instance_at)
+                       VALUES (?, 'open', ?, ?)
+                       ON CONFLICT(study_uid) DO UPDATE SET state='open', instances=excluded.instances,
+                         last_instance_at=excluded.last_instance_at""",
+                    (study_dir.name, files, now),
+                )
+                opened.append(study_dir.name)
+        return opened
 
     def restart_quiet_timers(self) -> int:
         """Give every open study a fresh quiet period (at start-up).

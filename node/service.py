@@ -18,8 +18,7 @@ node.  On start, jobs a crash interrupted are resumed.
 from __future__ import annotations
 
 import logging
-import shutil
-import ssl
+import os
 import threading
 import time
 from collections import defaultdict
@@ -32,10 +31,11 @@ from medsegagent.models.executor import Executor, InProcessExecutor
 from medsegagent.models.ray_executor import ClusterUnavailable
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.routing import Router
-from medsegagent.node.config import Config, ExecutorKind, TlsSettings
+from medsegagent.node.config import Config, ExecutorKind
 from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.instructions import resolve_instruction
-from medsegagent.node.intake import StorageSCP
+from medsegagent.node.intake import StorageSCP, server_ssl_context
+from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
 from medsegagent.node.jobs import Job, JobState, JobStore
 from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study
 
@@ -73,18 +73,23 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._wake_processor = threading.Event()
         peers = config.peers
+        settings = config.node
+        self.recorder = StudyRecorder(self.data_dir, self.store.path, min_free_disk_mb=settings.min_free_disk_mb,
+                                      max_study_instances=settings.max_study_instances)  # fmt: skip
         self.scp = StorageSCP(
             self.spool_dir,
-            ae_title=config.node.ae_title,
-            host=config.node.host,
-            port=config.node.port,
+            ae_title=settings.ae_title,
+            host=settings.host,
+            port=settings.port,
             allowed_callers={p.ae_title for p in peers} if peers else None,
             allowed_hosts=_allowed_hosts(config),
-            on_instance=self._on_instance,
-            admit=self._admit,
-            max_associations=config.node.max_associations,
-            ssl_context=server_ssl_context(config.node.tls) if config.node.tls else None,
+            on_instance=self.recorder.on_instance,
+            admit=self.recorder.admit,
+            max_associations=settings.max_associations,
+            ssl_context=server_ssl_context(settings.tls) if settings.tls else None,
+            reuse_port=settings.intake_processes > 1,
         )
+        self.intake_pool: IntakePool | None = None
         self.http_server = None
         self.http_port: int | None = None
 
@@ -98,11 +103,23 @@ class Node:
         # Partial writes of a crashed process were never acknowledged: the sender retries them.
         for stale in self.spool_dir.rglob(".*.tmp") if self.spool_dir.exists() else ():
             stale.unlink(missing_ok=True)
-        self.store.restart_quiet_timers()
+        reopened = self.store.reconcile_spool(self.spool_dir)
+        if reopened:
+            log.warning("spool holds instances the job store had not recorded; reopened %d study(ies)", len(reopened))
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
         self.scp.start()
+        if self.config.node.intake_processes > 1:
+            self.intake_pool = IntakePool(self._intake_spec(), self.config.node.intake_processes - 1)
+            try:
+                self.intake_pool.start()
+            except Exception:
+                self.intake_pool.stop()
+                self.scp.stop()
+                raise
+        # Senders can retry only once every intake process listens: the quiet period starts now.
+        self.store.restart_quiet_timers()
         for name, loop in (("assembler", self._assemble_loop), ("processor", self._process_loop),
                            ("dispatcher", self._dispatch_loop)):  # fmt: skip
             thread = threading.Thread(target=self._run_loop, args=(name, loop), name=f"medseg-{name}", daemon=True)
@@ -118,6 +135,8 @@ class Node:
         self._stop.set()
         self._wake_processor.set()
         self.scp.stop()
+        if self.intake_pool is not None:
+            self.intake_pool.stop()
         if self.http_server is not None:
             self.http_server.should_exit = True
         for thread in self._threads:
@@ -138,20 +157,24 @@ class Node:
                 else:
                     self._stop.wait(self.poll_seconds)
 
-    # -- receiver hooks ----------------------------------------------------------------------
-    def _on_instance(self, study: str, series: str, path: Path, called_ae: str, calling_ae: str) -> None:
-        self.store.touch_study(study, called_ae, calling_ae)
-
-    def _admit(self, study: str) -> str | None:
-        free_mb = shutil.disk_usage(self.data_dir).free / 2**20
-        if free_mb < self.config.node.min_free_disk_mb:
-            return f"only {free_mb:.0f} MB free on the spool disk (watermark {self.config.node.min_free_disk_mb} MB)"
-        if self.store.study_instances(study) >= self.config.node.max_study_instances:
-            return f"study exceeds {self.config.node.max_study_instances} instances"
-        return None
+    # -- receiver ----------------------------------------------------------------------------
+    def _intake_spec(self) -> IntakeSpec:
+        """What an extra intake process needs to serve the port the main listener bound."""
+        settings = self.config.node
+        return IntakeSpec(
+            spool_dir=str(self.spool_dir), data_dir=str(self.data_dir), db_path=str(self.store.path),
+            ae_title=settings.ae_title, host=settings.host, port=self.scp.port,
+            allowed_callers=sorted(self.scp.allowed_callers) if self.scp.allowed_callers is not None else None,
+            allowed_hosts=sorted(self.scp.allowed_hosts) if self.scp.allowed_hosts is not None else None,
+            max_associations=settings.max_associations, min_free_disk_mb=settings.min_free_disk_mb,
+            max_study_instances=settings.max_study_instances, tls=tls_to_json(settings.tls), parent_pid=os.getpid(),
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )  # fmt: skip
 
     # -- assembler --------------------------------------------------------------------------------
     def _assemble_loop(self) -> bool:
+        if self.intake_pool is not None:
+            self.intake_pool.supervise()
         jobs = self.store.close_quiet_studies(self.config.node.quiet_seconds)
         for job in jobs:
             log.info("study %s complete: job %s", job.study_uid, job.id)
@@ -319,14 +342,3 @@ def _allowed_hosts(config: Config) -> set[str] | None:
     hosts = {p.host for p in config.peers if p.host}
     # Only enforce addresses when every peer names one; otherwise AE titles decide.
     return hosts if config.peers and all(p.host for p in config.peers) else None
-
-
-def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    """Server-side TLS context (TLS 1.2+, as BCP 195 asks) from the node's TLS settings."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(str(tls.ca_certificates))
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
-    return context

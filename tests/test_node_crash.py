@@ -9,6 +9,7 @@ every job with exactly one SEG (one SOP Instance UID) at the destination.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ TOKEN = "crash-test-token"
 class ServeProcess:
     """``medsegagent serve`` in a subprocess with fixed ports (a restart reuses them)."""
 
-    def __init__(self, tmp_path: Path, dest_port: int, *, dest_retry: float = 0.5) -> None:
+    def __init__(self, tmp_path: Path, dest_port: int, *, dest_retry: float = 0.5, intake_processes: int = 1) -> None:
         self.dicom_port, self.http_port = _free_port(), _free_port()
         self.config = tmp_path / "node.yaml"
         self.log = tmp_path / "node.log"
@@ -42,6 +43,7 @@ class ServeProcess:
                 "quiet_seconds": 2.0,
                 "collection": "demo",
                 "min_free_disk_mb": 1,
+                "intake_processes": intake_processes,
             },
             "peers": [{"ae_title": "MODALITY"}],
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": dest_port}],
@@ -165,3 +167,53 @@ def test_kill9_loses_nothing_and_duplicates_nothing(phantom_factory, tmp_path, m
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_kill9_with_several_intake_processes_leaves_no_orphan_and_loses_nothing(phantom_factory, tmp_path):
+    """``kill -9`` of a node with 3 intake processes during intake from 3 parallel associations."""
+    dest_port = _free_port()
+    pacs = StoreSCP(tmp_path / "pacs", dest_port)
+    _, files = phantom_factory("CT", seed=6, size=96, slices=36)
+    study = files.series["CT"]
+    node = ServeProcess(tmp_path, dest_port, intake_processes=3).start()
+    try:
+        workers = [int(pid) for pid in re.findall(r"intake process (\d+) serves port", node.log.read_text())]
+        assert len(workers) == 2
+        senders = [
+            subprocess.Popen(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "LIVERSEG", "127.0.0.1",
+                              str(node.dicom_port), *map(str, study[i::3])],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(3)
+        ]  # fmt: skip
+        spool = tmp_path / "var" / "spool"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(list(spool.rglob("*.dcm"))) < 6:
+            time.sleep(0.005)
+        node.kill9()
+        for sender in senders:
+            sender.wait(timeout=30)
+        # The intake processes die with the node (PR_SET_PDEATHSIG): nothing keeps serving the port.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers)
+        pacs.start()
+        node.start()
+        assert _send(study, node.dicom_port).returncode == 0
+        jobs = node.wait_for(_all_delivered)
+        assert len(jobs) == 1, jobs
+        assert len(list((spool / jobs[0]["study_uid"]).rglob("*.dcm"))) == len(study)
+        time.sleep(0.5)
+        assert len(_distinct_seg_uids(pacs)) == 1
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and not stat.read_text().split(") ", 1)[-1].startswith("Z")

@@ -1,0 +1,175 @@
+"""Several intake processes on one port (``node.intake_processes``), with DCMTK peers.
+
+Real processes and real sockets throughout: the workers are started exactly
+as the node starts them, DCMTK ``echoscu``/``storescu`` are the callers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from medsegagent.node.config import ConfigError, parse_config
+from medsegagent.node.intake_pool import IntakePool, IntakeSpec
+from medsegagent.node.jobs import JobStore
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _spec(tmp_path: Path, port: int = 0, **overrides) -> IntakeSpec:
+    base = IntakeSpec(
+        spool_dir=str(tmp_path / "spool"), data_dir=str(tmp_path), db_path=str(tmp_path / "jobs.sqlite"),
+        ae_title="MEDSEG", host="127.0.0.1", port=port, allowed_callers=["MODALITY", "ECHOSCU"], allowed_hosts=None,
+        max_associations=8, min_free_disk_mb=1, max_study_instances=10_000, parent_pid=os.getpid(),
+    )  # fmt: skip
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def pool_factory(tmp_path):
+    started: list[tuple] = []
+
+    def make(workers: int = 1):
+        spec = _spec(tmp_path)
+        scp = spec.build()
+        scp.start()
+        pool = IntakePool(replace(spec, port=scp.port), workers)
+        started.append((scp, pool))
+        pool.start()
+        return scp, pool
+
+    yield make
+    for scp, pool in started:
+        pool.stop()
+        scp.stop()
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped) counts as gone.
+    status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1]
+    return not status.startswith("Z")
+
+
+def test_associations_are_spread_over_processes_that_share_one_port(pool_factory, capfd, caplog):
+    caplog.set_level("INFO", logger="medsegagent.node.intake")
+    scp, pool = pool_factory(workers=1)
+    (worker,) = pool.pids
+    for _ in range(16):  # the kernel hashes each connection to one socket: 16 all on one side has p = 2**-15
+        result = subprocess.run(["/usr/bin/echoscu", "-aet", "ECHOSCU", "-aec", "MEDSEG", "127.0.0.1", str(scp.port)],
+                                env=ENV, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    time.sleep(0.5)
+    worker_log = capfd.readouterr().err
+    served_by_worker = worker_log.count(f"accepted by pid {worker}")
+    served_by_main = sum(f"accepted by pid {os.getpid()}" in r.getMessage() for r in caplog.records)
+    assert served_by_worker > 0 and served_by_main > 0
+    assert served_by_worker + served_by_main == 16
+
+
+def test_every_process_spools_and_records_into_the_one_job_store(pool_factory, phantom_factory, tmp_path):
+    scp, _ = pool_factory(workers=1)
+    _, files = phantom_factory("CT", seed=3, size=64, slices=24)
+    study = files.series["CT"]
+    # Four parallel associations, as a modality with several senders would open.
+    procs = [
+        subprocess.Popen(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "MEDSEG", "127.0.0.1", str(scp.port),
+                          *map(str, study[i::4])], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i in range(4)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    spooled = list((tmp_path / "spool").rglob("*.dcm"))
+    assert len(spooled) == len(study)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    (study_uid,) = {p.parent.parent.name for p in spooled}
+    assert store.study_instances(study_uid) == len(study)
+
+
+def test_a_worker_that_cannot_bind_stops_the_pool_from_starting(tmp_path):
+    with socket.socket() as plain:  # no SO_REUSEPORT: nobody may join this port
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        pool = IntakePool(_spec(tmp_path, port=plain.getsockname()[1]), 1)
+        with pytest.raises(RuntimeError, match=r"did not start.*Address already in use"):
+            pool.start()
+        assert pool.pids == []
+
+
+def test_a_dead_worker_is_replaced(pool_factory):
+    scp, pool = pool_factory(workers=1)
+    (first,) = pool.pids
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _pid_is_alive(first) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.supervise() == 1
+    (second,) = pool.pids
+    assert second != first
+    result = subprocess.run(["/usr/bin/echoscu", "-aet", "ECHOSCU", "-aec", "MEDSEG", "127.0.0.1", str(scp.port)],
+                            env=ENV, capture_output=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """``kill -9`` of the node must not leave an intake process holding its port."""
+    parent = textwrap.dedent(f"""
+        import os, sys, time
+        from dataclasses import replace
+        from pathlib import Path
+        from tests.test_intake_pool import _spec
+        from medsegagent.node.intake_pool import IntakePool
+        spec = _spec(Path({str(tmp_path)!r}), parent_pid=os.getpid())
+        scp = spec.build(); scp.start()
+        pool = IntakePool(replace(spec, port=scp.port), 2); pool.start()
+        print(" ".join(map(str, pool.pids)), flush=True)
+        time.sleep(120)
+    """)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    line = proc.stdout.readline()
+    workers = [int(p) for p in re.findall(r"\d+", line)]
+    assert len(workers) == 2, line
+    assert all(_pid_is_alive(pid) for pid in workers)
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_pid_is_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_pid_is_alive(pid) for pid in workers)
+
+
+def test_reconcile_spool_reopens_studies_the_store_never_counted(tmp_path):
+    spool = tmp_path / "spool"
+    for study, count in (("1.2.3.4", 3), ("1.2.3.5", 2)):
+        for i in range(count):
+            path = spool / study / "1.2.3.9" / f"1.2.3.9.{i}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    (spool / "not-a-uid").mkdir()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")
+    store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")  # fully recorded: left alone
+    assert store.reconcile_spool(spool) == ["1.2.3.4"]
+    assert store.study_instances("1.2.3.4") == 3
+    assert store.reconcile_spool(spool) == []
+
+
+def test_intake_processes_must_be_positive():
+    with pytest.raises(ConfigError, match=r"node\.intake_processes"):
+        parse_config({"node": {"intake_processes": 0}, "http": {"enabled": False}})
+    assert parse_config({"node": {"intake_processes": 3}, "http": {"enabled": False}}).node.intake_processes == 3
