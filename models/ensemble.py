@@ -454,13 +454,14 @@ class Placement:
 
 
 def _coarsen(values: np.ndarray, step: int) -> np.ndarray:
-    """Block means of ``step``-cubes (the array is padded with its edge values to a multiple of ``step``)."""
+    """Block means (float32) of ``step``-cubes; the array is padded with its edge values to a multiple of ``step``."""
     if step == 1:
         return values.astype(np.float32, copy=False)
     pad = [(0, -n % step) for n in values.shape]
-    values = np.pad(values.astype(np.float32, copy=False), pad, mode="edge")
+    if any(p for _, p in pad):
+        values = np.pad(values, pad, mode="edge")
     n0, n1, n2 = (n // step for n in values.shape)
-    return values.reshape(n0, step, n1, step, n2, step).mean(axis=(1, 3, 5))
+    return values.reshape(n0, step, n1, step, n2, step).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
 def _shell(mask: np.ndarray) -> np.ndarray:
@@ -506,17 +507,17 @@ def _peak_offset(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         best, d = value, d + np.asarray(step)
 
 
-def _mask_box(m: BoxedMap, threshold: float = 0.5) -> tuple[slice, ...] | None:
-    """Box of the map's mask (``p > threshold``) on the whole grid; ``None`` when empty."""
+def _mask_of(m: BoxedMap, threshold: float = 0.5) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """The map's mask (``p > threshold``) cropped to its own box, with that box on the whole grid."""
     if m.is_empty:
         return None
     support = m.data > threshold
-    if not support.any():
+    hits = [np.flatnonzero(support.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not hits[0].size:
         return None
-    return tuple(
-        slice(m.box[axis].start + int(hits[0]), m.box[axis].start + int(hits[-1]) + 1)
-        for axis, hits in enumerate(np.flatnonzero(support.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
-    )
+    local = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+    box = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(m.box, local, strict=True))
+    return box, support[local]
 
 
 def placement_evidence(
@@ -564,10 +565,11 @@ def placement_evidence(
     """
     from scipy import ndimage
 
-    masks_of = [_mask_box(m) for m in (a, b)]
-    if masks_of[0] is None or masks_of[1] is None:
+    found = [_mask_of(m) for m in (a, b)]
+    if found[0] is None or found[1] is None:
         return None
-    union = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(*masks_of, strict=True))
+    (box_a, _), (box_b, _) = found
+    union = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(box_a, box_b, strict=True))
     margin = 3  # room for the shells and the gradient's support
     box = tuple(
         slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(union, image.shape, strict=True)
@@ -575,11 +577,10 @@ def placement_evidence(
     extent = tuple(s.stop - s.start for s in box)
     step = max(1, int(np.ceil((np.prod(extent) / max_voxels) ** (1 / 3))))
     masks = []
-    for m in (a, b):
-        mask = np.zeros(extent, np.float32)
-        inside = tuple(slice(max(s.start, t.start), min(s.stop, t.stop)) for s, t in zip(m.box, box, strict=True))
-        mask[_local(inside, box)] = m.data[_local(inside, m.box)] > 0.5  # the mask lies inside; p > 1e-3 may not
-        masks.append(_coarsen(mask, step) > 0.5)
+    for own_box, own_mask in found:
+        mask = np.zeros(extent, bool)
+        mask[_local(own_box, box)] = own_mask
+        masks.append(_coarsen(mask, step) > 0.5 if step > 1 else mask)
     mask_a, mask_b = masks
     if not mask_a.any() or not mask_b.any():
         return None
