@@ -20,6 +20,11 @@ others without promoting them), and the fused score of a voxel is
   given share of the mask lies in connected pieces, other than the largest,
   smaller than ``speckle_ml`` (noise, not anatomy; a structure smaller than
   that is its own largest piece);
+* misplaced (optional, with the study's image): its own shape fits the
+  image's edges better at another member's place than at its own, by more
+  than that member's shape fits at its place (:func:`placement_evidence`);
+  summed over a study's targets, the same evidence drops a model shifted as
+  a whole (:func:`study_misplaced`);
 * an outlier (optional): while three or more members remain, the one whose
   mean Dice with the others is lowest and below a given agreement; of two
   members that disagree that much, the lower-ranked (no majority to decide).
