@@ -124,6 +124,20 @@ def test_demo_end_to_end_meets_dice(tmp_path):
     assert np.any(outcome.result.labels)
 
 
+def test_mr_demo_finds_every_organ_including_the_aorta(tmp_path):
+    """``medsegagent demo --modality MR``: both MR models run and every organ, the aorta's flow void included,
+    reaches Dice >= 0.8 on the demo study."""
+    _demo_models_installed()
+    outcome = run_demo(tmp_path / "demo", modality="MR", quiet=True)
+    assert {m["name"]: m["status"] for m in outcome.result.report["models"]} == {
+        "demo_mr_unet": "ok",
+        "demo_mr_unet_bn": "ok",
+    }
+    assert set(outcome.dice) == {"liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta"}
+    low = {k: round(v, 3) for k, v in outcome.dice.items() if v < 0.8}
+    assert not low, f"MR Dice below 0.8: {low}"
+
+
 def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_factory, tmp_path):
     """CT and MR series in one folder: the segmented series is of the routing modality, and the report says which."""
     _demo_models_installed()
