@@ -24,10 +24,11 @@ from pathlib import Path
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
+from medsegagent.dicom.part10 import file_meta_header
 from medsegagent.dicom.uids import InvalidUIDError, checked_uid
 from medsegagent.node.config import TlsSettings
 
@@ -396,7 +397,12 @@ class StorageSCP:
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"from {calling}: {reason}")
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
-            self._store_file(path, event.encoded_dataset())
+            header = self._file_header(event, sop, calling)
+        except (InvalidUIDError, ValueError) as exc:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {sop}: {exc}")
+        try:
+            # The data set is stored byte for byte as received, behind its File Meta Information.
+            self._store_file(path, header, event.encoded_dataset(include_meta=False))
         except OSError as exc:
             return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
         with self._lock:
@@ -411,7 +417,18 @@ class StorageSCP:
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
         return STATUS_SUCCESS
 
-    def _store_file(self, path: Path, data: bytes) -> None:
+    @staticmethod
+    def _file_header(event: evt.Event, sop: str, calling: str) -> bytes:
+        """Part 10 preamble and File Meta Information for a received data set."""
+        source = calling if calling and calling.isascii() and calling.isprintable() and len(calling) <= 16 else None
+        return file_meta_header(
+            sop_class_uid=str(event.request.AffectedSOPClassUID), sop_instance_uid=sop,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION, source_ae_title=source,
+        )  # fmt: skip
+
+    def _store_file(self, path: Path, *chunks: bytes) -> None:
         """Write one instance durably; its series directory is created (durably) once."""
         directory = path.parent
         if directory not in self._durable_dirs:
@@ -419,13 +436,13 @@ class StorageSCP:
             with self._lock:
                 self._durable_dirs.add(directory)
         try:
-            write_atomically(path, [data], make_parents=False)
+            write_atomically(path, chunks, make_parents=False)
         except FileNotFoundError:
             # The directory went away (spool clean-up): forget it and create it again.
             with self._lock:
                 self._durable_dirs.discard(directory)
             make_durable_dirs(directory, self.spool_dir)
-            write_atomically(path, [data], make_parents=False)
+            write_atomically(path, chunks, make_parents=False)
 
     def _refuse(self, status: int, message: str) -> int:
         with self._lock:

@@ -53,6 +53,15 @@ def test_echo_and_store_with_dcmtk(scp, phantom_factory):
         pydicom.dcmread(p).SOPInstanceUID for p in files.series["CT"]
     }
     assert not list(scp.spool_dir.rglob("*.tmp"))
+    # Stored as received: same pixel bytes, File Meta naming the sender and the negotiated syntax.
+    original = pydicom.dcmread(files.series["CT"][0])
+    stored = pydicom.dcmread(scp.spool_dir / study.StudyInstanceUID / study.SeriesInstanceUID
+                             / f"{original.SOPInstanceUID}.dcm")  # fmt: skip
+    assert stored.PixelData == original.PixelData
+    assert stored.file_meta.SourceApplicationEntityTitle == "PACS"
+    assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    negotiable = {original.file_meta.TransferSyntaxUID, pydicom.uid.ImplicitVRLittleEndian}
+    assert stored.file_meta.TransferSyntaxUID in negotiable
     assert (
         scp.wait_for_study(study.StudyInstanceUID, quiet_seconds=0.1, timeout=5)
         == scp.spool_dir / study.StudyInstanceUID
