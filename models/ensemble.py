@@ -590,11 +590,14 @@ def placement_evidence(
     if not mask_a.any() or not mask_b.any():
         return None
     d = _peak_offset(mask_a, mask_b)
-    if not d.any():
-        return None
-    edges = ndimage.gaussian_gradient_magnitude(_coarsen(image[box], step), sigma)
-    reach = int(np.abs(d).max())
-    edges = np.pad(edges, reach, mode="edge")  # a shell moved out of the box reads the box's border
+    if not d.any() or _overlap(mask_a, mask_b, d) == 0:
+        return None  # aligned as they are, or never overlapping: not two views of one structure
+    # NaNs (a corrupt or padded image) would spread through the gradient and silence the rule.
+    crop = np.nan_to_num(_coarsen(image[box], step).astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    edges = ndimage.gaussian_gradient_magnitude(crop, sigma)
+    reach = np.abs(d)
+    # Pad each axis by its own shift only: a shell moved out of the box reads the box's border.
+    edges = np.pad(edges, [(int(k), int(k)) for k in reach], mode="edge")
 
     def fit(mask: np.ndarray, delta: np.ndarray) -> float:
         points = np.argwhere(_shell(mask)) + reach + delta

@@ -245,6 +245,23 @@ def test_placement_evidence_points_at_the_shifted_mask():
     assert flat is not None and flat.against_a == pytest.approx(0.0, abs=1e-6)
 
 
+def test_placement_evidence_on_a_thin_volume_far_apart_and_with_nan():
+    # One slice, the same square 320 voxels apart: the offset is found from the centroids, the edge map is
+    # padded along that axis only (not 320 slices deep), and a flat image gives no evidence.
+    image = np.zeros((1, 64, 400), np.int16)
+    a, b = np.zeros(image.shape, np.float32), np.zeros(image.shape, np.float32)
+    a[0, 10:40, 10:40] = 1.0
+    b[0, 10:40, 330:360] = 1.0
+    far = placement_evidence(BoxedMap.from_dense(a), BoxedMap.from_dense(b), image)
+    assert far is not None and far.offset == (0, 0, -320) and far.against_a == 0.0
+    # A NaN in the image does not silence the rule.
+    right, shifted = _organs()["liver"], _organs(shift=3)["liver"]
+    noisy = _image().astype(np.float32)
+    noisy[0, 0, 0] = np.nan
+    p = placement_evidence(BoxedMap.from_dense(shifted), BoxedMap.from_dense(right), noisy)
+    assert p is not None and np.isfinite(p.against_a) and p.against_a > 0.8
+
+
 def test_misplaced_top_member_is_dropped_when_the_image_contradicts_it():
     right, shifted = _organs()["liver"], _organs(shift=3)["liver"]
     members = [Member("top", shifted, (-0.99,)), Member("second", right, (-0.9,))]
