@@ -36,6 +36,11 @@ def _text(value: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
+def is_valid_ae_title(value: str) -> bool:
+    """Whether ``value`` can be written as an AE value: 1-16 printable ASCII characters, no backslash."""
+    return 0 < len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value
+
+
 def file_meta_header(
     *,
     sop_class_uid: str,
@@ -44,6 +49,7 @@ def file_meta_header(
     implementation_class_uid: str,
     implementation_version_name: str | None = None,
     source_ae_title: str | None = None,
+    receiving_ae_title: str | None = None,
 ) -> bytes:
     """Preamble, ``DICM`` prefix and File Meta Information, encoded.
 
@@ -59,7 +65,10 @@ def file_meta_header(
         Implementation Version Name (0002,0013), at most 16 characters.
     source_ae_title : str, optional
         Source Application Entity Title (0002,0016): the AE that sent the
-        data set, at most 16 characters.
+        data set (as DCMTK's storescp records it), at most 16 characters.
+    receiving_ae_title : str, optional
+        Receiving Application Entity Title (0002,0018): the AE title the
+        sender called (the node's own, or a preset's), at most 16 characters.
 
     Returns
     -------
@@ -78,8 +87,8 @@ def file_meta_header(
                       ("Implementation Class UID", implementation_class_uid)):  # fmt: skip
         checked_uid(uid, what)
     for what, text in (("Implementation Version Name", implementation_version_name),
-                       ("Source AE Title", source_ae_title)):  # fmt: skip
-        if text is not None and (len(text) > 16 or not text.isascii() or not text.isprintable() or "\\" in text):
+                       ("Source AE Title", source_ae_title), ("Receiving AE Title", receiving_ae_title)):  # fmt: skip
+        if text is not None and not is_valid_ae_title(text):
             raise ValueError(f"{what} {text!r} is not 1-16 printable ASCII characters")
     body = [
         # (0002,0001) OB: 2-byte reserved field and a 4-byte length.
@@ -93,6 +102,8 @@ def file_meta_header(
         body.append(_short(0x0002, 0x0013, b"SH", _text(implementation_version_name)))
     if source_ae_title:
         body.append(_short(0x0002, 0x0016, b"AE", _text(source_ae_title)))
+    if receiving_ae_title:
+        body.append(_short(0x0002, 0x0018, b"AE", _text(receiving_ae_title)))
     group = b"".join(body)
     length = _short(0x0002, 0x0000, b"UL", struct.pack("<I", len(group)))
     return _PREAMBLE + length + group

@@ -129,7 +129,7 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         node.start()
-    except (TokenMissingError, OSError) as exc:
+    except (TokenMissingError, OSError, RuntimeError) as exc:  # token, port taken, data dir in use, intake pool
         print(f"error: {exc}", file=sys.stderr)
         node.stop()
         return EXIT_REFUSED

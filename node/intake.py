@@ -28,7 +28,7 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
-from medsegagent.dicom.part10 import file_meta_header
+from medsegagent.dicom.part10 import file_meta_header, is_valid_ae_title
 from medsegagent.dicom.uids import InvalidUIDError, checked_uid
 from medsegagent.node.config import TlsSettings
 
@@ -162,18 +162,16 @@ def make_durable_dirs(path: Path, root: Path) -> None:
     """Create ``path`` and its missing parents below ``root``, each entry durable.
 
     A new directory survives a power loss only once its parent directory is
-    fsynced, so every directory created here has its parent fsynced.
+    fsynced.  The parent is fsynced for every level, existing or not: another
+    thread or process may have just created it without having fsynced yet.
     """
-    missing = []
+    levels = []
     current = path
-    while current != root and not current.is_dir():
-        missing.append(current)
+    while current != root and current != current.parent:
+        levels.append(current)
         current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:  # another association created it meanwhile
-            continue
+    for directory in reversed(levels):
+        directory.mkdir(exist_ok=True)
         fsync_directory(directory.parent)
 
 
@@ -335,7 +333,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_durable_dirs(self.spool_dir, self.spool_dir.parent)
         server_class = ReusePortAssociationServer if self.reuse_port else NodeAssociationServer
         server = self._ae.make_server(
             (self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context, server_class=server_class
@@ -397,9 +396,10 @@ class StorageSCP:
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"from {calling}: {reason}")
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
-            header = self._file_header(event, sop, calling)
+            header = self._file_header(event, sop, calling, called)
         except (InvalidUIDError, ValueError) as exc:
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {sop}: {exc}")
+        existed = path.exists()  # a re-send replaces an instance that is already recorded
         try:
             # The data set is stored byte for byte as received, behind its File Meta Information.
             self._store_file(path, header, event.encoded_dataset(include_meta=False))
@@ -414,18 +414,26 @@ class StorageSCP:
                 self.on_instance(study, series, path, called, calling)
             except Exception as exc:  # the instance is on disk but not recorded: let the sender retry
                 log.exception("recording %s failed", sop)
+                if not existed:
+                    # Unacknowledged and unrecorded: the spool must not hold it (see JobStore.reconcile_spool).
+                    path.unlink(missing_ok=True)
                 return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
         return STATUS_SUCCESS
 
     @staticmethod
-    def _file_header(event: evt.Event, sop: str, calling: str) -> bytes:
-        """Part 10 preamble and File Meta Information for a received data set."""
-        source = calling if calling and calling.isascii() and calling.isprintable() and len(calling) <= 16 else None
+    def _file_header(event: evt.Event, sop: str, calling: str, called: str) -> bytes:
+        """Part 10 preamble and File Meta Information for a received data set.
+
+        The calling and called AE titles go into (0002,0016) and (0002,0018), so
+        that the spool alone tells who sent a study to which title.
+        """
         return file_meta_header(
             sop_class_uid=str(event.request.AffectedSOPClassUID), sop_instance_uid=sop,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
-            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION, source_ae_title=source,
+            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION,
+            source_ae_title=calling if is_valid_ae_title(calling) else None,
+            receiving_ae_title=called if is_valid_ae_title(called) else None,
         )  # fmt: skip
 
     def _store_file(self, path: Path, *chunks: bytes) -> None:
@@ -434,6 +442,8 @@ class StorageSCP:
         if directory not in self._durable_dirs:
             make_durable_dirs(directory, self.spool_dir)
             with self._lock:
+                if len(self._durable_dirs) >= 10_000:  # a long-running node: forget old series
+                    self._durable_dirs.clear()
                 self._durable_dirs.add(directory)
         try:
             write_atomically(path, chunks, make_parents=False)

@@ -121,7 +121,12 @@ def tls_to_json(tls: TlsSettings | None) -> dict | None:
 
 
 class IntakePool:
-    """The extra intake processes of one node.
+    """The extra intake processes of one node, started and watched by one supervisor thread.
+
+    The kernel's ``PR_SET_PDEATHSIG`` fires when the *thread* that started a
+    process ends, so every worker is started by the pool's own thread, which
+    lives until :meth:`stop`.  A worker that dies is restarted, with a back-off
+    from 1 s doubling to 60 s while restarts keep failing.
 
     Parameters
     ----------
@@ -129,23 +134,58 @@ class IntakePool:
         The main listener's spec, with the port it actually bound.
     processes : int
         Extra processes to start (the main process serves too).
+    check_seconds : float
+        How often the supervisor looks for dead workers.
     """
 
-    def __init__(self, spec: IntakeSpec, processes: int) -> None:
+    def __init__(self, spec: IntakeSpec, processes: int, *, check_seconds: float = 1.0) -> None:
         self.spec = spec
         self.processes = processes
+        self.check_seconds = check_seconds
         self._workers: list[subprocess.Popen] = []
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._retry_at: dict[int, tuple[float, float]] = {}  # slot -> (next attempt, delay)
 
     def start(self) -> None:
-        """Start the workers and wait until each one listens."""
-        for _ in range(self.processes):
-            self._workers.append(self._spawn())
+        """Start the workers and wait until each one listens.
+
+        Raises
+        ------
+        RuntimeError
+            When a worker cannot start (its error, e.g. the port is taken); no worker is left running.
+        """
+        self._thread = threading.Thread(target=self._run, name="medseg-intake-supervisor", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the running workers."""
-        return [w.pid for w in self._workers if w.poll() is None]
+        with self._lock:
+            return [w.pid for w in self._workers if w.poll() is None]
+
+    def _run(self) -> None:
+        try:
+            for _ in range(self.processes):
+                proc = self._spawn()
+                with self._lock:
+                    self._workers.append(proc)
+        except BaseException as exc:  # handed to start(), which raises it in the caller's thread
+            self._error = exc
+            self._terminate()
+            self._started.set()
+            return
+        self._started.set()
+        while not self._stop.wait(self.check_seconds):
+            self.supervise()
+        self._terminate()
 
     def _spawn(self) -> subprocess.Popen:
         payload = json.dumps(asdict(self.spec)).encode()
@@ -156,6 +196,7 @@ class IntakePool:
         proc.stdin.close()
         # The worker writes one line once it listens (or exits with its error on stderr).
         line = _readline(proc, START_TIMEOUT_S)
+        proc.stdout.close()  # the worker sends nothing more on it
         if not line.startswith("ready"):
             proc.kill()
             proc.wait()
@@ -164,34 +205,50 @@ class IntakePool:
         return proc
 
     def supervise(self) -> int:
-        """Restart workers that died; returns how many were restarted."""
+        """Restart workers that died (the supervisor thread calls this); returns how many were restarted."""
         restarted = 0
-        with self._lock:
-            for i, proc in enumerate(self._workers):
-                if proc.poll() is None:
-                    continue
-                log.error("intake process %d exited with status %s; starting a new one", proc.pid, proc.returncode)
-                try:
-                    self._workers[i] = self._spawn()
-                    restarted += 1
-                except (OSError, RuntimeError) as exc:
-                    log.error("cannot restart intake process: %s", exc)
+        for slot in range(len(self._workers)):
+            with self._lock:
+                proc = self._workers[slot]
+            if proc.poll() is None or self._stop.is_set():
+                continue
+            now = time.monotonic()
+            next_at, delay = self._retry_at.get(slot, (0.0, 1.0))
+            if now < next_at:
+                continue
+            log.error("intake process %d exited with status %s; starting a new one", proc.pid, proc.returncode)
+            try:
+                fresh = self._spawn()
+            except (OSError, RuntimeError) as exc:
+                self._retry_at[slot] = (now + delay, min(delay * 2, 60.0))
+                log.error("cannot restart intake process (next try in %.0f s): %s", delay, exc)
+                continue
+            self._retry_at.pop(slot, None)
+            with self._lock:
+                self._workers[slot] = fresh
+            restarted += 1
         return restarted
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop every worker: SIGTERM, then SIGKILL after ``timeout``."""
+    def _terminate(self, timeout: float = 10.0) -> None:
         with self._lock:
-            for proc in self._workers:
-                if proc.poll() is None:
-                    proc.terminate()
-            deadline = time.monotonic() + timeout
-            for proc in self._workers:
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self._workers.clear()
+            workers, self._workers = self._workers, []
+        for proc in workers:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in workers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after 10 s) and the supervisor."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
 
 def _readline(proc: subprocess.Popen, timeout: float) -> str:
@@ -232,6 +289,8 @@ def main() -> int:
         print(f"error {exc}", flush=True)
         return 1
     print(f"ready {scp.port}", flush=True)
+    # Nobody reads stdout any more: anything printed later goes to stderr instead of filling the pipe.
+    os.dup2(2, 1)
     while not stop.wait(1.0):
         if spec.parent_pid and os.getppid() != spec.parent_pid:
             break  # fallback where PR_SET_PDEATHSIG is unavailable

@@ -213,13 +213,15 @@ class JobStore:
         return int(row["instances"]) if row else 0
 
     def reconcile_spool(self, spool_dir: Path) -> list[str]:
-        """Record spooled studies whose arrivals the database does not fully know (at start-up).
+        """Record spooled instances whose arrival the database does not know (at start-up).
 
         Instances are durable on disk before they are acknowledged; their
         arrival records are committed without an fsync each (see
         ``synchronous``).  After a power loss the spool may therefore hold
-        instances the database never counted: such a study is (re)opened with
-        its file count, so it becomes a job after the quiet time.
+        instances that arrived after a study's last recorded arrival: such a
+        study is (re)opened -- as a late instance would reopen it -- with the
+        AE titles from the newest file's File Meta Information, so it becomes a
+        job after the quiet time.  Call it before any intake process listens.
 
         Returns
         -------
@@ -230,19 +232,29 @@ class JobStore:
         if not spool_dir.is_dir():
             return []
         opened = []
-        now = time.time()
         with self._tx() as db:
-            known = {r["study_uid"]: r["instances"] for r in db.execute("SELECT study_uid, instances FROM studies")}
+            known = {
+                r["study_uid"]: (r["instances"], r["last_instance_at"])
+                for r in db.execute("SELECT study_uid, instances, last_instance_at FROM studies")
+            }
             for study_dir in sorted(p for p in spool_dir.iterdir() if p.is_dir() and is_valid_uid(p.name)):
-                files = sum(1 for _ in study_dir.glob("*/*.dcm"))
-                if files == 0 or known.get(study_dir.name, -1) >= files:
-                    continue  # re-sent instances make the count exceed the files: that is fine
+                files = [(f.stat().st_mtime, f) for f in study_dir.glob("*/*.dcm")]
+                if not files:
+                    continue
+                newest_at, newest = max(files)
+                count, last_at = known.get(study_dir.name, (0, None))
+                # A recorded instance is renamed into place before its arrival is recorded: never newer.
+                if last_at is not None and newest_at <= last_at:
+                    continue
+                called, calling = _ae_titles(newest)
                 db.execute(
-                    """INSERT INTO studies(study_uid, state, instances, last_instance_at)
-                       VALUES (?, 'open', ?, ?)
+                    """INSERT INTO studies(study_uid, state, instances, last_instance_at, called_ae, calling_ae)
+                       VALUES (?, 'open', ?, ?, ?, ?)
                        ON CONFLICT(study_uid) DO UPDATE SET state='open', instances=excluded.instances,
-                         last_instance_at=excluded.last_instance_at""",
-                    (study_dir.name, files, now),
+                         last_instance_at=excluded.last_instance_at,
+                         called_ae=COALESCE(excluded.called_ae, called_ae),
+                         calling_ae=COALESCE(excluded.calling_ae, calling_ae)""",
+                    (study_dir.name, max(count, len(files)), time.time(), called, calling),
                 )
                 opened.append(study_dir.name)
         return opened
@@ -460,6 +472,20 @@ class JobStore:
             self._set_state(db, job_id, JobState.FAILED, error="delivery failed permanently (see outbox)")
         else:
             self._set_state(db, job_id, JobState.DELIVERED)
+
+
+def _ae_titles(path: Path) -> tuple[str | None, str | None]:
+    """(called, calling) AE titles the intake wrote into a spooled file's File Meta Information."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+    except (OSError, InvalidDicomError):
+        return None, None
+    called = str(meta.get("ReceivingApplicationEntityTitle", "") or "").strip() or None
+    calling = str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None
+    return called, calling
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -17,12 +17,14 @@ node.  On start, jobs a crash interrupted are resumed.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import IO
 
 from medsegagent.dicom.modality import routing_modality
 from medsegagent.dicom.series import SeriesError, scan_folder
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: C-STORE statuses worth retrying (out of resources); others refuse the object for good.
 _TRANSIENT_STATUSES = {0xA700, 0xA701, 0xA702, -1}
+
+
+class DataDirInUseError(RuntimeError):
+    """Another node process holds the data directory."""
 
 
 class Node:
@@ -90,6 +96,7 @@ class Node:
             reuse_port=settings.intake_processes > 1,
         )
         self.intake_pool: IntakePool | None = None
+        self._lock_file: IO[str] | None = None
         self.http_server = None
         self.http_port: int | None = None
 
@@ -99,7 +106,14 @@ class Node:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Resume unfinished jobs, start listening and start the worker loops."""
+        """Resume unfinished jobs, start listening and start the worker loops.
+
+        Raises
+        ------
+        DataDirInUseError
+            Another node runs on the same data directory.
+        """
+        self._lock_data_dir()
         # Partial writes of a crashed process were never acknowledged: the sender retries them.
         for stale in self.spool_dir.rglob(".*.tmp") if self.spool_dir.exists() else ():
             stale.unlink(missing_ok=True)
@@ -142,6 +156,25 @@ class Node:
         for thread in self._threads:
             thread.join(timeout)
         self.executor.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def _lock_data_dir(self) -> None:
+        """Hold an exclusive lock on the data directory while this node runs.
+
+        Two nodes on one data directory would resume each other's jobs; with
+        ``SO_REUSEPORT`` they could even share the port silently.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "node.lock"
+        handle = open(path, "a")  # noqa: SIM115 -- held open for the node's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise DataDirInUseError(f"another node is running on {self.data_dir} (it holds {path})") from None
+        self._lock_file = handle
 
     def _run_loop(self, name: str, step) -> None:
         while not self._stop.is_set():
@@ -173,8 +206,6 @@ class Node:
 
     # -- assembler --------------------------------------------------------------------------------
     def _assemble_loop(self) -> bool:
-        if self.intake_pool is not None:
-            self.intake_pool.supervise()
         jobs = self.store.close_quiet_studies(self.config.node.quiet_seconds)
         for job in jobs:
             log.info("study %s complete: job %s", job.study_uid, job.id)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from medsegagent.dicom.part10 import file_meta_header
 from medsegagent.node.config import ConfigError, parse_config
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec
 from medsegagent.node.jobs import JobStore
@@ -114,18 +115,33 @@ def test_a_dead_worker_is_replaced(pool_factory):
     scp, pool = pool_factory(workers=1)
     (first,) = pool.pids
     os.kill(first, signal.SIGKILL)
-    # The node supervises on every assembler tick; a killed process is reapable once all its threads are gone.
-    deadline = time.monotonic() + 10
-    restarted = 0
-    while not restarted and time.monotonic() < deadline:
-        restarted = pool.supervise()
-        time.sleep(0.05)
-    assert restarted == 1
+    # The pool's supervisor thread notices (every second) and starts a new process on the same port.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (len(pool.pids) != 1 or first in pool.pids):
+        time.sleep(0.1)
     (second,) = pool.pids
     assert second != first
     result = subprocess.run(["/usr/bin/echoscu", "-aet", "ECHOSCU", "-aec", "MEDSEG", "127.0.0.1", str(scp.port)],
                             env=ENV, capture_output=True, timeout=30)  # fmt: skip
     assert result.returncode == 0
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path):
+    from medsegagent.node.service import DataDirInUseError, Node
+
+    config = parse_config({"node": {"port": 0, "data_dir": str(tmp_path / "var"), "min_free_disk_mb": 1},
+                           "http": {"enabled": False}})  # fmt: skip
+    first, second = Node(config), Node(config)
+    first.start()
+    try:
+        with pytest.raises(DataDirInUseError, match="another node is running"):
+            second.start()
+        second.stop()
+    finally:
+        first.stop()
+    third = Node(config)  # the lock goes with the node that held it
+    third.start()
+    third.stop()
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):
@@ -156,20 +172,36 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     assert not any(_pid_is_alive(pid) for pid in workers)
 
 
-def test_reconcile_spool_reopens_studies_the_store_never_counted(tmp_path):
+def test_reconcile_spool_reopens_studies_with_unrecorded_arrivals(tmp_path):
     spool = tmp_path / "spool"
-    for study, count in (("1.2.3.4", 3), ("1.2.3.5", 2)):
-        for i in range(count):
-            path = spool / study / "1.2.3.9" / f"1.2.3.9.{i}.dcm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"x")
-    (spool / "not-a-uid").mkdir()
+
+    def spool_file(study: str, i: int) -> Path:
+        path = spool / study / "1.2.3.9" / f"1.2.3.9.{i}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = file_meta_header(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"1.2.3.9.{i}",
+                                  transfer_syntax_uid="1.2.840.10008.1.2", implementation_class_uid="1.2.3",
+                                  source_ae_title="MODALITY", receiving_ae_title="LIVERSEG")  # fmt: skip
+        path.write_bytes(header)
+        return path
+
+    for i in range(3):
+        spool_file("1.2.3.4", i)  # never recorded (power loss)
     store = JobStore(tmp_path / "jobs.sqlite")
-    store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")
-    store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")  # fully recorded: left alone
+    for i in range(2):
+        spool_file("1.2.3.5", i)
+        time.sleep(0.01)
+        store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")  # recorded after the file was in place
+    store.touch_study("1.2.3.5", "MEDSEG", "MODALITY")  # a re-send: more arrivals than files is fine
+    (spool / "not-a-uid").mkdir()
     assert store.reconcile_spool(spool) == ["1.2.3.4"]
     assert store.study_instances("1.2.3.4") == 3
-    assert store.reconcile_spool(spool) == []
+    jobs = {job.study_uid: job for job in store.close_quiet_studies(0.0)}
+    assert (jobs["1.2.3.4"].called_ae, jobs["1.2.3.4"].calling_ae) == ("LIVERSEG", "MODALITY")
+    assert store.reconcile_spool(spool) == []  # a normal restart reopens nothing, finished or not
+    # An instance that arrived after the last recorded one reopens its study, as a late instance does.
+    time.sleep(0.01)
+    spool_file("1.2.3.5", 7)
+    assert store.reconcile_spool(spool) == ["1.2.3.5"]
 
 
 def test_intake_processes_must_be_positive():
