@@ -56,7 +56,15 @@ from scipy import ndimage
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ModelSpec, Prediction
-from medsegagent.models.ensemble import Member, TargetResult, fuse_study, resolve_overlaps
+from medsegagent.models.ensemble import (
+    MIN_MISPLACEMENT,
+    MIN_STUDY_MISPLACEMENT,
+    Member,
+    TargetResult,
+    fuse_study,
+    placement_evidence,
+    resolve_overlaps,
+)
 from medsegagent.models.executor import InProcessExecutor, Job, ModelCache
 from medsegagent.models.registry import Dataset, ModelRef, load_registry
 from medsegagent.models.resample import BoxedMap
@@ -208,6 +216,8 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
     top: dict[str, set[str]] = defaultdict(set)
     drops: dict[str, list[str]] = defaultdict(list)
     agreement: list[float] = []
+    sound_target: list[float] = []  # |placement evidence| between the clean models, per target
+    sound_study: list[float] = []  # the same summed over a study, as the study rule sums it
     fusion_s: list[float] = []
     voxel_mm = float("inf")
     t_start = time.perf_counter()
@@ -216,14 +226,17 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
         t0 = time.perf_counter()
         case = run_case(modality, seed, orientation, args.size, args.slices, executor, jobs)
         voxel_mm = min(voxel_mm, float(min(case.geometry.spacing)))
-        # How much the sound models agree per study: the study rule's gate must sit below this.
+        # How much the sound models agree per study, and how much placement evidence they raise against
+        # each other: the study rule's gate must sit below the first, the placement thresholds above the rest.
         for a, b in [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]:
-            pairs = [
-                dice(case.maps[a][o].dense() > 0.5, case.maps[b][o].dense() > 0.5)
-                for o in ORGANS
-                if case.maps[a][o].count() and case.maps[b][o].count()
-            ]
+            shared = [o for o in ORGANS if case.maps[a][o].count() and case.maps[b][o].count()]
+            pairs = [dice(case.maps[a][o].dense() > 0.5, case.maps[b][o].dense() > 0.5) for o in shared]
             agreement.append(float(np.mean(pairs)) if pairs else float("nan"))
+            found = [placement_evidence(case.maps[a][o], case.maps[b][o], case.image) for o in shared]
+            evidence = [0.0 if p is None else p.against_a for p in found]
+            sound_target.extend(abs(e) for e in evidence)
+            if evidence:
+                sound_study.append(abs(sum(evidence)) / np.sqrt(len(evidence)))
         for scenario, broken, mode, mm in scenarios:
             maps: dict[str, dict[str, BoxedMap] | None] = {}
             for name in names:
@@ -274,6 +287,10 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
         "Agreement of the clean models per phantom (mean Dice over organs both segment): "
         + ", ".join(f"{v:.2f}" for v in agreement)
         + f" (study rule gate: {MIN_STUDY_AGREEMENT}).",
+        "",
+        f"Placement evidence between the clean models: largest |e| per target {max(sound_target, default=0):.2f}"
+        f" (drop threshold {MIN_MISPLACEMENT}), largest |S| per study {max(sound_study, default=0):.2f}"
+        f" (drop threshold {MIN_STUDY_MISPLACEMENT}).",
         "",
         "Top-ranked (weight 2/3 of two) in the clean run: "
         + "; ".join(f"{n} for {len(o)} organs" for n, o in ranks_first.items())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -121,6 +122,12 @@ def run_bare_pynetdicom(files: list[Path], parallel: int, out: Path) -> float:
         server.shutdown()
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU of this process (its threads; not its children)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_fsync_floor(files: list[Path], out: Path) -> float:
     """Seconds for the durable writes alone (temp file, fsync, rename, directory fsync): no DICOM at all."""
     out.mkdir(parents=True, exist_ok=True)
@@ -169,22 +176,29 @@ def main(argv: list[str] | None = None) -> int:
                 tag = f"{size}-{parallel}"
                 # Best of `repeat` runs each, interleaved, so a burst of load on a shared machine hits all alike.
                 times: dict[str, list[float]] = {"peer": [], "bare": [], "node1": [], "node2": [], "floor": []}
+                # CPU of the SCPs that run in this process (storescu is a child: not counted), ms per instance.
+                cpu: dict[str, list[float]] = {"bare": [], "node1": []}
                 for r in range(args.repeat):
                     times["floor"].append(run_fsync_floor(files, root / f"floor{tag}-{r}"))
                     times["peer"].append(run_storescp(files, parallel, root / f"storescp{tag}-{r}"))
+                    c0 = _cpu_seconds()
                     times["bare"].append(run_bare_pynetdicom(files, parallel, root / f"bare{tag}-{r}"))
+                    c1 = _cpu_seconds()
                     times["node1"].append(run_node(files, parallel, root / f"node1-{tag}-{r}", 1))
+                    cpu["bare"].append((c1 - c0) / count * 1e3)
+                    cpu["node1"].append((_cpu_seconds() - c1) / count * 1e3)
                     times["node2"].append(run_node(files, parallel, root / f"node2-{tag}-{r}", 2))
                 rate = {k: count / min(v) for k, v in times.items()}
+                rate.update({f"cpu_{k}": min(v) for k, v in cpu.items()})
                 rows.append((f"{count} x {size}²", parallel, rate))
     lines = [
         "| data | associations | DCMTK storescp | pynetdicom, bare | durable writes alone | node, 1 process "
-        "| node, 2 processes | node/storescp (1 / 2 proc.) | bare/storescp |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| node, 2 processes | node/storescp (1 / 2 proc.) | bare/storescp | CPU ms/instance (bare / node) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {d} | {p} | {r['peer']:.0f} | {r['bare']:.0f} | {r['floor']:.0f} | {r['node1']:.0f} "
             f"| {r['node2']:.0f} | {r['node1'] / r['peer']:.2f} / {r['node2'] / r['peer']:.2f} "
-            f"| {r['bare'] / r['peer']:.2f} |"
+            f"| {r['bare'] / r['peer']:.2f} | {r['cpu_bare']:.1f} / {r['cpu_node1']:.1f} |"
             for d, p, r in rows
         ],
         "",
@@ -193,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "fsync; *pynetdicom, bare* writes the received bytes with no checks and no fsync; the node checks each "
         "instance, fsyncs it and its directory, and records it in the job store before answering. *Durable writes "
         "alone*: the same temp-file/fsync/rename/directory-fsync sequence in a loop with no DICOM (one thread), "
-        "the upper bound of any durable receiver on this disk.",
+        "the upper bound of any durable receiver on this disk. *CPU ms/instance*: CPU time of this process (the "
+        "SCP's threads; storescu is a child and not counted) per instance, one process, least of the runs.",
     ]
     table = "\n".join(lines)
     print(table)

@@ -41,6 +41,7 @@ from medsegagent.dicom.seg import SegmentSpec, SegType, load_source_datasets, wr
 from medsegagent.dicom.series import read_series
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.registry import load_registry
+from medsegagent.node.pipeline import segment_spec
 
 ROOT = Path(__file__).resolve().parent
 #: Registry dataset whose first labels name (and code) the benchmark segments.
@@ -103,16 +104,7 @@ def segment_specs(n_segments: int) -> list[SegmentSpec]:
     labels = list(load_registry().datasets[LABEL_SOURCE].labels.values())
     if n_segments > len(labels):
         raise SystemExit(f"at most {len(labels)} segments (labels of {LABEL_SOURCE})")
-    return [
-        SegmentSpec(
-            label.name,
-            label.category.to_highdicom(),
-            label.type.to_highdicom(),
-            label.type_modifier.to_highdicom() if label.type_modifier else None,
-            label.color,
-        )
-        for label in labels[:n_segments]
-    ]
+    return [segment_spec(label) for label in labels[:n_segments]]
 
 
 def dcmqi_inputs(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 
-from medsegagent.dicom.uids import checked_uid
+from medsegagent.dicom.uids import checked_uid, is_valid_ae_title
 
 #: 128-byte preamble (all zero: no application profile) and the prefix.
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -34,11 +34,6 @@ def _text(value: str) -> bytes:
     """An SH/AE value: ASCII, padded to even length with one space."""
     raw = value.encode("ascii")
     return raw + b" " if len(raw) % 2 else raw
-
-
-def is_valid_ae_title(value: str) -> bool:
-    """Whether ``value`` can be written as an AE value: 1-16 printable ASCII characters, no backslash."""
-    return 0 < len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value
 
 
 def file_meta_header(

@@ -1,4 +1,4 @@
-"""UID validation: a UID must be a UID before it becomes part of a path."""
+"""Identifier validation: a UID must be a UID before it becomes part of a path; AE titles."""
 
 from __future__ import annotations
 
@@ -32,3 +32,8 @@ def checked_uid(value: object, what: str = "UID") -> str:
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise InvalidUIDError(f"{what} {shown!r} is not a valid DICOM UID")
     return text
+
+
+def is_valid_ae_title(value: str) -> bool:
+    """True when ``value`` is a usable AE title (PS3.5 AE): 1-16 printable ASCII characters, no backslash."""
+    return bool(value.strip()) and len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from medsegagent.dicom.uids import is_valid_ae_title
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message lists every problem."""
@@ -188,8 +190,8 @@ _SECTIONS = {
 
 def _ae_title(value: Any, where: str, errors: list[str]) -> str:
     text = str(value) if value is not None else ""
-    if not text.strip() or len(text) > 16 or "\\" in text or not text.isprintable():
-        errors.append(f"{where}: {text!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    if not is_valid_ae_title(text):
+        errors.append(f"{where}: {text!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
     return text.strip()
 
 

@@ -28,8 +28,8 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
-from medsegagent.dicom.part10 import file_meta_header, is_valid_ae_title
-from medsegagent.dicom.uids import InvalidUIDError, checked_uid
+from medsegagent.dicom.part10 import file_meta_header
+from medsegagent.dicom.uids import InvalidUIDError, checked_uid, is_valid_ae_title
 from medsegagent.node.config import TlsSettings
 
 log = logging.getLogger(__name__)

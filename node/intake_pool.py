@@ -101,10 +101,7 @@ class IntakeSpec:
         """The listener this spec describes, recording into the job store."""
         recorder = StudyRecorder(Path(self.data_dir), Path(self.db_path), min_free_disk_mb=self.min_free_disk_mb,
                                  max_study_instances=self.max_study_instances)  # fmt: skip
-        tls = None
-        if self.tls is not None:
-            tls = TlsSettings(**{k: Path(v) if k != "require_client_certificate" and v is not None else v
-                                 for k, v in self.tls.items()})  # fmt: skip
+        tls = tls_from_json(self.tls)
         return StorageSCP(
             Path(self.spool_dir), ae_title=self.ae_title, host=self.host, port=self.port,
             allowed_callers=self.allowed_callers, allowed_hosts=self.allowed_hosts,
@@ -114,10 +111,20 @@ class IntakeSpec:
 
 
 def tls_to_json(tls: TlsSettings | None) -> dict | None:
-    """TLS settings as a JSON mapping (paths as strings)."""
+    """TLS settings as a JSON mapping (paths as strings); :func:`tls_from_json` reverses it."""
     if tls is None:
         return None
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tls).items()}
+
+
+def tls_from_json(data: dict | None) -> TlsSettings | None:
+    """The TLS settings :func:`tls_to_json` wrote."""
+    if data is None:
+        return None
+    ca = data.get("ca_certificates")
+    return TlsSettings(certificate=Path(data["certificate"]), private_key=Path(data["private_key"]),
+                       ca_certificates=Path(ca) if ca else None,
+                       require_client_certificate=bool(data.get("require_client_certificate")))  # fmt: skip
 
 
 class IntakePool:

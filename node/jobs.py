@@ -238,11 +238,17 @@ class JobStore:
                 for r in db.execute("SELECT study_uid, instances, last_instance_at FROM studies")
             }
             for study_dir in sorted(p for p in spool_dir.iterdir() if p.is_dir() and is_valid_uid(p.name)):
-                files = [(f.stat().st_mtime, f) for f in study_dir.glob("*/*.dcm")]
+                count, last_at = known.get(study_dir.name, (0, None))
+                series = [d for d in study_dir.iterdir() if d.is_dir()]
+                # A file is written before it is renamed into its series directory, so no file is newer
+                # than its directory: a study none of whose directories changed since its last recorded
+                # arrival needs no look at its files (one stat per series, not per instance, at start).
+                if last_at is not None and all(d.stat().st_mtime <= last_at for d in series):
+                    continue
+                files = [(f.stat().st_mtime, f) for d in series for f in d.glob("*.dcm")]
                 if not files:
                     continue
                 newest_at, newest = max(files)
-                count, last_at = known.get(study_dir.name, (0, None))
                 # A recorded instance is renamed into place before its arrival is recorded: never newer.
                 if last_at is not None and newest_at <= last_at:
                     continue

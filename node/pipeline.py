@@ -9,7 +9,6 @@ moved into place only when every step succeeded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ from medsegagent.dicom.preview import render_preview
 from medsegagent.dicom.secondary_capture import write_preview_sc
 from medsegagent.dicom.seg import (
     ContributingModel,
+    SegmentMember,
     SegmentSpec,
     SegType,
     load_source_datasets,
@@ -316,7 +316,7 @@ def segment_study(
         # Each segment names its own voters with their ranks and weights; the
         # contributing models (with weight digests) make the SEG's Device UID.
         specs = [
-            dataclasses.replace(_segment_spec(s.label), members=members_from_ranks(r.ranks, r.weights))
+            segment_spec(s.label, members_from_ranks(r.ranks, r.weights))
             for s, r in zip(segments, results, strict=True)
         ]
         ran = {ref.name: ref for s in segments for _, _, ref in s.members if ref.name in predictions}
@@ -417,13 +417,15 @@ def _fuse_segments(
     return results
 
 
-def _segment_spec(label: Label) -> SegmentSpec:
+def segment_spec(label: Label, members: tuple[SegmentMember, ...] = ()) -> SegmentSpec:
+    """The SEG segment of a registry label: its codes, colour and (optionally) the models that voted."""
     return SegmentSpec(
         label=label.name,
         category=label.category.to_highdicom(),
         type=label.type.to_highdicom(),
         type_modifier=label.type_modifier.to_highdicom() if label.type_modifier is not None else None,
         color=tuple(label.color) if label.color else None,
+        members=members,
     )
 
 

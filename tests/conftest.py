@@ -28,6 +28,19 @@ def tool(name: str) -> str:
     return path
 
 
+def pid_is_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return not stat.read_text().split(") ", 1)[-1].startswith("Z")
+    except OSError:
+        return False
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """``Error`` lines dciodvfy reports for ``path`` (it writes to stderr)."""
     proc = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
@@ -79,24 +92,17 @@ def seg_factory(phantom_factory):
     from medsegagent.dicom.seg import (
         AlgorithmInfo,
         SegmentMember,
-        SegmentSpec,
         SegType,
         load_source_datasets,
         write_segmentation,
     )
     from medsegagent.dicom.series import choose_series, read_series, scan_folder
     from medsegagent.models.registry import load_registry
+    from medsegagent.node.pipeline import segment_spec
 
     labels_of_demo = load_registry().datasets["Demo_CT_Abdomen"].labels
     specs = [
-        SegmentSpec(
-            label.name,
-            label.category.to_highdicom(),
-            label.type.to_highdicom(),
-            label.type_modifier.to_highdicom() if label.type_modifier else None,
-            label.color,
-            members=(SegmentMember("demo_ct_abdomen", 1, 0.7), SegmentMember("other_model", 2, 0.3)),
-        )
+        segment_spec(label, (SegmentMember("demo_ct_abdomen", 1, 0.7), SegmentMember("other_model", 2, 0.3)))
         for label in labels_of_demo.values()
     ]
     volumes = {}

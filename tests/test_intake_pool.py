@@ -6,6 +6,7 @@ as the node starts them, DCMTK ``echoscu``/``storescu`` are the callers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from medsegagent.dicom.part10 import file_meta_header
 from medsegagent.node.config import ConfigError, parse_config
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec
 from medsegagent.node.jobs import JobStore
+from tests.conftest import pid_is_alive
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -53,16 +55,6 @@ def pool_factory(tmp_path):
     for scp, pool in started:
         pool.stop()
         scp.stop()
-
-
-def _pid_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (dead, not yet reaped) counts as gone.
-    status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1]
-    return not status.startswith("Z")
 
 
 def test_associations_are_spread_over_processes_that_share_one_port(pool_factory, capfd, caplog):
@@ -163,13 +155,13 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     line = proc.stdout.readline()
     workers = [int(p) for p in re.findall(r"\d+", line)]
     assert len(workers) == 2, line
-    assert all(_pid_is_alive(pid) for pid in workers)
+    assert all(pid_is_alive(pid) for pid in workers)
     proc.kill()
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while any(_pid_is_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(pid_is_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_pid_is_alive(pid) for pid in workers)
+    assert not any(pid_is_alive(pid) for pid in workers)
 
 
 def test_reconcile_spool_reopens_studies_with_unrecorded_arrivals(tmp_path):
@@ -208,3 +200,13 @@ def test_intake_processes_must_be_positive():
     with pytest.raises(ConfigError, match=r"node\.intake_processes"):
         parse_config({"node": {"intake_processes": 0}, "http": {"enabled": False}})
     assert parse_config({"node": {"intake_processes": 3}, "http": {"enabled": False}}).node.intake_processes == 3
+
+
+def test_tls_settings_survive_the_json_trip_to_a_worker():
+    from medsegagent.node.config import TlsSettings
+    from medsegagent.node.intake_pool import tls_from_json, tls_to_json
+
+    for tls in (TlsSettings(Path("/etc/n.pem"), Path("/etc/n.key")),
+                TlsSettings(Path("/etc/n.pem"), Path("/etc/n.key"), Path("/etc/ca.pem"), True)):  # fmt: skip
+        assert tls_from_json(json.loads(json.dumps(tls_to_json(tls)))) == tls
+    assert tls_from_json(tls_to_json(None)) is None

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 import yaml
 
+from tests.conftest import pid_is_alive
 from tests.test_node import ENV, StoreSCP, _free_port, _wait_port
 
 pytestmark = pytest.mark.slow
@@ -194,9 +195,9 @@ def test_kill9_with_several_intake_processes_leaves_no_orphan_and_loses_nothing(
             sender.wait(timeout=30)
         # The intake processes die with the node (PR_SET_PDEATHSIG): nothing keeps serving the port.
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        while time.monotonic() < deadline and any(pid_is_alive(pid) for pid in workers):
             time.sleep(0.05)
-        assert not any(_alive(pid) for pid in workers)
+        assert not any(pid_is_alive(pid) for pid in workers)
         pacs.start()
         node.start()
         assert _send(study, node.dicom_port).returncode == 0
@@ -208,12 +209,3 @@ def test_kill9_with_several_intake_processes_leaves_no_orphan_and_loses_nothing(
     finally:
         node.stop()
         pacs.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and not stat.read_text().split(") ", 1)[-1].startswith("Z")

@@ -43,6 +43,7 @@ from medsegagent.dicom.seg import (
 )
 from medsegagent.dicom.volume import LPS_TO_RAS, Geometry
 from medsegagent.models.registry import load_registry
+from medsegagent.node.pipeline import segment_spec
 from tests.conftest import dciodvfy_errors, tool
 
 GEOMETRIES = [
@@ -306,13 +307,7 @@ def test_every_registry_label_codes_into_a_segment_description():
     count = 0
     for dataset in registry:
         for number, label in enumerate(dataset.labels.values(), start=1):
-            spec = SegmentSpec(
-                label.name,
-                label.category.to_highdicom(),
-                label.type.to_highdicom(),
-                label.type_modifier.to_highdicom() if label.type_modifier else None,
-                label.color,
-            )
+            spec = segment_spec(label)
             description = segment_description(number, spec, AlgorithmInfo(), f"coding/{dataset.name}")
             where = f"{dataset.name}/{label.name}"
             category = description.SegmentedPropertyCategoryCodeSequence[0]
