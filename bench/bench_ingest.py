@@ -37,8 +37,9 @@ from pynetdicom import sop_class as sc
 
 from medsegagent.dicom.image_writer import StudyInfo, deterministic_uid, write_series
 from medsegagent.dicom.volume import Geometry
-from medsegagent.node.intake import set_nodelay, write_atomically
+from medsegagent.node.intake import write_atomically
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec
+from medsegagent.node.scu import set_nodelay
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 RESULTS = Path(__file__).parent / "results" / "ingest.md"

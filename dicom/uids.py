@@ -8,6 +8,13 @@ import re
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
+#: Implementation Class UID of the node's DICOM implementation (PS3.7 D.3.3.2):
+#: ``2.25`` and the UUID ``uuid5(NAMESPACE_URL, "urn:medsegagent:implementation")``.
+MEDSEGAGENT_IMPLEMENTATION_UID = "2.25.63706015013046705325906277799079531541"
+#: Implementation Version Name sent with it (at most 16 characters).
+MEDSEGAGENT_IMPLEMENTATION_VERSION = "MEDSEGAGENT_01"
+
+
 class InvalidUIDError(ValueError):
     """A value that is not a valid DICOM UID."""
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 
-from medsegagent.node.intake import set_nodelay
+from medsegagent.node.scu import scu_ae, set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def send_files(
     pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets})
     if len(pairs) > 127:
         raise DeliveryError(f"{len(pairs)} SOP class/transfer syntax pairs exceed one association's 128 contexts")
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae = scu_ae(calling_ae, timeout)
     contexts = [build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)]
     assoc = ae.associate(
         host, port, contexts=contexts, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]

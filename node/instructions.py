@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from medsegagent.node.config import Config, InstructionSource
-from medsegagent.node.intake import set_nodelay
+from medsegagent.node.scu import scu_ae, set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def worklist_request(study_dir: Path, config: Config, timeout: float = 10.0) -> 
     step.ScheduledProcedureStepDescription = ""
     step.Modality = ""
     query.ScheduledProcedureStepSequence = [step]
-    ae = AE(ae_title=config.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae = scu_ae(config.node.ae_title, timeout)
     ae.add_requested_context(ModalityWorklistInformationFind)
     wl = config.worklist
     assoc = ae.associate(wl.host, wl.port, ae_title=wl.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import socketserver
 import ssl
 import threading
 import time
@@ -22,14 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import uid
-from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom import sop_class as sc
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.presentation import build_context
 
+from medsegagent.dicom.acceptor import (
+    AcceptedContext,
+    Acceptor,
+    AcceptorServer,
+    AcceptorSettings,
+    AssociationInfo,
+    Rejection,
+    StoreResult,
+    calling_ae_not_recognised,
+)
+from medsegagent.dicom.dimse import Command, Status
 from medsegagent.dicom.part10 import file_meta_header
-from medsegagent.dicom.uids import InvalidUIDError, checked_uid, is_valid_ae_title
+from medsegagent.dicom.scan import DataSetScanError, InstanceFacts, inflate, scan_instance
+from medsegagent.dicom.uids import (
+    MEDSEGAGENT_IMPLEMENTATION_UID,
+    MEDSEGAGENT_IMPLEMENTATION_VERSION,
+    InvalidUIDError,
+    checked_uid,
+    is_valid_ae_title,
+)
 from medsegagent.node.config import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -83,7 +97,7 @@ _MAX_FRAMES = 10_000
 _MAX_MATRIX = 8192
 
 
-def image_problem(ds: Dataset) -> str | None:
+def image_problem(facts: InstanceFacts) -> str | None:
     """Why an image data set cannot be a usable image, or ``None``.
 
     Checks only what is cheap and decisive before the instance is stored:
@@ -91,34 +105,24 @@ def image_problem(ds: Dataset) -> str | None:
     (uncompressed) pixel data, a length that matches those claims (a
     truncated transfer otherwise lands on disk as a "valid" instance).
     """
-    if str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88"):
+    if (facts.sop_class_uid or "").startswith("1.2.840.10008.5.1.4.1.1.88"):
         return None  # SR documents carry no pixels
-    if "PixelData" not in ds:
+    if facts.pixel_data_length is None:
         return "image has no pixel data"
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError) as exc:
-        return f"image pixel description is incomplete ({exc})"
+    missing = [name for name in ("rows", "columns", "bits_allocated") if getattr(facts, name) is None]
+    if missing:
+        return f"image pixel description is incomplete (no {', '.join(missing)})"
+    rows, cols, bits = int(facts.rows or 0), int(facts.columns or 0), int(facts.bits_allocated or 0)
+    frames, samples = facts.number_of_frames or 1, facts.samples_per_pixel or 1
     if not (0 < rows <= _MAX_MATRIX and 0 < cols <= _MAX_MATRIX and 0 < frames <= _MAX_FRAMES):
         return f"implausible image size claim ({rows} x {cols} x {frames} frames)"
     if bits not in (1, 8, 16, 32, 64) or samples not in (1, 3):
         return f"unsupported pixel layout (BitsAllocated {bits}, SamplesPerPixel {samples})"
-    element = ds["PixelData"]
-    if not getattr(element, "is_undefined_length", False):  # native: the length is checkable
+    if facts.pixel_data_length >= 0:  # native: the length is checkable (-1: encapsulated)
         expected = rows * cols * frames * samples * bits // 8
-        if len(element.value) < expected:
-            return f"pixel data truncated ({len(element.value)} of {expected} bytes)"
+        if facts.pixel_data_length < expected:
+            return f"pixel data truncated ({facts.pixel_data_length} of {expected} bytes)"
     return None
-
-
-# C-STORE status codes (PS3.4 Annex B.2.3 / PS3.7 C).
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass
@@ -132,21 +136,14 @@ class IntakeStats:
 
 
 def quiet_pynetdicom(verbose: bool = False) -> None:
-    """Keep pynetdicom's per-message INFO lines ("Received Store Request") out of the node's log.
+    """Keep pynetdicom's per-message INFO lines ("Sending Store Request") out of the node's log.
 
-    The node logs one line per association itself; per-instance lines cost
-    time on every C-STORE and bury what an administrator looks for.  With
-    ``verbose`` pynetdicom logs at DEBUG (PDU dumps), for protocol debugging.
+    pynetdicom serves the node's SCU roles (delivery, worklist); the node logs
+    one line per association itself, and per-instance lines bury what an
+    administrator looks for.  With ``verbose`` pynetdicom logs at DEBUG (PDU
+    dumps), for protocol debugging.
     """
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """``EVT_CONN_OPEN`` handler: disable Nagle's algorithm on the association's socket."""
-    # Small PDUs otherwise wait for the peer's delayed ACK (~40 ms each).
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def fsync_directory(path: Path) -> None:
@@ -216,35 +213,6 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-class NodeAssociationServer(ThreadedAssociationServer):
-    """The threaded association server the node starts with :meth:`AE.make_server`.
-
-    ``AE.start_server`` registers its servers with the AE and pynetdicom's
-    ``shutdown`` unregisters them; a server made with ``make_server`` was never
-    registered, so shutting it down only stops the loop and closes the socket.
-    """
-
-    def shutdown(self) -> None:
-        """Stop serving and close the listening socket."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-class ReusePortAssociationServer(NodeAssociationServer):
-    """A threaded association server whose socket joins an ``SO_REUSEPORT`` group.
-
-    Several intake processes bind the same port; the kernel spreads incoming
-    associations over them, so parallel associations use several cores
-    (pynetdicom handles one association in one thread under the GIL).
-    """
-
-    def server_bind(self) -> None:
-        """Join the port's ``SO_REUSEPORT`` group, then bind as pynetdicom does."""
-        # pynetdicom's server_bind sets only SO_REUSEADDR; the option must be set before bind().
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class StorageSCP:
     """The node's DICOM listener.
 
@@ -305,40 +273,21 @@ class StorageSCP:
         self._lock = threading.Lock()
         # Series directories already created and made durable: one mkdir + fsync per series, not per instance.
         self._durable_dirs: set[Path] = set()
-        self._server: ThreadedAssociationServer | None = None
-        ae = AE(ae_title=ae_title)
-        ae.maximum_associations = max_associations
-        # Accepted sockets otherwise never time out: a stalled peer would hold a slot forever.
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.require_called_aet = False  # presets bind extra called AE titles to requests
-        if self.allowed_callers is not None:
-            # pynetdicom rejects others with "calling AE title not recognised".
-            ae.require_calling_aet = sorted(self.allowed_callers)
-        ae.add_supported_context(sc.Verification)
+        self._server: AcceptorServer | None = None
+        contexts = [build_context(sc.Verification)]
         syntaxes = supported_transfer_syntaxes()
-        for sop in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop, syntaxes)
-        self._ae = ae
+        contexts += [build_context(sop, syntaxes) for sop in STORAGE_SOP_CLASSES]
+        # A stalled peer is aborted after the time-outs, so it cannot hold a slot forever.
+        self._settings = AcceptorSettings(supported_contexts=contexts, max_associations=max_associations,
+                                          acse_timeout=30.0, network_timeout=60.0)  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound address."""
-        handlers = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
         self.spool_dir.parent.mkdir(parents=True, exist_ok=True)
         make_durable_dirs(self.spool_dir, self.spool_dir.parent)
-        server_class = ReusePortAssociationServer if self.reuse_port else NodeAssociationServer
-        server = self._ae.make_server(
-            (self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context, server_class=server_class
-        )
+        acceptor = Acceptor(self, self._settings, self.ssl_context)
+        server = AcceptorServer((self.host, self.port), acceptor, reuse_port=self.reuse_port)
         thread = threading.Thread(target=server.serve_forever, name=f"medseg-scp-{self.ae_title}", daemon=True)
         thread.start()
         self._server = server
@@ -353,58 +302,79 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
 
-    # -- handlers --------------------------------------------------------------
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        address = assoc.requestor.address
-        if self.allowed_hosts is not None and address not in self.allowed_hosts:
-            log.warning("rejecting association from %s: peer address not allowed", address)
-            # rejected-permanent, service user, calling AE title not recognised (no better reason exists).
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+    # -- the acceptor's handler ------------------------------------------------
+    def screen(self, request: AssociationInfo) -> Rejection | None:
+        """Accept an association request only from an allowed peer address and calling AE title."""
+        if self.allowed_hosts is not None and request.address not in self.allowed_hosts:
+            return calling_ae_not_recognised(f"peer address {request.address} not allowed")
+        if self.allowed_callers is not None and request.calling_ae not in self.allowed_callers:
+            return calling_ae_not_recognised(f"calling AE title {request.calling_ae!r} not allowed")
+        return None
 
-    def _on_accepted(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        log.info("association from %s (%s) accepted by pid %d", requestor.ae_title.strip(), requestor.address,
-                 os.getpid())  # fmt: skip
+    def store(
+        self, association: AssociationInfo, context: AcceptedContext, command: Command, data_set: bytes
+    ) -> StoreResult:
+        """Check one received instance, write it durably and record it; the status for the sender.
 
-    def _on_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        log.warning("association from %s (%s) rejected", requestor.ae_title.strip(), requestor.address)
+        Parameters
+        ----------
+        association : AssociationInfo
+            Who sent it, to which called AE title (presets bind extra titles to requests).
+        context : AcceptedContext
+            Its presentation context; the data set is in its transfer syntax.
+        command : Command
+            The C-STORE-RQ.
+        data_set : bytes
+            The data set as received; stored byte for byte behind a File Meta
+            Information header.
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        calling = event.assoc.requestor.ae_title.strip()
-        # The title the peer asked for (presets bind extra titles to requests), not our own.
-        primitive = getattr(event.assoc.requestor, "primitive", None)
-        called = str(getattr(primitive, "called_ae_title", "") or event.assoc.acceptor.ae_title).strip()
+        Returns
+        -------
+        StoreResult
+            *Success* once the instance is on disk and recorded; otherwise a
+            failure status with the reason (also logged).
+        """
+        calling, called = association.calling_ae, association.called_ae
         try:
-            ds = event.dataset
-            study = checked_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-            series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            encoded = data_set
+            if context.transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
+                encoded = inflate(data_set, self._settings.max_data_set_bytes)
+            facts = scan_instance(encoded, context.transfer_syntax)
+            study = checked_uid(facts.study_instance_uid, "StudyInstanceUID")
+            series = checked_uid(facts.series_instance_uid, "SeriesInstanceUID")
+            sop = checked_uid(facts.sop_instance_uid, "SOPInstanceUID")
         except InvalidUIDError as exc:
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {exc}")
-        except Exception as exc:  # a dataset that does not even decode
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: undecodable dataset ({exc})")
-        if sop != str(event.request.AffectedSOPInstanceUID):
-            return self._refuse(STATUS_DATASET_MISMATCH, f"from {calling}: SOP Instance UID differs from the request")
-        problem = image_problem(ds)
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {exc}")
+        except DataSetScanError as exc:
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: undecodable dataset ({exc})")
+        if sop != command.affected_sop_instance_uid:
+            return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                                f"from {calling}: SOP Instance UID differs from the request")  # fmt: skip
+        problem = image_problem(facts)
         if problem:
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {sop}: {problem}")
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {sop}: {problem}")
         if self.admit is not None:
             reason = self.admit(study)
             if reason:
-                return self._refuse(STATUS_OUT_OF_RESOURCES, f"from {calling}: {reason}")
+                return self._refuse(Status.OUT_OF_RESOURCES, f"from {calling}: {reason}")
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
-            header = self._file_header(event, sop, calling, called)
+            header = file_meta_header(
+                sop_class_uid=command.affected_sop_class_uid, sop_instance_uid=sop,
+                transfer_syntax_uid=context.transfer_syntax,
+                implementation_class_uid=MEDSEGAGENT_IMPLEMENTATION_UID,
+                implementation_version_name=MEDSEGAGENT_IMPLEMENTATION_VERSION,
+                # Who sent the study to which title, so that the spool alone tells (0002,0016/0018).
+                source_ae_title=calling if is_valid_ae_title(calling) else None,
+                receiving_ae_title=called if is_valid_ae_title(called) else None,
+            )  # fmt: skip
         except (InvalidUIDError, ValueError) as exc:
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"from {calling}: {sop}: {exc}")
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {sop}: {exc}")
         existed = path.exists()  # a re-send replaces an instance that is already recorded
         try:
-            # The data set is stored byte for byte as received, behind its File Meta Information.
-            self._store_file(path, header, event.encoded_dataset(include_meta=False))
+            self._store_file(path, header, data_set)
         except OSError as exc:
-            return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
         with self._lock:
             self.stats.stored += 1
             self.stats.last_instance_at[study] = time.monotonic()
@@ -417,24 +387,8 @@ class StorageSCP:
                 if not existed:
                     # Unacknowledged and unrecorded: the spool must not hold it (see JobStore.reconcile_spool).
                     path.unlink(missing_ok=True)
-                return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
-        return STATUS_SUCCESS
-
-    @staticmethod
-    def _file_header(event: evt.Event, sop: str, calling: str, called: str) -> bytes:
-        """Part 10 preamble and File Meta Information for a received data set.
-
-        The calling and called AE titles go into (0002,0016) and (0002,0018), so
-        that the spool alone tells who sent a study to which title.
-        """
-        return file_meta_header(
-            sop_class_uid=str(event.request.AffectedSOPClassUID), sop_instance_uid=sop,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
-            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION,
-            source_ae_title=calling if is_valid_ae_title(calling) else None,
-            receiving_ae_title=called if is_valid_ae_title(called) else None,
-        )  # fmt: skip
+                return self._refuse(Status.OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
+        return StoreResult(Status.SUCCESS)
 
     def _store_file(self, path: Path, *chunks: bytes) -> None:
         """Write one instance durably; its series directory is created (durably) once."""
@@ -454,11 +408,11 @@ class StorageSCP:
             make_durable_dirs(directory, self.spool_dir)
             write_atomically(path, chunks, make_parents=False)
 
-    def _refuse(self, status: int, message: str) -> int:
+    def _refuse(self, status: Status, message: str) -> StoreResult:
         with self._lock:
             self.stats.refused += 1
         log.warning("C-STORE refused (0x%04X): %s", status, message)
-        return status
+        return StoreResult(status, message)
 
     # -- study assembly ----------------------------------------------------------
     def wait_for_study(

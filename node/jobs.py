@@ -194,17 +194,21 @@ class JobStore:
         A study that was already queued as a job is reopened, so late
         instances start a new job after the quiet time.
         """
-        now = time.time()
-        with self._tx() as db:
-            db.execute(
+        # One statement, so one implicit transaction: this runs once per received instance.  fetchall()
+        # steps the statement to its end, which commits; a half-read cursor would hold the write lock.
+        (row,) = (
+            self._connect()
+            .execute(
                 """INSERT INTO studies(study_uid, state, instances, last_instance_at, called_ae, calling_ae)
                    VALUES (?, 'open', 1, ?, ?, ?)
                    ON CONFLICT(study_uid) DO UPDATE SET
                      state='open', instances=instances+1, last_instance_at=excluded.last_instance_at,
-                     called_ae=excluded.called_ae, calling_ae=excluded.calling_ae""",
-                (study_uid, now, called_ae, calling_ae),
+                     called_ae=excluded.called_ae, calling_ae=excluded.calling_ae
+                   RETURNING instances""",
+                (study_uid, time.time(), called_ae, calling_ae),
             )
-            row = db.execute("SELECT instances FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            .fetchall()
+        )
         return int(row["instances"])
 
     def study_instances(self, study_uid: str) -> int:

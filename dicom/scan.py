@@ -1,0 +1,288 @@
+"""A fast walk over a received data set's top level: the attributes the intake checks before storing it.
+
+The intake must know, for every C-STORE, the study, series and instance UIDs
+(they form the spool path) and the pixel description (to refuse a truncated
+or absurd image before it is acknowledged).  Decoding the data set with
+pydicom for that costs ~0.7 ms on a small CT slice -- a third of the node's
+time per instance -- because it builds an element object for each of ~100
+attributes.  :func:`scan_instance` walks the same bytes with ``struct`` and
+keeps only what it was asked for; nested sequences and encapsulated pixel
+data are stepped over by their lengths or delimiters, never decoded.
+``tests/test_scan.py`` checks it against pydicom on every transfer syntax
+the node accepts.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Collection
+from dataclasses import dataclass
+
+#: Transfer syntaxes that are not Explicit VR Little Endian on the wire.
+_IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+_EXPLICIT_BIG = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+#: Deepest nesting of sequences stepped over; deeper is refused (a crafted data set cannot recurse forever).
+_MAX_DEPTH = 64
+
+# Tags the intake reads.
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+SAMPLES_PER_PIXEL = 0x00280002
+NUMBER_OF_FRAMES = 0x00280008
+ROWS = 0x00280010
+COLUMNS = 0x00280011
+BITS_ALLOCATED = 0x00280100
+PIXEL_DATA = 0x7FE00010
+
+
+class DataSetScanError(ValueError):
+    """The bytes are not a well-formed data set in the transfer syntax they were sent in."""
+
+
+@dataclass(frozen=True)
+class ScannedElement:
+    """A top-level element found by :func:`scan`.
+
+    Attributes
+    ----------
+    vr : str or None
+        The VR on the wire (``None`` in Implicit VR).
+    length : int or None
+        The value length; ``None`` for an undefined length (a sequence, or
+        encapsulated pixel data).
+    value : bytes
+        The value as encoded (empty for Pixel Data and undefined lengths: not kept).
+    """
+
+    vr: str | None
+    length: int | None
+    value: bytes
+
+
+def inflate(data: bytes, limit: int) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5).
+
+    Raises
+    ------
+    DataSetScanError
+        When the stream is corrupt or would inflate to more than ``limit`` bytes.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise DataSetScanError(f"deflated data set does not inflate ({exc})") from exc
+    if inflater.unconsumed_tail:
+        raise DataSetScanError(f"deflated data set inflates to more than {limit} bytes")
+    return plain
+
+
+class _Walker:
+    """Steps through elements of one encoding; collects wanted top-level ones."""
+
+    def __init__(self, view: memoryview, implicit: bool, little: bool) -> None:
+        self.view = view
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+        self.tag_length = struct.Struct(self.order + "HHL")  # implicit element header; also item headers
+        self.tag_vr_short = struct.Struct(self.order + "HH2sH")
+        self.long_length = struct.Struct(self.order + "L")
+
+    def top_level(self, wanted: Collection[int]) -> dict[int, ScannedElement]:
+        found: dict[int, ScannedElement] = {}
+        offset, end = 0, len(self.view)
+        while offset < end:
+            tag, vr, length, offset = self._header(offset, end)
+            if tag >> 16 == 0xFFFE:
+                raise DataSetScanError(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at the top level")
+            if length == _UNDEFINED:
+                if tag in wanted:
+                    found[tag] = ScannedElement(vr, None, b"")
+                offset = self._skip_undefined(offset, vr, 1)
+                continue
+            if length > end - offset:
+                raise DataSetScanError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes, "
+                                       f"{end - offset} are left")  # fmt: skip
+            if tag in wanted:
+                value = b"" if tag == PIXEL_DATA else bytes(self.view[offset : offset + length])
+                found[tag] = ScannedElement(vr, length, value)
+            offset += length
+        return found
+
+    def _header(self, offset: int, end: int) -> tuple[int, str | None, int, int]:
+        """Decode an element header at ``offset``: tag, VR, value length, offset of the value."""
+        if end - offset < 8:
+            raise DataSetScanError(f"data set ends inside an element header at byte {offset}")
+        if self.implicit:
+            group, element, length = self.tag_length.unpack_from(self.view, offset)
+            return group << 16 | element, None, length, offset + 8
+        group, element, vr, length = self.tag_vr_short.unpack_from(self.view, offset)
+        if group == 0xFFFE:  # item and delimiter tags carry no VR, even in Explicit VR
+            (length,) = self.long_length.unpack_from(self.view, offset + 4)
+            return group << 16 | element, None, length, offset + 8
+        if vr in _LONG_VRS:
+            if end - offset < 12:
+                raise DataSetScanError(f"data set ends inside an element header at byte {offset}")
+            (length,) = self.long_length.unpack_from(self.view, offset + 8)
+            return group << 16 | element, vr.decode("ascii"), length, offset + 12
+        if not (vr.isalpha() and vr.isupper()):
+            raise DataSetScanError(f"element ({group:04X},{element:04X}) has no valid VR ({vr!r})")
+        return group << 16 | element, vr.decode("ascii"), length, offset + 8
+
+    def _skip_undefined(self, offset: int, vr: str | None, depth: int) -> int:
+        """Step over the items of an undefined-length value up to its sequence delimiter; offset after it."""
+        if depth > _MAX_DEPTH:
+            raise DataSetScanError(f"sequences nested deeper than {_MAX_DEPTH}")
+        if vr == "UN" and not self.implicit:
+            # An undefined-length UN is a sequence encoded in Implicit VR Little Endian (PS3.5 6.2.2).
+            return _Walker(self.view, True, True)._skip_undefined(offset, None, depth)
+        end = len(self.view)
+        while True:
+            if end - offset < 8:
+                raise DataSetScanError("data set ends inside an undefined-length value")
+            group, element, length = self.tag_length.unpack_from(self.view, offset)
+            tag = group << 16 | element
+            offset += 8
+            if tag == _SEQUENCE_DELIMITER:
+                return offset
+            if tag != _ITEM:
+                raise DataSetScanError(f"({group:04X},{element:04X}) where an item was expected")
+            if length == _UNDEFINED:
+                offset = self._skip_item_data_set(offset, depth)
+            elif length > end - offset:
+                raise DataSetScanError(f"item claims {length} bytes, {end - offset} are left")
+            else:
+                offset += length
+
+    def _skip_item_data_set(self, offset: int, depth: int) -> int:
+        """Step over the elements of an undefined-length item up to its item delimiter; offset after it."""
+        end = len(self.view)
+        while True:
+            tag, vr, length, offset = self._header(offset, end)
+            if tag == _ITEM_DELIMITER:
+                return offset
+            if length == _UNDEFINED:
+                offset = self._skip_undefined(offset, vr, depth + 1)
+            elif length > end - offset:
+                raise DataSetScanError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
+            else:
+                offset += length
+
+
+def scan(data: bytes, transfer_syntax: str, wanted: Collection[int]) -> dict[int, ScannedElement]:
+    """Find ``wanted`` top-level elements of a data set encoded in ``transfer_syntax``.
+
+    Parameters
+    ----------
+    data : bytes
+        The data set (for Deflated Explicit VR Little Endian: already inflated, see :func:`inflate`).
+    transfer_syntax : str
+        Its transfer syntax UID; any syntax other than Implicit VR Little
+        Endian and Explicit VR Big Endian is read as Explicit VR Little Endian
+        (which every compressed syntax uses for the data set).
+    wanted : collection of int
+        Tags as ``0xGGGGEEEE``.
+
+    Returns
+    -------
+    dict
+        Tag to :class:`ScannedElement` for each wanted tag present.
+
+    Raises
+    ------
+    DataSetScanError
+        When an element header or value runs past the end, an explicit VR is
+        not two upper-case letters, or a sequence is malformed or nested too deep.
+    """
+    implicit = transfer_syntax == _IMPLICIT_LITTLE
+    little = transfer_syntax != _EXPLICIT_BIG
+    return _Walker(memoryview(data), implicit, little).top_level(frozenset(wanted))
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the intake checks about a received instance (values as on the wire, ``None`` when absent).
+
+    ``pixel_data_length`` is ``None`` without Pixel Data and -1 for
+    encapsulated (undefined-length) Pixel Data.
+    """
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    samples_per_pixel: int | None
+    bits_allocated: int | None
+    pixel_data_length: int | None
+
+
+_WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SAMPLES_PER_PIXEL,
+           NUMBER_OF_FRAMES, ROWS, COLUMNS, BITS_ALLOCATED, PIXEL_DATA)  # fmt: skip
+
+
+def scan_instance(data: bytes, transfer_syntax: str) -> InstanceFacts:
+    """The identifying UIDs and pixel description of a data set, without decoding it.
+
+    Parameters
+    ----------
+    data : bytes
+        The data set as received (Deflated syntaxes: already inflated).
+    transfer_syntax : str
+        Its transfer syntax UID.
+
+    Raises
+    ------
+    DataSetScanError
+        When the data set is malformed (see :func:`scan`) or a pixel
+        description value does not decode (a US that is not 2 bytes, a
+        Number of Frames that is not an integer string).
+    """
+    found = scan(data, transfer_syntax, _WANTED)
+    order = ">" if transfer_syntax == _EXPLICIT_BIG else "<"
+
+    def text(tag: int) -> str | None:
+        element = found.get(tag)
+        return element.value.rstrip(b"\x00 ").decode("ascii", "replace") if element is not None else None
+
+    def us(tag: int) -> int | None:
+        element = found.get(tag)
+        if element is None or element.length == 0:
+            return None
+        if element.length is None or element.length % 2:
+            raise DataSetScanError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not an unsigned short")
+        return struct.unpack_from(order + "H", element.value)[0]
+
+    frames_text = text(NUMBER_OF_FRAMES)
+    try:
+        frames = int(frames_text.split("\\")[0]) if frames_text and frames_text.strip() else None
+    except ValueError as exc:
+        raise DataSetScanError(f"Number of Frames {frames_text!r} is not an integer") from exc
+    pixel = found.get(PIXEL_DATA)
+    return InstanceFacts(
+        sop_class_uid=text(SOP_CLASS_UID),
+        sop_instance_uid=text(SOP_INSTANCE_UID),
+        study_instance_uid=text(STUDY_INSTANCE_UID),
+        series_instance_uid=text(SERIES_INSTANCE_UID),
+        rows=us(ROWS),
+        columns=us(COLUMNS),
+        number_of_frames=frames,
+        samples_per_pixel=us(SAMPLES_PER_PIXEL),
+        bits_allocated=us(BITS_ALLOCATED),
+        pixel_data_length=None if pixel is None else (-1 if pixel.length is None else pixel.length),
+    )
