@@ -7,11 +7,14 @@ of 64x64 over one association and over four parallel associations to:
 
 * DCMTK ``storescp --fork`` (the peer; writes to disk, no fsync);
 * a bare pynetdicom Storage SCP that writes the received bytes and nothing
-  else (no checks, no fsync): pynetdicom's own ceiling on this machine;
-* the node's intake exactly as ``serve`` runs it (checks, durable write:
-  fsync of the file and its directory before the response, arrival recorded
-  in the SQLite job store), with ``intake_processes`` 1 and 2 (several
-  processes on one port with ``SO_REUSEPORT``).
+  else (no checks, no fsync): pynetdicom's own ceiling on this machine, which
+  the node's listener replaced (see ``dicom/acceptor.py``);
+* the node's intake exactly as ``serve`` runs it (its own acceptor, checks,
+  durable write: fsync of the file and its directory before the response,
+  arrival recorded in the SQLite job store), with ``intake_processes`` 1 and
+  2 (several processes on one port with ``SO_REUSEPORT``);
+* the durable writes alone (no DICOM): the bound of any durable receiver on
+  this disk.
 
 Writes a markdown table to stdout and to ``bench/results/ingest.md`` with
 instances/s and the node/storescp ratio.

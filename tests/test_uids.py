@@ -18,3 +18,15 @@ def test_invalid(uid):
     assert not is_valid_uid(uid)
     with pytest.raises(InvalidUIDError):
         checked_uid(uid, "SOPInstanceUID")
+
+
+def test_implementation_class_uid_is_the_documented_uuid_derived_uid():
+    """The Implementation Class UID is 2.25 + the UUID the conformance statement names, and valid."""
+    import uuid
+
+    from medsegagent.dicom.uids import MEDSEGAGENT_IMPLEMENTATION_UID, MEDSEGAGENT_IMPLEMENTATION_VERSION
+
+    expected = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medsegagent:implementation").int
+    assert f"2.25.{expected}" == MEDSEGAGENT_IMPLEMENTATION_UID
+    assert is_valid_uid(MEDSEGAGENT_IMPLEMENTATION_UID)
+    assert 0 < len(MEDSEGAGENT_IMPLEMENTATION_VERSION) <= 16
