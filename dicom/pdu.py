@@ -11,13 +11,20 @@ items) are decoded and encoded by pynetdicom's :mod:`pynetdicom.pdu`; see
 
 from __future__ import annotations
 
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from enum import IntEnum
-from typing import BinaryIO
+from typing import Protocol
 
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
+
+#: Bytes of a PDU header (type, reserved, length).
+PDU_HEADER_LENGTH = _HEADER.size
+#: Bytes of a PDV item header (item length, context ID, message control header).
+PDV_HEADER_LENGTH = _PDV_HEADER.size
 
 #: Bits of a PDV's Message Control Header.
 _MCH_COMMAND = 0x01
@@ -59,20 +66,77 @@ class ConnectionClosed(Exception):
     """The peer closed the connection (between PDUs, or inside one)."""
 
 
-def read_pdu(stream: BinaryIO, max_length: int) -> tuple[int, bytes]:
+class ByteSource(Protocol):
+    """Where PDUs come from: ``read(n)`` returns ``n`` bytes, or fewer at the end of the stream."""
+
+    def read(self, n: int, /) -> bytes | bytearray:
+        """Up to ``n`` bytes; fewer only when the stream ends."""
+
+
+class SocketReader:
+    """Reads a socket to exact lengths, each PDU within a deadline.
+
+    The deadline bounds a whole PDU, not the gap between two ``recv`` calls:
+    with a plain socket time-out, a peer that sends a byte every few seconds
+    would hold its connection forever.  Set :attr:`deadline` (a
+    ``time.monotonic()`` value) before each PDU.
+
+    Parameters
+    ----------
+    sock : socket.socket
+        The connection (plain or TLS).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = float("inf")
+
+    def read(self, n: int, /) -> bytearray:
+        """``n`` bytes, or fewer when the peer closes the connection.
+
+        Raises
+        ------
+        TimeoutError
+            When the deadline passes first.
+        """
+        buffer = bytearray(n)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < n:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("PDU not complete before its deadline")
+            self.sock.settimeout(remaining)
+            received = self.sock.recv_into(view[filled:], n - filled)
+            if not received:
+                break
+            filled += received
+        view.release()  # a bytearray with a live view cannot be resized
+        if filled < n:
+            del buffer[filled:]
+        return buffer
+
+
+def encode_pdu(pdu_type: int, body: bytes | bytearray) -> bytes:
+    """A PDU: header and ``body``."""
+    return _HEADER.pack(pdu_type, len(body)) + body
+
+
+def read_pdu(stream: ByteSource, max_length: int) -> tuple[int, bytes | bytearray]:
     """Read one PDU.
 
     Parameters
     ----------
-    stream : binary file
-        A buffered reader over the association's socket (its time-out applies).
+    stream : ByteSource
+        The association's byte stream (a :class:`SocketReader`, or any binary
+        file).
     max_length : int
         Largest PDU length (after the header) this state accepts; a larger
         claim is refused before anything is allocated for it.
 
     Returns
     -------
-    (int, bytes)
+    (int, bytes-like)
         The PDU type and the bytes after the header.
 
     Raises
@@ -96,7 +160,7 @@ def read_pdu(stream: BinaryIO, max_length: int) -> tuple[int, bytes]:
     return pdu_type, body
 
 
-def iter_pdvs(body: bytes) -> Iterator[tuple[int, bool, bool, memoryview]]:
+def iter_pdvs(body: bytes | bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
     """Split the body of a P-DATA-TF into its presentation data values.
 
     Yields

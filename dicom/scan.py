@@ -9,7 +9,9 @@ attributes.  :func:`scan_instance` walks the same bytes with ``struct`` and
 keeps only what it was asked for; nested sequences and encapsulated pixel
 data are stepped over by their lengths or delimiters, never decoded.
 ``tests/test_scan.py`` checks it against pydicom on every transfer syntax
-the node accepts.
+the node accepts, and on what pydicom tolerates from real encoders (stray
+delimiters, Explicit VR inside an undefined-length UN, an Implicit VR data
+set sent as Explicit, "1.0" as Number of Frames).
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
-#: Transfer syntaxes that are not Explicit VR Little Endian on the wire.
-_IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+#: The one transfer syntax that is big endian (Implicit VR is told from the data set's first element).
 _EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -72,13 +73,15 @@ class ScannedElement:
     value: bytes
 
 
-def inflate(data: bytes, limit: int) -> bytes:
+def inflate(data: bytes | bytearray, limit: int) -> bytes:
     """Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5).
 
     Raises
     ------
     DataSetScanError
-        When the stream is corrupt or would inflate to more than ``limit`` bytes.
+        When the stream is corrupt, ends early, has bytes after its end, or
+        would inflate to more than ``limit`` bytes (a deflate bomb is cut off
+        there, not allocated).
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -86,8 +89,23 @@ def inflate(data: bytes, limit: int) -> bytes:
     except zlib.error as exc:
         raise DataSetScanError(f"deflated data set does not inflate ({exc})") from exc
     if inflater.unconsumed_tail:
-        raise DataSetScanError(f"deflated data set inflates to more than {limit} bytes")
+        raise DataSetScanError(f"deflated data inflates beyond {limit} bytes")
+    if not inflater.eof:
+        raise DataSetScanError("deflated data set ends before its deflate stream does")
+    if inflater.unused_data.strip(b"\x00"):  # one pad byte to even length is allowed
+        raise DataSetScanError(f"{len(inflater.unused_data)} bytes after the end of the deflate stream")
     return plain
+
+
+#: Explicit VRs (PS3.5 Table 6.2-1): how an explicit element header is told from an implicit one.
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+
+
+def _looks_implicit(view: memoryview) -> bool:
+    """Whether a little-endian data set's first element has no VR (as pydicom tells, for mislabelled senders)."""
+    return len(view) >= 8 and bytes(view[4:6]) not in _VRS
 
 
 class _Walker:
@@ -106,6 +124,8 @@ class _Walker:
         offset, end = 0, len(self.view)
         while offset < end:
             tag, vr, length, offset = self._header(offset, end)
+            if tag in (_SEQUENCE_DELIMITER, _ITEM_DELIMITER) and length == 0:
+                continue  # a stray delimiter some encoders leave behind (pydicom skips it too)
             if tag >> 16 == 0xFFFE:
                 raise DataSetScanError(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at the top level")
             if length == _UNDEFINED:
@@ -147,8 +167,12 @@ class _Walker:
         if depth > _MAX_DEPTH:
             raise DataSetScanError(f"sequences nested deeper than {_MAX_DEPTH}")
         if vr == "UN" and not self.implicit:
-            # An undefined-length UN is a sequence encoded in Implicit VR Little Endian (PS3.5 6.2.2).
-            return _Walker(self.view, True, True)._skip_undefined(offset, None, depth)
+            # An undefined-length UN is a sequence encoded in Implicit VR Little Endian (PS3.5 6.2.2);
+            # some encoders keep Explicit VR inside it, which pydicom reads too.
+            try:
+                return _Walker(self.view, True, True)._skip_undefined(offset, None, depth)
+            except DataSetScanError:
+                return self._skip_undefined(offset, None, depth)
         end = len(self.view)
         while True:
             if end - offset < 8:
@@ -182,17 +206,18 @@ class _Walker:
                 offset += length
 
 
-def scan(data: bytes, transfer_syntax: str, wanted: Collection[int]) -> dict[int, ScannedElement]:
+def scan(data: bytes | bytearray, transfer_syntax: str, wanted: Collection[int]) -> dict[int, ScannedElement]:
     """Find ``wanted`` top-level elements of a data set encoded in ``transfer_syntax``.
 
     Parameters
     ----------
-    data : bytes
+    data : bytes-like
         The data set (for Deflated Explicit VR Little Endian: already inflated, see :func:`inflate`).
     transfer_syntax : str
-        Its transfer syntax UID; any syntax other than Implicit VR Little
-        Endian and Explicit VR Big Endian is read as Explicit VR Little Endian
-        (which every compressed syntax uses for the data set).
+        Its transfer syntax UID.  Explicit VR Big Endian is read big endian;
+        every other syntax is little endian, Implicit or Explicit VR as the
+        first element shows (Implicit VR Little Endian has no VR there;
+        compressed syntaxes use Explicit VR Little Endian for the data set).
     wanted : collection of int
         Tags as ``0xGGGGEEEE``.
 
@@ -207,9 +232,12 @@ def scan(data: bytes, transfer_syntax: str, wanted: Collection[int]) -> dict[int
         When an element header or value runs past the end, an explicit VR is
         not two upper-case letters, or a sequence is malformed or nested too deep.
     """
-    implicit = transfer_syntax == _IMPLICIT_LITTLE
+    view = memoryview(data)
     little = transfer_syntax != _EXPLICIT_BIG
-    return _Walker(memoryview(data), implicit, little).top_level(frozenset(wanted))
+    # The transfer syntax says; a little-endian data set whose first element says otherwise is read as it is
+    # encoded (pydicom does the same), so a mislabelling sender is not refused for what pydicom reads.
+    implicit = _looks_implicit(view) if little else False
+    return _Walker(view, implicit, little).top_level(frozenset(wanted))
 
 
 @dataclass(frozen=True)
@@ -232,16 +260,34 @@ class InstanceFacts:
     pixel_data_length: int | None
 
 
+def _integer_string(value: str | None) -> int | None:
+    """An IS value (the first of several); ``"1.0"`` is read as 1, as pydicom does."""
+    if value is None or not value.strip():
+        return None
+    first = value.split("\\")[0].strip()
+    try:
+        return int(first)
+    except ValueError:
+        pass
+    try:
+        number = float(first)
+    except ValueError:
+        number = float("nan")
+    if number.is_integer():
+        return int(number)
+    raise DataSetScanError(f"Number of Frames {value!r} is not an integer")
+
+
 _WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SAMPLES_PER_PIXEL,
            NUMBER_OF_FRAMES, ROWS, COLUMNS, BITS_ALLOCATED, PIXEL_DATA)  # fmt: skip
 
 
-def scan_instance(data: bytes, transfer_syntax: str) -> InstanceFacts:
+def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFacts:
     """The identifying UIDs and pixel description of a data set, without decoding it.
 
     Parameters
     ----------
-    data : bytes
+    data : bytes-like
         The data set as received (Deflated syntaxes: already inflated).
     transfer_syntax : str
         Its transfer syntax UID.
@@ -268,11 +314,7 @@ def scan_instance(data: bytes, transfer_syntax: str) -> InstanceFacts:
             raise DataSetScanError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not an unsigned short")
         return struct.unpack_from(order + "H", element.value)[0]
 
-    frames_text = text(NUMBER_OF_FRAMES)
-    try:
-        frames = int(frames_text.split("\\")[0]) if frames_text and frames_text.strip() else None
-    except ValueError as exc:
-        raise DataSetScanError(f"Number of Frames {frames_text!r} is not an integer") from exc
+    frames = _integer_string(text(NUMBER_OF_FRAMES))
     pixel = found.get(PIXEL_DATA)
     return InstanceFacts(
         sop_class_uid=text(SOP_CLASS_UID),

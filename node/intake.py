@@ -24,10 +24,9 @@ from pydicom.pixels import get_decoder
 from pynetdicom import sop_class as sc
 from pynetdicom.presentation import build_context
 
-from medsegagent.dicom.acceptor import (
+from medsegagent.dicom.acceptor import Acceptor, AcceptorServer
+from medsegagent.dicom.association import (
     AcceptedContext,
-    Acceptor,
-    AcceptorServer,
     AcceptorSettings,
     AssociationInfo,
     Rejection,
@@ -91,6 +90,9 @@ def supported_transfer_syntaxes() -> list[str]:
             continue
     return [str(s) for s in syntaxes]
 
+
+#: Largest inflated size of a Deflated data set: a deflate bomb (1000:1) stops here, not at the 2 GiB instance limit.
+MAX_INFLATED_BYTES = 256 << 20
 
 #: Largest frame count / matrix the node accepts; anything above is a corrupt or hostile claim.
 _MAX_FRAMES = 10_000
@@ -312,7 +314,7 @@ class StorageSCP:
         return None
 
     def store(
-        self, association: AssociationInfo, context: AcceptedContext, command: Command, data_set: bytes
+        self, association: AssociationInfo, context: AcceptedContext, command: Command, data_set: bytes | bytearray
     ) -> StoreResult:
         """Check one received instance, write it durably and record it; the status for the sender.
 
@@ -338,25 +340,29 @@ class StorageSCP:
         try:
             encoded = data_set
             if context.transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
-                encoded = inflate(data_set, self._settings.max_data_set_bytes)
+                encoded = inflate(data_set, MAX_INFLATED_BYTES)
             facts = scan_instance(encoded, context.transfer_syntax)
             study = checked_uid(facts.study_instance_uid, "StudyInstanceUID")
             series = checked_uid(facts.series_instance_uid, "SeriesInstanceUID")
             sop = checked_uid(facts.sop_instance_uid, "SOPInstanceUID")
         except InvalidUIDError as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {exc}")
+            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling)
         except DataSetScanError as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: undecodable dataset ({exc})")
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"bad data set: {exc}", calling)
         if sop != command.affected_sop_instance_uid:
-            return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                                f"from {calling}: SOP Instance UID differs from the request")  # fmt: skip
+            return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request's",
+                                calling, sop)  # fmt: skip
+        if facts.sop_class_uid != command.affected_sop_class_uid:
+            # The File Meta and the pixel checks follow the request's class: the data set must agree.
+            why = f"SOP Class UID {facts.sop_class_uid!r} differs from the request's"
+            return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, why, calling, sop)
         problem = image_problem(facts)
         if problem:
-            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {sop}: {problem}")
+            return self._refuse(Status.CANNOT_UNDERSTAND, problem, calling, sop)
         if self.admit is not None:
             reason = self.admit(study)
             if reason:
-                return self._refuse(Status.OUT_OF_RESOURCES, f"from {calling}: {reason}")
+                return self._refuse(Status.OUT_OF_RESOURCES, reason, calling, sop)
         path = self.spool_dir / study / series / f"{sop}.dcm"
         try:
             header = file_meta_header(
@@ -369,12 +375,12 @@ class StorageSCP:
                 receiving_ae_title=called if is_valid_ae_title(called) else None,
             )  # fmt: skip
         except (InvalidUIDError, ValueError) as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, f"from {calling}: {sop}: {exc}")
+            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling, sop)
         existed = path.exists()  # a re-send replaces an instance that is already recorded
         try:
             self._store_file(path, header, data_set)
         except OSError as exc:
-            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store {sop}: {exc}")
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling, sop)
         with self._lock:
             self.stats.stored += 1
             self.stats.last_instance_at[study] = time.monotonic()
@@ -387,7 +393,7 @@ class StorageSCP:
                 if not existed:
                     # Unacknowledged and unrecorded: the spool must not hold it (see JobStore.reconcile_spool).
                     path.unlink(missing_ok=True)
-                return self._refuse(Status.OUT_OF_RESOURCES, f"cannot record {sop}: {exc}")
+                return self._refuse(Status.OUT_OF_RESOURCES, f"cannot record: {exc}", calling, sop)
         return StoreResult(Status.SUCCESS)
 
     def _store_file(self, path: Path, *chunks: bytes) -> None:
@@ -408,11 +414,12 @@ class StorageSCP:
             make_durable_dirs(directory, self.spool_dir)
             write_atomically(path, chunks, make_parents=False)
 
-    def _refuse(self, status: Status, message: str) -> StoreResult:
+    def _refuse(self, status: Status, reason: str, calling: str, sop: str | None = None) -> StoreResult:
+        """Count and log a refusal; ``reason`` also goes back to the sender as the Error Comment."""
         with self._lock:
             self.stats.refused += 1
-        log.warning("C-STORE refused (0x%04X): %s", status, message)
-        return StoreResult(status, message)
+        log.warning("C-STORE from %s refused (0x%04X)%s: %s", calling, status, f" for {sop}" if sop else "", reason)
+        return StoreResult(status, reason)
 
     # -- study assembly ----------------------------------------------------------
     def wait_for_study(

@@ -41,6 +41,24 @@ def pid_is_alive(pid: int) -> bool:
         return False
 
 
+def echo_ok(port: int, calling: str, called: str = "MEDSEG") -> bool:
+    """Whether a C-ECHO from ``calling`` to the listener on loopback ``port`` succeeds (pynetdicom as the peer)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """``Error`` lines dciodvfy reports for ``path`` (it writes to stderr)."""
     proc = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)

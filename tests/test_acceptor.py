@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import ssl
@@ -43,17 +44,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from medsegagent.dicom.acceptor import (
-    Acceptor,
-    AcceptorServer,
-    AcceptorSettings,
-    StoreResult,
-)
+from medsegagent.dicom.acceptor import Acceptor, AcceptorServer
+from medsegagent.dicom.association import AcceptorSettings, StoreResult
 from medsegagent.dicom.image_writer import write_phantom
 from medsegagent.dicom.pdu import ConnectionClosed, iter_pdvs, read_pdu
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.dicom.uids import MEDSEGAGENT_IMPLEMENTATION_UID, MEDSEGAGENT_IMPLEMENTATION_VERSION
 from medsegagent.node.intake import StorageSCP
+from tests.conftest import echo_ok
 
 #: Debian's DCMTK; the venv's pynetdicom apps shadow the names on PATH.
 DCMTK = "/usr/bin"
@@ -149,14 +147,7 @@ def _associate(port: int, *sop_classes: str, **kwargs):
 
 
 def _echo_ok(port: int) -> bool:
-    assoc = _associate(port, Verification)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0
-    finally:
-        assoc.release()
+    return echo_ok(port, CALLING, CALLED)
 
 
 def _wait_until(condition, timeout: float = 5.0) -> bool:
@@ -915,3 +906,168 @@ def test_abort_before_association_is_answered_by_closing(node):
         closed, received = _closed_by_server(sock, within=5)
     assert closed and received == b""
     assert _echo_ok(node.port)
+
+
+# -- review fixes: limits on what a peer can make the acceptor hold --------------------------------------
+
+
+def test_empty_fragments_that_are_not_the_last_are_aborted(node):
+    """Empty non-last PDVs carry nothing and would cost memory and CPU each: aborted (invalid PDU parameter)."""
+    for control in (0x01, 0x00):  # command, then data (after a command that announces a data set)
+        peer = RawPeer(node.port, {1: Verification, 3: CTImageStorage})
+        try:
+            if control == 0x00:
+                store = C_STORE_RQ()
+                store.primitive_to_message(_store_primitive(_tiny_ct()))
+                command = encode(store.command_set, True, True)
+                peer.send(_pdu(0x04, struct.pack(">LBB", 2 + len(command), 3, 0x03) + command))
+            peer.send(_pdu(0x04, struct.pack(">LBB", 2, 3, control) * 1000))
+            assert peer.expect_abort() == 0x06
+        finally:
+            peer.close()
+    assert _echo_ok(node.port)
+
+
+def _tiny_ct() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    return ds
+
+
+def test_a_pdu_dripped_slower_than_network_timeout_is_aborted(make_node):
+    """Each PDU must arrive whole within network_timeout: one byte every 0.2 s cannot hold the association."""
+    scp = make_node(acse_timeout=5, network_timeout=0.6)
+    peer = RawPeer(scp.port, {1: Verification})
+    try:
+        message = C_ECHO_RQ()
+        message.primitive_to_message(_echo_primitive(3))
+        command = encode(message.command_set, True, True)
+        pdu = _pdu(0x04, struct.pack(">LBB", 2 + len(command), 1, 0x03) + command)
+        start = time.monotonic()
+        aborted = False
+        for byte in pdu:
+            try:
+                peer.send(bytes((byte,)))
+            except OSError:
+                aborted = True
+                break
+            aborted, _ = _closed_by_server(peer.sock, within=0.2)
+            if aborted or time.monotonic() - start > 5:
+                break
+        assert aborted, "a PDU dripped over 5 s outlived a 0.6 s network time-out"
+        assert time.monotonic() - start < 3
+    finally:
+        peer.close()
+    assert _echo_ok(scp.port)
+
+
+@pytest.mark.parametrize("case", ["duplicate context IDs", "even context ID", "context without transfer syntax"])
+def test_malformed_presentation_contexts_are_aborted(node, case):
+    """Context IDs must be odd and distinct and every context needs a transfer syntax: else A-ABORT, no traceback."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = CALLING, CALLED
+    contexts = [build_context(Verification), build_context(CTImageStorage)]
+    ids = {"duplicate context IDs": (1, 1), "even context ID": (1, 2), "context without transfer syntax": (1, 3)}
+    for context, context_id in zip(contexts, ids[case], strict=True):
+        context._context_id = context_id  # private: the public setter refuses an even ID
+    if case == "context without transfer syntax":
+        contexts[1]._transfer_syntax = []
+    primitive.presentation_context_definition_list = contexts
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(pdu.encode())
+        closed, received = _closed_by_server(sock, within=5)
+    assert closed
+    assert received[:1] == b"\x07" and received[9:10] == b"\x06"  # A-ABORT, invalid PDU parameter
+    assert _echo_ok(node.port)
+
+
+def test_release_in_the_middle_of_a_data_set_is_logged(node, caplog):
+    """A release while a data set is arriving is answered, and the dropped message is named in a warning."""
+    peer = RawPeer(node.port, {1: Verification, 3: CTImageStorage})
+    try:
+        store = C_STORE_RQ()
+        store.primitive_to_message(_store_primitive(_tiny_ct()))
+        command = encode(store.command_set, True, True)
+        peer.send(_pdu(0x04, struct.pack(">LBB", 2 + len(command), 3, 0x03) + command))
+        peer.send(_pdu(0x04, struct.pack(">LBB", 2 + 10, 3, 0x00) + bytes(10)))
+        with caplog.at_level(logging.WARNING, logger="medsegagent.dicom.association"):
+            peer.send(_pdu(0x05, bytes(4)))
+            assert peer.next_pdu() == (0x06, bytes(4))
+            assert _wait_until(lambda: "middle of a message" in caplog.text)
+    finally:
+        peer.close()
+    assert "10 bytes of its data set" in caplog.text
+
+
+def test_listener_on_ipv6_loopback(tmp_path):
+    """An IPv6 interface address binds an IPv6 listener (pynetdicom's server did; a plain AF_INET one cannot)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    scp = StorageSCP(tmp_path / "spool", ae_title=CALLED, host="::1", port=0)
+    scp.start()
+    try:
+        ae = _scu()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("::1", scp.port, ae_title=CALLED)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        scp.stop()
+
+
+def test_data_set_of_another_sop_class_than_the_request_is_refused(node, small_ct):
+    """A CT request whose data set says MR gets A900 and is not spooled (its File Meta would say CT)."""
+    ds = pydicom.dcmread(small_ct[0])
+    primitive = _store_primitive(ds)  # the request: CT Image Storage
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # the data set: MR Image Storage
+    primitive.DataSet = BytesIO(encode(ds, False, True))
+    peer = RawPeer(node.port, {1: CTImageStorage})
+    try:
+        peer.send_message(C_STORE_RQ, primitive, context_id=1)
+        response, _ = peer.receive_command()
+        assert response.Status == 0xA900
+        assert "SOP Class" in str(response.get("ErrorComment", ""))
+    finally:
+        peer.close()
+    assert not list(node.spool_dir.rglob("*.dcm"))
+
+
+def test_deflate_bomb_is_refused_at_the_nodes_limit(node, small_ct, monkeypatch):
+    """The intake inflates at most MAX_INFLATED_BYTES: beyond, C000, nothing spooled, association usable."""
+    import zlib
+
+    from medsegagent.node import intake
+
+    ds = pydicom.dcmread(small_ct[0])
+    raw = encode(ds, False, True)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = deflater.compress(raw) + deflater.flush()
+    limit = (len(deflated) + len(raw)) // 2  # over the limit only once inflated
+    assert len(deflated) < limit < len(raw)
+    monkeypatch.setattr(intake, "MAX_INFLATED_BYTES", limit)
+    assoc = _scu().associate("127.0.0.1", node.port, ae_title=CALLED,
+                             contexts=[build_context(CTImageStorage, pydicom.uid.DeflatedExplicitVRLittleEndian),
+                                       build_context(Verification)])  # fmt: skip
+    assert assoc.is_established
+    try:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0xC000
+        assert str(limit) in str(status.get("ErrorComment", ""))
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+    assert not list(node.spool_dir.rglob("*.dcm"))

@@ -19,9 +19,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage
 
 from medsegagent.node.intake import StorageSCP
+from tests.conftest import echo_ok
 
 GOOD_CALLER = "MODALITY"
 
@@ -65,16 +66,7 @@ def _store(port: int, ds: Dataset | Path, calling: str = GOOD_CALLER, sop_class:
 
 
 def _echo_ok(port: int) -> bool:
-    ae = AE(ae_title=GOOD_CALLER)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, contexts=[build_context(Verification)], ae_title="MEDSEG")
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0
-    finally:
-        assoc.release()
+    return echo_ok(port, GOOD_CALLER)
 
 
 def _raw(port: int, payload: bytes, hold: float = 0.3) -> bytes:
@@ -147,7 +139,7 @@ def test_bad_dataset_is_refused(node, template, case, caplog):
     ds = mutate(ds)
     with caplog.at_level(logging.WARNING, logger="medsegagent.node.intake"):
         assert _store(node.port, ds) == expected
-    assert "C-STORE refused" in caplog.text
+    assert "C-STORE from MODALITY refused" in caplog.text
     assert not any(ds.SOPInstanceUID in p.name for p in node.spool_dir.rglob("*"))
     assert _echo_ok(node.port)
     good = pydicom.dcmread(template)

@@ -58,7 +58,7 @@ def pool_factory(tmp_path):
 
 
 def test_associations_are_spread_over_processes_that_share_one_port(pool_factory, capfd, caplog):
-    caplog.set_level("INFO", logger="medsegagent.dicom.acceptor")
+    caplog.set_level("INFO", logger="medsegagent.dicom.association")
     scp, pool = pool_factory(workers=1)
     (worker,) = pool.pids
     for _ in range(16):  # the kernel hashes each connection to one socket: 16 all on one side has p = 2**-15

@@ -10,6 +10,7 @@ undefined-length UN; and fed truncated and corrupted data sets.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import struct
 import zlib
@@ -178,7 +179,7 @@ def test_deflate_bomb_is_refused():
     """A deflated data set that inflates beyond the limit is refused before it fills memory."""
     bomb = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     data = bomb.compress(bytes(10 << 20)) + bomb.flush()
-    with pytest.raises(DataSetScanError, match="more than"):
+    with pytest.raises(DataSetScanError, match="beyond"):
         inflate(data, 1 << 20)
     with pytest.raises(DataSetScanError, match="does not inflate"):
         inflate(b"\xff" * 64, 1 << 20)
@@ -200,3 +201,62 @@ def test_bad_pixel_description_values_are_scan_errors():
     frames = _element(0x0028, 0x0008, b"IS", b"ab")
     with pytest.raises(DataSetScanError, match="Number of Frames"):
         scan_instance(frames, ExplicitVRLittleEndian)
+
+
+def test_truncated_or_padded_deflate_streams():
+    """A deflate stream cut short, or followed by garbage, is refused; one NUL pad byte is allowed."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = deflater.compress(os.urandom(5000)) + deflater.flush()
+    assert len(inflate(stream + b"\x00", 1 << 20)) == 5000
+    with pytest.raises(DataSetScanError, match="ends before"):
+        inflate(stream[: len(stream) // 2], 1 << 20)
+    with pytest.raises(DataSetScanError, match="after the end"):
+        inflate(stream + b"garbage", 1 << 20)
+
+
+# -- what real encoders send and pydicom reads: the scanner must not refuse it ----------------------------
+
+
+def _pydicom_reads(data: bytes, syntax: str) -> Dataset:
+    return pydicom.dcmread(pydicom.filebase.DicomBytesIO(_part10(data, syntax)), force=True)
+
+
+def _uid_elements() -> bytes:
+    return _element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\x00") + _element(
+        0x0008, 0x0018, b"UI", b"1.2.3.4\x00"
+    )
+
+
+def test_stray_sequence_delimiter_at_the_top_level_is_skipped():
+    """A stray (FFFE,E0DD) between top-level elements (pydicom skips it) does not refuse the instance."""
+    data = _uid_elements() + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _element(0x0020, 0x000D, b"UI", b"1.2.3\x00")
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    reference = _pydicom_reads(data, ExplicitVRLittleEndian)
+    assert (facts.sop_instance_uid, facts.study_instance_uid) == (reference.SOPInstanceUID, reference.StudyInstanceUID)
+
+
+def test_explicit_vr_inside_an_undefined_length_un_is_stepped_over():
+    """Some encoders keep Explicit VR inside an undefined-length UN; the walk falls back to it."""
+    item = _element(0x0008, 0x0100, b"SH", b"T-62") + _element(0x0008, 0x0102, b"SH", b"SRT ")
+    un = (struct.pack("<HH2sHL", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF)
+          + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + item
+          + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))  # fmt: skip
+    data = _uid_elements() + un + _element(0x0020, 0x000D, b"UI", b"1.2.3\x00")
+    assert scan_instance(data, ExplicitVRLittleEndian).study_instance_uid == "1.2.3"
+    assert _pydicom_reads(data, ExplicitVRLittleEndian).StudyInstanceUID == "1.2.3"
+
+
+def test_implicit_vr_data_set_sent_as_explicit_is_read_as_implicit(phantom_files):
+    """A sender that labels an Implicit VR data set Explicit: read as encoded, as pydicom does."""
+    ds = pydicom.dcmread(phantom_files[0])
+    data = encode(ds, True, True)
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    assert (facts.sop_instance_uid, facts.rows, facts.pixel_data_length) == (ds.SOPInstanceUID, ds.Rows,
+                                                                             len(ds.PixelData))  # fmt: skip
+
+
+def test_number_of_frames_written_as_a_decimal():
+    """'1.0' as Number of Frames is 1 (pydicom reads it so); '1.5' is refused."""
+    assert scan_instance(_element(0x0028, 0x0008, b"IS", b"1.0 "), ExplicitVRLittleEndian).number_of_frames == 1
+    with pytest.raises(DataSetScanError, match="Number of Frames"):
+        scan_instance(_element(0x0028, 0x0008, b"IS", b"1.5 "), ExplicitVRLittleEndian)
