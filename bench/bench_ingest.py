@@ -40,9 +40,9 @@ from pynetdicom import sop_class as sc
 
 from medsegagent.dicom.image_writer import StudyInfo, deterministic_uid, write_series
 from medsegagent.dicom.volume import Geometry
-from medsegagent.node.intake import write_atomically
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec
 from medsegagent.node.scu import set_nodelay
+from medsegagent.node.spool import IncomingFile
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 RESULTS = Path(__file__).parent / "results" / "ingest.md"
@@ -133,12 +133,15 @@ def _cpu_seconds() -> float:
 
 
 def run_fsync_floor(files: list[Path], out: Path) -> float:
-    """Seconds for the durable writes alone (temp file, fsync, rename, directory fsync): no DICOM at all."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Seconds for the node's durable writes alone (no DICOM): incoming file, fsync, rename, directory fsync."""
+    (out / "incoming").mkdir(parents=True, exist_ok=True)
+    (out / "series").mkdir()
     blobs = [path.read_bytes() for path in files]
     started = time.perf_counter()
     for i, blob in enumerate(blobs):
-        write_atomically(out / f"{i}.dcm", [blob], make_parents=False)
+        incoming = IncomingFile(out / "incoming")
+        incoming.write(blob)
+        incoming.commit(out / "series" / f"{i}.dcm")
     return time.perf_counter() - started
 
 
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores; sender: DCMTK storescu with TCP_NODELAY=1. storescp (`--fork`) writes without "
         "fsync; *pynetdicom, bare* writes the received bytes with no checks and no fsync; the node checks each "
         "instance, fsyncs it and its directory, and records it in the job store before answering. *Durable writes "
-        "alone*: the same temp-file/fsync/rename/directory-fsync sequence in a loop with no DICOM (one thread), "
+        "alone*: the node's incoming-file/fsync/rename/directory-fsync sequence in a loop with no DICOM (one thread), "
         "the upper bound of any durable receiver on this disk. *CPU ms/instance*: CPU time of this process (the "
         "SCP's threads; storescu is a child and not counted) per instance, one process, least of the runs.",
     ]

@@ -15,10 +15,12 @@ state machine for Verification and Storage over one connection:
   Extended Negotiation items are not supported and get no response item, as
   PS3.7 D.3.3 allows (operations are then synchronous); roles stay the
   default ones (requestor SCU, acceptor SCP).
-* **Established** (Sta6): P-DATA-TF is reassembled into commands and data
-  sets and answered; A-RELEASE-RQ is answered with A-RELEASE-RP; A-ABORT ends
-  the connection; any other PDU, or a malformed one, is aborted.  Each PDU
-  must arrive whole within the network time-out.
+* **Established** (Sta6): P-DATA-TF fragments are reassembled into command
+  sets, and a C-STORE's data set goes to the handler fragment by fragment
+  as it arrives (:class:`IncomingDataSet`), so no instance is held in memory
+  whole; each request is answered.  A-RELEASE-RQ is answered with
+  A-RELEASE-RP; A-ABORT ends the connection; any other PDU, or a malformed
+  one, is aborted.  Each PDU must arrive whole within the network time-out.
 
 The per-message path -- PDVs, command sets (:mod:`medsegagent.dicom.dimse`),
 the response -- is plain ``struct`` work on one thread, no queues or polling.
@@ -154,16 +156,39 @@ class StoreResult:
     comment: str | None = None
 
 
+class IncomingDataSet(Protocol):
+    """A data set being received, fragment by fragment, for one C-STORE.
+
+    The acceptor calls :meth:`write` for each fragment as it arrives, then
+    exactly one of :meth:`finish` (the data set is complete) or
+    :meth:`discard` (it is refused, too large, or the association ended).
+    """
+
+    def write(self, fragment: memoryview) -> None:
+        """Take the next fragment (valid only during the call)."""
+
+    def finish(self) -> StoreResult:
+        """The data set is complete: store it and say how it went."""
+
+    def discard(self) -> None:
+        """Drop what was written (must not raise)."""
+
+
 class StorageHandler(Protocol):
     """What an association asks of the service behind it."""
 
     def screen(self, request: AssociationInfo) -> Rejection | None:
         """Decide on an association request before contexts are negotiated: ``None`` accepts."""
 
-    def store(
-        self, association: AssociationInfo, context: AcceptedContext, command: Command, data_set: bytes | bytearray
-    ) -> StoreResult:
-        """Store one data set (encoded in ``context.transfer_syntax``); an exception fails it with 0110."""
+    def begin_store(
+        self, association: AssociationInfo, context: AcceptedContext, command: Command
+    ) -> IncomingDataSet | StoreResult:
+        """Start receiving the data set of a C-STORE-RQ (encoded in ``context.transfer_syntax``).
+
+        A :class:`StoreResult` refuses it at once: the data set is then read
+        to its end and dropped.  An exception here, or in the returned
+        object's ``write`` or ``finish``, fails the instance with 0110.
+        """
 
 
 @dataclass(frozen=True)
@@ -353,47 +378,51 @@ class AcceptorAssociation:
     # -- established association ------------------------------------------------------------
     def _serve_messages(self) -> None:
         """Receive DIMSE messages and answer them until the peer releases or aborts."""
-        message = _MessageAssembly(self.settings.max_data_set_bytes)
-        while True:
-            self.reader.deadline = time.monotonic() + self.settings.network_timeout
-            pdu_type, body = read_pdu(self.reader, _MAX_P_DATA_LENGTH)
-            if pdu_type == PduType.A_RELEASE_RQ:
-                if message.in_progress:
-                    log.warning("association from %s released in the middle of a message (%s); it is dropped",
-                                self.peer, message.describe())  # fmt: skip
-                self._send(encode_release_rp())
-                log.info("association from %s released after %d messages", self.peer, self.messages)
-                return
-            if pdu_type == PduType.A_ABORT:
-                log.warning("association from %s aborted by the peer after %d messages", self.peer, self.messages)
-                return
-            if pdu_type != PduType.P_DATA_TF:
-                raise ProtocolError(f"unexpected {PduType(pdu_type).name} in an association",
-                                    AbortReason.UNEXPECTED_PDU)  # fmt: skip
-            for context_id, is_command, is_last, fragment in iter_pdvs(body):
-                if context_id not in self.info.contexts:
-                    raise ProtocolError(f"presentation context {context_id} was not accepted")
-                complete = message.add(context_id, is_command, is_last, fragment)
-                if complete is not None:
-                    self._answer(*complete)
+        message = _MessageAssembly(self)
+        try:
+            while True:
+                self.reader.deadline = time.monotonic() + self.settings.network_timeout
+                pdu_type, body = read_pdu(self.reader, _MAX_P_DATA_LENGTH)
+                if pdu_type == PduType.A_RELEASE_RQ:
+                    if message.in_progress:
+                        log.warning("association from %s released in the middle of a message (%s); it is dropped",
+                                    self.peer, message.describe())  # fmt: skip
+                    self._send(encode_release_rp())
+                    log.info("association from %s released after %d messages", self.peer, self.messages)
+                    return
+                if pdu_type == PduType.A_ABORT:
+                    log.warning("association from %s aborted by the peer after %d messages", self.peer,
+                                self.messages)  # fmt: skip
+                    return
+                if pdu_type != PduType.P_DATA_TF:
+                    raise ProtocolError(f"unexpected {PduType(pdu_type).name} in an association",
+                                        AbortReason.UNEXPECTED_PDU)  # fmt: skip
+                for context_id, is_command, is_last, fragment in iter_pdvs(body):
+                    if context_id not in self.info.contexts:
+                        raise ProtocolError(f"presentation context {context_id} was not accepted")
+                    message.add(context_id, is_command, is_last, fragment)
+        finally:
+            message.drop()  # a data set left half-way is discarded, whatever ended the association
 
-    def _answer(self, context_id: int, command: Command, data_set: bytearray | None, oversized: bool) -> None:
-        """Perform one request and send its response."""
+    def respond(self, context_id: int, command: Command, result: StoreResult) -> None:
+        """Send the response to ``command`` (nothing for responses and C-CANCEL, which have none)."""
         self.messages += 1
         if not command.is_request:
             log.warning("ignoring a DIMSE response (0x%04X) from %s", command.command_field, self.peer)
             return
         if command.command_field == CommandField.C_CANCEL_RQ:
             return  # nothing of ours can be cancelled; C-CANCEL has no response
-        result = self._perform(self.info.contexts[context_id], command, data_set, oversized)
         if result.status != Status.SUCCESS:
             log.debug("answering 0x%04X to %s: %s", result.status, self.peer, result.comment)
         response = encode_response(command, result.status, error_comment=result.comment)
         self.sock.sendall(encode_p_data(context_id, response, is_command=True,
                                         max_pdu_length=self.info.peer_max_pdu_length))  # fmt: skip
 
-    def _perform(self, context: AcceptedContext, command: Command, data_set: bytearray | None,
-                 oversized: bool) -> StoreResult:  # fmt: skip
+    def perform(self, context_id: int, command: Command) -> StoreResult | IncomingDataSet:
+        """What a complete command gets: a result now, or (a C-STORE to store) where its data set goes."""
+        context = self.info.contexts[context_id]
+        if not command.is_request or command.command_field == CommandField.C_CANCEL_RQ:
+            return StoreResult(Status.SUCCESS)  # not answered (see respond)
         if command.affected_sop_class_uid != context.abstract_syntax:
             why = f"SOP class {command.affected_sop_class_uid} on a {context.abstract_syntax} context"
             return StoreResult(Status.SOP_CLASS_NOT_SUPPORTED, why)
@@ -402,27 +431,31 @@ class AcceptorAssociation:
             return StoreResult(Status.SUCCESS)
         if command.command_field != CommandField.C_STORE_RQ or is_verification:
             return StoreResult(Status.UNRECOGNIZED_OPERATION, f"command 0x{command.command_field:04X} not served")
-        if oversized:
-            return StoreResult(Status.OUT_OF_RESOURCES,
-                               f"instance larger than {self.settings.max_data_set_bytes} bytes")  # fmt: skip
-        if data_set is None:
+        if not command.has_data_set:
             return StoreResult(Status.CANNOT_UNDERSTAND, "C-STORE without a data set")
         try:
-            return self.handler.store(self.info, context, command, data_set)
+            return self.handler.begin_store(self.info, context, command)
         except Exception:  # a handler bug fails one instance, not the association
-            log.exception("storing %s from %s failed", command.affected_sop_instance_uid, self.peer)
+            log.exception("receiving %s from %s failed", command.affected_sop_instance_uid, self.peer)
             return StoreResult(Status.PROCESSING_FAILURE, "processing failure")
 
 
 class _MessageAssembly:
-    """Reassembles one DIMSE message at a time from its command and data set fragments (PS3.8 Annex E)."""
+    """Reassembles one DIMSE message at a time (PS3.8 Annex E) and routes its data set as it arrives.
 
-    def __init__(self, max_data_set_bytes: int) -> None:
-        self.max_data_set_bytes = max_data_set_bytes
+    The command set is collected (64 KiB at most); a C-STORE's data set goes
+    fragment by fragment to the handler's :class:`IncomingDataSet`, so an
+    association holds one PDU in memory, not a whole instance.
+    """
+
+    def __init__(self, association: AcceptorAssociation) -> None:
+        self.association = association
+        self.max_data_set_bytes = association.settings.max_data_set_bytes
         self.command_bytes = bytearray()
-        self.command: Command | None = None  # a command whose data set is being received
         self.context_id = 0
-        self.data = bytearray()
+        self.command: Command | None = None  # a command whose data set is being received
+        self.sink: IncomingDataSet | None = None  # where that data set goes, if anywhere
+        self.result: StoreResult | None = None  # the answer decided before the data set ends, if any
         self.data_length = 0
 
     @property
@@ -436,52 +469,85 @@ class _MessageAssembly:
             return f"{len(self.command_bytes)} bytes of a command set"
         return f"command 0x{self.command.command_field:04X} and {self.data_length} bytes of its data set"
 
-    def add(self, context_id: int, is_command: bool, is_last: bool,
-            fragment: memoryview) -> tuple[int, Command, bytearray | None, bool] | None:  # fmt: skip
-        """Take one PDV; a complete message as ``(context ID, command, data set, oversized)``, else ``None``.
+    def add(self, context_id: int, is_command: bool, is_last: bool, fragment: memoryview) -> None:
+        """Take one PDV; answer the message it completes.
 
         Raises
         ------
         ProtocolError
             For fragments out of order, an empty fragment that is not the last
-            (it would cost memory and time and carry nothing), a command set
-            over 64 KiB or one that does not decode.
+            (it would cost time and carry nothing), a command set over 64 KiB
+            or one that does not decode.
         """
         if not fragment and not is_last:
             raise ProtocolError("an empty fragment that is not the last")
         if is_command:
-            if self.command is not None:
-                raise ProtocolError("a command fragment arrived while a data set was expected",
-                                    AbortReason.UNEXPECTED_PDU_PARAMETER)  # fmt: skip
-            if self.command_bytes and context_id != self.context_id:
-                raise ProtocolError(f"command fragments on contexts {self.context_id} and {context_id}")
-            self.context_id = context_id
-            self.command_bytes += fragment
-            if len(self.command_bytes) > _MAX_COMMAND_LENGTH:
-                raise ProtocolError(f"command set longer than {_MAX_COMMAND_LENGTH} bytes")
-            if not is_last:
-                return None
-            try:
-                command = decode_command(self.command_bytes)
-            except CommandSetError as exc:
-                raise ProtocolError(f"undecodable command set: {exc}") from exc
-            self.command_bytes = bytearray()
-            if not command.has_data_set:
-                return context_id, command, None, False
-            self.command, self.data, self.data_length = command, bytearray(), 0
-            return None
+            self._add_command(context_id, is_last, fragment)
+        else:
+            self._add_data(context_id, is_last, fragment)
+
+    def _add_command(self, context_id: int, is_last: bool, fragment: memoryview) -> None:
+        if self.command is not None:
+            raise ProtocolError("a command fragment arrived while a data set was expected",
+                                AbortReason.UNEXPECTED_PDU_PARAMETER)  # fmt: skip
+        if self.command_bytes and context_id != self.context_id:
+            raise ProtocolError(f"command fragments on contexts {self.context_id} and {context_id}")
+        self.context_id = context_id
+        self.command_bytes += fragment
+        if len(self.command_bytes) > _MAX_COMMAND_LENGTH:
+            raise ProtocolError(f"command set longer than {_MAX_COMMAND_LENGTH} bytes")
+        if not is_last:
+            return
+        try:
+            command = decode_command(self.command_bytes)
+        except CommandSetError as exc:
+            raise ProtocolError(f"undecodable command set: {exc}") from exc
+        self.command_bytes = bytearray()
+        outcome = self.association.perform(context_id, command)
+        if not command.has_data_set:
+            if isinstance(outcome, StoreResult):
+                self.association.respond(context_id, command, outcome)
+            return
+        self.command, self.data_length = command, 0
+        self.sink, self.result = (None, outcome) if isinstance(outcome, StoreResult) else (outcome, None)
+
+    def _add_data(self, context_id: int, is_last: bool, fragment: memoryview) -> None:
         if self.command is None:
             raise ProtocolError("a data set fragment arrived without a command", AbortReason.UNEXPECTED_PDU_PARAMETER)
         if context_id != self.context_id:
             raise ProtocolError(f"data set on context {context_id}, its command on {self.context_id}")
         self.data_length += len(fragment)
-        if self.data_length <= self.max_data_set_bytes:
-            self.data += fragment
-        elif self.data:
-            self.data = bytearray()  # too large: read on to the end, then refuse
+        if self.sink is not None and self.data_length > self.max_data_set_bytes:
+            self.drop()  # too large: read on to the end, then refuse
+            self.result = StoreResult(Status.OUT_OF_RESOURCES, f"instance larger than {self.max_data_set_bytes} bytes")
+        if self.sink is not None:
+            try:
+                self.sink.write(fragment)
+            except Exception:
+                self._fail("receiving")
         if not is_last:
-            return None
-        oversized = self.data_length > self.max_data_set_bytes
-        complete = (self.context_id, self.command, None if oversized else self.data, oversized)
-        self.command, self.data, self.data_length = None, bytearray(), 0
-        return complete
+            return
+        result = self.result
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            try:
+                result = sink.finish()
+            except Exception:
+                log.exception("storing %s from %s failed", self.command.affected_sop_instance_uid,
+                              self.association.peer)  # fmt: skip
+                sink.discard()
+                result = StoreResult(Status.PROCESSING_FAILURE, "processing failure")
+        command, self.command, self.result = self.command, None, None
+        self.association.respond(context_id, command, result or StoreResult(Status.PROCESSING_FAILURE))
+
+    def _fail(self, what: str) -> None:
+        assert self.command is not None
+        log.exception("%s %s from %s failed", what, self.command.affected_sop_instance_uid, self.association.peer)
+        self.drop()
+        self.result = StoreResult(Status.PROCESSING_FAILURE, "processing failure")
+
+    def drop(self) -> None:
+        """Discard the data set being received, if any."""
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.discard()

@@ -1,11 +1,14 @@
 """DICOM intake: a Verification and Storage SCP that spools studies durably.
 
-Every received instance is written to
-``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` —
-temporary file, ``fsync``, atomic rename — *before* the success status is
-returned, so a study acknowledged to the sender is on disk.  UIDs are
-validated before they form a path; a malformed instance is refused with a
-DICOM failure status and a log line, and the listener keeps serving.
+Every received instance is written, as its fragments arrive, to a new file
+in ``<spool>/.incoming`` (File Meta Information first, then the data set
+byte for byte), checked, and moved to
+``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` --
+fsync, rename, fsync of the directory -- *before* the success status is
+returned, so a study acknowledged to the sender is on disk
+(:mod:`medsegagent.node.spool`).  UIDs are validated before they form a
+path; a malformed instance is refused with a DICOM failure status and a log
+line, and the listener keeps serving.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from medsegagent.dicom.association import (
     AcceptedContext,
     AcceptorSettings,
     AssociationInfo,
+    IncomingDataSet,
     Rejection,
     StoreResult,
     calling_ae_not_recognised,
@@ -44,6 +48,7 @@ from medsegagent.dicom.uids import (
     is_valid_ae_title,
 )
 from medsegagent.node.config import TlsSettings
+from medsegagent.node.spool import INCOMING, IncomingFile, make_durable_dirs
 
 log = logging.getLogger(__name__)
 
@@ -148,62 +153,6 @@ def quiet_pynetdicom(verbose: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def fsync_directory(path: Path) -> None:
-    """Make the entries of directory ``path`` (new files, renames, new sub-directories) durable."""
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def make_durable_dirs(path: Path, root: Path) -> None:
-    """Create ``path`` and its missing parents below ``root``, each entry durable.
-
-    A new directory survives a power loss only once its parent directory is
-    fsynced.  The parent is fsynced for every level, existing or not: another
-    thread or process may have just created it without having fsynced yet.
-    """
-    levels = []
-    current = path
-    while current != root and current != current.parent:
-        levels.append(current)
-        current = current.parent
-    for directory in reversed(levels):
-        directory.mkdir(exist_ok=True)
-        fsync_directory(directory.parent)
-
-
-def write_atomically(path: Path, chunks: Iterable[bytes], *, make_parents: bool = True) -> None:
-    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename.
-
-    Parameters
-    ----------
-    path : Path
-        Final file name; it appears complete or not at all.
-    chunks : iterable of bytes
-        The content.
-    make_parents : bool
-        Create the parent directory if needed (callers that keep track of the
-        directories they made durable pass ``False``).
-    """
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is.
-    fsync_directory(path.parent)
-
-
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """Server-side TLS context (TLS 1.2+, as BCP 195 asks) from the node's TLS settings."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -287,7 +236,7 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound address."""
         self.spool_dir.parent.mkdir(parents=True, exist_ok=True)
-        make_durable_dirs(self.spool_dir, self.spool_dir.parent)
+        make_durable_dirs(self.spool_dir / INCOMING, self.spool_dir.parent)
         acceptor = Acceptor(self, self._settings, self.ssl_context)
         server = AcceptorServer((self.host, self.port), acceptor, reuse_port=self.reuse_port)
         thread = threading.Thread(target=server.serve_forever, name=f"medseg-scp-{self.ae_title}", daemon=True)
@@ -313,35 +262,50 @@ class StorageSCP:
             return calling_ae_not_recognised(f"calling AE title {request.calling_ae!r} not allowed")
         return None
 
-    def store(
-        self, association: AssociationInfo, context: AcceptedContext, command: Command, data_set: bytes | bytearray
-    ) -> StoreResult:
-        """Check one received instance, write it durably and record it; the status for the sender.
+    def begin_store(self, association: AssociationInfo, context: AcceptedContext,
+                    command: Command) -> IncomingDataSet | StoreResult:  # fmt: skip
+        """Start receiving one instance into the spool's ``.incoming`` directory.
 
-        Parameters
-        ----------
-        association : AssociationInfo
-            Who sent it, to which called AE title (presets bind extra titles to requests).
-        context : AcceptedContext
-            Its presentation context; the data set is in its transfer syntax.
-        command : Command
-            The C-STORE-RQ.
-        data_set : bytes
-            The data set as received; stored byte for byte behind a File Meta
-            Information header.
+        The File Meta Information (transfer syntax, SOP class and instance
+        from the request, calling AE as Source AE Title (0002,0016), called AE
+        as Receiving AE Title (0002,0018): the spool alone tells who sent a
+        study to which title) is written first; the data set follows byte for
+        byte as it arrives.
 
         Returns
         -------
-        StoreResult
-            *Success* once the instance is on disk and recorded; otherwise a
-            failure status with the reason (also logged).
+        IncomingDataSet or StoreResult
+            Where the data set goes (checked, stored and recorded when it is
+            complete, see :meth:`_finish`), or a refusal now.
         """
         calling, called = association.calling_ae, association.called_ae
         try:
-            encoded = data_set
-            if context.transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
-                encoded = inflate(data_set, MAX_INFLATED_BYTES)
-            facts = scan_instance(encoded, context.transfer_syntax)
+            header = file_meta_header(
+                sop_class_uid=command.affected_sop_class_uid,
+                sop_instance_uid=checked_uid(command.affected_sop_instance_uid, "Affected SOP Instance UID"),
+                transfer_syntax_uid=context.transfer_syntax,
+                implementation_class_uid=MEDSEGAGENT_IMPLEMENTATION_UID,
+                implementation_version_name=MEDSEGAGENT_IMPLEMENTATION_VERSION,
+                source_ae_title=calling if is_valid_ae_title(calling) else None,
+                receiving_ae_title=called if is_valid_ae_title(called) else None,
+            )  # fmt: skip
+        except (InvalidUIDError, ValueError) as exc:
+            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling)
+        try:
+            incoming = IncomingFile(self.spool_dir / INCOMING)
+            incoming.write(header)
+        except OSError as exc:
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling)
+        return _SpooledInstance(self, incoming, len(header), association, context, command)
+
+    def _finish(self, received: _SpooledInstance) -> StoreResult:
+        """Check a complete instance, move it durably to its place and record it; the status for the sender."""
+        calling, called = received.association.calling_ae, received.association.called_ae
+        command, syntax, incoming = received.command, received.context.transfer_syntax, received.incoming
+        try:
+            with incoming.contents(received.header_length) as data_set:
+                deflated = syntax == uid.DeflatedExplicitVRLittleEndian
+                facts = scan_instance(inflate(data_set, MAX_INFLATED_BYTES) if deflated else data_set, syntax)
             study = checked_uid(facts.study_instance_uid, "StudyInstanceUID")
             series = checked_uid(facts.series_instance_uid, "SeriesInstanceUID")
             sop = checked_uid(facts.sop_instance_uid, "SOPInstanceUID")
@@ -364,22 +328,12 @@ class StorageSCP:
             if reason:
                 return self._refuse(Status.OUT_OF_RESOURCES, reason, calling, sop)
         path = self.spool_dir / study / series / f"{sop}.dcm"
-        try:
-            header = file_meta_header(
-                sop_class_uid=command.affected_sop_class_uid, sop_instance_uid=sop,
-                transfer_syntax_uid=context.transfer_syntax,
-                implementation_class_uid=MEDSEGAGENT_IMPLEMENTATION_UID,
-                implementation_version_name=MEDSEGAGENT_IMPLEMENTATION_VERSION,
-                # Who sent the study to which title, so that the spool alone tells (0002,0016/0018).
-                source_ae_title=calling if is_valid_ae_title(calling) else None,
-                receiving_ae_title=called if is_valid_ae_title(called) else None,
-            )  # fmt: skip
-        except (InvalidUIDError, ValueError) as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling, sop)
         existed = path.exists()  # a re-send replaces an instance that is already recorded
         try:
-            self._store_file(path, header, data_set)
+            self._place(incoming, path)
         except OSError as exc:
+            if not existed:
+                path.unlink(missing_ok=True)  # renamed but not durable: not acknowledged, so not kept
             return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling, sop)
         with self._lock:
             self.stats.stored += 1
@@ -396,8 +350,8 @@ class StorageSCP:
                 return self._refuse(Status.OUT_OF_RESOURCES, f"cannot record: {exc}", calling, sop)
         return StoreResult(Status.SUCCESS)
 
-    def _store_file(self, path: Path, *chunks: bytes) -> None:
-        """Write one instance durably; its series directory is created (durably) once."""
+    def _place(self, incoming: IncomingFile, path: Path) -> None:
+        """Commit ``incoming`` to ``path``; its series directory is created (durably) once per series."""
         directory = path.parent
         if directory not in self._durable_dirs:
             make_durable_dirs(directory, self.spool_dir)
@@ -406,13 +360,15 @@ class StorageSCP:
                     self._durable_dirs.clear()
                 self._durable_dirs.add(directory)
         try:
-            write_atomically(path, chunks, make_parents=False)
+            incoming.commit(path)
         except FileNotFoundError:
-            # The directory went away (spool clean-up): forget it and create it again.
-            with self._lock:
-                self._durable_dirs.discard(directory)
-            make_durable_dirs(directory, self.spool_dir)
-            write_atomically(path, chunks, make_parents=False)
+            if incoming.path.exists():  # the series directory went away (spool clean-up): create it again
+                with self._lock:
+                    self._durable_dirs.discard(directory)
+                make_durable_dirs(directory, self.spool_dir)
+                incoming.commit(path)
+            else:
+                raise
 
     def _refuse(self, status: Status, reason: str, calling: str, sop: str | None = None) -> StoreResult:
         """Count and log a refusal; ``reason`` also goes back to the sender as the Error Comment."""
@@ -454,3 +410,40 @@ class StorageSCP:
                 return self.spool_dir / study_uid
             time.sleep(0.05)
         raise TimeoutError(f"study {study_uid} not complete after {timeout:.0f} s")
+
+
+class _SpooledInstance:
+    """The data set of one C-STORE on its way into the spool (the acceptor's :class:`IncomingDataSet`)."""
+
+    def __init__(self, scp: StorageSCP, incoming: IncomingFile, header_length: int, association: AssociationInfo,
+                 context: AcceptedContext, command: Command) -> None:  # fmt: skip
+        self.scp = scp
+        self.incoming = incoming
+        self.header_length = header_length
+        self.association = association
+        self.context = context
+        self.command = command
+        self.error: OSError | None = None
+
+    def write(self, fragment: memoryview) -> None:
+        """Append a fragment; a write error is kept and answered at the end (the data is still read)."""
+        if self.error is None:
+            try:
+                self.incoming.write(fragment)
+            except OSError as exc:
+                self.error = exc
+                self.incoming.discard()
+
+    def finish(self) -> StoreResult:
+        """Check, store and record the complete instance."""
+        try:
+            if self.error is not None:
+                return self.scp._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {self.error}",
+                                        self.association.calling_ae)  # fmt: skip
+            return self.scp._finish(self)
+        finally:
+            self.incoming.discard()  # after a commit there is nothing left to remove
+
+    def discard(self) -> None:
+        """Drop the partial instance."""
+        self.incoming.discard()

@@ -734,22 +734,41 @@ def test_oversized_data_set_is_refused_and_association_stays_usable(make_node, s
 
 
 class _Recorder:
-    """A minimal StorageHandler: records what it is given; fails when told to."""
+    """A minimal StorageHandler: records what it is given; fails where told to ("begin", "write" or "finish")."""
 
     def __init__(self) -> None:
         self.associations = []
         self.stored = []
-        self.fail = False
+        self.discarded = 0
+        self.fail: str | None = None
 
     def screen(self, request):
         self.associations.append(request)
         return None
 
-    def store(self, association, context, command, data_set):
-        if self.fail:
+    def begin_store(self, association, context, command):
+        if self.fail == "begin":
             raise RuntimeError("handler bug")
-        self.stored.append((association, context, command, data_set))
+        return _RecordedDataSet(self, (association, context, command))
+
+
+class _RecordedDataSet:
+    def __init__(self, recorder: _Recorder, request: tuple) -> None:
+        self.recorder, self.request, self.data = recorder, request, bytearray()
+
+    def write(self, fragment):
+        if self.recorder.fail == "write":
+            raise RuntimeError("handler bug")
+        self.data += fragment
+
+    def finish(self):
+        if self.recorder.fail == "finish":
+            raise RuntimeError("handler bug")
+        self.recorder.stored.append((*self.request, bytes(self.data)))
         return StoreResult(0x0000)
+
+    def discard(self):
+        self.recorder.discarded += 1
 
 
 @pytest.fixture
@@ -786,20 +805,22 @@ def test_handler_sees_association_and_data_set(recorder_server, small_ct):
     assert data_set == _data_set_bytes(small_ct[0])
 
 
-def test_handler_exception_fails_one_instance(recorder_server, small_ct):
-    """A handler that raises costs the instance (0x0110), not the association."""
+@pytest.mark.parametrize("where", ["begin", "write", "finish"])
+def test_handler_exception_fails_one_instance(recorder_server, small_ct, where):
+    """A handler that raises costs the instance (0x0110) and its partial data, not the association."""
     handler, port = recorder_server
     assoc = _associate(port, CTImageStorage, Verification)
     assert assoc.is_established
     try:
-        handler.fail = True
+        handler.fail = where
         assert assoc.send_c_store(small_ct[0]).Status == 0x0110
-        handler.fail = False
+        handler.fail = None
         assert assoc.send_c_store(small_ct[1]).Status == 0
         assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
     assert len(handler.stored) == 1
+    assert handler.discarded == (0 if where == "begin" else 1)
 
 
 # -- stop() ------------------------------------------------------------------------------------------

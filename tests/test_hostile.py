@@ -141,6 +141,7 @@ def test_bad_dataset_is_refused(node, template, case, caplog):
         assert _store(node.port, ds) == expected
     assert "C-STORE from MODALITY refused" in caplog.text
     assert not any(ds.SOPInstanceUID in p.name for p in node.spool_dir.rglob("*"))
+    assert not list((node.spool_dir / ".incoming").iterdir())  # the partial instance went with the refusal
     assert _echo_ok(node.port)
     good = pydicom.dcmread(template)
     assert _store(node.port, good) == 0
@@ -149,6 +150,7 @@ def test_bad_dataset_is_refused(node, template, case, caplog):
 def test_full_disk_refuses_with_out_of_resources(node, template):
     node.state["full"] = True
     assert _store(node.port, pydicom.dcmread(template)) == 0xA700
+    assert not list((node.spool_dir / ".incoming").iterdir())
     node.state["full"] = False
     assert _store(node.port, pydicom.dcmread(template)) == 0
 
