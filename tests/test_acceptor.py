@@ -740,6 +740,7 @@ class _Recorder:
         self.associations = []
         self.stored = []
         self.discarded = 0
+        self.fragment_sizes: list[int] = []
         self.fail: str | None = None
 
     def screen(self, request):
@@ -759,6 +760,7 @@ class _RecordedDataSet:
     def write(self, fragment):
         if self.recorder.fail == "write":
             raise RuntimeError("handler bug")
+        self.recorder.fragment_sizes.append(len(fragment))
         self.data += fragment
 
     def finish(self):
@@ -1092,3 +1094,19 @@ def test_deflate_bomb_is_refused_at_the_nodes_limit(node, small_ct, monkeypatch)
     finally:
         assoc.release()
     assert not list(node.spool_dir.rglob("*.dcm"))
+
+
+def test_data_set_reaches_the_handler_fragment_by_fragment(recorder_server, big_ct):
+    """The acceptor holds one PDU, not an instance: a 130 kB data set arrives in writes of at most a PDU each."""
+    handler, port = recorder_server
+    assoc = _associate(port, CTImageStorage)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(big_ct[0]).Status == 0
+    finally:
+        assoc.release()
+    data = _data_set_bytes(big_ct[0])
+    assert sum(handler.fragment_sizes) == len(data) > 100_000
+    assert len(handler.fragment_sizes) > 1
+    # The sender fragments to the node's Maximum Length Received (less the PDV header): one PDU at a time.
+    assert max(handler.fragment_sizes) <= AcceptorSettings(supported_contexts=[]).max_pdu_length - 6
