@@ -160,8 +160,9 @@ class IncomingDataSet(Protocol):
     """A data set being received, fragment by fragment, for one C-STORE.
 
     The acceptor calls :meth:`write` for each fragment as it arrives, then
-    exactly one of :meth:`finish` (the data set is complete) or
-    :meth:`discard` (it is refused, too large, or the association ended).
+    :meth:`finish` (the data set is complete) or :meth:`discard` (it is
+    refused, too large, or the association ended) -- and :meth:`discard`
+    also after a :meth:`finish` that raised, so it must be idempotent.
     """
 
     def write(self, fragment: memoryview) -> None:

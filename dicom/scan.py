@@ -33,6 +33,9 @@ _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 
+#: Input fed to the inflater at a time.
+_INFLATE_SLICE = 1 << 20
+
 #: Deepest nesting of sequences stepped over; deeper is refused (a crafted data set cannot recurse forever).
 _MAX_DEPTH = 64
 
@@ -84,17 +87,29 @@ def inflate(data: bytes | bytearray, limit: int) -> bytes:
         there, not allocated).
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    source = memoryview(data)
+    parts: list[bytes] = []
+    size = consumed = 0
     try:
-        plain = inflater.decompress(data, limit)
+        # Fed in slices, so that neither the input (which may be a memory map) nor a bomb's output is
+        # copied whole: at most ``limit`` bytes of output and one slice of input are ever held.
+        while consumed < len(source) and not inflater.eof:
+            piece = source[consumed : consumed + _INFLATE_SLICE]
+            consumed += len(piece)
+            parts.append(inflater.decompress(piece, limit - size + 1))
+            size += len(parts[-1])
+            if size > limit:
+                raise DataSetScanError(f"deflated data inflates beyond {limit} bytes")
     except zlib.error as exc:
         raise DataSetScanError(f"deflated data set does not inflate ({exc})") from exc
-    if inflater.unconsumed_tail:
-        raise DataSetScanError(f"deflated data inflates beyond {limit} bytes")
+    finally:
+        source.release()
     if not inflater.eof:
         raise DataSetScanError("deflated data set ends before its deflate stream does")
-    if inflater.unused_data.strip(b"\x00"):  # one pad byte to even length is allowed
-        raise DataSetScanError(f"{len(inflater.unused_data)} bytes after the end of the deflate stream")
-    return plain
+    trailing = len(inflater.unused_data) + len(data) - consumed
+    if trailing > 1 or inflater.unused_data.strip(b"\x00"):  # one NUL pad byte to even length is allowed
+        raise DataSetScanError(f"{trailing} bytes after the end of the deflate stream")
+    return b"".join(parts)
 
 
 #: Explicit VRs (PS3.5 Table 6.2-1): how an explicit element header is told from an implicit one.

@@ -183,9 +183,11 @@ class StorageSCP:
         ``(study_uid, series_uid, path, called_ae, calling_ae)`` called after
         each stored instance (before the success status goes back).
     admit : callable, optional
-        ``study_uid -> reason or None``; a reason refuses the instance with
-        *Out of Resources* (disk watermark, study size limit) before anything
-        is written.
+        ``study_uid or None -> reason or None``; a reason refuses the instance
+        with *Out of Resources* (disk watermark, study size limit).  It is
+        asked with ``None`` before the data set is received (checks that need
+        no study: the disk) and with the study UID before the instance is put
+        in place.
     max_associations : int
         Concurrent associations; more are rejected (transient).
     ssl_context : ssl.SSLContext, optional
@@ -205,7 +207,7 @@ class StorageSCP:
         allowed_callers: Iterable[str] | None = None,
         allowed_hosts: Iterable[str] | None = None,
         on_instance: Callable[[str, str, Path, str, str], None] | None = None,
-        admit: Callable[[str], str | None] | None = None,
+        admit: Callable[[str | None], str | None] | None = None,
         max_associations: int = 8,
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False,
@@ -291,10 +293,22 @@ class StorageSCP:
             )  # fmt: skip
         except (InvalidUIDError, ValueError) as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling)
+        if self.admit is not None:
+            reason = self.admit(None)  # what can be checked before the study is known: the disk
+            if reason:
+                return self._refuse(Status.OUT_OF_RESOURCES, reason, calling)
         try:
-            incoming = IncomingFile(self.spool_dir / INCOMING)
+            try:
+                incoming = IncomingFile(self.spool_dir / INCOMING)
+            except FileNotFoundError:  # the directory went away (spool clean-up): create it again
+                make_durable_dirs(self.spool_dir / INCOMING, self.spool_dir.parent)
+                incoming = IncomingFile(self.spool_dir / INCOMING)
+        except OSError as exc:
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling)
+        try:
             incoming.write(header)
         except OSError as exc:
+            incoming.discard()
             return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling)
         return _SpooledInstance(self, incoming, len(header), association, context, command)
 
@@ -313,6 +327,8 @@ class StorageSCP:
             return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling)
         except DataSetScanError as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, f"bad data set: {exc}", calling)
+        except OSError as exc:  # the received file cannot be mapped to be read
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot read back: {exc}", calling)
         if sop != command.affected_sop_instance_uid:
             return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request's",
                                 calling, sop)  # fmt: skip
@@ -359,16 +375,15 @@ class StorageSCP:
                 if len(self._durable_dirs) >= 10_000:  # a long-running node: forget old series
                     self._durable_dirs.clear()
                 self._durable_dirs.add(directory)
+        incoming.sync()
         try:
-            incoming.commit(path)
+            incoming.move(path)
         except FileNotFoundError:
-            if incoming.path.exists():  # the series directory went away (spool clean-up): create it again
-                with self._lock:
-                    self._durable_dirs.discard(directory)
-                make_durable_dirs(directory, self.spool_dir)
-                incoming.commit(path)
-            else:
-                raise
+            # The series directory went away (spool clean-up): forget it, create it again, move again.
+            with self._lock:
+                self._durable_dirs.discard(directory)
+            make_durable_dirs(directory, self.spool_dir)
+            incoming.move(path)
 
     def _refuse(self, status: Status, reason: str, calling: str, sop: str | None = None) -> StoreResult:
         """Count and log a refusal; ``reason`` also goes back to the sender as the Error Comment."""

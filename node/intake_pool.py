@@ -63,12 +63,15 @@ class StudyRecorder:
         # Arrival records need no fsync of their own: the spool is durable and is reconciled at start.
         self.store = JobStore(db_path, synchronous="NORMAL")
 
-    def admit(self, study: str) -> str | None:
-        """Why an instance of ``study`` must be refused with Out of Resources, or ``None``."""
+    def admit(self, study: str | None) -> str | None:
+        """Why an instance of ``study`` must be refused with Out of Resources, or ``None``.
+
+        With ``study`` ``None`` (before the data set is received) only the disk is checked.
+        """
         free_mb = shutil.disk_usage(self.data_dir).free / 2**20
         if free_mb < self.min_free_disk_mb:
             return f"only {free_mb:.0f} MB free on the spool disk (watermark {self.min_free_disk_mb} MB)"
-        if self.store.study_instances(study) >= self.max_study_instances:
+        if study is not None and self.store.study_instances(study) >= self.max_study_instances:
             return f"study exceeds {self.max_study_instances} instances"
         return None
 

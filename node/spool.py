@@ -81,6 +81,11 @@ class IncomingFile:
         """A read-only view of what was written from ``offset`` on (memory-mapped: no copy).
 
         Use the view only inside the ``with`` block.
+
+        Raises
+        ------
+        OSError
+            When the file cannot be mapped (no address space, a file system without mmap).
         """
         assert self._fd is not None, "read after commit or discard"
         if self.size <= offset:
@@ -91,33 +96,41 @@ class IncomingFile:
         try:
             yield view
         finally:
-            view.release()
             # A view still held (by a traceback) keeps the map: it is unmapped when collected.
             with contextlib.suppress(BufferError):
+                view.release()
                 mapped.close()
 
     def commit(self, final: Path) -> None:
-        """fsync, rename to ``final`` (its directory must exist, durably) and fsync that directory.
+        """Make the file durable and move it to ``final`` (see :meth:`sync` and :meth:`move`)."""
+        self.sync()
+        self.move(final)
+
+    def sync(self) -> None:
+        """fsync and close the file (once; later calls do nothing)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def move(self, final: Path) -> None:
+        """Rename the synced file to ``final`` and fsync that directory (the new entry is durable only then).
 
         Raises
         ------
         OSError
-            From the file system; the incoming file is then removed.
+            From the file system, e.g. ``FileNotFoundError`` when ``final``'s
+            directory is gone; the incoming file is then still there, to move
+            again or to :meth:`discard`.
         """
-        assert self._fd is not None, "commit after commit or discard"
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            os.replace(self.path, final)
-        except BaseException:
-            self.discard()
-            raise
-        # The rename is durable only once the new directory entry is.
+        assert self._fd is None, "move before sync"
+        os.replace(self.path, final)
         fsync_directory(final.parent)
 
     def discard(self) -> None:
-        """Close and remove the incoming file (never raises)."""
+        """Close and remove the incoming file, if still there (never raises; a second call does nothing)."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

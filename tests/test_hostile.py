@@ -31,7 +31,7 @@ GOOD_CALLER = "MODALITY"
 def node(tmp_path):
     state = {"full": False}
 
-    def admit(study: str) -> str | None:
+    def admit(study: str | None) -> str | None:
         return "disk below watermark (simulated)" if state["full"] else None
 
     scp = StorageSCP(tmp_path / "spool", ae_title="MEDSEG", host="127.0.0.1", port=0,

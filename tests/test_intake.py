@@ -169,3 +169,60 @@ def test_dicom_over_tls_with_dcmtk(tmp_path, phantom_factory):
         assert plain.returncode != 0
     finally:
         node.stop()
+
+
+# -- the spool under stress: directories removed under a running node, a full disk ------------------------
+
+
+def _send(scp, paths) -> list[int]:
+    """C-STORE statuses of ``paths`` sent on one association."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="MEDSEG")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+def test_series_and_incoming_directories_removed_while_running_are_made_again(scp, phantom_factory):
+    """A spool clean-up that removes a study (or .incoming) does not make the node refuse that series later."""
+    import shutil
+
+    _, files = phantom_factory("CT")
+    first, *rest = files.series["CT"][:4]
+    assert _send(scp, [first]) == [0]
+    study_dir = next(p for p in scp.spool_dir.iterdir() if not p.name.startswith("."))
+    shutil.rmtree(study_dir)
+    shutil.rmtree(scp.spool_dir / ".incoming")
+    assert _send(scp, rest) == [0, 0, 0]
+    assert len(list(study_dir.rglob("*.dcm"))) == 3
+
+
+def test_a_write_error_on_the_spool_refuses_the_instance_and_leaks_nothing(scp, phantom_factory, monkeypatch):
+    """ENOSPC on the header or on the data: Out of Resources, no file left in .incoming, no descriptor leaked."""
+    import errno
+
+    from medsegagent.node import spool
+
+    _, files = phantom_factory("CT")
+    original = spool.IncomingFile.write
+    for failing_call in (1, 2):  # the File Meta header, then the first data fragment
+
+        def write(self, data, _calls=[0], _fail=failing_call):  # noqa: B006 -- a counter per scenario
+            _calls[0] += 1
+            if _calls[0] == _fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original(self, data)
+
+        monkeypatch.setattr(spool.IncomingFile, "write", write)
+        descriptors = len(os.listdir("/proc/self/fd"))
+        assert _send(scp, files.series["CT"][:1]) == [0xA700]
+        assert not list((scp.spool_dir / ".incoming").iterdir())
+        assert len(os.listdir("/proc/self/fd")) <= descriptors
+    monkeypatch.setattr(spool.IncomingFile, "write", original)
+    assert _send(scp, files.series["CT"][:1]) == [0]
