@@ -74,7 +74,6 @@ ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta")
 #: Phantom structures that make up each demo organ (the tumour lies in the liver).
 PARTS = {"liver": ("liver", "liver_tumour")}
 ORIENTATIONS = ("axial", "oblique", "sagittal", "coronal")
-MODES = ("failed", "emptied", "shifted", "noisy")
 SHIFTS_MM = (3.0, 6.0, 10.0, 15.0)
 SHIFT_DIRECTION = (1.0, 0.0, 0.0)  # towards the patient's left (LPS +x)
 NOISE_SIGMA = 0.35

@@ -422,8 +422,7 @@ class AcceptorAssociation:
     def perform(self, context_id: int, command: Command) -> StoreResult | IncomingDataSet:
         """What a complete command gets: a result now, or (a C-STORE to store) where its data set goes."""
         context = self.info.contexts[context_id]
-        if not command.is_request or command.command_field == CommandField.C_CANCEL_RQ:
-            return StoreResult(Status.SUCCESS)  # not answered (see respond)
+        # Responses and C-CANCEL fall through to a result that respond() does not send.
         if command.affected_sop_class_uid != context.abstract_syntax:
             why = f"SOP class {command.affected_sop_class_uid} on a {context.abstract_syntax} context"
             return StoreResult(Status.SOP_CLASS_NOT_SUPPORTED, why)
@@ -505,9 +504,9 @@ class _MessageAssembly:
             raise ProtocolError(f"undecodable command set: {exc}") from exc
         self.command_bytes = bytearray()
         outcome = self.association.perform(context_id, command)
-        if not command.has_data_set:
-            if isinstance(outcome, StoreResult):
-                self.association.respond(context_id, command, outcome)
+        if not command.has_data_set:  # perform() opens a sink only for a data set
+            assert isinstance(outcome, StoreResult)
+            self.association.respond(context_id, command, outcome)
             return
         self.command, self.data_length = command, 0
         self.sink, self.result = (None, outcome) if isinstance(outcome, StoreResult) else (outcome, None)
@@ -528,18 +527,15 @@ class _MessageAssembly:
                 self._fail("receiving")
         if not is_last:
             return
-        result = self.result
         if self.sink is not None:
-            sink, self.sink = self.sink, None
             try:
-                result = sink.finish()
+                self.result, self.sink = self.sink.finish(), None
             except Exception:
-                log.exception("storing %s from %s failed", self.command.affected_sop_instance_uid,
-                              self.association.peer)  # fmt: skip
-                sink.discard()
-                result = StoreResult(Status.PROCESSING_FAILURE, "processing failure")
-        command, self.command, self.result = self.command, None, None
-        self.association.respond(context_id, command, result or StoreResult(Status.PROCESSING_FAILURE))
+                self._fail("storing")
+        command, result = self.command, self.result
+        assert result is not None  # decided at the command, or by the sink
+        self.command, self.result = None, None
+        self.association.respond(context_id, command, result)
 
     def _fail(self, what: str) -> None:
         assert self.command is not None

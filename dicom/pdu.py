@@ -21,8 +21,6 @@ from typing import Protocol
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 
-#: Bytes of a PDU header (type, reserved, length).
-PDU_HEADER_LENGTH = _HEADER.size
 #: Bytes of a PDV item header (item length, context ID, message control header).
 PDV_HEADER_LENGTH = _PDV_HEADER.size
 

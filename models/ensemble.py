@@ -46,7 +46,7 @@ from itertools import combinations
 
 import numpy as np
 
-from medsegagent.models.resample import BoxedMap
+from medsegagent.models.resample import BoxedMap, _support_box
 
 __all__ = [
     "Member",
@@ -491,8 +491,8 @@ def _overlap(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> int:
 _NEIGHBOURS = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if i or j or k])
 
 
-def _peak_offset(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Shift of ``b`` that overlaps ``a`` most, by steepest ascent from no shift.
+def _peak_offset(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """Shift of ``b`` that overlaps ``a`` most, and that overlap, by steepest ascent from no shift.
 
     The overlap of two convex shapes is log-concave in the shift, so the
     ascent finds its peak; starting at zero and moving only for a strict gain
@@ -508,7 +508,7 @@ def _peak_offset(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         gains = [(_overlap(a, b, d + step), tuple(step)) for step in _NEIGHBOURS]
         value, step = max(gains, key=lambda g: (g[0], -sum(abs(v) for v in g[1])))
         if value <= best:
-            return d
+            return d, best
         best, d = value, d + np.asarray(step)
 
 
@@ -517,10 +517,9 @@ def _mask_of(m: BoxedMap, threshold: float = 0.5) -> tuple[tuple[slice, ...], np
     if m.is_empty:
         return None
     support = m.data > threshold
-    hits = [np.flatnonzero(support.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if not hits[0].size:
+    if not support.any():
         return None
-    local = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+    local = _support_box(support)
     box = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(m.box, local, strict=True))
     return box, support[local]
 
@@ -589,8 +588,8 @@ def placement_evidence(
     mask_a, mask_b = masks
     if not mask_a.any() or not mask_b.any():
         return None
-    d = _peak_offset(mask_a, mask_b)
-    if not d.any() or _overlap(mask_a, mask_b, d) == 0:
+    d, overlap = _peak_offset(mask_a, mask_b)
+    if not d.any() or overlap == 0:
         return None  # aligned as they are, or never overlapping: not two views of one structure
     # NaNs (a corrupt or padded image) would spread through the gradient and silence the rule.
     crop = np.nan_to_num(_coarsen(image[box], step).astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
@@ -599,13 +598,14 @@ def placement_evidence(
     # Pad each axis by its own shift only: a shell moved out of the box reads the box's border.
     edges = np.pad(edges, [(int(k), int(k)) for k in reach], mode="edge")
 
-    def fit(mask: np.ndarray, delta: np.ndarray) -> float:
-        points = np.argwhere(_shell(mask)) + reach + delta
+    def fit(shell: np.ndarray, delta: np.ndarray) -> float:
+        points = shell + delta
         return float(edges[tuple(points.T)].mean())
 
+    shell_a, shell_b = (np.argwhere(_shell(mask)) + reach for mask in (mask_a, mask_b))
     tiny = 1e-12  # a flat image gives no evidence either way
-    rho_a = float(np.log((fit(mask_a, -d) + tiny) / (fit(mask_a, 0 * d) + tiny)))
-    rho_b = float(np.log((fit(mask_b, d) + tiny) / (fit(mask_b, 0 * d) + tiny)))
+    rho_a = float(np.log((fit(shell_a, -d) + tiny) / (fit(shell_a, 0 * d) + tiny)))
+    rho_b = float(np.log((fit(shell_b, d) + tiny) / (fit(shell_b, 0 * d) + tiny)))
     return Placement(tuple(int(v) * step for v in d), rho_a, rho_b)  # type: ignore[arg-type]
 
 
@@ -760,8 +760,8 @@ def study_misplaced(
     are best aligned as they are adds 0): a model shifted as a whole loses a
     little in every target, and the sum of ``n`` small, consistent losses
     grows like ``n`` while the noise of sound models grows like ``sqrt(n)``.
-    ``a`` is dropped from every target when ``S > threshold`` (one target:
-    the per-target test with the same threshold).
+    ``a`` is dropped from every target when ``S > threshold``; a pair with
+    only one common target is left to the per-target rule.
 
     Parameters
     ----------

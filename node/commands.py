@@ -112,7 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from medsegagent.node.api import TokenMissingError
     from medsegagent.node.config import ConfigError, load_config
-    from medsegagent.node.intake import quiet_pynetdicom
+    from medsegagent.node.scu import quiet_pynetdicom
     from medsegagent.node.service import Node
 
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:

@@ -142,17 +142,6 @@ class IntakeStats:
     instances_per_study: dict[str, int] = field(default_factory=dict)
 
 
-def quiet_pynetdicom(verbose: bool = False) -> None:
-    """Keep pynetdicom's per-message INFO lines ("Sending Store Request") out of the node's log.
-
-    pynetdicom serves the node's SCU roles (delivery, worklist); the node logs
-    one line per association itself, and per-instance lines bury what an
-    administrator looks for.  With ``verbose`` pynetdicom logs at DEBUG (PDU
-    dumps), for protocol debugging.
-    """
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """Server-side TLS context (TLS 1.2+, as BCP 195 asks) from the node's TLS settings."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -457,7 +446,7 @@ class _SpooledInstance:
                                         self.association.calling_ae)  # fmt: skip
             return self.scp._finish(self)
         finally:
-            self.incoming.discard()  # after a commit there is nothing left to remove
+            self.incoming.discard()  # a refused or failed instance; nothing after a move
 
     def discard(self) -> None:
         """Drop the partial instance."""

@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medsegagent.node.config import TlsSettings
-from medsegagent.node.intake import StorageSCP, quiet_pynetdicom, server_ssl_context
+from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.jobs import JobStore
+from medsegagent.node.scu import quiet_pynetdicom
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,16 @@ class StudyRecorder:
     def admit(self, study: str | None) -> str | None:
         """Why an instance of ``study`` must be refused with Out of Resources, or ``None``.
 
-        With ``study`` ``None`` (before the data set is received) only the disk is checked.
+        With ``study`` ``None`` (before the data set is received) the disk is
+        checked; with a study (the data set is already written, the rename
+        needs no space) its instance count.
         """
-        free_mb = shutil.disk_usage(self.data_dir).free / 2**20
-        if free_mb < self.min_free_disk_mb:
-            return f"only {free_mb:.0f} MB free on the spool disk (watermark {self.min_free_disk_mb} MB)"
-        if study is not None and self.store.study_instances(study) >= self.max_study_instances:
+        if study is None:
+            free_mb = shutil.disk_usage(self.data_dir).free / 2**20
+            if free_mb < self.min_free_disk_mb:
+                return f"only {free_mb:.0f} MB free on the spool disk (watermark {self.min_free_disk_mb} MB)"
+            return None
+        if self.store.study_instances(study) >= self.max_study_instances:
             return f"study exceeds {self.max_study_instances} instances"
         return None
 
@@ -124,10 +129,8 @@ def tls_from_json(data: dict | None) -> TlsSettings | None:
     """The TLS settings :func:`tls_to_json` wrote."""
     if data is None:
         return None
-    ca = data.get("ca_certificates")
-    return TlsSettings(certificate=Path(data["certificate"]), private_key=Path(data["private_key"]),
-                       ca_certificates=Path(ca) if ca else None,
-                       require_client_certificate=bool(data.get("require_client_certificate")))  # fmt: skip
+    # Strings are the paths tls_to_json wrote; every field goes through, so a new one cannot be lost.
+    return TlsSettings(**{k: Path(v) if isinstance(v, str) else v for k, v in data.items()})
 
 
 class IntakePool:
@@ -214,9 +217,8 @@ class IntakePool:
         log.info("intake process %d serves port %d", proc.pid, self.spec.port)
         return proc
 
-    def supervise(self) -> int:
-        """Restart workers that died (the supervisor thread calls this); returns how many were restarted."""
-        restarted = 0
+    def supervise(self) -> None:
+        """Restart workers that died (the supervisor thread calls this)."""
         for slot in range(len(self._workers)):
             with self._lock:
                 proc = self._workers[slot]
@@ -236,8 +238,6 @@ class IntakePool:
             self._retry_at.pop(slot, None)
             with self._lock:
                 self._workers[slot] = fresh
-            restarted += 1
-        return restarted
 
     def _terminate(self, timeout: float = 10.0) -> None:
         with self._lock:

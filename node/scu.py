@@ -1,7 +1,8 @@
-"""What the node's SCU associations (delivery, worklist) share: one way to build the pynetdicom AE."""
+"""What the node's SCU associations (delivery, worklist) share: the pynetdicom AE, its socket option, its log."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from pynetdicom import AE, evt
@@ -30,3 +31,14 @@ def scu_ae(ae_title: str, timeout: float) -> AE:
     ae.implementation_version_name = MEDSEGAGENT_IMPLEMENTATION_VERSION
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     return ae
+
+
+def quiet_pynetdicom(verbose: bool = False) -> None:
+    """Keep pynetdicom's per-message INFO lines ("Sending Store Request") out of the node's log.
+
+    pynetdicom serves the node's SCU roles (delivery, worklist); the node logs
+    one line per association itself, and per-instance lines bury what an
+    administrator looks for.  With ``verbose`` pynetdicom logs at DEBUG (PDU
+    dumps), for protocol debugging.
+    """
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)

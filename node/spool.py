@@ -66,6 +66,7 @@ class IncomingFile:
         self.path = incoming_dir / f".{uuid.uuid4().hex}.tmp"
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self.size = 0
+        self.moved = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``."""
@@ -127,6 +128,7 @@ class IncomingFile:
         """
         assert self._fd is None, "move before sync"
         os.replace(self.path, final)
+        self.moved = True
         fsync_directory(final.parent)
 
     def discard(self) -> None:
@@ -135,5 +137,6 @@ class IncomingFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if not self.moved:  # after a move there is nothing here to remove
+            with contextlib.suppress(OSError):
+                self.path.unlink()
