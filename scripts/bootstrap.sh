@@ -14,7 +14,9 @@ job="${1:-demo}"
 shift || true
 case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install [args...]" >&2; exit 2 ;; esac
 
-apt_packages=(dcmtk python3-venv); if [ "$job" = test ]; then apt_packages+=(orthanc orthanc-python orthanc-dicomweb chromium); fi
+# mricron-data: Colin27, a real T1 MRI, and its brain mask (the demo's and the tests' real scan).
+apt_packages=(dcmtk python3-venv mricron-data)
+if [ "$job" = test ]; then apt_packages+=(orthanc orthanc-python orthanc-dicomweb chromium); fi
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -29,7 +31,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($python --version)"
   "$python" -m venv .venv
 fi
-extras=""; [ "$job" = test ] && extras="[test,nnunet]"
+extras=""; [ "$job" = test ] && extras="[test,nnunet,totalseg]"
 stamp=".venv/.medsegagent-installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== pip: installing the project$extras"
@@ -37,9 +39,27 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first and pinned: on this platform the pin resolves to the CPU build.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".$extras"
+  # TAPS (whole prostate, ONNX) declares onnxruntime-gpu; the project already has the CPU runtime.
+  .venv/bin/python -m pip install -q --no-deps "lavlab-taps==1.1.2"
+  # PyPI's torchvision is built for the CUDA torch and cannot load beside the CPU build (nnunetv2 ->
+  # timm pulls it in). Nothing here uses it, and a broken torchvision breaks every transformers
+  # model import, so it goes; on a CUDA build of torch it loads and stays.
+  if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
+  fi
   touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+# The tests' real CT: the TotalSegmentator source distribution ships a real Siemens CT series and
+# real CT/MR volumes (tests/reference_files). Fetched once from PyPI into .cache/.
+if [ "$job" = test ]; then
+  sdist=.cache/realdata/totalsegmentator-2.18.0.tar.gz
+  if [ ! -f "$sdist" ]; then
+    echo "== pip: fetching the TotalSegmentator sdist (real CT test data)"
+    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "totalsegmentator==2.18.0" -d .cache/realdata
+  fi
+fi
 
 case "$job" in
   demo) exec .venv/bin/medsegagent demo "$@" ;;

@@ -414,7 +414,10 @@ def test_minimal_registry_loads(tmp_path: Path) -> None:
         (lambda d: _lab(d, "liver").update(quality=1.5), "datasets.Tiny.labels.liver.quality"),
         (lambda d: _lab(d, "liver").update(volume_ml=[500, 100]), "datasets.Tiny.labels.liver.volume_ml"),
         (lambda d: _lab(d, "liver").update(dice=0.9), "datasets.Tiny.labels.liver.dice: unknown key"),
-        (lambda d: _mod(d).update(backend="onnx"), "datasets.Tiny.models[tiny_unet].backend: unknown backend 'onnx'"),
+        (
+            lambda d: _mod(d).update(backend="tflite"),
+            "datasets.Tiny.models[tiny_unet].backend: unknown backend 'tflite'",
+        ),
         (
             lambda d: _mod(d).update(location="../../etc"),
             "datasets.Tiny.models[tiny_unet].location: relative location '../../etc' escapes",
@@ -465,7 +468,7 @@ def _mod(d: dict[str, Any]) -> dict[str, Any]:
 def test_all_errors_are_collected(tmp_path: Path) -> None:
     doc = _minimal()
     _lab(doc, "liver").update(kind="gland", color=[1, 2])
-    _mod(doc).update(backend="onnx")
+    _mod(doc).update(backend="tflite")
     doc["datasets"]["Tiny"]["regions"] = ["belly"]
     errors = _errors(tmp_path, doc)
     assert len(errors) == 4, errors
