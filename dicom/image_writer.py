@@ -258,6 +258,38 @@ def _encode(image: np.ndarray, modality: str) -> tuple[np.ndarray, list[float], 
 
 
 @dataclass(frozen=True)
+class MrProtocol:
+    """The acquisition attributes an MR series is written with.
+
+    The defaults are the phantoms' fat-saturated 3-D spoiled gradient echo
+    (Siemens VIBE, T1-weighted) at 3 T.
+
+    Parameters
+    ----------
+    scanning_sequence, sequence_variant, scan_options : str or list of str
+        MR Image module values (``GR``; ``SP``, ``OSP``; ``FS``).
+    sequence_name : str
+        The vendor's sequence name.
+    repetition_time_ms, echo_time_ms, flip_angle_deg : float
+        Timing and flip angle.
+    field_strength_t : float
+        Magnetic Field Strength.
+    averages : int
+        Number of Averages.
+    """
+
+    scanning_sequence: str = "GR"
+    sequence_variant: tuple[str, ...] = ("SP", "OSP")
+    scan_options: tuple[str, ...] = ("FS",)
+    sequence_name: str = "*fl3d1"
+    repetition_time_ms: float = 4.1
+    echo_time_ms: float = 1.9
+    flip_angle_deg: float = 10.0
+    field_strength_t: float = 3.0
+    averages: int = 1
+
+
+@dataclass(frozen=True)
 class _SeriesContext:
     modality: str
     study: StudyInfo
@@ -269,6 +301,8 @@ class _SeriesContext:
     series_time: str
     pet: PetInfo
     window: tuple[float, float]
+    body_part: str = "ABDOMEN"
+    mr: MrProtocol = field(default_factory=MrProtocol)
 
 
 def _common(ctx: _SeriesContext, sop_class: str, sop_uid: str) -> Dataset:
@@ -289,7 +323,7 @@ def _common(ctx: _SeriesContext, sop_class: str, sop_uid: str) -> Dataset:
     ds.SeriesTime = ctx.series_time
     ds.SeriesDescription = ctx.series_description
     ds.ProtocolName = ctx.series_description
-    ds.BodyPartExamined = "ABDOMEN"
+    ds.BodyPartExamined = ctx.body_part
     if ctx.modality != "PT":  # PET states it with Patient Orientation/Gantry Relationship codes
         ds.PatientPosition = "HFS"
     ds.OperatorsName = ""
@@ -391,24 +425,24 @@ def _ct_image(ds: Dataset, ctx: _SeriesContext) -> None:
 
 
 def _mr_image(ds: Dataset, ctx: _SeriesContext) -> None:
-    # A 3-D spoiled gradient echo with fat saturation (Siemens VIBE): T1-weighted.
+    mr = ctx.mr
     ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-    ds.ScanningSequence = "GR"
-    ds.SequenceVariant = ["SP", "OSP"]
-    ds.ScanOptions = ["FS"]
+    ds.ScanningSequence = mr.scanning_sequence
+    ds.SequenceVariant = list(mr.sequence_variant) or "NONE"
+    ds.ScanOptions = list(mr.scan_options) or ""
     ds.MRAcquisitionType = "3D"
-    ds.SequenceName = "*fl3d1"
+    ds.SequenceName = mr.sequence_name
     ds.AngioFlag = "N"
-    ds.RepetitionTime = "4.1"
-    ds.EchoTime = "1.9"
+    ds.RepetitionTime = _ds(mr.repetition_time_ms)
+    ds.EchoTime = _ds(mr.echo_time_ms)
     ds.EchoTrainLength = "1"
-    ds.NumberOfAverages = "1"
-    ds.ImagingFrequency = "123.25"
+    ds.NumberOfAverages = _ds(mr.averages)
+    ds.ImagingFrequency = _ds(42.577478 * mr.field_strength_t)  # proton Larmor frequency, MHz
     ds.ImagedNucleus = "1H"
     ds.EchoNumbers = "1"
-    ds.MagneticFieldStrength = "3"
+    ds.MagneticFieldStrength = _ds(mr.field_strength_t)
     ds.SpacingBetweenSlices = _ds(ctx.geometry.spacing[0])
-    ds.FlipAngle = "10"
+    ds.FlipAngle = _ds(mr.flip_angle_deg)
     ds.PercentSampling = "100"
     ds.PercentPhaseFieldOfView = "100"
     ds.PixelBandwidth = "450"
@@ -652,6 +686,8 @@ def write_series(
     series_time: str | None = None,
     pet: PetInfo | None = None,
     window: tuple[float, float] | None = None,
+    body_part: str = "ABDOMEN",
+    mr_protocol: MrProtocol | None = None,
 ) -> list[Path]:
     """Write ``image`` as one DICOM series.
 
@@ -688,6 +724,10 @@ def write_series(
         PET administration details (PT only; defaults to 300 MBq FDG).
     window : (float, float), optional
         Default VOI window centre/width.
+    body_part : str
+        Body Part Examined (``ABDOMEN``, ``HEAD``).
+    mr_protocol : MrProtocol, optional
+        MR acquisition attributes (MR only; the phantoms' VIBE by default).
 
     Returns
     -------
@@ -716,6 +756,8 @@ def write_series(
         series_time=series_time or study.study_time,
         pet=pet or PetInfo(),
         window=window or default_window,
+        body_part=body_part,
+        mr=mr_protocol or MrProtocol(),
     )
     stored, slopes, intercept, bits, signed = _encode(image, modality)
     n = geometry.shape[0]

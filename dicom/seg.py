@@ -221,6 +221,9 @@ class SegmentSpec:
     members : tuple of SegmentMember
         Models that voted on this segment (written into its Algorithm
         Identification parameters).
+    note : str, optional
+        A caution for readers (``models disagree (Dice 0.23)``), written as
+        the Segment Description (LO, truncated to 64 characters).
 
     Raises
     ------
@@ -234,6 +237,7 @@ class SegmentSpec:
     type_modifier: hd.sr.CodedConcept | None = None
     color: tuple[int, int, int] | None = None
     members: tuple[SegmentMember, ...] = ()
+    note: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label.strip():
@@ -445,6 +449,8 @@ def segment_description(
         type_item.SegmentedPropertyTypeModifierCodeSequence = [modifier]
     if empty:
         desc.SegmentDescription = EMPTY_SEGMENT_NOTE
+    elif spec.note:
+        desc.SegmentDescription = truncate_text(spec.note)
     return desc
 
 
@@ -505,6 +511,7 @@ def write_segmentation(
     seg_type: SegType = SegType.BINARY,
     series_number: int = 9901,
     models: Sequence[ContributingModel | tuple[str, str]] = (),
+    caution: str | None = None,
 ) -> Dataset:
     """Encode ``masks`` as a DICOM SEG referencing the source series.
 
@@ -542,6 +549,10 @@ def write_segmentation(
     models : sequence of ContributingModel or (name, version_or_hash)
         Models of the run: written into the IHE AIR Contributing Equipment
         item and hashed into the Device UID.
+    caution : str, optional
+        A warning for readers of the whole result (``MODELS DISAGREE``): it
+        leads the Series Description in brackets, where a PACS series list
+        shows it before the request text is cut at 64 characters.
 
     Returns
     -------
@@ -574,7 +585,8 @@ def write_segmentation(
         segment_description(number, spec, algorithm, key, empty=not present[number - 1])
         for number, spec in enumerate(segments, start=1)
     ]
-    description = truncate_text(f"SEG {request_text}" if request_text else "MedSegAgent SEG")
+    description = f"SEG {request_text}" if request_text else "MedSegAgent SEG"
+    description = truncate_text(f"[{caution}] {description}" if caution else description)
     content = truncate_text(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
     now = datetime.now()
     equipment = ai_model_equipment(contributors, algorithm, now)

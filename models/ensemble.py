@@ -102,6 +102,10 @@ class TargetResult:
         Model -> rank (1 = best) among all candidates.
     dropped : dict, optional
         Model -> why it was left out.
+    agreement : float, optional
+        Mean pairwise Dice of the members whose masks were plausible, before
+        any was dropped for its place or for disagreeing; ``None`` with fewer
+        than two such members (nothing to compare).
     """
 
     def __init__(
@@ -111,12 +115,14 @@ class TargetResult:
         weights: dict[str, float] | None = None,
         ranks: dict[str, int] | None = None,
         dropped: dict[str, str] | None = None,
+        agreement: float | None = None,
     ) -> None:
         self.target = target
         self.score_map: BoxedMap = score if isinstance(score, BoxedMap) else BoxedMap.from_dense(score)
         self.weights: dict[str, float] = dict(weights or {})
         self.ranks: dict[str, int] = dict(ranks or {})
         self.dropped: dict[str, str] = dict(dropped or {})
+        self.agreement = agreement
 
     @property
     def score(self) -> np.ndarray:
@@ -238,20 +244,21 @@ def fuse_target(
             dropped[member.model] = reason
         else:
             kept.append(_Kept(rank, member.model, boxed, boxed.count(0.5)))
+    pairs = {(a.model, b.model): _dice(a.map, b.map) for i, a in enumerate(kept) for b in kept[i + 1 :]}
+    agreement = float(np.mean(list(pairs.values()))) if pairs else None
     if image is not None and min_misplacement is not None and len(kept) >= 2:
         kept, misplaced = _drop_misplaced(kept, image, min_misplacement, placements or {})
         dropped.update(misplaced)
     if min_agreement is not None and len(kept) >= 2:
-        kept, outliers = _drop_outliers(kept, min_agreement)
+        kept, outliers = _drop_outliers(kept, min_agreement, pairs)
         dropped.update(outliers)
     if shape is None:
-        return TargetResult(target, BoxedMap.empty((0, 0, 0)), {}, ranks, dropped)
+        return TargetResult(target, BoxedMap.empty((0, 0, 0)), {}, ranks, dropped, agreement)
     if not kept:
-        return TargetResult(target, BoxedMap.empty(shape), {}, ranks, dropped)
+        return TargetResult(target, BoxedMap.empty(shape), {}, ranks, dropped, agreement)
     weights = dict(zip((k.model for k in kept), rank_weights([k.rank for k in kept]), strict=True))
-    return TargetResult(
-        target, _weighted_sum(shape, [(weights[k.model], k.map) for k in kept]), weights, ranks, dropped
-    )
+    score = _weighted_sum(shape, [(weights[k.model], k.map) for k in kept])
+    return TargetResult(target, score, weights, ranks, dropped, agreement)
 
 
 def _implausible(
@@ -325,19 +332,21 @@ def _drop_misplaced(
     return [k for k in kept if k.model not in misplaced], misplaced
 
 
-def _drop_outliers(kept: list[_Kept], min_agreement: float) -> tuple[list[_Kept], dict[str, str]]:
+def _drop_outliers(
+    kept: list[_Kept], min_agreement: float, dice: Mapping[tuple[str, str], float]
+) -> tuple[list[_Kept], dict[str, str]]:
     """Drop members that disagree with the others.
 
     While three or more remain, the member with the lowest mean Dice with
     the others goes if that is below ``min_agreement`` (unweighted: a
     high-ranked outlier must not pull the judgement its way), one at a time.
     Of two members that disagree there is no majority: the lower-ranked goes,
-    because averaging two incompatible masks yields neither.
+    because averaging two incompatible masks yields neither.  ``dice`` holds
+    the Dice of each pair (either order).
     """
     kept = list(kept)
     outliers: dict[str, str] = {}
-    pairs = {(a.model, b.model): _dice(a.map, b.map) for i, a in enumerate(kept) for b in kept[i + 1 :]}
-    pairs.update({(b, a): d for (a, b), d in list(pairs.items())})
+    pairs = {**dice, **{(b, a): d for (a, b), d in dice.items()}}
     while len(kept) >= 3:
         agreement = {m.model: float(np.mean([pairs[m.model, o.model] for o in kept if o is not m])) for m in kept}
         worst = min(kept, key=lambda m: (agreement[m.model], -m.rank))

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 
@@ -125,6 +126,63 @@ MAX_SPECKLE_SHARE = 0.25
 SPECKLE_ML = 0.5
 #: Two models whose mean Dice over a study's targets is below this are in conflict; the image arbitrates.
 MIN_STUDY_AGREEMENT = 0.7
+#: Registry collection of the models trained on phantoms: their results are labelled as such.
+DEMO_COLLECTION = "demo"
+#: A segment's models agree when the mean Dice of their plausible masks is at least this.
+AGREED_DICE = 0.7
+
+
+class Agreement(StrEnum):
+    """How far the models behind one segment back each other (``report.json``, the SEG)."""
+
+    #: Two or more models gave plausible masks with mean Dice >= :data:`AGREED_DICE`.
+    AGREED = "agreed"
+    #: One model serves the target: nothing to compare it with.
+    SINGLE_MODEL = "single_model"
+    #: Several models ran, only one gave a plausible mask: the result stands unchecked.
+    UNCONFIRMED = "unconfirmed"
+    #: The models' masks disagree: the ensemble kept what its rules favour, a reader should check it.
+    DISPUTED = "disputed"
+    #: No model gave a plausible mask.
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class SegmentQuality:
+    """The agreement behind one segment and the note a reader gets about it."""
+
+    agreement: Agreement
+    dice: float | None = None
+    note: str | None = None
+
+    @property
+    def doubtful(self) -> bool:
+        """Whether readers should be warned about the segment."""
+        return self.agreement in (Agreement.UNCONFIRMED, Agreement.DISPUTED)
+
+
+def assess_segment(result: TargetResult) -> SegmentQuality:
+    """Judge a fused segment by how far its members agreed (see :class:`Agreement`)."""
+    candidates = len(set(result.ranks) | set(result.dropped))
+    if not result.weights:
+        return SegmentQuality(Agreement.EMPTY, result.agreement)
+    if result.agreement is None:
+        if candidates <= 1:
+            return SegmentQuality(Agreement.SINGLE_MODEL)
+        return SegmentQuality(Agreement.UNCONFIRMED, None, f"unconfirmed: 1 of {candidates} models gave a mask")
+    if result.agreement >= AGREED_DICE:
+        return SegmentQuality(Agreement.AGREED, result.agreement)
+    return SegmentQuality(Agreement.DISPUTED, result.agreement, f"models disagree (mean Dice {result.agreement:.2f})")
+
+
+def study_caution(qualities: list[SegmentQuality], demo_models: bool) -> str | None:
+    """The warning that leads the SEG's Series Description, or ``None`` for a result without doubts."""
+    parts = []
+    if demo_models:
+        parts.append("DEMO MODELS")
+    if any(q.doubtful for q in qualities):
+        parts.append("MODELS DISAGREE")
+    return ", ".join(parts) or None
 
 
 def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Prediction | None = None) -> tuple:
@@ -315,15 +373,21 @@ def segment_study(
     try:
         # Each segment names its own voters with their ranks and weights; the
         # contributing models (with weight digests) make the SEG's Device UID.
+        qualities = [assess_segment(r) for r in results]
         specs = [
-            segment_spec(s.label, members_from_ranks(r.ranks, r.weights))
-            for s, r in zip(segments, results, strict=True)
+            segment_spec(s.label, members_from_ranks(r.ranks, r.weights), q.note)
+            for s, r, q in zip(segments, results, qualities, strict=True)
         ]
         ran = {ref.name: ref for s in segments for _, _, ref in s.members if ref.name in predictions}
         contributing = [ContributingModel(name, model_fingerprint(ref.path)) for name, ref in sorted(ran.items())]
+        demo = any(DEMO_COLLECTION in registry.datasets[ref.dataset].collections for ref in ran.values())
+        caution = study_caution(qualities, demo)
+        if caution:
+            say(f"caution: {caution}")
         key = uid_key or f"{volume.series_instance_uid}/{' '.join(text.split()).lower()}"
         sources = load_source_datasets(volume, chosen.files)
-        common = {"uid_key": key, "request_text": text, "request_source": request_source, "models": contributing}
+        common = {"uid_key": key, "request_text": text, "request_source": request_source, "models": contributing,
+                  "caution": caution}  # fmt: skip
         seg = write_segmentation(volume, sources, labels, specs, staging / "seg.dcm", seg_type=seg_type, **common)
         outputs = ["seg.dcm", "preview.png"]
         if volume_report:
@@ -366,6 +430,11 @@ def segment_study(
             shown,
         )
         report["outputs"] = outputs
+        report["quality"] = {"caution": caution, "demo_models": demo}
+        for entry, quality in zip(report["segments"], qualities, strict=True):
+            entry["agreement"] = quality.agreement.value
+            entry["agreement_dice"] = None if quality.dice is None else round(quality.dice, 3)
+            entry["note"] = quality.note
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name in [*outputs, "report.json"]:  # report last: its presence means "complete"
             (staging / name).replace(out_dir / name)
@@ -417,7 +486,7 @@ def _fuse_segments(
     return results
 
 
-def segment_spec(label: Label, members: tuple[SegmentMember, ...] = ()) -> SegmentSpec:
+def segment_spec(label: Label, members: tuple[SegmentMember, ...] = (), note: str | None = None) -> SegmentSpec:
     """The SEG segment of a registry label: its codes, colour and (optionally) the models that voted."""
     return SegmentSpec(
         label=label.name,
@@ -426,6 +495,7 @@ def segment_spec(label: Label, members: tuple[SegmentMember, ...] = ()) -> Segme
         type_modifier=label.type_modifier.to_highdicom() if label.type_modifier is not None else None,
         color=tuple(label.color) if label.color else None,
         members=members,
+        note=note,
     )
 
 
