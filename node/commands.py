@@ -40,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--request", default=None, help="instruction text (default: the demo organs)")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--modality", choices=["CT", "MR"], default="CT")
+    demo.add_argument("--modality", choices=["CT", "MR"], default="CT", help="modality of the phantom study")
+    demo.add_argument(
+        "--real",
+        action="store_true",
+        help="real-scan mode: Colin27, a real T1 MRI (Debian mricron-data), skull-stripped by HD-BET and deepbet",
+    )
     demo.set_defaults(func=run_demo_command)
 
     serve = subparsers.add_parser(
@@ -91,13 +96,19 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """``medsegagent demo``."""
-    from medsegagent.node.demo import DEFAULT_REQUEST, run_demo, summary
+    from medsegagent.dicom.realdata import RealDataError
+    from medsegagent.node.demo import DEFAULT_REQUEST, REAL_REQUEST, run_demo, run_real_demo, summary
     from medsegagent.node.pipeline import PipelineError
 
-    print("MedSegAgent demo: phantom study -> node (DICOM) -> plan -> models -> ensemble -> DICOM-SEG", file=sys.stderr)
+    study = "real MRI (Colin27)" if args.real else "phantom study"
+    print(f"MedSegAgent demo: {study} -> node (DICOM) -> plan -> models -> ensemble -> DICOM-SEG", file=sys.stderr)
     try:
-        outcome = run_demo(args.out, request=args.request or DEFAULT_REQUEST, seed=args.seed, modality=args.modality)
-    except PipelineError as exc:
+        if args.real:
+            outcome = run_real_demo(args.out, request=args.request or REAL_REQUEST)
+        else:
+            request = args.request or DEFAULT_REQUEST
+            outcome = run_demo(args.out, request=request, seed=args.seed, modality=args.modality)
+    except (PipelineError, RealDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(summary(outcome))

@@ -1,32 +1,41 @@
 """``medsegagent demo``: the whole node on one machine, no external service.
 
-1. make a synthetic CT study (phantom with known organs);
+1. make a synthetic CT study (phantom with known organs) -- or, with
+   ``--real``, write a real MRI (Colin27, Debian's ``mricron-data``) as a
+   DICOM series;
 2. start the node's DICOM listener on a free loopback port;
 3. send the study to it over DICOM (C-STORE), as a PACS would;
-4. once the study is complete, segment it from a plain-language request with
-   the demo models (routing, parallel models, rank-aware ensemble);
+4. once the study is complete, segment it from a plain-language request
+   (routing, parallel models, rank-aware ensemble): the demo models on the
+   phantom, the real brain-extraction models (HD-BET, deepbet) on Colin27;
 5. write the DICOM-SEG, report and preview, and print Dice against the
-   phantom's truth per organ.
+   truth per organ (phantom) or against Colin27's published brain mask, for
+   the ensemble and for each model alone.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medsegagent.dicom.image_writer import write_phantom
 from medsegagent.dicom.phantom import Phantom, make_phantom
+from medsegagent.dicom.realdata import colin27, write_colin27_series
 from medsegagent.dicom.volume import Volume
+from medsegagent.models.backends import Prediction
 from medsegagent.models.resample import resample
 from medsegagent.node.dispatch import send_files
 from medsegagent.node.intake import StorageSCP
 from medsegagent.node.pipeline import Result, segment_study
 
 DEFAULT_REQUEST = "Segment the liver, spleen, both kidneys, pancreas and aorta"
+#: The real-scan demo's request: brain extraction on Colin27.
+REAL_REQUEST = "Skull strip: segment the brain"
 #: Phantom structures that make up each demo organ (the tumour lies in the liver).
 _ORGAN_PARTS = {"liver": ("liver", "liver_tumour")}
 
@@ -39,6 +48,8 @@ class DemoOutcome:
     dice: dict[str, float]
     seconds: dict[str, float]
     instances: int
+    member_dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    truth: str = "the phantom's truth"
 
 
 def organ_dice(phantom: Phantom, volume: Volume, labels: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -52,9 +63,7 @@ def organ_dice(phantom: Phantom, volume: Volume, labels: np.ndarray, names: list
         parts = [by_name[p] for p in _ORGAN_PARTS.get(name, (name,)) if p in by_name]
         if not parts:
             continue
-        a, b = labels == number, np.isin(truth, parts)
-        denom = int(a.sum() + b.sum())
-        scores[name] = 2.0 * float((a & b).sum()) / denom if denom else 1.0
+        scores[name] = mask_dice(labels == number, np.isin(truth, parts))
     return scores
 
 
@@ -82,6 +91,32 @@ def run_demo(
     dicom_files = sorted((work_dir / "study" / "dicom").glob("*.dcm"))
     seconds["phantom"] = time.perf_counter() - t0
 
+    result, seconds["transfer"], seconds["segment"] = through_node(
+        work_dir, dicom_files, request, collection="demo", say=say
+    )
+    names = [s["label"] for s in result.report["segments"]]
+    dice = organ_dice(phantom, result.volume, result.labels, names)
+    del files
+    return DemoOutcome(result=result, dice=dice, seconds=seconds, instances=len(dicom_files))
+
+
+def through_node(
+    work_dir: Path,
+    dicom_files: list[Path],
+    request: str,
+    *,
+    collection: str | None,
+    say: Callable[[str], None],
+) -> tuple[Result, float, float]:
+    """Send ``dicom_files`` to a node listener over C-STORE and segment the study it assembles.
+
+    Returns
+    -------
+    result : Result
+        The pipeline's result.
+    transfer_s, segment_s : float
+        Seconds from the first C-STORE to the complete study, and for segmenting it.
+    """
     scp = StorageSCP(work_dir / "spool", ae_title="MEDSEG", host="127.0.0.1", port=0, allowed_callers={"DEMO-PACS"})
     host, port = scp.start()
     try:
@@ -92,19 +127,63 @@ def run_demo(
             raise RuntimeError(f"{len(sent.failed)} instances were refused by the node")
         study_uid = str(phantom_study_uid(dicom_files[0]))
         study_dir = scp.wait_for_study(study_uid, quiet_seconds=1.0, timeout=60, expected=len(dicom_files))
-        seconds["transfer"] = time.perf_counter() - t0
+        transfer = time.perf_counter() - t0
     finally:
         scp.stop()
     t0 = time.perf_counter()
     say(f"request: {request!r}")
     result = segment_study(
-        study_dir, request, work_dir / "result", collection="demo", request_source="demo", progress=say
+        study_dir, request, work_dir / "result", collection=collection, request_source="demo", progress=say
     )
-    seconds["segment"] = time.perf_counter() - t0
-    names = [s["label"] for s in result.report["segments"]]
-    dice = organ_dice(phantom, result.volume, result.labels, names)
-    del files
-    return DemoOutcome(result=result, dice=dice, seconds=seconds, instances=len(dicom_files))
+    return result, transfer, time.perf_counter() - t0
+
+
+def run_real_demo(work_dir: Path, *, request: str = REAL_REQUEST, quiet: bool = False) -> DemoOutcome:
+    """The real-scan demo: Colin27 (a real T1 MRI) through the node, brain extraction by real models.
+
+    Dice is measured against ``ch2bet``, Colin27's published brain-extracted
+    image, for the fused segment and for each model alone.
+
+    Raises
+    ------
+    RealDataError
+        When Colin27 is not installed (``apt-get install mricron-data``).
+    """
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"  {message}", file=sys.stderr, flush=True)
+
+    scan = colin27()
+    t0 = time.perf_counter()
+    say(f"writing Colin27 ({scan.t1}) as a DICOM MR series")
+    dicom_files = write_colin27_series(work_dir / "study")
+    seconds = {"dicom": time.perf_counter() - t0}
+    result, seconds["transfer"], seconds["segment"] = through_node(
+        work_dir, dicom_files, request, collection=None, say=say
+    )
+    truth = scan.brain_mask(result.volume.geometry)
+    dice, members = {}, {}
+    for segment in result.report["segments"]:
+        dice[segment["label"]] = mask_dice(result.labels == segment["number"], truth)
+        members[segment["label"]] = {
+            name: mask_dice(prediction_mask(result.predictions[name], segment["label"]), truth)
+            for name in [*segment["weights"], *segment["dropped"]]
+            if name in result.predictions
+        }
+    return DemoOutcome(result, dice, seconds, len(dicom_files), members, "Colin27's brain mask (ch2bet)")
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    denom = int(np.count_nonzero(a) + np.count_nonzero(b))
+    return 2.0 * float(np.count_nonzero(a & b)) / denom if denom else 1.0
+
+
+def prediction_mask(prediction: Prediction, label: str) -> np.ndarray:
+    """One model's own mask of ``label`` on the study grid (probability > 0.5)."""
+    name = label if label in prediction.maps else next(iter(prediction.maps))
+    return prediction.probability(name) > 0.5
 
 
 def phantom_study_uid(path: Path) -> str:
@@ -131,8 +210,16 @@ def summary(outcome: DemoOutcome) -> str:
     for seg in report["segments"]:
         dice = outcome.dice.get(seg["label"])
         dice_text = f"Dice {dice:.3f}" if dice is not None else "no truth"
-        lines.append(f"    {seg['number']}. {seg['label']:<14} {seg['volume_ml']:8.1f} mL   {dice_text}")
+        agreement = seg.get("agreement", "")
+        lines.append(
+            f"    {seg['number']}. {seg['label']:<14} {seg['volume_ml']:8.1f} mL   {dice_text}   ({agreement})"
+        )
+        for model, member in outcome.member_dice.get(seg["label"], {}).items():
+            lines.append(f"       {model:<22} alone: Dice {member:.3f}")
+    caution = report.get("quality", {}).get("caution")
     lines += [
+        f"  Dice against: {outcome.truth}",
+        f"  caution     : {caution or 'none (the models agree)'}",
         f"  SEG         : {outcome.result.seg_path}",
         f"  preview     : {outcome.result.preview_path}",
         f"  report      : {outcome.result.report_path}",

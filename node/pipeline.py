@@ -67,7 +67,11 @@ class Segment:
 
 @dataclass
 class Result:
-    """What :func:`segment_study` produced."""
+    """What :func:`segment_study` produced.
+
+    ``predictions`` holds each model's own output (on the model's grid) for
+    callers that judge members one by one (the real-scan demo, benchmarks).
+    """
 
     seg_path: Path
     report_path: Path
@@ -75,6 +79,7 @@ class Result:
     report: dict
     labels: np.ndarray
     volume: Volume
+    predictions: dict[str, Prediction] = field(default_factory=dict)
 
 
 def _concept(label: Label) -> tuple[str, str | None]:
@@ -441,7 +446,8 @@ def segment_study(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {out_dir / 'seg.dcm'}")
-    return Result(out_dir / "seg.dcm", out_dir / "report.json", out_dir / "preview.png", report, labels, volume)
+    paths = (out_dir / "seg.dcm", out_dir / "report.json", out_dir / "preview.png")
+    return Result(*paths, report, labels, volume, predictions)
 
 
 def _fuse_segments(
