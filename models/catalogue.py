@@ -62,6 +62,7 @@ import yaml
 
 from medsegagent import __version__
 from medsegagent.models.registry import (
+    Backend,
     ModelRef,
     ModelSource,
     Registry,
@@ -612,7 +613,7 @@ def _tree(root: Path) -> set[str]:
 
 def _undo_new(root: Path, before: set[str]) -> None:
     """Remove what appeared under ``root`` since ``before`` was taken (deepest first)."""
-    for rel in sorted(_tree(root) - before, key=lambda r: r.count("/"), reverse=True):
+    for rel in sorted(_tree(root) - before, key=lambda r: r.rstrip("/").count("/"), reverse=True):
         p = root / rel
         with contextlib.suppress(OSError):
             p.rmdir() if rel.endswith("/") else p.unlink()
@@ -909,6 +910,15 @@ class Catalogue:
                 if record is not None:
                     yield record
 
+    def installed(self, ref: ModelRef) -> bool:
+        """Whether ``ref`` is installed: its location exists; for a TotalSegmentator task, its weight folders do.
+
+        Every TotalSegmentator task shares one home, so the home existing says nothing about one task.
+        """
+        if ref.backend is Backend.TOTALSEGMENTATOR and (weights := _ts_weights(ref)):
+            return all((_ts_results(ref.path) / w).is_dir() for w in weights)
+        return ref.installed
+
     def entries(self) -> list[CatalogueEntry]:
         """Every model reference with its install state, in registry order."""
         size_of = cache(_disk_size)
@@ -919,13 +929,14 @@ class Catalogue:
             except CatalogueError as exc:
                 self.reporter.warn(ref.name, exc.message)
                 record = None
-            path, installed = ref.path, ref.installed
+            installed = self.installed(ref)
             size = None
-            if installed:
-                shared = record is not None and not record.owns_location  # TotalSegmentator's home
-                size = sum(f.size for f in record.files) if record is not None and shared else size_of(path)
+            if installed and ref.backend is Backend.TOTALSEGMENTATOR:
+                size = sum(size_of(_ts_results(ref.path) / w) for w in _ts_weights(ref))
+            elif installed:
+                size = size_of(ref.path)
             labels = tuple(self.registry.datasets[ref.dataset].labels) if ref.dataset in self.registry else ()
-            out.append(CatalogueEntry(ref, labels, installed, path, size, record))
+            out.append(CatalogueEntry(ref, labels, installed, ref.path, size, record))
         return out
 
     def _inside(self, name: str, path: Path, *, allow_root: bool = False) -> Path:
@@ -1175,11 +1186,11 @@ class Catalogue:
         assert source is not None
         cmd = f"`medsegagent models install {ref.name} --from"
         if source.kind is SourceKind.TOTALSEGMENTATOR:
-            where = source.homepage or _TOTALSEG_RELEASES
-            task = ref.options.get("task", ref.name)
+            zips = _ts_zips(ref) or [source.homepage or _TOTALSEG_RELEASES]
             return (
-                f"To install without network access: on a machine that has it, get the weights zip of "
-                f"TotalSegmentator task {task!r} ({where}), copy it here and run {cmd} ZIP`"
+                f"To install without network access: on a machine that has it, download {', '.join(zips)}, copy "
+                f"{'them into one folder' if len(zips) > 1 else 'it'} here and run {cmd} "
+                f"{'FOLDER' if len(zips) > 1 else 'ZIP'}`"
             )
         urls = [f.url for f in source.files]
         if source.kind is SourceKind.MONAI_BUNDLE:
@@ -1230,28 +1241,40 @@ class Catalogue:
     def _install_totalseg(
         self, ref: ModelRef, home: Path, origin: Path | None, force: bool, licence_number: str | None
     ) -> InstallResult:
-        """TotalSegmentator's downloader (or an offline weights zip) into ``home``, its files recorded."""
-        task = str(ref.options.get("task") or "")
-        if not task:
-            raise CatalogueError(ref.name, Problem.NO_SOURCE, "the registry reference lacks options.task")
-        fast = bool(ref.options.get("fast", False))
+        """TotalSegmentator's downloader (or offline weights zips) into ``home``; the task's weight folders recorded."""
+        task, fast = str(ref.options.get("task") or ""), bool(ref.options.get("fast", False))
+        needed = _ts_weights(ref)
+        if not task or not needed:
+            raise CatalogueError(
+                ref.name,
+                Problem.NO_SOURCE,
+                "the registry reference lacks options.task (or TotalSegmentator is missing)",
+            )
         if self.record(ref.name) is not None and not force:
             return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, home, f"already installed in {home}")
-        # Only the weights are the model's: TotalSegmentator keeps them in <home>/nnunet/results
-        # (totalsegmentator.config.get_weights_dir); its config.json beside them is the home's.
-        weights = home / "nnunet" / "results"
-        weights.mkdir(parents=True, exist_ok=True)
-        before = _tree(weights)
+        results = _ts_results(home)
+        results.mkdir(parents=True, exist_ok=True)
+        before = _tree(results)
         try:
             if origin is not None:
-                self._import_totalseg(ref.name, origin, weights)
+                self._import_totalseg(ref.name, origin, results)
             else:
                 self._download_totalseg(ref, home, task, fast, licence_number)
+            missing = [w for w in needed if not (results / w).is_dir()]
+            if missing:
+                raise CatalogueError(
+                    ref.name,
+                    Problem.ARCHIVE if origin else Problem.DOWNLOAD,
+                    f"{origin or 'the download'} did not provide {', '.join(missing)} (task {task} needs "
+                    f"{', '.join(needed)}); nothing was installed",
+                )
         except BaseException:
-            _undo_new(weights, before)  # a failed download leaves the shared home as it was
+            _undo_new(results, before)  # a failed install leaves the shared home as it was
             raise
-        new = sorted(p for p in _tree(weights) - before if not p.endswith("/"))
-        files = tuple(self._hash_existing(weights / p) for p in new) or self._same_task_files(ref, home, task, fast)
+        # The task's folders may have been there already (shared with another task, or fetched by TotalSegmentator).
+        paths = {p for p in _tree(results) - before if not p.endswith("/")}
+        paths |= {f"{w}/{p}" for w in needed for p in _tree(results / w) if not p.endswith("/")}
+        files = tuple(self._hash_existing(results / p) for p in sorted(paths))
         record = InstallRecord(
             name=ref.name,
             kind=SourceKind.TOTALSEGMENTATOR,
@@ -1272,17 +1295,6 @@ class Catalogue:
         rel = path.resolve().relative_to(self.models_dir.resolve()).as_posix()
         return InstalledFile(rel, hashes.size, hashes.hexdigest("sha256"))
 
-    def _same_task_files(self, ref: ModelRef, home: Path, task: str, fast: bool) -> tuple[InstalledFile, ...]:
-        """The files another model's install of the same task recorded (the downloader found them present)."""
-        for other in self.registry.models():
-            same = other.options.get("task") == task and bool(other.options.get("fast", False)) == fast
-            if other.name != ref.name and same and other.path == ref.path:
-                with contextlib.suppress(CatalogueError):
-                    record = self.record(other.name)
-                    if record is not None:
-                        return record.files
-        return ()
-
     def _download_totalseg(self, ref: ModelRef, home: Path, task: str, fast: bool, licence_number: str | None) -> None:
         try:
             from medsegagent.models.totalseg import download_task
@@ -1296,45 +1308,42 @@ class Catalogue:
         self.reporter.info(ref.name, f"TotalSegmentator downloads task {task}{' (fast)' if fast else ''} into {home}")
         try:
             download_task(home, task, fast=fast, licence_number=licence_number)
-        except CatalogueError:
-            raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(ref.name, home) from exc
-            if _network_failure(exc):
-                raise CatalogueError(
-                    ref.name,
-                    Problem.NO_NETWORK,
-                    f"cannot reach TotalSegmentator's server ({exc}). {self._offline_hint(ref)}",
-                ) from exc
+            problem = Problem.NO_NETWORK if _network_failure(exc) else Problem.DOWNLOAD  # install() adds the hint
             raise CatalogueError(
-                ref.name, Problem.DOWNLOAD, f"TotalSegmentator's download of task {task} failed: {exc}"
+                ref.name, problem, f"TotalSegmentator's download of task {task} failed: {exc}"
             ) from exc
         except (Exception, SystemExit) as exc:  # its downloader may sys.exit() on a refused licence
             raise CatalogueError(
                 ref.name, Problem.DOWNLOAD, f"TotalSegmentator's download of task {task} failed: {exc}"
             ) from exc
 
-    def _import_totalseg(self, name: str, origin: Path, weights: Path) -> None:
-        """A TotalSegmentator weights zip (or its unpacked folder) into its home's ``weights`` folder."""
+    def _import_totalseg(self, name: str, origin: Path, results: Path) -> None:
+        """Weights zips (one, or a folder of them) or unpacked result folders into TotalSegmentator's ``results``."""
         with self._staging(name) as staging:
-            if origin.is_dir():
-                shutil.copytree(origin, staging.model)
-            else:
-                _extract(name, origin, staging.model)
-            root = (
-                staging.model / "nnunet" / "results"
-                if (staging.model / "nnunet" / "results").is_dir()
-                else staging.model
-            )
+            staging.model.mkdir()
+            # One zip, one result folder (Dataset<ID>_<name>), or a folder holding several of them.
+            one = origin.is_file() or re.match(r"Dataset\d+_", origin.name)
+            items = [origin] if one else sorted(origin.iterdir())
+            for item in items:
+                if item.is_dir():
+                    shutil.copytree(item, staging.model / item.name)
+                elif _is_archive(item):
+                    _extract(name, item, staging.model)
+            nested = staging.model / "nnunet" / "results"  # a copy of a whole TotalSegmentator home
+            root = nested if nested.is_dir() else staging.model
             _fsync_tree(root)
             for entry in sorted(root.iterdir()):
-                dest = weights / entry.name
+                if not entry.is_dir():
+                    continue
+                dest = results / entry.name
                 if dest.exists():
                     self.reporter.info(name, f"{dest} is already there; kept")
                     continue
                 os.rename(entry, dest)
-            _fsync_dir(weights)
+            _fsync_dir(results)
         self.reporter.warn(name, "TotalSegmentator publishes no hashes: recorded the SHA-256 of every file")
 
     # ------------------------------------------------------------------ verify
@@ -1352,7 +1361,7 @@ class Catalogue:
         -------
         VerifyReport
         """
-        if not ref.installed:
+        if not self.installed(ref):
             return VerifyReport(
                 ref.name, (f"not installed (nothing at {ref.path}): run `medsegagent models install {ref.name}`",)
             )
@@ -1495,3 +1504,32 @@ def _distribution_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _ts_results(home: Path) -> Path:
+    """Where TotalSegmentator keeps its nnU-Net result folders (``totalsegmentator.config.get_weights_dir``)."""
+    return home / "nnunet" / "results"
+
+
+def _ts_weights(ref: ModelRef) -> tuple[str, ...]:
+    """The result folders a TotalSegmentator reference needs: the registry's ``options.weights``, else the package's."""
+    weights = ref.options.get("weights")
+    if isinstance(weights, list) and weights and all(isinstance(w, str) for w in weights):
+        return tuple(weights)
+    try:
+        from medsegagent.models.totalseg import task_weights
+
+        return task_weights(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
+    except (ImportError, ValueError, KeyError):
+        return ()
+
+
+def _ts_zips(ref: ModelRef) -> list[str]:
+    """The weights zips of a TotalSegmentator reference, as TotalSegmentator publishes them."""
+    try:
+        from medsegagent.models.totalseg import weights_sources
+
+        sources = weights_sources(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
+    except (ImportError, ValueError, KeyError):
+        return []
+    return [s.url for s in sources if s.url]

@@ -234,7 +234,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     catalogue = _catalogue(args)
     if catalogue is None:
         return EXIT_USAGE
-    refs = _find(catalogue, args.names) if args.names else [m for m in catalogue.refs() if m.installed]
+    refs = _find(catalogue, args.names) if args.names else [m for m in catalogue.refs() if catalogue.installed(m)]
     if refs is None:
         return EXIT_USAGE
     if not refs:

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import threading
-import types
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -283,20 +282,22 @@ def _leftovers(models_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- list
 
 
-def test_list_json_contract_over_the_packaged_registry(tmp_path: Path) -> None:
+def test_list_json_contract_over_the_packaged_registry(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEDSEGAGENT_REGISTRY", raising=False)
     exe = Path(sys.executable).parent / "medsegagent"
-    env = {**os.environ, MODELS_ENV: str(tmp_path / "models")}
-    env.pop("MEDSEGAGENT_REGISTRY", None)
+    env = dict(os.environ)
     proc = subprocess.run(
         [str(exe), "models", "list", "--json"], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    refs = list(load_registry().models())
+    catalogue = Catalogue(load_registry())
+    refs = catalogue.refs()
+    assert doc["models_dir"] == str(models_dir)
     assert [m["name"] for m in doc["models"]] == [r.name for r in refs]
     for item, ref in zip(doc["models"], refs, strict=True):
         assert item["backend"] == ref.backend.value and Backend(item["backend"])
-        assert item["installed"] is ref.installed
+        assert item["installed"] is catalogue.installed(ref)
         assert item["datasets"] == [ref.dataset]
         assert item["labels"], item["name"]
         assert (item["size_bytes"] is not None) == item["installed"]
@@ -583,42 +584,60 @@ def test_pypi_sources(reg: str, models_dir: Path, capsys: pytest.CaptureFixture[
 
 @pytest.fixture
 def totalseg_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    """TotalSegmentator's servers cannot be reached here: a stand-in for ``medsegagent.models.totalseg``
-    writes what its downloader writes (a results folder under ``<home>/nnunet/results``)."""
+    """TotalSegmentator's servers cannot be reached here: the real module's downloader is replaced by one that
+    unpacks what TotalSegmentator would (each result folder the real package names for the task) into the home."""
+    from medsegagent.models import totalseg
+
     calls: list[tuple[Any, ...]] = []
 
     def download_task(home: Path, task: str, *, fast: bool = False, licence_number: str | None = None) -> None:
         calls.append((home, task, fast, licence_number))
-        weights = home / "nnunet" / "results" / "Dataset008_HepaticVessel" / "fold_0"
-        weights.mkdir(parents=True)
-        (weights / "checkpoint_final.pth").write_bytes(b"w" * 1000)
+        for folder in totalseg.task_weights(task, fast):
+            fold = totalseg.results_dir(home) / folder / _TRAINER / "fold_0"
+            fold.mkdir(parents=True, exist_ok=True)
+            (fold / "checkpoint_final.pth").write_bytes(b"w" * 1000)
 
-    monkeypatch.setitem(sys.modules, "medsegagent.models.totalseg", types.SimpleNamespace(download_task=download_task))
+    monkeypatch.setattr(totalseg, "download_task", download_task)
     return calls
+
+
+_TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def test_totalsegmentator_source_uses_its_downloader_and_archives(
     reg: str, tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str], totalseg_calls: list[Any]
 ) -> None:
-    calls = totalseg_calls
+    from medsegagent.models.totalseg import task_weights
+
+    weights = task_weights("liver_vessels")  # its own model, and the one TotalSegmentator crops with first
+    assert len(weights) == 2
     rc, _, err = _run(capsys, "install", "ts_task", "--registry", reg)
     assert rc == 0, err
     home = (models_dir / "totalsegmentator").resolve()
-    assert calls == [(home, "liver_vessels", False, None)]
+    results = home / "nnunet" / "results"
+    assert totalseg_calls == [(home, "liver_vessels", False, None)]
     record = json.loads((models_dir / "ts_task" / RECORD_NAME).read_text())
-    assert [f["path"] for f in record["files"]] == [
-        "totalsegmentator/nnunet/results/Dataset008_HepaticVessel/fold_0/checkpoint_final.pth"
-    ]
+    checkpoints = [f"{w}/{_TRAINER}/fold_0/checkpoint_final.pth" for w in weights]
+    assert [f["path"] for f in record["files"]] == sorted(f"totalsegmentator/nnunet/results/{c}" for c in checkpoints)
+    rc, out, _ = _run(capsys, "list", "--json", "--registry", reg)
+    item = next(m for m in json.loads(out)["models"] if m["name"] == "ts_task")
+    assert item["installed"] is True and item["size_bytes"] == 2000
     assert _run(capsys, "remove", "ts_task", "--registry", reg)[0] == 0
-    assert not (home / "nnunet" / "results" / "Dataset008_HepaticVessel").exists() and home.is_dir()
+    assert not (home / "nnunet").exists() and home.is_dir()  # the folders it emptied, not the shared home
 
-    archive = tmp_path / "Dataset008_HepaticVessel.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("Dataset008_HepaticVessel/fold_0/checkpoint_final.pth", b"z" * 10)
-    rc, _, err = _run(capsys, "install", "ts_task", "--from", str(archive), "--registry", reg)
+    # Offline: TotalSegmentator's zips (one per result folder), carried in one folder.
+    carried = tmp_path / "zips"
+    carried.mkdir()
+    for folder, checkpoint in zip(weights, checkpoints, strict=True):
+        with zipfile.ZipFile(carried / f"{folder}.zip", "w") as zf:
+            zf.writestr(checkpoint, b"z" * 10)
+    rc, _, err = _run(capsys, "install", "ts_task", "--from", str(carried / f"{weights[0]}.zip"), "--registry", reg)
+    assert rc == 1 and f"did not provide {weights[1]} (task liver_vessels needs" in err
+    assert list(results.iterdir()) == [] and not (models_dir / "ts_task").exists()
+    rc, _, err = _run(capsys, "install", "ts_task", "--from", str(carried), "--registry", reg)
     assert rc == 0, err
-    assert (home / "nnunet/results/Dataset008_HepaticVessel/fold_0/checkpoint_final.pth").read_bytes() == b"z" * 10
-    assert len(calls) == 1  # offline: the downloader was not called
+    assert all((results / c).read_bytes() == b"z" * 10 for c in checkpoints)
+    assert len(totalseg_calls) == 1  # offline: the downloader was not called
 
     bad = tmp_path / "evil.zip"
     with zipfile.ZipFile(bad, "w") as zf:
