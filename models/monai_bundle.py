@@ -1,0 +1,659 @@
+"""Published MONAI bundles, run with their own preprocessing, inferer and postprocessing.
+
+A bundle of the MONAI Model Zoo describes its whole inference in
+``configs/inference.json`` (or ``.yaml``): ``network_def``, a ``preprocessing``
+Compose that starts with ``LoadImaged``, an ``inferer`` and a ``postprocessing``
+Compose that ends with ``SaveImaged``.  :class:`PublishedBundleModel` parses
+that file with MONAI's :class:`~monai.bundle.ConfigParser` and runs it the way
+MONAI Deploy's ``MonaiBundleInferenceOperator`` does, with the file readers
+and writers taken out:
+
+1. the node's series (one per input channel, picked by the registry's
+   ``inputs``) become :class:`~monai.data.MetaTensor` objects with the RAS
+   affine and channel metadata ``LoadImaged`` would have given them, under the
+   keys the bundle's ``LoadImaged`` fills;
+2. the bundle's ``preprocessing`` (minus the loader), its ``inferer`` with
+   ``network_def`` and the weights its ``CheckpointLoader`` names, and its
+   ``postprocessing`` (minus the writers) run unchanged, so ``Invertd``
+   brings the output back to the input's space;
+3. the output becomes a :class:`~medsegagent.models.backends.Prediction` on
+   the grid its affine describes (the source grid after ``Invertd``).
+
+Outputs are probabilities when the postprocessing keeps them: when it only
+discretises after its last inversion (``Activationsd``, ``Invertd``, then
+``AsDiscreted``), the node stops before ``AsDiscreted`` and fuses the
+per-channel probabilities.  Otherwise (discretised before ``Invertd``, or
+followed by label re-coding or mask filters) the chain runs to its end and the
+node reads label masks.  Registry label values are output channels, as
+``configs/metadata.json`` (``network_data_format.outputs.pred.channel_def``)
+numbers them, which are also the values of an argmax label map; a bundle that
+re-codes its labels (BraTS: 1, 2, 4) is given the re-coded values.
+
+The registry describes only what the bundle cannot: which series feed which
+input channel, the labels' codes and, in ``options``, ``config`` (another
+``configs/`` file), ``weights`` (a file in ``models/``), ``overrides``
+(config id -> content, as ``monai.bundle run --id value``; e.g. a device a
+config pins to CUDA) and ``contrast_phases`` (multi-phase CT inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsegagent.dicom.volume import LPS_TO_RAS, Geometry, Volume
+from medsegagent.models.backends import (
+    ChannelError,
+    ModelLoadError,
+    ModelSpec,
+    MonaiBundleModel,
+    Prediction,
+    SegmentationModel,
+    StudyImages,
+    _label_maps,
+    _wanted,
+    assemble_channels,
+    module_bytes,
+    select_device,
+)
+from medsegagent.models.resample import resample
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BundleIO",
+    "ContrastPhase",
+    "OutputKind",
+    "PublishedBundleModel",
+    "bundle_config_file",
+    "contrast_phase",
+    "load_bundle",
+]
+
+#: Transforms that read or write files: the node feeds memory and takes memory back.
+_LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
+_WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+
+
+class OutputKind(StrEnum):
+    """What the node reads from a bundle's postprocessing."""
+
+    #: Per-channel probabilities: the chain stopped before its discretisation.
+    PROBABILITIES = "probabilities"
+    #: What the whole chain gives: one label map (values are labels) or a binary mask per channel.
+    LABELS = "labels"
+
+
+class ContrastPhase(StrEnum):
+    """Contrast phase of a CT series, for bundles that take several phases as channels."""
+
+    UNENHANCED = "unenhanced"
+    ARTERIAL = "arterial"
+    VENOUS = "venous"
+    EXCRETORY = "excretory"
+
+
+# Series descriptions as scanners and PACS rules write them; checked in this order.
+_PHASE_PATTERNS: tuple[tuple[ContrastPhase, re.Pattern[str]], ...] = (
+    (ContrastPhase.UNENHANCED, re.compile(r"\b(non[- ]?contrast|unenhanced|native|plain|pre[- ]?contrast|nc)\b")),
+    (ContrastPhase.EXCRETORY, re.compile(r"\b(excret\w*|delayed?|urograph\w*|pyelograph\w*|late)\b")),
+    (ContrastPhase.ARTERIAL, re.compile(r"\b(arterial|art|angio\w*|cta)\b")),
+    (ContrastPhase.VENOUS, re.compile(r"\b(venous|portal|pv|nephrograph\w*)\b")),
+)
+
+
+def contrast_phase(volume: Volume) -> ContrastPhase | None:
+    """The contrast phase of a CT series from its Series Description, ``None`` when it names none.
+
+    Parameters
+    ----------
+    volume : Volume
+        A series of the study (``meta["SeriesDescription"]``).
+    """
+    text = str(volume.meta.get("SeriesDescription", "")).lower().replace("_", " ")
+    return next((phase for phase, pattern in _PHASE_PATTERNS if pattern.search(text)), None)
+
+
+@dataclass(frozen=True)
+class BundleIO:
+    """Where the node puts a bundle's inputs and finds its output.
+
+    Attributes
+    ----------
+    image_keys : tuple of str
+        Keys the bundle's ``LoadImaged`` filled with images (``("image",)``;
+        the renal bundle: ``("artery", "vein", "excret")``).
+    network_input : str
+        Key of the preprocessed network input (the first input of ``network_data_format``).
+    output : str
+        Key of the network output in the postprocessing (the first output, ``pred``).
+    input_channels : int
+        Channels the network takes.
+    channel_def : dict
+        Output channel -> the bundle's name for it.
+    """
+
+    image_keys: tuple[str, ...]
+    network_input: str
+    output: str
+    input_channels: int
+    channel_def: Mapping[int, str]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def bundle_config_file(path: Path, name: str | None = None) -> Path:
+    """The inference config of the bundle at ``path`` (``options.config`` names another file in ``configs/``).
+
+    Raises
+    ------
+    ModelLoadError
+        When it is missing.
+    """
+    configs = Path(path) / "configs"
+    candidates = [configs / name] if name else [configs / n for n in _CONFIG_NAMES]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ModelLoadError(f"{candidates[0]} is missing")
+    return found
+
+
+def load_bundle(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
+    """Load a MONAI bundle: a published one as it is published, a node demo bundle as before.
+
+    A config with a ``preprocessing`` section and no ``medsegagent`` section is
+    a published bundle (:class:`PublishedBundleModel`); the node's own demo
+    bundles (a ``medsegagent`` section) and bare ``network_def`` bundles keep
+    the registry-described preprocessing of
+    :class:`~medsegagent.models.backends.MonaiBundleModel`.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model reference.
+    device : str, optional
+        Overrides ``spec.device``.
+    """
+    try:
+        config_file = bundle_config_file(spec.path, spec.options.get("config"))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {spec.name}: {exc}") from None
+    from monai.bundle import ConfigParser
+
+    try:
+        config = ConfigParser.load_config_file(config_file)
+    except Exception as exc:
+        raise ModelLoadError(f"model {spec.name}: cannot read {config_file}: {exc}") from exc
+    if isinstance(config, dict) and "preprocessing" in config and "medsegagent" not in config:
+        return PublishedBundleModel(spec, device)
+    return MonaiBundleModel(spec, device)
+
+
+def _target_name(item: object) -> str:
+    """Class name of a config component (``monai.transforms.LoadImaged`` -> ``LoadImaged``), else ``""``."""
+    target = item.get("_target_") if isinstance(item, dict) else None
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
+
+
+def _components(config: object, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every component of a raw config with its id (``handlers#0``)."""
+    if isinstance(config, dict):
+        if "_target_" in config:
+            yield prefix, config
+        items: Iterator[tuple[Any, Any]] = iter(config.items())
+    elif isinstance(config, list):
+        items = iter(enumerate(config))
+    else:
+        return
+    for key, value in items:
+        yield from _components(value, f"{prefix}#{key}" if prefix else str(key))
+
+
+@contextlib.contextmanager
+def _bundle_modules(root: Path) -> Iterator[None]:
+    """Import the bundle's own packages (``scripts``) from its folder, and forget them afterwards.
+
+    Bundles name their code ``scripts``; two bundles' ``scripts`` must not meet
+    in ``sys.modules``.  The transforms built from them keep their classes.
+    """
+    names = {p.stem for p in root.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
+
+    def ours(module: str) -> bool:
+        return module.split(".", 1)[0] in names
+
+    with _IMPORT_LOCK:
+        saved = {m: sys.modules.pop(m) for m in [m for m in sys.modules if ours(m)]}
+        sys.path.insert(0, str(root))
+        try:
+            yield
+        finally:
+            sys.path.remove(str(root))
+            for module in [m for m in sys.modules if ours(m)]:
+                del sys.modules[module]
+            sys.modules.update(saved)
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _numpy_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` needs for numpy arrays (DiNTS architecture codes hold them)."""
+    import numpy._core.multiarray as multiarray
+
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32, np.float64)
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *(type(np.dtype(k)) for k in kinds)]
+
+
+def _flag(parser: Any, id: str, default: bool) -> bool:
+    """A boolean config item (``evaluator::amp``), ``default`` when absent."""
+    try:
+        return bool(parser.get_parsed_content(id, default=default))
+    except Exception:  # an expression the node cannot evaluate: keep the default
+        return default
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class PublishedBundleModel:
+    """A published MONAI bundle, run with its own ``preprocessing``, ``inferer`` and ``postprocessing``.
+
+    See the module documentation for what the node replaces (file readers and
+    writers) and what the registry adds (input series, labels, ``options``).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model reference; ``spec.path`` is the bundle folder.
+    device : str, optional
+        Overrides ``spec.device``; the bundle's ``device`` item is set to it.
+
+    Raises
+    ------
+    ModelLoadError
+        Missing files, a config MONAI cannot instantiate, weights that do not
+        fit ``network_def``, or registry inputs/labels that do not fit the
+        bundle's ``metadata.json``.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.device = select_device(device or spec.device)
+        self.channels = spec.channels
+        self.root = Path(spec.path)
+        self.quality: dict[str, float] = {}
+        self._lock = threading.Lock()  # one study at a time: networks and transforms hold state
+        self.config_file = bundle_config_file(self.root, spec.options.get("config"))
+        self.metadata = self._metadata()
+        parser = self._parser()
+        image_keys = self._drop_file_transforms(parser)
+        self._instantiate(parser)
+        self.io = self._io(image_keys)
+        self.phases = self._phases()
+        self.kind, self.activation, self._stop = self._output_kind()
+        self.labels = self._labels()
+        self.amp = _flag(parser, "evaluator::amp", True)
+
+    # ------------------------------------------------------------------ loading
+
+    def _fail(self, message: str) -> ModelLoadError:
+        return ModelLoadError(f"model {self.name}: {message}")
+
+    def _metadata(self) -> dict[str, Any]:
+        path = self.root / "configs" / "metadata.json"
+        try:
+            metadata = json.loads(path.read_text())
+        except OSError:
+            raise self._fail(f"{path} is missing (a published bundle describes its inputs and outputs there)") from None
+        except ValueError as exc:
+            raise self._fail(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(metadata.get("network_data_format"), dict):
+            raise self._fail(f"{path} has no network_data_format")
+        return metadata
+
+    def _parser(self) -> Any:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        try:
+            parser.read_meta(self.metadata)
+            parser.read_config(str(self.config_file))
+        except Exception as exc:
+            raise self._fail(f"cannot read {self.config_file}: {exc}") from exc
+        parser["bundle_root"] = str(self.root)
+        parser["device"] = f"$torch.device('{self.device}')"
+        overrides = self.spec.options.get("overrides") or {}
+        if not isinstance(overrides, Mapping):
+            raise self._fail(f"options.overrides must map config ids to content, got {overrides!r}")
+        try:
+            parser.update({str(k): v for k, v in overrides.items()})
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise self._fail(f"options.overrides does not fit {self.config_file.name}: {exc}") from exc
+        return parser
+
+    def _drop_file_transforms(self, parser: Any) -> tuple[str, ...]:
+        """Take ``LoadImaged`` out of the preprocessing and ``SaveImaged`` out of the postprocessing.
+
+        Returns the keys the loader filled, in order.
+        """
+        pre = parser.get("preprocessing::transforms")
+        post = parser.get("postprocessing::transforms", [])
+        if not isinstance(pre, list) or not isinstance(post, list):
+            raise self._fail("preprocessing and postprocessing must each be a Compose with a list of transforms")
+        loaded: list[str] = []
+        try:
+            for i, item in enumerate(pre):
+                if _target_name(item) in _LOADERS:
+                    keys = parser.get_parsed_content(f"preprocessing::transforms::{i}::keys")
+                    loaded += [keys] if isinstance(keys, str) else [str(k) for k in keys]
+        except Exception as exc:
+            raise self._fail(f"cannot read the keys of the bundle's LoadImaged: {exc}") from exc
+        if not loaded:
+            raise self._fail("its preprocessing has no LoadImaged: the node cannot tell where the image goes")
+        parser["preprocessing::transforms"] = [t for t in pre if _target_name(t) not in _LOADERS]
+        parser["postprocessing::transforms"] = [t for t in post if _target_name(t) not in _WRITERS]
+        return tuple(dict.fromkeys(loaded))
+
+    def _instantiate(self, parser: Any) -> None:
+        """Build the transforms, the inferer and the network, and load the weights its CheckpointLoader names."""
+        from monai.inferers import SimpleInferer
+        from monai.transforms import Compose
+
+        chatter = io.StringIO()
+        try:
+            # The bundle's own code (``scripts``) imports from its folder; DiNTS prints while it builds.
+            with (
+                _bundle_modules(self.root),
+                torch.serialization.safe_globals(_numpy_globals()),
+                contextlib.redirect_stdout(chatter),
+            ):
+                self.preprocessing = parser.get_parsed_content("preprocessing")
+                self.postprocessing = parser.get_parsed_content("postprocessing", default=Compose([]))
+                self.inferer = parser.get_parsed_content("inferer", default=SimpleInferer())
+                network = parser.get_parsed_content("network_def")
+                weights = self._weights_file(parser)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            hint = ""
+            if "cuda" in str(exc).lower() and self.device.type != "cuda":
+                hint = " (the config pins CUDA; set the item to '@device' in the registry's options.overrides)"
+            raise self._fail(f"MONAI cannot build {self.config_file.name}: {exc}{hint}") from exc
+        if chatter.getvalue().strip():
+            log.debug("%s: %s", self.name, chatter.getvalue().strip())
+        self.weights = weights
+        self.network = self._load_weights(network, weights).to(self.device).eval()
+
+    def _weights_file(self, parser: Any) -> Path:
+        """``options.weights`` in ``models/``, else the ``load_path`` of the bundle's CheckpointLoader."""
+        if self.spec.options.get("weights"):
+            return self.root / "models" / str(self.spec.options["weights"])
+        for cid, component in _components(parser.get()):
+            if _target_name(component) == "CheckpointLoader" and "load_path" in component:
+                return Path(str(parser.get_parsed_content(f"{cid}::load_path")))
+        return self.root / "models" / "model.pt"
+
+    def _load_weights(self, network: torch.nn.Module, weights: Path) -> torch.nn.Module:
+        if not weights.is_file():
+            listed = next((p.name for p in self.root.glob("large_files.y*ml")), None)
+            where = f" ({listed} gives its URL)" if listed else ""
+            raise self._fail(f"{weights} is missing{where}: install the model's weights")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise self._fail(f"cannot load {weights}: {exc}") from exc
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a CheckpointSaver file: {"model": state_dict, ...}
+        try:
+            network.load_state_dict(state)
+        except Exception as exc:
+            raise self._fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
+        return network
+
+    def _io(self, loaded: tuple[str, ...]) -> BundleIO:
+        """The bundle's input and output keys and channels, from the transforms and ``metadata.json``."""
+        read = {k for t in self.preprocessing.flatten().transforms for k in getattr(t, "keys", ())}
+        # The loader may read a label for evaluation; the inputs are the images the preprocessing goes on with.
+        image_keys = tuple(k for k in loaded if k in read) or loaded
+        fmt = self.metadata["network_data_format"]
+        inputs, outputs = fmt.get("inputs") or {}, fmt.get("outputs") or {}
+        if not inputs or not outputs:
+            raise self._fail("metadata.json network_data_format lacks inputs or outputs")
+        network_input, output = next(iter(inputs)), next(iter(outputs))
+        described = outputs[output].get("channel_def") or outputs[output].get("label_def") or {}
+        channel_def = {int(k): str(v) for k, v in described.items()}
+        wanted = max(1, len(self.channels))
+        if len(image_keys) > 1 and len(image_keys) != wanted:
+            raise self._fail(
+                f"the bundle loads {len(image_keys)} images {list(image_keys)}, the registry lists "
+                f"{wanted} input channel(s)"
+            )
+        channels = int(inputs[network_input].get("num_channels", len(image_keys)))
+        if channels != wanted:
+            names = inputs[network_input].get("channel_def") or {}
+            raise self._fail(
+                f"the network takes {channels} input channel(s) {dict(names) or ''}, the registry's "
+                f"dataset lists {wanted}: list them in its inputs, in this order"
+            )
+        return BundleIO(image_keys, network_input, output, channels, channel_def)
+
+    def _phases(self) -> tuple[ContrastPhase, ...]:
+        raw = self.spec.options.get("contrast_phases") or ()
+        try:
+            phases = tuple(ContrastPhase(str(p)) for p in raw)
+        except ValueError:
+            allowed = ", ".join(p.value for p in ContrastPhase)
+            raise self._fail(f"options.contrast_phases {list(raw)}: each must be one of {allowed}") from None
+        if phases and len(phases) != self.io.input_channels:
+            raise self._fail(
+                f"options.contrast_phases names {len(phases)} phases for {self.io.input_channels} channels"
+            )
+        return phases
+
+    def _output_kind(self) -> tuple[OutputKind, str, int | None]:
+        """Probabilities when the postprocessing only discretises after its activation and inversion.
+
+        Returns the kind, the activation (``softmax`` adds a label's channels,
+        ``sigmoid`` takes their maximum) and where to stop the chain.
+        """
+        from monai.transforms import Activationsd, AsDiscreted
+
+        steps = list(self.postprocessing.transforms)
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, AsDiscreted)), len(steps))
+        activations = [t for t in steps[:cut] if isinstance(t, Activationsd)]
+        activation = "softmax" if any(any(t.softmax) for t in activations) else "sigmoid"
+        if activations and all(isinstance(t, AsDiscreted) for t in steps[cut:]):
+            return OutputKind.PROBABILITIES, activation, cut
+        if cut == len(steps) and not activations:
+            raise self._fail(
+                "its postprocessing neither activates (Activationsd) nor discretises (AsDiscreted) the network output"
+            )
+        return OutputKind.LABELS, activation, None
+
+    def _labels(self) -> dict[str, tuple[int, ...]]:
+        """Registry label -> output channels or label-map values (from channel_def when the registry has none)."""
+        defined = self.io.channel_def
+        if not self.spec.labels:
+            labels = {name: (k,) for k, name in sorted(defined.items()) if name.lower() != "background"}
+            if not labels:
+                raise self._fail("neither the registry nor metadata.json (channel_def) names its output labels")
+            return labels
+        if self.kind is OutputKind.PROBABILITIES:
+            for name, values in self.spec.labels.items():
+                bad = [v for v in values if v not in defined or defined[v].lower() == "background"]
+                if bad:
+                    raise self._fail(
+                        f"registry label {name!r} maps to output channel(s) {bad}, which metadata.json "
+                        f"does not define as a structure (channel_def: {dict(defined)})"
+                    )
+        return dict(self.spec.labels)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Parameters and buffers of the network."""
+        return module_bytes(self.network)
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(self, images: Volume | StudyImages, labels: Collection[str] | None = None) -> Prediction:
+        """Run the bundle on the study; maps come back on the grid the postprocessing leaves them on.
+
+        Raises
+        ------
+        ChannelError
+            When the study lacks a series an input channel needs.
+        """
+        images = StudyImages.of(images)
+        wanted = _wanted(self.name, self.labels, labels)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        data = self._inputs(images)
+        cuda = self.device.type == "cuda"
+        with self._lock, torch.inference_mode():
+            data = self.preprocessing(data)
+            seconds["preprocess"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            batch = data[self.io.network_input][None].to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=cuda and self.amp):
+                pred = self.inferer(batch, self.network)
+            if isinstance(pred, list | tuple | dict):  # several heads: the first is the segmentation
+                pred = next(iter(pred.values())) if isinstance(pred, dict) else pred[0]
+            seconds["inference"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            data[self.io.output] = pred[0].float()
+            data = self.postprocessing(data, end=self._stop)
+        out = data[self.io.output]
+        grid = _output_grid(out, images.primary.geometry)
+        array = torch.as_tensor(out).detach().cpu().float().permute(0, 3, 2, 1)  # (C, x, y, z) -> (C, z, y, x)
+        maps = self._maps(array, wanted)
+        seconds["postprocess"] = time.perf_counter() - t0
+        return Prediction(
+            self.name,
+            grid,
+            images.primary.geometry,
+            maps,
+            interpolation="linear" if self.kind is OutputKind.PROBABILITIES else "nearest",
+            seconds=seconds,
+            device=str(self.device),
+        )
+
+    def _maps(self, array: torch.Tensor, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per registry label: the probability, or the mask of its channels or label-map values."""
+        labels = {name: self.labels[name] for name in wanted}
+        if self.kind is OutputKind.PROBABILITIES:
+            return _label_maps(self.name, array, labels, self.activation)
+        if array.shape[0] == 1 and len(self.io.channel_def) != 1:
+            # Invertd may interpolate a label map; the nearest label is what a viewer of its file would show.
+            values = torch.round(array[0]).to(torch.int64).numpy()
+            return {name: np.isin(values, list(v)).astype(np.uint8) for name, v in labels.items()}
+        masks = _label_maps(self.name, (array > 0.5).float(), labels, "sigmoid")
+        return {name: (mask > 0.5).astype(np.uint8) for name, mask in masks.items()}
+
+    def _inputs(self, images: StudyImages) -> dict[str, Any]:
+        """The study as the bundle's loader would have given it: MetaTensors under its image keys."""
+        grid = images.primary.geometry
+        if self.phases:
+            series = self._phase_series(images)
+            stack = np.stack([_sample(v, grid) for v in series])
+        else:
+            stack = assemble_channels(images, self.channels, grid)  # no normalisation: the bundle does its own
+        source = images.primary.series_instance_uid
+        keys = self.io.image_keys
+        if len(keys) == 1:
+            # One loader key for several files stacks them as channels, as LoadImaged does.
+            return {keys[0]: _meta_tensor(stack if len(stack) > 1 else stack[0], grid, source)}
+        return {key: _meta_tensor(stack[i], grid, source) for i, key in enumerate(keys)}
+
+    def _phase_series(self, images: StudyImages) -> list[Volume]:
+        """One CT series per contrast phase the bundle takes, in channel order."""
+        found = [(v, contrast_phase(v)) for v in images.volumes if v.modality == "CT"]
+        picked = {phase: next((v for v, p in found if p is phase), None) for phase in self.phases}
+        missing = [phase.value for phase, v in picked.items() if v is None]
+        if missing:
+            have = "; ".join(
+                f"'{v.meta.get('SeriesDescription', '')}' ({p.value if p else 'no phase named'})" for v, p in found
+            )
+            raise ChannelError(
+                f"model {self.name} needs CT series of the {', '.join(p.value for p in self.phases)} phases;"
+                f" missing: {', '.join(missing)} (CT series of the study: {have or 'none'};"
+                " the phase is read from each series' Series Description)"
+            )
+        return [v for v in picked.values() if v is not None]
+
+
+# --------------------------------------------------------------------------- arrays and grids
+
+
+def _sample(volume: Volume, grid: Geometry) -> np.ndarray:
+    """``volume`` on ``grid``; beyond the series, air rather than its border repeated."""
+    return resample(volume.array, volume.geometry, grid, fill=float(volume.array.min()))
+
+
+def _meta_tensor(array: np.ndarray, geometry: Geometry, source: str) -> Any:
+    """A ``(z, y, x)`` or ``(C, z, y, x)`` array as ``LoadImage`` returns a file: ``(x, y, z)``, RAS affine."""
+    from monai.data import MetaTensor
+    from monai.utils import MetaKeys, SpaceKeys
+
+    channels = array.ndim == 4
+    data = np.ascontiguousarray(array.transpose((0, 3, 2, 1) if channels else (2, 1, 0)), dtype=np.float32)
+    affine = torch.as_tensor(geometry.nifti_affine(), dtype=torch.float64)
+    meta = {
+        MetaKeys.ORIGINAL_AFFINE: affine.clone(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(data.shape[-3:]),
+        MetaKeys.ORIGINAL_CHANNEL_DIM: 0 if channels else "no_channel",
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        "filename_or_obj": source,
+    }
+    return MetaTensor(torch.from_numpy(data), affine=affine, meta=meta)
+
+
+def _output_grid(out: Any, source: Geometry) -> Geometry:
+    """The grid of a ``(C, x, y, z)`` output: its MetaTensor affine (RAS), or ``source`` when it has none."""
+    shape = tuple(int(s) for s in out.shape[1:][::-1])
+    affine = getattr(out, "affine", None)
+    if affine is None:
+        if shape != source.shape:
+            raise ValueError(f"the bundle's output {shape} has no affine and is not on the source grid {source.shape}")
+        return source
+    grid = geometry_from_affine(np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64), shape)
+    return source if grid.same_grid(source) else grid
+
+
+def geometry_from_affine(ras_affine: np.ndarray, shape: Sequence[int]) -> Geometry:
+    """The :class:`Geometry` of an ``(x, y, z)`` array with a RAS affine (MONAI's and NIfTI's convention).
+
+    Parameters
+    ----------
+    ras_affine : numpy.ndarray
+        4 x 4, voxel ``(i, j, k)`` -> RAS mm.
+    shape : sequence of int
+        ``(slices, rows, columns)`` of the array transposed to ``(z, y, x)``.
+    """
+    lps = LPS_TO_RAS @ np.asarray(ras_affine, dtype=np.float64)  # the flip is its own inverse
+    axes = lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    return Geometry(
+        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        origin=lps[:3, 3],
+        row_direction=axes[:, 0] / spacing[0],
+        column_direction=axes[:, 1] / spacing[1],
+        slice_direction=axes[:, 2] / spacing[2],
+        spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+    )
