@@ -88,7 +88,7 @@ __all__ = [
     "Reporter",
     "UnknownModelError",
     "VerifyReport",
-    "fetch",
+    "format_size",
 ]
 
 #: File name of an install record, in ``<models folder>/<model name>/``.
@@ -437,7 +437,7 @@ class Reporter:
     @contextlib.contextmanager
     def progress(self, model: str, what: str, total: int | None) -> Iterator[Callable[[int], None]]:
         """A transfer of ``total`` bytes (``None``: unknown); yields ``advance(nbytes)``."""
-        log.info("%s: downloading %s (%s)", model, what, _size_text(total))
+        log.info("%s: downloading %s (%s)", model, what, format_size(total))
         yield lambda _n: None
 
 
@@ -521,13 +521,15 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
-def _size_text(n: int | None) -> str:
+def format_size(n: int | None) -> str:
+    """Bytes for people: ``812 B``, ``18.4 MiB`` (``size unknown`` for ``None``)."""
     if n is None:
         return "size unknown"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError("unreachable")
 
 
@@ -540,7 +542,7 @@ def _ensure_space(model: str, folder: Path, needed: int | None, what: str) -> No
         raise CatalogueError(
             model,
             Problem.DISK_FULL,
-            f"{what} needs {_size_text(needed)}, but only {_size_text(free)} is free on the disk holding {folder}: "
+            f"{what} needs {format_size(needed)}, but only {format_size(free)} is free on the disk holding {folder}: "
             "free some space (or install into a larger disk with --models-dir / MEDSEG_MODELS) and retry",
         )
 
@@ -616,7 +618,10 @@ def _undo_new(root: Path, before: set[str]) -> None:
     for rel in sorted(_tree(root) - before, key=lambda r: r.rstrip("/").count("/"), reverse=True):
         p = root / rel
         with contextlib.suppress(OSError):
-            p.rmdir() if rel.endswith("/") else p.unlink()
+            if rel.endswith("/"):
+                p.rmdir()
+            else:
+                p.unlink()
 
 
 def _disk_size(path: Path) -> int:
@@ -636,9 +641,9 @@ def _open_url(model: str, url: str, timeout: float) -> http.client.HTTPResponse:
     except urllib.error.HTTPError as exc:
         raise CatalogueError(model, Problem.DOWNLOAD, f"{url} answered HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
-        raise CatalogueError(model, Problem.NO_NETWORK, f"cannot reach {host} ({exc.reason})") from exc
+        raise CatalogueError(model, Problem.NO_NETWORK, f"no network connection to {host} ({exc.reason})") from exc
     except (TimeoutError, OSError) as exc:
-        raise CatalogueError(model, Problem.NO_NETWORK, f"cannot reach {host} ({exc})") from exc
+        raise CatalogueError(model, Problem.NO_NETWORK, f"no network connection to {host} ({exc})") from exc
     except ValueError as exc:
         raise CatalogueError(model, Problem.DOWNLOAD, f"{url!r} is not a URL this installer can fetch") from exc
 
@@ -655,7 +660,7 @@ def _refuse_page_url(model: str, url: str, label: str) -> None:
         )
 
 
-def fetch(
+def _fetch(
     url: str,
     dest: Path,
     *,
@@ -1021,7 +1026,7 @@ class Catalogue:
             ref.name,
             Outcome.INSTALLED,
             target,
-            f"installed at {target} ({len(files)} files, {_size_text(size)})",
+            f"installed at {target} ({len(files)} files, {format_size(size)})",
             record,
         )
 
@@ -1078,7 +1083,7 @@ class Catalogue:
             assert source.url is not None  # the registry requires it for this kind
             archive = staging.work / "bundle.archive"
             published = Digest("sha256", source.sha256) if source.sha256 else None
-            fetch(source.url, archive, model=ref.name, published=published, reporter=self.reporter, label="bundle")
+            _fetch(source.url, archive, model=ref.name, published=published, reporter=self.reporter, label="bundle")
             _extract(ref.name, archive, staging.work / "unpacked")
             archive.unlink()
             _content_root(staging.work / "unpacked", expected_roots).rename(staging.model)
@@ -1086,6 +1091,11 @@ class Catalogue:
             staging.model.mkdir()
         (staging.model / RECORD_NAME).unlink(missing_ok=True)  # a copied install is recorded afresh
         if source.kind is SourceKind.MONAI_BUNDLE:
+            if not any((staging.model / "configs" / f"inference.{e}").is_file() for e in ("json", "yaml", "yml")):
+                where = origin or source.url
+                raise CatalogueError(
+                    ref.name, Problem.ARCHIVE, f"{where} is not a MONAI bundle (no configs/inference.json or .yaml)"
+                )
             listed = {**_large_files(ref.name, staging.model), **listed}
         fetched = self._fetch_missing(ref.name, staging.model, listed)
         base = target.relative_to(self.models_dir.resolve())
@@ -1119,9 +1129,9 @@ class Catalogue:
             if dest.is_file():
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fetched[rel] = fetch(item.url, dest, model=name, published=item.digest, reporter=self.reporter, label=rel)
+            fetched[rel] = _fetch(item.url, dest, model=name, published=item.digest, reporter=self.reporter, label=rel)
             verdict = f"{item.digest.algorithm} matches" if item.digest else "no published hash"
-            self.reporter.info(name, f"{rel}: {_size_text(fetched[rel].size)}, {verdict}")
+            self.reporter.info(name, f"{rel}: {format_size(fetched[rel].size)}, {verdict}")
         return fetched
 
     def _hash_tree(
@@ -1170,8 +1180,10 @@ class Catalogue:
                 os.rename(old, target)
             raise
         _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        if old is not None and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
         if not with_target:
             _write_json_atomic(record_path, record.to_json())
 
@@ -1287,7 +1299,7 @@ class Catalogue:
         _write_json_atomic(self.record_path(ref.name), record.to_json())
         size = sum(f.size for f in files)
         return InstallResult(
-            ref.name, Outcome.INSTALLED, home, f"task {task} installed in {home} ({_size_text(size)})", record
+            ref.name, Outcome.INSTALLED, home, f"task {task} installed in {home} ({format_size(size)})", record
         )
 
     def _hash_existing(self, path: Path) -> InstalledFile:
@@ -1311,9 +1323,12 @@ class Catalogue:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(ref.name, home) from exc
-            problem = Problem.NO_NETWORK if _network_failure(exc) else Problem.DOWNLOAD  # install() adds the hint
+            if _network_failure(exc):  # install() adds how to install offline
+                raise CatalogueError(
+                    ref.name, Problem.NO_NETWORK, f"no network connection to TotalSegmentator's download server: {exc}"
+                ) from exc
             raise CatalogueError(
-                ref.name, problem, f"TotalSegmentator's download of task {task} failed: {exc}"
+                ref.name, Problem.DOWNLOAD, f"TotalSegmentator's download of task {task} failed: {exc}"
             ) from exc
         except (Exception, SystemExit) as exc:  # its downloader may sys.exit() on a refused licence
             raise CatalogueError(

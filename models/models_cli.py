@@ -24,6 +24,7 @@ from medsegagent.models.catalogue import (
     CatalogueError,
     Reporter,
     UnknownModelError,
+    format_size,
 )
 from medsegagent.models.registry import MODELS_ENV, ModelRef, RegistryError, load_registry
 
@@ -49,8 +50,7 @@ class _ConsoleReporter(Reporter):
     @contextlib.contextmanager
     def progress(self, model: str, what: str, total: int | None) -> Iterator[Callable[[int], None]]:
         if not self.stream.isatty():
-            size = "size unknown" if total is None else f"{total} bytes"
-            self.info(model, f"downloading {what} ({size})")
+            self.info(model, f"downloading {what} ({format_size(total)})")
             yield lambda _n: None
             return
         from tqdm import tqdm
@@ -141,23 +141,13 @@ def _find(catalogue: Catalogue, names: list[str]) -> list[ModelRef] | None:
         return None
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError("unreachable")
-
-
 def _row(e: CatalogueEntry) -> list[str]:
     ref, licence, source = e.ref, e.ref.licence, e.ref.source
     return [
         ref.name,
         ref.backend.value,
         "yes" if e.installed else "no",
-        _size(e.size_bytes),
+        "-" if e.size_bytes is None else format_size(e.size_bytes),
         "-" if licence is None else licence.name + (" (gated)" if licence.gated else ""),
         "-" if source is None else source.kind.value,
         ref.dataset,
@@ -188,8 +178,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     installed = [e for e in entries if e.installed]
     gated = sum(1 for e in entries if e.ref.licence is not None and e.ref.licence.gated)
     by_hand = sum(1 for e in entries if e.ref.source is None)
+    size = format_size(sum(e.size_bytes or 0 for e in installed))
     print(
-        f"{len(entries)} models, {len(installed)} installed ({_size(sum(e.size_bytes or 0 for e in installed))}); "
+        f"{len(entries)} models, {len(installed)} installed ({size}); "
         f"{gated} licence-gated, {by_hand} installed by hand (no source); models folder {catalogue.models_dir}"
     )
     return EXIT_OK

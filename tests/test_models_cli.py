@@ -494,7 +494,7 @@ def test_no_network_says_how_to_install_offline(
     reg = _write_registry(tmp_path / "offline", lambda name: f"http://127.0.0.1:{port}/{name}", served.facts)
     rc, _, err = _run(capsys, "install", "tiny_ts", "--registry", str(reg))
     assert rc == 1
-    assert f"tiny_ts: error: cannot reach 127.0.0.1:{port}" in err
+    assert f"tiny_ts: error: no network connection to 127.0.0.1:{port}" in err
     assert f"download http://127.0.0.1:{port}/tiny.ts" in err
     assert "`medsegagent models install tiny_ts --from FILE`" in err
     rc, _, err = _run(capsys, "install", "spleen_bundle", "--registry", str(reg))
@@ -605,16 +605,37 @@ _TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def test_totalsegmentator_source_uses_its_downloader_and_archives(
-    reg: str, tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str], totalseg_calls: list[Any]
+    reg: str,
+    tmp_path: Path,
+    models_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    totalseg_calls: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from medsegagent.models.totalseg import task_weights
 
     weights = task_weights("liver_vessels")  # its own model, and the one TotalSegmentator crops with first
     assert len(weights) == 2
-    rc, _, err = _run(capsys, "install", "ts_task", "--registry", reg)
-    assert rc == 0, err
     home = (models_dir / "totalsegmentator").resolve()
     results = home / "nnunet" / "results"
+
+    # No network: the module's downloader raises ConnectionError; the message names the zips to carry in.
+    from medsegagent.models import totalseg
+
+    def unreachable(home: Path, task: str, **_: Any) -> None:
+        (totalseg.results_dir(home) / weights[0]).mkdir(parents=True)  # a partial download, to be undone
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    works = totalseg.download_task
+    monkeypatch.setattr(totalseg, "download_task", unreachable)
+    rc, _, err = _run(capsys, "install", "ts_task", "--registry", reg)
+    assert rc == 1 and "ts_task: error: no network connection to TotalSegmentator's download server" in err
+    assert all(s.url and s.url in err for s in totalseg.weights_sources("liver_vessels")) and "--from FOLDER`" in err
+    assert list(results.iterdir()) == [] and not (models_dir / "ts_task").exists()
+    monkeypatch.setattr(totalseg, "download_task", works)
+
+    rc, _, err = _run(capsys, "install", "ts_task", "--registry", reg)
+    assert rc == 0, err
     assert totalseg_calls == [(home, "liver_vessels", False, None)]
     record = json.loads((models_dir / "ts_task" / RECORD_NAME).read_text())
     checkpoints = [f"{w}/{_TRAINER}/fold_0/checkpoint_final.pth" for w in weights]
