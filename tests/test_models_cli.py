@@ -12,6 +12,7 @@ import errno
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import re
@@ -691,3 +692,18 @@ def test_node_config_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert parse_config({}).node.models_dir is None
     Node(config, registry=load_registry())
     assert os.environ[MODELS_ENV] == str(tmp_path / "weights")
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise() -> None:
+    from medsegagent.models.models_cli import _ConsoleReporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, expected in ((Terminal(), "100%|"), (io.StringIO(), "m: downloading URL -> model.pt (2.0 KiB)\n")):
+        reporter = _ConsoleReporter(stream)
+        with reporter.progress("m", "URL -> model.pt", 2048) as advance:
+            advance(1024)
+            advance(1024)
+        assert expected in stream.getvalue()
