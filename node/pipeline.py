@@ -9,6 +9,7 @@ moved into place only when every step succeeded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -111,13 +112,14 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
             installed = [ref for ref in dataset.models if ref.installed]
             for label_name in candidate.labels:
                 label = dataset.labels[label_name]
+                voters = [ref for ref in installed if ref.serves_label(label_name)]
                 key = _concept(label)
                 segment = segments.get(key)
-                if segment is None and installed:
+                if segment is None and voters:
                     segment = segments[key] = Segment(key, target.text, dataset.name, label)
                 if segment is not None:
-                    segment.members.extend((dataset, label, ref) for ref in installed)
-            runnable += len(installed)
+                    segment.members.extend((dataset, label, ref) for ref in voters)
+                runnable += len(voters)
         if chosen and not runnable:
             hints = sorted({registry.datasets[c.dataset].install_hint or c.dataset for c in chosen})
             skipped.append({"target": target.text, "reason": "no installed model", "install": hints})
@@ -211,6 +213,14 @@ def fusion_options(label: Label) -> dict:
         "speckle_ml": SPECKLE_ML,
         "min_agreement": MIN_AGREEMENT,
     }
+
+
+def weights_fingerprint(ref: ModelRef) -> str:
+    """Digest of the weights a model reference runs (one task's folders of a shared TotalSegmentator home)."""
+    prints = [model_fingerprint(path) for path in ref.weights_paths]
+    if len(prints) == 1:
+        return prints[0]
+    return "sha256:" + hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16]
 
 
 def build_jobs(segments: list[Segment], timeout_s: float | None = None) -> list[Job]:
@@ -384,7 +394,7 @@ def segment_study(
             for s, r, q in zip(segments, results, qualities, strict=True)
         ]
         ran = {ref.name: ref for s in segments for _, _, ref in s.members if ref.name in predictions}
-        contributing = [ContributingModel(name, model_fingerprint(ref.path)) for name, ref in sorted(ran.items())]
+        contributing = [ContributingModel(name, weights_fingerprint(ref)) for name, ref in sorted(ran.items())]
         demo = any(DEMO_COLLECTION in registry.datasets[ref.dataset].collections for ref in ran.values())
         caution = study_caution(qualities, demo)
         if caution:
