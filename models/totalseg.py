@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ __all__ = [
     "LICENCE_ENV",
     "LICENCE_URL",
     "RELEASES_URL",
+    "DownloadError",
     "LicenceRequiredError",
     "Task",
     "TotalSegmentatorModel",
@@ -96,6 +98,10 @@ _INTERNAL_TASKS = frozenset({"test"})
 _SUBSET_PREFIX = "total"
 #: python_api also runs the vertebral body model (305) to refine this task.
 _EXTRA_IDS: Mapping[str, tuple[int, ...]] = {"vertebrae_pp_refined": (305,)}
+
+
+class DownloadError(RuntimeError):
+    """TotalSegmentator's server answered, but a task's weights did not arrive whole."""
 
 
 class LicenceRequiredError(ModelLoadError):
@@ -407,8 +413,13 @@ def download_task(home: Path, task: str, *, fast: bool = False, licence_number: 
     LicenceRequiredError
         A gated task without a licence number.
     ConnectionError
-        The download failed (the message names the zips for an offline install).
+        The server cannot be reached (the message names the zips for an offline install).
+    DownloadError
+        The server answered but the weights did not come (HTTP error, broken zip, licence refused).
+    OSError
+        Writing into ``home`` failed (disk full, permissions), as raised.
     """
+    import requests
     from totalsegmentator.libs import download_pretrained_weights
 
     tasks = catalogue()
@@ -419,17 +430,25 @@ def download_task(home: Path, task: str, *, fast: bool = False, licence_number: 
     prepare_home(home, number)
     with _home(home):
         for task_id, source in zip(_task_ids(task, fast), weights_sources(task, fast), strict=True):
+            where = f"{source.url or LICENCE_URL} (unpacked into {results_dir(home)})"
             try:
                 download_pretrained_weights(task_id)
-            except Exception as exc:  # requests, zipfile and OS errors alike: say what to fetch by hand
-                where = source.url or LICENCE_URL
+            except (requests.ConnectionError, requests.Timeout) as exc:
                 raise ConnectionError(
-                    f"cannot download TotalSegmentator weights {source.folder} for task {task!r} ({exc}); offline,"
-                    f" unpack {where} into {results_dir(home)}"
+                    f"cannot reach TotalSegmentator's download server for {source.folder} ({exc});"
+                    f" offline, fetch {where}"
+                ) from exc
+            except (requests.RequestException, zipfile.BadZipFile) as exc:
+                raise DownloadError(
+                    f"TotalSegmentator weights {source.folder} did not download ({exc}); fetch {where}"
+                ) from exc
+            except SystemExit as exc:  # its licence server refused the number
+                raise DownloadError(
+                    f"TotalSegmentator refused the download of {source.folder}: check the licence number"
                 ) from exc
     missing = missing_weights(home, task, fast)
     if missing:
-        raise ConnectionError(f"TotalSegmentator task {task!r}: {', '.join(missing)} still missing after the download")
+        raise DownloadError(f"TotalSegmentator task {task!r}: {', '.join(missing)} still missing after the download")
 
 
 def _resolve_licence(home: Path, task: str, gated: bool, configured: str | None) -> str | None:

@@ -172,10 +172,10 @@ def offline(monkeypatch) -> list[str]:
 
     attempts: list[str] = []
 
-    def refuse(what: str):
+    def refuse(what: str, error: type[Exception] = OSError):
         def stop(*args, **kwargs):
             attempts.append(f"{what} {args[1:2]}")
-            raise OSError(f"network blocked by the test ({what})")
+            raise error(f"network blocked by the test ({what})")
 
         return stop
 
@@ -187,7 +187,7 @@ def offline(monkeypatch) -> list[str]:
         return real_connect(sock, address)  # local sockets (multiprocessing) stay allowed
 
     monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(requests.Session, "request", refuse("requests"))
+    monkeypatch.setattr(requests.Session, "request", refuse("requests", requests.ConnectionError))
     monkeypatch.setattr("urllib.request.urlopen", refuse("urllib"))
     return attempts
 
