@@ -25,12 +25,14 @@ tables, looked up in this order:
    ``91723000``);
 5. a DICOM concept whose meaning is the class's name.
 
-``_left``/``_right`` in a class name (anywhere, as a word) gives the label's
-laterality and the type modifier Left/Right; the lookups above then use the
-name without it.  A class none of them places stops the generation with its
-name, to be added to :data:`CONCEPTS`.  Kinds, synonyms, volumes and colours
-come from the same sources (a ``registry.yaml`` label of the same structure
-and side, TotalSegmentator's colour), else from the code's meaning.
+``left``/``right`` as a word of a class name gives the label's laterality
+and the type modifier Left/Right (the lookups above use the name without
+it), except where the code names the side ("Left atrium"; heart chambers are
+not lateral, as in ``registry.yaml``).  A class none of them places stops
+the generation with its name, to be added to :data:`CONCEPTS`.  Kinds,
+synonyms, volumes and colours come from the ``registry.yaml`` label of the
+same name and TotalSegmentator's colours where there are some, else from the
+table and the code's meaning.
 """
 
 from __future__ import annotations
