@@ -19,15 +19,17 @@ and writers taken out:
 3. the output becomes a :class:`~medsegagent.models.backends.Prediction` on
    the grid its affine describes (the source grid after ``Invertd``).
 
-Outputs are probabilities when the postprocessing keeps them: when it only
-discretises after its last inversion (``Activationsd``, ``Invertd``, then
-``AsDiscreted``), the node stops before ``AsDiscreted`` and fuses the
-per-channel probabilities.  Otherwise (discretised before ``Invertd``, or
-followed by label re-coding or mask filters) the chain runs to its end and the
-node reads label masks.  Registry label values are output channels, as
-``configs/metadata.json`` (``network_data_format.outputs.pred.channel_def``)
-numbers them, which are also the values of an argmax label map; a bundle that
-re-codes its labels (BraTS: 1, 2, 4) is given the re-coded values.
+Outputs are probabilities where the postprocessing keeps them: when an
+``Activationsd`` comes before its first ``AsDiscreted`` and nothing but
+``AsDiscreted`` after it (``Activationsd``, ``Invertd``, ``AsDiscreted``), the
+node stops there and fuses per-channel probabilities, already on the input's
+grid.  Otherwise (discretised before ``Invertd``, or followed by label
+re-coding or mask filters) the chain runs to its end and the node reads the
+label map (or per-channel masks) it ends with.  Registry label values are
+output channels, as ``configs/metadata.json``
+(``network_data_format.outputs.pred.channel_def``) numbers them, which are
+also the values of an argmax label map; a bundle that re-codes its labels
+(BraTS: 1, 2, 4) is given the re-coded values.
 
 The registry describes only what the bundle cannot: which series feed which
 input channel, the labels' codes and, in ``options``, ``config`` (another
@@ -47,7 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,9 @@ __all__ = [
     "PublishedBundleModel",
     "bundle_config_file",
     "contrast_phase",
+    "geometry_from_affine",
     "load_bundle",
+    "numpy_safe_globals",
 ]
 
 #: Transforms that read or write files: the node feeds memory and takes memory back.
@@ -146,6 +150,11 @@ class BundleIO:
         Channels the network takes.
     channel_def : dict
         Output channel -> the bundle's name for it.
+    meta_keys : dict
+        Image key -> key of the meta dictionary the loader also filled (bundle
+        code such as the renal bundle's ``ConcatImages`` reads it).
+    channel_first : bool
+        The loader added the channel axis (``ensure_channel_first``).
     """
 
     image_keys: tuple[str, ...]
@@ -153,6 +162,8 @@ class BundleIO:
     output: str
     input_channels: int
     channel_def: Mapping[int, str]
+    meta_keys: Mapping[str, str] = field(default_factory=dict)
+    channel_first: bool = False
 
 
 # --------------------------------------------------------------------------- loading
@@ -212,7 +223,7 @@ def _target_name(item: object) -> str:
 
 
 def _components(config: object, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every component of a raw config with its id (``handlers#0``)."""
+    """Every component of a raw config with its id (``handlers::0``)."""
     if isinstance(config, dict):
         if "_target_" in config:
             yield prefix, config
@@ -222,7 +233,7 @@ def _components(config: object, prefix: str = "") -> Iterator[tuple[str, dict[st
     else:
         return
     for key, value in items:
-        yield from _components(value, f"{prefix}#{key}" if prefix else str(key))
+        yield from _components(value, f"{prefix}::{key}" if prefix else str(key))
 
 
 @contextlib.contextmanager
@@ -252,12 +263,52 @@ def _bundle_modules(root: Path) -> Iterator[None]:
 _IMPORT_LOCK = threading.Lock()
 
 
-def _numpy_globals() -> list[Any]:
-    """What ``torch.load(weights_only=True)`` needs for numpy arrays (DiNTS architecture codes hold them)."""
+def numpy_safe_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` must allow to read numpy arrays, and nothing else.
+
+    The DiNTS bundles' architecture code is a pickle of numpy arrays; since
+    torch 2.6 ``torch.load`` refuses it unless these are allowed
+    (``torch.serialization.safe_globals``).
+    """
     import numpy._core.multiarray as multiarray
 
     kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32, np.float64)
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *(type(np.dtype(k)) for k in kinds)]
+
+
+@dataclass
+class _Loaded:
+    """What a bundle's ``LoadImaged`` would have put in the data dictionary."""
+
+    keys: list[str] = field(default_factory=list)
+    #: Image key -> key of its meta dictionary (``LoadImaged(image_only=False)`` adds one).
+    meta_keys: dict[str, str] = field(default_factory=dict)
+    #: ``LoadImaged(ensure_channel_first=True)``: the loader added the channel axis itself.
+    channel_first: bool = False
+
+    def add(self, parser: Any, id: str) -> None:
+        """Read the settings of the ``LoadImaged`` at config ``id``."""
+
+        def setting(name: str, default: Any) -> Any:
+            return parser.get_parsed_content(f"{id}::{name}", default=default)
+
+        keys = _as_list(setting("keys", []))
+        metas = _as_list(setting("meta_keys", None)) or [None] * len(keys)
+        postfix = setting("meta_key_postfix", "meta_dict")
+        with_meta = not setting("image_only", True)
+        self.channel_first |= bool(setting("ensure_channel_first", False))
+        for key, meta in zip(keys, metas, strict=False):
+            if key not in self.keys:
+                self.keys.append(key)
+            if with_meta:
+                self.meta_keys[key] = meta or f"{key}_{postfix}"
+
+
+def _as_list(value: Any) -> list[str]:
+    """A config's key or keys as a list of str."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def _flag(parser: Any, id: str, default: bool) -> bool:
@@ -303,9 +354,9 @@ class PublishedBundleModel:
         self.config_file = bundle_config_file(self.root, spec.options.get("config"))
         self.metadata = self._metadata()
         parser = self._parser()
-        image_keys = self._drop_file_transforms(parser)
+        loaded = self._drop_file_transforms(parser)
         self._instantiate(parser)
-        self.io = self._io(image_keys)
+        self.io = self._io(loaded)
         self.phases = self._phases()
         self.kind, self.activation, self._stop = self._output_kind()
         self.labels = self._labels()
@@ -333,7 +384,6 @@ class PublishedBundleModel:
 
         parser = ConfigParser()
         try:
-            parser.read_meta(self.metadata)
             parser.read_config(str(self.config_file))
         except Exception as exc:
             raise self._fail(f"cannot read {self.config_file}: {exc}") from exc
@@ -348,28 +398,29 @@ class PublishedBundleModel:
             raise self._fail(f"options.overrides does not fit {self.config_file.name}: {exc}") from exc
         return parser
 
-    def _drop_file_transforms(self, parser: Any) -> tuple[str, ...]:
+    def _drop_file_transforms(self, parser: Any) -> _Loaded:
         """Take ``LoadImaged`` out of the preprocessing and ``SaveImaged`` out of the postprocessing.
 
-        Returns the keys the loader filled, in order.
+        Returns what the loader would have put in the data: its keys, in order,
+        the meta-dict key of each (``image_only: false``), and whether it added
+        the channel axis itself.
         """
         pre = parser.get("preprocessing::transforms")
         post = parser.get("postprocessing::transforms", [])
         if not isinstance(pre, list) or not isinstance(post, list):
             raise self._fail("preprocessing and postprocessing must each be a Compose with a list of transforms")
-        loaded: list[str] = []
+        loaded = _Loaded()
         try:
             for i, item in enumerate(pre):
                 if _target_name(item) in _LOADERS:
-                    keys = parser.get_parsed_content(f"preprocessing::transforms::{i}::keys")
-                    loaded += [keys] if isinstance(keys, str) else [str(k) for k in keys]
+                    loaded.add(parser, f"preprocessing::transforms::{i}")
         except Exception as exc:
-            raise self._fail(f"cannot read the keys of the bundle's LoadImaged: {exc}") from exc
-        if not loaded:
+            raise self._fail(f"cannot read the settings of the bundle's LoadImaged: {exc}") from exc
+        if not loaded.keys:
             raise self._fail("its preprocessing has no LoadImaged: the node cannot tell where the image goes")
         parser["preprocessing::transforms"] = [t for t in pre if _target_name(t) not in _LOADERS]
         parser["postprocessing::transforms"] = [t for t in post if _target_name(t) not in _WRITERS]
-        return tuple(dict.fromkeys(loaded))
+        return loaded
 
     def _instantiate(self, parser: Any) -> None:
         """Build the transforms, the inferer and the network, and load the weights its CheckpointLoader names."""
@@ -381,7 +432,7 @@ class PublishedBundleModel:
             # The bundle's own code (``scripts``) imports from its folder; DiNTS prints while it builds.
             with (
                 _bundle_modules(self.root),
-                torch.serialization.safe_globals(_numpy_globals()),
+                torch.serialization.safe_globals(numpy_safe_globals()),
                 contextlib.redirect_stdout(chatter),
             ):
                 self.preprocessing = parser.get_parsed_content("preprocessing")
@@ -427,11 +478,11 @@ class PublishedBundleModel:
             raise self._fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
         return network
 
-    def _io(self, loaded: tuple[str, ...]) -> BundleIO:
+    def _io(self, loaded: _Loaded) -> BundleIO:
         """The bundle's input and output keys and channels, from the transforms and ``metadata.json``."""
         read = {k for t in self.preprocessing.flatten().transforms for k in getattr(t, "keys", ())}
         # The loader may read a label for evaluation; the inputs are the images the preprocessing goes on with.
-        image_keys = tuple(k for k in loaded if k in read) or loaded
+        image_keys = tuple(k for k in loaded.keys if k in read) or tuple(loaded.keys)
         fmt = self.metadata["network_data_format"]
         inputs, outputs = fmt.get("inputs") or {}, fmt.get("outputs") or {}
         if not inputs or not outputs:
@@ -452,7 +503,8 @@ class PublishedBundleModel:
                 f"the network takes {channels} input channel(s) {dict(names) or ''}, the registry's "
                 f"dataset lists {wanted}: list them in its inputs, in this order"
             )
-        return BundleIO(image_keys, network_input, output, channels, channel_def)
+        metas = {k: v for k, v in loaded.meta_keys.items() if k in image_keys}
+        return BundleIO(image_keys, network_input, output, channels, channel_def, metas, loaded.channel_first)
 
     def _phases(self) -> tuple[ContrastPhase, ...]:
         raw = self.spec.options.get("contrast_phases") or ()
@@ -578,8 +630,13 @@ class PublishedBundleModel:
         keys = self.io.image_keys
         if len(keys) == 1:
             # One loader key for several files stacks them as channels, as LoadImaged does.
-            return {keys[0]: _meta_tensor(stack if len(stack) > 1 else stack[0], grid, source)}
-        return {key: _meta_tensor(stack[i], grid, source) for i, key in enumerate(keys)}
+            arrays = {keys[0]: stack if len(stack) > 1 or self.io.channel_first else stack[0]}
+        else:
+            arrays = {key: stack[i : i + 1] if self.io.channel_first else stack[i] for i, key in enumerate(keys)}
+        data: dict[str, Any] = {key: _meta_tensor(array, grid, source) for key, array in arrays.items()}
+        for key, meta_key in self.io.meta_keys.items():
+            data[meta_key] = dict(data[key].meta)
+        return data
 
     def _phase_series(self, images: StudyImages) -> list[Volume]:
         """One CT series per contrast phase the bundle takes, in channel order."""
