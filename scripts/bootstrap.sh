@@ -42,8 +42,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # TAPS (whole prostate, ONNX) declares onnxruntime-gpu; the project already has the CPU runtime.
   .venv/bin/python -m pip install -q --no-deps "lavlab-taps==1.1.2"
   # PyPI's torchvision is built for the CUDA torch and cannot load beside the CPU build (nnunetv2 ->
-  # timm pulls it in). Nothing here uses it, and a broken torchvision breaks every transformers
-  # model import, so it goes; on a CUDA build of torch it loads and stays.
+  # timm pulls it in). A torchvision that cannot load breaks every transformers model import; without
+  # it only timm's architectures (nnU-Net's Primus trainers) are missing, and they could not load
+  # with the broken one either. So it goes; on a CUDA build of torch it loads and stays.
   if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
     .venv/bin/python -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
   fi
