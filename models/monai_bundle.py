@@ -351,7 +351,10 @@ class PublishedBundleModel:
         self.root = Path(spec.path)
         self.quality: dict[str, float] = {}
         self._lock = threading.Lock()  # one study at a time: networks and transforms hold state
-        self.config_file = bundle_config_file(self.root, spec.options.get("config"))
+        try:
+            self.config_file = bundle_config_file(self.root, spec.options.get("config"))
+        except ModelLoadError as exc:
+            raise self._fail(str(exc)) from None
         self.metadata = self._metadata()
         parser = self._parser()
         loaded = self._drop_file_transforms(parser)
@@ -419,7 +422,8 @@ class PublishedBundleModel:
         if not loaded.keys:
             raise self._fail("its preprocessing has no LoadImaged: the node cannot tell where the image goes")
         parser["preprocessing::transforms"] = [t for t in pre if _target_name(t) not in _LOADERS]
-        parser["postprocessing::transforms"] = [t for t in post if _target_name(t) not in _WRITERS]
+        if post:
+            parser["postprocessing::transforms"] = [t for t in post if _target_name(t) not in _WRITERS]
         return loaded
 
     def _instantiate(self, parser: Any) -> None:

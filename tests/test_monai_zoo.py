@@ -205,7 +205,7 @@ CASES = {
         "models/model.pt", 2, "peripheral_zone", mr_t2_study, 40, (1, 1, 96, 96, 96), OutputKind.LABELS, None
     ),
     "ventricular_short_axis_3label": Case(
-        "models/model.pt", 3, "rv_pool", cine_study, 150, (1, 1, 256, 256), OutputKind.PROBABILITIES
+        "models/model.pt", 3, "rv_pool", cine_study, 60, (1, 1, 256, 256), OutputKind.PROBABILITIES
     ),
 }
 
