@@ -115,8 +115,8 @@ class ContrastPhase(StrEnum):
 # Series descriptions as scanners and PACS rules write them; checked in this order.
 _PHASE_PATTERNS: tuple[tuple[ContrastPhase, re.Pattern[str]], ...] = (
     (ContrastPhase.UNENHANCED, re.compile(r"\b(non[- ]?contrast|unenhanced|native|plain|pre[- ]?contrast|nc)\b")),
+    (ContrastPhase.ARTERIAL, re.compile(r"\b(arterial|art|angio\w*|cta)\b")),  # before "late": late arterial
     (ContrastPhase.EXCRETORY, re.compile(r"\b(excret\w*|delayed?|urograph\w*|pyelograph\w*|late)\b")),
-    (ContrastPhase.ARTERIAL, re.compile(r"\b(arterial|art|angio\w*|cta)\b")),
     (ContrastPhase.VENOUS, re.compile(r"\b(venous|portal|pv|nephrograph\w*)\b")),
 )
 
@@ -236,6 +236,10 @@ def _components(config: object, prefix: str = "") -> Iterator[tuple[str, dict[st
         yield from _components(value, f"{prefix}::{key}" if prefix else str(key))
 
 
+#: Bundle code is imported one bundle at a time (``sys.path`` and ``sys.modules`` are process-wide).
+_IMPORT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _bundle_modules(root: Path) -> Iterator[None]:
     """Import the bundle's own packages (``scripts``) from its folder, and forget them afterwards.
@@ -260,20 +264,21 @@ def _bundle_modules(root: Path) -> Iterator[None]:
             sys.modules.update(saved)
 
 
-_IMPORT_LOCK = threading.Lock()
-
-
 def numpy_safe_globals() -> list[Any]:
     """What ``torch.load(weights_only=True)`` must allow to read numpy arrays, and nothing else.
 
     The DiNTS bundles' architecture code is a pickle of numpy arrays; since
     torch 2.6 ``torch.load`` refuses it unless these are allowed
-    (``torch.serialization.safe_globals``).
+    (``torch.serialization.safe_globals``).  Files pickled by numpy 1 name
+    ``numpy.core``, by numpy 2 ``numpy._core``: both are allowed.
     """
-    import numpy._core.multiarray as multiarray
-
+    core = getattr(np, "_core", None) or np.core
     kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32, np.float64)
-    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *(type(np.dtype(k)) for k in kinds)]
+    allowed: list[Any] = [np.ndarray, np.dtype, *{type(np.dtype(k)) for k in kinds}]  # numpy 2: a class per dtype
+    for name in ("_reconstruct", "scalar"):
+        function = getattr(core.multiarray, name)
+        allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
+    return allowed
 
 
 @dataclass

@@ -14,10 +14,12 @@ postprocessing, on a crop of a phantom small enough for one inferer window.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -220,11 +222,13 @@ def _reference(name: str) -> tuple[ModelSpec, dict]:
 
 
 def _dints_architecture(path: Path) -> None:
-    """An architecture code as the DiNTS bundles' ``scripts/search.py`` saves it (``dints_space.decode()``).
+    """An architecture code as the DiNTS bundles publish it (``scripts/search.py``: ``dints_space.decode()``).
 
     Numpy arrays for 12 blocks x 4 depths: node activations, active paths and
     each path's cell operation; here a chain of 3x3x3 convolutions at the top
-    resolution (searching one takes minutes).
+    resolution (searching one takes minutes).  The published files were
+    pickled by numpy 1, whose arrays name ``numpy.core``, not numpy 2's
+    ``numpy._core``: the file is written that way.
     """
     blocks, depths = 12, 4
     node_a = np.zeros((blocks + 1, depths))
@@ -232,8 +236,16 @@ def _dints_architecture(path: Path) -> None:
     arch_a = np.zeros((blocks, 3 * depths - 2))
     arch_a[:, 0] = 1  # path 0: top resolution to top resolution
     arch_c = np.ones((blocks, 3 * depths - 2), dtype=np.int64)  # operation 1: conv_3x3x3
+    code = {"node_a": node_a, "arch_code_a": arch_a, "arch_code_a_max": arch_a, "arch_code_c": arch_c}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"node_a": node_a, "arch_code_a": arch_a, "arch_code_a_max": arch_a, "arch_code_c": arch_c}, path)
+    buffer = io.BytesIO()
+    torch.save(code, buffer)
+    with zipfile.ZipFile(buffer) as saved, zipfile.ZipFile(path, "w") as published:
+        for entry in saved.infolist():
+            data = saved.read(entry.filename)
+            if entry.filename.endswith("/data.pkl"):  # protocol 2: GLOBAL opcodes name modules as text
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            published.writestr(entry, data)
 
 
 def build_bundle(name: str, root: Path, winner: int, weights: str) -> Path:
@@ -423,6 +435,7 @@ def test_missing_mr_sequence_is_named(bundles, phantom_factory):
     ("description", "phase"),
     [
         ("CT ABD ART 1.0 B30f", ContrastPhase.ARTERIAL),
+        ("Late arterial", ContrastPhase.ARTERIAL),
         ("Portal venous 3mm", ContrastPhase.VENOUS),
         ("NEPHROGRAPHIC", ContrastPhase.VENOUS),
         ("Delayed 10 min", ContrastPhase.EXCRETORY),
