@@ -1418,7 +1418,8 @@ class _Validator:
         for unknown in sorted(set(serves) - labels):
             self.err(f"{where}.serves", f"no label {unknown!r} in dataset {dataset!r}")
         weights = options.get("weights") if isinstance(options, dict) else None
-        if weights is not None and not (
+        # TotalSegmentator names its task's result folders; a MONAI bundle names one file in models/.
+        if backend is Backend.TOTALSEGMENTATOR and weights is not None and not (
             isinstance(weights, list) and weights and all(isinstance(w, str) and w and ".." not in w for w in weights)
         ):
             self.err(f"{where}.options.weights", f"expected a list of folder names, got {weights!r}")
