@@ -146,6 +146,21 @@ def test_colours_valid_and_distinct(reg: Registry) -> None:
             assert len(c) == 3 and all(isinstance(x, int) and 0 <= x <= 255 for x in c)
 
 
+def test_install_hints_promise_no_missing_release_and_name_real_models(reg: Registry) -> None:
+    # The paper's per-dataset weights were never published: a hint must not send anyone to them,
+    # and every model a hint names (TotalSegmentator tasks, MONAI Model Zoo bundles) is in the registry.
+    names = {m.name for m in reg.models()}
+    named = 0
+    for ds in reg:
+        hint = ds.install_hint or ""
+        assert "model release" not in hint and "uni-medical" not in hint, ds.name
+        for token in re.findall(r"[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9_]+", hint):
+            if token.startswith("totalseg_") or token.endswith(("_segmentation", "_3label")):
+                assert token in names, (ds.name, token)
+                named += 1
+    assert named >= 20
+
+
 def test_fields_are_well_formed(reg: Registry) -> None:
     for ds in reg:
         assert ds.modalities and set(ds.modalities) <= MODALITIES
