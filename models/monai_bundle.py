@@ -591,14 +591,17 @@ class PublishedBundleModel:
             data = self.preprocessing(data)
             seconds["preprocess"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            batch = data[self.io.network_input][None].to(self.device)
+            image = data[self.io.network_input]
+            # The network sees a plain tensor (MetaTensor bookkeeping on every layer costs more than a small
+            # 2D network); the output gets the input's metadata back, as sliding_window_inference gives it.
+            batch = torch.as_tensor(image)[None].to(self.device)
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=cuda and self.amp):
                 pred = self.inferer(batch, self.network)
             if isinstance(pred, list | tuple | dict):  # several heads: the first is the segmentation
                 pred = next(iter(pred.values())) if isinstance(pred, dict) else pred[0]
             seconds["inference"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            data[self.io.output] = pred[0].float()
+            data[self.io.output] = _like(pred[0].float(), image)
             data = self.postprocessing(data, end=self._stop)
         out = data[self.io.output]
         grid = _output_grid(out, images.primary.geometry)
@@ -665,6 +668,15 @@ class PublishedBundleModel:
 
 
 # --------------------------------------------------------------------------- arrays and grids
+
+
+def _like(tensor: torch.Tensor, image: Any) -> Any:
+    """``tensor`` with the metadata and transform trace of ``image`` (a MetaTensor), as MONAI's inferers give it."""
+    from monai.data import MetaTensor
+
+    if not isinstance(image, MetaTensor):
+        return tensor
+    return MetaTensor(tensor, meta=dict(image.meta), applied_operations=list(image.applied_operations))
 
 
 def _sample(volume: Volume, grid: Geometry) -> np.ndarray:
