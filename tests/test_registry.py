@@ -574,5 +574,5 @@ def test_included_files_merge_and_may_not_repeat_a_dataset(tmp_path: Path) -> No
     # An edit to an included file is seen (the cache checks every file) and a repeated dataset is refused.
     extra["datasets"]["Tiny"] = extra["datasets"]["Other"]
     (tmp_path / "registry.d" / "extra.yaml").write_text(yaml.safe_dump(extra, sort_keys=False))
-    with pytest.raises(RegistryError, match="extra.yaml: datasets.Tiny: dataset already defined"):
+    with pytest.raises(RegistryError, match=r"extra\.yaml: datasets\.Tiny: dataset already defined"):
         load_registry(path)
