@@ -940,7 +940,8 @@ class Catalogue:
                 size = sum(size_of(_ts_results(ref.path) / w) for w in _ts_weights(ref))
             elif installed:
                 size = size_of(ref.path)
-            labels = tuple(self.registry.datasets[ref.dataset].labels) if ref.dataset in self.registry else ()
+            dataset = self.registry.datasets.get(ref.dataset)
+            labels = tuple(name for name in dataset.labels if ref.serves_label(name)) if dataset else ()
             out.append(CatalogueEntry(ref, labels, installed, ref.path, size, record))
         return out
 
