@@ -208,8 +208,11 @@ class HdBetModel:
             file = Path(spec.path) / f"{fold}.model"
             try:
                 self.weights.append(_flush_denormals(torch.load(file, map_location=self.device, weights_only=True)))
-            except (OSError, RuntimeError, ValueError) as exc:
-                raise ModelLoadError(f"model {spec.name}: cannot load HD-BET fold {fold} from {file}: {exc}") from exc
+            except Exception as exc:  # a missing, truncated or foreign file: torch raises many kinds
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelLoadError(
+                    f"model {spec.name}: cannot load HD-BET fold {fold} from {file}: {reason}"
+                ) from exc
         try:
             self.network.load_state_dict(self.weights[0])
         except RuntimeError as exc:
@@ -266,6 +269,7 @@ class HdBetModel:
                     cf.net_input_must_be_divisible_by, cf.val_min_size, device, cf.da_mirror_axes,
                 )  # fmt: skip
                 brain += softmax[1] / len(self.weights)
+        np.clip(brain, 0.0, 1.0, out=brain)  # the mean of softmax outputs may round past 1
         seconds["inference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.postprocess:
