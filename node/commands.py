@@ -98,6 +98,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     """``medsegagent demo``."""
     from medsegagent.dicom.realdata import RealDataError
     from medsegagent.node.demo import DEFAULT_REQUEST, REAL_REQUEST, run_demo, run_real_demo, summary
+    from medsegagent.node.dispatch import DeliveryError
     from medsegagent.node.pipeline import PipelineError
 
     study = "real MRI (Colin27)" if args.real else "phantom study"
@@ -108,7 +109,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         else:
             request = args.request or DEFAULT_REQUEST
             outcome = run_demo(args.out, request=request, seed=args.seed, modality=args.modality)
-    except (PipelineError, RealDataError) as exc:
+    except (PipelineError, RealDataError, DeliveryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(summary(outcome))

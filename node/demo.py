@@ -30,7 +30,7 @@ from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import Prediction
 from medsegagent.models.registry import Registry
 from medsegagent.models.resample import resample
-from medsegagent.node.dispatch import send_files
+from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.intake import StorageSCP
 from medsegagent.node.pipeline import Result, segment_study
 
@@ -126,7 +126,7 @@ def through_node(
         say(f"node listening as MEDSEG on {host}:{port}; sending {len(dicom_files)} instances by C-STORE")
         sent = send_files(dicom_files, host=host, port=port, called_ae="MEDSEG", calling_ae="DEMO-PACS")
         if sent.failed:
-            raise RuntimeError(f"{len(sent.failed)} instances were refused by the node")
+            raise DeliveryError(f"{len(sent.failed)} instances were refused by the node")
         study_uid = str(phantom_study_uid(dicom_files[0]))
         study_dir = scp.wait_for_study(study_uid, quiet_seconds=1.0, timeout=60, expected=len(dicom_files))
         transfer = time.perf_counter() - t0

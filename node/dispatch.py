@@ -61,6 +61,10 @@ def send_files(
     result = SendResult()
     try:
         for path, _ in datasets:
+            if not assoc.is_established:  # aborted by the peer (or a time-out) part way through
+                raise DeliveryError(
+                    f"association to {called_ae}@{host}:{port} ended after {result.sent} of {len(datasets)} instances"
+                )
             status = assoc.send_c_store(path)
             code = int(status.Status) if status and "Status" in status else -1
             if code in (0x0000, 0xB000, 0xB007, 0xB006):
