@@ -61,11 +61,14 @@ def send_files(
     result = SendResult()
     try:
         for path, _ in datasets:
-            if not assoc.is_established:  # aborted by the peer (or a time-out) part way through
+            try:
+                status = assoc.send_c_store(path)
+            except RuntimeError as exc:  # pynetdicom: the association was aborted part way through
+                if assoc.is_established:
+                    raise
                 raise DeliveryError(
                     f"association to {called_ae}@{host}:{port} ended after {result.sent} of {len(datasets)} instances"
-                )
-            status = assoc.send_c_store(path)
+                ) from exc
             code = int(status.Status) if status and "Status" in status else -1
             if code in (0x0000, 0xB000, 0xB007, 0xB006):
                 result.sent += 1
