@@ -355,7 +355,15 @@ class DeepBetModel:
         self.labels = {self.label: (1,)}
         self.sequences = _accepted_sequences(spec)
         self.postprocess = _flag(spec, "postprocess", True)
-        self.threshold = float(spec.options.get("threshold", 0.5))
+        self.threshold = spec.options.get("threshold", 0.5)
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, int | float)
+            or not 0 < self.threshold < 1
+        ):
+            raise ModelLoadError(
+                f"model {spec.name}: options.threshold must be a number in (0, 1), got {self.threshold!r}"
+            )
         files = {name: Path(DATA_PATH) / "models" / f"{name}.pt" for name in ("model", "bbox_model")}
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
@@ -394,7 +402,13 @@ class DeepBetModel:
         seconds["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with self._lock:
-            probability = np.asarray(self.bet.run_model(x), np.float32)
+            try:
+                probability = np.asarray(self.bet.run_model(x), np.float32)
+            except (AssertionError, ValueError) as exc:  # its bounding-box network found no head to crop to
+                description = volume.meta.get("SeriesDescription", "")
+                raise ValueError(
+                    f"model {self.name}: deepbet finds no brain in series '{description}' ({exc})"
+                ) from exc
             seconds["inference"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if self.postprocess and (probability > self.threshold).any():

@@ -17,7 +17,7 @@ import torch
 
 from medsegagent.dicom.nifti import volume_from_nifti
 from medsegagent.dicom.realdata import colin27
-from medsegagent.dicom.volume import Volume
+from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ChannelError, ModelLoadError, ModelSpec, Prediction, load_model
 from medsegagent.models.brain_extraction import DeepBetModel, HdBetModel, _check_sequence, reorient
 from medsegagent.models.ensemble import Member, fuse_study, resolve_overlaps
@@ -203,6 +203,21 @@ def test_deepbet_declines_a_t2_series_and_hd_bet_accepts_it(models, colin):
     _check_sequence(hd_bet.name, t2, hd_bet.sequences)  # T1, T1C, T2 and FLAIR: the dataset's input channel
     with pytest.raises(ChannelError, match="trained on"):
         hd_bet.predict(replace(t2, meta={"SeriesDescription": "DWI b1000"}))
+
+
+def test_deepbet_finds_no_brain_in_an_empty_series(models):
+    geometry = Geometry((40, 64, 64), np.zeros(3), np.eye(3)[0], np.eye(3)[1], np.eye(3)[2], (1.0, 1.0, 1.0))
+    blank = Volume(
+        np.zeros(geometry.shape, np.float32), geometry, "MR", "blank", meta={"SeriesDescription": "T1 blank"}
+    )
+    with pytest.raises(ValueError, match="deepbet finds no brain in series 'T1 blank'"):
+        models["deepbet"].predict(blank)
+
+
+@pytest.mark.parametrize("threshold", [0, 1.5, "high", True])
+def test_deepbet_rejects_a_bad_threshold(registry, threshold):
+    with pytest.raises(ModelLoadError, match=r"options\.threshold must be a number in \(0, 1\)"):
+        load_model(_spec(registry, "deepbet", threshold=threshold), "cpu")
 
 
 def test_a_missing_package_names_what_to_install(registry, tmp_path):
