@@ -161,6 +161,13 @@ def _flag(spec: ModelSpec, key: str, default: bool) -> bool:
     return value
 
 
+def _fraction(spec: ModelSpec, key: str, default: float) -> float:
+    value = spec.options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ModelLoadError(f"model {spec.name}: options.{key} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 # --------------------------------------------------------------------------- HD-BET
 
 
@@ -171,7 +178,8 @@ class HdBetModel:
     Options:
 
     * ``folds``: the cross-validation folds to average (default: all five on
-      a GPU, fold 0 on the CPU, where each fold costs about 80 s on Colin27);
+      a GPU, fold 0 on the CPU, where five folds cost five times one -- about
+      15 s each on Colin27 on two cores -- for no better mask there);
     * ``tta``: mirroring along all three axes (8 passes per fold; default on a GPU only);
     * ``postprocess``: keep the largest connected component (default true,
       as HD-BET's command line);
@@ -231,9 +239,9 @@ class HdBetModel:
 
     @property
     def memory_bytes(self) -> int:
-        """The network plus one weight set per fold."""
+        """The network plus the weight sets of the folds it cycles through."""
         per_fold = sum(t.numel() * t.element_size() for t in self.weights[0].values())
-        return module_bytes(self.network) + per_fold * (len(self.weights) - 1)
+        return module_bytes(self.network) + per_fold * len(self.weights)
 
     def network_input(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
         """HD-BET's preprocessed image and its grid: MNI152-oriented, 1.5 mm, z-scored (the package's own code)."""
@@ -355,15 +363,7 @@ class DeepBetModel:
         self.labels = {self.label: (1,)}
         self.sequences = _accepted_sequences(spec)
         self.postprocess = _flag(spec, "postprocess", True)
-        self.threshold = spec.options.get("threshold", 0.5)
-        if (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, int | float)
-            or not 0 < self.threshold < 1
-        ):
-            raise ModelLoadError(
-                f"model {spec.name}: options.threshold must be a number in (0, 1), got {self.threshold!r}"
-            )
+        self.threshold = _fraction(spec, "threshold", 0.5)
         files = {name: Path(DATA_PATH) / "models" / f"{name}.pt" for name in ("model", "bbox_model")}
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
