@@ -25,17 +25,20 @@ spacing, size, intensity) or from the bundle's own ``medsegagent`` section.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
+import pkgutil
 import re
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 import numpy as np
 import torch
@@ -77,12 +80,14 @@ __all__ = [
     "TorchScriptModel",
     "assemble_channels",
     "channel_modality",
+    "find_nnunet_trainer",
     "load_model",
     "module_bytes",
     "nnunet_label_channels",
     "nnunet_model_folder",
     "nnunet_output_grid",
     "normalise_intensity",
+    "quiet_stdout",
     "select_device",
 ]
 
@@ -97,6 +102,61 @@ class ModelLoadError(RuntimeError):
 
 class ChannelError(ValueError):
     """A study that lacks a series one of the model's input channels needs."""
+
+
+# --------------------------------------------------------------------------- quiet model packages
+
+
+class _PerThreadStdout(io.TextIOBase):
+    """``sys.stdout`` while a model package prints: its threads' text goes to the log, everyone else's through."""
+
+    def __init__(self, real: TextIO) -> None:
+        self.real = real
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() in _quiet_threads:
+            if text.strip():
+                log.debug("%s", text.rstrip())
+            return len(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
+_quiet_lock = threading.Lock()
+_quiet_threads: dict[int, int] = {}  # thread -> nesting depth
+_real_stdout: TextIO | None = None
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Send what the calling thread prints to the debug log while the block runs.
+
+    Model packages (HD-BET, nnU-Net, TotalSegmentator, MONAI bundles) print
+    progress to stdout, and the node's stdout is for results (``--json``).
+    ``contextlib.redirect_stdout`` swaps the process-wide stream, so two model
+    threads that enter and leave in an interleaved order would leave it
+    swapped; here one filtering stream is installed while any thread is
+    quiet and removed when the last one leaves, and other threads' output
+    passes through untouched.
+    """
+    global _real_stdout
+    ident = threading.get_ident()
+    with _quiet_lock:
+        if not _quiet_threads:
+            _real_stdout = sys.stdout
+            sys.stdout = _PerThreadStdout(sys.stdout)
+        _quiet_threads[ident] = _quiet_threads.get(ident, 0) + 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_threads[ident] -= 1
+            if not _quiet_threads[ident]:
+                del _quiet_threads[ident]
+            if not _quiet_threads and _real_stdout is not None:
+                sys.stdout, _real_stdout = _real_stdout, None
 
 
 # --------------------------------------------------------------------------- devices and intensities
@@ -1043,6 +1103,57 @@ def nnunet_output_grid(
     return derived_grid(source, [axes[int(transpose_forward[k])] for k in range(3)], shape, start, ratio)
 
 
+def find_nnunet_trainer(name: str) -> type:
+    """The nnU-Net trainer class called ``name``, found even where some trainer modules cannot be imported.
+
+    nnU-Net finds a trainer by importing every module under
+    ``nnunetv2.training.nnUNetTrainer`` in turn; its Primus trainers import
+    timm, which imports torchvision, and PyPI's torchvision cannot load beside
+    a CPU build of torch (``scripts/bootstrap.sh``).  nnU-Net's walk then fails
+    on the first such module, before it reaches ``variants`` -- where most
+    published models' trainers are.  This walk leaves those modules out.
+
+    Raises
+    ------
+    ModelLoadError
+        When no importable module has the trainer.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except Exception as exc:  # ImportError, or the RuntimeError of a torchvision built for another torch
+        log.info("nnU-Net cannot look up trainer %s (%s); searching the importable trainer modules", name, exc)
+    import nnunetv2.training.nnUNetTrainer as trainers
+
+    for info in pkgutil.walk_packages(trainers.__path__, f"{trainers.__name__}.", onerror=lambda _name: None):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # a trainer module that cannot load is simply not a candidate
+            continue
+        found = getattr(module, name, None)
+        if isinstance(found, type):
+            return found
+    raise ModelLoadError(f"nnU-Net trainer {name!r} is not in any importable module of nnunetv2")
+
+
+@contextlib.contextmanager
+def _tolerant_trainer_lookup() -> Iterator[None]:
+    """Let ``nnUNetPredictor`` find trainers with :func:`find_nnunet_trainer` while it loads a model."""
+    from nnunetv2.inference import predict_from_raw_data as module
+
+    with _TRAINER_LOOKUP_LOCK:
+        original = module.recursive_find_trainer_class_by_name
+        module.recursive_find_trainer_class_by_name = find_nnunet_trainer
+        try:
+            yield
+        finally:
+            module.recursive_find_trainer_class_by_name = original
+
+
+_TRAINER_LOOKUP_LOCK = threading.Lock()
+
+
 #: nnU-Net image readers -> (orientation, axes) of the arrays the model was trained on.
 _NNUNET_READERS = {
     "SimpleITKIO": ("LPS", "zyx"),
@@ -1120,10 +1231,9 @@ class NnUNetModel:
         if absent:
             raise ModelLoadError(f"model {spec.name}: fold(s) {absent} have no checkpoint in {folder} (have {folds})")
         cuda = self.device.type == "cuda"
-        chatter = io.StringIO()
         try:
             # nnUNetPredictor prints its device choice; the node's stdout is for results.
-            with contextlib.redirect_stdout(chatter):
+            with quiet_stdout():
                 predictor = nnUNetPredictor(
                     tile_step_size=float(options.get("tile_step_size", 0.5)),
                     use_gaussian=True,
@@ -1134,15 +1244,14 @@ class NnUNetModel:
                     verbose_preprocessing=False,
                     allow_tqdm=False,
                 )
-                predictor.initialize_from_trained_model_folder(
-                    str(folder),
-                    use_folds=tuple(int(f) if f.isdigit() else f for f in use_folds),
-                    checkpoint_name=str(options.get("checkpoint", "checkpoint_final.pth")),
-                )
+                with _tolerant_trainer_lookup():
+                    predictor.initialize_from_trained_model_folder(
+                        str(folder),
+                        use_folds=tuple(int(f) if f.isdigit() else f for f in use_folds),
+                        checkpoint_name=str(options.get("checkpoint", "checkpoint_final.pth")),
+                    )
         except Exception as exc:
             raise ModelLoadError(f"model {spec.name}: nnUNetPredictor cannot load {folder}: {exc}") from exc
-        if chatter.getvalue().strip():
-            log.debug("nnUNetPredictor: %s", chatter.getvalue().strip())
         self.predictor = predictor
         self._lock = threading.Lock()
 

@@ -428,14 +428,20 @@ def resolve_location(location: str, base_dir: Path) -> Path:
         ``${MEDSEG_MODELS}/...`` (the node's models folder, see
         :func:`default_models_dir`, even when the variable is unset),
         ``package:NAME[/SUB/PATH]`` (inside the installed Python package
-        ``NAME``: weights that ship with a package), an absolute path, ``~``
-        or ``$VAR`` forms, or a path relative to ``base_dir``.
+        ``NAME``: weights that ship with a package), ``dist:DIST/PATH`` (a
+        file the installed distribution ``DIST`` put beside its packages, for
+        wheels that install their weights outside their package, as deepbet's
+        ``data/`` folder), an absolute path, ``~`` or ``$VAR`` forms, or a
+        path relative to ``base_dir``.
     base_dir : Path
         The registry file's directory.
     """
     if location.startswith("package:"):
         name, _, sub = location.removeprefix("package:").partition("/")
         return _package_dir(name) / sub if sub else _package_dir(name)
+    if location.startswith("dist:"):
+        name, _, sub = location.removeprefix("dist:").partition("/")
+        return _distribution_file(name, sub)
     match = _MODELS_VAR_RE.match(location)
     if match:
         location = str(default_models_dir()) + location[match.end() :]
@@ -443,6 +449,16 @@ def resolve_location(location: str, base_dir: Path) -> Path:
     if not p.is_absolute():
         p = base_dir / p
     return Path(os.path.normpath(p.absolute()))
+
+
+def _distribution_file(name: str, sub: str) -> Path:
+    """A path inside what distribution ``name`` installed (a missing distribution gives a path that does not exist)."""
+    import importlib.metadata
+
+    try:
+        return Path(importlib.metadata.distribution(name).locate_file(sub)).absolute()
+    except importlib.metadata.PackageNotFoundError:
+        return Path(f"/nonexistent-python-distribution/{name}/{sub}")
 
 
 def _package_dir(name: str) -> Path:
@@ -1425,8 +1441,14 @@ class _Validator:
             self.err(f"{where}.serves", f"no label {unknown!r} in dataset {dataset!r}")
         weights = options.get("weights") if isinstance(options, dict) else None
         # TotalSegmentator names its task's result folders; a MONAI bundle names one file in models/.
-        if backend is Backend.TOTALSEGMENTATOR and weights is not None and not (
-            isinstance(weights, list) and weights and all(isinstance(w, str) and w and ".." not in w for w in weights)
+        if (
+            backend is Backend.TOTALSEGMENTATOR
+            and weights is not None
+            and not (
+                isinstance(weights, list)
+                and weights
+                and all(isinstance(w, str) and w and ".." not in w for w in weights)
+            )
         ):
             self.err(f"{where}.options.weights", f"expected a list of folder names, got {weights!r}")
 

@@ -33,12 +33,10 @@ hands over NIfTI images only).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import logging
 import os
-import pkgutil
 import sys
 import tempfile
 import threading
@@ -58,6 +56,7 @@ from medsegagent.models.backends import (
     Prediction,
     StudyImages,
     _wanted,
+    find_nnunet_trainer,
     select_device,
 )
 
@@ -656,38 +655,16 @@ def _installed_trainers(home: Path, weights: Sequence[str]) -> list[str]:
 
 
 def _register_trainer(name: str) -> None:
-    """Make sure TotalSegmentator finds nnU-Net trainer ``name``.
+    """Make sure TotalSegmentator finds nnU-Net trainer ``name`` (its own table, see :func:`find_nnunet_trainer`).
 
-    nnU-Net finds a trainer class by importing every module under
-    ``nnunetv2.training.nnUNetTrainer`` until one has it; its Primus trainers
-    import timm, which imports torchvision, and PyPI's torchvision cannot load
-    beside a CPU build of torch -- so every trainer in ``variants`` (most
-    TotalSegmentator tasks) fails to load there.  TotalSegmentator looks in its
-    own table of trainers (``totalsegmentator.nnunet.custom_trainers``) first:
-    a trainer nnU-Net cannot find goes there, found by the same walk with the
-    modules that cannot be imported left out.
+    TotalSegmentator looks in ``totalsegmentator.nnunet.custom_trainers``
+    before nnU-Net's own walk, which fails beside a CPU torch for most of its
+    trainers.
     """
-    from nnunetv2.utilities import find_objects
     from totalsegmentator import nnunet as ts_nnunet
 
-    if name in ts_nnunet.custom_trainers:
-        return
-    try:
-        find_objects.recursive_find_trainer_class_by_name(name)
-        return
-    except ImportError as exc:
-        log.info("nnU-Net cannot look up trainer %s (%s); searching the importable trainer modules", name, exc)
-    import nnunetv2.training.nnUNetTrainer as trainers
-
-    for info in pkgutil.walk_packages(trainers.__path__, f"{trainers.__name__}.", onerror=lambda _name: None):
-        try:
-            module = importlib.import_module(info.name)
-        except ImportError:
-            continue
-        found = getattr(module, name, None)
-        if isinstance(found, type):
-            ts_nnunet.custom_trainers[name] = found
-            return
+    if name not in ts_nnunet.custom_trainers:
+        ts_nnunet.custom_trainers[name] = find_nnunet_trainer(name)
 
 
 def _ts_device(device: Any) -> str:

@@ -236,9 +236,10 @@ def _nnunet_folder(
     transpose=(0, 1, 2),
     regions_class_order=None,
     normalization: str = "CTNormalization",
+    trainer: str = "nnUNetTrainer",
 ) -> Path:
     """An nnU-Net v2 training output folder: dataset.json, plans.json, fold_0/checkpoint_final.pth."""
-    folder = root / "Dataset999_Ball" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder = root / "Dataset999_Ball" / f"{trainer}__nnUNetPlans__3d_fullres"
     (folder / "fold_0").mkdir(parents=True)
     dataset = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
     if regions_class_order is not None:
@@ -291,7 +292,7 @@ def _nnunet_folder(
     (folder / "plans.json").write_text(json.dumps(plans))
     checkpoint = {
         "network_weights": network.state_dict(),
-        "trainer_name": "nnUNetTrainer",
+        "trainer_name": trainer,
         "init_args": {"configuration": "3d_fullres"},
         "inference_allowed_mirroring_axes": (0, 1, 2),
     }
@@ -398,6 +399,21 @@ def test_nnunet_v2_folder_made_by_the_test(tmp_path, orientation, transpose):
     prediction = model.predict(volume)
     assert prediction.grid.shape != volume.geometry.shape
     assert _dice(prediction.probability("ball") > 0.5, truth) >= 0.97
+
+
+def test_nnunet_v2_model_of_a_variant_trainer_loads_beside_the_cpu_torch(tmp_path):
+    """Most published nnU-Net models name a trainer in ``variants``; nnU-Net's own lookup trips over the
+    Primus trainers (timm -> torchvision, which cannot load beside the CPU torch) before it gets there."""
+    arch = {"network_class_name": "tests.test_backends.ThresholdNet", "arch_kwargs": {}, "_kw_requires_import": []}
+    trainer = "nnUNetTrainer_4000epochs_NoMirroring"
+    root = _nnunet_folder(
+        tmp_path, labels={"background": 0, "ball": 1}, arch=arch, network=ThresholdNet(1, 2), trainer=trainer
+    )
+    volume, truth = _ball_volume("axial")
+    spec = _spec("nnunetv2", root, labels={"ball": (1,)}, options={"folds": [0], "mirroring": False})
+    model = load_model(spec, "cpu")
+    assert type(model.predictor.trainer_name if hasattr(model.predictor, "trainer_name") else trainer) is str
+    assert _dice(model.predict(volume).probability("ball") > 0.5, truth) >= 0.9
 
 
 def test_nnunet_v2_plain_unet_with_regions(tmp_path):
