@@ -85,12 +85,20 @@ class Colin27:
         """The T1 as a volume, laid out as an axial stack."""
         return axial_lps(volume_from_nifti(self.t1, modality="MR", meta={"SeriesDescription": "T1 (Colin27)"}))
 
-    def brain_mask(self, geometry: Geometry) -> np.ndarray:
-        """The reference brain mask on ``geometry`` (nearest neighbour: exact on the T1's own grid)."""
-        from medsegagent.models.resample import resample
+    def brain_mask(self, geometry: Geometry | None = None) -> np.ndarray:
+        """The reference brain mask (``ch2bet`` > 0) on :meth:`volume`'s grid (the two files share one grid).
 
-        brain = volume_from_nifti(self.brain, modality="MR")
-        return resample((brain.array > 0).astype(np.float32), brain.geometry, geometry, mode="nearest") > 0.5
+        Raises
+        ------
+        RealDataError
+            When the files' grids differ, or ``geometry`` (the grid the caller
+            compares on) is not theirs.
+        """
+        brain = axial_lps(volume_from_nifti(self.brain, modality="MR"))
+        for other, what in ((self.volume().geometry, str(self.t1)), (geometry, "the grid compared on")):
+            if other is not None and not brain.geometry.same_grid(other):
+                raise RealDataError(f"{self.brain} is not on the grid of {what}")
+        return brain.array > 0
 
 
 def colin27(folder: Path | None = None) -> Colin27:

@@ -448,7 +448,7 @@ def segment_description(
         modifier.CodeMeaning = spec.type_modifier.meaning
         type_item.SegmentedPropertyTypeModifierCodeSequence = [modifier]
     if empty:
-        desc.SegmentDescription = EMPTY_SEGMENT_NOTE
+        desc.SegmentDescription = truncate_text(f"Empty: {spec.note}") if spec.note else EMPTY_SEGMENT_NOTE
     elif spec.note:
         desc.SegmentDescription = truncate_text(spec.note)
     return desc

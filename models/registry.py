@@ -788,8 +788,8 @@ def default_registry_path() -> Path:
     return Path(registry_path())
 
 
-#: path -> (the registry, the (path, mtime, size) of each file it was read from).
-_cache: dict[str, tuple[Registry, tuple[tuple[str, int, int], ...]]] = {}
+#: path -> (the registry, its include patterns, the (path, mtime, size) of each file, taken before reading it).
+_cache: dict[str, tuple[Registry, list[str], tuple[tuple[str, int, int], ...]]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -829,15 +829,17 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     with _cache_lock:
         hit = _cache.get(str(p.absolute()))
     if hit is not None:
+        registry, patterns, stamps = hit
         try:
-            if tuple(_stamp(Path(f)) for f, _, _ in hit[1]) == hit[1]:
-                return hit[0]
-        except OSError:
+            # The include patterns are globbed again: a file added to registry.d/ is seen too.
+            if tuple(_stamp(f) for f in [p, *_expand(p, patterns)]) == stamps:
+                return registry
+        except (OSError, RegistryError):
             pass
-    reg, stamps = _read(p)
+    registry, patterns, stamps = _read(p)
     with _cache_lock:
-        _cache[str(p.absolute())] = (reg, stamps)
-    return reg
+        _cache[str(p.absolute())] = (registry, patterns, stamps)
+    return registry
 
 
 _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -883,13 +885,18 @@ def _yaml(path: Path) -> tuple[bytes, object]:
         raise RegistryError(path, [f"YAML error: {' '.join(str(exc).split())}"]) from None
 
 
-def _included(path: Path, doc: object) -> list[Path]:
-    """The files a registry's ``include`` names (globs relative to the real file's folder), sorted per pattern."""
+def _patterns(path: Path, doc: object) -> list[str]:
+    """A registry's ``include`` patterns."""
     patterns = doc.get("include") if isinstance(doc, dict) else None
     if patterns is None:
         return []
     if not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
         raise RegistryError(path, [f"include: expected a list of file patterns, got {patterns!r}"])
+    return patterns
+
+
+def _expand(path: Path, patterns: list[str]) -> list[Path]:
+    """The files ``patterns`` name (globs relative to the real registry file's folder), sorted per pattern."""
     base = path.resolve().parent
     out: list[Path] = []
     for pattern in patterns:
@@ -902,10 +909,21 @@ def _included(path: Path, doc: object) -> list[Path]:
     return out
 
 
-def _read(path: Path) -> tuple[Registry, tuple[tuple[str, int, int], ...]]:
-    """Read, merge and validate a registry and its includes."""
+def _read(path: Path) -> tuple[Registry, list[str], tuple[tuple[str, int, int], ...]]:
+    """Read, merge and validate a registry and its includes (each file stamped before it is read)."""
+    try:
+        stamps = [_stamp(path)]
+    except OSError as exc:
+        raise RegistryError(path, [f"cannot read registry: {exc.strerror or exc}"]) from None
     data, doc = _yaml(path)
-    files = [(path, data, doc)] + [(f, *_yaml(f)) for f in _included(path, doc)]
+    patterns = _patterns(path, doc)
+    files = [(path, data, doc)]
+    for included in _expand(path, patterns):
+        try:
+            stamps.append(_stamp(included))
+        except OSError as exc:
+            raise RegistryError(path, [f"cannot read {included}: {exc.strerror or exc}"]) from None
+        files.append((included, *_yaml(included)))
     digest = hashlib.sha256()
     datasets: dict[str, Dataset] = {}
     errors: list[str] = []
@@ -924,12 +942,8 @@ def _read(path: Path) -> tuple[Registry, tuple[tuple[str, int, int], ...]]:
         errors += [label + e for e in v.errors]
     if errors:
         raise RegistryError(path, errors)
-    try:
-        stamps = tuple(_stamp(f) for f, _, _ in files)
-    except OSError as exc:
-        raise RegistryError(path, [f"cannot read registry: {exc.strerror or exc}"]) from None
     registry = Registry(path=path, content_hash=digest.hexdigest(), datasets=datasets, schema_version=SCHEMA_VERSION)
-    return registry, stamps
+    return registry, patterns, tuple(stamps)
 
 
 # --------------------------------------------------------------------------- validation

@@ -173,7 +173,7 @@ def run_real_demo(
     result, seconds["transfer"], seconds["segment"] = through_node(
         work_dir, dicom_files, request, collection=None, say=say, registry=registry
     )
-    truth = scan.brain_mask(result.volume.geometry)
+    truth = scan.brain_mask(result.volume.geometry)  # the node read back the grid that was written
     dice, members = {}, {}
     for segment in result.report["segments"]:
         dice[segment["label"]] = mask_dice(result.labels == segment["number"], truth)
@@ -192,7 +192,13 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def prediction_mask(prediction: Prediction, label: str) -> np.ndarray:
-    """One model's own mask of ``label`` on the study grid (probability > 0.5)."""
+    """One model's own mask of ``label`` on the study grid (probability > 0.5).
+
+    A member from another dataset may name the structure differently; it was
+    asked for this segment only when its prediction holds a single map.
+    """
+    if label not in prediction.maps and len(prediction.maps) != 1:
+        raise ValueError(f"model {prediction.model} has no map {label!r} (it has {sorted(prediction.maps)})")
     name = label if label in prediction.maps else next(iter(prediction.maps))
     return prediction.probability(name) > 0.5
 

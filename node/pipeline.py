@@ -150,7 +150,7 @@ class Agreement(StrEnum):
     UNCONFIRMED = "unconfirmed"
     #: The models' masks disagree: the ensemble kept what its rules favour, a reader should check it.
     DISPUTED = "disputed"
-    #: No model gave a plausible mask.
+    #: No model gave a plausible mask (a note says so when models ran and gave implausible ones or failed).
     EMPTY = "empty"
 
 
@@ -164,21 +164,31 @@ class SegmentQuality:
 
     @property
     def doubtful(self) -> bool:
-        """Whether readers should be warned about the segment."""
+        """Whether readers should be warned that the models behind the segment disagree."""
         return self.agreement in (Agreement.UNCONFIRMED, Agreement.DISPUTED)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the segment is empty because its models gave only implausible masks or failed."""
+        return self.agreement is Agreement.EMPTY and self.note is not None
 
 
 def assess_segment(result: TargetResult) -> SegmentQuality:
     """Judge a fused segment by how far its members agreed (see :class:`Agreement`)."""
     candidates = len(set(result.ranks) | set(result.dropped))
     if not result.weights:
-        return SegmentQuality(Agreement.EMPTY, result.agreement)
+        # Members that ran and gave nothing plausible (or failed) are a finding; a structure
+        # every model found absent ("empty output") is not.
+        failed = [r for r in result.dropped.values() if not r.startswith("empty output")]
+        note = f"no plausible mask from {len(failed)} of {candidates} models" if failed else None
+        return SegmentQuality(Agreement.EMPTY, result.agreement, note)
     if result.agreement is None:
         if candidates <= 1:
             return SegmentQuality(Agreement.SINGLE_MODEL)
         return SegmentQuality(Agreement.UNCONFIRMED, None, f"unconfirmed: 1 of {candidates} models gave a mask")
-    if result.agreement >= AGREED_DICE:
+    if result.agreement >= AGREED_DICE and len(result.weights) >= 2:
         return SegmentQuality(Agreement.AGREED, result.agreement)
+    # Either the masks disagree, or they agreed but the placement rule dropped all but one.
     return SegmentQuality(Agreement.DISPUTED, result.agreement, f"models disagree (mean Dice {result.agreement:.2f})")
 
 
@@ -189,6 +199,8 @@ def study_caution(qualities: list[SegmentQuality], demo_models: bool) -> str | N
         parts.append("DEMO MODELS")
     if any(q.doubtful for q in qualities):
         parts.append("MODELS DISAGREE")
+    if any(q.failed for q in qualities):
+        parts.append("MODELS FAILED")
     return ", ".join(parts) or None
 
 

@@ -78,8 +78,9 @@ def test_colin27_through_the_node_is_skull_stripped_by_the_real_models(tmp_path:
     (segment,) = report["segments"]
     assert segment["label"] == "brain"
     members = outcome.member_dice["brain"]
-    assert set(members) == {"hd_bet", "deepbet"}, members
-    assert min(members.values()) >= 0.93, members
+    # Other installed models of the brain (TotalSegmentator's total_mr) may join; these two always do.
+    assert {"hd_bet", "deepbet"} <= set(members), members
+    assert min(members["hd_bet"], members["deepbet"]) >= 0.93, members
     assert outcome.dice["brain"] >= 0.94, (outcome.dice, members)
     assert segment["agreement"] == "agreed" and report["quality"]["caution"] is None
     seg = pydicom.dcmread(outcome.result.seg_path)
@@ -144,13 +145,16 @@ def test_real_ct_through_the_node_gives_a_valid_seg_that_says_the_demo_models_di
 
     # The caution leads what a PACS lists, and every doubtful segment carries its note.
     seg = hd.seg.segread(seg_path)
-    assert seg.SeriesDescription.startswith("[DEMO MODELS, MODELS DISAGREE] SEG")
-    assert report["quality"] == {"caution": "DEMO MODELS, MODELS DISAGREE", "demo_models": True}
+    caution = "DEMO MODELS, MODELS DISAGREE, MODELS FAILED"  # the pancreas: both masks implausible
+    assert seg.SeriesDescription.startswith(f"[{caution}] SEG")
+    assert report["quality"] == {"caution": caution, "demo_models": True}
     doubtful = [s for s in report["segments"] if s["agreement"] in ("disputed", "unconfirmed")]
     assert len(doubtful) >= 3, report["segments"]
     notes = {item.SegmentLabel: item.get("SegmentDescription") for item in seg.SegmentSequence}
     for s in doubtful:
         assert notes[s["label"]] == s["note"]
+    failed = [s for s in report["segments"] if s["agreement"] == "empty" and s["note"]]
+    assert failed and all(notes[s["label"]] == f"Empty: {s['note']}" for s in failed)
 
     # dcmqi and highdicom decode the same voxels on the CT's own grid.
     (series,) = scan_folder(real_ct[0].parent).values()

@@ -571,6 +571,12 @@ def test_included_files_merge_and_may_not_repeat_a_dataset(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(main, sort_keys=False))
     reg = load_registry(path)
     assert list(reg.datasets) == ["Tiny", "Other"]
+    # A file added to the included folder is seen on the next load (the cache globs again).
+    third = _minimal()
+    third["datasets"]["Third"] = third["datasets"].pop("Tiny")
+    _mod({"datasets": {"Tiny": third["datasets"]["Third"]}})["name"] = "third_unet"
+    (tmp_path / "registry.d" / "third.yaml").write_text(yaml.safe_dump(third, sort_keys=False))
+    assert list(load_registry(path).datasets) == ["Tiny", "Other", "Third"]
     # An edit to an included file is seen (the cache checks every file) and a repeated dataset is refused.
     extra["datasets"]["Tiny"] = extra["datasets"]["Other"]
     (tmp_path / "registry.d" / "extra.yaml").write_text(yaml.safe_dump(extra, sort_keys=False))
