@@ -12,8 +12,9 @@ nnU-Net models each task runs and where their weights are published
   :mod:`medsegagent.models.totalseg_registry`);
 * the home folder (``TOTALSEG_HOME_DIR``): :func:`prepare_home` turns
   TotalSegmentator's usage statistics off before any call, and
-  :func:`download_task` installs a task's weights with TotalSegmentator's own
-  downloader (what ``medsegagent models install`` calls);
+  :func:`download_task` installs a task's weights (what ``medsegagent models
+  install`` calls): each result folder is fetched and unpacked in a staging
+  folder and moved into place whole (:func:`result_folder_complete`);
 * :class:`TotalSegmentatorModel`, the backend: the study's series goes to
   ``totalsegmentator.python_api.totalsegmentator`` as an in-memory NIfTI
   image and the label map comes back as registry labels.
@@ -25,18 +26,19 @@ is false in the home's ``config.json`` (:func:`prepare_home` sets it false);
 passed to ``totalsegmentator()`` (this backend never passes one: it writes
 the number into ``config.json``, which TotalSegmentator checks offline);
 ``libs.download_pretrained_weights`` downloads missing weights (the backend
-refuses to run a task whose weights are missing, so only :func:`download_task`
-downloads); ``dicom_io`` fetches ``dcm2niix`` for DICOM input (the backend
-hands over NIfTI images only).
+refuses to run a task whose weights are missing; :func:`download_task` calls
+it for licence-gated weights only, and fetches open ones itself);
+``dicom_io`` fetches ``dcm2niix`` for DICOM input (the backend hands over
+NIfTI images only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -44,7 +46,9 @@ import time
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cache, lru_cache
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -57,6 +61,7 @@ from medsegagent.models.backends import (
     StudyImages,
     _wanted,
     find_nnunet_trainer,
+    quiet_stdout,
     select_device,
 )
 
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LICENCE_ENV",
+    "LICENCE_NAME",
     "LICENCE_URL",
     "RELEASES_URL",
     "DownloadError",
@@ -72,11 +78,14 @@ __all__ = [
     "TotalSegmentatorModel",
     "WeightsSource",
     "catalogue",
+    "crop_classes",
     "download_task",
     "licence_number",
     "main",
     "missing_weights",
+    "package_version",
     "prepare_home",
+    "result_folder_complete",
     "results_dir",
     "task_weights",
     "weights_sources",
@@ -97,6 +106,10 @@ _INTERNAL_TASKS = frozenset({"test"})
 _SUBSET_PREFIX = "total"
 #: python_api also runs the vertebral body model (305) to refine this task.
 _EXTRA_IDS: Mapping[str, tuple[int, ...]] = {"vertebrae_pp_refined": (305,)}
+#: Seconds to connect to the weights server, and to wait for each piece of a zip, before giving up.
+_DOWNLOAD_TIMEOUT = (30.0, 120.0)
+#: A staging folder this old was left by an install that was killed: the next install removes it.
+_STALE_STAGING_S = 24 * 3600.0
 
 
 class DownloadError(RuntimeError):
@@ -243,8 +256,8 @@ def task_weights(task: str, fast: bool = False) -> tuple[str, ...]:
     return tuple(_folder(i) for i in _task_ids(task, fast))
 
 
-def weights_sources(task: str, fast: bool = False) -> tuple[WeightsSource, ...]:
-    """Where each of :func:`task_weights` is published (offline installs fetch these zips by hand)."""
+def _sources(task: str, fast: bool) -> list[tuple[int | str, WeightsSource]]:
+    """Each nnU-Net task id of :func:`_task_ids` with where its result folder is published."""
     from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
     out = []
@@ -252,12 +265,18 @@ def weights_sources(task: str, fast: bool = False) -> tuple[WeightsSource, ...]:
         info = TASK_ID_WEIGHTS_CONFIGS[task_id]
         version = info.get("version")
         url = f"{RELEASES_URL}/{version}/{info['foldername']}.zip" if version and version != "TODO" else None
-        out.append(WeightsSource(_folder(task_id), url))
-    return tuple(out)
+        out.append((task_id, WeightsSource(_folder(task_id), url)))
+    return out
 
 
-def catalogue() -> dict[str, Task]:
-    """Every TotalSegmentator task the node can list, by name, in the package's order.
+def weights_sources(task: str, fast: bool = False) -> tuple[WeightsSource, ...]:
+    """Where each of :func:`task_weights` is published (offline installs fetch these zips by hand)."""
+    return tuple(source for _, source in _sources(task, fast))
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> Mapping[str, Task]:
+    """Every TotalSegmentator task the node can list, by name, in the package's order (read once, read-only).
 
     The package's selectable tasks (``totalsegmentator.registry.TASKS``)
     except its internal test task and tasks whose weights were never
@@ -284,7 +303,25 @@ def catalogue() -> dict[str, Task]:
             fast_weights=task_weights(name, True) if has_fast else None,
             subsets=name.startswith(_SUBSET_PREFIX),
         )
-    return out
+    return MappingProxyType(out)
+
+
+@cache
+def crop_classes(task: str) -> frozenset[str]:
+    """The class names ``roi_subset`` may hold for a ``total`` task: those of the rough model python_api crops with.
+
+    python_api segments the image with a rough model first and crops to the
+    ``roi_subset`` classes in that model's class map: ``total_mr``'s for MR
+    tasks, else ``total``'s -- also for ``total_v3``, whose ``vertebrae_L6``
+    ``total`` lacks (python_api then fails with a ``KeyError``).
+    """
+    from totalsegmentator.map_to_binary import class_map
+
+    config = _config(task, False)
+    crop_task = config.get("crop_model") or (
+        "total_mr" if task.endswith("_mr") or config.get("modality") == "mr" else "total"
+    )
+    return frozenset(class_map[crop_task].values())
 
 
 def package_version() -> str:
@@ -302,9 +339,34 @@ def results_dir(home: Path) -> Path:
     return Path(home) / "nnunet" / "results"
 
 
+def result_folder_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole nnU-Net result folder, as TotalSegmentator opens it.
+
+    At least one ``<trainer>__<plans>__<configuration>`` folder, and each of
+    them with ``plans.json``, ``dataset.json`` and at least one ``fold_*``
+    folder, every one with ``checkpoint_final.pth``.  TotalSegmentator's own
+    test is only that ``folder`` exists, which a torn unzip passes.
+    """
+    try:
+        runs = [p for p in Path(folder).iterdir() if p.is_dir() and p.name.count("__") == 2]
+    except OSError:
+        return False
+    return bool(runs) and all(_run_complete(run) for run in runs)
+
+
+def _run_complete(run: Path) -> bool:
+    folds = [p for p in run.glob("fold_*") if p.is_dir()]
+    return (
+        (run / "plans.json").is_file()
+        and (run / "dataset.json").is_file()
+        and bool(folds)
+        and all((fold / "checkpoint_final.pth").is_file() for fold in folds)
+    )
+
+
 def missing_weights(home: Path, task: str, fast: bool = False) -> list[str]:
-    """The result folders of ``task`` not present under ``home`` (TotalSegmentator's own test: the folder exists)."""
-    return [w for w in task_weights(task, fast) if not (results_dir(home) / w).exists()]
+    """The result folders of ``task`` not complete under ``home`` (:func:`result_folder_complete`)."""
+    return [w for w in task_weights(task, fast) if not result_folder_complete(results_dir(home) / w)]
 
 
 def licence_number(home: Path, configured: str | None = None) -> str | None:
@@ -324,6 +386,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+#: TotalSegmentator reads its home from the environment and rewrites ``config.json`` in place (not atomically)
+#: after each prediction: runs, gated downloads and :func:`prepare_home` take turns per process.
+_HOME_LOCK = threading.RLock()
+
+
 def prepare_home(home: Path, licence: str | None = None) -> Path:
     """Create TotalSegmentator's home with usage statistics off; store a licence number if given.
 
@@ -332,7 +399,9 @@ def prepare_home(home: Path, licence: str | None = None) -> Path:
     prediction, ``statistics_disclaimer_shown`` true silences its notice,
     and a ``license_number`` there unlocks gated tasks (checked offline).
     The file is rewritten atomically with the keys TotalSegmentator expects
-    (its id and prediction counter are kept).
+    (its id, prediction counter and licence number are kept), under the lock
+    that TotalSegmentator's runs hold, so that a run's own rewrite of the file
+    is never read half written.
 
     Parameters
     ----------
@@ -349,6 +418,11 @@ def prepare_home(home: Path, licence: str | None = None) -> Path:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.json"
+    with _HOME_LOCK:
+        return _write_config(path, licence)
+
+
+def _write_config(path: Path, licence: str | None) -> Path:
     config = _read_config(path)
     wanted = {
         "totalseg_id": config.get("totalseg_id") or "totalseg_medsegagent",
@@ -360,24 +434,23 @@ def prepare_home(home: Path, licence: str | None = None) -> Path:
         wanted["license_number"] = str(licence)
     if all(config.get(k) == v for k, v in wanted.items()):
         return path
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=home)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         json.dump({**config, **wanted}, handle, indent=4)
     os.replace(tmp, path)
     return path
 
 
-#: TotalSegmentator reads its home from the environment: one call (or download) at a time per process.
-_HOME_LOCK = threading.RLock()
-
-
 @contextlib.contextmanager
-def _home(home: Path) -> Iterator[None]:
-    """Point TotalSegmentator at ``home`` for the duration (and nothing else: its weights path follows the home)."""
+def _home(home: Path, weights: Path | None = None) -> Iterator[None]:
+    """Point TotalSegmentator at ``home`` for the duration (its weights under the home, else under ``weights``)."""
     saved = {k: os.environ.get(k) for k in ("TOTALSEG_HOME_DIR", "TOTALSEG_WEIGHTS_PATH")}
     with _HOME_LOCK:
         os.environ["TOTALSEG_HOME_DIR"] = str(home)
-        os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
+        if weights is None:
+            os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
+        else:
+            os.environ["TOTALSEG_WEIGHTS_PATH"] = str(weights)
         try:
             yield
         finally:
@@ -389,10 +462,18 @@ def _home(home: Path) -> Iterator[None]:
 
 
 def download_task(home: Path, task: str, *, fast: bool = False, licence_number: str | None = None) -> None:
-    """Install a task's weights into ``home`` with TotalSegmentator's own downloader.
+    """Install a task's weights into ``home``, each result folder whole or not at all.
 
-    Statistics are turned off first (:func:`prepare_home`).  Folders already
-    present are kept (TotalSegmentator downloads only what is missing).
+    Statistics are turned off first (:func:`prepare_home`).  Result folders
+    already complete are kept; each other one is fetched into a staging
+    folder in ``home`` -- open weights by a download with timeouts, gated
+    ones by TotalSegmentator's licence-server downloader --, unpacked there,
+    checked with :func:`result_folder_complete`, synced to disk and moved
+    into ``nnunet/results`` with one rename.  The staging folder goes on any
+    error, so a failed or interrupted install leaves no folder that counts as
+    installed (the staging folder of a killed install is removed by the
+    next install a day later).  TotalSegmentator publishes no hashes of its
+    zips, so nothing is compared with one.
 
     Parameters
     ----------
@@ -412,42 +493,119 @@ def download_task(home: Path, task: str, *, fast: bool = False, licence_number: 
     LicenceRequiredError
         A gated task without a licence number.
     ConnectionError
-        The server cannot be reached (the message names the zips for an offline install).
+        The server cannot be reached or stalls (the message names the zips for an offline install).
     DownloadError
-        The server answered but the weights did not come (HTTP error, broken zip, licence refused).
+        The server answered but the weights did not come (HTTP error, broken or incomplete zip, licence refused).
     OSError
         Writing into ``home`` failed (disk full, permissions), as raised.
     """
-    import requests
-    from totalsegmentator.libs import download_pretrained_weights
-
     tasks = catalogue()
     if task not in tasks:
         raise ValueError(f"unknown TotalSegmentator task {task!r} (known: {', '.join(tasks)})")
     home = Path(home)
     number = _resolve_licence(home, task, tasks[task].gated, licence_number)
     prepare_home(home, number)
-    with _home(home):
-        for task_id, source in zip(_task_ids(task, fast), weights_sources(task, fast), strict=True):
-            where = f"{source.url or LICENCE_URL} (unpacked into {results_dir(home)})"
-            try:
-                download_pretrained_weights(task_id)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise ConnectionError(
-                    f"cannot reach TotalSegmentator's download server for {source.folder} ({exc});"
-                    f" offline, fetch {where}"
-                ) from exc
-            except (requests.RequestException, zipfile.BadZipFile) as exc:
-                raise DownloadError(
-                    f"TotalSegmentator weights {source.folder} did not download ({exc}); fetch {where}"
-                ) from exc
-            except SystemExit as exc:  # its licence server refused the number
-                raise DownloadError(
-                    f"TotalSegmentator refused the download of {source.folder}: check the licence number"
-                ) from exc
+    results_dir(home).mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(home)
+    for task_id, source in _sources(task, fast):
+        if not result_folder_complete(results_dir(home) / source.folder):
+            _install_folder(home, task_id, source)
     missing = missing_weights(home, task, fast)
     if missing:
         raise DownloadError(f"TotalSegmentator task {task!r}: {', '.join(missing)} still missing after the download")
+
+
+def _install_folder(home: Path, task_id: int | str, source: WeightsSource) -> None:
+    """Fetch one result folder into a staging folder in ``home``, then move it into ``nnunet/results`` whole."""
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=home))
+    try:
+        unpacked = staging / "unpacked"
+        unpacked.mkdir()
+        _fetch(home, task_id, source, staging, unpacked)
+        fetched = unpacked / source.folder
+        if not result_folder_complete(fetched):
+            raise DownloadError(
+                f"TotalSegmentator weights {source.folder} from {source.url or LICENCE_URL} are not a complete"
+                " nnU-Net result folder (plans.json, dataset.json, fold_*/checkpoint_final.pth)"
+            )
+        _sync_tree(fetched)
+        target = results_dir(home) / source.folder
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # incomplete (an interrupted unzip): set aside, removed with the staging folder
+            os.replace(target, staging / "incomplete")
+        os.replace(fetched, target)
+        _sync_dir(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale_staging(home: Path) -> None:
+    """Remove staging folders of installs killed mid-way (untouched for :data:`_STALE_STAGING_S`)."""
+    for staging in home.glob(".download-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - staging.stat().st_mtime > _STALE_STAGING_S:
+                log.info("removing %s, left by an interrupted TotalSegmentator download", staging)
+                shutil.rmtree(staging)
+
+
+def _fetch(home: Path, task_id: int | str, source: WeightsSource, staging: Path, unpacked: Path) -> None:
+    """Download and unpack one result folder under ``unpacked``; failures as :func:`download_task` raises them."""
+    import requests
+
+    where = f"{source.url or LICENCE_URL} (unpacked into {results_dir(home)})"
+    try:
+        if source.url:
+            archive = staging / "weights.zip"
+            _stream(source.url, archive)
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(unpacked / PurePosixPath(source.folder).parent)
+        else:  # licence-gated: TotalSegmentator's licence-server protocol, unpacked into the staging folder
+            from totalsegmentator.libs import download_pretrained_weights
+
+            with _home(home, weights=unpacked), quiet_stdout():
+                download_pretrained_weights(task_id)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise ConnectionError(
+            f"cannot reach TotalSegmentator's download server for {source.folder} ({exc}); offline, fetch {where}"
+        ) from exc
+    except (requests.RequestException, zipfile.BadZipFile) as exc:
+        raise DownloadError(
+            f"TotalSegmentator weights {source.folder} did not download ({exc}); fetch {where}"
+        ) from exc
+    except SystemExit as exc:  # its licence server refused the number
+        raise DownloadError(
+            f"TotalSegmentator refused the download of {source.folder}: check the licence number"
+        ) from exc
+
+
+def _stream(url: str, target: Path) -> None:
+    """Download ``url`` into ``target`` (timeouts: :data:`_DOWNLOAD_TIMEOUT`)."""
+    import requests
+
+    with requests.get(url, stream=True, timeout=_DOWNLOAD_TIMEOUT) as response, target.open("wb") as out:
+        response.raise_for_status()
+        for chunk in response.iter_content(chunk_size=1 << 20):
+            out.write(chunk)
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk (before the rename that makes it count as installed)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(Path(folder) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(folder))
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _resolve_licence(home: Path, task: str, gated: bool, configured: str | None) -> str | None:
@@ -471,12 +629,16 @@ class TotalSegmentatorModel:
     resamples and crops by itself and returns a label map on the input grid,
     which is split into the registry's labels.  Registry label ->
     TotalSegmentator class: ``options.class_names`` (registry name -> class
-    name), else the same name, else the registry's value.
+    name), else the same name (never the registry's value: TotalSegmentator
+    numbers its classes differently from the catalogue).
 
-    Options: ``task`` (``total``), ``fast`` (the 3 mm models), ``roi_subset``
-    (``total`` tasks; default: the classes asked for), ``licence_number``
-    (gated tasks; else ``$TOTALSEG_LICENSE_NUMBER`` or the home's
-    ``config.json``), ``memory_mb`` (for the model cache).
+    Options: ``task`` (``total``), ``fast`` (the 3 mm models), ``weights``
+    (the task's result folders, :func:`task_weights` of ``task`` and
+    ``fast``), ``roi_subset`` (``total`` tasks; default: the classes asked
+    for, when the rough model python_api crops with has them all, see
+    :func:`crop_classes`), ``licence_number`` (gated tasks; else
+    ``$TOTALSEG_LICENSE_NUMBER`` or the home's ``config.json``),
+    ``memory_mb`` (for the model cache).
 
     Parameters
     ----------
@@ -493,8 +655,10 @@ class TotalSegmentatorModel:
     Raises
     ------
     ModelLoadError
-        TotalSegmentator is not installed, the task is unknown, gated without
-        a licence number, or its weights are not installed.
+        TotalSegmentator is not installed, the task is unknown, ``options``
+        do not fit it (fast mode, weights, roi_subset, class names), gated
+        without a licence number, its weights are not installed, or nnU-Net
+        has no trainer they name.
     """
 
     def __init__(
@@ -518,6 +682,7 @@ class TotalSegmentatorModel:
         self.runner = runner
         self.class_map = {int(k): str(v) for k, v in class_map.items()}
         self.class_names, self.labels = self._map_labels(spec)
+        self.roi_subset = self._roi_subset(spec.options.get("roi_subset"))
 
     def _load_package(self, class_map: Mapping[int, str] | None) -> tuple[Callable[..., Any], Mapping[int, str]]:
         """TotalSegmentator's runner and the task's classes, after the checks that need no network."""
@@ -528,49 +693,77 @@ class TotalSegmentatorModel:
             raise ModelLoadError(
                 f"model {spec.name}: TotalSegmentator is not installed (pip install 'medsegagent[totalseg]'): {exc}"
             ) from exc
-        tasks = catalogue()
-        task = tasks.get(self.task)
-        if task is None:
-            raise ModelLoadError(f"model {spec.name}: unknown TotalSegmentator task {self.task!r}")
-        if self.fast and task.fast_weights is None:
-            raise ModelLoadError(f"model {spec.name}: TotalSegmentator task {self.task!r} has no fast mode")
+        task = self._check_task()
         number = _resolve_licence(self.home, self.task, task.gated, spec.options.get("licence_number"))
         missing = missing_weights(self.home, self.task, self.fast)
         if missing:
             raise ModelLoadError(
                 f"model {spec.name}: the weights of TotalSegmentator task {self.task!r} are not installed"
-                f" (missing in {results_dir(self.home)}: {', '.join(missing)});"
+                f" (missing or incomplete in {results_dir(self.home)}: {', '.join(missing)});"
                 f" run `medsegagent models install {spec.name}`"
             )
         prepare_home(self.home, number)
         for trainer in _installed_trainers(self.home, task_weights(self.task, self.fast)):
-            _register_trainer(trainer)
+            try:
+                _register_trainer(trainer)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"model {spec.name}: TotalSegmentator task {self.task!r}: {exc}") from exc
         return totalsegmentator, class_map or task.classes
 
+    def _check_task(self) -> Task:
+        """The task of ``options.task``, with ``options.fast`` and ``options.weights`` checked against it."""
+        spec = self.spec
+        task = catalogue().get(self.task)
+        if task is None:
+            raise ModelLoadError(f"model {spec.name}: unknown TotalSegmentator task {self.task!r}")
+        expected = task.fast_weights if self.fast else task.weights
+        if expected is None:
+            raise ModelLoadError(f"model {spec.name}: TotalSegmentator task {self.task!r} has no fast mode")
+        configured = spec.options.get("weights")
+        if configured is not None and tuple(configured) != expected:
+            mode = " with fast: true" if self.fast else ""
+            raise ModelLoadError(
+                f"model {spec.name}: options.weights {list(configured)} are not the result folders TotalSegmentator"
+                f" task {self.task!r}{mode} opens; set options.weights to {list(expected)}"
+            )
+        return task
+
     def _map_labels(self, spec: ModelSpec) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+        """Registry label -> class name and -> output value: by ``options.class_names``, else by the same name."""
         by_name = {name: value for value, name in self.class_map.items()}
         explicit = dict(spec.options.get("class_names") or {})
         names: dict[str, str] = {}
-        values: dict[str, tuple[int, ...]] = {}
-        for label, registry_values in spec.labels.items():
-            if label in explicit:
-                if explicit[label] not in by_name:
-                    raise ModelLoadError(
-                        f"model {spec.name}: options.class_names maps {label!r} to {explicit[label]!r},"
-                        f" which task {self.task!r} does not have"
-                    )
-                names[label], values[label] = explicit[label], (by_name[explicit[label]],)
-            elif label in by_name:
-                names[label], values[label] = label, (by_name[label],)
-            elif all(v in self.class_map for v in registry_values):
-                names[label] = "+".join(self.class_map[v] for v in registry_values)
-                values[label] = registry_values
+        for label in spec.labels:
+            name = str(explicit.get(label, label))
+            if name in by_name:
+                names[label] = name
+            elif label in explicit:
+                raise ModelLoadError(
+                    f"model {spec.name}: options.class_names maps {label!r} to {name!r},"
+                    f" which TotalSegmentator task {self.task!r} does not have"
+                )
             else:
                 raise ModelLoadError(
                     f"model {spec.name}: registry label {label!r} is not a class of TotalSegmentator task"
                     f" {self.task!r}; map it with options.class_names"
                 )
-        return names, values
+        return names, {label: (by_name[name],) for label, name in names.items()}
+
+    def _roi_subset(self, configured: Any) -> list[str] | None:
+        """``options.roi_subset``, checked: python_api crops to these classes with its rough model."""
+        if configured is None:
+            return None
+        if not self.task.startswith(_SUBSET_PREFIX) or not isinstance(configured, list):
+            raise ModelLoadError(
+                f"model {self.name}: options.roi_subset is a list of class names, for `total` tasks only"
+            )
+        unknown = sorted(set(map(str, configured)) - crop_classes(self.task))
+        if unknown:
+            raise ModelLoadError(
+                f"model {self.name}: options.roi_subset {unknown} are not classes of the model TotalSegmentator"
+                f" crops task {self.task!r} with; leave them out (or drop roi_subset to run the whole task)"
+            )
+        return [str(name) for name in configured]
 
     @property
     def memory_bytes(self) -> int:
@@ -588,9 +781,11 @@ class TotalSegmentatorModel:
             "nr_thr_resamp": 1,
             "nr_thr_saving": 1,
         }
-        subset = self.spec.options.get("roi_subset")
+        subset = self.roi_subset
         if subset is None and self.task.startswith(_SUBSET_PREFIX):
-            subset = sorted({n for label in wanted for n in self.class_names[label].split("+")})
+            subset = sorted({self.class_names[label] for label in wanted})
+            if not set(subset) <= crop_classes(self.task):
+                subset = None  # the rough model lacks one (total_v3's vertebrae_L6): run the whole task
         if subset:
             kwargs["roi_subset"] = list(subset)
         return kwargs
@@ -612,8 +807,7 @@ class TotalSegmentatorModel:
         seconds["inference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         label_map = np.asarray(result.dataobj).transpose(2, 1, 0)
-        if label_map.shape != volume.geometry.shape:
-            raise ValueError(f"model {self.name}: TotalSegmentator returned {label_map.shape}, expected the input grid")
+        self._check_grid(label_map.shape, result.affine, volume.geometry.shape, image.affine)
         maps = {label: np.isin(label_map, self.labels[label]).astype(np.uint8) for label in wanted}
         seconds["postprocess"] = time.perf_counter() - t0
         return Prediction(
@@ -626,20 +820,28 @@ class TotalSegmentatorModel:
             device=str(self.device),
         )
 
+    def _check_grid(self, shape: Sequence[int], affine: Any, expected_shape: Sequence[int], expected: Any) -> None:
+        """TotalSegmentator's label map must lie on the input grid: same shape, same affine (to 1e-3 mm)."""
+        if tuple(shape) != tuple(expected_shape):
+            raise ValueError(f"model {self.name}: TotalSegmentator returned {tuple(shape)}, expected the input grid")
+        if affine is None or not np.allclose(np.asarray(affine), np.asarray(expected), atol=1e-3):
+            raise ValueError(
+                f"model {self.name}: TotalSegmentator returned its label map with affine\n{affine}\n"
+                f"not the input's\n{expected}"
+            )
+
     def _run(self, image: Any, kwargs: dict[str, Any]) -> Any:
-        """One call of the runner with the home set and statistics off; its prints go to the log."""
-        chatter = io.StringIO()
-        with _home(self.home), contextlib.redirect_stdout(chatter):
+        """One call of the runner with the home set and statistics off; its prints go to the debug log."""
+        with _home(self.home), quiet_stdout():
             prepare_home(self.home)  # again: an operator may have run the CLI on this home meanwhile
             try:
                 return self.runner(input=image, output=None, **kwargs)
             except SystemExit as exc:  # TotalSegmentator exits on licence problems
                 raise ModelLoadError(
-                    f"model {self.name}: TotalSegmentator stopped: {chatter.getvalue().strip()}"
+                    f"model {self.name}: TotalSegmentator stopped (exit {exc.code!r}): it refuses the licence number"
+                    f" in {self.home / 'config.json'} (it wants 18 characters; check {LICENCE_ENV} or"
+                    " options.licence_number); its messages are in the debug log"
                 ) from exc
-            finally:
-                if chatter.getvalue().strip():
-                    log.debug("TotalSegmentator (%s): %s", self.name, chatter.getvalue().strip())
 
 
 def _installed_trainers(home: Path, weights: Sequence[str]) -> list[str]:
@@ -659,12 +861,20 @@ def _register_trainer(name: str) -> None:
 
     TotalSegmentator looks in ``totalsegmentator.nnunet.custom_trainers``
     before nnU-Net's own walk, which fails beside a CPU torch for most of its
-    trainers.
+    trainers.  The table is the cache: a trainer is looked up once per process.
+
+    Raises
+    ------
+    ModelLoadError
+        No importable module of nnU-Net (or TotalSegmentator) has the trainer; the message names it.
     """
     from totalsegmentator import nnunet as ts_nnunet
 
     if name not in ts_nnunet.custom_trainers:
-        ts_nnunet.custom_trainers[name] = find_nnunet_trainer(name)
+        found = find_nnunet_trainer(name)
+        if not isinstance(found, type):  # nnU-Net's own lookup answers None in some versions
+            raise ModelLoadError(f"nnU-Net trainer {name!r} is not in any importable module of nnunetv2")
+        ts_nnunet.custom_trainers[name] = found
 
 
 def _ts_device(device: Any) -> str:

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import json
+import os
+import re
 import socket
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +33,25 @@ import pytest
 import torch
 
 from medsegagent.dicom.series import choose_series, read_series, scan_folder
+from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ModelLoadError, ModelSpec, load_model
 from medsegagent.models.registry import Backend, load_registry
 from medsegagent.models.totalseg import (
     LICENCE_ENV,
     LICENCE_URL,
     RELEASES_URL,
+    DownloadError,
     LicenceRequiredError,
     TotalSegmentatorModel,
     catalogue,
+    crop_classes,
     download_task,
+    missing_weights,
     prepare_home,
+    result_folder_complete,
+    results_dir,
     task_weights,
+    weights_sources,
 )
 from medsegagent.models.totalseg_registry import ATTACHED, check, default_registry_file, generated_file
 from medsegagent.node.pipeline import weights_fingerprint
@@ -203,6 +216,83 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
+def _stub_folder(results: Path, folder: str, trainer: str = "nnUNetTrainer") -> Path:
+    """A complete result folder with placeholder files (what :func:`result_folder_complete` looks for)."""
+    run = results / folder / f"{trainer}__nnUNetPlans__3d_fullres"
+    (run / "fold_0").mkdir(parents=True)
+    (run / "plans.json").write_text("{}")
+    (run / "dataset.json").write_text("{}")
+    (run / "fold_0" / "checkpoint_final.pth").write_bytes(folder.encode())
+    return results / folder
+
+
+def _zip_of(folder: str, *, checkpoint: bool = True) -> bytes:
+    """A weights zip as TotalSegmentator publishes it: ``<folder>/<trainer>__<plans>__<configuration>/...``."""
+    run = f"{folder}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        zipped.writestr(f"{run}/plans.json", "{}")
+        zipped.writestr(f"{run}/dataset.json", "{}")
+        if checkpoint:
+            zipped.writestr(f"{run}/fold_0/checkpoint_final.pth", b"weights")
+    return buffer.getvalue()
+
+
+def _nothing_half_installed(home: Path) -> None:
+    """Every result folder under the home is complete, and no staging folder is left."""
+    results = results_dir(home)
+    folders = [p for p in results.iterdir()] if results.is_dir() else []
+    assert all(result_folder_complete(p) for p in folders), folders
+    assert not [p.name for p in home.iterdir() if p.name.startswith(".download-")]
+
+
+@pytest.fixture
+def weights_server(monkeypatch, offline) -> dict[str, bytes]:
+    """A stand-in for the GitHub release server: URL -> zip bytes (anything else: 404); sockets stay blocked."""
+    import requests
+
+    served: dict[str, bytes] = {}
+
+    def request(session, method, url, **kwargs):
+        assert kwargs.get("timeout"), "a download without a timeout can hang for ever"
+        response = requests.Response()
+        response.url, response.status_code = url, 200 if url in served else 404
+        response.raw = io.BytesIO(served.get(url, b"not found"))
+        return response
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    return served
+
+
+def _small_ct() -> Volume:
+    grid = Geometry((4, 5, 6), np.zeros(3), np.eye(3)[0], np.eye(3)[1], np.eye(3)[2], (2.0, 1.0, 1.0))
+    return Volume(np.zeros(grid.shape, np.float32), grid, "CT", "2.25.1")
+
+
+class _Runner:
+    """A stand-in for ``totalsegmentator()``: records its arguments, returns an empty label map on the input grid."""
+
+    def __init__(self, affine_shift: float = 0.0) -> None:
+        self.calls: list[dict] = []
+        self.affine_shift = affine_shift
+
+    def __call__(self, **kwargs):
+        import nibabel as nib
+
+        self.calls.append(kwargs)
+        image = kwargs["input"]
+        affine = image.affine.copy()
+        affine[0, 3] += self.affine_shift
+        return nib.Nifti1Image(np.zeros(image.shape, np.uint8), affine)
+
+
+def _stand_in(name: str, runner=None, **options) -> TotalSegmentatorModel:
+    spec = _spec(name, **options)
+    return TotalSegmentatorModel(
+        spec, "cpu", runner=runner or _Runner(), class_map=catalogue()[spec.options["task"]].classes
+    )
+
+
 # --------------------------------------------------------------------------- the real package, end to end
 
 
@@ -211,7 +301,7 @@ def test_total_fast_runs_end_to_end_on_a_phantom(models_dir, offline, phantom_fa
     _install_total_fast(models_dir / "totalsegmentator")
     _, files = phantom_factory("CT")
     volume = read_series(choose_series(scan_folder(files.dicom_dir)))
-    model = load_model(_spec("totalseg_total", fast=True), "cpu")
+    model = load_model(_spec("totalseg_total", fast=True, weights=list(task_weights("total", fast=True))), "cpu")
     assert isinstance(model, TotalSegmentatorModel)
     # By name, not by value: the catalogue numbers the ribs differently.
     assert model.labels[BONE] == (92,) and load_registry()["TotalSegmentator_v2"].label_values(BONE) == [94]
@@ -252,19 +342,85 @@ def test_licence_number_unlocks_a_gated_task_up_to_its_weights(models_dir, monke
 
 
 def test_missing_weights_say_how_to_install(models_dir):
+    how = r"Dataset913_lung_nodules.*medsegagent models install totalseg_lung_nodules"
+    # No home yet (nothing installed on this node): the backend's own messages, not "does not exist".
+    with pytest.raises(ModelLoadError, match=how):
+        TotalSegmentatorModel(_spec("totalseg_lung_nodules"), "cpu")
+    with pytest.raises(LicenceRequiredError, match=LICENCE_URL):
+        TotalSegmentatorModel(_spec("totalseg_heartchambers_highres"), "cpu")
+    assert not (models_dir / "totalsegmentator").exists()
     (models_dir / "totalsegmentator").mkdir(parents=True)
-    with pytest.raises(
-        ModelLoadError, match=r"Dataset913_lung_nodules.*medsegagent models install totalseg_lung_nodules"
-    ):
+    with pytest.raises(ModelLoadError, match=how):
         load_model(_spec("totalseg_lung_nodules"), "cpu")
 
 
 def test_download_without_network_says_what_to_fetch(models_dir, offline):
+    home = models_dir / "totalsegmentator"
     with pytest.raises(ConnectionError, match=rf"{RELEASES_URL}/.*/Dataset913_lung_nodules\.zip"):
-        download_task(models_dir / "totalsegmentator", "lung_nodules")
+        download_task(home, "lung_nodules")
     assert offline  # the downloader did try, and was stopped
-    config = json.loads((models_dir / "totalsegmentator" / "config.json").read_text())
+    config = json.loads((home / "config.json").read_text())
     assert config["send_usage_stats"] is False
+    assert list(results_dir(home).iterdir()) == []  # nothing half-installed, no staging folder left
+    _nothing_half_installed(home)
+
+
+def test_download_installs_each_result_folder_whole(models_dir, weights_server):
+    home = models_dir / "totalsegmentator"
+    nodules, rough = weights_sources("lung_nodules")
+    weights_server[nodules.url] = _zip_of(nodules.folder)
+    weights_server[rough.url] = _zip_of(rough.folder, checkpoint=False)  # a zip that lacks the checkpoint
+
+    with pytest.raises(DownloadError, match=rf"{rough.folder} .* not a complete nnU-Net result folder"):
+        download_task(home, "lung_nodules")
+    assert result_folder_complete(results_dir(home) / nodules.folder)  # the whole one is kept
+    assert not (results_dir(home) / rough.folder).exists()
+    _nothing_half_installed(home)
+
+    weights_server[rough.url] = _zip_of(rough.folder)[:-200]  # cut short: no central directory
+    with pytest.raises(DownloadError, match=f"{rough.folder} did not download"):
+        download_task(home, "lung_nodules")
+    _nothing_half_installed(home)
+
+    # An older interrupted unzip left the folder without its checkpoint: it does not count, and is replaced.
+    (results_dir(home) / rough.folder / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0").mkdir(parents=True)
+    assert missing_weights(home, "lung_nodules") == [rough.folder]
+    weights_server[rough.url] = _zip_of(rough.folder)
+    download_task(home, "lung_nodules")
+    assert missing_weights(home, "lung_nodules") == []
+    _nothing_half_installed(home)
+
+    del weights_server[nodules.url]  # complete folders are not fetched again
+    killed = home / ".download-killed"  # the staging folder of an install killed two days ago
+    (killed / "unpacked").mkdir(parents=True)
+    os.utime(killed, (time.time() - 2 * 86400,) * 2)
+    download_task(home, "lung_nodules")
+    _nothing_half_installed(home)
+
+
+def test_incomplete_weights_are_refused_at_load(models_dir):
+    results = results_dir(models_dir / "totalsegmentator")
+    nodules, rough = task_weights("lung_nodules")
+    _stub_folder(results, rough)
+    (_stub_folder(results, nodules) / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "plans.json").unlink()
+    with pytest.raises(ModelLoadError, match=rf"missing or incomplete .*{nodules}.*models install"):
+        load_model(_spec("totalseg_lung_nodules"), "cpu")
+
+
+def test_a_trainer_nnunet_lacks_is_a_load_error_naming_it(models_dir):
+    results = results_dir(models_dir / "totalsegmentator")
+    nodules, rough = task_weights("lung_nodules")
+    _stub_folder(results, rough, trainer="nnUNetTrainer")
+    _stub_folder(results, nodules, trainer="nnUNetTrainerNoSuchVariant")
+    with pytest.raises(ModelLoadError, match=r"totalseg_lung_nodules.*'nnUNetTrainerNoSuchVariant'"):
+        load_model(_spec("totalseg_lung_nodules"), "cpu")
+
+
+def test_weights_that_are_not_the_task_s_are_refused(models_dir):
+    fast = list(task_weights("total", fast=True))
+    (models_dir / "totalsegmentator").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=re.escape(f"set options.weights to {fast}")):
+        load_model(_spec("totalseg_total", fast=True), "cpu")  # fast mode with the default mode's folders
 
 
 def test_home_config_turns_statistics_off_and_keeps_the_rest(tmp_path):
@@ -285,6 +441,67 @@ def test_home_config_turns_statistics_off_and_keeps_the_rest(tmp_path):
     (home / "config.json").write_text("{torn")  # a concurrent writer's half file
     prepare_home(home)
     assert json.loads((home / "config.json").read_text())["send_usage_stats"] is False
+
+
+# --------------------------------------------------------------------------- the backend around the package's call
+
+
+def test_total_v3_asks_for_a_subset_only_when_the_crop_model_has_it(models_dir):
+    assert "vertebrae_L6" in catalogue()["total_v3"].classes.values()
+    assert "vertebrae_L6" not in crop_classes("total_v3")  # python_api crops total_v3 with total's rough model
+    runner = _Runner()
+    model = _stand_in("totalseg_total_v3", runner)
+    model.predict(_small_ct(), ["liver", "vertebrae_L5"])
+    model.predict(_small_ct(), ["liver", "vertebrae_L6"])
+    assert runner.calls[0]["roi_subset"] == ["liver", "vertebrae_L5"]
+    assert "roi_subset" not in runner.calls[1]  # the whole task, instead of python_api's KeyError
+    with pytest.raises(ModelLoadError, match=r"roi_subset \['vertebrae_L6'\]"):
+        _stand_in("totalseg_total_v3", roi_subset=["liver", "vertebrae_L6"])
+
+
+def test_a_label_map_off_the_input_grid_is_refused(models_dir):
+    model = _stand_in("totalseg_lung_nodules", _Runner(affine_shift=0.01))
+    with pytest.raises(ValueError, match=r"totalseg_lung_nodules.*affine"):
+        model.predict(_small_ct())
+    assert _stand_in("totalseg_lung_nodules", _Runner(affine_shift=0.0005)).predict(_small_ct()).maps
+
+
+def test_every_served_label_maps_onto_a_class_by_name():
+    registry = load_registry()
+    for ref in (r for r in registry.models() if r.backend is Backend.TOTALSEGMENTATOR):
+        spec = ModelSpec.from_registry(ref, registry.datasets[ref.dataset])
+        model = TotalSegmentatorModel(spec, "cpu", runner=_Runner(), class_map=catalogue()[ref.options["task"]].classes)
+        assert set(model.labels) == set(spec.labels), ref.name
+        for label, name in model.class_names.items():
+            assert name == ref.options.get("class_names", {}).get(label, label), (ref.name, label)
+    spec = _spec("totalseg_total")
+    unmapped = dataclasses.replace(spec, labels={**spec.labels, "rib_left_13": (92,)})  # 92 is TS's rib_left_1
+    with pytest.raises(ModelLoadError, match=r"'rib_left_13' is not a class .* options.class_names"):
+        TotalSegmentatorModel(unmapped, "cpu", runner=_Runner(), class_map=catalogue()["total"].classes)
+
+
+def test_prepare_home_waits_for_a_run_that_rewrites_config_json(models_dir):
+    home = models_dir / "totalsegmentator"
+    path = prepare_home(home, "aca_0123456789ABCD")
+    started = threading.Event()
+
+    def counting_runner(**kwargs):  # config.increase_prediction_counter: rewrites the file in place
+        config = json.loads(path.read_text())
+        with path.open("w") as handle:  # truncated: a reader now sees an empty file
+            started.set()
+            time.sleep(0.3)
+            json.dump({**config, "prediction_counter": config["prediction_counter"] + 1}, handle)
+        return _Runner()(**kwargs)
+
+    model = _stand_in("totalseg_lung_nodules", counting_runner)
+    run = threading.Thread(target=model.predict, args=(_small_ct(),))
+    run.start()
+    assert started.wait(10)
+    prepare_home(home)  # a model loading meanwhile
+    run.join()
+    config = json.loads(path.read_text())
+    assert config["license_number"] == "aca_0123456789ABCD" and config["totalseg_id"] == "totalseg_medsegagent"
+    assert config["prediction_counter"] == 1
 
 
 # --------------------------------------------------------------------------- the registry, from the package
@@ -345,14 +562,15 @@ def test_fingerprint_covers_only_the_task(models_dir):
     nodules, cysts = registry.model("totalseg_lung_nodules"), registry.model("totalseg_kidney_cysts")
     for ref in (nodules, cysts):
         for path in ref.weights_paths:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "checkpoint_final.pth").write_bytes(path.name.encode())
+            if not path.exists():  # the rough model is shared
+                _stub_folder(path.parent, path.name)
     assert nodules.installed and cysts.installed and nodules.path == cysts.path
+    checkpoint = Path("nnUNetTrainer__nnUNetPlans__3d_fullres", "fold_0", "checkpoint_final.pth")
     before = weights_fingerprint(nodules)
-    (cysts.weights_paths[0] / "checkpoint_final.pth").write_bytes(b"retrained")
+    (cysts.weights_paths[0] / checkpoint).write_bytes(b"retrained")
     prepare_home(nodules.path)  # config.json changes with every prediction
     assert weights_fingerprint(nodules) == before
-    (nodules.weights_paths[0] / "checkpoint_final.pth").write_bytes(b"retrained")
+    (nodules.weights_paths[0] / checkpoint).write_bytes(b"retrained")
     assert weights_fingerprint(nodules) != before
 
 
