@@ -1336,7 +1336,8 @@ def load_model(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
         raise ModelLoadError(f"model {spec.name}: backend {spec.backend!r} is not available (known: {known})") from None
-    if not spec.path.exists():
+    # TotalSegmentator's home may not exist yet: its backend says how to install (or licence) the task.
+    if not spec.path.exists() and spec.backend != Backend.TOTALSEGMENTATOR.value:
         if spec.package:
             raise ModelLoadError(
                 f"model {spec.name}: its weights ship in the Python package {spec.package}, which is not installed"

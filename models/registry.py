@@ -64,6 +64,7 @@ __all__ = [
     "default_models_dir",
     "default_registry_path",
     "load_registry",
+    "nnunet_result_complete",
     "normalize_modality",
 ]
 
@@ -474,6 +475,25 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))).absolute()
 
 
+def nnunet_result_complete(folder: Path) -> bool:
+    """Whether an nnU-Net dataset results folder is whole: every ``Trainer__Plans__configuration``
+    in it has ``plans.json``, ``dataset.json`` and ``checkpoint_final.pth`` in each of its folds.
+
+    A download or unpack cut short leaves a folder that exists but is not a model.
+    """
+    try:
+        runs = [p for p in folder.iterdir() if p.is_dir() and p.name.count("__") == 2]
+    except OSError:
+        return False
+
+    def whole(run: Path) -> bool:
+        folds = [p for p in run.glob("fold_*") if p.is_dir()]
+        files = (run / "plans.json", run / "dataset.json", *(f / "checkpoint_final.pth" for f in folds))
+        return bool(folds) and all(f.is_file() for f in files)
+
+    return bool(runs) and all(whole(r) for r in runs)
+
+
 @dataclass(frozen=True, eq=False)
 class ModelRef:
     """A reference to a model that implements (part of) a dataset.
@@ -546,7 +566,9 @@ class ModelRef:
 
     @property
     def installed(self) -> bool:
-        """True when the weights are there (:attr:`weights_paths`)."""
+        """True when the weights are there (:attr:`weights_paths`; TotalSegmentator: complete result folders)."""
+        if self.backend is Backend.TOTALSEGMENTATOR and self.options.get("weights"):
+            return all(nnunet_result_complete(p) for p in self.weights_paths)
         return all(p.exists() for p in self.weights_paths)
 
     def serves_label(self, name: str) -> bool:

@@ -64,6 +64,7 @@ from medsegagent.models.backends import (
     quiet_stdout,
     select_device,
 )
+from medsegagent.models.registry import nnunet_result_complete
 
 log = logging.getLogger(__name__)
 
@@ -339,29 +340,8 @@ def results_dir(home: Path) -> Path:
     return Path(home) / "nnunet" / "results"
 
 
-def result_folder_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds a whole nnU-Net result folder, as TotalSegmentator opens it.
-
-    At least one ``<trainer>__<plans>__<configuration>`` folder, and each of
-    them with ``plans.json``, ``dataset.json`` and at least one ``fold_*``
-    folder, every one with ``checkpoint_final.pth``.  TotalSegmentator's own
-    test is only that ``folder`` exists, which a torn unzip passes.
-    """
-    try:
-        runs = [p for p in Path(folder).iterdir() if p.is_dir() and p.name.count("__") == 2]
-    except OSError:
-        return False
-    return bool(runs) and all(_run_complete(run) for run in runs)
-
-
-def _run_complete(run: Path) -> bool:
-    folds = [p for p in run.glob("fold_*") if p.is_dir()]
-    return (
-        (run / "plans.json").is_file()
-        and (run / "dataset.json").is_file()
-        and bool(folds)
-        and all((fold / "checkpoint_final.pth").is_file() for fold in folds)
-    )
+#: Whether a result folder is whole (one test for the registry's ``installed`` and this module).
+result_folder_complete = nnunet_result_complete
 
 
 def missing_weights(home: Path, task: str, fast: bool = False) -> list[str]:

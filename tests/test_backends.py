@@ -487,9 +487,9 @@ def test_totalsegmentator_class_names_map_to_registry_labels(tmp_path):
     spec = _spec(
         "totalsegmentator",
         tmp_path,
-        # registry label -> registry value: by name, by explicit class name, by value
+        # registry label -> TotalSegmentator class: by name or by explicit class name (never by value)
         labels={"liver": (99,), "right kidney": (42,), "renal_left": (3,), "spleen": (1,)},
-        options={"task": "total", "class_names": {"right kidney": "kidney_right"}},
+        options={"task": "total", "class_names": {"right kidney": "kidney_right", "renal_left": "kidney_left"}},
     )
     model = TotalSegmentatorModel(spec, "cpu", runner=fake_totalsegmentator, class_map=class_map)
     assert model.labels == {"liver": (5,), "right kidney": (2,), "renal_left": (3,), "spleen": (1,)}
