@@ -31,24 +31,30 @@ output channels, as ``configs/metadata.json``
 also the values of an argmax label map; a bundle that re-codes its labels
 (BraTS: 1, 2, 4) is given the re-coded values.
 
+A bundle's own code (``scripts/``) is imported under a private module name
+(:func:`bundle_code_names`) and the config's references to it are renamed, so
+bundles never share a ``scripts`` module and ``sys.path`` is left alone.
+
 The registry describes only what the bundle cannot: which series feed which
 input channel, the labels' codes and, in ``options``, ``config`` (another
-``configs/`` file), ``weights`` (a file in ``models/``), ``overrides``
+``configs/`` file), ``weights`` (the file in ``models/`` to load), ``overrides``
 (config id -> content, as ``monai.bundle run --id value``; e.g. a device a
 config pins to CUDA) and ``contrast_phases`` (multi-phase CT inputs).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -57,7 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsegagent.dicom.volume import LPS_TO_RAS, Geometry, Volume
+from medsegagent.dicom.nifti import geometry_from_affine
+from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import (
     ChannelError,
     ModelLoadError,
@@ -70,9 +77,9 @@ from medsegagent.models.backends import (
     _wanted,
     assemble_channels,
     module_bytes,
+    quiet_stdout,
     select_device,
 )
-from medsegagent.models.resample import resample
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +88,11 @@ __all__ = [
     "ContrastPhase",
     "OutputKind",
     "PublishedBundleModel",
+    "bundle_code_names",
     "bundle_config_file",
     "contrast_phase",
-    "geometry_from_affine",
     "load_bundle",
+    "load_weights",
     "numpy_safe_globals",
 ]
 
@@ -116,7 +124,11 @@ class ContrastPhase(StrEnum):
 _PHASE_PATTERNS: tuple[tuple[ContrastPhase, re.Pattern[str]], ...] = (
     (ContrastPhase.UNENHANCED, re.compile(r"\b(non[- ]?contrast|unenhanced|native|plain|pre[- ]?contrast|nc)\b")),
     (ContrastPhase.ARTERIAL, re.compile(r"\b(arterial|art|angio\w*|cta)\b")),  # before "late": late arterial
-    (ContrastPhase.EXCRETORY, re.compile(r"\b(excret\w*|delayed?|urograph\w*|pyelograph\w*|late)\b")),
+    # "late" alone is a late (excretory) phase; "late venous" is venous.
+    (
+        ContrastPhase.EXCRETORY,
+        re.compile(r"\b(excret\w*|delay(ed|s)?|urograph\w*|pyelograph\w*|late(?!\s+(venous|portal|pv)\b))\b"),
+    ),
     (ContrastPhase.VENOUS, re.compile(r"\b(venous|portal|pv|nephrograph\w*)\b")),
 )
 
@@ -208,11 +220,11 @@ def load_bundle(spec: ModelSpec, device: str | None = None) -> SegmentationModel
     from monai.bundle import ConfigParser
 
     try:
-        config = ConfigParser.load_config_file(config_file)
+        config = ConfigParser.load_config_files(config_file)  # as ConfigParser.read_config reads it
     except Exception as exc:
         raise ModelLoadError(f"model {spec.name}: cannot read {config_file}: {exc}") from exc
     if isinstance(config, dict) and "preprocessing" in config and "medsegagent" not in config:
-        return PublishedBundleModel(spec, device)
+        return PublishedBundleModel(spec, device, config=config)
     return MonaiBundleModel(spec, device)
 
 
@@ -236,32 +248,100 @@ def _components(config: object, prefix: str = "") -> Iterator[tuple[str, dict[st
         yield from _components(value, f"{prefix}::{key}" if prefix else str(key))
 
 
-#: Bundle code is imported one bundle at a time (``sys.path`` and ``sys.modules`` are process-wide).
-_IMPORT_LOCK = threading.Lock()
+# --------------------------------------------------------------------------- the bundle's own code
+
+#: Bundle code is imported under private names (``scripts`` of two bundles must not meet in ``sys.modules``).
+_PRIVATE_PREFIX = "_medsegagent_bundle_"
+#: Private top-level name -> the bundle's package folder or module file.
+_private_code: dict[str, Path] = {}
+_finder_lock = threading.Lock()
+#: Folders of a bundle that hold no code of it.
+_NOT_CODE = frozenset({"configs", "models", "docs"})
 
 
-@contextlib.contextmanager
-def _bundle_modules(root: Path) -> Iterator[None]:
-    """Import the bundle's own packages (``scripts``) from its folder, and forget them afterwards.
+class _BundleCodeFinder(importlib.abc.MetaPathFinder):
+    """Finds a bundle's top-level packages under their private names; their submodules come from their folders."""
 
-    Bundles name their code ``scripts``; two bundles' ``scripts`` must not meet
-    in ``sys.modules``.  The transforms built from them keep their classes.
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        """The spec of a registered private name (a package with or without ``__init__.py``, or a module)."""
+        where = _private_code.get(fullname)
+        if where is None:
+            return None
+        if where.is_file():
+            return importlib.util.spec_from_file_location(fullname, where)
+        if (where / "__init__.py").is_file():
+            return importlib.util.spec_from_file_location(
+                fullname, where / "__init__.py", submodule_search_locations=[str(where)]
+            )
+        spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)  # a namespace package
+        spec.submodule_search_locations = [str(where)]
+        return spec
+
+
+def bundle_code_names(root: Path) -> dict[str, str]:
+    """Register the bundle's own packages and modules (``scripts``) under private names, and return them.
+
+    Each top-level folder holding ``.py`` files and each ``.py`` file of the
+    bundle folder gets the name ``_medsegagent_bundle_<digest>_<name>``; the
+    digest covers the folder and the code, so a bundle installed again with
+    other code is imported afresh.  Nothing is added to ``sys.path``, and the
+    modules stay importable for as long as the process runs (bundle code may
+    import lazily, and relative imports inside it resolve to the same modules).
+
+    Returns
+    -------
+    dict
+        The bundle's plain name (``scripts``) -> its private module name.
     """
-    names = {p.stem for p in root.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
+    names: dict[str, str] = {}
+    for item in sorted(root.iterdir()):
+        if item.is_file() and item.suffix == ".py":
+            plain, sources = item.stem, [item]
+        elif item.is_dir() and item.name not in _NOT_CODE:
+            plain, sources = item.name, sorted(item.rglob("*.py"))
+        else:
+            continue
+        if not sources or not plain.isidentifier():
+            continue
+        digest = hashlib.sha256(str(item.resolve()).encode())
+        for source in sources:
+            digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
+        names[plain] = private = f"{_PRIVATE_PREFIX}{digest.hexdigest()[:16]}_{plain}"
+        _private_code[private] = item
+    with _finder_lock:
+        if not any(isinstance(f, _BundleCodeFinder) for f in sys.meta_path):
+            sys.meta_path.append(_BundleCodeFinder())
+    return names
 
-    def ours(module: str) -> bool:
-        return module.split(".", 1)[0] in names
 
-    with _IMPORT_LOCK:
-        saved = {m: sys.modules.pop(m) for m in [m for m in sys.modules if ours(m)]}
-        sys.path.insert(0, str(root))
-        try:
-            yield
-        finally:
-            sys.path.remove(str(root))
-            for module in [m for m in sys.modules if ours(m)]:
-                del sys.modules[module]
-            sys.modules.update(saved)
+def _rename_code(config: Any, names: Mapping[str, str], key: str = "") -> Any:
+    """The raw config with the bundle's own module names (``scripts.x.Y``) replaced by their private names.
+
+    ``_target_`` values that start with one and ``$`` expressions that name one
+    (``$import scripts.x``, ``$scripts.x.f(...)``) are rewritten; quoted text
+    and paths (``'/scripts/'``) are not.
+    """
+    if isinstance(config, dict):
+        return {k: _rename_code(v, names, str(k)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_rename_code(v, names) for v in config]
+    if not isinstance(config, str) or not names:
+        return config
+    alternatives = "|".join(re.escape(n) for n in names)
+    if key == "_target_":
+        return re.sub(rf"^({alternatives})(?=\.|$)", lambda m: names[m[1]], config)
+    if config.startswith("$"):
+        return re.sub(rf"(?<![\w.'\"/\\-])({alternatives})\b(?![/'\"-])", lambda m: names[m[1]], config)
+    return config
+
+
+def _plain_names(text: str, names: Mapping[str, str]) -> str:
+    """``text`` (an error message) with the private module names replaced by the bundle's own."""
+    for plain, private in names.items():
+        text = text.replace(private, plain)
+    return text
 
 
 def numpy_safe_globals() -> list[Any]:
@@ -279,6 +359,51 @@ def numpy_safe_globals() -> list[Any]:
         function = getattr(core.multiarray, name)
         allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
     return allowed
+
+
+def load_weights(
+    network: torch.nn.Module,
+    weights: Path,
+    *,
+    bundle: Path | None = None,
+    fail: Callable[[str], Exception] = ModelLoadError,
+) -> torch.nn.Module:
+    """Load a bundle's weights file strictly into ``network_def`` (``torch.load(weights_only=True)``).
+
+    A ``CheckpointSaver`` file (``{"model": state_dict, ...}``) is unwrapped.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        The instantiated ``network_def``.
+    weights : Path
+        The file.
+    bundle : Path, optional
+        The bundle folder (a missing file's message names its ``large_files.yml``).
+    fail : callable
+        Makes the exception to raise from a message (it names the model).
+
+    Raises
+    ------
+    Exception
+        ``fail(message)``: the file is missing (naming the bundle's
+        ``large_files.yml`` where it has one), unreadable, or does not fit.
+    """
+    if not weights.is_file():
+        listed = next((p.name for p in bundle.glob("large_files.y*ml")), None) if bundle else None
+        where = f" ({listed} gives its URL)" if listed else ""
+        raise fail(f"{weights} is missing{where}: install the model's weights")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise fail(f"cannot load {weights}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except Exception as exc:
+        raise fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
+    return network
 
 
 @dataclass
@@ -316,6 +441,19 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _activation(transform: Any, key: str) -> str | None:
+    """What an ``Activationsd`` does to ``key``: ``softmax``, ``sigmoid``, ``other`` (a function) or ``None``."""
+    keys = list(transform.keys)
+    if key not in keys:
+        return None
+    i = keys.index(key)
+    if transform.other[i] is not None:
+        return "other"
+    if transform.softmax[i]:
+        return "softmax"
+    return "sigmoid" if transform.sigmoid[i] else None
+
+
 def _flag(parser: Any, id: str, default: bool) -> bool:
     """A boolean config item (``evaluator::amp``), ``default`` when absent."""
     try:
@@ -339,6 +477,8 @@ class PublishedBundleModel:
         The model reference; ``spec.path`` is the bundle folder.
     device : str, optional
         Overrides ``spec.device``; the bundle's ``device`` item is set to it.
+    config : dict, optional
+        The config file's content when the caller has read it already (:func:`load_bundle`).
 
     Raises
     ------
@@ -348,27 +488,28 @@ class PublishedBundleModel:
         bundle's ``metadata.json``.
     """
 
-    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, device: str | None = None, *, config: Mapping[str, Any] | None = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.device = select_device(device or spec.device)
         self.channels = spec.channels
         self.root = Path(spec.path)
-        self.quality: dict[str, float] = {}
         self._lock = threading.Lock()  # one study at a time: networks and transforms hold state
         try:
             self.config_file = bundle_config_file(self.root, spec.options.get("config"))
         except ModelLoadError as exc:
             raise self._fail(str(exc)) from None
         self.metadata = self._metadata()
-        parser = self._parser()
+        self.code_names = bundle_code_names(self.root)
+        parser = self._parser(config)
         loaded = self._drop_file_transforms(parser)
         self._instantiate(parser)
         self.io = self._io(loaded)
         self.phases = self._phases()
         self.kind, self.activation, self._stop = self._output_kind()
         self.labels = self._labels()
-        self.amp = _flag(parser, "evaluator::amp", True)
+        # Mixed precision (on CUDA) only where the bundle's evaluator asks for it.
+        self.amp = _flag(parser, "evaluator::amp", False)
 
     # ------------------------------------------------------------------ loading
 
@@ -387,12 +528,13 @@ class PublishedBundleModel:
             raise self._fail(f"{path} has no network_data_format")
         return metadata
 
-    def _parser(self) -> Any:
+    def _parser(self, config: Mapping[str, Any] | None) -> Any:
+        """The bundle's config with the node's ``bundle_root``, ``device``, overrides and private code names."""
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
         try:
-            parser.read_config(str(self.config_file))
+            parser.read_config(dict(config) if config is not None else str(self.config_file))
         except Exception as exc:
             raise self._fail(f"cannot read {self.config_file}: {exc}") from exc
         parser["bundle_root"] = str(self.root)
@@ -404,6 +546,8 @@ class PublishedBundleModel:
             parser.update({str(k): v for k, v in overrides.items()})
         except (KeyError, IndexError, ValueError, TypeError) as exc:
             raise self._fail(f"options.overrides does not fit {self.config_file.name}: {exc}") from exc
+        if self.code_names:
+            parser.set(_rename_code(parser.get(), self.code_names))
         return parser
 
     def _drop_file_transforms(self, parser: Any) -> _Loaded:
@@ -436,14 +580,9 @@ class PublishedBundleModel:
         from monai.inferers import SimpleInferer
         from monai.transforms import Compose
 
-        chatter = io.StringIO()
         try:
-            # The bundle's own code (``scripts``) imports from its folder; DiNTS prints while it builds.
-            with (
-                _bundle_modules(self.root),
-                torch.serialization.safe_globals(numpy_safe_globals()),
-                contextlib.redirect_stdout(chatter),
-            ):
+            # DiNTS prints while it builds: the node's stdout is for results.
+            with torch.serialization.safe_globals(numpy_safe_globals()), quiet_stdout():
                 self.preprocessing = parser.get_parsed_content("preprocessing")
                 self.postprocessing = parser.get_parsed_content("postprocessing", default=Compose([]))
                 self.inferer = parser.get_parsed_content("inferer", default=SimpleInferer())
@@ -452,14 +591,26 @@ class PublishedBundleModel:
         except ModelLoadError:
             raise
         except Exception as exc:
-            hint = ""
-            if "cuda" in str(exc).lower() and self.device.type != "cuda":
-                hint = " (the config pins CUDA; set the item to '@device' in the registry's options.overrides)"
-            raise self._fail(f"MONAI cannot build {self.config_file.name}: {exc}{hint}") from exc
-        if chatter.getvalue().strip():
-            log.debug("%s: %s", self.name, chatter.getvalue().strip())
+            raise self._fail(f"MONAI cannot build {self.config_file.name}: {self._build_error(exc)}") from exc
         self.weights = weights
-        self.network = self._load_weights(network, weights).to(self.device).eval()
+        self.network = load_weights(network, weights, bundle=self.root, fail=self._fail).to(self.device).eval()
+
+    def _build_error(self, exc: BaseException) -> str:
+        """MONAI's message in the bundle's own names, with a hint where the fix is known."""
+        chain = [exc]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        message = _plain_names(str(exc), self.code_names)
+        text = _plain_names(" ".join(str(e) for e in chain), self.code_names)
+        if "cuda" in text.lower() and self.device.type != "cuda":
+            return f"{message} (the config pins CUDA; set the item to '@device' in the registry's options.overrides)"
+        own = [n for n in self.code_names if f"No module named '{n}" in text]
+        if own:
+            return (
+                f"{message} (the bundle's code imports its own package {own[0]!r} by that name; the node imports "
+                f"bundle code under a private name, so such an import must be relative: 'from . import x')"
+            )
+        return message
 
     def _weights_file(self, parser: Any) -> Path:
         """``options.weights`` in ``models/``, else the ``load_path`` of the bundle's CheckpointLoader."""
@@ -469,23 +620,6 @@ class PublishedBundleModel:
             if _target_name(component) == "CheckpointLoader" and "load_path" in component:
                 return Path(str(parser.get_parsed_content(f"{cid}::load_path")))
         return self.root / "models" / "model.pt"
-
-    def _load_weights(self, network: torch.nn.Module, weights: Path) -> torch.nn.Module:
-        if not weights.is_file():
-            listed = next((p.name for p in self.root.glob("large_files.y*ml")), None)
-            where = f" ({listed} gives its URL)" if listed else ""
-            raise self._fail(f"{weights} is missing{where}: install the model's weights")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise self._fail(f"cannot load {weights}: {exc}") from exc
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # a CheckpointSaver file: {"model": state_dict, ...}
-        try:
-            network.load_state_dict(state)
-        except Exception as exc:
-            raise self._fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
-        return network
 
     def _io(self, loaded: _Loaded) -> BundleIO:
         """The bundle's input and output keys and channels, from the transforms and ``metadata.json``."""
@@ -538,11 +672,14 @@ class PublishedBundleModel:
 
         steps = list(self.postprocessing.transforms)
         cut = next((i for i, t in enumerate(steps) if isinstance(t, AsDiscreted)), len(steps))
-        activations = [t for t in steps[:cut] if isinstance(t, Activationsd)]
-        activation = "softmax" if any(any(t.softmax) for t in activations) else "sigmoid"
-        if activations and all(isinstance(t, AsDiscreted) for t in steps[cut:]):
+        activated = [t for t in steps[:cut] if isinstance(t, Activationsd)]
+        kinds = [_activation(t, self.io.output) for t in activated]
+        activation = "softmax" if "softmax" in kinds else "sigmoid"
+        # Probabilities only from a plain softmax or sigmoid (an ``other=`` function gives something else).
+        plain = bool(kinds) and all(k in ("softmax", "sigmoid") for k in kinds)
+        if plain and all(isinstance(t, AsDiscreted) for t in steps[cut:]):
             return OutputKind.PROBABILITIES, activation, cut
-        if cut == len(steps) and not activations:
+        if cut == len(steps) and not activated:
             raise self._fail(
                 "its postprocessing neither activates (Activationsd) nor discretises (AsDiscreted) the network output"
             )
@@ -633,11 +770,11 @@ class PublishedBundleModel:
     def _inputs(self, images: StudyImages) -> dict[str, Any]:
         """The study as the bundle's loader would have given it: MetaTensors under its image keys."""
         grid = images.primary.geometry
+        # No normalisation: the bundle does its own.
         if self.phases:
-            series = self._phase_series(images)
-            stack = np.stack([_sample(v, grid) for v in series])
+            stack = np.concatenate([assemble_channels(v, (), grid) for v in self._phase_series(images)])
         else:
-            stack = assemble_channels(images, self.channels, grid)  # no normalisation: the bundle does its own
+            stack = assemble_channels(images, self.channels, grid)
         source = images.primary.series_instance_uid
         keys = self.io.image_keys
         if len(keys) == 1:
@@ -679,11 +816,6 @@ def _like(tensor: torch.Tensor, image: Any) -> Any:
     return MetaTensor(tensor, meta=dict(image.meta), applied_operations=list(image.applied_operations))
 
 
-def _sample(volume: Volume, grid: Geometry) -> np.ndarray:
-    """``volume`` on ``grid``; beyond the series, air rather than its border repeated."""
-    return resample(volume.array, volume.geometry, grid, fill=float(volume.array.min()))
-
-
 def _meta_tensor(array: np.ndarray, geometry: Geometry, source: str) -> Any:
     """A ``(z, y, x)`` or ``(C, z, y, x)`` array as ``LoadImage`` returns a file: ``(x, y, z)``, RAS affine."""
     from monai.data import MetaTensor
@@ -704,34 +836,13 @@ def _meta_tensor(array: np.ndarray, geometry: Geometry, source: str) -> Any:
 
 def _output_grid(out: Any, source: Geometry) -> Geometry:
     """The grid of a ``(C, x, y, z)`` output: its MetaTensor affine (RAS), or ``source`` when it has none."""
-    shape = tuple(int(s) for s in out.shape[1:][::-1])
+    shape_ijk = (int(out.shape[1]), int(out.shape[2]), int(out.shape[3]))
     affine = getattr(out, "affine", None)
     if affine is None:
-        if shape != source.shape:
-            raise ValueError(f"the bundle's output {shape} has no affine and is not on the source grid {source.shape}")
+        if shape_ijk[::-1] != source.shape:
+            raise ValueError(
+                f"the bundle's output {shape_ijk[::-1]} has no affine and is not on the source grid {source.shape}"
+            )
         return source
-    grid = geometry_from_affine(np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64), shape)
+    grid = geometry_from_affine(shape_ijk, np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64))
     return source if grid.same_grid(source) else grid
-
-
-def geometry_from_affine(ras_affine: np.ndarray, shape: Sequence[int]) -> Geometry:
-    """The :class:`Geometry` of an ``(x, y, z)`` array with a RAS affine (MONAI's and NIfTI's convention).
-
-    Parameters
-    ----------
-    ras_affine : numpy.ndarray
-        4 x 4, voxel ``(i, j, k)`` -> RAS mm.
-    shape : sequence of int
-        ``(slices, rows, columns)`` of the array transposed to ``(z, y, x)``.
-    """
-    lps = LPS_TO_RAS @ np.asarray(ras_affine, dtype=np.float64)  # the flip is its own inverse
-    axes = lps[:3, :3]
-    spacing = np.linalg.norm(axes, axis=0)
-    return Geometry(
-        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-        origin=lps[:3, 3],
-        row_direction=axes[:, 0] / spacing[0],
-        column_direction=axes[:, 1] / spacing[1],
-        slice_direction=axes[:, 2] / spacing[2],
-        spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
-    )

@@ -14,11 +14,13 @@ postprocessing, on a crop of a phantom small enough for one inferer window.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,14 +39,13 @@ from medsegagent.models.monai_bundle import (
     ContrastPhase,
     OutputKind,
     PublishedBundleModel,
+    _components,
+    _rename_code,
     contrast_phase,
-    geometry_from_affine,
     numpy_safe_globals,
 )
 from medsegagent.models.registry import load_registry
 from medsegagent.models.resample import sub_geometry
-
-pytestmark = pytest.mark.slow
 
 ZOO = Path(
     os.environ.get("MEDSEG_ZOO_FIXTURES")
@@ -316,6 +317,7 @@ def _words(text: str) -> str:
 # --------------------------------------------------------------------------- every bundle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_published_bundle_runs_through_the_node(name, bundles, phantom_factory):
     case = CASES[name]
@@ -352,6 +354,7 @@ def test_published_bundle_runs_through_the_node(name, bundles, phantom_factory):
     assert set(prediction.seconds) >= {"preprocess", "inference", "postprocess"}
 
 
+@pytest.mark.slow
 def test_cropforeground_is_inverted_onto_the_source_grid(bundles, phantom_factory):
     """The paediatric bundle crops to the body; the inverse leaves the air in front of it unlabelled."""
     name = "pediatric_abdominal_ct_segmentation"
@@ -367,9 +370,10 @@ def test_cropforeground_is_inverted_onto_the_source_grid(bundles, phantom_factor
 # --------------------------------------------------------------------------- geometry
 
 
-def _oblique_ball() -> tuple[Volume, np.ndarray]:
+def _oblique_ball(modality: str, description: str, values: tuple[float, float]) -> tuple[Volume, np.ndarray]:
+    """A ball off the centre of a tilted, sagittal-ish grid: its centre lies 4.7, 11.6 and 9.3 mm along the axes."""
     a, b = np.radians(25), np.radians(15)
-    row = np.array([0.0, np.cos(a), np.sin(a)])  # a sagittal-ish, tilted acquisition
+    row = np.array([0.0, np.cos(a), np.sin(a)])
     col = np.array([np.sin(b), -np.sin(a) * np.cos(b), np.cos(a) * np.cos(b)])
     col -= row * (row @ col)
     col /= np.linalg.norm(col)
@@ -379,41 +383,169 @@ def _oblique_ball() -> tuple[Volume, np.ndarray]:
     origin -= row * (shape[2] - 1) / 2 * spacing[2]
     geometry = Geometry(shape, origin, row, col, normal, spacing)
     truth = np.linalg.norm(geometry.voxel_centres() - np.array([12.0, -8.0, 6.0]), axis=-1) <= 20.0
-    array = np.where(truth, 150.0, -40.0).astype(np.float32)
-    return Volume(array, geometry, "CT", "2.25.1", meta={"SeriesDescription": "ball"}), truth
+    array = np.where(truth, *values).astype(np.float32)
+    return Volume(array, geometry, modality, "2.25.1", meta={"SeriesDescription": description}), truth
 
 
-def test_published_transforms_and_their_inverse_put_the_output_where_the_input_was(tmp_path):
-    """The spleen bundle's Orientationd, Spacingd and Invertd, with a thresholding 1x1x1 network."""
-    bundle = tmp_path / "spleen_ct_segmentation"
-    shutil.copytree(_fixture(bundle.name) / "configs", bundle / "configs")
-    conv = torch.nn.Conv3d(1, 2, 1)
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A 1x1(x1) convolution in which channel ``winner`` wins where the preprocessed image exceeds ``level``."""
+
+    dims: int
+    outputs: int
+    winner: int
+    level: float
+    label: str
+    modality: str
+    description: str
+    values: tuple[float, float]  # inside the ball, outside
+
+
+THRESHOLDS = {
+    # -57..164 HU window to 0..1: the ball 1, the rest 0.17.
+    "spleen_ct_segmentation": Threshold(3, 2, 1, 0.5, "spleen", "CT", "ball", (150.0, -40.0)),
+    # A label map: argmax, KeepLargestConnectedComponentd, then Invertd with bilinear interpolation.
+    "prostate_mri_anatomy": Threshold(3, 3, 2, 0.0, "peripheral_zone", "MR", "t2_tse_tra", (400.0, 100.0)),
+    # 2D: SliceInferer runs the network on each acquired slice; no reorientation.
+    "ventricular_short_axis_3label": Threshold(2, 4, 3, 0.5, "rv_pool", "MR", "cine sax", (400.0, 100.0)),
+}
+
+
+def _threshold_bundle(name: str, root: Path) -> tuple[ModelSpec, Threshold]:
+    """The bundle's published configs with a thresholding network (``options.overrides``) and its weights."""
+    case = THRESHOLDS[name]
+    bundle = root / name
+    shutil.copytree(_fixture(name) / "configs", bundle / "configs")
+    conv = (torch.nn.Conv2d, torch.nn.Conv3d)[case.dims - 2](1, case.outputs, 1)
     with torch.no_grad():
         conv.weight.zero_()
-        conv.bias.zero_()
-        conv.weight[1, 0] = 20.0  # channel 1 wins above 0.5 of the bundle's -57..164 HU window
-        conv.bias[1] = -10.0
+        conv.bias.fill_(-10.0)
+        conv.bias[0] = 0.0  # the background wins where the image is below the level
+        conv.weight[case.winner, 0] = 20.0
+        conv.bias[case.winner] = -20.0 * case.level
     (bundle / "models").mkdir()
     torch.save(conv.state_dict(), bundle / "models" / "model.pt")
-    spec, _ = _reference(bundle.name)
-    network = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
-    spec = replace(spec, path=bundle, options={"overrides": {"network_def": network}})
-    volume, truth = _oblique_ball()
-    prediction = load_model(spec, "cpu").predict(volume)
+    spec, _ = _reference(name)
+    network = {"_target_": f"torch.nn.Conv{case.dims}d", "in_channels": 1, "out_channels": case.outputs}
+    overrides = {**spec.options.get("overrides", {}), "network_def": {**network, "kernel_size": 1}}
+    return replace(spec, path=bundle, options={**spec.options, "overrides": overrides}), case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+def test_published_transforms_and_their_inverse_put_the_output_where_the_input_was(name, tmp_path):
+    """Orientationd, Spacingd or SliceInferer, and Invertd, on an oblique off-centre ball.
+
+    A flip of any axis would move the ball by twice its offset along that axis
+    (the check below shows that this alone costs the Dice threshold).
+    """
+    spec, case = _threshold_bundle(name, tmp_path)
+    volume, truth = _oblique_ball(case.modality, case.description, case.values)
+    for axis in range(3):
+        assert _dice(np.flip(truth, axis), truth) < 0.9
+    model = load_model(spec, "cpu")
+    seen: list[torch.Tensor] = []
+    model.network.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+
+    prediction = model.predict(volume)
+
     assert prediction.grid.same_grid(volume.geometry)
-    found = prediction.probability("spleen") > 0.5
-    assert 2.0 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.9
+    assert _dice(prediction.maps[case.label] > 0.5, truth) > 0.9
+    if case.dims == 2:  # one acquired slice per network call, in order (ScaleIntensityd: the ball is 1)
+        assert [int((s > 0.5).sum()) for s in seen] == [int(truth[k].sum()) for k in range(truth.shape[0])]
+        assert model.amp is False  # no evaluator asks for mixed precision
 
 
-def test_geometry_from_affine_round_trips_the_nifti_affine():
-    volume, _ = _oblique_ball()
-    geometry = volume.geometry
-    assert geometry_from_affine(geometry.nifti_affine(), geometry.shape).same_grid(geometry)
+# --------------------------------------------------------------------------- the bundle's own code
+
+
+def _code_bundle(root: Path, name: str, value: str, *, package: bool, absolute: bool = False) -> ModelSpec:
+    """The spleen bundle's configs plus its own ``scripts.tags.Tag`` transform, which imports lazily.
+
+    ``package``: ``scripts`` has an ``__init__.py`` (else a folder of modules);
+    ``absolute``: that ``__init__.py`` imports its own package as ``scripts``.
+    """
+    bundle = root / name
+    shutil.copytree(_fixture("spleen_ct_segmentation") / "configs", bundle / "configs")
+    config_file = bundle / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    config["imports"].append("$import scripts.tags")
+    config["preprocessing"]["transforms"].append({"_target_": "scripts.tags.Tag", "keys": "@image_key"})
+    config_file.write_text(json.dumps(config))
+    scripts = bundle / "scripts"
+    scripts.mkdir()
+    if package:
+        (scripts / "__init__.py").write_text("import scripts.later\n" if absolute else "from . import tags\n")
+    (scripts / "tags.py").write_text(
+        "from monai.transforms import MapTransform\n\n\n"
+        "class Tag(MapTransform):\n"
+        "    def __call__(self, data):\n"
+        "        from .later import VALUE  # first imported when the transform runs\n\n"
+        "        return {**data, 'tag': VALUE}\n"
+    )
+    (scripts / "later.py").write_text(f"VALUE = {value!r}\n")
+    (bundle / "models").mkdir()
+    torch.save(torch.nn.Conv3d(1, 2, 1).state_dict(), bundle / "models" / "model.pt")
+    spec, _ = _reference("spleen_ct_segmentation")
+    network = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+    return replace(spec, name=name, path=bundle, options={"overrides": {"network_def": network}})
+
+
+def test_each_bundles_scripts_is_its_own_module_and_stays_importable(tmp_path):
+    path, plain = list(sys.path), sys.modules.get("scripts")
+    first = load_model(_code_bundle(tmp_path, "first", "one", package=True), "cpu")
+    second = load_model(_code_bundle(tmp_path, "second", "two", package=False), "cpu")  # no __init__.py
+    # Nothing process-wide changed: no sys.path entry, no module called scripts.
+    assert sys.path == path and sys.modules.get("scripts") is plain
+    tags = [m.preprocessing.transforms[-1] for m in (first, second)]
+    assert type(tags[0]) is not type(tags[1])
+    assert all(type(tag).__module__.startswith("_medsegagent_bundle_") for tag in tags)
+    # Each runs its own code, imported lazily after loading.
+    assert [tag({"image": 0})["tag"] for tag in tags] == ["one", "two"]
+    volume, _ = _oblique_ball("CT", "ball", (150.0, -40.0))
+    assert first.predict(volume).grid.same_grid(volume.geometry)
+
+
+def test_bundle_code_importing_itself_by_its_plain_name_is_a_clear_error(tmp_path):
+    spec = _code_bundle(tmp_path, "absolute", "one", package=True, absolute=True)
+    with pytest.raises(ModelLoadError, match=r"imports its own package 'scripts'.*must be relative") as caught:
+        load_model(spec, "cpu")
+    assert "_medsegagent_bundle_" not in str(caught.value)  # messages name the bundle's own modules
+
+
+def test_config_names_of_bundle_code_are_renamed_and_nothing_else():
+    config = {
+        "imports": ["$import scripts.tags", "$import os"],
+        "t": {"_target_": "scripts.tags.Tag", "keys": "scripts"},
+        "expression": "$scripts.tags.f(@bundle_root + '/scripts/x.py', 'scripts')",
+        "other": {"_target_": "myscripts.X"},
+    }
+    assert _rename_code(config, {"scripts": "P"}) == {
+        "imports": ["$import P.tags", "$import os"],
+        "t": {"_target_": "P.tags.Tag", "keys": "scripts"},
+        "expression": "$P.tags.f(@bundle_root + '/scripts/x.py', 'scripts')",
+        "other": {"_target_": "myscripts.X"},
+    }
+
+
+def test_activation_with_its_own_function_is_not_read_as_probabilities(tmp_path):
+    spec = _code_bundle(tmp_path, "tanh", "one", package=True)
+    tanh = {"_target_": "Activationsd", "keys": "pred", "other": "$torch.tanh"}
+    overrides = {**spec.options["overrides"], "postprocessing::transforms::0": tanh}
+    model = load_model(replace(spec, options={"overrides": overrides}), "cpu")
+    assert model.kind is OutputKind.LABELS
+    plain = load_model(spec, "cpu")
+    assert plain.kind is OutputKind.PROBABILITIES and plain.activation == "softmax"
 
 
 # --------------------------------------------------------------------------- inputs the study lacks
 
 
+@pytest.mark.slow
 def test_missing_contrast_phase_is_named(bundles, phantom_factory):
     name = "renalStructures_CECT_segmentation"
     model = _load(name, bundles(name))
@@ -422,6 +554,7 @@ def test_missing_contrast_phase_is_named(bundles, phantom_factory):
         model.predict(study.images)
 
 
+@pytest.mark.slow
 def test_missing_mr_sequence_is_named(bundles, phantom_factory):
     name = "brats_mri_segmentation"
     model = _load(name, bundles(name))
@@ -439,6 +572,11 @@ def test_missing_mr_sequence_is_named(bundles, phantom_factory):
         ("Portal venous 3mm", ContrastPhase.VENOUS),
         ("NEPHROGRAPHIC", ContrastPhase.VENOUS),
         ("Delayed 10 min", ContrastPhase.EXCRETORY),
+        ("Delay 10 min", ContrastPhase.EXCRETORY),
+        ("CT ABD DELAY", ContrastPhase.EXCRETORY),
+        ("Late phase", ContrastPhase.EXCRETORY),
+        ("Late venous", ContrastPhase.VENOUS),
+        ("late portal venous 70s", ContrastPhase.VENOUS),
         ("Urographic phase", ContrastPhase.EXCRETORY),
         ("Non-contrast", ContrastPhase.UNENHANCED),
         ("CT ABDOMEN", None),
@@ -453,6 +591,7 @@ def test_contrast_phase_from_series_description(description, phase):
 # --------------------------------------------------------------------------- errors an administrator can act on
 
 
+@pytest.mark.slow
 def test_missing_or_foreign_weights_are_reported(bundles, tmp_path):
     name = "spleen_ct_segmentation"
     bundle = tmp_path / name
@@ -466,6 +605,7 @@ def test_missing_or_foreign_weights_are_reported(bundles, tmp_path):
         load_model(replace(spec, path=bundle), "cpu")
 
 
+@pytest.mark.slow
 def test_registry_inputs_must_match_the_network(bundles):
     name = "brats_mri_segmentation"
     spec, _ = _reference(name)
@@ -473,6 +613,7 @@ def test_registry_inputs_must_match_the_network(bundles):
         load_model(replace(spec, path=bundles(name), channels=spec.channels[:1]), "cpu")
 
 
+@pytest.mark.slow
 def test_registry_label_on_a_background_channel_is_refused(bundles):
     name = "spleen_ct_segmentation"
     spec, _ = _reference(name)
@@ -499,9 +640,65 @@ def test_every_bundle_has_a_registry_entry_with_its_source_and_licence():
         assert len(dataset.inputs) == described, name
 
 
+def _code_files(bundle: Path) -> list[str]:
+    """What loading a bundle runs or trusts: its configs, metadata, weight list and scripts."""
+    patterns = ("configs/inference*", "configs/metadata.json", "large_files.y*ml", "scripts/*.py")
+    return sorted(p.relative_to(bundle).as_posix() for pattern in patterns for p in bundle.glob(pattern))
+
+
+def test_registry_pins_each_bundles_code_to_the_published_files():
+    """Every config and script of a bundle has its published SHA-256 in the registry (``models install`` checks it)."""
+    commit = "dfae206df112837d817e78d3727c9f32b3b52e82"  # shared/fixtures/monai-model-zoo/README.md
+    for dataset in load_registry().in_collection("monai-zoo"):
+        (ref,) = dataset.models
+        folder = _fixture(dataset.name)
+        listed = {f.path: f for f in ref.source.files}
+        assert sorted(listed) == _code_files(folder), dataset.name
+        for path, entry in listed.items():
+            assert entry.sha256 == hashlib.sha256((folder / path).read_bytes()).hexdigest(), path
+            assert entry.url.endswith(f"/{commit}/models/{dataset.name}/{path}"), entry.url
+
+
+@pytest.mark.slow
+def test_install_refuses_a_bundle_whose_config_differs_from_the_published_one(tmp_path, monkeypatch):
+    from medsegagent.models.catalogue import Catalogue, CatalogueError, Problem
+
+    monkeypatch.setenv("MEDSEG_MODELS", str(tmp_path / "models"))
+    name = "spleen_ct_segmentation"
+    carried = tmp_path / "carried" / name
+    shutil.copytree(_fixture(name), carried)
+    for entry in yaml.safe_load((carried / "large_files.yml").read_text())["large_files"]:
+        (carried / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (carried / entry["path"]).write_bytes(b"weights")  # present: nothing to download
+    config = carried / "configs" / "inference.json"
+    config.write_text(config.read_text().replace('"$import os"', '"$import os", "$__import__(\'os\').getpid()"'))
+    registry = load_registry()
+    (ref,) = registry.datasets[name].models
+    with pytest.raises(CatalogueError, match=r"configs/inference\.json") as caught:
+        Catalogue(registry).install(ref, origin=carried)
+    assert caught.value.problem is Problem.HASH_MISMATCH
+    assert not (tmp_path / "models" / name).exists()
+
+
+def test_registry_names_the_weights_file_the_bundle_loads():
+    """``options.weights`` (default ``model.pt``) is the file the bundle's CheckpointLoader loads from ``models/``."""
+    from monai.bundle import ConfigParser
+
+    for dataset in load_registry().in_collection("monai-zoo"):
+        (ref,) = dataset.models
+        config = next(iter(sorted((_fixture(dataset.name) / "configs").glob("inference.*"))))
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser.update({"bundle_root": "/bundle", **ref.options.get("overrides", {})})
+        (loader,) = [cid for cid, c in _components(parser.get()) if c["_target_"].endswith("CheckpointLoader")]
+        load_path = parser.get_parsed_content(f"{loader}::load_path")
+        assert os.path.normpath(load_path) == f"/bundle/models/{ref.options.get('weights', 'model.pt')}", dataset.name
+
+
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_segment_study_with_the_spleen_bundle_writes_a_coded_seg(bundles, phantom_factory, tmp_path):
     from medsegagent.node.pipeline import segment_study
 
