@@ -558,10 +558,14 @@ class ModelRef:
 
         TotalSegmentator keeps every task in one home folder (the location);
         its references name their task's nnU-Net result folders in
-        ``options.weights`` (under ``nnunet/results``).  Any other model is its location.
+        ``options.weights`` (under ``nnunet/results``).  A MONAI bundle's weights
+        are ``models/<options.weights or model.pt>`` in its folder.  Any other
+        model is its location.
         """
         if self.backend is Backend.TOTALSEGMENTATOR and self.options.get("weights"):
             return tuple(self.path / "nnunet" / "results" / str(w) for w in self.options["weights"])
+        if self.backend is Backend.MONAI_BUNDLE:  # a bundle folder without its weights is not a model
+            return (self.path / "models" / str(self.options.get("weights") or "model.pt"),)
         return (self.path,)
 
     @property

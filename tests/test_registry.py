@@ -289,7 +289,9 @@ def test_content_hash_and_cache(tmp_path: Path) -> None:
     # relative model locations resolve against the file's directory
     assert r2.model("demo_ct_unet").path == tmp_path / "models" / "bundles" / "demo_ct_unet"
     assert not r2.model("demo_ct_unet").installed
-    (tmp_path / "models" / "bundles" / "demo_ct_unet").mkdir(parents=True)
+    (tmp_path / "models" / "bundles" / "demo_ct_unet" / "models").mkdir(parents=True)
+    assert not r2.model("demo_ct_unet").installed, "a bundle folder without its weights is not installed"
+    (tmp_path / "models" / "bundles" / "demo_ct_unet" / "models" / "model.pt").write_bytes(b"weights")
     assert r2.model("demo_ct_unet").installed
     assert [m.name for m in r2["Demo_CT_Abdomen"].installed_models] == ["demo_ct_unet"]
     clear_cache()
