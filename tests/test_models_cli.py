@@ -9,6 +9,7 @@ its own ``network_def``; the copy that keeps the real published MD5 is refused.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -18,8 +19,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import warnings
 import zipfile
@@ -33,7 +37,7 @@ import torch
 import yaml
 
 from medsegagent.models import catalogue as catalogue_module
-from medsegagent.models.catalogue import RECORD_NAME, Catalogue
+from medsegagent.models.catalogue import RECORD_NAME, Catalogue, Outcome, Reporter
 from medsegagent.models.registry import MODELS_ENV, Backend, load_registry
 from medsegagent.node.cli import main
 
@@ -117,6 +121,9 @@ def _build_bundle(root: Path, served: Served) -> None:
         (bundle / "large_files.yml").write_text(yaml.safe_dump({"large_files": large}))
         _bundle_zip(bundle, root / f"{name}.zip")
     served.facts.update(real_md5=real_md5, local_md5=_md5(root / "spleen_model.pt"))
+    # The code and configs of the bundle as the registry lists them (registry.d/monai-zoo.yaml's source.files).
+    local = root / "build" / "spleen_local"
+    served.facts["code"] = {rel: _sha256(local / rel) for rel in ("configs/inference.json", "large_files.yml")}
 
 
 def _build_torchscript(root: Path, served: Served) -> None:
@@ -156,6 +163,8 @@ def _label(value: int, code: str, meaning: str, color: list[int]) -> dict[str, A
 
 def _write_registry(folder: Path, url: Any, facts: dict[str, Any]) -> Path:
     """A registry and one included file; ``url(name)`` is where each source file is served."""
+    from medsegagent.models.totalseg import task_weights
+
     bundle = {"kind": "monai_bundle", "homepage": "https://monai.io/model-zoo"}
     main_doc = {
         "schema_version": 1,
@@ -172,7 +181,13 @@ def _write_registry(folder: Path, url: Any, facts: dict[str, Any]) -> Path:
                         "name": "spleen_bundle",
                         "backend": "monai_bundle",
                         "location": "${MEDSEG_MODELS}/spleen_ct_segmentation",
-                        "source": {**bundle, "url": url("spleen_local.zip")},
+                        "source": {
+                            **bundle,
+                            "url": url("spleen_local.zip"),
+                            "files": [
+                                {"path": p, "url": url(f"code/{p}"), "sha256": h} for p, h in facts["code"].items()
+                            ],
+                        },
                         "licence": {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"},
                     },
                     {
@@ -232,13 +247,17 @@ def _write_registry(folder: Path, url: Any, facts: dict[str, Any]) -> Path:
                 "location": "package:medsegagent_absent_weights",
                 "source": {"kind": "pypi", "package": "medsegagent-absent-weights==1.0"},
             },
-            {
-                "name": "ts_task",
-                "backend": "totalsegmentator",
-                "location": "${MEDSEG_MODELS}/totalsegmentator",
-                "options": {"task": "liver_vessels", "fast": False},
-                "source": {"kind": "totalsegmentator", "homepage": "https://github.com/wasserth/TotalSegmentator"},
-            },
+            *(
+                {
+                    "name": name,
+                    "backend": "totalsegmentator",
+                    "location": "${MEDSEG_MODELS}/totalsegmentator",
+                    # as in registry.d/totalsegmentator.yaml: the task's nnU-Net result folders
+                    "options": {"task": task, "fast": False, "weights": list(task_weights(task))},
+                    "source": {"kind": "totalsegmentator", "homepage": "https://github.com/wasserth/TotalSegmentator"},
+                }
+                for name, task in (("ts_task", "liver_vessels"), ("ts_task2", "liver_segments"))
+            ),
         ],
     }
     (folder / "registry.d").mkdir(parents=True, exist_ok=True)
@@ -269,6 +288,13 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, out.out, out.err
 
 
+def _contents(models_dir: Path) -> list[str]:
+    """What the models folder holds, less the lock files of `models install` and `models remove`."""
+    if not models_dir.exists():
+        return []
+    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".lock-"))
+
+
 def _leftovers(models_dir: Path) -> list[str]:
     """Anything an interrupted or refused install may leave: staging folders, partial files, old copies."""
     if not models_dir.exists():
@@ -292,13 +318,12 @@ def test_list_json_contract_over_the_packaged_registry(models_dir: Path, monkeyp
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    catalogue = Catalogue(load_registry())
-    refs = catalogue.refs()
+    refs = list(load_registry().models())
     assert doc["models_dir"] == str(models_dir)
     assert [m["name"] for m in doc["models"]] == [r.name for r in refs]
     for item, ref in zip(doc["models"], refs, strict=True):
         assert item["backend"] == ref.backend.value and Backend(item["backend"])
-        assert item["installed"] is catalogue.installed(ref)
+        assert item["installed"] is ref.installed  # what the planner goes by
         assert item["datasets"] == [ref.dataset]
         assert item["labels"], item["name"]
         assert (item["size_bytes"] is not None) == item["installed"]
@@ -338,7 +363,7 @@ def test_list_reads_included_files_and_shows_licence_and_source(reg: str, capsys
     ]
     row = next(line for line in lines if line.startswith("gated_model "))
     assert "Vendor research licence (gated)" in row and " url " in row and " no " in row
-    assert lines[-1].startswith("9 models, 1 installed") and "1 licence-gated, 1 installed by hand" in lines[-1]
+    assert lines[-1].startswith("10 models, 1 installed") and "1 licence-gated, 1 installed by hand" in lines[-1]
     rc, out, _ = _run(capsys, "list", "--registry", reg, "--json")
     models = {m["name"]: m for m in json.loads(out)["models"]}
     assert models["tiny_ts"]["datasets"] == ["Liver"] and models["tiny_ts"]["labels"] == ["liver"]
@@ -415,13 +440,86 @@ def test_hash_mismatch_keeps_the_previous_install(
     assert _leftovers(models_dir) == []
 
 
+def test_concurrent_installs_of_a_model_wait_for_each_other(reg: str, models_dir: Path) -> None:
+    class Waits(Reporter):
+        waiting = threading.Event()
+
+        def info(self, model: str, text: str) -> None:
+            if text.startswith("waiting for another install or remove"):
+                self.waiting.set()
+
+    catalogue = Catalogue(load_registry(reg), Waits())
+    ref = catalogue.find(["tiny_ts"])[0]
+    results = []
+    models_dir.mkdir()
+    with (models_dir / ".lock-tiny_ts").open("w") as lock:  # another process installing tiny_ts
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        theirs = Path(tempfile.mkdtemp(prefix=".partial-tiny_ts-", dir=models_dir))
+        thread = threading.Thread(target=lambda: results.append(catalogue.install(ref)))
+        thread.start()
+        assert Waits.waiting.wait(60)
+        assert thread.is_alive() and theirs.is_dir() and not (models_dir / "tiny_ts").exists()
+    # They died (the kernel dropped their lock); their staging folder is now stale, and swept.
+    thread.join(60)
+    assert [r.outcome for r in results] == [Outcome.INSTALLED]
+    assert not theirs.exists() and _leftovers(models_dir) == []
+
+
+def test_an_install_killed_between_the_renames_is_finished_by_the_next(
+    reg: str, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(capsys, "install", "tiny_ts", "--registry", reg)[0] == 0
+    os.rename(models_dir / "tiny_ts", models_dir / ".old-tiny_ts-0123abcd")  # set aside, new copy not yet in
+    rc, out, err = _run(capsys, "install", "tiny_ts", "--registry", reg)
+    assert rc == 0 and "tiny_ts: already installed" in out
+    assert f"the previous copy aside: restored {(models_dir / 'tiny_ts').resolve()}" in err
+    assert _run(capsys, "verify", "tiny_ts", "--registry", reg)[0] == 0
+    (models_dir / ".old-tiny_ts-4567cdef").mkdir()  # killed after the new copy was in: the old one is garbage
+    assert _run(capsys, "install", "tiny_ts", "--registry", reg)[0] == 0 and _leftovers(models_dir) == []
+
+
+def test_file_system_errors_are_one_line(
+    reg: str, models_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _run(capsys, "install", "tiny_ts", "--registry", reg)[0] == 0
+
+    def denied(*_: Any, **__: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(catalogue_module, "_disk_size", denied)
+    rc, out, err = _run(capsys, "list", "--json", "--registry", reg)
+    item = next(m for m in json.loads(out)["models"] if m["name"] == "tiny_ts")
+    assert rc == 0 and item["installed"] and item["size_bytes"] is None
+    assert f"tiny_ts: warning: cannot measure {models_dir / 'tiny_ts'}: [Errno 13] Permission denied" in err
+    monkeypatch.setattr(catalogue_module, "_hash_file", denied)
+    rc, _, err = _run(capsys, "verify", "tiny_ts", "--registry", reg)
+    assert rc == 1 and "tiny_ts: FAILED: cannot read tiny_ts/model.ts: [Errno 13] Permission denied" in err
+    monkeypatch.setattr(catalogue_module, "_remove_path", denied)
+    rc, _, err = _run(capsys, "remove", "tiny_ts", "--registry", reg)
+    assert rc == 1 and err == f"tiny_ts: error: cannot remove it from {models_dir}: [Errno 13] Permission denied\n"
+
+
 # --------------------------------------------------------------------------- MONAI bundle
 
 
+def _fips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hashlib as on a FIPS host: md5 and sha1 only where the caller says they are not for security."""
+    real = hashlib.new
+
+    def new(name: str, data: bytes = b"", **kwargs: Any) -> Any:
+        if name.lower() in ("md5", "sha1") and kwargs.get("usedforsecurity", True):
+            raise ValueError(f"[digital envelope routines] unsupported: {name} is disabled in FIPS mode")
+        return real(name, data, **kwargs)
+
+    monkeypatch.setattr(hashlib, "new", new)
+
+
 def test_monai_bundle_install_verify_remove(
-    reg: str, models_dir: Path, served: Served, capsys: pytest.CaptureFixture[str]
+    reg: str, models_dir: Path, served: Served, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rc, out, err = _run(capsys, "install", "spleen_bundle", "--registry", reg)
+    with monkeypatch.context() as fips:  # its weights' published hash is an MD5: checked on a FIPS host too
+        _fips(fips)
+        rc, out, err = _run(capsys, "install", "spleen_bundle", "--registry", reg)
     assert rc == 0, err
     bundle = models_dir / "spleen_ct_segmentation"
     assert (bundle / "configs" / "inference.json").read_bytes() == (SPLEEN / "configs" / "inference.json").read_bytes()
@@ -457,7 +555,7 @@ def test_bundle_with_the_real_published_md5_is_refused(
     real, got = served.facts["real_md5"], served.facts["local_md5"]
     assert f"spleen_published: error: models/model.pt from {served.url('spleen_model.pt')} has md5 {got}" in err
     assert f"the published md5 is {real}: refused" in err and "nothing was installed" in err
-    assert sorted(p.name for p in models_dir.iterdir()) == []
+    assert _contents(models_dir) == []
     rc, _, err = _run(capsys, "verify", "spleen_published", "--registry", reg)
     assert rc == 1 and "not installed" in err
 
@@ -498,6 +596,101 @@ def test_install_from_a_folder_and_from_a_zip(
     assert rc == 0 and (models_dir / "tiny_ts" / "model.ts").is_file()
 
 
+def test_the_record_is_written_before_the_model_moves_into_place(
+    reg: str, models_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = models_dir / "spleen_bundle" / RECORD_NAME  # beside the bundle, not in it
+    real, seen = catalogue_module._swap, []
+
+    def failing(staged: Path, target: Path) -> Path | None:
+        seen.append(json.loads(record.read_text())["location"])
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def recorded(staged: Path, target: Path) -> Path | None:
+        seen.append(json.loads(record.read_text())["location"])
+        return real(staged, target)
+
+    monkeypatch.setattr(catalogue_module, "_swap", failing)
+    rc, _, err = _run(capsys, "install", "spleen_bundle", "--registry", reg)
+    assert rc == 1 and "spleen_bundle: error: cannot write the model" in err
+    assert seen == ["spleen_ct_segmentation"] and _contents(models_dir) == []  # its record went with it
+    monkeypatch.setattr(catalogue_module, "_swap", recorded)
+    assert _run(capsys, "install", "spleen_bundle", "--registry", reg)[0] == 0 and len(seen) == 2
+    before = record.read_text()
+    monkeypatch.setattr(catalogue_module, "_swap", failing)
+    assert _run(capsys, "install", "spleen_bundle", "--force", "--registry", reg)[0] == 1
+    assert record.read_text() == before and _run(capsys, "verify", "spleen_bundle", "--registry", reg)[0] == 0
+
+
+def _unsafe_origin(case: str, tmp_path: Path, served: Served) -> tuple[Path, str]:
+    """What ``--from`` gets (a bundle archive, or a folder holding the bundle) with one unsafe entry, and the
+    message that refuses it."""
+    bundle = served.root / "build" / "spleen_local"
+    if case == "zip_symlink":
+        out = tmp_path / "bundle.zip"
+        _bundle_zip(bundle, out)
+        with zipfile.ZipFile(out, "a") as zf:
+            link = zipfile.ZipInfo("spleen_ct_segmentation/models/model.pt")
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(link, "/etc/passwd")
+        return out, "holds an unsafe entry 'spleen_ct_segmentation/models/model.pt'"
+    if case.startswith("tar_"):
+        out = tmp_path / "bundle.tar"
+        with tarfile.open(out, "w") as tf:
+            tf.add(bundle, arcname="spleen_ct_segmentation")
+            member = tarfile.TarInfo("spleen_ct_segmentation/models/model.pt")
+            if case == "tar_symlink":
+                member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            else:
+                member.name = str(tmp_path / "escaped.pt")
+            member.size = 0
+            tf.addfile(member, io.BytesIO(b""))
+        return out, f"holds an unsafe entry {member.name!r}"
+    folder = tmp_path / "carried" / "spleen_ct_segmentation"
+    shutil.copytree(bundle, folder)
+    path, url = "models/model.pt", served.url("spleen_model.pt")
+    if case == "manifest_path":
+        path, expected = "../escaped.pt", "path '../escaped.pt' leaves the bundle"
+    else:
+        url = (served.root / "spleen_model.pt").as_uri()
+        expected = f"models/model.pt: URL '{url}' is not http or https"
+    (folder / "large_files.yml").write_text(yaml.safe_dump({"large_files": [{"path": path, "url": url}]}))
+    return folder.parent, f"refused the large_files.yml of {folder.parent}: {expected}"
+
+
+@pytest.mark.parametrize("case", ["tar_symlink", "tar_absolute", "zip_symlink", "manifest_path", "manifest_file_url"])
+def test_unsafe_archives_and_manifests_are_refused(
+    case: str, reg: str, tmp_path: Path, models_dir: Path, served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    origin, expected = _unsafe_origin(case, tmp_path, served)
+    name = "spleen_published" if case.startswith("manifest") else "spleen_bundle"  # no registry hash of the manifest
+    rc, _, err = _run(capsys, "install", name, "--from", str(origin), "--registry", reg)
+    assert rc == 1 and err.startswith(f"{name}: error: ") and expected in err, err
+    assert _contents(models_dir) == [] and _leftovers(models_dir) == [] and served.requests == []
+    assert not (tmp_path / "escaped.pt").exists() and not (tmp_path / "carried" / "escaped.pt").exists()
+
+
+@pytest.mark.parametrize("changed", ["configs/inference.json", "large_files.yml"])
+def test_bundle_code_that_differs_from_the_registry_is_refused(
+    changed: str, reg: str, tmp_path: Path, models_dir: Path, served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "carried" / "spleen_ct_segmentation"
+    shutil.copytree(served.root / "build" / "spleen_local", folder)
+    if changed == "large_files.yml":  # weights from elsewhere, with their own hash: refused before any is fetched
+        large = [{"path": "models/model.pt", "url": served.url("tiny.ts"), "hash_val": _md5(served.root / "tiny.ts"),
+                  "hash_type": "md5"}]  # fmt: skip
+        (folder / changed).write_text(yaml.safe_dump({"large_files": large}))
+    else:
+        config = (folder / changed).read_text()  # code that runs when the bundle loads
+        (folder / changed).write_text(config.replace('"$@network_def', "\"$__import__('os').getpid() and @network_def"))
+    got = _sha256(folder / changed)
+    assert got != served.facts["code"][changed]
+    rc, _, err = _run(capsys, "install", "spleen_bundle", "--from", str(folder.parent), "--registry", reg)
+    assert rc == 1 and f"spleen_bundle: error: {changed} from {folder.parent} has sha256 {got}" in err
+    assert f"the published sha256 is {served.facts['code'][changed]}: refused" in err
+    assert _contents(models_dir) == [] and _leftovers(models_dir) == [] and served.requests == []
+
+
 # --------------------------------------------------------------------------- errors a user can act on
 
 
@@ -514,7 +707,7 @@ def test_no_network_says_how_to_install_offline(
     rc, _, err = _run(capsys, "install", "spleen_bundle", "--registry", str(reg))
     assert rc == 1 and f"download the bundle http://127.0.0.1:{port}/spleen_local.zip" in err
     assert "large_files.yml" in err and "--from FOLDER_OR_ZIP" in err
-    assert list(models_dir.iterdir()) == []
+    assert _contents(models_dir) == []
 
 
 def test_gated_licence_is_refused_and_named(reg: str, served: Served, capsys: pytest.CaptureFixture[str]) -> None:
@@ -568,7 +761,7 @@ def test_disk_full_while_writing_leaves_nothing(
     monkeypatch.setattr(catalogue_module, "_write_all", full)
     rc, _, err = _run(capsys, "install", "spleen_bundle", "--registry", reg)
     assert rc == 1 and "spleen_bundle: error: the disk holding" in err and "is full: the install was undone" in err
-    assert sorted(p.name for p in models_dir.iterdir()) == []
+    assert _contents(models_dir) == []
 
 
 # --------------------------------------------------------------------------- pypi, TotalSegmentator, --all-open
@@ -607,15 +800,21 @@ def totalseg_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     def download_task(home: Path, task: str, *, fast: bool = False, licence_number: str | None = None) -> None:
         calls.append((home, task, fast, licence_number))
         for folder in totalseg.task_weights(task, fast):
-            fold = totalseg.results_dir(home) / folder / _TRAINER / "fold_0"
-            fold.mkdir(parents=True, exist_ok=True)
-            (fold / "checkpoint_final.pth").write_bytes(b"w" * 1000)
+            for rel, data in _result_folder(folder, b"w" * 1000).items():
+                (totalseg.results_dir(home) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (totalseg.results_dir(home) / rel).write_bytes(data)
 
     monkeypatch.setattr(totalseg, "download_task", download_task)
     return calls
 
 
 _TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+def _result_folder(folder: str, checkpoint: bytes) -> dict[str, bytes]:
+    """The files of a whole nnU-Net result folder (``registry.nnunet_result_complete``), by relative path."""
+    run = f"{folder}/{_TRAINER}"
+    return {f"{run}/dataset.json": b"{}", f"{run}/fold_0/checkpoint_final.pth": checkpoint, f"{run}/plans.json": b"{}"}
 
 
 def test_totalsegmentator_source_uses_its_downloader_and_archives(
@@ -652,33 +851,114 @@ def test_totalsegmentator_source_uses_its_downloader_and_archives(
     assert rc == 0, err
     assert totalseg_calls == [(home, "liver_vessels", False, None)]
     record = json.loads((models_dir / "ts_task" / RECORD_NAME).read_text())
-    checkpoints = [f"{w}/{_TRAINER}/fold_0/checkpoint_final.pth" for w in weights]
-    assert [f["path"] for f in record["files"]] == sorted(f"totalsegmentator/nnunet/results/{c}" for c in checkpoints)
+    files = sorted(f"totalsegmentator/nnunet/results/{rel}" for w in weights for rel in _result_folder(w, b""))
+    assert [f["path"] for f in record["files"]] == files and record["preexisting"] == []
     rc, out, _ = _run(capsys, "list", "--json", "--registry", reg)
     item = next(m for m in json.loads(out)["models"] if m["name"] == "ts_task")
-    assert item["installed"] is True and item["size_bytes"] == 2000
+    assert item["installed"] is True and item["size_bytes"] == 2 * (1000 + 2 + 2)
     assert _run(capsys, "remove", "ts_task", "--registry", reg)[0] == 0
     assert not (home / "nnunet").exists() and home.is_dir()  # the folders it emptied, not the shared home
 
-    # Offline: TotalSegmentator's zips (one per result folder), carried in one folder.
+
+def test_totalsegmentator_offline_from_its_zips(
+    reg: str, tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str], totalseg_calls: list[Any]
+) -> None:
+    from medsegagent.models.totalseg import task_weights
+
+    weights = task_weights("liver_vessels")
+    results = (models_dir / "totalsegmentator" / "nnunet" / "results").resolve()
+    results.mkdir(parents=True)
+    files = sorted(f"totalsegmentator/nnunet/results/{rel}" for w in weights for rel in _result_folder(w, b""))
+    # TotalSegmentator's zips (one per result folder), carried in one folder.
     carried = tmp_path / "zips"
     carried.mkdir()
-    for folder, checkpoint in zip(weights, checkpoints, strict=True):
+    checkpoints = {}
+    for folder in weights:
         with zipfile.ZipFile(carried / f"{folder}.zip", "w") as zf:
-            zf.writestr(checkpoint, b"z" * 10)
+            for rel, data in _result_folder(folder, b"z" * 10).items():
+                zf.writestr(rel, data)
+                checkpoints[rel] = data
     rc, _, err = _run(capsys, "install", "ts_task", "--from", str(carried / f"{weights[0]}.zip"), "--registry", reg)
     assert rc == 1 and f"did not provide {weights[1]} (task liver_vessels needs" in err
     assert list(results.iterdir()) == [] and not (models_dir / "ts_task").exists()
+    # A result folder an interrupted unzip left (no checkpoint) is not a model: replaced by the whole one.
+    (results / weights[0] / _TRAINER).mkdir(parents=True)
+    (results / weights[0] / _TRAINER / "plans.json").write_bytes(b"{}")
     rc, _, err = _run(capsys, "install", "ts_task", "--from", str(carried), "--registry", reg)
     assert rc == 0, err
-    assert all((results / c).read_bytes() == b"z" * 10 for c in checkpoints)
-    assert len(totalseg_calls) == 1  # offline: the downloader was not called
+    assert all((results / rel).read_bytes() == data for rel, data in checkpoints.items())
+    assert totalseg_calls == []  # offline: the downloader was not called
+    record = json.loads((models_dir / "ts_task" / RECORD_NAME).read_text())
+    assert [f["path"] for f in record["files"]] == files and record["preexisting"] == []
 
     bad = tmp_path / "evil.zip"
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("../escaped.pth", b"x")
     rc, _, err = _run(capsys, "install", "ts_task", "--force", "--from", str(bad), "--registry", reg)
     assert rc == 1 and "unsafe entry '../escaped.pth'" in err and not (models_dir / "escaped.pth").exists()
+
+
+def test_totalsegmentator_tasks_sharing_a_result_folder(
+    reg: str, models_dir: Path, capsys: pytest.CaptureFixture[str], totalseg_calls: list[Any]
+) -> None:
+    from medsegagent.models.totalseg import task_weights
+
+    (shared,) = set(task_weights("liver_vessels")) & set(task_weights("liver_segments"))  # the crop model
+    vessels, segments = (next(w for w in task_weights(t) if w != shared) for t in ("liver_vessels", "liver_segments"))
+    results = (models_dir / "totalsegmentator" / "nnunet" / "results").resolve()
+    folder = {w: sorted(results / rel for rel in _result_folder(w, b"")) for w in (shared, vessels, segments)}
+    ckpt = {w: results / w / _TRAINER / "fold_0" / "checkpoint_final.pth" for w in (shared, vessels, segments)}
+    by_hand = results / vessels / "plans.json"  # there before any install
+    by_hand.parent.mkdir(parents=True)
+    by_hand.write_text("{}")
+
+    def rel(path: Path) -> str:
+        return path.relative_to(models_dir.resolve()).as_posix()
+
+    def recorded(name: str) -> tuple[list[str], list[str]]:
+        doc = json.loads((models_dir / name / RECORD_NAME).read_text())
+        return sorted(f["path"] for f in doc["files"]), sorted(f["path"] for f in doc["preexisting"])
+
+    def installed(name: str) -> bool:
+        doc = json.loads(_run(capsys, "list", "--json", "--registry", reg)[1])
+        return next(m["installed"] for m in doc["models"] if m["name"] == name)
+
+    def rels(*folders: str) -> list[str]:
+        return sorted(rel(f) for w in folders for f in folder[w])
+
+    assert _run(capsys, "install", "ts_task", "--registry", reg)[0] == 0
+    assert recorded("ts_task") == (rels(vessels, shared), [rel(by_hand)])
+    assert _run(capsys, "install", "ts_task2", "--registry", reg)[0] == 0
+    assert recorded("ts_task2") == (rels(segments), rels(shared))
+
+    # A task whose result folder lost its checkpoint is not installed, whatever its record says: install fetches it.
+    ckpt[segments].unlink()
+    assert installed("ts_task2") is False
+    rc, out, _ = _run(capsys, "install", "ts_task2", "--registry", reg)
+    assert rc == 0 and "ts_task2: task liver_segments installed in" in out and ckpt[segments].is_file()
+    assert recorded("ts_task2") == (rels(segments), rels(shared)) and installed("ts_task2")
+
+    # Removing the first task removes what it added, except the crop model the second uses, which becomes
+    # the second's; the file put there by hand stays; of the record's folder, only the record was the model's.
+    (models_dir / "ts_task" / "notes.txt").write_text("the operator's")
+    rc, out, _ = _run(capsys, "remove", "ts_task", "--registry", reg)
+    assert rc == 0
+    assert out.splitlines() == [f"ts_task: removed {f}" for f in folder[vessels]] + [
+        f"ts_task: removed {models_dir / 'ts_task' / RECORD_NAME}"
+    ]
+    assert all(f.is_file() for f in folder[shared]) and by_hand.is_file()
+    assert (models_dir / "ts_task" / "notes.txt").is_file()
+    assert recorded("ts_task2") == (rels(segments, shared), []) and installed("ts_task2")
+
+    # An unreadable record: which files are shared is unknown, so nothing is removed.
+    (models_dir / "ts_task" / RECORD_NAME).write_text("{")
+    rc, _, err = _run(capsys, "remove", "ts_task2", "--registry", reg)
+    assert rc == 1 and "ts_task2: error: another model's install record cannot be read" in err
+    assert ckpt[segments].is_file() and ckpt[shared].is_file()
+    (models_dir / "ts_task" / RECORD_NAME).unlink()
+    rc, out, _ = _run(capsys, "remove", "ts_task2", "--registry", reg)
+    assert rc == 0 and not (results / segments).exists() and not (results / shared).exists() and by_hand.is_file()
+    assert not (models_dir / "ts_task2").exists() and len(totalseg_calls) == 3
 
 
 def test_all_open_installs_every_open_model_and_reports_failures(
@@ -689,8 +969,8 @@ def test_all_open_installs_every_open_model_and_reports_failures(
     assert "gated_model" not in out + err and "by_hand" not in out + err
     assert "spleen_bundle: installed at" in out and "tiny_ts: installed at" in out
     assert "spleen_published: error:" in err and "pypi_absent: error:" in err and "gdrive: error:" in err
-    assert "ts_task: task liver_vessels installed in" in out and len(totalseg_calls) == 1
-    assert out.splitlines()[-1] == "4 of 7 models installed; failed: spleen_published, gdrive, pypi_absent"
+    assert "ts_task: task liver_vessels installed in" in out and len(totalseg_calls) == 2
+    assert out.splitlines()[-1] == "5 of 8 models installed; failed: spleen_published, gdrive, pypi_absent"
 
 
 def test_node_config_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -703,12 +983,46 @@ def test_node_config_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert config.node.models_dir == tmp_path / "weights"
     assert parse_config({}).node.models_dir is None
-    Node(config, registry=load_registry())
-    assert os.environ[MODELS_ENV] == str(tmp_path / "weights")
+    node = Node(config, registry=load_registry())
+    try:
+        assert os.environ[MODELS_ENV] == str(tmp_path / "weights")
+    finally:
+        node.executor.close()
+        node.store._connect().close()  # JobStore has no close(): this thread's SQLite connection
+
+
+def test_models_commands_read_the_node_configuration(
+    reg: str, tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "site" / "node.yaml"
+    config.parent.mkdir()
+    config.write_text("node: {data_dir: var}\n")  # no models_dir: the environment's, as for the node
+    rc, out, _ = _run(capsys, "list", "--json", "--config", str(config), "--registry", reg)
+    assert rc == 0 and json.loads(out)["models_dir"] == str(models_dir)
+
+    config.write_text("node: {data_dir: var, models_dir: weights}\n")  # relative to the configuration file
+    weights = config.resolve().parent / "weights"
+    rc, out, err = _run(capsys, "install", "tiny_ts", "--config", str(config), "--registry", reg)
+    assert rc == 0 and out.startswith(f"tiny_ts: installed at {weights / 'tiny_ts'}"), err
+    assert not models_dir.exists()
+    doc = json.loads(_run(capsys, "list", "--json", "--config", str(config), "--registry", reg)[1])
+    assert doc["models_dir"] == str(weights) and next(m for m in doc["models"] if m["name"] == "tiny_ts")["installed"]
+    argv = ("list", "--json", "--config", str(config), "--models-dir", str(models_dir), "--registry", reg)
+    assert json.loads(_run(capsys, *argv)[1])["models_dir"] == str(models_dir)  # --models-dir wins
+    assert _run(capsys, "remove", "tiny_ts", "--config", str(config), "--registry", reg)[0] == 0
+    assert not (weights / "tiny_ts").exists()
+
+    for text, expected in (("node: {port: -1}\n", "node.port"), (None, "cannot read")):
+        if text is None:
+            config.unlink()
+        else:
+            config.write_text(text)
+        rc, out, err = _run(capsys, "install", "tiny_ts", "--config", str(config), "--registry", reg)
+        assert rc == 2 and out == "" and err.startswith("error: ") and expected in err and "Traceback" not in err
 
 
 def test_progress_bar_on_a_terminal_plain_lines_otherwise() -> None:
-    from medsegagent.models.models_cli import _ConsoleReporter
+    from medsegagent.node.models_commands import _ConsoleReporter
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

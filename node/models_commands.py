@@ -2,9 +2,10 @@
 
 The logic is in :mod:`medsegagent.models.catalogue`; this module parses the
 arguments, prints, and turns outcomes into exit statuses: 0 success, 1 a model
-failed, 2 a usage error (unknown model name, bad arguments, unreadable registry).
-Progress goes to stderr (a progress bar on a terminal, plain lines otherwise),
-results to stdout.
+failed, 2 a usage error (unknown model name, bad arguments, unreadable registry
+or node configuration).  Progress goes to stderr (a progress bar on a terminal,
+plain lines otherwise), results to stdout.  It lives in ``node/`` because
+``--config`` reads the node's configuration (``models/`` does not import ``node/``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from medsegagent.models.catalogue import (
     format_size,
 )
 from medsegagent.models.registry import MODELS_ENV, ModelRef, RegistryError, load_registry
+from medsegagent.node.config import ConfigError, load_config
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "register"]
 
@@ -77,16 +79,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sub = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     sub.required = True
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--registry", metavar="PATH", help="registry file (default: $MEDSEGAGENT_REGISTRY or the packaged one)"
-    )
-    common.add_argument(
-        "--models-dir",
-        metavar="DIR",
-        type=Path,
-        help=f"the node's models folder (default: ${MODELS_ENV}, else ~/.local/share/medsegagent/models)",
-    )
+    common = _common_options()
 
     p_list = sub.add_parser("list", parents=[common], help="every model reference, installed or not")
     p_list.add_argument("--json", action="store_true", help='machine-readable output ({"models": [...]})')
@@ -120,14 +113,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p_remove.set_defaults(func=_cmd_remove)
 
 
+def _common_options() -> argparse.ArgumentParser:
+    """``--registry``, ``--models-dir`` and ``--config``, which every sub-command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry", metavar="PATH", help="registry file (default: $MEDSEGAGENT_REGISTRY or the packaged one)"
+    )
+    common.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        type=Path,
+        help=f"the node's models folder (default: node.models_dir of --config, else ${MODELS_ENV}, "
+        "else ~/.local/share/medsegagent/models)",
+    )
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="the node's configuration file (as for `serve`): its node.models_dir is the models folder",
+    )
+    return common
+
+
 def _catalogue(args: argparse.Namespace) -> Catalogue | None:
     """The catalogue the arguments name, or ``None`` after printing why not."""
-    if args.models_dir is not None:
-        # Registry locations ${MEDSEG_MODELS}/... resolve through the environment, for this process.
-        os.environ[MODELS_ENV] = str(args.models_dir.expanduser().absolute())
+    models_dir = args.models_dir
     try:
+        if models_dir is None and args.config is not None:
+            models_dir = load_config(args.config).node.models_dir  # None: the environment's, as for the node
+        if models_dir is not None:
+            # Registry locations ${MEDSEG_MODELS}/... resolve through the environment, for this process.
+            os.environ[MODELS_ENV] = str(models_dir.expanduser().absolute())
         registry = load_registry(args.registry)
-    except RegistryError as exc:
+    except (ConfigError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
     return Catalogue(registry, _ConsoleReporter())
@@ -139,6 +157,11 @@ def _find(catalogue: Catalogue, names: list[str]) -> list[ModelRef] | None:
     except UnknownModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+
+
+def _error(name: str, exc: CatalogueError | OSError) -> None:
+    """One line on stderr, ``NAME: error: ...`` (a file-system failure too: no traceback)."""
+    print(f"{name}: error: {exc.message if isinstance(exc, CatalogueError) else exc}", file=sys.stderr)
 
 
 def _row(e: CatalogueEntry) -> list[str]:
@@ -167,7 +190,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     catalogue = _catalogue(args)
     if catalogue is None:
         return EXIT_USAGE
-    entries = catalogue.entries()
+    try:
+        entries = catalogue.entries()
+    except OSError as exc:  # a models folder it may not read
+        print(f"error: cannot list the models in {catalogue.models_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         doc = {"models_dir": str(catalogue.models_dir), "models": [e.to_json() for e in entries]}
         print(json.dumps(doc, indent=2))
@@ -208,8 +235,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
             result = catalogue.install(
                 ref, origin=args.origin, force=args.force, pip=args.pip, licence_number=args.licence_number
             )
-        except CatalogueError as exc:
-            print(f"{ref.name}: error: {exc.message}", file=sys.stderr)
+        except (CatalogueError, OSError) as exc:
+            _error(ref.name, exc)
             failed.append(ref.name)
             continue
         print(f"{ref.name}: {result.message}")
@@ -225,7 +252,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     catalogue = _catalogue(args)
     if catalogue is None:
         return EXIT_USAGE
-    refs = _find(catalogue, args.names) if args.names else [m for m in catalogue.refs() if catalogue.installed(m)]
+    refs = _find(catalogue, args.names) if args.names else [m for m in catalogue.refs() if m.installed]
     if refs is None:
         return EXIT_USAGE
     if not refs:
@@ -233,7 +260,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_OK
     bad = 0
     for ref in refs:
-        report = catalogue.verify(ref)
+        try:
+            report = catalogue.verify(ref)
+        except (CatalogueError, OSError) as exc:
+            bad += 1
+            _error(ref.name, exc)
+            continue
         for note in report.notes:
             print(f"{ref.name}: note: {note}")
         if report.ok:
@@ -257,8 +289,8 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     for ref in refs:
         try:
             result = catalogue.remove(ref)
-        except CatalogueError as exc:
-            print(f"{ref.name}: error: {exc.message}", file=sys.stderr)
+        except (CatalogueError, OSError) as exc:
+            _error(ref.name, exc)
             failed = True
             continue
         for path in result.removed:
