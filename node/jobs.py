@@ -176,6 +176,13 @@ class JobStore:
             self._local.db = db
         return db
 
+    def close(self) -> None:
+        """Close the calling thread's connection (each thread has its own; others close when their thread ends)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._connect()

@@ -988,7 +988,7 @@ def test_node_config_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert os.environ[MODELS_ENV] == str(tmp_path / "weights")
     finally:
         node.executor.close()
-        node.store._connect().close()  # JobStore has no close(): this thread's SQLite connection
+        node.store.close()
 
 
 def test_models_commands_read_the_node_configuration(
