@@ -8,8 +8,8 @@ activation), the model's grid is built and filled by the same machinery
 :func:`~medsegagent.models.backends.assemble_channels`), and the result is a
 :class:`~medsegagent.models.backends.Prediction` on the model's grid.  A
 network exported with a fixed input size (TAPS: 1 x 1 x 128 x 128 x 32) is run
-patch by patch with MONAI's ``sliding_window_inference``, which also pads a
-grid smaller than one patch.
+patch by patch by the base class's sliding window (MONAI's
+``sliding_window_inference``); a grid smaller than the patch is padded.
 
 Two options reproduce post-network steps that published models apply to
 their logits before thresholding them (TAPS does both): ``logit_sigma``
@@ -19,6 +19,7 @@ decision threshold to the 0.5 the ensemble uses.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -60,7 +61,8 @@ class OnnxModel(_NetworkModel):
     :meth:`~medsegagent.models.backends.InputPlan.from_registry`:
 
     * ``roi_size``: sliding-window patch ``(x, y, z)``; defaults to the
-      network's fixed spatial input size, if it has one;
+      network's input size when the ONNX file fixes all three axes; one that
+      fixes some axes only needs it, with those sizes;
     * ``axes``: ``xyz`` (default, MONAI's order) or ``zyx``;
     * ``activation``: ``softmax`` (default), ``sigmoid`` or ``none``;
     * ``background_channel``: ``true`` (default) when output channel ``v``
@@ -70,7 +72,7 @@ class OnnxModel(_NetworkModel):
       to the stitched logits before the activation;
     * ``threshold``: a sigmoid model's own decision threshold; its logits are
       shifted by ``logit(threshold)`` so that the ensemble's 0.5 means it;
-    * ``sw_batch_size``: patches per run (default 1).
+    * ``sw_batch_size``: patches per run (default 4 on a GPU, 1 on the CPU).
 
     Parameters
     ----------
@@ -106,14 +108,16 @@ class OnnxModel(_NetworkModel):
         except Exception as exc:
             raise ModelLoadError(f"model {spec.name}: onnxruntime cannot load {file}: {exc}") from exc
         self.file = file
-        self.plan, self.fixed_batch = self._check_input(plan)
+        self.plan = self._check_input(plan)
         self.labels = self._label_channels(options)
         self.logit_sigma = _number(spec.name, options, "logit_sigma", 0.0, low=0.0)
         self.logit_shift = self._threshold_shift(options)
-        self.sw_batch_size = int(_number(spec.name, options, "sw_batch_size", 1, low=1))
+        _number(spec.name, options, "sw_batch_size", 1, low=1)  # read by the base class's sliding window
+        # The base class tiles and stitches the raw logits; the logit steps and the activation follow.
+        self._logit_plan = replace(self.plan, activation="none")
 
-    def _check_input(self, plan: InputPlan) -> tuple[InputPlan, bool]:
-        """The plan with the network's fixed patch size; whether the batch size is fixed at 1."""
+    def _check_input(self, plan: InputPlan) -> InputPlan:
+        """The plan with the network's fixed patch size (sets the input's name, type and fixed sizes)."""
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
@@ -129,21 +133,31 @@ class OnnxModel(_NetworkModel):
             raise ModelLoadError(f"model {self.name}: input type {inputs[0].type} is not supported (float or float16)")
         self.input_name = inputs[0].name
         self.input_type = _INPUT_TYPES[inputs[0].type]
+        self.fixed_batch = shape[0] == 1
         wanted = max(len(self.channels), 1)
         if isinstance(shape[1], int) and shape[1] != wanted:
             raise ModelLoadError(
                 f"model {self.name}: the network takes {shape[1]} input channel(s), the registry gives {wanted}"
             )
-        spatial = shape[2:]
-        if all(isinstance(n, int) for n in spatial):
-            fixed = tuple(spatial) if plan.axes == "xyz" else tuple(spatial[::-1])  # as (x, y, z)
-            if plan.roi_size is not None and tuple(plan.roi_size) != fixed:
-                raise ModelLoadError(
-                    f"model {self.name}: options.roi_size {list(plan.roi_size)} differs from the network's fixed"
-                    f" input size {list(fixed)} (x, y, z)"
-                )
-            plan = replace(plan, roi_size=fixed)
-        return plan, shape[0] == 1
+        # Per network axis: its fixed size, or None where the exported graph leaves it free.
+        self.fixed_spatial = tuple(n if isinstance(n, int) and n > 0 else None for n in shape[2:])
+        fixed = self.fixed_spatial if plan.axes == "xyz" else self.fixed_spatial[::-1]  # as (x, y, z)
+        if all(n is None for n in fixed):
+            return plan
+        sizes = [n if n is not None else "free" for n in fixed]
+        if all(n is not None for n in fixed) and plan.roi_size is None:
+            return replace(plan, roi_size=tuple(fixed))
+        if plan.roi_size is None:
+            raise ModelLoadError(
+                f"model {self.name}: the network's input size is fixed along some axes only {sizes} (x, y, z);"
+                " set options.roi_size to a patch with those sizes"
+            )
+        if any(n is not None and n != r for n, r in zip(fixed, plan.roi_size, strict=True)):
+            raise ModelLoadError(
+                f"model {self.name}: options.roi_size {list(plan.roi_size)} differs from the network's fixed"
+                f" input size {sizes} (x, y, z)"
+            )
+        return plan
 
     def _label_channels(self, options: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         background = options.get("background_channel", True)
@@ -179,52 +193,50 @@ class OnnxModel(_NetworkModel):
         return int(self.file.stat().st_size)
 
     def _forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        """One batch through the session: the first output, as float32 on the CPU."""
+        """One batch through the session: the first output, as float32 on the CPU.
+
+        Along an axis the network fixes, a smaller input is padded with zeros
+        on both sides, as MONAI's sliding window pads a grid smaller than its
+        patch, and the output cropped back.
+        """
+        spatial = tuple(tensor.shape[2:])
+        short = [max((n or s) - s, 0) for n, s in zip(self.fixed_spatial, spatial, strict=True)]
+        before = [d // 2 for d in short]
+        if any(short):
+            tensor = torch.nn.functional.pad(tensor, [v for k in (2, 1, 0) for v in (before[k], short[k] - before[k])])
         array = tensor.detach().cpu().numpy().astype(self.input_type, copy=False)
         if self.fixed_batch and array.shape[0] > 1:
-            outs = [self.session.run(None, {self.input_name: array[i : i + 1]})[0] for i in range(array.shape[0])]
-            return torch.from_numpy(np.concatenate(outs).astype(np.float32, copy=False))
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0].astype(np.float32, copy=False))
+            out = np.concatenate(
+                [self.session.run(None, {self.input_name: array[i : i + 1]})[0] for i in range(len(array))]
+            )
+        else:
+            out = self.session.run(None, {self.input_name: array})[0]
+        crop = tuple(slice(p, p + s) for p, s in zip(before, spatial, strict=True))
+        return torch.from_numpy(np.ascontiguousarray(out[(..., *crop)], dtype=np.float32))
 
     def _infer(self, stack: np.ndarray) -> torch.Tensor:
-        """``(C, z, y, x)`` input -> ``(K, z, y, x)`` probabilities."""
-        tensor = torch.from_numpy(stack)[None]
-        if self.plan.axes == "xyz":
-            tensor = tensor.permute(0, 1, 4, 3, 2)
-        roi = self.plan.roi_size
-        if roi is not None and self.plan.axes == "zyx":
-            roi = roi[::-1]
-        with torch.inference_mode():
-            if roi is None:
-                logits = self._forward(tensor)
-            else:
-                from monai.inferers import sliding_window_inference
+        """``(C, z, y, x)`` input -> ``(K, z, y, x)`` probabilities.
 
-                # Also pads a grid smaller than the patch, as a fixed-size network needs.
-                logits = sliding_window_inference(
-                    tensor.contiguous(),
-                    roi_size=roi,
-                    sw_batch_size=self.sw_batch_size,
-                    predictor=self._forward,
-                    overlap=self.plan.overlap,
-                    mode="gaussian",
-                )
-        logits = torch.as_tensor(logits).float()[0]
+        The base class runs the network (axis order, sliding window, device)
+        on a shallow copy of this model whose plan has no activation, so the
+        stitched logits come back raw; then ``logit_sigma``, ``threshold`` and
+        the activation apply.
+        """
+        raw = copy.copy(self)
+        raw.plan = self._logit_plan
+        logits = super(OnnxModel, raw)._infer(stack)
         if self.logit_sigma > 0:
             from scipy import ndimage
 
+            # The sigma is the same along every axis, so the (z, y, x) order does not change the blur.
             blurred = ndimage.gaussian_filter(logits.numpy(), (0.0, *(self.logit_sigma,) * 3), mode="nearest")
             logits = torch.from_numpy(blurred)
         logits = logits - self.logit_shift
         if self.plan.activation == "softmax":
-            probs = torch.softmax(logits, dim=0)
-        elif self.plan.activation == "sigmoid":
-            probs = torch.sigmoid(logits)
-        else:
-            probs = logits
-        if self.plan.axes == "xyz":
-            probs = probs.permute(0, 3, 2, 1)
-        return probs.contiguous()
+            return torch.softmax(logits, dim=0)
+        if self.plan.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
 
 
 def _number(model: str, options: Mapping[str, Any], key: str, default: float, *, low: float) -> float:
