@@ -767,7 +767,7 @@ class _NetworkModel:
                     )
                 else:
                     logits = self._forward(tensor.to(self.device))
-            logits = logits.float()
+            logits = self._adjust_logits(logits.float())
             if self.plan.activation == "softmax":
                 probs = torch.softmax(logits, dim=1)
             elif self.plan.activation == "sigmoid":
@@ -778,6 +778,10 @@ class _NetworkModel:
         if self.plan.axes == "xyz":
             probs = probs.permute(0, 3, 2, 1)
         return probs.contiguous()
+
+    def _adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A backend's own step on the stitched ``(1, K, *spatial)`` logits before the activation (none here)."""
+        return logits
 
     def _forward(self, tensor: torch.Tensor) -> torch.Tensor:
         out = self.network(tensor)

@@ -19,7 +19,6 @@ decision threshold to the 0.5 the ensemble uses.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -113,8 +112,6 @@ class OnnxModel(_NetworkModel):
         self.logit_sigma = _number(spec.name, options, "logit_sigma", 0.0, low=0.0)
         self.logit_shift = self._threshold_shift(options)
         _number(spec.name, options, "sw_batch_size", 1, low=1)  # read by the base class's sliding window
-        # The base class tiles and stitches the raw logits; the logit steps and the activation follow.
-        self._logit_plan = replace(self.plan, activation="none")
 
     def _check_input(self, plan: InputPlan) -> InputPlan:
         """The plan with the network's fixed patch size (sets the input's name, type and fixed sizes)."""
@@ -214,29 +211,15 @@ class OnnxModel(_NetworkModel):
         crop = tuple(slice(p, p + s) for p, s in zip(before, spatial, strict=True))
         return torch.from_numpy(np.ascontiguousarray(out[(..., *crop)], dtype=np.float32))
 
-    def _infer(self, stack: np.ndarray) -> torch.Tensor:
-        """``(C, z, y, x)`` input -> ``(K, z, y, x)`` probabilities.
-
-        The base class runs the network (axis order, sliding window, device)
-        on a shallow copy of this model whose plan has no activation, so the
-        stitched logits come back raw; then ``logit_sigma``, ``threshold`` and
-        the activation apply.
-        """
-        raw = copy.copy(self)
-        raw.plan = self._logit_plan
-        logits = super(OnnxModel, raw)._infer(stack)
+    def _adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logit_sigma`` and ``threshold`` on the stitched logits, before the base class's activation."""
         if self.logit_sigma > 0:
             from scipy import ndimage
 
-            # The sigma is the same along every axis, so the (z, y, x) order does not change the blur.
-            blurred = ndimage.gaussian_filter(logits.numpy(), (0.0, *(self.logit_sigma,) * 3), mode="nearest")
-            logits = torch.from_numpy(blurred)
-        logits = logits - self.logit_shift
-        if self.plan.activation == "softmax":
-            return torch.softmax(logits, dim=0)
-        if self.plan.activation == "sigmoid":
-            return torch.sigmoid(logits)
-        return logits
+            # The sigma is the same along every axis, so the network's axis order does not change the blur.
+            sigma = (0.0, 0.0, *(self.logit_sigma,) * 3)
+            logits = torch.from_numpy(ndimage.gaussian_filter(logits.cpu().numpy(), sigma, mode="nearest"))
+        return logits - self.logit_shift
 
 
 def _number(model: str, options: Mapping[str, Any], key: str, default: float, *, low: float) -> float:
