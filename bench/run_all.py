@@ -18,6 +18,7 @@ seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             d
 node               end-to-end overhead per study, everything but model time    (split of one study)
 ensemble           Dice of each demo model vs the rank-aware ensemble          the single models
 segment            ``segment`` wall time and peak memory on a large study      (stages)
+real               Colin27 skull-stripped through the node; real CT to SEG       each package alone
 throughput         studies/hour with 1 and 2 executors                         in-process vs Ray
 =================  ==========================================================  ===========================
 
@@ -99,6 +100,9 @@ def benchmarks(public: Path) -> list[Bench]:
                "--out", "bench/results/ensemble-quick.md"]),
         Bench("segment", "segment: wall time and peak memory", "stages of the same run",
               [py, "bench/bench_segment.py"], [py, "bench/bench_segment.py", "--quick"]),
+        Bench("real", "Real models on real scans (Colin27, Siemens CT)", "each brain model's package alone",
+              [py, "bench/bench_real.py"], [py, "bench/bench_real.py", "--only", "ct",
+                                            "--out", "bench/results/real-quick.md"]),
         Bench("throughput", "Throughput, 1 and 2 executors", "in-process vs Ray",
               [py, "bench/bench_throughput.py", "--json", "bench/results/throughput.json"],
               [py, "bench/bench_throughput.py", "--quick", "--json", "bench/results/throughput-quick.json"]),
