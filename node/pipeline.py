@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -512,6 +512,17 @@ def _fuse_segments(
     for result, failed in zip(results, failures, strict=True):
         result.dropped.update(failed)
     return results
+
+
+def fuse_label(dataset: Dataset, label: Label, predictions: Mapping[str, Prediction], volume: Volume) -> TargetResult:
+    """One label of a dataset fused from its models' predictions, as :func:`segment_study` fuses a segment.
+
+    For benchmarks and tests that judge the ensemble on predictions they
+    already hold; the dataset's models without a prediction are left out.
+    """
+    members = [(dataset, label, ref) for ref in dataset.models if ref.name in predictions]
+    segment = Segment(_concept(label), label.name, dataset.name, label, members)
+    return _fuse_segments([segment], dict(predictions), {}, volume)[0]
 
 
 def segment_spec(label: Label, members: tuple[SegmentMember, ...] = (), note: str | None = None) -> SegmentSpec:
