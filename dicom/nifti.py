@@ -19,7 +19,7 @@ import numpy as np
 
 from medsegagent.dicom.volume import LPS_TO_RAS, Geometry, Volume
 
-__all__ = ["NiftiError", "axial_lps", "geometry_from_affine", "volume_from_nifti"]
+__all__ = ["NiftiError", "axial_lps", "geometry_from_affine", "reorient", "volume_from_nifti"]
 
 
 class NiftiError(ValueError):
@@ -98,6 +98,53 @@ def volume_from_nifti(
     return Volume(array, geometry, modality, series_instance_uid, meta=dict(meta or {}))
 
 
+def reorient(volume: Volume, axcodes: str) -> Volume:
+    """The same voxels with the array's axes permuted and flipped to run closest to ``axcodes`` (exact).
+
+    What ``fslreorient2std`` (``"LAS"``) and nibabel's ``as_closest_canonical``
+    (``"RAS"``) do to a NIfTI image: every voxel keeps its value and its place
+    in the patient; an oblique series stays oblique, with its axes renamed.
+
+    Parameters
+    ----------
+    volume : Volume
+        Any series: axial, sagittal, coronal, oblique, left- or right-handed.
+    axcodes : str
+        nibabel axis codes of the NIfTI ``(i, j, k)`` axes of the result, that
+        is of the array's ``(column, row, slice)`` axes: ``"RAS"`` has columns
+        running to the patient's right, rows anterior, slices superior.
+    """
+    import nibabel.orientations as nio
+
+    g = volume.geometry
+    # Per NIfTI input axis n (array axis 2 - n): (NIfTI output axis, flip).
+    transform = nio.ornt_transform(nio.io_orientation(g.nifti_affine()), nio.axcodes2ornt(axcodes))
+    order: list[int] = []  # the old array axis of each new one
+    flips: list[int] = []  # new array axes that run against the old one
+    for axis in range(3):
+        nifti_in = int(np.flatnonzero(transform[:, 0] == 2 - axis)[0])
+        order.append(2 - nifti_in)
+        if transform[nifti_in, 1] < 0:
+            flips.append(axis)
+    array = volume.array.transpose(order)
+    array = np.ascontiguousarray(np.flip(array, tuple(flips)) if flips else array)
+    directions = (g.slice_direction, g.column_direction, g.row_direction)  # per old array axis
+    new = [directions[order[a]] * (-1.0 if a in flips else 1.0) for a in range(3)]
+    corner = [0, 0, 0]  # old (slice, row, column) index of the new first voxel
+    for axis in flips:
+        corner[order[axis]] = g.shape[order[axis]] - 1
+    geometry = Geometry(
+        shape=array.shape,
+        origin=g.index_to_lps(np.array(corner[2]), np.array(corner[1]), np.array(corner[0])),
+        row_direction=new[2],
+        column_direction=new[1],
+        slice_direction=new[0],
+        spacing=tuple(g.spacing[a] for a in order),
+    )
+    return Volume(array, geometry, volume.modality, volume.series_instance_uid, list(volume.source_instances),
+                  dict(volume.meta))  # fmt: skip
+
+
 def axial_lps(volume: Volume) -> Volume:
     """The same voxels laid out as a radiological axial stack (exact: flips and transposes only).
 
@@ -113,30 +160,7 @@ def axial_lps(volume: Volume) -> Volume:
         When the grid is not aligned with the patient axes.
     """
     g = volume.geometry
-    axes = np.stack([g.slice_direction, g.column_direction, g.row_direction])  # array axis -> direction
-    which = np.abs(axes).argmax(axis=1)  # the patient axis (0 = x, 1 = y, 2 = z) of each array axis
-    if sorted(which.tolist()) != [0, 1, 2] or not np.allclose(np.abs(axes).max(axis=1), 1.0, atol=1e-4):
+    axes = np.abs(np.stack([g.row_direction, g.column_direction, g.slice_direction]))
+    if not np.allclose(axes.max(axis=1), 1.0, atol=1e-4):
         raise NiftiError("the grid is oblique: it cannot be laid out axially without resampling")
-    # Array axes in (z, y, x) order, then flip those that run against +z, +y, +x.
-    order = [int(np.where(which == patient_axis)[0][0]) for patient_axis in (2, 1, 0)]
-    array = volume.array.transpose(order)
-    signs = [float(np.sign(axes[a, p])) for a, p in zip(order, (2, 1, 0), strict=True)]
-    flips = tuple(k for k, s in enumerate(signs) if s < 0)
-    array = np.ascontiguousarray(np.flip(array, flips) if flips else array)
-    spacing = tuple(g.spacing[a] for a in order)
-    # The new first voxel is the old voxel at the far end of every flipped axis.
-    corner = [0, 0, 0]  # (slice, row, column) index in the old array
-    for new_axis, old_axis in enumerate(order):
-        if new_axis in flips:
-            corner[old_axis] = g.shape[old_axis] - 1
-    origin = g.index_to_lps(np.array(corner[2]), np.array(corner[1]), np.array(corner[0]))
-    geometry = Geometry(
-        shape=array.shape,
-        origin=origin,
-        row_direction=np.array([1.0, 0.0, 0.0]),
-        column_direction=np.array([0.0, 1.0, 0.0]),
-        slice_direction=np.array([0.0, 0.0, 1.0]),
-        spacing=spacing,
-    )
-    return Volume(array, geometry, volume.modality, volume.series_instance_uid, list(volume.source_instances),
-                  dict(volume.meta))  # fmt: skip
+    return reorient(volume, "LPS")
