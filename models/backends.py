@@ -46,6 +46,7 @@ import torch
 from medsegagent.dicom.modality import mr_sequence
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.registry import (
+    INTENSITY_KINDS,
     Backend,
     Dataset,
     InputChannel,
@@ -92,7 +93,6 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_INTENSITY_KINDS = ("ct_window", "zscore", "zscore_nonzero", "minmax", "none")
 _ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 
@@ -197,8 +197,8 @@ def _intensity_dict(spec: Intensity | Mapping[str, Any] | None) -> dict[str, Any
         return out
     out = dict(spec)
     kind = out.get("kind", "none")
-    if kind not in _INTENSITY_KINDS:
-        raise ValueError(f"unknown intensity normalisation {kind!r} (allowed: {', '.join(_INTENSITY_KINDS)})")
+    if kind not in INTENSITY_KINDS:
+        raise ValueError(f"unknown intensity normalisation {kind!r} (allowed: {', '.join(INTENSITY_KINDS)})")
     if kind == "ct_window":
         window = out.get("window")
         if not isinstance(window, Sequence) or len(window) != 2 or not float(window[0]) < float(window[1]):
@@ -1299,8 +1299,6 @@ def _lazy(module: str, name: str) -> Callable[[ModelSpec, str | None], Segmentat
     """A loader whose module is imported on first use (backends with heavy or optional imports)."""
 
     def factory(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
-        import importlib
-
         return getattr(importlib.import_module(module), name)(spec, device)
 
     factory.__qualname__ = f"{module}.{name}"
@@ -1349,12 +1347,3 @@ def load_model(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
             )
         raise ModelLoadError(f"model {spec.name}: {spec.path} does not exist")
     return factory(spec, device)
-
-
-def __getattr__(name: str) -> Any:
-    # TotalSegmentatorModel lives in medsegagent.models.totalseg (which imports this module); still importable here.
-    if name == "TotalSegmentatorModel":
-        from medsegagent.models.totalseg import TotalSegmentatorModel
-
-        return TotalSegmentatorModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

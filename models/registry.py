@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "INPUT_MODALITIES",
+    "INTENSITY_KINDS",
     "MODALITIES",
     "MR_SEQUENCES",
     "REGIONS",
@@ -98,7 +99,8 @@ REGIONS: frozenset[str] = frozenset(
 )
 
 _ORIENTATIONS = frozenset({"RAS", "LPS", "native"})
-_INTENSITY_KINDS = frozenset({"ct_window", "zscore", "zscore_nonzero", "minmax", "none"})
+#: Intensity normalisations a model reference may ask for (``backends.normalise_intensity`` applies them).
+INTENSITY_KINDS: tuple[str, ...] = ("ct_window", "zscore", "zscore_nonzero", "minmax", "none")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -1621,10 +1623,10 @@ class _Validator:
             else:
                 self.keys(f"{where}.intensity", raw_i, _INTENSITY_KEYS, {"kind"})
                 kind = raw_i.get("kind", "none")
-                if kind not in _INTENSITY_KINDS:
+                if kind not in INTENSITY_KINDS:
                     self.err(
                         f"{where}.intensity.kind",
-                        f"unknown intensity kind {kind!r} (allowed: {', '.join(sorted(_INTENSITY_KINDS))})",
+                        f"unknown intensity kind {kind!r} (allowed: {', '.join(sorted(INTENSITY_KINDS))})",
                     )
                 window = raw_i.get("window")
                 if kind == "ct_window" and window is None:

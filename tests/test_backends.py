@@ -29,7 +29,6 @@ from medsegagent.models.backends import (
     Prediction,
     StudyImages,
     TorchScriptModel,
-    TotalSegmentatorModel,
     assemble_channels,
     load_model,
     nnunet_label_channels,
@@ -38,6 +37,7 @@ from medsegagent.models.backends import (
 )
 from medsegagent.models.registry import Backend, InputChannel, Intensity, ModelRef, Preprocessing, load_registry
 from medsegagent.models.resample import resample, target_grid
+from medsegagent.models.totalseg import TotalSegmentatorModel
 
 BALL_CENTRE = np.array([20.0, -15.0, 10.0])  # off-centre: a flipped axis would miss it
 BALL_RADIUS = 22.0
