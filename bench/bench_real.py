@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported in the child processes only
-    import numpy as np
-
     from medsegagent.models.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,19 +88,13 @@ def child_node(models: list[str]) -> dict:
     }
 
 
-def _nifti_dice(mask: np.ndarray, reference: np.ndarray) -> float:
-    import numpy as np
-
-    a, b = np.asarray(mask) > 0, np.asarray(reference) > 0
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-
-
 def child_peer(model: str) -> dict:
     """One brain-extraction package on its own, on Colin27's NIfTI."""
     import nibabel as nib
     import numpy as np
 
     from medsegagent.dicom.realdata import colin27
+    from medsegagent.node.demo import mask_dice
 
     scan = colin27()
     t0 = time.perf_counter()
@@ -130,7 +122,7 @@ def child_peer(model: str) -> dict:
         mask = np.asarray(nib.as_closest_canonical(back).dataobj)  # Colin27 is stored RAS
     wall = time.perf_counter() - t0
     reference = np.asarray(nib.load(scan.brain).dataobj)
-    return {"wall_s": wall, "peak_mb": _peak_mb(), "dice": _nifti_dice(mask, reference)}
+    return {"wall_s": wall, "peak_mb": _peak_mb(), "dice": mask_dice(mask > 0, reference > 0)}
 
 
 def child_ct() -> dict:

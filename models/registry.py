@@ -42,6 +42,7 @@ __all__ = [
     "INPUT_MODALITIES",
     "INTENSITY_KINDS",
     "MODALITIES",
+    "MODELS_ENV",
     "MR_SEQUENCES",
     "REGIONS",
     "SCHEMA_VERSION",
@@ -67,6 +68,7 @@ __all__ = [
     "load_registry",
     "nnunet_result_complete",
     "normalize_modality",
+    "resolve_location",
 ]
 
 #: The only schema version this loader understands.

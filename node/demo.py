@@ -127,7 +127,7 @@ def through_node(
         sent = send_files(dicom_files, host=host, port=port, called_ae="MEDSEG", calling_ae="DEMO-PACS")
         if sent.failed:
             raise DeliveryError(f"{len(sent.failed)} instances were refused by the node")
-        study_uid = str(phantom_study_uid(dicom_files[0]))
+        study_uid = study_uid_of(dicom_files[0])
         study_dir = scp.wait_for_study(study_uid, quiet_seconds=1.0, timeout=60, expected=len(dicom_files))
         transfer = time.perf_counter() - t0
     finally:
@@ -203,7 +203,7 @@ def prediction_mask(prediction: Prediction, label: str) -> np.ndarray:
     return prediction.probability(name) > 0.5
 
 
-def phantom_study_uid(path: Path) -> str:
+def study_uid_of(path: Path) -> str:
     """Study Instance UID of a DICOM file."""
     import pydicom
 
@@ -227,9 +227,8 @@ def summary(outcome: DemoOutcome) -> str:
     for seg in report["segments"]:
         dice = outcome.dice.get(seg["label"])
         dice_text = f"Dice {dice:.3f}" if dice is not None else "no truth"
-        agreement = seg.get("agreement", "")
         lines.append(
-            f"    {seg['number']}. {seg['label']:<14} {seg['volume_ml']:8.1f} mL   {dice_text}   ({agreement})"
+            f"    {seg['number']}. {seg['label']:<14} {seg['volume_ml']:8.1f} mL   {dice_text}   ({seg['agreement']})"
         )
         for model, member in outcome.member_dice.get(seg["label"], {}).items():
             lines.append(f"       {model:<22} alone: Dice {member:.3f}")
