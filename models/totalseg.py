@@ -64,6 +64,7 @@ from medsegagent.models.backends import (
     quiet_stdout,
     select_device,
 )
+from medsegagent.models.catalogue import _fsync_dir, _fsync_tree
 from medsegagent.models.registry import nnunet_result_complete
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,9 @@ def catalogue() -> Mapping[str, Task]:
         if name in _INTERNAL_TASKS or name not in TASK_CONFIGS:
             continue
         gated = bool(requires_license(name))
+        sources = weights_sources(name)
         # Open weights come from a GitHub release; gated ones from the licence server (no URL, by design).
-        if not gated and any(s.url is None for s in weights_sources(name)):
+        if not gated and any(s.url is None for s in sources):
             continue
         has_fast = "fast" in TASK_CONFIGS[name].get("sub_modes", {})
         out[name] = Task(
@@ -300,7 +302,7 @@ def catalogue() -> Mapping[str, Task]:
             modality=task_modality(name),
             gated=gated,
             classes={int(k): str(v) for k, v in get_task_classes(name).items()},
-            weights=task_weights(name),
+            weights=tuple(s.folder for s in sources),
             fast_weights=task_weights(name, True) if has_fast else None,
             subsets=name.startswith(_SUBSET_PREFIX),
         )
@@ -508,13 +510,13 @@ def _install_folder(home: Path, task_id: int | str, source: WeightsSource) -> No
                 f"TotalSegmentator weights {source.folder} from {source.url or LICENCE_URL} are not a complete"
                 " nnU-Net result folder (plans.json, dataset.json, fold_*/checkpoint_final.pth)"
             )
-        _sync_tree(fetched)
+        _fsync_tree(fetched)
         target = results_dir(home) / source.folder
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # incomplete (an interrupted unzip): set aside, removed with the staging folder
             os.replace(target, staging / "incomplete")
         os.replace(fetched, target)
-        _sync_dir(target.parent)
+        _fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -566,26 +568,6 @@ def _stream(url: str, target: Path) -> None:
         response.raise_for_status()
         for chunk in response.iter_content(chunk_size=1 << 20):
             out.write(chunk)
-
-
-def _sync_tree(root: Path) -> None:
-    """Flush every file and folder under ``root`` to disk (before the rename that makes it count as installed)."""
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(Path(folder) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _sync_dir(Path(folder))
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _resolve_licence(home: Path, task: str, gated: bool, configured: str | None) -> str | None:

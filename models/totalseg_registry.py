@@ -77,8 +77,6 @@ COLLECTION = "totalsegmentator"
 _ANATOMY = ("SCT", "91723000")
 _ABNORMAL = ("SCT", "49755003")
 _LEFT, _RIGHT = ("SCT", "7771000"), ("SCT", "24028007")
-#: TotalSegmentator CSV categories -> DICOM CID 7150 segmentation property categories.
-_CATEGORY_OF_CSV = {"123037004": _ANATOMY, "49755003": _ABNORMAL}
 
 
 @dataclass(frozen=True)
@@ -306,9 +304,8 @@ def generated_file(registry_file: Path) -> Path:
     return Path(registry_file).resolve().parent / "registry.d" / "totalsegmentator.yaml"
 
 
-def _curated_labels(registry_file: Path) -> dict[str, dict[str, Any]]:
-    """The labels of the hand-written ``registry.yaml`` (demo datasets aside), by name: first one wins."""
-    doc = yaml.safe_load(Path(registry_file).read_text())
+def _curated_labels(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The labels of the hand-written ``registry.yaml`` (parsed; demo datasets aside), by name: first one wins."""
     out: dict[str, dict[str, Any]] = {}
     for dataset in (doc.get("datasets") or {}).values():
         if "demo" not in dataset.get("collections", []):
@@ -426,10 +423,8 @@ def _from_csv(name: str) -> tuple[list[str], list[str], list[str] | None, tuple[
 
 
 def _category_of_csv(value: str) -> str:
-    """A CSV category as a DICOM segmentation category (CID 7150)."""
-    if ("SCT", value) in _category_codes():
-        return value
-    return _CATEGORY_OF_CSV.get(value, _ANATOMY)[1]
+    """A CSV category as a DICOM segmentation category (CID 7150); else Anatomical Structure (its ``123037004``)."""
+    return value if ("SCT", value) in _category_codes() else _ANATOMY[1]
 
 
 def _by_meaning(base: str) -> str | None:
@@ -695,16 +690,15 @@ def _words(name: str) -> frozenset[str]:
     return frozenset(name.lower().split("_")) - {"muscle"}
 
 
-def attached_refs(registry_file: Path) -> dict[str, dict[str, Any]]:
-    """The model references of ``total`` and ``total_mr``, by the ``registry.yaml`` dataset they serve.
+def attached_refs(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The model references of ``total`` and ``total_mr``, by the dataset of ``registry.yaml`` (parsed) they serve.
 
     A registry label is served by the class of the same name, else by the one
     class with its SNOMED CT type and side (several: the one whose name has
     the same words, "muscle" aside); labels no class serves are left out of
     ``serves``, and differing names go to ``options.class_names``.
     """
-    doc = yaml.safe_load(Path(registry_file).read_text())
-    curated = _curated_labels(registry_file)
+    curated = _curated_labels(doc)
     tasks = catalogue()
     out = {}
     for task_name, dataset in ATTACHED.items():
@@ -744,9 +738,9 @@ HEADER = """\
 """
 
 
-def render(registry_file: Path) -> str:
-    """The text of ``registry.d/totalsegmentator.yaml``."""
-    curated = _curated_labels(registry_file)
+def render(doc: Mapping[str, Any]) -> str:
+    """The text of ``registry.d/totalsegmentator.yaml``, from ``registry.yaml`` (parsed)."""
+    curated = _curated_labels(doc)
     datasets = {
         dataset_name(task.name): dataset_entry(task, curated)
         for task in catalogue().values()
@@ -769,16 +763,16 @@ def check(registry_file: Path, *, write: bool = False) -> list[str]:
         (printed in full, to paste).
     """
     registry_file = Path(registry_file)
+    doc = yaml.safe_load(registry_file.read_text())
     target = generated_file(registry_file)
-    text = render(registry_file)
+    text = render(doc)
     if write:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     problems = []
     if not target.is_file() or target.read_text() != text:
         problems.append(f"{target} differs from a fresh generation: `python -m medsegagent.models.totalseg generate`")
-    doc = yaml.safe_load(registry_file.read_text())
-    for dataset, expected in attached_refs(registry_file).items():
+    for dataset, expected in attached_refs(doc).items():
         refs = doc["datasets"][dataset].get("models") or []
         found = next((r for r in refs if r.get("name") == expected["name"]), None)
         if found != expected:

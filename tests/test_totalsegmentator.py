@@ -241,7 +241,7 @@ def _zip_of(folder: str, *, checkpoint: bool = True) -> bytes:
 def _nothing_half_installed(home: Path) -> None:
     """Every result folder under the home is complete, and no staging folder is left."""
     results = results_dir(home)
-    folders = [p for p in results.iterdir()] if results.is_dir() else []
+    folders = list(results.iterdir()) if results.is_dir() else []
     assert all(result_folder_complete(p) for p in folders), folders
     assert not [p.name for p in home.iterdir() if p.name.startswith(".download-")]
 
