@@ -33,6 +33,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import glob
 import hashlib
 import http.client
 import importlib
@@ -458,9 +459,10 @@ class Reporter:
 class _Hashes:
     """SHA-256 (always) and the published algorithm, computed in one pass."""
 
-    def __init__(self, *algorithms: str) -> None:
+    def __init__(self, published: Digest | None = None) -> None:
+        algorithms = ("sha256",) if published is None else ("sha256", published.algorithm)
         # md5 and sha1 check downloads here, not secrets: allowed on FIPS hosts.
-        self._h = {a: hashlib.new(a, usedforsecurity=False) for a in dict.fromkeys(("sha256", *algorithms))}
+        self._h = {a: hashlib.new(a, usedforsecurity=False) for a in dict.fromkeys(algorithms)}
         self.size = 0
 
     def update(self, data: bytes) -> None:
@@ -473,7 +475,7 @@ class _Hashes:
 
 
 def _hash_file(path: Path, published: Digest | None = None) -> _Hashes:
-    hashes = _Hashes(*((published.algorithm,) if published else ()))
+    hashes = _Hashes(published)
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             hashes.update(chunk)
@@ -481,8 +483,10 @@ def _hash_file(path: Path, published: Digest | None = None) -> _Hashes:
 
 
 def _check_digest(model: str, what: str, hashes: _Hashes, published: Digest | None, origin: str) -> None:
-    if published is not None and hashes.hexdigest(published.algorithm) != published.value:
-        got = hashes.hexdigest(published.algorithm)
+    if published is None:
+        return
+    got = hashes.hexdigest(published.algorithm)
+    if got != published.value:
         raise CatalogueError(
             model,
             Problem.HASH_MISMATCH,
@@ -764,33 +768,29 @@ def _fetch(
     label = label or dest.name
     _refuse_page_url(model, url, label)
     part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
-    with _open_url(model, url, timeout) as response:
-        length = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
-        if response.headers.get_content_type() == "text/html" and dest.suffix not in (".html", ".htm"):
-            raise CatalogueError(
-                model,
-                Problem.NOT_A_DOWNLOAD,
-                f"{url} answered with a web page, not {label} (a login or confirmation page?): download it in a "
-                f"browser and install with `medsegagent models install {model} --from FOLDER_OR_ZIP`",
-            )
-        _ensure_space(model, dest.parent, length, f"{label} ({url})")
-        hashes = _Hashes(*((published.algorithm,) if published else ()))
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            with reporter.progress(model, f"{url} -> {label}", length) as advance:
-                _copy_response(model, url, response, fd, hashes, advance)
-            os.fsync(fd)
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise _disk_full(model, dest.parent) from exc
-            raise
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
-    try:
+    try:  # whatever fails, no .part file stays
+        with _open_url(model, url, timeout) as response:
+            length = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
+            if response.headers.get_content_type() == "text/html" and dest.suffix not in (".html", ".htm"):
+                raise CatalogueError(
+                    model,
+                    Problem.NOT_A_DOWNLOAD,
+                    f"{url} answered with a web page, not {label} (a login or confirmation page?): download it in a "
+                    f"browser and install with `medsegagent models install {model} --from FOLDER_OR_ZIP`",
+                )
+            _ensure_space(model, dest.parent, length, f"{label} ({url})")
+            hashes = _Hashes(published)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                with reporter.progress(model, f"{url} -> {label}", length) as advance:
+                    _copy_response(model, url, response, fd, hashes, advance)
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise _disk_full(model, dest.parent) from exc
+                raise
+            finally:
+                os.close(fd)
         if length is not None and hashes.size != length:
             raise CatalogueError(
                 model, Problem.DOWNLOAD, f"the download of {url} broke off after {hashes.size} of {length} bytes"
@@ -931,13 +931,13 @@ class Catalogue:
             Naming each unknown name and the close names the registry has.
         """
         by_name = {m.name: m for m in self.registry.models()}
+        lower = {n.lower(): n for n in by_name}
         unknown: dict[str, list[str]] = {}
         found: list[ModelRef] = []
         for name in dict.fromkeys(names):
             if name in by_name:
                 found.append(by_name[name])
             else:
-                lower = {n.lower(): n for n in by_name}
                 close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
                 unknown[name] = [lower[c] for c in close]
         if unknown:
@@ -973,15 +973,10 @@ class Catalogue:
         except (KeyError, TypeError, ValueError) as exc:
             raise CatalogueError(name, Problem.RECORD, f"the install record {path} is damaged ({exc})") from exc
 
-    def _records(self, *, strict: bool = False) -> Iterator[InstallRecord]:
-        """Every install record in the models folder (``strict``: a damaged one raises, else it is skipped)."""
+    def _records(self) -> Iterator[InstallRecord]:
+        """Every install record in the models folder (``CatalogueError`` for a damaged one)."""
         for path in sorted(self.models_dir.glob(f"*/{RECORD_NAME}")):
-            try:
-                record = self.record(path.parent.name)
-            except CatalogueError:
-                if strict:
-                    raise
-                continue
+            record = self.record(path.parent.name)
             if record is not None:
                 yield record
 
@@ -1002,8 +997,7 @@ class Catalogue:
                     size = sum(size_of(p) for p in ref.weights_paths)
                 except OSError as exc:
                     self.reporter.warn(ref.name, f"cannot measure {ref.path}: {exc}")
-            dataset = self.registry.datasets.get(ref.dataset)
-            labels = tuple(name for name in dataset.labels if ref.serves_label(name)) if dataset else ()
+            labels = tuple(name for name in self.registry.datasets[ref.dataset].labels if ref.serves_label(name))
             out.append(CatalogueEntry(ref, labels, installed, ref.path, size, record))
         return out
 
@@ -1104,7 +1098,7 @@ class Catalogue:
                 ref.name,
                 Problem.NO_SOURCE,
                 f"the registry gives no source for it: it is installed by hand at its location {ref.path}"
-                + (f" ({hint})" if (hint := self._dataset_hint(ref)) else ""),
+                + (f" ({hint})" if (hint := self.registry.datasets[ref.dataset].install_hint) else ""),
             )
         licence = ref.licence
         licensed = origin is not None or (source.kind is SourceKind.TOTALSEGMENTATOR and licence_number)
@@ -1121,10 +1115,6 @@ class Catalogue:
                 f"{licence.url}, {how}",
             )
         return source
-
-    def _dataset_hint(self, ref: ModelRef) -> str | None:
-        dataset = self.registry.datasets.get(ref.dataset)
-        return dataset.install_hint if dataset is not None else None
 
     @contextlib.contextmanager
     def _locked(self, name: str, shared: Path | None = None) -> Iterator[None]:
@@ -1159,9 +1149,9 @@ class Catalogue:
         ``target`` is removed where ``target`` is in place; where the install died
         between the two renames (``target`` missing), ``restore`` moves it back.
         """
-        for stale in self.models_dir.glob(f".partial-{_glob_escape(name)}-{'?' * 8}"):
+        for stale in self.models_dir.glob(f".partial-{glob.escape(name)}-{'?' * 8}"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in sorted(target.parent.glob(f".old-{_glob_escape(target.name)}-{'?' * 8}")):
+        for old in sorted(target.parent.glob(f".old-{glob.escape(target.name)}-{'?' * 8}")):
             if restore and not (target.exists() or target.is_symlink()):
                 os.rename(old, target)
                 _fsync_dir(target.parent)
@@ -1198,18 +1188,20 @@ class Catalogue:
             staging.model.mkdir()
         (staging.model / RECORD_NAME).unlink(missing_ok=True)  # a copied install is recorded afresh
         where = origin or source.url or "the source"
+        hashed: dict[str, _Hashes] = {}  # files hashed and checked already: not read again
         for rel, item in listed.items():  # the registry's hashes (a bundle's code and configs) before any is read
             if item.digest is not None and (staging.model / rel).is_file():
-                _check_digest(ref.name, rel, _hash_file(staging.model / rel, item.digest), item.digest, str(where))
+                hashed[rel] = _hash_file(staging.model / rel, item.digest)
+                _check_digest(ref.name, rel, hashed[rel], item.digest, str(where))
         if source.kind is SourceKind.MONAI_BUNDLE:
             if not any((staging.model / "configs" / f"inference.{e}").is_file() for e in ("json", "yaml", "yml")):
                 raise CatalogueError(
                     ref.name, Problem.ARCHIVE, f"{where} is not a MONAI bundle (no configs/inference.json or .yaml)"
                 )
             listed = {**_large_files(ref.name, staging.model, where), **listed}
-        fetched = self._fetch_missing(ref.name, staging.model, listed)
+        hashed.update(self._fetch_missing(ref.name, staging.model, listed))
         base = target.relative_to(self.models_dir.resolve())
-        return self._hash_tree(ref.name, staging.model, base, listed, fetched, origin)
+        return self._hash_tree(ref.name, staging.model, base, listed, hashed, origin)
 
     def _unpack_origin(
         self, name: str, origin: Path, staging: _Staging, roots: set[str], listed: Mapping[str, _Published]
@@ -1250,18 +1242,22 @@ class Catalogue:
         folder: Path,
         base: Path,
         listed: Mapping[str, _Published],
-        fetched: Mapping[str, _Hashes],
+        hashed: Mapping[str, _Hashes],
         origin: Path | None,
     ) -> tuple[InstalledFile, ...]:
-        """Every file of the staged model with its SHA-256; published hashes checked, missing ones warned about."""
+        """Every file of the staged model with its SHA-256; published hashes checked, missing ones warned about.
+
+        ``hashed``: files already hashed and checked against their published hash (downloads, registry-listed files).
+        """
         files = []
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             rel = path.relative_to(folder).as_posix()
             item = listed.get(rel)
             digest = item.digest if item else None
-            hashes = fetched.get(rel) or _hash_file(path, digest)
-            came_from = item.url if item and rel in fetched else str(origin) if origin else "the bundle archive"
-            _check_digest(name, rel, hashes, digest, came_from)
+            hashes = hashed.get(rel)
+            if hashes is None:
+                hashes = _hash_file(path, digest)
+                _check_digest(name, rel, hashes, digest, str(origin) if origin else "the bundle archive")
             if item is not None and digest is None:
                 self.reporter.warn(
                     name,
@@ -1369,7 +1365,7 @@ class Catalogue:
         self, ref: ModelRef, home: Path, origin: Path | None, force: bool, licence_number: str | None
     ) -> InstallResult:
         """TotalSegmentator's downloader (or offline weights zips) into ``home``; what it added is recorded."""
-        task, fast = str(ref.options.get("task") or ""), bool(ref.options.get("fast", False))
+        task, fast = _ts_task(ref)
         weights = tuple(w.resolve() for w in _ts_weight_dirs(ref))
         if not task or not weights:
             raise CatalogueError(
@@ -1419,7 +1415,7 @@ class Catalogue:
         if previous is not None:  # --force: what the earlier install added stays this model's
             added = added | {p for f in previous.files if (p := root / f.path).is_file()}
         found = {w / p for w in weights for p in _tree(w) if not p.endswith("/")} - added
-        task, fast = ref.options.get("task"), bool(ref.options.get("fast", False))
+        task, fast = _ts_task(ref)
         return InstallRecord(
             name=ref.name,
             kind=SourceKind.TOTALSEGMENTATOR,
@@ -1658,7 +1654,7 @@ class Catalogue:
         kept and handed over to that model, whose ``remove`` removes it.
         """
         try:
-            others = [r for r in self._records(strict=True) if r.name != name]
+            others = [r for r in self._records() if r.name != name]
         except CatalogueError as exc:
             raise CatalogueError(
                 name,
@@ -1696,15 +1692,16 @@ class Catalogue:
                 paths -= {f.path for f in taken}
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
 def _distribution_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _ts_task(ref: ModelRef) -> tuple[str, bool]:
+    """A TotalSegmentator reference's ``options.task`` (``""`` when missing) and ``options.fast``."""
+    return str(ref.options.get("task") or ""), bool(ref.options.get("fast", False))
 
 
 def _ts_weight_dirs(ref: ModelRef) -> tuple[Path, ...]:
@@ -1719,7 +1716,7 @@ def _ts_weight_dirs(ref: ModelRef) -> tuple[Path, ...]:
     try:
         from medsegagent.models.totalseg import results_dir, task_weights
 
-        names = task_weights(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
+        names = task_weights(*_ts_task(ref))
     except (ImportError, ValueError, KeyError):
         return ()
     return tuple(results_dir(ref.path) / w for w in names)
@@ -1730,7 +1727,7 @@ def _ts_zips(ref: ModelRef) -> list[str]:
     try:
         from medsegagent.models.totalseg import weights_sources
 
-        sources = weights_sources(str(ref.options.get("task")), bool(ref.options.get("fast", False)))
+        sources = weights_sources(*_ts_task(ref))
     except (ImportError, ValueError, KeyError):
         return []
     return [s.url for s in sources if s.url]
