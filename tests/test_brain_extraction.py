@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import pytest
@@ -27,10 +26,10 @@ from medsegagent.models.brain_extraction import (
     _largest_component,
     reorient,
 )
-from medsegagent.models.ensemble import Member, fuse_study, resolve_overlaps
+from medsegagent.models.ensemble import resolve_overlaps
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.resample import derived_grid, resample
-from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_options, rank_key
+from medsegagent.node.pipeline import fuse_label
 
 DATASET = "Brain_Extraction"
 
@@ -116,25 +115,10 @@ def test_probabilities_stay_on_the_grid_the_model_computed_them_on(predictions, 
 
 
 def test_the_ensemble_fuses_the_two_maps_above_either_bar(predictions, colin, registry):
-    """As node/pipeline.py fuses a segment: rank keys, plausibility rules, the study's image."""
+    """As node/pipeline.py fuses a segment (``fuse_label``): rank keys, plausibility rules, the study's image."""
     volume, reference = colin
     dataset = registry.datasets[DATASET]
-    label = dataset.labels["brain"]
-    members = [
-        Member(
-            ref.name,
-            partial(predictions[ref.name].boxed, "brain"),
-            rank_key(dataset, label, ref, predictions[ref.name]),
-        )
-        for ref in dataset.models
-    ]
-    (result,) = fuse_study(
-        [("brain", members, fusion_options(label))],
-        voxel_ml=volume.geometry.voxel_volume_ml,
-        shape=volume.geometry.shape,
-        image=volume.array,
-        min_study_agreement=MIN_STUDY_AGREEMENT,
-    )
+    result = fuse_label(dataset, dataset.labels["brain"], predictions, volume)
     assert result.weights == pytest.approx({"hd_bet": 0.5, "deepbet": 0.5})  # no registry quality: equal ranks
     assert not result.dropped
     fused = resolve_overlaps([result]) == 1

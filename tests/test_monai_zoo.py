@@ -41,6 +41,7 @@ from medsegagent.models.monai_bundle import (
     PublishedBundleModel,
     _components,
     _rename_code,
+    bundle_config_file,
     contrast_phase,
     numpy_safe_globals,
 )
@@ -213,13 +214,16 @@ CASES = {
 }
 
 
-def _reference(name: str) -> tuple[ModelSpec, dict]:
-    """The registry's model reference for a bundle, and its metadata.json."""
-    registry = load_registry()
-    dataset = registry.datasets[name]
+def _reference(name: str) -> ModelSpec:
+    """The registry's model reference for a bundle."""
+    dataset = load_registry().datasets[name]
     (ref,) = dataset.models
-    metadata = json.loads((_fixture(name) / "configs" / "metadata.json").read_text())
-    return ModelSpec.from_registry(ref, dataset), metadata
+    return ModelSpec.from_registry(ref, dataset)
+
+
+def _metadata(name: str) -> dict:
+    """The bundle's published ``configs/metadata.json``."""
+    return json.loads((_fixture(name) / "configs" / "metadata.json").read_text())
 
 
 def _dints_architecture(path: Path) -> None:
@@ -261,16 +265,15 @@ def build_bundle(name: str, root: Path, winner: int, weights: str) -> Path:
             shutil.copytree(source / extra, bundle / extra)
         elif (source / extra).is_file():
             shutil.copy2(source / extra, bundle / extra)
-    spec, metadata = _reference(name)
-    config = next(p for p in sorted((bundle / "configs").glob("inference.*")))
+    spec = _reference(name)
     parser = ConfigParser()
-    parser.read_config(str(config))
+    parser.read_config(str(bundle_config_file(bundle)))
     parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", **spec.options.get("overrides", {})})
     if "arch_ckpt_path" in parser:
         _dints_architecture(Path(parser.get_parsed_content("arch_ckpt_path")))
     with torch.serialization.safe_globals(numpy_safe_globals()):  # the DiNTS architecture code holds numpy arrays
         network = parser.get_parsed_content("network_def")
-    pred = metadata["network_data_format"]["outputs"]["pred"]
+    pred = _metadata(name)["network_data_format"]["outputs"]["pred"]
     outputs = len(pred.get("channel_def") or pred["label_def"])
     with torch.no_grad():
         # All-zero weights make every layer's output constant (norms give 0), so the logits are the output
@@ -304,7 +307,7 @@ def bundles(tmp_path_factory) -> Callable[[str], Path]:
 
 
 def _load(name: str, bundle: Path) -> PublishedBundleModel:
-    spec, _ = _reference(name)
+    spec = _reference(name)
     model = load_model(replace(spec, path=bundle), "cpu")
     assert isinstance(model, PublishedBundleModel)
     return model
@@ -342,7 +345,7 @@ def test_published_bundle_runs_through_the_node(name, bundles, phantom_factory):
     assert model.kind is case.kind
     assert prediction.interpolation == ("linear" if case.kind is OutputKind.PROBABILITIES else "nearest")
     # The registry's labels, the winning channel mapped by channel_def to the label that names it.
-    spec, _ = _reference(name)
+    spec = _reference(name)
     assert set(prediction.maps) == set(spec.labels)
     assert _words(model.io.channel_def[case.winner]) in _words(case.label)
     winner = prediction.maps[case.label] > 0.5
@@ -429,7 +432,7 @@ def _threshold_bundle(name: str, root: Path) -> tuple[ModelSpec, Threshold]:
         conv.bias[case.winner] = -20.0 * case.level
     (bundle / "models").mkdir()
     torch.save(conv.state_dict(), bundle / "models" / "model.pt")
-    spec, _ = _reference(name)
+    spec = _reference(name)
     network = {"_target_": f"torch.nn.Conv{case.dims}d", "in_channels": 1, "out_channels": case.outputs}
     overrides = {**spec.options.get("overrides", {}), "network_def": {**network, "kernel_size": 1}}
     return replace(spec, path=bundle, options={**spec.options, "overrides": overrides}), case
@@ -490,7 +493,7 @@ def _code_bundle(root: Path, name: str, value: str, *, package: bool, absolute: 
     (scripts / "later.py").write_text(f"VALUE = {value!r}\n")
     (bundle / "models").mkdir()
     torch.save(torch.nn.Conv3d(1, 2, 1).state_dict(), bundle / "models" / "model.pt")
-    spec, _ = _reference("spleen_ct_segmentation")
+    spec = _reference("spleen_ct_segmentation")
     network = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
     return replace(spec, name=name, path=bundle, options={"overrides": {"network_def": network}})
 
@@ -597,7 +600,7 @@ def test_missing_or_foreign_weights_are_reported(bundles, tmp_path):
     bundle = tmp_path / name
     shutil.copytree(bundles(name), bundle)
     (bundle / "models" / "model.pt").unlink()
-    spec, _ = _reference(name)
+    spec = _reference(name)
     with pytest.raises(ModelLoadError, match=r"model\.pt is missing \(large_files\.yml gives its URL\)"):
         load_model(replace(spec, path=bundle), "cpu")
     torch.save(torch.nn.Conv3d(1, 2, 1).state_dict(), bundle / "models" / "model.pt")
@@ -608,7 +611,7 @@ def test_missing_or_foreign_weights_are_reported(bundles, tmp_path):
 @pytest.mark.slow
 def test_registry_inputs_must_match_the_network(bundles):
     name = "brats_mri_segmentation"
-    spec, _ = _reference(name)
+    spec = _reference(name)
     with pytest.raises(ModelLoadError, match=r"takes 4 input channel\(s\).*lists 1"):
         load_model(replace(spec, path=bundles(name), channels=spec.channels[:1]), "cpu")
 
@@ -616,7 +619,7 @@ def test_registry_inputs_must_match_the_network(bundles):
 @pytest.mark.slow
 def test_registry_label_on_a_background_channel_is_refused(bundles):
     name = "spleen_ct_segmentation"
-    spec, _ = _reference(name)
+    spec = _reference(name)
     with pytest.raises(ModelLoadError, match=r"'spleen' maps to output channel\(s\) \[0\]"):
         load_model(replace(spec, path=bundles(name), labels={"spleen": (0,)}), "cpu")
 
@@ -630,7 +633,7 @@ def test_every_bundle_has_a_registry_entry_with_its_source_and_licence():
     assert set(zoo) == set(CASES)
     for name, dataset in zoo.items():
         (ref,) = dataset.models
-        metadata = json.loads((_fixture(name) / "configs" / "metadata.json").read_text())
+        metadata = _metadata(name)
         assert ref.backend == "monai_bundle" and ref.location == f"${{MEDSEG_MODELS}}/{name}"
         assert ref.source is not None and ref.source.kind == "monai_bundle"
         assert ref.source.url.endswith(f"/hosting_storage_v1/{name}_v{metadata['version']}.zip")
@@ -686,9 +689,8 @@ def test_registry_names_the_weights_file_the_bundle_loads():
 
     for dataset in load_registry().in_collection("monai-zoo"):
         (ref,) = dataset.models
-        config = next(iter(sorted((_fixture(dataset.name) / "configs").glob("inference.*"))))
         parser = ConfigParser()
-        parser.read_config(str(config))
+        parser.read_config(str(bundle_config_file(_fixture(dataset.name))))
         parser.update({"bundle_root": "/bundle", **ref.options.get("overrides", {})})
         (loader,) = [cid for cid, c in _components(parser.get()) if c["_target_"].endswith("CheckpointLoader")]
         load_path = parser.get_parsed_content(f"{loader}::load_path")

@@ -81,8 +81,9 @@ def _volume(shape: tuple[int, int, int] = (10, 12, 14), seed: int = 0) -> Volume
     return Volume(rng.random(shape, dtype=np.float32), geometry, "CT", "1.2.3")
 
 
-def _softmax_channel1(z0: np.ndarray, z1: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(z0 - z1))
+def _ball(volume: Volume) -> np.ndarray:
+    """Channel 1's softmax probability from ``Affine([0, 3], [0, -1])``: logits 0 and ``3 x - 1``."""
+    return 1.0 / (1.0 + np.exp(-(3.0 * volume.array - 1.0)))
 
 
 # --------------------------------------------------------------------------- exact outputs of tiny networks
@@ -95,8 +96,7 @@ def test_dynamic_network_runs_the_whole_grid_once(tmp_path):
     volume = _volume()
     prediction = model.predict(volume)
     assert prediction.grid.same_grid(volume.geometry)  # native orientation, no spacing: the study's own grid
-    expected = _softmax_channel1(np.zeros_like(volume.array), 3.0 * volume.array - 1.0)
-    np.testing.assert_allclose(prediction.maps["ball"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prediction.maps["ball"], _ball(volume), rtol=1e-5, atol=1e-6)
     assert model.memory_bytes == file.stat().st_size
 
 
@@ -107,8 +107,7 @@ def test_fixed_size_network_is_run_patch_by_patch(tmp_path, shape):
     model = load_model(_spec(tmp_path / "fixed.onnx", options={"overlap": 0.5}), "cpu")
     assert model.plan.roi_size == (8, 6, 4)
     volume = _volume(shape)
-    expected = _softmax_channel1(np.zeros_like(volume.array), 3.0 * volume.array - 1.0)
-    np.testing.assert_allclose(model.predict(volume).maps["ball"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict(volume).maps["ball"], _ball(volume), rtol=1e-5, atol=1e-5)
 
 
 def test_a_network_with_some_axes_fixed_needs_a_matching_roi_size(tmp_path):
@@ -121,8 +120,7 @@ def test_a_network_with_some_axes_fixed_needs_a_matching_roi_size(tmp_path):
     model = load_model(_spec(tmp_path / "xy.onnx", options={"roi_size": [8, 6, 3]}), "cpu")
     for shape in ((10, 12, 14), (3, 5, 6)):  # tiled; padded along x and y where the grid is smaller
         volume = _volume(shape)
-        expected = _softmax_channel1(np.zeros_like(volume.array), 3.0 * volume.array - 1.0)
-        np.testing.assert_allclose(model.predict(volume).maps["ball"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(model.predict(volume).maps["ball"], _ball(volume), rtol=1e-5, atol=1e-5)
 
 
 def test_network_axes_follow_the_registry(tmp_path):
@@ -144,9 +142,10 @@ def test_sigmoid_without_background_channel_with_threshold_and_logit_blur(tmp_pa
     volume = _volume()
     logits = ndimage.gaussian_filter(4.0 * volume.array - 2.0, 1.5, mode="nearest")
     expected = 1.0 / (1.0 + np.exp(-(logits - np.log(0.7 / 0.3))))
-    np.testing.assert_allclose(model.predict(volume).maps["ball"], expected, rtol=1e-5, atol=1e-6)
+    ball = model.predict(volume).maps["ball"]
+    np.testing.assert_allclose(ball, expected, rtol=1e-5, atol=1e-6)
     # The shift moves the model's own threshold to the ensemble's 0.5.
-    np.testing.assert_array_equal(model.predict(volume).maps["ball"] > 0.5, 1.0 / (1.0 + np.exp(-logits)) > 0.7)
+    np.testing.assert_array_equal(ball > 0.5, 1.0 / (1.0 + np.exp(-logits)) > 0.7)
 
 
 def test_registry_preprocessing_builds_the_grid(tmp_path):
@@ -240,11 +239,14 @@ def _pelvis_t2(n: int = 200, slices: int = 24, dx: float = 0.7, dz: float = 3.0)
     return volume, gland
 
 
+def _taps_spec() -> ModelSpec:
+    dataset = load_registry().datasets["Prostate_T2"]
+    return ModelSpec.from_registry(dataset.models[0], dataset)
+
+
 @pytest.fixture(scope="module")
 def taps() -> OnnxModel:
-    registry = load_registry()
-    dataset = registry.datasets["Prostate_T2"]
-    return load_model(ModelSpec.from_registry(dataset.models[0], dataset), "cpu")
+    return load_model(_taps_spec(), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -334,9 +336,7 @@ def test_taps_on_cuda_agrees_with_the_cpu(taps, phantom):
         f"a CUDA device is present but onnxruntime has only {providers}:"
         " install onnxruntime-gpu (pip install onnxruntime-gpu) in place of onnxruntime"
     )
-    registry = load_registry()
-    dataset = registry.datasets["Prostate_T2"]
-    on_gpu = load_model(ModelSpec.from_registry(dataset.models[0], dataset), "cuda")
+    on_gpu = load_model(_taps_spec(), "cuda")
     assert on_gpu.device.type == "cuda"
     volume, _ = phantom
     np.testing.assert_allclose(
