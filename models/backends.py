@@ -80,9 +80,11 @@ __all__ = [
     "StudyImages",
     "TorchScriptModel",
     "assemble_channels",
+    "bundle_config_file",
     "channel_modality",
     "find_nnunet_trainer",
     "load_model",
+    "load_weights",
     "module_bytes",
     "nnunet_label_channels",
     "nnunet_model_folder",
@@ -806,6 +808,71 @@ def _merge_bundle_labels(spec: ModelSpec, bundle: Mapping[str, int] | None) -> d
     return merged
 
 
+#: Names of a bundle's inference config, in the order MONAI's tools look for them.
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+
+
+def bundle_config_file(path: Path, name: str | None = None) -> Path:
+    """The inference config of the bundle at ``path`` (``options.config`` names another file in ``configs/``).
+
+    Raises
+    ------
+    ModelLoadError
+        When it is missing.
+    """
+    configs = Path(path) / "configs"
+    candidates = [configs / name] if name else [configs / n for n in _CONFIG_NAMES]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ModelLoadError(f"{candidates[0]} is missing")
+    return found
+
+
+def load_weights(
+    network: torch.nn.Module,
+    weights: Path,
+    *,
+    bundle: Path | None = None,
+    fail: Callable[[str], Exception] = ModelLoadError,
+) -> torch.nn.Module:
+    """Load a bundle's weights file strictly into ``network_def`` (``torch.load(weights_only=True)``).
+
+    A ``CheckpointSaver`` file (``{"model": state_dict, ...}``) is unwrapped.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        The instantiated ``network_def``.
+    weights : Path
+        The file.
+    bundle : Path, optional
+        The bundle folder (a missing file's message names its ``large_files.yml``).
+    fail : callable
+        Makes the exception to raise from a message (it names the model).
+
+    Raises
+    ------
+    Exception
+        ``fail(message)``: the file is missing (naming the bundle's
+        ``large_files.yml`` where it has one), unreadable, or does not fit.
+    """
+    if not weights.is_file():
+        listed = next((p.name for p in bundle.glob("large_files.y*ml")), None) if bundle else None
+        where = f" ({listed} gives its URL)" if listed else ""
+        raise fail(f"{weights} is missing{where}: install the model's weights")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise fail(f"cannot load {weights}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except Exception as exc:
+        raise fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
+    return network
+
+
 class MonaiBundleModel(_NetworkModel):
     """A MONAI bundle: ``configs/inference.json`` (or ``.yaml``) + ``models/model.pt``.
 
@@ -831,13 +898,11 @@ class MonaiBundleModel(_NetworkModel):
 
         self._setup(spec, device)
         path = spec.path
-        configs = [path / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")]
-        config_file = next((c for c in configs if c.is_file()), None)
+        try:
+            config_file = bundle_config_file(path, spec.options.get("config"))
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {spec.name}: {exc}") from None
         weights = path / "models" / str(spec.options.get("weights", "model.pt"))
-        if config_file is None:
-            raise ModelLoadError(f"model {spec.name}: {configs[0]} is missing")
-        if not weights.is_file():
-            raise ModelLoadError(f"model {spec.name}: {weights} is missing")
         parser = ConfigParser()
         try:
             parser.read_config(str(config_file))
@@ -865,12 +930,9 @@ class MonaiBundleModel(_NetworkModel):
             raise ModelLoadError(f"model {spec.name}: neither the bundle nor the registry names its output labels")
         try:
             network = parser.get_parsed_content("network_def")
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                state = state["model"]  # MONAI's CheckpointSaver nests the weights
-            network.load_state_dict(state)
         except Exception as exc:
-            raise ModelLoadError(f"model {spec.name}: cannot load {weights}: {exc}") from exc
+            raise ModelLoadError(f"model {spec.name}: cannot build network_def of {config_file}: {exc}") from exc
+        network = load_weights(network, weights, bundle=path, fail=lambda m: ModelLoadError(f"model {spec.name}: {m}"))
         self.network = network.to(self.device).eval()
         self.quality = _bundle_quality(path)
 

@@ -54,7 +54,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -76,6 +76,8 @@ from medsegagent.models.backends import (
     _label_maps,
     _wanted,
     assemble_channels,
+    bundle_config_file,
+    load_weights,
     module_bytes,
     quiet_stdout,
     select_device,
@@ -99,7 +101,6 @@ __all__ = [
 #: Transforms that read or write files: the node feeds memory and takes memory back.
 _LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
 _WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
-_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
 
 class OutputKind(StrEnum):
@@ -179,22 +180,6 @@ class BundleIO:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def bundle_config_file(path: Path, name: str | None = None) -> Path:
-    """The inference config of the bundle at ``path`` (``options.config`` names another file in ``configs/``).
-
-    Raises
-    ------
-    ModelLoadError
-        When it is missing.
-    """
-    configs = Path(path) / "configs"
-    candidates = [configs / name] if name else [configs / n for n in _CONFIG_NAMES]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise ModelLoadError(f"{candidates[0]} is missing")
-    return found
 
 
 def load_bundle(spec: ModelSpec, device: str | None = None) -> SegmentationModel:
@@ -359,51 +344,6 @@ def numpy_safe_globals() -> list[Any]:
         function = getattr(core.multiarray, name)
         allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
     return allowed
-
-
-def load_weights(
-    network: torch.nn.Module,
-    weights: Path,
-    *,
-    bundle: Path | None = None,
-    fail: Callable[[str], Exception] = ModelLoadError,
-) -> torch.nn.Module:
-    """Load a bundle's weights file strictly into ``network_def`` (``torch.load(weights_only=True)``).
-
-    A ``CheckpointSaver`` file (``{"model": state_dict, ...}``) is unwrapped.
-
-    Parameters
-    ----------
-    network : torch.nn.Module
-        The instantiated ``network_def``.
-    weights : Path
-        The file.
-    bundle : Path, optional
-        The bundle folder (a missing file's message names its ``large_files.yml``).
-    fail : callable
-        Makes the exception to raise from a message (it names the model).
-
-    Raises
-    ------
-    Exception
-        ``fail(message)``: the file is missing (naming the bundle's
-        ``large_files.yml`` where it has one), unreadable, or does not fit.
-    """
-    if not weights.is_file():
-        listed = next((p.name for p in bundle.glob("large_files.y*ml")), None) if bundle else None
-        where = f" ({listed} gives its URL)" if listed else ""
-        raise fail(f"{weights} is missing{where}: install the model's weights")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise fail(f"cannot load {weights}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except Exception as exc:
-        raise fail(f"{weights} does not fit network_def: {str(exc).splitlines()[0]}") from exc
-    return network
 
 
 @dataclass
