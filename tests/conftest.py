@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medsegagent.dicom.image_writer import PhantomFiles, write_phantom
@@ -26,6 +27,11 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; run scripts/bootstrap.sh test")
     return path
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (the tests' one definition)."""
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 def pid_is_alive(pid: int) -> bool:
@@ -104,8 +110,6 @@ def seg_factory(phantom_factory):
     segment labels whose mask is cleared first (empty segments).
     """
     import types
-
-    import numpy as np
 
     from medsegagent.dicom.seg import (
         AlgorithmInfo,

@@ -38,6 +38,7 @@ from medsegagent.models.backends import (
 from medsegagent.models.registry import Backend, InputChannel, Intensity, ModelRef, Preprocessing, load_registry
 from medsegagent.models.resample import resample, target_grid
 from medsegagent.models.totalseg import TotalSegmentatorModel
+from tests.conftest import dice
 
 BALL_CENTRE = np.array([20.0, -15.0, 10.0])  # off-centre: a flipped axis would miss it
 BALL_RADIUS = 22.0
@@ -64,10 +65,6 @@ def _ball_volume(orientation: str = "axial", outside: float = -50.0, **kwargs) -
     truth = np.linalg.norm(geo.voxel_centres() - BALL_CENTRE, axis=-1) <= BALL_RADIUS
     array = np.where(truth, 200.0, outside).astype(np.float32)
     return Volume(array, geo, "CT", "1.2.826.0.1.3680043.8.498.1", meta={"SeriesDescription": "test ball"}), truth
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 class ThresholdConv(torch.nn.Module):
@@ -131,7 +128,7 @@ def test_monai_bundle_with_its_own_section_finds_the_ball(tmp_path, orientation)
     assert prediction.grid.shape == (32, 40, 40)  # the model grid, not the source
     assert prediction.quality == {"ball": 0.97}
     assert set(prediction.seconds) >= {"preprocess", "inference", "postprocess"}
-    assert _dice(prediction.probability("ball") > 0.5, truth) >= 0.9
+    assert dice(prediction.probability("ball") > 0.5, truth) >= 0.9
 
 
 def test_monai_bundle_without_section_uses_the_registry_preprocessing(tmp_path):
@@ -144,7 +141,7 @@ def test_monai_bundle_without_section_uses_the_registry_preprocessing(tmp_path):
     prediction = model.predict(volume)
     np.testing.assert_allclose(prediction.grid.row_direction, [-1, 0, 0])
     np.testing.assert_allclose(prediction.grid.spacing, (3.5, 2.5, 2.0))
-    assert _dice(prediction.probability("ball") > 0.5, truth) >= 0.9
+    assert dice(prediction.probability("ball") > 0.5, truth) >= 0.9
 
 
 def test_monai_bundle_label_names_win_unless_the_registry_overrides(tmp_path):
@@ -198,7 +195,7 @@ def test_torchscript_with_registry_preprocessing_and_sliding_window(tmp_path, ro
     assert isinstance(model, TorchScriptModel)
     volume, truth = _ball_volume("oblique")
     prediction = model.predict(volume)
-    assert _dice(prediction.probability("ball") > 0.5, truth) >= 0.9
+    assert dice(prediction.probability("ball") > 0.5, truth) >= 0.9
     if roi:  # patches of a 1x1x1 convolution stitch back to the whole-volume answer
         whole = load_model(_spec("torchscript", tmp_path, labels={"ball": (1,)}, preprocessing=pre), "cpu")
         np.testing.assert_allclose(prediction.maps["ball"], whole.predict(volume).maps["ball"], atol=1e-4)
@@ -210,7 +207,7 @@ def test_exported_program_with_a_fixed_grid(tmp_path):
     pre = Preprocessing(orientation="LPS", size=(24, 24, 16), intensity=Intensity("ct_window", (-100.0, 300.0)))
     spec = _spec("torchscript", tmp_path, labels={"ball": (1,)}, preprocessing=pre)
     volume, truth = _ball_volume("axial")
-    assert _dice(load_model(spec, "cpu").predict(volume).probability("ball") > 0.5, truth) >= 0.85
+    assert dice(load_model(spec, "cpu").predict(volume).probability("ball") > 0.5, truth) >= 0.85
 
 
 def test_torchscript_needs_labels_and_a_file(tmp_path):
@@ -398,7 +395,7 @@ def test_nnunet_v2_folder_made_by_the_test(tmp_path, orientation, transpose):
     model = load_model(spec, "cpu")
     prediction = model.predict(volume)
     assert prediction.grid.shape != volume.geometry.shape
-    assert _dice(prediction.probability("ball") > 0.5, truth) >= 0.97
+    assert dice(prediction.probability("ball") > 0.5, truth) >= 0.97
 
 
 def test_nnunet_v2_model_of_a_variant_trainer_loads_beside_the_cpu_torch(tmp_path):
@@ -413,7 +410,7 @@ def test_nnunet_v2_model_of_a_variant_trainer_loads_beside_the_cpu_torch(tmp_pat
     spec = _spec("nnunetv2", root, labels={"ball": (1,)}, options={"folds": [0], "mirroring": False})
     model = load_model(spec, "cpu")
     assert type(model.predictor.network).__name__ == "ThresholdNet"
-    assert _dice(model.predict(volume).probability("ball") > 0.5, truth) >= 0.9
+    assert dice(model.predict(volume).probability("ball") > 0.5, truth) >= 0.9
 
 
 def test_nnunet_v2_plain_unet_with_regions(tmp_path):
@@ -619,8 +616,8 @@ def test_forced_sliding_window_on_cpu_matches_whole_volume_inference(tmp_path):
     # Patch borders see zero padding instead of their neighbours: close, not equal, and the same masks.
     difference = np.abs(patched - reference)
     assert 0.0 < float(difference.max()) < 0.5 and float(difference.mean()) < 0.01
-    assert _dice(patched > 0.5, reference > 0.5) >= 0.99
-    assert _dice(patched > 0.5, truth) >= 0.9
+    assert dice(patched > 0.5, reference > 0.5) >= 0.99
+    assert dice(patched > 0.5, truth) >= 0.9
 
 
 def _demo_ct() -> ModelSpec:
@@ -668,4 +665,4 @@ def test_demo_bundle_on_cuda_with_amp_and_sliding_window_matches_cpu():
         for label in cpu.maps:
             a, b = cuda.maps[label] > 0.5, cpu.maps[label] > 0.5
             if a.sum() + b.sum() > 100:  # labels the model finds on this phantom
-                assert _dice(a, b) >= 0.99, label
+                assert dice(a, b) >= 0.99, label

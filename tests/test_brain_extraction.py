@@ -29,12 +29,9 @@ from medsegagent.models.ensemble import resolve_overlaps
 from medsegagent.models.registry import Registry, load_registry
 from medsegagent.models.resample import derived_grid, resample
 from medsegagent.node.pipeline import fuse_label
+from tests.conftest import dice
 
 DATASET = "Brain_Extraction"
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 def _spec(registry: Registry, name: str, **options: object) -> ModelSpec:
@@ -96,7 +93,7 @@ def test_each_model_alone_extracts_colin27s_brain(predictions, colin, name):
     probability = predictions[name].probability("brain")
     assert probability.shape == volume.geometry.shape
     assert probability.min() >= 0.0 and probability.max() <= 1.0 + 1e-6  # trilinear resampling rounds
-    assert _dice(probability > 0.5, reference) >= 0.93
+    assert dice(probability > 0.5, reference) >= 0.93
 
 
 def test_probabilities_stay_on_the_grid_the_model_computed_them_on(predictions, colin):
@@ -121,8 +118,8 @@ def test_the_ensemble_fuses_the_two_maps_above_either_bar(predictions, colin, re
     assert result.weights == pytest.approx({"hd_bet": 0.5, "deepbet": 0.5})  # no registry quality: equal ranks
     assert not result.dropped
     fused = resolve_overlaps([result]) == 1
-    measured = {name: round(_dice(p.probability("brain") > 0.5, reference), 4) for name, p in predictions.items()}
-    measured["fused"] = round(_dice(fused, reference), 4)
+    measured = {name: round(dice(p.probability("brain") > 0.5, reference), 4) for name, p in predictions.items()}
+    measured["fused"] = round(dice(fused, reference), 4)
     assert measured["fused"] >= 0.94, f"Dice against ch2bet: {measured}"
 
 
@@ -154,7 +151,7 @@ def test_deepbet_on_a_sagittal_and_a_flipped_series_gives_the_same_mask(models, 
     presented = _relaid(volume, (2, 0, 1), flips=(1,))
     mask = models["deepbet"].predict(presented).probability("brain") > 0.5
     back = resample(mask.astype(np.float32), presented.geometry, volume.geometry, mode="nearest") > 0.5
-    assert _dice(back, axial) >= 0.999
+    assert dice(back, axial) >= 0.999
 
 
 def test_deepbet_on_an_oblique_series(models, predictions, colin):
@@ -178,8 +175,8 @@ def test_deepbet_on_an_oblique_series(models, predictions, colin):
     mask = models["deepbet"].predict(oblique).probability("brain") > 0.5
     truth = resample(reference.astype(np.float32), g, oblique_grid, mode="nearest") > 0.5
     straight = resample(predictions["deepbet"].probability("brain"), g, oblique_grid) > 0.5
-    assert _dice(mask, truth) >= 0.92
-    assert _dice(mask, straight) >= 0.97
+    assert dice(mask, truth) >= 0.92
+    assert dice(mask, straight) >= 0.97
 
 
 # --------------------------------------------------------------------------- sequences and errors
@@ -299,5 +296,5 @@ def test_on_cuda_both_models_and_the_fusion(registry, colin):
         prediction = model.predict(volume)
         assert prediction.device.startswith("cuda")
         maps[name] = prediction.probability("brain")
-        assert _dice(maps[name] > 0.5, reference) >= 0.93
-    assert _dice((maps["hd_bet"] + maps["deepbet"]) / 2 > 0.5, reference) >= 0.94
+        assert dice(maps[name] > 0.5, reference) >= 0.93
+    assert dice((maps["hd_bet"] + maps["deepbet"]) / 2 > 0.5, reference) >= 0.94

@@ -47,6 +47,7 @@ from medsegagent.models.monai_bundle import (
 )
 from medsegagent.models.registry import load_registry
 from medsegagent.models.resample import sub_geometry
+from tests.conftest import dice
 
 ZOO = Path(
     os.environ.get("MEDSEG_ZOO_FIXTURES")
@@ -390,10 +391,6 @@ def _oblique_ball(modality: str, description: str, values: tuple[float, float]) 
     return Volume(array, geometry, modality, "2.25.1", meta={"SeriesDescription": description}), truth
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-
-
 @dataclass(frozen=True)
 class Threshold:
     """A 1x1(x1) convolution in which channel ``winner`` wins where the preprocessed image exceeds ``level``."""
@@ -449,7 +446,7 @@ def test_published_transforms_and_their_inverse_put_the_output_where_the_input_w
     spec, case = _threshold_bundle(name, tmp_path)
     volume, truth = _oblique_ball(case.modality, case.description, case.values)
     for axis in range(3):
-        assert _dice(np.flip(truth, axis), truth) < 0.9
+        assert dice(np.flip(truth, axis), truth) < 0.9
     model = load_model(spec, "cpu")
     seen: list[torch.Tensor] = []
     model.network.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
@@ -457,7 +454,7 @@ def test_published_transforms_and_their_inverse_put_the_output_where_the_input_w
     prediction = model.predict(volume)
 
     assert prediction.grid.same_grid(volume.geometry)
-    assert _dice(prediction.maps[case.label] > 0.5, truth) > 0.9
+    assert dice(prediction.maps[case.label] > 0.5, truth) > 0.9
     if case.dims == 2:  # one acquired slice per network call, in order (ScaleIntensityd: the ball is 1)
         assert [int((s > 0.5).sum()) for s in seen] == [int(truth[k].sum()) for k in range(truth.shape[0])]
         assert model.amp is False  # no evaluator asks for mixed precision

@@ -55,6 +55,7 @@ from medsegagent.models.totalseg import (
 )
 from medsegagent.models.totalseg_registry import ATTACHED, check, default_registry_file, generated_file
 from medsegagent.node.pipeline import weights_fingerprint
+from tests.conftest import dice
 
 SOFT_TISSUE, BONE = "liver", "rib_left_1"  # the catalogue numbers rib_left_1 94, TotalSegmentator 92
 ARCH = {
@@ -212,10 +213,6 @@ def _spec(name: str, **options) -> ModelSpec:
     return dataclasses.replace(spec, options={**spec.options, **options})
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-
-
 def _stub_folder(results: Path, folder: str, trainer: str = "nnUNetTrainer") -> Path:
     """A complete result folder with placeholder files (what :func:`result_folder_complete` looks for)."""
     run = results / folder / f"{trainer}__nnUNetPlans__3d_fullres"
@@ -311,8 +308,8 @@ def test_total_fast_runs_end_to_end_on_a_phantom(models_dir, offline, phantom_fa
     assert prediction.grid.same_grid(volume.geometry) and prediction.interpolation == "nearest"
     soft = (volume.array > -250) & (volume.array <= 250)
     bone = volume.array > 250
-    assert _dice(prediction.maps[SOFT_TISSUE] > 0, soft) > 0.95
-    assert _dice(prediction.maps[BONE] > 0, bone) > 0.95
+    assert dice(prediction.maps[SOFT_TISSUE] > 0, soft) > 0.95
+    assert dice(prediction.maps[BONE] > 0, bone) > 0.95
     assert not (prediction.maps[SOFT_TISSUE] > 0)[volume.array < -500].any()  # air stays background
     config = json.loads((models_dir / "totalsegmentator" / "config.json").read_text())
     assert config["send_usage_stats"] is False and config["prediction_counter"] == 1
