@@ -223,7 +223,7 @@ class SegmentSpec:
         Identification parameters).
     note : str, optional
         A caution for readers (``models disagree (Dice 0.23)``), written as
-        the Segment Description (LO, truncated to 64 characters).
+        the Segment Description (cut to 64 characters, as a PACS shows it).
 
     Raises
     ------
