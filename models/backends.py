@@ -57,9 +57,11 @@ from medsegagent.models.registry import (
 )
 from medsegagent.models.resample import (
     ORIENTATIONS,
+    Box,
     BoxedMap,
     derived_grid,
     foreground_mask,
+    mask_reach,
     resample,
     resample_boxed,
     target_grid,
@@ -622,15 +624,19 @@ class Prediction:
         """Labels the prediction holds."""
         return list(self.maps)
 
-    def boxed(self, label: str, eps: float = 1e-3) -> BoxedMap:
-        """``label``'s probability on the study's grid, computed only inside its support box."""
+    def boxed(self, label: str, eps: float = 1e-3, within: Box | None = None) -> BoxedMap:
+        """``label``'s probability on the study's grid, computed only inside its support box (and ``within``)."""
         t0 = time.perf_counter()
         data = self.maps[label]
         if self.interpolation == "nearest":
             data = data.astype(np.float32, copy=False)
-        out = resample_boxed(data, self.grid, self.target, mode=self.interpolation, eps=eps)
+        out = resample_boxed(data, self.grid, self.target, mode=self.interpolation, eps=eps, within=within)
         self.seconds["to_source"] = self.seconds.get("to_source", 0.0) + time.perf_counter() - t0
         return out
+
+    def mask_box(self, label: str) -> Box | None:
+        """Where ``label``'s mask (``p > 0.5``) can fall on the study's grid (:func:`mask_reach`)."""
+        return mask_reach(self.maps[label], self.grid, self.target)
 
     def probability(self, label: str) -> np.ndarray:
         """``label``'s probability as a dense float32 array on the study's grid."""

@@ -46,10 +46,11 @@ from itertools import combinations
 
 import numpy as np
 
-from medsegagent.models.resample import BoxedMap, _support_box
+from medsegagent.models.resample import Box, BoxedMap, _support_box
 
 __all__ = [
     "Member",
+    "OnDemand",
     "Placement",
     "TargetResult",
     "as_boxed",
@@ -62,8 +63,35 @@ __all__ = [
     "study_outliers",
 ]
 
-#: What a member's opinion may be: a dense map, a boxed map, or a callable that makes one on demand.
-MapLike = np.ndarray | BoxedMap | Callable[[], "np.ndarray | BoxedMap"]
+#: Voxels of margin around a target's region (:func:`fuse_study`), against rounding at its edge.
+REGION_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """A member's map, made when the ensemble needs it and only where it can matter.
+
+    Every rule of the ensemble reads masks (``p > 0.5``), and a fused score
+    above 0.5 needs a member above 0.5 (the weights sum to one), so
+    :func:`fuse_study` makes a target's members only inside the union of
+    their reaches: nothing outside it can become a voxel of the target.
+
+    Attributes
+    ----------
+    reach : callable
+        ``reach() -> box or None``: where on the study's grid the member's
+        mask can be (``None``: nowhere), e.g. :meth:`Prediction.mask_box`.
+    make : callable
+        ``make(within=box) -> BoxedMap``: the map on the study's grid, only
+        inside ``box`` (``None``: wherever it has support).
+    """
+
+    reach: Callable[[], Box | None]
+    make: Callable[..., BoxedMap]
+
+
+#: What a member's opinion may be: a dense map, a boxed map, or something that makes one on demand.
+MapLike = np.ndarray | BoxedMap | OnDemand | Callable[[], "np.ndarray | BoxedMap"]
 
 
 @dataclass(frozen=True)
@@ -138,9 +166,11 @@ class TargetResult:
         return f"TargetResult({self.target!r}, weights={self.weights}, dropped={self.dropped})"
 
 
-def as_boxed(value: MapLike) -> BoxedMap:
-    """Materialise a member's map as a :class:`BoxedMap` (float32)."""
-    if callable(value) and not isinstance(value, np.ndarray | BoxedMap):
+def as_boxed(value: MapLike, within: Box | None = None) -> BoxedMap:
+    """Materialise a member's map as a :class:`BoxedMap` (float32); an :class:`OnDemand` one only ``within``."""
+    if isinstance(value, OnDemand):
+        value = value.make(within=within)
+    elif callable(value) and not isinstance(value, np.ndarray | BoxedMap):
         value = value()
     if isinstance(value, BoxedMap):
         if value.data.dtype != np.float32:
@@ -724,9 +754,17 @@ def fuse_study(
     list of TargetResult
         In ``targets`` order.
     """
+    regions = [_region(members, shape) for _, members, _ in targets]
     pending = [(i, m) for i, (_, members, _) in enumerate(targets) for m in members]
+
+    def materialise(item: tuple[int, Member]) -> BoxedMap:
+        i, member = item
+        if regions[i] is _NOWHERE:
+            return BoxedMap.empty(shape)
+        return as_boxed(member.probability, regions[i])
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        boxed = list(pool.map(lambda item: as_boxed(item[1].probability), pending))
+        boxed = list(pool.map(materialise, pending))
         materialised: list[list[Member]] = [[] for _ in targets]
         for (i, member), value in zip(pending, boxed, strict=True):
             materialised[i].append(Member(member.model, value, member.rank_key))
@@ -755,6 +793,30 @@ def fuse_study(
         results.append(fuse_target(name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **options))
         members.clear()  # the target's boxes are no longer needed
     return results
+
+
+#: A target none of whose members has a mask anywhere (see :func:`_region`).
+_NOWHERE: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
+
+
+def _region(members: Sequence[Member], shape: tuple[int, int, int]) -> Box | None:
+    """Where a target's :class:`OnDemand` members are worth making: the union of their reaches plus a margin.
+
+    ``None`` (everywhere) unless every member is :class:`OnDemand`: a dense
+    member's mask is not known before it is materialised.
+    """
+    if not members or not all(isinstance(m.probability, OnDemand) for m in members):
+        return None
+    reaches = [r for m in members if (r := m.probability.reach()) is not None]  # type: ignore[union-attr]
+    if not reaches:
+        return _NOWHERE
+    return tuple(  # type: ignore[return-value]
+        slice(
+            max(min(b[a].start for b in reaches) - REGION_MARGIN, 0),
+            min(max(b[a].stop for b in reaches) + REGION_MARGIN, n),
+        )
+        for a, n in enumerate(shape)
+    )
 
 
 def study_misplaced(

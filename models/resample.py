@@ -25,9 +25,12 @@ from medsegagent.dicom.volume import Geometry
 
 __all__ = [
     "ORIENTATIONS",
+    "Box",
     "BoxedMap",
     "derived_grid",
     "foreground_mask",
+    "intersect_boxes",
+    "mask_reach",
     "model_grid",
     "resample",
     "resample_boxed",
@@ -296,28 +299,139 @@ def resample(
     if source.same_grid(target):
         out = tensor.to(torch.float32).numpy()
         return out[0] if squeeze else out
-    tensor = tensor.to(dtype)[None]  # (1, C, D, H, W)
-    # Affine from target indices straight to source indices (column, row, slice), in float32 torch
-    # ops: the sampling grid of a 512 x 512 x 300 target costs less than sampling itself.
-    index_map = torch.from_numpy(np.linalg.inv(source.affine) @ target.affine).to(torch.float32)
-    depth, rows, cols = source.shape
+    # Affine from target indices straight to source indices (column, row, slice).
+    index_map = np.linalg.inv(source.affine) @ target.affine
+    axes = _aligned_axes(index_map, target.shape)
+    # grid_sample treats a one-voxel axis as a point everywhere; keep its behaviour there.
+    if axes is not None and min(source.shape) > 1:
+        out = _resample_separable(tensor.to(dtype), axes, target.shape, mode, fill, outside)
+    else:
+        out = _resample_grid(tensor.to(dtype)[None], index_map, source.shape, target.shape, mode, fill, outside)
+    return out[0] if squeeze else out
+
+
+def _aligned_axes(index_map: np.ndarray, target_shape: tuple[int, int, int]) -> list[tuple[int, float, float]] | None:
+    """Per source array axis: (target array axis, step, start) when the grids share their axes.
+
+    Grids whose axes are parallel (up to order and sign) make trilinear
+    sampling separable: one 1-D interpolation per axis.  An off-axis term
+    counts as zero when it moves no sample by more than 1e-4 voxel across the
+    whole target; anything more oblique returns ``None``.
+    """
+    linear = index_map[:3, :3]  # source (column, row, slice) per target (column, row, slice)
+    extent = np.array([target_shape[2], target_shape[1], target_shape[0]], float)
+    mapped = np.abs(linear) * extent > 1e-4
+    if not ((mapped.sum(axis=0) == 1).all() and (mapped.sum(axis=1) == 1).all()):
+        return None
+    axes = []
+    for source_axis in range(3):  # array order: slice, row, column = affine index 2, 1, 0
+        row = 2 - source_axis
+        column = int(np.argmax(mapped[row]))
+        axes.append((2 - column, float(linear[row, column]), float(index_map[row, 3])))
+    return axes
+
+
+def _axis_weights(
+    positions: torch.Tensor, size: int, mode: str, zero_padding: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two source indices and their weights per position, as ``grid_sample(align_corners=True)`` takes them."""
+    if not zero_padding:  # border padding samples the clamped position
+        positions = positions.clamp(0.0, size - 1.0)
+    if mode == "nearest":
+        index = torch.round(positions)  # half to even, as grid_sample
+        weight = ((index >= 0) & (index <= size - 1)).to(positions.dtype)
+        index = index.clamp(0, size - 1).long()
+        return index, index, weight, torch.zeros_like(weight)
+    low = torch.floor(positions)
+    frac = positions - low
+    w_low = (1.0 - frac) * ((low >= 0) & (low <= size - 1))
+    w_high = frac * ((low >= -1) & (low <= size - 2))
+    return low.clamp(0, size - 1).long(), (low + 1).clamp(0, size - 1).long(), w_low, w_high
+
+
+def _resample_separable(
+    tensor: torch.Tensor,
+    axes: list[tuple[int, float, float]],
+    target_shape: tuple[int, int, int],
+    mode: str,
+    fill: float | None,
+    outside: float | None,
+) -> np.ndarray:
+    """Sample a ``(C, D, H, W)`` tensor axis by axis (grids with shared axes; see :func:`_aligned_axes`).
+
+    Gives what :func:`_resample_grid` gives (to float rounding) at a fraction
+    of the cost: two gathers and a blend per axis instead of eight per voxel.
+    """
+    sizes = tuple(tensor.shape[1:])
+    plans = []
+    for source_axis, (target_axis, step, start) in enumerate(axes):
+        count = target_shape[target_axis]
+        positions = start + step * torch.arange(count, dtype=torch.float64)
+        n = sizes[source_axis]
+        weights = _axis_weights(positions, n, mode, fill is not None)
+        beyond = (positions < -0.5 - 1e-6) | (positions > n - 0.5 + 1e-6)
+        plans.append((source_axis, target_axis, weights, beyond, count / n))
+    out = tensor
+    inside = []
+    # Shrinking axes first keeps the intermediates small.
+    for source_axis, _, (low, high, w_low, w_high), _, _ in sorted(plans, key=lambda p: p[4]):
+        dim = source_axis + 1
+        shape = [1, 1, 1, 1]
+        shape[dim] = -1
+        blend = out.index_select(dim, low) * w_low.to(out.dtype).view(shape)
+        if mode == "linear":
+            blend += out.index_select(dim, high) * w_high.to(out.dtype).view(shape)
+        out = blend
+        inside.append((source_axis, (w_low + w_high).to(out.dtype)))
+    # Axis k of ``out`` is the target axis that source axis k became.
+    order = [0] + [1 + [p[1] for p in plans].index(t) for t in range(3)]
+    out = out.permute(order).to(torch.float32)
+    if fill is not None:
+        # Zero padding fades towards 0; add fill * (1 - weight inside) to fade towards ``fill``.
+        weight = torch.ones(target_shape, dtype=torch.float32)
+        for source_axis, share in inside:
+            shape = [1, 1, 1]
+            shape[plans[source_axis][1]] = -1
+            weight = weight * share.to(torch.float32).view(shape)
+        out = out + fill * (1.0 - weight)
+    if outside is not None:
+        for _, target_axis, _, beyond, _ in plans:
+            index = [slice(None)] * 4
+            index[1 + target_axis] = beyond
+            out[tuple(index)] = outside
+    return np.ascontiguousarray(out.numpy())
+
+
+def _resample_grid(
+    tensor: torch.Tensor,
+    index_map: np.ndarray,
+    source_shape: tuple[int, int, int],
+    target_shape: tuple[int, int, int],
+    mode: str,
+    fill: float | None,
+    outside: float | None,
+) -> np.ndarray:
+    """``grid_sample`` at every target voxel centre, slab by slab (any orientation)."""
+    dtype = tensor.dtype
+    index = torch.from_numpy(index_map).to(torch.float32)
+    depth, rows, cols = source_shape
     sizes = torch.tensor([cols, rows, depth], dtype=torch.float32)
     scale = 2.0 / torch.clamp(sizes - 1, min=1)
-    out = np.empty((tensor.shape[1], *target.shape), dtype=np.float32)
-    per_slice = target.shape[1] * target.shape[2]
+    out = np.empty((tensor.shape[1], *target_shape), dtype=np.float32)
+    per_slice = target_shape[1] * target_shape[2]
     step = max(1, _CHUNK_VOXELS // per_slice)
     jj, ii = torch.meshgrid(
-        torch.arange(target.shape[1], dtype=torch.float32),
-        torch.arange(target.shape[2], dtype=torch.float32),
+        torch.arange(target_shape[1], dtype=torch.float32),
+        torch.arange(target_shape[2], dtype=torch.float32),
         indexing="ij",
     )
     # The in-plane part of the map is the same for every slice: compute it once, normalised.
-    plane = (ii[..., None] * index_map[:3, 0] + jj[..., None] * index_map[:3, 1] + index_map[:3, 3]) * scale - 1.0
-    slice_step = index_map[:3, 2] * scale
+    plane = (ii[..., None] * index[:3, 0] + jj[..., None] * index[:3, 1] + index[:3, 3]) * scale - 1.0
+    slice_step = index[:3, 2] * scale
     grid_mode = "nearest" if mode == "nearest" else "bilinear"
     padding = "border" if fill is None else "zeros"
-    for first in range(0, target.shape[0], step):
-        ks = torch.arange(first, min(first + step, target.shape[0]), dtype=torch.float32)
+    for first in range(0, target_shape[0], step):
+        ks = torch.arange(first, min(first + step, target_shape[0]), dtype=torch.float32)
         grid = plane[None] + ks[:, None, None, None] * slice_step  # (k, rows, cols, 3), normalised
         sampled = F.grid_sample(tensor, grid[None].to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
         block = sampled[0].float()
@@ -330,7 +444,7 @@ def resample(
             bound = 1.0 + scale / 2.0 + 1e-6
             block[:, (grid.abs() > bound).any(dim=-1)] = outside
         out[:, first : first + len(ks)] = block.numpy()
-    return out[0] if squeeze else out
+    return out
 
 
 def _inside_weight(grid: torch.Tensor, sizes: torch.Tensor, mode: str) -> torch.Tensor:
@@ -436,6 +550,49 @@ def _support_box(support: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice
     return box[0], box[1], box[2]
 
 
+#: A box on a grid: ``(slice, row, column)`` slices with integer bounds and step 1.
+Box = tuple[slice, slice, slice]
+
+
+def _reach(box: Box, source: Geometry, target: Geometry) -> Box | None:
+    """The target voxels whose centres fall within ``box`` of the source grid (plus half a voxel)."""
+    lo = np.array([s.start for s in box], float) - 0.5  # (slice, row, column) edges
+    hi = np.array([s.stop for s in box], float) - 0.5
+    corners = np.array([[c, r, s] for c in (lo[2], hi[2]) for r in (lo[1], hi[1]) for s in (lo[0], hi[0])])
+    index_map = np.linalg.inv(target.affine) @ source.affine
+    reach = corners @ index_map[:3, :3].T + index_map[:3, 3]  # target (column, row, slice)
+    first = np.floor(reach.min(axis=0)).astype(int)
+    last = np.ceil(reach.max(axis=0)).astype(int)
+    upper = np.array([target.shape[2], target.shape[1], target.shape[0]])
+    first, last = np.clip(first, 0, upper), np.clip(last + 1, 0, upper)
+    if (last <= first).any():
+        return None
+    return slice(first[2], last[2]), slice(first[1], last[1]), slice(first[0], last[0])
+
+
+def intersect_boxes(a: Box, b: Box) -> Box | None:
+    """The common part of two boxes, or ``None`` when they do not overlap."""
+    box = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b, strict=True))
+    return None if any(s.stop <= s.start for s in box) else box  # type: ignore[return-value]
+
+
+def mask_reach(data: np.ndarray, source: Geometry, target: Geometry, *, threshold: float = 0.5) -> Box | None:
+    """Where on ``target`` the resampled ``data`` can exceed ``threshold``, or ``None`` if nowhere.
+
+    Linear interpolation is a convex combination of neighbours, so a target
+    voxel above ``threshold`` has a source neighbour above it: the box is
+    the source voxels above ``threshold``, grown by one voxel, carried to
+    ``target``.  The ensemble resamples a target's members only inside the
+    union of their reaches (:func:`~medsegagent.models.ensemble.fuse_study`).
+    """
+    above = data > threshold
+    if not above.any():
+        return None
+    if source.same_grid(target):
+        return _support_box(above)
+    return _reach(_support_box(above, pad=1), source, target)
+
+
 def resample_boxed(
     data: np.ndarray,
     source: Geometry,
@@ -444,6 +601,7 @@ def resample_boxed(
     mode: str = "linear",
     support: float = 0.05,
     eps: float = 1e-3,
+    within: Box | None = None,
 ) -> BoxedMap:
     """Resample a model output to ``target`` only where it has support.
 
@@ -463,13 +621,16 @@ def resample_boxed(
         change no fused score by more than ``support`` times a weight.
     eps : float
         Values at or below ``eps`` inside the box are set to zero.
+    within : tuple of slice, optional
+        A box of ``target``: resample only there (the ensemble passes the
+        region where any member of the target can exceed 0.5).
 
     Returns
     -------
     BoxedMap
         On ``target``: the target voxels whose centres fall within one source
-        voxel of the support box, resampled; zero elsewhere (and outside the
-        source's extent).
+        voxel of the support box (and inside ``within``), resampled; zero
+        elsewhere (and outside the source's extent).
     """
     threshold = support if mode == "linear" else 0.0
     inside = data > threshold
@@ -477,23 +638,19 @@ def resample_boxed(
         return BoxedMap.empty(target.shape)
     if source.same_grid(target):  # a backend that answers on the study's grid: just crop
         box = _support_box(inside)
+        box = box if within is None else intersect_boxes(box, within)
+        if box is None:
+            return BoxedMap.empty(target.shape)
         block = data[box].astype(np.float32)
         block[block <= (eps if mode == "linear" else 0.0)] = 0.0
         return BoxedMap(target.shape, box, block)
     # One voxel of slack: linear interpolation reaches one voxel beyond the support.
     box = _support_box(inside, pad=1)
-    lo = np.array([s.start for s in box], float) - 0.5  # (slice, row, column) edges
-    hi = np.array([s.stop for s in box], float) - 0.5
-    corners = np.array([[c, r, s] for c in (lo[2], hi[2]) for r in (lo[1], hi[1]) for s in (lo[0], hi[0])])
-    index_map = np.linalg.inv(target.affine) @ source.affine
-    reach = corners @ index_map[:3, :3].T + index_map[:3, 3]  # target (column, row, slice)
-    first = np.floor(reach.min(axis=0)).astype(int)
-    last = np.ceil(reach.max(axis=0)).astype(int)
-    upper = np.array([target.shape[2], target.shape[1], target.shape[0]])
-    first, last = np.clip(first, 0, upper), np.clip(last + 1, 0, upper)
-    if (last <= first).any():
+    out_box = _reach(box, source, target)
+    if out_box is not None and within is not None:
+        out_box = intersect_boxes(out_box, within)
+    if out_box is None:
         return BoxedMap.empty(target.shape)
-    out_box = (slice(first[2], last[2]), slice(first[1], last[1]), slice(first[0], last[0]))
     # Only the source's box is sampled from: outside it the map counts as zero.
     cropped = np.zeros(tuple(s.stop - s.start for s in box), np.float32)
     cropped[...] = data[box]

@@ -7,6 +7,7 @@ import pytest
 
 from medsegagent.models.ensemble import (
     Member,
+    OnDemand,
     fuse_study,
     fuse_target,
     placement_evidence,
@@ -329,3 +330,39 @@ def test_study_misplacement_sums_small_consistent_evidence():
     assert study_misplaced(members[:1], evidence[:1], threshold=0.5) == {}  # one target: the per-target rule's job
     flipped = [{("a", "b"): Placement((0, 0, 1), -0.2, 0.15)} for _ in range(3)]
     assert list(study_misplaced(members, flipped, threshold=0.5)) == ["b"]
+
+
+def test_on_demand_members_made_inside_the_target_region_give_the_same_labels():
+    """Members made only where some member's mask can reach fuse to the labels of whole members."""
+    rng = np.random.default_rng(4)
+    shape = (30, 30, 30)
+    maps = {}
+    for model, shift in (("a", 0), ("b", 2)):
+        for target, lo in (("liver", 3), ("spleen", 15)):
+            p = (0.3 * rng.random(shape)).astype(np.float32)  # a faint tail everywhere
+            p[lo + shift : lo + shift + 8, 5:20, lo : lo + 9] = rng.uniform(0.4, 1.0, (8, 15, 9))
+            maps[model, target] = p
+    made: list[tuple[str, str, tuple]] = []
+
+    def on_demand(model, target):
+        p = maps[model, target]
+
+        def make(within=None):
+            made.append((model, target, within))
+            box = within or (slice(0, 30),) * 3
+            out = np.zeros(shape, np.float32)
+            out[box] = p[box]
+            return BoxedMap.from_dense(out)
+
+        return OnDemand(lambda: BoxedMap.from_dense(p, 0.5).box, make)
+
+    def fuse(kind):
+        targets = [
+            (t, [Member(m, kind(m, t), (i,)) for i, m in enumerate("ab")], {"volume_range_ml": (1.0, 5000.0)})
+            for t in ("liver", "spleen")
+        ]
+        return resolve_overlaps(fuse_study(targets, voxel_ml=1.0, shape=shape))
+
+    whole = fuse(lambda m, t: maps[m, t])
+    np.testing.assert_array_equal(fuse(on_demand), whole)
+    assert len(made) == 4 and all(w is not None and w != (slice(0, 30),) * 3 for _, _, w in made)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from medsegagent.dicom.volume import Geometry
-from medsegagent.models.resample import BoxedMap, derived_grid, model_grid, resample, resample_boxed, target_grid
+from medsegagent.models import resample as resample_module
+from medsegagent.models.resample import (
+    BoxedMap,
+    derived_grid,
+    intersect_boxes,
+    mask_reach,
+    model_grid,
+    resample,
+    resample_boxed,
+    target_grid,
+)
 
 
 def _oblique_geometry(shape=(20, 40, 48)) -> Geometry:
@@ -192,3 +203,55 @@ def test_boxed_map_rules():
         BoxedMap(shape, (slice(0, 6), slice(0, 1), slice(0, 1)), np.zeros((6, 1, 1)))
     with pytest.raises(ValueError, match="does not match"):
         BoxedMap(shape, (slice(0, 2), slice(0, 1), slice(0, 1)), np.zeros((1, 1, 1)))
+
+
+def _aligned_geometry(rng: np.random.Generator, perm, signs, shape) -> Geometry:
+    axes = np.eye(3)[list(perm)] * np.asarray(signs)[:, None]
+    return Geometry(shape, rng.uniform(-30, 30, 3), axes[0], axes[1], axes[2], tuple(rng.uniform(0.4, 5.0, 3)))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_separable_path_equals_grid_sample_on_grids_sharing_axes(seed):
+    """Grids whose axes are parallel (permuted, flipped, rescaled) are sampled axis by axis: same values."""
+    rng = np.random.default_rng(seed)
+    source = _aligned_geometry(rng, (0, 1, 2), (1, 1, 1), tuple(int(n) for n in rng.integers(2, 24, 3)))
+    target = _aligned_geometry(
+        rng, rng.permutation(3), rng.choice([-1, 1], 3), tuple(int(n) for n in rng.integers(2, 32, 3))
+    )
+    data = rng.random(source.shape).astype(np.float32)
+    index_map = np.linalg.inv(source.affine) @ target.affine
+    axes = resample_module._aligned_axes(index_map, target.shape)
+    assert axes is not None
+    tensor = torch.from_numpy(data)[None]
+    for mode, fill, outside in [
+        ("linear", None, None),
+        ("linear", -5.0, 0.0),
+        ("nearest", None, 0.0),
+        ("linear", None, 0.0),
+    ]:
+        fast = resample_module._resample_separable(tensor, axes, target.shape, mode, fill, outside)
+        slow = resample_module._resample_grid(tensor[None], index_map, source.shape, target.shape, mode, fill, outside)
+        np.testing.assert_allclose(fast, slow, atol=1e-4, err_msg=f"{mode} fill={fill} outside={outside}")
+    # An oblique target is not separable: it goes through grid_sample.
+    assert (
+        resample_module._aligned_axes(np.linalg.inv(source.affine) @ _oblique_geometry().affine, (20, 40, 48)) is None
+    )
+
+
+def test_mask_reach_and_within_bound_the_boxed_resample():
+    geo = _oblique_geometry((40, 96, 96))
+    grid = target_grid(geo, spacing=(3.0, 3.0, 3.0))
+    prob = resample(_ball(geo, geo.index_to_lps(60, 40, 18), 22.0).astype(np.float32), geo, grid)
+    prob[prob < 0.2] *= 0.5  # a faint tail beyond the mask
+    whole = resample_boxed(prob, grid, geo)
+    reach = mask_reach(prob, grid, geo)
+    assert reach is not None
+    inside = np.zeros(geo.shape, bool)
+    inside[reach] = True
+    assert not (whole.dense() > 0.5)[~inside].any()  # nothing above 0.5 escapes the reach
+    part = resample_boxed(prob, grid, geo, within=reach)
+    assert part.box == intersect_boxes(whole.box, reach)
+    np.testing.assert_allclose(part.data, whole.dense()[part.box], atol=1e-5)  # float32 sampling positions
+    assert mask_reach(np.zeros(grid.shape, np.float32), grid, geo) is None
+    far = (slice(0, 1), slice(0, 1), slice(0, 1))
+    assert resample_boxed(prob, grid, geo, within=far).is_empty
