@@ -12,8 +12,9 @@ connection with blocking I/O, and keeps pynetdicom for what happens once per
 association (the A-ASSOCIATE items) and for its SCU roles.
 
 This module holds the connection side: the TCP (or TLS) listener, the count
-of open connections against the association limit, and shutting every
-connection down when the listener stops.
+of open connections against the association limit and the separate cap on
+connections that have not associated yet, and shutting every connection
+down when the listener stops.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 class Acceptor:
     """Serves the connections of a listener; one call of :meth:`serve` per connection, each in its own thread.
 
+    A connection is *pending* until its A-ASSOCIATE-RQ has arrived whole,
+    then it holds one of ``settings.max_associations`` association slots.
+    Pending connections are capped separately (``max_pending_connections``):
+    one more closes the oldest, so that sockets that never associate -- a
+    port scan, a stuck client, a flood -- cannot starve configured peers,
+    whose requests follow their connection at once.
+
     Parameters
     ----------
     handler : StorageHandler
@@ -51,53 +59,92 @@ class Acceptor:
         self.settings = settings
         self.ssl_context = ssl_context
         self._lock = threading.Lock()
-        self._active: set[socket.socket] = set()
+        self._pending: dict[_Connection, None] = {}  # insertion-ordered: the oldest first
+        self._associated: set[_Connection] = set()
 
     @property
     def active_associations(self) -> int:
         """Connections being served now (associated or not yet)."""
         with self._lock:
-            return len(self._active)
+            return len(self._pending) + len(self._associated)
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections that have not sent their A-ASSOCIATE-RQ yet."""
+        with self._lock:
+            return len(self._pending)
 
     def serve(self, sock: socket.socket, address: tuple[str, ...]) -> None:
         """Serve one connection until it is released, aborted or times out; never raises."""
         started = time.monotonic()
         peer = (str(address[0]), int(address[1]))
-        connection = sock
-        with self._lock:
-            self._active.add(sock)
-            over_limit = len(self._active) > self.settings.max_associations
+        connection = _Connection(sock)
+        self._add_pending(connection, peer)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small PDUs otherwise wait for delayed ACKs
             if self.ssl_context is not None:
                 # CPython bounds the whole handshake by the socket time-out (a deadline, not per read).
                 sock.settimeout(self.settings.acse_timeout)
-                connection = self.ssl_context.wrap_socket(sock, server_side=True)
-                # The TLS socket took over the descriptor (the plain one is detached): track it instead.
-                with self._lock:
-                    self._active.discard(sock)
-                    self._active.add(connection)
+                tls = self.ssl_context.wrap_socket(sock, server_side=True)
+                with self._lock:  # the TLS socket took over the descriptor (the plain one is detached)
+                    connection.sock = tls
                 started = time.monotonic()
-            AcceptorAssociation(connection, peer, self.handler, self.settings, over_limit=over_limit).run(started)
+            association = AcceptorAssociation(connection.sock, peer, self.handler, self.settings,
+                                              claim_slot=lambda: self._claim_slot(connection))  # fmt: skip
+            association.run(started)
         except (ssl.SSLError, OSError) as exc:
             log.warning("connection from %s:%d failed: %s", peer[0], peer[1], exc)
         except Exception:  # a bug must cost one connection, not the listener
             log.exception("connection from %s:%d failed", peer[0], peer[1])
         finally:
             with self._lock:
-                self._active.discard(sock)
-                self._active.discard(connection)
-            if connection is not sock:
-                connection.close()
+                self._pending.pop(connection, None)
+                self._associated.discard(connection)
+            if connection.sock is not sock:
+                connection.sock.close()
+
+    def _add_pending(self, connection: _Connection, peer: tuple[str, int]) -> None:
+        """Count a new connection as pending; over the cap, close the oldest pending one."""
+        with self._lock:
+            self._pending[connection] = None
+            if len(self._pending) <= self.settings.max_pending_connections:
+                return
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.shut_down()  # its thread ends on the closed socket
+        log.warning("closed the oldest connection without an association: more than %d pending (newest from %s:%d)",
+                    self.settings.max_pending_connections, peer[0], peer[1])  # fmt: skip
+
+    def _claim_slot(self, connection: _Connection) -> bool:
+        """The connection's A-ASSOCIATE-RQ arrived: take an association slot if one is free."""
+        with self._lock:
+            self._pending.pop(connection, None)
+            if len(self._associated) >= self.settings.max_associations:
+                return False
+            self._associated.add(connection)
+            return True
 
     def close_all(self) -> None:
         """Shut down every connection being served (their threads then end)."""
         with self._lock:
-            active = list(self._active)
-        for sock in active:
-            # socket.socket.shutdown, not SSLSocket's: the TLS object must not be used from a second thread.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            connections = [*self._pending, *self._associated]
+        for connection in connections:
+            connection.shut_down()
+
+
+class _Connection:
+    """One accepted connection: its socket (the TLS one once wrapped), compared by identity."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def shut_down(self) -> None:
+        """Shut the socket down from another thread, so that the thread serving it ends."""
+        # socket.socket.shutdown, not SSLSocket's: the TLS object must not be used from a second thread.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
 class AcceptorServer(socketserver.ThreadingTCPServer):

@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -203,10 +203,17 @@ class AcceptorSettings:
     max_pdu_length : int
         Maximum Length Received announced to peers.
     max_associations : int
-        Concurrent connections (associated or not yet); more are rejected (transient).
+        Concurrent associations; a request beyond them is rejected
+        (transient).  Connections that have not sent their A-ASSOCIATE-RQ
+        yet do not count: they are capped by ``max_pending_connections``.
+    max_pending_connections : int
+        Connections still awaiting their A-ASSOCIATE-RQ; when one more
+        arrives, the oldest of them is closed, so that idle sockets cannot
+        lock a configured peer out (they would take the slots otherwise).
     acse_timeout : float
         Seconds from the connection to a complete A-ASSOCIATE-RQ (ARTIM);
-        with TLS, the handshake has as long again.
+        with TLS, the handshake has as long again.  Short: a real peer sends
+        its request at once, and a silent connection holds a thread until then.
     network_timeout : float
         Seconds within which each PDU of an association must arrive whole,
         counted from the end of the previous one.
@@ -218,7 +225,8 @@ class AcceptorSettings:
     supported_contexts: Sequence[NegotiatedContext]
     max_pdu_length: int = 131_072
     max_associations: int = 8
-    acse_timeout: float = 30.0
+    max_pending_connections: int = 32
+    acse_timeout: float = 5.0
     network_timeout: float = 60.0
     max_data_set_bytes: int = 2 << 30
 
@@ -236,18 +244,20 @@ class AcceptorAssociation:
         Screens the request and stores data sets.
     settings : AcceptorSettings
         Contexts, limits and time-outs.
-    over_limit : bool
-        More connections than ``settings.max_associations`` are open: the
-        request is rejected (transient).
+    claim_slot : callable, optional
+        Called once the A-ASSOCIATE-RQ has arrived whole: ``True`` when an
+        association slot is free and now taken, ``False`` when
+        ``settings.max_associations`` are established (the request is then
+        rejected, transient).  Default: always a slot.
     """
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], handler: StorageHandler,
-                 settings: AcceptorSettings, *, over_limit: bool = False) -> None:  # fmt: skip
+                 settings: AcceptorSettings, *, claim_slot: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.sock = sock
         self.address = address
         self.handler = handler
         self.settings = settings
-        self.over_limit = over_limit
+        self.claim_slot = claim_slot
         self.reader = SocketReader(sock)
         self.info = AssociationInfo(calling_ae="", called_ae="", address=address[0], port=address[1])
         self.established = False
@@ -352,8 +362,8 @@ class AcceptorAssociation:
             return protocol_version_not_supported(f"protocol version 0x{request.protocol_version:04X}")
         if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
             return application_context_not_supported(f"application context {primitive.application_context_name}")
-        if self.over_limit:
-            return local_limit_exceeded(f"more than {self.settings.max_associations} connections at once")
+        if self.claim_slot is not None and not self.claim_slot():
+            return local_limit_exceeded(f"{self.settings.max_associations} associations are open already")
         return self.handler.screen(self.info)
 
     def _send_accept(self, request: A_ASSOCIATE, results: list[NegotiatedContext],

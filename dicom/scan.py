@@ -39,15 +39,22 @@ _INFLATE_SLICE = 1 << 20
 _MAX_DEPTH = 64
 
 # Tags the intake reads.
+SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
+MODALITY = 0x00080060
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
+IMAGE_POSITION_PATIENT = 0x00200032
+IMAGE_ORIENTATION_PATIENT = 0x00200037
 SAMPLES_PER_PIXEL = 0x00280002
 NUMBER_OF_FRAMES = 0x00280008
 ROWS = 0x00280010
 COLUMNS = 0x00280011
+PIXEL_SPACING = 0x00280030
 BITS_ALLOCATED = 0x00280100
+BITS_STORED = 0x00280101
+HIGH_BIT = 0x00280102
 PIXEL_DATA = 0x7FE00010
 
 
@@ -256,7 +263,12 @@ class InstanceFacts:
     """What the intake checks about a received instance (values as on the wire, ``None`` when absent).
 
     ``pixel_data_length`` is ``None`` without Pixel Data and -1 for
-    encapsulated (undefined-length) Pixel Data.
+    encapsulated (undefined-length) Pixel Data.  Multi-valued text comes as
+    a tuple of its values (Specific Character Set keeps an empty first value,
+    which means the default repertoire); decimal strings as floats, parsed
+    with Python's ``float`` so that "NaN" or "1e999" reach the checks as the
+    non-finite numbers they claim to be.  Only top-level elements are read:
+    the per-frame geometry of an enhanced multi-frame image is not here.
     """
 
     sop_class_uid: str | None
@@ -269,6 +281,13 @@ class InstanceFacts:
     samples_per_pixel: int | None
     bits_allocated: int | None
     pixel_data_length: int | None
+    modality: str | None = None
+    specific_character_set: tuple[str, ...] | None = None
+    bits_stored: int | None = None
+    high_bit: int | None = None
+    image_position: tuple[float, ...] | None = None
+    image_orientation: tuple[float, ...] | None = None
+    pixel_spacing: tuple[float, ...] | None = None
 
 
 def _integer_string(value: str | None) -> int | None:
@@ -289,12 +308,32 @@ def _integer_string(value: str | None) -> int | None:
     raise DataSetScanError(f"Number of Frames {value!r} is not an integer")
 
 
-_WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SAMPLES_PER_PIXEL,
-           NUMBER_OF_FRAMES, ROWS, COLUMNS, BITS_ALLOCATED, PIXEL_DATA)  # fmt: skip
+def _decimal_strings(value: str | None, name: str) -> tuple[float, ...] | None:
+    """A DS value as floats; ``None`` when absent or empty."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return tuple(float(part) for part in value.split("\\"))
+    except ValueError:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise DataSetScanError(f"{name} '{shown}' is not a decimal string") from None
+
+
+def _code_strings(value: str | None) -> tuple[str, ...] | None:
+    """A CS value as its stripped values; ``None`` when absent or empty."""
+    if value is None or not value.strip():
+        return None
+    return tuple(part.strip() for part in value.split("\\"))
+
+
+_WANTED = (SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, STUDY_INSTANCE_UID,
+           SERIES_INSTANCE_UID, IMAGE_POSITION_PATIENT, IMAGE_ORIENTATION_PATIENT, SAMPLES_PER_PIXEL,
+           NUMBER_OF_FRAMES, ROWS, COLUMNS, PIXEL_SPACING, BITS_ALLOCATED, BITS_STORED, HIGH_BIT,
+           PIXEL_DATA)  # fmt: skip
 
 
 def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFacts:
-    """The identifying UIDs and pixel description of a data set, without decoding it.
+    """The identifying UIDs, modality, pixel description and geometry of a data set, without decoding it.
 
     Parameters
     ----------
@@ -308,7 +347,8 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
     DataSetScanError
         When the data set is malformed (see :func:`scan`) or a pixel
         description value does not decode (a US that is not 2 bytes, a
-        Number of Frames that is not an integer string).
+        Number of Frames that is not an integer string, an Image Position,
+        Image Orientation or Pixel Spacing that is not a decimal string).
     """
     found = scan(data, transfer_syntax, _WANTED)
     order = ">" if transfer_syntax == _EXPLICIT_BIG else "<"
@@ -338,4 +378,11 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
         samples_per_pixel=us(SAMPLES_PER_PIXEL),
         bits_allocated=us(BITS_ALLOCATED),
         pixel_data_length=None if pixel is None else (-1 if pixel.length is None else pixel.length),
+        modality=(text(MODALITY) or "").strip() or None,
+        specific_character_set=_code_strings(text(SPECIFIC_CHARACTER_SET)),
+        bits_stored=us(BITS_STORED),
+        high_bit=us(HIGH_BIT),
+        image_position=_decimal_strings(text(IMAGE_POSITION_PATIENT), "Image Position (Patient)"),
+        image_orientation=_decimal_strings(text(IMAGE_ORIENTATION_PATIENT), "Image Orientation (Patient)"),
+        pixel_spacing=_decimal_strings(text(PIXEL_SPACING), "Pixel Spacing"),
     )

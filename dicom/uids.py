@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-#: PS3.5 9.1: digits and dots, components without leading zeros, at most 64 chars.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+#: PS3.5 9.1: digits and dots, components without leading zeros, at most 64 chars.  Used with
+#: ``fullmatch`` only: ``$`` (and ``match``) would accept a trailing newline, which then lands in paths.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 #: Implementation Class UID of the node's DICOM implementation (PS3.7 D.3.3.2):
@@ -21,7 +22,7 @@ class InvalidUIDError(ValueError):
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a syntactically valid DICOM UID."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def checked_uid(value: object, what: str = "UID") -> str:

@@ -38,8 +38,9 @@ from medsegagent.dicom.association import (
     calling_ae_not_recognised,
 )
 from medsegagent.dicom.dimse import Command, Status
+from medsegagent.dicom.instance_checks import REQUIRED_MODALITY, instance_refusal
 from medsegagent.dicom.part10 import file_meta_header
-from medsegagent.dicom.scan import DataSetScanError, InstanceFacts, inflate, scan_instance
+from medsegagent.dicom.scan import DataSetScanError, inflate, scan_instance
 from medsegagent.dicom.uids import (
     MEDSEGAGENT_IMPLEMENTATION_UID,
     MEDSEGAGENT_IMPLEMENTATION_VERSION,
@@ -52,39 +53,31 @@ from medsegagent.node.spool import INCOMING, IncomingFile, make_durable_dirs
 
 log = logging.getLogger(__name__)
 
-#: Storage SOP classes the node accepts: the images its registry's modalities
-#: need, plus SR documents that carry requests.
-STORAGE_SOP_CLASSES = (
-    sc.CTImageStorage,
-    sc.EnhancedCTImageStorage,
-    sc.LegacyConvertedEnhancedCTImageStorage,
-    sc.MRImageStorage,
-    sc.EnhancedMRImageStorage,
-    sc.LegacyConvertedEnhancedMRImageStorage,
-    sc.PositronEmissionTomographyImageStorage,
-    sc.EnhancedPETImageStorage,
-    sc.LegacyConvertedEnhancedPETImageStorage,
-    sc.UltrasoundImageStorage,
-    sc.UltrasoundMultiFrameImageStorage,
-    sc.BasicTextSRStorage,
-    sc.EnhancedSRStorage,
-    sc.ComprehensiveSRStorage,
-)
+#: Storage SOP classes the node accepts (with the Modality each requires, see dicom/instance_checks.py).
+STORAGE_SOP_CLASSES = tuple(REQUIRED_MODALITY)
 
-#: Compressed transfer syntaxes accepted when pydicom has a decoder for them
-#: (pylibjpeg-openjpeg: JPEG 2000; pyjpegls: JPEG-LS; RLE is native; JPEG
-#: lossless needs pylibjpeg-libjpeg or python-gdcm, installed by the user).
+#: Compressed transfer syntaxes PACS send, accepted where a decoder is installed: pydicom (RLE),
+#: python-gdcm (JPEG baseline, extended, lossless; also JPEG-LS and JPEG 2000), pyjpegls (JPEG-LS),
+#: pylibjpeg-openjpeg (JPEG 2000, HTJ2K).  Lossy ones too: ultrasound is JPEG baseline, and an archive
+#: that compressed a study lossy sends nothing better.  GPL decoders (pylibjpeg-libjpeg) are not needed.
 _COMPRESSED_SYNTAXES = (
     uid.RLELossless,
-    uid.JPEGLSLossless,
-    uid.JPEG2000Lossless,
     uid.JPEGLosslessSV1,
     uid.JPEGLossless,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
 )
 
 
 def supported_transfer_syntaxes() -> list[str]:
-    """Transfer syntaxes the node accepts: uncompressed, deflate, and every decodable lossless one."""
+    """Transfer syntaxes the node accepts: uncompressed, deflate, and every compressed one that decodes here."""
     syntaxes = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
                 uid.ExplicitVRBigEndian]  # fmt: skip
     for syntax in _COMPRESSED_SYNTAXES:
@@ -98,38 +91,6 @@ def supported_transfer_syntaxes() -> list[str]:
 
 #: Largest inflated size of a Deflated data set: a deflate bomb (1000:1) stops here, not at the 2 GiB instance limit.
 MAX_INFLATED_BYTES = 256 << 20
-
-#: Largest frame count / matrix the node accepts; anything above is a corrupt or hostile claim.
-_MAX_FRAMES = 10_000
-_MAX_MATRIX = 8192
-
-
-def image_problem(facts: InstanceFacts) -> str | None:
-    """Why an image data set cannot be a usable image, or ``None``.
-
-    Checks only what is cheap and decisive before the instance is stored:
-    pixel data present, sane matrix and frame claims, and, for native
-    (uncompressed) pixel data, a length that matches those claims (a
-    truncated transfer otherwise lands on disk as a "valid" instance).
-    """
-    if (facts.sop_class_uid or "").startswith("1.2.840.10008.5.1.4.1.1.88"):
-        return None  # SR documents carry no pixels
-    if facts.pixel_data_length is None:
-        return "image has no pixel data"
-    missing = [name for name in ("rows", "columns", "bits_allocated") if getattr(facts, name) is None]
-    if missing:
-        return f"image pixel description is incomplete (no {', '.join(missing)})"
-    rows, cols, bits = int(facts.rows or 0), int(facts.columns or 0), int(facts.bits_allocated or 0)
-    frames, samples = facts.number_of_frames or 1, facts.samples_per_pixel or 1
-    if not (0 < rows <= _MAX_MATRIX and 0 < cols <= _MAX_MATRIX and 0 < frames <= _MAX_FRAMES):
-        return f"implausible image size claim ({rows} x {cols} x {frames} frames)"
-    if bits not in (1, 8, 16, 32, 64) or samples not in (1, 3):
-        return f"unsupported pixel layout (BitsAllocated {bits}, SamplesPerPixel {samples})"
-    if facts.pixel_data_length >= 0:  # native: the length is checkable (-1: encapsulated)
-        expected = rows * cols * frames * samples * bits // 8
-        if facts.pixel_data_length < expected:
-            return f"pixel data truncated ({facts.pixel_data_length} of {expected} bytes)"
-    return None
 
 
 @dataclass
@@ -179,6 +140,12 @@ class StorageSCP:
         in place.
     max_associations : int
         Concurrent associations; more are rejected (transient).
+    max_pending_connections : int
+        Connections that have not sent their A-ASSOCIATE-RQ yet; one more
+        closes the oldest of them (idle sockets cannot lock peers out).
+    association_request_seconds : float
+        An A-ASSOCIATE-RQ must arrive whole within this many seconds of the
+        connection (ARTIM); silent connections are closed then.
     ssl_context : ssl.SSLContext, optional
         Serve DICOM over TLS with this server context.
     reuse_port : bool
@@ -198,6 +165,8 @@ class StorageSCP:
         on_instance: Callable[[str, str, Path, str, str], None] | None = None,
         admit: Callable[[str | None], str | None] | None = None,
         max_associations: int = 8,
+        max_pending_connections: int = 32,
+        association_request_seconds: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False,
     ) -> None:
@@ -221,7 +190,8 @@ class StorageSCP:
         contexts += [build_context(sop, syntaxes) for sop in STORAGE_SOP_CLASSES]
         # A stalled peer is aborted after the time-outs, so it cannot hold a slot forever.
         self._settings = AcceptorSettings(supported_contexts=contexts, max_associations=max_associations,
-                                          acse_timeout=30.0, network_timeout=60.0)  # fmt: skip
+                                          max_pending_connections=max_pending_connections,
+                                          acse_timeout=association_request_seconds, network_timeout=60.0)  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -312,12 +282,14 @@ class StorageSCP:
             study = checked_uid(facts.study_instance_uid, "StudyInstanceUID")
             series = checked_uid(facts.series_instance_uid, "SeriesInstanceUID")
             sop = checked_uid(facts.sop_instance_uid, "SOPInstanceUID")
-        except InvalidUIDError as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling)
+        except InvalidUIDError as exc:  # the log names the instance by the request's (checked) UID
+            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling, command.affected_sop_instance_uid)
         except DataSetScanError as exc:
-            return self._refuse(Status.CANNOT_UNDERSTAND, f"bad data set: {exc}", calling)
+            return self._refuse(Status.CANNOT_UNDERSTAND, f"bad data set: {exc}", calling,
+                                command.affected_sop_instance_uid)  # fmt: skip
         except OSError as exc:  # the received file cannot be mapped to be read
-            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot read back: {exc}", calling)
+            return self._refuse(Status.OUT_OF_RESOURCES, f"cannot read back: {exc}", calling,
+                                command.affected_sop_instance_uid)  # fmt: skip
         if sop != command.affected_sop_instance_uid:
             return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request's",
                                 calling, sop)  # fmt: skip
@@ -325,9 +297,9 @@ class StorageSCP:
             # The File Meta and the pixel checks follow the request's class: the data set must agree.
             why = f"SOP Class UID {facts.sop_class_uid!r} differs from the request's"
             return self._refuse(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, why, calling, sop)
-        problem = image_problem(facts)
-        if problem:
-            return self._refuse(Status.CANNOT_UNDERSTAND, problem, calling, sop)
+        refusal = instance_refusal(facts)
+        if refusal is not None:
+            return self._refuse(refusal.status, refusal.reason, calling, sop)
         if self.admit is not None:
             reason = self.admit(study)
             if reason:

@@ -101,6 +101,8 @@ class IntakeSpec:
     min_free_disk_mb: int
     max_study_instances: int
     tls: dict | None = None
+    max_pending_connections: int = 32
+    association_request_seconds: float = 5.0
     parent_pid: int = 0
     log_level: int = logging.INFO
     reuse_port: bool = True
@@ -114,6 +116,8 @@ class IntakeSpec:
             Path(self.spool_dir), ae_title=self.ae_title, host=self.host, port=self.port,
             allowed_callers=self.allowed_callers, allowed_hosts=self.allowed_hosts,
             on_instance=recorder.on_instance, admit=recorder.admit, max_associations=self.max_associations,
+            max_pending_connections=self.max_pending_connections,
+            association_request_seconds=self.association_request_seconds,
             ssl_context=server_ssl_context(tls) if tls is not None else None, reuse_port=self.reuse_port,
         )  # fmt: skip
 

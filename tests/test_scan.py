@@ -66,6 +66,17 @@ def _facts_from_pydicom(ds: Dataset, encapsulated: bool) -> dict:
         "samples_per_pixel": ds.get("SamplesPerPixel"),
         "bits_allocated": ds.get("BitsAllocated"),
         "pixel_data_length": None if "PixelData" not in ds else -1 if encapsulated else len(ds.PixelData),
+        "modality": ds.get("Modality"),
+        "bits_stored": ds.get("BitsStored"),
+        "high_bit": ds.get("HighBit"),
+        **{
+            name: tuple(float(v) for v in ds[keyword].value) if keyword in ds else None
+            for name, keyword in (
+                ("image_position", "ImagePositionPatient"),
+                ("image_orientation", "ImageOrientationPatient"),
+                ("pixel_spacing", "PixelSpacing"),
+            )
+        },
     }
 
 
@@ -260,3 +271,22 @@ def test_number_of_frames_written_as_a_decimal():
     assert scan_instance(_element(0x0028, 0x0008, b"IS", b"1.0 "), ExplicitVRLittleEndian).number_of_frames == 1
     with pytest.raises(DataSetScanError, match="Number of Frames"):
         scan_instance(_element(0x0028, 0x0008, b"IS", b"1.5 "), ExplicitVRLittleEndian)
+
+
+def test_geometry_character_set_and_modality_are_read_as_sent():
+    """Decimal strings become floats ("NaN" and "1e999" too: the checks refuse them), code strings tuples."""
+    data = b"".join([
+        _element(0x0008, 0x0005, b"CS", b"\\ISO 2022 IR 100 "),
+        _element(0x0008, 0x0060, b"CS", b"CT"),
+        _element(0x0020, 0x0032, b"DS", b"-1.5\\NaN\\1e999 "),
+        _element(0x0028, 0x0030, b"DS", b"0\\.5 "),
+    ])  # fmt: skip
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    assert facts.specific_character_set == ("", "ISO 2022 IR 100")
+    assert facts.modality == "CT"
+    assert facts.image_position[0] == -1.5 and facts.image_position[2] == float("inf")
+    assert facts.image_position[1] != facts.image_position[1]  # NaN
+    assert facts.pixel_spacing == (0.0, 0.5)
+    assert facts.image_orientation is None and facts.bits_stored is None
+    with pytest.raises(DataSetScanError, match="Pixel Spacing 'one' is not a decimal string"):
+        scan_instance(_element(0x0028, 0x0030, b"DS", b"one "), ExplicitVRLittleEndian)
