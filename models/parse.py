@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
+
+from medsegagent.models.lexicon import Concept as LexiconConcept
+from medsegagent.models.lexicon import Lexicon, load_lexicon
 
 
 def word_list(text: str) -> list[str]:
@@ -133,519 +138,6 @@ REGION_WORDS: dict[str, tuple[str, ...]] = {
     "cap": ("thorax", "abdomen", "pelvis"),
 }
 
-#: Where an organ lies: lets "brain tumour" use a brain-region dataset's generic "tumor" label
-#: and keeps "lung cancer" away from a brain-tumour dataset.
-ORGAN_REGIONS: dict[str, tuple[str, ...]] = {
-    "brain": ("head",),
-    "brainstem": ("head",),
-    "eye": ("head",),
-    "cochlea": ("head",),
-    "pituitary": ("head",),
-    "parotid": ("head", "neck"),
-    "thyroid": ("neck",),
-    "larynx": ("neck",),
-    "pharynx": ("neck",),
-    "nasopharyngeal": ("head", "neck"),
-    "oropharyngeal": ("head", "neck"),
-    "lung": ("thorax",),
-    "pulmonary": ("thorax",),
-    "mediastinal": ("thorax",),
-    "esophagus": ("thorax", "abdomen"),
-    "heart": ("heart", "thorax"),
-    "breast": ("breast", "thorax"),
-    "liver": ("abdomen",),
-    "kidney": ("abdomen",),
-    "adrenal": ("abdomen",),
-    "pancreas": ("abdomen",),
-    "spleen": ("abdomen",),
-    "stomach": ("abdomen",),
-    "gallbladder": ("abdomen",),
-    "colon": ("abdomen", "pelvis"),
-    "bowel": ("abdomen", "pelvis"),
-    "duodenum": ("abdomen",),
-    "prostate": ("pelvis",),
-    "bladder": ("pelvis",),
-    "uterus": ("pelvis",),
-    "rectum": ("pelvis",),
-    "ovary": ("pelvis",),
-    "spine": ("spine",),
-    "vertebra": ("spine",),
-    "bone": ("whole_body",),
-    "skin": ("whole_body",),
-}
-
-#: Multi-word phrases -> canonical tokens (keys are lower-case, singular, space separated).
-#: Applied longest first, before :data:`WORDS`.
-PHRASES: dict[str, str] = {
-    # imaging boilerplate
-    "oral contrast": "",
-    "positive oral contrast": "",
-    # adrenal / kidney / liver
-    "suprarenal gland": "adrenal",
-    "adrenal gland": "adrenal",
-    "adrenocortical carcinoma": "adrenal tumor",
-    "adrenocortical tumor": "adrenal tumor",
-    "adrenal cortical carcinoma": "adrenal tumor",
-    "renal cell carcinoma": "kidney tumor",
-    "hepatocellular carcinoma": "liver tumor",
-    "hepatic portal vein": "portal vein",
-    "portal venous system": "portal vein",
-    "gall bladder": "gallbladder",
-    "urinary bladder": "bladder",
-    "bile bladder": "gallbladder",
-    "small intestine": "small bowel",
-    "small bowel": "small bowel",
-    "large intestine": "colon",
-    "large bowel": "colon",
-    "inferior vena cava": "inferior vena cava",
-    "superior vena cava": "superior vena cava",
-    "infrahepatic vena cava": "inferior vena cava",
-    "vena cava inferior": "inferior vena cava",
-    "vena cava superior": "superior vena cava",
-    "iliac vena": "iliac vein",
-    # thorax
-    "pulmonary airway": "airway",
-    "bronchial tree": "airway",
-    "tracheobronchial tree": "airway",
-    "airway tree": "airway",
-    "pulmonary trunk": "pulmonary artery",
-    "main pulmonary artery": "pulmonary artery",
-    "pulmonary arterial tree": "pulmonary artery",
-    "pulmonary embolus": "pulmonary embolism",
-    "coronary tree": "coronary artery",
-    "coronary vessel": "coronary artery",
-    "costal cartilage": "costal cartilage",
-    "rib cartilage": "costal cartilage",
-    "breast bone": "sternum",
-    "collar bone": "clavicle",
-    "shoulder blade": "scapula",
-    "innominate artery": "brachiocephalic trunk",
-    "brachiocephalic artery": "brachiocephalic trunk",
-    "innominate vein": "brachiocephalic vein",
-    "mediastinal lymph node": "mediastinal node",
-    # heart
-    "heart left": "left",
-    "heart right": "right",
-    "heart ascending": "ascending",
-    "blood cavity": "",
-    "blood pool": "",
-    "left ventricular cavity": "left ventricle",
-    "right ventricular cavity": "right ventricle",
-    "left ventricular myocardium": "left myocardium",
-    "left ventricle myocardium": "left myocardium",
-    "lv myocardium": "left myocardium",
-    "lv myo": "left myocardium",
-    "ventricular myocardium": "myocardium",
-    "heart muscle": "myocardium",
-    "cardiac muscle": "myocardium",
-    "left atrial appendage": "left atrial appendage",
-    "left ventricular": "left ventricle",
-    "right ventricular": "right ventricle",
-    "left atrial": "left atrium",
-    "right atrial": "right atrium",
-    "ascending thoracic aorta": "ascending aorta",
-    "heart chamber": "heart chamber",
-    "cardiac chamber": "heart chamber",
-    "whole heart": "heart",
-    # brain / head and neck
-    "brain stem": "brainstem",
-    "optic chiasm": "chiasm",
-    "optic chiasma": "chiasm",
-    "optic nerve": "optic nerve",
-    "temporal lobe": "temporal lobe",
-    "internal auditory canal": "internal auditory canal",
-    "internal acoustic meatus": "internal auditory canal",
-    "internal auditory meatus": "internal auditory canal",
-    "tympanic cavity": "tympanic cavity",
-    "middle ear": "middle ear",
-    "inner ear": "inner ear",
-    "vestibul semi": "vestibule semicircular",
-    "vestibule semicircular canal": "vestibule semicircular",
-    "vestibule and semicircular canal": "vestibule semicircular",
-    "semicircular canal": "vestibule semicircular",
-    "eustachian tube bone": "eustachian bone",
-    "eustachian tube": "eustachian bone",
-    "et bone": "eustachian bone",
-    "temporomandibular joint": "temporomandibular joint",
-    "tm joint": "temporomandibular joint",
-    "oral cavity": "oral cavity",
-    "pharynx const": "pharyngeal constrictor",
-    "pharyngeal constrictor muscle": "pharyngeal constrictor",
-    "pharyngeal constrictor": "pharyngeal constrictor",
-    "constrictor muscle": "pharyngeal constrictor",
-    "glottic larynx": "glottic larynx",
-    "larynx glottic": "glottic larynx",
-    "supraglottic larynx": "supraglottic larynx",
-    "larynx supraglot": "supraglottic larynx",
-    "larynx supraglottic": "supraglottic larynx",
-    "spinal cord": "spinal cord",
-    "submandibular gland": "submandibular",
-    "parotid gland": "parotid",
-    "pituitary gland": "pituitary",
-    "thyroid gland": "thyroid",
-    "lacrimal gland": "lacrimal",
-    "intracranial hemorrhage": "brain hemorrhage",
-    "intracerebral hemorrhage": "brain hemorrhage",
-    "cerebral hemorrhage": "brain hemorrhage",
-    "brain bleed": "brain hemorrhage",
-    "head bleed": "brain hemorrhage",
-    "stroke lesion": "stroke",
-    "infarct core": "stroke",
-    "whole tumor": "tumor",
-    "gross tumor volume": "gtv",
-    "primary gross tumor volume": "primary tumor",
-    "primary tumor volume": "primary tumor",
-    "primary tumor": "primary tumor",
-    "nodal gross tumor volume": "node tumor",
-    "nodal tumor volume": "node tumor",
-    "nodal gtv": "node tumor",
-    "gtv node": "node tumor",
-    "gtv n": "node tumor",
-    "gtv t": "primary tumor",
-    "gtv p": "primary tumor",
-    "gtv nd": "node tumor",
-    "lymph node": "node",
-    "node metastasis": "node tumor",
-    "nodal metastasis": "node tumor",
-    "metastatic node": "node tumor",
-    "involved node": "node tumor",
-    "malignant node": "node tumor",
-    "nodal disease": "node tumor",
-    "vestibular schwannoma": "vestibular tumor",
-    "acoustic neuroma": "vestibular tumor",
-    "intra meatal tumor": "intrameatal vestibular tumor",
-    "extra meatal tumor": "extrameatal vestibular tumor",
-    "intrameatal tumor": "intrameatal vestibular tumor",
-    "extrameatal tumor": "extrameatal vestibular tumor",
-    "pediatric neuroblastoma": "neuroblastoma",
-    "fdg avid lesion": "tumor",
-    "fdg avid": "tumor",
-    "hypermetabolic lesion": "tumor",
-    "tumor burden": "tumor",
-    "breast lesion": "breast tumor",
-    # muscles / bones
-    "erector spinae": "autochthon",
-    "paraspinal muscle": "autochthon",
-    "paraspinal": "autochthon",
-    "paravertebral muscle": "autochthon",
-    "deep back muscle": "autochthon",
-    "back muscle": "autochthon",
-    "autochthonous muscle": "autochthon",
-    "autochthonous back muscle": "autochthon",
-    "psoas muscle": "iliopsoas",
-    "psoas major": "iliopsoas",
-    "gluteus maximus muscle": "gluteus maximus",
-    "gluteal muscle": "gluteus",
-    "glute": "gluteus",
-    "quadriceps femoris": "quadriceps",
-    "quadricep": "quadriceps",
-    "thigh medial compartment": "thigh medial compartment",
-    "medial thigh compartment": "thigh medial compartment",
-    "medial compartment of the thigh": "thigh medial compartment",
-    "adductor muscle": "thigh medial compartment",
-    "adductor": "thigh medial compartment",
-    "posterior thigh compartment": "thigh posterior compartment",
-    "hamstring muscle": "thigh posterior compartment",
-    "hamstring": "thigh posterior compartment",
-    "hip bone": "hip",
-    "pelvic bone": "hip",
-    "os coxae": "hip",
-    "innominate bone": "hip",
-    "iliac bone": "hip",
-    "thigh bone": "femur",
-    "upper arm bone": "humerus",
-    "shin bone": "tibia",
-    "calf bone": "fibula",
-    "intervertebral disc": "intervertebral disc",
-    "intervertebral disk": "intervertebral disc",
-    "vertebral body": "vertebra",
-    "vertebral column": "spine",
-    "spinal column": "spine",
-    "whole spine": "spine",
-    "entire spine": "spine",
-    "rib cage": "rib",
-    "lower jaw": "mandible",
-    "jaw bone": "mandible",
-    "common iliac artery": "common iliac artery",
-    "common iliac vein": "common iliac vein",
-    "common carotid artery": "common carotid artery",
-    "carotid artery": "common carotid artery",
-    # lungs
-    "lung upper lobe": "lung upper lobe",
-    "upper lobe": "lung upper lobe",
-    "middle lobe": "lung middle lobe",
-    "lower lobe": "lung lower lobe",
-    "lung lobe": "lung lobe",
-    "pulmonary lobe": "lung lobe",
-    # groups
-    "organ at risk": "oar",
-    "organs at risk": "oar",
-    "abdominal organ": "abdomen organ",
-    "multi organ": "organ",
-    "multiorgan": "organ",
-    "iliac vessel": "iliac vessel",
-    "true rib": "rib",
-    "great vessel": "great vessel",
-    "lymph node station": "node",
-}
-
-#: Single words -> canonical tokens ("" drops the word).  Keys are singular.
-WORDS: dict[str, str] = {
-    # adjectives and Greek/Latin forms
-    "hepatic": "liver",
-    "hepar": "liver",
-    "renal": "kidney",
-    "nephric": "kidney",
-    "suprarenal": "adrenal",
-    "adrenals": "adrenal",
-    "splenic": "splenic",
-    "lien": "spleen",
-    "pancreatic": "pancreas",
-    "gastric": "stomach",
-    "esophageal": "esophagus",
-    "oesophagus": "esophagus",
-    "oesophageal": "esophagus",
-    "gullet": "esophagus",
-    "duodenal": "duodenum",
-    "colonic": "colon",
-    "rectal": "rectum",
-    "vesical": "bladder",
-    "cholecyst": "gallbladder",
-    "gb": "gallbladder",
-    "womb": "uterus",
-    "uterine": "uterus",
-    "prostatic": "prostate",
-    "aortic": "aorta",
-    "cerebral": "brain",
-    "cerebrum": "brain",
-    "intracranial": "brain",
-    "encephalon": "brain",
-    "brainstem": "brainstem",
-    "cardiac": "heart",
-    "myocardial": "myocardium",
-    "cardio": "heart",
-    "atria": "atrium",
-    "pulmonic": "pulmonary",
-    "lungs": "lung",
-    "thyroidal": "thyroid",
-    "tracheal": "trachea",
-    "windpipe": "trachea",
-    "airways": "airway",
-    "bronchi": "airway",
-    "bronchus": "airway",
-    "bowel": "bowel",
-    "intestinal": "intestine",
-    "ileum": "small bowel",
-    "jejunum": "small bowel",
-    "vertebrae": "vertebra",
-    "vertebral": "vertebra",
-    "vert": "vertebra",
-    "verts": "vertebra",
-    "costal": "costal",
-    "ribs": "rib",
-    "clavicula": "clavicle",
-    "clavicular": "clavicle",
-    "collarbone": "clavicle",
-    "breastbone": "sternum",
-    "sternal": "sternum",
-    "scapular": "scapula",
-    "femoral": "femur",
-    "humeral": "humerus",
-    "tibial": "tibia",
-    "fibular": "fibula",
-    "sacral": "sacrum",
-    "cranium": "skull",
-    "calvarium": "skull",
-    "calvaria": "skull",
-    "mandibular": "mandible",
-    "jaw": "mandible",
-    "hypophysis": "pituitary",
-    "pituitary": "pituitary",
-    "parotids": "parotid",
-    "eyeball": "eye",
-    "globe": "eye",
-    "ocular": "eye",
-    "orbit": "eye",
-    "lenses": "lens",
-    "chiasma": "chiasm",
-    "hippocampal": "hippocampus",
-    "hippocampi": "hippocampus",
-    "cochlear": "cochlea",
-    "mastoid": "mastoid",
-    "laryngeal": "larynx",
-    "glottis": "glottic larynx",
-    "supraglottis": "supraglottic larynx",
-    "supraglot": "supraglottic",
-    "mouth": "oral cavity",
-    "etbone": "eustachian bone",
-    "tmjoint": "temporomandibular joint",
-    "tmj": "temporomandibular joint",
-    "iac": "internal auditory canal",
-    "pharyngeal": "pharyngeal",
-    "cord": "cord",
-    "disc": "intervertebral disc",
-    "disk": "intervertebral disc",
-    "ivd": "intervertebral disc",
-    "psoas": "iliopsoas",
-    "iliopsoa": "iliopsoas",
-    "gluteal": "gluteus",
-    "glutei": "gluteus",
-    "quads": "quadriceps",
-    "autochthonous": "autochthon",
-    "heart": "heart",
-    "hip": "hip",
-    "venous": "vein",
-    "vena": "vena",
-    "arterial": "artery",
-    "arteria": "artery",
-    "artery": "artery",
-    "vessel": "vessel",
-    "vasculature": "vessel",
-    "coronaries": "coronary artery",
-    "coronary": "coronary",
-    "postcava": "inferior vena cava",
-    "precava": "superior vena cava",
-    # lesions
-    "tumour": "tumor",
-    "tumours": "tumor",
-    "neoplasm": "tumor",
-    "neoplasia": "tumor",
-    "neoplastic": "tumor",
-    "cancer": "tumor",
-    "cancerous": "tumor",
-    "carcinoma": "tumor",
-    "malignancy": "tumor",
-    "malignant": "tumor",
-    "metastasis": "tumor",
-    "metastases": "tumor",
-    "metastatic": "tumor",
-    "met": "tumor",
-    "mets": "tumor",
-    "lymphoma": "tumor",
-    "melanoma": "tumor",
-    "sarcoma": "tumor",
-    "hcc": "liver tumor",
-    "rcc": "kidney tumor",
-    "acc": "adrenal tumor",
-    "glioma": "brain tumor",
-    "glioblastoma": "brain tumor",
-    "gbm": "brain tumor",
-    "astrocytoma": "brain tumor",
-    "tumoral": "tumor",
-    "masses": "mass",
-    "lesional": "lesion",
-    "nodular": "nodule",
-    "cystic": "cyst",
-    "haemorrhage": "hemorrhage",
-    "hemorrhagic": "hemorrhage",
-    "haemorrhagic": "hemorrhage",
-    "bleed": "hemorrhage",
-    "bleeding": "hemorrhage",
-    "hematoma": "hemorrhage",
-    "haematoma": "hemorrhage",
-    "ich": "brain hemorrhage",
-    "old": "chronic",
-    "subacute": "acute",
-    "infarct": "stroke",
-    "infarction": "stroke",
-    "ischaemic": "ischemic",
-    "ischaemia": "ischemic stroke",
-    "ischemia": "ischemic stroke",
-    "embolus": "embolism",
-    "emboli": "embolism",
-    "thrombus": "embolism",
-    "clot": "embolism",
-    "pe": "pulmonary embolism",
-    "gtvp": "primary tumor",
-    "hnc": "primary tumor",
-    "hnscc": "primary tumor",
-    "npc": "primary tumor",
-    "gtvt": "primary tumor",
-    "gtvnd": "node tumor",
-    "gtvn": "node tumor",
-    "nodal": "node",
-    "nodes": "node",
-    "ln": "node",
-    "lns": "node",
-    "schwannoma": "vestibular tumor",
-    "neuroblastoma": "neuroblastoma",
-    "enhancing": "enhancing",
-    "et": "enhancing tumor",
-    "wt": "tumor",
-    "tc": "tumor core",
-    # heart abbreviations
-    "lv": "left ventricle",
-    "rv": "right ventricle",
-    "la": "left atrium",
-    "ra": "right atrium",
-    "laa": "left atrial appendage",
-    "myo": "myocardium",
-    "aao": "ascending aorta",
-    "pa": "pulmonary artery",
-    "ivc": "inferior vena cava",
-    "svc": "superior vena cava",
-    "pv": "portal vein",
-    "cca": "common carotid artery",
-    "sma": "superior mesenteric artery",
-    "ventricular": "ventricle",
-    "atrial": "atrial",
-    "chamber": "chamber",
-    # lung lobe abbreviations (laterality added by the grammar)
-    "lul": "left lung upper lobe",
-    "lll": "left lung lower lobe",
-    "rul": "right lung upper lobe",
-    "rml": "right lung middle lobe",
-    "rll": "right lung lower lobe",
-    "lobar": "lobe",
-    # groups and vague words
-    "oar": "oar",
-    "oars": "oar",
-    "organ": "organ",
-    "viscera": "organ",
-    "visceral": "organ",
-    "muscle": "",
-    "musculature": "",
-    "gland": "",
-    "bone": "bone",
-    "bony": "bone",
-    "osseous": "bone",
-    "skeleton": "bone",
-    "skeletal": "bone",
-    "parenchyma": "",
-    "tissue": "",
-}
-
-#: Concepts that stand for several others (a dataset without the whole gets its parts).
-GROUPS: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {
-    ("lung",): (("lung", "upper", "lobe"), ("lung", "middle", "lobe"), ("lung", "lower", "lobe")),
-    ("lung", "lobe"): (("lung", "upper", "lobe"), ("lung", "middle", "lobe"), ("lung", "lower", "lobe")),
-    ("heart", "chamber"): (("ventricle",), ("atrium",)),
-    ("chamber",): (("ventricle",), ("atrium",)),
-    # Whole-heart segmentation: chambers, myocardium and the roots of the great vessels.
-    ("heart",): (("ventricle",), ("atrium",), ("myocardium",), ("ascending", "aorta"), ("pulmonary", "artery")),
-    ("spine",): (("vertebra",),),
-    ("vena", "cava"): (("inferior", "vena", "cava"), ("superior", "vena", "cava")),
-    ("gluteus",): (("gluteus", "maximus"), ("gluteus", "medius"), ("gluteus", "minimus")),
-    ("inner", "ear"): (("cochlea",), ("vestibule", "semicircular")),
-    ("iliac", "artery"): (("common", "iliac", "artery"),),
-    ("iliac", "vein"): (("common", "iliac", "vein"),),
-    ("thigh", "muscle"): (
-        ("quadriceps",),
-        ("sartorius",),
-        ("thigh", "medial", "compartment"),
-        ("thigh", "posterior", "compartment"),
-    ),
-    ("ventricle",): (("ventricle",),),
-    ("gtv",): (("primary", "tumor"), ("node", "tumor")),
-    ("great", "vessel"): (
-        ("aorta",),
-        ("pulmonary", "artery"),
-        ("pulmonary", "vein"),
-        ("superior", "vena", "cava"),
-        ("inferior", "vena", "cava"),
-    ),
-}
-
 #: Lateral words.  ``l``/``r`` only count as laterality when standing alone.
 _LATERAL = {
     "left": "left",
@@ -735,7 +227,14 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             re.I,
         ),
     ),
-    ("US", re.compile(r"\b(?:ultrasound|ultrasonography|sonography|sonogram|sonographic|abus|echography|usg)\b", re.I)),
+    (
+        "US",
+        re.compile(
+            r"\b(?:ultrasound|ultrasonography|sonography|sonogram|sonographic|abus|echography|usg"
+            r"|echocardiogra\w*|echo|tte|tee|transthoracic\s+echo\w*|transo?esophageal\s+echo\w*)\b",
+            re.I,
+        ),
+    ),
 )
 _US_UPPER = re.compile(r"\bUS\b")  # "US" only in capitals: "help us" is not ultrasound
 
@@ -919,55 +418,8 @@ _LEVEL = re.compile(r"^([ctls])(\d{1,2})$")
 _NUMBER = re.compile(r"^(\d{1,2})(?:st|nd|rd|th)?$")
 
 
-def _vocabulary() -> frozenset[str]:
-    words: set[str] = set(STOPWORDS) | set(WORDS) | set(_LATERAL) | set(_ORDINALS) | set(_SEGMENT_LEVELS)
-    for table in (PHRASES, REGION_WORDS):
-        for key in table:
-            words.update(key.split())
-    for value in list(PHRASES.values()) + list(WORDS.values()):
-        words.update(value.split())
-    for key, members in GROUPS.items():
-        words.update(key)
-        for member in members:
-            words.update(member)
-    words.update(
-        word_list(
-            """
-            liver spleen kidney pancreas stomach duodenum colon rectum bladder prostate uterus aorta esophagus
-            gallbladder trachea thyroid lung heart brain skull sternum sacrum rib vertebra femur humerus
-            scapula clavicle tibia fibula hip mandible eye lens parotid submandibular mastoid cochlea larynx
-            pituitary hippocampus chiasm brainstem optic nerve myocardium ventricle atrium appendage pulmonary
-            artery vein portal splenic brachiocephalic subclavian carotid iliac common trunk inferior superior
-            vena cava coronary airway gluteus maximus medius minimus iliopsoas autochthon quadriceps sartorius
-            thigh medial posterior compartment spinal cord intervertebral disc costal cartilage small bowel
-            intestine tumor mass lesion cyst hemorrhage embolism stroke nodule core enhancing whole primary
-            node gtv ascending upper middle lower lobe all and with except excluding but not acute chronic
-            ischemic organ vessel muscle bone gland cavity tympanic ear temporal internal auditory canal oral
-            pharyngeal constrictor glottic supraglottic joint temporomandibular eustachian vestibule
-            semicircular adrenal breast vestibular neuroblastoma pediatric intrameatal extrameatal mediastinal
-            """
-        )
-    )
-    return frozenset(w for w in words if w)
-
-
-_VOCAB: frozenset[str] = _vocabulary()
-_VOCAB_BY_LEN: dict[int, tuple[str, ...]] = {}
-for _w in _VOCAB:
-    _VOCAB_BY_LEN.setdefault(len(_w), ())
-    _VOCAB_BY_LEN[len(_w)] += (_w,)
-
-
-def extend_vocabulary(words: set[str]) -> None:
-    """Add words (e.g. from registry label names and synonyms) to the spelling vocabulary."""
-    global _VOCAB
-    new = {w for w in words if w and w not in _VOCAB and w.isalpha()}
-    if not new:
-        return
-    _VOCAB = _VOCAB | frozenset(new)
-    for w in new:
-        _VOCAB_BY_LEN[len(w)] = (*_VOCAB_BY_LEN.get(len(w), ()), w)
-    correct_spelling.cache_clear()
+#: Words of the grammar itself (lists, exclusions): known, so never "corrected" into anatomy.
+_STRUCTURE_WORDS = frozenset({"all", "and", "with", "except", "excluding", "but", "not"})
 
 
 def _damerau(a: str, b: str, limit: int) -> int:
@@ -992,98 +444,6 @@ def _damerau(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
-@lru_cache(maxsize=8192)
-def correct_spelling(word: str) -> str:
-    """Closest vocabulary word for a misspelt ``word`` (unchanged when none is close).
-
-    One edit is allowed for words of 4-7 letters, two for longer ones; ties
-    keep the word unchanged (a guess between two structures is worse than none).
-    """
-    if word in _VOCAB or len(word) < 4 or not word.isalpha():
-        return word
-    limit = 1 if len(word) <= 7 else 2
-    best: list[str] = []
-    best_d = limit + 1
-    for length in range(len(word) - limit, len(word) + limit + 1):
-        for cand in _VOCAB_BY_LEN.get(length, ()):
-            if cand[0] != word[0] and len(word) <= 5:  # short words: first letter is rarely the typo
-                continue
-            d = _damerau(word, cand, limit)
-            if d < best_d:
-                best_d, best = d, [cand]
-            elif d == best_d:
-                best.append(cand)
-    if best_d <= limit and len({singular(b) for b in best}) == 1:
-        return best[0]
-    return word
-
-
-_PHRASE_KEYS: dict[int, dict[tuple[str, ...], tuple[str, ...]]] = {}
-for _k, _v in PHRASES.items():
-    _toks = tuple(singular(t) for t in _k.split())
-    _PHRASE_KEYS.setdefault(len(_toks), {})[_toks] = tuple(_v.split())
-_MAX_PHRASE = max(_PHRASE_KEYS)
-
-
-def _apply_phrases(tokens: list[str]) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for n in range(min(_MAX_PHRASE, len(tokens) - i), 1, -1):
-            rep = _PHRASE_KEYS.get(n, {}).get(tuple(tokens[i : i + n]))
-            if rep is not None:
-                out.extend(rep)
-                i += n
-                break
-        else:
-            out.append(tokens[i])
-            i += 1
-    return out
-
-
-def canonical_tokens(
-    words: list[str], fix_spelling: bool = True, keep_unknown: bool = False
-) -> tuple[list[str], list[str]]:
-    """Canonical tokens of a word list, plus the words nobody knows.
-
-    Parameters
-    ----------
-    words
-        Lower-case words (already without laterality/index words).
-    fix_spelling
-        Correct misspelt words (requests); off for registry names and synonyms.
-    keep_unknown
-        Keep unknown words in the tokens (registry synonyms: every word counts).
-
-    Returns
-    -------
-    tokens : list of str
-        Canonical tokens (stopwords removed), in order.
-    unknown : list of str
-        Words not in the vocabulary even after spelling correction.
-    """
-    if fix_spelling:
-        fixed = [singular(correct_spelling(w)) for w in words]
-        fixed = [singular(correct_spelling(w)) if w not in _VOCAB else w for w in fixed]
-    else:
-        fixed = [singular(w) for w in words]
-    tokens: list[str] = []
-    unknown: list[str] = []
-    for tok in _apply_phrases(fixed):
-        rep = WORDS.get(tok, tok)
-        for t in rep.split():
-            if t in STOPWORDS:
-                continue
-            if t not in _VOCAB and not t.isdigit():
-                unknown.append(t)  # kept out of a request's concept: the encoder looks at these
-                if not keep_unknown:
-                    continue
-            tokens.append(t)
-    # A second phrase pass: word mappings can complete a phrase ("suprarenal gland").
-    tokens = [t for t in _apply_phrases(tokens) if t and t not in STOPWORDS]
-    return tokens, unknown
-
-
 def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     toks = [t for t in tokens if t]
     # "stroke lesion", "tumor lesion": the generic word adds nothing next to a specific one.
@@ -1099,19 +459,209 @@ def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     return tuple(sorted(set(toks)))
 
 
-def _group_core(words: tuple[str, ...]) -> tuple[str, ...]:
-    return _finish_core(canonical_tokens(list(words), False, True)[0])
+@dataclass(frozen=True)
+class Vocabulary:
+    """Everything the grammar knows about words, built once from the lexicon (immutable).
+
+    The tables come from :mod:`medsegagent.models.lexicon` (concept terms, word
+    forms, qualifiers, filler words, groups, regions) plus the grammar's own
+    structure words; ``extra_words`` (a registry's label words) only join the
+    spelling vocabulary, so that they are never "corrected" into something else.
+    Build one with :meth:`build`; :func:`default_vocabulary` is the lexicon's.
+
+    Attributes
+    ----------
+    lexicon : Lexicon
+        The source.
+    words : mapping of str to str
+        Single word -> canonical words (``""`` drops the word).
+    phrases : mapping of int to mapping
+        By length: tuple of singular words -> canonical tokens.
+    known : frozenset of str
+        The spelling vocabulary.
+    groups : mapping
+        Group core -> member cores (canonical, sorted tokens).
+    organ_regions : mapping of str to tuple of str
+        Canonical token -> body regions it lies in.
+    concepts : mapping of tuple of str to Concept
+        Canonical core -> the lexicon concept it reads as (for plans and refusals).
+    """
+
+    lexicon: Lexicon
+    words: Mapping[str, str]
+    phrases: Mapping[int, Mapping[tuple[str, ...], tuple[str, ...]]]
+    known: frozenset[str]
+    groups: Mapping[tuple[str, ...], tuple[tuple[str, ...], ...]]
+    organ_regions: Mapping[str, tuple[str, ...]]
+    concepts: Mapping[tuple[str, ...], LexiconConcept] = field(repr=False)
+    _by_length: Mapping[int, tuple[str, ...]] = field(repr=False)
+    _memo: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, lexicon: Lexicon | None = None, extra_words: Iterable[str] = ()) -> Vocabulary:
+        """Vocabulary of a lexicon (default: the packaged one) plus extra known words.
+
+        Parameters
+        ----------
+        lexicon
+            The concept lexicon.
+        extra_words
+            Words to treat as known (never spelling-corrected), e.g. a registry's label words.
+
+        Returns
+        -------
+        Vocabulary
+        """
+        lexicon = lexicon or load_lexicon()
+        mapping = {term: canonical for term, canonical in lexicon.term_map().items() if term != canonical}
+        mapping.update(dict.fromkeys(lexicon.filler, ""))
+        words = {k: v for k, v in mapping.items() if " " not in k}
+        phrases: dict[int, dict[tuple[str, ...], tuple[str, ...]]] = {}
+        for k, v in mapping.items():
+            if " " in k:
+                toks = tuple(singular(t) for t in k.split())
+                phrases.setdefault(len(toks), {})[toks] = tuple(v.split())
+        known = set(STOPWORDS) | set(_LATERAL) | set(_ORDINALS) | set(_SEGMENT_LEVELS) | _STRUCTURE_WORDS
+        for key in REGION_WORDS:
+            known.update(key.split())
+        for term, canonical in mapping.items():
+            known.update(term.split())
+            known.update(canonical.split())
+        for concept in lexicon.concepts.values():
+            known.update(concept.canonical.split())
+        known.update(lexicon.qualifiers)
+        for group, members in lexicon.groups.items():
+            known.update(group.split())
+            for member in members:
+                known.update(member.split())
+        known.update(w for w in extra_words if w.isalpha())
+        known.discard("")
+        by_length: dict[int, list[str]] = {}
+        for w in sorted(known):
+            by_length.setdefault(len(w), []).append(w)
+        organ_regions = {c.canonical: c.regions for c in lexicon.concepts.values() if c.regions}
+        organ_regions.update({w: r for w, r in lexicon.qualifiers.items() if r})
+        vocab = cls(
+            lexicon,
+            MappingProxyType(words),
+            MappingProxyType({n: MappingProxyType(t) for n, t in phrases.items()}),
+            frozenset(known),
+            MappingProxyType({}),
+            MappingProxyType(organ_regions),
+            MappingProxyType({}),
+            MappingProxyType({n: tuple(ws) for n, ws in by_length.items()}),
+        )
+        # Both need the tables above; set once here, before anyone sees the object.
+        groups = {vocab._core(key): tuple(vocab._core(m) for m in members) for key, members in lexicon.groups.items()}
+        object.__setattr__(vocab, "groups", MappingProxyType(groups))
+        concepts: dict[tuple[str, ...], LexiconConcept] = {}
+        for concept in lexicon.concepts.values():
+            concepts.setdefault(vocab._core(concept.canonical), concept)
+        object.__setattr__(vocab, "concepts", MappingProxyType(concepts))
+        return vocab
+
+    def _core(self, phrase: str) -> tuple[str, ...]:
+        return _finish_core(self.canonical_tokens(phrase.split(), False, True)[0])
+
+    def correct_spelling(self, word: str) -> str:
+        """Closest known word for a misspelt ``word`` (unchanged when none is close).
+
+        One edit is allowed for words of 4-7 letters, two for longer ones; ties
+        keep the word unchanged (a guess between two structures is worse than none).
+        """
+        if word in self.known or len(word) < 4 or not word.isalpha():
+            return word
+        memo = self._memo.get(("spell", word))
+        if memo is not None:
+            return memo
+        limit = 1 if len(word) <= 7 else 2
+        best: list[str] = []
+        best_d = limit + 1
+        for length in range(len(word) - limit, len(word) + limit + 1):
+            for cand in self._by_length.get(length, ()):
+                if cand[0] != word[0] and len(word) <= 5:  # short words: first letter is rarely the typo
+                    continue
+                d = _damerau(word, cand, limit)
+                if d < best_d:
+                    best_d, best = d, [cand]
+                elif d == best_d:
+                    best.append(cand)
+        fixed = best[0] if best_d <= limit and len({singular(b) for b in best}) == 1 else word
+        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+            self._memo[("spell", word)] = fixed
+        return fixed
+
+    def _apply_phrases(self, tokens: list[str]) -> list[str]:
+        out: list[str] = []
+        longest = max(self.phrases, default=1)
+        i = 0
+        while i < len(tokens):
+            for n in range(min(longest, len(tokens) - i), 1, -1):
+                rep = self.phrases.get(n, {}).get(tuple(tokens[i : i + n]))
+                if rep is not None:
+                    out.extend(rep)
+                    i += n
+                    break
+            else:
+                out.append(tokens[i])
+                i += 1
+        return out
+
+    def canonical_tokens(
+        self, words: list[str], fix_spelling: bool = True, keep_unknown: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Canonical tokens of a word list, plus the words nobody knows.
+
+        Parameters
+        ----------
+        words
+            Lower-case words (already without laterality/index words).
+        fix_spelling
+            Correct misspelt words (requests); off for registry names and synonyms.
+        keep_unknown
+            Keep unknown words in the tokens (registry synonyms: every word counts).
+
+        Returns
+        -------
+        tokens : list of str
+            Canonical tokens (stopwords removed), in order.
+        unknown : list of str
+            Words not in the vocabulary even after spelling correction.
+        """
+        if fix_spelling:
+            fixed = [singular(self.correct_spelling(w)) for w in words]
+            fixed = [singular(self.correct_spelling(w)) if w not in self.known else w for w in fixed]
+        else:
+            fixed = [singular(w) for w in words]
+        tokens: list[str] = []
+        unknown: list[str] = []
+        for tok in self._apply_phrases(fixed):
+            rep = self.words.get(tok, tok)
+            for t in rep.split():
+                if t in STOPWORDS:
+                    continue
+                if t not in self.known and not t.isdigit():
+                    unknown.append(t)  # kept out of a request's concept: the encoder looks at these
+                    if not keep_unknown:
+                        continue
+                tokens.append(t)
+        # A second phrase pass: word mappings can complete a phrase ("suprarenal gland").
+        tokens = [t for t in self._apply_phrases(tokens) if t and t not in STOPWORDS]
+        return tokens, unknown
 
 
-GROUPS = {_group_core(key): tuple(_group_core(m) for m in members) for key, members in GROUPS.items()}
+@lru_cache(maxsize=1)
+def default_vocabulary() -> Vocabulary:
+    """The packaged lexicon's vocabulary (built once; immutable)."""
+    return Vocabulary.build()
+
 
 # ---------------------------------------------------------------------------
 # Label names
 # ---------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4096)
-def label_concepts(name: str) -> tuple[Concept, ...]:
+def label_concepts(name: str, vocab: Vocabulary | None = None) -> tuple[Concept, ...]:
     """Concepts of a registry label name (several for composite labels).
 
     ``"kidney_left"`` -> ``(kidney, left)``; ``"TemporalLobe_L"`` ->
@@ -1124,12 +674,22 @@ def label_concepts(name: str) -> tuple[Concept, ...]:
     ----------
     name
         Label name as written in the registry.
+    vocab
+        Vocabulary (default: :func:`default_vocabulary`).
 
     Returns
     -------
     tuple of Concept
         The whole name first, then the parts of a composite name.
     """
+    vocab = vocab or default_vocabulary()
+    memo = vocab._memo.get(("label", name))
+    if memo is None:
+        memo = vocab._memo[("label", name)] = _label_concepts(name, vocab)
+    return memo
+
+
+def _label_concepts(name: str, vocab: Vocabulary) -> tuple[Concept, ...]:
     text = _CAMEL.sub(" ", _ascii(name)).replace("_", " ")
     words = _WORD.findall(text.lower())
     laterality = None
@@ -1147,14 +707,14 @@ def label_concepts(name: str) -> tuple[Concept, ...]:
             rest.append(w)
     idx = frozenset(index) or None
     parts = _split_composite(rest)
-    whole_tokens, _ = canonical_tokens([w for w in rest if w not in ("and", "or")], False, True)
+    whole_tokens, _ = vocab.canonical_tokens([w for w in rest if w not in ("and", "or")], False, True)
     if len(parts) > 1 and any(w == "and" for w in rest):
         whole_tokens.append(COMPOSITE)  # "kidney and masses" is not "kidney masses"
     concepts = [Concept(_finish_core(whole_tokens), laterality, idx)]
     if len(parts) > 1:
         organ: list[str] = []
         for part in parts:
-            toks, _ = canonical_tokens(part, False, True)
+            toks, _ = vocab.canonical_tokens(part, False, True)
             if any(t in LESION_TOKENS for t in toks) and organ and not (set(toks) - LESION_TOKENS):
                 toks = organ + toks  # "kidney and masses": the masses are kidney masses
             elif toks:
@@ -1255,13 +815,15 @@ def _combine(found: list[str]) -> str | None:
     return found[0] if len(kinds) == 1 else None
 
 
-def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
+def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collection[str] = ()) -> ParsedRequest:
     """Parse a request into a modality hint, region hints and targets.
 
     Parameters
     ----------
     text
         Free text: a clinician's sentence, worklist shorthand, a list.
+    vocab
+        Vocabulary (default: :func:`default_vocabulary`).
     protected
         Lower-case phrases that contain a list word but name one structure
         (registry names/synonyms such as ``"kidney and masses"``): they are
@@ -1273,15 +835,18 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
         Targets in the order written; a target whose words are all unknown is
         still returned (the router may resolve it with the sentence encoder).
     """
+    vocab = vocab or default_vocabulary()
     hint, low = detect_modality(text)
     header_regions: list[str] = []
+    header_targets: list[ParsedTarget] = []
     head = _WORKLIST_HEADER.match(text)
     if head and detect_modality(head.group(1))[0] is not None and _WORD.search(text[head.end() :].lower()):
         # "MR BRAIN W/WO - TUMOR": the part before the dash names the exam (modality and body
         # part); the body part is context for what follows, not a target itself.
-        header = parse_request(head.group(1))
+        header = parse_request(head.group(1), vocab)
+        header_targets = [t for t in header.targets if t.concept.core and not t.negated]
         header_regions = list(header.regions) + [
-            r for t in header.targets for tok in t.concept.core for r in ORGAN_REGIONS.get(tok, ())
+            r for t in header.targets for tok in t.concept.core for r in vocab.organ_regions.get(tok, ())
         ]
         low = detect_modality(text[head.end() :])[1]
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
@@ -1326,7 +891,7 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
     targets: list[ParsedTarget] = []
     pending: list[ParsedTarget] = []  # modifier-only segments waiting for a head noun
     for seg_text, neg_flag in raw_segments:
-        target, seg_regions = _parse_segment(seg_text, neg_flag)
+        target, seg_regions = _parse_segment(seg_text, neg_flag, vocab)
         regions.extend(seg_regions)
         if target is None:
             continue
@@ -1371,7 +936,10 @@ def parse_request(text: str, protected: Collection[str] = ()) -> ParsedRequest:
             t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat)), t)
             for t in targets
         ]
-    targets = _inherit_lesion_organ(targets)
+    targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
+    if head and header_targets and not any(t.concept.core for t in targets):
+        # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ.
+        targets = header_targets
     # Several mentions of one concept are one target.
     unique: list[ParsedTarget] = []
     seen: set[tuple] = set()
@@ -1415,7 +983,9 @@ def _rejoin_regions(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return out
 
 
-def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[ParsedTarget | None, list[str]]:
+def _parse_segment(
+    seg: str, negated: bool, vocab: Vocabulary, label_form: bool = False
+) -> tuple[ParsedTarget | None, list[str]]:
     words = _WORD.findall(seg)
     if not words:
         return None, []
@@ -1426,8 +996,8 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
         cut = words.index("for", 1)
         purpose, words = words[cut + 1 :], words[:cut]
         for w in purpose:
-            for tok in canonical_tokens([w])[0]:
-                regions.extend(ORGAN_REGIONS.get(tok, REGION_WORDS.get(tok, ())))
+            for tok in vocab.canonical_tokens([w])[0]:
+                regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
     laterality: str | None = None
     index: set[str] = set()
     group: str | None = None
@@ -1506,7 +1076,7 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
     elif numbers:
         index.update(str(n) for n in numbers)
     composite = any(w in _COMPOSITE_WORDS for w in rest)
-    tokens, unknown = canonical_tokens(rest, fix_spelling=not label_form, keep_unknown=label_form)
+    tokens, unknown = vocab.canonical_tokens(rest, fix_spelling=not label_form, keep_unknown=label_form)
     if composite and tokens:
         tokens.append(COMPOSITE)
     # A lateral lung-lobe abbreviation ("RML") carries its own side.
@@ -1535,7 +1105,7 @@ def _parse_segment(seg: str, negated: bool, label_form: bool = False) -> tuple[P
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
 
 
-def phrase_target(phrase: str) -> ParsedTarget | None:
+def phrase_target(phrase: str, vocab: Vocabulary | None = None) -> ParsedTarget | None:
     """Parse one registry phrase (a label synonym) without splitting it into a list.
 
     Unlike requests, no spelling correction is applied and unknown words stay
@@ -1545,6 +1115,8 @@ def phrase_target(phrase: str) -> ParsedTarget | None:
     ----------
     phrase
         E.g. ``"left upper lobe"`` or ``"thoracic aorta"``.
+    vocab
+        Vocabulary (default: :func:`default_vocabulary`).
 
     Returns
     -------
@@ -1553,7 +1125,7 @@ def phrase_target(phrase: str) -> ParsedTarget | None:
     """
     low = _ascii(phrase).lower().replace("-", " ")
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
-    target, _ = _parse_segment(low, False, label_form=True)
+    target, _ = _parse_segment(low, False, vocab or default_vocabulary(), label_form=True)
     return target
 
 
@@ -1568,6 +1140,33 @@ def _borrow_head(modifier: ParsedTarget, head: ParsedTarget) -> ParsedTarget:
     return ParsedTarget(
         text, concept, modifier.words + head.words, head.unknown, modifier.negated, head.group, head.context
     )
+
+
+_LIST_INTRO = re.compile(r"^[^:;\n]{2,80}?(?:\s[-\u2013\u2014]\s|\s*:\s)")
+
+
+def _distribute_lesion_head(targets: list[ParsedTarget], text: str) -> list[ParsedTarget]:
+    # "abdominal tumours - liver, kidney and adrenal": a lesion word introducing a list of
+    # organs is the lesion of each of them, not a target of its own.
+    if len(targets) < 2 or not _LIST_INTRO.match(text):
+        return targets
+    head, organs = targets[0], targets[1:]
+    if not head.concept.core or set(head.concept.core) - LESION_TOKENS or head.negated:
+        return targets
+    if not all(t.concept.core and not (set(t.concept.core) & LESION_TOKENS) and t.group is None for t in organs):
+        return targets
+    return [
+        ParsedTarget(
+            f"{t.text} {head.text}",
+            Concept(tuple(sorted(set(t.concept.core) | set(head.concept.core))), t.concept.laterality, t.concept.index),
+            t.words + head.words,
+            t.unknown,
+            t.negated,
+            None,
+            tuple(sorted(set(t.context) | set(head.context))),
+        )
+        for t in organs
+    ]
 
 
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:

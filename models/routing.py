@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from medsegagent.models import parse as grammar
+from medsegagent.models.lexicon import Concept as LexiconConcept
 from medsegagent.models.parse import word_list
 from medsegagent.models.registry import Dataset, Label, Registry, load_registry, normalize_modality
 
@@ -259,8 +260,8 @@ class _Entry:
         return self.forms[0].core
 
 
-def _label_entry(dataset: Dataset, label: Label) -> _Entry:
-    concepts = grammar.label_concepts(label.name)
+def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _Entry:
+    concepts = grammar.label_concepts(label.name, vocab)
     index = concepts[0].index
     # The registry's side, else the one in the name ("heart_left_atrium_blood_cavity").
     laterality = label.laterality.value if label.laterality is not None else concepts[0].laterality
@@ -276,7 +277,7 @@ def _label_entry(dataset: Dataset, label: Label) -> _Entry:
     for i, c in enumerate(concepts):
         add(c.core, (), "part" if i else "name")
     for synonym in label.synonyms:
-        t = grammar.phrase_target(synonym)
+        t = grammar.phrase_target(synonym, vocab)
         if t is None:
             continue
         if t.laterality and laterality in ("left", "right") and t.laterality != laterality:
@@ -341,9 +342,11 @@ class _Index:
             for label in dataset.labels.values():
                 for s in [label.name, *label.synonyms]:
                     words.update(w for w in grammar._WORD.findall(grammar._CAMEL.sub(" ", s).lower()) if len(w) > 3)
-        grammar.extend_vocabulary(words | {grammar.singular(w) for w in words})
+        self.vocab = grammar.Vocabulary.build(extra_words=words | {grammar.singular(w) for w in words})
         self.entries: list[_Entry] = [
-            _label_entry(dataset, label) for dataset in registry.datasets.values() for label in dataset.labels.values()
+            _label_entry(dataset, label, self.vocab)
+            for dataset in registry.datasets.values()
+            for label in dataset.labels.values()
         ]
         _derive_part_values(self.entries)
         self.by_token: dict[str, list[int]] = defaultdict(list)
@@ -437,6 +440,7 @@ class Router:
         t0 = time.perf_counter()
         self.registry = registry if registry is not None else load_registry()
         self._index = _shared_index(self.registry)
+        self.vocab = self._index.vocab
         self.use_encoder = use_encoder
         self._encoder = encoder
         self._label_emb: np.ndarray | None = None
@@ -521,7 +525,7 @@ class Router:
             For an unknown modality or an empty collection.
         """
         t0 = time.perf_counter()
-        parsed = grammar.parse_request(text, self._index.protected)
+        parsed = grammar.parse_request(text, self.vocab, self._index.protected)
         source: str | None = None
         if modality:
             modality = normalize_modality(modality)
@@ -627,6 +631,10 @@ class Router:
     ) -> tuple[Target, dict[str, Any]]:
         c = pt.concept
         explain: dict[str, Any] = {"stage": "target", "target": pt.text, "concept": c.phrase() or None}
+        known = self.vocab.concepts.get(c.core)
+        if known is not None:
+            # Which lexicon concept the grammar read (SNOMED CT code + preferred name).
+            explain["lexicon"] = {"code": known.sctid or known.key, "name": known.name}
         regions = set(pt.context) | set(parsed.regions)
         matches, how = self._match(pt, regions, kept)
         explain["method"] = how
@@ -691,7 +699,7 @@ class Router:
         if len(own) != 1 or len(head) < 2:
             return None
         words = head[:-1] + own
-        cand = grammar.phrase_target(" ".join(words))
+        cand = grammar.phrase_target(" ".join(words), self.vocab)
         if cand is None or cand.unknown or not cand.concept.core:
             return None
         concept = grammar.Concept(cand.concept.core, pt.concept.laterality, pt.concept.index or cand.concept.index)
@@ -714,7 +722,7 @@ class Router:
         while i < len(words):
             for j in range(len(words), i, -1):
                 sub = " ".join(words[i:j])
-                cand = grammar.phrase_target(sub)
+                cand = grammar.phrase_target(sub, self.vocab)
                 if cand is None or not cand.concept.core or cand.unknown:
                     continue
                 if not (set(cand.concept.core) - grammar.LESION_TOKENS):
@@ -750,6 +758,9 @@ class Router:
             return f"no region-specific dataset for the organs of {', '.join(sorted(regions))}"
         if not pt.concept.core and pt.unknown:
             return f"not a known anatomical structure or lesion: '{' '.join(pt.unknown)}'"
+        refused = self._uncovered_concept(frozenset(pt.concept.core))
+        if refused is not None:
+            return f"{_concept_ref(refused)} is a known structure, but no dataset of the registry segments it"
         phrase = pt.concept.phrase() or pt.text
         if modality and everywhere - kept:
             others, _ = self._match(pt, regions, everywhere - kept)
@@ -775,7 +786,7 @@ class Router:
         core = frozenset(c.core)
         if pt.group in ("organs", "oars"):
             return self._organ_group(regions, allowed, pt.group == "oars"), "group: organs of the named region"
-        members = list(grammar.GROUPS.get(c.core, ()))
+        members = list(self.vocab.groups.get(c.core, ()))
         if "vessel" in core and len(core) > 1:
             # "iliac vessels" = the iliac arteries and veins.
             rest = core - {"vessel"}
@@ -807,12 +818,26 @@ class Router:
             out, _ = self._match(relaxed, regions, allowed, use_encoder=False)
             if out:
                 return out, f"grammar (without '{' '.join(sorted(generic))}')"
+        refused = self._uncovered_concept(core)
+        if refused is not None:
+            # A structure the lexicon knows but no label of the registry names (a meniscus, a
+            # prostate zone): refused by name, never handed to the encoder's nearest neighbour.
+            return [], f"lexicon: {_concept_ref(refused)} is known, but no dataset segments it"
         if use_encoder and self.use_encoder and (pt.unknown or (core and not self._known(pt, regions))):
             # The encoder reads words the grammar does not know, or a reading that no label of
             # the whole registry has.  A known structure that the allowed datasets do not cover
             # stays unmatched (with its reason), never "something similar".
             return self._encoder_match(pt, regions, allowed)
         return [], "grammar"
+
+    def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
+        # The largest lexicon concept inside the target whose words no registry label uses.
+        best: LexiconConcept | None = None
+        size = 0
+        for key, concept in self.vocab.concepts.items():
+            if key and set(key) <= core and len(key) > size and any(t not in self._index.by_token for t in key):
+                best, size = concept, len(key)
+        return best
 
     def _known(self, pt: grammar.ParsedTarget, regions: set[str]) -> bool:
         everywhere = set(self.registry.datasets)
@@ -869,9 +894,9 @@ class Router:
                 s, w = SCORE_GROUP, "member of the requested group"
             elif f.core < core:
                 extra = core - f.core
-                if e.generic_lesion and target_lesion and all(t in grammar.ORGAN_REGIONS for t in extra):
+                if e.generic_lesion and target_lesion and all(t in self.vocab.organ_regions for t in extra):
                     # "brain tumour" vs a label "tumor": fine if the dataset covers that organ's region.
-                    organ_regions = set().union(*(grammar.ORGAN_REGIONS[t] for t in extra))
+                    organ_regions = set().union(*(self.vocab.organ_regions[t] for t in extra))
                     if not (organ_regions & set(e.dataset.regions)):
                         continue
                     s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
@@ -966,6 +991,11 @@ class Router:
         # Tiers stay those of the translated concept; the reason records the similarity.
         via = f" (via encoder {best_s:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
+
+
+def _concept_ref(concept: LexiconConcept) -> str:
+    code = f"SNOMED CT {concept.sctid}" if concept.sctid else "no SNOMED CT code in the lexicon"
+    return f"'{concept.name}' ({code})"
 
 
 _WHY_SPECIFIC = "label is a more specific kind"

@@ -1,0 +1,95 @@
+"""The concept lexicon (models/lexicon.yaml) and the grammar vocabulary built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medsegagent.models import parse
+from medsegagent.models.lexicon import DEFAULT_PATH, LexiconError, load_lexicon, parse_lexicon, verhoeff_valid
+from medsegagent.models.registry import load_registry
+
+
+@pytest.fixture(scope="module")
+def lexicon():
+    return load_lexicon()
+
+
+def test_every_registry_label_resolves_to_a_concept(lexicon):
+    registry = load_registry()
+    missing = sorted(
+        {
+            f"{label.type.value} {label.type.meaning} ({dataset.name}/{label.name})"
+            for dataset in registry.datasets.values()
+            for label in dataset.labels.values()
+            if lexicon.concept(label.type.value) is None
+        }
+    )
+    assert not missing, missing
+
+
+def test_snomed_keys_carry_a_valid_check_digit(lexicon):
+    codes = [c.sctid for c in lexicon.concepts.values() if c.sctid]
+    assert len(codes) > 250
+    assert all(verhoeff_valid(code) for code in codes)
+    assert not verhoeff_valid("10200005")  # liver with a wrong check digit
+
+
+def _lexicon(text: str):
+    return parse_lexicon(yaml.safe_load(text), Path("test.yaml"))
+
+
+def test_malformed_lexicon_names_every_problem():
+    with pytest.raises(LexiconError) as err:
+        _lexicon(
+            """
+            version: 1
+            concepts:
+              "10200005": {name: liver}
+              x-ok: {name: ok, synonyms: [Upper Case], colour: red}
+              x-a: {name: a, synonyms: [shared]}
+              x-b: {name: b, synonyms: [shared]}
+            """
+        )
+    message = str(err.value)
+    assert "10200005: not a SNOMED CT identifier" in message
+    assert "x-ok.synonyms: terms must be lower-case" in message
+    assert "x-ok.colour: unknown field" in message
+    assert "term 'shared' already means 'a'" in message
+
+
+def test_a_new_synonym_is_data_not_code(tmp_path):
+    # The worked example of docs/routing.md: one line in the lexicon, no code change.
+    text = DEFAULT_PATH.read_text().replace("    name: liver\n", "    name: liver\n    lay: [liverwurst organ]\n", 1)
+    path = tmp_path / "lexicon.yaml"
+    path.write_text(text)
+    vocab = parse.Vocabulary.build(load_lexicon(path))
+    target = parse.parse_request("segment the liverwurst organ", vocab).targets[0]
+    assert target.concept.core == ("liver",)
+    default = parse.parse_request("segment the liverwurst organ", parse.default_vocabulary()).targets[0]
+    assert default.concept.core != ("liver",)
+
+
+def test_vocabulary_is_immutable_and_has_no_global_extension():
+    vocab = parse.default_vocabulary()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vocab.known = frozenset()  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        vocab.words["foo"] = "bar"  # type: ignore[index]
+    assert not hasattr(parse, "extend_vocabulary")
+    # Extra (registry) words belong to the vocabulary that was built with them, nowhere else.
+    extended = parse.Vocabulary.build(extra_words={"zzplexus"})
+    assert extended.correct_spelling("zzplexux") == "zzplexus"
+    assert parse.default_vocabulary().correct_spelling("zzplexux") == "zzplexux"
+
+
+def test_terms_read_as_their_concept(lexicon):
+    vocab = parse.default_vocabulary()
+    for text, core in [("womb", ("uterus",)), ("collar bone", ("clavicle",)), ("hepatic", ("liver",)), ("PZ", None)]:
+        target = parse.parse_request(text, vocab).targets[0]
+        if core is not None:
+            assert target.concept.core == core, text
+    assert vocab.concepts[("peripheral", "prostate", "zone")].sctid == "279706003"
