@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -32,10 +34,45 @@ log = logging.getLogger(__name__)
 SPACING_TOLERANCE = 0.1
 #: Tolerance (cosine) for "parallel" / "perpendicular" direction checks.
 ANGLE_TOLERANCE = 1e-3
+#: Voxel spacing (mm) outside this range is a header error, not an image: 1 um to 1 m.
+SPACING_RANGE_MM = (1e-3, 1e3)
+#: Largest plausible extent (mm) of a grid along any axis: nothing scanned is longer than 5 m.
+MAX_EXTENT_MM = 5000.0
+
+
+class SeriesProblem(StrEnum):
+    """What kind of problem a :class:`SeriesError` reports (a job's failure reason names it)."""
+
+    #: The study has no series with pixel data and geometry.
+    NO_IMAGE_SERIES = "no_image_series"
+    #: Instances of one series disagree: orientation, size, spacing, missing or duplicate slices, tilt.
+    INCONSISTENT_SERIES = "inconsistent_series"
+    #: Instances of one series name different Frames of Reference.
+    INCONSISTENT_FRAME_OF_REFERENCE = "inconsistent_frame_of_reference"
+    #: A position, orientation or spacing that is NaN or infinite.
+    NON_FINITE_GEOMETRY = "non_finite_geometry"
+    #: Spacing or extent no scanner produces (zero, negative, 1e300 mm, beyond 5 m).
+    IMPLAUSIBLE_GEOMETRY = "implausible_geometry"
+    #: Pixel data that cannot be decoded as described (e.g. Bits Stored above Bits Allocated).
+    UNREADABLE_PIXELS = "unreadable_pixels"
+    #: A Specific Character Set pydicom does not know: text in the header cannot be decoded.
+    UNKNOWN_CHARACTER_SET = "unknown_character_set"
 
 
 class SeriesError(ValueError):
-    """A folder or series that cannot be read as a voxel grid."""
+    """A folder or series that cannot be read as a voxel grid.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, for the person who sent the study.
+    problem : SeriesProblem
+        Its kind (default :attr:`SeriesProblem.INCONSISTENT_SERIES`).
+    """
+
+    def __init__(self, message: str, problem: SeriesProblem = SeriesProblem.INCONSISTENT_SERIES) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 @dataclass
@@ -156,6 +193,7 @@ def read_series(info: SeriesInfo | list[Path]) -> Volume:
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) != 1:
         raise SeriesError(f"files belong to {len(uids)} series; read one series at a time")
+    _check_character_sets(datasets)
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(datasets[0])
     return _read_single_frames(datasets)
@@ -166,7 +204,9 @@ def _read_single_frames(datasets: list[Dataset]) -> Volume:
     first = datasets[0]
     for ds in datasets:
         if "PixelData" not in ds:
-            raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+            raise SeriesError(
+                f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data", SeriesProblem.UNREADABLE_PIXELS
+            )
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise SeriesError("series mixes multi-frame and single-frame instances")
         for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
@@ -182,9 +222,58 @@ def _read_single_frames(datasets: list[Dataset]) -> Volume:
     if len(spacings) != 1:
         raise SeriesError("slices of the series have different pixel spacings")
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
-    frames = [_frame_values(ds, ds.pixel_array) for ds in datasets]
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in datasets}
+    if len(frames_of_reference) > 1:
+        raise SeriesError(
+            f"the instances of the series name {len(frames_of_reference)} different Frames of Reference; "
+            "their positions cannot be put on one grid",
+            SeriesProblem.INCONSISTENT_FRAME_OF_REFERENCE,
+        )
+    frames = [_frame_values(ds, _pixels(ds)) for ds in datasets]
     refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None) for ds in datasets]
     return _stack(first, orientations[0], [float(v) for v in first.PixelSpacing], positions, frames, refs)
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """The decoded pixel data, or a :class:`SeriesError` saying why it cannot be decoded."""
+    try:
+        return ds.pixel_array
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
+        # pydicom raises all of these for a pixel description that contradicts itself or lacks a decoder.
+        raise SeriesError(
+            f"the pixel data of instance {ds.get('SOPInstanceUID', '?')} cannot be decoded: {exc}",
+            SeriesProblem.UNREADABLE_PIXELS,
+        ) from exc
+
+
+def _check_character_sets(datasets: list[Dataset]) -> None:
+    """Refuse a Specific Character Set pydicom cannot decode (it would only warn and guess)."""
+    for ds in datasets:
+        values = ds.get("SpecificCharacterSet", "") or ""
+        for value in [values] if isinstance(values, str) else values:
+            if str(value).strip() not in python_encoding:
+                raise SeriesError(
+                    f"instance {ds.get('SOPInstanceUID', '?')} declares the unknown Specific Character Set "
+                    f"{str(value)!r}: its names and descriptions cannot be decoded",
+                    SeriesProblem.UNKNOWN_CHARACTER_SET,
+                )
+
+
+def _check_geometry(orientation: np.ndarray, pixel_spacing: list[float], positions: np.ndarray) -> None:
+    """Refuse a header geometry no scanner writes: NaN or infinite values, absurd spacing."""
+    if not (np.isfinite(orientation).all() and np.isfinite(pixel_spacing).all() and np.isfinite(positions).all()):
+        raise SeriesError(
+            "Image Position, Image Orientation or Pixel Spacing holds a non-finite value (NaN or infinity)",
+            SeriesProblem.NON_FINITE_GEOMETRY,
+        )
+    if np.linalg.norm(orientation[:3]) < ANGLE_TOLERANCE or np.linalg.norm(orientation[3:]) < ANGLE_TOLERANCE:
+        raise SeriesError("Image Orientation (Patient) has a zero direction vector", SeriesProblem.NON_FINITE_GEOMETRY)
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in pixel_spacing):
+        raise SeriesError(
+            f"Pixel Spacing {[float(s) for s in pixel_spacing]} mm is outside {low:g}-{high:g} mm",
+            SeriesProblem.IMPLAUSIBLE_GEOMETRY,
+        )
 
 
 def _frame_values(
@@ -231,7 +320,7 @@ def _read_multiframe(ds: Dataset) -> Volume:
         raise SeriesError("frames of the multi-frame image have different orientations")
     if len(set(spacings)) != 1:
         raise SeriesError("frames of the multi-frame image have different pixel spacings")
-    pixels = ds.pixel_array
+    pixels = _pixels(ds)
     if pixels.ndim != 3:
         raise SeriesError(f"expected greyscale frames, got pixel array of shape {pixels.shape}")
     frames = [_frame_values(ds, pixels[i], *rescales[i]) for i in range(pixels.shape[0])]
@@ -248,6 +337,7 @@ def _stack(
     frames: list[np.ndarray],
     refs: list[tuple[str, str, int | None]],
 ) -> Volume:
+    _check_geometry(orientation, pixel_spacing, positions)
     row_dir = orientation[:3] / np.linalg.norm(orientation[:3])
     col_dir = orientation[3:] / np.linalg.norm(orientation[3:])
     normal = np.cross(row_dir, col_dir)
@@ -280,6 +370,7 @@ def _stack(
         # Store the normal itself so tiny rounding in positions does not skew the grid.
         slice_dir = normal
     array = np.stack([frames[i] for i in order])
+    _check_extent(array.shape, (spacing, float(pixel_spacing[0]), float(pixel_spacing[1])))
     geometry = Geometry(
         shape=array.shape,
         origin=positions[0],
@@ -296,6 +387,19 @@ def _stack(
         source_instances=[refs[i] for i in order],
         meta=_series_meta(header),
     )
+
+
+def _check_extent(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> None:
+    """Refuse a slice spacing out of range or a grid longer than :data:`MAX_EXTENT_MM` on any axis."""
+    low, high = SPACING_RANGE_MM
+    if not low <= spacing[0] <= high:
+        raise SeriesError(f"slice spacing {spacing[0]:g} mm is outside {low:g}-{high:g} mm",
+                          SeriesProblem.IMPLAUSIBLE_GEOMETRY)  # fmt: skip
+    extent = [n * s for n, s in zip(shape, spacing, strict=True)]
+    if max(extent) > MAX_EXTENT_MM:
+        shown = " x ".join(f"{e:.0f}" for e in extent)
+        raise SeriesError(f"the series spans {shown} mm, beyond the {MAX_EXTENT_MM / 1000:g} m anything scanned spans",
+                          SeriesProblem.IMPLAUSIBLE_GEOMETRY)  # fmt: skip
 
 
 def _series_meta(ds: Dataset) -> dict:
@@ -348,7 +452,7 @@ def choose_series(series: dict[str, SeriesInfo], modality: str | None = None) ->
     """
     problem = group_problem(series)
     if problem:
-        raise SeriesError(problem)
+        raise SeriesError(problem, SeriesProblem.NO_IMAGE_SERIES)
     candidates = [s for s in image_series(series) if modality is None or s.modality == modality]
     if not candidates:
         have = ", ".join(s.label for s in image_series(series))

@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from medsegagent import __version__
-from medsegagent.node.jobs import JobState
+from medsegagent.node.jobs import IllegalTransition, JobState
 
 if TYPE_CHECKING:
     import uvicorn
@@ -113,22 +113,33 @@ def create_app(node: Node, token: str) -> FastAPI:
 
     @app.post("/jobs/{job_id}/retry", dependencies=auth)
     def retry_job(job_id: str) -> dict:
-        """Re-run a failed/cancelled job, or re-queue failed deliveries of a written one."""
+        """Re-run a failed/cancelled job, or re-queue its failed deliveries (409 for any other state)."""
         job_or_404(job_id)
         try:
             job = node.store.retry(job_id)
-        except ValueError as exc:
+        except IllegalTransition as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         node.wake()
         return job.to_json()
 
+    @app.post("/jobs/{job_id}/redeliver", dependencies=auth)
+    def redeliver_job(job_id: str) -> dict:
+        """Send a delivered job's results again: same files, same SOP Instance UIDs (409 unless delivered)."""
+        job_or_404(job_id)
+        try:
+            return node.store.redeliver(job_id).to_json()
+        except IllegalTransition as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        except FileNotFoundError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
     @app.post("/jobs/{job_id}/cancel", dependencies=auth)
     def cancel_job(job_id: str) -> dict:
-        """Cancel a job that has not finished."""
+        """Cancel a job that has not finished (409 for a delivered, failed or cancelled one)."""
         job_or_404(job_id)
         try:
             return node.store.cancel(job_id).to_json()
-        except ValueError as exc:
+        except IllegalTransition as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
     return app

@@ -8,6 +8,7 @@ The contract (more keys may be added)::
     destinations: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242}]
     presets: {LIVERSEG: "liver and liver tumour"}         # Called AE Title -> request
     instruction_sources: [request, sr, worklist, tags, preset]
+    instructions: {max_request_chars: 2000, max_targets: 64, on_unusable_request: fail}   # or fallback
     worklist: {ae_title: WLM, host: 127.0.0.1, port: 2005}
     http: {host: 127.0.0.1, port: 8080, token_env: MEDSEG_TOKEN}
     executor: {kind: inprocess}       # or {kind: ray, address: null|auto|HOST:PORT|ray://HOST:PORT,
@@ -40,6 +41,22 @@ class InstructionSource(enum.Enum):
     WORKLIST = "worklist"
     TAGS = "tags"
     PRESET = "preset"
+
+
+class UnusableRequest(enum.Enum):
+    """What a job does with a request that is present but breaks a limit (or is empty)."""
+
+    FAIL = "fail"  # the job fails with reason request_unusable
+    FALLBACK = "fallback"  # the next instruction sources are tried; report.json records why
+
+
+@dataclass(frozen=True)
+class InstructionSettings:
+    """Limits on a request text (``instructions:``), whatever its source."""
+
+    max_request_chars: int = 2000
+    max_targets: int = 64
+    on_unusable_request: UnusableRequest = UnusableRequest.FAIL
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,7 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery)
     source: Path | None = None
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    instructions: InstructionSettings = field(default_factory=InstructionSettings)
 
 
 _SECTIONS = {
@@ -184,6 +202,7 @@ _SECTIONS = {
     "destinations": Destination,
     "presets": dict,
     "instruction_sources": list,
+    "instructions": InstructionSettings,
     "worklist": Worklist,
     "http": HttpSettings,
     "delivery": Delivery,
@@ -332,12 +351,29 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         **{k: _positive(v, f"delivery.{k}", errors) for k, v in delivery_raw.items()}  # type: ignore[arg-type]
     )
     executor = _executor(data.get("executor", {}) or {}, errors)
+    instructions = _instructions(data.get("instructions") or {}, errors)
     if errors:
         where = f"{source}: " if source else ""
         raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
     return Config(
-        node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor
-    )
+        node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor,
+        instructions=instructions,
+    )  # fmt: skip
+
+
+def _instructions(raw: Any, errors: list[str]) -> InstructionSettings:
+    """The ``instructions`` section: request limits and what an unusable request does."""
+    item = _build(InstructionSettings, raw, "instructions", errors)
+    values: dict[str, Any] = {}
+    for key in ("max_request_chars", "max_targets"):
+        if key in item:
+            values[key] = int(_positive(item[key], f"instructions.{key}", errors))
+    if "on_unusable_request" in item:
+        try:
+            values["on_unusable_request"] = UnusableRequest(item["on_unusable_request"])
+        except ValueError:
+            errors.append(f"instructions.on_unusable_request: {item['on_unusable_request']!r} is not fail or fallback")
+    return InstructionSettings(**values)
 
 
 def _executor(raw: Any, errors: list[str]) -> ExecutorSettings:

@@ -7,11 +7,13 @@ Three tables:
     the called/calling AE titles.  Written on every stored instance so a
     study acknowledged to a sender survives a crash before it becomes a job.
 ``jobs``
-    One row per segmentation job.  Every state change is one transaction:
-    ``received -> planned -> running -> written -> delivered`` (or
-    ``failed`` / ``cancelled``).  After a crash, jobs in ``received``,
-    ``planned`` or ``running`` are resumed from ``received``; results are
-    idempotent because their UIDs derive from the job id.
+    One row per segmentation job.  Every state change is one transaction
+    and must be in :data:`TRANSITIONS`: ``received -> planned -> running ->
+    written -> delivered`` (or ``failed`` / ``cancelled``); any other raises
+    :class:`IllegalTransition` and changes nothing.  A failed job carries a
+    :class:`FailureReason` and a sentence for the administrator.  After a
+    crash, jobs in ``planned`` or ``running`` are resumed from ``received``;
+    results are idempotent because their UIDs derive from the job id.
 ``outbox``
     One row per (job, destination, file); ``pending`` until a C-STORE
     succeeded, with attempts, next attempt time and last error.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -31,23 +34,131 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medsegagent.dicom.series import SeriesProblem
 from medsegagent.dicom.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
 
 
 class JobState(enum.Enum):
-    """Life cycle of a job."""
+    """Life cycle of a job (the allowed moves are :data:`TRANSITIONS`)."""
 
+    #: Being pulled from a configured source (``POST /jobs`` with ``source``); then ``received``.
+    RETRIEVING = "retrieving"
+    #: Waiting for the processor (new, resumed after a crash, or retried).
     RECEIVED = "received"
+    #: Claimed by the processor: finding the request and planning.
     PLANNED = "planned"
+    #: Models running, SEG being written.
     RUNNING = "running"
+    #: Results written and queued in the outbox.
     WRITTEN = "written"
+    #: Every destination stored every result.
     DELIVERED = "delivered"
+    #: Ended with a :class:`FailureReason`.
     FAILED = "failed"
+    #: Cancelled by an administrator.
     CANCELLED = "cancelled"
 
 
+_S = JobState
+#: Every state change a job may make, as ``(from, to)``.  Anything else raises :class:`IllegalTransition`.
+TRANSITIONS: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (_S.RECEIVED, _S.PLANNED),  # the processor claims the job
+        (_S.PLANNED, _S.RUNNING),  # request found, plan stored
+        (_S.RUNNING, _S.WRITTEN),  # results in the outbox
+        (_S.RUNNING, _S.DELIVERED),  # results written, no destination configured
+        (_S.WRITTEN, _S.DELIVERED),  # the last outbox item was stored
+        (_S.PLANNED, _S.FAILED),
+        (_S.RUNNING, _S.FAILED),
+        (_S.WRITTEN, _S.FAILED),  # a delivery failed for good
+        (_S.PLANNED, _S.RECEIVED),  # resumed after a crash
+        (_S.RUNNING, _S.RECEIVED),  # resumed after a crash, or the executor's cluster was away
+        (_S.RECEIVED, _S.CANCELLED),
+        (_S.PLANNED, _S.CANCELLED),
+        (_S.RUNNING, _S.CANCELLED),  # the processor discards the result when it finishes
+        (_S.WRITTEN, _S.CANCELLED),  # pending deliveries are dropped
+        (_S.FAILED, _S.RECEIVED),  # retry: run again
+        (_S.CANCELLED, _S.RECEIVED),  # retry: run again
+        (_S.FAILED, _S.WRITTEN),  # retry of a failed delivery: the same files again
+        (_S.DELIVERED, _S.WRITTEN),  # redeliver: the same files (same SOP Instance UIDs) again
+        (_S.RETRIEVING, _S.RECEIVED),  # the study was pulled from its source
+        (_S.RETRIEVING, _S.FAILED),  # ... or could not be
+        (_S.RETRIEVING, _S.CANCELLED),
+        (_S.FAILED, _S.RETRIEVING),  # retry of a failed pull: pull again
+        (_S.CANCELLED, _S.RETRIEVING),
+    }
+)
+del _S
+
 #: States a restarted node resumes from the beginning.
-UNFINISHED = (JobState.RECEIVED, JobState.PLANNED, JobState.RUNNING)
+UNFINISHED = (JobState.PLANNED, JobState.RUNNING)
+
+
+class FailureReason(enum.StrEnum):
+    """Why a job failed: stored with the job, shown by the API, the logs and Orthanc.
+
+    The study problems share their values with
+    :class:`~medsegagent.dicom.series.SeriesProblem`, so ``FailureReason(problem.value)`` maps one to the other.
+    """
+
+    NO_IMAGE_SERIES = SeriesProblem.NO_IMAGE_SERIES.value
+    UNSUPPORTED_MODALITY = "unsupported_modality"
+    INCONSISTENT_SERIES = SeriesProblem.INCONSISTENT_SERIES.value
+    INCONSISTENT_FRAME_OF_REFERENCE = SeriesProblem.INCONSISTENT_FRAME_OF_REFERENCE.value
+    NON_FINITE_GEOMETRY = SeriesProblem.NON_FINITE_GEOMETRY.value
+    IMPLAUSIBLE_GEOMETRY = SeriesProblem.IMPLAUSIBLE_GEOMETRY.value
+    UNREADABLE_PIXELS = SeriesProblem.UNREADABLE_PIXELS.value
+    UNKNOWN_CHARACTER_SET = SeriesProblem.UNKNOWN_CHARACTER_SET.value
+    #: No instruction source gave a request.
+    NO_REQUEST = "no_request"
+    #: A request is present but breaks a limit (length, number of targets) or is empty.
+    REQUEST_UNUSABLE = "request_unusable"
+    #: The request names nothing the registry knows for this modality.
+    NOTHING_MATCHED = "nothing_matched"
+    #: The request selects datasets none of whose models is installed.
+    NO_MODEL_INSTALLED = "no_model_installed"
+    #: Every model of the plan failed.
+    MODEL_FAILED = "model_failed"
+    #: The executor's cluster stayed unreachable.
+    EXECUTOR_UNAVAILABLE = "executor_unavailable"
+    #: A destination refused a result, or stayed down past the give-up time.
+    DELIVERY_FAILED = "delivery_failed"
+    #: The source to pull the study from did not answer or refused the node.
+    SOURCE_UNREACHABLE = "source_unreachable"
+    #: The source does not hold the study.
+    STUDY_NOT_AT_SOURCE = "study_not_at_source"
+    #: Some instances of the study did not arrive from the source.
+    RETRIEVE_INCOMPLETE = "retrieve_incomplete"
+    #: A bug or an unforeseen condition (the traceback is in the node's log).
+    INTERNAL_ERROR = "internal_error"
+
+    @classmethod
+    def of(cls, problem: SeriesProblem) -> FailureReason:
+        """The failure reason of a study problem."""
+        return cls(problem.value)
+
+
+#: Failures of a job's pull from its source (a retry pulls again).
+RETRIEVE_FAILURES = frozenset(
+    {FailureReason.SOURCE_UNREACHABLE, FailureReason.STUDY_NOT_AT_SOURCE, FailureReason.RETRIEVE_INCOMPLETE}
+)
+
+
+class IllegalTransition(Exception):
+    """A state change :data:`TRANSITIONS` does not allow (nothing was changed).
+
+    Attributes
+    ----------
+    job_id : str
+    current, wanted : JobState
+    """
+
+    def __init__(self, job_id: str, current: JobState, wanted: JobState, why: str | None = None) -> None:
+        self.job_id, self.current, self.wanted = job_id, current, wanted
+        super().__init__(why or f"job {job_id} is {current.value}; it cannot become {wanted.value}")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -68,9 +179,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_text TEXT, request_source TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    reason TEXT,                       -- FailureReason of a failed job
     plan_json TEXT, report_json TEXT,
     result_dir TEXT,
-    history_json TEXT NOT NULL DEFAULT '[]'
+    history_json TEXT NOT NULL DEFAULT '[]',
+    retrieve_from TEXT                 -- the configured source the study is pulled from, if any
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -105,10 +218,13 @@ class Job:
     request_source: str | None
     attempts: int
     error: str | None
+    reason: FailureReason | None
     plan: dict | None
     report: dict | None
     result_dir: str | None
     history: list[dict]
+    #: Name of the configured source the study is pulled from (``None``: the study was sent to the node).
+    retrieve_from: str | None = None
 
     def to_json(self, *, detail: bool = False) -> dict[str, Any]:
         """JSON form for the API (plan/report/history only with ``detail``)."""
@@ -118,6 +234,8 @@ class Job:
             "request": {"text": self.request_text, "source": self.request_source},
             "called_ae": self.called_ae, "calling_ae": self.calling_ae,
             "attempts": self.attempts, "error": self.error,
+            "reason": self.reason.value if self.reason is not None else None,
+            "retrieve_from": self.retrieve_from,
         }  # fmt: skip
         if detail:
             out.update(plan=self.plan, report=self.report, history=self.history, result_dir=self.result_dir)
@@ -162,7 +280,12 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         # executescript manages its own transaction; CREATE ... IF NOT EXISTS is idempotent.
-        self._connect().executescript(_SCHEMA)
+        db = self._connect()
+        db.executescript(_SCHEMA)
+        if "reason" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT")  # a database made before failure reasons
+        if "retrieve_from" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN retrieve_from TEXT")  # a database made before retrieves
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -199,7 +322,8 @@ class JobStore:
         """Record one more instance of ``study_uid``; returns its instance count.
 
         A study that was already queued as a job is reopened, so late
-        instances start a new job after the quiet time.
+        instances start a new job after the quiet time -- unless a job is
+        pulling the study from a source: its instances belong to that job.
         """
         # One statement, so one implicit transaction: this runs once per received instance.  fetchall()
         # steps the statement to its end, which commits; a half-read cursor would hold the write lock.
@@ -207,12 +331,13 @@ class JobStore:
             self._connect()
             .execute(
                 """INSERT INTO studies(study_uid, state, instances, last_instance_at, called_ae, calling_ae)
-                   VALUES (?, 'open', 1, ?, ?, ?)
+                   VALUES (?1, CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE state=?5 AND study_uid=?1)
+                                    THEN 'queued' ELSE 'open' END, 1, ?2, ?3, ?4)
                    ON CONFLICT(study_uid) DO UPDATE SET
-                     state='open', instances=instances+1, last_instance_at=excluded.last_instance_at,
+                     state=excluded.state, instances=instances+1, last_instance_at=excluded.last_instance_at,
                      called_ae=excluded.called_ae, calling_ae=excluded.calling_ae
                    RETURNING instances""",
-                (study_uid, time.time(), called_ae, calling_ae),
+                (study_uid, time.time(), called_ae, calling_ae, JobState.RETRIEVING.value),
             )
             .fetchall()
         )
@@ -301,25 +426,37 @@ class JobStore:
     # -- jobs ------------------------------------------------------------------------
     def create_job(
         self, study_uid: str, *, explicit_request: str | None = None, called_ae: str | None = None,
-        calling_ae: str | None = None,
+        calling_ae: str | None = None, retrieve_from: str | None = None,
     ) -> Job:  # fmt: skip
-        """Create a job for a study already in the spool (e.g. from the HTTP API)."""
+        """Create a job for a study already in the spool (e.g. from the HTTP API).
+
+        With ``retrieve_from`` (a configured source's name) the job starts
+        ``retrieving``: the study is pulled from that source first.
+        """
         with self._tx() as db:
-            job_id = self._insert_job(db, study_uid, called_ae, calling_ae, explicit_request)
+            job_id = self._insert_job(db, study_uid, called_ae, calling_ae, explicit_request, retrieve_from)
         return self.get(job_id)
 
     def _insert_job(
-        self, db: sqlite3.Connection, study_uid: str, called: str | None, calling: str | None, request: str | None
-    ) -> str:
+        self, db: sqlite3.Connection, study_uid: str, called: str | None, calling: str | None, request: str | None,
+        retrieve_from: str | None = None,
+    ) -> str:  # fmt: skip
         job_id = uuid.uuid4().hex
         now = time.time()
-        history = json.dumps([{"state": JobState.RECEIVED.value, "at": now}])
+        state = JobState.RETRIEVING if retrieve_from else JobState.RECEIVED
+        history = json.dumps([{"state": state.value, "at": now}])
         db.execute(
             """INSERT INTO jobs(id, study_uid, state, created_at, updated_at, called_ae, calling_ae,
-                                explicit_request, history_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (job_id, study_uid, JobState.RECEIVED.value, now, now, called, calling, request, history),
+                                explicit_request, history_json, retrieve_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (job_id, study_uid, state.value, now, now, called, calling, request, history, retrieve_from),
         )
         return job_id
+
+    def next_retrieving(self) -> Job | None:
+        """The oldest job waiting for its study to be pulled from a source, if any."""
+        row = self._connect().execute("SELECT * FROM jobs WHERE state=? ORDER BY created_at LIMIT 1",
+                                      (JobState.RETRIEVING.value,)).fetchone()  # fmt: skip
+        return _job(row) if row is not None else None
 
     def get(self, job_id: str) -> Job:
         """The job ``job_id``; ``KeyError`` when unknown."""
@@ -358,20 +495,57 @@ class JobStore:
 
         ``fields`` may be ``request_text``, ``request_source``, ``error``,
         ``plan`` (dict), ``report`` (dict) or ``result_dir``.
+
+        Raises
+        ------
+        IllegalTransition
+            The move is not in :data:`TRANSITIONS`; nothing changed.
         """
         with self._tx() as db:
             self._set_state(db, job_id, state, **fields)
         return self.get(job_id)
 
+    def fail(self, job_id: str, reason: FailureReason, message: str) -> Job:
+        """End ``job_id`` as failed with ``reason`` and the administrator's ``message`` (one transaction)."""
+        with self._tx() as db:
+            self._set_state(db, job_id, JobState.FAILED, error=message, reason=reason)
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Store ``fields`` (as for :meth:`transition`) without changing the state."""
+        with self._tx() as db:
+            if db.execute("UPDATE jobs SET updated_at=? WHERE id=?", (time.time(), job_id)).rowcount == 0:
+                raise KeyError(job_id)
+            self._store_fields(db, job_id, fields)
+        return self.get(job_id)
+
     def _set_state(self, db: sqlite3.Connection, job_id: str, state: JobState, attempts_inc: bool = False,
-                   **fields: Any) -> None:  # fmt: skip
-        row = db.execute("SELECT history_json FROM jobs WHERE id=?", (job_id,)).fetchone()
+                   reason: FailureReason | None = None, **fields: Any) -> None:  # fmt: skip
+        row = db.execute("SELECT state, history_json FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(job_id)
+        current = JobState(row["state"])
+        if (current, state) not in TRANSITIONS:
+            raise IllegalTransition(job_id, current, state)
+        if (state is JobState.FAILED) != (reason is not None):
+            raise ValueError(f"job {job_id}: a failed job, and only a failed job, has a FailureReason")
         now = time.time()
-        history = json.loads(row["history_json"])
-        history.append({"state": state.value, "at": now, **({"error": fields["error"]} if fields.get("error") else {})})
-        columns = {"state": state.value, "updated_at": now, "history_json": json.dumps(history)}
+        entry: dict[str, Any] = {"state": state.value, "at": now}
+        if reason is not None:
+            entry["reason"] = FailureReason(reason).value
+        if fields.get("error"):
+            entry["error"] = fields["error"]
+        history = [*json.loads(row["history_json"]), entry]
+        columns = {"state": state.value, "updated_at": now, "history_json": json.dumps(history),
+                   "reason": entry.get("reason")}  # fmt: skip
+        extra = ", attempts=attempts+1" if attempts_inc else ""
+        db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)}{extra} WHERE id=?",
+                   (*columns.values(), job_id))  # fmt: skip
+        self._store_fields(db, job_id, fields)
+
+    @staticmethod
+    def _store_fields(db: sqlite3.Connection, job_id: str, fields: dict[str, Any]) -> None:
+        columns: dict[str, Any] = {}
         for key, value in fields.items():
             if key in ("plan", "report"):
                 columns[f"{key}_json"] = json.dumps(value) if value is not None else None
@@ -379,12 +553,12 @@ class JobStore:
                 columns[key] = value
             else:
                 raise ValueError(f"unknown job field {key!r}")
-        assignments = ", ".join(f"{k}=?" for k in columns)
-        extra = ", attempts=attempts+1" if attempts_inc else ""
-        db.execute(f"UPDATE jobs SET {assignments}{extra} WHERE id=?", (*columns.values(), job_id))
+        if columns:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?",
+                       (*columns.values(), job_id))  # fmt: skip
 
     def resume_unfinished(self) -> list[str]:
-        """Put jobs interrupted by a crash back to ``received``; returns their ids."""
+        """Put jobs a crash interrupted (``planned``, ``running``) back to ``received``; returns their ids."""
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(UNFINISHED))})",
@@ -395,32 +569,98 @@ class JobStore:
         return [r["id"] for r in rows]
 
     def retry(self, job_id: str) -> Job:
-        """Re-run a failed or cancelled job (and re-queue its failed deliveries)."""
-        job = self.get(job_id)
+        """Try a job again: the failed deliveries of its results, else the whole job.
+
+        * ``failed`` because a delivery failed: the failed outbox items are
+          queued again (the same files) and the job is ``written``;
+        * ``failed`` otherwise, or ``cancelled``: the job runs again from ``received``;
+        * ``written`` with failed items beside pending ones: those items are queued again.
+
+        Raises
+        ------
+        IllegalTransition
+            For a job that is queued, running or delivered (see :meth:`redeliver`).
+        """
         with self._tx() as db:
-            if job.state is JobState.WRITTEN or job.state is JobState.DELIVERED:
-                db.execute(
-                    "UPDATE outbox SET state='pending', next_attempt_at=?, attempts=0 "
-                    "WHERE job_id=? AND state='failed'",
-                    (time.time(), job_id),
-                )
+            job = _job(self._row(db, job_id))
+            if job.state is JobState.WRITTEN and self._requeue_failed(db, job_id):
+                pass
+            elif job.state is JobState.FAILED and job.reason is FailureReason.DELIVERY_FAILED:
+                self._requeue_failed(db, job_id)
                 self._set_state(db, job_id, JobState.WRITTEN, error=None)
             elif job.state in (JobState.FAILED, JobState.CANCELLED):
-                self._set_state(db, job_id, JobState.RECEIVED, error=None)
+                # A study never (fully) pulled from its source is pulled again.
+                pull = job.retrieve_from and (job.state is JobState.CANCELLED or job.reason in RETRIEVE_FAILURES)
+                self._set_state(db, job_id, JobState.RETRIEVING if pull else JobState.RECEIVED, error=None)
             else:
-                raise ValueError(f"job {job_id} is {job.state.value}; only failed, cancelled or written jobs retry")
+                why = f"job {job_id} is {job.state.value}: only failed or cancelled jobs, or failed deliveries, retry"
+                if job.state is JobState.DELIVERED:
+                    why += f"; POST /jobs/{job_id}/redeliver sends its results again"
+                raise IllegalTransition(job_id, job.state, JobState.RECEIVED, why)
+        return self.get(job_id)
+
+    @staticmethod
+    def _requeue_failed(db: sqlite3.Connection, job_id: str) -> int:
+        """Queue the job's failed outbox items again; returns how many."""
+        return db.execute(
+            "UPDATE outbox SET state='pending', next_attempt_at=?, attempts=0 WHERE job_id=? AND state='failed'",
+            (time.time(), job_id),
+        ).rowcount
+
+    def redeliver(self, job_id: str) -> Job:
+        """Send every result of a delivered job to its destinations again (same files, same SOP Instance UIDs).
+
+        Raises
+        ------
+        IllegalTransition
+            The job is not delivered, or has nothing to deliver.
+        FileNotFoundError
+            A result file is gone from the data directory.
+        """
+        with self._tx() as db:
+            job = _job(self._row(db, job_id))
+            paths = [r["path"] for r in db.execute("SELECT DISTINCT path FROM outbox WHERE job_id=?", (job_id,))]
+            if job.state is not JobState.DELIVERED:
+                why = f"job {job_id} is {job.state.value}; only a delivered job is redelivered"
+                raise IllegalTransition(job_id, job.state, JobState.WRITTEN, why)
+            if not paths:
+                why = f"job {job_id} has no results queued for any destination"
+                raise IllegalTransition(job_id, job.state, JobState.WRITTEN, why)
+            missing = [Path(p).name for p in paths if not Path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(f"job {job_id}: result file(s) {', '.join(missing)} no longer exist")
+            db.execute(
+                "UPDATE outbox SET state='pending', next_attempt_at=?, attempts=0, last_error=NULL, sent_at=NULL "
+                "WHERE job_id=?",
+                (time.time(), job_id),
+            )
+            self._set_state(db, job_id, JobState.WRITTEN)
         return self.get(job_id)
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a job that has not finished yet."""
-        job = self.get(job_id)
-        if job.state in (JobState.DELIVERED, JobState.CANCELLED):
-            raise ValueError(f"job {job_id} is already {job.state.value}")
+        """Cancel a job that has not finished yet (its pending deliveries are dropped).
+
+        Raises
+        ------
+        IllegalTransition
+            The job is delivered, failed or cancelled already.
+        """
         with self._tx() as db:
+            state = JobState(self._row(db, job_id)["state"])
+            if (state, JobState.CANCELLED) not in TRANSITIONS:
+                why = f"job {job_id} is {state.value}; only an unfinished job is cancelled"
+                raise IllegalTransition(job_id, state, JobState.CANCELLED, why)
             db.execute("UPDATE outbox SET state='failed', last_error='cancelled' WHERE job_id=? AND state='pending'",
                        (job_id,))  # fmt: skip
             self._set_state(db, job_id, JobState.CANCELLED)
         return self.get(job_id)
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return row
 
     # -- outbox ------------------------------------------------------------------------
     def enqueue_results(self, job_id: str, deliveries: dict[str, list[str]], report: dict) -> Job:
@@ -432,9 +672,12 @@ class JobStore:
         with self._tx() as db:
             for dest, paths in deliveries.items():
                 for path in paths:
+                    # A job run again (retry) writes the same files: their old items are queued afresh.
                     db.execute(
-                        """INSERT OR IGNORE INTO outbox(job_id, destination, path, state, next_attempt_at)
-                           VALUES (?, ?, ?, 'pending', ?)""",
+                        """INSERT INTO outbox(job_id, destination, path, state, next_attempt_at)
+                           VALUES (?, ?, ?, 'pending', ?)
+                           ON CONFLICT(job_id, destination, path) DO UPDATE SET state='pending', attempts=0,
+                             next_attempt_at=excluded.next_attempt_at, last_error=NULL, sent_at=NULL""",
                         (job_id, dest, path, now),
                     )
             self._set_state(db, job_id, JobState.WRITTEN if deliveries else JobState.DELIVERED, report=report)
@@ -486,7 +729,12 @@ class JobStore:
         if current != JobState.WRITTEN.value:
             return
         if "failed" in states:
-            self._set_state(db, job_id, JobState.FAILED, error="delivery failed permanently (see outbox)")
+            query = "SELECT last_error FROM outbox WHERE job_id=? AND state='failed' ORDER BY id"
+            errors = [r["last_error"] for r in db.execute(query, (job_id,))]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            error = f"delivery failed for good: {errors[0]}{more}"
+            self._set_state(db, job_id, JobState.FAILED, error=error, reason=FailureReason.DELIVERY_FAILED)
+            log.warning("job %s: %s", job_id, error)
         else:
             self._set_state(db, job_id, JobState.DELIVERED)
 
@@ -511,9 +759,10 @@ def _job(row: sqlite3.Row) -> Job:
         updated_at=row["updated_at"], called_ae=row["called_ae"], calling_ae=row["calling_ae"],
         explicit_request=row["explicit_request"], request_text=row["request_text"],
         request_source=row["request_source"], attempts=row["attempts"], error=row["error"],
+        reason=FailureReason(row["reason"]) if row["reason"] else None,
         plan=json.loads(row["plan_json"]) if row["plan_json"] else None,
         report=json.loads(row["report_json"]) if row["report_json"] else None,
-        result_dir=row["result_dir"], history=json.loads(row["history_json"]),
+        result_dir=row["result_dir"], history=json.loads(row["history_json"]), retrieve_from=row["retrieve_from"],
     )  # fmt: skip
 
 

@@ -43,8 +43,17 @@ from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
 from medsegagent.models.ensemble import Member, OnDemand, TargetResult, fuse_study, resolve_overlaps
 from medsegagent.models.executor import Executor, InProcessExecutor, Job, JobResult, ModelCache
-from medsegagent.models.registry import Dataset, Label, LabelKind, ModelRef, Registry, load_registry
+from medsegagent.models.registry import (
+    Dataset,
+    Label,
+    LabelKind,
+    ModelRef,
+    Registry,
+    load_registry,
+    normalize_modality,
+)
 from medsegagent.models.routing import Plan, Router
+from medsegagent.node.jobs import FailureReason
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,32 @@ Progress = Callable[[str], None]
 
 
 class PipelineError(RuntimeError):
-    """A study the pipeline cannot turn into a result; the message says why."""
+    """A study the pipeline cannot turn into a result; the message says why, :attr:`reason` what kind."""
+
+    def __init__(self, message: str, reason: FailureReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def study_modality(series: Mapping[str, SeriesInfo]) -> str | None:
+    """The routing modality of a scanned study, refused when no model could ever accept it.
+
+    Raises
+    ------
+    PipelineError
+        ``UNSUPPORTED_MODALITY`` for image series of another modality (OT, XA ...) or none.
+    """
+    modality = routing_modality(series)
+    if modality is None:
+        return None
+    try:
+        return normalize_modality(modality)
+    except ValueError:
+        found = sorted({s.modality.strip() or "none" for s in image_series(dict(series))})
+        raise PipelineError(
+            f"the image series have Modality {', '.join(found)}; the node segments CT, MR, PT and US",
+            FailureReason.UNSUPPORTED_MODALITY,
+        ) from None
 
 
 @dataclass
@@ -294,6 +328,7 @@ def segment_study(
     timeout_s: float | None = None,
     volume_report: bool = False,
     preview_sc: bool = False,
+    request_fallback: Mapping[str, str] | None = None,
 ) -> Result:
     """Segment the image series of ``dicom_dir`` as ``text`` asks.
 
@@ -334,11 +369,13 @@ def segment_study(
         PACS that cannot show SEG.
     timeout_s : float, optional
         Wall-time limit per model; a model over it fails alone.
+    request_fallback : mapping, optional
+        The unusable request passed over for ``text`` (source, reason), recorded in the report.
 
     Raises
     ------
     PipelineError
-        With a message naming the problem; nothing is left in ``out_dir``.
+        With a message naming the problem and its :class:`FailureReason`; nothing is left in ``out_dir``.
     """
     say = progress or (lambda message: log.info("%s", message))
     timings: dict[str, float] = {}
@@ -352,7 +389,7 @@ def segment_study(
     try:
         series = scan_folder(Path(dicom_dir))
         images = image_series(series)
-        modality = routing_modality(series)
+        modality = study_modality(series)
         if modality is None:
             choose_series(series)  # raises with the reason
         # Segment the series the routing modality came from (PET+CT: the CT), so a
@@ -361,7 +398,11 @@ def segment_study(
         chosen = choose_series(series, wanted)
         volume = read_series(chosen)
     except SeriesError as exc:
-        raise PipelineError(str(exc)) from exc
+        raise PipelineError(str(exc), FailureReason.of(exc.problem)) from exc
+    if volume.geometry.shape[0] < 2:
+        # Every backend segments volumes; one image would be padded into a "volume" and segmented as noise.
+        raise PipelineError(f"series {chosen.label} is a single image, not a volume; the models segment volumes",
+                            FailureReason.IMPLAUSIBLE_GEOMETRY)  # fmt: skip
     timings["read"] = time.perf_counter() - t0
     say(f"series {chosen.label}, grid {volume.geometry.shape}, routing modality {modality}")
 
@@ -373,7 +414,8 @@ def segment_study(
         reasons = [f"{u['target']}: {u['reason']}" for u in plan.to_json().get("unmatched", [])]
         reasons += [f"{s['target']}: {s['reason']} (install: {', '.join(s['install'])})" for s in skipped]
         raise PipelineError(
-            f"nothing to segment for {text!r} in a {modality} study" + (": " + "; ".join(reasons) if reasons else "")
+            f"nothing to segment for {text!r} in a {modality} study" + (": " + "; ".join(reasons) if reasons else ""),
+            FailureReason.NO_MODEL_INSTALLED if skipped else FailureReason.NOTHING_MATCHED,
         )
     say("plan: " + ", ".join(f"{s.label.name} <- {len(s.members)} model(s)" for s in segments))
 
@@ -385,6 +427,9 @@ def segment_study(
     predictions = {name: r.prediction for name, r in outcomes.items() if r.ok and r.prediction is not None}
     errors = {name: r.error or r.status for name, r in outcomes.items() if not r.ok}
     timings["inference"] = time.perf_counter() - t0
+    if not predictions:
+        failed = "; ".join(f"{name}: {error}" for name, error in errors.items())
+        raise PipelineError(f"every model failed ({failed})", FailureReason.MODEL_FAILED)
 
     t0 = time.perf_counter()
     say(f"ensemble: fusing {len(segments)} segment(s) on the source grid")
@@ -457,6 +502,8 @@ def segment_study(
             shown,
         )
         report["outputs"] = outputs
+        if request_fallback:
+            report["request"]["fallback"] = dict(request_fallback)
         report["quality"] = {"caution": caution, "demo_models": demo}
         for entry, quality in zip(report["segments"], qualities, strict=True):
             entry["agreement"] = quality.agreement.value

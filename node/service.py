@@ -26,8 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import IO
 
-from medsegagent.dicom.modality import routing_modality
-from medsegagent.dicom.series import SeriesError, scan_folder
+from medsegagent.dicom.series import SeriesError, choose_series, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.executor import Executor, InProcessExecutor
 from medsegagent.models.ray_executor import ClusterUnavailable
@@ -35,11 +34,11 @@ from medsegagent.models.registry import MODELS_ENV, Registry, load_registry
 from medsegagent.models.routing import Router
 from medsegagent.node.config import Config, ExecutorKind
 from medsegagent.node.dispatch import DeliveryError, send_files
-from medsegagent.node.instructions import resolve_instruction
+from medsegagent.node.instructions import Problem, resolve_instruction
 from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
-from medsegagent.node.jobs import Job, JobState, JobStore
-from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study
+from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore
+from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study, study_modality
 
 log = logging.getLogger(__name__)
 
@@ -235,53 +234,77 @@ class Node:
         return True
 
     def process(self, job: Job) -> Job:
-        """Run one claimed job to ``written`` (or ``failed``); never raises."""
-        study_dir = self.spool_dir / job.study_uid
+        """Run one claimed job to ``written`` (or ``failed`` with a :class:`FailureReason`); never raises."""
         log.info("job %s: study %s", job.id, job.study_uid)
         try:
-            modality = routing_modality(scan_folder(study_dir))
-            collection = self.config.node.collection
-            instruction = resolve_instruction(
-                study_dir, self.config, explicit=job.explicit_request, called_ae=job.called_ae,
-                usable=lambda text: self._unusable(text, modality, collection),
-            )  # fmt: skip
-            if instruction.text is None:
-                tried = "; ".join(f"{t['source']}: {t['reason']}" for t in instruction.tried) or "no sources"
-                return self.store.transition(job.id, JobState.FAILED, error=f"no usable request ({tried})")
-            plan = self.router.plan(instruction.text, modality=modality, collection=collection)
-            self.store.transition(
-                job.id, JobState.PLANNED, request_text=instruction.text, request_source=instruction.source,
-                plan=plan.to_json(),
-            )  # fmt: skip
-            self.store.transition(job.id, JobState.RUNNING)
-            out_dir = self.results_dir / job.id
-            result = segment_study(
-                study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
-                collection=collection, request_source=instruction.source, cache=self.cache, uid_key=job.id,
-                executor=self.executor,
-                volume_report=any(d.volume_report for d in self.config.destinations),
-                preview_sc=any(d.preview_sc for d in self.config.destinations),
-            )  # fmt: skip
+            return self._run(job)
         except ClusterUnavailable as exc:
             return self._cluster_unavailable(job, exc)
-        except (PipelineError, SeriesError) as exc:
-            log.warning("job %s failed: %s", job.id, exc)
-            return self.store.transition(job.id, JobState.FAILED, error=str(exc))
+        except PipelineError as exc:
+            return self._fail(job, exc.reason, str(exc))
+        except SeriesError as exc:
+            return self._fail(job, FailureReason.of(exc.problem), str(exc))
+        except IllegalTransition as exc:  # cancelled while it ran: what it made is dropped
+            log.info("job %s (study %s): %s; its result is discarded", job.id, job.study_uid, exc)
+            return self.store.get(job.id)
         except Exception as exc:
-            log.exception("job %s failed unexpectedly", job.id)
-            return self.store.transition(job.id, JobState.FAILED, error=f"internal error: {exc}")
-        self.store.transition(job.id, JobState.RUNNING, result_dir=str(out_dir))
+            log.exception("job %s (study %s) failed unexpectedly", job.id, job.study_uid)
+            # The job's error is for an administrator: the exception's kind, not its traceback (that is in the log).
+            return self._fail(job, FailureReason.INTERNAL_ERROR,
+                              f"internal error ({type(exc).__name__}); the node's log has the details")  # fmt: skip
+
+    def _run(self, job: Job) -> Job:
+        """Request, plan, segment and queue the results of one job (failures raise)."""
+        study_dir = self.spool_dir / job.study_uid
+        series = scan_folder(study_dir)
+        modality = study_modality(series)
+        if modality is None:
+            choose_series(series)  # raises with the reason
+        collection = self.config.node.collection
+        instruction = resolve_instruction(
+            study_dir, self.config, explicit=job.explicit_request, called_ae=job.called_ae,
+            usable=lambda text: self._unusable(text, modality, collection), job_id=job.id,
+        )  # fmt: skip
+        if instruction.text is None or instruction.source is None:
+            problem = instruction.failure()
+            return self._fail(job, problem.reason, problem.detail)
+        passed_over = instruction.fallback
+        fallback = passed_over.to_json() if passed_over else None
+        if passed_over is not None:
+            log.warning("job %s: the %s request is used instead of the unusable %s request (%s)", job.id,
+                        instruction.source.value, passed_over.source.value, passed_over.detail)  # fmt: skip
+        plan = self.router.plan(instruction.text, modality=modality, collection=collection)
+        self.store.update(job.id, request_text=instruction.text, request_source=instruction.source.value,
+                          plan=plan.to_json())  # fmt: skip
+        self.store.transition(job.id, JobState.RUNNING)
+        out_dir = self.results_dir / job.id
+        result = segment_study(
+            study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
+            collection=collection, request_source=instruction.source.value, cache=self.cache, uid_key=job.id,
+            executor=self.executor, request_fallback=fallback,
+            volume_report=any(d.volume_report for d in self.config.destinations),
+            preview_sc=any(d.preview_sc for d in self.config.destinations),
+        )  # fmt: skip
+        self.store.update(job.id, result_dir=str(out_dir))
         job = self.store.enqueue_results(job.id, self._deliveries(out_dir, result.report), result.report)
         log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(self.config.destinations))
         return job
+
+    def _fail(self, job: Job, reason: FailureReason, message: str) -> Job:
+        """Fail ``job`` with ``reason`` and log it with the job, the study and the reason."""
+        log.warning("job %s (study %s) failed: %s: %s", job.id, job.study_uid, reason.value, message)
+        try:
+            return self.store.fail(job.id, reason, message)
+        except IllegalTransition as exc:  # cancelled meanwhile: the cancellation stands
+            log.info("job %s: %s; the failure is not recorded", job.id, exc)
+            return self.store.get(job.id)
 
     def _cluster_unavailable(self, job: Job, exc: ClusterUnavailable) -> Job:
         """The executor's cluster is gone: the study goes back to the queue (the job store keeps it), or fails."""
         settings = self.config.executor
         if job.attempts >= settings.max_job_attempts:
-            log.error("job %s: cluster unavailable after %d attempt(s): %s", job.id, job.attempts, exc)
             error = f"cluster unavailable after {job.attempts} attempt(s): {exc}; retry with POST /jobs/{job.id}/retry"
-            return self.store.transition(job.id, JobState.FAILED, error=error)
+            return self._fail(job, FailureReason.EXECUTOR_UNAVAILABLE, error)
         log.warning("job %s: cluster unavailable (%s); re-queued in %.0f s", job.id, exc, settings.retry_delay_s)
         # Wait before re-queueing, so the processor does not spin against a dead cluster.
         self._stop.wait(settings.retry_delay_s)
@@ -300,13 +323,14 @@ class Node:
             deliveries[dest.name] = [str(out_dir / n) for n in names]
         return deliveries
 
-    def _unusable(self, text: str, modality: str | None, collection: str | None) -> str | None:
+    def _unusable(self, text: str, modality: str | None, collection: str | None) -> Problem | None:
         plan = self.router.plan(text, modality=modality, collection=collection)
         if not plan.selection:
             reasons = "; ".join(u["reason"] for u in plan.unmatched) or "no target recognised"
-            return f"selects nothing ({reasons})"
+            return Problem(FailureReason.NOTHING_MATCHED, f"selects nothing ({reasons})")
         if not any(self.registry.datasets[name].installed_models for name in plan.selection):
-            return "no installed model for the selected datasets"
+            selected = ", ".join(sorted(plan.selection))
+            return Problem(FailureReason.NO_MODEL_INSTALLED, f"no installed model for the datasets {selected}")
         return None
 
     # -- dispatcher -----------------------------------------------------------------------------------
@@ -338,7 +362,7 @@ class Node:
                 status = result.failed.get(item.path)
                 if status is None:
                     self.store.delivery_succeeded(item.id)
-                    log.info("delivered %s to %s", Path(item.path).name, name)
+                    log.info("job %s: delivered %s to %s", item.job_id, Path(item.path).name, name)
                 elif status in _TRANSIENT_STATUSES:
                     self._retry_or_give_up(item, f"C-STORE status 0x{status & 0xFFFF:04X}", policy)
                 else:
@@ -351,8 +375,8 @@ class Node:
             self.store.delivery_failed(item.id, f"{error} (giving up after {policy.give_up_after_hours:g} h)", None)
             return
         delay = min(policy.retry_initial_seconds * 2 ** min(item.attempts, 16), policy.retry_max_seconds)
-        log.warning("delivery of %s to %s failed (%s); retry in %.0f s", Path(item.path).name, item.destination,
-                    error, delay)  # fmt: skip
+        log.warning("job %s: delivery of %s to %s failed (%s); retry in %.0f s", item.job_id, Path(item.path).name,
+                    item.destination, error, delay)  # fmt: skip
         self.store.delivery_failed(item.id, error, delay)
 
 
