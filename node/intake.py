@@ -57,15 +57,16 @@ log = logging.getLogger(__name__)
 STORAGE_SOP_CLASSES = tuple(REQUIRED_MODALITY)
 
 #: Compressed transfer syntaxes PACS send, accepted where a decoder is installed: pydicom (RLE),
-#: python-gdcm (JPEG baseline, extended, lossless; also JPEG-LS and JPEG 2000), pyjpegls (JPEG-LS),
+#: python-gdcm (JPEG baseline and lossless; also JPEG-LS and JPEG 2000), pyjpegls (JPEG-LS),
 #: pylibjpeg-openjpeg (JPEG 2000, HTJ2K).  Lossy ones too: ultrasound is JPEG baseline, and an archive
-#: that compressed a study lossy sends nothing better.  GPL decoders (pylibjpeg-libjpeg) are not needed.
+#: that compressed a study lossy sends nothing better.  Not JPEG Extended (4.51): pydicom's gdcm and
+#: pillow plugins refuse its 12-bit samples (only the GPL pylibjpeg-libjpeg decodes them), so a sender
+#: falls back to a syntax the node reads rather than the node accepting what it cannot decode.
 _COMPRESSED_SYNTAXES = (
     uid.RLELossless,
     uid.JPEGLosslessSV1,
     uid.JPEGLossless,
     uid.JPEGBaseline8Bit,
-    uid.JPEGExtended12Bit,
     uid.JPEGLSLossless,
     uid.JPEGLSNearLossless,
     uid.JPEG2000Lossless,

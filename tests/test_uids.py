@@ -12,8 +12,10 @@ def test_valid(uid):
 
 
 @pytest.mark.parametrize(
-    "uid", ["", "../../etc/passwd", "1.2.3/4", "1..2", "1.02", "1.2.", "1" * 65, "1.2.3\x00", None, "1.2 .3"]
-)
+    "uid",
+    ["", "../../etc/passwd", "1.2.3/4", "1..2", "1.02", "1.2.", "1" * 65, "1.2.3\x00", None, "1.2 .3", "1.2.3\n",
+     "\n1.2.3", "1.2.3\r\n"],
+)  # fmt: skip
 def test_invalid(uid):
     assert not is_valid_uid(uid)
     with pytest.raises(InvalidUIDError):
