@@ -1,19 +1,138 @@
-"""DICOM delivery: send files to a peer with C-STORE."""
+"""Delivery of results to a destination: C-STORE to an AE, or STOW-RS to a DICOMweb service.
+
+:func:`deliver` gives each file a typed :class:`DeliveryOutcome` for the
+outbox: delivered, retry later (the peer is down or short of resources), or
+give up with a reason (the peer refused the object, or the request, for good).
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import requests
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 
+from medsegagent.node.config import Destination, RemoteKind
 from medsegagent.node.scu import scu_ae, set_nodelay
 
 log = logging.getLogger(__name__)
+
+#: C-STORE statuses worth retrying (out of resources); others refuse the object for good.
+_TRANSIENT_STATUSES = frozenset({0xA700, 0xA701, 0xA702})
+_STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB007, 0xB006})
+#: HTTP statuses below 500 that say "later", not "never".
+_TRANSIENT_HTTP = frozenset({408, 425, 429})
+
+
+class Outcome(enum.Enum):
+    """What the outbox does with one file after an attempt."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"  # the destination is down or busy: try again after the back-off
+    GIVE_UP = "give_up"  # the destination refused it for good: the item fails with the reason
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """The outcome of one file's delivery attempt, with the reason when it was not delivered."""
+
+    outcome: Outcome
+    reason: str | None = None
+
+
+DELIVERED = DeliveryOutcome(Outcome.DELIVERED)
+
+
+def deliver(destination: Destination, files: Sequence[Path], *, calling_ae: str) -> dict[Path, DeliveryOutcome]:
+    """Send ``files`` to ``destination`` in one association or one STOW-RS request.
+
+    Parameters
+    ----------
+    destination : Destination
+        A DICOM (C-STORE) or DICOMweb (STOW-RS) destination.
+    files : sequence of Path
+        Part 10 files.
+    calling_ae : str
+        The node's AE title (C-STORE only).
+
+    Returns
+    -------
+    dict
+        One :class:`DeliveryOutcome` per file; this function does not raise
+        for anything the destination or the network does.
+    """
+    if destination.kind is RemoteKind.DICOMWEB:
+        return _stow(destination, files)
+    try:
+        result = send_files(files, host=destination.host, port=destination.port, called_ae=destination.ae_title,
+                            calling_ae=calling_ae)  # fmt: skip
+    except (DeliveryError, OSError, RuntimeError) as exc:
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{destination.describe()}: {exc}"))
+    outcomes = {}
+    for path in files:
+        status = result.failed.get(str(path))
+        if status is None:
+            outcomes[path] = DELIVERED
+        elif status in _TRANSIENT_STATUSES or status < 0:
+            outcomes[path] = DeliveryOutcome(Outcome.RETRY, f"C-STORE status 0x{status & 0xFFFF:04X}")
+        else:
+            outcomes[path] = DeliveryOutcome(Outcome.GIVE_UP, f"refused by {destination.name}: C-STORE status "
+                                                              f"0x{status:04X}")  # fmt: skip
+    return outcomes
+
+
+def _stow(destination: Destination, files: Sequence[Path]) -> dict[Path, DeliveryOutcome]:
+    """STOW-RS ``files`` in one request; 4xx gives up (but 408/425/429), 5xx and the network retry."""
+    from medsegagent.node.dicomweb import CredentialsError, web_client  # dicomweb-client only where it is used
+
+    where = destination.describe()
+    try:
+        datasets = [pydicom.dcmread(path) for path in files]
+        response = web_client(destination.web).store_instances(datasets)
+    except CredentialsError as exc:  # the administrator fixes the secret; the results wait
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{where}: {exc}"))
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        retry = code >= 500 or code in _TRANSIENT_HTTP
+        reason = f"{where}: STOW-RS answered HTTP {code}{_failure_detail(exc.response)}"
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY if retry else Outcome.GIVE_UP, reason))
+    except (requests.RequestException, OSError) as exc:
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{where}: {type(exc).__name__}: {exc}"))
+    failed = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0x0110))
+              for item in response.get("FailedSOPSequence", [])}  # fmt: skip
+    outcomes = {}
+    for path, ds in zip(files, datasets, strict=True):
+        code = failed.get(str(ds.SOPInstanceUID))
+        if code is None:
+            outcomes[path] = DELIVERED
+        elif code in _TRANSIENT_STATUSES:
+            outcomes[path] = DeliveryOutcome(Outcome.RETRY, f"{where}: STOW-RS failure reason 0x{code:04X}")
+        else:
+            outcomes[path] = DeliveryOutcome(Outcome.GIVE_UP, f"refused by {destination.name}: STOW-RS failure "
+                                                              f"reason 0x{code:04X}")  # fmt: skip
+    return outcomes
+
+
+def _failure_detail(response: requests.Response | None) -> str:
+    """`` (reason)``: the HTTP reason phrase and the first failure reason a STOW-RS body gives, if any."""
+    if response is None:
+        return ""
+    detail = response.reason or ""
+    try:
+        body = response.json()
+        failed = body.get("00081198", {}).get("Value", []) if isinstance(body, dict) else []
+        code = failed[0].get("00081197", {}).get("Value", [None])[0] if failed else None
+        if code is not None:
+            detail += f", failure reason 0x{int(code):04X}"
+    except ValueError:
+        pass
+    return f" ({detail})" if detail else ""
 
 
 class DeliveryError(RuntimeError):
