@@ -2,7 +2,7 @@
 
     python bench/run_all.py            # full sizes: tens of minutes on 2 cores; run it once
     python bench/run_all.py --quick    # small sizes, minutes -> bench/results/SUMMARY-quick.md
-    python bench/run_all.py --only routing-public,throughput
+    python bench/run_all.py --only routing-public,routing-dev,routing-heldout   # routing only, seconds
     python bench/run_all.py --routing-benchmark PATH   # default ../shared/benchmarks/... beside the repo
 
 Runs, one after the other (2 cores: never two at once), each in its own
@@ -12,7 +12,8 @@ process and each with its peer measured in the same run:
 key                what                                                        peer
 =================  ==========================================================  ===========================
 routing-public     ``medsegagent bench routing`` on the public 343-query set   the paper's expected models
-routing-ours       the same on ``tests/data/routing_requests.jsonl``           expected models
+routing-dev        the same on the development set (``routing_dev.jsonl``)     expected models
+routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
 node               end-to-end overhead per study, everything but model time    (split of one study)
@@ -24,7 +25,12 @@ throughput         studies/hour with 1 and 2 executors                         i
 
 The summary has one row per benchmark (headline figures, wall time, the
 peak resident memory of its largest process, the command that reproduces
-it), then each benchmark's own tables.  A benchmark that fails is reported
+it), then each benchmark's own tables.  The three routing sets are reported
+side by side in one table (also written to ``bench/results/routing.md``):
+the public and development sets are scored within ``medsegagent-23`` (the
+library they were written for), the held-out set over every registry dataset
+(what a default ``medsegagent plan`` routes over).  The held-out set is
+frozen: its table gives aggregates per category, never its misses.  A benchmark that fails is reported
 as failed; the others still run, and the exit status says so.
 """
 
@@ -46,7 +52,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PUBLIC = REPO.parent / "shared" / "benchmarks" / "medsegagent-model-selection-343.jsonl"
-OURS = REPO / "tests" / "data" / "routing_requests.jsonl"
+#: The development set (the router's own requests); the older hand-written set until it exists.
+DEV = REPO / "tests" / "data" / "routing_dev.jsonl"
+DEV_FALLBACK = REPO / "tests" / "data" / "routing_requests.jsonl"
+HELDOUT = REPO / "tests" / "data" / "heldout" / "requests.jsonl"
+ROUTING_KEYS = ("routing-public", "routing-dev", "routing-heldout")
 
 
 @dataclass
@@ -78,16 +88,28 @@ def _medsegagent() -> list[str]:
     return [found] if found else [sys.executable, "-m", "medsegagent.node.cli"]
 
 
+def _routing(public: Path, dev: Path) -> list[Bench]:
+    """The three routing sets; each runs at the same size in full and quick runs."""
+    heldout = HELDOUT.relative_to(REPO)
+    sets = [
+        ("routing-public", "Routing, public benchmark", public, ["--collection", "medsegagent-23"]),
+        # the development set keeps the bench default (medsegagent-23) it was written for
+        ("routing-dev", "Routing, development set", dev, []),
+        ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
+    ]
+    out = []
+    for key, title, path, collection in sets:
+        argv = ["medsegagent", "bench", "routing", str(path), *collection, "--json"]
+        out.append(Bench(key, title, "expected datasets of the set", argv, argv))
+    return out
+
+
 def benchmarks(public: Path) -> list[Bench]:
     """The project's benchmarks with their full and quick command lines."""
     py = "python"
+    dev = (DEV if DEV.is_file() else DEV_FALLBACK).relative_to(REPO)
     return [
-        Bench("routing-public", "Routing, public benchmark (343 queries)", "expected models of the benchmark",
-              ["medsegagent", "bench", "routing", str(public), "--json"],
-              ["medsegagent", "bench", "routing", str(public), "--json"]),
-        Bench("routing-ours", "Routing, our request set", "expected models of the set",
-              ["medsegagent", "bench", "routing", "tests/data/routing_requests.jsonl", "--json"],
-              ["medsegagent", "bench", "routing", "tests/data/routing_requests.jsonl", "--json"]),
+        *_routing(public, dev),
         Bench("ingest", "Ingest (C-STORE) vs DCMTK storescp", "DCMTK storescp",
               [py, "bench/bench_ingest.py"], [py, "bench/bench_ingest.py", "--quick"]),
         Bench("seg", "DICOM-SEG encode vs dcmqi", "dcmqi itkimage2segimage",
@@ -113,8 +135,9 @@ def _run(bench: Bench, quick: bool, timeout: float) -> None:
     """Run one benchmark in its own process; record output, wall time and its largest process's peak RSS."""
     argv = bench.argv(quick)
     command = _medsegagent() + argv[1:] if argv[0] == "medsegagent" else [sys.executable, *argv[1:]]
-    if bench.key == "routing-public" and not (REPO / argv[3]).is_file():
-        bench.status = f"skipped: {argv[3]} not found (pass --routing-benchmark)"
+    if bench.key in ROUTING_KEYS and not (REPO / argv[3]).is_file():
+        hint = " (pass --routing-benchmark)" if bench.key == "routing-public" else ""
+        bench.status = f"skipped: {argv[3]} not found{hint}"
         return
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # The tools the test extra installs (dcmqi, dciodvfy) live beside the interpreter.
@@ -153,8 +176,9 @@ def _run(bench: Bench, quick: bool, timeout: float) -> None:
     if bench.key.startswith("routing"):
         data = json.loads(out)
         bench.extra = data
+        negatives = "" if data.get("negatives_correct") is None else f", negatives {data['negatives_correct']:.3f}"
         bench.headline = (
-            f"hit {data['hit_rate']:.3f}, strict {data['strict']:.3f}, soft {data['soft']:.3f};"
+            f"hit {data['hit_rate']:.3f}, strict {data['strict']:.3f}, soft {data['soft']:.3f}{negatives};"
             f" p50 {data['p50_ms']:.1f} ms, p95 {data['p95_ms']:.1f} ms (n={data['n']})"
         )
     elif bench.key == "throughput":
@@ -167,16 +191,31 @@ def _run(bench: Bench, quick: bool, timeout: float) -> None:
         )
 
 
-def _routing_table(bench: Bench) -> str:
-    d = bench.extra
-    return "\n".join(
-        [
-            "| queries | hit rate | strict | soft | p50 ms | p95 ms | max ms | start-up s |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {d['n']} | {d['hit_rate']:.3f} | {d['strict']:.3f} | {d['soft']:.3f} | {d['p50_ms']:.2f}"
-            f" | {d['p95_ms']:.2f} | {d['max_ms']:.2f} | {d.get('startup_s', 0):.2f} |",
-        ]
-    )
+def routing_table(benches: list[Bench]) -> str:
+    """Public, development and held-out routing side by side, then the held-out set per category."""
+    lines = [
+        "| set | file | collection | queries | strict | hit rate | soft | negatives correct | p50 ms | p95 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in benches:
+        if b.key not in ROUTING_KEYS:
+            continue
+        d, path = b.extra, b.argv(False)[3]
+        if b.status != "ok":
+            lines.append(f"| {b.title} | `{path}` | | | {b.status} | | | | | |")
+            continue
+        neg = "n/a" if d.get("negatives_correct") is None else f"{d['negatives_correct']:.3f} (of {d['negatives']})"
+        lines.append(
+            f"| {b.title} | `{path}` | {d['collection'] or 'all'} | {d['n']} | {d['strict']:.3f} | {d['hit_rate']:.3f}"
+            f" | {d['soft']:.3f} | {neg} | {d['p50_ms']:.2f} | {d['p95_ms']:.2f} |"
+        )
+    heldout = next((b for b in benches if b.key == "routing-heldout" and b.status == "ok"), None)
+    if heldout is not None and heldout.extra.get("by_category"):
+        lines += ["", "Held-out set per category (aggregates only; the set is frozen, its misses are not read):", ""]
+        lines += ["| category | queries | strict | hit rate |", "|---|---:|---:|---:|"]
+        for name, c in heldout.extra["by_category"].items():
+            lines.append(f"| {name} | {c['n']} | {c['strict']:.3f} | {c['hit_rate']:.3f} |")
+    return "\n".join(lines)
 
 
 def _machine() -> str:
@@ -226,13 +265,13 @@ def write_summary(benches: list[Bench], quick: bool, out: Path, total_s: float) 
             f"| {b.title} | {b.peer} | {b.headline or 'see below'} | {b.status} | {b.wall_s:.0f} | {b.peak_mb:.0f}"
             f" | `{command}` |"
         )
+    if any(b.key in ROUTING_KEYS for b in benches):
+        lines += ["", "## Routing: public, development and held-out sets", "", routing_table(benches)]
     for b in benches:
-        lines += ["", f"## {b.title}", "", f"`{' '.join(b.argv(quick))}` -- {b.status}", ""]
-        if not b.output or (b.key.startswith("routing") and b.status != "ok"):
+        if b.key in ROUTING_KEYS:
             continue
-        if b.key.startswith("routing"):
-            lines.append(_routing_table(b))
-        else:
+        lines += ["", f"## {b.title}", "", f"`{' '.join(b.argv(quick))}` -- {b.status}", ""]
+        if b.output:
             # The benchmark's own markdown: drop its top-level title, keep its tables and notes.
             body = [line for line in b.output.splitlines() if not line.startswith("# ")]
             lines.append("\n".join(body).strip())
@@ -240,6 +279,25 @@ def write_summary(benches: list[Bench], quick: bool, out: Path, total_s: float) 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def write_routing(benches: list[Bench], out: Path) -> None:
+    """``bench/results/routing.md``: the routing table with the commands that reproduce it."""
+    commands = [f"* `{' '.join(b.argv(False))}`" for b in benches if b.key in ROUTING_KEYS]
+    text = "\n".join(
+        [
+            "# Routing: public, development and held-out sets",
+            "",
+            f"* command: `python bench/run_all.py --only {','.join(ROUTING_KEYS)}`",
+            f"* date: {time.strftime('%Y-%m-%dT%H:%M:%S')}; commit {_commit()}",
+            f"* machine: {_machine()}",
+            "* latency: per query after start-up (registry, router, encoder warm-up), one process per set",
+            *commands,
+            "",
+            routing_table(benches),
+        ]
+    )
+    out.write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {bench.status} in {bench.wall_s:.0f} s {bench.headline}", file=sys.stderr, flush=True)
     print(write_summary(benches, args.quick, out, time.perf_counter() - t0))
     print(f"wrote {out}", file=sys.stderr)
+    if any(b.key in ROUTING_KEYS and b.status == "ok" for b in benches):
+        write_routing(benches, RESULTS / "routing.md")
+        print(f"wrote {RESULTS / 'routing.md'}", file=sys.stderr)
     # A benchmark whose own checks did not hold still produced its figures; only crashes and timeouts fail the run.
     return 1 if any(b.status.startswith(("failed", "timed out")) for b in benches) else 0
 

@@ -11,9 +11,17 @@ exactly:
 * soft    = share of queries with at least one dataset right.
 
 A query expecting nothing and predicting nothing counts as fully right (hit
-rate 1); the paper's file has no such query.  Latency is measured per query
-after start-up (registry load, router build, encoder + embedding warm-up),
-which is reported separately.
+rate 1); the paper's file has no such query.  Such *negative* queries (no
+dataset covers the structure, none accepts the modality, or there is no
+anatomy) get their own measure:
+
+* negatives correct = share of negative queries for which nothing is selected.
+
+When the lines carry a ``"category"`` (the held-out set does), the result also
+gives each category's size, strict and hit rate: aggregates only, so that a
+frozen set can be read without reading its misses.  Latency is measured per
+query after start-up (registry load, router build, encoder + embedding
+warm-up), which is reported separately.
 """
 
 from __future__ import annotations
@@ -60,6 +68,19 @@ def _flat(values: Any) -> set[int]:
 
 
 @dataclass
+class CategoryScore:
+    """Aggregate scores of the queries of one ``category``."""
+
+    n: int = 0
+    strict: float = 0.0
+    hit_rate: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"n": self.n, "strict": round(self.strict, 4), "hit_rate": round(self.hit_rate, 4)}
+
+
+@dataclass
 class BenchResult:
     """Scores and timings of one benchmark run."""
 
@@ -74,8 +95,11 @@ class BenchResult:
     max_ms: float = 0.0
     startup_s: float = 0.0
     registry_s: float = 0.0
+    negatives: int = 0
+    negatives_correct: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     categories: dict[str, int] = field(default_factory=dict)
+    by_category: dict[str, CategoryScore] = field(default_factory=dict)
 
     def to_json(self, with_failures: bool = False) -> dict[str, Any]:
         """JSON form (failures only on request: they quote the queries)."""
@@ -91,8 +115,12 @@ class BenchResult:
             "max_ms": round(self.max_ms, 3),
             "startup_s": round(self.startup_s, 3),
             "registry_s": round(self.registry_s, 3),
+            "negatives": self.negatives,
+            "negatives_correct": None if self.negatives_correct is None else round(self.negatives_correct, 4),
             "failure_categories": dict(self.categories),
         }
+        if self.by_category:
+            out["by_category"] = {k: v.to_json() for k, v in sorted(self.by_category.items())}
         if with_failures:
             out["failures"] = self.failures
         return out
@@ -104,6 +132,7 @@ class BenchResult:
             ("hit rate", f"{self.hit_rate:.4f}"),
             ("strict (all datasets right)", f"{self.strict:.4f}"),
             ("soft (any dataset right)", f"{self.soft:.4f}"),
+            ("negatives correct (nothing selected)", _share(self.negatives_correct, self.negatives)),
             ("latency p50", f"{self.p50_ms:.2f} ms"),
             ("latency p95", f"{self.p95_ms:.2f} ms"),
             ("latency max", f"{self.max_ms:.2f} ms"),
@@ -116,7 +145,14 @@ class BenchResult:
         if self.categories:
             lines.append("  failure categories (per dataset):")
             lines += [f"    {k}: {v}" for k, v in sorted(self.categories.items(), key=lambda kv: -kv[1])]
+        if self.by_category:
+            lines.append("  by query category (n, strict, hit rate):")
+            lines += [f"    {k}: {v.n}, {v.strict:.3f}, {v.hit_rate:.3f}" for k, v in sorted(self.by_category.items())]
         return "\n".join(lines)
+
+
+def _share(value: float | None, n: int) -> str:
+    return "n/a (no negative queries)" if value is None else f"{value:.4f} (of {n})"
 
 
 def load_cases(path: str | Path) -> list[dict[str, Any]]:
@@ -184,16 +220,7 @@ def run_bench(
         hit = score_query(expected, plan.selection)
         hits.append(hit)
         if hit < 1.0:
-            for name in set(expected) | set(plan.selection):
-                exp, got = expected.get(name), plan.selection.get(name)
-                if exp is None:
-                    categories["extra dataset"] += 1
-                elif got is None:
-                    categories["missing dataset"] += 1
-                elif set(exp) != set(got):
-                    categories["wrong label values"] += 1
-            if not expected:
-                categories["should select nothing"] += 1
+            categories.update(_miss_kinds(expected, plan.selection))
             result.failures.append(
                 {
                     "line": i + 1,
@@ -204,14 +231,50 @@ def run_bench(
                     "unmatched": plan.unmatched,
                 }
             )
+    result.categories = dict(categories)
+    _summarise(result, cases, hits, latencies)
+    return result
+
+
+def _miss_kinds(expected: dict[str, list[int]], predicted: dict[str, list[int]]) -> Counter[str]:
+    """Why a query missed, per dataset (extra, missing, wrong values; or it should select nothing)."""
+    kinds: Counter[str] = Counter()
+    for name in set(expected) | set(predicted):
+        exp, got = expected.get(name), predicted.get(name)
+        if exp is None:
+            kinds["extra dataset"] += 1
+        elif got is None:
+            kinds["missing dataset"] += 1
+        elif set(exp) != set(got):
+            kinds["wrong label values"] += 1
+    if not expected:
+        kinds["should select nothing"] += 1
+    return kinds
+
+
+def _summarise(result: BenchResult, cases: list[dict[str, Any]], hits: list[float], latencies: list[float]) -> None:
+    """Fill the aggregate scores, the negatives measure, per-category scores and latency percentiles."""
+    right = [h >= 1.0 - 1e-12 for h in hits]
     n = max(len(hits), 1)
     result.hit_rate = sum(hits) / n
-    result.strict = sum(1 for h in hits if h >= 1.0 - 1e-12) / n
+    result.strict = sum(right) / n
     result.soft = sum(1 for h in hits if h > 0.0) / n
+    # A negative query is right exactly when nothing is selected (its hit rate is then 1, else 0).
+    negatives = [ok for case, ok in zip(cases, right, strict=True) if not case["expected_datasets"]]
+    result.negatives = len(negatives)
+    result.negatives_correct = sum(negatives) / len(negatives) if negatives else None
+    groups: dict[str, list[int]] = {}
+    for i, case in enumerate(cases):
+        if "category" in case:
+            groups.setdefault(str(case["category"]), []).append(i)
+    result.by_category = {
+        name: CategoryScore(
+            n=len(idx), strict=sum(right[i] for i in idx) / len(idx), hit_rate=sum(hits[i] for i in idx) / len(idx)
+        )
+        for name, idx in groups.items()
+    }
     if latencies:
         ordered = sorted(latencies)
         result.p50_ms = statistics.median(ordered)
         result.p95_ms = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
         result.max_ms = ordered[-1]
-    result.categories = dict(categories)
-    return result

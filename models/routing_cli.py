@@ -75,9 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench = get_bench_subparsers(subparsers)
     b = bench.add_parser(
         "routing",
-        help="score routing on a benchmark file (hit rate, strict, soft, latency)",
-        description="Score a JSONL file of {'query', 'expected_datasets'[, 'modality']} with the MedSegAgent "
-        "paper's metrics and per-query latency.",
+        help="score routing on a benchmark file (hit rate, strict, soft, negatives, latency)",
+        description="Score a JSONL file of {'query', 'expected_datasets'[, 'modality'][, 'category']} with the "
+        "MedSegAgent paper's metrics, the share of negative queries (nothing expected) with nothing selected, "
+        "per-category aggregates when lines carry a category, and per-query latency.",
     )
     b.add_argument("file", help="benchmark JSONL file")
     b.add_argument(
