@@ -1,28 +1,44 @@
-"""Malformed and hostile input: each gets a clear refusal and the node keeps serving.
+"""Malformed and hostile input: each gets a clear refusal or a named failure, and the node keeps serving.
 
 Thirty cases against the node's DICOM listener: bad data sets (refused with
 a C-STORE failure status and a log line), bad associations (rejected), and
 bad bytes on the wire (aborted).  After every case a C-ECHO and a good
 C-STORE must still succeed, and nothing of the bad input is in the spool.
+
+Then studies that arrive but cannot be segmented meaningfully (issue 15): a
+running node (real demo models, DCMTK ``storescp`` as the PACS) must fail
+each job with its :class:`~medsegagent.node.jobs.FailureReason`, log it with
+the job and study, deliver no SEG, and still segment a good study after
+them.  Last, the delivery guarantee against a real Orthanc: a request passed
+over by ``on_unusable_request: fallback`` is recorded, a delivered job
+refuses retry and cancel (409), and a redelivered SEG is one instance.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
+from medsegagent.node.config import parse_config
 from medsegagent.node.intake import StorageSCP
-from tests.conftest import echo_ok
+from medsegagent.node.jobs import FailureReason, Job, JobState
+from medsegagent.node.service import Node
+from tests.conftest import echo_ok, tool
+from tests.test_node import ENV, TOKEN, StoreSCP, _config, _free_port, _request_sr, _storescu
 
 GOOD_CALLER = "MODALITY"
 
@@ -202,3 +218,216 @@ def test_oversized_length_claim_does_not_block_others(node):
     with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
         sock.sendall(_assoc_rq(length=0xFFFFFFF0)[:40])
         assert _echo_ok(node.port)
+
+
+# -- studies that arrive but cannot be segmented: a failed job with a named reason --------------------------
+LIVERSEG = "LIVERSEG"  # the called AE whose preset ("liver") would segment any of these studies
+
+
+def _copy(files: list[Path], change: Callable[[Dataset, int], None] | None = None, keep: int | None = None
+          ) -> list[Dataset]:  # fmt: skip
+    """The phantom series under new UIDs (a study of its own), each instance changed by ``change(ds, index)``."""
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for index, path in enumerate(files[:keep]):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if change is not None:
+            change(ds, index)
+        out.append(ds)
+    return out
+
+
+def _with_request_sr(text: str) -> Callable[[list[Path], Path], list[Dataset]]:
+    def build(files: list[Path], work: Path) -> list[Dataset]:
+        study = _copy(files)
+        reference = work / f"{study[0].StudyInstanceUID}.dcm"
+        study[0].save_as(reference, enforce_file_format=True)
+        return [*study, pydicom.dcmread(_request_sr(reference, text, work / f"{reference.stem}-sr.dcm"))]
+
+    return build
+
+
+def _changed(change: Callable[[Dataset, int], None], keep: int | None = None):
+    return lambda files, work: _copy(files, change, keep)
+
+
+def _set(**tags) -> Callable[[Dataset, int], None]:
+    def change(ds: Dataset, index: int) -> None:
+        for key, value in tags.items():
+            setattr(ds, key, value)
+
+    return change
+
+
+def _other_frame_of_reference(ds: Dataset, index: int) -> None:
+    if index == 5:
+        ds.FrameOfReferenceUID = generate_uid()
+
+
+def _nan_position(ds: Dataset, index: int) -> None:
+    if index == 3:
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], "NaN"]
+
+
+_R = FailureReason
+#: Case -> (study builder, the job's failure reason).  Some the intake refuses at C-STORE already;
+#: these are written straight into the spool, so the job's own checks are what is tested.
+JOB_CASES = {
+    "one-slice CT": (_changed(lambda ds, index: None, keep=1), _R.IMPLAUSIBLE_GEOMETRY),
+    "pixel spacing 1e300": (_changed(_set(PixelSpacing=[1e300, 1e300])), _R.IMPLAUSIBLE_GEOMETRY),
+    "100 kB SR request": (_with_request_sr("liver and spleen " * 6_000), _R.REQUEST_UNUSABLE),
+    "SR naming 500 targets": (_with_request_sr(", ".join(f"lesion {i}" for i in range(500))), _R.REQUEST_UNUSABLE),
+    "inconsistent frame of reference": (_changed(_other_frame_of_reference), _R.INCONSISTENT_FRAME_OF_REFERENCE),
+    "non-finite image position": (_changed(_nan_position), _R.NON_FINITE_GEOMETRY),
+    "unknown character set": (_changed(_set(SpecificCharacterSet="ISO_IR 999")), _R.UNKNOWN_CHARACTER_SET),
+    "modality OT": (_changed(_set(Modality="OT")), _R.UNSUPPORTED_MODALITY),
+    "no modality": (_changed(lambda ds, index: delattr(ds, "Modality")), _R.UNSUPPORTED_MODALITY),
+    "bits stored above bits allocated": (_changed(_set(BitsStored=20)), _R.UNREADABLE_PIXELS),
+}
+del _R
+
+
+def _spool(node: Node, datasets: list[Dataset], called_ae: str = LIVERSEG) -> str:
+    """Put a study into the node's spool as the intake would, and record its arrival; its Study Instance UID."""
+    for ds in datasets:
+        folder = node.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    node.store.touch_study(datasets[0].StudyInstanceUID, called_ae, GOOD_CALLER)
+    return datasets[0].StudyInstanceUID
+
+
+@pytest.fixture
+def serving(tmp_path, monkeypatch):
+    """``make(dest_port, **config sections) -> Node``: a running node (demo models), stopped after the test."""
+    monkeypatch.setenv("MEDSEG_TEST_TOKEN", TOKEN)
+    nodes: list[Node] = []
+
+    def make(dest_port: int, **extra) -> Node:
+        node = Node(parse_config(_config(tmp_path, dest_port, **extra)), poll_seconds=0.1)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+def _settled(node: Node, count: int, timeout: float = 180.0) -> list[Job]:
+    """The node's jobs once ``count`` of them have finished (delivered, failed or cancelled)."""
+    done = {JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [j for j in node.store.list(limit=1000) if j.state in done]
+        if len(jobs) >= count:
+            return jobs
+        time.sleep(0.1)
+    pytest.fail(f"jobs did not finish: {[(j.state.value, j.reason, j.error) for j in node.store.list()]}")
+
+
+def test_bad_studies_fail_with_a_named_reason_no_seg_and_the_node_keeps_serving(
+    serving, phantom_factory, tmp_path, caplog
+):
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        # Longer texts than the default 2,000 characters, so that the 500 targets meet their own limit.
+        node = serving(pacs.port, instructions={"max_request_chars": 10_000})
+        _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+        cases = {_spool(node, build(files.series["CT"], tmp_path)): case for case, (build, _) in JOB_CASES.items()}
+        with caplog.at_level(logging.WARNING, logger="medsegagent.node.service"):
+            jobs = _settled(node, len(cases))
+        got = {cases[j.study_uid]: (j.state, j.reason) for j in jobs}
+        assert got == {case: (JobState.FAILED, reason) for case, (_, reason) in JOB_CASES.items()}, [
+            (cases[j.study_uid], j.error) for j in jobs
+        ]
+        for job in jobs:
+            assert "Traceback" not in job.error and "internal error" not in job.error, job.error
+            assert f"job {job.id} (study {job.study_uid}) failed: {job.reason.value}: " in caplog.text
+        too_long = next(j.error for j in jobs if cases[j.study_uid] == "100 kB SR request")
+        assert "the sr request is unusable: the request has 101,999 characters, more than the 10,000" in too_long
+        too_many = next(j.error for j in jobs if cases[j.study_uid] == "SR naming 500 targets")
+        assert "targets, more than the 64 allowed (instructions.max_targets)" in too_many
+        assert pacs.segs() == []
+        assert echo_ok(node.scp.port, GOOD_CALLER)
+        _storescu(files.series["CT"], node.scp.port, called=LIVERSEG)
+        good = [j for j in _settled(node, len(cases) + 1) if j.study_uid not in cases]
+        assert [(j.state, j.request_source) for j in good] == [(JobState.DELIVERED, "preset")], good
+        assert len(pacs.segs()) == 1
+    finally:
+        pacs.stop()
+
+
+class _PlainOrthanc:
+    """Orthanc (Debian package) with no plugins on free loopback ports: the PACS a SEG is delivered to."""
+
+    def __init__(self, root: Path) -> None:
+        self.http_port, self.dicom_port = _free_port(), _free_port()
+        config = {"Name": "hostile", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+                  "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+                  "Plugins": []}  # fmt: skip
+        root.mkdir(parents=True)
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30)
+        with open(root / "orthanc.log", "wb") as log:
+            self.proc = subprocess.Popen([tool("Orthanc"), str(root / "orthanc.json")], stdout=log,
+                                         stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.client.get("/system").raise_for_status()
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def copies(self, sop_instance_uid: str) -> int:
+        query = {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}
+        return len(self.client.post("/tools/find", json=query).json())
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def test_fallback_is_recorded_delivered_jobs_refuse_retry_and_a_redelivered_seg_is_one_instance(
+    serving, phantom_factory, tmp_path
+):
+    orthanc = _PlainOrthanc(tmp_path / "orthanc")
+    try:
+        node = serving(orthanc.dicom_port, instructions={"on_unusable_request": "fallback"},
+                       destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                      "port": orthanc.dicom_port}])  # fmt: skip
+        _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+        _spool(node, _with_request_sr("liver and spleen " * 6_000)(files.series["CT"], tmp_path))
+        (job,) = _settled(node, 1)
+        assert (job.state, job.request_source, job.request_text) == (JobState.DELIVERED, "preset", "liver"), job.error
+        on_disk = json.loads((Path(job.result_dir) / "report.json").read_text())
+        for report in (job.report, on_disk):
+            assert report["request"]["fallback"]["source"] == "sr"
+            assert "instructions.max_request_chars" in report["request"]["fallback"]["reason"]
+        sop = str(pydicom.dcmread(Path(job.result_dir) / "seg.dcm", stop_before_pixels=True).SOPInstanceUID)
+        assert orthanc.copies(sop) == 1
+        instances = len(orthanc.client.get("/instances").json())
+
+        api = httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", headers={"Authorization": f"Bearer {TOKEN}"})
+        for action in ("retry", "cancel"):
+            answer = api.post(f"/jobs/{job.id}/{action}")
+            assert answer.status_code == 409 and "is delivered" in answer.json()["detail"], answer.text
+        assert api.post(f"/jobs/{job.id}/redeliver").json()["state"] == "written"
+        deadline = time.monotonic() + 60
+        while sum(h["state"] == "delivered" for h in node.store.get(job.id).history) < 2:
+            assert time.monotonic() < deadline, node.store.outbox(job.id)
+            time.sleep(0.1)
+        # At least once, with stable UIDs: the second C-STORE is the same SOP Instance, and Orthanc keeps one.
+        assert orthanc.copies(sop) == 1
+        assert len(orthanc.client.get("/instances").json()) == instances
+        assert api.get(f"/jobs/{job.id}").json()["deliveries"][0]["attempts"] == 1
+    finally:
+        orthanc.stop()
