@@ -102,6 +102,11 @@ def _stow(destination: Destination, files: Sequence[Path]) -> dict[Path, Deliver
         retry = code >= 500 or code in _TRANSIENT_HTTP
         reason = f"{where}: STOW-RS answered HTTP {code}{_failure_detail(exc.response)}"
         return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY if retry else Outcome.GIVE_UP, reason))
+    except requests.ConnectionError:
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{where}: ConnectionError (nothing answers)"))
+    except requests.Timeout:
+        timeout = destination.web.timeout_s
+        return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{where}: Timeout (no answer in {timeout:g} s)"))
     except (requests.RequestException, OSError) as exc:
         return dict.fromkeys(files, DeliveryOutcome(Outcome.RETRY, f"{where}: {type(exc).__name__}: {exc}"))
     failed = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0x0110))

@@ -65,10 +65,13 @@ class OrthancProcess:
         Merged last into the configuration (``ORTHANC_EXTRA_CONFIG``).
     plugins : iterable of str
         Plugin names (as ``GET /plugins`` lists them) to wait for.
+    user, password : str, optional
+        HTTP basic credentials of the client (for a configuration with ``AuthenticationEnabled``).
     """
 
     def __init__(self, root: Path, *, env: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-                 extra_config: dict[str, Any] | None = None, plugins: Iterable[str] = ()) -> None:  # fmt: skip
+                 extra_config: dict[str, Any] | None = None, plugins: Iterable[str] = (), user: str | None = None,
+                 password: str | None = None) -> None:  # fmt: skip
         self.root = root
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -86,7 +89,7 @@ class OrthancProcess:
         if extra_config is not None:
             (root / "extra.json").write_text(json.dumps(extra_config))
             self.env["ORTHANC_EXTRA_CONFIG"] = str(root / "extra.json")
-        self.client = OrthancApiClient(self.url)
+        self.client = OrthancApiClient(self.url, user=user, pwd=password)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> OrthancProcess:
