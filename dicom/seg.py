@@ -364,9 +364,10 @@ def load_source_datasets(volume: Volume, files: Sequence[Path]) -> list[Dataset]
     Parameters
     ----------
     volume : Volume
-        The volume the masks are on.
+        The volume the masks are on; its :attr:`~Volume.source_headers`
+        are used when it has them (no file is parsed again).
     files : sequence of Path
-        The files of its series, any order.
+        The files of its series, any order (read only without those headers).
 
     Returns
     -------
@@ -374,10 +375,8 @@ def load_source_datasets(volume: Volume, files: Sequence[Path]) -> list[Dataset]
         In the order of ``volume.source_instances`` for single-frame sources,
         or the one multi-frame dataset.
     """
-    by_uid = {}
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        by_uid[str(ds.SOPInstanceUID)] = ds
+    headers = volume.source_headers or [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
     wanted = list(dict.fromkeys(uid for _, uid, _ in volume.source_instances))
     missing = [uid for uid in wanted if uid not in by_uid]
     if missing:
@@ -664,11 +663,12 @@ def _pixel_array(
             raise ValueError(f"label map shape {masks.shape} does not match the volume {shape}")
         if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
             raise ValueError(f"a label map must hold integers, got {masks.dtype}")
-        low, high = int(masks.min()), int(masks.max())
-        if low < 0 or high > n_segments:
+        low = int(masks.min()) if masks.dtype.kind == "i" else 0
+        counts = _label_counts(masks) if low >= 0 else np.zeros(0, np.int64)
+        if low < 0 or len(counts) > n_segments + 1:
+            high = int(masks.max())
             raise ValueError(f"label map values must be 0..{n_segments} (one per segment), got {low}..{high}")
-        counts = np.bincount(masks.ravel().astype(np.intp, copy=False), minlength=n_segments + 1)
-        present = [bool(c) for c in counts[1:]]
+        present = [bool(c) for c in np.pad(counts, (0, n_segments + 1 - len(counts)))[1:]]
         dtype = np.uint8 if n_segments < 256 else np.uint16
         return masks.astype(dtype, copy=False), present
     if masks.ndim != 4 or masks.shape[0] != n_segments or masks.shape[1:] != shape:
@@ -693,6 +693,21 @@ def _pixel_array(
             labels[mask] = number
         return labels, present
     return np.moveaxis(masks, 0, -1).view(np.uint8), present
+
+
+def _label_counts(labels: np.ndarray, chunk_voxels: int = 1 << 22) -> np.ndarray:
+    """Voxels per label value of a non-negative label map, a few slices at a time.
+
+    ``np.bincount`` casts its input to ``intp``: a whole 512 x 512 x 300 map
+    would take 600 MB and a second for that alone.
+    """
+    flat = labels.reshape(-1)
+    counts = np.zeros(1, np.int64)
+    for start in range(0, flat.size, chunk_voxels):
+        part = np.bincount(flat[start : start + chunk_voxels])
+        counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
+        counts[: len(part)] += part
+    return counts
 
 
 def _to_source_frame_order(

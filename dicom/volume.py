@@ -15,9 +15,11 @@ there is exactly one definition of "which voxel is where".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 #: Flips LPS to RAS (NIfTI's world space) and back.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -160,6 +162,9 @@ class Volume:
     meta : dict
         Other header facts the router and writers use (series description,
         MR sequence, study UID, patient, ...).
+    source_headers : sequence of Dataset
+        The source instances' headers as read (pixel data left on disk),
+        for the writers that reference them (SEG, SR): read once, not again.
     """
 
     array: np.ndarray
@@ -168,6 +173,7 @@ class Volume:
     series_instance_uid: str
     source_instances: list[tuple[str, str, int | None]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    source_headers: Sequence[Dataset] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if tuple(self.array.shape) != self.geometry.shape:
