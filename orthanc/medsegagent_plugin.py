@@ -21,7 +21,20 @@ What it adds to Orthanc
     The node's job status, proxied; the node's bearer token stays in Orthanc.
 ``GET /medsegagent/ui/segment.html?study=ID``
     A small form for Orthanc Explorer 2's ``CustomButtons``.
-A "Segment…" button on the study page of the legacy Orthanc Explorer.
+``GET /ohif/…`` (when ``MedSegAgent.OhifRoot`` is set)
+    OHIF Viewer's ``index.html`` for the viewer's own routes (``/ohif/viewer?…``);
+    its files come from Orthanc's ServeFolders plugin.
+A "Segment…" button and a "View in OHIF" link on the study page of the legacy
+Orthanc Explorer, with the study's last MedSegAgent status under them.
+
+Rule check: at start-up and every ``RuleCheckSeconds`` the plugin asks the
+node (``POST /plan``) what each rule's request selects; a rule whose datasets
+have no installed model is logged and skipped, unless it has ``"Force": true``.
+
+Status in Orthanc: what happened to a study sent to the node (sent, skipped,
+routing failed, then the node job's end: delivered, failed with its reason,
+cancelled) is kept in the study metadata ``MedSegAgentStatus``, so an
+administrator sees a failed auto-routed study in Orthanc without the node.
 
 Loop guard: the node's own objects (Modality SEG, or Manufacturer
 ``MedSegAgent`` on a non-image series) are never sent to the node, and a
@@ -37,6 +50,7 @@ import os
 import queue
 import re
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -65,19 +79,27 @@ REQUEST_SERIES_DESCRIPTION = "MedSegAgent request"
 REQUEST_SERIES_NUMBER = "9900"  # next to the node's own series (SEG 9901)
 #: Study metadata (declared in ``UserMetadata``) recording what was sent: ``{"series": {id: count}}``.
 ROUTED_METADATA = "MedSegAgentRouted"
+#: Study metadata (declared in ``UserMetadata``): the last MedSegAgent status of the study, as JSON.
+STATUS_METADATA = "MedSegAgentStatus"
+#: Node job states after which nothing more happens to a job.
+FINAL_JOB_STATES = frozenset({"delivered", "failed", "cancelled"})
 #: The node stores the request in the SEG's Content Description (ST, 1024 characters).
 MAX_REQUEST_CHARS = 1024
 RULE_KEYS = frozenset({"Name", "Modality", "BodyPart", "StudyDescription", "Station", "SendTo", "Request"})
+#: Rule keys whose value is true or false rather than text.
+RULE_FLAGS = frozenset({"Force"})
 HERE = Path(__file__).resolve().parent
 
 
 class HttpError(Exception):
     """An error answered to the REST client with ``status`` and a JSON message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, node_status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: The node's own HTTP status, when the error is the node's answer.
+        self.node_status = node_status
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -94,6 +116,16 @@ class Rule:
     station: str | None = None
     send_to: str | None = None
     request: str | None = None
+    #: Route even when the node has no installed model for what the rule asks.
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """What the node said about a rule's request (``POST /plan``)."""
+
+    runnable: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +140,13 @@ class Settings:
     auto_routing: str = "python"
     default_request: str = ""
     rules: tuple[Rule, ...] = ()
+    #: Called AE title of each DICOM modality (the node's presets are keyed by it).
+    modality_aets: dict[str, str] = field(default_factory=dict)
+    #: URL path OHIF Viewer is served under (``/ohif/``), and the folder ServeFolders serves it from.
+    ohif_root: str | None = None
+    ohif_folder: str | None = None
+    record_status: bool = True
+    rule_check_seconds: float = 600.0
     problems: tuple[str, ...] = field(default=())
 
     def token(self) -> str:
@@ -125,8 +164,9 @@ def parse_settings(config: dict[str, Any]) -> Settings:
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected an object")
             continue
-        unknown = sorted(set(raw) - RULE_KEYS)
+        unknown = sorted(set(raw) - RULE_KEYS - RULE_FLAGS)
         bad = [k for k in RULE_KEYS & set(raw) if not isinstance(raw[k], str) or not raw[k].strip()]
+        bad += [k for k in RULE_FLAGS & set(raw) if not isinstance(raw[k], bool)]
         if unknown or bad:
             problems.append(f"{where}: unknown keys {unknown}, non-text or empty values {sorted(bad)}; rule ignored")
             continue
@@ -143,6 +183,7 @@ def parse_settings(config: dict[str, Any]) -> Settings:
                 station=raw.get("Station"),
                 send_to=raw.get("SendTo"),
                 request=request,
+                force=raw.get("Force", False),
             )
         )
     url = str(section.get("NodeUrl", Settings.node_url)).rstrip("/")
@@ -153,6 +194,12 @@ def parse_settings(config: dict[str, Any]) -> Settings:
     if routing not in ("python", "lua", "off"):
         problems.append(f"MedSegAgent.AutoRouting: {routing!r} is not python, lua or off; using off")
         routing = "off"
+    modalities = config.get("DicomModalities") or {}
+    ohif_root = section.get("OhifRoot")
+    ohif_folder = (config.get("ServeFolders") or {}).get(str(ohif_root or "").rstrip("/"))
+    if ohif_root is not None and (not re.fullmatch(r"/[A-Za-z0-9_-]+/", str(ohif_root)) or not ohif_folder):
+        problems.append(f"MedSegAgent.OhifRoot: {ohif_root!r} is not /NAME/ with ServeFolders[/NAME]; no OHIF link")
+        ohif_root = ohif_folder = None
     return Settings(
         node_modality=str(section.get("NodeModality", Settings.node_modality)),
         node_url=url,
@@ -162,8 +209,20 @@ def parse_settings(config: dict[str, Any]) -> Settings:
         auto_routing=routing,
         default_request=str(section.get("DefaultRequest", "")),
         rules=tuple(rules),
+        modality_aets={name: _aet(m) for name, m in modalities.items()},
+        ohif_root=ohif_root,
+        ohif_folder=ohif_folder,
+        record_status=bool(section.get("RecordStatus", True)),
+        rule_check_seconds=float(section.get("RuleCheckSeconds", Settings.rule_check_seconds)),
         problems=tuple(problems),
     )
+
+
+def _aet(modality: Any) -> str:
+    # Orthanc takes a modality as {"AET": …} or as ["AET", host, port].
+    if isinstance(modality, dict):
+        return str(modality.get("AET", ""))
+    return str(modality[0]) if isinstance(modality, list) and modality else ""
 
 
 # -- matching (pure functions, shared semantics with the Lua script) --------------------------------
@@ -255,6 +314,59 @@ def request_problem(text: Any) -> str | None:
     return None
 
 
+def plan_query(settings: Settings, rule: Rule) -> dict[str, str] | None:
+    """The node's ``POST /plan`` body for what ``rule`` asks, or ``None`` when the request is not in the rule.
+
+    A rule's request is its ``Request`` (a request SR, read first by the node),
+    else the preset of the Called AE title it sends to; a rule that sends to
+    the node's own AE title without a request leaves the request to the
+    worklist or the study tags, which only the study will tell.
+    """
+    if rule.request is not None:
+        query = {"request": rule.request}
+    elif rule.send_to is not None and rule.send_to != settings.node_modality:
+        query = {"called_ae": settings.modality_aets.get(rule.send_to, rule.send_to)}
+    else:
+        return None
+    modality = (rule.modality or "").strip().upper()
+    if modality in IMAGE_MODALITIES:  # a pattern ("CT|MR") leaves the modality to the text
+        query["modality"] = modality
+    return query
+
+
+def rule_check(answer: dict[str, Any]) -> RuleCheck:
+    """Read the node's ``POST /plan`` answer for one rule."""
+    if answer.get("runnable"):
+        return RuleCheck(True)
+    missing = list(answer.get("missing_models") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return RuleCheck(False, f"no installed model for {', '.join(missing[:3])}{more}")
+    reasons = "; ".join(answer.get("unmatched") or []) or "no target recognised"
+    return RuleCheck(False, f"the request selects nothing on the node ({reasons})")
+
+
+def status_record(state: str, reason: str = "", **details: Any) -> dict[str, Any]:
+    """The JSON kept in the study metadata ``MedSegAgentStatus``."""
+    record = {"state": state, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record.update({k: v for k, v in details.items() if v is not None})
+    return record
+
+
+def parse_status(value: str | bytes | None) -> dict[str, Any] | None:
+    """The recorded status of a study, or ``None`` (never recorded, or not ours)."""
+    try:
+        record = json.loads(value or "null")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("state"), str) else None
+
+
+def new_job(jobs: list[dict[str, Any]], known: list[str]) -> dict[str, Any] | None:
+    """The newest job of a study that is not one of ``known`` (jobs come newest first)."""
+    return next((job for job in jobs if job.get("id") not in known), None)
+
+
 def _dcm_code(value: str, meaning: str) -> list[dict[str, str]]:
     return [{"CodeValue": value, "CodingSchemeDesignator": "DCM", "CodeMeaning": meaning}]
 
@@ -313,9 +425,31 @@ def _study(study_id: str) -> dict[str, Any]:
         raise HttpError(404, f"no study {study_id} in this Orthanc") from None
 
 
+def _metadata(study_id: str) -> dict[str, str]:
+    # ?expand answers {} for a study without user metadata (asking for a missing key would log an error).
+    return _get_json(f"/studies/{study_id}/metadata?expand")
+
+
+def _put_metadata(study_id: str, name: str, value: str) -> None:
+    try:
+        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{name}", value)
+    except orthanc.OrthancException as exc:  # not declared in UserMetadata: everything else still works
+        orthanc.LogWarning(f"MedSegAgent: cannot write {name} of study {study_id} ({exc}); declare it in UserMetadata")
+
+
 def _routed(study_id: str) -> dict[str, int]:
-    # ?expand answers {} for a study never routed (asking for the missing key would log an error).
-    return parse_routed(_get_json(f"/studies/{study_id}/metadata?expand").get(ROUTED_METADATA))
+    return parse_routed(_metadata(study_id).get(ROUTED_METADATA))
+
+
+def recorded_status(study_id: str) -> dict[str, Any] | None:
+    """The study's last MedSegAgent status (metadata ``MedSegAgentStatus``)."""
+    return parse_status(_metadata(study_id).get(STATUS_METADATA))
+
+
+def record_status(settings: Settings, study_id: str, record: dict[str, Any]) -> None:
+    """Keep ``record`` as the study's MedSegAgent status, unless ``RecordStatus`` is false."""
+    if settings.record_status:
+        _put_metadata(study_id, STATUS_METADATA, json.dumps(record))
 
 
 def send_to_node(settings: Settings, study_id: str, series: list[dict[str, Any]], modality: str, extra: list[str]):
@@ -324,10 +458,7 @@ def send_to_node(settings: Settings, study_id: str, series: list[dict[str, Any]]
     answer = _post_json(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
     recorded = _routed(study_id)
     recorded.update({s["ID"]: len(s.get("Instances", [])) for s in series})
-    try:
-        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{ROUTED_METADATA}", json.dumps({"series": recorded}))
-    except orthanc.OrthancException as exc:  # UserMetadata not declared: routing still works, guard weaker
-        orthanc.LogWarning(f"MedSegAgent: cannot record routing of {study_id} ({exc}); declare {ROUTED_METADATA}")
+    _put_metadata(study_id, ROUTED_METADATA, json.dumps({"series": recorded}))
     return answer
 
 
@@ -336,32 +467,143 @@ def create_request_sr(study_id: str, text: str) -> str:
     return _post_json("/tools/create-dicom", request_sr_body(study_id, text))["ID"]
 
 
-def node_get(settings: Settings, path: str) -> Any:
-    """GET on the node's HTTP API with its bearer token (never exposed to the browser)."""
+def node_call(settings: Settings, path: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST ``body`` as JSON) on the node's HTTP API with its bearer token (never sent to the browser)."""
     if not settings.node_url:
         raise HttpError(503, "MedSegAgent.NodeUrl is not configured")
     token = settings.token()
     if not token:
         raise HttpError(503, f"the node token is not configured (${settings.node_token_env})")
-    request = urllib.request.Request(
-        settings.node_url + path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    )
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(settings.node_url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=settings.node_timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise HttpError(404, "the node does not know this job") from None
-        raise HttpError(502, f"the node answered HTTP {exc.code}") from None
+        try:
+            detail = json.loads(exc.read()).get("detail")
+        except (OSError, ValueError, AttributeError):
+            detail = None
+        reason = f": {detail}" if isinstance(detail, str) else ""
+        raise HttpError(502, f"the node answered HTTP {exc.code}{reason}", exc.code) from None
     except (OSError, ValueError) as exc:
         raise HttpError(502, f"the node is not reachable: {type(exc).__name__}") from None
 
 
 def study_jobs(settings: Settings, study_uid: str) -> list[dict[str, Any]]:
     """The node's jobs for one Study Instance UID, newest first."""
-    jobs = node_get(settings, "/jobs?limit=1000")
+    jobs = node_call(settings, "/jobs?limit=1000")
     keep = ("id", "state", "created_at", "updated_at", "request", "error", "called_ae")
     return [{k: j.get(k) for k in keep} for j in jobs if j.get("study_uid") == study_uid]
+
+
+def _known_jobs(settings: Settings, study_uid: str) -> list[str]:
+    # The ids a new job must differ from (best effort: without the node, every job is new).
+    try:
+        return [j["id"] for j in study_jobs(settings, study_uid)]
+    except HttpError:
+        return []
+
+
+# -- what the node says about the rules, and about each study sent ---------------------------------
+
+
+class RuleChecker:
+    """The node's answer (``POST /plan``) for each rule, refreshed in the background."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, RuleCheck] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self, settings: Settings) -> bool:
+        """Ask the node about every rule it can judge; ``False`` when the node could not be asked."""
+        for rule in settings.rules:
+            query = plan_query(settings, rule)
+            if query is None:
+                continue
+            try:
+                check = rule_check(node_call(settings, "/plan", query))
+            except HttpError as exc:
+                if exc.node_status != 422:  # unreachable, or not configured: ask again later
+                    return False
+                check = RuleCheck(False, f"the node cannot plan its request ({exc.message})")
+            self._update(rule, check)
+        return True
+
+    def _update(self, rule: Rule, check: RuleCheck) -> None:
+        with self._lock:
+            before = self._checks.get(rule.name)
+            self._checks[rule.name] = check
+        if check == before:
+            return
+        if not check.runnable:
+            what = "routed anyway (Force)" if rule.force else 'skipped (add "Force": true to route anyway)'
+            orthanc.LogWarning(f"MedSegAgent: rule {rule.name}: {check.reason}; {what}")
+        elif before is not None:
+            orthanc.LogWarning(f"MedSegAgent: rule {rule.name}: the node can run it now; routing again")
+
+    def blocked(self, rule: Rule) -> str | None:
+        """Why ``rule`` is skipped, or ``None`` (runnable, forced, or not judged yet)."""
+        with self._lock:
+            check = self._checks.get(rule.name)
+        return None if check is None or check.runnable or rule.force else check.reason
+
+
+@dataclass
+class _Watch:
+    uid: str
+    known: list[str]
+    details: dict[str, Any]
+    deadline: float
+    state: str = "sent"
+
+
+class StatusWatcher:
+    """Follows the node's job for each study sent until it ends, and records each new state on the study."""
+
+    #: How long to wait for the node to make a job of a study it was sent.
+    PATIENCE_SECONDS = 24 * 3600
+
+    def __init__(self) -> None:
+        self._studies: dict[str, _Watch] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, study_id: str, uid: str, known: list[str], **details: Any) -> None:
+        """Follow the first job of ``uid`` that is not one of ``known``."""
+        with self._lock:
+            self._studies[study_id] = _Watch(uid, known, details, time.monotonic() + self.PATIENCE_SECONDS)
+
+    def poll(self, settings: Settings) -> None:
+        """One look at the node's jobs (one request, whatever the number of studies followed)."""
+        with self._lock:
+            watched = dict(self._studies)
+        if not watched:
+            return
+        try:
+            jobs = node_call(settings, "/jobs?limit=1000")
+        except HttpError:
+            return  # the node is away: its jobs will still be there
+        for study_id, item in watched.items():
+            job = new_job([j for j in jobs if j.get("study_uid") == item.uid], item.known)
+            if job is None or job.get("state") == item.state:
+                if job is None and time.monotonic() > item.deadline:
+                    self._forget(study_id, item)
+                continue
+            item.state = str(job.get("state"))
+            record = status_record(item.state, str(job.get("error") or ""), job=job.get("id"), **item.details)
+            record_status(settings, study_id, record)
+            if item.state in FINAL_JOB_STATES:
+                self._forget(study_id, item)
+
+    def _forget(self, study_id: str, item: _Watch) -> None:
+        with self._lock:
+            if self._studies.get(study_id) is item:
+                del self._studies[study_id]
 
 
 # -- actions ----------------------------------------------------------------------------------------
@@ -377,16 +619,17 @@ def segment(settings: Settings, study_id: str, text: Any) -> dict[str, Any]:
     if not series:
         raise HttpError(409, f"the study has no {'/'.join(sorted(IMAGE_MODALITIES))} series to segment")
     uid = study["MainDicomTags"].get("StudyInstanceUID", "")
-    try:  # ids the browser must ignore while it waits for the new job (best effort)
-        known = [j["id"] for j in study_jobs(settings, uid)]
-    except HttpError:
-        known = []
+    known = _known_jobs(settings, uid)  # ids the browser must ignore while it waits for the new job
     sr_id = create_request_sr(study_id, text)
     try:
         answer = send_to_node(settings, study_id, series, settings.node_modality, [sr_id])
     except orthanc.OrthancException as exc:
-        raise HttpError(502, f"sending the study to {settings.node_modality} failed: {exc}") from None
+        reason = f"sending the study to {settings.node_modality} failed: {exc}"
+        record_status(settings, study_id, status_record("failed", reason, request=text))
+        raise HttpError(502, reason) from None
     orthanc.LogWarning(f"MedSegAgent: study {study_id} sent to {settings.node_modality} with request {text!r}")
+    record_status(settings, study_id, status_record("sent", request=text))
+    _WATCHER.watch(study_id, uid, known, request=text)
     return {
         "study": study_id,
         "StudyInstanceUID": uid,
@@ -399,19 +642,36 @@ def segment(settings: Settings, study_id: str, text: Any) -> dict[str, Any]:
     }
 
 
-def route_stable_study(settings: Settings, study_id: str) -> str:
+def route_stable_study(settings: Settings, study_id: str, checker: RuleChecker | None = None) -> str:
     """Apply the rules to a stable study; returns what was done (for the log)."""
+    checker = checker or _CHECKER
     study = _get_json(f"/studies/{study_id}")
     series = _get_json(f"/studies/{study_id}/series")
-    chosen = choose_rule(settings.rules, study.get("MainDicomTags", {}), series)
+    tags = study.get("MainDicomTags", {})
+    chosen = choose_rule(tuple(r for r in settings.rules if not checker.blocked(r)), tags, series)
     if chosen is None:
-        return "no rule matches"
+        blocked = choose_rule(settings.rules, tags, series)
+        if blocked is None:
+            return "no rule matches"
+        reason = f"rule {blocked[0].name} skipped: {checker.blocked(blocked[0])}"
+        if parse_status(_metadata(study_id).get(STATUS_METADATA)) is None:  # not over a real job's status
+            record_status(settings, study_id, status_record("skipped", reason, rule=blocked[0].name))
+        return reason
     rule, hits = chosen
     if already_sent(_routed(study_id), hits):
         return f"already routed (rule {rule.name}); skipped"
+    uid = tags.get("StudyInstanceUID", "")
+    known = _known_jobs(settings, uid)
     extra = [create_request_sr(study_id, rule.request)] if rule.request else []
     target = rule.send_to or settings.node_modality
-    send_to_node(settings, study_id, hits, target, extra)
+    try:
+        send_to_node(settings, study_id, hits, target, extra)
+    except orthanc.OrthancException as exc:
+        reason = f"rule {rule.name}: sending to {target} failed ({exc}); it is sent again when the study changes"
+        record_status(settings, study_id, status_record("failed", reason, rule=rule.name))
+        raise
+    record_status(settings, study_id, status_record("sent", rule=rule.name, request=rule.request))
+    _WATCHER.watch(study_id, uid, known, rule=rule.name, request=rule.request)
     n = sum(len(s.get("Instances", [])) for s in hits)
     return f"rule {rule.name}: {len(hits)} series ({n} instances){' + request SR' if extra else ''} sent to {target}"
 
@@ -421,6 +681,9 @@ def route_stable_study(settings: Settings, study_id: str) -> str:
 
 _SETTINGS = Settings()
 _QUEUE: queue.Queue[str | None] = queue.Queue()
+_CHECKER = RuleChecker()
+_WATCHER = StatusWatcher()
+_STOP = threading.Event()
 
 
 def _answer(output, status: int, body: Any) -> None:
@@ -466,19 +729,30 @@ def _on_segment(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _on_study_jobs(request: dict[str, Any], study_id: str) -> dict[str, Any]:
+    """The node's jobs for the study, and the status recorded on it (which outlives the node's answer)."""
     study = _study(study_id)
     uid = study["MainDicomTags"].get("StudyInstanceUID", "")
-    return {"study": study_id, "StudyInstanceUID": uid, "jobs": study_jobs(_SETTINGS, uid)}
+    try:
+        jobs, node_error = study_jobs(_SETTINGS, uid), None
+    except HttpError as exc:
+        jobs, node_error = [], exc.message
+    return {"study": study_id, "StudyInstanceUID": uid, "jobs": jobs, "node_error": node_error,
+            "recorded": recorded_status(study_id)}  # fmt: skip
 
 
 def _on_job(request: dict[str, Any], job_id: str) -> dict[str, Any]:
     if not JOB_ID.fullmatch(job_id):
         raise HttpError(400, "not a job id")
-    return node_get(_SETTINGS, f"/jobs/{job_id}")
+    return node_call(_SETTINGS, f"/jobs/{job_id}")
 
 
 def _on_form(output, uri: str, **request) -> None:
     output.AnswerBuffer((HERE / "segment.html").read_bytes(), "text/html; charset=utf-8")
+
+
+def _on_ohif_page(output, uri: str, **request) -> None:
+    # ServeFolders has no single-page-app fallback: the viewer's own routes (/ohif/viewer?…) get index.html.
+    output.AnswerBuffer((Path(_SETTINGS.ohif_folder) / "index.html").read_bytes(), "text/html; charset=utf-8")
 
 
 def _worker() -> None:
@@ -490,18 +764,36 @@ def _worker() -> None:
             orthanc.LogError(f"MedSegAgent: routing of study {study_id} failed: {exc!r}")
 
 
+def _monitor() -> None:
+    # Rule checks (when this engine routes) and the jobs of the studies sent, in one background thread.
+    next_check = 0.0
+    while not _STOP.is_set():
+        try:
+            if _SETTINGS.auto_routing == "python" and time.monotonic() >= next_check:
+                answered = _CHECKER.refresh(_SETTINGS)
+                next_check = time.monotonic() + (_SETTINGS.rule_check_seconds if answered else 15.0)
+            _WATCHER.poll(_SETTINGS)
+        except Exception as exc:  # never let the monitor die
+            orthanc.LogError(f"MedSegAgent: status monitor: {exc!r}")
+        _STOP.wait(2.0)
+
+
 def _on_change(change_type, level, resource_id: str) -> None:
     if change_type == orthanc.ChangeType.STABLE_STUDY:
-        _QUEUE.put(resource_id)
+        if _SETTINGS.auto_routing == "python":
+            _QUEUE.put(resource_id)
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        _STOP.set()
         _QUEUE.put(None)
 
 
 def _explorer_js(settings: Settings) -> str:
     script = (HERE / "explorer.js").read_text(encoding="utf-8")
-    # json.dumps makes a JS string literal: configuration text cannot break out of it.
-    default = json.dumps(settings.default_request)
-    return f"var MEDSEGAGENT_DEFAULT_REQUEST = {default};\n{script}"
+    # json.dumps makes JS literals: configuration text cannot break out of them.
+    return (
+        f"var MEDSEGAGENT_DEFAULT_REQUEST = {json.dumps(settings.default_request)};\n"
+        f"var MEDSEGAGENT_OHIF_ROOT = {json.dumps(settings.ohif_root)};\n{script}"
+    )
 
 
 def register() -> None:
@@ -514,13 +806,17 @@ def register() -> None:
     orthanc.RegisterRestCallback("/medsegagent/studies/([0-9a-f-]{44})/jobs", _rest(_on_study_jobs))
     orthanc.RegisterRestCallback("/medsegagent/jobs/([0-9a-f]{32})", _rest(_on_job))
     orthanc.RegisterRestCallback("/medsegagent/ui/segment.html", _on_form)
+    if _SETTINGS.ohif_root:
+        # Paths without a dot are the viewer's routes; files (all with a dot) are left to ServeFolders.
+        orthanc.RegisterRestCallback(_SETTINGS.ohif_root.rstrip("/") + "(?:/[^.]*)?", _on_ohif_page)
     orthanc.ExtendOrthancExplorer(_explorer_js(_SETTINGS))
     if _SETTINGS.auto_routing == "python":
         threading.Thread(target=_worker, name="medsegagent-routing", daemon=True).start()
-        orthanc.RegisterOnChangeCallback(_on_change)
+    orthanc.RegisterOnChangeCallback(_on_change)
+    threading.Thread(target=_monitor, name="medsegagent-status", daemon=True).start()
     orthanc.LogWarning(
         f"MedSegAgent plugin: node modality {_SETTINGS.node_modality!r}, API {_SETTINGS.node_url or '-'}, "
-        f"auto-routing {_SETTINGS.auto_routing} ({len(_SETTINGS.rules)} rule(s))"
+        f"auto-routing {_SETTINGS.auto_routing} ({len(_SETTINGS.rules)} rule(s)), OHIF {_SETTINGS.ohif_root or 'off'}"
     )
 
 

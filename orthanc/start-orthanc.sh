@@ -13,12 +13,18 @@
 #   MEDSEG_DICOM_HOST, MEDSEG_DICOM_PORT   the node's DICOM listener (every "medseg*" modality)
 #   MEDSEG_AET            the node's AE title (modality "medseg")
 #   MEDSEG_URL            the node's HTTP API (job status); its token is read from $MEDSEG_TOKEN
+#   MEDSEG_HTTP_PORT      the node's HTTP port on loopback, when MEDSEG_URL is not given
+#   (orthanc/node.yaml reads the same MEDSEG_* and ORTHANC_* variables: set them once for both)
 #   MEDSEG_ROUTING        python | lua | off: which engine applies the auto-routing rules
 #   ORTHANC_REMOTE_ACCESS=true with ORTHANC_USERNAME and ORTHANC_PASSWORD: HTTP beyond
 #                         loopback, with authentication (refused without credentials)
 #   ORTHANC_CONFIG        another base configuration (pure JSON)
 #   ORTHANC_EXTRA_CONFIG  a JSON file merged last (objects merged, other values replaced)
 #   ORTHANC_BIN           the Orthanc executable (Orthanc)
+#   OHIF_DIST             the dist/ folder of the npm package @ohif/app (.cache/ohif/app/dist, which
+#                         `scripts/bootstrap.sh test` installs); when present, OHIF Viewer is served
+#                         at /ohif/ from OHIF_SITE (.cache/ohif/site, made by prepare-ohif.py);
+#                         OHIF_DIST=none turns the viewer off
 #
 # Orthanc starts with TCP_NODELAY=1: Debian's Orthanc leaves Nagle's algorithm on,
 # which makes every C-STORE to or from the node wait 40-90 ms.
@@ -28,6 +34,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export ORTHANC_DATA=${ORTHANC_DATA:-$PWD/var/orthanc}
 mkdir -p "$ORTHANC_DATA"
 rendered="$ORTHANC_DATA/orthanc.rendered.json"
+
+# OHIF Viewer beside Orthanc (same origin, so it may call the DICOMweb plugin): rewritten for /ohif/.
+ohif_dist=${OHIF_DIST:-$here/../.cache/ohif/app/dist}
+export OHIF_SITE=${OHIF_SITE:-$here/../.cache/ohif/site}
+if [ "$ohif_dist" != none ] && [ -f "$ohif_dist/index.html" ]; then
+  "${PYTHON:-python3}" "$here/prepare-ohif.py" "$ohif_dist" "$OHIF_SITE"
+else
+  OHIF_SITE=""
+fi
 
 "${PYTHON:-python3}" - "$here" "${ORTHANC_CONFIG:-$here/orthanc.json}" > "$rendered" <<'PY'
 import json, os, sys
@@ -63,6 +78,8 @@ for name, modality in config.get("DicomModalities", {}).items():
 section = config.setdefault("MedSegAgent", {})
 if env.get("MEDSEG_URL"):
     section["NodeUrl"] = env["MEDSEG_URL"]
+elif env.get("MEDSEG_HTTP_PORT"):
+    section["NodeUrl"] = f"http://127.0.0.1:{int(env['MEDSEG_HTTP_PORT'])}"
 if env.get("MEDSEG_ROUTING"):
     section["AutoRouting"] = env["MEDSEG_ROUTING"]
 if env.get("ORTHANC_REMOTE_ACCESS", "").lower() == "true":
@@ -70,6 +87,10 @@ if env.get("ORTHANC_REMOTE_ACCESS", "").lower() == "true":
     if not user or not password:
         sys.exit("ORTHANC_REMOTE_ACCESS=true needs ORTHANC_USERNAME and ORTHANC_PASSWORD")
     config.update(RemoteAccessAllowed=True, AuthenticationEnabled=True, RegisteredUsers={user: password})
+if env.get("OHIF_SITE"):
+    config["Plugins"].append("/usr/share/orthanc/plugins/libServeFolders.so")
+    config.setdefault("ServeFolders", {})["/ohif"] = str(Path(env["OHIF_SITE"]).resolve())
+    section["OhifRoot"] = "/ohif/"
 if env.get("ORTHANC_EXTRA_CONFIG"):
     merge(config, json.loads(Path(env["ORTHANC_EXTRA_CONFIG"]).read_text()))
 # Scripts are named relative to this folder; Orthanc would resolve them against its working directory.
