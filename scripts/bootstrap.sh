@@ -17,6 +17,8 @@ case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install [args.
 # mricron-data: Colin27, a real T1 MRI, and its brain mask (the demo's and the tests' real scan).
 apt_packages=(dcmtk python3-venv mricron-data)
 if [ "$job" = test ]; then apt_packages+=(orthanc orthanc-python orthanc-dicomweb chromium); fi
+# npm fetches OHIF Viewer for the tests; a Node.js from elsewhere (NodeSource) brings its own.
+if [ "$job" = test ] && ! command -v npm >/dev/null; then apt_packages+=(npm); fi
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -60,6 +62,17 @@ if [ "$job" = test ]; then
     echo "== pip: fetching the TotalSegmentator sdist (real CT test data)"
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: "totalsegmentator==2.18.0" -d .cache/realdata
   fi
+fi
+
+# OHIF Viewer, served beside Orthanc by orthanc/start-orthanc.sh: the pinned npm build, unpacked once into
+# .cache/ohif/app (npm pack fetches the one tarball and checks its integrity; the build needs no dependencies).
+ohif_version=3.13.2
+if [ "$job" = test ] && ! grep -qs "\"version\": \"$ohif_version\"" .cache/ohif/app/package.json; then
+  command -v npm >/dev/null || { echo "npm is needed for OHIF Viewer (apt-get install npm)" >&2; exit 1; }
+  echo "== npm: fetching @ohif/app@$ohif_version (OHIF Viewer)"
+  rm -rf .cache/ohif/app && mkdir -p .cache/ohif/app
+  tarball=$(npm pack --silent --pack-destination .cache/ohif "@ohif/app@$ohif_version")
+  tar -xzf ".cache/ohif/$tarball" -C .cache/ohif/app --strip-components=1 && rm ".cache/ohif/$tarball"
 fi
 
 case "$job" in
