@@ -157,6 +157,7 @@ class JobSummary(BaseModel):
     request: str | None = Field(description="the request text, once the job has planned")
     request_source: str | None = Field(description="where the request came from: request, sr, worklist, tags, preset")
     error: str | None = Field(description="why the job failed, if it did")
+    reason: str | None = Field(default=None, description="the failure's code (no_request, nothing_matched ...)")
     updated_at: datetime
 
 
@@ -280,7 +281,7 @@ def _job_summary(data: dict[str, Any]) -> JobSummary:
     return JobSummary(
         job_id=data["id"], study_uid=data["study_uid"], state=JobState(data["state"]),
         request=data["request"]["text"], request_source=data["request"]["source"], error=data["error"],
-        updated_at=datetime.fromtimestamp(data["updated_at"], UTC),
+        reason=data.get("reason"), updated_at=datetime.fromtimestamp(data["updated_at"], UTC),
     )  # fmt: skip
 
 

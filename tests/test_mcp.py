@@ -90,7 +90,8 @@ def test_assistant_segments_a_received_study_over_stdio(phantom_factory, tmp_pat
             command=sys.executable, args=_server_command(_write_config(tmp_path, config))[1:],
             env={"MEDSEG_MCP_TEST_TOKEN": TOKEN},
         )  # fmt: skip
-        seen = asyncio.run(_conversation(server, phantom.volumes_ml(), tmp_path))
+        api = httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", headers={"Authorization": f"Bearer {TOKEN}"})
+        seen = asyncio.run(_conversation(server, phantom.volumes_ml(), api))
     finally:
         node.stop()
         pacs.stop()
@@ -99,7 +100,7 @@ def test_assistant_segments_a_received_study_over_stdio(phantom_factory, tmp_pat
     assert not [text for text in seen if str(tmp_path) in text or "/var/" in text or ".dcm" in text]
 
 
-async def _conversation(server: StdioServerParameters, truth_ml: dict[str, float], tmp_path: Path) -> list[str]:
+async def _conversation(server: StdioServerParameters, truth_ml: dict[str, float], api: httpx.Client) -> list[str]:
     async with stdio_client(server) as streams, ClientSession(*streams) as session:
         await session.initialize()
         assistant = Assistant(session)
@@ -119,8 +120,9 @@ async def _conversation(server: StdioServerParameters, truth_ml: dict[str, float
 
         (study,) = (await assistant.call("list_studies"))["studies"]
         assert study["modalities"] == ["CT"] and study["series"][0]["instances"] == 32
+        # A refusal carries the HTTP API's own reason.
         refused = await assistant.refused("segment", study_uid="1.2.3.4", request="liver")
-        assert "study 1.2.3.4 has not been received by this node" in refused
+        assert api.post("/jobs", json={"study_uid": "1.2.3.4", "request": "liver"}).json()["detail"] in refused
 
         job = await assistant.call("segment", study_uid=study["study_uid"], request="liver and spleen")
         status = await _settled(assistant, job["job_id"])
@@ -128,14 +130,15 @@ async def _conversation(server: StdioServerParameters, truth_ml: dict[str, float
         assert status["deliveries"][0]["state"] == "sent" and status["segments"] == 2
         assert {"read", "inference", "ensemble", "write"} <= set(status["pipeline_seconds"])
         assert status["state_seconds"]["running"] > 0
-        assert "already delivered" in await assistant.refused("cancel", job_id=job["job_id"])
+        refused = await assistant.refused("cancel", job_id=job["job_id"])
+        assert api.post(f"/jobs/{job['job_id']}/cancel").json()["detail"] in refused
 
         volumes = await assistant.call("segment_volumes", job_id=job["job_id"])
         assert volumes["study_uid"] == study["study_uid"] and volumes["caution"] == "DEMO MODELS"
         for segment in volumes["segments"]:
             assert segment["type"]["code"] == SNOMED[segment["label"]] and segment["type"]["scheme"] == "SCT"
-            # The demo models reach Dice ~0.9 on these phantoms: volumes within 15 % of the truth.
-            assert segment["volume_ml"] == pytest.approx(truth_ml[segment["label"]], rel=0.15), segment
+            # Measured: liver 1500 vs 1513 mL, spleen 171 vs 182 mL (demo models, this phantom).
+            assert segment["volume_ml"] == pytest.approx(truth_ml[segment["label"]], rel=0.10), segment
         jobs = (await assistant.call("list_jobs", state="failed"))["jobs"]
         assert jobs and "no usable request" in jobs[0]["error"]  # the study's own job, before the assistant asked
         return assistant.seen
