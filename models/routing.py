@@ -542,7 +542,7 @@ class Router:
         kept: list[Dataset] = []
         dropped: dict[str, str] = {}
         for d in datasets:
-            if modality and not d.accepts(modality):
+            if modality and not admits(d, modality, source):
                 dropped[d.name] = f"does not accept {modality} (accepts {', '.join(d.modalities)})"
             elif installed_only and not d.installed_models:
                 dropped[d.name] = "no installed model"
@@ -641,7 +641,8 @@ class Router:
         # Anatomy stage: targets without an organ of their own stay in the hinted regions.
         anatomy_dropped: dict[str, str] = {}
         organless = not (set(c.core) - grammar.LESION_TOKENS - {grammar.COMPOSITE})
-        if regions and matches and (pt.group in ("organs", "oars") or organless):
+        # "Whole body" names every region: it restricts nothing.
+        if regions and "whole_body" not in regions and matches and (pt.group in ("organs", "oars") or organless):
             inside = [m for m in matches if set(m.entry.dataset.regions) & regions]
             for m in matches:
                 if m not in inside:
@@ -914,7 +915,11 @@ class Router:
                 s, w = SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC
             # Generic lesion labels of whole-body datasets lose against region-specific ones
             # when the target names a place.
-            if s >= TIERS[0] and e.generic_lesion and ctx and not f.context:
+            place = e.generic_lesion and bool(ctx - {"whole_body"}) and not f.context
+            if place and "whole_body" in e.dataset.regions and s > SCORE_COARSE:
+                # A whole-body dataset's lesions are nobody's "abdominal tumours": a tier lower.
+                s, w = SCORE_COARSE, "whole-body lesion label, region named"
+            elif place and s >= TIERS[0]:
                 s = min(s, 0.7 + 0.3 * float(e.dataset.specificity or 0.0))
                 w = "generic lesion label, region named"
             if s > cap:
@@ -991,6 +996,33 @@ class Router:
         # Tiers stay those of the translated concept; the reason records the similarity.
         via = f" (via encoder {best_s:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
+
+
+def admits(dataset: Dataset, modality: str, source: str | None) -> bool:
+    """Whether the modality stage keeps ``dataset`` for a study of ``modality``.
+
+    Parameters
+    ----------
+    dataset
+        A registry dataset.
+    modality
+        The normalised modality of the plan.
+    source
+        ``"caller"`` (DICOM headers) or ``"text"`` (named in the request).
+
+    Returns
+    -------
+    bool
+        ``dataset.accepts(modality)``; besides, a ``CT`` named only in the text
+        also admits PET/CT datasets.
+    """
+    # A "CT" the requester wrote is also what a PET/CT's CT is called ("tumours on whole-body
+    # CT", "GTVp in CT" for HECKTOR): with no study to read, the text cannot tell them apart,
+    # so PET/CT datasets stay candidates.  A CT from the DICOM headers is a CT-only study,
+    # which a PET/CT model (it needs the PET too) never gets.
+    if dataset.accepts(modality):
+        return True
+    return source == "text" and modality == "CT" and dataset.accepts("PT+CT")
 
 
 def _concept_ref(concept: LexiconConcept) -> str:

@@ -17,7 +17,7 @@ import pytest
 from medsegagent.models import parse
 from medsegagent.models.bench_routing import load_cases, run_bench, score_query
 from medsegagent.models.registry import load_registry
-from medsegagent.models.routing import Plan, Router
+from medsegagent.models.routing import Plan, Router, admits
 
 DATA = Path(__file__).parent / "data" / "routing_requests.jsonl"
 DEV = Path(__file__).parent / "data" / "routing_dev.jsonl"
@@ -87,12 +87,16 @@ def test_lesion_head_distributes_over_a_list_and_header_organ_is_the_target(rout
 
 def test_modality_is_never_wrong_and_empty_selections_have_reasons(router, registry):
     # Property over every request of the set: a selected dataset always accepts the
-    # study's modality; a request expecting nothing selects nothing and says why.
+    # study's modality (a CT named only in the text admits PET/CT datasets too); a
+    # request expecting nothing selects nothing and says why.
     for case in load_cases(DATA):
         p = plan(router, case["query"], case.get("modality"))
         if p.modality:
             for name in p.selection:
-                assert registry.datasets[name].accepts(p.modality), (case["query"], name, p.modality)
+                dataset = registry.datasets[name]
+                assert admits(dataset, p.modality, p.modality_source), (case["query"], name, p.modality)
+                if case.get("modality"):
+                    assert dataset.accepts(p.modality), (case["query"], name, p.modality)
         if not case["expected_datasets"]:
             assert p.selection == {}, case["query"]
             assert p.unmatched and all(u["reason"] for u in p.unmatched), case["query"]
