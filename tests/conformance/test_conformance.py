@@ -35,6 +35,7 @@ SYNTAXES = [
     ("explicit-be", ["/usr/bin/dcmconv", "+tb"], "-xb", uid.ExplicitVRBigEndian),
     ("deflate", ["/usr/bin/dcmconv", "+td"], "-xd", uid.DeflatedExplicitVRLittleEndian),
     ("rle", ["/usr/bin/dcmcrle"], "-xr", uid.RLELossless),
+    ("jpeg-lossless-sv1", ["/usr/bin/dcmcjpeg", "+e1"], "-xs", uid.JPEGLosslessSV1),
     ("jpeg-ls-lossless", ["/usr/bin/dcmcjpls", "+el"], "-xt", uid.JPEGLSLossless),
     ("jpeg2000-lossless", None, "-xv", uid.JPEG2000Lossless),
 ]
