@@ -25,6 +25,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from medsegagent.node.config import ConfigError, parse_config
+from medsegagent.node.inventory import spooled_studies
 from medsegagent.node.service import Node
 from tests.test_node import StoreSCP, _free_port, _storescu, _wait_port
 
@@ -140,7 +141,9 @@ async def _conversation(server: StdioServerParameters, truth_ml: dict[str, float
             # Measured: liver 1500 vs 1513 mL, spleen 171 vs 182 mL (demo models, this phantom).
             assert segment["volume_ml"] == pytest.approx(truth_ml[segment["label"]], rel=0.10), segment
         jobs = (await assistant.call("list_jobs", state="failed"))["jobs"]
-        assert jobs and "no usable request" in jobs[0]["error"]  # the study's own job, before the assistant asked
+        assert jobs and jobs[0]["error"].startswith("no usable request")  # the study's own job, before we asked
+        refused = await assistant.refused("segment_volumes", job_id=jobs[0]["job_id"])
+        assert api.get(f"/jobs/{jobs[0]['job_id']}/volumes").json()["detail"] in refused and "no SEG" in refused
         return assistant.seen
 
 
@@ -151,6 +154,28 @@ async def _settled(assistant: Assistant, job_id: str, timeout: float = 240.0) ->
         if status["state"] in ("delivered", "failed", "cancelled"):
             return status
     pytest.fail(f"job {job_id} did not settle in {timeout:.0f} s")
+
+
+def test_spooled_studies_skip_what_is_not_a_study(phantom_factory, tmp_path):
+    _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+    spool = tmp_path / "spool"
+    series = files.series["CT"]
+    study = spool / "1.2.3" / "1.2.3.4"
+    study.mkdir(parents=True)
+    for path in series[:3]:
+        (study / path.name).write_bytes(path.read_bytes())
+    broken = spool / "1.2.5" / "1.2.5.6"
+    broken.mkdir(parents=True)
+    (broken / "1.2.5.6.7.dcm").write_bytes(b"not DICOM")
+    for foreign in (".incoming/1.2.3", "notes/1.2", "1.2.9"):  # the intake's temporary folder, junk, no series
+        (spool / foreign).mkdir(parents=True)
+    studies = {s.study_uid: s for s in spooled_studies(spool)}
+    assert set(studies) == {"1.2.3", "1.2.5"}
+    (good,) = studies["1.2.3"].series
+    assert (good.modality, good.instances, studies["1.2.3"].modalities) == ("CT", 3, ["CT"])
+    assert studies["1.2.3"].study_date is not None and len(studies["1.2.3"].study_date) == 10
+    assert [(s.modality, s.instances) for s in studies["1.2.5"].series] == [("?", 1)]
+    assert len(spooled_studies(spool, limit=1)) == 1
 
 
 def test_http_transport_requires_the_node_token(tmp_path):
