@@ -39,6 +39,8 @@ from medsegagent import __version__
 from medsegagent.node.inventory import StudySummary, VolumeReport
 from medsegagent.node.jobs import JobState
 
+# The MCP SDK (half a second to import) is imported where it is used: the CLI imports this
+# module to register ``mcp``, and no other sub-command should pay for it.
 if TYPE_CHECKING:
     from mcp.server.auth.provider import AccessToken
     from mcp.server.mcpserver import MCPServer
@@ -237,10 +239,6 @@ class NodeClient:
     def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
         self.base_url = base_url
         self._http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
 
     def get(self, path: str, **params: Any) -> Any:
         """``GET path`` with the query ``params`` (``None`` values left out); the decoded JSON."""
