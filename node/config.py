@@ -69,6 +69,9 @@ class NodeSettings:
     data_dir: Path = Path("./var")
     quiet_seconds: float = 5.0
     max_associations: int = 8
+    #: Connections not yet associated (one more closes the oldest) and the seconds they have to do so.
+    max_pending_connections: int = 32
+    association_request_seconds: float = 5.0
     max_study_instances: int = 5000
     min_free_disk_mb: int = 1024
     collection: str | None = None
@@ -270,6 +273,12 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         data_dir=_resolve(node_raw.get("data_dir", "./var"), source),
         quiet_seconds=_positive(node_raw.get("quiet_seconds", 5), "node.quiet_seconds", errors),
         max_associations=int(_positive(node_raw.get("max_associations", 8), "node.max_associations", errors)),
+        max_pending_connections=int(
+            _positive(node_raw.get("max_pending_connections", 32), "node.max_pending_connections", errors)
+        ),
+        association_request_seconds=_positive(
+            node_raw.get("association_request_seconds", 5), "node.association_request_seconds", errors
+        ),
         max_study_instances=int(
             _positive(node_raw.get("max_study_instances", 5000), "node.max_study_instances", errors)
         ),

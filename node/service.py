@@ -94,6 +94,8 @@ class Node:
             on_instance=self.recorder.on_instance,
             admit=self.recorder.admit,
             max_associations=settings.max_associations,
+            max_pending_connections=settings.max_pending_connections,
+            association_request_seconds=settings.association_request_seconds,
             ssl_context=server_ssl_context(settings.tls) if settings.tls else None,
             reuse_port=settings.intake_processes > 1,
         )
@@ -203,6 +205,8 @@ class Node:
             allowed_hosts=sorted(self.scp.allowed_hosts) if self.scp.allowed_hosts is not None else None,
             max_associations=settings.max_associations, min_free_disk_mb=settings.min_free_disk_mb,
             max_study_instances=settings.max_study_instances, tls=tls_to_json(settings.tls), parent_pid=os.getpid(),
+            max_pending_connections=settings.max_pending_connections,
+            association_request_seconds=settings.association_request_seconds,
             log_level=logging.getLogger().getEffectiveLevel(),
         )  # fmt: skip
 
