@@ -15,7 +15,9 @@ a segmentation on the wrong voxels.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +27,9 @@ import pydicom
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_deferred_data_element
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import as_pixel_options
 
 from medsegagent.dicom.volume import Geometry, Volume
 
@@ -34,6 +39,10 @@ log = logging.getLogger(__name__)
 SPACING_TOLERANCE = 0.1
 #: Tolerance (cosine) for "parallel" / "perpendicular" direction checks.
 ANGLE_TOLERANCE = 1e-3
+#: Elements larger than this stay on disk when a header is parsed (the pixel data above all).
+DEFER_SIZE = "4 KB"
+#: Threads decoding compressed frames.
+READ_WORKERS = min(4, os.cpu_count() or 1)
 #: Voxel spacing (mm) outside this range is a header error, not an image: 1 um to 1 m.
 SPACING_RANGE_MM = (1e-3, 1e3)
 #: Largest plausible extent (mm) of a grid along any axis: nothing scanned is longer than 5 m.
@@ -87,6 +96,8 @@ class SeriesInfo:
     study_instance_uid: str = ""
     is_image: bool = True
     number_of_frames: int = 0
+    #: Headers :func:`scan_folder` parsed (pixel data left on disk), reused by :func:`read_series`.
+    headers: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -131,7 +142,7 @@ def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
     for path in files:
         try:
             # defer_size keeps pixel data on disk while still telling us it exists.
-            ds = pydicom.dcmread(path, defer_size="4 KB")
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             log.debug("skipping %s: not DICOM (%s)", path, exc)
             continue
@@ -150,6 +161,7 @@ def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
             ),
         )
         info.files.append(path)
+        info.headers[path] = ds
         info.sop_class_uids.add(sop_class)
         has_pixels = "PixelData" in ds or "FloatPixelData" in ds
         has_geometry = "ImageOrientationPatient" in ds or "SharedFunctionalGroupsSequence" in ds
@@ -189,14 +201,19 @@ def read_series(info: SeriesInfo | list[Path]) -> Volume:
         missing slices, or no pixel data.
     """
     files = info.files if isinstance(info, SeriesInfo) else list(info)
-    datasets = [pydicom.dcmread(p) for p in files]
+    known = info.headers if isinstance(info, SeriesInfo) else {}
+    # One header parse per file: the scan's, or here with the pixel data left on disk.
+    datasets = [known.get(p) or pydicom.dcmread(p, defer_size=DEFER_SIZE) for p in files]
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) != 1:
         raise SeriesError(f"files belong to {len(uids)} series; read one series at a time")
     _check_character_sets(datasets)
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        return _read_multiframe(datasets[0])
-    return _read_single_frames(datasets)
+        volume = _read_multiframe(datasets[0])
+    else:
+        volume = _read_single_frames(datasets)
+    volume.source_headers = tuple(datasets)
+    return volume
 
 
 # -- single-frame series ------------------------------------------------------
@@ -229,17 +246,28 @@ def _read_single_frames(datasets: list[Dataset]) -> Volume:
             "their positions cannot be put on one grid",
             SeriesProblem.INCONSISTENT_FRAME_OF_REFERENCE,
         )
-    frames = [_frame_values(ds, _pixels(ds)) for ds in datasets]
+    frames = _decode_frames(datasets)
     refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None) for ds in datasets]
     return _stack(first, orientations[0], [float(v) for v in first.PixelSpacing], positions, frames, refs)
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
-    """The decoded pixel data, or a :class:`SeriesError` saying why it cannot be decoded."""
+    """The decoded pixel data, or a :class:`SeriesError` saying why it cannot be decoded.
+
+    Decoded from the element's bytes rather than ``ds.pixel_array``, which
+    would load the bytes into the header and cache the array there: the
+    header is shared with the scan and kept for the SEG, and stays small.
+    """
     try:
-        return ds.pixel_array
-    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
-        # pydicom raises all of these for a pixel description that contradicts itself or lacks a decoder.
+        element = ds.get_item("PixelData", keep_deferred=True)
+        if element.value is None:  # left on disk by the parse: read it now, not into the header
+            element = read_deferred_data_element(ds.fileobj_type, ds.filename, ds.timestamp, element)
+        decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+        pixels, _ = decoder.as_array(element.value, pixel_keyword="PixelData", **as_pixel_options(ds))
+        return pixels
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError, OSError) as exc:
+        # pydicom raises all of these for a pixel description that contradicts itself or lacks a decoder
+        # (OSError: a file that went away or changed after the scan).
         raise SeriesError(
             f"the pixel data of instance {ds.get('SOPInstanceUID', '?')} cannot be decoded: {exc}",
             SeriesProblem.UNREADABLE_PIXELS,
@@ -276,14 +304,48 @@ def _check_geometry(orientation: np.ndarray, pixel_spacing: list[float], positio
         )
 
 
+def _decode_frames(datasets: list[Dataset]) -> np.ndarray:
+    """Every instance's frame in real-world values, ``(instances, rows, columns)`` float32, in file order.
+
+    Compressed frames are decoded by a thread pool (the codecs work outside
+    the GIL); native ones are a copy each, where threads only add contention.
+    """
+    first = datasets[0]
+    out = np.empty((len(datasets), int(first.Rows), int(first.Columns)), np.float32)
+
+    def decode(index: int) -> None:
+        _frame_values(datasets[index], _pixels(datasets[index]), out=out[index])
+
+    compressed = first.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in first.file_meta else False
+    if compressed and len(datasets) > 1:
+        with ThreadPoolExecutor(READ_WORKERS) as pool:
+            list(pool.map(decode, range(len(datasets))))
+    else:
+        for index in range(len(datasets)):
+            decode(index)
+    return out
+
+
 def _frame_values(
-    ds: Dataset, pixels: np.ndarray, slope: float | None = None, intercept: float | None = None
+    ds: Dataset,
+    pixels: np.ndarray,
+    slope: float | None = None,
+    intercept: float | None = None,
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1.0)) if slope is None else slope
     intercept = float(ds.get("RescaleIntercept", 0.0)) if intercept is None else intercept
     if pixels.ndim != 2:
         raise SeriesError(f"expected a greyscale frame, got pixel array of shape {pixels.shape}")
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if out is None:
+        out = np.empty(pixels.shape, np.float32)
+    elif out.shape != pixels.shape:
+        raise SeriesError(f"slices of the series have different sizes: {out.shape} and {pixels.shape}")
+    # In place: no float64 or second float32 temporary per slice.
+    np.multiply(pixels, np.float32(slope), out=out, casting="unsafe")
+    out += np.float32(intercept)
+    return out
 
 
 # -- multi-frame (enhanced) --------------------------------------------------
@@ -323,7 +385,9 @@ def _read_multiframe(ds: Dataset) -> Volume:
     pixels = _pixels(ds)
     if pixels.ndim != 3:
         raise SeriesError(f"expected greyscale frames, got pixel array of shape {pixels.shape}")
-    frames = [_frame_values(ds, pixels[i], *rescales[i]) for i in range(pixels.shape[0])]
+    frames = np.empty(pixels.shape, np.float32)
+    for i in range(pixels.shape[0]):
+        _frame_values(ds, pixels[i], *rescales[i], out=frames[i])
     refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), i + 1) for i in range(pixels.shape[0])]
     return _stack(ds, orientations_arr[0], list(spacings[0]), np.array(positions), frames, refs)
 
@@ -334,7 +398,7 @@ def _stack(
     orientation: np.ndarray,
     pixel_spacing: list[float],
     positions: np.ndarray,
-    frames: list[np.ndarray],
+    frames: np.ndarray,
     refs: list[tuple[str, str, int | None]],
 ) -> Volume:
     _check_geometry(orientation, pixel_spacing, positions)
@@ -369,7 +433,8 @@ def _stack(
             )
         # Store the normal itself so tiny rounding in positions does not skew the grid.
         slice_dir = normal
-    array = np.stack([frames[i] for i in order])
+    # Files usually come in spatial order already: then the decoded array is the volume, no copy.
+    array = frames if np.array_equal(order, np.arange(len(order))) else frames[order]
     _check_extent(array.shape, (spacing, float(pixel_spacing[0]), float(pixel_spacing[1])))
     geometry = Geometry(
         shape=array.shape,

@@ -111,3 +111,23 @@ def test_routing_modality_from_headers():
     assert study_modality([{"Modality": "PT"}, {"Modality": "CT"}]) == "PT+CT"
     assert study_modality([{"Modality": "CT"}]) == "CT"
     assert study_modality([]) is None
+
+
+def test_compressed_series_decodes_in_parallel_to_the_same_volume(phantom_factory, tmp_path):
+    """RLE-compressed instances go through the decoding threads and give the uncompressed volume."""
+    _, files = phantom_factory("CT", reverse_order=True)
+    scanned = choose_series(scan_folder(files.dicom_dir))
+    as_parsed = {id(ds): ds.get_item("PixelData", keep_deferred=True) for ds in scanned.headers.values()}
+    plain = read_series(scanned)
+    (tmp_path / "rle").mkdir()
+    for path in files.dicom_dir.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+        ds.save_as(tmp_path / "rle" / path.name)
+    compressed = read_series(choose_series(scan_folder(tmp_path / "rle")))
+    np.testing.assert_array_equal(compressed.array, plain.array)
+    assert compressed.geometry.same_grid(plain.geometry)
+    assert compressed.source_instances == plain.source_instances
+    # The volume keeps the headers the scan parsed, and decoding left them as parsed (no pixel data loaded in).
+    assert set(map(id, plain.source_headers)) == set(as_parsed)
+    assert all(ds.get_item("PixelData", keep_deferred=True) is as_parsed[id(ds)] for ds in plain.source_headers)
