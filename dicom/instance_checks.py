@@ -185,12 +185,12 @@ def _orthonormal(cosines: tuple[float, ...]) -> bool:
 def _charset_problem(facts: InstanceFacts) -> Refusal | None:
     """Every Specific Character Set term one pydicom decodes (an empty first value is the default)."""
     for term in facts.specific_character_set or ():
-        if term and _pydicom_term(term) not in python_encoding:
+        if term and pydicom_term(term) not in python_encoding:
             return Refusal(Status.CANNOT_UNDERSTAND, f"unknown Specific Character Set {_shown(term, 24)}")
     return None
 
 
-def _pydicom_term(term: str) -> str:
+def pydicom_term(term: str) -> str:
     """The defined term pydicom reads ``term`` as: it mends a wrong separator ("ISO IR 100"), with a warning."""
     if re.match(r"ISO[^_]IR", term):
         return "ISO_IR" + term[6:]

@@ -31,6 +31,7 @@ from pydicom.filereader import read_deferred_data_element
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from medsegagent.dicom.instance_checks import MAX_SPACING_MM, MIN_SPACING_MM, pydicom_term
 from medsegagent.dicom.volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ ANGLE_TOLERANCE = 1e-3
 DEFER_SIZE = "4 KB"
 #: Threads decoding compressed frames.
 READ_WORKERS = min(4, os.cpu_count() or 1)
-#: Voxel spacing (mm) outside this range is a header error, not an image: 1 um to 1 m.
-SPACING_RANGE_MM = (1e-3, 1e3)
+#: Voxel spacing (mm) outside this range is a header error, not an image (the intake's limits on Pixel Spacing).
+SPACING_RANGE_MM = (MIN_SPACING_MM, MAX_SPACING_MM)
 #: Largest plausible extent (mm) of a grid along any axis: nothing scanned is longer than 5 m.
 MAX_EXTENT_MM = 5000.0
 
@@ -279,7 +280,8 @@ def _check_character_sets(datasets: list[Dataset]) -> None:
     for ds in datasets:
         values = ds.get("SpecificCharacterSet", "") or ""
         for value in [values] if isinstance(values, str) else values:
-            if str(value).strip() not in python_encoding:
+            # As the intake: pydicom mends a misspelt term ("ISO IR 100"); one it cannot mend is refused.
+            if value and pydicom_term(str(value).strip()) not in python_encoding:
                 raise SeriesError(
                     f"instance {ds.get('SOPInstanceUID', '?')} declares the unknown Specific Character Set "
                     f"{str(value)!r}: its names and descriptions cannot be decoded",

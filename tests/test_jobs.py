@@ -277,3 +277,14 @@ def test_a_worklist_item_must_be_for_the_studys_patient():
     assert not same_patient(study, _patient("P2", "Doe^Jane"))
     assert not same_patient(study, _patient("P1", "Roe^Richard"))
     assert not same_patient(_patient("", None), _patient("P1", None))
+
+
+def test_the_documented_state_diagram_is_the_table_in_code():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "node.md").read_text()
+    diagram = text.split("```mermaid\nstateDiagram-v2\n", 1)[1].split("```", 1)[0]
+    drawn = set()
+    for line in diagram.splitlines():
+        frm, to = (part.split(":")[0].strip() for part in line.split("-->"))
+        if frm != "[*]":
+            drawn.add((JobState(frm), JobState(to)))
+    assert drawn == set(TRANSITIONS)
