@@ -695,18 +695,15 @@ def _pixel_array(
     return np.moveaxis(masks, 0, -1).view(np.uint8), present
 
 
-def _label_counts(labels: np.ndarray, chunk_voxels: int = 1 << 22) -> np.ndarray:
-    """Voxels per label value of a non-negative label map, a few slices at a time.
+def _label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label value of a non-negative label map (index 0 is left at 0).
 
-    ``np.bincount`` casts its input to ``intp``: a whole 512 x 512 x 300 map
-    would take 600 MB and a second for that alone.
+    Counted over the labelled voxels only: ``np.bincount`` casts its input to
+    ``intp``, which for a whole 512 x 512 x 300 map would be a 600 MB copy
+    and most of a second, while organs fill a few percent of a CT.
     """
-    flat = labels.reshape(-1)
-    counts = np.zeros(1, np.int64)
-    for start in range(0, flat.size, chunk_voxels):
-        part = np.bincount(flat[start : start + chunk_voxels])
-        counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
-        counts[: len(part)] += part
+    counts = np.bincount(labels[labels > 0])
+    counts[:1] = 0
     return counts
 
 
