@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import socketserver
 import ssl
@@ -31,6 +32,9 @@ import time
 from medsegagent.dicom.association import AcceptorAssociation, AcceptorSettings, StorageHandler
 
 log = logging.getLogger(__name__)
+
+#: Seconds between log lines about connections closed over the pending cap.
+_LOG_INTERVAL_S = 10.0
 
 
 class Acceptor:
@@ -61,6 +65,8 @@ class Acceptor:
         self._lock = threading.Lock()
         self._pending: dict[_Connection, None] = {}  # insertion-ordered: the oldest first
         self._associated: set[_Connection] = set()
+        self._closed_pending = 0  # closed over the cap since the last log line
+        self._closed_logged_at = -math.inf
 
     @property
     def active_associations(self) -> int:
@@ -105,6 +111,7 @@ class Acceptor:
 
     def _add_pending(self, connection: _Connection, peer: tuple[str, int]) -> None:
         """Count a new connection as pending; over the cap, close the oldest pending one."""
+        now = time.monotonic()
         with self._lock:
             self._pending[connection] = None
             if len(self._pending) <= self.settings.max_pending_connections:
@@ -112,8 +119,14 @@ class Acceptor:
             oldest = next(iter(self._pending))
             del self._pending[oldest]
             oldest.shut_down()  # its thread ends on the closed socket
-        log.warning("closed the oldest connection without an association: more than %d pending (newest from %s:%d)",
-                    self.settings.max_pending_connections, peer[0], peer[1])  # fmt: skip
+            # One line per 10 s at most: a flood must not flood the log too.
+            self._closed_pending += 1
+            if now - self._closed_logged_at < _LOG_INTERVAL_S:
+                return
+            closed, self._closed_pending, self._closed_logged_at = self._closed_pending, 0, now
+        log.warning("closed the oldest connection without an association (%d since the last such line): more than "
+                    "%d pending; newest from %s:%d", closed, self.settings.max_pending_connections, peer[0],
+                    peer[1])  # fmt: skip
 
     def _claim_slot(self, connection: _Connection) -> bool:
         """The connection's A-ASSOCIATE-RQ arrived: take an association slot if one is free."""
