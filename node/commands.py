@@ -81,7 +81,7 @@ def run_segment(args: argparse.Namespace) -> int:
             progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
         )
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error ({exc.reason.value}): {exc}", file=sys.stderr)
         return EXIT_REFUSED
     for seg in result.report["segments"]:
         print(
