@@ -5,7 +5,10 @@ The contract (more keys may be added)::
     node: {ae_title: MEDSEG, host: 127.0.0.1, port: 11112, data_dir: ./var, quiet_seconds: 5}
           # models_dir: /srv/medseg/models   (sets MEDSEG_MODELS for the node; see docs/models.md)
     peers: [{ae_title: ORTHANC, host: 127.0.0.1}]          # allow-list of callers
-    destinations: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242}]
+    destinations: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242},
+                   {name: web, kind: dicomweb, url: https://pacs/dicom-web, token_env: PACS_TOKEN}]
+    sources: [{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, port: 4242, retrieve: move}]   # or get, or
+             # {name: web, kind: dicomweb, url: ..., username: medseg, password_file: /etc/medseg/pacs.pw}
     presets: {LIVERSEG: "liver and liver tumour"}         # Called AE Title -> request
     instruction_sources: [request, sr, worklist, tags, preset]
     instructions: {max_request_chars: 2000, max_targets: 64, on_unusable_request: fail}   # or fallback
@@ -20,6 +23,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,16 +104,77 @@ class Peer:
     host: str | None = None
 
 
+class RemoteKind(enum.Enum):
+    """How the node talks to a PACS: DIMSE on its DICOM port, or DICOMweb over HTTP."""
+
+    DICOM = "dicom"
+    DICOMWEB = "dicomweb"
+
+
+class RetrieveMethod(enum.Enum):
+    """How a study is pulled from a DICOM source."""
+
+    MOVE = "move"  # C-MOVE to the node's own AE title: the source must know the node
+    GET = "get"  # C-GET: the instances come back on the node's association
+
+
+@dataclass(frozen=True)
+class WebEndpoint:
+    """A DICOMweb service (its base URL, e.g. ``https://pacs/dicom-web``), its credentials and TLS.
+
+    Secrets are never in the configuration: a bearer token or a password is
+    read, when it is used, from an environment variable or a file.
+    """
+
+    url: str
+    token_env: str | None = None
+    token_file: Path | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    tls_verify: bool = True
+    ca_certificates: Path | None = None
+    timeout_s: float = 60.0
+
+
 @dataclass(frozen=True)
 class Destination:
-    """Where results are stored (C-STORE)."""
+    """Where results are stored: C-STORE to an AE (``kind: dicom``) or STOW-RS (``kind: dicomweb``)."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     volume_report: bool = False
     preview_sc: bool = False
+    kind: RemoteKind = RemoteKind.DICOM
+    web: WebEndpoint | None = None
+
+    def describe(self) -> str:
+        """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
+        return self.web.url if self.web is not None else f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A PACS the node may pull a study from (``POST /jobs`` with ``source``).
+
+    ``kind: dicom`` retrieves by C-MOVE to the node's own AE title or by
+    C-GET; ``kind: dicomweb`` by WADO-RS.
+    """
+
+    name: str
+    kind: RemoteKind = RemoteKind.DICOM
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    retrieve: RetrieveMethod = RetrieveMethod.MOVE
+    timeout_s: float = 600.0
+    web: WebEndpoint | None = None
+
+    def describe(self) -> str:
+        """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
+        return self.web.url if self.web is not None else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -197,6 +262,8 @@ class Config:
     source: Path | None = None
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     instructions: InstructionSettings = field(default_factory=InstructionSettings)
+    #: PACS the node may pull studies from (``sources:``; not :attr:`instruction_sources`).
+    sources: tuple[Source, ...] = ()
 
 
 _SECTIONS = {
@@ -210,6 +277,7 @@ _SECTIONS = {
     "http": HttpSettings,
     "delivery": Delivery,
     "executor": ExecutorSettings,
+    "sources": Source,
 }
 
 
@@ -299,22 +367,15 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         peers.append(Peer(_ae_title(item.get("ae_title"), f"peers[{i}].ae_title", errors),
                           _host(host, f"peers[{i}].host", errors) if host is not None else None))  # fmt: skip
 
-    destinations = []
-    for i, raw in enumerate(_list(data.get("destinations", []), "destinations", errors)):
-        item = _build(Destination, raw, f"destinations[{i}]", errors)
-        name = str(item.get("name") or f"destination{i + 1}")
-        destinations.append(
-            Destination(
-                name=name,
-                ae_title=_ae_title(item.get("ae_title"), f"destinations[{i}].ae_title", errors),
-                host=_host(item.get("host"), f"destinations[{i}].host", errors),
-                port=_port(item.get("port"), f"destinations[{i}].port", errors),
-                volume_report=bool(item.get("volume_report", False)),
-                preview_sc=bool(item.get("preview_sc", False)),
-            )
-        )
+    destinations = [_destination(raw, f"destinations[{i}]", i, source, errors)
+                    for i, raw in enumerate(_list(data.get("destinations", []), "destinations", errors))]  # fmt: skip
     if len({d.name for d in destinations}) != len(destinations):
         errors.append("destinations: names must be unique")
+    retrieve_sources = [_source(raw, f"sources[{i}]", i, source, errors)
+                        for i, raw in enumerate(_list(data.get("sources", []), "sources", errors))]  # fmt: skip
+    if len({s.name for s in retrieve_sources}) != len(retrieve_sources):
+        errors.append("sources: names must be unique")
+    _check_move_sources(retrieve_sources, peers, errors)
 
     presets_raw = data.get("presets", {}) or {}
     presets: dict[str, str] = {}
@@ -366,7 +427,7 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
     return Config(
         node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor,
-        instructions=instructions,
+        instructions=instructions, sources=tuple(retrieve_sources),
     )  # fmt: skip
 
 
@@ -493,3 +554,122 @@ def _tls(raw: Any, source: Path | None, errors: list[str]) -> TlsSettings | None
     if "certificate" not in paths or "private_key" not in paths:
         return None
     return TlsSettings(paths["certificate"], paths["private_key"], paths.get("ca_certificates"), require)
+
+
+# -- PACS endpoints: destinations (C-STORE / STOW-RS) and sources (C-MOVE / C-GET / WADO-RS) --------------------
+
+_DIMSE_KEYS = ("ae_title", "host", "port")
+_WEB_KEYS = tuple(WebEndpoint.__dataclass_fields__)
+
+
+def _remote_kind(item: dict[str, Any], where: str, own: tuple[str, ...], errors: list[str]) -> RemoteKind:
+    """The ``kind`` of a destination or source; each kind refuses the other kind's keys (but not ``own``)."""
+    try:
+        kind = RemoteKind(item.get("kind", "dicom"))
+    except ValueError:
+        errors.append(f"{where}.kind: {item.get('kind')!r} is not one of {', '.join(k.value for k in RemoteKind)}")
+        return RemoteKind.DICOM
+    foreign = _WEB_KEYS if kind is RemoteKind.DICOM else _DIMSE_KEYS
+    for key in foreign:
+        if key in item and key not in own:
+            errors.append(f"{where}.{key}: not a key of kind {kind.value}")
+    return kind
+
+
+def _remote_keys(item: Any, where: str, own: tuple[str, ...], errors: list[str]) -> dict[str, Any]:
+    """A destination's or source's mapping, checked for unknown keys (the web keys sit beside the others)."""
+    if not isinstance(item, dict):
+        errors.append(f"{where}: expected a mapping, got {type(item).__name__}")
+        return {}
+    known = set(own) | set(_DIMSE_KEYS) | set(_WEB_KEYS)
+    for key in item:
+        if key not in known:
+            errors.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return item
+
+
+def _destination(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Destination:
+    own = ("name", "kind", "volume_report", "preview_sc")
+    item = _remote_keys(raw, where, own, errors)
+    kind = _remote_kind(item, where, own, errors)
+    common = {"name": str(item.get("name") or f"destination{index + 1}"), "kind": kind,
+              "volume_report": bool(item.get("volume_report", False)),
+              "preview_sc": bool(item.get("preview_sc", False))}  # fmt: skip
+    if kind is RemoteKind.DICOMWEB:
+        return Destination(**common, web=_web_endpoint(item, where, source, errors))
+    return Destination(**common, **_dimse_address(item, where, errors))
+
+
+def _source(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Source:
+    own = ("name", "kind", "retrieve", "timeout_s")
+    item = _remote_keys(raw, where, own, errors)
+    kind = _remote_kind(item, where, own, errors)
+    name = str(item.get("name") or f"source{index + 1}")
+    if kind is RemoteKind.DICOMWEB:
+        if "retrieve" in item:
+            errors.append(f"{where}.retrieve: a DICOMweb source retrieves by WADO-RS (no retrieve key)")
+        web = _web_endpoint(item, where, source, errors)
+        return Source(name, kind, timeout_s=web.timeout_s, web=web)
+    try:
+        method = RetrieveMethod(item.get("retrieve", "move"))
+    except ValueError:
+        errors.append(f"{where}.retrieve: {item.get('retrieve')!r} is not one of move, get")
+        method = RetrieveMethod.MOVE
+    timeout = _positive(item.get("timeout_s", 600), f"{where}.timeout_s", errors)
+    return Source(name, kind, **_dimse_address(item, where, errors), retrieve=method, timeout_s=timeout)
+
+
+def _dimse_address(item: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
+    return {"ae_title": _ae_title(item.get("ae_title"), f"{where}.ae_title", errors),
+            "host": _host(item.get("host"), f"{where}.host", errors),
+            "port": _port(item.get("port"), f"{where}.port", errors)}  # fmt: skip
+
+
+def _web_endpoint(item: dict[str, Any], where: str, source: Path | None, errors: list[str]) -> WebEndpoint:
+    """The DICOMweb keys of a destination or source: URL, one way to authenticate, TLS."""
+    url = str(item.get("url") or "")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        errors.append(f"{where}.url: {url!r} is not an http(s) URL")
+    files = {key: _resolve(item[key], source) for key in ("token_file", "password_file", "ca_certificates")
+             if item.get(key) is not None}  # fmt: skip
+    for key, path in files.items():
+        if not path.is_file():
+            errors.append(f"{where}.{key}: {path} is not a readable file")
+    token = [key for key in ("token_env", "token_file") if item.get(key)]
+    password = [key for key in ("password_env", "password_file") if item.get(key)]
+    if len(token) > 1 or len(password) > 1 or (token and (password or item.get("username"))):
+        errors.append(f"{where}: give one of token_env, token_file, or username with password_env or password_file")
+    elif bool(item.get("username")) != bool(password):
+        errors.append(f"{where}: username needs password_env or password_file (and these need a username)")
+    credentials = bool(token or password)
+    if credentials and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
+        errors.append(f"{where}.url: credentials would cross the network in clear text; use https")
+    verify = item.get("tls_verify", True)
+    if not isinstance(verify, bool):
+        errors.append(f"{where}.tls_verify: {verify!r} must be true or false (ca_certificates names a CA file)")
+        verify = True
+    return WebEndpoint(
+        url=url.rstrip("/"), token_env=item.get("token_env"), token_file=files.get("token_file"),
+        username=item.get("username"), password_env=item.get("password_env"),
+        password_file=files.get("password_file"), tls_verify=verify, ca_certificates=files.get("ca_certificates"),
+        timeout_s=_positive(item.get("timeout_s", 60), f"{where}.timeout_s", errors),
+    )  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_move_sources(sources: list[Source], peers: list[Peer], errors: list[str]) -> None:
+    """A C-MOVE source sends the study to the node itself: the node's allow-list must let it in."""
+    allowed = {p.ae_title for p in peers}
+    for i, src in enumerate(sources):
+        moves = src.kind is RemoteKind.DICOM and src.retrieve is RetrieveMethod.MOVE
+        if moves and peers and src.ae_title not in allowed:
+            errors.append(f"sources[{i}]: C-MOVE brings the study from {src.ae_title}, which is not among the peers")
