@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 class JobRequest(BaseModel):
     """Body of ``POST /jobs``."""
 
-    study_uid: str = Field(description="Study Instance UID of a study this node has received")
+    study_uid: str = Field(description="Study Instance UID of a study this node has received, or one to pull")
     request: str = Field(min_length=1, max_length=1024, description='the request, e.g. "liver and both kidneys"')
+    source: str | None = Field(
+        default=None, max_length=64,
+        description="a configured source (sources:) to pull the study from first (C-MOVE, C-GET or WADO-RS)",
+    )  # fmt: skip
 
 
 class TokenMissingError(RuntimeError):
@@ -103,9 +107,9 @@ def create_app(node: Node, token: str) -> FastAPI:
 
     @app.post("/jobs", dependencies=auth, status_code=status.HTTP_202_ACCEPTED)
     def create_job(body: JobRequest) -> dict:
-        """Segment a received study with an explicit request."""
+        """Segment a received study with an explicit request, or pull it from a ``source`` first."""
         try:
-            return node.submit(body.study_uid, body.request).to_json()
+            return node.submit(body.study_uid, body.request, body.source).to_json()
         except ValueError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except FileNotFoundError as exc:

@@ -33,17 +33,15 @@ from medsegagent.models.ray_executor import ClusterUnavailable
 from medsegagent.models.registry import MODELS_ENV, Registry, load_registry
 from medsegagent.models.routing import Router
 from medsegagent.node.config import Config, ExecutorKind
-from medsegagent.node.dispatch import DeliveryError, send_files
+from medsegagent.node.dispatch import DeliveryOutcome, Outcome, deliver
 from medsegagent.node.instructions import Problem, resolve_instruction
 from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
-from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore
+from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore, OutboxItem
 from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study, study_modality
+from medsegagent.node.retrieve import RetrieveError, retrieve_study
 
 log = logging.getLogger(__name__)
-
-#: C-STORE statuses worth retrying (out of resources); others refuse the object for good.
-_TRANSIENT_STATUSES = {0xA700, 0xA701, 0xA702, -1}
 
 
 class DataDirInUseError(RuntimeError):
@@ -139,7 +137,7 @@ class Node:
         # Senders can retry only once every intake process listens: the quiet period starts now.
         self.store.restart_quiet_timers()
         for name, loop in (("assembler", self._assemble_loop), ("processor", self._process_loop),
-                           ("dispatcher", self._dispatch_loop)):  # fmt: skip
+                           ("dispatcher", self._dispatch_loop), ("retriever", self._retrieve_loop)):  # fmt: skip
             thread = threading.Thread(target=self._run_loop, args=(name, loop), name=f"medseg-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -220,15 +218,66 @@ class Node:
         return bool(jobs)
 
     # -- processor ----------------------------------------------------------------------------------
-    def submit(self, study_uid: str, request: str | None) -> Job:
-        """Queue a job for a study already in the spool (HTTP API, Orthanc button)."""
+    def submit(self, study_uid: str, request: str | None, source: str | None = None) -> Job:
+        """Queue a job for a study in the spool (HTTP API, Orthanc button), or one to pull from ``source`` first.
+
+        Raises
+        ------
+        ValueError
+            Not a valid Study Instance UID, or no source of that name is configured.
+        FileNotFoundError
+            Without ``source``: the node has not received the study.
+        """
         if not is_valid_uid(study_uid):
             raise ValueError(f"{study_uid!r} is not a valid Study Instance UID")
+        if source is not None:
+            known = [s.name for s in self.config.sources]
+            if source not in known:
+                raise ValueError(f"no source named {source!r} is configured (sources: {', '.join(known) or 'none'})")
+            return self.store.create_job(study_uid, explicit_request=request, retrieve_from=source)
         if not (self.spool_dir / study_uid).is_dir():
             raise FileNotFoundError(f"study {study_uid} has not been received by this node")
         job = self.store.create_job(study_uid, explicit_request=request)
         self.wake()
         return job
+
+    # -- retriever ---------------------------------------------------------------------------------
+    def _retrieve_loop(self) -> bool:
+        job = self.store.next_retrieving()
+        if job is None:
+            return False
+        self.retrieve(job)
+        return True
+
+    def retrieve(self, job: Job) -> Job:
+        """Pull a ``retrieving`` job's study from its source, then queue the job (or fail it); never raises."""
+        source = next((s for s in self.config.sources if s.name == job.retrieve_from), None)
+        try:
+            if source is None:
+                raise RetrieveError(FailureReason.SOURCE_UNREACHABLE,
+                                    f"source {job.retrieve_from!r} is no longer configured")  # fmt: skip
+            log.info("job %s: retrieving study %s from %s (%s)", job.id, job.study_uid, source.name,
+                     source.describe())  # fmt: skip
+            count = retrieve_study(source, job.study_uid, self.scp, node_ae=self.config.node.ae_title)
+            log.info("job %s: %d instance(s) of study %s retrieved from %s", job.id, count, job.study_uid, source.name)
+            job = self.store.transition(job.id, JobState.RECEIVED)
+        except RetrieveError as exc:
+            log.warning("job %s: study %s not retrieved: %s", job.id, job.study_uid, exc)
+            return self._fail_retrieve(job, exc.reason, str(exc))
+        except IllegalTransition:  # cancelled while the study was on its way
+            log.info("job %s: cancelled while retrieving study %s", job.id, job.study_uid)
+            return self.store.get(job.id)
+        except Exception as exc:
+            log.exception("job %s: retrieving study %s failed unexpectedly", job.id, job.study_uid)
+            return self._fail_retrieve(job, FailureReason.INTERNAL_ERROR, f"internal error while retrieving: {exc}")
+        self.wake()
+        return job
+
+    def _fail_retrieve(self, job: Job, reason: FailureReason, message: str) -> Job:
+        try:
+            return self.store.fail(job.id, reason, message)
+        except IllegalTransition:  # cancelled meanwhile: the cancellation stands
+            return self.store.get(job.id)
 
     def _process_loop(self) -> bool:
         job = self.store.claim_next()
@@ -342,46 +391,41 @@ class Node:
         due = self.store.due_deliveries()
         if not due:
             return False
-        by_destination = defaultdict(list)
+        by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_destination[item.destination].append(item)
         destinations = {d.name: d for d in self.config.destinations}
-        policy = self.config.delivery
         for name, items in by_destination.items():
+            files = [Path(i.path) for i in items]
             dest = destinations.get(name)
             if dest is None:
-                for item in items:
-                    self.store.delivery_failed(item.id, f"destination {name!r} is no longer configured", None)
-                continue
-            try:
-                result = send_files(
-                    [Path(i.path) for i in items], host=dest.host, port=dest.port, called_ae=dest.ae_title,
-                    calling_ae=self.config.node.ae_title,
-                )  # fmt: skip
-            except (DeliveryError, OSError, RuntimeError) as exc:
-                for item in items:
-                    self._retry_or_give_up(item, f"{dest.ae_title}@{dest.host}:{dest.port}: {exc}", policy)
-                continue
-            for item in items:
-                status = result.failed.get(item.path)
-                if status is None:
-                    self.store.delivery_succeeded(item.id)
-                    log.info("job %s: delivered %s to %s", item.job_id, Path(item.path).name, name)
-                elif status in _TRANSIENT_STATUSES:
-                    self._retry_or_give_up(item, f"C-STORE status 0x{status & 0xFFFF:04X}", policy)
-                else:
-                    self.store.delivery_failed(item.id, f"refused by {name}: C-STORE status 0x{status:04X}", None)
+                gone = DeliveryOutcome(Outcome.GIVE_UP, f"destination {name!r} is no longer configured")
+                outcomes = dict.fromkeys(files, gone)
+            else:
+                outcomes = deliver(dest, files, calling_ae=self.config.node.ae_title)
+            for item, path in zip(items, files, strict=True):
+                self._record_delivery(item, outcomes[path])
         return True
 
-    def _retry_or_give_up(self, item, error: str, policy) -> None:
+    def _record_delivery(self, item: OutboxItem, outcome: DeliveryOutcome) -> None:
+        """Store one attempt's outcome in the outbox: sent, retried after the back-off, or failed for good."""
         job = self.store.get(item.job_id)
-        if time.time() - job.updated_at > policy.give_up_after_hours * 3600:
-            self.store.delivery_failed(item.id, f"{error} (giving up after {policy.give_up_after_hours:g} h)", None)
+        what = f"{Path(item.path).name} of job {job.id} (study {job.study_uid}) to {item.destination}"
+        policy = self.config.delivery
+        if outcome.outcome is Outcome.DELIVERED:
+            self.store.delivery_succeeded(item.id)
+            log.info("delivered %s", what)
             return
-        delay = min(policy.retry_initial_seconds * 2 ** min(item.attempts, 16), policy.retry_max_seconds)
-        log.warning("job %s: delivery of %s to %s failed (%s); retry in %.0f s", item.job_id, Path(item.path).name,
-                    item.destination, error, delay)  # fmt: skip
-        self.store.delivery_failed(item.id, error, delay)
+        reason = outcome.reason or "unknown error"
+        if outcome.outcome is Outcome.RETRY and time.time() - job.updated_at > policy.give_up_after_hours * 3600:
+            reason = f"{reason} (giving up after {policy.give_up_after_hours:g} h)"
+        elif outcome.outcome is Outcome.RETRY:
+            delay = min(policy.retry_initial_seconds * 2 ** min(item.attempts, 16), policy.retry_max_seconds)
+            log.warning("delivery of %s failed (%s); retry in %.0f s", what, reason, delay)
+            self.store.delivery_failed(item.id, reason, delay)
+            return
+        log.error("delivery of %s failed for good: %s", what, reason)
+        self.store.delivery_failed(item.id, reason, None)
 
 
 def build_executor(config: Config, cache: ModelCache | None = None) -> Executor:
