@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +37,10 @@ from medsegagent.node.config import parse_config
 from medsegagent.node.jobs import Job
 from medsegagent.node.service import Node
 from tests.conftest import dciodvfy_errors
+from tests.orthanc_helpers import ORTHANC_DIR, PYTHON_PLUGIN, OrthancProcess, answer
+from tests.orthanc_helpers import ROOT as ROOT  # test_orthanc_browser and test_ohif import it from here
 
-ROOT = Path(__file__).resolve().parents[1]
-ORTHANC_DIR = ROOT / "orthanc"
 TOKEN = "orthanc-integration-token"
-ORTHANC_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEMO_LABELS = {"liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta"}
 
 
@@ -138,87 +132,29 @@ def test_settings_report_bad_rules_and_urls():
 # -- the real stack -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Orthanc(OrthancProcess):
+    """The shipped Orthanc (Python, DICOMweb and worklist plugins) with the REST helpers of the stack tests."""
 
+    def __init__(self, root: Path, env: dict[str, str], extra_config: dict[str, Any] | None = None) -> None:
+        super().__init__(root, env=env, extra_config=extra_config, plugins=("python",))
 
-class Orthanc:
-    """Orthanc started by ``orthanc/start-orthanc.sh``; REST helpers on 127.0.0.1."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.http_port, self.dicom_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log_path = root / "orthanc.log"
-        self.worklists = root / "worklists"
-        self.env = {**ORTHANC_ENV, **env, "ORTHANC_DATA": str(root), "ORTHANC_HTTP_PORT": str(self.http_port),
-                    "ORTHANC_DICOM_PORT": str(self.dicom_port), "ORTHANC_STABLE_AGE": "2"}  # fmt: skip
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        if shutil.which("Orthanc") is None or not Path("/usr/share/orthanc/plugins/libOrthancPython.so").exists():
-            pytest.fail("Orthanc with its Python plugin is not installed; run scripts/bootstrap.sh test")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([str(ORTHANC_DIR / "start-orthanc.sh")], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if "python" in self.get_json("/plugins"):
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not start:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def start(self, timeout: float = 60) -> Orthanc:
+        if not PYTHON_PLUGIN.exists():
+            pytest.fail("Orthanc's Python plugin is not installed; run scripts/bootstrap.sh test (orthanc-python)")
+        super().start(timeout)
+        return self
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
         """``(status, parsed JSON or bytes)``; HTTP errors are answers, not exceptions."""
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            request.add_header("Content-Type", content_type)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                status, data, kind = response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            status, data, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "")
-        return status, (json.loads(data) if "json" in kind else data)
+        headers = {"Content-Type": content_type} if body is not None else None
+        call = getattr(self.client, method.lower())
+        return answer(lambda: call(path, data=body, headers=headers, timeout=120))
 
     def get_json(self, path: str) -> Any:
-        status, data = self.request("GET", path)
-        assert status == 200, (path, status, data)
-        return data
+        return self.client.get_json(path, timeout=120)
 
     def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        return self.request("POST", path, json.dumps(body).encode())
-
-    def upload(self, files: list[Path]) -> str:
-        """POST the files to /instances; the Orthanc id of their study."""
-        ids = set()
-        for path in files:
-            status, answer = self.request("POST", "/instances", path.read_bytes(), "application/dicom")
-            assert status == 200 and answer["Status"] == "Success", answer
-            ids.add(answer["ParentStudy"])
-        assert len(ids) == 1
-        return ids.pop()
-
-    def series(self, study_id: str, modality: str) -> list[dict[str, Any]]:
-        return [s for s in self.get_json(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] == modality]
+        return answer(lambda: self.client.post(path, json=body, timeout=120))
 
 
 @dataclass
@@ -235,12 +171,7 @@ class Stack:
 
 def start_stack(root: Path, routing: str, extra_config: dict[str, Any] | None = None) -> Stack:
     """The node from ``orthanc/node.yaml`` and Orthanc from ``orthanc/orthanc.json``, wired on loopback."""
-    orthanc_env = {"MEDSEG_TOKEN": TOKEN, "MEDSEG_ROUTING": routing}
-    if extra_config:
-        (root / "extra.json").parent.mkdir(parents=True, exist_ok=True)
-        (root / "extra.json").write_text(json.dumps(extra_config))
-        orthanc_env["ORTHANC_EXTRA_CONFIG"] = str(root / "extra.json")
-    orthanc = Orthanc(root / "orthanc", orthanc_env)
+    orthanc = Orthanc(root / "orthanc", {"MEDSEG_TOKEN": TOKEN, "MEDSEG_ROUTING": routing}, extra_config)
     settings = yaml.safe_load((ORTHANC_DIR / "node.yaml").read_text())
     settings["node"].update(port=0, data_dir=str(root / "node"), quiet_seconds=1.0, collection="demo",
                             min_free_disk_mb=1)  # fmt: skip
@@ -387,10 +318,14 @@ def test_rest_route_writes_request_sr_and_proxies_job_status(stack, phantom_fact
 def test_worklist_request_from_orthanc_worklist_plugin(stack, phantom_factory, tmp_path):
     _, files = phantom_factory("CT", seed=2, size=96, slices=32)
     study_files = fresh_study(files.series["CT"], tmp_path / "study")
-    accession = str(pydicom.dcmread(study_files[0], stop_before_pixels=True).AccessionNumber)
-    # The worked example of docs/orthanc.md, for this study's accession number.
+    header = pydicom.dcmread(study_files[0], stop_before_pixels=True)
+    # The worked example of docs/orthanc.md, for this study's accession number and patient.
     dump = (ORTHANC_DIR / "worklists" / "ct-abdomen-spleen-volumetry.dump").read_text()
-    (tmp_path / "item.dump").write_text(dump.replace("[ACC-2024-0001]", f"[{accession}]"))
+    for example, value in (("ACC-2024-0001", header.AccessionNumber), ("DOE^JANE", header.PatientName),
+                           ("PAT0001", header.PatientID)):  # fmt: skip
+        dump = dump.replace(f"[{example}]", f"[{value}]")
+    (tmp_path / "item.dump").write_text(dump)
+    accession = str(header.AccessionNumber)
     subprocess.run(["/usr/bin/dump2dcm", "-g", "+te", str(tmp_path / "item.dump"),
                     str(stack.orthanc.worklists / f"{accession}.wl")], check=True, timeout=30)  # fmt: skip
     study = stack.orthanc.upload(study_files)
