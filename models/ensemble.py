@@ -312,9 +312,10 @@ def _implausible(
     if max_speckle_share is not None:
         from scipy import ndimage  # only when the check is asked for
 
-        pieces, n = ndimage.label(boxed.data > 0.5)
+        pieces, n = ndimage.label(boxed.mask)
         if n > 1:
-            sizes = np.sort(np.bincount(pieces.ravel())[1:])[:-1]  # the largest piece is the structure itself
+            # Counted over the mask's voxels only (bincount copies its input to intp).
+            sizes = np.sort(np.bincount(pieces[boxed.mask], minlength=n + 1)[1:])[:-1]  # the largest is the structure
             share = float(sizes[sizes * voxel_ml < speckle_ml].sum()) / voxels
             if share > max_speckle_share:
                 return f"speckled output ({100 * share:.0f} % of the mask in {n} pieces < {speckle_ml:g} mL)"
@@ -430,7 +431,7 @@ def _dice(a: BoxedMap, b: BoxedMap, threshold: float = 0.5) -> float:
     for m in (a, b):
         mask = np.zeros(extent, bool)
         if not m.is_empty:
-            mask[_local(m.box, union)] = m.data > threshold
+            mask[_local(m.box, union)] = m.above(threshold)
         masks.append(mask)
     total = int(masks[0].sum() + masks[1].sum())
     return 2.0 * float((masks[0] & masks[1]).sum()) / total if total else 1.0
@@ -450,7 +451,7 @@ def _exclusive_contrast(a: BoxedMap, b: BoxedMap, image: np.ndarray, min_voxels:
     for m in (a, b):
         mask = np.zeros(extent, bool)
         if not m.is_empty:
-            mask[_local(m.box, union)] = m.data > 0.5
+            mask[_local(m.box, union)] = m.mask
         masks.append(mask)
     values = image[union]
     core = values[masks[0] & masks[1]]
@@ -555,7 +556,7 @@ def _mask_of(m: BoxedMap, threshold: float = 0.5) -> tuple[tuple[slice, ...], np
     """The map's mask (``p > threshold``) cropped to its own box, with that box on the whole grid."""
     if m.is_empty:
         return None
-    support = m.data > threshold
+    support = m.above(threshold)
     if not support.any():
         return None
     local = _support_box(support)
@@ -890,7 +891,8 @@ def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.
     A voxel is assigned to target ``i`` when ``S_i`` is the largest fused
     score at that voxel and exceeds ``threshold`` (ties go to the earlier
     target).  Scores are visited box by box, so memory is one label map plus
-    one running maximum, whatever the number of targets.
+    one running maximum over the union of the boxes, whatever the number of
+    targets.
     """
     if not results:
         raise ValueError("nothing to fuse")
@@ -898,20 +900,23 @@ def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.
         raise ValueError(f"at most 255 targets fit a uint8 label map, got {len(results)}")
     shape = next((r.shape for r in results if r.shape != (0, 0, 0)), (0, 0, 0))
     best = np.zeros(shape, np.uint8)
-    peak = np.zeros(shape, np.float32)
+    for result in results:
+        if not result.score_map.is_empty and result.score_map.shape != shape:
+            raise ValueError(f"target {result.target} has grid {result.score_map.shape}, expected {shape}")
+    union = _union_box([r.score_map for r in results])
+    if union is None:
+        return best
+    # Outside every box the peak is 0: only the boxes' union can hold a label.
+    peak = np.zeros(tuple(s.stop - s.start for s in union), np.float32)
+    region = best[union]
     for number, result in enumerate(results, start=1):
         m = result.score_map
         if m.is_empty:
             continue
-        if m.shape != shape:
-            raise ValueError(f"target {result.target} has grid {m.shape}, expected {shape}")
-        region_peak, region_best = peak[m.box], best[m.box]
+        local = _local(m.box, union)
+        region_peak, region_best = peak[local], region[local]
         better = m.data > region_peak
         region_peak[better] = m.data[better]
         region_best[better] = number
-    for result in results:  # outside every box the peak is 0: only boxes can hold a label
-        m = result.score_map
-        if not m.is_empty:
-            region_best = best[m.box]
-            region_best[peak[m.box] <= threshold] = 0
+    region[peak <= threshold] = 0
     return best

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -520,9 +521,18 @@ class BoxedMap:
         out[self.box] = self.data
         return out
 
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """``data > 0.5`` (the mask every ensemble rule reads), computed once."""
+        return self.data > 0.5
+
+    def above(self, threshold: float = 0.5) -> np.ndarray:
+        """``data > threshold`` inside the box (the cached :attr:`mask` for 0.5)."""
+        return self.mask if threshold == 0.5 else self.data > threshold
+
     def count(self, threshold: float = 0.5) -> int:
         """Voxels above ``threshold``."""
-        return int(np.count_nonzero(self.data > threshold))
+        return int(np.count_nonzero(self.above(threshold)))
 
     def touches_border(self, threshold: float = 0.5) -> bool:
         """Whether the map is above ``threshold`` on a face of the whole grid.
@@ -532,7 +542,7 @@ class BoxedMap:
         """
         if self.is_empty:
             return False
-        mask = self.data > threshold
+        mask = self.above(threshold)
         for axis, (s, n) in enumerate(zip(self.box, self.shape, strict=True)):
             if s.start == 0 and np.take(mask, 0, axis=axis).any():
                 return True
