@@ -563,6 +563,10 @@ class Vocabulary:
     def _core(self, phrase: str) -> tuple[str, ...]:
         return _finish_core(self.canonical_tokens(phrase.split(), False, True)[0])
 
+    def concept_core(self, concept: LexiconConcept) -> tuple[str, ...]:
+        """The canonical core a lexicon concept reads as (e.g. ``("adrenal",)``)."""
+        return self._core(concept.canonical)
+
     def correct_spelling(self, word: str) -> str:
         """Closest known word for a misspelt ``word`` (unchanged when none is close).
 
@@ -742,6 +746,7 @@ _SPLIT = re.compile(
     r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s)\s*"
 )
 _SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
+_BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left\s+and\s+right|right\s+and\s+left)\b")
 _TRAILING_SIDE = re.compile(r"\b(?:on|of)\s+the\s+(left|right)(?:\s+side)?$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
@@ -857,6 +862,8 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     low = re.sub(r"[(\[]\s*(left|right|l|r|lt|rt|bilateral|both)\s*[)\]]", r" \1 ", low)  # "kidney (R)"
     low = re.sub(r"[()\[\]]", " , ", low)  # any other bracket: an aside, i.e. another item
     low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
+    # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
+    low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     regions: list[str] = list(header_regions)
     notes: list[str] = []

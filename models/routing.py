@@ -240,7 +240,7 @@ class _Form:
 
     core: frozenset[str]
     context: frozenset[str]
-    source: str  # "name", "part" (of a composite name) or "synonym"
+    source: str  # "name", "part" (of a composite name), "synonym" or "lexicon" (its SNOMED CT type)
     values: tuple[int, ...] | None = None  # a part's own values when derivable ("kidney" of "kidney and masses")
 
 
@@ -285,6 +285,16 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
         if t.concept.index and index and not (t.concept.index <= index):
             continue
         add(t.concept.core, t.context, "synonym")
+    concept = vocab.lexicon.concept(label.type.value)
+    if concept is not None and forms:
+        # The label's SNOMED CT type names it too ("larynx_air" is a Larynx, "lung_arteries" a
+        # Pulmonary artery), unless the code is only a shared closest concept: a lesion code
+        # ("Neoplasm, primary" for a tumour core) or one whose words the label's name does not use
+        # ("Maxilla" for a hard palate).
+        core = frozenset(vocab.concept_core(concept))
+        part = forms[0].core & grammar.GENERIC_NOUNS  # "aorta_true_lumen" is a part of the aorta
+        if core and not core & grammar.LESION_TOKENS and core & forms[0].core and not part:
+            add(core, (), "lexicon")
     if not forms:  # a name of stopwords only: keep the raw words
         forms.append(_Form(frozenset(label.name.lower().split()), frozenset(), "name"))
     lesion = label.kind.value == "lesion" or any(f.core & grammar.LESION_TOKENS for f in forms if f.source == "name")

@@ -1,0 +1,477 @@
+"""Build ``routing_dev_all.jsonl``: development requests scored over the whole default registry.
+
+Expectations come from the registry, never from the router: each request names
+the concepts it asks for (SNOMED CT type codes, with a label-name pattern where
+the registry gives several structures one "closest concept" code: ribs,
+muscles, lesions) and the study modality; every dataset that admits the
+modality and has a label of a requested concept gets exactly those label values
+(region labels flattened).  The rules are those of
+``tests/data/heldout/README.md`` ("Conventions the expectations follow"):
+
+* a request for both sides (or none) takes left, right, bilateral and unsided
+  labels; one side takes only labels of that side;
+* a whole is not delivered by its parts (no requests for "lungs" or "heart"
+  here: the public benchmark and the held-out conventions disagree on them;
+  the larynx comes with its subdivisions as in the public benchmark, :data:`WITH_PARTS`);
+* an organ is not its lesion; one SNOMED CT type is one concept;
+* modality: ``Dataset.accepts``; a ``CT`` named only in the text also admits
+  PET/CT datasets (docs/routing.md, "Modality").
+
+A composite label ("kidney and masses") delivers its organ by the organ's own
+value (:data:`PARTS`), as in the public benchmark.
+
+Run ``python tests/data/routing_dev_all.py`` after changing a request or the
+registry, and read the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsegagent.models.registry import Dataset, Label, load_registry
+
+OUT = Path(__file__).with_name("routing_dev_all.jsonl")
+
+#: Composite labels: (dataset, label) -> the values of the organ part alone.
+PARTS = {("KiTS23", "kidney and masses"): (1,)}
+#: A whole that comes with its named parts in the public benchmark ("larynx" -> glottis, supraglottis).
+WITH_PARTS = {("SegRap2023_Task1", "Larynx"): (48, 49, 50, 51)}
+
+
+@dataclass(frozen=True)
+class C:
+    """A requested concept: type codes, an optional label-name pattern, a side."""
+
+    codes: tuple[str, ...]
+    name: str | None = None
+    side: str | None = None
+
+    def __call__(self, label: Label) -> bool:
+        if label.type.value not in self.codes:
+            return False
+        if self.name and not re.search(self.name, label.name, re.I):
+            return False
+        lat = label.laterality.value if label.laterality is not None else None
+        return self.side is None or lat == self.side
+
+    def on(self, side: str) -> C:
+        """The same concept on one side."""
+        return C(self.codes, self.name, side)
+
+
+def c(*codes: str, name: str | None = None) -> C:
+    return C(codes, name)
+
+
+LIVER, SPLEEN, KIDNEY, PANCREAS = c("10200004"), c("78961009"), c("64033007"), c("15776009")
+GALLBLADDER, STOMACH, IVC = c("28231008"), c("69695003"), c("64131007")
+AORTA = c("15825003", name=r"^(?!.*lumen)")  # a dissection's true lumen is not "the aorta"
+ESOPHAGUS, DUODENUM, BLADDER, ADRENAL = c("32849002"), c("38848004"), c("89837001"), c("23451007")
+COLON, SMALL_BOWEL, RECTUM, PROSTATE = c("71854001"), c("30315005"), c("34402009"), c("41216001")
+BRAIN, TRACHEA, THYROID, SPINAL_CORD = c("12738006"), c("44567001"), c("69748006"), c("2748008")
+SACRUM, FEMUR, HUMERUS, CLAVICLE = c("54735007"), c("71341001"), c("85050009"), c("51299004")
+SCAPULA, STERNUM, SKULL, PORTAL = c("79601000"), c("56873002"), c("89546000"), c("32764006")
+LV, RV, LA, RA = c("87878005"), c("53085002"), c("82471001"), c("73829009")
+MYOCARDIUM, PULM_ARTERY, PULM_VEIN, SVC = c("49848007"), c("81040000"), c("122972007"), c("48345005")
+CORONARY, PAROTID, SUBMANDIBULAR, OPTIC_NERVE = c("41801008"), c("45289007"), c("54019009"), c("18234004")
+CHIASM, LENS, BRAINSTEM, PITUITARY = c("244453006"), c("78076003"), c("119238007"), c("56329008")
+LARYNX, MANDIBLE, HIPPOCAMPUS, TEMPORAL_LOBE = c("4596009"), c("91609006"), c("5366008"), c("78277001")
+AUTOCHTHON, HIP, PELVIC_BONE_SACRUM = c("44947003"), c("118645006"), c("54735007")
+COMMON_ILIAC_A, COMMON_ILIAC_V = c("73634005"), c("46027005")
+TIBIA, FIBULA, PATELLA, ULNA, RADIUS = c("12611008"), c("87342007"), c("64234005"), c("23416004"), c("62413002")
+CEREBELLUM, THALAMUS, CAUDATE, FRONTAL = c("113305005"), c("119406000"), c("11000004"), c("83251001")
+LAA, BRACHIOCEPHALIC_TRUNK, SMA, CELIAC = c("33626005"), c("12691009"), c("42258001"), c("57850000")
+TONGUE, HYOID, PHARYNX, NASOPHARYNX = c("21974007"), c("21387005"), c("54066008"), c("360955006")
+OROPHARYNX, ORAL_CAVITY, SOFT_PALATE, TMJ = c("31389004"), c("74262004"), c("49460000"), c("53620006")
+MASTOID, MIDDLE_EAR, EUSTACHIAN = c("59066005"), c("25342003"), c("91207004")
+STERNOCLEIDO, TRAPEZIUS, DELTOID = c("22823000"), c("31764008"), c("35259002")
+SUPRASPINATUS, INFRASPINATUS, SUBSCAPULARIS = c("6423006"), c("72573008"), c("90588001")
+PECTORALIS_MAJOR, LATISSIMUS, SERRATUS = c("60005003"), c("15665001"), c("18346003")
+PLEURA, PERICARDIUM, MEDIASTINUM = c("3120008"), c("76848001"), c("72410000")
+SUBCUT_FAT, SKELETAL_MUSCLE, BREAST = c("71966008"), c("127954009"), c("76752008")
+RENAL_ARTERY, RENAL_VEIN, URETER = c("2841007"), c("56400007"), c("87953007")
+UPPER_LOBE_L, UPPER_LOBE_R = c("44714003"), c("45653009")
+LOWER_LOBE, MIDDLE_LOBE = c("90572001"), c("72481006")
+FRONTAL_SINUS, MAXILLARY_SINUS, NASAL_CAVITY = c("55060009"), c("15924003"), c("279549004")
+CARPUS, TARSUS, METACARPAL, METATARSUS = c("8205005"), c("108371006"), c("36455000"), c("280711000")
+EYEBALL = c("79652003")
+GLUTEUS_MAX = c("102292000", name=r"gluteus_maximus")
+GLUTEUS_MED = c("102292000", name=r"gluteus_medius")
+ILIOPSOAS = c("102292000", name=r"iliopsoas")
+# Lesions
+LIVER_TUMOUR = C(("108369006", "52988006"), name=r"liver")
+KIDNEY_TUMOUR = C(("108369006",), name=r"kidney|renal")
+KIDNEY_MASSES = c("4147007")
+KIDNEY_CYST = c("367643001")
+LUNG_NODULE = c("27925004")
+EMBOLISM = c("55584005")
+HEMORRHAGE = c("50960005")
+ANEURYSM = c("85659009")
+STROKE = c("301766008", name=r"stroke")
+WHOLE_TUMOUR = c("301766008", name=r"whole_tumor")
+ENHANCING_TUMOUR = c("108369006", name=r"enhancing")
+TUMOUR_CORE = c("372087000", name=r"tumor_core")
+GTVP = c("372087000", name=r"gtvp")
+GTVN = c("14799000")
+ADRENAL_CARCINOMA = c("1187425009")
+PLEURAL_EFFUSION = c("41699000", name=r"pleural")
+PERICARDIAL_EFFUSION = c("41699000", name=r"pericard")
+VESTIBULAR_SCHWANNOMA = c("108369006", name=r"meatal")
+NEUROBLASTOMA = c("108369006", name=r"neuroblastoma")
+BREAST_TUMOUR = c("108369006", name=r"breast")
+MEDIASTINAL_NODES = c("62683002")
+AORTIC_DISSECTION = c("308546005")
+
+
+def vertebrae(*levels: str) -> C:
+    names = "|".join(f"vertebrae_{lv}$" for lv in levels)
+    codes = tuple({lb.type.value for d in REGISTRY.datasets.values() for lb in d.labels.values()})
+    return C(codes, name=names)
+
+
+def ribs(side: str | None, *numbers: int) -> C:
+    sides = side or "(?:left|right)"
+    return C(("113197003",), name=rf"^rib_{sides}_(?:{'|'.join(map(str, numbers))})$")
+
+
+REGISTRY = load_registry()
+ALL_RIBS = range(1, 13)
+
+#: (request, modality in the record or None, modality the text names or None, concepts)
+Request = tuple[str, str | None, str | None, list[C]]
+REQUESTS: list[Request] = []
+
+
+def add(query: str, modality: str | None, text_modality: str | None, *concepts: C) -> None:
+    REQUESTS.append((query, modality, text_modality, list(concepts)))
+
+
+# -- worklist procedure names and headers --------------------------------------------------
+add("CT ABDOMEN PELVIS W CONTRAST - LIVER SPLEEN VOLUMES", None, "CT", LIVER, SPLEEN)
+add("CT A/P WITHOUT CONTRAST: PANCREAS", None, "CT", PANCREAS)
+add("MRI ABDOMEN W/WO - LIVER", None, "MR", LIVER)
+add("CT CHEST HIGH RESOLUTION - TRACHEA", None, "CT", TRACHEA)
+add("CTA CORONARY - CORONARY TREE", None, "CT", CORONARY)
+add("CT NECK SOFT TISSUE - THYROID", None, "CT", THYROID)
+add("MR PELVIS PROSTATE MPMRI - WHOLE GLAND", None, "MR", PROSTATE)
+add("CT RENAL MASS PROTOCOL - KIDNEY TUMOR", None, "CT", KIDNEY_TUMOUR)
+add("CT HEAD WO - ICH", None, "CT", HEMORRHAGE)
+add("CTPA - PULMONARY EMBOLI", None, "CT", EMBOLISM)
+add("MRI BRAIN W/WO GAD - ENHANCING TUMOUR", None, "MR", ENHANCING_TUMOUR)
+add("CT CAP - ADRENALS L/R", None, "CT", ADRENAL)
+add("Liver volumetry pre-hepatectomy", "CT", None, LIVER)
+add("Splenic volume for ITP workup", "CT", None, SPLEEN)
+add("Renal volumetry, ADPKD", "MR", None, KIDNEY)
+add("CT AORTA ANGIO - AORTIC DISSECTION FALSE LUMEN", None, "CT", AORTIC_DISSECTION)
+add("MR LIVER - SEGMENT LESIONS", None, "MR", LIVER_TUMOUR)
+add("CT CHEST W CON - LUNG NODULES", None, "CT", LUNG_NODULE)
+add("CT HEAD NECK RT PLANNING - PAROTIDS", None, "CT", PAROTID)
+add("RT planning OARs: spinal cord, brainstem, optic chiasm", "CT", None, SPINAL_CORD, BRAINSTEM, CHIASM)
+add("RT contouring list: parotid L, parotid R, submandibular L/R", "CT", None, PAROTID, SUBMANDIBULAR)
+add("Bladder and rectum for prostate RT", "CT", None, BLADDER, RECTUM)
+add("CT ABD - GALLBLADDER", None, "CT", GALLBLADDER)
+add("MR CARDIAC CINE - LV RV MYO", None, "MR", LV, RV, MYOCARDIUM)
+add("CT CARDIAC - LAA", None, "CT", LAA)
+add("CT SPINE LUMBAR - L1-L5", None, "CT", vertebrae("L1", "L2", "L3", "L4", "L5"))
+add("MR L-SPINE - L4 L5", None, "MR", vertebrae("L4", "L5"))
+add("CT CHEST - PLEURAL EFFUSION", None, "CT", PLEURAL_EFFUSION)
+add("CT NECK - LARYNX", None, "CT", LARYNX)
+add("Body composition at L3: skeletal muscle and subcutaneous fat", "CT", None, SKELETAL_MUSCLE, SUBCUT_FAT)
+
+# -- synonyms, abbreviations, eponyms, Latin ------------------------------------------------
+add("hepar", "CT", None, LIVER)
+add("lien", "CT", None, SPLEEN)
+add("ren dexter", "CT", None, KIDNEY.on("right"))
+add("suprarenal glands", "CT", None, ADRENAL)
+add("gall bladder", "MR", None, GALLBLADDER)
+add("oesophagus", "CT", None, ESOPHAGUS)
+add("gullet", "CT", None, ESOPHAGUS)
+add("windpipe", "CT", None, TRACHEA)
+add("voice box", "CT", None, LARYNX)
+add("IVC", "CT", None, IVC)
+add("SVC", "CT", None, SVC)
+add("SMA", "CT", None, SMA)
+add("celiac trunk", "CT", None, CELIAC)
+add("coeliac axis", "CT", None, CELIAC)
+add("innominate artery", "CT", None, BRACHIOCEPHALIC_TRUNK)
+add("LA appendage", "CT", None, LAA)
+add("left atrial appendage", "CT", None, LAA)
+add("main pulmonary artery", "CT", None, PULM_ARTERY)
+add("pulmonary veins", "CT", None, PULM_VEIN)
+add("portal vein", "CT", None, PORTAL)
+add("SCM muscles", "CT", None, STERNOCLEIDO)
+add("sternocleidomastoid, right", "CT", None, STERNOCLEIDO.on("right"))
+add("paraspinal muscles", "CT", None, AUTOCHTHON)
+add("erector spinae", "MR", None, AUTOCHTHON)
+add("os sacrum", "CT", None, SACRUM)
+add("shoulder blades", "CT", None, SCAPULA)
+add("collarbones", "CT", None, CLAVICLE)
+add("breastbone", "CT", None, STERNUM)
+add("thigh bone, left", "CT", None, FEMUR.on("left"))
+add("upper arm bones", "CT", None, HUMERUS)
+add("kneecap", "CT", None, PATELLA)
+add("shin bone", "MR", None, TIBIA)
+add("calf bone", "CT", None, FIBULA)
+add("wrist bones", "CT", None, CARPUS)
+add("ankle bones", "CT", None, TARSUS)
+add("cerebellum", "CT", None, CEREBELLUM)
+add("thalamus", "CT", None, THALAMUS)
+add("caudate nucleus", "CT", None, CAUDATE)
+add("frontal lobe", "CT", None, FRONTAL)
+add("Eustachian tubes", "CT", None, EUSTACHIAN)
+add("tympanic cavity and middle ear", "CT", None, MIDDLE_EAR)
+add("mastoids", "CT", None, MASTOID)
+add("TMJs", "CT", None, TMJ)
+add("pituitary gland", "CT", None, PITUITARY)
+add("hypophysis", "CT", None, PITUITARY)
+add("optic chiasma", "CT", None, CHIASM)
+add("optic nerves", "CT", None, OPTIC_NERVE)
+add("eye lenses", "CT", None, LENS)
+add("hippocampi", "CT", None, HIPPOCAMPUS)
+add("ammon's horn, left", "CT", None, HIPPOCAMPUS.on("left"))
+add("temporal lobes", "CT", None, TEMPORAL_LOBE)
+add("nasopharynx", "CT", None, NASOPHARYNX)
+add("oropharynx", "CT", None, OROPHARYNX)
+add("tongue", "CT", None, TONGUE)
+add("hyoid bone", "CT", None, HYOID)
+add("soft palate", "CT", None, SOFT_PALATE)
+add("frontal sinus", "CT", None, FRONTAL_SINUS)
+add("maxillary sinuses", "CT", None, MAXILLARY_SINUS)
+add("nasal cavities", "CT", None, NASAL_CAVITY)
+add("pericardium", "CT", None, PERICARDIUM)
+add("mediastinum", "CT", None, MEDIASTINUM)
+add("pleura", "CT", None, PLEURA)
+add("renal arteries", "CT", None, RENAL_ARTERY)
+add("renal vein", "CT", None, RENAL_VEIN)
+add("ureter", "CT", None, URETER)
+add("HCC", "CT", None, LIVER_TUMOUR)
+add("hepatic metastases", "CT", None, LIVER_TUMOUR)
+add("liver mets", "MR", None, LIVER_TUMOUR)
+add("renal cell carcinoma", "CT", None, KIDNEY_TUMOUR)
+add("renal cysts", "CT", None, KIDNEY_CYST)
+add("PE", "CT", None, EMBOLISM)
+add("intracranial bleed", "CT", None, HEMORRHAGE)
+add("cerebral aneurysm", "MR", None, ANEURYSM)
+add("acoustic neuroma", "MR:T1C", None, VESTIBULAR_SCHWANNOMA)
+add("vestibular schwannoma", "MR:T2", None, VESTIBULAR_SCHWANNOMA)
+add("neuroblastoma", "MR", None, NEUROBLASTOMA)
+add("adrenocortical carcinoma", "CT", None, ADRENAL_CARCINOMA)
+add("mediastinal lymph nodes", "CT", None, MEDIASTINAL_NODES)
+add("pericardial effusion", "CT", None, PERICARDIAL_EFFUSION)
+add("GTVp", "PT+CT", None, GTVP)
+add("GTVn", "PT+CT", None, GTVN)
+add("primary tumour and nodal GTV", "PT+CT", None, GTVP, GTVN)
+
+# -- lay terms -----------------------------------------------------------------------------
+add("my liver please", "CT", None, LIVER)
+add("the spleen thing on the left side of the belly", "CT", None, SPLEEN)
+add("the bladder where pee is stored", "CT", None, BLADDER)
+add("food pipe", "CT", None, ESOPHAGUS)
+add("belly fat under the skin", "CT", None, SUBCUT_FAT)
+add("backbone at the small of the back, L1 to L3", "CT", None, vertebrae("L1", "L2", "L3"))
+add("the tailbone area sacrum", "CT", None, SACRUM)
+add("hip bones", "CT", None, HIP)
+add("jaw bone", "CT", None, MANDIBLE)
+add("the big heart pumping chamber on the left", "MR", None, LV)
+
+# -- typos ---------------------------------------------------------------------------------
+add("segment the livr", "CT", None, LIVER)
+add("spleeen", "CT", None, SPLEEN)
+add("pancraes", "CT", None, PANCREAS)
+add("gallbladdr", "CT", None, GALLBLADDER)
+add("left kidnye", "CT", None, KIDNEY.on("left"))
+add("stomache", "CT", None, STOMACH)
+add("esophogus", "CT", None, ESOPHAGUS)
+add("duodenom", "CT", None, DUODENUM)
+add("trachae", "CT", None, TRACHEA)
+add("thyriod", "CT", None, THYROID)
+add("prostrate", "MR", None, PROSTATE)
+add("urinary bladdder", "CT", None, BLADDER)
+add("adrenal glnds", "CT", None, ADRENAL)
+add("spinal chord", "CT", None, SPINAL_CORD)
+add("brian stem", "CT", None, BRAINSTEM)
+add("sternum bone, sternun", "CT", None, STERNUM)
+
+# -- several structures --------------------------------------------------------------------
+add("liver, spleen, pancreas and gallbladder", "CT", None, LIVER, SPLEEN, PANCREAS, GALLBLADDER)
+add("stomach + duodenum", "MR", None, STOMACH, DUODENUM)
+add("aorta and IVC", "CT", None, AORTA, IVC)
+add("colon, small bowel and rectum", "CT", None, COLON, SMALL_BOWEL, RECTUM)
+add("esophagus; trachea; thyroid", "CT", None, ESOPHAGUS, TRACHEA, THYROID)
+add("bladder / prostate", "MR", None, BLADDER, PROSTATE)
+add("liver and liver lesions", "CT", None, LIVER, LIVER_TUMOUR)
+add("kidneys and renal cysts", "CT", None, KIDNEY, KIDNEY_CYST)
+add("scapulae and clavicles", "CT", None, SCAPULA, CLAVICLE)
+add("femurs, hips and sacrum", "MR", None, FEMUR, HIP, SACRUM)
+add("parotids, submandibular glands and thyroid", "CT", None, PAROTID, SUBMANDIBULAR, THYROID)
+add(
+    "deltoid, supraspinatus, infraspinatus, subscapularis",
+    "CT",
+    None,
+    DELTOID,
+    SUPRASPINATUS,
+    INFRASPINATUS,
+    SUBSCAPULARIS,
+)
+add("pectoralis major and latissimus dorsi", "CT", None, PECTORALIS_MAJOR, LATISSIMUS)
+add("LV, RV, LA, RA", "CT", None, LV, RV, LA, RA)
+add("common iliac arteries and veins", "CT", None, COMMON_ILIAC_A, COMMON_ILIAC_V)
+
+# -- laterality ----------------------------------------------------------------------------
+add("right kidney", "MR", None, KIDNEY.on("right"))
+add("kidney, left", "CT", None, KIDNEY.on("left"))
+add("both kidneys", "CT", None, KIDNEY)
+add("bilateral adrenal glands", "MR", None, ADRENAL)
+add("lt adrenal", "CT", None, ADRENAL.on("left"))
+add("rt femur", "CT", None, FEMUR.on("right"))
+add("left and right humerus", "CT", None, HUMERUS)
+add("R parotid", "CT", None, PAROTID.on("right"))
+add("left optic nerve", "CT", None, OPTIC_NERVE.on("left"))
+add("right lens", "CT", None, LENS.on("right"))
+add("left gluteus maximus", "CT", None, GLUTEUS_MAX.on("left"))
+add("gluteus medius bilaterally", "MR", None, GLUTEUS_MED)
+add("right iliopsoas", "MR", None, ILIOPSOAS.on("right"))
+add("left upper lobe", "CT", None, UPPER_LOBE_L)
+add("RUL", "CT", None, UPPER_LOBE_R)
+add("right middle lobe", "CT", None, MIDDLE_LOBE)
+add("lower lobes L/R", "CT", None, LOWER_LOBE)
+add("left lower lobe", "CT", None, LOWER_LOBE.on("left"))
+add("trapezius left", "CT", None, TRAPEZIUS.on("left"))
+add("left scapula", "CT", None, SCAPULA.on("left"))
+add("right common iliac artery", "CT", None, COMMON_ILIAC_A.on("right"))
+add("left kidney cyst", "CT", None, KIDNEY_CYST.on("left"))
+add("left hippocampus", "CT", None, HIPPOCAMPUS.on("left"))
+
+# -- vertebrae and ribs --------------------------------------------------------------------
+add("T12 vertebra", "CT", None, vertebrae("T12"))
+add("L1 vertebral body", "MR", None, vertebrae("L1"))
+add("C2", "CT", None, vertebrae("C2"))
+add("vertebrae T10 through L2", "CT", None, vertebrae("T10", "T11", "T12", "L1", "L2"))
+add("C5-C7", "CT", None, vertebrae("C5", "C6", "C7"))
+add("cervical vertebrae", "MR", None, vertebrae(*(f"C{i}" for i in range(1, 8))))
+add("thoracic spine T1 to T4", "CT", None, vertebrae("T1", "T2", "T3", "T4"))
+add("lumbar vertebrae L3-L5", "CT", None, vertebrae("L3", "L4", "L5"))
+add("left 5th rib", "CT", None, ribs("left", 5))
+add("right ribs 1-3", "CT", None, ribs("right", 1, 2, 3))
+add("ribs 11 and 12 on both sides", "CT", None, ribs(None, 11, 12))
+add("the floating ribs", "CT", None, ribs(None, 11, 12))
+add("left ribs 8 to 10", "CT", None, ribs("left", 8, 9, 10))
+add("right seventh rib", "CT", None, ribs("right", 7))
+add("all left ribs", "CT", None, ribs("left", *ALL_RIBS))
+
+# -- exclusions ----------------------------------------------------------------------------
+add("liver, spleen and kidneys but not the pancreas", "CT", None, LIVER, SPLEEN, KIDNEY)
+add("liver but not the tumour", "CT", None, LIVER)
+add("abdominal aorta and IVC, excluding the portal vein", "CT", None, AORTA, IVC)
+
+# -- MR sequences --------------------------------------------------------------------------
+add("prostate on T2", "MR:T2", None, PROSTATE)
+add("brain mask on the T1", "MR:T1", None, BRAIN)
+add("skull stripping, FLAIR", "MR:FLAIR", None, BRAIN)
+add("stroke lesion on DWI", "MR:DWI", None, STROKE)
+add("infarct core ADC", "MR:ADC", None, STROKE)
+add("stroke lesion, T1 weighted", "MR:T1", None, STROKE)
+add("enhancing tumour on T1 post gad", "MR:T1C", None, ENHANCING_TUMOUR)
+add("whole tumour on FLAIR", "MR:FLAIR", None, WHOLE_TUMOUR)
+add("tumour core, T1C", "MR:T1C", None, TUMOUR_CORE)
+add("liver on T2 HASTE", "MR:T2", None, LIVER)
+add("spleen, T1 weighted MR", "MR:T1", None, SPLEEN)
+add("LV myocardium on cine MR", "MR", None, MYOCARDIUM)
+
+# -- PET/CT --------------------------------------------------------------------------------
+add("FDG-avid lesions", "PT+CT", None, c("108369006", name=r"^tumor$"))
+add("PET/CT whole-body tumour burden", None, "PT+CT", c("108369006", name=r"^tumor$"))
+add("PSMA PET - lesions", "PT", None, c("108369006", name=r"^tumor$"))
+add("head and neck primary GTV and involved nodes on PET/CT", None, "PT+CT", GTVP, GTVN)
+
+# -- ultrasound ----------------------------------------------------------------------------
+add("breast lesion on ABUS", "US", None, BREAST_TUMOUR)
+add("breast tumour, automated breast ultrasound", None, "US", BREAST_TUMOUR)
+
+# -- no modality at all --------------------------------------------------------------------
+add("spleen", None, None, SPLEEN)
+add("left atrial appendage and pulmonary veins", None, None, LAA, PULM_VEIN)
+add("pancreas", None, None, PANCREAS)
+
+# -- negatives: structures no dataset covers -----------------------------------------------
+add("appendix", "CT", None)
+add("the thymus", "CT", None)
+add("retina", "MR", None)
+add("ovaries", "MR", None)
+add("testicles", "MR", None)
+add("anterior cruciate ligament", "MR", None)
+add("medial meniscus", "MR", None)
+add("rotator cuff tendon tear", "MR", None)
+add("carpal tunnel median nerve", "MR", None)
+add("pineal gland", "CT", None)
+add("tonsils", "CT", None)
+add("achilles tendon", "MR", None)
+add("uterine fibroids", "MR", None)
+add("gallstones", "CT", None)
+add("vocal cord polyp", "CT", None)
+add("lymphocele", "CT", None)
+add("placenta", "MR", None)
+add("umbilical hernia", "CT", None)
+add("peripheral zone of the prostate", "CT", None)
+add("thyroid nodule", "CT", None)
+
+# -- negatives: covered structures on a modality no dataset accepts -------------------------
+add("liver", "PT+CT", None)
+add("kidneys on renal ultrasound", None, "US")
+add("left ventricle on echocardiography", None, "US")
+add("spleen on the PET", None, "PT+CT")
+add("thyroid ultrasound", None, "US")
+add("brain on PET/CT", None, "PT+CT")
+add("prostate zones on CT", None, "CT")
+add("gallbladder US", None, "US")
+
+# -- negatives: no anatomy -----------------------------------------------------------------
+add("please run the usual", "CT", None)
+add("urgent, thanks", "CT", None)
+add("follow-up study", "MR", None)
+add("segment everything you can see that looks abnormal?", None, None)
+add("as per protocol", "CT", None)
+
+
+def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
+    if modality:
+        return dataset.accepts(modality)
+    if text_modality:
+        return dataset.accepts(text_modality) or (text_modality == "CT" and dataset.accepts("PT+CT"))
+    return True
+
+
+def expected(modality: str | None, text_modality: str | None, concepts: list[C]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for dataset in REGISTRY.datasets.values():
+        if not admitted(dataset, modality, text_modality):
+            continue
+        values: set[int] = set()
+        for label in dataset.labels.values():
+            if any(concept(label) for concept in concepts):
+                key = (dataset.name, label.name)
+                values.update(PARTS.get(key, WITH_PARTS.get(key, label.values)))
+        if values:
+            out[dataset.name] = sorted(values)
+    return dict(sorted(out.items()))
+
+
+def main() -> None:
+    lines = []
+    for query, modality, text_modality, concepts in REQUESTS:
+        row: dict[str, object] = {"query": query}
+        if modality:
+            row["modality"] = modality
+        row["expected_datasets"] = expected(modality, text_modality, concepts)
+        if concepts and not row["expected_datasets"]:
+            raise SystemExit(f"{query!r}: its concepts match no label of the registry")
+        lines.append(json.dumps(row))
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} requests to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
