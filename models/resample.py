@@ -31,6 +31,7 @@ __all__ = [
     "derived_grid",
     "foreground_mask",
     "intersect_boxes",
+    "map_device",
     "mask_reach",
     "model_grid",
     "resample",
@@ -253,6 +254,11 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- sampling
 
 
+def map_device() -> torch.device:
+    """Where model outputs are resampled to the study's grid: the GPU when CUDA is present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def resample(
     data: np.ndarray | torch.Tensor,
     source: Geometry,
@@ -262,6 +268,7 @@ def resample(
     fill: float | None = None,
     outside: float | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Sample ``data`` (on ``source``) at every voxel centre of ``target``.
 
@@ -282,6 +289,8 @@ def resample(
         outputs use ``0``: beyond the box the model saw, it said nothing.
     dtype : torch.dtype
         Working precision.
+    device : torch.device or str, optional
+        Where to sample (``cuda``: on the GPU); the data's own device by default.
 
     Returns
     -------
@@ -305,9 +314,11 @@ def resample(
     axes = _aligned_axes(index_map, target.shape)
     # grid_sample treats a one-voxel axis as a point everywhere; keep its behaviour there.
     if axes is not None and min(source.shape) > 1:
-        out = _resample_separable(tensor.to(dtype), axes, target.shape, mode, fill, outside)
+        out = _resample_separable(tensor.to(device=device, dtype=dtype), axes, target.shape, mode, fill, outside)
     else:
-        out = _resample_grid(tensor.to(dtype)[None], index_map, source.shape, target.shape, mode, fill, outside)
+        out = _resample_grid(
+            tensor.to(device=device, dtype=dtype)[None], index_map, source.shape, target.shape, mode, fill, outside
+        )
     return out[0] if squeeze else out
 
 
@@ -367,7 +378,7 @@ def _resample_separable(
     plans = []
     for source_axis, (target_axis, step, start) in enumerate(axes):
         count = target_shape[target_axis]
-        positions = start + step * torch.arange(count, dtype=torch.float64)
+        positions = start + step * torch.arange(count, dtype=torch.float64, device=tensor.device)
         n = sizes[source_axis]
         weights = _axis_weights(positions, n, mode, fill is not None)
         beyond = (positions < -0.5 - 1e-6) | (positions > n - 0.5 + 1e-6)
@@ -389,7 +400,7 @@ def _resample_separable(
     out = out.permute(order).to(torch.float32)
     if fill is not None:
         # Zero padding fades towards 0; add fill * (1 - weight inside) to fade towards ``fill``.
-        weight = torch.ones(target_shape, dtype=torch.float32)
+        weight = torch.ones(target_shape, dtype=torch.float32, device=out.device)
         for source_axis, share in inside:
             shape = [1, 1, 1]
             shape[plans[source_axis][1]] = -1
@@ -400,7 +411,7 @@ def _resample_separable(
             index = [slice(None)] * 4
             index[1 + target_axis] = beyond
             out[tuple(index)] = outside
-    return np.ascontiguousarray(out.numpy())
+    return np.ascontiguousarray(out.cpu().numpy())
 
 
 def _resample_grid(
@@ -414,16 +425,17 @@ def _resample_grid(
 ) -> np.ndarray:
     """``grid_sample`` at every target voxel centre, slab by slab (any orientation)."""
     dtype = tensor.dtype
-    index = torch.from_numpy(index_map).to(torch.float32)
+    device = tensor.device
+    index = torch.from_numpy(index_map).to(device=device, dtype=torch.float32)
     depth, rows, cols = source_shape
-    sizes = torch.tensor([cols, rows, depth], dtype=torch.float32)
+    sizes = torch.tensor([cols, rows, depth], dtype=torch.float32, device=device)
     scale = 2.0 / torch.clamp(sizes - 1, min=1)
     out = np.empty((tensor.shape[1], *target_shape), dtype=np.float32)
     per_slice = target_shape[1] * target_shape[2]
     step = max(1, _CHUNK_VOXELS // per_slice)
     jj, ii = torch.meshgrid(
-        torch.arange(target_shape[1], dtype=torch.float32),
-        torch.arange(target_shape[2], dtype=torch.float32),
+        torch.arange(target_shape[1], dtype=torch.float32, device=device),
+        torch.arange(target_shape[2], dtype=torch.float32, device=device),
         indexing="ij",
     )
     # The in-plane part of the map is the same for every slice: compute it once, normalised.
@@ -432,7 +444,7 @@ def _resample_grid(
     grid_mode = "nearest" if mode == "nearest" else "bilinear"
     padding = "border" if fill is None else "zeros"
     for first in range(0, target_shape[0], step):
-        ks = torch.arange(first, min(first + step, target_shape[0]), dtype=torch.float32)
+        ks = torch.arange(first, min(first + step, target_shape[0]), dtype=torch.float32, device=device)
         grid = plane[None] + ks[:, None, None, None] * slice_step  # (k, rows, cols, 3), normalised
         sampled = F.grid_sample(tensor, grid[None].to(dtype), mode=grid_mode, padding_mode=padding, align_corners=True)
         block = sampled[0].float()
@@ -444,7 +456,7 @@ def _resample_grid(
             # Beyond the voxel centres plus half a voxel, in normalised units.
             bound = 1.0 + scale / 2.0 + 1e-6
             block[:, (grid.abs() > bound).any(dim=-1)] = outside
-        out[:, first : first + len(ks)] = block.numpy()
+        out[:, first : first + len(ks)] = block.cpu().numpy()
     return out
 
 
@@ -664,7 +676,9 @@ def resample_boxed(
     # Only the source's box is sampled from: outside it the map counts as zero.
     cropped = np.zeros(tuple(s.stop - s.start for s in box), np.float32)
     cropped[...] = data[box]
-    block = resample(cropped, sub_geometry(source, box), sub_geometry(target, out_box), mode=mode, outside=0.0)
+    block = resample(
+        cropped, sub_geometry(source, box), sub_geometry(target, out_box), mode=mode, outside=0.0, device=map_device()
+    )
     if mode == "linear":
         block[block <= eps] = 0.0
     return BoxedMap(target.shape, out_box, block)

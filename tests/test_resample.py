@@ -255,3 +255,23 @@ def test_mask_reach_and_within_bound_the_boxed_resample():
     assert mask_reach(np.zeros(grid.shape, np.float32), grid, geo) is None
     far = (slice(0, 1), slice(0, 1), slice(0, 1))
     assert resample_boxed(prob, grid, geo, within=far).is_empty
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resampling_runs_on_cuda_when_present_and_matches_the_cpu():
+    """The ensemble resamples model outputs on the GPU when there is one (map_device); same values as the CPU."""
+    assert resample_module.map_device().type == "cuda"
+    rng = np.random.default_rng(5)
+    aligned = _aligned_geometry(rng, (1, 0, 2), (1, -1, 1), (12, 20, 16))
+    source = _aligned_geometry(rng, (0, 1, 2), (1, 1, 1), (10, 14, 18))
+    data = rng.random(source.shape).astype(np.float32)
+    for target in (aligned, _oblique_geometry()):  # the separable path and grid_sample
+        for mode in ("linear", "nearest"):
+            on_gpu = resample(data, source, target, mode=mode, outside=0.0, device="cuda")
+            on_cpu = resample(data, source, target, mode=mode, outside=0.0)
+            np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-4)
+    geo = _oblique_geometry((40, 96, 96))
+    grid = target_grid(geo, spacing=(3.0, 3.0, 3.0))
+    prob = resample(_ball(geo, geo.index_to_lps(60, 40, 18), 22.0).astype(np.float32), geo, grid)
+    boxed = resample_boxed(prob, grid, geo)
+    np.testing.assert_allclose(boxed.dense(), resample(prob, grid, geo, outside=0.0) * (boxed.dense() > 0), atol=1e-4)
