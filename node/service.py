@@ -125,7 +125,11 @@ class Node:
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
-        self.scp.start()
+        try:
+            self.scp.start()
+        except OSError as exc:  # the bare "Address already in use" does not say which port
+            where = f"{self.config.node.host}:{self.config.node.port}"
+            raise OSError(exc.errno, f"cannot listen for DICOM on {where} (node.port): {exc.strerror}") from exc
         if self.config.node.intake_processes > 1:
             self.intake_pool = IntakePool(self._intake_spec(), self.config.node.intake_processes - 1)
             try:
