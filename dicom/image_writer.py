@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from .uids import derived_uid as deterministic_uid  # the node's one UID scheme, under this module's old name
 from .volume import Geometry
 
 if TYPE_CHECKING:
@@ -130,24 +130,6 @@ class PetInfo:
     injection_time: str = "100000"
     half_life_s: float = 6586.2
     positron_fraction: float = 0.9673
-
-
-#: Namespace of the name-based UUIDs behind :func:`deterministic_uid`.
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medsegagent:dicom")
-
-
-def deterministic_uid(*parts: object) -> str:
-    """UID ``2.25.<uuid>`` derived from ``parts`` (same parts, same UID).
-
-    Notes
-    -----
-    ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` ignores the
-    entropy and returns a random UUID when ``prefix`` is ``None``, so the
-    UUID is made here: a name-based (version 5) UUID of the parts, which is
-    what the ``2.25`` root (ISO/IEC 9834-8) expects.
-    """
-    name = "\x1f".join(str(p) for p in parts)
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 def _ds(value: float) -> str:

@@ -20,7 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medsegagent.dicom.preview import preview_rgb
-from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, derived_uid, truncate_text
+from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, truncate_text
+from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import Volume
 
 #: Derivation Description (ST) of every preview.

@@ -45,9 +45,10 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from medsegagent import __version__
+from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -284,11 +285,6 @@ class AlgorithmInfo:
                 raise TypeError(f"algorithm parameters must map str to str, got {key!r}: {value!r}")
 
 
-def derived_uid(*parts: str) -> str:
-    """A UID that is a pure function of ``parts`` (idempotent re-sends)."""
-    return generate_uid(entropy_srcs=["medsegagent", *parts])
-
-
 def device_uid(models: Sequence[ContributingModel], algorithm: AlgorithmInfo | None = None) -> str:
     """Device UID of "this node running these models".
 
@@ -427,7 +423,7 @@ def segment_description(
         source=MANUFACTURER,
         parameters=parameters or None,
     )
-    color = hd.color.CIELabColor(*_rgb_to_cielab(spec.color)) if spec.color else None
+    color = hd.color.CIELabColor.from_rgb(*spec.color) if spec.color else None
     desc = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=truncate_text(spec.label),
@@ -724,14 +720,3 @@ def _to_source_frame_order(
 def segment_specs_by_number(seg: Dataset) -> Mapping[int, Dataset]:
     """Segment Sequence items of ``seg`` by Segment Number (background 0 excluded)."""
     return {int(item.SegmentNumber): item for item in seg.SegmentSequence if int(item.SegmentNumber) > 0}
-
-
-def _rgb_to_cielab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
-    """sRGB (0-255) to CIELab (L 0-100, a/b -128..127) with a D65 white point."""
-    c = np.asarray(rgb, dtype=float) / 255.0
-    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
-    return float(np.clip(lab[0], 0, 100)), float(np.clip(lab[1], -128, 127)), float(np.clip(lab[2], -128, 127))

@@ -30,10 +30,10 @@ from medsegagent.dicom.seg import (
     MANUFACTURER,
     MODEL_NAME,
     AlgorithmInfo,
-    derived_uid,
     segment_specs_by_number,
     truncate_text,
 )
+from medsegagent.dicom.uids import derived_uid
 
 #: Label Map Segmentation Storage: not referenced by reports (see write_volume_report).
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 #: PS3.5 9.1: digits and dots, components without leading zeros, at most 64 chars.  Used with
 #: ``fullmatch`` only: ``$`` (and ``match``) would accept a trailing newline, which then lands in paths.
@@ -14,6 +15,29 @@ _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 MEDSEGAGENT_IMPLEMENTATION_UID = "2.25.63706015013046705325906277799079531541"
 #: Implementation Version Name sent with it (at most 16 characters).
 MEDSEGAGENT_IMPLEMENTATION_VERSION = "MEDSEGAGENT_01"
+
+
+#: Namespace of the name-based UUIDs behind :func:`derived_uid`.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medsegagent:dicom")
+
+
+def derived_uid(*parts: object) -> str:
+    """UID ``2.25.<uuid>`` that is a pure function of ``parts`` (same parts, same UID).
+
+    The one scheme behind every UID the node derives rather than draws: SEG,
+    SR and Secondary Capture series and instances (so a re-send replaces
+    rather than duplicates), segment Tracking UIDs, the Device UID, and the
+    phantoms' study, series and instances.
+
+    Notes
+    -----
+    A name-based (version 5) UUID of the parts under the ``2.25`` root
+    (ISO/IEC 9834-8, PS3.5 B.2): no registered organisation root is needed.
+    ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` would ignore
+    the entropy and return a random UUID.
+    """
+    name = "\x1f".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 class InvalidUIDError(ValueError):
