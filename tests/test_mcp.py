@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from medsegagent.node.config import ConfigError, parse_config
 from medsegagent.node.inventory import spooled_studies
 from medsegagent.node.service import Node
-from tests.test_node import StoreSCP, _free_port, _storescu, _wait_port
+from tests.test_node import StoreSCP, _free_port, _storescu
 
 TOKEN = "mcp-test-token"
 TOOLS = {"plan", "list_models", "list_studies", "list_jobs", "segment", "job_status", "segment_volumes", "retry",
@@ -186,7 +187,7 @@ def test_http_transport_requires_the_node_token(tmp_path):
         env={**os.environ, "MEDSEG_MCP_TEST_TOKEN": TOKEN}, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_port(port, timeout=60)
+        _wait_listening(proc, port)
         url = f"http://127.0.0.1:{port}/mcp"
         hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -201,6 +202,19 @@ def test_http_transport_requires_the_node_token(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 60.0) -> None:
+    """Wait for the server's port; a server that exits instead fails the test with what it said."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"medsegagent mcp exited with {proc.returncode}: {proc.stderr.read()}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.fail(f"medsegagent mcp does not listen on port {port} after {timeout:.0f} s")
 
 
 async def _plan_over_http(url: str) -> dict[str, Any]:
