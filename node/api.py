@@ -19,8 +19,10 @@ from fastapi import Depends, FastAPI, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from pydicom.errors import InvalidDicomError
 
 from medsegagent import __version__
+from medsegagent.node.inventory import StudySummary, VolumeReport, segment_volumes, spooled_studies
 from medsegagent.node.jobs import IllegalTransition, JobState
 
 if TYPE_CHECKING:
@@ -114,6 +116,23 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+    @app.get("/jobs/{job_id}/volumes", dependencies=auth)
+    def job_volumes(job_id: str) -> VolumeReport:
+        """Each segment's volume (mL) and coded concepts, once the job's SEG is written."""
+        job = job_or_404(job_id)
+        if job.report is None or not job.result_dir:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {job.state.value}; it has no SEG yet")
+        try:
+            return segment_volumes(job.id, job.study_uid, job.report, Path(job.result_dir) / "seg.dcm")
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # an OSError's text names a local path
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the SEG of job {job_id} cannot be read: {reason}") from None
+
+    @app.get("/studies", dependencies=auth)
+    def list_studies(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[StudySummary]:
+        """Studies received (UIDs, date, descriptions, series), the most recent first."""
+        return spooled_studies(node.spool_dir, limit)
 
     @app.post("/jobs/{job_id}/retry", dependencies=auth)
     def retry_job(job_id: str) -> dict:

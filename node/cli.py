@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "medsegagent.node.models_commands",
     "medsegagent.models.routing_cli",
     "medsegagent.node.commands",
+    "medsegagent.node.mcp_server",
     "medsegagent.node.orthanc_commands",
 )
 

@@ -14,6 +14,7 @@ The contract (more keys may be added)::
     instructions: {max_request_chars: 2000, max_targets: 64, on_unusable_request: fail}   # or fallback
     worklist: {ae_title: WLM, host: 127.0.0.1, port: 2005}
     http: {host: 127.0.0.1, port: 8080, token_env: MEDSEG_TOKEN}
+    mcp: {host: 127.0.0.1, port: 8765}   # `medsegagent mcp --transport http` (same token; see docs/mcp.md)
     executor: {kind: inprocess}       # or {kind: ray, address: null|auto|HOST:PORT|ray://HOST:PORT,
                                       #     num_gpus_per_model: 0.5, models: {NAME: {prefer: gpu_a}}}
 """
@@ -197,6 +198,14 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class McpSettings:
+    """Where ``medsegagent mcp --transport http`` listens (it takes the HTTP API's token)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+
+@dataclass(frozen=True)
 class Delivery:
     """Retry policy of the outbox."""
 
@@ -261,6 +270,7 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery)
     source: Path | None = None
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     instructions: InstructionSettings = field(default_factory=InstructionSettings)
     #: PACS the node may pull studies from (``sources:``; not :attr:`instruction_sources`).
     sources: tuple[Source, ...] = ()
@@ -277,6 +287,7 @@ _SECTIONS = {
     "http": HttpSettings,
     "delivery": Delivery,
     "executor": ExecutorSettings,
+    "mcp": McpSettings,
     "sources": Source,
 }
 
@@ -421,13 +432,16 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         **{k: _positive(v, f"delivery.{k}", errors) for k, v in delivery_raw.items()}  # type: ignore[arg-type]
     )
     executor = _executor(data.get("executor", {}) or {}, errors)
+    mcp_raw = _build(McpSettings, data.get("mcp", {}) or {}, "mcp", errors)
+    mcp = McpSettings(_host(mcp_raw.get("host", "127.0.0.1"), "mcp.host", errors),
+                      _port(mcp_raw.get("port", 8765), "mcp.port", errors))  # fmt: skip
     instructions = _instructions(data.get("instructions") or {}, errors)
     if errors:
         where = f"{source}: " if source else ""
         raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
     return Config(
         node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor,
-        instructions=instructions, sources=tuple(retrieve_sources),
+        mcp, instructions=instructions, sources=tuple(retrieve_sources),
     )  # fmt: skip
 
 
