@@ -44,6 +44,25 @@ class JobRequest(BaseModel):
     )  # fmt: skip
 
 
+class PlanQuery(BaseModel):
+    """Body of ``POST /plan``: a request, or the Called AE title whose preset is the request."""
+
+    request: str | None = Field(None, min_length=1, max_length=1024, description="the request text")
+    called_ae: str | None = Field(None, max_length=16, description="a preset's Called AE title (when no request)")
+    modality: str | None = Field(None, description="CT, MR, MR:T1 …, PT, PT+CT or US; none: from the text")
+
+
+class PlanCheck(BaseModel):
+    """What a request would select, and which selected datasets have no installed model."""
+
+    request: str
+    source: str = Field(description="request or preset")
+    selection: dict[str, list[int]]
+    unmatched: list[str] = Field(description="the reason each unmatched target selects nothing")
+    missing_models: list[str] = Field(description="selected datasets with no installed model")
+    runnable: bool = Field(description="at least one selected dataset has an installed model")
+
+
 class TokenMissingError(RuntimeError):
     """The HTTP API is enabled but its token variable is not set."""
 
@@ -116,6 +135,23 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+    @app.post("/plan", dependencies=auth)
+    def check_plan(body: PlanQuery) -> PlanCheck:
+        """Plan a request without a study (Orthanc's plugin checks its routing rules with it)."""
+        text = body.request or node.config.presets.get(body.called_ae or "")
+        if text is None:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "give a request, or a Called AE with a preset")
+        try:
+            plan = node.router.plan(text, modality=body.modality, collection=node.config.node.collection)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        missing = sorted(m["dataset"] for m in plan.missing_models)
+        return PlanCheck(
+            request=text, source="request" if body.request else "preset", selection=plan.selection,
+            unmatched=[u["reason"] for u in plan.unmatched], missing_models=missing,
+            runnable=bool(set(plan.selection) - set(missing)),
+        )  # fmt: skip
 
     @app.get("/jobs/{job_id}/volumes", dependencies=auth)
     def job_volumes(job_id: str) -> VolumeReport:
