@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,7 +524,62 @@ def load_config(path: Path) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(data, Path(path))
+    return parse_config(expand_environment(data, Path(path)), Path(path))
+
+
+#: ``${NAME}`` or ``${NAME:-default}``, as in the shell (``orthanc/start-orthanc.sh`` reads the same variables).
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(data: Any, source: Path | None = None, environ: Mapping[str, str] | None = None) -> Any:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in the string values of a parsed configuration.
+
+    A value that is one reference and nothing else takes the type its text
+    reads as (``port: ${MEDSEG_DICOM_PORT:-11112}`` is the number 11112);
+    keys are never expanded.  An empty variable counts as unset, as with the
+    shell's ``:-``.
+
+    Raises
+    ------
+    ConfigError
+        Naming every reference to an unset variable that has no default.
+    """
+    environ = os.environ if environ is None else environ
+    unset: list[str] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        value = environ.get(match[1]) or match[2]
+        if value is None:
+            unset.append(match[1])
+            return ""
+        return value
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: expand(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [expand(item) for item in value]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        text = _ENV_REFERENCE.sub(substitute, value)
+        return _scalar(text) if _ENV_REFERENCE.fullmatch(value) else text
+
+    expanded = expand(data)
+    if unset:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}environment variable(s) {', '.join(sorted(set(unset)))} not set and no default")
+    return expanded
+
+
+def _scalar(text: str) -> int | float | bool | str:
+    """A substituted value as YAML would have read it, for the types the configuration uses."""
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if re.fullmatch(r"[+-]?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?", text):  # not float(): "INF" is an AE title
+        return float(text)
+    return text
 
 
 def _list(value: Any, where: str, errors: list[str]) -> list:
