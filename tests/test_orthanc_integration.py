@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +35,7 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from medsegagent.node.config import parse_config
+from medsegagent.node.config import ConfigError, expand_environment, load_config, parse_config
 from medsegagent.node.jobs import Job
 from medsegagent.node.service import Node
 from tests.conftest import dciodvfy_errors
@@ -129,6 +131,78 @@ def test_settings_report_bad_rules_and_urls():
     assert len(settings.problems) == 5
 
 
+def test_rules_are_checked_against_the_node_before_they_route():
+    settings = plugin.parse_settings(json.loads((ORTHANC_DIR / "orthanc.json").read_text()))
+    abdomen, brain, head_neck = settings.rules
+    # What each shipped rule asks the node: its preset's Called AE title, or its request SR's text.
+    assert plugin.plan_query(settings, abdomen) == {"called_ae": "CTABDVOL", "modality": "CT"}
+    assert plugin.plan_query(settings, brain) == {"request": brain.request, "modality": "MR"}
+    assert plugin.plan_query(settings, plugin.Rule("tags", modality="CT|MR")) is None  # request only in the study
+    runnable = plugin.rule_check({"runnable": True, "missing_models": ["LiTS"], "unmatched": []})
+    missing = plugin.rule_check({"runnable": False, "missing_models": ["BraTS21", "a", "b", "c"], "unmatched": []})
+    nothing = plugin.rule_check({"runnable": False, "missing_models": [], "unmatched": ["no label for 'x'"]})
+    assert runnable == plugin.RuleCheck(True)
+    assert missing.reason == "no installed model for BraTS21, a, b and 1 more"
+    assert nothing.reason == "the request selects nothing on the node (no label for 'x')"
+    checker = plugin.RuleChecker()
+    checker._checks.update({abdomen.name: runnable, brain.name: missing})
+    forced = plugin.Rule(brain.name, force=True)
+    assert checker.blocked(abdomen) is None and checker.blocked(head_neck) is None  # not judged yet: routes
+    assert checker.blocked(brain) == missing.reason and checker.blocked(forced) is None
+    config = {"MedSegAgent": {"Rules": [{"Name": "f", "Force": "yes"}]}, "ServeFolders": {}}
+    assert plugin.parse_settings(config).problems and not plugin.parse_settings(config).rules
+
+
+def test_status_records_and_ohif_settings():
+    record = plugin.status_record("failed", "no usable request", job="j1", rule=None)
+    assert plugin.parse_status(json.dumps(record)) == record and "rule" not in record
+    assert plugin.parse_status(None) is None and plugin.parse_status("[1]") is None and plugin.parse_status("{") is None
+    jobs = [{"id": "new"}, {"id": "old"}]
+    assert plugin.new_job(jobs, ["old"]) == {"id": "new"} and plugin.new_job(jobs, ["new", "old"]) is None
+    served = plugin.parse_settings({"MedSegAgent": {"OhifRoot": "/ohif/"}, "ServeFolders": {"/ohif": "/srv/ohif"}})
+    assert (served.ohif_root, served.ohif_folder) == ("/ohif/", "/srv/ohif")
+    not_served = {"MedSegAgent": {"OhifRoot": "/ohif/"}}
+    for bad in (not_served, {"MedSegAgent": {"OhifRoot": "/../"}, "ServeFolders": {"/..": "/"}}):
+        settings = plugin.parse_settings(bad)
+        assert settings.ohif_root is None and "OhifRoot" in settings.problems[0]
+
+
+def test_node_yaml_takes_the_start_scripts_ports_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDSEG_DICOM_PORT", "11199")
+    monkeypatch.setenv("MEDSEG_HTTP_PORT", "8099")
+    monkeypatch.setenv("ORTHANC_DICOM_PORT", "4299")
+    monkeypatch.setenv("ORTHANC_AET", "PACS1")
+    monkeypatch.setenv("MEDSEG_AET", "")  # empty counts as unset, as with the shell's ${VAR:-default}
+    config = load_config(ORTHANC_DIR / "node.yaml")
+    assert (config.node.port, config.http.port, config.node.ae_title) == (11199, 8099, "MEDSEG")
+    assert (config.destinations[0].ae_title, config.destinations[0].port) == ("PACS1", 4299)
+    assert (config.worklist.ae_title, config.worklist.port, config.peers[0].ae_title) == ("PACS1", 4299, "PACS1")
+    with pytest.raises(ConfigError, match="MEDSEG_NOPE not set and no default"):
+        expand_environment({"node": {"port": "${MEDSEG_NOPE}"}}, environ={})
+    assert expand_environment({"a": "${X:-INF}", "b": "x${X:-1}", "${K}": 1}, environ={}) == {"a": "INF", "b": "x1",
+                                                                                           "${K}": 1}  # fmt: skip
+    # The start script derives the node's API address from the same MEDSEG_HTTP_PORT (cat shows what it renders).
+    env = {**os.environ, "ORTHANC_BIN": "cat", "OHIF_DIST": "none", "ORTHANC_DATA": str(tmp_path),
+           "MEDSEG_HTTP_PORT": "8099"}  # fmt: skip
+    rendered = subprocess.run([str(ORTHANC_DIR / "start-orthanc.sh")], env=env, capture_output=True, text=True,
+                              check=True, timeout=30)  # fmt: skip
+    assert json.loads(rendered.stdout)["MedSegAgent"]["NodeUrl"] == "http://127.0.0.1:8099"
+
+
+def test_port_clash_names_the_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = parse_config({"node": {"port": port, "data_dir": str(tmp_path)}, "http": {"enabled": False}})
+        node = Node(config)
+        try:
+            with pytest.raises(OSError, match=rf"cannot listen for DICOM on 127\.0\.0\.1:{port} \(node\.port\)"):
+                node.start()
+        finally:
+            node.stop()
+
+
 # -- the real stack -------------------------------------------------------------------------------
 
 
@@ -172,12 +246,10 @@ class Stack:
 def start_stack(root: Path, routing: str, extra_config: dict[str, Any] | None = None) -> Stack:
     """The node from ``orthanc/node.yaml`` and Orthanc from ``orthanc/orthanc.json``, wired on loopback."""
     orthanc = Orthanc(root / "orthanc", {"MEDSEG_TOKEN": TOKEN, "MEDSEG_ROUTING": routing}, extra_config)
-    settings = yaml.safe_load((ORTHANC_DIR / "node.yaml").read_text())
-    settings["node"].update(port=0, data_dir=str(root / "node"), quiet_seconds=1.0, collection="demo",
-                            min_free_disk_mb=1)  # fmt: skip
-    settings["destinations"][0]["port"] = orthanc.dicom_port
-    settings["worklist"]["port"] = orthanc.dicom_port
-    settings["http"]["port"] = 0
+    # Ports through the variables node.yaml shares with start-orthanc.sh (0: any free port).
+    ports = {"MEDSEG_DICOM_PORT": "0", "MEDSEG_HTTP_PORT": "0", "ORTHANC_DICOM_PORT": str(orthanc.dicom_port)}
+    settings = expand_environment(yaml.safe_load((ORTHANC_DIR / "node.yaml").read_text()), environ=ports)
+    settings["node"].update(data_dir=str(root / "node"), quiet_seconds=1.0, collection="demo", min_free_disk_mb=1)
     node = Node(parse_config(settings, ORTHANC_DIR / "node.yaml"), poll_seconds=0.1)
     with pytest.MonkeyPatch.context() as patch:  # the node reads its token (node.yaml: MEDSEG_TOKEN) at start
         patch.setenv("MEDSEG_TOKEN", TOKEN)
