@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
+#: Document titles of SRs that report results rather than ask for work: the node's own TID 1500
+#: volume report (sent back with the study), and CT / radiopharmaceutical dose reports (TID 10011,
+#: 10021). Their TEXT items (comments) are never a request.
+_RESULT_TITLES = frozenset({("126000", "DCM"), ("113701", "DCM"), ("113500", "DCM")})
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -144,7 +149,7 @@ def sr_request(study_dir: Path, job_id: str | None = None) -> str | None:
     """
     requests: list[tuple[str, str]] = []
     for ds in study_headers(study_dir, job_id):
-        if not str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX):
+        if not str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX) or _document_title(ds) in _RESULT_TITLES:
             continue
         text = _first_text(ds.get("ContentSequence", []))
         if text is not None:
@@ -152,6 +157,14 @@ def sr_request(study_dir: Path, job_id: str | None = None) -> str | None:
             when = when or "".join(str(ds.get(k, "") or "") for k in ("InstanceCreationDate", "InstanceCreationTime"))
             requests.append((when, text))
     return max(requests, key=lambda item: item[0])[1] if requests else None
+
+
+def _document_title(ds: Dataset) -> tuple[str, str] | None:
+    """(Code Value, Coding Scheme Designator) of an SR's root Concept Name, or ``None``."""
+    titles = ds.get("ConceptNameCodeSequence") or []
+    if not titles:
+        return None
+    return str(titles[0].get("CodeValue", "")), str(titles[0].get("CodingSchemeDesignator", ""))
 
 
 def _first_text(items: list[Dataset]) -> str | None:

@@ -217,10 +217,14 @@ def test_request_limits():
     assert parse_config({}).instructions.on_unusable_request is UnusableRequest.FAIL
 
 
-def _sr_study(folder: Path, text: str) -> Path:
+def _sr_study(folder: Path, text: str, title: tuple[str, str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", pydicom.uid.generate_uid()
+    if title is not None:
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = title[0], "DCM", title[1]
+        ds.ConceptNameCodeSequence = [code]
     item = Dataset()
     item.ValueType, item.TextValue = "TEXT", text
     ds.ContentSequence = [item]
@@ -228,6 +232,15 @@ def _sr_study(folder: Path, text: str) -> Path:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(folder / "sr.dcm", enforce_file_format=True)
     return folder
+
+
+def test_a_result_sr_in_the_study_is_not_a_request(tmp_path):
+    """The node's own volume report (TID 1500) or a dose report sent back with the study asks for nothing."""
+    report = _sr_study(tmp_path / "report", "liver volume 1500 ml", ("126000", "Imaging Measurement Report"))
+    dose = _sr_study(tmp_path / "dose", "scan aborted", ("113701", "X-Ray Radiation Dose Report"))
+    assert sr_request(report) is None and sr_request(dose) is None
+    asked = _sr_study(tmp_path / "asked", "liver", ("121144", "Document Title"))
+    assert sr_request(asked) == "liver"
 
 
 def _always_usable(text: str) -> Problem | None:
