@@ -62,7 +62,7 @@ STOPWORDS = frozenset(
         fu f rule r o staging restaging planning plan radiotherapy rt treatment contouring tx pre post preop
         postop op w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc is are be been there
         here which what where how where's please thanks thank hi hello help side sides sided
-        using use used via through about around between
+        using use used via through about around between combined combination
         """
     )
 )
