@@ -103,9 +103,9 @@ REGIONS: frozenset[str] = frozenset(
 _ORIENTATIONS = frozenset({"RAS", "LPS", "native"})
 #: Intensity normalisations a model reference may ask for (``backends.normalise_intensity`` applies them).
 INTENSITY_KINDS: tuple[str, ...] = ("ct_window", "zscore", "zscore_nonzero", "minmax", "none")
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+_COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 #: Aliases accepted by :func:`normalize_modality` (upper-case keys).
 _MODALITY_ALIASES = {
@@ -1131,7 +1131,7 @@ class _Validator:
 
         collections = self.str_list(f"{where}.collections", e.get("collections", []))
         for i, c in enumerate(collections):
-            if not _COLLECTION_RE.match(c):
+            if not _COLLECTION_RE.fullmatch(c):
                 self.err(f"{where}.collections[{i}]", f"invalid collection name {c!r}")
 
         modalities = self.str_list(f"{where}.modalities", e.get("modalities", []))
@@ -1411,7 +1411,7 @@ class _Validator:
 
         name = self.string(f"{where}.name", e["name"]) if "name" in e else None
         if name is not None:
-            if not _MODEL_NAME_RE.match(name):
+            if not _MODEL_NAME_RE.fullmatch(name):
                 self.err(f"{where}.name", f"invalid model name {name!r} (letters, digits, . _ -)")
             elif name in self.model_names:
                 self.err(f"{where}.name", f"model name {name!r} already used in dataset {self.model_names[name]!r}")
@@ -1471,7 +1471,7 @@ class _Validator:
             pre = self.preprocessing(f"{where}.preprocessing", e["preprocessing"])
 
         device = e.get("device", "auto")
-        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
             self.err(f"{where}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
 
         options = e.get("options") or {}

@@ -448,6 +448,8 @@ def test_minimal_registry_loads(tmp_path: Path) -> None:
         (lambda d: _mod(d).update(quality={"lung": 0.5}), "datasets.Tiny.models[tiny_unet].quality.lung: no label"),
         (lambda d: _mod(d).update(labels={"lung": 1}), "datasets.Tiny.models[tiny_unet].labels.lung: no label"),
         (lambda d: _mod(d).update(device="tpu"), "datasets.Tiny.models[tiny_unet].device"),
+        (lambda d: _mod(d).update(device="cpu\n"), "datasets.Tiny.models[tiny_unet].device"),  # full match, not `$`
+        (lambda d: _mod(d).update(name="tiny_unet\n"), "invalid model name 'tiny_unet\\n'"),
         (
             lambda d: _mod(d)["preprocessing"].update(orientation="RAI"),
             "datasets.Tiny.models[tiny_unet].preprocessing.orientation",
