@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,19 @@ class Candidate:
             "selected": self.selected,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Candidate:
+        """The candidate :meth:`to_json` wrote."""
+        return cls(
+            dataset=data["dataset"],
+            labels=list(data["labels"]),
+            values=[int(v) for v in data["values"]],
+            score=float(data["score"]),
+            installed=bool(data["installed"]),
+            models=list(data["models"]),
+            selected=bool(data.get("selected", True)),
+        )
+
 
 @dataclass
 class Target:
@@ -162,6 +176,64 @@ class Target:
             "alternatives": [c.to_json() for c in self.alternatives],
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Target:
+        """The target :meth:`to_json` wrote."""
+        return cls(
+            text=data["target"],
+            concept=data["concept"],
+            laterality=data["laterality"],
+            kind=data["kind"],
+            candidates=[Candidate.from_json(c) for c in data["candidates"]],
+            negated=bool(data["negated"]),
+            alternatives=[Candidate.from_json(c) for c in data["alternatives"]],
+        )
+
+
+class UnmatchedKind(StrEnum):
+    """Why a target selects nothing (:attr:`Unmatched.kind`)."""
+
+    #: The request names no segmentable structure at all.
+    NO_TARGET = "no_target"
+    #: "all organs" without a region: too vague to route.
+    TOO_VAGUE = "too_vague"
+    #: Words that name no structure or lesion the lexicon knows.
+    UNKNOWN_STRUCTURE = "unknown_structure"
+    #: A known structure no dataset (of the region, of the registry) segments.
+    NOT_COVERED = "not_covered"
+    #: Datasets cover it, but for other modalities than the study's.
+    OTHER_MODALITY = "other_modality"
+    #: Datasets cover it, but outside the collection routed within.
+    OUTSIDE_COLLECTION = "outside_collection"
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A target that selects nothing, and why.
+
+    Attributes
+    ----------
+    target : str
+        The phrase as parsed from the request (the whole request for ``NO_TARGET``).
+    kind : UnmatchedKind
+        The kind of reason, for programs.
+    reason : str
+        The reason in words, for people (e.g. "no dataset covers 'coronary arteries' in MR; ...").
+    """
+
+    target: str
+    kind: UnmatchedKind
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        """JSON form: ``{"target", "kind", "reason"}``."""
+        return {"target": self.target, "kind": self.kind.value, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Unmatched:
+        """The record :meth:`to_json` wrote."""
+        return cls(data["target"], UnmatchedKind(data["kind"]), data["reason"])
+
 
 @dataclass
 class Plan:
@@ -181,8 +253,8 @@ class Plan:
         Parsed targets with ranked candidates.
     selection : dict of str to list of int
         Dataset -> sorted label values (region labels flattened): the plan.
-    unmatched : list of dict
-        ``{"target", "reason"}`` for targets that select nothing.
+    unmatched : list of Unmatched
+        Targets that select nothing, with the reason.
     missing_models : list of dict
         ``{"dataset", "install_hint"}`` for selected datasets without an installed model.
     explain : list of dict
@@ -201,7 +273,7 @@ class Plan:
     collection: str | None
     targets: list[Target] = field(default_factory=list)
     selection: dict[str, list[int]] = field(default_factory=dict)
-    unmatched: list[dict[str, str]] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
     missing_models: list[dict[str, str | None]] = field(default_factory=list)
     explain: list[dict[str, Any]] = field(default_factory=list)
     regions: list[str] = field(default_factory=list)
@@ -217,7 +289,7 @@ class Plan:
             "collection": self.collection,
             "selection": {k: list(v) for k, v in self.selection.items()},
             "targets": [t.to_json() for t in self.targets],
-            "unmatched": [dict(u) for u in self.unmatched],
+            "unmatched": [u.to_json() for u in self.unmatched],
             "missing_models": [dict(m) for m in self.missing_models],
             "regions": list(self.regions),
             "excluded": [t.to_json() for t in self.excluded],
@@ -228,6 +300,30 @@ class Plan:
     def dumps(self, **kwargs: Any) -> str:
         """``json.dumps`` of :meth:`to_json`."""
         return json.dumps(self.to_json(), **kwargs)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        """The plan :meth:`to_json` wrote (a job's stored plan), equal to the one planned.
+
+        Raises
+        ------
+        KeyError, ValueError, TypeError
+            ``data`` is not a plan's JSON form.
+        """
+        return cls(
+            text=data["text"],
+            modality=data["modality"],
+            modality_source=data["modality_source"],
+            collection=data["collection"],
+            targets=[Target.from_json(t) for t in data["targets"]],
+            selection={k: [int(v) for v in values] for k, values in data["selection"].items()},
+            unmatched=[Unmatched.from_json(u) for u in data["unmatched"]],
+            missing_models=[dict(m) for m in data["missing_models"]],
+            explain=list(data["explain"]),
+            regions=list(data["regions"]),
+            excluded=[Target.from_json(t) for t in data["excluded"]],
+            elapsed_ms=float(data["elapsed_ms"]),
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +585,7 @@ class Router:
         t0 = time.perf_counter()
         if self.use_encoder:
             self._embeddings()
-            self._encode_phrase("liver")
+            self._get_encoder().encode(["liver"])  # known terms skip the model: load it now
         return time.perf_counter() - t0
 
     def _get_encoder(self) -> Any:
@@ -595,7 +691,7 @@ class Router:
             reason = "no segmentable structure found in the request"
             if parsed.regions:
                 reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
-            plan.unmatched.append({"target": text, "reason": reason})
+            plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in parsed.targets:
             target, explain = self._route_target(pt, parsed, kept_names)
@@ -630,8 +726,8 @@ class Router:
                 plan.excluded.append(target)
                 continue
             if not any(c.selected for c in target.candidates):
-                reason = self._why_unmatched(pt, parsed, all_names, kept_names, modality, collection)
-                plan.unmatched.append({"target": pt.text, "reason": reason})
+                kind, reason = self._why_unmatched(pt, parsed, all_names, kept_names, modality, collection)
+                plan.unmatched.append(Unmatched(pt.text, kind, reason))
             for c in target.candidates:
                 if c.selected and removal.get(c.dataset):
                     self._apply_exclusion(c, removal[c.dataset])
@@ -783,17 +879,29 @@ class Router:
         kept: set[str],
         modality: str | None,
         collection: str | None,
-    ) -> str:
+    ) -> tuple[UnmatchedKind, str]:
         regions = set(pt.context) | set(parsed.regions)
         if pt.group in ("organs", "oars"):
             if not regions:
-                return "too vague: name the structures or the body region (e.g. 'abdominal organs')"
-            return f"no region-specific dataset for the organs of {', '.join(sorted(regions))}"
+                return (
+                    UnmatchedKind.TOO_VAGUE,
+                    "too vague: name the structures or the body region (e.g. 'abdominal organs')",
+                )
+            return (
+                UnmatchedKind.NOT_COVERED,
+                f"no region-specific dataset for the organs of {', '.join(sorted(regions))}",
+            )
         if not pt.concept.core and pt.unknown:
-            return f"not a known anatomical structure or lesion: '{' '.join(pt.unknown)}'"
+            return (
+                UnmatchedKind.UNKNOWN_STRUCTURE,
+                f"not a known anatomical structure or lesion: '{' '.join(pt.unknown)}'",
+            )
         refused = self._uncovered_concept(frozenset(pt.concept.core))
         if refused is not None:
-            return f"{_concept_ref(refused)} is a known structure, but no dataset of the registry segments it"
+            return (
+                UnmatchedKind.NOT_COVERED,
+                f"{_concept_ref(refused)} is a known structure, but no dataset of the registry segments it",
+            )
         phrase = pt.concept.phrase() or pt.text
         if modality and everywhere - kept:
             others, _ = self._match(pt, regions, everywhere - kept)
@@ -801,15 +909,19 @@ class Router:
                 mods = sorted({m for x in others for m in x.entry.dataset.modalities})
                 names = sorted({x.entry.dataset.name for x in others})
                 return (
-                    f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})"
+                    UnmatchedKind.OTHER_MODALITY,
+                    f"no dataset covers '{phrase}' in {modality}; available in {', '.join(mods)} ({', '.join(names)})",
                 )
         scope = f" in collection '{collection}'" if collection else ""
         if collection:
             outside, _ = self._match(pt, regions, set(self.registry.datasets) - everywhere, use_encoder=False)
             names = sorted({m.entry.dataset.name for m in outside if m.score >= TIERS[0]})
             if names:
-                return f"no dataset{scope} has a label for '{phrase}'; outside it: {', '.join(names)}"
-        return f"no dataset{scope} has a label for '{phrase}'"
+                return (
+                    UnmatchedKind.OUTSIDE_COLLECTION,
+                    f"no dataset{scope} has a label for '{phrase}'; outside it: {', '.join(names)}",
+                )
+        return UnmatchedKind.NOT_COVERED, f"no dataset{scope} has a label for '{phrase}'"
 
     # -- matching ------------------------------------------------------------------
     def _match(
