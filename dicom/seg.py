@@ -285,6 +285,36 @@ class AlgorithmInfo:
                 raise TypeError(f"algorithm parameters must map str to str, got {key!r}: {value!r}")
 
 
+#: Laterality words of registry label names, and the one-letter forms some datasets use (``Eye_L``).
+_SIDES = {"left": "left", "right": "right", "l": "left", "r": "right"}
+
+
+def segment_label(name: str) -> str:
+    """A registry label name as a radiologist writes it: ``kidney_right`` -> ``Kidney, right``.
+
+    Underscores become spaces, the first letter is capitalised (other
+    capitals, as in ``L1`` or ``GTVp``, are kept), a trailing side moves
+    behind a comma (``rib_left_3`` -> ``Rib 3, left``) and ``vertebrae_L1``
+    reads ``Vertebra L1``.  Names already written as phrases keep their
+    words.  The codes, not this label, say what the segment is.
+    """
+    words = name.replace("_", " ").split()
+    if not words:
+        return name
+    if words[0].lower() == "vertebrae" and len(words) > 1:
+        words[0] = "vertebra"
+    side = None
+    # The side is the last word, or the last but one before a number (rib_left_3).
+    for position in (-1, -2):
+        trailing = position == -1 or words[-1].isdigit()
+        if trailing and len(words) > -position and words[position].lower() in _SIDES:
+            side = _SIDES[words.pop(position).lower()]
+            break
+    first = words[0]
+    words[0] = first[:1].upper() + first[1:]
+    return " ".join(words) + (f", {side}" if side else "")
+
+
 def device_uid(models: Sequence[ContributingModel], algorithm: AlgorithmInfo | None = None) -> str:
     """Device UID of "this node running these models".
 
@@ -593,7 +623,7 @@ def write_segmentation(
         pixel_array=pixel_array,
         segmentation_type=seg_type.value,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(key, "seg-series"),
+        series_instance_uid=derived_uid(key, "seg-series", seg_type.value),
         series_number=series_number,
         sop_instance_uid=derived_uid(key, "seg-instance", seg_type.value),
         instance_number=1,

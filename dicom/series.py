@@ -97,6 +97,8 @@ class SeriesInfo:
     study_instance_uid: str = ""
     is_image: bool = True
     number_of_frames: int = 0
+    #: Series Number (IS) of the series, ``None`` when absent or not a number.
+    series_number: int | None = None
     #: Headers :func:`scan_folder` parsed (pixel data left on disk), reused by :func:`read_series`.
     headers: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
 
@@ -159,6 +161,7 @@ def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
                 modality=str(ds.get("Modality", "")),
                 description=str(ds.get("SeriesDescription", "")),
                 study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+                series_number=_series_number(ds),
             ),
         )
         info.files.append(path)
@@ -173,6 +176,27 @@ def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
         where = paths if isinstance(paths, Path) else "the given files"
         raise SeriesError(f"no DICOM instances found in {where}")
     return series
+
+
+def _series_number(ds: Dataset) -> int | None:
+    try:
+        value = ds.get("SeriesNumber")
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):  # an IS that is not a number: as if absent
+        return None
+
+
+def free_series_numbers(series: dict[str, SeriesInfo], count: int) -> list[int]:
+    """``count`` Series Numbers for a study's new result series: the next ones above the study's highest.
+
+    A study that comes back with earlier results (a re-sent study, a second
+    request) has their numbers among its series, so every result series
+    gets a number of its own.
+    """
+    # Numbers near the IS limit (2^31 - 1) are a header's mistake, not a series to stay above.
+    usable = [s.series_number for s in series.values() if s.series_number is not None and s.series_number < 2**30]
+    start = max([0, *usable]) + 1
+    return list(range(start, start + count))
 
 
 def image_series(series: dict[str, SeriesInfo]) -> list[SeriesInfo]:

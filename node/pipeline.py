@@ -35,9 +35,18 @@ from medsegagent.dicom.seg import (
     load_source_datasets,
     members_from_ranks,
     model_fingerprint,
+    segment_label,
     write_segmentation,
 )
-from medsegagent.dicom.series import SeriesError, SeriesInfo, choose_series, image_series, read_series, scan_folder
+from medsegagent.dicom.series import (
+    SeriesError,
+    SeriesInfo,
+    choose_series,
+    free_series_numbers,
+    image_series,
+    read_series,
+    scan_folder,
+)
 from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
@@ -328,6 +337,7 @@ def segment_study(
     timeout_s: float | None = None,
     volume_report: bool = False,
     preview_sc: bool = False,
+    labelmap_copy: bool = False,
     request_fallback: Mapping[str, str] | None = None,
 ) -> Result:
     """Segment the image series of ``dicom_dir`` as ``text`` asks.
@@ -367,6 +377,10 @@ def segment_study(
     preview_sc : bool
         Also write ``preview-sc.dcm``: the preview as a Secondary Capture for
         PACS that cannot show SEG.
+    labelmap_copy : bool
+        Also write ``seg-labelmap.dcm``: the same segments as a LABELMAP SEG
+        (RLE), for destinations that accept one (when ``seg_type`` is not
+        LABELMAP already).
     timeout_s : float, optional
         Wall-time limit per model; a model over it fails alone.
     request_fallback : mapping, optional
@@ -460,23 +474,31 @@ def segment_study(
         sources = load_source_datasets(volume, chosen.files)
         common = {"uid_key": key, "request_text": text, "request_source": request_source, "models": contributing,
                   "caution": caution}  # fmt: skip
-        seg = write_segmentation(volume, sources, labels, specs, staging / "seg.dcm", seg_type=seg_type, **common)
+        # Every result series gets its own number, above the study's highest (earlier results included).
+        numbers = iter(free_series_numbers(series, 5))
+        seg = write_segmentation(volume, sources, labels, specs, staging / "seg.dcm", seg_type=seg_type,
+                                 series_number=next(numbers), **common)  # fmt: skip
         outputs = ["seg.dcm", "preview.png"]
+        if labelmap_copy and seg_type is not SegType.LABELMAP:
+            write_segmentation(volume, sources, labels, specs, staging / "seg-labelmap.dcm",
+                               seg_type=SegType.LABELMAP, series_number=next(numbers), **common)  # fmt: skip
+            outputs.append("seg-labelmap.dcm")
         if volume_report:
             # TID 1500 references segments of a BINARY (or FRACTIONAL) SEG, never of a LABELMAP one.
             referenced = seg
             if seg_type is SegType.LABELMAP:
-                referenced = write_segmentation(
-                    volume, sources, labels, specs, staging / "seg-binary.dcm", seg_type=SegType.BINARY, **common
-                )
+                binary = staging / "seg-binary.dcm"
+                referenced = write_segmentation(volume, sources, labels, specs, binary, seg_type=SegType.BINARY,
+                                                series_number=next(numbers), **common)  # fmt: skip
                 outputs.append("seg-binary.dcm")
             volumes = segment_volumes_ml(labels, len(specs), volume.geometry.voxel_volume_ml)
-            write_volume_report(referenced, volumes, staging / "sr.dcm", key, request_text=text)
+            write_volume_report(referenced, volumes, staging / "sr.dcm", key, request_text=text,
+                                series_number=next(numbers))  # fmt: skip
             outputs.append("sr.dcm")
         if preview_sc:
             colors = [spec.color or (255, 0, 0) for spec in specs]
             write_preview_sc(volume, sources, labels, colors, staging / "preview-sc.dcm", uid_key=key,
-                             request_text=text)  # fmt: skip
+                             request_text=text, series_number=next(numbers))  # fmt: skip
             outputs.append("preview-sc.dcm")
         shown = render_preview(
             volume.array,
@@ -575,7 +597,7 @@ def fuse_label(dataset: Dataset, label: Label, predictions: Mapping[str, Predict
 def segment_spec(label: Label, members: tuple[SegmentMember, ...] = (), note: str | None = None) -> SegmentSpec:
     """The SEG segment of a registry label: its codes, colour and (optionally) the models that voted."""
     return SegmentSpec(
-        label=label.name,
+        label=segment_label(label.name),
         category=label.category.to_highdicom(),
         type=label.type.to_highdicom(),
         type_modifier=label.type_modifier.to_highdicom() if label.type_modifier is not None else None,

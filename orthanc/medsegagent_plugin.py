@@ -76,7 +76,6 @@ NODE_MANUFACTURER = "MedSegAgent"
 #: Manufacturer and series of the request SRs this plugin writes.
 REQUEST_MANUFACTURER = "MedSegAgent Orthanc plugin"
 REQUEST_SERIES_DESCRIPTION = "MedSegAgent request"
-REQUEST_SERIES_NUMBER = "9900"  # next to the node's own series (SEG 9901)
 #: Study metadata (declared in ``UserMetadata``) recording what was sent: ``{"series": {id: count}}``.
 ROUTED_METADATA = "MedSegAgentRouted"
 #: Study metadata (declared in ``UserMetadata``): the last MedSegAgent status of the study, as JSON.
@@ -371,10 +370,21 @@ def _dcm_code(value: str, meaning: str) -> list[dict[str, str]]:
     return [{"CodeValue": value, "CodingSchemeDesignator": "DCM", "CodeMeaning": meaning}]
 
 
-def request_sr_body(study_id: str, text: str) -> dict[str, Any]:
+def next_series_number(series: list[dict[str, Any]]) -> str:
+    """One above the highest Series Number among a study's series (Orthanc's ``/studies/{id}/series``), as IS."""
+    numbers = []
+    for item in series:
+        value = str(item.get("MainDicomTags", {}).get("SeriesNumber", "")).strip()
+        if value.lstrip("-").isdigit() and int(value) < 2**30:  # near the IS limit: a header's mistake
+            numbers.append(int(value))
+    return str(max([0, *numbers]) + 1)
+
+
+def request_sr_body(study_id: str, text: str, series_number: str = "1") -> dict[str, Any]:
     """``/tools/create-dicom`` body of a Basic Text SR carrying ``text`` in study ``study_id``.
 
     The node reads the first TEXT content item of an SR in the study (instruction source ``sr``).
+    ``series_number`` is :func:`next_series_number` of the study: each request SR is a series of its own.
     """
     return {
         "Parent": study_id,
@@ -384,7 +394,7 @@ def request_sr_body(study_id: str, text: str) -> dict[str, Any]:
             "Modality": "SR",
             "Manufacturer": REQUEST_MANUFACTURER,
             "SeriesDescription": REQUEST_SERIES_DESCRIPTION,
-            "SeriesNumber": REQUEST_SERIES_NUMBER,
+            "SeriesNumber": series_number,
             "InstanceNumber": "1",
             "ReferencedPerformedProcedureStepSequence": [],
             "PerformedProcedureCodeSequence": [],
@@ -464,7 +474,8 @@ def send_to_node(settings: Settings, study_id: str, series: list[dict[str, Any]]
 
 def create_request_sr(study_id: str, text: str) -> str:
     """Write the request SR into the study; its Orthanc instance id."""
-    return _post_json("/tools/create-dicom", request_sr_body(study_id, text))["ID"]
+    number = next_series_number(_get_json(f"/studies/{study_id}/series"))
+    return _post_json("/tools/create-dicom", request_sr_body(study_id, text, number))["ID"]
 
 
 def node_call(settings: Settings, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -100,6 +100,14 @@ end
 
 -- The request SR: the same object as request_sr_body() of the Python plugin.
 local function createRequestSr(studyId, text)
+  -- Its own series: one above the study's highest Series Number (as next_series_number() of the plugin).
+  local highest = 0
+  for _, s in ipairs(ParseJson(RestApiGet("/studies/" .. studyId .. "/series"))) do
+    local number = tonumber(s["MainDicomTags"]["SeriesNumber"] or "")
+    if number and number < 2 ^ 30 and number > highest then
+      highest = math.floor(number)
+    end
+  end
   local function code(value, meaning)
     return { { CodeValue = value, CodingSchemeDesignator = "DCM", CodeMeaning = meaning } }
   end
@@ -111,7 +119,7 @@ local function createRequestSr(studyId, text)
       Modality = "SR",
       Manufacturer = "MedSegAgent Orthanc plugin",
       SeriesDescription = "MedSegAgent request",
-      SeriesNumber = "9900",
+      SeriesNumber = tostring(highest + 1),
       InstanceNumber = "1",
       ReferencedPerformedProcedureStepSequence = {},
       PerformedProcedureCodeSequence = {},

@@ -151,7 +151,7 @@ def seg_factory(phantom_factory):
         # The demo label set counts the tumour (7) as liver (1).
         labels = np.where(phantom.labels == 7, 1, phantom.labels).astype(np.uint8)
         for name in empty:
-            labels[labels == [s.label for s in specs].index(name) + 1] = 0
+            labels[labels == list(labels_of_demo).index(name) + 1] = 0
         out_dir = Path(out_dir)
         path = out_dir / f"seg-{seg_type.value.lower()}.dcm"
         dataset = write_segmentation(

@@ -722,7 +722,7 @@ def test_segment_study_with_the_spleen_bundle_writes_a_coded_seg(bundles, phanto
     assert [(m["name"], m["status"]) for m in report["models"]] == [(name, "ok")]
     seg = pydicom.dcmread(result.seg_path)
     (segment,) = seg.SegmentSequence
-    assert segment.SegmentLabel == "spleen"
+    assert segment.SegmentLabel == "Spleen"
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"

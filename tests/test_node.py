@@ -209,7 +209,7 @@ def test_study_comes_back_as_seg_for_each_instruction_source(node_factory, phant
         assert len(segs) == 1, [(j.state, j.error) for j in node.store.list()]
         assert dciodvfy_errors(segs[0]) == []
         seg = pydicom.dcmread(segs[0])
-        expected = "liver" if source == "preset" else "spleen"
+        expected = "Liver" if source == "preset" else "Spleen"
         assert [s.SegmentLabel for s in seg.SegmentSequence] == [expected]
         assert seg.StudyInstanceUID == pydicom.dcmread(study[0]).StudyInstanceUID
         assert seg.ContentDescription.startswith(source)
@@ -335,7 +335,7 @@ def test_worklist_source_with_dcmtk_wlmscpfs(node_factory, phantom_factory, tmp_
             (JobState.DELIVERED, "worklist", "CT ABD W CON - SPLEEN VOLUMETRY")
         ], jobs[0].error
         seg = pydicom.dcmread(pacs.segs()[0])
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Spleen"]
     finally:
         pacs.stop()
         wlm.terminate()

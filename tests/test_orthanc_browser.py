@@ -119,7 +119,7 @@ def test_segment_button_in_orthanc_explorer(stack, phantom_factory, tmp_path):
     assert dialogs == [("prompt", "What should MedSegAgent segment in this study?",
                         "liver, spleen, both kidneys, pancreas and aorta")]  # fmt: skip
     seg = assert_valid_seg_in_study(stack, study, tmp_path)
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Spleen"]
     assert [sr.ContentSequence[0].TextValue for sr in request_srs(stack, study)] == ["spleen"]
     [job] = stack.jobs(seg.StudyInstanceUID)
     assert job.request_source == "sr"

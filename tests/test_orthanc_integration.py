@@ -43,7 +43,7 @@ from tests.orthanc_helpers import ORTHANC_DIR, PYTHON_PLUGIN, OrthancProcess, an
 from tests.orthanc_helpers import ROOT as ROOT  # test_orthanc_browser and test_ohif import it from here
 
 TOKEN = "orthanc-integration-token"
-DEMO_LABELS = {"liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta"}
+DEMO_LABELS = {"Liver", "Spleen", "Kidney, right", "Kidney, left", "Pancreas", "Aorta"}  # as the SEG names them
 
 
 def _load_plugin():
@@ -111,7 +111,9 @@ def test_loop_guard_and_request_checks():
     assert plugin.request_problem("liver and spleen") is None
     for bad in ("", "   ", None, 3, "x" * 1025, "liver\x00", "a\nb"):
         assert plugin.request_problem(bad), bad
-    body = plugin.request_sr_body("s", "spleen")
+    numbered = [_series("a", SeriesNumber="3"), _series("b", SeriesNumber="x"), {}]
+    body = plugin.request_sr_body("s", "spleen", plugin.next_series_number(numbered))
+    assert body["Tags"]["SeriesNumber"] == "4"  # its own series, above the study's
     assert body["Tags"]["ContentSequence"][0]["TextValue"] == "spleen"
     assert body["Tags"]["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -371,7 +373,7 @@ def test_rest_route_writes_request_sr_and_proxies_job_status(stack, phantom_fact
     assert status == 200, answer
     assert answer["known_jobs"] == [] and answer["status"] == f"/medsegagent/studies/{study}/jobs"
     seg = assert_valid_seg_in_study(stack, study, tmp_path)
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Spleen"]
     # The request is archived in the study as a valid Basic Text SR.
     [sr] = request_srs(stack, study)
     assert sr.ContentSequence[0].TextValue == "spleen"
@@ -402,7 +404,7 @@ def test_worklist_request_from_orthanc_worklist_plugin(stack, phantom_factory, t
                     str(stack.orthanc.worklists / f"{accession}.wl")], check=True, timeout=30)  # fmt: skip
     study = stack.orthanc.upload(study_files)
     seg = assert_valid_seg_in_study(stack, study, tmp_path)
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Spleen"]
     [job] = stack.jobs(seg.StudyInstanceUID)
     # Routed by the CT abdomen rule to the preset AE, but the worklist comes first in node.yaml.
     assert (job.request_source, job.request_text, job.called_ae) == ("worklist", "spleen volumetry", "CTABDVOL")
@@ -417,7 +419,7 @@ def test_lua_rule_adds_request_sr(phantom_factory, tmp_path):
         _, files = phantom_factory("CT", seed=2, size=96, slices=32)
         study = lua.orthanc.upload(fresh_study(files.series["CT"], tmp_path / "study"))
         seg = assert_valid_seg_in_study(lua, study, tmp_path)
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen"]
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Spleen"]
         [job] = lua.jobs(seg.StudyInstanceUID)
         assert (job.request_source, job.called_ae) == ("sr", "MEDSEG")
         [sr] = request_srs(lua, study)

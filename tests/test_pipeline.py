@@ -45,7 +45,11 @@ def test_segment_writes_valid_seg_report_and_preview(phantom_factory, tmp_path, 
     assert report["request"]["text"] == "liver, spleen and both kidneys"
     assert set(report["timings_s"]) >= {"read", "plan", "inference", "ensemble", "write"}
     seg = pydicom.dcmread(out / "seg.dcm")
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == labels
+    # The SEG names segments as a radiologist writes them; the report keeps the registry's names.
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Liver", "Spleen", "Kidney, right", "Kidney, left"]
+    # Its own Series Number, above the study's (the phantom's CT is series 1... n).
+    assert int(seg.SeriesNumber) > max(int(pydicom.dcmread(p, stop_before_pixels=True).SeriesNumber)
+                                       for p in files.dicom_dir.rglob("*.dcm"))  # fmt: skip
     # The liver volume in the report is the phantom's liver (+ tumour) within 15 %.
     truth_ml = phantom.volumes_ml()["liver"] + phantom.volumes_ml()["liver_tumour"]
     assert report["segments"][0]["volume_ml"] == pytest.approx(truth_ml, rel=0.15)

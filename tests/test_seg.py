@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 from pydicom.sr.codedict import codes
 
+from medsegagent.dicom import image_writer
 from medsegagent.dicom.preview import preview_rgb, render_preview
 from medsegagent.dicom.secondary_capture import PREVIEW_NOTE, patient_direction, write_preview_sc
 from medsegagent.dicom.seg import (
@@ -39,8 +40,10 @@ from medsegagent.dicom.seg import (
     members_from_ranks,
     model_fingerprint,
     segment_description,
+    segment_label,
     write_segmentation,
 )
+from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import LPS_TO_RAS, Geometry
 from medsegagent.models.registry import load_registry
 from medsegagent.node.pipeline import segment_spec
@@ -134,7 +137,7 @@ def test_empty_segment_is_described_and_readable(seg_factory, tmp_path, seg_type
     assert dciodvfy_errors(written.path) == []
     ds = pydicom.dcmread(written.path)
     spleen = next(item for item in ds.SegmentSequence if item.SegmentNumber == 2)
-    assert spleen.SegmentLabel == "spleen"
+    assert spleen.SegmentLabel == "Spleen"
     assert spleen.SegmentDescription == EMPTY_SEGMENT_NOTE
     others = [item for item in ds.SegmentSequence if item.SegmentNumber not in (0, 2)]
     assert all("SegmentDescription" not in item for item in others)
@@ -387,3 +390,31 @@ def test_benchmark_quick_writes_its_table(tmp_path):
     for row in ("BINARY", "LABELMAP", "FRACTIONAL", "dcmqi"):
         assert row in table
     assert "| type |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("kidney_right", "Kidney, right"),
+        ("liver", "Liver"),
+        ("vertebrae_L1", "Vertebra L1"),
+        ("rib_left_3", "Rib 3, left"),
+        ("Hippocampus_L", "Hippocampus, left"),
+        ("lower_left_canine_fdi33", "Lower left canine fdi33"),  # a side inside the name stays where it is
+        ("GTVp", "GTVp"),
+    ],
+)
+def test_segment_labels_read_as_a_radiologist_writes_them(name, label):
+    assert segment_label(name) == label
+
+
+def test_result_uids_follow_the_one_derived_scheme_and_series_differ_by_type(seg_factory, tmp_path):
+    binary = pydicom.dcmread(seg_factory(tmp_path / "b", SegType.BINARY, uid_key="job-1").path)
+    labelmap = pydicom.dcmread(seg_factory(tmp_path / "l", SegType.LABELMAP, uid_key="job-1").path)
+    for ds in (binary, labelmap):
+        assert ds.SeriesInstanceUID.startswith("2.25.") and ds.SOPInstanceUID.startswith("2.25.")
+    assert binary.SeriesInstanceUID == derived_uid(f"job-1|{binary.ReferencedSeriesSequence[0].SeriesInstanceUID}",
+                                                   "seg-series", "BINARY")  # fmt: skip
+    # Two encodings of one result are two series (each with its own Series Number in the node).
+    assert binary.SeriesInstanceUID != labelmap.SeriesInstanceUID
+    assert image_writer.deterministic_uid is derived_uid  # the phantoms' UIDs come from the same scheme

@@ -180,7 +180,7 @@ def test_study_to_seg_at_a_storescp_pacs(target, phantom_factory, tmp_path):
         assert len(pacs.segs()) == 1
         seg = pydicom.dcmread(pacs.segs()[0])
         assert seg.SOPClassUID == uid.SegmentationStorage
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver"]
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Liver"]
     finally:
         pacs.stop()
         shutil.rmtree(tmp_path / "pacs", ignore_errors=True)
