@@ -56,7 +56,8 @@ PUBLIC = REPO.parent / "shared" / "benchmarks" / "medsegagent-model-selection-34
 DEV = REPO / "tests" / "data" / "routing_dev.jsonl"
 DEV_FALLBACK = REPO / "tests" / "data" / "routing_requests.jsonl"
 HELDOUT = REPO / "tests" / "data" / "heldout" / "requests.jsonl"
-ROUTING_KEYS = ("routing-public", "routing-dev", "routing-heldout")
+DEV_ALL = REPO / "tests" / "data" / "routing_dev_all.jsonl"
+ROUTING_KEYS = ("routing-public", "routing-dev", "routing-dev-all", "routing-heldout")
 
 
 @dataclass
@@ -95,6 +96,13 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
         ("routing-public", "Routing, public benchmark", public, ["--collection", "medsegagent-23"]),
         # the development set keeps the bench default (medsegagent-23) it was written for
         ("routing-dev", "Routing, development set", dev, []),
+        # the second development set is written over the whole registry, like the held-out set
+        (
+            "routing-dev-all",
+            "Routing, development set (whole registry)",
+            DEV_ALL.relative_to(REPO),
+            ["--collection", "all"],
+        ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
     ]
     out = []
