@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from medsegagent.dicom.seg import SegType
 from medsegagent.dicom.uids import is_valid_ae_title
 
 
@@ -152,6 +153,8 @@ class Destination:
     preview_sc: bool = False
     kind: RemoteKind = RemoteKind.DICOM
     web: WebEndpoint | None = None
+    #: The SEG this destination gets: BINARY (every viewer reads it) or LABELMAP (RLE, 10x smaller, newer).
+    seg_type: SegType = SegType.BINARY
 
     def describe(self) -> str:
         """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
@@ -660,15 +663,25 @@ def _remote_keys(item: Any, where: str, own: tuple[str, ...], errors: list[str])
 
 
 def _destination(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Destination:
-    own = ("name", "kind", "volume_report", "preview_sc")
+    own = ("name", "kind", "volume_report", "preview_sc", "seg_type")
     item = _remote_keys(raw, where, own, errors)
     kind = _remote_kind(item, where, own, errors)
     common = {"name": str(item.get("name") or f"destination{index + 1}"), "kind": kind,
               "volume_report": bool(item.get("volume_report", False)),
-              "preview_sc": bool(item.get("preview_sc", False))}  # fmt: skip
+              "preview_sc": bool(item.get("preview_sc", False)),
+              "seg_type": _seg_type(item.get("seg_type", SegType.BINARY.value), where, errors)}  # fmt: skip
     if kind is RemoteKind.DICOMWEB:
         return Destination(**common, web=_web_endpoint(item, where, source, errors))
     return Destination(**common, **_dimse_address(item, where, errors))
+
+
+def _seg_type(value: Any, where: str, errors: list[str]) -> SegType:
+    """A destination's ``seg_type``: BINARY or LABELMAP (the node fuses to labels: no FRACTIONAL)."""
+    allowed = (SegType.BINARY, SegType.LABELMAP)
+    if str(value).upper() in {t.value for t in allowed}:
+        return SegType(str(value).upper())
+    errors.append(f"{where}.seg_type: expected one of {', '.join(t.value for t in allowed)}, got {value!r}")
+    return SegType.BINARY
 
 
 def _source(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Source:

@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import IO
 
+from medsegagent.dicom.seg import SegType
 from medsegagent.dicom.series import SeriesError, choose_series, scan_folder
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.executor import Executor, InProcessExecutor
@@ -341,6 +342,8 @@ class Node:
             executor=self.executor, request_fallback=fallback,
             volume_report=any(d.volume_report for d in self.config.destinations),
             preview_sc=any(d.preview_sc for d in self.config.destinations),
+            seg_type=self._seg_type(),
+            labelmap_copy=any(d.seg_type is SegType.LABELMAP for d in self.config.destinations),
         )  # fmt: skip
         self.store.update(job.id, result_dir=str(out_dir))
         job = self.store.enqueue_results(job.id, self._deliveries(out_dir, result.report), result.report)
@@ -367,14 +370,22 @@ class Node:
         self._stop.wait(settings.retry_delay_s)
         return self.store.transition(job.id, JobState.RECEIVED, error=f"cluster unavailable (will retry): {exc}")
 
+    def _seg_type(self) -> SegType:
+        """The encoding of ``seg.dcm``: LABELMAP only when every destination takes one (else a copy is written)."""
+        wanted = {d.seg_type for d in self.config.destinations}
+        return SegType.LABELMAP if wanted == {SegType.LABELMAP} else SegType.BINARY
+
     def _deliveries(self, out_dir: Path, report: dict) -> dict[str, list[str]]:
-        """Files each destination receives: the SEG, plus the SR / SC where it asked for them."""
+        """Files each destination receives: the SEG in its encoding, plus the SR / SC where it asked for them."""
         written = set(report.get("outputs", ["seg.dcm"]))
         deliveries = {}
         for dest in self.config.destinations:
-            names = ["seg.dcm"]
+            labelmap = dest.seg_type is SegType.LABELMAP and "seg-labelmap.dcm" in written
+            names = ["seg-labelmap.dcm" if labelmap else "seg.dcm"]
             if dest.volume_report and "sr.dcm" in written:
-                names += [n for n in ("seg-binary.dcm", "sr.dcm") if n in written]
+                # The SR references the BINARY SEG: seg-binary.dcm, or seg.dcm beside a LABELMAP copy.
+                referenced = "seg-binary.dcm" if "seg-binary.dcm" in written else "seg.dcm"
+                names += [n for n in (referenced, "sr.dcm") if n not in names]
             if dest.preview_sc and "preview-sc.dcm" in written:
                 names.append("preview-sc.dcm")
             deliveries[dest.name] = [str(out_dir / n) for n in names]

@@ -162,3 +162,27 @@ def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_fact
     assert {m["name"] for m in report["models"]} == {"demo_mr_unet", "demo_mr_unet_bn"}
     assert report["series"]["uid"] in {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID
                                        for p in (ct.series["CT"][0], mr.series["MR"][0])}  # fmt: skip
+
+
+def test_labelmap_copy_and_volume_report_each_get_a_series_of_their_own(phantom_factory, tmp_path):
+    """A LABELMAP copy (for destinations that take one) beside the BINARY SEG, the SR on the BINARY one."""
+    from medsegagent.node.pipeline import segment_study
+
+    _demo_models_installed()
+    _, files = phantom_factory("CT", seed=3, size=96, slices=40, orientation="axial")
+    out = tmp_path / "out"
+    result = segment_study(files.dicom_dir, "liver and spleen", out, collection="demo",
+                           labelmap_copy=True, volume_report=True, preview_sc=True)  # fmt: skip
+    assert result.report["outputs"] == ["seg.dcm", "preview.png", "seg-labelmap.dcm", "sr.dcm", "preview-sc.dcm"]
+    binary, labelmap, sr, sc = (
+        pydicom.dcmread(out / n) for n in ("seg.dcm", "seg-labelmap.dcm", "sr.dcm", "preview-sc.dcm")
+    )
+    assert labelmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert labelmap.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert dciodvfy_errors(out / "seg-labelmap.dcm") == []
+    assert [s.SegmentLabel for s in labelmap.SegmentSequence] == [s.SegmentLabel for s in binary.SegmentSequence]
+    study = max(int(pydicom.dcmread(p, stop_before_pixels=True).SeriesNumber) for p in files.dicom_dir.rglob("*.dcm"))
+    assert [int(ds.SeriesNumber) for ds in (binary, labelmap, sr, sc)] == [study + 1, study + 2, study + 3, study + 4]
+    assert len({ds.SeriesInstanceUID for ds in (binary, labelmap, sr, sc)}) == 4
+    # The SR measures the BINARY SEG's segments (TID 1500 never references a LABELMAP SEG).
+    assert binary.SOPInstanceUID in repr(sr) and labelmap.SOPInstanceUID not in repr(sr)
