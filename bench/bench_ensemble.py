@@ -65,7 +65,7 @@ from medsegagent.models.ensemble import (
     placement_evidence,
     resolve_overlaps,
 )
-from medsegagent.models.executor import InProcessExecutor, Job, ModelCache
+from medsegagent.models.executor import InProcessExecutor, ModelCache, ModelTask
 from medsegagent.models.registry import Dataset, ModelRef, load_registry
 from medsegagent.models.resample import BoxedMap
 from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_options, rank_key
@@ -205,7 +205,7 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
         print(f"{modality}: demo bundles missing ({', '.join(missing)}); train them first", file=sys.stderr)
         return False
     names = sorted(refs)
-    jobs = [Job(ModelSpec.from_registry(ref, dataset), ORGANS) for ref in refs.values()]
+    jobs = [ModelTask(ModelSpec.from_registry(ref, dataset), ORGANS) for ref in refs.values()]
     executor = InProcessExecutor(ModelCache(), workers=2)
     rng = np.random.default_rng(0)
     direction = np.asarray(args.shift_direction, float)

@@ -3,7 +3,7 @@
 The study is a synthetic CT phantom (``--slices`` x ``--size`` x ``--size``,
 default 300 x 512 x 512) written as single-frame DICOM once and reused
 (``--study``).  A fresh Python process then runs
-:func:`medsegagent.node.pipeline.segment_study` on it -- the registry's two
+:func:`medsegagent.node.pipeline.segment_folder` on it -- the registry's two
 demo CT models for six organs -- twice: cold
 (imports, model loading) and warm (models cached, as in the node).  A thread
 samples the process's resident memory (``/proc/self/status``) every 10 ms;
@@ -102,9 +102,11 @@ def run_segment(study: Path, out: Path, runs: int) -> dict:
     with MemorySampler() as sampler:
         sampler.mark("imports")
         from medsegagent.models.executor import InProcessExecutor, ModelCache
-        from medsegagent.node.pipeline import segment_study
+        from medsegagent.models.registry import load_registry
+        from medsegagent.node.pipeline import RunContext, segment_folder
 
         executor = InProcessExecutor(ModelCache(), workers=2)
+        registry = load_registry()
         for run in range(runs):
             sampler.peaks = {}
 
@@ -114,9 +116,8 @@ def run_segment(study: Path, out: Path, runs: int) -> dict:
                     sampler.mark(stage)
 
             t0 = time.perf_counter()
-            result = segment_study(
-                study / "dicom", REQUEST, out / f"run{run}", collection="demo", executor=executor, progress=progress
-            )
+            context = RunContext(registry, executor, progress=progress)
+            result = segment_folder(study / "dicom", REQUEST, out / f"run{run}", context, collection="demo")
             total = time.perf_counter() - t0
             sampler.mark("done")
             report = result.report

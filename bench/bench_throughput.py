@@ -142,7 +142,7 @@ def run_config(kind: str, lanes: int, studies: list[Path], out: Path) -> dict:
         from medsegagent.models.executor import InProcessExecutor, ModelCache
         from medsegagent.models.registry import load_registry
         from medsegagent.models.routing import Router
-        from medsegagent.node.pipeline import segment_study
+        from medsegagent.node.pipeline import RunContext, read_study, segment_study
 
         registry = load_registry()
         router = Router(registry)
@@ -162,9 +162,9 @@ def run_config(kind: str, lanes: int, studies: list[Path], out: Path) -> dict:
 
         def segment(executor, study: Path, name: str) -> tuple[float, str]:
             t0 = time.perf_counter()
-            result = segment_study(
-                study, REQUEST, out / name, registry=registry, router=router, collection="demo", executor=executor
-            )
+            read = read_study(study)
+            plan = router.plan(REQUEST, modality=read.modality, collection="demo")
+            result = segment_study(read, plan, out / name, RunContext(registry, executor))
             return time.perf_counter() - t0, hashlib.sha1(result.labels.tobytes()).hexdigest()[:12]
 
         try:

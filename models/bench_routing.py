@@ -228,7 +228,7 @@ def run_bench(
                     "modality": case.get("modality"),
                     "expected": expected,
                     "predicted": plan.selection,
-                    "unmatched": plan.unmatched,
+                    "unmatched": [u.to_json() for u in plan.unmatched],
                 }
             )
     result.categories = dict(categories)

@@ -1,16 +1,18 @@
 """Running the matched models of a plan: concurrently, cached, isolated.
 
-An :class:`Executor` takes :class:`Job` s (a :class:`~medsegagent.models.backends.ModelSpec`
+An :class:`Executor` takes :class:`ModelTask` s (a :class:`~medsegagent.models.backends.ModelSpec`
 plus the labels the plan needs from it) and the study's images, and returns
-one :class:`JobResult` per model: a prediction, or the reason it failed or
-timed out.  A failing model fails only its own job; the caller drops it from
-the ensemble of its targets and says why in the report.
+one :class:`TaskResult` per model: a prediction, or the reason it failed or
+timed out.  A failing model fails only its own task; the caller drops it from
+the ensemble of its targets and says why in the report.  (A *task* is one
+model on one study; the node's *job*, :class:`medsegagent.node.jobs.Job`, is
+the whole study.)
 
-:class:`InProcessExecutor` is the default: a thread per job (at most
+:class:`InProcessExecutor` is the default: a thread per task (at most
 ``workers`` at a time) sharing one :class:`ModelCache` -- loaded models are
-kept, least recently used first out, within a memory budget.  Jobs and images
+kept, least recently used first out, within a memory budget.  Tasks and images
 are plain picklable data and predictions stay on each model's small grid, so
-a Ray executor implements the same ``run`` by shipping jobs to actors that
+a Ray executor implements the same ``run`` by shipping tasks to actors that
 hold their own caches (``ray.init(address=...)``), with no change to callers.
 """
 
@@ -24,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from medsegagent.dicom.volume import Volume
@@ -31,14 +34,22 @@ from medsegagent.models.backends import ModelSpec, Prediction, SegmentationModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_MB", "Executor", "InProcessExecutor", "Job", "JobResult", "ModelCache"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_MB",
+    "Executor",
+    "InProcessExecutor",
+    "ModelCache",
+    "ModelTask",
+    "TaskResult",
+    "TaskStatus",
+]
 
 #: Model memory kept loaded by default (MiB); ``MEDSEGAGENT_MODEL_CACHE_MB`` overrides it.
 DEFAULT_MEMORY_BUDGET_MB = 4096.0
 
 
 @dataclass(frozen=True)
-class Job:
+class ModelTask:
     """One model to run on one study.
 
     Attributes
@@ -61,16 +72,25 @@ class Job:
         return self.spec.name
 
 
+class TaskStatus(StrEnum):
+    """How one model's task ended (the report's ``models[].status`` says ``ok`` or ``failed``)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    #: Over its wall-time limit; its late answer, if any, is discarded.
+    TIMEOUT = "timeout"
+
+
 @dataclass
-class JobResult:
-    """What became of one job.
+class TaskResult:
+    """What became of one task.
 
     Attributes
     ----------
     model : str
         Model name.
-    status : str
-        ``ok``, ``failed`` or ``timeout``.
+    status : TaskStatus
+        Ok, failed or timed out.
     prediction : Prediction or None
         The output when ``ok``.
     error : str or None
@@ -80,7 +100,7 @@ class JobResult:
     """
 
     model: str
-    status: str
+    status: TaskStatus
     prediction: Prediction | None = None
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -88,15 +108,15 @@ class JobResult:
     @property
     def ok(self) -> bool:
         """True when the model produced a prediction."""
-        return self.status == "ok"
+        return self.status is TaskStatus.OK
 
 
 @runtime_checkable
 class Executor(Protocol):
-    """Runs jobs on a study; in-process by default, a cluster when configured."""
+    """Runs model tasks on a study; in-process by default, a cluster when configured."""
 
-    def run(self, jobs: Sequence[Job], images: Volume | StudyImages) -> dict[str, JobResult]:
-        """Run every job and return its result by model name (never raises for one model's failure)."""
+    def run(self, tasks: Sequence[ModelTask], images: Volume | StudyImages) -> dict[str, TaskResult]:
+        """Run every task and return its result by model name (never raises for one model's failure)."""
         ...
 
     def close(self) -> None:
@@ -173,7 +193,7 @@ class ModelCache:
     def _evict(self, keep: str) -> None:
         """Make room for ``keep``: least recently used models out first (lock held)."""
         if int(getattr(self._models[keep], "memory_bytes", 0)) > self.budget_bytes:
-            # Evicting everything would not make it fit: use it for this job, keep the others.
+            # Evicting everything would not make it fit: use it for this task, keep the others.
             log.warning("model %s alone exceeds the cache budget; it will not be kept", keep)
             del self._models[keep]
             return
@@ -211,7 +231,7 @@ def _describe(exc: BaseException) -> str:
 
 
 class InProcessExecutor:
-    """Runs jobs in threads of this process, sharing a :class:`ModelCache`.
+    """Runs model tasks in threads of this process, sharing a :class:`ModelCache`.
 
     Parameters
     ----------
@@ -233,44 +253,44 @@ class InProcessExecutor:
         self.workers = workers
         self.timeout_s = timeout_s
 
-    def run(self, jobs: Sequence[Job], images: Volume | StudyImages) -> dict[str, JobResult]:
-        """Run ``jobs`` concurrently; results in job order, keyed by model name."""
+    def run(self, tasks: Sequence[ModelTask], images: Volume | StudyImages) -> dict[str, TaskResult]:
+        """Run ``tasks`` concurrently; results in task order, keyed by model name."""
         images = StudyImages.of(images)
-        names = [job.name for job in jobs]
+        names = [task.name for task in tasks]
         if len(set(names)) != len(names):
-            raise ValueError(f"one job per model, got {names}")
-        done: queue.Queue[JobResult] = queue.Queue()
+            raise ValueError(f"one task per model, got {names}")
+        done: queue.Queue[TaskResult] = queue.Queue()
         started: dict[str, float] = {}  # model -> when its prediction began
         lock = threading.Lock()
 
-        def work(job: Job) -> None:
+        def work(task: ModelTask) -> None:
             seconds: dict[str, float] = {}
             try:
                 t0 = time.perf_counter()
-                model, loaded = self.cache.get(job.spec)
+                model, loaded = self.cache.get(task.spec)
                 seconds["load"] = time.perf_counter() - t0 if loaded else 0.0
                 with lock:
                     # The clock runs from the prediction: a cold first load (imports, weights) is not a hang.
-                    started[job.name] = time.monotonic()
+                    started[task.name] = time.monotonic()
                 t0 = time.perf_counter()
-                prediction = model.predict(images, job.labels or None)
+                prediction = model.predict(images, task.labels or None)
                 seconds["run"] = time.perf_counter() - t0
-                done.put(JobResult(job.name, "ok", prediction, None, seconds))
+                done.put(TaskResult(task.name, TaskStatus.OK, prediction, None, seconds))
             except Exception as exc:  # one model's failure must not fail the study
-                log.error("model %s failed: %s", job.name, _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
-                done.put(JobResult(job.name, "failed", None, _describe(exc), seconds))
+                log.error("model %s failed: %s", task.name, _describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+                done.put(TaskResult(task.name, TaskStatus.FAILED, None, _describe(exc), seconds))
 
-        limits = {job.name: job.timeout_s if job.timeout_s is not None else self.timeout_s for job in jobs}
-        waiting = list(jobs)
+        limits = {task.name: task.timeout_s if task.timeout_s is not None else self.timeout_s for task in tasks}
+        waiting = list(tasks)
         active: set[str] = set()
-        results: dict[str, JobResult] = {}
-        while len(results) < len(jobs):
+        results: dict[str, TaskResult] = {}
+        while len(results) < len(tasks):
             # The coordinator hands out the worker slots, so a timed-out model (whose thread cannot be
-            # stopped) gives its slot back instead of blocking the jobs behind it.
+            # stopped) gives its slot back instead of blocking the tasks behind it.
             while waiting and len(active) < self.workers:
-                job = waiting.pop(0)
-                active.add(job.name)
-                threading.Thread(target=work, args=(job,), name=f"model-{job.name}", daemon=True).start()
+                task = waiting.pop(0)
+                active.add(task.name)
+                threading.Thread(target=work, args=(task,), name=f"model-{task.name}", daemon=True).start()
             try:
                 result = done.get(timeout=0.05)
             except queue.Empty:
@@ -283,7 +303,7 @@ class InProcessExecutor:
                     ]
                 for name in overdue:
                     log.error("model %s timed out after %.1f s", name, limits[name])
-                    results[name] = JobResult(name, "timeout", None, f"timed out after {limits[name]:g} s")
+                    results[name] = TaskResult(name, TaskStatus.TIMEOUT, None, f"timed out after {limits[name]:g} s")
                     active.discard(name)
                 continue
             if result.model not in results:  # a late answer from a timed-out model is discarded

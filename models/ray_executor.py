@@ -1,6 +1,6 @@
 """Running the matched models on a Ray cluster, behind the :class:`~medsegagent.models.executor.Executor` interface.
 
-:class:`RayExecutor` has the same ``run(jobs, images) -> {model: JobResult}``
+:class:`RayExecutor` has the same ``run(tasks, images) -> {model: TaskResult}``
 as :class:`~medsegagent.models.executor.InProcessExecutor`, so the pipeline
 and the node use either without change.  What differs is where models run:
 
@@ -56,7 +56,7 @@ from urllib.parse import urlparse
 
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, SegmentationModel, StudyImages, load_model
-from medsegagent.models.executor import Job, JobResult, ModelCache
+from medsegagent.models.executor import ModelCache, ModelTask, TaskResult, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +166,19 @@ class ModelWorker:
             return 0.0, _describe(exc)
         return (time.perf_counter() - t0 if loaded else 0.0), None
 
-    def run(self, job: Job, images: StudyImages) -> tuple[JobResult, dict[str, Any]]:
+    def run(self, task: ModelTask, images: StudyImages) -> tuple[TaskResult, dict[str, Any]]:
         """Predict; a model's own failure comes back as a ``failed`` result, never as an exception."""
         seconds: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
-            model, loaded = self.cache.get(job.spec)  # after an actor restart the model loads again here
+            model, loaded = self.cache.get(task.spec)  # after an actor restart the model loads again here
             seconds["load"] = time.perf_counter() - t0 if loaded else 0.0
             t0 = time.perf_counter()
-            prediction = model.predict(images, job.labels or None)
+            prediction = model.predict(images, task.labels or None)
             seconds["run"] = time.perf_counter() - t0
-            result = JobResult(job.name, "ok", prediction, None, seconds)
+            result = TaskResult(task.name, TaskStatus.OK, prediction, None, seconds)
         except Exception as exc:  # one model's failure must not fail the study
-            result = JobResult(job.name, "failed", None, _describe(exc), seconds)
+            result = TaskResult(task.name, TaskStatus.FAILED, None, _describe(exc), seconds)
         return result, self.where()
 
 
@@ -193,9 +193,9 @@ class _Replica:
 
 @dataclass(eq=False)
 class _Task:
-    """One job of a running study, through its (re)submissions."""
+    """One model task of a running study, through its (re)submissions."""
 
-    job: Job
+    model_task: ModelTask
     limit: float | None
     replica: _Replica | None = None
     load_ref: Any = None
@@ -254,7 +254,7 @@ def _reachable(addr: tuple[str, int], timeout: float = 2.0) -> bool:
 
 
 class RayExecutor:
-    """Runs jobs on Ray actors that keep their models loaded.
+    """Runs model tasks on Ray actors that keep their models loaded.
 
     Parameters
     ----------
@@ -279,9 +279,9 @@ class RayExecutor:
     max_restarts, max_task_retries : int
         Ray's own restarts of a lost actor and retries of its calls.
     retries : int
-        Fresh actors the executor tries for a job once Ray gave up on one.
+        Fresh actors the executor tries for a task once Ray gave up on one.
     worker_lost_timeout_s : float
-        How long a job waits for its unreachable actor to come back before replacing it.
+        How long a task waits for its unreachable actor to come back before replacing it.
     head_grace_s : float
         How long the head may be unreachable before :class:`ClusterUnavailable`
         (Ray terminates a driver whose head is gone for 60 s; keep it below that).
@@ -629,21 +629,21 @@ class RayExecutor:
     # -- running ---------------------------------------------------------------------------------
     def _submit(self, ray: Any, task: _Task, images_ref: Any) -> None:
         if task.replica is None:
-            task.replica = self._replica_for(ray, task.job.spec)  # counts the call
+            task.replica = self._replica_for(ray, task.model_task.spec)  # counts the call
         elif not task.holding:
             with self._lock:
                 task.replica.outstanding += 1
         task.holding = True
         if not task.loaded:
-            task.load_ref = task.replica.handle.load.remote(task.job.spec)
+            task.load_ref = task.replica.handle.load.remote(task.model_task.spec)
             task.submitted = time.monotonic()
-        task.run_ref = task.replica.handle.run.remote(task.job, images_ref)
+        task.run_ref = task.replica.handle.run.remote(task.model_task, images_ref)
         if task.loaded:
             task.started = time.monotonic()  # a resubmitted prediction gets its full time again
         task.retry_at = None
 
-    def run(self, jobs: Sequence[Job], images: Volume | StudyImages) -> dict[str, JobResult]:
-        """Run ``jobs`` on their actors; results in job order, keyed by model name.
+    def run(self, model_tasks: Sequence[ModelTask], images: Volume | StudyImages) -> dict[str, TaskResult]:
+        """Run ``model_tasks`` on their actors; results in task order, keyed by model name.
 
         Raises
         ------
@@ -652,15 +652,15 @@ class RayExecutor:
             result is returned, so the caller retries the whole study later.
         """
         images = StudyImages.of(images)
-        names = [job.name for job in jobs]
+        names = [t.name for t in model_tasks]
         if len(set(names)) != len(names):
-            raise ValueError(f"one job per model, got {names}")
-        if not jobs:
+            raise ValueError(f"one task per model, got {names}")
+        if not model_tasks:
             return {}
         ray = self._connect()
         with self._running():
-            tasks = [_Task(job, job.timeout_s if job.timeout_s is not None else self.timeout_s) for job in jobs]
-            results: dict[str, JobResult] = {}
+            tasks = [_Task(t, t.timeout_s if t.timeout_s is not None else self.timeout_s) for t in model_tasks]
+            results: dict[str, TaskResult] = {}
             try:
                 images_ref = ray.put(images)  # once per study; every actor reads this copy
                 for task in tasks:
@@ -677,13 +677,13 @@ class RayExecutor:
                     self._release(task)
         return {name: results[name] for name in names}
 
-    def _drive(self, ray: Any, tasks: list[_Task], images_ref: Any, results: dict[str, JobResult]) -> None:
+    def _drive(self, ray: Any, tasks: list[_Task], images_ref: Any, results: dict[str, TaskResult]) -> None:
         """Wait for results, resubmit lost parts, enforce time limits."""
         while len(results) < len(tasks):
             if self._head_lost.is_set():
                 raise ClusterUnavailable(f"the Ray head {self._where()} was lost during the study")
             now = time.monotonic()
-            pending = [t for t in tasks if t.job.name not in results]
+            pending = [t for t in tasks if t.model_task.name not in results]
             for task in pending:
                 if task.retry_at is not None and now >= task.retry_at:
                     self._submit(ray, task, images_ref)
@@ -701,7 +701,7 @@ class RayExecutor:
                 time.sleep(0.05)
             self._enforce_limits(ray, pending, results)
 
-    def _collect(self, ray: Any, task: _Task, ref: Any, is_run: bool, results: dict[str, JobResult]) -> None:
+    def _collect(self, ray: Any, task: _Task, ref: Any, is_run: bool, results: dict[str, TaskResult]) -> None:
         from ray.exceptions import (
             ActorUnavailableError,
             ObjectLostError,
@@ -710,7 +710,7 @@ class RayExecutor:
             WorkerCrashedError,
         )
 
-        name = task.job.name
+        name = task.model_task.name
         try:
             value = ray.get(ref)
         except ActorUnavailableError as exc:  # restarting, or its node is going: wait for it
@@ -722,7 +722,7 @@ class RayExecutor:
         except RayTaskError as exc:  # the actor could not even run the call (e.g. a package missing there)
             self._release(task)
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            results[name] = JobResult(name, "failed", None, f"Ray worker error: {_describe(cause)}")
+            results[name] = TaskResult(name, TaskStatus.FAILED, None, f"Ray worker error: {_describe(cause)}")
             return
         task.lost_since, task.backoff = None, 0.25
         if not is_run:
@@ -737,10 +737,10 @@ class RayExecutor:
         results[name] = result
 
     def _lost(
-        self, ray: Any, task: _Task, exc: BaseException, results: dict[str, JobResult], *, permanent: bool
+        self, ray: Any, task: _Task, exc: BaseException, results: dict[str, TaskResult], *, permanent: bool
     ) -> None:
-        """A job's actor is unreachable or dead: retry on it later, or on a fresh one."""
-        name = task.job.name
+        """A task's actor is unreachable or dead: retry on it later, or on a fresh one."""
+        name = task.model_task.name
         now = time.monotonic()
         self._release(task)
         if not permanent:
@@ -755,26 +755,27 @@ class RayExecutor:
         task.replica, task.lost_since, task.loaded = None, None, False
         task.attempts += 1
         if task.attempts > self.retries:
-            results[name] = JobResult(name, "failed", None, f"Ray worker lost: {_describe(exc).splitlines()[0]}")
+            lost = _describe(exc).splitlines()[0]
+            results[name] = TaskResult(name, TaskStatus.FAILED, None, f"Ray worker lost: {lost}")
             return
         task.retry_at = now + 0.5
 
-    def _enforce_limits(self, ray: Any, pending: list[_Task], results: dict[str, JobResult]) -> None:
+    def _enforce_limits(self, ray: Any, pending: list[_Task], results: dict[str, TaskResult]) -> None:
         now = time.monotonic()
         for task in pending:
-            name = task.job.name
+            name = task.model_task.name
             if name in results or task.retry_at is not None:
                 continue
             if task.loaded and task.limit is not None and task.started is not None and now - task.started > task.limit:
                 log.error("model %s timed out after %.1f s; killing its actor", name, task.limit)
-                results[name] = JobResult(name, "timeout", None, f"timed out after {task.limit:g} s")
+                results[name] = TaskResult(name, TaskStatus.TIMEOUT, None, f"timed out after {task.limit:g} s")
                 self._release(task)
                 self._drop(ray, task.replica)  # reclaims the hung process
             elif not task.loaded and now - task.submitted > self.placement_timeout_s:
                 log.error("model %s: not placed and loaded within %.0f s", name, self.placement_timeout_s)
-                results[name] = JobResult(
+                results[name] = TaskResult(
                     name,
-                    "failed",
+                    TaskStatus.FAILED,
                     None,
                     f"not placed and loaded within {self.placement_timeout_s:g} s"
                     " (does the cluster offer the resources it asks for?)",

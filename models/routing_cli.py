@@ -197,7 +197,7 @@ def format_plan(plan: Any, explain: bool = False) -> str:
         lines.append("  (nothing)")
     if plan.unmatched:
         lines.append("unmatched:")
-        lines += [f"  - {u['target']!r}: {u['reason']}" for u in plan.unmatched]
+        lines += [f"  - {u.target!r}: {u.reason}" for u in plan.unmatched]
     if plan.missing_models:
         lines.append("missing models:")
         for m in plan.missing_models:

@@ -110,7 +110,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         job = job_or_404(job_id)
         out = job.to_json(detail=True)
         out["deliveries"] = [
-            {"destination": i.destination, "file": Path(i.path).name, "state": i.state, "attempts": i.attempts,
+            {"destination": i.destination, "file": Path(i.path).name, "state": i.state.value, "attempts": i.attempts,
              "last_error": i.last_error}
             for i in node.store.outbox(job_id)
         ]  # fmt: skip
@@ -149,7 +149,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         missing = sorted(m["dataset"] for m in plan.missing_models)
         return PlanCheck(
             request=text, source="request" if body.request else "preset", selection=plan.selection,
-            unmatched=[u["reason"] for u in plan.unmatched], missing_models=missing,
+            unmatched=[u.reason for u in plan.unmatched], missing_models=missing,
             runnable=bool(set(plan.selection) - set(missing)),
         )  # fmt: skip
 

@@ -60,26 +60,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_segment(args: argparse.Namespace) -> int:
     """``medsegagent segment``."""
     from medsegagent.models.registry import RegistryError, load_registry
-    from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study
+    from medsegagent.node.pipeline import OutputOptions, PipelineError, RunContext, segment_folder
 
     try:
         registry = load_registry(args.registry)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    outputs = OutputOptions(seg_type=SegType(args.seg_type), volume_report=args.sr, preview_sc=args.preview_sc)
+    context = RunContext.in_process(
+        registry,
+        device=args.device,
+        outputs=outputs,
+        progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
+    )
     try:
-        result = segment_study(
-            args.dicom_dir,
-            args.text,
-            args.out,
-            registry=registry,
-            collection=args.collection,
-            seg_type=SegType(args.seg_type),
-            cache=ModelCache(args.device),
-            volume_report=args.sr,
-            preview_sc=args.preview_sc,
-            progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
-        )
+        result = segment_folder(args.dicom_dir, args.text, args.out, context, collection=args.collection)
     except PipelineError as exc:
         print(f"error ({exc.reason.value}): {exc}", file=sys.stderr)
         return EXIT_REFUSED

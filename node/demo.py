@@ -32,7 +32,7 @@ from medsegagent.models.registry import Registry
 from medsegagent.models.resample import resample
 from medsegagent.node.dispatch import DeliveryError, send_files
 from medsegagent.node.intake import StorageSCP
-from medsegagent.node.pipeline import Result, segment_study
+from medsegagent.node.pipeline import Provenance, RunContext, StudyResult, segment_folder
 
 DEFAULT_REQUEST = "Segment the liver, spleen, both kidneys, pancreas and aorta"
 #: The real-scan demo's request: brain extraction on Colin27.
@@ -45,7 +45,7 @@ _ORGAN_PARTS = {"liver": ("liver", "liver_tumour")}
 class DemoOutcome:
     """What the demo produced, for the summary and for tests."""
 
-    result: Result
+    result: StudyResult
     dice: dict[str, float]
     seconds: dict[str, float]
     instances: int
@@ -109,12 +109,12 @@ def through_node(
     collection: str | None,
     say: Callable[[str], None],
     registry: Registry | None = None,
-) -> tuple[Result, float, float]:
+) -> tuple[StudyResult, float, float]:
     """Send ``dicom_files`` to a node listener over C-STORE and segment the study it assembles (with ``registry``).
 
     Returns
     -------
-    result : Result
+    result : StudyResult
         The pipeline's result.
     transfer_s, segment_s : float
         Seconds from the first C-STORE to the complete study, and for segmenting it.
@@ -134,14 +134,9 @@ def through_node(
         scp.stop()
     t0 = time.perf_counter()
     say(f"request: {request!r}")
-    result = segment_study(
-        study_dir,
-        request,
-        work_dir / "result",
-        registry=registry,
-        collection=collection,
-        request_source="demo",
-        progress=say,
+    context = RunContext.in_process(registry, progress=say)
+    result = segment_folder(
+        study_dir, request, work_dir / "result", context, collection=collection, provenance=Provenance("demo")
     )
     return result, transfer, time.perf_counter() - t0
 

@@ -1,7 +1,7 @@
 """Several intake processes on one DICOM port.
 
-pynetdicom serves each association in a thread of one Python process, so all
-associations share one core (the GIL).  With ``node.intake_processes: N`` the
+The listener (:mod:`medsegagent.dicom.acceptor`) serves each association in
+a thread of one Python process, so all associations share one core (the GIL).  With ``node.intake_processes: N`` the
 node runs its own listener plus ``N - 1`` worker processes, all bound to the
 same port with ``SO_REUSEPORT``; the kernel spreads new associations over
 them.  Every process spools to the same directory and records arrivals in the

@@ -242,6 +242,17 @@ class Job:
         return out
 
 
+class DeliveryState(enum.StrEnum):
+    """Where one outbox item (a file for a destination) stands."""
+
+    #: Waiting for its next attempt.
+    PENDING = "pending"
+    #: The destination stored it.
+    SENT = "sent"
+    #: Refused for good, or given up on.
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """A row of ``outbox``."""
@@ -250,7 +261,7 @@ class OutboxItem:
     job_id: str
     destination: str
     path: str
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -573,7 +584,7 @@ class JobStore:
 
         * ``failed`` because a delivery failed: the failed outbox items are
           queued again (the same files) and the job is ``written``;
-        * ``failed`` otherwise, or ``cancelled``: the job runs again from ``received``;
+        * ``failed`` otherwise, or ``cancelled``: the job runs again from ``received``, planned afresh;
         * ``written`` with failed items beside pending ones: those items are queued again.
 
         Raises
@@ -591,7 +602,8 @@ class JobStore:
             elif job.state in (JobState.FAILED, JobState.CANCELLED):
                 # A study never (fully) pulled from its source is pulled again.
                 pull = job.retrieve_from and (job.state is JobState.CANCELLED or job.reason in RETRIEVE_FAILURES)
-                self._set_state(db, job_id, JobState.RETRIEVING if pull else JobState.RECEIVED, error=None)
+                # Planned again, against the models installed now: the stored plan is dropped.
+                self._set_state(db, job_id, JobState.RETRIEVING if pull else JobState.RECEIVED, error=None, plan=None)
             else:
                 why = f"job {job_id} is {job.state.value}: only failed or cancelled jobs, or failed deliveries, retry"
                 if job.state is JobState.DELIVERED:
@@ -768,6 +780,6 @@ def _job(row: sqlite3.Row) -> Job:
 
 def _outbox(row: sqlite3.Row) -> OutboxItem:
     return OutboxItem(
-        row["id"], row["job_id"], row["destination"], row["path"], row["state"], row["attempts"],
+        row["id"], row["job_id"], row["destination"], row["path"], DeliveryState(row["state"]), row["attempts"],
         row["next_attempt_at"], row["last_error"],
     )  # fmt: skip

@@ -1,10 +1,13 @@
 """One study, end to end: read -> plan -> execute -> ensemble -> SEG + report.
 
-This is the processor of the node (and of ``medsegagent segment``).  It
-takes a folder of DICOM files and a request text and leaves in the output
-folder either a complete result (``seg.dcm``, ``report.json``,
-``preview.png``) or nothing: results are assembled in a staging folder and
-moved into place only when every step succeeded.
+This is the processor of the node (and of ``medsegagent segment``).  The
+plan is made once, before this module runs it: the node plans when it finds
+a job's request and stores the plan with the job; :func:`segment_study`
+executes a plan on a study read by :func:`read_study`
+(:func:`segment_folder` does all three for a folder and a text).  It leaves
+in the output folder either a complete result (``seg.dcm``,
+``report.json``, ``preview.png``) or nothing: results are assembled in a
+staging folder and moved into place only when every step succeeded.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom import Dataset as DicomDataset
 
 from medsegagent import __version__
 from medsegagent.dicom.modality import routing_modality
@@ -51,7 +56,7 @@ from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
 from medsegagent.models.ensemble import Member, OnDemand, TargetResult, fuse_study, resolve_overlaps
-from medsegagent.models.executor import Executor, InProcessExecutor, Job, JobResult, ModelCache
+from medsegagent.models.executor import Executor, InProcessExecutor, ModelCache, ModelTask, TaskResult, TaskStatus
 from medsegagent.models.registry import (
     Dataset,
     Label,
@@ -109,8 +114,148 @@ class Segment:
     members: list[tuple[Dataset, Label, ModelRef]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SkippedTarget:
+    """A target of the plan with candidate datasets but no installed model among them."""
+
+    target: str
+    reason: str
+    #: How to install the datasets' models (their install hints, else their names).
+    install: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The report's form: ``{"target", "reason", "install"}``."""
+        return {"target": self.target, "reason": self.reason, "install": list(self.install)}
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """A study as :func:`read_study` read it: its series, the one segmented and its routing modality.
+
+    Attributes
+    ----------
+    folder : Path
+        Where the study's files are.
+    series : mapping of str to SeriesInfo
+        Every series of the folder, by Series Instance UID (headers only).
+    chosen : SeriesInfo
+        The image series that is segmented.
+    volume : Volume
+        Its pixels on its grid.
+    modality : str or None
+        The routing modality of the study (``CT``, ``MR:T1``, ``PT+CT`` ...).
+    read_s : float
+        Seconds spent reading.
+    """
+
+    folder: Path
+    series: Mapping[str, SeriesInfo]
+    chosen: SeriesInfo
+    volume: Volume
+    modality: str | None
+    read_s: float = 0.0
+
+    @property
+    def images(self) -> list[SeriesInfo]:
+        """The study's image series, largest first."""
+        return image_series(dict(self.series))
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What :func:`segment_study` writes besides ``seg.dcm``, ``preview.png`` and ``report.json``.
+
+    Attributes
+    ----------
+    seg_type : SegType
+        Encoding of ``seg.dcm``.
+    volume_report : bool
+        Also ``sr.dcm``, a TID 1500 Measurement Report of each segment's volume (plus
+        ``seg-binary.dcm`` for it to reference when ``seg_type`` is LABELMAP).
+    preview_sc : bool
+        Also ``preview-sc.dcm``: the preview as a Secondary Capture for PACS that cannot show SEG.
+    labelmap_copy : bool
+        Also ``seg-labelmap.dcm``: the same segments as a LABELMAP SEG (RLE), for destinations
+        that accept one (when ``seg_type`` is not LABELMAP already).
+    """
+
+    seg_type: SegType = SegType.BINARY
+    volume_report: bool = False
+    preview_sc: bool = False
+    labelmap_copy: bool = False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What executes plans, shared across studies: the registry, the executor and the output options.
+
+    Attributes
+    ----------
+    registry : Registry
+        The model library the plans name.
+    executor : Executor
+        Runs the models (its own time limit applies to each).
+    outputs : OutputOptions
+        The files written besides the SEG.
+    fusion_workers : int
+        Threads of the ensemble (resampling releases the GIL).
+    progress : callable, optional
+        Receives one line per step (default: the log).
+    """
+
+    registry: Registry
+    executor: Executor
+    outputs: OutputOptions = OutputOptions()
+    fusion_workers: int = 2
+    progress: Progress | None = None
+
+    @classmethod
+    def in_process(
+        cls,
+        registry: Registry | None = None,
+        *,
+        device: str = "auto",
+        workers: int = 2,
+        outputs: OutputOptions = OutputOptions(),
+        progress: Progress | None = None,
+    ) -> RunContext:
+        """A context with an in-process executor of ``workers`` threads over a fresh model cache.
+
+        ``registry`` defaults to the installed one; ``device`` is where models that say ``auto`` run.
+        """
+        executor = InProcessExecutor(ModelCache(device), workers=workers)
+        return cls(registry or load_registry(), executor, outputs, workers, progress)
+
+    def say(self, message: str) -> None:
+        """Report one step to :attr:`progress`, or to the log."""
+        if self.progress is not None:
+            self.progress(message)
+        else:
+            log.info("%s", message)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where one study's request came from, and the key its result UIDs derive from.
+
+    Attributes
+    ----------
+    request_source : str
+        The instruction source (recorded in the SEG and the report).
+    request_fallback : mapping, optional
+        The unusable request passed over for this one (source, reason), recorded in the report.
+    uid_key : str, optional
+        Stable key of the result's UIDs (the job id in the node); defaults to the
+        source series UID and the request.
+    """
+
+    request_source: str = "request"
+    request_fallback: Mapping[str, str] | None = None
+    uid_key: str | None = None
+
+
 @dataclass
-class Result:
+class StudyResult:
     """What :func:`segment_study` produced.
 
     ``predictions`` holds each model's own output (on the model's grid) for
@@ -120,7 +265,7 @@ class Result:
     seg_path: Path
     report_path: Path
     preview_path: Path
-    report: dict
+    report: dict[str, Any]
     labels: np.ndarray
     volume: Volume
     predictions: dict[str, Prediction] = field(default_factory=dict)
@@ -133,18 +278,18 @@ def _concept(label: Label) -> tuple[str, str | None]:
     return (label.type.value, modifier)
 
 
-def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[dict]]:
+def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[SkippedTarget]]:
     """Turn a plan into output segments with the installed models voting on each.
 
     Returns
     -------
     segments : list of Segment
         In plan order; one per distinct structure.
-    skipped : list of dict
+    skipped : list of SkippedTarget
         Targets that have candidates but no installed model (with the reason).
     """
     segments: dict[tuple[str, str | None], Segment] = {}
-    skipped: list[dict] = []
+    skipped: list[SkippedTarget] = []
     for target in plan.targets:
         if target.negated:
             continue
@@ -165,7 +310,7 @@ def plan_segments(plan: Plan, registry: Registry) -> tuple[list[Segment], list[d
                 runnable += len(voters)
         if chosen and not runnable:
             hints = sorted({registry.datasets[c.dataset].install_hint or c.dataset for c in chosen})
-            skipped.append({"target": target.text, "reason": "no installed model", "install": hints})
+            skipped.append(SkippedTarget(target.text, "no installed model", tuple(hints)))
     return [s for s in segments.values() if s.members], skipped
 
 
@@ -278,8 +423,30 @@ def weights_fingerprint(ref: ModelRef) -> str:
     return "sha256:" + hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16]
 
 
-def build_jobs(segments: list[Segment], timeout_s: float | None = None) -> list[Job]:
-    """One job per model of the plan, asking it for the labels its segments need."""
+@dataclass
+class _Run:
+    """One execution of a plan, filled in step by step (the report is made from it)."""
+
+    study: StudyInput
+    plan: Plan
+    provenance: Provenance
+    timings: dict[str, float]
+    segments: list[Segment] = field(default_factory=list)
+    skipped: list[SkippedTarget] = field(default_factory=list)
+    outcomes: dict[str, TaskResult] = field(default_factory=dict)
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    results: list[TargetResult] = field(default_factory=list)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
+    qualities: list[SegmentQuality] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    caution: str | None = None
+    demo_models: bool = False
+    preview_slice: int = 0
+
+
+def build_tasks(segments: list[Segment]) -> list[ModelTask]:
+    """One task per model of the plan, asking it for the labels its segments need."""
     specs: dict[str, ModelSpec] = {}
     wanted: dict[str, list[str]] = {}
     for segment in segments:
@@ -289,14 +456,14 @@ def build_jobs(segments: list[Segment], timeout_s: float | None = None) -> list[
                 wanted[ref.name] = []
             if label.name not in wanted[ref.name]:
                 wanted[ref.name].append(label.name)
-    return [Job(spec, tuple(wanted[name]), timeout_s) for name, spec in specs.items()]
+    return [ModelTask(spec, tuple(wanted[name])) for name, spec in specs.items()]
 
 
-def _needs_other_series(jobs: list[Job], primary: Volume) -> bool:
+def _needs_other_series(tasks: list[ModelTask], primary: Volume) -> bool:
     """Whether some model takes a channel the primary series cannot fill."""
     have = channel_modality(primary)
-    for job in jobs:
-        channels = job.spec.channels
+    for task in tasks:
+        channels = task.spec.channels
         if len(channels) > 1:
             return True
         if channels and not any(m == have or (m == "MR" and have.startswith("MR")) for m in channels[0].modalities):
@@ -304,105 +471,39 @@ def _needs_other_series(jobs: list[Job], primary: Volume) -> bool:
     return False
 
 
-def _study_images(volume: Volume, chosen: SeriesInfo, images: list[SeriesInfo], jobs: list[Job]) -> StudyImages:
+def _study_images(study: StudyInput, tasks: list[ModelTask]) -> StudyImages:
     """The primary volume plus, when a model needs them, the study's other image series."""
-    if not _needs_other_series(jobs, volume):
-        return StudyImages(volume)
+    if not _needs_other_series(tasks, study.volume):
+        return StudyImages(study.volume)
     others = []
-    for info in images:
-        if info is chosen:
+    for info in study.images:
+        if info is study.chosen:
             continue
         try:
             others.append(read_series(info))
         except SeriesError as exc:  # an unreadable extra series fails only the models that need it
             log.warning("series %s skipped: %s", info.label, exc)
-    return StudyImages(volume, tuple(others))
+    return StudyImages(study.volume, tuple(others))
 
 
-def segment_study(
-    dicom_dir: Path,
-    text: str,
-    out_dir: Path,
-    *,
-    registry: Registry | None = None,
-    router: Router | None = None,
-    collection: str | None = None,
-    request_source: str = "request",
-    seg_type: SegType = SegType.BINARY,
-    cache: ModelCache | None = None,
-    workers: int = 2,
-    uid_key: str | None = None,
-    progress: Progress | None = None,
-    executor: Executor | None = None,
-    timeout_s: float | None = None,
-    volume_report: bool = False,
-    preview_sc: bool = False,
-    labelmap_copy: bool = False,
-    request_fallback: Mapping[str, str] | None = None,
-) -> Result:
-    """Segment the image series of ``dicom_dir`` as ``text`` asks.
+def read_study(dicom_dir: Path, series: Mapping[str, SeriesInfo] | None = None) -> StudyInput:
+    """Read the series of ``dicom_dir`` that the study's routing modality names.
 
     Parameters
     ----------
     dicom_dir : Path
         Folder with the study's files (any order, sub-folders allowed).
-    text : str
-        The request, e.g. ``"liver and both kidneys"``.
-    out_dir : Path
-        Receives ``seg.dcm``, ``report.json`` and ``preview.png``.
-    registry, router : optional
-        Reused across studies by the node; loaded on demand otherwise.
-    collection : str, optional
-        Route within one registry collection only.
-    request_source : str
-        Where the request came from (recorded in the SEG and report).
-    seg_type : SegType
-        SEG encoding.
-    cache : ModelCache, optional
-        Loaded models, shared across studies (used by the default executor).
-    workers : int
-        Models run concurrently (default executor).
-    uid_key : str, optional
-        Stable key for the SEG's UIDs (the job id in the node); defaults to
-        the source series UID and the request.
-    progress : callable, optional
-        Receives one line per step.
-    executor : Executor, optional
-        Runs the models; an in-process one over ``cache`` with ``workers``
-        threads by default.
-    volume_report : bool
-        Also write ``sr.dcm``: a TID 1500 Measurement Report with each
-        segment's volume (plus ``seg-binary.dcm`` for it to reference when
-        ``seg_type`` is LABELMAP).
-    preview_sc : bool
-        Also write ``preview-sc.dcm``: the preview as a Secondary Capture for
-        PACS that cannot show SEG.
-    labelmap_copy : bool
-        Also write ``seg-labelmap.dcm``: the same segments as a LABELMAP SEG
-        (RLE), for destinations that accept one (when ``seg_type`` is not
-        LABELMAP already).
-    timeout_s : float, optional
-        Wall-time limit per model; a model over it fails alone.
-    request_fallback : mapping, optional
-        The unusable request passed over for ``text`` (source, reason), recorded in the report.
+    series : mapping, optional
+        The folder's :func:`~medsegagent.dicom.series.scan_folder` result, when the caller holds it already.
 
     Raises
     ------
     PipelineError
-        With a message naming the problem and its :class:`FailureReason`; nothing is left in ``out_dir``.
+        No image series, one the node cannot segment, unreadable pixels, a single image.
     """
-    say = progress or (lambda message: log.info("%s", message))
-    timings: dict[str, float] = {}
-    registry = registry or load_registry()
-    router = router or Router(registry)
-    if executor is None:
-        executor = InProcessExecutor(cache if cache is not None else ModelCache(), workers=workers)
-
     t0 = time.perf_counter()
-    say(f"reading {dicom_dir}")
     try:
-        series = scan_folder(Path(dicom_dir))
-        images = image_series(series)
+        series = dict(series) if series is not None else scan_folder(Path(dicom_dir))
         modality = study_modality(series)
         if modality is None:
             choose_series(series)  # raises with the reason
@@ -417,128 +518,161 @@ def segment_study(
         # Every backend segments volumes; one image would be padded into a "volume" and segmented as noise.
         raise PipelineError(f"series {chosen.label} is a single image, not a volume; the models segment volumes",
                             FailureReason.IMPLAUSIBLE_GEOMETRY)  # fmt: skip
-    timings["read"] = time.perf_counter() - t0
-    say(f"series {chosen.label}, grid {volume.geometry.shape}, routing modality {modality}")
+    return StudyInput(Path(dicom_dir), series, chosen, volume, modality, time.perf_counter() - t0)
+
+
+def segment_folder(
+    dicom_dir: Path,
+    text: str,
+    out_dir: Path,
+    context: RunContext | None = None,
+    *,
+    collection: str | None = None,
+    provenance: Provenance = Provenance(),
+) -> StudyResult:
+    """Read ``dicom_dir``, plan ``text`` for it and segment it: :func:`segment_study` for a folder and a text.
+
+    ``context`` defaults to the installed registry and an in-process executor
+    (:meth:`RunContext.in_process`); ``collection`` restricts routing to one
+    registry collection.  Raises :class:`PipelineError` as :func:`segment_study` does.
+    """
+    context = context or RunContext.in_process()
+    context.say(f"reading {dicom_dir}")
+    study = read_study(Path(dicom_dir))
+    context.say(f"series {study.chosen.label}, grid {study.volume.geometry.shape}, routing modality {study.modality}")
+    plan = Router(context.registry).plan(text, modality=study.modality, collection=collection)
+    return segment_study(study, plan, out_dir, context, provenance)
+
+
+def segment_study(
+    study: StudyInput, plan: Plan, out_dir: Path, context: RunContext, provenance: Provenance = Provenance()
+) -> StudyResult:
+    """Execute ``plan`` on ``study``: run its models, fuse their outputs, write the SEG and the report.
+
+    The plan is the one the job stored (:meth:`Plan.from_json`): nothing is
+    planned again here.  Results are assembled in a staging folder and moved
+    into ``out_dir`` only when every step succeeded.
+
+    Parameters
+    ----------
+    study : StudyInput
+        The study as :func:`read_study` read it.
+    plan : Plan
+        What to segment, with which datasets (``plan.text`` is the request).
+    out_dir : Path
+        Receives ``seg.dcm``, ``report.json``, ``preview.png`` and the optional outputs.
+    context : RunContext
+        Registry, executor and output options (shared across studies by the node).
+    provenance : Provenance
+        Where the request came from and the key of the result's UIDs.
+
+    Raises
+    ------
+    PipelineError
+        With a message naming the problem and its :class:`FailureReason`; nothing is left in ``out_dir``.
+    """
+    run = _Run(study, plan, provenance, timings={"read": study.read_s, "plan": plan.elapsed_ms / 1000.0})
+    run.segments, run.skipped = plan_segments(plan, context.registry)
+    if not run.segments:
+        raise _nothing_to_segment(plan, run.skipped, study.modality)
+    context.say("plan: " + ", ".join(f"{s.label.name} <- {len(s.members)} model(s)" for s in run.segments))
+    _run_models(run, context)
 
     t0 = time.perf_counter()
-    plan = router.plan(text, modality=modality, collection=collection)
-    timings["plan"] = time.perf_counter() - t0
-    segments, skipped = plan_segments(plan, registry)
-    if not segments:
-        reasons = [f"{u['target']}: {u['reason']}" for u in plan.to_json().get("unmatched", [])]
-        reasons += [f"{s['target']}: {s['reason']} (install: {', '.join(s['install'])})" for s in skipped]
-        raise PipelineError(
-            f"nothing to segment for {text!r} in a {modality} study" + (": " + "; ".join(reasons) if reasons else ""),
-            FailureReason.NO_MODEL_INSTALLED if skipped else FailureReason.NOTHING_MATCHED,
-        )
-    say("plan: " + ", ".join(f"{s.label.name} <- {len(s.members)} model(s)" for s in segments))
+    context.say(f"ensemble: fusing {len(run.segments)} segment(s) on the source grid")
+    run.results = _fuse_segments(run.segments, run.predictions, run.errors, study.volume, context.fusion_workers)
+    run.labels = resolve_overlaps(run.results)
+    run.timings["ensemble"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    jobs = build_jobs(segments, timeout_s)
-    say(f"running {len(jobs)} model(s): {', '.join(j.name for j in jobs)}")
-    study = _study_images(volume, chosen, images, jobs)
-    outcomes = executor.run(jobs, study)
-    predictions = {name: r.prediction for name, r in outcomes.items() if r.ok and r.prediction is not None}
-    errors = {name: r.error or r.status for name, r in outcomes.items() if not r.ok}
-    timings["inference"] = time.perf_counter() - t0
-    if not predictions:
-        failed = "; ".join(f"{name}: {error}" for name, error in errors.items())
-        raise PipelineError(f"every model failed ({failed})", FailureReason.MODEL_FAILED)
-
-    t0 = time.perf_counter()
-    say(f"ensemble: fusing {len(segments)} segment(s) on the source grid")
-    results = _fuse_segments(segments, predictions, errors, volume, workers)
-    labels = resolve_overlaps(results)
-    timings["ensemble"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("writing DICOM-SEG")
+    context.say("writing DICOM-SEG")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        # Each segment names its own voters with their ranks and weights; the
-        # contributing models (with weight digests) make the SEG's Device UID.
-        qualities = [assess_segment(r) for r in results]
-        specs = [
-            segment_spec(s.label, members_from_ranks(r.ranks, r.weights), q.note)
-            for s, r, q in zip(segments, results, qualities, strict=True)
-        ]
-        ran = {ref.name: ref for s in segments for _, _, ref in s.members if ref.name in predictions}
-        contributing = [ContributingModel(name, weights_fingerprint(ref)) for name, ref in sorted(ran.items())]
-        demo = any(DEMO_COLLECTION in registry.datasets[ref.dataset].collections for ref in ran.values())
-        caution = study_caution(qualities, demo)
-        if caution:
-            say(f"caution: {caution}")
-        key = uid_key or f"{volume.series_instance_uid}/{' '.join(text.split()).lower()}"
-        sources = load_source_datasets(volume, chosen.files)
-        common = {"uid_key": key, "request_text": text, "request_source": request_source, "models": contributing,
-                  "caution": caution}  # fmt: skip
-        # Every result series gets its own number, above the study's highest (earlier results included).
-        numbers = iter(free_series_numbers(series, 5))
-        seg = write_segmentation(volume, sources, labels, specs, staging / "seg.dcm", seg_type=seg_type,
-                                 series_number=next(numbers), **common)  # fmt: skip
-        outputs = ["seg.dcm", "preview.png"]
-        if labelmap_copy and seg_type is not SegType.LABELMAP:
-            write_segmentation(volume, sources, labels, specs, staging / "seg-labelmap.dcm",
-                               seg_type=SegType.LABELMAP, series_number=next(numbers), **common)  # fmt: skip
-            outputs.append("seg-labelmap.dcm")
-        if volume_report:
-            # TID 1500 references segments of a BINARY (or FRACTIONAL) SEG, never of a LABELMAP one.
-            referenced = seg
-            if seg_type is SegType.LABELMAP:
-                binary = staging / "seg-binary.dcm"
-                referenced = write_segmentation(volume, sources, labels, specs, binary, seg_type=SegType.BINARY,
-                                                series_number=next(numbers), **common)  # fmt: skip
-                outputs.append("seg-binary.dcm")
-            volumes = segment_volumes_ml(labels, len(specs), volume.geometry.voxel_volume_ml)
-            write_volume_report(referenced, volumes, staging / "sr.dcm", key, request_text=text,
-                                series_number=next(numbers))  # fmt: skip
-            outputs.append("sr.dcm")
-        if preview_sc:
-            colors = [spec.color or (255, 0, 0) for spec in specs]
-            write_preview_sc(volume, sources, labels, colors, staging / "preview-sc.dcm", uid_key=key,
-                             request_text=text, series_number=next(numbers))  # fmt: skip
-            outputs.append("preview-sc.dcm")
-        shown = render_preview(
-            volume.array,
-            labels,
-            [s.color or (255, 0, 0) for s in specs],
-            staging / "preview.png",
-            modality=volume.modality,
-        )
-        timings["write"] = time.perf_counter() - t0
-        report = _report(
-            text,
-            request_source,
-            modality,
-            chosen,
-            volume,
-            plan,
-            segments,
-            results,
-            labels,
-            outcomes,
-            skipped,
-            timings,
-            shown,
-        )
-        report["outputs"] = outputs
-        if request_fallback:
-            report["request"]["fallback"] = dict(request_fallback)
-        report["quality"] = {"caution": caution, "demo_models": demo}
-        for entry, quality in zip(report["segments"], qualities, strict=True):
-            entry["agreement"] = quality.agreement.value
-            entry["agreement_dice"] = None if quality.dice is None else round(quality.dice, 3)
-            entry["note"] = quality.note
+        _write_outputs(run, context, staging)
+        report = _report(run)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        for name in [*outputs, "report.json"]:  # report last: its presence means "complete"
+        for name in [*run.outputs, "report.json"]:  # report last: its presence means "complete"
             (staging / name).replace(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"wrote {out_dir / 'seg.dcm'}")
+    context.say(f"wrote {out_dir / 'seg.dcm'}")
     paths = (out_dir / "seg.dcm", out_dir / "report.json", out_dir / "preview.png")
-    return Result(*paths, report, labels, volume, predictions)
+    return StudyResult(*paths, report, run.labels, study.volume, run.predictions)
+
+
+def _nothing_to_segment(plan: Plan, skipped: list[SkippedTarget], modality: str | None) -> PipelineError:
+    """The failure of a plan none of whose targets has an installed model."""
+    reasons = [f"{u.target}: {u.reason}" for u in plan.unmatched]
+    reasons += [f"{s.target}: {s.reason} (install: {', '.join(s.install)})" for s in skipped]
+    return PipelineError(
+        f"nothing to segment for {plan.text!r} in a {modality} study" + (": " + "; ".join(reasons) if reasons else ""),
+        FailureReason.NO_MODEL_INSTALLED if skipped else FailureReason.NOTHING_MATCHED,
+    )
+
+
+def _run_models(run: _Run, context: RunContext) -> None:
+    """Run the plan's models on the study; fails only when every model failed."""
+    t0 = time.perf_counter()
+    tasks = build_tasks(run.segments)
+    context.say(f"running {len(tasks)} model(s): {', '.join(t.name for t in tasks)}")
+    run.outcomes = context.executor.run(tasks, _study_images(run.study, tasks))
+    run.predictions = {n: r.prediction for n, r in run.outcomes.items() if r.ok and r.prediction is not None}
+    run.errors = {n: r.error or r.status.value for n, r in run.outcomes.items() if not r.ok}
+    run.timings["inference"] = time.perf_counter() - t0
+    if not run.predictions:
+        failed = "; ".join(f"{name}: {error}" for name, error in run.errors.items())
+        raise PipelineError(f"every model failed ({failed})", FailureReason.MODEL_FAILED)
+
+
+def _write_outputs(run: _Run, context: RunContext, staging: Path) -> None:
+    """Write the SEG, the preview and the optional outputs into ``staging`` (names in ``run.outputs``)."""
+    t0 = time.perf_counter()
+    study, volume, text, labels = run.study, run.study.volume, run.plan.text, run.labels
+    registry, options = context.registry, context.outputs
+    # Each segment names its own voters with their ranks and weights; the
+    # contributing models (with weight digests) make the SEG's Device UID.
+    run.qualities = [assess_segment(r) for r in run.results]
+    specs = [
+        segment_spec(s.label, members_from_ranks(r.ranks, r.weights), q.note)
+        for s, r, q in zip(run.segments, run.results, run.qualities, strict=True)
+    ]
+    ran = {ref.name: ref for s in run.segments for _, _, ref in s.members if ref.name in run.predictions}
+    contributing = [ContributingModel(name, weights_fingerprint(ref)) for name, ref in sorted(ran.items())]
+    run.demo_models = any(DEMO_COLLECTION in registry.datasets[ref.dataset].collections for ref in ran.values())
+    run.caution = study_caution(run.qualities, run.demo_models)
+    if run.caution:
+        context.say(f"caution: {run.caution}")
+    key = run.provenance.uid_key or f"{volume.series_instance_uid}/{' '.join(text.split()).lower()}"
+    sources = load_source_datasets(volume, study.chosen.files)
+    common = {"uid_key": key, "request_text": text, "request_source": run.provenance.request_source,
+              "models": contributing, "caution": run.caution}  # fmt: skip
+    # Every result series gets its own number, above the study's highest (earlier results included).
+    numbers = iter(free_series_numbers(dict(study.series), 5))
+
+    def seg(name: str, seg_type: SegType) -> DicomDataset:
+        run.outputs.append(name)
+        return write_segmentation(volume, sources, labels, specs, staging / name, seg_type=seg_type,
+                                  series_number=next(numbers), **common)  # fmt: skip
+
+    written = seg("seg.dcm", options.seg_type)
+    run.outputs.append("preview.png")
+    if options.labelmap_copy and options.seg_type is not SegType.LABELMAP:
+        seg("seg-labelmap.dcm", SegType.LABELMAP)
+    if options.volume_report:
+        # TID 1500 references segments of a BINARY (or FRACTIONAL) SEG, never of a LABELMAP one.
+        referenced = seg("seg-binary.dcm", SegType.BINARY) if options.seg_type is SegType.LABELMAP else written
+        volumes = segment_volumes_ml(labels, len(specs), volume.geometry.voxel_volume_ml)
+        write_volume_report(referenced, volumes, staging / "sr.dcm", key, request_text=text,
+                            series_number=next(numbers))  # fmt: skip
+        run.outputs.append("sr.dcm")
+    colors = [spec.color or (255, 0, 0) for spec in specs]
+    if options.preview_sc:
+        write_preview_sc(volume, sources, labels, colors, staging / "preview-sc.dcm", uid_key=key,
+                         request_text=text, series_number=next(numbers))  # fmt: skip
+        run.outputs.append("preview-sc.dcm")
+    run.preview_slice = render_preview(volume.array, labels, colors, staging / "preview.png", modality=volume.modality)
+    run.timings["write"] = time.perf_counter() - t0
 
 
 def _fuse_segments(
@@ -607,64 +741,54 @@ def segment_spec(label: Label, members: tuple[SegmentMember, ...] = (), note: st
     )
 
 
-def _report(
-    text: str,
-    source: str,
-    modality: str | None,
-    chosen: SeriesInfo,
-    volume: Volume,
-    plan: Plan,
-    segments: list[Segment],
-    results: list[TargetResult],
-    labels: np.ndarray,
-    outcomes: dict[str, JobResult],
-    skipped: list[dict],
-    timings: dict[str, float],
-    preview_slice: int,
-) -> dict:
+def _report(run: _Run) -> dict[str, Any]:
+    """``report.json``: the request, the series, the plan, each model, each segment and the timings."""
+    study, volume, provenance = run.study, run.study.volume, run.provenance
     voxel_ml = volume.geometry.voxel_volume_ml
+    request: dict[str, Any] = {"text": run.plan.text, "source": provenance.request_source}
+    if provenance.request_fallback:
+        request["fallback"] = dict(provenance.request_fallback)
+    segments = []
+    for number, (s, r, q) in enumerate(zip(run.segments, run.results, run.qualities, strict=True), start=1):
+        count = int(np.count_nonzero(run.labels == number))
+        segments.append({
+            "number": number, "label": s.label.name, "target": s.target, "dataset": s.dataset,
+            "volume_ml": round(count * voxel_ml, 2), "empty": count == 0,
+            "weights": {k: round(v, 4) for k, v in r.weights.items()}, "ranks": r.ranks, "dropped": r.dropped,
+            "agreement": q.agreement.value, "agreement_dice": None if q.dice is None else round(q.dice, 3),
+            "note": q.note,
+        })  # fmt: skip
     return {
         "software": {"name": "medsegagent", "version": __version__},
-        "request": {"text": text, "source": source},
-        "modality": modality,
+        "request": request,
+        "modality": study.modality,
         "series": {
             "uid": volume.series_instance_uid,
-            "description": chosen.description,
+            "description": study.chosen.description,
             "modality": volume.modality,
             "shape": list(volume.geometry.shape),
             "spacing_mm": list(volume.geometry.spacing),
         },
-        "plan": plan.to_json(),
-        "models": [_model_entry(outcome) for outcome in outcomes.values()],
-        "segments": [
-            {
-                "number": number,
-                "label": s.label.name,
-                "target": s.target,
-                "dataset": s.dataset,
-                "volume_ml": round(float(np.count_nonzero(labels == number)) * voxel_ml, 2),
-                "empty": not bool(np.any(labels == number)),
-                "weights": {k: round(v, 4) for k, v in r.weights.items()},
-                "ranks": r.ranks,
-                "dropped": r.dropped,
-            }
-            for number, (s, r) in enumerate(zip(segments, results, strict=True), start=1)
-        ],
-        "skipped_targets": skipped,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "preview_slice": preview_slice,
+        "plan": run.plan.to_json(),
+        "models": [_model_entry(outcome) for outcome in run.outcomes.values()],
+        "segments": segments,
+        "skipped_targets": [s.to_json() for s in run.skipped],
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "preview_slice": run.preview_slice,
+        "outputs": list(run.outputs),
+        "quality": {"caution": run.caution, "demo_models": run.demo_models},
     }
 
 
-def _model_entry(outcome: JobResult) -> dict:
+def _model_entry(outcome: TaskResult) -> dict[str, Any]:
     """One model's line in the report: status, device, seconds per step, or the reason it failed."""
-    entry: dict = {"name": outcome.model, "status": "ok" if outcome.ok else "failed"}
+    entry: dict[str, Any] = {"name": outcome.model, "status": "ok" if outcome.ok else "failed"}
     if outcome.ok and outcome.prediction is not None:
         seconds = {**outcome.seconds, **outcome.prediction.seconds}
         entry["device"] = outcome.prediction.device
         entry["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     else:
-        entry["error"] = outcome.error or outcome.status
-        if outcome.status == "timeout":
+        entry["error"] = outcome.error or outcome.status.value
+        if outcome.status is TaskStatus.TIMEOUT:
             entry["timeout"] = True
     return entry

@@ -6,8 +6,9 @@
   instance durably and records it in the job store before acknowledging;
 * **assembler** — turns a study into a job once no instance arrived for
   ``quiet_seconds``;
-* **processor** — finds the request (instruction sources in order), plans,
-  runs the models and writes the SEG (:func:`~medsegagent.node.pipeline.segment_study`);
+* **processor** — finds the request (instruction sources in order), plans it
+  once and stores the plan with the job, then runs the models and writes the
+  SEG (:func:`~medsegagent.node.pipeline.segment_study` executes the stored plan);
 * **dispatcher** — delivers results from the durable outbox with retries and
   back-off.
 
@@ -32,14 +33,23 @@ from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.executor import Executor, InProcessExecutor
 from medsegagent.models.ray_executor import ClusterUnavailable
 from medsegagent.models.registry import MODELS_ENV, Registry, load_registry
-from medsegagent.models.routing import Router
+from medsegagent.models.routing import Plan, Router
 from medsegagent.node.config import Config, ExecutorKind
 from medsegagent.node.dispatch import DeliveryOutcome, Outcome, deliver
 from medsegagent.node.instructions import Problem, resolve_instruction
 from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
 from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore, OutboxItem
-from medsegagent.node.pipeline import ModelCache, PipelineError, segment_study, study_modality
+from medsegagent.node.pipeline import (
+    ModelCache,
+    OutputOptions,
+    PipelineError,
+    Provenance,
+    RunContext,
+    read_study,
+    segment_study,
+    study_modality,
+)
 from medsegagent.node.retrieve import RetrieveError, retrieve_study
 
 log = logging.getLogger(__name__)
@@ -75,6 +85,13 @@ class Node:
         self.router = Router(self.registry)
         self.cache = ModelCache()
         self.executor = build_executor(config, self.cache)
+        destinations = config.destinations
+        outputs = OutputOptions(
+            seg_type=self._seg_type(), volume_report=any(d.volume_report for d in destinations),
+            preview_sc=any(d.preview_sc for d in destinations),
+            labelmap_copy=any(d.seg_type is SegType.LABELMAP for d in destinations),
+        )  # fmt: skip
+        self.context = RunContext(self.registry, self.executor, outputs)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -312,43 +329,69 @@ class Node:
                               f"internal error ({type(exc).__name__}); the node's log has the details")  # fmt: skip
 
     def _run(self, job: Job) -> Job:
-        """Request, plan, segment and queue the results of one job (failures raise)."""
+        """Request, plan (once), segment and queue the results of one job (failures raise)."""
         study_dir = self.spool_dir / job.study_uid
         series = scan_folder(study_dir)
         modality = study_modality(series)
         if modality is None:
             choose_series(series)  # raises with the reason
-        collection = self.config.node.collection
-        instruction = resolve_instruction(
-            study_dir, self.config, explicit=job.explicit_request, called_ae=job.called_ae,
-            usable=lambda text: self._unusable(text, modality, collection), job_id=job.id,
-        )  # fmt: skip
-        if instruction.text is None or instruction.source is None:
-            problem = instruction.failure()
-            return self._fail(job, problem.reason, problem.detail)
-        passed_over = instruction.fallback
-        fallback = passed_over.to_json() if passed_over else None
-        if passed_over is not None:
-            log.warning("job %s: the %s request is used instead of the unusable %s request (%s)", job.id,
-                        instruction.source.value, passed_over.source.value, passed_over.detail)  # fmt: skip
-        plan = self.router.plan(instruction.text, modality=modality, collection=collection)
-        self.store.update(job.id, request_text=instruction.text, request_source=instruction.source.value,
-                          plan=plan.to_json())  # fmt: skip
-        self.store.transition(job.id, JobState.RUNNING)
+        plan, provenance = self._stored_plan(job) or self._plan(job, study_dir, modality)
+        # The plan is stored with the job: a job resumed after a crash runs it without planning again.
+        self.store.transition(job.id, JobState.RUNNING, request_text=plan.text,
+                              request_source=provenance.request_source, plan=plan.to_json())  # fmt: skip
         out_dir = self.results_dir / job.id
-        result = segment_study(
-            study_dir, instruction.text, out_dir, registry=self.registry, router=self.router,
-            collection=collection, request_source=instruction.source.value, cache=self.cache, uid_key=job.id,
-            executor=self.executor, request_fallback=fallback,
-            volume_report=any(d.volume_report for d in self.config.destinations),
-            preview_sc=any(d.preview_sc for d in self.config.destinations),
-            seg_type=self._seg_type(),
-            labelmap_copy=any(d.seg_type is SegType.LABELMAP for d in self.config.destinations),
-        )  # fmt: skip
+        study = read_study(study_dir, series)
+        result = segment_study(study, plan, out_dir, self.context, provenance)
         self.store.update(job.id, result_dir=str(out_dir))
         job = self.store.enqueue_results(job.id, self._deliveries(out_dir, result.report), result.report)
         log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(self.config.destinations))
         return job
+
+    def _plan(self, job: Job, study_dir: Path, modality: str | None) -> tuple[Plan, Provenance]:
+        """Find the job's request (sources in order) and plan it: each candidate text is planned once.
+
+        Raises
+        ------
+        PipelineError
+            No source gives a usable request.
+        """
+        collection = self.config.node.collection
+        plans: dict[str, Plan] = {}
+
+        def unusable(text: str) -> Problem | None:
+            plans[text] = self.router.plan(text, modality=modality, collection=collection)
+            return self._unusable(plans[text])
+
+        instruction = resolve_instruction(study_dir, self.config, explicit=job.explicit_request,
+                                          called_ae=job.called_ae, usable=unusable, job_id=job.id)  # fmt: skip
+        if instruction.text is None or instruction.source is None:
+            problem = instruction.failure()
+            raise PipelineError(problem.detail, problem.reason)
+        passed_over = instruction.fallback
+        if passed_over is not None:
+            log.warning("job %s: the %s request is used instead of the unusable %s request (%s)", job.id,
+                        instruction.source.value, passed_over.source.value, passed_over.detail)  # fmt: skip
+        fallback = passed_over.to_json() if passed_over else None
+        return plans[instruction.text], Provenance(instruction.source.value, fallback, uid_key=job.id)
+
+    def _stored_plan(self, job: Job) -> tuple[Plan, Provenance] | None:
+        """The plan a job stored before a crash interrupted it, when it still names known datasets.
+
+        A retried job has none (:meth:`JobStore.retry` clears it): it is planned again,
+        against the models installed now.
+        """
+        if job.plan is None or job.request_source is None:
+            return None
+        try:
+            plan = Plan.from_json(job.plan)
+        except (KeyError, ValueError, TypeError) as exc:  # written by another version of the node
+            log.warning("job %s: the stored plan is unreadable (%s); planning again", job.id, exc)
+            return None
+        if not set(plan.selection) <= set(self.registry.datasets):
+            log.warning("job %s: the stored plan names datasets no longer in the registry; planning again", job.id)
+            return None
+        log.info("job %s: running the plan stored with the job", job.id)
+        return plan, Provenance(job.request_source, uid_key=job.id)
 
     def _fail(self, job: Job, reason: FailureReason, message: str) -> Job:
         """Fail ``job`` with ``reason`` and log it with the job, the study and the reason."""
@@ -391,10 +434,10 @@ class Node:
             deliveries[dest.name] = [str(out_dir / n) for n in names]
         return deliveries
 
-    def _unusable(self, text: str, modality: str | None, collection: str | None) -> Problem | None:
-        plan = self.router.plan(text, modality=modality, collection=collection)
+    def _unusable(self, plan: Plan) -> Problem | None:
+        """Why ``plan`` cannot be run (it selects nothing, or no installed model), or ``None``."""
         if not plan.selection:
-            reasons = "; ".join(u["reason"] for u in plan.unmatched) or "no target recognised"
+            reasons = "; ".join(u.reason for u in plan.unmatched) or "no target recognised"
             return Problem(FailureReason.NOTHING_MATCHED, f"selects nothing ({reasons})")
         if not any(self.registry.datasets[name].installed_models for name in plan.selection):
             selected = ", ".join(sorted(plan.selection))

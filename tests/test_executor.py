@@ -13,7 +13,7 @@ import yaml
 
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ModelLoadError, ModelSpec, Prediction, StudyImages, load_model
-from medsegagent.models.executor import Executor, InProcessExecutor, Job, ModelCache
+from medsegagent.models.executor import Executor, InProcessExecutor, ModelCache, ModelTask
 from medsegagent.models.registry import load_registry
 
 MiB = 2**20
@@ -73,7 +73,7 @@ def test_models_run_concurrently(workers, concurrent):
     cache = ModelCache(loader=_loader({"a": {"delay": 0.4}, "b": {"delay": 0.4}}))
     executor = InProcessExecutor(cache, workers=workers)
     t0 = time.perf_counter()
-    results = executor.run([Job(_spec("a")), Job(_spec("b"))], _volume())
+    results = executor.run([ModelTask(_spec("a")), ModelTask(_spec("b"))], _volume())
     wall = time.perf_counter() - t0
     assert [r.status for r in results.values()] == ["ok", "ok"]
     assert (wall < 0.75) if concurrent else (wall >= 0.8)
@@ -88,7 +88,7 @@ def test_failure_and_timeout_fail_only_their_model():
     }
     executor = InProcessExecutor(ModelCache(loader=_loader(behaviour)), workers=4, timeout_s=0.5)
     t0 = time.perf_counter()
-    results = executor.run([Job(_spec(name)) for name in behaviour], _volume())
+    results = executor.run([ModelTask(_spec(name)) for name in behaviour], _volume())
     assert time.perf_counter() - t0 < 2.0  # nobody waits for the hung model
     assert list(results) == ["good", "crashes", "hangs", "broken"]
     assert results["good"].ok and results["good"].prediction.labels == ["ball"]
@@ -100,13 +100,13 @@ def test_failure_and_timeout_fail_only_their_model():
 def test_a_hung_model_gives_its_worker_back():
     """One worker: the job queued behind a hung model still runs once the hung one times out."""
     executor = InProcessExecutor(ModelCache(loader=_loader({"hangs": {"delay": 5.0}})), workers=1, timeout_s=0.3)
-    results = executor.run([Job(_spec("hangs")), Job(_spec("next"))], _volume())
+    results = executor.run([ModelTask(_spec("hangs")), ModelTask(_spec("next"))], _volume())
     assert results["hangs"].status == "timeout" and results["next"].ok
 
 
 def test_job_timeout_overrides_the_executors():
     executor = InProcessExecutor(ModelCache(loader=_loader({"slow": {"delay": 0.6}})), timeout_s=0.1)
-    assert executor.run([Job(_spec("slow"), timeout_s=5.0)], _volume())["slow"].ok
+    assert executor.run([ModelTask(_spec("slow"), timeout_s=5.0)], _volume())["slow"].ok
 
 
 def test_cache_loads_each_model_once_even_when_asked_concurrently():
@@ -121,7 +121,7 @@ def test_cache_loads_each_model_once_even_when_asked_concurrently():
     assert loads == ["a"] and len({id(model) for model, _ in got}) == 1
     assert sorted(loaded for _, loaded in got) == [False, False, False, True]
     executor = InProcessExecutor(cache)
-    result = executor.run([Job(_spec("a"))], _volume())["a"]
+    result = executor.run([ModelTask(_spec("a"))], _volume())["a"]
     assert result.ok and result.seconds["load"] == 0.0  # served from the cache
 
 
@@ -148,9 +148,9 @@ def test_cache_budget_from_the_environment(monkeypatch):
     assert ModelCache().budget_bytes == 123 * MiB
 
 
-def test_one_job_per_model():
-    with pytest.raises(ValueError, match="one job per model"):
-        InProcessExecutor(ModelCache(loader=_loader({}))).run([Job(_spec("a")), Job(_spec("a"))], _volume())
+def test_one_task_per_model():
+    with pytest.raises(ValueError, match="one task per model"):
+        InProcessExecutor(ModelCache(loader=_loader({}))).run([ModelTask(_spec("a")), ModelTask(_spec("a"))], _volume())
 
 
 # --------------------------------------------------------------------------- through the pipeline
@@ -175,7 +175,7 @@ def _threshold_bundle(path):
 
 def test_segment_study_reports_a_timed_out_member_and_keeps_the_other(phantom_factory, tmp_path):
     """The CT demo dataset's two references point at test bundles; one of them hangs."""
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import RunContext, segment_folder
 
     registry_file = load_registry().path
     data = yaml.safe_load(registry_file.read_text())
@@ -194,8 +194,8 @@ def test_segment_study_reports_a_timed_out_member_and_keeps_the_other(phantom_fa
 
     executor = InProcessExecutor(ModelCache(loader=loader), timeout_s=2.0)
     _, files = phantom_factory("CT")
-    result = segment_study(
-        files.dicom_dir, "liver", tmp_path / "out", registry=registry, collection="demo", executor=executor
+    result = segment_folder(
+        files.dicom_dir, "liver", tmp_path / "out", RunContext(registry, executor), collection="demo"
     )
     models = {m["name"]: m for m in result.report["models"]}
     assert models["demo_ct_unet"]["status"] == "ok" and models["demo_ct_unet"]["device"] == "cpu"

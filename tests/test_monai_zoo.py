@@ -699,7 +699,7 @@ def test_registry_names_the_weights_file_the_bundle_loads():
 
 @pytest.mark.slow
 def test_segment_study_with_the_spleen_bundle_writes_a_coded_seg(bundles, phantom_factory, tmp_path):
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import RunContext, segment_folder
 
     name = "spleen_ct_segmentation"
     raw = yaml.safe_load((Path(load_registry().path).resolve().parent / "registry.d" / "monai-zoo.yaml").read_text())
@@ -716,7 +716,7 @@ def test_segment_study_with_the_spleen_bundle_writes_a_coded_seg(bundles, phanto
         ct.array, ct.geometry, "CT", dicom_dir, study=phantom_study_info(phantom), series_number=2,
         series_description="CT ABDOMEN", frame_of_reference_uid=deterministic_uid(phantom.uid_key, "frame"),
     )  # fmt: skip
-    result = segment_study(dicom_dir, "segment the spleen", tmp_path / "out", registry=registry)
+    result = segment_folder(dicom_dir, "segment the spleen", tmp_path / "out", RunContext.in_process(registry))
 
     report = result.report
     assert [(m["name"], m["status"]) for m in report["models"]] == [(name, "ok")]

@@ -59,10 +59,10 @@ def test_segment_writes_valid_seg_report_and_preview(phantom_factory, tmp_path, 
 def test_sagittal_study_lands_on_the_organs(phantom_factory, tmp_path):
     """Segmentation of a non-axial series still overlaps the truth (geometry end to end)."""
     _demo_models_installed()
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import segment_folder
 
     phantom, files = phantom_factory("CT", seed=4, size=96, slices=48, orientation="sagittal")
-    result = segment_study(files.dicom_dir, "liver and spleen", tmp_path / "out")
+    result = segment_folder(files.dicom_dir, "liver and spleen", tmp_path / "out")
     dice = organ_dice(phantom, result.volume, result.labels, ["liver", "spleen"])
     assert dice["liver"] > 0.8, dice
     assert dice["spleen"] > 0.7, dice
@@ -145,7 +145,7 @@ def test_mr_demo_finds_every_organ_including_the_aorta(tmp_path):
 def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_factory, tmp_path):
     """CT and MR series in one folder: the segmented series is of the routing modality, and the report says which."""
     _demo_models_installed()
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import segment_folder
 
     _, ct = phantom_factory("CT", seed=3, size=96, slices=40)
     _, mr = phantom_factory("MR", seed=3, size=96, slices=40)
@@ -154,7 +154,7 @@ def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_fact
         (mixed / sub).mkdir(parents=True)
         for path in paths:
             shutil.copy(path, mixed / sub / path.name)
-    result = segment_study(mixed, "liver", tmp_path / "out")
+    result = segment_folder(mixed, "liver", tmp_path / "out")
     report = result.report
     assert report["series"]["modality"] == report["modality"].split(":")[0]
     # The headers make this an MR study (a CT beside it is context); the MR models ran on the MR series.
@@ -166,13 +166,13 @@ def test_study_with_several_series_segments_the_one_the_plan_routed(phantom_fact
 
 def test_labelmap_copy_and_volume_report_each_get_a_series_of_their_own(phantom_factory, tmp_path):
     """A LABELMAP copy (for destinations that take one) beside the BINARY SEG, the SR on the BINARY one."""
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import OutputOptions, RunContext, segment_folder
 
     _demo_models_installed()
     _, files = phantom_factory("CT", seed=3, size=96, slices=40, orientation="axial")
     out = tmp_path / "out"
-    result = segment_study(files.dicom_dir, "liver and spleen", out, collection="demo",
-                           labelmap_copy=True, volume_report=True, preview_sc=True)  # fmt: skip
+    context = RunContext.in_process(outputs=OutputOptions(labelmap_copy=True, volume_report=True, preview_sc=True))
+    result = segment_folder(files.dicom_dir, "liver and spleen", out, context, collection="demo")
     assert result.report["outputs"] == ["seg.dcm", "preview.png", "seg-labelmap.dcm", "sr.dcm", "preview-sc.dcm"]
     binary, labelmap, sr, sc = (
         pydicom.dcmread(out / n) for n in ("seg.dcm", "seg-labelmap.dcm", "sr.dcm", "preview-sc.dcm")

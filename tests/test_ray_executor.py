@@ -30,12 +30,12 @@ import yaml
 
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages
-from medsegagent.models.executor import InProcessExecutor, Job, ModelCache
+from medsegagent.models.executor import InProcessExecutor, ModelCache, ModelTask
 from medsegagent.models.ray_executor import ClusterUnavailable, ModelPlacement, RayExecutor
 from medsegagent.models.registry import load_registry
 from medsegagent.node.config import ConfigError, ExecutorKind, parse_config
 from medsegagent.node.jobs import JobState
-from medsegagent.node.pipeline import segment_study
+from medsegagent.node.pipeline import RunContext, segment_folder
 from medsegagent.node.service import Node, build_executor
 
 # -- processes ----------------------------------------------------------------------------------
@@ -287,13 +287,13 @@ def test_node_requeues_a_study_while_the_cluster_is_unavailable(phantom_factory,
 
 @pytest.mark.slow
 def test_ray_path_matches_the_in_process_path_end_to_end(phantom_factory, tmp_path, ray_tmp):
-    """``segment_study`` with either executor: identical labels, reports and SEG pixel data."""
+    """``segment_folder`` with either executor: identical labels, reports and SEG pixel data."""
     registry = demo_registry(tmp_path)
     _, files = phantom_factory("CT")
-    run = functools.partial(segment_study, files.dicom_dir, "liver", registry=registry, collection="demo")
-    local = run(tmp_path / "in-process", executor=InProcessExecutor(ModelCache()))
+    run = functools.partial(segment_folder, files.dicom_dir, "liver", collection="demo")
+    local = run(tmp_path / "in-process", RunContext(registry, InProcessExecutor(ModelCache())))
     with RayExecutor(num_cpus_per_model=0.5, local=local_ray(ray_tmp)) as executor:
-        remote = run(tmp_path / "ray", executor=executor)
+        remote = run(tmp_path / "ray", RunContext(registry, executor))
         nodes = executor.actor_nodes()
         assert set(executor.placements) == {"demo_ct_unet", "demo_ct_unet_bn"}
     assert local.labels.any() and np.array_equal(local.labels, remote.labels)
@@ -317,7 +317,7 @@ def test_failures_and_timeouts_as_in_process_and_models_stay_loaded(ray_tmp):
         "broken": {"load_error": "model broken: weights missing"},
     }
     loader = functools.partial(fake_loader, behaviour)
-    jobs = [Job(spec(name)) for name in behaviour]
+    jobs = [ModelTask(spec(name)) for name in behaviour]
     expected = InProcessExecutor(ModelCache(loader=loader), workers=4, timeout_s=2.0).run(jobs, volume())
     with RayExecutor(num_cpus_per_model=0.2, timeout_s=2.0, loader=loader, local=local_ray(ray_tmp)) as executor:
         # Connected from a thread that then ends (as a node's worker thread may): the local Ray must outlive it.
@@ -328,7 +328,7 @@ def test_failures_and_timeouts_as_in_process_and_models_stay_loaded(ray_tmp):
         results = executor.run(jobs, volume())
         assert time.monotonic() - t0 < 90  # actor start-up, not the hung model's two minutes
         assert "hangs" not in executor.actor_nodes()  # the hung model's actor was killed
-        again = executor.run([Job(spec("good"))], volume())["good"]
+        again = executor.run([ModelTask(spec("good"))], volume())["good"]
     assert list(results) == list(expected)
     assert [(r.status, r.error) for r in results.values()] == [(r.status, r.error) for r in expected.values()]
     assert results["good"].prediction.labels == ["ball"]
@@ -343,7 +343,7 @@ def test_a_lost_worker_process_costs_only_its_part(ray_tmp, tmp_path):
     executor = RayExecutor(num_cpus_per_model=0.5, loader=loader, local=local_ray(ray_tmp))
     outcome: dict = {}
     worker = threading.Thread(
-        target=lambda: outcome.update(executor.run([Job(spec("victim")), Job(spec("steady"))], volume()))
+        target=lambda: outcome.update(executor.run([ModelTask(spec("victim")), ModelTask(spec("steady"))], volume()))
     )
     try:
         worker.start()
@@ -372,7 +372,7 @@ def test_a_lost_head_raises_cluster_unavailable_and_the_process_survives(ray_tmp
 
     def study() -> None:
         try:
-            executor.run([Job(spec("slow")), Job(spec("quick"))], volume())
+            executor.run([ModelTask(spec("slow")), ModelTask(spec("quick"))], volume())
         except Exception as exc:
             outcome["error"] = exc
 
@@ -392,10 +392,10 @@ def test_a_lost_head_raises_cluster_unavailable_and_the_process_survives(ray_tmp
 
         assert not ray.is_initialized()  # disconnected cleanly
         kill_processes(ray_processes(ray_tmp, folder=ray_tmp))  # what is left of the dead session
-        result = executor.run([Job(spec("quick"))], volume())["quick"]  # a fresh local Ray
+        result = executor.run([ModelTask(spec("quick"))], volume())["quick"]  # a fresh local Ray
         assert result.ok
         # Past the 60 s after which Ray would have terminated a driver still attached to the dead GCS.
         time.sleep(max(0.0, 65 - (time.monotonic() - killed_at)))
-        assert executor.run([Job(spec("quick"))], volume())["quick"].ok
+        assert executor.run([ModelTask(spec("quick"))], volume())["quick"].ok
     finally:
         executor.close()

@@ -6,7 +6,7 @@ token authentication with a token of the test's own).  The head offers the
 custom resource ``medseg_head``, the worker node ``medseg_worker``; the two
 demo CT models (tiny threshold bundles here) prefer one each, so they land on
 different nodes.  The study runs in a separate driver process -- this file run
-as a script -- as the node would run it: :func:`segment_study` with a
+as a script -- as the node would run it: :func:`segment_folder` with a
 :class:`RayExecutor` joined to the cluster.  The test kills the worker node
 (its raylet and everything under it) while its model predicts; the model's
 actor comes back on the head, its part is retried, and the study completes
@@ -217,15 +217,15 @@ def _driver(args: dict) -> None:
     from medsegagent.dicom.phantom import make_phantom
     from medsegagent.models.executor import InProcessExecutor, ModelCache
     from medsegagent.models.ray_executor import RayExecutor
-    from medsegagent.node.pipeline import segment_study
+    from medsegagent.node.pipeline import RunContext, segment_folder
     from tests import test_ray_executor
 
     work = Path(args["work"])
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels by value
     registry = test_ray_executor.demo_registry(work / "models")
     files = write_phantom(make_phantom("CT", seed=1, slices=24, size=64), work / "study")
-    study = functools.partial(segment_study, files.dicom_dir, "liver", registry=registry, collection="demo")
-    reference = study(work / "in-process", executor=InProcessExecutor(ModelCache()))
+    study = functools.partial(segment_folder, files.dicom_dir, "liver", collection="demo")
+    reference = study(work / "in-process", RunContext(registry, InProcessExecutor(ModelCache())))
     executor = RayExecutor(
         args["address"],
         num_cpus_per_model=0.5,
@@ -240,7 +240,7 @@ def _driver(args: dict) -> None:
                 if node.get("Alive") and node["Resources"].get(resource):
                     nodes[resource] = node["NodeID"]
         (work / "nodes.json").write_text(json.dumps(nodes))
-        result = study(work / "ray", executor=executor)
+        result = study(work / "ray", RunContext(registry, executor))
         out = {
             "statuses": {m["name"]: m["status"] for m in result.report["models"]},
             "errors": {m["name"]: m.get("error") for m in result.report["models"]},

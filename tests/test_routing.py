@@ -17,7 +17,7 @@ import pytest
 from medsegagent.models import parse
 from medsegagent.models.bench_routing import load_cases, run_bench, score_query
 from medsegagent.models.registry import load_registry
-from medsegagent.models.routing import Plan, Router, admits
+from medsegagent.models.routing import Plan, Router, UnmatchedKind, admits
 
 DATA = Path(__file__).parent / "data" / "routing_requests.jsonl"
 DEV = Path(__file__).parent / "data" / "routing_dev.jsonl"
@@ -76,7 +76,7 @@ def test_development_set_scores_with_the_bench(router):
 def test_known_but_uncovered_structures_are_refused_by_name(router, text, modality, refused):
     p = plan(router, text, modality)
     assert p.selection == {}
-    assert any(refused in u["reason"] for u in p.unmatched), p.unmatched
+    assert any(refused in u.reason for u in p.unmatched), p.unmatched
 
 
 def test_lesion_head_distributes_over_a_list_and_header_organ_is_the_target(router):
@@ -100,7 +100,7 @@ def test_modality_is_never_wrong_and_empty_selections_have_reasons(router, regis
                     assert dataset.accepts(p.modality), (case["query"], name, p.modality)
         if not case["expected_datasets"]:
             assert p.selection == {}, case["query"]
-            assert p.unmatched and all(u["reason"] for u in p.unmatched), case["query"]
+            assert p.unmatched and all(u.reason for u in p.unmatched), case["query"]
         for values in p.selection.values():
             assert values == sorted(set(values))
 
@@ -211,10 +211,11 @@ def test_uncovered_target_is_unmatched_with_the_reason(router):
     p = plan(router, "coronary arteries", "MR")
     assert p.selection == {}
     (u,) = p.unmatched
-    assert "MR" in u["reason"] and "ImageCAS" in u["reason"]
+    assert u.kind is UnmatchedKind.OTHER_MODALITY
+    assert "MR" in u.reason and "ImageCAS" in u.reason
     p = plan(router, "liver and quadriceps", "CT")
     assert set(p.selection) >= {"TotalSegmentator_v2"} and 48 not in p.selection["TotalSegmentator_v2"]
-    assert [u["target"] for u in p.unmatched] == ["quadriceps"]
+    assert [u.target for u in p.unmatched] == ["quadriceps"]
 
 
 @pytest.mark.parametrize("text", ["what's the weather today", "hello", "please order lunch", "", "appendix"])
@@ -281,6 +282,16 @@ def test_plan_json_contract(router):
     assert all(m["install_hint"] for m in data["missing_models"])
 
 
+@pytest.mark.parametrize("text", ["left kidney and liver tumour", "all ribs except 12", "liver and quadriceps", ""])
+def test_a_stored_plan_reads_back_as_the_plan(router, text):
+    # A job stores its plan as JSON and runs it later (after a restart too): the round trip loses nothing.
+    p = plan(router, text, "CT")
+    back = Plan.from_json(json.loads(p.dumps()))
+    assert back.to_json() == p.to_json()
+    assert back.selection == p.selection and all(isinstance(u.kind, UnmatchedKind) for u in back.unmatched)
+    assert [c.values for t in back.targets for c in t.candidates] == [c.values for t in p.targets for c in t.candidates]
+
+
 def test_module_level_plan_function(registry):
     from medsegagent.models.routing import plan as plan_fn
 
@@ -317,7 +328,7 @@ def test_a_partly_read_target_below_the_threshold_is_unmatched(router, text):
     # against that concept's terms, and below the one threshold the target is refused.
     p = plan(router, text, "MR" if "uter" in text else "CT")
     assert p.selection == {}
-    assert any("threshold" in u["reason"] or "no dataset" in u["reason"] for u in p.unmatched), p.unmatched
+    assert any("threshold" in u.reason or "no dataset" in u.reason for u in p.unmatched), p.unmatched
     assert any("threshold" in str(e.get("method", "")) for e in p.explain), p.explain
 
 
