@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medsegagent.node.config import ConfigError, parse_config
-from medsegagent.node.jobs import JobState
+from medsegagent.node.jobs import FailureReason, JobState
 from medsegagent.node.service import Node
 from tests.conftest import dciodvfy_errors
 
@@ -365,3 +365,34 @@ def test_destinations_choose_sr_and_secondary_capture(node_factory, phantom_fact
     finally:
         plain.stop()
         full.stop()
+
+
+def test_a_job_is_planned_once_and_a_resumed_job_runs_its_stored_plan(phantom_factory, tmp_path, monkeypatch):
+    """The processor plans the request once and stores the plan; after a crash the stored plan runs unplanned."""
+    monkeypatch.setenv("MEDSEG_TEST_TOKEN", TOKEN)
+    node = Node(parse_config(_config(tmp_path, _free_port())))  # not started: the test drives the processor
+    _, files = phantom_factory("CT", seed=2, size=96, slices=32)
+    study_uid = str(pydicom.dcmread(files.series["CT"][0]).StudyInstanceUID)
+    shutil.copytree(files.series["CT"][0].parent, node.spool_dir / study_uid)
+    planned: list[str] = []
+    plan = node.router.plan
+    monkeypatch.setattr(node.router, "plan", lambda text, **kw: planned.append(text) or plan(text, **kw))
+
+    first = node.store.create_job(study_uid, explicit_request="spleen")
+    done = node.process(node.store.claim_next())
+    assert (done.state, done.error) == (JobState.WRITTEN, None)
+    assert planned == ["spleen"]  # once: not again to run it
+    assert done.plan == done.report["plan"] and done.plan["selection"]
+
+    # A crash while it ran: the job is resumed from "received" with its plan, which runs without planning.
+    resumed = node.store.create_job(study_uid, explicit_request="spleen")
+    node.store.update(resumed.id, request_text="spleen", request_source="request", plan=done.plan)
+    monkeypatch.setattr(node.router, "plan", lambda *a, **kw: pytest.fail("planned again"))
+    again = node.process(node.store.claim_next())
+    assert (again.state, again.report["plan"]) == (JobState.WRITTEN, done.plan)
+    assert [s["label"] for s in again.report["segments"]] == ["spleen"]
+
+    # A retried job is planned afresh (against the models installed now): its stored plan is dropped.
+    failed = node.store.fail(first.id, FailureReason.INTERNAL_ERROR, "test")
+    assert failed.plan is not None and node.store.retry(first.id).plan is None
+    node.executor.close()
