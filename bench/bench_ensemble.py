@@ -3,7 +3,7 @@
 On synthetic phantoms with exact truth (``medsegagent.dicom.phantom``), every
 demo model of a modality runs once per phantom (through the in-process
 executor, as the node runs them); then each scenario fuses their outputs the
-way the pipeline does (``rank_key``, ``fusion_options``, ``fuse_study`` with
+way the pipeline does (``rank_key``, ``fusion_rules``, ``fuse_study`` with
 the phantom image, ``resolve_overlaps``):
 
 * ``clean`` -- the models as they are;
@@ -60,6 +60,7 @@ from medsegagent.models.ensemble import (
     MIN_MISPLACEMENT,
     MIN_STUDY_MISPLACEMENT,
     Member,
+    StudyTarget,
     TargetResult,
     fuse_study,
     placement_evidence,
@@ -68,7 +69,7 @@ from medsegagent.models.ensemble import (
 from medsegagent.models.executor import InProcessExecutor, ModelCache, ModelTask
 from medsegagent.models.registry import Dataset, ModelRef, load_registry
 from medsegagent.models.resample import BoxedMap
-from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_options, rank_key
+from medsegagent.node.pipeline import MIN_STUDY_AGREEMENT, fusion_rules, rank_key
 
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "aorta")
 #: Phantom structures that make up each demo organ (the tumour lies in the liver).
@@ -158,7 +159,7 @@ def ensemble_dice(
             for name, model_maps in maps.items()
             if model_maps is not None
         ]
-        targets.append((organ, members, fusion_options(label)))
+        targets.append(StudyTarget(organ, members, fusion_rules(label)))
     t0 = time.perf_counter()
     results = fuse_study(
         targets,

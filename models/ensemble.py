@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
 import numpy as np
@@ -49,9 +49,11 @@ import numpy as np
 from medsegagent.models.resample import Box, BoxedMap, _support_box
 
 __all__ = [
+    "FusionRules",
     "Member",
     "OnDemand",
     "Placement",
+    "StudyTarget",
     "TargetResult",
     "as_boxed",
     "fuse_study",
@@ -113,6 +115,28 @@ class Member:
     model: str
     probability: MapLike
     rank_key: tuple = ()
+
+
+@dataclass(frozen=True)
+class FusionRules:
+    """The plausibility rules :func:`fuse_target` applies to one target's members (its keyword arguments)."""
+
+    #: Plausible volume of a mask in mL (``None``: any).
+    volume_range_ml: tuple[float, float] | None = None
+    #: Largest share of a mask allowed in pieces under ``speckle_ml`` (``None``: no limit; lesions).
+    max_speckle_share: float | None = None
+    speckle_ml: float = 0.5
+    #: While three or more members remain, one whose mean Dice with the others is below this is an outlier.
+    min_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class StudyTarget:
+    """One target of a study, as :func:`fuse_study` fuses it: its members under its rules."""
+
+    name: str
+    members: Sequence[Member]
+    rules: FusionRules = FusionRules()
 
 
 class TargetResult:
@@ -719,7 +743,7 @@ def study_outliers(
 
 
 def fuse_study(
-    targets: Sequence[tuple[str, Sequence[Member], Mapping]],
+    targets: Sequence[StudyTarget],
     *,
     voxel_ml: float,
     shape: tuple[int, int, int],
@@ -733,8 +757,8 @@ def fuse_study(
 
     Parameters
     ----------
-    targets : sequence of (name, members, options)
-        ``options`` are :func:`fuse_target` keyword arguments for that target.
+    targets : sequence of StudyTarget
+        Each target's members and the rules it is fused under.
     voxel_ml : float
         Volume of one voxel of the study's grid.
     shape : tuple of int
@@ -755,8 +779,8 @@ def fuse_study(
     list of TargetResult
         In ``targets`` order.
     """
-    regions = [_region(members, shape) for _, members, _ in targets]
-    pending = [(i, m) for i, (_, members, _) in enumerate(targets) for m in members]
+    regions = [_region(target.members, shape) for target in targets]
+    pending = [(i, m) for i, target in enumerate(targets) for m in target.members]
 
     def materialise(item: tuple[int, Member]) -> BoxedMap:
         i, member = item
@@ -785,13 +809,13 @@ def fuse_study(
     if min_study_misplacement is not None:
         outliers.update(study_misplaced(materialised, placements, min_study_misplacement))
     results = []
-    for (name, _, options), members, known in zip(targets, materialised, placements, strict=True):
-        options = dict(options)
+    for target, members, known in zip(targets, materialised, placements, strict=True):
+        options: dict = asdict(target.rules)
         if image is not None:
             options.setdefault("image", image)
             options.setdefault("min_misplacement", min_misplacement)
             options.setdefault("placements", known)
-        results.append(fuse_target(name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **options))
+        results.append(fuse_target(target.name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **options))
         members.clear()  # the target's boxes are no longer needed
     return results
 
@@ -872,16 +896,16 @@ def study_misplaced(
 
 
 def _study_outliers_of(
-    targets: Sequence[tuple[str, Sequence[Member], Mapping]],
+    targets: Sequence[StudyTarget],
     materialised: list[list[Member]],
     image: np.ndarray,
     min_agreement: float,
 ) -> dict[str, str]:
     maps: dict[str, dict[str, BoxedMap]] = {}
-    for (name, _, _), members in zip(targets, materialised, strict=True):
+    for target, members in zip(targets, materialised, strict=True):
         for member in members:
             assert isinstance(member.probability, BoxedMap)
-            maps.setdefault(member.model, {})[name] = member.probability
+            maps.setdefault(member.model, {})[target.name] = member.probability
     return study_outliers(maps, image, min_agreement=min_agreement) if len(maps) >= 2 else {}
 
 

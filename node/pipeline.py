@@ -55,7 +55,15 @@ from medsegagent.dicom.series import (
 from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, Prediction, StudyImages, channel_modality
-from medsegagent.models.ensemble import Member, OnDemand, TargetResult, fuse_study, resolve_overlaps
+from medsegagent.models.ensemble import (
+    FusionRules,
+    Member,
+    OnDemand,
+    StudyTarget,
+    TargetResult,
+    fuse_study,
+    resolve_overlaps,
+)
 from medsegagent.models.executor import Executor, InProcessExecutor, ModelCache, ModelTask, TaskResult, TaskStatus
 from medsegagent.models.registry import (
     Dataset,
@@ -404,15 +412,15 @@ def rank_key(dataset: Dataset, label: Label, ref: ModelRef, prediction: Predicti
     return (-(quality or 0.0), -(dataset.specificity or 0.0), -own)
 
 
-def fusion_options(label: Label) -> dict:
+def fusion_rules(label: Label) -> FusionRules:
     """The plausibility rules :func:`~medsegagent.models.ensemble.fuse_target` applies to ``label``'s members."""
-    return {
-        "volume_range_ml": tuple(label.volume_ml) if label.volume_ml else None,
+    return FusionRules(
+        volume_range_ml=(float(label.volume_ml[0]), float(label.volume_ml[1])) if label.volume_ml else None,
         # Lesions may legitimately be many small pieces; anatomy is not.
-        "max_speckle_share": None if label.kind == LabelKind.LESION else MAX_SPECKLE_SHARE,
-        "speckle_ml": SPECKLE_ML,
-        "min_agreement": MIN_AGREEMENT,
-    }
+        max_speckle_share=None if label.kind == LabelKind.LESION else MAX_SPECKLE_SHARE,
+        speckle_ml=SPECKLE_ML,
+        min_agreement=MIN_AGREEMENT,
+    )
 
 
 def weights_fingerprint(ref: ModelRef) -> str:
@@ -683,7 +691,7 @@ def _fuse_segments(
     workers: int = 2,
 ) -> list[TargetResult]:
     """Rank-aware fusion of every segment; failed models are listed as dropped with their reason."""
-    targets = []
+    targets: list[StudyTarget] = []
     failures = []
     for segment in segments:
         members: list[Member] = []
@@ -702,7 +710,7 @@ def _fuse_segments(
                 # Resampled to the study's grid when the ensemble reads it, only where the target can be.
                 lazy = OnDemand(partial(prediction.mask_box, label.name), partial(prediction.boxed, label.name))
                 members.append(Member(ref.name, lazy, rank_key(dataset, label, ref, prediction)))
-        targets.append((segment.label.name, members, fusion_options(segment.label)))
+        targets.append(StudyTarget(segment.label.name, members, fusion_rules(segment.label)))
         failures.append(failed)
     results = fuse_study(
         targets,

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from medsegagent.models.ensemble import (
+    FusionRules,
     Member,
     OnDemand,
+    StudyTarget,
     fuse_study,
     fuse_target,
     placement_evidence,
@@ -214,7 +216,7 @@ def test_study_outlier_is_the_model_the_image_contradicts():
 def test_fuse_study_drops_a_whole_model_and_keeps_the_ranks():
     right, shifted = _organs(), _organs(shift=7)
     targets = [
-        (name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))], {})
+        StudyTarget(name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))])
         for name in ("liver", "spleen")
     ]
     results = fuse_study(targets, voxel_ml=1.0, shape=(40, 40, 40), image=_image())
@@ -224,7 +226,7 @@ def test_fuse_study_drops_a_whole_model_and_keeps_the_ranks():
         np.testing.assert_array_equal(result.score > 0.5, right[name] > 0)
     without_image = fuse_study(targets, voxel_ml=1.0, shape=(40, 40, 40))
     assert set(without_image[0].weights) == {"top", "second"}  # no image, no per-target rules: both stay
-    empty = fuse_study([("liver", [], {})], voxel_ml=1.0, shape=(40, 40, 40))
+    empty = fuse_study([StudyTarget("liver", [])], voxel_ml=1.0, shape=(40, 40, 40))
     assert empty[0].shape == (40, 40, 40) and not empty[0].weights
 
 
@@ -297,7 +299,7 @@ def test_agreeing_members_are_untouched_by_the_placement_rule():
 def test_fuse_study_drops_a_model_misplaced_by_a_little_in_every_target():
     right, shifted = _organs(), _organs(shift=2)  # Dice 0.83: above the agreement gate, so only the image can tell
     targets = [
-        (name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))], {})
+        StudyTarget(name, [Member("top", shifted[name], (-0.99,)), Member("second", right[name], (-0.9,))])
         for name in ("liver", "spleen")
     ]
     assert (
@@ -358,7 +360,7 @@ def test_on_demand_members_made_inside_the_target_region_give_the_same_labels():
 
     def fuse(kind):
         targets = [
-            (t, [Member(m, kind(m, t), (i,)) for i, m in enumerate("ab")], {"volume_range_ml": (1.0, 5000.0)})
+            StudyTarget(t, [Member(m, kind(m, t), (i,)) for i, m in enumerate("ab")], FusionRules((1.0, 5000.0)))
             for t in ("liver", "spleen")
         ]
         return resolve_overlaps(fuse_study(targets, voxel_ml=1.0, shape=shape))
