@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, status
 from fastapi.responses import FileResponse
@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from medsegagent import __version__
 from medsegagent.node.inventory import StudySummary, VolumeReport, segment_volumes, spooled_studies
-from medsegagent.node.jobs import IllegalTransition, JobState
+from medsegagent.node.jobs import DeliveryState, FailureReason, IllegalTransition, JobState
 
 if TYPE_CHECKING:
     import uvicorn
@@ -63,6 +63,93 @@ class PlanCheck(BaseModel):
     runnable: bool = Field(description="at least one selected dataset has an installed model")
 
 
+# -- responses: what /openapi.json promises, and what every route's answer is validated against ---------------
+
+
+class Problem(BaseModel):
+    """An error (401, 404, 409): what went wrong, in words an operator can act on."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    """Liveness of the node and its jobs per state."""
+
+    status: Literal["ok"]
+    version: str
+    ae_title: str = Field(description="the node's AE title")
+    dicom_port: int = Field(description="the port the DICOM listener is bound to")
+    jobs: dict[JobState, int] = Field(description="jobs per state")
+    time: float = Field(description="the node's clock (seconds since the epoch)")
+
+
+class RequestInfo(BaseModel):
+    """A job's request and where it came from."""
+
+    text: str | None = Field(description="the request text, once the job has one")
+    source: str | None = Field(description="request, sr, worklist, tags or preset")
+
+
+class JobInfo(BaseModel):
+    """A job: its study, request and state (``GET /jobs``; the ``POST`` routes answer with one)."""
+
+    id: str
+    study_uid: str
+    state: JobState
+    created_at: float = Field(description="seconds since the epoch")
+    updated_at: float = Field(description="seconds since the epoch")
+    request: RequestInfo
+    called_ae: str | None = Field(description="the AE title the study was sent to")
+    calling_ae: str | None = Field(description="the AE title that sent it")
+    attempts: int
+    error: str | None = Field(description="why the job failed, in words")
+    reason: FailureReason | None = Field(description="why the job failed, as a code")
+    retrieve_from: str | None = Field(description="the configured source the study is pulled from, if any")
+
+
+class StateChange(BaseModel):
+    """One entry of a job's history."""
+
+    state: JobState
+    at: float = Field(description="seconds since the epoch")
+    reason: FailureReason | None = None
+    error: str | None = None
+
+
+class DeliveryInfo(BaseModel):
+    """One result file's delivery to one destination."""
+
+    destination: str
+    file: str = Field(description="the result file's name")
+    state: DeliveryState
+    attempts: int
+    last_error: str | None
+
+
+class JobDetail(JobInfo):
+    """A job with its plan, report, history and deliveries."""
+
+    plan: dict[str, Any] | None = Field(description="the plan computed for the request (see POST /plan)")
+    report: dict[str, Any] | None = Field(description="the written result's report: timings, segments, volumes")
+    history: list[StateChange]
+    result_dir: str | None
+    deliveries: list[DeliveryInfo]
+    preview: str | None = Field(description="the route of the PNG preview, once the result is written")
+
+
+#: What each error status means; 401 goes with every route but /health.
+_STATUS_MEANING = {
+    401: "missing or wrong bearer token",
+    404: "no such job, study or file",
+    409: "the job's state does not allow this",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's error statuses, each a :class:`Problem`."""
+    return {code: {"model": Problem, "description": _STATUS_MEANING[code]} for code in (401, *statuses)}
+
+
 class TokenMissingError(RuntimeError):
     """The HTTP API is enabled but its token variable is not set."""
 
@@ -89,35 +176,35 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
 
     @app.get("/health")
-    def health() -> dict:
+    def health() -> Health:
         """Liveness and a count of jobs per state (no token needed)."""
-        counts = {s.value: 0 for s in JobState}
+        counts = dict.fromkeys(JobState, 0)
         for job in node.store.list(limit=10_000):
-            counts[job.state.value] += 1
-        return {"status": "ok", "version": __version__, "ae_title": node.config.node.ae_title,
-                "dicom_port": node.scp.port, "jobs": counts, "time": time.time()}  # fmt: skip
+            counts[job.state] += 1
+        return Health(status="ok", version=__version__, ae_title=node.config.node.ae_title,
+                      dicom_port=node.scp.port, jobs=counts, time=time.time())  # fmt: skip
 
-    @app.get("/jobs", dependencies=auth)
+    @app.get("/jobs", dependencies=auth, responses=_errors())
     def list_jobs(
         state: Annotated[JobState | None, Query()] = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-    ) -> list[dict]:
+    ) -> list[JobInfo]:
         """Newest jobs first."""
-        return [job.to_json() for job in node.store.list(state=state, limit=limit)]
+        return [JobInfo.model_validate(job.to_json()) for job in node.store.list(state=state, limit=limit)]
 
-    @app.get("/jobs/{job_id}", dependencies=auth)
-    def job_detail(job_id: str) -> dict:
+    @app.get("/jobs/{job_id}", dependencies=auth, responses=_errors(404))
+    def job_detail(job_id: str) -> JobDetail:
         """State, request, plan, report (timings, segments), history, deliveries."""
         job = job_or_404(job_id)
-        out = job.to_json(detail=True)
-        out["deliveries"] = [
-            {"destination": i.destination, "file": Path(i.path).name, "state": i.state.value, "attempts": i.attempts,
-             "last_error": i.last_error}
+        deliveries = [
+            DeliveryInfo(destination=i.destination, file=Path(i.path).name, state=i.state, attempts=i.attempts,
+                         last_error=i.last_error)
             for i in node.store.outbox(job_id)
         ]  # fmt: skip
-        out["preview"] = f"/jobs/{job_id}/preview" if job.result_dir else None
-        return out
+        preview = f"/jobs/{job_id}/preview" if job.result_dir else None
+        return JobDetail.model_validate({**job.to_json(detail=True), "deliveries": deliveries, "preview": preview})
 
-    @app.get("/jobs/{job_id}/preview", dependencies=auth, response_class=FileResponse)
+    @app.get("/jobs/{job_id}/preview", dependencies=auth, response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}}, **_errors(404)})  # fmt: skip
     def job_preview(job_id: str) -> FileResponse:
         """The PNG preview of a written job."""
         job = job_or_404(job_id)
@@ -126,17 +213,17 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no preview for this job")
         return FileResponse(path, media_type="image/png")
 
-    @app.post("/jobs", dependencies=auth, status_code=status.HTTP_202_ACCEPTED)
-    def create_job(body: JobRequest) -> dict:
+    @app.post("/jobs", dependencies=auth, status_code=status.HTTP_202_ACCEPTED, responses=_errors(404))
+    def create_job(body: JobRequest) -> JobInfo:
         """Segment a received study with an explicit request, or pull it from a ``source`` first."""
         try:
-            return node.submit(body.study_uid, body.request, body.source).to_json()
+            return JobInfo.model_validate(node.submit(body.study_uid, body.request, body.source).to_json())
         except ValueError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
-    @app.post("/plan", dependencies=auth)
+    @app.post("/plan", dependencies=auth, responses=_errors())
     def check_plan(body: PlanQuery) -> PlanCheck:
         """Plan a request without a study (Orthanc's plugin checks its routing rules with it)."""
         text = body.request or node.config.presets.get(body.called_ae or "")
@@ -153,7 +240,7 @@ def create_app(node: Node, token: str) -> FastAPI:
             runnable=bool(set(plan.selection) - set(missing)),
         )  # fmt: skip
 
-    @app.get("/jobs/{job_id}/volumes", dependencies=auth)
+    @app.get("/jobs/{job_id}/volumes", dependencies=auth, responses=_errors(404, 409))
     def job_volumes(job_id: str) -> VolumeReport:
         """Each segment's volume (mL) and coded concepts, once the job's SEG is written."""
         job = job_or_404(job_id)
@@ -165,13 +252,13 @@ def create_app(node: Node, token: str) -> FastAPI:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # an OSError's text names a local path
             raise HTTPException(status.HTTP_409_CONFLICT, f"the SEG of job {job_id} cannot be read: {reason}") from None
 
-    @app.get("/studies", dependencies=auth)
+    @app.get("/studies", dependencies=auth, responses=_errors())
     def list_studies(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[StudySummary]:
         """Studies received (UIDs, date, descriptions, series), the most recent first."""
         return spooled_studies(node.spool_dir, limit)
 
-    @app.post("/jobs/{job_id}/retry", dependencies=auth)
-    def retry_job(job_id: str) -> dict:
+    @app.post("/jobs/{job_id}/retry", dependencies=auth, responses=_errors(404, 409))
+    def retry_job(job_id: str) -> JobInfo:
         """Re-run a failed/cancelled job, or re-queue its failed deliveries (409 for any other state)."""
         job_or_404(job_id)
         try:
@@ -179,25 +266,25 @@ def create_app(node: Node, token: str) -> FastAPI:
         except IllegalTransition as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         node.wake()
-        return job.to_json()
+        return JobInfo.model_validate(job.to_json())
 
-    @app.post("/jobs/{job_id}/redeliver", dependencies=auth)
-    def redeliver_job(job_id: str) -> dict:
+    @app.post("/jobs/{job_id}/redeliver", dependencies=auth, responses=_errors(404, 409))
+    def redeliver_job(job_id: str) -> JobInfo:
         """Send a delivered job's results again: same files, same SOP Instance UIDs (409 unless delivered)."""
         job_or_404(job_id)
         try:
-            return node.store.redeliver(job_id).to_json()
+            return JobInfo.model_validate(node.store.redeliver(job_id).to_json())
         except IllegalTransition as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
-    @app.post("/jobs/{job_id}/cancel", dependencies=auth)
-    def cancel_job(job_id: str) -> dict:
+    @app.post("/jobs/{job_id}/cancel", dependencies=auth, responses=_errors(404, 409))
+    def cancel_job(job_id: str) -> JobInfo:
         """Cancel a job that has not finished (409 for a delivered, failed or cancelled one)."""
         job_or_404(job_id)
         try:
-            return node.store.cancel(job_id).to_json()
+            return JobInfo.model_validate(node.store.cancel(job_id).to_json())
         except IllegalTransition as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
