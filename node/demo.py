@@ -127,8 +127,8 @@ def through_node(
         sent = send_files(dicom_files, host=host, port=port, called_ae="MEDSEG", calling_ae="DEMO-PACS")
         if sent.failed:
             raise DeliveryError(f"{len(sent.failed)} instances were refused by the node")
-        study_uid = study_uid_of(dicom_files[0])
-        study_dir = scp.wait_for_study(study_uid, quiet_seconds=1.0, timeout=60, expected=len(dicom_files))
+        # Every instance is in the spool before its C-STORE is acknowledged: the study is complete now.
+        study_dir = scp.spool_dir / study_uid_of(dicom_files[0])
         transfer = time.perf_counter() - t0
     finally:
         scp.stop()

@@ -17,9 +17,8 @@ import logging
 import os
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import uid
@@ -48,10 +47,13 @@ from medsegagent.dicom.uids import (
     checked_uid,
     is_valid_ae_title,
 )
-from medsegagent.node.config import TlsSettings
+from medsegagent.node.config import NodeSettings, TlsSettings
 from medsegagent.node.spool import INCOMING, IncomingFile, make_durable_dirs
 
 log = logging.getLogger(__name__)
+
+#: The listener's defaults are the configuration's (``node:``), kept in one place.
+_DEFAULTS = NodeSettings()
 
 #: Storage SOP classes the node accepts (with the Modality each requires, see dicom/instance_checks.py).
 STORAGE_SOP_CLASSES = tuple(REQUIRED_MODALITY)
@@ -96,12 +98,10 @@ MAX_INFLATED_BYTES = 256 << 20
 
 @dataclass
 class IntakeStats:
-    """Counters of one listener, for logs and the API."""
+    """Counters of one listener, for logs and the API (studies are tracked by the job store)."""
 
     stored: int = 0
     refused: int = 0
-    last_instance_at: dict[str, float] = field(default_factory=dict)
-    instances_per_study: dict[str, int] = field(default_factory=dict)
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -158,16 +158,16 @@ class StorageSCP:
         self,
         spool_dir: Path,
         *,
-        ae_title: str = "MEDSEG",
-        host: str = "127.0.0.1",
-        port: int = 11112,
+        ae_title: str = _DEFAULTS.ae_title,
+        host: str = _DEFAULTS.host,
+        port: int = _DEFAULTS.port,
         allowed_callers: Iterable[str] | None = None,
         allowed_hosts: Iterable[str] | None = None,
         on_instance: Callable[[str, str, Path, str, str], None] | None = None,
         admit: Callable[[str | None], str | None] | None = None,
-        max_associations: int = 8,
-        max_pending_connections: int = 32,
-        association_request_seconds: float = 5.0,
+        max_associations: int = _DEFAULTS.max_associations,
+        max_pending_connections: int = _DEFAULTS.max_pending_connections,
+        association_request_seconds: float = _DEFAULTS.association_request_seconds,
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False,
     ) -> None:
@@ -315,8 +315,6 @@ class StorageSCP:
             return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling, sop)
         with self._lock:
             self.stats.stored += 1
-            self.stats.last_instance_at[study] = time.monotonic()
-            self.stats.instances_per_study[study] = self.stats.instances_per_study.get(study, 0) + 1
         if self.on_instance is not None:
             try:
                 self.on_instance(study, series, path, called, calling)
@@ -353,40 +351,6 @@ class StorageSCP:
             self.stats.refused += 1
         log.warning("C-STORE from %s refused (0x%04X)%s: %s", calling, status, f" for {sop}" if sop else "", reason)
         return StoreResult(status, reason)
-
-    # -- study assembly ----------------------------------------------------------
-    def wait_for_study(
-        self, study_uid: str, *, quiet_seconds: float, timeout: float, expected: int | None = None
-    ) -> Path:
-        """Block until ``study_uid`` has been quiet for ``quiet_seconds``.
-
-        Parameters
-        ----------
-        study_uid : str
-            The study to wait for.
-        quiet_seconds : float
-            A study is complete when no instance arrived for this long.
-        timeout : float
-            Give up after this many seconds.
-        expected : int, optional
-            Return as soon as this many instances arrived (explicit trigger).
-
-        Raises
-        ------
-        TimeoutError
-            When the study did not arrive or settle in time.
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                last = self.stats.last_instance_at.get(study_uid)
-                count = self.stats.instances_per_study.get(study_uid, 0)
-            if expected is not None and count >= expected:
-                return self.spool_dir / study_uid
-            if last is not None and time.monotonic() - last >= quiet_seconds:
-                return self.spool_dir / study_uid
-            time.sleep(0.05)
-        raise TimeoutError(f"study {study_uid} not complete after {timeout:.0f} s")
 
 
 class _SpooledInstance:
