@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 #: The one transfer syntax that is big endian (Implicit VR is told from the data set's first element).
 _EXPLICIT_BIG = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
