@@ -239,19 +239,6 @@ CONCEPTS: Mapping[str, Concept] = {
     "transversospinalis": Concept(_SKELETAL_MUSCLE, _MUSCLE, closest=True),
 }
 
-#: Words a clinician would use for a class besides its name, by class name without its side word.
-SYNONYMS: Mapping[str, tuple[str, ...]] = {
-    "lung_nodules": ("lung nodule", "pulmonary nodules", "pulmonary nodule"),
-    "liver_lesions": ("liver lesion", "hepatic lesions", "hepatic lesion"),
-    "kidney_cyst": ("renal cyst", "kidney cysts", "renal cysts"),
-    "intracerebral_hemorrhage": ("intracerebral haemorrhage", "cerebral bleed", "brain bleed", "cerebral hemorrhage"),
-    "brain_aneurysm": ("intracranial aneurysm", "cerebral aneurysm"),
-    "pleural_effusion": ("pleural fluid",),
-    "pericardial_effusion": ("pericardial fluid",),
-    "heart_myocardium": ("myocardium", "left ventricular myocardium", "lv myocardium"),
-}
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -507,7 +494,9 @@ def code_class(name: str, curated: Mapping[str, Mapping[str, Any]]) -> ClassCodi
     if category is None or kind is LabelKind.LESION:
         category = _code((_ABNORMAL if kind is LabelKind.LESION else _ANATOMY)[1])
     words = name.replace("_", " ")
-    synonyms = [*SYNONYMS.get(_split_side(name)[0], ()), *same.get("synonyms", ())]
+    # General synonyms live in the lexicon (models/lexicon.yaml, by the label's SNOMED CT type); a curated
+    # label of the same name may add its dataset's own reading.
+    synonyms = list(same.get("synonyms", ()))
     return ClassCoding(
         name=name,
         category=category,

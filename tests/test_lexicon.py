@@ -93,3 +93,32 @@ def test_terms_read_as_their_concept(lexicon):
         if core is not None:
             assert target.concept.core == core, text
     assert vocab.concepts[("peripheral", "prostate", "zone")].sctid == "279706003"
+
+
+def test_every_synonym_the_registry_held_still_reads_as_its_label():
+    # The registry's label synonyms moved into the lexicon (issue #14, "no duplicates"): each
+    # one the registry held, routed within its dataset, still selects its label.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from routing_dev_synonyms import load_cases, lost
+
+    from medsegagent.models.routing import Router
+
+    cases = load_cases()
+    assert len(cases) > 3000
+    assert lost(Router(load_registry(), use_encoder=False), cases) == []
+
+
+def test_general_synonyms_live_in_the_lexicon_not_the_registry():
+    # A term of the concept a label's name reads as is never repeated in the registry; what the
+    # registry keeps is its dataset's own reading (WORD's "intestine" is the small bowel).
+    registry = load_registry()
+    vocab = parse.Vocabulary.build()
+    repeated = []
+    for dataset in registry.datasets.values():
+        for label in dataset.labels.values():
+            concept = vocab.concepts.get(parse.label_concepts(label.name, vocab)[0].core)
+            if concept is not None:
+                repeated += [f"{dataset.name}/{label.name}: {s!r}" for s in label.synonyms if s in concept.all_terms]
+    assert not repeated, repeated
