@@ -122,3 +122,22 @@ def test_general_synonyms_live_in_the_lexicon_not_the_registry():
             if concept is not None:
                 repeated += [f"{dataset.name}/{label.name}: {s!r}" for s in label.synonyms if s in concept.all_terms]
     assert not repeated, repeated
+
+
+def test_the_documented_worked_example_adds_a_synonym_without_code(tmp_path, monkeypatch):
+    # docs/routing.md, "How to add a synonym without touching code": one line in the lexicon.
+    from medsegagent.models import routing
+
+    def larynx_plan() -> dict[str, list[int]]:
+        monkeypatch.setattr(routing, "_INDEXES", {})  # a fresh label index reads the lexicon again
+        router = routing.Router(load_registry(), use_encoder=False)
+        return router.plan("laryngeal skeleton", "CT", collection="medsegagent-23").selection
+
+    assert "CT-ORG" in larynx_plan()  # before: "skeleton" reads as every bone as well
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    entry = '  "4596009":\n    name: larynx\n'
+    assert entry in text
+    edited = tmp_path / "lexicon.yaml"
+    edited.write_text(text.replace(entry, entry + "    synonyms: [laryngeal skeleton]\n"), encoding="utf-8")
+    monkeypatch.setattr(parse, "load_lexicon", lambda path=None: load_lexicon(edited))  # as if shipped so
+    assert larynx_plan() == {"SegRap2023_Task1": [48, 49, 50, 51]}
