@@ -17,14 +17,16 @@ Nothing is downloaded: the model folder is local, loaded with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +100,8 @@ class SentenceEncoder:
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(self.path), local_files_only=True).eval()
         self.load_seconds = time.perf_counter() - t0
+        #: Forward passes run so far (the routing benchmark reports them per query).
+        self.forward_passes = 0
         log.debug("sentence encoder loaded from %s in %.2f s", self.path, self.load_seconds)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -120,8 +124,9 @@ class SentenceEncoder:
             return np.zeros((0, int(self._model.config.hidden_size)), dtype=np.float32)
         torch = self._torch
         chunks = []
-        with self._lock, torch.inference_mode():
+        with self._lock, _one_thread(torch), torch.inference_mode():
             for start in range(0, len(texts), batch_size):
+                self.forward_passes += 1
                 batch = self._tokenizer(
                     texts[start : start + batch_size],
                     padding=True,
@@ -134,6 +139,27 @@ class SentenceEncoder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 chunks.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
         return np.concatenate(chunks).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _one_thread(torch: Any) -> Iterator[None]:
+    """Run the enclosed forward passes on one intra-op thread, then restore the count.
+
+    A routing phrase is a batch of one to a few sequences of ~5-15 tokens: splitting
+    such a matrix product over OpenMP threads buys nothing, and on a busy host the
+    threads' barrier turns a ~10 ms pass into 100-500 ms (docs/routing.md, "Latency").
+    The count is restored at once because torch's setting is process-wide: model
+    threads started later must keep theirs.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 _ENCODER: SentenceEncoder | None = None

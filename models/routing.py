@@ -436,6 +436,7 @@ _ORGAN_TOKENS = frozenset(
 
 #: Label kinds making up "the bones"/"skeleton" of a dataset without a bone label of its own.
 _SKELETAL_TOKENS = frozenset({"cartilage", "disc"})
+_NEIGHBOURS = 40  # encoder neighbours looked through for one of the target's kind (organ/lesion)
 
 
 class _Index:
@@ -1130,7 +1131,10 @@ class Router:
         sims = self._embeddings() @ self._encode_phrase(phrase)
         lesion = bool(set(pt.concept.core) & grammar.LESION_TOKENS)
         best, best_s = -1, -1.0
-        for i in np.argsort(-sims)[:40]:
+        # The 40 nearest terms, nearest first: a partition, then a sort of those 40 only.
+        k = min(_NEIGHBOURS, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k] if k else np.empty(0, dtype=np.intp)
+        for i in top[np.argsort(-sims[top], kind="stable")]:
             if pt.concept.core and self._index.string_lesion[i] != lesion:
                 continue  # an organ request never takes a lesion concept, nor vice versa
             best, best_s = int(i), float(sims[i])
