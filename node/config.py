@@ -17,6 +17,11 @@ The contract (more keys may be added)::
     mcp: {host: 127.0.0.1, port: 8765}   # `medsegagent mcp --transport http` (same token; see docs/mcp.md)
     executor: {kind: inprocess}       # or {kind: ray, address: null|auto|HOST:PORT|ray://HOST:PORT,
                                       #     num_gpus_per_model: 0.5, models: {NAME: {prefer: gpu_a}}}
+
+The schema is a tree of frozen pydantic models that refuse unknown keys;
+:func:`parse_config` turns pydantic's errors into one :class:`ConfigError`
+that names, for every problem, the key path, the bad value and what is
+allowed.  Relative paths are relative to the configuration file.
 """
 
 from __future__ import annotations
@@ -25,13 +30,28 @@ import enum
 import ipaddress
 import os
 import re
+import types
+import typing
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Self
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from medsegagent.dicom.seg import SegType
 from medsegagent.dicom.uids import is_valid_ae_title
@@ -58,56 +78,6 @@ class UnusableRequest(enum.Enum):
     FALLBACK = "fallback"  # the next instruction sources are tried; report.json records why
 
 
-@dataclass(frozen=True)
-class InstructionSettings:
-    """Limits on a request text (``instructions:``), whatever its source."""
-
-    max_request_chars: int = 2000
-    max_targets: int = 64
-    on_unusable_request: UnusableRequest = UnusableRequest.FAIL
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """The node's own DICOM identity and storage."""
-
-    ae_title: str = "MEDSEG"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    data_dir: Path = Path("./var")
-    quiet_seconds: float = 5.0
-    max_associations: int = 8
-    #: Connections not yet associated (one more closes the oldest) and the seconds they have to do so.
-    max_pending_connections: int = 32
-    association_request_seconds: float = 5.0
-    max_study_instances: int = 5000
-    min_free_disk_mb: int = 1024
-    collection: str | None = None
-    workers: int = 1
-    intake_processes: int = 1
-    tls: TlsSettings | None = None
-    #: The models folder (``${MEDSEG_MODELS}`` of registry locations); ``None``: the environment's.
-    models_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """DICOM over TLS (BCP 195): the node's certificate and key, and whom to trust."""
-
-    certificate: Path
-    private_key: Path
-    ca_certificates: Path | None = None
-    require_client_certificate: bool = False
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A caller allowed to associate (AE title and optional address)."""
-
-    ae_title: str
-    host: str | None = None
-
-
 class RemoteKind(enum.Enum):
     """How the node talks to a PACS: DIMSE on its DICOM port, or DICOMweb over HTTP."""
 
@@ -122,103 +92,6 @@ class RetrieveMethod(enum.Enum):
     GET = "get"  # C-GET: the instances come back on the node's association
 
 
-@dataclass(frozen=True)
-class WebEndpoint:
-    """A DICOMweb service (its base URL, e.g. ``https://pacs/dicom-web``), its credentials and TLS.
-
-    Secrets are never in the configuration: a bearer token or a password is
-    read, when it is used, from an environment variable or a file.
-    """
-
-    url: str
-    token_env: str | None = None
-    token_file: Path | None = None
-    username: str | None = None
-    password_env: str | None = None
-    password_file: Path | None = None
-    tls_verify: bool = True
-    ca_certificates: Path | None = None
-    timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where results are stored: C-STORE to an AE (``kind: dicom``) or STOW-RS (``kind: dicomweb``)."""
-
-    name: str
-    ae_title: str = ""
-    host: str = ""
-    port: int = 0
-    volume_report: bool = False
-    preview_sc: bool = False
-    kind: RemoteKind = RemoteKind.DICOM
-    web: WebEndpoint | None = None
-    #: The SEG this destination gets: BINARY (every viewer reads it) or LABELMAP (RLE, 10x smaller, newer).
-    seg_type: SegType = SegType.BINARY
-
-    def describe(self) -> str:
-        """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
-        return self.web.url if self.web is not None else f"{self.ae_title}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A PACS the node may pull a study from (``POST /jobs`` with ``source``).
-
-    ``kind: dicom`` retrieves by C-MOVE to the node's own AE title or by
-    C-GET; ``kind: dicomweb`` by WADO-RS.
-    """
-
-    name: str
-    kind: RemoteKind = RemoteKind.DICOM
-    ae_title: str = ""
-    host: str = ""
-    port: int = 0
-    retrieve: RetrieveMethod = RetrieveMethod.MOVE
-    timeout_s: float = 600.0
-    web: WebEndpoint | None = None
-
-    def describe(self) -> str:
-        """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
-        return self.web.url if self.web is not None else f"{self.ae_title}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Worklist:
-    """The modality worklist SCP queried for requests."""
-
-    ae_title: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    """HTTP API binding and the environment variable holding its bearer token."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    token_env: str = "MEDSEG_TOKEN"
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class McpSettings:
-    """Where ``medsegagent mcp --transport http`` listens (it takes the HTTP API's token)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """Retry policy of the outbox."""
-
-    retry_initial_seconds: float = 5.0
-    retry_max_seconds: float = 300.0
-    give_up_after_hours: float = 72.0
-
-
 class ExecutorKind(enum.Enum):
     """Where the models of a study run."""
 
@@ -226,8 +99,354 @@ class ExecutorKind(enum.Enum):
     RAY = "ray"
 
 
-@dataclass(frozen=True)
-class ExecutorSettings:
+# -- value types: each check names the bad value and what is allowed (ConfigError adds the key path) ------------
+
+#: Error types whose message already shows the value (pydantic's own get "(got ...)" appended).
+_OWN_ERRORS = ("invalid_value", "invalid_combination")
+
+
+def _invalid(value: Any, allowed: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", "{value} " + allowed, {"value": repr(value)})
+
+
+def _combination(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_combination", message)
+
+
+def _ae_title(value: Any) -> str:
+    # YAML reads ``ae_title: 1234`` as a number; it is still a valid title.
+    text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    if not is_valid_ae_title(text):
+        raise _invalid(value, "is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return text.strip()
+
+
+def _port(lowest: int) -> BeforeValidator:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= 65535:
+            raise _invalid(value, f"is not a valid TCP port ({lowest}-65535)")
+        return value
+
+    return BeforeValidator(check)
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+
+
+def _host(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if _HOST_NAME.fullmatch(value):
+                return value
+    raise _invalid(value, "is not an IP address or host name")
+
+
+def _env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise _invalid(value, "is not an environment variable name (letters, digits and _)")
+    return value
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise _invalid(value, "is not a name (1-64 letters, digits, '.', '_' or '-', a letter or digit first)")
+    return value
+
+
+def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the configuration file's folder, not to the working directory."""
+    path = value.expanduser()
+    source = (info.context or {}).get("source")
+    return source.resolve().parent / path if source is not None and not path.is_absolute() else path
+
+
+def _readable_file(path: Path) -> Path:
+    if not path.is_file():
+        raise _invalid(str(path), "is not a readable file")
+    return path
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise _invalid(value, "must not be empty")
+    return value.strip()
+
+
+AeTitle = Annotated[str, BeforeValidator(_ae_title)]
+Port = Annotated[int, _port(1)]
+#: A port the node listens on; 0 lets the system pick a free one (tests, several nodes on one machine).
+ListenPort = Annotated[int, _port(0)]
+Host = Annotated[str, BeforeValidator(_host)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+Name = Annotated[str, AfterValidator(_name)]
+Text = Annotated[str, AfterValidator(_text)]
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
+ConfigFile = Annotated[Path, AfterValidator(_relative_to_config), AfterValidator(_readable_file)]
+# Strict: YAML's ``5`` is a number but ``"5"`` or ``true`` is not.
+Seconds = Annotated[float, Field(gt=0, strict=True)]
+Amount = Annotated[float, Field(ge=0, strict=True)]
+Count = Annotated[int, Field(ge=1, strict=True)]
+Retries = Annotated[int, Field(ge=0, strict=True)]
+
+
+class _Section(BaseModel):
+    """A mapping of the configuration: frozen, and an unknown key is an error, not ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def yaml_keys(cls) -> tuple[str, ...]:
+        """The keys this section takes in the YAML file."""
+        return tuple(cls.model_fields)
+
+
+# -- sections -----------------------------------------------------------------------------------------------------
+
+
+class InstructionSettings(_Section):
+    """Limits on a request text (``instructions:``), whatever its source."""
+
+    max_request_chars: Count = 2000
+    max_targets: Count = 64
+    on_unusable_request: UnusableRequest = UnusableRequest.FAIL
+
+
+class TlsSettings(_Section):
+    """DICOM over TLS (BCP 195): the node's certificate and key, and whom to trust."""
+
+    certificate: ConfigFile
+    private_key: ConfigFile
+    ca_certificates: ConfigFile | None = None
+    require_client_certificate: StrictBool = False
+
+    @model_validator(mode="after")
+    def _clients_need_a_ca(self) -> Self:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise _combination("require_client_certificate needs ca_certificates to verify clients against")
+        return self
+
+
+class NodeSettings(_Section):
+    """The node's own DICOM identity and storage."""
+
+    ae_title: AeTitle = "MEDSEG"
+    host: Host = "127.0.0.1"
+    port: ListenPort = 11112
+    # validate_default: the default ./var is relative to the configuration file too.
+    data_dir: ConfigPath = Field(default=Path("./var"), validate_default=True)
+    quiet_seconds: Seconds = 5.0
+    max_associations: Count = 8
+    #: Connections not yet associated (one more closes the oldest) and the seconds they have to do so.
+    max_pending_connections: Count = 32
+    association_request_seconds: Seconds = 5.0
+    max_study_instances: Count = 5000
+    min_free_disk_mb: Retries = 1024
+    collection: str | None = None
+    workers: Count = 1
+    intake_processes: Count = 1
+    tls: TlsSettings | None = None
+    #: The models folder (``${MEDSEG_MODELS}`` of registry locations); ``None``: the environment's.
+    models_dir: ConfigPath | None = None
+
+
+class Peer(_Section):
+    """A caller allowed to associate (AE title and optional address)."""
+
+    ae_title: AeTitle
+    host: Host | None = None
+
+
+class WebEndpoint(_Section):
+    """A DICOMweb service (its base URL, e.g. ``https://pacs/dicom-web``), its credentials and TLS.
+
+    Secrets are never in the configuration: a bearer token or a password is
+    read, when it is used, from an environment variable or a file.
+    """
+
+    url: str
+    token_env: EnvName | None = None
+    token_file: ConfigFile | None = None
+    username: Text | None = None
+    password_env: EnvName | None = None
+    password_file: ConfigFile | None = None
+    #: ``false`` turns certificate checks off; ``ca_certificates`` names the CA file of a private PKI instead.
+    tls_verify: StrictBool = True
+    ca_certificates: ConfigFile | None = None
+    timeout_s: Seconds = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise _invalid(url, "is not an http(s) URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> Self:
+        token = [key for key in ("token_env", "token_file") if getattr(self, key)]
+        password = [key for key in ("password_env", "password_file") if getattr(self, key)]
+        if len(token) > 1 or len(password) > 1 or (token and (password or self.username)):
+            raise _combination("give one of token_env, token_file, or username with password_env or password_file")
+        if bool(self.username) != bool(password):
+            raise _combination("username needs password_env or password_file (and these need a username)")
+        parsed = urllib.parse.urlsplit(self.url)
+        if (token or password) and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
+            raise _combination(f"{self.url}: credentials would cross the network in clear text; use https")
+        return self
+
+
+class _Remote(_Section):
+    """What destinations and sources share: a DIMSE address or a DICOMweb endpoint, by ``kind``.
+
+    In the YAML file a DICOMweb endpoint's keys sit beside ``name`` and
+    ``kind``; they are gathered into :attr:`web` here.  Each kind refuses
+    the keys of the other.
+    """
+
+    #: Keys of ``kind: dicom`` only.
+    _DIMSE_KEYS: ClassVar[tuple[str, ...]] = ("ae_title", "host", "port")
+
+    name: Name
+    kind: RemoteKind = RemoteKind.DICOM
+    ae_title: AeTitle = ""
+    host: Host = ""
+    port: Port = 0
+    web: WebEndpoint | None = None
+
+    @classmethod
+    def yaml_keys(cls) -> tuple[str, ...]:
+        """The keys this section takes in the YAML file (the DICOMweb keys flat, no ``web``)."""
+        own = [key for key in cls.model_fields if key != "web"]
+        return (*own, *(key for key in WebEndpoint.model_fields if key not in own))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_web_keys(cls, data: Any) -> Any:
+        kinds = {kind.value: kind for kind in RemoteKind}
+        if not isinstance(data, dict) or data.get("kind", "dicom") not in kinds:
+            return data  # pydantic names the wrong type or the unknown kind
+        if "web" in data:
+            raise _combination("web: unknown key (a DICOMweb endpoint's keys sit beside name and kind)")
+        kind = kinds[data.get("kind", "dicom")]
+        web_keys = [key for key in data if key in WebEndpoint.model_fields]
+        if kind is RemoteKind.DICOM:
+            foreign = [key for key in web_keys if key not in cls.model_fields]
+            own = dict(data)
+        else:
+            foreign = [key for key in cls._DIMSE_KEYS if key in data]
+            own = {key: value for key, value in data.items() if key not in web_keys or key in cls.model_fields}
+            own["web"] = {key: data[key] for key in web_keys}
+        if foreign:
+            other = RemoteKind.DICOMWEB if kind is RemoteKind.DICOM else RemoteKind.DICOM
+            what = "a key" if len(foreign) == 1 else "keys"
+            raise _combination(f"{', '.join(foreign)}: {what} of kind {other.value}, not of kind {kind.value}")
+        return own
+
+    @model_validator(mode="after")
+    def _dimse_address(self) -> Self:
+        missing = [key for key in ("ae_title", "host", "port") if key not in self.model_fields_set]
+        if self.kind is RemoteKind.DICOM and missing:
+            raise _combination(f"kind dicom needs {', '.join(missing)}")
+        return self
+
+    def describe(self) -> str:
+        """``AE@host:port`` or the DICOMweb URL, for log lines and errors."""
+        return self.web.url if self.web is not None else f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _seg_type(value: Any) -> Any:
+    """``seg_type`` in either case; BINARY or LABELMAP only (the node fuses to labels: no FRACTIONAL)."""
+    if isinstance(value, str) and value.upper() in (SegType.BINARY.value, SegType.LABELMAP.value):
+        return SegType(value.upper())
+    if isinstance(value, SegType) and value is not SegType.FRACTIONAL:
+        return value
+    raise _invalid(value, "is not a SEG type a destination takes (BINARY or LABELMAP)")
+
+
+class Destination(_Remote):
+    """Where results are stored: C-STORE to an AE (``kind: dicom``) or STOW-RS (``kind: dicomweb``)."""
+
+    volume_report: StrictBool = False
+    preview_sc: StrictBool = False
+    #: The SEG this destination gets: BINARY (every viewer reads it) or LABELMAP (RLE, 10x smaller, newer).
+    seg_type: Annotated[SegType, BeforeValidator(_seg_type)] = SegType.BINARY
+
+
+class Source(_Remote):
+    """A PACS the node may pull a study from (``POST /jobs`` with ``source``).
+
+    ``kind: dicom`` retrieves by C-MOVE to the node's own AE title or by
+    C-GET; ``kind: dicomweb`` by WADO-RS (its ``timeout_s`` is the HTTP one).
+    """
+
+    _DIMSE_KEYS: ClassVar[tuple[str, ...]] = ("ae_title", "host", "port", "retrieve")
+
+    retrieve: RetrieveMethod = RetrieveMethod.MOVE
+    #: Seconds a C-MOVE or C-GET may take.
+    timeout_s: Seconds = 600.0
+
+
+class Worklist(_Section):
+    """The modality worklist SCP queried for requests."""
+
+    ae_title: AeTitle
+    host: Host
+    port: Port
+
+
+class HttpSettings(_Section):
+    """HTTP API binding and the environment variable holding its bearer token."""
+
+    host: Host = "127.0.0.1"
+    port: ListenPort = 8080
+    token_env: EnvName = "MEDSEG_TOKEN"
+    enabled: StrictBool = True
+
+
+class McpSettings(_Section):
+    """Where ``medsegagent mcp --transport http`` listens (it takes the HTTP API's token)."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 8765
+
+
+class Delivery(_Section):
+    """Retry policy of the outbox."""
+
+    retry_initial_seconds: Seconds = 5.0
+    retry_max_seconds: Seconds = 300.0
+    give_up_after_hours: Seconds = 72.0
+
+
+def _ray_address(value: str | None) -> str | None:
+    if value is None or value == "auto" or re.fullmatch(r"(ray://)?[^:/\s]+(:\d{1,5})?", value):
+        return value
+    raise _invalid(value, "is not null, auto, HOST:PORT or ray://HOST:PORT")
+
+
+def _placement(value: dict[str, Any]) -> dict[str, Any]:
+    from medsegagent.models.ray_executor import ModelPlacement  # plain data; Ray itself is imported on use
+
+    try:
+        ModelPlacement.of(value)
+    except (TypeError, ValueError) as exc:
+        raise _combination(str(exc)) from None
+    return value
+
+
+_LOCAL_RAY_KEYS = ("num_cpus", "num_gpus", "object_store_mb", "resources", "temp_dir")
+
+
+def _local_ray(value: dict[str, Any]) -> dict[str, Any]:
+    if unknown := sorted(set(value) - set(_LOCAL_RAY_KEYS)):
+        raise _invalid(unknown, f"are not keys of a local Ray (known: {', '.join(_LOCAL_RAY_KEYS)})")
+    return value
+
+
+class ExecutorSettings(_Section):
     """The model executor (``executor:`` section; see ``docs/scale-out.md``).
 
     ``kind: inprocess`` runs models in threads of the node (``workers`` at a
@@ -244,277 +463,152 @@ class ExecutorSettings:
     """
 
     kind: ExecutorKind = ExecutorKind.INPROCESS
-    address: str | None = None
-    workers: int = 2
-    timeout_s: float | None = None
-    num_cpus_per_model: float = 1.0
-    num_gpus_per_model: float = 0.0
-    replicas: int = 1
-    spread: bool = False
-    max_restarts: int = 3
-    max_task_retries: int = 3
-    retries: int = 2
-    head_grace_s: float = 15.0
-    max_job_attempts: int = 3
-    retry_delay_s: float = 10.0
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-    local: dict[str, Any] = field(default_factory=dict)
+    address: Annotated[str | None, AfterValidator(_ray_address)] = None
+    workers: Count = 2
+    timeout_s: Seconds | None = None
+    num_cpus_per_model: Amount = 1.0
+    num_gpus_per_model: Amount = 0.0
+    replicas: Count = 1
+    spread: StrictBool = False
+    max_restarts: Retries = 3
+    max_task_retries: Retries = 3
+    retries: Retries = 2
+    head_grace_s: Seconds = 15.0
+    max_job_attempts: Count = 3
+    retry_delay_s: Amount = 10.0
+    # Placements are checked here so that a typo fails at start, not at the first study.
+    models: dict[str, Annotated[dict[str, Any], AfterValidator(_placement)]] = {}
+    local: Annotated[dict[str, Any], AfterValidator(_local_ray)] = {}
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(_Section):
     """The whole node configuration."""
 
-    node: NodeSettings = field(default_factory=NodeSettings)
+    node: NodeSettings = NodeSettings()
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
-    presets: dict[str, str] = field(default_factory=dict)
-    instruction_sources: tuple[InstructionSource, ...] = tuple(InstructionSource)
+    #: Called AE Title -> request text.
+    presets: dict[AeTitle, Text] = {}
     worklist: Worklist | None = None
-    http: HttpSettings = field(default_factory=HttpSettings)
-    delivery: Delivery = field(default_factory=Delivery)
-    source: Path | None = None
-    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
-    mcp: McpSettings = field(default_factory=McpSettings)
-    instructions: InstructionSettings = field(default_factory=InstructionSettings)
+    instruction_sources: tuple[InstructionSource, ...] = tuple(InstructionSource)
+    instructions: InstructionSettings = InstructionSettings()
+    http: HttpSettings = HttpSettings()
+    delivery: Delivery = Delivery()
+    executor: ExecutorSettings = ExecutorSettings()
+    mcp: McpSettings = McpSettings()
     #: PACS the node may pull studies from (``sources:``; not :attr:`instruction_sources`).
     sources: tuple[Source, ...] = ()
+    _source: Path | None = PrivateAttr(default=None)
 
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was read from (``None``: built in code)."""
+        return self._source
 
-_SECTIONS = {
-    "node": NodeSettings,
-    "peers": Peer,
-    "destinations": Destination,
-    "presets": dict,
-    "instruction_sources": list,
-    "instructions": InstructionSettings,
-    "worklist": Worklist,
-    "http": HttpSettings,
-    "delivery": Delivery,
-    "executor": ExecutorSettings,
-    "mcp": McpSettings,
-    "sources": Source,
-}
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # ``http:`` with nothing under it is the defaults; node is always validated, for data_dir's default.
+        if not isinstance(data, dict):
+            return data
+        return {"node": {}, **{key: value for key, value in data.items() if value is not None}}
 
+    @field_validator("destinations", "sources")
+    @classmethod
+    def _unique_names(cls, remotes: tuple[_Remote, ...]) -> tuple[_Remote, ...]:
+        names = [remote.name for remote in remotes]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise _combination(f"names must be unique ({', '.join(twice)} more than once)")
+        return remotes
 
-def _ae_title(value: Any, where: str, errors: list[str]) -> str:
-    text = str(value) if value is not None else ""
-    if not is_valid_ae_title(text):
-        errors.append(f"{where}: {text!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
-    return text.strip()
+    @field_validator("instruction_sources")
+    @classmethod
+    def _worklist_configured(cls, sources: tuple[InstructionSource, ...], info: ValidationInfo) -> Any:
+        if InstructionSource.WORKLIST in sources and info.data.get("worklist") is None:
+            raise _combination("'worklist' is listed but no worklist section is configured")
+        return sources
 
+    @field_validator("sources")
+    @classmethod
+    def _move_sources_are_peers(cls, sources: tuple[Source, ...], info: ValidationInfo) -> tuple[Source, ...]:
+        # A C-MOVE source sends the study to the node itself: the node's allow-list must let it in.
+        allowed = {peer.ae_title for peer in info.data.get("peers", ())}
+        for src in sources:
+            moves = src.kind is RemoteKind.DICOM and src.retrieve is RetrieveMethod.MOVE
+            if allowed and moves and src.ae_title not in allowed:
+                raise _combination(
+                    f"{src.name}: C-MOVE brings the study from {src.ae_title}, which is not among the peers"
+                )
+        return sources
 
-def _port(value: Any, where: str, errors: list[str], allow_zero: bool = False) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not ((0 if allow_zero else 1) <= value <= 65535):
-        errors.append(f"{where}: {value!r} is not a valid TCP port")
-        return 0
-    return value
-
-
-def _host(value: Any, where: str, errors: list[str]) -> str:
-    text = str(value or "")
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        if not text or any(c.isspace() for c in text):
-            errors.append(f"{where}: {text!r} is not an IP address or host name")
-    return text
-
-
-def _build(cls: type, raw: Any, where: str, errors: list[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
-        return {}
-    known = set(cls.__dataclass_fields__)
-    for key in raw:
-        if key not in known:
-            errors.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    return {k: v for k, v in raw.items() if k in known}
+    @model_validator(mode="after")
+    def _remember_source(self, info: ValidationInfo) -> Self:
+        self._source = (info.context or {}).get("source")
+        return self
 
 
 def parse_config(data: Any, source: Path | None = None) -> Config:
     """Validate a parsed YAML document into a :class:`Config`.
 
+    Parameters
+    ----------
+    data : Any
+        The document (``None``, an empty file, is the defaults).
+    source : Path, optional
+        The file it was read from: relative paths are relative to its folder.
+
     Raises
     ------
     ConfigError
-        Listing every problem with its location (``node.port: ...``).
+        Listing every problem with its key path, value and what is allowed
+        (``node.port: 70000 is not a valid TCP port (0-65535)``).
     """
-    errors: list[str] = []
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source or 'config'}: top level must be a mapping")
-    for key in data:
-        if key not in _SECTIONS:
-            errors.append(f"{key}: unknown section (known: {', '.join(_SECTIONS)})")
-
-    node_raw = _build(NodeSettings, data.get("node", {}), "node", errors)
-    node = NodeSettings(
-        ae_title=_ae_title(node_raw.get("ae_title", "MEDSEG"), "node.ae_title", errors),
-        host=_host(node_raw.get("host", "127.0.0.1"), "node.host", errors),
-        port=_port(node_raw.get("port", 11112), "node.port", errors, allow_zero=True),
-        data_dir=_resolve(node_raw.get("data_dir", "./var"), source),
-        quiet_seconds=_positive(node_raw.get("quiet_seconds", 5), "node.quiet_seconds", errors),
-        max_associations=int(_positive(node_raw.get("max_associations", 8), "node.max_associations", errors)),
-        max_pending_connections=int(
-            _positive(node_raw.get("max_pending_connections", 32), "node.max_pending_connections", errors)
-        ),
-        association_request_seconds=_positive(
-            node_raw.get("association_request_seconds", 5), "node.association_request_seconds", errors
-        ),
-        max_study_instances=int(
-            _positive(node_raw.get("max_study_instances", 5000), "node.max_study_instances", errors)
-        ),
-        min_free_disk_mb=int(
-            _positive(node_raw.get("min_free_disk_mb", 1024), "node.min_free_disk_mb", errors, zero=True)
-        ),
-        collection=node_raw.get("collection"),
-        workers=int(_positive(node_raw.get("workers", 1), "node.workers", errors)),
-        intake_processes=int(_positive(node_raw.get("intake_processes", 1), "node.intake_processes", errors)),
-        tls=_tls(node_raw.get("tls"), source, errors),
-        models_dir=_resolve(node_raw["models_dir"], source) if node_raw.get("models_dir") is not None else None,
-    )
-
-    peers = []
-    for i, raw in enumerate(_list(data.get("peers", []), "peers", errors)):
-        item = _build(Peer, raw, f"peers[{i}]", errors)
-        host = item.get("host")
-        peers.append(Peer(_ae_title(item.get("ae_title"), f"peers[{i}].ae_title", errors),
-                          _host(host, f"peers[{i}].host", errors) if host is not None else None))  # fmt: skip
-
-    destinations = [_destination(raw, f"destinations[{i}]", i, source, errors)
-                    for i, raw in enumerate(_list(data.get("destinations", []), "destinations", errors))]  # fmt: skip
-    if len({d.name for d in destinations}) != len(destinations):
-        errors.append("destinations: names must be unique")
-    retrieve_sources = [_source(raw, f"sources[{i}]", i, source, errors)
-                        for i, raw in enumerate(_list(data.get("sources", []), "sources", errors))]  # fmt: skip
-    if len({s.name for s in retrieve_sources}) != len(retrieve_sources):
-        errors.append("sources: names must be unique")
-    _check_move_sources(retrieve_sources, peers, errors)
-
-    presets_raw = data.get("presets", {}) or {}
-    presets: dict[str, str] = {}
-    if not isinstance(presets_raw, dict):
-        errors.append("presets: expected a mapping of Called AE Title -> request text")
-    else:
-        for ae, text in presets_raw.items():
-            title = _ae_title(ae, f"presets.{ae}", errors)
-            if not isinstance(text, str) or not text.strip():
-                errors.append(f"presets.{ae}: the request text must be a non-empty string")
-            else:
-                presets[title] = text.strip()
-
-    sources: list[InstructionSource] = []
-    for i, raw in enumerate(_list(data.get("instruction_sources", [s.value for s in InstructionSource]),
-                                  "instruction_sources", errors)):  # fmt: skip
-        try:
-            sources.append(InstructionSource(raw))
-        except ValueError:
-            known = ", ".join(s.value for s in InstructionSource)
-            errors.append(f"instruction_sources[{i}]: {raw!r} is not one of {known}")
-
-    worklist = None
-    if data.get("worklist") is not None:
-        item = _build(Worklist, data["worklist"], "worklist", errors)
-        worklist = Worklist(
-            _ae_title(item.get("ae_title"), "worklist.ae_title", errors),
-            _host(item.get("host"), "worklist.host", errors),
-            _port(item.get("port"), "worklist.port", errors),
-        )
-    if InstructionSource.WORKLIST in sources and worklist is None and "instruction_sources" in data:
-        errors.append("instruction_sources: 'worklist' is listed but no worklist section is configured")
-
-    http_raw = _build(HttpSettings, data.get("http", {}) or {}, "http", errors)
-    http = HttpSettings(
-        host=_host(http_raw.get("host", "127.0.0.1"), "http.host", errors),
-        port=_port(http_raw.get("port", 8080), "http.port", errors, allow_zero=True),
-        token_env=str(http_raw.get("token_env", "MEDSEG_TOKEN")),
-        enabled=bool(http_raw.get("enabled", True)),
-    )
-    delivery_raw = _build(Delivery, data.get("delivery", {}) or {}, "delivery", errors)
-    delivery = Delivery(
-        **{k: _positive(v, f"delivery.{k}", errors) for k, v in delivery_raw.items()}  # type: ignore[arg-type]
-    )
-    executor = _executor(data.get("executor", {}) or {}, errors)
-    mcp_raw = _build(McpSettings, data.get("mcp", {}) or {}, "mcp", errors)
-    mcp = McpSettings(_host(mcp_raw.get("host", "127.0.0.1"), "mcp.host", errors),
-                      _port(mcp_raw.get("port", 8765), "mcp.port", errors))  # fmt: skip
-    instructions = _instructions(data.get("instructions") or {}, errors)
-    if errors:
-        where = f"{source}: " if source else ""
-        raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(errors))
-    return Config(
-        node, tuple(peers), tuple(destinations), presets, tuple(sources), worklist, http, delivery, source, executor,
-        mcp, instructions=instructions, sources=tuple(retrieve_sources),
-    )  # fmt: skip
-
-
-def _instructions(raw: Any, errors: list[str]) -> InstructionSettings:
-    """The ``instructions`` section: request limits and what an unusable request does."""
-    item = _build(InstructionSettings, raw, "instructions", errors)
-    values: dict[str, Any] = {}
-    for key in ("max_request_chars", "max_targets"):
-        if key in item:
-            values[key] = int(_positive(item[key], f"instructions.{key}", errors))
-    if "on_unusable_request" in item:
-        try:
-            values["on_unusable_request"] = UnusableRequest(item["on_unusable_request"])
-        except ValueError:
-            errors.append(f"instructions.on_unusable_request: {item['on_unusable_request']!r} is not fail or fallback")
-    return InstructionSettings(**values)
-
-
-def _executor(raw: Any, errors: list[str]) -> ExecutorSettings:
-    """The ``executor`` section; placement keys are checked here so a typo fails at start, not at the first study."""
-    item = _build(ExecutorSettings, raw, "executor", errors)
-    values: dict[str, Any] = {}
+    where = f"{source}: " if source else ""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where}the top level must be a mapping of sections, not {type(data).__name__}")
     try:
-        values["kind"] = ExecutorKind(item.get("kind", "inprocess"))
-    except ValueError:
-        errors.append(f"executor.kind: {item.get('kind')!r} is not one of {', '.join(k.value for k in ExecutorKind)}")
-    address = item.get("address")
-    if address is not None:
-        if isinstance(address, str) and (address == "auto" or re.fullmatch(r"(ray://)?[^:/\s]+(:\d{1,5})?", address)):
-            values["address"] = address
-        else:
-            errors.append(f"executor.address: {address!r} is not null, auto, HOST:PORT or ray://HOST:PORT")
-    for key in ("workers", "replicas", "max_job_attempts"):
-        if key in item:
-            values[key] = int(_positive(item[key], f"executor.{key}", errors))
-    for key in ("max_restarts", "max_task_retries", "retries"):
-        if key in item:
-            values[key] = int(_positive(item[key], f"executor.{key}", errors, zero=True))
-    for key in ("num_cpus_per_model", "num_gpus_per_model", "retry_delay_s"):
-        if key in item:
-            values[key] = _positive(item[key], f"executor.{key}", errors, zero=True)
-    for key in ("timeout_s", "head_grace_s"):
-        if item.get(key) is not None:
-            values[key] = _positive(item[key], f"executor.{key}", errors)
-    if "spread" in item:
-        values["spread"] = bool(item["spread"])
-    models = item.get("models") or {}
-    if not isinstance(models, dict):
-        errors.append("executor.models: expected a mapping of model name -> placement")
-        models = {}
-    from medsegagent.models.ray_executor import ModelPlacement  # plain data; Ray itself is imported on use
+        return Config.model_validate(data or {}, context={"source": source})
+    except ValidationError as exc:
+        problems = [_problem(error) for error in exc.errors(include_url=False)]
+        raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(problems)) from None
 
-    for name, placement in models.items():
-        if not isinstance(placement, dict):
-            errors.append(f"executor.models.{name}: expected a mapping of placement keys")
-            continue
-        try:
-            ModelPlacement.of(placement)
-        except (TypeError, ValueError) as exc:
-            errors.append(f"executor.models.{name}: {exc}")
-    values["models"] = {str(k): dict(v) for k, v in models.items() if isinstance(v, dict)}
-    local = item.get("local") or {}
-    known_local = {"num_cpus", "num_gpus", "object_store_mb", "resources", "temp_dir"}
-    if not isinstance(local, dict) or set(local) - known_local:
-        errors.append(f"executor.local: expected a mapping with keys among {', '.join(sorted(known_local))}")
-    else:
-        values["local"] = dict(local)
-    return ExecutorSettings(**values)
+
+#: Pydantic's words for a wrong container, in the words of a YAML file.
+_SHAPES = {"model_type": "a mapping", "dict_type": "a mapping", "tuple_type": "a list", "list_type": "a list"}
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One line of a :class:`ConfigError`: ``key.path: what is wrong (got value)``."""
+    # ``web`` is internal (its keys sit flat in the file); ``[key]`` marks a mapping key's own error.
+    loc = [part for part in error["loc"] if part not in ("web", "[key]")]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        known = ", ".join(_section_at(error["loc"][:-1]).yaml_keys())
+        return f"{where}: unknown {'section' if len(loc) == 1 else 'key'} (known: {known})"
+    if kind == "missing":
+        return f"{where}: required"
+    message = f"expected {_SHAPES[kind]}" if kind in _SHAPES else error["msg"]
+    if kind not in _OWN_ERRORS and not isinstance(value, dict | list):
+        message += f" (got {value!r})"
+    return f"{where or 'configuration'}: {message}"
+
+
+def _section_at(loc: tuple[int | str, ...]) -> type[_Section]:
+    """The section (model) at a location of a validation error."""
+    section: type[_Section] = Config
+    for part in loc:
+        if isinstance(part, str) and part in section.model_fields:
+            section = _section_in(section.model_fields[part].annotation) or section
+    return section
+
+
+def _section_in(annotation: Any) -> type[_Section] | None:
+    if isinstance(annotation, type) and issubclass(annotation, _Section):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (tuple, typing.Union):
+        return next(filter(None, map(_section_in, typing.get_args(annotation))), None)
+    return None
 
 
 def load_config(path: Path) -> Config:
@@ -585,162 +679,6 @@ def _scalar(text: str) -> int | float | bool | str:
     return text
 
 
-def _list(value: Any, where: str, errors: list[str]) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        errors.append(f"{where}: expected a list")
-        return []
-    return value
-
-
-def _positive(value: Any, where: str, errors: list[str], zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero):
-        errors.append(f"{where}: {value!r} must be a {'non-negative' if zero else 'positive'} number")
-        return 1.0
-    return float(value)
-
-
-def _resolve(value: Any, source: Path | None) -> Path:
-    path = Path(str(value)).expanduser()
-    if not path.is_absolute() and source is not None:
-        path = source.resolve().parent / path
-    return path
-
-
-def _tls(raw: Any, source: Path | None, errors: list[str]) -> TlsSettings | None:
-    if raw is None:
-        return None
-    item = _build(TlsSettings, raw, "node.tls", errors)
-    paths = {}
-    for key in ("certificate", "private_key", "ca_certificates"):
-        if item.get(key) is None:
-            if key != "ca_certificates":
-                errors.append(f"node.tls.{key}: required")
-            continue
-        path = _resolve(item[key], source)
-        if not path.is_file():
-            errors.append(f"node.tls.{key}: {path} is not a readable file")
-        paths[key] = path
-    require = bool(item.get("require_client_certificate", False))
-    if require and "ca_certificates" not in paths:
-        errors.append("node.tls.require_client_certificate: needs ca_certificates to verify clients against")
-    if "certificate" not in paths or "private_key" not in paths:
-        return None
-    return TlsSettings(paths["certificate"], paths["private_key"], paths.get("ca_certificates"), require)
-
-
-# -- PACS endpoints: destinations (C-STORE / STOW-RS) and sources (C-MOVE / C-GET / WADO-RS) --------------------
-
-_DIMSE_KEYS = ("ae_title", "host", "port")
-_WEB_KEYS = tuple(WebEndpoint.__dataclass_fields__)
-
-
-def _remote_kind(item: dict[str, Any], where: str, own: tuple[str, ...], errors: list[str]) -> RemoteKind:
-    """The ``kind`` of a destination or source; each kind refuses the other kind's keys (but not ``own``)."""
-    try:
-        kind = RemoteKind(item.get("kind", "dicom"))
-    except ValueError:
-        errors.append(f"{where}.kind: {item.get('kind')!r} is not one of {', '.join(k.value for k in RemoteKind)}")
-        return RemoteKind.DICOM
-    foreign = _WEB_KEYS if kind is RemoteKind.DICOM else _DIMSE_KEYS
-    for key in foreign:
-        if key in item and key not in own:
-            errors.append(f"{where}.{key}: not a key of kind {kind.value}")
-    return kind
-
-
-def _remote_keys(item: Any, where: str, own: tuple[str, ...], errors: list[str]) -> dict[str, Any]:
-    """A destination's or source's mapping, checked for unknown keys (the web keys sit beside the others)."""
-    if not isinstance(item, dict):
-        errors.append(f"{where}: expected a mapping, got {type(item).__name__}")
-        return {}
-    known = set(own) | set(_DIMSE_KEYS) | set(_WEB_KEYS)
-    for key in item:
-        if key not in known:
-            errors.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    return item
-
-
-def _destination(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Destination:
-    own = ("name", "kind", "volume_report", "preview_sc", "seg_type")
-    item = _remote_keys(raw, where, own, errors)
-    kind = _remote_kind(item, where, own, errors)
-    common = {"name": str(item.get("name") or f"destination{index + 1}"), "kind": kind,
-              "volume_report": bool(item.get("volume_report", False)),
-              "preview_sc": bool(item.get("preview_sc", False)),
-              "seg_type": _seg_type(item.get("seg_type", SegType.BINARY.value), where, errors)}  # fmt: skip
-    if kind is RemoteKind.DICOMWEB:
-        return Destination(**common, web=_web_endpoint(item, where, source, errors))
-    return Destination(**common, **_dimse_address(item, where, errors))
-
-
-def _seg_type(value: Any, where: str, errors: list[str]) -> SegType:
-    """A destination's ``seg_type``: BINARY or LABELMAP (the node fuses to labels: no FRACTIONAL)."""
-    allowed = (SegType.BINARY, SegType.LABELMAP)
-    if str(value).upper() in {t.value for t in allowed}:
-        return SegType(str(value).upper())
-    errors.append(f"{where}.seg_type: expected one of {', '.join(t.value for t in allowed)}, got {value!r}")
-    return SegType.BINARY
-
-
-def _source(raw: Any, where: str, index: int, source: Path | None, errors: list[str]) -> Source:
-    own = ("name", "kind", "retrieve", "timeout_s")
-    item = _remote_keys(raw, where, own, errors)
-    kind = _remote_kind(item, where, own, errors)
-    name = str(item.get("name") or f"source{index + 1}")
-    if kind is RemoteKind.DICOMWEB:
-        if "retrieve" in item:
-            errors.append(f"{where}.retrieve: a DICOMweb source retrieves by WADO-RS (no retrieve key)")
-        web = _web_endpoint(item, where, source, errors)
-        return Source(name, kind, timeout_s=web.timeout_s, web=web)
-    try:
-        method = RetrieveMethod(item.get("retrieve", "move"))
-    except ValueError:
-        errors.append(f"{where}.retrieve: {item.get('retrieve')!r} is not one of move, get")
-        method = RetrieveMethod.MOVE
-    timeout = _positive(item.get("timeout_s", 600), f"{where}.timeout_s", errors)
-    return Source(name, kind, **_dimse_address(item, where, errors), retrieve=method, timeout_s=timeout)
-
-
-def _dimse_address(item: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
-    return {"ae_title": _ae_title(item.get("ae_title"), f"{where}.ae_title", errors),
-            "host": _host(item.get("host"), f"{where}.host", errors),
-            "port": _port(item.get("port"), f"{where}.port", errors)}  # fmt: skip
-
-
-def _web_endpoint(item: dict[str, Any], where: str, source: Path | None, errors: list[str]) -> WebEndpoint:
-    """The DICOMweb keys of a destination or source: URL, one way to authenticate, TLS."""
-    url = str(item.get("url") or "")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        errors.append(f"{where}.url: {url!r} is not an http(s) URL")
-    files = {key: _resolve(item[key], source) for key in ("token_file", "password_file", "ca_certificates")
-             if item.get(key) is not None}  # fmt: skip
-    for key, path in files.items():
-        if not path.is_file():
-            errors.append(f"{where}.{key}: {path} is not a readable file")
-    token = [key for key in ("token_env", "token_file") if item.get(key)]
-    password = [key for key in ("password_env", "password_file") if item.get(key)]
-    if len(token) > 1 or len(password) > 1 or (token and (password or item.get("username"))):
-        errors.append(f"{where}: give one of token_env, token_file, or username with password_env or password_file")
-    elif bool(item.get("username")) != bool(password):
-        errors.append(f"{where}: username needs password_env or password_file (and these need a username)")
-    credentials = bool(token or password)
-    if credentials and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
-        errors.append(f"{where}.url: credentials would cross the network in clear text; use https")
-    verify = item.get("tls_verify", True)
-    if not isinstance(verify, bool):
-        errors.append(f"{where}.tls_verify: {verify!r} must be true or false (ca_certificates names a CA file)")
-        verify = True
-    return WebEndpoint(
-        url=url.rstrip("/"), token_env=item.get("token_env"), token_file=files.get("token_file"),
-        username=item.get("username"), password_env=item.get("password_env"),
-        password_file=files.get("password_file"), tls_verify=verify, ca_certificates=files.get("ca_certificates"),
-        timeout_s=_positive(item.get("timeout_s", 60), f"{where}.timeout_s", errors),
-    )  # fmt: skip
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -748,12 +686,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _check_move_sources(sources: list[Source], peers: list[Peer], errors: list[str]) -> None:
-    """A C-MOVE source sends the study to the node itself: the node's allow-list must let it in."""
-    allowed = {p.ae_title for p in peers}
-    for i, src in enumerate(sources):
-        moves = src.kind is RemoteKind.DICOM and src.retrieve is RetrieveMethod.MOVE
-        if moves and peers and src.ae_title not in allowed:
-            errors.append(f"sources[{i}]: C-MOVE brings the study from {src.ae_title}, which is not among the peers")

@@ -126,15 +126,15 @@ def tls_to_json(tls: TlsSettings | None) -> dict | None:
     """TLS settings as a JSON mapping (paths as strings); :func:`tls_from_json` reverses it."""
     if tls is None:
         return None
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tls).items()}
+    return tls.model_dump(mode="json")
 
 
 def tls_from_json(data: dict | None) -> TlsSettings | None:
     """The TLS settings :func:`tls_to_json` wrote."""
     if data is None:
         return None
-    # Strings are the paths tls_to_json wrote; every field goes through, so a new one cannot be lost.
-    return TlsSettings(**{k: Path(v) if isinstance(v, str) else v for k, v in data.items()})
+    # Validated again: every field goes through (a new one cannot be lost), and the files are still there.
+    return TlsSettings.model_validate(data)
 
 
 class IntakePool:

@@ -148,7 +148,9 @@ def test_dicom_over_tls_with_dcmtk(tmp_path, phantom_factory):
 
     node_key, node_cert = _make_cert(tmp_path, "node")
     peer_key, peer_cert = _make_cert(tmp_path, "peer")
-    context = server_ssl_context(TlsSettings(node_cert, node_key, peer_cert, require_client_certificate=True))
+    settings = TlsSettings(certificate=node_cert, private_key=node_key, ca_certificates=peer_cert,
+                           require_client_certificate=True)  # fmt: skip
+    context = server_ssl_context(settings)
     node = StorageSCP(tmp_path / "spool", ae_title="MEDSEG", host="127.0.0.1", port=0, ssl_context=context)
     node.start()
     try:

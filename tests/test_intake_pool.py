@@ -218,11 +218,15 @@ def test_intake_processes_must_be_positive():
     assert parse_config({"node": {"intake_processes": 3}, "http": {"enabled": False}}).node.intake_processes == 3
 
 
-def test_tls_settings_survive_the_json_trip_to_a_worker():
+def test_tls_settings_survive_the_json_trip_to_a_worker(tmp_path):
     from medsegagent.node.config import TlsSettings
     from medsegagent.node.intake_pool import tls_from_json, tls_to_json
 
-    for tls in (TlsSettings(Path("/etc/n.pem"), Path("/etc/n.key")),
-                TlsSettings(Path("/etc/n.pem"), Path("/etc/n.key"), Path("/etc/ca.pem"), True)):  # fmt: skip
+    pem, key, ca = (tmp_path / name for name in ("n.pem", "n.key", "ca.pem"))
+    for path in (pem, key, ca):
+        path.write_text("x")  # the settings name files that exist
+    client_checked = {"ca_certificates": ca, "require_client_certificate": True}
+    for tls in (TlsSettings(certificate=pem, private_key=key),
+                TlsSettings(certificate=pem, private_key=key, **client_checked)):  # fmt: skip
         assert tls_from_json(json.loads(json.dumps(tls_to_json(tls)))) == tls
     assert tls_from_json(tls_to_json(None)) is None
