@@ -185,10 +185,10 @@ Text = Annotated[str, AfterValidator(_text)]
 ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
 ConfigFile = Annotated[Path, AfterValidator(_relative_to_config), AfterValidator(_readable_file)]
 # Strict: YAML's ``5`` is a number but ``"5"`` or ``true`` is not.
-Seconds = Annotated[float, Field(gt=0, strict=True)]
-Amount = Annotated[float, Field(ge=0, strict=True)]
+Positive = Annotated[float, Field(gt=0, strict=True)]
+NonNegative = Annotated[float, Field(ge=0, strict=True)]
 Count = Annotated[int, Field(ge=1, strict=True)]
-Retries = Annotated[int, Field(ge=0, strict=True)]
+NonNegativeCount = Annotated[int, Field(ge=0, strict=True)]
 
 
 class _Section(BaseModel):
@@ -236,13 +236,13 @@ class NodeSettings(_Section):
     port: ListenPort = 11112
     # validate_default: the default ./var is relative to the configuration file too.
     data_dir: ConfigPath = Field(default=Path("./var"), validate_default=True)
-    quiet_seconds: Seconds = 5.0
+    quiet_seconds: Positive = 5.0
     max_associations: Count = 8
     #: Connections not yet associated (one more closes the oldest) and the seconds they have to do so.
     max_pending_connections: Count = 32
-    association_request_seconds: Seconds = 5.0
+    association_request_seconds: Positive = 5.0
     max_study_instances: Count = 5000
-    min_free_disk_mb: Retries = 1024
+    min_free_disk_mb: NonNegativeCount = 1024
     collection: str | None = None
     workers: Count = 1
     intake_processes: Count = 1
@@ -274,7 +274,7 @@ class WebEndpoint(_Section):
     #: ``false`` turns certificate checks off; ``ca_certificates`` names the CA file of a private PKI instead.
     tls_verify: StrictBool = True
     ca_certificates: ConfigFile | None = None
-    timeout_s: Seconds = 60.0
+    timeout_s: Positive = 60.0
 
     @field_validator("url")
     @classmethod
@@ -385,8 +385,8 @@ class Source(_Remote):
     _DIMSE_KEYS: ClassVar[tuple[str, ...]] = ("ae_title", "host", "port", "retrieve")
 
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
-    #: Seconds a C-MOVE or C-GET may take.
-    timeout_s: Seconds = 600.0
+    #: Positive a C-MOVE or C-GET may take.
+    timeout_s: Positive = 600.0
 
 
 class Worklist(_Section):
@@ -416,9 +416,9 @@ class McpSettings(_Section):
 class Delivery(_Section):
     """Retry policy of the outbox."""
 
-    retry_initial_seconds: Seconds = 5.0
-    retry_max_seconds: Seconds = 300.0
-    give_up_after_hours: Seconds = 72.0
+    retry_initial_seconds: Positive = 5.0
+    retry_max_seconds: Positive = 300.0
+    give_up_after_hours: Positive = 72.0
 
 
 def _ray_address(value: str | None) -> str | None:
@@ -465,17 +465,17 @@ class ExecutorSettings(_Section):
     kind: ExecutorKind = ExecutorKind.INPROCESS
     address: Annotated[str | None, AfterValidator(_ray_address)] = None
     workers: Count = 2
-    timeout_s: Seconds | None = None
-    num_cpus_per_model: Amount = 1.0
-    num_gpus_per_model: Amount = 0.0
+    timeout_s: Positive | None = None
+    num_cpus_per_model: NonNegative = 1.0
+    num_gpus_per_model: NonNegative = 0.0
     replicas: Count = 1
     spread: StrictBool = False
-    max_restarts: Retries = 3
-    max_task_retries: Retries = 3
-    retries: Retries = 2
-    head_grace_s: Seconds = 15.0
+    max_restarts: NonNegativeCount = 3
+    max_task_retries: NonNegativeCount = 3
+    retries: NonNegativeCount = 2
+    head_grace_s: Positive = 15.0
     max_job_attempts: Count = 3
-    retry_delay_s: Amount = 10.0
+    retry_delay_s: NonNegative = 10.0
     # Placements are checked here so that a typo fails at start, not at the first study.
     models: dict[str, Annotated[dict[str, Any], AfterValidator(_placement)]] = {}
     local: Annotated[dict[str, Any], AfterValidator(_local_ray)] = {}
