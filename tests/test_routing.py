@@ -429,3 +429,26 @@ def test_public_benchmark_meets_the_target_when_present(router):
         pytest.skip("public routing benchmark not available")
     result = run_bench(path, collection=COLLECTION, router=router)
     assert result.strict >= 0.95
+
+
+def test_encoder_runs_one_thread_per_pass_and_leaves_torch_as_it_was(router):
+    # Latency (#14): a phrase's pass runs on one intra-op thread (on a busy host two threads'
+    # barrier cost 100-500 ms a pass), and the process-wide count is restored for model threads.
+    import torch
+
+    enc = router._get_encoder()
+    before_threads, before_passes = torch.get_num_threads(), enc.forward_passes
+    seen: list[int] = []
+    hook = enc._model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        enc.encode(["thyroidea gland"])
+    finally:
+        hook.remove()
+    assert seen == [1]
+    assert torch.get_num_threads() == before_threads
+    assert enc.forward_passes == before_passes + 1
+    # A phrase already read in this process costs no second pass.
+    plan(router, "thyroidea", "CT")
+    passes = enc.forward_passes
+    again = plan(router, "thyroidea", "CT")
+    assert enc.forward_passes == passes and again.selection
