@@ -61,7 +61,7 @@ class SegmentVolume(BaseModel):
     """One segment of a written SEG and its volume."""
 
     number: int = Field(description="Segment Number in the SEG")
-    label: str = Field(description="Segment Label")
+    label: str = Field(description="the registry's label name (the SEG's Segment Label reads 'Kidney, right')")
     volume_ml: float = Field(description="segmented volume in millilitres")
     empty: bool = Field(description="no voxel was segmented")
     category: CodedTerm = Field(description="Segmented Property Category")
@@ -171,12 +171,16 @@ def segment_volumes(job_id: str, study_uid: str, report: dict[str, Any], seg_pat
     """
     import highdicom as hd  # on use: listing studies, and importing this module, need none of it
 
+    from medsegagent.dicom.seg import segment_label, truncate_text
+
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True, specific_tags=["SegmentSequence"])
     described = {d.segment_number: d for d in map(hd.seg.SegmentDescription.from_dataset, seg.SegmentSequence)}
     segments = []
     for entry in report.get("segments", []):
         description = described.get(entry["number"])
-        if description is None or description.segment_label != entry["label"]:
+        # The SEG names a segment as a radiologist writes it ("Kidney, right"); SEGs written before did not.
+        written = (entry["label"], truncate_text(segment_label(entry["label"])))
+        if description is None or description.segment_label not in written:
             raise ValueError(f"the SEG of job {job_id} does not hold segment {entry['number']} ({entry['label']})")
         modifier = description.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence")
         segments.append(
