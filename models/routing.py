@@ -793,7 +793,9 @@ class Router:
                 # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx).
                 chosen += [m for m in ms if m.why == _WHY_SPECIFIC and m.source == "name" and m not in chosen]
             d = self.registry.datasets[name]
-            labels = list(dict.fromkeys(m.entry.label.name for m in chosen))
+            # registry order, not match order: matches come from set walks, and a plan must not depend on the hash seed
+            order = {label: i for i, label in enumerate(d.labels)}
+            labels = sorted({m.entry.label.name for m in chosen}, key=order.__getitem__)
             values = sorted({v for m in chosen for v in m.label_values})
             selected = _tier(top) == top_tier and top_tier < len(TIERS)
             installed = [r.name for r in d.installed_models]
@@ -816,7 +818,7 @@ class Router:
         )
         explain["label"] = label_explain
         kinds = [self.registry.datasets[x.dataset].labels[x.labels[0]].kind.value for x in candidates if x.selected]
-        kind = max(set(kinds), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
+        kind = max(sorted(set(kinds)), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
 

@@ -452,3 +452,29 @@ def test_encoder_runs_one_thread_per_pass_and_leaves_torch_as_it_was(router):
     passes = enc.forward_passes
     again = plan(router, "thyroidea", "CT")
     assert enc.forward_passes == passes and again.selection
+
+
+_SEEDED_PLANS = """
+import json
+from medsegagent.models.registry import load_registry
+from medsegagent.models.routing import Router
+router = Router(load_registry())
+plans = [router.plan(q).to_json() for q in ("heart", "iliac vessels", "segment the heart chambers", "lungs")]
+for p in plans:
+    p.pop("elapsed_ms", None)
+print(json.dumps(plans))
+"""
+
+
+def test_a_plan_does_not_depend_on_the_hash_seed():
+    """Plans are stored with jobs and compared across restarts: no set-walk order may leak into them."""
+    import subprocess
+    import sys
+
+    def plans(seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        return subprocess.run([sys.executable, "-c", _SEEDED_PLANS], env=env, capture_output=True, text=True,
+                              check=True, timeout=300).stdout  # fmt: skip
+
+    outputs = {plans(seed) for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and json.loads(outputs.pop())[0]["targets"]
