@@ -26,6 +26,7 @@ allowed.  Relative paths are relative to the configuration file.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 import os
@@ -584,8 +585,10 @@ def _problem(error: ErrorDetails) -> str:
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        known = ", ".join(_section_at(error["loc"][:-1]).yaml_keys())
-        return f"{where}: unknown {'section' if len(loc) == 1 else 'key'} (known: {known})"
+        known = _section_at(error["loc"][:-1]).yaml_keys()
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        return f"{where}: unknown {'section' if len(loc) == 1 else 'key'}{hint} (known: {', '.join(known)})"
     if kind == "missing":
         return f"{where}: required"
     message = f"expected {_SHAPES[kind]}" if kind in _SHAPES else error["msg"]
