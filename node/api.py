@@ -204,7 +204,8 @@ def create_app(node: Node, token: str) -> FastAPI:
         return JobDetail.model_validate({**job.to_json(detail=True), "deliveries": deliveries, "preview": preview})
 
     @app.get("/jobs/{job_id}/preview", dependencies=auth, response_class=FileResponse,
-             responses={200: {"content": {"image/png": {}}}, **_errors(404)})  # fmt: skip
+             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                        **_errors(404)})  # fmt: skip
     def job_preview(job_id: str) -> FileResponse:
         """The PNG preview of a written job."""
         job = job_or_404(job_id)

@@ -89,6 +89,8 @@ def test_openapi_names_a_schema_for_every_answer(client: TestClient):
         assert {key: answer[key] for key in schema} == schema, (path, method)
         if path != "/health":  # every other route needs the token
             assert _answer_schema(openapi, path, method, 401) == {"$ref": "#/components/schemas/Problem"}
+    preview = openapi["paths"]["/jobs/{job_id}/preview"]["get"]["responses"]
+    assert list(preview["200"]["content"]) == ["image/png"] and "404" in preview
     job = openapi["components"]["schemas"]["JobDetail"]
     assert {"state", "request", "reason", "history", "deliveries", "plan"} <= set(job["properties"])
     assert set(openapi["components"]["schemas"]["JobState"]["enum"]) == {s.value for s in JobState}
