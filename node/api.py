@@ -220,7 +220,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         try:
             return JobInfo.model_validate(node.submit(body.study_uid, body.request, body.source).to_json())
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
@@ -229,11 +229,11 @@ def create_app(node: Node, token: str) -> FastAPI:
         """Plan a request without a study (Orthanc's plugin checks its routing rules with it)."""
         text = body.request or node.config.presets.get(body.called_ae or "")
         if text is None:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "give a request, or a Called AE with a preset")
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give a request, or a Called AE with a preset")
         try:
             plan = node.router.plan(text, modality=body.modality, collection=node.config.node.collection)
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         missing = sorted(m["dataset"] for m in plan.missing_models)
         return PlanCheck(
             request=text, source="request" if body.request else "preset", selection=plan.selection,

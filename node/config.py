@@ -245,7 +245,6 @@ class NodeSettings(_Section):
     max_study_instances: Count = 5000
     min_free_disk_mb: NonNegativeCount = 1024
     collection: str | None = None
-    workers: Count = 1
     intake_processes: Count = 1
     tls: TlsSettings | None = None
     #: The models folder (``${MEDSEG_MODELS}`` of registry locations); ``None``: the environment's.
