@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
 import numpy as np
+import torch
 
 from medsegagent.models.resample import Box, BoxedMap, _support_box
 
@@ -439,9 +440,10 @@ def _weighted_sum(shape: tuple[int, int, int], terms: list[tuple[float, BoxedMap
     if union is None:
         return BoxedMap.empty(shape)
     block = np.zeros(tuple(s.stop - s.start for s in union), np.float32)
+    fused = torch.from_numpy(block)  # shares the memory: torch's in-place axpy needs no temporary
     for weight, m in terms:
         if not m.is_empty:
-            block[_local(m.box, union)] += np.float32(weight) * m.data
+            fused[_local(m.box, union)].add_(torch.from_numpy(np.ascontiguousarray(m.data, np.float32)), alpha=weight)
     return BoxedMap(shape, union, block)
 
 
@@ -914,9 +916,10 @@ def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.
 
     A voxel is assigned to target ``i`` when ``S_i`` is the largest fused
     score at that voxel and exceeds ``threshold`` (ties go to the earlier
-    target).  Scores are visited box by box, so memory is one label map plus
-    one running maximum over the union of the boxes, whatever the number of
-    targets.
+    target).  Only voxels above ``threshold`` can take a label, so each
+    target's mask is laid down box by box, and scores are compared only
+    where it meets a target laid down before: memory is the label map plus
+    one mask box, whatever the number of targets.
     """
     if not results:
         raise ValueError("nothing to fuse")
@@ -924,23 +927,24 @@ def resolve_overlaps(results: list[TargetResult], threshold: float = 0.5) -> np.
         raise ValueError(f"at most 255 targets fit a uint8 label map, got {len(results)}")
     shape = next((r.shape for r in results if r.shape != (0, 0, 0)), (0, 0, 0))
     best = np.zeros(shape, np.uint8)
-    for result in results:
-        if not result.score_map.is_empty and result.score_map.shape != shape:
-            raise ValueError(f"target {result.target} has grid {result.score_map.shape}, expected {shape}")
-    union = _union_box([r.score_map for r in results])
-    if union is None:
-        return best
-    # Outside every box the peak is 0: only the boxes' union can hold a label.
-    peak = np.zeros(tuple(s.stop - s.start for s in union), np.float32)
-    region = best[union]
     for number, result in enumerate(results, start=1):
         m = result.score_map
         if m.is_empty:
             continue
-        local = _local(m.box, union)
-        region_peak, region_best = peak[local], region[local]
-        better = m.data > region_peak
-        region_peak[better] = m.data[better]
-        region_best[better] = number
-    region[peak <= threshold] = 0
+        if m.shape != shape:
+            raise ValueError(f"target {result.target} has grid {m.shape}, expected {shape}")
+        region = best[m.box]
+        above = m.data > threshold
+        contested = above & (region != 0)
+        if contested.any():
+            # Where an earlier target holds the voxel, the higher score wins (a tie keeps the earlier one).
+            where = np.nonzero(contested)
+            owners = region[where]
+            for owner in np.unique(owners):
+                theirs = results[int(owner) - 1].score_map
+                mine = tuple(w[owners == owner] for w in where)
+                points = tuple(i + b.start - t.start for i, b, t in zip(mine, m.box, theirs.box, strict=True))
+                lost = m.data[mine] <= theirs.data[points]
+                above[tuple(i[lost] for i in mine)] = False
+        region[above] = number
     return best
