@@ -75,7 +75,8 @@ def preview_rgb(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if labels.size and int(labels.max()) > len(colors):
         raise ValueError(f"label value {int(labels.max())} has no colour ({len(colors)} given)")
-    areas = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
+    # Slice by slice: count_nonzero's fast path, not a bool copy of the volume summed in int64.
+    areas = np.array([np.count_nonzero(plane) for plane in labels])
     index = int(np.argmax(areas)) if areas.any() else labels.shape[0] // 2
     plane = image[index].astype(np.float32)
     low, high = _WINDOWS.get(modality) or tuple(np.percentile(plane, [1, 99]))
