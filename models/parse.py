@@ -923,7 +923,9 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         # "kidney, left and right" both kidneys; an exclusion ("ribs except the 12th") adds.
         head = next((t for t in reversed(targets) if t.concept.core), targets[-1])
         same = [p for p in pending if p.negated == head.negated]
-        if same and not head.concept.laterality:
+        # ... but an indexed head keeps its own indices: "ribs 11 and 12" is both ribs.
+        adds_index = head.concept.index and any(p.concept.index for p in same)
+        if same and not head.concept.laterality and not adds_index:
             targets.remove(head)
         targets.extend(_borrow_head(p, head) for p in pending)
     elif pending:
@@ -943,6 +945,11 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
             t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat)), t)
             for t in targets
         ]
+    targets = _share_qualifiers(targets)
+    organs = [t for t in header_targets if not set(t.concept.core) & LESION_TOKENS]
+    if head and len(organs) == 1:
+        # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ.
+        targets = _inherit_lesion_organ(organs + targets)[1:]
     targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
     if head and header_targets and not any(t.concept.core for t in targets):
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ.
@@ -1174,6 +1181,31 @@ def _distribute_lesion_head(targets: list[ParsedTarget], text: str) -> list[Pars
         )
         for t in organs
     ]
+
+
+def _share_qualifiers(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    # "common iliac arteries and veins": a bare class noun after a qualified one of another
+    # class takes its qualifiers (the common iliac veins), as a bare side takes a head noun.
+    out: list[ParsedTarget] = []
+    for t in targets:
+        prev = out[-1].concept.core if out else ()
+        core = t.concept.core
+        if len(core) == 1 and core[0] in CLASS_NOUNS and not t.negated:
+            nouns = set(prev) & CLASS_NOUNS
+            qualifiers = set(prev) - CLASS_NOUNS
+            if len(nouns) == 1 and qualifiers and core[0] not in nouns:
+                core = _finish_core([*qualifiers, core[0]])
+                t = ParsedTarget(
+                    t.text,
+                    Concept(core, t.concept.laterality, t.concept.index),
+                    t.words,
+                    t.unknown,
+                    t.negated,
+                    t.group,
+                    t.context,
+                )
+        out.append(t)
+    return out
 
 
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:

@@ -478,3 +478,24 @@ def test_a_plan_does_not_depend_on_the_hash_seed():
 
     outputs = {plans(seed) for seed in ("1", "2", "3")}
     assert len(outputs) == 1 and json.loads(outputs.pop())[0]["targets"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # an indexed head keeps its indices when bare numbers follow
+        ("ribs 11 and 12", {(("rib",), frozenset({"11"})), (("rib",), frozenset({"12"}))}),
+        # a bare class noun takes the qualifiers of the one before it
+        (
+            "common iliac arteries and veins",
+            {(("artery", "common", "iliac"), None), (("common", "iliac", "vein"), None)},
+        ),
+        # bare lesions under a one-organ worklist header are that organ's
+        ("MR LIVER - SEGMENT LESIONS", {(("lesion", "liver"), None)}),
+        # "skeletal muscle" is its own concept, not the bone adjective plus a filler word
+        ("skeletal muscle", {(("striated",), None)}),
+    ],
+)
+def test_structure_rules_of_round_five(text: str, expected: set) -> None:
+    parsed = parse.parse_request(text)
+    assert {(t.concept.core, t.concept.index) for t in parsed.targets} == expected
