@@ -690,7 +690,7 @@ def _pixel_array(
         if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
             raise ValueError(f"a label map must hold integers, got {masks.dtype}")
         low = int(masks.min()) if masks.dtype.kind == "i" else 0
-        counts = _label_counts(masks) if low >= 0 else np.zeros(0, np.int64)
+        counts = label_counts(masks) if low >= 0 else np.zeros(0, np.int64)
         if low < 0 or len(counts) > n_segments + 1:
             high = int(masks.max())
             raise ValueError(f"label map values must be 0..{n_segments} (one per segment), got {low}..{high}")
@@ -721,7 +721,7 @@ def _pixel_array(
     return np.moveaxis(masks, 0, -1).view(np.uint8), present
 
 
-def _label_counts(labels: np.ndarray) -> np.ndarray:
+def label_counts(labels: np.ndarray) -> np.ndarray:
     """Voxels per label value of a non-negative label map (index 0 is left at 0).
 
     Counted over the labelled voxels only: ``np.bincount`` casts its input to

@@ -30,6 +30,7 @@ from medsegagent.dicom.seg import (
     MANUFACTURER,
     MODEL_NAME,
     AlgorithmInfo,
+    label_counts,
     segment_specs_by_number,
     truncate_text,
 )
@@ -86,9 +87,10 @@ def segment_volumes_ml(masks: np.ndarray, n_segments: int, voxel_ml: float) -> d
         raise ValueError(f"voxel volume must be positive, got {voxel_ml}")
     masks = np.asarray(masks)
     if masks.ndim == 3:
-        counts = np.bincount(masks.ravel().astype(np.intp, copy=False), minlength=n_segments + 1)[1:]
-        if counts.size > n_segments:
+        counts = label_counts(masks)
+        if counts[n_segments + 1 :].any():
             raise ValueError(f"label map holds values above {n_segments}")
+        counts = np.pad(counts, (0, max(0, n_segments + 1 - counts.size)))[1 : n_segments + 1]
     elif masks.ndim == 4 and masks.shape[0] == n_segments:
         counts = np.array([np.count_nonzero(m) for m in masks])
     else:

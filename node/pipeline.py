@@ -37,6 +37,7 @@ from medsegagent.dicom.seg import (
     SegmentMember,
     SegmentSpec,
     SegType,
+    label_counts,
     load_source_datasets,
     members_from_ranks,
     model_fingerprint,
@@ -757,8 +758,9 @@ def _report(run: _Run) -> dict[str, Any]:
     if provenance.request_fallback:
         request["fallback"] = dict(provenance.request_fallback)
     segments = []
+    counts = label_counts(run.labels)  # one pass over the label map for every segment
     for number, (s, r, q) in enumerate(zip(run.segments, run.results, run.qualities, strict=True), start=1):
-        count = int(np.count_nonzero(run.labels == number))
+        count = int(counts[number]) if number < counts.size else 0
         segments.append({
             "number": number, "label": s.label.name, "target": s.target, "dataset": s.dataset,
             "volume_ml": round(count * voxel_ml, 2), "empty": count == 0,

@@ -180,7 +180,8 @@ def test_labelmap_copy_and_volume_report_each_get_a_series_of_their_own(phantom_
     assert labelmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
     assert labelmap.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     assert dciodvfy_errors(out / "seg-labelmap.dcm") == []
-    assert [s.SegmentLabel for s in labelmap.SegmentSequence] == [s.SegmentLabel for s in binary.SegmentSequence]
+    labelled = [s.SegmentLabel for s in labelmap.SegmentSequence if s.SegmentNumber > 0]  # 0: its background
+    assert labelled == [s.SegmentLabel for s in binary.SegmentSequence]
     study = max(int(pydicom.dcmread(p, stop_before_pixels=True).SeriesNumber) for p in files.dicom_dir.rglob("*.dcm"))
     assert [int(ds.SeriesNumber) for ds in (binary, labelmap, sr, sc)] == [study + 1, study + 2, study + 3, study + 4]
     assert len({ds.SeriesInstanceUID for ds in (binary, labelmap, sr, sc)}) == 4
