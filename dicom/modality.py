@@ -82,10 +82,14 @@ _ROUTING_KEYS = ("Modality", "SeriesDescription", "SequenceName", "ProtocolName"
 def routing_modality(series: Mapping[str, SeriesInfo]) -> str | None:
     """Routing modality of a scanned folder (output of :func:`~medsegagent.dicom.series.scan_folder`).
 
-    Reads one header per image series; ``None`` when there is no image series.
+    Reads one header per image series, unless the series carries its routing attributes
+    (:attr:`SeriesInfo.routing`); ``None`` when there is no image series.
     """
     headers = []
     for info in image_series(dict(series)):
+        if info.routing is not None:
+            headers.append(info.routing)
+            continue
         ds = pydicom.dcmread(info.files[0], stop_before_pixels=True)
         headers.append({key: ds.get(key) for key in _ROUTING_KEYS})
     return study_modality(headers)

@@ -20,6 +20,8 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from pydicom.charset import convert_encodings, decode_bytes
+
 #: The one transfer syntax that is big endian (Implicit VR is told from the data set's first element).
 _EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 
@@ -55,6 +57,24 @@ BITS_ALLOCATED = 0x00280100
 BITS_STORED = 0x00280101
 HIGH_BIT = 0x00280102
 PIXEL_DATA = 0x7FE00010
+# Tags the node's study manifest keeps (series choice, routing, instruction sources): read in the same walk.
+IMAGE_TYPE = 0x00080008
+SERIES_NUMBER = 0x00200011
+FRAME_OF_REFERENCE_UID = 0x00200052
+REQUEST_ATTRIBUTES_SEQUENCE = 0x00400275
+SHARED_FUNCTIONAL_GROUPS_SEQUENCE = 0x52009229
+#: Text attributes kept by keyword, decoded in the instance's Specific Character Set.
+TEXT_ATTRIBUTES = {
+    0x00080050: "AccessionNumber",
+    0x00081030: "StudyDescription",
+    0x0008103E: "SeriesDescription",
+    0x00100010: "PatientName",
+    0x00100020: "PatientID",
+    0x00180010: "ContrastBolusAgent",
+    0x00180024: "SequenceName",
+    0x00181030: "ProtocolName",
+    0x00321060: "RequestedProcedureDescription",
+}
 
 
 class DataSetScanError(ValueError):
@@ -287,6 +307,23 @@ class InstanceFacts:
     image_position: tuple[float, ...] | None = None
     image_orientation: tuple[float, ...] | None = None
     pixel_spacing: tuple[float, ...] | None = None
+    frame_of_reference_uid: str | None = None
+    series_number: int | None = None
+    image_type: tuple[str, ...] | None = None
+    #: Shared Functional Groups present: an enhanced multi-frame image keeps its geometry there.
+    has_functional_groups: bool = False
+    #: Request Attributes Sequence present: the instance may carry a Requested Procedure Description in it.
+    has_request_attributes: bool = False
+    #: ``(keyword, text)`` of the :data:`TEXT_ATTRIBUTES` present and not blank.
+    text_attributes: tuple[tuple[str, str], ...] = ()
+
+
+def _decoded(value: bytes, character_set: tuple[str, ...] | None) -> str:
+    """A text value decoded as pydicom decodes it (person names keep their ``^`` and ``=``)."""
+    try:
+        return decode_bytes(value, convert_encodings(list(character_set or ("ISO_IR 6",))), {0x5C, 0x3D, 0x5E})
+    except (LookupError, ValueError):  # an unknown character set is refused by the checks, not here
+        return value.decode("ascii", "replace")
 
 
 def _integer_string(value: str | None) -> int | None:
@@ -328,7 +365,8 @@ def _code_strings(value: str | None) -> tuple[str, ...] | None:
 _WANTED = (SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, STUDY_INSTANCE_UID,
            SERIES_INSTANCE_UID, IMAGE_POSITION_PATIENT, IMAGE_ORIENTATION_PATIENT, SAMPLES_PER_PIXEL,
            NUMBER_OF_FRAMES, ROWS, COLUMNS, PIXEL_SPACING, BITS_ALLOCATED, BITS_STORED, HIGH_BIT,
-           PIXEL_DATA)  # fmt: skip
+           PIXEL_DATA, IMAGE_TYPE, SERIES_NUMBER, FRAME_OF_REFERENCE_UID, REQUEST_ATTRIBUTES_SEQUENCE,
+           SHARED_FUNCTIONAL_GROUPS_SEQUENCE, *TEXT_ATTRIBUTES)  # fmt: skip
 
 
 def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFacts:
@@ -366,6 +404,13 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
 
     frames = _integer_string(text(NUMBER_OF_FRAMES))
     pixel = found.get(PIXEL_DATA)
+    character_set = _code_strings(text(SPECIFIC_CHARACTER_SET))
+    texts = ((keyword, _decoded(found[tag].value, character_set).strip()) for tag, keyword in TEXT_ATTRIBUTES.items()
+             if tag in found)  # fmt: skip
+    try:
+        series_number = _integer_string(text(SERIES_NUMBER))
+    except DataSetScanError:  # not a number: as if absent (the intake does not refuse it)
+        series_number = None
     return InstanceFacts(
         sop_class_uid=text(SOP_CLASS_UID),
         sop_instance_uid=text(SOP_INSTANCE_UID),
@@ -378,10 +423,16 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
         bits_allocated=us(BITS_ALLOCATED),
         pixel_data_length=None if pixel is None else (-1 if pixel.length is None else pixel.length),
         modality=(text(MODALITY) or "").strip() or None,
-        specific_character_set=_code_strings(text(SPECIFIC_CHARACTER_SET)),
+        specific_character_set=character_set,
         bits_stored=us(BITS_STORED),
         high_bit=us(HIGH_BIT),
         image_position=_decimal_strings(text(IMAGE_POSITION_PATIENT), "Image Position (Patient)"),
         image_orientation=_decimal_strings(text(IMAGE_ORIENTATION_PATIENT), "Image Orientation (Patient)"),
         pixel_spacing=_decimal_strings(text(PIXEL_SPACING), "Pixel Spacing"),
+        frame_of_reference_uid=text(FRAME_OF_REFERENCE_UID) or None,
+        series_number=series_number,
+        image_type=_code_strings(text(IMAGE_TYPE)),
+        has_functional_groups=SHARED_FUNCTIONAL_GROUPS_SEQUENCE in found,
+        has_request_attributes=REQUEST_ATTRIBUTES_SEQUENCE in found,
+        text_attributes=tuple((keyword, value) for keyword, value in texts if value),
     )

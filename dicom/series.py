@@ -101,6 +101,8 @@ class SeriesInfo:
     series_number: int | None = None
     #: Headers :func:`scan_folder` parsed (pixel data left on disk), reused by :func:`read_series`.
     headers: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
+    #: The routing attributes (Modality, SeriesDescription ...) when known without a parse (the node's manifest).
+    routing: dict[str, object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -114,6 +116,11 @@ _NON_VOLUME_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
 }
+
+
+def holds_volume(sop_class_uid: str, has_pixels: bool, has_geometry: bool) -> bool:
+    """Whether an instance can be part of an image volume: pixel data, plane geometry, not a SEG or SC."""
+    return has_pixels and has_geometry and sop_class_uid not in _NON_VOLUME_SOP_CLASSES
 
 
 def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
@@ -169,7 +176,7 @@ def scan_folder(paths: Path | Iterable[Path]) -> dict[str, SeriesInfo]:
         info.sop_class_uids.add(sop_class)
         has_pixels = "PixelData" in ds or "FloatPixelData" in ds
         has_geometry = "ImageOrientationPatient" in ds or "SharedFunctionalGroupsSequence" in ds
-        if not has_pixels or not has_geometry or sop_class in _NON_VOLUME_SOP_CLASSES:
+        if not holds_volume(sop_class, has_pixels, has_geometry):
             info.is_image = False
         info.number_of_frames += int(ds.get("NumberOfFrames", 1) or 1)
     if not series:

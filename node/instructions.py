@@ -30,7 +30,7 @@ result records what was passed over and why.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from medsegagent.models.parse import parse_request
 from medsegagent.node.config import Config, InstructionSettings, InstructionSource, UnusableRequest
 from medsegagent.node.jobs import FailureReason
+from medsegagent.node.manifest import StudyManifest
 from medsegagent.node.scu import scu_ae, set_nodelay
 
 log = logging.getLogger(__name__)
@@ -130,17 +131,20 @@ def request_problem(text: str, limits: InstructionSettings) -> str | None:
     return None
 
 
-def study_headers(study_dir: Path, job_id: str | None = None) -> Iterator[Dataset]:
-    """Headers of the study's instances (pixel data left on disk)."""
-    for path in sorted(Path(study_dir).rglob("*.dcm")):
+def study_headers(study_dir: Path, job_id: str | None = None, files: Iterable[str] | None = None) -> Iterator[Dataset]:
+    """Headers of the study's instances (pixel data left on disk): all of them, or ``files`` (relative paths)."""
+    paths = sorted(Path(study_dir).rglob("*.dcm")) if files is None else [Path(study_dir) / f for f in files]
+    for path in paths:
         try:
             yield pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # a file that does not parse is not a reason to lose the study
             log.warning("job %s: cannot read %s: %s", job_id or "-", path.name, exc)
 
 
-def sr_request(study_dir: Path, job_id: str | None = None) -> str | None:
+def sr_request(study_dir: Path, job_id: str | None = None, manifest: StudyManifest | None = None) -> str | None:
     """First non-blank TEXT content item of the newest SR document in the study.
+
+    With the study's ``manifest`` only the SR files it names are read; without it, every header.
 
     Newest by Content Date/Time (then Instance Creation Date/Time): a second
     request on the same study must win over the first one.  An SR whose TEXT
@@ -148,7 +152,7 @@ def sr_request(study_dir: Path, job_id: str | None = None) -> str | None:
     without TEXT items is not a request.
     """
     requests: list[tuple[str, str]] = []
-    for ds in study_headers(study_dir, job_id):
+    for ds in study_headers(study_dir, job_id, manifest.sr_files if manifest is not None else None):
         if not str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX) or _document_title(ds) in _RESULT_TITLES:
             continue
         text = _first_text(ds.get("ContentSequence", []))
@@ -183,15 +187,34 @@ def _first_text(items: list[Dataset]) -> str | None:
     return "" if blank else None
 
 
-def tag_request(study_dir: Path, job_id: str | None = None) -> str | None:
-    """Requested Procedure Description (or in the Request Attributes), else Study Description."""
+def tag_request(study_dir: Path, job_id: str | None = None, manifest: StudyManifest | None = None) -> str | None:
+    """Requested Procedure Description (or in the Request Attributes), else Study Description.
+
+    With the study's ``manifest``, its keys; only the files it names as carrying a Request
+    Attributes Sequence are read (the scanner does not look into sequences).
+    """
+    if manifest is not None:
+        keys = manifest.keys
+        if keys.requested_procedure_description:
+            return keys.requested_procedure_description
+        carriers = list(study_headers(study_dir, job_id, manifest.request_attribute_files))
+        return _requested_procedure(carriers) or keys.study_description or None
     headers = list(study_headers(study_dir, job_id))
+    return _requested_procedure(headers) or _study_description(headers)
+
+
+def _requested_procedure(headers: list[Dataset]) -> str | None:
+    """The first Requested Procedure Description, top-level or in the Request Attributes Sequence."""
     for ds in headers:
         text = str(ds.get("RequestedProcedureDescription", "") or "").strip()
         for item in ds.get("RequestAttributesSequence", []):
             text = text or str(item.get("RequestedProcedureDescription", "") or "").strip()
         if text:
             return text
+    return None
+
+
+def _study_description(headers: list[Dataset]) -> str | None:
     for ds in headers:
         text = str(ds.get("StudyDescription", "") or "").strip()
         if text:
@@ -223,10 +246,12 @@ def _name_key(value: object) -> str:
     return "^".join(parts)
 
 
-def worklist_request(study_dir: Path, config: Config, timeout: float = 10.0, job_id: str | None = None) -> str | None:
+def worklist_request(study_dir: Path, config: Config, timeout: float = 10.0, job_id: str | None = None,
+                     manifest: StudyManifest | None = None) -> str | None:  # fmt: skip
     """Query the configured worklist SCP for the study's scheduled procedure.
 
-    Only items for the study's patient count (:func:`same_patient`).
+    Only items for the study's patient count (:func:`same_patient`).  The keys come from the
+    study's ``manifest`` when given, else from its first header.
 
     Raises
     ------
@@ -237,7 +262,7 @@ def worklist_request(study_dir: Path, config: Config, timeout: float = 10.0, job
     """
     if config.worklist is None:
         return None
-    header = next(study_headers(study_dir, job_id), None)
+    header = _key_header(manifest) if manifest is not None else next(study_headers(study_dir, job_id), None)
     if header is None:
         return None
     query = Dataset()
@@ -287,6 +312,19 @@ def worklist_request(study_dir: Path, config: Config, timeout: float = 10.0, job
     return None
 
 
+def _key_header(manifest: StudyManifest) -> Dataset | None:
+    """The manifest's worklist keys as the header :func:`worklist_request` reads them (``None``: no instances)."""
+    if not manifest.series:
+        return None
+    keys = manifest.keys
+    header = Dataset()
+    header.AccessionNumber = keys.accession_number
+    header.StudyInstanceUID = manifest.study_instance_uid
+    header.PatientID = keys.patient_id
+    header.PatientName = keys.patient_name
+    return header
+
+
 def resolve_instruction(
     study_dir: Path,
     config: Config,
@@ -295,6 +333,7 @@ def resolve_instruction(
     called_ae: str | None,
     usable: Callable[[str], Problem | None],
     job_id: str | None = None,
+    manifest: StudyManifest | None = None,
 ) -> Instruction:
     """Walk the configured sources in order and return the first usable request.
 
@@ -312,6 +351,8 @@ def resolve_instruction(
         ``text -> None`` when the router can serve ``text``, else the :class:`Problem`.
     job_id : str, optional
         Named in log lines.
+    manifest : StudyManifest, optional
+        The study's manifest: the SR, worklist and tags sources read it instead of every header.
 
     Returns
     -------
@@ -322,7 +363,7 @@ def resolve_instruction(
     limits = config.instructions
     for source in config.instruction_sources:
         try:
-            text = _text_from(source, study_dir, config, explicit, called_ae, job_id)
+            text = _text_from(source, study_dir, config, explicit, called_ae, job_id, manifest)
         except Exception as exc:  # a worklist that is down must not stop the other sources
             log.warning("job %s: instruction source %s failed: %s", job_id or "-", source.value, exc)
             result.tried.append(Attempt(source, f"failed: {exc}"))
@@ -356,13 +397,14 @@ def _text_from(
     explicit: str | None,
     called_ae: str | None,
     job_id: str | None,
+    manifest: StudyManifest | None,
 ) -> str | None:
     if source is InstructionSource.REQUEST:
         return explicit
     if source is InstructionSource.SR:
-        return sr_request(study_dir, job_id)
+        return sr_request(study_dir, job_id, manifest)
     if source is InstructionSource.WORKLIST:
-        return worklist_request(study_dir, config, job_id=job_id)
+        return worklist_request(study_dir, config, job_id=job_id, manifest=manifest)
     if source is InstructionSource.TAGS:
-        return tag_request(study_dir, job_id)
+        return tag_request(study_dir, job_id, manifest)
     return config.presets.get((called_ae or "").strip())

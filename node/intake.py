@@ -48,6 +48,7 @@ from medsegagent.dicom.uids import (
     is_valid_ae_title,
 )
 from medsegagent.node.config import NodeSettings, TlsSettings
+from medsegagent.node.manifest import record_instance
 from medsegagent.node.spool import INCOMING, IncomingFile, make_durable_dirs
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,11 @@ class StorageSCP:
             if not existed:
                 path.unlink(missing_ok=True)  # renamed but not durable: not acknowledged, so not kept
             return self._refuse(Status.OUT_OF_RESOURCES, f"cannot store: {exc}", calling, sop)
+        try:
+            # What the scan learnt goes into the study's manifest journal: no later step parses it again.
+            record_instance(self.spool_dir / study, path, facts)
+        except OSError as exc:  # the instance is stored; the manifest scans its file again when it is folded
+            log.warning("instance %s: not journaled for the study manifest: %s", sop, exc)
         with self._lock:
             self.stats.stored += 1
         if self.on_instance is not None:

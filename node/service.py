@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from medsegagent.dicom.seg import SegType
-from medsegagent.dicom.series import SeriesError, choose_series, scan_folder
+from medsegagent.dicom.series import SeriesError, choose_series
 from medsegagent.dicom.uids import is_valid_uid
 from medsegagent.models.executor import Executor, InProcessExecutor
 from medsegagent.models.ray_executor import ClusterUnavailable
@@ -40,6 +40,7 @@ from medsegagent.node.instructions import Problem, resolve_instruction
 from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
 from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore, OutboxItem
+from medsegagent.node.manifest import StudyManifest, load_manifest
 from medsegagent.node.pipeline import (
     ModelCache,
     OutputOptions,
@@ -331,11 +332,13 @@ class Node:
     def _run(self, job: Job) -> Job:
         """Request, plan (once), segment and queue the results of one job (failures raise)."""
         study_dir = self.spool_dir / job.study_uid
-        series = scan_folder(study_dir)
+        # What the intake scanned: the series choice and the request sources parse no header.
+        manifest = load_manifest(study_dir)
+        series = manifest.series_infos(study_dir)
         modality = study_modality(series)
         if modality is None:
             choose_series(series)  # raises with the reason
-        plan, provenance = self._stored_plan(job) or self._plan(job, study_dir, modality)
+        plan, provenance = self._stored_plan(job) or self._plan(job, study_dir, modality, manifest)
         # The plan is stored with the job: a job resumed after a crash runs it without planning again.
         self.store.transition(job.id, JobState.RUNNING, request_text=plan.text,
                               request_source=provenance.request_source, plan=plan.to_json())  # fmt: skip
@@ -347,7 +350,8 @@ class Node:
         log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(self.config.destinations))
         return job
 
-    def _plan(self, job: Job, study_dir: Path, modality: str | None) -> tuple[Plan, Provenance]:
+    def _plan(self, job: Job, study_dir: Path, modality: str | None,
+              manifest: StudyManifest) -> tuple[Plan, Provenance]:  # fmt: skip
         """Find the job's request (sources in order) and plan it: each candidate text is planned once.
 
         Raises
@@ -363,7 +367,8 @@ class Node:
             return self._unusable(plans[text])
 
         instruction = resolve_instruction(study_dir, self.config, explicit=job.explicit_request,
-                                          called_ae=job.called_ae, usable=unusable, job_id=job.id)  # fmt: skip
+                                          called_ae=job.called_ae, usable=unusable, job_id=job.id,
+                                          manifest=manifest)  # fmt: skip
         if instruction.text is None or instruction.source is None:
             problem = instruction.failure()
             raise PipelineError(problem.detail, problem.reason)
