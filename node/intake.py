@@ -8,7 +8,10 @@ fsync, rename, fsync of the directory -- *before* the success status is
 returned, so a study acknowledged to the sender is on disk
 (:mod:`medsegagent.node.spool`).  UIDs are validated before they form a
 path; a malformed instance is refused with a DICOM failure status and a log
-line, and the listener keeps serving.
+line, and the listener keeps serving.  What the check's byte scan read of a
+stored instance is appended to its study's manifest journal
+(:mod:`medsegagent.node.manifest`), so that no later step parses the header
+for it.
 """
 
 from __future__ import annotations
