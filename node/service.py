@@ -92,7 +92,7 @@ class Node:
             preview_sc=any(d.preview_sc for d in destinations),
             labelmap_copy=any(d.seg_type is SegType.LABELMAP for d in destinations),
         )  # fmt: skip
-        self.context = RunContext(self.registry, self.executor, outputs)
+        self._outputs = outputs
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -344,7 +344,9 @@ class Node:
                               request_source=provenance.request_source, plan=plan.to_json())  # fmt: skip
         out_dir = self.results_dir / job.id
         study = read_study(study_dir, series)
-        result = segment_study(study, plan, out_dir, self.context, provenance)
+        # The context is built per job: the executor may be replaced while the node runs (a cluster back online).
+        context = RunContext(self.registry, self.executor, self._outputs)
+        result = segment_study(study, plan, out_dir, context, provenance)
         self.store.update(job.id, result_dir=str(out_dir))
         job = self.store.enqueue_results(job.id, self._deliveries(out_dir, result.report), result.report)
         log.info("job %s: SEG written (%s), %d destination(s)", job.id, result.seg_path, len(self.config.destinations))
