@@ -62,6 +62,8 @@ STOPWORDS = frozenset(
         fu f rule r o staging restaging planning plan radiotherapy rt treatment contouring tx pre post preop
         postop op w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc is are be been there
         here which what where how where's please thanks thank hi hello help side sides sided
+        request requests requesting requested require requires required requiring wish wanted obtain
+        appreciate appreciated grateful kind one ones
         using use used via through about around between combined combination
         """
     )
@@ -747,16 +749,36 @@ _SPLIT = re.compile(
 )
 _SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
 _BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left\s+and\s+right|right\s+and\s+left)\b")
-_TRAILING_SIDE = re.compile(r"\b(?:on|of)\s+the\s+(left|right)(?:\s+side)?$")
+_TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+side)?$|,\s*(left|right)\s+side$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
-_NEGATION = re.compile(r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|minus|sparing)\b")
+_NEGATION = re.compile(
+    r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|aside from|minus|sparing|leaving out"
+    r"|(?:do |does )?not(?: including| include)?(?! only\b)"
+    # "without" excludes a structure ("kidneys without the tumours"), not the contrast agent
+    r"|without(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b))\b"
+)
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
 )
 _NUM_RANGE = re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s*(?:-|–|—|to|through|thru)\s*(\d{1,2})(?:st|nd|rd|th)?\b")
+_CARDINALS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "eleven": 11, "twelve": 12,
+}  # fmt: skip
+_NUMBER_WORDS = {**_ORDINALS, **_CARDINALS}
 _ORDINAL_RANGE = re.compile(
-    r"\b(" + "|".join(_ORDINALS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_ORDINALS) + r")\b"
+    r"\b(" + "|".join(_NUMBER_WORDS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_NUMBER_WORDS) + r")\b"
 )
+#: How many of each counted structure there are, for "the last two ribs".
+_COUNTS = {"rib": 12, "cervical": 7, "thoracic": 12, "dorsal": 12, "lumbar": 5, "sacral": 5}
+#: "the first three lumbar vertebrae", "last 2 ribs": a count from one end of a series.
+_FIRST_N = re.compile(
+    r"\b(first|upper|uppermost|top|last|lower|lowest|bottom)\s+(\d{1,2}|" + "|".join(_CARDINALS) + r")\b"
+    r"(?=\s+(?:pairs?\s+of\s+)?(rib|cervical|thoracic|dorsal|lumbar|sacral))"
+)
+#: "T-spine", "L spine": the segment of the spine the letter names.
+_LETTER_SPINE = re.compile(r"\b([ctl])[\s-]?spine\b")
+_SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spine"}
 
 
 def detect_modality(text: str) -> tuple[str | None, str]:
@@ -870,7 +892,9 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
     low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
-    low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_ORDINALS[m.group(1)], _ORDINALS[m.group(2)]), low)
+    low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
+    low = _FIRST_N.sub(_expand_first_n, low)
+    low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
     for phrase in protected:
         if phrase in low:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
@@ -940,12 +964,12 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     side = _TRAILING_SIDE.search(low.rstrip(" ;,."))
     if side and len(targets) > 1:
         # "gluteus maximus, medius and minimus on the left": the side closes the whole list.
-        lat = _LATERAL[side.group(1)]
+        lat = _LATERAL[side.group(1) or side.group(2)]
         targets = [
             t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat)), t)
             for t in targets
         ]
-    targets = _share_qualifiers(targets)
+    targets = _both_sides_named(_spread_leading_side(_other_side_remains(_share_qualifiers(targets))))
     organs = [t for t in header_targets if not set(t.concept.core) & LESION_TOKENS]
     if head and len(organs) == 1:
         # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ.
@@ -975,6 +999,15 @@ def _expand_level_range(m: re.Match[str]) -> str:
     i, j = sorted((SPINE_LEVELS.index(a), SPINE_LEVELS.index(b)))
     # Joined with spaces (not separators) so that they stay one target.
     return " " + " ".join(SPINE_LEVELS[i : j + 1]).lower() + " vertebra "
+
+
+def _expand_first_n(m: re.Match[str]) -> str:
+    n = int(m.group(2)) if m.group(2).isdigit() else _CARDINALS[m.group(2)]
+    total = _COUNTS[m.group(3)]
+    if not 1 <= n <= total:
+        return m.group(0)
+    from_top = m.group(1) in ("first", "upper", "uppermost", "top")
+    return _expand_numbers(1, n) if from_top else _expand_numbers(total - n + 1, total)
 
 
 def _expand_numbers(a: int, b: int) -> str:
@@ -1206,6 +1239,66 @@ def _share_qualifiers(targets: list[ParsedTarget]) -> list[ParsedTarget]:
                 )
         out.append(t)
     return out
+
+
+def _with_side(t: ParsedTarget, side: str | None) -> ParsedTarget:
+    c = t.concept
+    return ParsedTarget(t.text, Concept(c.core, side, c.index), t.words, t.unknown, t.negated, t.group, t.context)
+
+
+def _other_side_remains(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    # "kidneys except the left kidney", "parotids other than the left one": excluding one side
+    # of a structure asked for on both sides leaves the other side, and a one-sided request
+    # takes only labels of that side (no bilateral or unsided label).
+    other = {"left": "right", "right": "left"}
+    excluded = {(t.concept.core, t.concept.index): t.concept.laterality for t in targets if t.negated}
+    return [
+        _with_side(t, other[side])
+        if not t.negated
+        and t.concept.laterality is None
+        and (side := excluded.get((t.concept.core, t.concept.index))) in other
+        else t
+        for t in targets
+    ]
+
+
+def _both_sides_named(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    # "left kidney, right kidney and spleen": both sides named one by one are the structure on
+    # both sides, which also takes its bilateral and unsided labels (as "kidneys" does).  Only
+    # sides written as words: "LV, RV" are two ventricles, not one structure's two sides.
+    sides: dict[tuple, set[str | None]] = {}
+    for t in targets:
+        if not t.negated and t.concept.core and any(w in _LATERAL for w in t.words):
+            sides.setdefault((t.concept.core, t.concept.index), set()).add(t.concept.laterality)
+    both = {key for key, found in sides.items() if {"left", "right"} <= found}
+    out: list[ParsedTarget] = []
+    for t in targets:
+        key = (t.concept.core, t.concept.index)
+        if key in both and not t.negated:
+            if t.concept.laterality == "right" and "left" in sides[key]:
+                continue  # the left one already stands for both
+            t = _with_side(t, None) if t.concept.laterality else t
+        out.append(t)
+    return out
+
+
+def _spread_leading_side(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    # "right kidney and adrenal", "left 5th and 6th ribs": a side written before the first item
+    # of a list holds for the items after it that name no side of their own ("both" is one).
+    if not targets or targets[0].concept.laterality is None or targets[0].words[:1] == ():
+        return targets
+    first = targets[0]
+    if first.words[0] not in _LATERAL or first.negated:
+        return targets
+    out = [first]
+    for t in targets[1:]:
+        if t.negated or t.concept.laterality or any(w in _LATERAL for w in t.words):
+            break
+        if t.group is not None or t.lesion or not t.concept.core:
+            out.append(t)
+            continue
+        out.append(_with_side(t, first.concept.laterality))
+    return out + targets[len(out) :]
 
 
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:

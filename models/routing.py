@@ -711,7 +711,7 @@ class Router:
                     routed.append((sibling, *self._route_target(sibling, parsed, kept_names)))
                     continue
             routed.append((pt, target, explain))
-        _pair_organs_with_lesions(routed)
+        _pair_organs_with_lesions(routed, self.vocab)
         # "all ribs except the 12th": excluded targets remove their values from the others.
         removal: dict[str, set[int]] = defaultdict(set)
         for pt, target, _ in routed:
@@ -1225,15 +1225,21 @@ def _demote_synonym_only(matches: list[_Match]) -> list[_Match]:
     return out
 
 
-def _pair_organs_with_lesions(routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
-    # "liver and liver tumours": when datasets segment both the organ and its lesion, the
-    # organ comes from them too, so that the lesion lies inside the organ it was found in.
+def _pair_organs_with_lesions(
+    routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]], vocab: grammar.Vocabulary
+) -> None:
+    # "liver and its tumours": when datasets segment both the organ and its lesion, the organ
+    # comes from them too, so that the lesion lies inside the organ it was found in.  A lesion
+    # that names its organ itself ("liver and liver lesions", "kidneys and renal cysts") is a
+    # target of its own, and the organ is every dataset's organ.
     for pt, target, explain in routed:
         if pt.lesion or pt.negated:
             continue
         organ = set(pt.concept.core)
         for lt, ltarget, _ in routed:
             if not lt.lesion or lt.negated or not organ or not organ < set(lt.concept.core):
+                continue
+            if organ <= set(vocab.canonical_tokens(list(lt.words))[0]):
                 continue
             lesion_sets = {c.dataset for c in ltarget.candidates if c.selected}
             organ_sets = {c.dataset for c in target.candidates if c.selected}
