@@ -55,6 +55,9 @@ class MemorySampler:
         self.stage = "start"
         self.peaks: dict[str, float] = {}
         self.started: dict[str, float] = {}
+        #: CPU seconds of the process (all threads) per stage: what a stage costs, whatever else runs.
+        self.cpu: dict[str, float] = {}
+        self._cpu_at = time.process_time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,6 +71,9 @@ class MemorySampler:
         """Start ``stage`` (the sample at the boundary counts for both)."""
         rss = _rss_mb()
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
+        now = time.process_time()
+        self.cpu[self.stage] = self.cpu.get(self.stage, 0.0) + now - self._cpu_at
+        self._cpu_at = now
         self.stage = stage
         self.started[stage] = time.perf_counter()
         self.peaks[stage] = max(self.peaks.get(stage, 0.0), rss)
@@ -108,7 +114,7 @@ def run_segment(study: Path, out: Path, runs: int) -> dict:
         executor = InProcessExecutor(ModelCache(), workers=2)
         registry = load_registry()
         for run in range(runs):
-            sampler.peaks = {}
+            sampler.peaks, sampler.cpu = {}, {}
 
             def progress(message: str) -> None:
                 stage = stage_of.get(message.split(" ", 1)[0])
@@ -126,6 +132,7 @@ def run_segment(study: Path, out: Path, runs: int) -> dict:
                     "total_s": total,
                     "timings_s": report["timings_s"],
                     "peak_rss_mb": {k: v for k, v in sampler.peaks.items() if k in STAGES},
+                    "cpu_s": {k: v for k, v in sampler.cpu.items() if k in STAGES},
                     "models": report["models"],
                     "segments": {s["label"]: s["volume_ml"] for s in report["segments"]},
                     "shape": report["series"]["shape"],
@@ -161,15 +168,18 @@ def _table(made: dict | None, runs: list[dict], args: argparse.Namespace) -> lis
     if made:
         lines += [f"Study made once: phantom {made['make_s']:.1f} s, DICOM write {made['write_s']:.1f} s.", ""]
     lines += ["| stage | " + " | ".join(f"run {i + 1} ({'cold' if i == 0 else 'warm'}) s" for i in range(len(runs)))]
+    lines[-1] += " | CPU s " + " | ".join(f"run {i + 1}" for i in range(len(runs)))
     lines[-1] += " | peak RSS (MB) " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |"
-    lines += ["|---|" + "---|" * (2 * len(runs))]
+    lines += ["|---|" + "---|" * (3 * len(runs))]
     for stage in STAGES:
         times = " | ".join(f"{r['timings_s'].get(stage, float('nan')):.2f}" for r in runs)
+        cpu = " | ".join(f"{r['cpu_s'].get(stage, float('nan')):.2f}" for r in runs)
         peaks = " | ".join(f"{r['peak_rss_mb'].get(stage, float('nan')):.0f}" for r in runs)
-        lines.append(f"| {stage} | {times} | {peaks} |")
+        lines.append(f"| {stage} | {times} | {cpu} | {peaks} |")
     totals = " | ".join(f"**{r['total_s']:.2f}**" for r in runs)
+    cpu_totals = " | ".join(f"**{sum(r['cpu_s'].values()):.2f}**" for r in runs)
     peak = " | ".join(f"**{max(r['peak_rss_mb'].values()):.0f}**" for r in runs)
-    lines += [f"| total | {totals} | {peak} |", ""]
+    lines += [f"| total | {totals} | {cpu_totals} | {peak} |", ""]
     lines += [
         "Per model (seconds inside the parallel inference stage; `to_source` is spent in the ensemble stage):",
         "",
