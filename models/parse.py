@@ -1178,11 +1178,13 @@ def phrase_target(phrase: str, vocab: Vocabulary | None = None) -> ParsedTarget 
 
 def _borrow_head(modifier: ParsedTarget, head: ParsedTarget) -> ParsedTarget:
     c = head.concept
-    concept = Concept(
-        c.core,
-        modifier.concept.laterality or c.laterality,
-        modifier.concept.index or c.index,
-    )
+    index = modifier.concept.index
+    letters = {i[0] for i in c.index or () if i in SPINE_LEVELS}
+    if index and len(letters) == 1 and all(i.isdigit() for i in index):
+        # "second and third lumbar vertebrae": the bare ordinal is a level of the head's segment.
+        letter = letters.pop()
+        index = frozenset(f"{letter}{i}" for i in index if f"{letter}{i}" in SPINE_LEVELS) or index
+    concept = Concept(c.core, modifier.concept.laterality or c.laterality, index or c.index)
     text = f"{modifier.text} {head.text}".strip()
     return ParsedTarget(
         text, concept, modifier.words + head.words, head.unknown, modifier.negated, head.group, head.context
