@@ -336,8 +336,8 @@ def test_dev_set_over_the_whole_registry(router):
     # Requests written over the full registry, expectations computed from its type codes
     # (tests/data/routing_dev_all.py), never from the router.
     result = run_bench(DEV_ALL, collection=None, router=router)
-    assert result.n >= 200
-    assert result.strict >= 0.84, result.strict
+    assert result.n >= 440
+    assert result.strict >= 0.90, result.strict  # 0.917 on 446 after round six: a regression fails here
 
 
 def test_embedding_cache_is_keyed_and_reused(tmp_path, router):
