@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -23,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from medsegagent import __version__
 from medsegagent.node.inventory import StudySummary, VolumeReport, segment_volumes, spooled_studies
-from medsegagent.node.jobs import DeliveryState, FailureReason, IllegalTransition, JobState
+from medsegagent.node.jobs import DeliveryState, FailureReason, IllegalTransition, Job, JobState
 
 if TYPE_CHECKING:
     import uvicorn
@@ -169,7 +170,7 @@ def create_app(node: Node, token: str) -> FastAPI:
 
     auth = [Depends(authorised)]
 
-    def job_or_404(job_id: str):
+    def job_or_404(job_id: str) -> Job:
         try:
             return node.store.get(job_id)
         except KeyError:
@@ -258,36 +259,30 @@ def create_app(node: Node, token: str) -> FastAPI:
         """Studies received (UIDs, date, descriptions, series), the most recent first."""
         return spooled_studies(node.spool_dir, limit)
 
+    def act_on(job_id: str, action: Callable[[str], Job]) -> JobInfo:
+        """``action(job_id)``'s job: 404 for an unknown job, 409 when its state (or a lost file) refuses it."""
+        job_or_404(job_id)
+        try:
+            return JobInfo.model_validate(action(job_id).to_json())
+        except (IllegalTransition, FileNotFoundError) as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
     @app.post("/jobs/{job_id}/retry", dependencies=auth, responses=_errors(404, 409))
     def retry_job(job_id: str) -> JobInfo:
         """Re-run a failed/cancelled job, or re-queue its failed deliveries (409 for any other state)."""
-        job_or_404(job_id)
-        try:
-            job = node.store.retry(job_id)
-        except IllegalTransition as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        job = act_on(job_id, node.store.retry)
         node.wake()
-        return JobInfo.model_validate(job.to_json())
+        return job
 
     @app.post("/jobs/{job_id}/redeliver", dependencies=auth, responses=_errors(404, 409))
     def redeliver_job(job_id: str) -> JobInfo:
         """Send a delivered job's results again: same files, same SOP Instance UIDs (409 unless delivered)."""
-        job_or_404(job_id)
-        try:
-            return JobInfo.model_validate(node.store.redeliver(job_id).to_json())
-        except IllegalTransition as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-        except FileNotFoundError as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return act_on(job_id, node.store.redeliver)
 
     @app.post("/jobs/{job_id}/cancel", dependencies=auth, responses=_errors(404, 409))
     def cancel_job(job_id: str) -> JobInfo:
         """Cancel a job that has not finished (409 for a delivered, failed or cancelled one)."""
-        job_or_404(job_id)
-        try:
-            return JobInfo.model_validate(node.store.cancel(job_id).to_json())
-        except IllegalTransition as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return act_on(job_id, node.store.cancel)
 
     return app
 
