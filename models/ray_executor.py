@@ -41,7 +41,6 @@ module imports it only when an executor connects.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -54,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from medsegagent import is_loopback
 from medsegagent.dicom.volume import Volume
 from medsegagent.models.backends import ModelSpec, SegmentationModel, StudyImages, load_model
 from medsegagent.models.executor import ModelCache, ModelTask, TaskResult, TaskStatus
@@ -222,21 +222,12 @@ def _address_host(address: str | None) -> tuple[str, int] | None:
     return parsed.hostname, parsed.port or default
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _prepare_environment(address: str | None) -> None:
     """Environment for Ray set before it is imported (or patched where it already was)."""
     # A hospital node phones nowhere: Ray's usage statistics are off unless asked for.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = _address_host(address)
-    if address is None or (target is not None and _is_loopback(target[0])):
+    if address is None or (target is not None and is_loopback(target[0])):
         # Ray otherwise advertises, and binds to, the machine's outward address even for a
         # one-machine cluster; this flag makes it resolve "localhost" to 127.0.0.1 and bind there.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

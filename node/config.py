@@ -54,6 +54,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from medsegagent import is_loopback
 from medsegagent.dicom.seg import SegType
 from medsegagent.dicom.uids import is_valid_ae_title
 
@@ -293,7 +294,7 @@ class WebEndpoint(_Section):
         if bool(self.username) != bool(password):
             raise _combination("username needs password_env or password_file (and these need a username)")
         parsed = urllib.parse.urlsplit(self.url)
-        if (token or password) and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
+        if (token or password) and parsed.scheme == "http" and not is_loopback(parsed.hostname or ""):
             raise _combination(f"{self.url}: credentials would cross the network in clear text; use https")
         return self
 
@@ -679,12 +680,3 @@ def _scalar(text: str) -> int | float | bool | str:
     if re.fullmatch(r"[+-]?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?", text):  # not float(): "INF" is an AE title
         return float(text)
     return text
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
