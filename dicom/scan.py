@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 
 #: The one transfer syntax that is big endian (Implicit VR is told from the data set's first element).
 _EXPLICIT_BIG = "1.2.840.10008.1.2.2"
@@ -319,10 +319,17 @@ class InstanceFacts:
 
 
 def _decoded(value: bytes, character_set: tuple[str, ...] | None) -> str:
-    """A text value decoded as pydicom decodes it (person names keep their ``^`` and ``=``)."""
+    """A text value decoded as pydicom decodes it (person names keep their ``^`` and ``=``).
+
+    A term pydicom does not know exactly is read as ASCII here, without pydicom's warning per
+    instance: the job names an unknown character set when it reads the series.
+    """
+    terms = [t for t in character_set or () if t] or ["ISO_IR 6"]
+    if not all(t in python_encoding for t in terms):
+        return value.decode("ascii", "replace")
     try:
-        return decode_bytes(value, convert_encodings(list(character_set or ("ISO_IR 6",))), {0x5C, 0x3D, 0x5E})
-    except (LookupError, ValueError):  # an unknown character set is refused by the checks, not here
+        return decode_bytes(value, convert_encodings(terms), {0x5C, 0x3D, 0x5E})
+    except (LookupError, ValueError):
         return value.decode("ascii", "replace")
 
 

@@ -118,8 +118,12 @@ class SeriesEntry:
         return sum(i.frames for i in self.instances)
 
     def routing_header(self) -> dict[str, object]:
-        """The attributes :func:`~medsegagent.dicom.modality.study_modality` reads."""
-        return {"Modality": self.modality, "ImageType": list(self.image_type), **dict(self.texts)}
+        """The attributes :func:`~medsegagent.dicom.modality.study_modality` reads.
+
+        A blank Modality is ``None``, as for a header without one: such a study is refused as an
+        unsupported modality, never routed as if the modality were unknown.
+        """
+        return {"Modality": self.modality or None, "ImageType": list(self.image_type), **dict(self.texts)}
 
     def info(self, study_dir: Path, study_uid: str) -> SeriesInfo:
         """The series as :func:`~medsegagent.dicom.series.scan_folder` describes one, files in slice order."""
