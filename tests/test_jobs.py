@@ -39,17 +39,23 @@ def _claimed(store: JobStore) -> Job:
     return store.get(job.id)
 
 
-def _delivered(store: JobStore, tmp_path: Path, destinations: tuple[str, ...] = ("pacs",)) -> str:
-    """A job taken through the whole happy path, its one result sent to every destination."""
+def _written(store: JobStore, tmp_path: Path, destinations: tuple[str, ...] = ("pacs",)) -> str:
+    """A job run to ``written``, its one result (``tmp_path/seg.dcm``) queued for every destination."""
     seg = tmp_path / "seg.dcm"
     seg.write_bytes(b"result")
     job = _claimed(store)
     store.transition(job.id, JobState.RUNNING)
-    store.enqueue_results(job.id, {d: [str(seg)] for d in destinations}, {"outputs": ["seg.dcm"]})
-    for item in store.outbox(job.id):
-        store.delivery_succeeded(item.id)
-    assert store.get(job.id).state is JobState.DELIVERED
+    store.enqueue_results(job.id, {d: [str(seg)] for d in destinations}, {"outputs": [seg.name]})
     return job.id
+
+
+def _delivered(store: JobStore, tmp_path: Path, destinations: tuple[str, ...] = ("pacs",)) -> str:
+    """A job taken through the whole happy path, its one result sent to every destination."""
+    job_id = _written(store, tmp_path, destinations)
+    for item in store.outbox(job_id):
+        store.delivery_succeeded(item.id)
+    assert store.get(job_id).state is JobState.DELIVERED
+    return job_id
 
 
 # -- the state machine --------------------------------------------------------------------------------
@@ -121,34 +127,24 @@ def test_redeliver_queues_the_same_files_again(store, tmp_path):
 
 
 def test_retry_after_a_failed_delivery_sends_again_without_running_again(store, tmp_path):
-    seg = tmp_path / "seg.dcm"
-    seg.write_bytes(b"result")
-    job = store.create_job(STUDY)
-    store.claim_next()
-    store.transition(job.id, JobState.RUNNING)
-    store.enqueue_results(job.id, {"pacs": [str(seg)]}, {})
-    (item,) = store.outbox(job.id)
+    job_id = _written(store, tmp_path)
+    (item,) = store.outbox(job_id)
     store.delivery_failed(item.id, "refused by pacs: C-STORE status 0xC000", None)
-    failed = store.get(job.id)
+    failed = store.get(job_id)
     assert failed.reason is FailureReason.DELIVERY_FAILED and "0xC000" in failed.error
-    assert store.retry(job.id).state is JobState.WRITTEN
-    assert [(i.state, i.attempts) for i in store.outbox(job.id)] == [("pending", 0)]
+    assert store.retry(job_id).state is JobState.WRITTEN
+    assert [(i.state, i.attempts) for i in store.outbox(job_id)] == [("pending", 0)]
 
 
 def test_a_job_run_again_queues_its_results_afresh(store, tmp_path):
-    seg = tmp_path / "seg.dcm"
-    seg.write_bytes(b"result")
-    job = store.create_job(STUDY)
+    job_id = _written(store, tmp_path)
+    store.cancel(job_id)  # the pending delivery is dropped
+    assert [i.state for i in store.outbox(job_id)] == ["failed"]
+    store.retry(job_id)
     store.claim_next()
-    store.transition(job.id, JobState.RUNNING)
-    store.enqueue_results(job.id, {"pacs": [str(seg)]}, {})
-    store.cancel(job.id)  # the pending delivery is dropped
-    assert [i.state for i in store.outbox(job.id)] == ["failed"]
-    store.retry(job.id)
-    store.claim_next()
-    store.transition(job.id, JobState.RUNNING)
-    assert store.enqueue_results(job.id, {"pacs": [str(seg)]}, {}).state is JobState.WRITTEN
-    assert [i.state for i in store.outbox(job.id)] == ["pending"]
+    store.transition(job_id, JobState.RUNNING)
+    assert store.enqueue_results(job_id, {"pacs": [str(tmp_path / "seg.dcm")]}, {}).state is JobState.WRITTEN
+    assert [i.state for i in store.outbox(job_id)] == ["pending"]
 
 
 def test_resume_puts_back_only_interrupted_jobs(store):
