@@ -487,6 +487,13 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state, zero included), counted by the database."""
+        counts = dict.fromkeys(JobState, 0)
+        for state, count in self._connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[JobState(state)] = count
+        return counts
+
     def claim_next(self) -> Job | None:
         """Atomically take the oldest ``received`` job and mark it ``planned``-in-progress.
 

@@ -147,6 +147,15 @@ def test_a_job_run_again_queues_its_results_afresh(store, tmp_path):
     assert [i.state for i in store.outbox(job_id)] == ["pending"]
 
 
+def test_jobs_are_counted_per_state_by_the_database(store):
+    for _ in range(3):
+        store.create_job(STUDY)
+    store.claim_next()
+    counts = store.count_by_state()
+    assert counts.keys() == set(JobState) and sum(counts.values()) == 3
+    assert (counts[JobState.RECEIVED], counts[JobState.PLANNED], counts[JobState.DELIVERED]) == (2, 1, 0)
+
+
 def test_resume_puts_back_only_interrupted_jobs(store):
     waiting = store.create_job(STUDY)
     running = store.create_job(STUDY)
