@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytest
@@ -14,11 +17,16 @@ import pytest
 from medsegagent.dicom.image_writer import PhantomFiles, write_phantom
 from medsegagent.dicom.phantom import Phantom, make_phantom
 
+if TYPE_CHECKING:
+    from medsegagent.node.service import Node
+
 #: Tools installed into the venv (dicom3tools, dcmqi) live beside the interpreter.
 VENV_BIN = Path(sys.executable).parent
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+T = TypeVar("T")
 
 
 def tool(name: str) -> str:
@@ -47,6 +55,24 @@ def pid_is_alive(pid: int) -> bool:
         return False
 
 
+def wait_until(condition: Callable[[], T], timeout: float = 5.0, interval: float = 0.02) -> T:
+    """``condition()``'s first truthy value within ``timeout`` seconds, else its value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float, what: str, *, interval: float = 0.1, detail: Callable[[], str] = str
+) -> T:
+    """:func:`wait_until`'s value; the test fails, naming ``what`` and ``detail()``, if there is none in time."""
+    value = wait_until(predicate, timeout, interval)
+    if not value:
+        pytest.fail(f"timed out waiting for {what}{detail()}")
+    return value
+
+
 def echo_ok(port: int, calling: str, called: str = "MEDSEG") -> bool:
     """Whether a C-ECHO from ``calling`` to the listener on loopback ``port`` succeeds (pynetdicom as the peer)."""
     from pynetdicom import AE
@@ -63,6 +89,25 @@ def echo_ok(port: int, calling: str, called: str = "MEDSEG") -> bool:
         return bool(status) and status.Status == 0
     finally:
         assoc.release()
+
+
+@pytest.fixture
+def start_node() -> Iterator[Callable[[Mapping[str, Any]], Node]]:
+    """``start(config) -> Node``: a node running on a configuration mapping, stopped after the test."""
+    from medsegagent.node.config import parse_config
+    from medsegagent.node.service import Node
+
+    nodes: list[Node] = []
+
+    def start(config: Mapping[str, Any]) -> Node:
+        node = Node(parse_config(dict(config)), poll_seconds=0.1)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -51,7 +51,7 @@ from medsegagent.dicom.pdu import ConnectionClosed, iter_pdvs, read_pdu
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.dicom.uids import MEDSEGAGENT_IMPLEMENTATION_UID, MEDSEGAGENT_IMPLEMENTATION_VERSION
 from medsegagent.node.intake import StorageSCP
-from tests.conftest import echo_ok
+from tests.conftest import echo_ok, wait_until
 
 #: Debian's DCMTK; the venv's pynetdicom apps shadow the names on PATH.
 DCMTK = "/usr/bin"
@@ -150,21 +150,12 @@ def _echo_ok(port: int) -> bool:
     return echo_ok(port, CALLING, CALLED)
 
 
-def _wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 @contextlib.contextmanager
 def _reactor_paused(assoc):
     """Pause pynetdicom's reactor, as its own send_c_*() do, so that it leaves the responses to us."""
     assoc._reactor_checkpoint.clear()
     try:
-        assert _wait_until(lambda: assoc._is_paused, timeout=2.0)
+        assert wait_until(lambda: assoc._is_paused, timeout=2.0)
         yield
     finally:
         assoc._reactor_checkpoint.set()
@@ -514,7 +505,7 @@ def test_max_associations(make_node):
     assert held[0].send_c_echo().Status == 0
     held[0].release()
     # The slot frees once the server's thread for that association has ended.
-    assert _wait_until(lambda: scp._server.acceptor.active_associations <= 1)
+    assert wait_until(lambda: scp._server.acceptor.active_associations <= 1)
     again = _associate(scp.port, Verification)
     assert again.is_established
     assert again.send_c_echo().Status == 0
@@ -550,7 +541,7 @@ def test_silent_association_is_aborted_after_network_timeout(make_node):
             peer.next_pdu(timeout=2.0)
     finally:
         peer.close()
-    assert _wait_until(lambda: scp._server.acceptor.active_associations == 0)
+    assert wait_until(lambda: scp._server.acceptor.active_associations == 0)
 
 
 def test_dripping_associate_rq_is_dropped_after_acse_timeout(make_node):
@@ -836,7 +827,7 @@ def test_stop_ends_open_associations(tmp_path):
     try:
         start = time.monotonic()
         scp.stop()
-        assert _wait_until(lambda: not assoc.is_established, timeout=3.0)
+        assert wait_until(lambda: not assoc.is_established, timeout=3.0)
         assert assoc.is_aborted or assoc.is_released
         assert time.monotonic() - start < 3.0
     finally:
@@ -892,7 +883,7 @@ def test_listener_survives_abrupt_disconnect_mid_data_set(node, small_ct):
     peer.send(_pdu(0x04, struct.pack(">LBB", 2 + len(command), 1, 0x03) + command))
     peer.send(_pdu(0x04, struct.pack(">LBB", 2 + 100, 1, 0x00) + _data_set_bytes(small_ct[0])[:100]))
     peer.close()
-    assert _wait_until(lambda: node._server.acceptor.active_associations == 0)
+    assert wait_until(lambda: node._server.acceptor.active_associations == 0)
     assert not list(node.spool_dir.rglob("*.dcm"))
     assert _echo_ok(node.port)
 
@@ -1023,7 +1014,7 @@ def test_release_in_the_middle_of_a_data_set_is_logged(node, caplog):
         with caplog.at_level(logging.WARNING, logger="medsegagent.dicom.association"):
             peer.send(_pdu(0x05, bytes(4)))
             assert peer.next_pdu() == (0x06, bytes(4))
-            assert _wait_until(lambda: "middle of a message" in caplog.text)
+            assert wait_until(lambda: "middle of a message" in caplog.text)
     finally:
         peer.close()
     assert "10 bytes of its data set" in caplog.text

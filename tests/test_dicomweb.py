@@ -12,7 +12,6 @@ line names the job and the study.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from medsegagent.node.config import parse_config
 from medsegagent.node.dispatch import DELIVERED, Outcome, deliver
 from medsegagent.node.jobs import FailureReason, JobState
 from medsegagent.node.service import Node
+from tests.conftest import wait_for
 from tests.orthanc_helpers import DICOMWEB_PLUGIN, OrthancProcess
 
 USER, PASSWORD = "medseg", "stow-s3cret"
@@ -110,10 +110,10 @@ def test_outbox_retries_a_down_server_then_delivers_and_gives_up_on_4xx(tmp_path
     caplog.set_level(logging.INFO, logger="medsegagent.node.service")
     node.start()
     try:
-        wait_for(lambda: all(i.attempts >= 2 for i in node.store.outbox(job.id)), "two attempts each while down")
+        wait_for(lambda: all(i.attempts >= 2 for i in node.store.outbox(job.id)), 60, "two attempts each while down")
         assert all(i.state == "pending" and "ConnectionError" in i.last_error for i in node.store.outbox(job.id))
         later.start()
-        job = wait_for(lambda: (j := node.store.get(job.id)).state is JobState.FAILED and j, "the job to end")
+        job = wait_for(lambda: (j := node.store.get(job.id)).state is JobState.FAILED and j, 60, "the job to end")
         assert later.client.studies.lookup(study_uid) is not None  # the SEG is in Orthanc once, from "web"
         assert len(later.client.get_json("/instances")) == 1
     finally:
@@ -126,13 +126,3 @@ def test_outbox_retries_a_down_server_then_delivers_and_gives_up_on_4xx(tmp_path
     lines = [r.getMessage() for r in caplog.records if seg.name in r.getMessage()]
     assert lines and all(f"{seg.name} of job {job.id} (study {study_uid}) to web" in line for line in lines), lines
     assert f"delivered {seg.name} of job {job.id} (study {study_uid}) to web" in lines
-
-
-def wait_for(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")

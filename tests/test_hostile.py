@@ -33,7 +33,6 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from medsegagent.node.config import parse_config
 from medsegagent.node.intake import StorageSCP
 from medsegagent.node.jobs import FailureReason, Job, JobState
 from medsegagent.node.service import Node
@@ -300,20 +299,10 @@ def _spool(node: Node, datasets: list[Dataset], called_ae: str = LIVERSEG) -> st
 
 
 @pytest.fixture
-def serving(tmp_path, monkeypatch):
+def serving(tmp_path, monkeypatch, start_node) -> Callable[..., Node]:
     """``make(dest_port, **config sections) -> Node``: a running node (demo models), stopped after the test."""
     monkeypatch.setenv("MEDSEG_TEST_TOKEN", TOKEN)
-    nodes: list[Node] = []
-
-    def make(dest_port: int, **extra) -> Node:
-        node = Node(parse_config(_config(tmp_path, dest_port, **extra)), poll_seconds=0.1)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop()
+    return lambda dest_port, **extra: start_node(_config(tmp_path, dest_port, **extra))
 
 
 def _settled(node: Node, count: int, timeout: float = 180.0) -> list[Job]:

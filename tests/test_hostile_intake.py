@@ -25,7 +25,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from medsegagent.node.intake import StorageSCP
-from tests.conftest import echo_ok
+from tests.conftest import echo_ok, wait_until
 
 CALLER = "MODALITY"
 DCMTK = "/usr/bin"
@@ -246,7 +246,7 @@ def test_idle_connections_do_not_lock_out_a_configured_peer(tmp_path, caplog):
             for _ in range(70):
                 idle.append(socket.create_connection(("127.0.0.1", scp.port), timeout=5))
             acceptor = scp._server.acceptor
-            assert _wait_until(lambda: acceptor.pending_connections == 16)
+            assert wait_until(lambda: acceptor.pending_connections == 16)
             started = time.monotonic()
             result = dcmtk("echoscu", "-aet", CALLER, "-aec", "MEDSEG", "127.0.0.1", str(scp.port), timeout=20)
             assert result.returncode == 0, result.stdout + result.stderr
@@ -254,7 +254,7 @@ def test_idle_connections_do_not_lock_out_a_configured_peer(tmp_path, caplog):
             assert "closed the oldest connection without an association" in caplog.text
             # Both association slots stay usable while the idle connections are open.
             assert echo_ok(scp.port, CALLER) and echo_ok(scp.port, CALLER)
-            assert _wait_until(lambda: acceptor.active_associations == 0, timeout=5.0)
+            assert wait_until(lambda: acceptor.active_associations == 0, timeout=5.0)
             assert all(_closed(sock) for sock in idle)
     finally:
         for sock in idle:
@@ -278,15 +278,6 @@ def test_associations_are_limited_apart_from_pending_connections(tmp_path):
             held.release()
     finally:
         scp.stop()
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def _closed(sock: socket.socket) -> bool:

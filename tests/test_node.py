@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -93,19 +94,10 @@ def _config(tmp_path: Path, dest_port: int, **extra) -> dict:
 
 
 @pytest.fixture
-def node_factory(tmp_path, monkeypatch):
+def node_factory(tmp_path, monkeypatch, start_node) -> Callable[..., Node]:
+    """``make(dest_port, **config sections) -> Node``: a running node (demo models), stopped after the test."""
     monkeypatch.setenv("MEDSEG_TEST_TOKEN", TOKEN)
-    nodes: list[Node] = []
-
-    def make(dest_port: int, **extra) -> Node:
-        node = Node(parse_config(_config(tmp_path, dest_port, **extra)), poll_seconds=0.1)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop()
+    return lambda dest_port, **extra: start_node(_config(tmp_path, dest_port, **extra))
 
 
 def _storescu(files: list[Path], port: int, called: str = "MEDSEG", calling: str = "MODALITY") -> None:

@@ -38,6 +38,7 @@ from pydicom.uid import generate_uid
 from medsegagent.node.config import ConfigError, expand_environment, load_config, parse_config
 from medsegagent.node.jobs import Job
 from medsegagent.node.service import Node
+from tests import conftest
 from tests.conftest import dciodvfy_errors
 from tests.orthanc_helpers import ORTHANC_DIR, PYTHON_PLUGIN, OrthancProcess, answer
 from tests.orthanc_helpers import ROOT as ROOT  # test_orthanc_browser and test_ohif import it from here
@@ -295,17 +296,15 @@ def fresh_study(files: list[Path], dest: Path, **tags: str) -> list[Path]:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, stack: Stack | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    detail = ""
-    if stack is not None:
+    """:func:`tests.conftest.wait_for`; a failure shows the stack's jobs and the end of Orthanc's log."""
+
+    def detail() -> str:
+        if stack is None:
+            return ""
         jobs = [(j.id[:8], j.state.value, j.request_source, j.error) for j in stack.node.store.list()]
-        detail = f"\njobs: {jobs}\northanc log:\n{stack.orthanc.log()[-3000:]}"
-    pytest.fail(f"timed out waiting for {what}{detail}")
+        return f"\njobs: {jobs}\northanc log:\n{stack.orthanc.log()[-3000:]}"
+
+    return conftest.wait_for(predicate, timeout, what, interval=0.25, detail=detail)
 
 
 def assert_valid_seg_in_study(stack: Stack, study_id: str, tmp_path: Path) -> pydicom.Dataset:

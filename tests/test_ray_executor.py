@@ -37,6 +37,7 @@ from medsegagent.node.config import ConfigError, ExecutorKind, parse_config
 from medsegagent.node.jobs import JobState
 from medsegagent.node.pipeline import RunContext, segment_folder
 from medsegagent.node.service import Node, build_executor
+from tests.conftest import wait_for
 
 # -- processes ----------------------------------------------------------------------------------
 
@@ -207,14 +208,6 @@ def marks(folder: Path, model: str) -> list[int]:
     """Process ids that started a prediction of ``model``, in order."""
     found = sorted(folder.glob(f"{model}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
     return [int(p.name.split(".")[1]) for p in found]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- configuration (no Ray) -----------------------------------------------------------------------
