@@ -659,6 +659,41 @@ add("kidneys without the kidneys", "CT", None)
 add("first three lumbar vertebrae on ultrasound", "US", None)
 
 
+# -- round seven: one side asked takes that side only; a label coded with a part does not answer the whole --
+HEAD_OF_FEMUR = c("2812003")
+# one side, paired structures (held-out convention 4); no sided ureter, deltoid or trapezius label exists
+add("right ureter", "CT", None)
+add("left ureter only", "CT", None)
+add("CT urogram - left kidney and left ureter", None, "CT", KIDNEY.on("left"), URETER.on("left"))
+add("deltoid, left", "CT", None)
+add("L kidney, L adrenal", "CT", None, KIDNEY.on("left"), ADRENAL.on("left"))
+add("rt parotid and rt submandibular gland", "CT", None, PAROTID.on("right"), SUBMANDIBULAR.on("right"))
+add("left lung upper lobe", "CT", None, UPPER_LOBE_L)
+add("right humerus and right scapula", "CT", None, HUMERUS.on("right"), SCAPULA.on("right"))
+add("Please contour the left optic nerve.", "CT", None, OPTIC_NERVE.on("left"))
+add("the right eye lens", "CT", None, LENS.on("right"))
+add("left hip bone", "CT", None, HIP.on("left"))
+add("RIGHT KIDNEY VOLUME", None, "CT", KIDNEY.on("right"))
+add("left kidney, spleen and pancreas", "CT", None, KIDNEY.on("left"), SPLEEN, PANCREAS)
+add("right kidney and liver", "CT", None, KIDNEY.on("right"), LIVER)
+add("the left clavicle", "CT", None, CLAVICLE.on("left"))
+add("right gluteus medius", "CT", None, GLUTEUS_MED.on("right"))
+add("left iliopsoas muscle", "CT", None, ILIOPSOAS.on("left"))
+# both sides of the same paired structures: every label of it
+add("both ureters", "CT", None, URETER)
+add("deltoids, bilateral", "CT", None, DELTOID)
+add("trapezius muscles L and R", "CT", None, TRAPEZIUS)
+add("ureters and kidneys", "CT", None, URETER, KIDNEY)
+# a label coded with a part (Head of femur) answers the part, not the whole (convention 2)
+add("femoral head, left", "CT", None, HEAD_OF_FEMUR.on("left"))
+add("head of the right femur", "CT", None, HEAD_OF_FEMUR.on("right"))
+add("both femoral heads", "CT", None, HEAD_OF_FEMUR)
+add("left femur", "CT", None, FEMUR.on("left"))
+add("femora, both sides", "CT", None, FEMUR)
+add("thigh bones", "CT", None, FEMUR)
+add("right thighbone", "CT", None, FEMUR.on("right"))
+
+
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
         return dataset.accepts(modality)
