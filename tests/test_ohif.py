@@ -186,7 +186,12 @@ def test_seg_opens_in_ohif_with_its_segment_names(stack, phantom_factory, tmp_pa
                 page.locator('[data-cy="panelSegmentation-btn"]').click()
             rows = page.locator('[data-cy="data-row-title"]')
             rows.first.wait_for(state="visible", timeout=60_000)
-            page.wait_for_timeout(2_000)  # let the overlay render before the screenshot
+            page.wait_for_timeout(2_000)  # let the overlay render
+            # OHIF opens the SEG at the first segment's first slice, the liver's edge: show the middle of it.
+            page.mouse.move(700, 450)
+            for _ in range(8):
+                page.keyboard.press("ArrowDown")
+            page.wait_for_timeout(1_000)
             page.screenshot(path=shots / "ohif-seg.png")
             shown = [t.strip() for t in rows.all_inner_texts()]
         finally:
