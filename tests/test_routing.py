@@ -499,3 +499,27 @@ def test_a_plan_does_not_depend_on_the_hash_seed():
 def test_structure_rules_of_round_five(text: str, expected: set) -> None:
     parsed = parse.parse_request(text)
     assert {(t.concept.core, t.concept.index) for t in parsed.targets} == expected
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # an exclusion by "without" / "not" (but not "without contrast")
+        ("kidneys without the tumours", "KiTS23", [1]),
+        ("bladder, not the prostate", "AMOS22_Task2", [14]),
+        ("CT abdomen without contrast - liver", "LiTS", [1]),
+        # excluding one side of a paired structure leaves the other side only
+        ("kidneys except the left kidney", "AMOS22_Task2", [2]),
+        # a leading side holds for the next items that name none
+        ("right kidney and adrenal", "AMOS22_Task2", [2, 11]),
+        # number words and ordinals in ranges (TotalSegmentator: L1 31, L2 30, L3 29)
+        ("the first three lumbar vertebrae", "TotalSegmentator_v2", [29, 30, 31]),
+        ("ribs seven to nine", "TotalSegmentator_v2", [100, 101, 102, 110, 111, 112]),
+        # a referral sentence
+        ("Requesting a segmentation of the right kidney only.", "WORD", [4]),
+        # an organ and its own lesion are two targets
+        ("liver and liver lesions", "LiTS", [1, 2]),
+    ],
+)
+def test_list_grammar_exclusions_sides_and_number_words(router, text, dataset, values):
+    assert plan(router, text, "CT").selection.get(dataset) == values
