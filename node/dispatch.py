@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pydicom
 import requests
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 
@@ -77,7 +79,9 @@ def deliver(destination: Destination, files: Sequence[Path], *, calling_ae: str)
     outcomes = {}
     for path in files:
         status = result.failed.get(str(path))
-        if status is None:
+        if str(path) in result.unsent:
+            outcomes[path] = DeliveryOutcome(Outcome.GIVE_UP, f"{destination.name}: {result.unsent[str(path)]}")
+        elif status is None:
             outcomes[path] = DELIVERED
         elif status in _TRANSIENT_STATUSES or status < 0:
             outcomes[path] = DeliveryOutcome(Outcome.RETRY, f"C-STORE status 0x{status & 0xFFFF:04X}")
@@ -150,6 +154,8 @@ class SendResult:
 
     sent: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    #: Files not sent because the peer accepted no presentation context for them, with the reason.
+    unsent: dict[str, str] = field(default_factory=dict)
 
 
 def send_files(
@@ -164,7 +170,9 @@ def send_files(
     """C-STORE ``files`` to a peer over one association.
 
     Presentation contexts are proposed per SOP class and transfer syntax of
-    the files, so the instances are sent as they are stored (no transcoding).
+    the files, so the instances are sent as they are stored. A compressed
+    file (a LABELMAP SEG in RLE) also offers Explicit VR Little Endian, and
+    is decompressed for a peer that accepts only that.
 
     Raises
     ------
@@ -176,17 +184,23 @@ def send_files(
     if len(pairs) > 127:
         raise DeliveryError(f"{len(pairs)} SOP class/transfer syntax pairs exceed one association's 128 contexts")
     ae = scu_ae(calling_ae, timeout)
-    contexts = [build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)]
+    contexts = [build_context(sop, _offered(ts)) for sop, ts in pairs] + [build_context(Verification)]
     assoc = ae.associate(
         host, port, contexts=contexts, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
     )
     if not assoc.is_established:
         raise DeliveryError(f"association to {called_ae}@{host}:{port} was not accepted")
     result = SendResult()
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     try:
-        for path, _ in datasets:
+        for path, header in datasets:
+            payload = _as_accepted(path, header, accepted)
+            if isinstance(payload, str):
+                result.unsent[str(path)] = payload
+                log.warning("C-STORE of %s to %s not attempted: %s", path.name, called_ae, payload)
+                continue
             try:
-                status = assoc.send_c_store(path)
+                status = assoc.send_c_store(payload)
             except RuntimeError as exc:  # pynetdicom: the association was aborted part way through
                 if assoc.is_established:
                     raise
@@ -202,3 +216,20 @@ def send_files(
     finally:
         assoc.release()
     return result
+
+
+def _offered(syntax: str) -> list[str]:
+    """Transfer syntaxes proposed for a file stored in ``syntax``: itself, and uncompressed when it is compressed."""
+    return [syntax, ExplicitVRLittleEndian] if UID(syntax).is_compressed else [syntax]
+
+
+def _as_accepted(path: Path, header: Dataset, accepted: set[tuple[str, str]]) -> Path | Dataset | str:
+    """What to send for ``path``: the file as stored, its decompressed data set, or why neither was accepted."""
+    sop, syntax = str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)
+    if (sop, syntax) in accepted:
+        return path
+    if (sop, ExplicitVRLittleEndian) in accepted and UID(syntax).is_compressed:
+        dataset = pydicom.dcmread(path)
+        dataset.decompress()  # the peer takes this SOP class uncompressed only
+        return dataset
+    return f"the peer accepted no presentation context for SOP class {sop} ({UID(sop).name})"
