@@ -45,6 +45,12 @@ class JobRequest(BaseModel):
     )  # fmt: skip
 
 
+class RetryRequest(BaseModel):
+    """Optional body of ``POST /jobs/{id}/retry``: a new request to plan the job from."""
+
+    request: str = Field(min_length=1, max_length=1024, description="the new request, e.g. 'liver and spleen'")
+
+
 class PlanQuery(BaseModel):
     """Body of ``POST /plan``: a request, or the Called AE title whose preset is the request."""
 
@@ -265,9 +271,10 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
     @app.post("/jobs/{job_id}/retry", dependencies=auth, responses=_errors(404, 409))
-    def retry_job(job_id: str) -> JobInfo:
-        """Re-run a failed/cancelled job, or re-queue its failed deliveries (409 for any other state)."""
-        job = act_on(job_id, node.store.retry)
+    def retry_job(job_id: str, body: RetryRequest | None = None) -> JobInfo:
+        """Re-run a failed/cancelled job (planned from ``request`` when given), or re-queue its failed deliveries."""
+        request = body.request if body is not None else None
+        job = act_on(job_id, lambda job_id: node.store.retry(job_id, request))
         node.wake()
         return job
 

@@ -567,7 +567,7 @@ class JobStore:
         for key, value in fields.items():
             if key in ("plan", "report"):
                 columns[f"{key}_json"] = json.dumps(value) if value is not None else None
-            elif key in ("request_text", "request_source", "error", "result_dir"):
+            elif key in ("explicit_request", "request_text", "request_source", "error", "result_dir"):
                 columns[key] = value
             else:
                 raise ValueError(f"unknown job field {key!r}")
@@ -586,7 +586,7 @@ class JobStore:
                 self._set_state(db, row["id"], JobState.RECEIVED, error=None)
         return [r["id"] for r in rows]
 
-    def retry(self, job_id: str) -> Job:
+    def retry(self, job_id: str, request: str | None = None) -> Job:
         """Try a job again: the failed deliveries of its results, else the whole job.
 
         * ``failed`` because a delivery failed: the failed outbox items are
@@ -594,23 +594,35 @@ class JobStore:
         * ``failed`` otherwise, or ``cancelled``: the job runs again from ``received``, planned afresh;
         * ``written`` with failed items beside pending ones: those items are queued again.
 
+        Parameters
+        ----------
+        job_id : str
+            The job.
+        request : str, optional
+            A new request: the failed or cancelled job runs again from ``received``, planned from this text
+            (also when only its delivery had failed).
+
         Raises
         ------
         IllegalTransition
-            For a job that is queued, running or delivered (see :meth:`redeliver`).
+            For a job that is queued, running or delivered (see :meth:`redeliver`), and for a new
+            request on a ``written`` job.
         """
         with self._tx() as db:
             job = _job(self._row(db, job_id))
-            if job.state is JobState.WRITTEN and self._requeue_failed(db, job_id):
+            if request is None and job.state is JobState.WRITTEN and self._requeue_failed(db, job_id):
                 pass
-            elif job.state is JobState.FAILED and job.reason is FailureReason.DELIVERY_FAILED:
+            elif request is None and job.state is JobState.FAILED and job.reason is FailureReason.DELIVERY_FAILED:
                 self._requeue_failed(db, job_id)
                 self._set_state(db, job_id, JobState.WRITTEN, error=None)
             elif job.state in (JobState.FAILED, JobState.CANCELLED):
                 # A study never (fully) pulled from its source is pulled again.
                 pull = job.retrieve_from and (job.state is JobState.CANCELLED or job.reason in RETRIEVE_FAILURES)
                 # Planned again, against the models installed now: the stored plan is dropped.
-                self._set_state(db, job_id, JobState.RETRIEVING if pull else JobState.RECEIVED, error=None, plan=None)
+                fields: dict[str, Any] = {"error": None, "plan": None}
+                if request is not None:
+                    fields["explicit_request"] = request
+                self._set_state(db, job_id, JobState.RETRIEVING if pull else JobState.RECEIVED, **fields)
             else:
                 why = f"job {job_id} is {job.state.value}: only failed or cancelled jobs, or failed deliveries, retry"
                 if job.state is JobState.DELIVERED:

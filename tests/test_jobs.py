@@ -203,6 +203,29 @@ def test_api_answers_409_with_the_reason_for_a_delivered_job(store, tmp_path):
     assert (detail["state"], detail["reason"], detail["error"]) == ("failed", "non_finite_geometry", failed.error)
 
 
+def test_retry_with_a_new_request_plans_the_job_from_it(store, tmp_path):
+    node = types.SimpleNamespace(store=store, wake=lambda: None, config=parse_config({}))
+    client = TestClient(create_app(node, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"})
+    job = _claimed(store)
+    store.transition(job.id, JobState.RUNNING, plan={"targets": []})
+    store.fail(job.id, FailureReason.NOTHING_MATCHED, "'ligament' selects nothing")
+    pending = _written(store, tmp_path)
+    delivery = _written(store, tmp_path)
+    (item,) = store.outbox(delivery)
+    store.delivery_failed(item.id, "refused", retry_in=None)
+    answer = client.post(f"/jobs/{job.id}/retry", json={"request": "liver and spleen"})
+    assert answer.status_code == 200 and answer.json()["state"] == "received", answer.text
+    again = store.get(job.id)
+    assert (again.explicit_request, again.plan) == ("liver and spleen", None)
+    # a failed delivery retried with a new request runs the whole job again, not only the delivery
+    assert store.get(delivery).state is JobState.FAILED
+    assert store.retry(delivery, "spleen").state is JobState.RECEIVED
+    # a written job with deliveries pending has nothing to re-plan
+    answer = client.post(f"/jobs/{pending}/retry", json={"request": "spleen"})
+    assert answer.status_code == 409 and "is written" in answer.json()["detail"]
+    assert client.post(f"/jobs/{job.id}/retry", json={"request": ""}).status_code == 422
+
+
 # -- request limits and sources ----------------------------------------------------------------------------
 
 
