@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -174,31 +174,39 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    auth = [Depends(authorised)]
-
-    def job_or_404(job_id: str) -> Job:
-        try:
-            return node.store.get(job_id)
-        except KeyError:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
-
     @app.get("/health")
     def health() -> Health:
         """Liveness and a count of jobs per state (no token needed)."""
         return Health(status="ok", version=__version__, ae_title=node.config.node.ae_title,
                       dicom_port=node.scp.port, jobs=node.store.count_by_state(), time=time.time())  # fmt: skip
 
-    @app.get("/jobs", dependencies=auth, responses=_errors())
+    for router in (_job_reads(node), _job_actions(node), _planning_and_studies(node)):
+        app.include_router(router, dependencies=[Depends(authorised)])
+    return app
+
+
+def _job_or_404(node: Node, job_id: str) -> Job:
+    try:
+        return node.store.get(job_id)
+    except KeyError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+
+
+def _job_reads(node: Node) -> APIRouter:
+    """``GET /jobs``, ``/jobs/{id}``, ``/jobs/{id}/preview`` and ``/jobs/{id}/volumes``."""
+    router = APIRouter()
+
+    @router.get("/jobs", responses=_errors())
     def list_jobs(
         state: Annotated[JobState | None, Query()] = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[JobInfo]:
         """Newest jobs first."""
         return [JobInfo.model_validate(job.to_json()) for job in node.store.list(state=state, limit=limit)]
 
-    @app.get("/jobs/{job_id}", dependencies=auth, responses=_errors(404))
+    @router.get("/jobs/{job_id}", responses=_errors(404))
     def job_detail(job_id: str) -> JobDetail:
         """State, request, plan, report (timings, segments), history, deliveries."""
-        job = job_or_404(job_id)
+        job = _job_or_404(node, job_id)
         deliveries = [
             DeliveryInfo(destination=i.destination, file=Path(i.path).name, state=i.state, attempts=i.attempts,
                          last_error=i.last_error)
@@ -207,18 +215,37 @@ def create_app(node: Node, token: str) -> FastAPI:
         preview = f"/jobs/{job_id}/preview" if job.result_dir else None
         return JobDetail.model_validate({**job.to_json(detail=True), "deliveries": deliveries, "preview": preview})
 
-    @app.get("/jobs/{job_id}/preview", dependencies=auth, response_class=FileResponse,
-             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                        **_errors(404)})  # fmt: skip
+    @router.get("/jobs/{job_id}/preview", response_class=FileResponse,
+                responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                           **_errors(404)})  # fmt: skip
     def job_preview(job_id: str) -> FileResponse:
         """The PNG preview of a written job."""
-        job = job_or_404(job_id)
+        job = _job_or_404(node, job_id)
         path = Path(job.result_dir or "") / "preview.png"
         if not job.result_dir or not path.is_file():
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no preview for this job")
         return FileResponse(path, media_type="image/png")
 
-    @app.post("/jobs", dependencies=auth, status_code=status.HTTP_202_ACCEPTED, responses=_errors(404))
+    @router.get("/jobs/{job_id}/volumes", responses=_errors(404, 409))
+    def job_volumes(job_id: str) -> VolumeReport:
+        """Each segment's volume (mL) and coded concepts, once the job's SEG is written."""
+        job = _job_or_404(node, job_id)
+        if job.report is None or not job.result_dir:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {job.state.value}; it has no SEG yet")
+        try:
+            return segment_volumes(job.id, job.study_uid, job.report, Path(job.result_dir) / "seg.dcm")
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # an OSError's text names a local path
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the SEG of job {job_id} cannot be read: {reason}") from None
+
+    return router
+
+
+def _job_actions(node: Node) -> APIRouter:
+    """``POST /jobs`` and the state changes of a job: retry, redeliver, cancel."""
+    router = APIRouter()
+
+    @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, responses=_errors(404))
     def create_job(body: JobRequest) -> JobInfo:
         """Segment a received study with an explicit request, or pull it from a ``source`` first."""
         try:
@@ -228,7 +255,40 @@ def create_app(node: Node, token: str) -> FastAPI:
         except FileNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
-    @app.post("/plan", dependencies=auth, responses=_errors())
+    def act_on(job_id: str, action: Callable[[str], Job]) -> JobInfo:
+        """``action(job_id)``'s job: 404 for an unknown job, 409 when its state (or a lost file) refuses it."""
+        _job_or_404(node, job_id)
+        try:
+            return JobInfo.model_validate(action(job_id).to_json())
+        except (IllegalTransition, FileNotFoundError) as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+    @router.post("/jobs/{job_id}/retry", responses=_errors(404, 409))
+    def retry_job(job_id: str, body: RetryRequest | None = None) -> JobInfo:
+        """Re-run a failed/cancelled job (planned from ``request`` when given), or re-queue its failed deliveries."""
+        request = body.request if body is not None else None
+        job = act_on(job_id, lambda job_id: node.store.retry(job_id, request))
+        node.wake()
+        return job
+
+    @router.post("/jobs/{job_id}/redeliver", responses=_errors(404, 409))
+    def redeliver_job(job_id: str) -> JobInfo:
+        """Send a delivered job's results again: same files, same SOP Instance UIDs (409 unless delivered)."""
+        return act_on(job_id, node.store.redeliver)
+
+    @router.post("/jobs/{job_id}/cancel", responses=_errors(404, 409))
+    def cancel_job(job_id: str) -> JobInfo:
+        """Cancel a job that has not finished (409 for a delivered, failed or cancelled one)."""
+        return act_on(job_id, node.store.cancel)
+
+    return router
+
+
+def _planning_and_studies(node: Node) -> APIRouter:
+    """``POST /plan`` and ``GET /studies``."""
+    router = APIRouter()
+
+    @router.post("/plan", responses=_errors())
     def check_plan(body: PlanQuery) -> PlanCheck:
         """Plan a request without a study (Orthanc's plugin checks its routing rules with it)."""
         text = body.request or node.config.presets.get(body.called_ae or "")
@@ -245,50 +305,12 @@ def create_app(node: Node, token: str) -> FastAPI:
             runnable=bool(set(plan.selection) - set(missing)),
         )  # fmt: skip
 
-    @app.get("/jobs/{job_id}/volumes", dependencies=auth, responses=_errors(404, 409))
-    def job_volumes(job_id: str) -> VolumeReport:
-        """Each segment's volume (mL) and coded concepts, once the job's SEG is written."""
-        job = job_or_404(job_id)
-        if job.report is None or not job.result_dir:
-            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {job.state.value}; it has no SEG yet")
-        try:
-            return segment_volumes(job.id, job.study_uid, job.report, Path(job.result_dir) / "seg.dcm")
-        except (OSError, InvalidDicomError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # an OSError's text names a local path
-            raise HTTPException(status.HTTP_409_CONFLICT, f"the SEG of job {job_id} cannot be read: {reason}") from None
-
-    @app.get("/studies", dependencies=auth, responses=_errors())
+    @router.get("/studies", responses=_errors())
     def list_studies(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[StudySummary]:
         """Studies received (UIDs, date, descriptions, series), the most recent first."""
         return spooled_studies(node.spool_dir, limit)
 
-    def act_on(job_id: str, action: Callable[[str], Job]) -> JobInfo:
-        """``action(job_id)``'s job: 404 for an unknown job, 409 when its state (or a lost file) refuses it."""
-        job_or_404(job_id)
-        try:
-            return JobInfo.model_validate(action(job_id).to_json())
-        except (IllegalTransition, FileNotFoundError) as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-
-    @app.post("/jobs/{job_id}/retry", dependencies=auth, responses=_errors(404, 409))
-    def retry_job(job_id: str, body: RetryRequest | None = None) -> JobInfo:
-        """Re-run a failed/cancelled job (planned from ``request`` when given), or re-queue its failed deliveries."""
-        request = body.request if body is not None else None
-        job = act_on(job_id, lambda job_id: node.store.retry(job_id, request))
-        node.wake()
-        return job
-
-    @app.post("/jobs/{job_id}/redeliver", dependencies=auth, responses=_errors(404, 409))
-    def redeliver_job(job_id: str) -> JobInfo:
-        """Send a delivered job's results again: same files, same SOP Instance UIDs (409 unless delivered)."""
-        return act_on(job_id, node.store.redeliver)
-
-    @app.post("/jobs/{job_id}/cancel", dependencies=auth, responses=_errors(404, 409))
-    def cancel_job(job_id: str) -> JobInfo:
-        """Cancel a job that has not finished (409 for a delivered, failed or cancelled one)."""
-        return act_on(job_id, node.store.cancel)
-
-    return app
+    return router
 
 
 def start_http(node: Node) -> uvicorn.Server:
