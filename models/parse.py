@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
@@ -1229,16 +1229,7 @@ def _share_qualifiers(targets: list[ParsedTarget]) -> list[ParsedTarget]:
             nouns = set(prev) & CLASS_NOUNS
             qualifiers = set(prev) - CLASS_NOUNS
             if len(nouns) == 1 and qualifiers and core[0] not in nouns:
-                core = _finish_core([*qualifiers, core[0]])
-                t = ParsedTarget(
-                    t.text,
-                    Concept(core, t.concept.laterality, t.concept.index),
-                    t.words,
-                    t.unknown,
-                    t.negated,
-                    t.group,
-                    t.context,
-                )
+                t = replace(t, concept=replace(t.concept, core=_finish_core([*qualifiers, core[0]])))
         out.append(t)
     return out
 
@@ -1311,16 +1302,7 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     for t in targets:
         core = t.concept.core
         if core and all(tok in LESION_TOKENS for tok in core) and organ and t.group is None:
-            new_core = tuple(sorted(set(core) | set(organ)))
-            t = ParsedTarget(
-                t.text,
-                Concept(new_core, t.concept.laterality, t.concept.index),
-                t.words,
-                t.unknown,
-                t.negated,
-                None,
-                t.context,
-            )
+            t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
         elif core and not any(tok in LESION_TOKENS for tok in core):
             organ = core
         out.append(t)
