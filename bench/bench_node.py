@@ -15,6 +15,7 @@ listed.  Writes a markdown table to stdout and ``bench/results/node.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         (root / "pacs").mkdir()
         config = parse_config({
             "node": {"port": 0, "data_dir": str(root / "var"), "quiet_seconds": QUIET, "collection": "demo",
-                     "min_free_disk_mb": 1},
+                     "min_free_disk_mb": 1, "retain_memory": args.retain_memory == "on"},
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
             "presets": {"BENCH": args.request},
             "instruction_sources": ["preset"],
@@ -88,40 +89,69 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+MODES = ("on", "off")
+LABELS = {
+    "transfer": "transfer (storescu, all instances acknowledged)",
+    "total": "last instance -> SEG at destination",
+    "quiet": "  quiet time (policy)",
+    "inference": "  model inference (2 models, parallel)",
+    "overhead": "  **node overhead** (read, plan, fuse, SEG, deliver, bookkeeping)",
+    "cpu": "node process CPU seconds in that time (all threads, models included)",
+}
+
+
+def _child(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Every run of one memory mode, each in a fresh node of one fresh process."""
+    command = [sys.executable, __file__, "--child", "--size", str(args.size), "--slices", str(args.slices),
+               "--request", args.request, "--runs", str(args.runs), "--retain-memory", args.retain_memory]  # fmt: skip
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _table(args: argparse.Namespace, by_mode: dict[str, list[dict[str, float]]]) -> list[str]:
+    """One column per run and, per mode, the fastest run (its overhead is the figure)."""
+    best = {mode: min(runs, key=lambda r: r["overhead"]) for mode, runs in by_mode.items()}
+    any_best = next(iter(best.values()))
+    stages = [k for k in any_best if k.startswith("pipeline")]
+    keys = ["transfer", "total", "quiet", "inference", "overhead", *stages, "cpu"]
+    columns = [(f"fastest, retain_memory {m}", best[m]) for m in by_mode]
+    columns += [(f"{m}: run {i + 1}", run) for m, runs in by_mode.items() for i, run in enumerate(runs)]
+    rows = ["| step | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for key in keys:
+        values = [QUIET if key == "quiet" else run.get(key, float("nan")) for _, run in columns]
+        rows.append(f"| {LABELS.get(key, f'    {key}')} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    if set(best) == set(MODES):
+        ratio = best["off"]["overhead"] / best["on"]["overhead"]
+        rows += ["", f"Node overhead, allocator defaults / retained memory: {ratio:.2f}x."]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark ``--runs`` times and write the table (each run, and the least disturbed)."""
+    """Run the benchmark ``--runs`` times per memory mode and write the table (each run, and the fastest)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--request", default="liver, spleen and both kidneys")
     parser.add_argument("--runs", type=int, default=1, help="repeat on a fresh node; the fastest run is the figure")
+    parser.add_argument("--retain-memory", choices=(*MODES, "both"), default="both",
+                        help="node.retain_memory; 'both' runs each in its own process, on first")  # fmt: skip
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:  # one mode, in this process: the allocator setting is process-wide and one-way
+        print(json.dumps([run_once(args) for _ in range(args.runs)]))
+        return 0
     load_before = os.getloadavg()[0]
-    runs = [run_once(args) for _ in range(args.runs)]
+    modes = MODES if args.retain_memory == "both" else (args.retain_memory,)
+    by_mode = {mode: _child(argparse.Namespace(**{**vars(args), "retain_memory": mode})) for mode in modes}
     load_after = os.getloadavg()[0]
-    best = min(runs, key=lambda r: r["overhead"])
-    labels = {
-        "transfer": "transfer (storescu, all instances acknowledged)",
-        "total": "last instance -> SEG at destination",
-        "quiet": "  quiet time (policy)",
-        "inference": "  model inference (2 models, parallel)",
-        "overhead": "  **node overhead** (read, plan, fuse, SEG, deliver, bookkeeping)",
-        "cpu": "node process CPU seconds in that time (all threads, models included)",
-    }
-    stages = [k for k in best if k.startswith("pipeline")]
-    keys = ["transfer", "total", "quiet", "inference", "overhead", *stages, "cpu"]
-    head = "| step | fastest run |" + "".join(f" run {i + 1} |" for i in range(len(runs)))
-    rows = [head, "|---|---|" + "---|" * len(runs)]
-    for key in keys:
-        name = labels.get(key, f"    {key}")
-        values = [QUIET if key == "quiet" else r.get(key, float("nan")) for r in [best, *runs]]
-        rows.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
-    command = f"python bench/bench_node.py --size {args.size} --slices {args.slices} --runs {args.runs}"
+    command = (f"python bench/bench_node.py --size {args.size} --slices {args.slices} --runs {args.runs}"
+               f" --retain-memory {args.retain_memory}")  # fmt: skip
     table = "\n".join(
         [f"Study: {args.slices} x {args.size}² CT, request {args.request!r}, BINARY SEG, "
          f"{os.cpu_count()} cores, CPU. Load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} "
-         "(the machine is shared: wall times grow with the load, CPU seconds do not).", "",
-         *rows, "", f"`{command}`"]
+         "(the machine is shared: wall times grow with the load, CPU seconds do not). Run 1 of each "
+         "process also loads the models.", "",
+         *_table(args, by_mode), "", f"`{command}`"]
     )  # fmt: skip
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -250,6 +250,8 @@ class NodeSettings(_Section):
     tls: TlsSettings | None = None
     #: The models folder (``${MEDSEG_MODELS}`` of registry locations); ``None``: the environment's.
     models_dir: ConfigPath | None = None
+    #: Keep freed memory in the process for the next study (:mod:`medsegagent.node.memory`).
+    retain_memory: StrictBool = True
 
 
 class Peer(_Section):

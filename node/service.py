@@ -41,6 +41,7 @@ from medsegagent.node.intake import StorageSCP, server_ssl_context
 from medsegagent.node.intake_pool import IntakePool, IntakeSpec, StudyRecorder, tls_to_json
 from medsegagent.node.jobs import FailureReason, IllegalTransition, Job, JobState, JobStore, OutboxItem
 from medsegagent.node.manifest import StudyManifest, load_manifest
+from medsegagent.node.memory import retain_freed_memory
 from medsegagent.node.pipeline import (
     ModelCache,
     OutputOptions,
@@ -135,6 +136,8 @@ class Node:
             Another node runs on the same data directory.
         """
         self._lock_data_dir()
+        if self.config.node.retain_memory:
+            retain_freed_memory()
         # Partial writes of a crashed process were never acknowledged: the sender retries them.
         for stale in self.spool_dir.rglob(".*.tmp") if self.spool_dir.exists() else ():
             stale.unlink(missing_ok=True)
