@@ -62,6 +62,8 @@ IMAGE_TYPE = 0x00080008
 SERIES_NUMBER = 0x00200011
 FRAME_OF_REFERENCE_UID = 0x00200052
 REQUEST_ATTRIBUTES_SEQUENCE = 0x00400275
+#: Read at the top level (a text attribute) and inside the Request Attributes Sequence's items.
+REQUESTED_PROCEDURE_DESCRIPTION = 0x00321060
 SHARED_FUNCTIONAL_GROUPS_SEQUENCE = 0x52009229
 #: Text attributes kept by keyword, decoded in the instance's Specific Character Set.
 TEXT_ATTRIBUTES = {
@@ -73,7 +75,7 @@ TEXT_ATTRIBUTES = {
     0x00180010: "ContrastBolusAgent",
     0x00180024: "SequenceName",
     0x00181030: "ProtocolName",
-    0x00321060: "RequestedProcedureDescription",
+    REQUESTED_PROCEDURE_DESCRIPTION: "RequestedProcedureDescription",
 }
 
 
@@ -92,10 +94,13 @@ class ScannedElement:
         encapsulated pixel data).
     value : bytes
         The value as encoded (empty for Pixel Data and undefined lengths: not kept).
+    offset : int
+        Where the value starts in the data set (a sequence's items are read from there).
     """
 
     length: int | None
     value: bytes
+    offset: int = 0
 
 
 def inflate(data: bytes | bytearray, limit: int) -> bytes:
@@ -167,7 +172,7 @@ class _Walker:
                 raise DataSetScanError(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at the top level")
             if length == _UNDEFINED:
                 if tag in wanted:
-                    found[tag] = ScannedElement(None, b"")
+                    found[tag] = ScannedElement(None, b"", offset)
                 offset = self._skip_undefined(offset, vr, 1)
                 continue
             if length > end - offset:
@@ -175,9 +180,34 @@ class _Walker:
                                        f"{end - offset} are left")  # fmt: skip
             if tag in wanted:
                 value = b"" if tag == PIXEL_DATA else bytes(self.view[offset : offset + length])
-                found[tag] = ScannedElement(length, value)
+                found[tag] = ScannedElement(length, value, offset)
             offset += length
         return found
+
+    def item_data_sets(self, element: ScannedElement) -> list[memoryview]:
+        """The data set of each item of a sequence that :meth:`top_level` found (Explicit or Implicit VR)."""
+        items: list[memoryview] = []
+        offset = element.offset
+        end = len(self.view) if element.length is None else element.offset + element.length
+        while offset < end:
+            if end - offset < 8:
+                raise DataSetScanError("sequence ends inside an item header")
+            group, number, length = self.tag_length.unpack_from(self.view, offset)
+            tag, offset = group << 16 | number, offset + 8
+            if tag == _SEQUENCE_DELIMITER:
+                break
+            if tag != _ITEM:
+                raise DataSetScanError(f"({group:04X},{number:04X}) where an item was expected")
+            if length == _UNDEFINED:
+                after = self._skip_item_data_set(offset, 1)
+                items.append(self.view[offset : after - 8])  # up to its item delimiter
+                offset = after
+            elif length > end - offset:
+                raise DataSetScanError(f"item claims {length} bytes, {end - offset} are left")
+            else:
+                items.append(self.view[offset : offset + length])
+                offset += length
+        return items
 
     def _header(self, offset: int, end: int) -> tuple[int, str | None, int, int]:
         """Decode an element header at ``offset``: tag, VR, value length, offset of the value."""
@@ -269,12 +299,38 @@ def scan(data: bytes | bytearray, transfer_syntax: str, wanted: Collection[int])
         When an element header or value runs past the end, an explicit VR is
         not two upper-case letters, or a sequence is malformed or nested too deep.
     """
+    return _walker(data, transfer_syntax).top_level(frozenset(wanted))
+
+
+def _walker(data: bytes | bytearray, transfer_syntax: str) -> _Walker:
     view = memoryview(data)
     little = transfer_syntax != _EXPLICIT_BIG
     # The transfer syntax says; a little-endian data set whose first element says otherwise is read as it is
     # encoded (pydicom does the same), so a mislabelling sender is not refused for what pydicom reads.
     implicit = _looks_implicit(view) if little else False
-    return _Walker(view, implicit, little).top_level(frozenset(wanted))
+    return _Walker(view, implicit, little)
+
+
+def _requested_procedure(
+    walker: _Walker, sequence: ScannedElement | None, charset: tuple[str, ...] | None
+) -> str | None:
+    """The first Requested Procedure Description in a Request Attributes Sequence's items ("" if none has one).
+
+    ``None`` when the sequence is absent or its items cannot be walked (a UN-encoded sequence,
+    say): the tags source then reads the file with pydicom instead.
+    """
+    if sequence is None:
+        return None
+    try:
+        for item in walker.item_data_sets(sequence):
+            inner = _Walker(item, walker.implicit, walker.order == "<").top_level({REQUESTED_PROCEDURE_DESCRIPTION})
+            element = inner.get(REQUESTED_PROCEDURE_DESCRIPTION)
+            text = _decoded(element.value, charset).strip() if element is not None else ""
+            if text:
+                return text
+    except DataSetScanError:
+        return None
+    return ""
 
 
 @dataclass(frozen=True)
@@ -312,8 +368,10 @@ class InstanceFacts:
     image_type: tuple[str, ...] | None = None
     #: Shared Functional Groups present: an enhanced multi-frame image keeps its geometry there.
     has_functional_groups: bool = False
-    #: Request Attributes Sequence present: the instance may carry a Requested Procedure Description in it.
+    #: A Request Attributes Sequence the scan could not read into: the tags source parses the file for it.
     has_request_attributes: bool = False
+    #: The first Requested Procedure Description inside the Request Attributes Sequence, when one is there.
+    request_attributes_procedure: str | None = None
     #: ``(keyword, text)`` of the :data:`TEXT_ATTRIBUTES` present and not blank.
     text_attributes: tuple[tuple[str, str], ...] = ()
 
@@ -369,11 +427,11 @@ def _code_strings(value: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in value.split("\\"))
 
 
-_WANTED = (SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, STUDY_INSTANCE_UID,
+_WANTED = frozenset((SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, STUDY_INSTANCE_UID,
            SERIES_INSTANCE_UID, IMAGE_POSITION_PATIENT, IMAGE_ORIENTATION_PATIENT, SAMPLES_PER_PIXEL,
            NUMBER_OF_FRAMES, ROWS, COLUMNS, PIXEL_SPACING, BITS_ALLOCATED, BITS_STORED, HIGH_BIT,
            PIXEL_DATA, IMAGE_TYPE, SERIES_NUMBER, FRAME_OF_REFERENCE_UID, REQUEST_ATTRIBUTES_SEQUENCE,
-           SHARED_FUNCTIONAL_GROUPS_SEQUENCE, *TEXT_ATTRIBUTES)  # fmt: skip
+           SHARED_FUNCTIONAL_GROUPS_SEQUENCE, *TEXT_ATTRIBUTES))  # fmt: skip
 
 
 def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFacts:
@@ -394,8 +452,9 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
         Number of Frames that is not an integer string, an Image Position,
         Image Orientation or Pixel Spacing that is not a decimal string).
     """
-    found = scan(data, transfer_syntax, _WANTED)
-    order = ">" if transfer_syntax == _EXPLICIT_BIG else "<"
+    walker = _walker(data, transfer_syntax)
+    found = walker.top_level(_WANTED)
+    order = walker.order
 
     def text(tag: int) -> str | None:
         element = found.get(tag)
@@ -414,6 +473,7 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
     character_set = _code_strings(text(SPECIFIC_CHARACTER_SET))
     texts = ((keyword, _decoded(found[tag].value, character_set).strip()) for tag, keyword in TEXT_ATTRIBUTES.items()
              if tag in found)  # fmt: skip
+    requested = _requested_procedure(walker, found.get(REQUEST_ATTRIBUTES_SEQUENCE), character_set)
     try:
         series_number = _integer_string(text(SERIES_NUMBER))
     except DataSetScanError:  # not a number: as if absent (the intake does not refuse it)
@@ -440,6 +500,7 @@ def scan_instance(data: bytes | bytearray, transfer_syntax: str) -> InstanceFact
         series_number=series_number,
         image_type=_code_strings(text(IMAGE_TYPE)),
         has_functional_groups=SHARED_FUNCTIONAL_GROUPS_SEQUENCE in found,
-        has_request_attributes=REQUEST_ATTRIBUTES_SEQUENCE in found,
+        has_request_attributes=REQUEST_ATTRIBUTES_SEQUENCE in found and requested is None,
+        request_attributes_procedure=requested or None,
         text_attributes=tuple((keyword, value) for keyword, value in texts if value),
     )

@@ -190,20 +190,22 @@ def _first_text(items: list[Dataset]) -> str | None:
 def tag_request(study_dir: Path, job_id: str | None = None, manifest: StudyManifest | None = None) -> str | None:
     """Requested Procedure Description (or in the Request Attributes), else Study Description.
 
-    With the study's ``manifest``, its keys; only the files it names as carrying a Request
-    Attributes Sequence are read (the scanner does not look into sequences).
+    With the study's ``manifest``, its keys: the intake's scan read the Requested Procedure
+    Description at the top level and inside the Request Attributes Sequence, so no file is
+    parsed; only instances whose sequence the scan could not walk (and journals of older
+    versions) are read, up to the first that names a procedure.
     """
     if manifest is not None:
         keys = manifest.keys
-        if keys.requested_procedure_description:
-            return keys.requested_procedure_description
-        carriers = list(study_headers(study_dir, job_id, manifest.request_attribute_files))
+        if keys.requested_procedure_description or keys.request_attributes_procedure:
+            return keys.requested_procedure_description or keys.request_attributes_procedure
+        carriers = study_headers(study_dir, job_id, manifest.request_attribute_files)
         return _requested_procedure(carriers) or keys.study_description or None
     headers = list(study_headers(study_dir, job_id))
     return _requested_procedure(headers) or _study_description(headers)
 
 
-def _requested_procedure(headers: list[Dataset]) -> str | None:
+def _requested_procedure(headers: Iterable[Dataset]) -> str | None:
     """The first Requested Procedure Description, top-level or in the Request Attributes Sequence."""
     for ds in headers:
         text = str(ds.get("RequestedProcedureDescription", "") or "").strip()

@@ -46,7 +46,7 @@ JOURNAL = ".instances.jsonl"
 #: The folded manifest, rewritten whenever the spool's files differ from it.
 MANIFEST = "manifest.json"
 #: Bumped when the manifest's form changes: an older file is rebuilt, not misread.
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -144,6 +144,8 @@ class RequestKeys:
     patient_name: str = ""
     requested_procedure_description: str = ""
     study_description: str = ""
+    #: The Requested Procedure Description inside a Request Attributes Sequence (after the top-level one).
+    request_attributes_procedure: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,9 @@ class StudyManifest:
     keys : RequestKeys
         For the worklist query and the tags source.
     request_attribute_files : tuple of str
-        Instances with a Request Attributes Sequence (their Requested
-        Procedure Description is inside it: the tags source reads those files).
+        Instances with a Request Attributes Sequence the scan could not read
+        into (the tags source parses those files); the scan reads the usual
+        ones itself, into ``keys.request_attributes_procedure``.
     """
 
     study_instance_uid: str
@@ -356,8 +359,11 @@ def build_manifest(study_uid: str, facts: Mapping[str, InstanceFacts]) -> StudyM
     for name in sorted(facts):
         for keyword, value in facts[name].text_attributes:
             texts.setdefault(keyword, value)
+    in_request = next((f.request_attributes_procedure for _, f in sorted(facts.items())
+                       if f.request_attributes_procedure), "")  # fmt: skip
     keys = RequestKeys(texts.get("AccessionNumber", ""), texts.get("PatientID", ""), texts.get("PatientName", ""),
-                       texts.get("RequestedProcedureDescription", ""), texts.get("StudyDescription", ""))  # fmt: skip
+                       texts.get("RequestedProcedureDescription", ""), texts.get("StudyDescription", ""),
+                       in_request)  # fmt: skip
     carriers = tuple(name for name in sorted(facts) if facts[name].has_request_attributes)
     return StudyManifest(study_uid, series, keys, carriers)
 

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pydicom
@@ -22,7 +23,7 @@ import pytest
 from medsegagent.dicom.series import scan_folder
 from medsegagent.node.config import parse_config
 from medsegagent.node.jobs import JobState
-from medsegagent.node.manifest import JOURNAL, MANIFEST, SeriesKind, StudyManifest, load_manifest
+from medsegagent.node.manifest import JOURNAL, MANIFEST, SeriesKind, StudyManifest, load_manifest, scan_file
 from medsegagent.node.service import Node
 from tests.test_node import TOKEN, _config, _free_port, _request_sr, _storescu, _wait_state
 
@@ -117,3 +118,48 @@ def test_manifest_survives_a_restart_and_is_rebuilt_when_missing_stale_or_torn(p
     removed.unlink()  # the spool changed under it: stale
     smaller = load_manifest(study)
     assert "manifest stale" in caplog.text and smaller.files == first.files - {removed.name}
+
+
+def _study_with_request_attributes(phantom_factory, study_dir: Path, text: str) -> list[Path]:
+    """Three CT slices in a spool-like folder, each with the request inside a Request Attributes Sequence."""
+    _, files = phantom_factory("CT", seed=4, size=32, slices=3)
+    written = []
+    for path in files.series["CT"]:
+        ds = pydicom.dcmread(path)
+        ds.pop("RequestedProcedureDescription", None)
+        item = pydicom.Dataset()
+        item.RequestedProcedureID = "RP7"
+        item.RequestedProcedureDescription = text
+        ds.RequestAttributesSequence = pydicom.Sequence([item])
+        target = study_dir / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def test_tags_source_reads_the_request_attributes_from_the_manifest_not_the_files(phantom_factory, tmp_path, parses):
+    """The intake's scan reads the Request Attributes Sequence: the tags source parses no header."""
+    from medsegagent.node.instructions import tag_request
+
+    study_dir = tmp_path / "spool" / "1.2.3"
+    files = _study_with_request_attributes(phantom_factory, study_dir, "CT ABDOMEN - LIVER AND SPLEEN")
+    parses.clear()
+    manifest = load_manifest(study_dir)
+    assert manifest.keys.request_attributes_procedure == "CT ABDOMEN - LIVER AND SPLEEN"
+    assert manifest.request_attribute_files == ()
+    assert tag_request(study_dir, manifest=manifest) == "CT ABDOMEN - LIVER AND SPLEEN"
+    assert sum(parses.values()) == 0
+    # A journal written before the scan read the sequence flags the file: the tags source parses it then.
+    lines = []
+    for path in files:
+        facts = {**asdict(scan_file(path)), "has_request_attributes": True}
+        del facts["request_attributes_procedure"]
+        lines.append(json.dumps({"file": path.relative_to(study_dir).as_posix(), "facts": facts}) + "\n")
+    (study_dir / MANIFEST).unlink()
+    (study_dir / JOURNAL).write_text("".join(lines))
+    flagged = load_manifest(study_dir)
+    assert len(flagged.request_attribute_files) == 3 and not flagged.keys.request_attributes_procedure
+    parses.clear()
+    assert tag_request(study_dir, manifest=flagged) == "CT ABDOMEN - LIVER AND SPLEEN"
+    assert sum(parses.values()) == 1  # the first file names the procedure: the others are not parsed

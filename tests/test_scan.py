@@ -290,3 +290,64 @@ def test_geometry_character_set_and_modality_are_read_as_sent():
     assert facts.image_orientation is None and facts.bits_stored is None
     with pytest.raises(DataSetScanError, match="Pixel Spacing 'one' is not a decimal string"):
         scan_instance(_element(0x0028, 0x0030, b"DS", b"one "), ExplicitVRLittleEndian)
+
+
+def _with_request_attributes(procedures: list[str], *, undefined: bool) -> Dataset:
+    """A CT header whose Request Attributes Sequence has one item per procedure text ("" leaves it out)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    items = []
+    for text in procedures:
+        item = Dataset()
+        item.RequestedProcedureID = "RP1"
+        if text:
+            item.RequestedProcedureDescription = text
+        item.ScheduledProcedureStepID = "SPS1"
+        item.is_undefined_length_sequence_item = undefined
+        items.append(item)
+    ds.RequestAttributesSequence = Sequence(items)
+    ds["RequestAttributesSequence"].is_undefined_length = undefined
+    ds.Modality = "CT"
+    return ds
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined lengths", "undefined lengths"])
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_requested_procedure_is_read_inside_the_request_attributes(syntax, undefined):
+    """The first item that names a procedure gives it, decoded as pydicom decodes it; no file is parsed later."""
+    ds = _with_request_attributes(["", "CT ABD/PEL - Leber und Milz \u00fcberpr\u00fcfen"], undefined=undefined)
+    facts = scan_instance(_encoded(ds, syntax), syntax)
+    reference = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_part10(_encoded(ds, syntax), syntax)), force=True)
+    assert facts.request_attributes_procedure == reference.RequestAttributesSequence[1].RequestedProcedureDescription
+    assert not facts.has_request_attributes  # read by the scan: nothing left for the tags source to parse
+    assert facts.modality == "CT"  # the walk goes on after the sequence
+
+
+def test_request_attributes_without_a_procedure_and_without_the_sequence():
+    none_named = scan_instance(_encoded(_with_request_attributes(["", ""], undefined=True), ExplicitVRLittleEndian),
+                               ExplicitVRLittleEndian)  # fmt: skip
+    assert none_named.request_attributes_procedure is None and not none_named.has_request_attributes
+    plain = _with_request_attributes([], undefined=False)
+    del plain.RequestAttributesSequence
+    facts = scan_instance(_encoded(plain, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    assert facts.request_attributes_procedure is None and not facts.has_request_attributes
+
+
+@pytest.mark.parametrize("inside", ["implicit", "explicit"])
+def test_a_request_attributes_sequence_in_un_is_read_or_left_to_pydicom(inside):
+    """A UN-encoded sequence: Explicit VR items are read; Implicit VR ones are flagged for the tags source."""
+    text = b"LIVER VOL "
+    element = (struct.pack("<HHL", 0x0032, 0x1060, len(text)) if inside == "implicit"
+               else struct.pack("<HH2sH", 0x0032, 0x1060, b"LO", len(text))) + text  # fmt: skip
+    un = (struct.pack("<HH2sHL", 0x0040, 0x0275, b"UN", 0, 0xFFFFFFFF)
+          + struct.pack("<HHL", 0xFFFE, 0xE000, len(element)) + element
+          + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))  # fmt: skip
+    data = _element(0x0008, 0x0018, b"UI", b"1.2.3.4\x00") + un + _element(0x0008, 0x0060, b"CS", b"CT")
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    assert facts.modality == "CT"  # not refused, and the walk went on
+    expected = (None, True) if inside == "implicit" else ("LIVER VOL", False)
+    assert (facts.request_attributes_procedure, facts.has_request_attributes) == expected
