@@ -876,6 +876,28 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
             r for t in header.targets for tok in t.concept.core for r in vocab.organ_regions.get(tok, ())
         ]
         low = detect_modality(text[head.end() :])[1]
+    else:
+        head = None
+    low = _expand_shorthand(low, protected)
+    regions: list[str] = list(header_regions)
+    notes: list[str] = []
+    targets = _segment_targets(_split_segments(low), vocab, regions, notes)
+    targets = _apply_list_rules(targets, low, text, header_targets if head else None)
+    # Several mentions of one concept are one target.
+    unique: list[ParsedTarget] = []
+    seen: set[tuple] = set()
+    for t in targets:
+        key = (t.concept, t.negated, t.group, t.unknown)
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return ParsedRequest(
+        text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
+    )
+
+
+def _expand_shorthand(low: str, protected: Collection[str]) -> str:
+    """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
     # Spelled out, "head and neck" is one region, not a list of two items.
@@ -887,8 +909,6 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
-    regions: list[str] = list(header_regions)
-    notes: list[str] = []
     # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
     low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
@@ -899,6 +919,11 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         if phrase in low:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
             low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
+    return low
+
+
+def _split_segments(low: str) -> list[tuple[str, bool]]:
+    """List items in order, each with whether it lies in an exclusion."""
     neg = _NEGATION.search(low)
     if neg:
         low = low[: neg.start()] + " \x00 " + low[neg.end() :]  # \x00 marks where the exclusion starts
@@ -918,7 +943,13 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
-    raw_segments = _rejoin_regions(raw_segments)
+    return _rejoin_regions(raw_segments)
+
+
+def _segment_targets(
+    raw_segments: list[tuple[str, bool]], vocab: Vocabulary, regions: list[str], notes: list[str]
+) -> list[ParsedTarget]:
+    """One target per segment; modifier-only segments take the head noun of a neighbour."""
     targets: list[ParsedTarget] = []
     pending: list[ParsedTarget] = []  # modifier-only segments waiting for a head noun
     for seg_text, neg_flag in raw_segments:
@@ -942,6 +973,13 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
                     targets.append(_borrow_head(p, head))
             pending = []
         targets.append(target)
+    return _trailing_modifiers(targets, pending, notes)
+
+
+def _trailing_modifiers(
+    targets: list[ParsedTarget], pending: list[ParsedTarget], notes: list[str]
+) -> list[ParsedTarget]:
+    """Modifiers left at the end of the list qualify the head before them."""
     if pending and targets:
         # Trailing modifiers qualify the previous head: "ribs, left side" is the left ribs,
         # "kidney, left and right" both kidneys; an exclusion ("ribs except the 12th") adds.
@@ -958,6 +996,16 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
                 targets.append(_borrow_head(p, ParsedTarget("vertebra", Concept(("vertebra",)))))
             else:
                 notes.append(f"'{p.text}' names no structure")
+    return targets
+
+
+def _apply_list_rules(
+    targets: list[ParsedTarget], low: str, text: str, header_targets: list[ParsedTarget] | None
+) -> list[ParsedTarget]:
+    """Rules over the whole list: headers, sides that close or open a list, lesion heads.
+
+    ``header_targets`` are the targets a worklist header names (None without a header).
+    """
     if any(t.group is None for t in targets):
         # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header.
         targets = [t for t in targets if t.group not in ("organs", "oars")]
@@ -970,25 +1018,15 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
             for t in targets
         ]
     targets = _both_sides_named(_spread_leading_side(_other_side_remains(_share_qualifiers(targets))))
-    organs = [t for t in header_targets if not set(t.concept.core) & LESION_TOKENS]
-    if head and len(organs) == 1:
+    organs = [t for t in header_targets or () if not set(t.concept.core) & LESION_TOKENS]
+    if header_targets is not None and len(organs) == 1:
         # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ.
         targets = _inherit_lesion_organ(organs + targets)[1:]
     targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
-    if head and header_targets and not any(t.concept.core for t in targets):
+    if header_targets and not any(t.concept.core for t in targets):
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ.
         targets = header_targets
-    # Several mentions of one concept are one target.
-    unique: list[ParsedTarget] = []
-    seen: set[tuple] = set()
-    for t in targets:
-        key = (t.concept, t.negated, t.group, t.unknown)
-        if key not in seen:
-            seen.add(key)
-            unique.append(t)
-    return ParsedRequest(
-        text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
-    )
+    return targets
 
 
 def _expand_level_range(m: re.Match[str]) -> str:
@@ -1045,97 +1083,24 @@ def _parse_segment(
         for w in purpose:
             for tok in vocab.canonical_tokens([w])[0]:
                 regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
-    laterality: str | None = None
-    index: set[str] = set()
-    group: str | None = None
-    rest: list[str] = []
-    level_context = any(w in _LEVEL_CONTEXT for w in words)
-    rib_context = any(w in ("rib", "ribs") for w in words)
-    levels: set[str] = set()
-    numbers: set[int] = set()
-    segments: list[str] = []
-    i = 0
-    while i < len(words):
-        w = words[i]
-        if w in _SEGMENT_LEVELS and level_context:
-            segments.append(w)  # "lumbar vertebrae", "fifth lumbar vertebra"
-            i += 1
-            continue
-        if rib_context and w in _RIB_CLASSES:
-            numbers.update(_RIB_CLASSES[w])  # "false ribs" = 8-12
-            i += 1
-            continue
-        # Region phrases ("head and neck", "whole body") -> region hints.
-        matched = False
-        for phrase in _REGION_PHRASES:
-            n = len(phrase.split())
-            if words[i : i + n] == phrase.split():
-                structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of")
-                # "femoral head", "head of pancreas": a part of a structure, not the body region.
-                part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
-                if phrase in ("spine", "breast") or structure_follows or part_of:
-                    break  # a structure itself ("the spine", "pelvic bones")
-                regions.extend(REGION_WORDS[phrase])
-                i += n
-                if phrase in ("head and neck", "hn", "h n") and i < len(words) and words[i] in _HNC_WORDS:
-                    rest.append("hnc")  # "head and neck cancer" is a disease, the primary tumour
-                    i += 1
-                matched = True
-                break
-        if matched:
-            continue
-        m = _LEVEL.match(w)
-        nm = re.match(r"^n(\d{1,2})$", w)
-        if m and (m.group(1).upper() + str(int(m.group(2)))) in SPINE_LEVELS:
-            levels.add(m.group(1).upper() + str(int(m.group(2))))
-        elif re.match(r"^th(\d{1,2})$", w) and 1 <= int(w[2:]) <= 12:
-            levels.add(f"T{int(w[2:])}")  # German-style "Th12"
-        elif m:
-            rest.append(w)
-        elif nm:
-            numbers.add(int(nm.group(1)))
-        elif w in _ORDINALS:
-            numbers.add(_ORDINALS[w])
-        elif _NUMBER.match(w) and (w.isdigit() or w[-2:] in ("st", "nd", "rd", "th")):
-            n = int(_NUMBER.match(w).group(1))
-            if 1 <= n <= 30:
-                numbers.add(n)
-        elif w == "b" and i + 1 < len(words) and words[i + 1] == "l":
-            laterality = "bilateral"
-            i += 1
-        elif w in _LATERAL:
-            lat = _LATERAL[w]
-            laterality = lat if laterality in (None, lat) else "bilateral"
-        elif w in ("all", "every", "entire", "whole"):
-            pass
-        else:
-            rest.append(w)
-        i += 1
-    if levels:
-        index.update(levels)  # explicit levels beat "lumbar" etc.
-    elif segments and numbers:
-        for seg_word in segments:
-            letter = _SEGMENT_LEVELS[seg_word][0][0]
-            index.update(f"{letter}{n}" for n in numbers if f"{letter}{n}" in SPINE_LEVELS)
-    elif segments:
-        for seg_word in segments:
-            index.update(_SEGMENT_LEVELS[seg_word])
-    elif numbers:
-        index.update(str(n) for n in numbers)
-    composite = any(w in _COMPOSITE_WORDS for w in rest)
-    tokens, unknown = vocab.canonical_tokens(rest, fix_spelling=not label_form, keep_unknown=label_form)
+    read = _read_words(words, regions)
+    composite = any(w in _COMPOSITE_WORDS for w in read.rest)
+    tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)
     if composite and tokens:
         tokens.append(COMPOSITE)
+    laterality = read.laterality
     # A lateral lung-lobe abbreviation ("RML") carries its own side.
     for side in ("left", "right"):
         if side in tokens:
             tokens = [t for t in tokens if t != side]
             laterality = side if laterality in (None, side) else "bilateral"
+    index = read.index()
     if index and all(i in SPINE_LEVELS for i in index) and not tokens:
         tokens = ["vertebra"]
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]
     core = _finish_core(tokens)
+    group: str | None = None
     if "oar" in core or "organ" in core:
         # Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors).
         group = "oars" if "oar" in core else "organs"
@@ -1150,6 +1115,102 @@ def _parse_segment(
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+@dataclass
+class _SegmentWords:
+    """What one segment's words say besides its structure words (``rest``)."""
+
+    rest: list[str] = field(default_factory=list)
+    laterality: str | None = None
+    levels: set[str] = field(default_factory=set)
+    numbers: set[int] = field(default_factory=set)
+    segments: list[str] = field(default_factory=list)
+
+    def index(self) -> set[str]:
+        """Indices of the segment: explicit levels beat "lumbar" etc., which beat bare numbers."""
+        if self.levels:
+            return set(self.levels)
+        if self.segments and self.numbers:
+            out: set[str] = set()
+            for seg_word in self.segments:
+                letter = _SEGMENT_LEVELS[seg_word][0][0]
+                out.update(f"{letter}{n}" for n in self.numbers if f"{letter}{n}" in SPINE_LEVELS)
+            return out
+        if self.segments:
+            return {level for seg_word in self.segments for level in _SEGMENT_LEVELS[seg_word]}
+        return {str(n) for n in self.numbers}
+
+
+def _read_words(words: list[str], regions: list[str]) -> _SegmentWords:
+    """Sort a segment's words into sides, levels, numbers, region hints and the rest."""
+    out = _SegmentWords()
+    level_context = any(w in _LEVEL_CONTEXT for w in words)
+    rib_context = any(w in ("rib", "ribs") for w in words)
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in _SEGMENT_LEVELS and level_context:
+            out.segments.append(w)  # "lumbar vertebrae", "fifth lumbar vertebra"
+            i += 1
+            continue
+        if rib_context and w in _RIB_CLASSES:
+            out.numbers.update(_RIB_CLASSES[w])  # "false ribs" = 8-12
+            i += 1
+            continue
+        consumed = _region_phrase(words, i, out.rest, regions)
+        if consumed:
+            i += consumed
+            continue
+        m = _LEVEL.match(w)
+        nm = re.match(r"^n(\d{1,2})$", w)
+        if m and (m.group(1).upper() + str(int(m.group(2)))) in SPINE_LEVELS:
+            out.levels.add(m.group(1).upper() + str(int(m.group(2))))
+        elif re.match(r"^th(\d{1,2})$", w) and 1 <= int(w[2:]) <= 12:
+            out.levels.add(f"T{int(w[2:])}")  # German-style "Th12"
+        elif m:
+            out.rest.append(w)
+        elif nm:
+            out.numbers.add(int(nm.group(1)))
+        elif w in _ORDINALS:
+            out.numbers.add(_ORDINALS[w])
+        elif _NUMBER.match(w) and (w.isdigit() or w[-2:] in ("st", "nd", "rd", "th")):
+            n = int(_NUMBER.match(w).group(1))
+            if 1 <= n <= 30:
+                out.numbers.add(n)
+        elif w == "b" and i + 1 < len(words) and words[i + 1] == "l":
+            out.laterality = "bilateral"
+            i += 1
+        elif w in _LATERAL:
+            lat = _LATERAL[w]
+            out.laterality = lat if out.laterality in (None, lat) else "bilateral"
+        elif w not in ("all", "every", "entire", "whole"):
+            out.rest.append(w)
+        i += 1
+    return out
+
+
+def _region_phrase(words: list[str], i: int, rest: list[str], regions: list[str]) -> int:
+    """Words consumed by a region phrase at ``words[i]`` ("head and neck", "whole body"), else 0.
+
+    The phrase's regions go to ``regions``; "head and neck cancer" also adds the primary
+    tumour ("hnc") to ``rest``.
+    """
+    for phrase in _REGION_PHRASES:
+        n = len(phrase.split())
+        if words[i : i + n] != phrase.split():
+            continue
+        structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of")
+        # "femoral head", "head of pancreas": a part of a structure, not the body region.
+        part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
+        if phrase in ("spine", "breast") or structure_follows or part_of:
+            return 0  # a structure itself ("the spine", "pelvic bones")
+        regions.extend(REGION_WORDS[phrase])
+        if phrase in ("head and neck", "hn", "h n") and i + n < len(words) and words[i + n] in _HNC_WORDS:
+            rest.append("hnc")  # "head and neck cancer" is a disease, the primary tumour
+            return n + 1
+        return n
+    return 0
 
 
 def phrase_target(phrase: str, vocab: Vocabulary | None = None) -> ParsedTarget | None:

@@ -667,25 +667,7 @@ class Router:
         datasets = self.registry.in_collection(collection) if collection else list(self.registry.datasets.values())
         if collection and not datasets:
             raise ValueError(f"no dataset in collection {collection!r} (known: {', '.join(self.registry.collections)})")
-        # Stage 1: modality (coarse).  Never relaxed later.
-        kept: list[Dataset] = []
-        dropped: dict[str, str] = {}
-        for d in datasets:
-            if modality and not admits(d, modality, source):
-                dropped[d.name] = f"does not accept {modality} (accepts {', '.join(d.modalities)})"
-            elif installed_only and not d.installed_models:
-                dropped[d.name] = "no installed model"
-            else:
-                kept.append(d)
-        plan.explain.append(
-            {
-                "stage": "modality",
-                "modality": modality,
-                "source": source,
-                "kept": [d.name for d in kept],
-                "dropped": dropped,
-            }
-        )
+        kept = self._modality_stage(plan, datasets, installed_only)
         kept_names = {d.name for d in kept}
         all_names = {d.name for d in datasets}
         if not parsed.targets:
@@ -693,6 +675,42 @@ class Router:
             if parsed.regions:
                 reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
+        routed = self._route_targets(parsed, kept_names, all_names)
+        _pair_organs_with_lesions(routed, self.vocab)
+        self._collect(plan, routed, parsed, all_names, kept_names)
+        for name in plan.selection:
+            d = self.registry.datasets[name]
+            if not d.installed_models:
+                plan.missing_models.append({"dataset": name, "install_hint": d.install_hint})
+        plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        return plan
+
+    def _modality_stage(self, plan: Plan, datasets: list[Dataset], installed_only: bool) -> list[Dataset]:
+        """Stage 1 (coarse): the datasets that accept the plan's modality; never relaxed later."""
+        kept: list[Dataset] = []
+        dropped: dict[str, str] = {}
+        for d in datasets:
+            if plan.modality and not admits(d, plan.modality, plan.modality_source):
+                dropped[d.name] = f"does not accept {plan.modality} (accepts {', '.join(d.modalities)})"
+            elif installed_only and not d.installed_models:
+                dropped[d.name] = "no installed model"
+            else:
+                kept.append(d)
+        plan.explain.append(
+            {
+                "stage": "modality",
+                "modality": plan.modality,
+                "source": plan.modality_source,
+                "kept": [d.name for d in kept],
+                "dropped": dropped,
+            }
+        )
+        return kept
+
+    def _route_targets(
+        self, parsed: grammar.ParsedRequest, kept_names: set[str], all_names: set[str]
+    ) -> list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]:
+        """Stages 2 and 3 for every parsed target, re-reading targets the grammar split badly."""
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in parsed.targets:
             target, explain = self._route_target(pt, parsed, kept_names)
@@ -711,7 +729,17 @@ class Router:
                     routed.append((sibling, *self._route_target(sibling, parsed, kept_names)))
                     continue
             routed.append((pt, target, explain))
-        _pair_organs_with_lesions(routed, self.vocab)
+        return routed
+
+    def _collect(
+        self,
+        plan: Plan,
+        routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]],
+        parsed: grammar.ParsedRequest,
+        all_names: set[str],
+        kept_names: set[str],
+    ) -> None:
+        """Fill the plan's targets, exclusions, unmatched targets and selection from the routed targets."""
         # "all ribs except the 12th": excluded targets remove their values from the others.
         removal: dict[str, set[int]] = defaultdict(set)
         for pt, target, _ in routed:
@@ -727,7 +755,7 @@ class Router:
                 plan.excluded.append(target)
                 continue
             if not any(c.selected for c in target.candidates):
-                kind, reason = self._why_unmatched(pt, parsed, all_names, kept_names, modality, collection)
+                kind, reason = self._why_unmatched(pt, parsed, all_names, kept_names, plan.modality, plan.collection)
                 plan.unmatched.append(Unmatched(pt.text, kind, reason))
             for c in target.candidates:
                 if c.selected and removal.get(c.dataset):
@@ -741,12 +769,6 @@ class Router:
         for name in sorted(selection):
             if selection[name]:
                 plan.selection[name] = sorted(selection[name])
-        for name in plan.selection:
-            d = self.registry.datasets[name]
-            if not d.installed_models:
-                plan.missing_models.append({"dataset": name, "install_hint": d.install_hint})
-        plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        return plan
 
     def _apply_exclusion(self, c: Candidate, removed: set[int]) -> None:
         labels = self.registry.datasets[c.dataset].labels
