@@ -20,19 +20,36 @@ Examples
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 if TYPE_CHECKING:  # pragma: no cover
     import highdicom
@@ -100,9 +117,10 @@ REGIONS: frozenset[str] = frozenset(
     }
 )
 
-_ORIENTATIONS = frozenset({"RAS", "LPS", "native"})
+_Orientation = Literal["RAS", "LPS", "native"]
+_IntensityKind = Literal["ct_window", "zscore", "zscore_nonzero", "minmax", "none"]
 #: Intensity normalisations a model reference may ask for (``backends.normalise_intensity`` applies them).
-INTENSITY_KINDS: tuple[str, ...] = ("ct_window", "zscore", "zscore_nonzero", "minmax", "none")
+INTENSITY_KINDS: tuple[str, ...] = typing.get_args(_IntensityKind)
 _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -955,28 +973,47 @@ def _read(path: Path) -> tuple[Registry, list[str], tuple[tuple[str, int, int], 
             raise RegistryError(path, [f"cannot read {included}: {exc.strerror or exc}"]) from None
         files.append((included, *_yaml(included)))
     digest = hashlib.sha256()
-    datasets: dict[str, Dataset] = {}
+    # Relative model locations are relative to the real file (the packaged registry is a symlink).
+    base_dir = path.resolve().parent
+    per_file: list[tuple[str, dict[str, Dataset]]] = []
     errors: list[str] = []
-    # One validator: model names are unique over every file.  Relative model
-    # locations are relative to the real file (the packaged registry is a symlink).
-    v = _Validator(path.resolve().parent)
     for i, (f, raw, d) in enumerate(files):
         digest.update(raw)
-        v.errors = []
-        v.top_keys = _TOP_KEYS | ({"include"} if i == 0 else set())
-        for name, dataset in v.document(d).items():
-            if name in datasets:
-                v.err(f"datasets.{name}", "dataset already defined in another registry file")
-            datasets[name] = dataset
-        label = "" if i == 0 else f"{f.name}: "
-        errors += [label + e for e in v.errors]
-    if errors:
-        raise RegistryError(path, errors)
+        prefix = "" if i == 0 else f"{f.name}: "
+        try:
+            per_file.append((prefix, _validate(RegistryDocument if i == 0 else IncludedDocument, d, base_dir)))
+        except _Invalid as exc:
+            errors += [prefix + e for e in exc.problems]
+    datasets, clashes = _merge(per_file)
+    if errors or clashes:
+        raise RegistryError(path, errors + clashes)
     registry = Registry(path=path, content_hash=digest.hexdigest(), datasets=datasets, schema_version=SCHEMA_VERSION)
     return registry, patterns, tuple(stamps)
 
 
-# --------------------------------------------------------------------------- validation
+def _merge(files: list[tuple[str, dict[str, Dataset]]]) -> tuple[dict[str, Dataset], list[str]]:
+    """The datasets of every file, and the names two files (or two datasets) both claim."""
+    datasets: dict[str, Dataset] = {}
+    model_owner: dict[str, str] = {}
+    clashes: list[str] = []
+    for prefix, found in files:
+        for name, dataset in found.items():
+            if name in datasets:
+                clashes.append(f"{prefix}datasets.{name}: dataset already defined in another registry file")
+            datasets[name] = dataset
+            # Model caches and `models install` key on the name: it is unique over every file.
+            for ref in dataset.models:
+                if ref.name in model_owner:
+                    clashes.append(
+                        f"{prefix}datasets.{name}.models[{ref.name}].name: model name {ref.name!r} "
+                        f"already used in dataset {model_owner[ref.name]!r}"
+                    )
+                else:
+                    model_owner[ref.name] = name
+    return datasets, clashes
+
+
+# --------------------------------------------------------------------------- code tables
 
 
 @lru_cache(maxsize=1)
@@ -1010,39 +1047,32 @@ def _category_codes() -> frozenset[tuple[str, str]]:
 
 _LATERALITY_CODES = {"7771000": Laterality.LEFT, "24028007": Laterality.RIGHT, "51440002": Laterality.BILATERAL}
 
-_TOP_KEYS = {"schema_version", "datasets"}
-_DATASET_REQUIRED = {"description", "collections", "modalities", "regions", "labels"}
-_DATASET_KEYS = _DATASET_REQUIRED | {"inputs", "specificity", "models", "install_hint"}
-_LABEL_REQUIRED = {"value", "kind", "category", "type", "color"}
-_LABEL_KEYS = _LABEL_REQUIRED | {"laterality", "synonyms", "type_modifier", "quality", "volume_ml"}
-_MODEL_REQUIRED = {"name", "backend", "location"}
-_MODEL_KEYS = _MODEL_REQUIRED | {
-    "labels",
-    "preprocessing",
-    "quality",
-    "device",
-    "options",
-    "source",
-    "licence",
-    "serves",
-}
-_SOURCE_KEYS = {"kind", "url", "sha256", "files", "package", "pip_args", "homepage"}
-#: pip options a ``pypi`` source may ask for (nothing that changes where pip downloads from).
-_PIP_ARGS = {"--no-deps"}
-_SOURCE_FILE_KEYS = {"path", "url", "md5", "sha256"}
-_LICENCE_KEYS = {"name", "url", "gated"}
-_HEX_RE = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
-_PREPROC_KEYS = {"orientation", "spacing", "size", "intensity"}
-_INTENSITY_KEYS = {"kind", "window"}
-_INPUT_KEYS = {"channel", "modality", "description"}
+
+# --------------------------------------------------------------------------- value checks
+#
+# Each check takes what YAML gives (bools are not numbers, numbers are not
+# strings) and raises a "registry" error whose message shows the bad value;
+# _problem adds where it is.
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _rule(message: str) -> PydanticCustomError:
+    """A broken rule of the registry, worded for the person who edits the file."""
+    return PydanticCustomError("registry", message)
 
 
-def _is_num(x: object) -> bool:
-    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+class _Problems:
+    """Problems one validator finds at several places under the value it checks, each at its own location."""
+
+    def __init__(self) -> None:
+        self._found: list[InitErrorDetails] = []
+
+    def add(self, loc: tuple[str | int, ...], message: str, value: Any) -> None:
+        self._found.append(InitErrorDetails(type=_rule(message), loc=loc, input=value))
+
+    def raise_any(self) -> None:
+        # pydantic keeps the locations of a ValidationError raised inside a validator, under the validator's own.
+        if self._found:
+            raise ValidationError.from_exception_data("registry", self._found)
 
 
 def _kind_of(x: object) -> str:
@@ -1053,604 +1083,661 @@ def _kind_of(x: object) -> str:
     )
 
 
-class _Validator:
-    """Builds the dataclasses while collecting every error."""
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self.errors: list[str] = []
-        self.model_names: dict[str, str] = {}
-        self.top_keys = _TOP_KEYS
 
-    def err(self, where: str, msg: str) -> None:
-        self.errors.append(f"{where}: {msg}")
+def _is_num(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
-    def keys(self, where: str, obj: Mapping[Any, Any], allowed: set[str], required: set[str]) -> None:
-        for k in obj:
-            if k not in allowed:
-                self.err(f"{where}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        for k in sorted(required - set(obj)):
-            self.err(f"{where}.{k}", "missing required field")
 
-    def string(self, where: str, x: object, *, empty: bool = False) -> str | None:
-        if not isinstance(x, str):
-            self.err(where, f"expected a string, got {_kind_of(x)}")
-            return None
-        if not empty and not x.strip():
-            self.err(where, "must not be empty")
-            return None
-        return x
+def _text(value: str) -> str:
+    if not value.strip():
+        raise _rule("must not be empty")
+    return value
 
-    def str_list(self, where: str, x: object, *, nonempty: bool = True) -> list[str]:
-        if not isinstance(x, list):
-            self.err(where, f"expected a list of strings, got {_kind_of(x)}")
-            return []
-        if nonempty and not x:
-            self.err(where, "must not be empty")
-        out = []
-        for i, item in enumerate(x):
-            if not isinstance(item, str):
-                self.err(f"{where}[{i}]", f"expected a string, got {_kind_of(item)}")
-            else:
-                out.append(item)
-        return out
 
-    # ---------------------------------------------------------------- document
-    def document(self, doc: object) -> dict[str, Dataset]:
-        if not isinstance(doc, dict):
-            self.err("<top>", f"expected a mapping with schema_version and datasets, got {_kind_of(doc)}")
-            return {}
-        self.keys("<top>", doc, self.top_keys, _TOP_KEYS)
-        sv = doc.get("schema_version")
-        if "schema_version" in doc and sv != SCHEMA_VERSION:
-            self.err("schema_version", f"unsupported schema version {sv!r} (this loader reads {SCHEMA_VERSION})")
-        raw = doc.get("datasets")
-        if "datasets" in doc and not isinstance(raw, dict):
-            self.err("datasets", f"expected a mapping of dataset name -> entry, got {_kind_of(raw)}")
-            return {}
-        out: dict[str, Dataset] = {}
-        for name, entry in (raw or {}).items():
-            where = f"datasets.{name}"
-            if not isinstance(name, str) or not name.strip():
-                self.err(where, "dataset name must be a non-empty string")
-                continue
-            d = self.dataset(where, name, entry)
-            if d is not None:
-                out[name] = d
-        if isinstance(raw, dict) and not raw:
-            self.err("datasets", "no datasets")
-        return out
+def _some(message: str = "must not be empty") -> AfterValidator:
+    def check(items: Sized) -> Sized:
+        if not items:
+            raise _rule(message)
+        return items
 
-    # ---------------------------------------------------------------- dataset
-    def dataset(self, where: str, name: str, e: object) -> Dataset | None:
-        if not isinstance(e, dict):
-            self.err(where, f"expected a mapping, got {_kind_of(e)}")
-            return None
-        self.keys(where, e, _DATASET_KEYS, _DATASET_REQUIRED)
-        description = self.string(f"{where}.description", e.get("description", ""), empty=True) or ""
+    return AfterValidator(check)
 
-        collections = self.str_list(f"{where}.collections", e.get("collections", []))
-        for i, c in enumerate(collections):
-            if not _COLLECTION_RE.fullmatch(c):
-                self.err(f"{where}.collections[{i}]", f"invalid collection name {c!r}")
 
-        modalities = self.str_list(f"{where}.modalities", e.get("modalities", []))
-        for i, m in enumerate(modalities):
-            if m not in MODALITIES:
-                allowed = ", ".join(sorted(MODALITIES))
-                self.err(f"{where}.modalities[{i}]", f"unknown modality {m!r} (allowed: {allowed})")
-        if len(set(modalities)) != len(modalities):
-            self.err(f"{where}.modalities", "duplicate entries")
+def _distinct(items: list[Any]) -> list[Any]:
+    if len(set(items)) != len(items):
+        raise _rule("duplicate entries")
+    return items
 
-        regions = self.str_list(f"{where}.regions", e.get("regions", []))
-        for i, r in enumerate(regions):
-            if r not in REGIONS:
-                self.err(f"{where}.regions[{i}]", f"unknown region {r!r} (allowed: {', '.join(sorted(REGIONS))})")
-        if len(set(regions)) != len(regions):
-            self.err(f"{where}.regions", "duplicate entries")
 
-        inputs = self.inputs(f"{where}.inputs", e.get("inputs", []))
-
-        specificity = 1.0 / max(1, len(set(regions)))
-        if "specificity" in e:
-            s = e["specificity"]
-            if not _is_num(s) or not 0.0 <= float(s) <= 1.0:
-                self.err(f"{where}.specificity", f"expected a number in 0..1, got {s!r}")
-            else:
-                specificity = float(s)
-
-        labels = self.labels(where, name, e.get("labels"))
-        # models are checked against every label named, valid or not (no cascade of errors)
-        label_names = set(e["labels"]) if isinstance(e.get("labels"), dict) else set()
-
-        models: list[ModelRef] = []
-        raw_models = e.get("models", [])
-        if raw_models is None:
-            raw_models = []
-        if not isinstance(raw_models, list):
-            self.err(f"{where}.models", f"expected a list of model references, got {_kind_of(raw_models)}")
-        else:
-            for i, m in enumerate(raw_models):
-                ref = self.model(f"{where}.models[{i}]", name, m, label_names)
-                if ref is not None:
-                    models.append(ref)
-
-        hint = e.get("install_hint")
-        if hint is not None:
-            hint = self.string(f"{where}.install_hint", hint)
-
-        return Dataset(
-            name=name,
-            description=description,
-            collections=tuple(collections),
-            modalities=tuple(modalities),
-            regions=tuple(regions),
-            labels=labels,
-            inputs=tuple(inputs),
-            specificity=round(specificity, 4),
-            models=tuple(models),
-            install_hint=hint,
-        )
-
-    def inputs(self, where: str, raw: object) -> list[InputChannel]:
-        if raw is None:
-            return []
-        if not isinstance(raw, list):
-            self.err(where, f"expected a list of {{channel, modality}}, got {_kind_of(raw)}")
-            return []
-        out = []
-        for i, item in enumerate(raw):
-            w = f"{where}[{i}]"
-            if not isinstance(item, dict):
-                self.err(w, f"expected a mapping {{channel, modality}}, got {_kind_of(item)}")
-                continue
-            self.keys(w, item, _INPUT_KEYS, {"channel", "modality"})
-            ch = item.get("channel")
-            if "channel" in item and ch != i:
-                self.err(f"{w}.channel", f"expected channel {i} (channels are listed in order from 0), got {ch!r}")
-            mod = item.get("modality")
-            mods = [mod] if isinstance(mod, str) else mod
-            if "modality" in item:
-                if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
-                    self.err(f"{w}.modality", f"expected a modality or a list of modalities, got {mod!r}")
-                    mods = []
-                for m in mods:
-                    if m not in INPUT_MODALITIES:
-                        self.err(
-                            f"{w}.modality",
-                            f"unknown channel modality {m!r} (allowed: {', '.join(sorted(INPUT_MODALITIES))})",
-                        )
-            desc = item.get("description")
-            if desc is not None:
-                desc = self.string(f"{w}.description", desc)
-            out.append(InputChannel(channel=i, modalities=tuple(mods or ()), description=desc))
-        return out
-
-    # ---------------------------------------------------------------- labels
-    def labels(self, where: str, dataset: str, raw: object) -> dict[str, Label]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.err(f"{where}.labels", f"expected a mapping of label name -> entry, got {_kind_of(raw)}")
-            return {}
-        if not raw:
-            self.err(f"{where}.labels", "a dataset needs at least one label")
-        out: dict[str, Label] = {}
-        int_values: dict[int, str] = {}
-        colors: dict[tuple[int, ...], str] = {}
-        for name, e in raw.items():
-            w = f"{where}.labels.{name}"
-            if not isinstance(name, str) or not name.strip():
-                self.err(w, "label name must be a non-empty string")
-                continue
-            lab = self.label(w, dataset, name, e)
-            if lab is None:
-                continue
-            if isinstance(lab.value, int):
-                if lab.value in int_values:
-                    self.err(f"{w}.value", f"value {lab.value} already used by label {int_values[lab.value]!r}")
-                else:
-                    int_values[lab.value] = name
-            if lab.color in colors:
-                self.err(f"{w}.color", f"colour {list(lab.color)} already used by label {colors[lab.color]!r}")
-            else:
-                colors[lab.color] = name
-            out[name] = lab
-        return out
-
-    def value(self, where: str, v: object) -> int | tuple[int, ...] | None:
-        if _is_int(v):
-            if not 1 <= v <= 65535:
-                self.err(where, f"label value must be 1..65535 (0 is background), got {v}")
-                return None
-            return v
-        if isinstance(v, list):
-            if not v:
-                self.err(where, "region label value list must not be empty")
-                return None
-            if not all(_is_int(x) and 1 <= x <= 65535 for x in v):
-                self.err(where, f"region label values must be integers 1..65535, got {v!r}")
-                return None
-            if len(set(v)) != len(v):
-                self.err(where, f"duplicate values in region label {v!r}")
-                return None
-            return tuple(v)
-        self.err(where, f"expected an integer or a list of integers, got {_kind_of(v)}")
-        return None
-
-    def code(self, where: str, c: object, *, category: bool = False) -> Code | None:
-        if not isinstance(c, list) or len(c) != 3:
-            self.err(where, f"expected [scheme, value, meaning], got {c!r}")
-            return None
-        scheme, value, meaning = c
-        if _is_int(value):
-            value = str(value)
-        if not all(isinstance(x, str) and x for x in (scheme, value, meaning)):
-            self.err(where, f"expected [scheme, value, meaning] of non-empty strings, got {c!r}")
-            return None
-        if len(meaning) > 64:
-            self.err(where, f"code meaning {meaning!r} is longer than 64 characters (DICOM LO): choose another concept")
-            return None
-        table = _known_codes().get(scheme)
-        if table is None:
-            self.err(where, f"unknown coding scheme {scheme!r}")
-            return None
-        meanings = table.get(value)
-        if meanings is None:
-            self.err(where, f"code {scheme} {value} is not in pydicom's DICOM code tables")
-            return None
-        if meaning not in meanings:
-            ms = " | ".join(repr(m) for m in sorted(meanings))
-            self.err(where, f"meaning {meaning!r} does not match code {scheme} {value} (expected one of {ms})")
-            return None
-        if category and (scheme, value) not in _category_codes():
-            self.err(where, f"code {scheme} {value} {meaning!r} is not a segmentation property category (CID 7150)")
-            return None
-        return Code(scheme=scheme, value=value, meaning=meaning)
-
-    def label(self, where: str, dataset: str, name: str, e: object) -> Label | None:
-        if not isinstance(e, dict):
-            self.err(where, f"expected a mapping, got {_kind_of(e)}")
-            return None
-        self.keys(where, e, _LABEL_KEYS, _LABEL_REQUIRED)
-        n_err = len(self.errors)
-        value = self.value(f"{where}.value", e["value"]) if "value" in e else None
-
-        kind = None
-        if "kind" in e:
-            try:
-                kind = LabelKind(e["kind"])
-            except ValueError:
-                allowed = ", ".join(k.value for k in LabelKind)
-                self.err(f"{where}.kind", f"unknown kind {e['kind']!r} (allowed: {allowed})")
-
-        laterality = None
-        if e.get("laterality") is not None:
-            try:
-                laterality = Laterality(e["laterality"])
-            except ValueError:
-                self.err(
-                    f"{where}.laterality",
-                    f"unknown laterality {e['laterality']!r} (allowed: left, right, bilateral, null)",
-                )
-
-        synonyms: list[str] = []
-        if e.get("synonyms") is not None:
-            for i, s in enumerate(self.str_list(f"{where}.synonyms", e["synonyms"], nonempty=False)):
-                if s != s.strip().lower() or not s.strip():
-                    self.err(f"{where}.synonyms[{i}]", f"synonyms must be non-empty lower-case text, got {s!r}")
-                elif s in synonyms:
-                    self.err(f"{where}.synonyms[{i}]", f"duplicate synonym {s!r}")
-                else:
-                    synonyms.append(s)
-
-        category = self.code(f"{where}.category", e["category"], category=True) if "category" in e else None
-        type_ = self.code(f"{where}.type", e["type"]) if "type" in e else None
-        modifier = None
-        if e.get("type_modifier") is not None:
-            modifier = self.code(f"{where}.type_modifier", e["type_modifier"])
-            lat_of_mod = _LATERALITY_CODES.get(modifier.value) if modifier else None
-            if lat_of_mod is not None and laterality is not None and lat_of_mod != laterality:
-                self.err(
-                    f"{where}.type_modifier",
-                    f"modifier {modifier.meaning!r} contradicts laterality {laterality.value!r}",
-                )
-
-        color = None
-        if "color" in e:
-            c = e["color"]
-            if not isinstance(c, list) or len(c) != 3 or not all(_is_int(x) and 0 <= x <= 255 for x in c):
-                self.err(f"{where}.color", f"expected [R, G, B] integers 0..255, got {c!r}")
-            else:
-                color = (c[0], c[1], c[2])
-
-        quality = None
-        if e.get("quality") is not None:
-            q = e["quality"]
-            if not _is_num(q) or not 0.0 <= float(q) <= 1.0:
-                self.err(f"{where}.quality", f"expected a Dice in 0..1, got {q!r}")
-            else:
-                quality = float(q)
-
-        volume = None
-        if e.get("volume_ml") is not None:
-            v = e["volume_ml"]
-            if not isinstance(v, list) or len(v) != 2 or not all(_is_num(x) for x in v) or not 0 <= v[0] < v[1]:
-                self.err(f"{where}.volume_ml", f"expected [min, max] ml with 0 <= min < max, got {v!r}")
-            else:
-                volume = (float(v[0]), float(v[1]))
-
-        if len(self.errors) != n_err or None in (value, kind, category, type_, color):
-            return None
-        assert value is not None and kind is not None and category is not None  # for the type checker
-        assert type_ is not None and color is not None
-        return Label(
-            name=name,
-            value=value,
-            kind=kind,
-            category=category,
-            type=type_,
-            color=color,
-            dataset=dataset,
-            laterality=laterality,
-            synonyms=tuple(synonyms),
-            type_modifier=modifier,
-            quality=quality,
-            volume_ml=volume,
-        )
-
-    # ---------------------------------------------------------------- models
-    def model(self, where: str, dataset: str, e: object, labels: set[str]) -> ModelRef | None:
-        if not isinstance(e, dict):
-            self.err(where, f"expected a mapping, got {_kind_of(e)}")
-            return None
-        if isinstance(e.get("name"), str) and e["name"]:
-            where = f"{where.rsplit('.models', 1)[0]}.models[{e['name']}]"
-        self.keys(where, e, _MODEL_KEYS, _MODEL_REQUIRED)
-        n_err = len(self.errors)
-
-        name = self.string(f"{where}.name", e["name"]) if "name" in e else None
-        if name is not None:
-            if not _MODEL_NAME_RE.fullmatch(name):
-                self.err(f"{where}.name", f"invalid model name {name!r} (letters, digits, . _ -)")
-            elif name in self.model_names:
-                self.err(f"{where}.name", f"model name {name!r} already used in dataset {self.model_names[name]!r}")
-            else:
-                self.model_names[name] = dataset
-
-        backend = None
-        if "backend" in e:
-            try:
-                backend = Backend(e["backend"])
-            except ValueError:
-                allowed = ", ".join(b.value for b in Backend)
-                self.err(f"{where}.backend", f"unknown backend {e['backend']!r} (allowed: {allowed})")
-
-        location = self.string(f"{where}.location", e["location"]) if "location" in e else None
-        if location is not None:
-            expanded = os.path.expandvars(os.path.expanduser(location))
-            if not os.path.isabs(expanded):
-                norm = os.path.normpath(expanded)
-                if norm == ".." or norm.startswith(".." + os.sep) or os.path.isabs(norm):
-                    self.err(
-                        f"{where}.location",
-                        f"relative location {location!r} escapes the registry directory (use an absolute path)",
-                    )
-
-        out_labels: dict[str, int | tuple[int, ...]] = {}
-        raw_labels = e.get("labels")
-        if raw_labels is not None:
-            if not isinstance(raw_labels, dict):
-                got = _kind_of(raw_labels)
-                self.err(f"{where}.labels", f"expected a mapping label name -> model output value, got {got}")
-            else:
-                for ln, lv in raw_labels.items():
-                    if ln not in labels:
-                        self.err(f"{where}.labels.{ln}", f"no label {ln!r} in dataset {dataset!r}")
-                        continue
-                    v = self.value(f"{where}.labels.{ln}", lv)
-                    if v is not None:
-                        out_labels[ln] = v
-
-        quality: dict[str, float] = {}
-        raw_q = e.get("quality")
-        if raw_q is not None:
-            if not isinstance(raw_q, dict):
-                self.err(f"{where}.quality", f"expected a mapping label name -> Dice, got {_kind_of(raw_q)}")
-            else:
-                for ln, q in raw_q.items():
-                    if ln not in labels:
-                        self.err(f"{where}.quality.{ln}", f"no label {ln!r} in dataset {dataset!r}")
-                    elif not _is_num(q) or not 0.0 <= float(q) <= 1.0:
-                        self.err(f"{where}.quality.{ln}", f"expected a Dice in 0..1, got {q!r}")
-                    else:
-                        quality[ln] = float(q)
-
-        pre = None
-        if e.get("preprocessing") is not None:
-            pre = self.preprocessing(f"{where}.preprocessing", e["preprocessing"])
-
-        device = e.get("device", "auto")
-        if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
-            self.err(f"{where}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
-
-        options = e.get("options") or {}
-        if not isinstance(options, dict):
-            self.err(f"{where}.options", f"expected a mapping, got {_kind_of(options)}")
-
-        source = self.source(f"{where}.source", e["source"]) if e.get("source") is not None else None
-        licence = self.licence(f"{where}.licence", e["licence"]) if e.get("licence") is not None else None
-        serves = self.str_list(f"{where}.serves", e["serves"]) if e.get("serves") is not None else []
-        for unknown in sorted(set(serves) - labels):
-            self.err(f"{where}.serves", f"no label {unknown!r} in dataset {dataset!r}")
-        weights = options.get("weights") if isinstance(options, dict) else None
-        # TotalSegmentator names its task's result folders; a MONAI bundle names one file in models/.
-        if (
-            backend is Backend.TOTALSEGMENTATOR
-            and weights is not None
-            and not (
-                isinstance(weights, list)
-                and weights
-                and all(isinstance(w, str) and w and ".." not in w for w in weights)
-            )
-        ):
-            self.err(f"{where}.options.weights", f"expected a list of folder names, got {weights!r}")
-
-        if len(self.errors) != n_err or None in (name, backend, location):
-            return None
-        assert name is not None and backend is not None and location is not None
-        return ModelRef(
-            name=name,
-            backend=backend,
-            location=location,
-            dataset=dataset,
-            base_dir=self.base_dir,
-            labels=out_labels,
-            preprocessing=pre,
-            quality=quality,
-            device=device,
-            options=dict(options),
-            source=source,
-            licence=licence,
-            serves=tuple(serves),
-        )
-
-    def source(self, where: str, e: object) -> ModelSource | None:
-        if not isinstance(e, dict):
-            self.err(where, f"expected a mapping {{kind, ...}}, got {_kind_of(e)}")
-            return None
-        self.keys(where, e, _SOURCE_KEYS, {"kind"})
-        n_err = len(self.errors)
-        kind = None
-        if "kind" in e:
-            try:
-                kind = SourceKind(e["kind"])
-            except ValueError:
-                allowed = ", ".join(k.value for k in SourceKind)
-                self.err(f"{where}.kind", f"unknown source kind {e['kind']!r} (allowed: {allowed})")
-        texts = {k: self.string(f"{where}.{k}", e[k]) for k in ("url", "package", "homepage") if e.get(k) is not None}
-        sha = self.digest(f"{where}.sha256", e.get("sha256"), "sha256")
-        files: list[SourceFile] = []
-        raw_files = e.get("files") or []
-        if not isinstance(raw_files, list):
-            self.err(f"{where}.files", f"expected a list of {{path, url, md5|sha256}}, got {_kind_of(raw_files)}")
-            raw_files = []
-        for i, f in enumerate(raw_files):
-            w = f"{where}.files[{i}]"
-            if not isinstance(f, dict):
-                self.err(w, f"expected a mapping {{path, url, md5|sha256}}, got {_kind_of(f)}")
-                continue
-            self.keys(w, f, _SOURCE_FILE_KEYS, {"path", "url"})
-            path, url = self.string(f"{w}.path", f.get("path")), self.string(f"{w}.url", f.get("url"))
-            if path is not None and (os.path.isabs(path) or ".." in Path(path).parts):
-                self.err(f"{w}.path", f"must be a relative path inside the model folder, got {path!r}")
-                path = None
-            md5 = self.digest(f"{w}.md5", f.get("md5"), "md5")
-            sha_f = self.digest(f"{w}.sha256", f.get("sha256"), "sha256")
-            if path is not None and url is not None:
-                files.append(SourceFile(path=path, url=url, md5=md5, sha256=sha_f))
-        if kind is SourceKind.URL and not files:
-            self.err(f"{where}.files", "a url source needs at least one file")
-        if kind is SourceKind.MONAI_BUNDLE and "url" not in texts:
-            self.err(f"{where}.url", "a monai_bundle source needs the url of the bundle archive")
-        if kind is SourceKind.PYPI and "package" not in texts:
-            self.err(f"{where}.package", "a pypi source needs the package requirement (for example name==1.0)")
-        pip_args = self.str_list(f"{where}.pip_args", e.get("pip_args") or [], nonempty=False)
-        for arg in pip_args:
-            if arg not in _PIP_ARGS:
-                self.err(f"{where}.pip_args", f"pip option {arg!r} is not allowed (allowed: {', '.join(_PIP_ARGS)})")
-        if len(self.errors) != n_err or kind is None:
-            return None
-        return ModelSource(
-            kind=kind,
-            url=texts.get("url"),
-            sha256=sha,
-            files=tuple(files),
-            package=texts.get("package"),
-            pip_args=tuple(pip_args),
-            homepage=texts.get("homepage"),
-        )
-
-    def digest(self, where: str, value: object, algorithm: str) -> str | None:
-        if value is None:
-            return None
-        if not isinstance(value, str) or not _HEX_RE[algorithm].fullmatch(value):
-            self.err(where, f"expected a lower-case hex {algorithm} digest, got {value!r}")
-            return None
+def _member(allowed: frozenset[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise _rule(f"unknown {what} {value!r} (allowed: {', '.join(sorted(allowed))})")
         return value
 
-    def licence(self, where: str, e: object) -> Licence | None:
-        if isinstance(e, str):
-            e = {"name": e}
-        if not isinstance(e, dict):
-            self.err(where, f"expected a licence name or a mapping {{name, url, gated}}, got {_kind_of(e)}")
-            return None
-        self.keys(where, e, _LICENCE_KEYS, {"name"})
-        name = self.string(f"{where}.name", e.get("name")) if "name" in e else None
-        url = self.string(f"{where}.url", e["url"]) if e.get("url") is not None else None
-        gated = e.get("gated", False)
-        if not isinstance(gated, bool):
-            self.err(f"{where}.gated", f"expected true or false, got {gated!r}")
-            return None
-        if gated and url is None:
-            self.err(f"{where}.url", "a gated licence needs the url where a licence is obtained")
-            return None
-        return Licence(name=name, url=url, gated=gated) if name else None
+    return AfterValidator(check)
 
-    def preprocessing(self, where: str, p: object) -> Preprocessing | None:
-        if not isinstance(p, dict):
-            self.err(where, f"expected a mapping, got {_kind_of(p)}")
-            return None
-        self.keys(where, p, _PREPROC_KEYS, set())
-        orientation = p.get("orientation", "native")
-        if orientation not in _ORIENTATIONS:
-            self.err(f"{where}.orientation", f"expected RAS, LPS or native, got {orientation!r}")
-        spacing = p.get("spacing")
-        if spacing is not None and (
-            not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_num(x) and x > 0 for x in spacing)
-        ):
-            self.err(f"{where}.spacing", f"expected null or 3 positive numbers (mm), got {spacing!r}")
-            spacing = None
-        size = p.get("size")
-        if size is not None and (
-            not isinstance(size, list) or len(size) != 3 or not all(_is_int(x) and x > 0 for x in size)
-        ):
-            self.err(f"{where}.size", f"expected null or 3 positive integers, got {size!r}")
-            size = None
-        intensity = Intensity()
-        raw_i = p.get("intensity")
-        if raw_i is not None:
-            if not isinstance(raw_i, dict):
-                self.err(f"{where}.intensity", f"expected a mapping {{kind, window}}, got {_kind_of(raw_i)}")
-            else:
-                self.keys(f"{where}.intensity", raw_i, _INTENSITY_KEYS, {"kind"})
-                kind = raw_i.get("kind", "none")
-                if kind not in INTENSITY_KINDS:
-                    self.err(
-                        f"{where}.intensity.kind",
-                        f"unknown intensity kind {kind!r} (allowed: {', '.join(sorted(INTENSITY_KINDS))})",
-                    )
-                window = raw_i.get("window")
-                if kind == "ct_window" and window is None:
-                    self.err(f"{where}.intensity.window", "ct_window needs window: [low, high]")
-                if window is not None:
-                    if (
-                        not isinstance(window, list)
-                        or len(window) != 2
-                        or not all(_is_num(x) for x in window)
-                        or not (window[0] < window[1])
-                    ):
-                        self.err(f"{where}.intensity.window", f"expected [low, high] with low < high, got {window!r}")
-                        window = None
-                    elif kind != "ct_window":
-                        self.err(f"{where}.intensity.window", f"window is only used with kind ct_window, not {kind!r}")
-                intensity = Intensity(
-                    kind=kind if isinstance(kind, str) else "none",
-                    window=(float(window[0]), float(window[1])) if window else None,
-                )
-        return Preprocessing(
-            orientation=orientation if isinstance(orientation, str) else "native",
-            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])) if spacing else None,
-            size=(size[0], size[1], size[2]) if size else None,
-            intensity=intensity,
+
+def _pattern(regex: re.Pattern[str], what: str, hint: str = "") -> AfterValidator:
+    def check(value: str) -> str:
+        if not regex.fullmatch(value):
+            raise _rule(f"invalid {what} {value!r}{hint}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _schema_version(value: Any) -> int:
+    if not _is_int(value) or value != SCHEMA_VERSION:
+        raise _rule(f"unsupported schema version {value!r} (this loader reads {SCHEMA_VERSION})")
+    return value
+
+
+def _name_key(what: str) -> BeforeValidator:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _rule(f"{what} name must be a non-empty string")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _unit(what: str) -> BeforeValidator:
+    def check(value: Any) -> float:
+        if not _is_num(value) or not 0.0 <= value <= 1.0:
+            raise _rule(f"expected {what} in 0..1, got {value!r}")
+        return float(value)
+
+    return BeforeValidator(check)
+
+
+def _label_value(v: Any) -> int | tuple[int, ...]:
+    if _is_int(v):
+        if not 1 <= v <= 65535:
+            raise _rule(f"label value must be 1..65535 (0 is background), got {v}")
+        return int(v)
+    if not isinstance(v, list):
+        raise _rule(f"expected an integer or a list of integers, got {_kind_of(v)}")
+    if not v:
+        raise _rule("region label value list must not be empty")
+    if not all(_is_int(x) and 1 <= x <= 65535 for x in v):
+        raise _rule(f"region label values must be integers 1..65535, got {v!r}")
+    if len(set(v)) != len(v):
+        raise _rule(f"duplicate values in region label {v!r}")
+    return tuple(v)
+
+
+def _code(c: Any) -> tuple[str, str, str]:
+    """``[scheme, value, meaning]`` as found, value and meaning, in pydicom's DICOM code tables."""
+    if not isinstance(c, list) or len(c) != 3:
+        raise _rule(f"expected [scheme, value, meaning], got {c!r}")
+    scheme, value, meaning = c
+    value = str(value) if _is_int(value) else value  # YAML reads an unquoted code value as a number
+    if not all(isinstance(x, str) and x for x in (scheme, value, meaning)):
+        raise _rule(f"expected [scheme, value, meaning] of non-empty strings, got {c!r}")
+    if len(meaning) > 64:
+        raise _rule(f"code meaning {meaning!r} is longer than 64 characters (DICOM LO): choose another concept")
+    table = _known_codes().get(scheme)
+    if table is None:
+        raise _rule(f"unknown coding scheme {scheme!r}")
+    meanings = table.get(value)
+    if meanings is None:
+        raise _rule(f"code {scheme} {value} is not in pydicom's DICOM code tables")
+    if meaning not in meanings:
+        ms = " | ".join(repr(m) for m in sorted(meanings))
+        raise _rule(f"meaning {meaning!r} does not match code {scheme} {value} (expected one of {ms})")
+    return scheme, value, meaning
+
+
+def _category(code: tuple[str, str, str]) -> tuple[str, str, str]:
+    if code[:2] not in _category_codes():
+        raise _rule(f"code {code[0]} {code[1]} {code[2]!r} is not a segmentation property category (CID 7150)")
+    return code
+
+
+def _synonym(s: str) -> str:
+    if s != s.strip().lower() or not s.strip():
+        raise _rule(f"synonyms must be non-empty lower-case text, got {s!r}")
+    return s
+
+
+def _channel_modalities(mod: Any) -> list[str]:
+    mods = [mod] if isinstance(mod, str) else mod
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+        raise _rule(f"expected a modality or a list of modalities, got {mod!r}")
+    for m in mods:
+        if m not in INPUT_MODALITIES:
+            raise _rule(f"unknown channel modality {m!r} (allowed: {', '.join(sorted(INPUT_MODALITIES))})")
+    return mods
+
+
+def _shaped(expected: str, ok: Callable[[list[Any]], bool]) -> BeforeValidator:
+    """A YAML list of numbers that ``ok`` accepts; null passes (the field's default)."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not (isinstance(value, list) and ok(value)):
+            raise _rule(f"expected {expected}, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or not _DEVICE_RE.fullmatch(value):
+        raise _rule(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+def _location(location: str) -> str:
+    expanded = os.path.expandvars(os.path.expanduser(location))
+    if not os.path.isabs(expanded):
+        norm = os.path.normpath(expanded)
+        if norm == ".." or norm.startswith(".." + os.sep) or os.path.isabs(norm):
+            raise _rule(f"relative location {location!r} escapes the registry directory (use an absolute path)")
+    return location
+
+
+def _inside_folder(path: str) -> str:
+    if os.path.isabs(path) or ".." in Path(path).parts:
+        raise _rule(f"must be a relative path inside the model folder, got {path!r}")
+    return path
+
+
+def _digest(algorithm: str, regex: str) -> BeforeValidator:
+    def check(value: Any) -> str | None:
+        if value is not None and not (isinstance(value, str) and re.fullmatch(regex, value)):
+            raise _rule(f"expected a lower-case hex {algorithm} digest, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _folder_names(weights: object) -> bool:
+    return (
+        isinstance(weights, list) and bool(weights) and all(isinstance(w, str) and w and ".." not in w for w in weights)
+    )
+
+
+def _pip_arg(arg: str) -> str:
+    if arg not in _PIP_ARGS:
+        raise _rule(f"pip option {arg!r} is not allowed (allowed: {', '.join(sorted(_PIP_ARGS))})")
+    return arg
+
+
+def _licence_name(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"name": value}  # ``licence: MIT`` is short for ``licence: {name: MIT}``
+    if value is not None and not isinstance(value, dict):
+        raise _rule(f"expected a licence name or a mapping {{name, url, gated}}, got {_kind_of(value)}")
+    return value
+
+
+#: pip options a ``pypi`` source may ask for (nothing that changes where pip downloads from).
+_PIP_ARGS = frozenset({"--no-deps"})
+
+Text = Annotated[StrictStr, AfterValidator(_text)]
+Modality = Annotated[StrictStr, _member(MODALITIES, "modality")]
+Region = Annotated[StrictStr, _member(REGIONS, "region")]
+Collection = Annotated[StrictStr, _pattern(_COLLECTION_RE, "collection name")]
+ModelName = Annotated[Text, _pattern(_MODEL_NAME_RE, "model name", " (letters, digits, . _ -)")]
+Colour = Annotated[
+    tuple[int, int, int],
+    _shaped("[R, G, B] integers 0..255", lambda c: len(c) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in c)),
+]
+VolumeMl = Annotated[
+    tuple[float, float] | None,
+    _shaped("[min, max] ml with 0 <= min < max", lambda v: len(v) == 2 and all(map(_is_num, v)) and 0 <= v[0] < v[1]),
+]
+Window = Annotated[
+    tuple[float, float] | None,
+    _shaped("[low, high] with low < high", lambda w: len(w) == 2 and all(map(_is_num, w)) and w[0] < w[1]),
+]
+Spacing = Annotated[
+    tuple[float, float, float] | None,
+    _shaped("null or 3 positive numbers (mm)", lambda s: len(s) == 3 and all(_is_num(x) and x > 0 for x in s)),
+]
+Size = Annotated[
+    tuple[int, int, int] | None,
+    _shaped("null or 3 positive integers", lambda s: len(s) == 3 and all(_is_int(x) and x > 0 for x in s)),
+]
+LabelValue = Annotated[int | tuple[int, ...], BeforeValidator(_label_value)]
+CodeTriple = Annotated[tuple[str, str, str], BeforeValidator(_code)]
+Dice = Annotated[float, _unit("a Dice")]
+Md5 = Annotated[str | None, _digest("md5", r"[0-9a-f]{32}")]
+Sha256 = Annotated[str | None, _digest("sha256", r"[0-9a-f]{64}")]
+
+
+# --------------------------------------------------------------------------- schema
+#
+# One pydantic model per kind of mapping in the file; each converts itself into
+# the frozen domain record above once the whole file is valid.
+
+
+class _Entry(BaseModel):
+    """A mapping of the registry file: frozen, and an unknown key is an error (a typo such as ``colour:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IntensityEntry(_Entry):
+    """``preprocessing.intensity``: how a model's input intensities are normalised."""
+
+    kind: _IntensityKind
+    window: Window = None
+
+    @model_validator(mode="after")
+    def _window_with_ct_window(self) -> Self:
+        problems = _Problems()
+        if self.kind == "ct_window" and self.window is None:
+            problems.add(("window",), "ct_window needs window: [low, high]", None)
+        if self.kind != "ct_window" and self.window is not None:
+            problems.add(("window",), f"window is only used with kind ct_window, not {self.kind!r}", self.window)
+        problems.raise_any()
+        return self
+
+    def to_intensity(self) -> Intensity:
+        return Intensity(kind=self.kind, window=self.window)
+
+
+class PreprocessingEntry(_Entry):
+    """A model reference's ``preprocessing``."""
+
+    orientation: _Orientation = "native"
+    spacing: Spacing = None
+    size: Size = None
+    intensity: IntensityEntry | None = None
+
+    def to_preprocessing(self) -> Preprocessing:
+        intensity = self.intensity.to_intensity() if self.intensity else Intensity()
+        return Preprocessing(orientation=self.orientation, spacing=self.spacing, size=self.size, intensity=intensity)
+
+
+class SourceFileEntry(_Entry):
+    """One file of a model's ``source.files``."""
+
+    path: Annotated[Text, AfterValidator(_inside_folder)]
+    url: Text
+    md5: Md5 = None
+    sha256: Sha256 = None
+
+    def to_file(self) -> SourceFile:
+        return SourceFile(path=self.path, url=self.url, md5=self.md5, sha256=self.sha256)
+
+
+class SourceEntry(_Entry):
+    """A model reference's ``source``: where ``medsegagent models install`` gets it."""
+
+    kind: SourceKind
+    url: Text | None = None
+    sha256: Sha256 = None
+    files: list[SourceFileEntry] | None = None
+    package: Text | None = None
+    pip_args: list[Annotated[StrictStr, AfterValidator(_pip_arg)]] | None = None
+    homepage: Text | None = None
+
+    @model_validator(mode="after")
+    def _what_each_kind_needs(self) -> Self:
+        problems = _Problems()
+        if self.kind is SourceKind.URL and not self.files:
+            problems.add(("files",), "a url source needs at least one file", self.files)
+        if self.kind is SourceKind.MONAI_BUNDLE and self.url is None:
+            problems.add(("url",), "a monai_bundle source needs the url of the bundle archive", None)
+        if self.kind is SourceKind.PYPI and self.package is None:
+            problems.add(("package",), "a pypi source needs the package requirement (for example name==1.0)", None)
+        problems.raise_any()
+        return self
+
+    def to_source(self) -> ModelSource:
+        return ModelSource(
+            kind=self.kind,
+            url=self.url,
+            sha256=self.sha256,
+            files=tuple(f.to_file() for f in self.files or ()),
+            package=self.package,
+            pip_args=tuple(self.pip_args or ()),
+            homepage=self.homepage,
         )
+
+
+class LicenceEntry(_Entry):
+    """A model reference's ``licence`` (a plain string is its name)."""
+
+    name: Text
+    url: Text | None = None
+    gated: StrictBool = False
+
+    @model_validator(mode="after")
+    def _gated_says_where(self) -> Self:
+        if self.gated and self.url is None:
+            problems = _Problems()
+            problems.add(("url",), "a gated licence needs the url where a licence is obtained", None)
+            problems.raise_any()
+        return self
+
+    def to_licence(self) -> Licence:
+        return Licence(name=self.name, url=self.url, gated=self.gated)
+
+
+class ModelEntry(_Entry):
+    """One of a dataset's ``models``: a reference to weights that implement it."""
+
+    name: ModelName
+    backend: Backend
+    location: Annotated[Text, AfterValidator(_location)]
+    labels: dict[StrictStr, LabelValue] | None = None
+    preprocessing: PreprocessingEntry | None = None
+    quality: dict[StrictStr, Dice] | None = None
+    device: Annotated[str, BeforeValidator(_device)] = "auto"
+    options: dict[str, Any] | None = None
+    source: SourceEntry | None = None
+    licence: Annotated[LicenceEntry | None, BeforeValidator(_licence_name)] = None
+    serves: Annotated[list[StrictStr], _some()] | None = None
+
+    @model_validator(mode="after")
+    def _totalsegmentator_weights(self) -> Self:
+        # TotalSegmentator names its task's result folders; a MONAI bundle names one file in models/.
+        weights = (self.options or {}).get("weights")
+        if self.backend is Backend.TOTALSEGMENTATOR and weights is not None and not _folder_names(weights):
+            problems = _Problems()
+            problems.add(("options", "weights"), f"expected a list of folder names, got {weights!r}", weights)
+            problems.raise_any()
+        return self
+
+    def unknown_labels(self, labels: Mapping[str, object]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+        """Where this reference names a label its dataset does not have, and which."""
+        for field_name in ("labels", "quality"):
+            for name in getattr(self, field_name) or {}:
+                if name not in labels:
+                    yield (field_name, name), name
+        for name in self.serves or ():
+            if name not in labels:
+                yield ("serves",), name
+
+    def to_ref(self, dataset: str, base_dir: Path) -> ModelRef:
+        return ModelRef(
+            name=self.name,
+            backend=self.backend,
+            location=self.location,
+            dataset=dataset,
+            base_dir=base_dir,
+            labels=dict(self.labels or {}),
+            preprocessing=self.preprocessing.to_preprocessing() if self.preprocessing else None,
+            quality=dict(self.quality or {}),
+            device=self.device,
+            options=dict(self.options or {}),
+            source=self.source.to_source() if self.source else None,
+            licence=self.licence.to_licence() if self.licence else None,
+            serves=tuple(self.serves or ()),
+        )
+
+
+class LabelEntry(_Entry):
+    """One of a dataset's ``labels`` (a segment of the DICOM-SEG)."""
+
+    value: LabelValue
+    kind: LabelKind
+    laterality: Laterality | None = None
+    synonyms: list[Annotated[StrictStr, AfterValidator(_synonym)]] | None = None
+    category: Annotated[CodeTriple, AfterValidator(_category)]
+    type: CodeTriple
+    type_modifier: CodeTriple | None = None
+    color: Colour
+    quality: Dice | None = None
+    volume_ml: VolumeMl = None
+
+    @field_validator("synonyms")
+    @classmethod
+    def _synonyms_once(cls, synonyms: list[str] | None) -> list[str] | None:
+        problems = _Problems()
+        for i, s in enumerate(synonyms or ()):
+            if s in synonyms[:i]:
+                problems.add((i,), f"duplicate synonym {s!r}", s)
+        problems.raise_any()
+        return synonyms
+
+    @model_validator(mode="after")
+    def _modifier_agrees_with_laterality(self) -> Self:
+        side = _LATERALITY_CODES.get(self.type_modifier[1]) if self.type_modifier else None
+        if side is not None and self.laterality is not None and side is not self.laterality:
+            problems = _Problems()
+            message = f"modifier {self.type_modifier[2]!r} contradicts laterality {self.laterality.value!r}"
+            problems.add(("type_modifier",), message, self.type_modifier)
+            problems.raise_any()
+        return self
+
+    def to_label(self, name: str, dataset: str) -> Label:
+        return Label(
+            name=name,
+            value=self.value,
+            kind=self.kind,
+            category=Code(*self.category),
+            type=Code(*self.type),
+            color=self.color,
+            dataset=dataset,
+            laterality=self.laterality,
+            synonyms=tuple(self.synonyms or ()),
+            type_modifier=Code(*self.type_modifier) if self.type_modifier else None,
+            quality=self.quality,
+            volume_ml=self.volume_ml,
+        )
+
+
+class InputEntry(_Entry):
+    """One of a dataset's ``inputs``: a model input channel."""
+
+    channel: StrictInt
+    modality: Annotated[list[str], BeforeValidator(_channel_modalities)]
+    description: Text | None = None
+
+    def to_channel(self) -> InputChannel:
+        return InputChannel(channel=self.channel, modalities=tuple(self.modality), description=self.description)
+
+
+class DatasetEntry(_Entry):
+    """One of the registry's ``datasets``: a capability the router can select."""
+
+    description: StrictStr
+    collections: Annotated[list[Collection], _some()]
+    modalities: Annotated[list[Modality], _some(), AfterValidator(_distinct)]
+    inputs: list[InputEntry] | None = None
+    regions: Annotated[list[Region], _some(), AfterValidator(_distinct)]
+    specificity: Annotated[float | None, _unit("a number")] = None
+    labels: Annotated[dict[Annotated[str, _name_key("label")], LabelEntry], _some("a dataset needs at least one label")]
+    models: list[ModelEntry] | None = None
+    install_hint: Text | None = None
+
+    @field_validator("inputs")
+    @classmethod
+    def _channels_in_order(cls, inputs: list[InputEntry] | None) -> list[InputEntry] | None:
+        problems = _Problems()
+        for i, channel in enumerate(inputs or ()):
+            if channel.channel != i:
+                message = f"expected channel {i} (channels are listed in order from 0), got {channel.channel!r}"
+                problems.add((i, "channel"), message, channel.channel)
+        problems.raise_any()
+        return inputs
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: dict[str, LabelEntry]) -> dict[str, LabelEntry]:
+        problems = _Problems()
+        values: dict[int, str] = {}
+        colours: dict[tuple[int, int, int], str] = {}
+        for name, label in labels.items():
+            # Region labels (lists of values) may overlap; two plain values may not.
+            if isinstance(label.value, int) and values.setdefault(label.value, name) != name:
+                problems.add(
+                    (name, "value"), f"value {label.value} already used by label {values[label.value]!r}", label.value
+                )
+            if colours.setdefault(label.color, name) != name:
+                problems.add(
+                    (name, "color"),
+                    f"colour {list(label.color)} already used by label {colours[label.color]!r}",
+                    list(label.color),
+                )
+        problems.raise_any()
+        return labels
+
+    @field_validator("models")
+    @classmethod
+    def _models_name_known_labels(
+        cls, models: list[ModelEntry] | None, info: ValidationInfo
+    ) -> list[ModelEntry] | None:
+        labels = info.data.get("labels")  # absent when the labels are invalid (reported already)
+        problems = _Problems()
+        for i, model in enumerate(models or () if labels is not None else ()):
+            for loc, name in model.unknown_labels(labels):
+                problems.add((i, *loc), _no_label(name, labels), name)
+        problems.raise_any()
+        return models
+
+    def to_dataset(self, name: str, base_dir: Path) -> Dataset:
+        specificity = self.specificity if self.specificity is not None else 1.0 / len(self.regions)
+        return Dataset(
+            name=name,
+            description=self.description,
+            collections=tuple(self.collections),
+            modalities=tuple(self.modalities),
+            regions=tuple(self.regions),
+            labels={n: label.to_label(n, name) for n, label in self.labels.items()},
+            inputs=tuple(i.to_channel() for i in self.inputs or ()),
+            specificity=round(specificity, 4),
+            models=tuple(m.to_ref(name, base_dir) for m in self.models or ()),
+            install_hint=self.install_hint,
+        )
+
+
+def _no_label(name: str, labels: Mapping[str, object]) -> str:
+    guess = difflib.get_close_matches(name, list(labels), n=1)
+    return f"no label {name!r} in this dataset" + (f"; did you mean {guess[0]!r}?" if guess else "")
+
+
+class IncludedDocument(_Entry):
+    """A file named by the registry's ``include``: the same schema, without ``include``."""
+
+    schema_version: Annotated[int, BeforeValidator(_schema_version)]
+    datasets: Annotated[dict[Annotated[str, _name_key("dataset")], DatasetEntry], _some("no datasets")]
+
+    def to_datasets(self, base_dir: Path) -> dict[str, Dataset]:
+        """The datasets as domain records; relative model locations resolve against ``base_dir``."""
+        return {name: entry.to_dataset(name, base_dir) for name, entry in self.datasets.items()}
+
+
+class RegistryDocument(IncludedDocument):
+    """The registry file (``registry.yaml``): ``schema_version``, ``datasets`` and ``include``."""
+
+    include: list[Text] | None = None
+
+
+class _Invalid(Exception):
+    """A registry file that does not follow the schema: one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+def _validate(schema: type[IncludedDocument], doc: object, base_dir: Path) -> dict[str, Dataset]:
+    """The datasets of one parsed file, or :class:`_Invalid` naming every problem of it."""
+    if not isinstance(doc, dict):
+        raise _Invalid([f"top level: expected a mapping with schema_version and datasets, got {_kind_of(doc)}"])
+    try:
+        return schema.model_validate(doc).to_datasets(base_dir)
+    except ValidationError as exc:
+        raise _Invalid([_problem(schema, e, doc) for e in exc.errors(include_url=False)]) from None
+
+
+#: Pydantic's error types that say a value has the wrong type, in the words of a YAML file.
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _problem(schema: type[_Entry], error: ErrorDetails, doc: object) -> str:
+    """One line of a :class:`RegistryError`: ``dotted.location: what is wrong``."""
+    where = _where(error["loc"], doc)
+    kind, value = error["type"], error.get("input")
+    if kind == "registry":
+        message = error["msg"]
+    elif kind == "missing":
+        message = "missing required field"
+    elif kind == "extra_forbidden":
+        known = list(_type_at(schema, error["loc"][:-1]).model_fields)
+        guess = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        hint = f"did you mean {guess[0]}? " if guess else ""
+        message = f"unknown key ({hint}allowed: {', '.join(known)})"
+    elif kind in ("enum", "literal_error"):
+        field_name = next((p for p in reversed(error["loc"]) if isinstance(p, str)), "value")
+        allowed = str((error.get("ctx") or {}).get("expected", "")).replace("'", "").replace(" or ", ", ")
+        message = f"unknown {field_name} {value!r} (allowed: {allowed})"
+    elif kind in _EXPECTED:
+        shown = _kind_of(value) if value is None or isinstance(value, dict | list) else repr(value)
+        message = f"expected {_expected(schema, kind, error['loc'])}, got {shown}"
+    else:
+        message = f"{error['msg']} (got {value!r})"
+    return f"{where or 'top level'}: {message}"
+
+
+def _where(loc: tuple[int | str, ...], doc: object) -> str:
+    """A dotted location an administrator finds in the YAML: a model by its name (``models[lits_nnunet]``)."""
+    out = ""
+    node: Any = doc
+    for part in loc:
+        if part == "[key]":  # pydantic's marker of a mapping key's own error
+            continue
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            name = node.get("name") if isinstance(node, dict) else None
+            out += f"[{name}]" if isinstance(name, str) and name else f"[{part}]"
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _type_at(schema: type[_Entry], loc: tuple[int | str, ...]) -> Any:
+    """The schema's type of the value at ``loc`` (list indices and mapping keys step into the item type)."""
+    annotation: Any = schema
+    for part in loc:
+        annotation = _bare(annotation)
+        if _is_entry(annotation):
+            annotation = annotation.model_fields[str(part)].annotation
+        else:
+            annotation = typing.get_args(annotation)[-1]
+    return _bare(annotation)
+
+
+def _is_entry(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Entry)
+
+
+def _expected(schema: type[_Entry], kind: str, loc: tuple[int | str, ...]) -> str:
+    """What a value of the wrong type should have been; a mapping of the schema lists its keys."""
+    expected = _type_at(schema, loc)
+    if kind == "list_type" and _is_entry(item := _bare(typing.get_args(expected)[0])):
+        return f"a list of mappings ({', '.join(item.model_fields)})"
+    if kind == "dict_type" and _is_entry(item := _bare(typing.get_args(expected)[-1])):
+        return f"a mapping of names to mappings ({', '.join(item.model_fields)})"
+    if kind == "model_type" and _is_entry(expected):
+        return f"a mapping ({', '.join(expected.model_fields)})"
+    return _EXPECTED[kind]
+
+
+def _bare(annotation: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation

@@ -393,8 +393,12 @@ def test_minimal_registry_loads(tmp_path: Path) -> None:
         (lambda d: d["datasets"]["Tiny"].update(collections="test"), "datasets.Tiny.collections: expected a list"),
         (lambda d: d["datasets"]["Tiny"].update(specificity=2), "datasets.Tiny.specificity"),
         (
-            lambda d: d["datasets"]["Tiny"]["inputs"].append({"channel": 5, "modality": "PT+CT"}),
-            "datasets.Tiny.inputs[1].channel",
+            lambda d: d["datasets"]["Tiny"]["inputs"].append({"channel": 5, "modality": "CT"}),
+            "datasets.Tiny.inputs[1].channel: expected channel 1 (channels are listed in order from 0), got 5",
+        ),
+        (
+            lambda d: d["datasets"]["Tiny"]["inputs"].append({"channel": 1, "modality": "PT+CT"}),
+            "datasets.Tiny.inputs[1].modality: unknown channel modality 'PT+CT'",
         ),
         (lambda d: _lab(d, "liver").update(kind="gland"), "datasets.Tiny.labels.liver.kind: unknown kind 'gland'"),
         (lambda d: _lab(d, "liver").update(value="1"), "datasets.Tiny.labels.liver.value: expected an integer"),
@@ -471,7 +475,7 @@ def test_minimal_registry_loads(tmp_path: Path) -> None:
             "datasets.Tiny.models[tiny_unet].name: model name 'tiny_unet' already used",
         ),
         (lambda d: d.update(schema_version=2), "schema_version: unsupported schema version 2"),
-        (lambda d: d.update(extra=1), "<top>.extra: unknown key"),
+        (lambda d: d.update(extra=1), "extra: unknown key (allowed: schema_version, datasets, include)"),
     ],
 )
 def test_validation_errors_name_dataset_label_and_field(tmp_path: Path, mutate: Any, fragment: str) -> None:
