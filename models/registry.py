@@ -76,6 +76,7 @@ __all__ = [
     "ModelSource",
     "Preprocessing",
     "Registry",
+    "RegistryDocument",
     "RegistryError",
     "SourceFile",
     "SourceKind",
@@ -1491,10 +1492,11 @@ class LabelEntry(_Entry):
     @field_validator("synonyms")
     @classmethod
     def _synonyms_once(cls, synonyms: list[str] | None) -> list[str] | None:
-        problems = _Problems()
-        for i, s in enumerate(synonyms or ()):
-            if s in synonyms[:i]:
-                problems.add((i,), f"duplicate synonym {s!r}", s)
+        problems, seen = _Problems(), set()
+        for i, synonym in enumerate(synonyms or ()):
+            if synonym in seen:
+                problems.add((i,), f"duplicate synonym {synonym!r}", synonym)
+            seen.add(synonym)
         problems.raise_any()
         return synonyms
 
@@ -1587,8 +1589,10 @@ class DatasetEntry(_Entry):
         cls, models: list[ModelEntry] | None, info: ValidationInfo
     ) -> list[ModelEntry] | None:
         labels = info.data.get("labels")  # absent when the labels are invalid (reported already)
+        if labels is None or models is None:
+            return models
         problems = _Problems()
-        for i, model in enumerate(models or () if labels is not None else ()):
+        for i, model in enumerate(models):
             for loc, name in model.unknown_labels(labels):
                 problems.add((i, *loc), _no_label(name, labels), name)
         problems.raise_any()
@@ -1671,7 +1675,8 @@ def _problem(schema: type[_Entry], error: ErrorDetails, doc: object) -> str:
     elif kind == "missing":
         message = "missing required field"
     elif kind == "extra_forbidden":
-        known = list(_type_at(schema, error["loc"][:-1]).model_fields)
+        entry = _type_at(schema, error["loc"][:-1])
+        known = list(entry.model_fields) if _is_entry(entry) else []
         guess = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
         hint = f"did you mean {guess[0]}? " if guess else ""
         message = f"unknown key ({hint}allowed: {', '.join(known)})"
@@ -1710,9 +1715,11 @@ def _type_at(schema: type[_Entry], loc: tuple[int | str, ...]) -> Any:
     for part in loc:
         annotation = _bare(annotation)
         if _is_entry(annotation):
-            annotation = annotation.model_fields[str(part)].annotation
+            field_info = annotation.model_fields.get(str(part))
+            annotation = field_info.annotation if field_info else Any
         else:
-            annotation = typing.get_args(annotation)[-1]
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else Any
     return _bare(annotation)
 
 
@@ -1722,13 +1729,14 @@ def _is_entry(annotation: Any) -> bool:
 
 def _expected(schema: type[_Entry], kind: str, loc: tuple[int | str, ...]) -> str:
     """What a value of the wrong type should have been; a mapping of the schema lists its keys."""
-    expected = _type_at(schema, loc)
-    if kind == "list_type" and _is_entry(item := _bare(typing.get_args(expected)[0])):
-        return f"a list of mappings ({', '.join(item.model_fields)})"
-    if kind == "dict_type" and _is_entry(item := _bare(typing.get_args(expected)[-1])):
-        return f"a mapping of names to mappings ({', '.join(item.model_fields)})"
-    if kind == "model_type" and _is_entry(expected):
-        return f"a mapping ({', '.join(expected.model_fields)})"
+    if kind in ("list_type", "dict_type", "model_type"):
+        expected = _type_at(schema, loc)
+        args = typing.get_args(expected)
+        item = _bare(args[-1]) if args else expected  # a list's item, a mapping's value, or the model itself
+        if _is_entry(item):
+            keys = ", ".join(item.model_fields)
+            shapes = {"list_type": "a list of mappings", "dict_type": "a mapping of names to mappings"}
+            return f"{shapes.get(kind, 'a mapping')} ({keys})"
     return _EXPECTED[kind]
 
 

@@ -493,6 +493,175 @@ def _mod(d: dict[str, Any]) -> dict[str, Any]:
     return d["datasets"]["Tiny"]["models"][0]
 
 
+_MODEL = "datasets.Tiny.models[tiny_unet]"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "line"),
+    [
+        # The document and its datasets.
+        (lambda d: d.update(datasets=[1]), "datasets: expected a mapping of names to mappings (description, "),
+        (lambda d: d.update(datasets={}), "datasets: no datasets"),
+        (lambda d: d["datasets"].update({" ": {}}), "datasets. : dataset name must be a non-empty string"),
+        (lambda d: d["datasets"].update(Tiny=[1]), "datasets.Tiny: expected a mapping (description, collections, "),
+        (lambda d: d["datasets"]["Tiny"].update(description=3), "datasets.Tiny.description: expected a string, got 3"),
+        (lambda d: d["datasets"]["Tiny"].update(install_hint=" "), "datasets.Tiny.install_hint: must not be empty"),
+        (lambda d: d["datasets"]["Tiny"].update(collections=[]), "datasets.Tiny.collections: must not be empty"),
+        (
+            lambda d: d["datasets"]["Tiny"].update(collections=["a b"]),
+            "datasets.Tiny.collections[0]: invalid collection name 'a b'",
+        ),
+        (lambda d: d["datasets"]["Tiny"].update(regions=["neck", "neck"]), "datasets.Tiny.regions: duplicate entries"),
+        (
+            lambda d: d["datasets"]["Tiny"].update(modalities=["CT", "CT"]),
+            "datasets.Tiny.modalities: duplicate entries",
+        ),
+        (
+            lambda d: d["datasets"]["Tiny"].update(models={"tiny_unet": {}}),
+            "datasets.Tiny.models: expected a list of mappings (name, backend, location, ",
+        ),
+        (
+            lambda d: d["datasets"]["Tiny"].update(inputs=[3]),
+            "datasets.Tiny.inputs[0]: expected a mapping (channel, modality, description), got 3",
+        ),
+        (
+            lambda d: d["datasets"]["Tiny"]["inputs"][0].update(modality=[]),
+            "datasets.Tiny.inputs[0].modality: expected a modality or a list of modalities, got []",
+        ),
+        (lambda d: d["datasets"]["Tiny"].update(labels={}), "datasets.Tiny.labels: a dataset needs at least one label"),
+        (
+            lambda d: d["datasets"]["Tiny"]["labels"].update({"": _lab(d, "liver")}),
+            "datasets.Tiny.labels.: label name must be a non-empty string",
+        ),
+        # Labels.
+        (lambda d: _lab(d, "liver").update(value=[]), "datasets.Tiny.labels.liver.value: region label value list must"),
+        (lambda d: _lab(d, "liver").update(value=[1, 0]), "datasets.Tiny.labels.liver.value: region label values must"),
+        (
+            lambda d: _lab(d, "liver").update(value=[1, 1]),
+            "datasets.Tiny.labels.liver.value: duplicate values in region",
+        ),
+        (
+            lambda d: _lab(d, "liver").update(type=["SCT", "10200004"]),
+            "datasets.Tiny.labels.liver.type: expected [scheme, value, meaning], got ['SCT', '10200004']",
+        ),
+        (
+            lambda d: _lab(d, "liver").update(type=["SCT", "", "Liver"]),
+            "datasets.Tiny.labels.liver.type: expected [scheme, value, meaning] of non-empty strings, got",
+        ),
+        (lambda d: _lab(d, "liver").update(synonyms=["a", "a"]), "datasets.Tiny.labels.liver.synonyms[1]: duplicate"),
+        (lambda d: d["datasets"]["Tiny"]["labels"].update(liver=1), "datasets.Tiny.labels.liver: expected a mapping ("),
+        # Model references.
+        (lambda d: d["datasets"]["Tiny"].update(models=[1]), "datasets.Tiny.models[0]: expected a mapping (name, "),
+        (lambda d: _mod(d).update(labels={"liver": 0}), f"{_MODEL}.labels.liver: label value must be 1..65535"),
+        (lambda d: _mod(d).update(quality={"liver": 2}), f"{_MODEL}.quality.liver: expected a Dice in 0..1, got 2"),
+        (
+            lambda d: _mod(d).update(labels={"livr": 1}),
+            f"{_MODEL}.labels.livr: no label 'livr' in this dataset; did you",
+        ),
+        (lambda d: _mod(d).update(serves=["lung"]), f"{_MODEL}.serves: no label 'lung' in this dataset"),
+        (lambda d: _mod(d).update(serves=[]), f"{_MODEL}.serves: must not be empty"),
+        (lambda d: _mod(d).update(options=[1]), f"{_MODEL}.options: expected a mapping, got list"),
+        (
+            lambda d: _mod(d).update(backend="totalsegmentator", options={"weights": ["../x"]}),
+            f"{_MODEL}.options.weights: expected a list of folder names, got ['../x']",
+        ),
+        (
+            lambda d: _mod(d).update(bakend="onnx"),
+            f"{_MODEL}.bakend: unknown key (did you mean backend? allowed: name, ",
+        ),
+        (lambda d: _mod(d).update(preprocessing=[1]), f"{_MODEL}.preprocessing: expected a mapping (orientation, "),
+        (
+            lambda d: _mod(d)["preprocessing"].update(spacing=[1, 0, 1]),
+            f"{_MODEL}.preprocessing.spacing: expected null or 3 positive numbers (mm), got [1, 0, 1]",
+        ),
+        (
+            lambda d: _mod(d)["preprocessing"].update(intensity="x"),
+            f"{_MODEL}.preprocessing.intensity: expected a mapping (kind, window), got 'x'",
+        ),
+        (
+            lambda d: _mod(d)["preprocessing"]["intensity"].update(window=[3, 1]),
+            f"{_MODEL}.preprocessing.intensity.window: expected [low, high] with low < high, got [3, 1]",
+        ),
+        (
+            lambda d: _mod(d)["preprocessing"]["intensity"].update(kind="zscore"),
+            f"{_MODEL}.preprocessing.intensity.window: window is only used with kind ct_window, not 'zscore'",
+        ),
+        # Sources and licences.
+        (lambda d: _mod(d).update(source=[1]), f"{_MODEL}.source: expected a mapping (kind, url, sha256, files, "),
+        (lambda d: _mod(d).update(source={"kind": "ftp"}), f"{_MODEL}.source.kind: unknown kind 'ftp' (allowed: url, "),
+        (lambda d: _mod(d).update(source={"kind": "url"}), f"{_MODEL}.source.files: a url source needs at least one"),
+        (
+            lambda d: _mod(d).update(source={"kind": "monai_bundle"}),
+            f"{_MODEL}.source.url: a monai_bundle source needs",
+        ),
+        (
+            lambda d: _mod(d).update(source={"kind": "pypi"}),
+            f"{_MODEL}.source.package: a pypi source needs the package",
+        ),
+        (
+            lambda d: _mod(d).update(source={"kind": "monai_bundle", "url": "http://x/b.zip", "sha256": "AB"}),
+            f"{_MODEL}.source.sha256: expected a lower-case hex sha256 digest, got 'AB'",
+        ),
+        (
+            lambda d: _mod(d).update(source={"kind": "url", "files": [1]}),
+            f"{_MODEL}.source.files[0]: expected a mapping (path, url, md5, sha256), got 1",
+        ),
+        (lambda d: _mod(d).update(licence=3), f"{_MODEL}.licence: expected a licence name or a mapping {{name, url, "),
+        (
+            lambda d: _mod(d).update(licence={"name": "x", "gated": "yes"}),
+            f"{_MODEL}.licence.gated: expected true or false, got 'yes'",
+        ),
+    ],
+)
+def test_every_rule_has_a_clear_line(tmp_path: Path, mutate: Any, line: str) -> None:
+    doc = _minimal()
+    mutate(doc)
+    errors = _errors(tmp_path, doc)
+    assert any(e.startswith(line) for e in errors), errors
+
+
+def test_cross_references_wait_for_valid_entries(tmp_path: Path) -> None:
+    # Invalid labels are reported once, not again by every model reference that names them.
+    doc = _minimal()
+    doc["datasets"]["Tiny"]["labels"] = []
+    assert _errors(tmp_path, doc) == [
+        "datasets.Tiny.labels: expected a mapping of names to mappings (value, kind, laterality, synonyms, category, "
+        "type, type_modifier, color, quality, volume_ml), got list"
+    ]
+    # ... and a model's unknown label is reported beside an unrelated problem of the same dataset.
+    doc = _minimal()
+    doc["datasets"]["Tiny"]["regions"] = ["belly"]
+    _mod(doc)["serves"] = ["lung"]
+    assert len(_errors(tmp_path, doc)) == 2
+
+
+def test_model_names_are_unique_over_datasets_and_files(tmp_path: Path) -> None:
+    doc = _minimal()
+    doc["datasets"]["Other"] = copy.deepcopy(doc["datasets"]["Tiny"])
+    assert _errors(tmp_path, doc) == [
+        "datasets.Other.models[tiny_unet].name: model name 'tiny_unet' already used in dataset 'Tiny'"
+    ]
+    extra = _minimal()
+    extra["datasets"]["Other"] = extra["datasets"].pop("Tiny")
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(extra))
+    doc = _minimal()
+    doc["include"] = ["extra.yaml"]
+    assert _errors(tmp_path, doc) == [
+        "extra.yaml: datasets.Other.models[tiny_unet].name: model name 'tiny_unet' already used in dataset 'Tiny'"
+    ]
+
+
+def test_included_files_may_not_include(tmp_path: Path) -> None:
+    extra = _minimal()
+    extra["datasets"]["Other"] = extra["datasets"].pop("Tiny")
+    _mod({"datasets": {"Tiny": extra["datasets"]["Other"]}})["name"] = "other_unet"
+    extra["include"] = ["more.yaml"]
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(extra))
+    doc = _minimal()
+    doc["include"] = ["extra.yaml"]
+    assert _errors(tmp_path, doc) == ["extra.yaml: include: unknown key (allowed: schema_version, datasets)"]
+
+
 def test_all_errors_are_collected(tmp_path: Path) -> None:
     doc = _minimal()
     _lab(doc, "liver").update(kind="gland", color=[1, 2])
