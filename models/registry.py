@@ -46,6 +46,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -1280,8 +1281,12 @@ def _licence_name(value: Any) -> Any:
 _PIP_ARGS = frozenset({"--no-deps"})
 
 Text = Annotated[StrictStr, AfterValidator(_text)]
-Modality = Annotated[StrictStr, _member(MODALITIES, "modality")]
-Region = Annotated[StrictStr, _member(REGIONS, "region")]
+# WithJsonSchema / json_schema_input_type: docs/registry.schema.json describes what the YAML may say.
+Modality = Annotated[
+    StrictStr, _member(MODALITIES, "modality"), WithJsonSchema({"type": "string", "enum": sorted(MODALITIES)})
+]
+_InputModality = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(INPUT_MODALITIES)})]
+Region = Annotated[StrictStr, _member(REGIONS, "region"), WithJsonSchema({"type": "string", "enum": sorted(REGIONS)})]
 Collection = Annotated[StrictStr, _pattern(_COLLECTION_RE, "collection name")]
 ModelName = Annotated[Text, _pattern(_MODEL_NAME_RE, "model name", " (letters, digits, . _ -)")]
 Colour = Annotated[
@@ -1305,7 +1310,7 @@ Size = Annotated[
     _shaped("null or 3 positive integers", lambda s: len(s) == 3 and all(_is_int(x) and x > 0 for x in s)),
 ]
 LabelValue = Annotated[int | tuple[int, ...], BeforeValidator(_label_value)]
-CodeTriple = Annotated[tuple[str, str, str], BeforeValidator(_code)]
+CodeTriple = Annotated[tuple[str, str, str], BeforeValidator(_code, json_schema_input_type=tuple[str, str | int, str])]
 Dice = Annotated[float, _unit("a Dice")]
 Md5 = Annotated[str | None, _digest("md5", r"[0-9a-f]{32}")]
 Sha256 = Annotated[str | None, _digest("sha256", r"[0-9a-f]{64}")]
@@ -1434,7 +1439,9 @@ class ModelEntry(_Entry):
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     options: dict[str, Any] | None = None
     source: SourceEntry | None = None
-    licence: Annotated[LicenceEntry | None, BeforeValidator(_licence_name)] = None
+    licence: Annotated[
+        LicenceEntry | None, BeforeValidator(_licence_name, json_schema_input_type=str | LicenceEntry | None)
+    ] = None
     serves: Annotated[list[StrictStr], _some()] | None = None
 
     @model_validator(mode="after")
@@ -1531,7 +1538,9 @@ class InputEntry(_Entry):
     """One of a dataset's ``inputs``: a model input channel."""
 
     channel: StrictInt
-    modality: Annotated[list[str], BeforeValidator(_channel_modalities)]
+    modality: Annotated[
+        list[str], BeforeValidator(_channel_modalities, json_schema_input_type=_InputModality | list[_InputModality])
+    ]
     description: Text | None = None
 
     def to_channel(self) -> InputChannel:

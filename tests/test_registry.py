@@ -22,6 +22,7 @@ from medsegagent.models.registry import (
     LabelKind,
     Laterality,
     Registry,
+    RegistryDocument,
     RegistryError,
     clear_cache,
     load_registry,
@@ -30,6 +31,7 @@ from medsegagent.models.registry import (
 from medsegagent.node.cli import main
 
 CATALOGUE = Path(__file__).resolve().parents[1].parent / "shared/catalogue/medsegagent-datasets.json"
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "registry.schema.json"
 EXTRA = {"TDSC-ABUS2023", "CrossMoDA2023", "FUMPE", "LNQ2023", "SPPIN", "ACDC"}
 
 
@@ -660,6 +662,21 @@ def test_included_files_may_not_include(tmp_path: Path) -> None:
     doc = _minimal()
     doc["include"] = ["extra.yaml"]
     assert _errors(tmp_path, doc) == ["extra.yaml: include: unknown key (allowed: schema_version, datasets)"]
+
+
+def test_json_schema_is_current_and_fits_the_shipped_files() -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    assert schema == RegistryDocument.model_json_schema(), "regenerate docs/registry.schema.json (docs/registry.md)"
+    validator = jsonschema.Draft202012Validator(schema)
+    shipped = Path(registry_path()).resolve()
+    for f in [shipped, *sorted(shipped.parent.glob("registry.d/*.yaml"))]:
+        assert not [e.message for e in validator.iter_errors(yaml.safe_load(f.read_text()))], f
+    # An editor that reads the schema flags a typo as the loader does.
+    doc = _minimal()
+    _lab(doc, "liver")["colour"] = _lab(doc, "liver").pop("color")
+    assert not validator.is_valid(doc)
 
 
 def test_all_errors_are_collected(tmp_path: Path) -> None:
