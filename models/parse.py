@@ -218,7 +218,9 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "MR",
         re.compile(
-            r"\b(?:mri|mr|mra|mrcp|mrs|nmr|cmr|magnetic\s+resonance(?:\s+imaging)?|cine|mr\s+angiography|mpmri|mp-mri)\b",
+            r"\b(?:mri|mr|mra|mrcp|mrs|nmr|cmr|magnetic\s+resonance(?:\s+imaging)?|cine|mr\s+angiography|mpmri|mp-mri"
+            # MR techniques named instead of the modality ("on the Dixon", "SSFP cine", "TOF MRA")
+            r"|multiparametric|dixon|b?ssfp|true\s*fisp|fiesta|ciss|tof|time[\s-]of[\s-]flight|hepatobiliary\s+phase)\b",
             re.I,
         ),
     ),
@@ -752,10 +754,16 @@ _BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left
 _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+side)?$|,\s*(left|right)\s+side$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
-    r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|aside from|minus|sparing|leaving out"
-    r"|(?:do |does )?not(?: including| include)?(?! only\b)"
+    r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|aside from|minus|sparing"
+    r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
+    # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
+    r"|(?:but )?no(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b)"
     # "without" excludes a structure ("kidneys without the tumours"), not the contrast agent
     r"|without(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b))\b"
+)
+# An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
+_NOT_NEEDED = re.compile(
+    r"(^|[,;])([^,;]*?)\s+(?:is\s+|are\s+)?(?:not\s+(?:needed|required|necessary|wanted)|unnecessary)\b"
 )
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
@@ -863,6 +871,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
+    written, text = text, _split_structure_names(text)
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -892,8 +901,33 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
             seen.add(key)
             unique.append(t)
     return ParsedRequest(
-        text=text, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
+        text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
     )
+
+
+def _split_structure_names(text: str) -> str:
+    """Spell out structure names written as identifiers (AAPM TG-263: ``OpticNrv_L``, ``Glnd_Submand_R``).
+
+    The parts of a name joined by underscores are words, a part in camel case is several, and
+    a last part ``L``/``R`` is the side.
+    """
+
+    def words(m: re.Match[str]) -> str:
+        parts = m.group(0).split("_")
+        if parts[-1] in ("L", "R", "l", "r", "Lt", "Rt"):
+            parts[-1] = "left" if parts[-1][0] in "Ll" else "right"
+        return " ".join(_CAMEL_CASE.sub(" ", p) for p in parts)
+
+    return _IDENTIFIER.sub(words, text)
+
+
+_IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b")
+_CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
+# Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
+_COUINAUD_ROMAN = re.compile(
+    r"\b(couinaud|segments?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
+)
 
 
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
@@ -909,12 +943,16 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
+    low = _COUINAUD_ROMAN.sub(
+        lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
+    )
     # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
     low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"
     for phrase in protected:
         if phrase in low:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)

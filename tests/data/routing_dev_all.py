@@ -694,6 +694,41 @@ add("thigh bones", "CT", None, FEMUR)
 add("right thighbone", "CT", None, FEMUR.on("right"))
 
 
+# -- round eight: more exclusion words, MR techniques named for the modality, Roman Couinaud numbers,
+# -- TG-263 structure identifiers, abbreviations and lay or Latin names from the lexicon
+INTERNAL_CAROTID, INTERNAL_JUGULAR = c("86117002"), c("12123001")
+LVOT, CHEST_CAVITY, GLOTTIS = c("13418002"), c("43799004"), c("1307006")
+add("spleen and pancreas, omit the stomach", "CT", None, SPLEEN, PANCREAS)
+add("liver, no gallbladder please", "CT", None, LIVER)
+add("aorta and IVC but no renal vessels", "CT", None, AORTA, IVC)
+add("trachea and esophagus - skip the thyroid", "CT", None, TRACHEA, ESOPHAGUS)
+add("pancreas; the duodenum is not needed", "CT", None, PANCREAS)
+add("segment the spleen without IV contrast", "CT", None, SPLEEN)
+add("spleen and liver on the Dixon sequence", "MR", None, SPLEEN, LIVER)
+add("pancreas on TrueFISP", None, "MR", PANCREAS)
+add("brain aneurysm, TOF", None, None, ANEURYSM)
+add("Couinaud segment VII", "CT", None, c("277961009"))
+add("liver segments II to IV", "CT", None, c("277956007"), c("277957003"), c("277958008"))
+add("Parotid_R and Glnd_Submand_L", "CT", None, PAROTID.on("right"), SUBMANDIBULAR.on("left"))
+add("OpticNrv_R", "CT", None, OPTIC_NERVE.on("right"))
+add("right ICA", "CT", None, INTERNAL_CAROTID.on("right"))
+add("IJVs", "CT", None, INTERNAL_JUGULAR)
+add("bilateral SMGs", "CT", None, SUBMANDIBULAR)
+add("left ventricular outflow tract", "CT", None, LVOT)
+add("LCIA and RCIV", "CT", None, COMMON_ILIAC_A.on("left"), COMMON_ILIAC_V.on("right"))
+add("SAT and skeletal muscle at L3", "CT", None, SUBCUT_FAT, SKELETAL_MUSCLE)
+add("os hyoideum and glandula thyroidea", "CT", None, HYOID, THYROID)
+add("medulla spinalis", "MR", None, SPINAL_CORD)
+add("truncus coeliacus", "CT", None, CELIAC)
+add("the thoracic cavity", "CT", None, CHEST_CAVITY)
+add("pericardial sac", "CT", None, PERICARDIUM)
+add("left pec major", "CT", None, PECTORALIS_MAJOR.on("left"))
+add("true vocal cords", "CT", None, GLOTTIS)
+add("the breathing tube", "CT", None, TRACHEA)
+add("my tummy", "CT", None, STOMACH)
+add("small guts", "CT", None, SMALL_BOWEL)
+
+
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
         return dataset.accepts(modality)
