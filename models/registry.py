@@ -6,9 +6,12 @@ codes for DICOM-SEG, colours, synonyms, quality), the modalities and body
 regions it accepts, and zero or more references to installed models. See
 ``docs/registry.md`` for the schema.
 
-The file is validated when it is loaded; every problem found is collected and
-reported in one :class:`RegistryError` whose message names the dataset, the
-label or model, and the field.
+The file is validated when it is loaded, against the pydantic schema at the end
+of this module (:class:`RegistryDocument`, one model per kind of mapping), and
+then converted into the frozen records the rest of the node uses (:class:`Dataset`,
+:class:`Label`, :class:`ModelRef`, ...).  Every problem found is collected and
+reported in one :class:`RegistryError` whose lines name the dataset, the label
+or model, and the field.
 
 Examples
 --------
