@@ -389,6 +389,11 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
         # ("Neoplasm, primary" for a tumour core) or one whose words the label's name does not use
         # ("Maxilla" for a hard palate).
         core = frozenset(vocab.concept_core(concept))
+        side = core & {"left", "right"}
+        if len(side) == 1 and laterality is None and core - side <= forms[0].core:
+            # A type that is one side's structure (ACDC's "Myocardium" is the Left ventricle
+            # myocardium) gives the label that side, as its name would ("left ventricle").
+            laterality, core = next(iter(side)), core - side
         part = forms[0].core & grammar.GENERIC_NOUNS  # "aorta_true_lumen" is a part of the aorta
         if core and not core & grammar.LESION_TOKENS and core & forms[0].core and not part:
             add(core, (), "lexicon")

@@ -728,6 +728,12 @@ add("the breathing tube", "CT", None, TRACHEA)
 add("my tummy", "CT", None, STOMACH)
 add("small guts", "CT", None, SMALL_BOWEL)
 
+# a label whose type is one side's heart structure has that side ("Myocardium" typed Left ventricle myocardium)
+add("LV myocardium on cine MR", None, "MR", MYOCARDIUM)
+add("myocardium of the left ventricle", "MR", None, MYOCARDIUM)
+add("LV and RV cavities, short axis", "MR", None, LV, RV)
+add("left ventricular wall", "CT", None, MYOCARDIUM)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
