@@ -41,6 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _resident_mb() -> float:
+    """The process's resident set now (retained memory stays; glibc's defaults give large arrays back)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
 def run_once(args: argparse.Namespace) -> dict[str, float]:
     """Send the study to a fresh node once; seconds per step (and the node process's CPU seconds)."""
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
@@ -85,6 +91,7 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         "inference": inference,
         "overhead": total - QUIET - inference,
         "cpu": cpu,
+        "rss": _resident_mb(),
         **{f"pipeline: {k}": float(v) for k, v in timings.items() if k != "inference"},
     }
 
@@ -97,6 +104,7 @@ LABELS = {
     "inference": "  model inference (2 models, parallel)",
     "overhead": "  **node overhead** (read, plan, fuse, SEG, deliver, bookkeeping)",
     "cpu": "node process CPU seconds in that time (all threads, models included)",
+    "rss": "node process resident memory after the run, MB (the bench's phantom included)",
 }
 
 
@@ -113,7 +121,7 @@ def _table(args: argparse.Namespace, by_mode: dict[str, list[dict[str, float]]])
     best = {mode: min(runs, key=lambda r: r["overhead"]) for mode, runs in by_mode.items()}
     any_best = next(iter(best.values()))
     stages = [k for k in any_best if k.startswith("pipeline")]
-    keys = ["transfer", "total", "quiet", "inference", "overhead", *stages, "cpu"]
+    keys = ["transfer", "total", "quiet", "inference", "overhead", *stages, "cpu", "rss"]
     columns = [(f"fastest, retain_memory {m}", best[m]) for m in by_mode]
     columns += [(f"{m}: run {i + 1}", run) for m, runs in by_mode.items() for i, run in enumerate(runs)]
     rows = ["| step | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
