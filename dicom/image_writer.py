@@ -490,16 +490,26 @@ def _pet_image(ds: Dataset, ctx: _SeriesContext, k: int, instance: int, slope: f
 # -- Enhanced CT -----------------------------------------------------------------
 
 
+def _sequence_of(**elements: object) -> DicomSequence:
+    """A one-item sequence whose item holds ``elements`` (keyword -> value)."""
+    item = Dataset()
+    for keyword, value in elements.items():
+        setattr(item, keyword, value)
+    return DicomSequence([item])
+
+
+#: Frame Type of every frame, and Image Type of the whole object.
+_ENHANCED_CT_FRAME_TYPE = ("ORIGINAL", "PRIMARY", "VOLUME", "NONE")
+
+
 def _enhanced_ct(ctx: _SeriesContext, order: list[int], stored: np.ndarray) -> Dataset:
     """One Enhanced CT Image object holding every slice as a frame (frame i = slice ``order[i]``)."""
     g = ctx.geometry
-    study = ctx.study
     sop_uid = deterministic_uid(ctx.series_uid, "enhanced-ct")
     ds = _common(ctx, ENHANCED_CT_IMAGE_STORAGE, sop_uid)
-    acq_dt = study.study_date + ctx.series_time
-    frame_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    acq_dt = ctx.study.study_date + ctx.series_time
     # Enhanced CT Image
-    ds.ImageType = frame_type
+    ds.ImageType = list(_ENHANCED_CT_FRAME_TYPE)
     ds.PixelPresentation = "MONOCHROME"
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
@@ -514,14 +524,26 @@ def _enhanced_ct(ctx: _SeriesContext, order: list[int], stored: np.ndarray) -> D
     _image_pixel(ds, g.shape[1], g.shape[2], 12, False)
     # Multi-frame Functional Groups
     ds.InstanceNumber = 1
-    ds.ContentDate = study.study_date
+    ds.ContentDate = ctx.study.study_date
     ds.ContentTime = ctx.series_time
     ds.NumberOfFrames = len(order)
     # Multi-frame Dimension: one stack, frames indexed by in-stack position.
     _dimension_organization(ds, ctx.series_uid)
     # Acquisition Context (type 2, empty)
     ds.AcquisitionContextSequence = DicomSequence([])
-    # Enhanced Contrast/Bolus
+    ds.ContrastBolusAgentSequence = DicomSequence([_enhanced_contrast_agent()])
+    shared = Dataset()
+    _shared_image_groups(shared, ctx)
+    _shared_ct_acquisition_groups(shared, ctx)
+    _shared_ct_reconstruction_groups(shared, g)
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence([_ct_frame_groups(g, k, acq_dt) for k in order])
+    ds.PixelData = np.ascontiguousarray(stored[order]).tobytes()
+    return ds
+
+
+def _enhanced_contrast_agent() -> Dataset:
+    """The Enhanced Contrast/Bolus agent item: the portal-venous phase's iohexol."""
     agent = _code("109218004", "SCT", "Iohexol")
     agent.ContrastBolusAgentNumber = 1
     agent.ContrastBolusAdministrationRouteSequence = DicomSequence([_code("47625008", "SCT", "Intravenous route")])
@@ -529,124 +551,107 @@ def _enhanced_ct(ctx: _SeriesContext, order: list[int], stored: np.ndarray) -> D
     agent.ContrastBolusVolume = 100.0
     agent.ContrastBolusIngredientConcentration = 350.0
     agent.ContrastBolusIngredientOpaque = "YES"
-    ds.ContrastBolusAgentSequence = DicomSequence([agent])
+    return agent
 
-    # Shared functional groups.
-    shared = Dataset()
-    pm = Dataset()
-    pm.PixelSpacing = _ds_list(g.pixel_spacing)
-    pm.SliceThickness = _ds(g.spacing[0])
-    pm.SpacingBetweenSlices = _ds(g.spacing[0])
-    shared.PixelMeasuresSequence = DicomSequence([pm])
-    po = Dataset()
-    po.ImageOrientationPatient = _ds_list(g.image_orientation)
-    shared.PlaneOrientationSequence = DicomSequence([po])
-    fa = Dataset()
-    fa.AnatomicRegionSequence = DicomSequence([_code("818981001", "SCT", "Abdomen")])
-    fa.FrameLaterality = "U"
-    shared.FrameAnatomySequence = DicomSequence([fa])
-    pvt = Dataset()
-    pvt.RescaleIntercept = "-1024"
-    pvt.RescaleSlope = "1"
-    pvt.RescaleType = "HU"
-    shared.PixelValueTransformationSequence = DicomSequence([pvt])
-    voi = Dataset()
-    voi.WindowCenter = _ds(ctx.window[0])
-    voi.WindowWidth = _ds(ctx.window[1])
-    shared.FrameVOILUTSequence = DicomSequence([voi])
-    ft = Dataset()
-    ft.FrameType = frame_type
-    ft.PixelPresentation = "MONOCHROME"
-    ft.VolumetricProperties = "VOLUME"
-    ft.VolumeBasedCalculationTechnique = "NONE"
-    shared.CTImageFrameTypeSequence = DicomSequence([ft])
-    ie = Dataset()
-    ie.IrradiationEventUID = deterministic_uid(ctx.series_uid, "irradiation-event")
-    shared.IrradiationEventIdentificationSequence = DicomSequence([ie])
-    at = Dataset()
-    at.AcquisitionType = "SPIRAL"
-    at.ConstantVolumeFlag = "NO"
-    at.FluoroscopyFlag = "NO"
-    shared.CTAcquisitionTypeSequence = DicomSequence([at])
-    ad = Dataset()
-    ad.DataCollectionDiameter = "500"
-    ad.RotationDirection = "CW"
-    ad.RevolutionTime = 0.5
-    ad.SingleCollimationWidth = 0.625
-    ad.TotalCollimationWidth = 40.0
-    ad.TableHeight = "150"
-    ad.GantryDetectorTilt = "0"
-    shared.CTAcquisitionDetailsSequence = DicomSequence([ad])
-    td = Dataset()
-    td.TableSpeed = 80.0
-    td.TableFeedPerRotation = 40.0
-    td.SpiralPitchFactor = 1.0
-    shared.CTTableDynamicsSequence = DicomSequence([td])
-    geo = Dataset()
-    geo.DistanceSourceToDetector = "1085.6"
-    geo.DistanceSourceToDataCollectionCenter = 595.0
-    shared.CTGeometrySequence = DicomSequence([geo])
-    rec = Dataset()
-    rec.ConvolutionKernel = "B30f"
-    rec.ConvolutionKernelGroup = "SOFT_TISSUE"
-    rec.ReconstructionDiameter = _ds(g.spacing[2] * g.shape[2])
-    rec.ReconstructionAlgorithm = "FILTER_BACK_PROJ"
-    rec.ReconstructionAngle = 360.0
-    rec.ReconstructionPixelSpacing = [g.spacing[1], g.spacing[2]]
-    rec.ImageFilter = "NONE"
-    shared.CTReconstructionSequence = DicomSequence([rec])
-    ex = Dataset()
-    ex.ExposureTimeInms = 500.0
-    ex.XRayTubeCurrentInmA = 200.0
-    ex.ExposureInmAs = 100.0
-    ex.ExposureModulationType = "NONE"
-    ex.CTDIvol = 10.0
-    ex.CTDIPhantomTypeCodeSequence = DicomSequence([_code("113691", "DCM", "IEC Body Dosimetry Phantom")])
-    shared.CTExposureSequence = DicomSequence([ex])
-    xr = Dataset()
-    xr.KVP = "120"
-    xr.FocalSpots = ["1.2"]
-    xr.FilterType = "BODY"
-    xr.FilterMaterial = ["ALUMINUM"]
-    shared.CTXRayDetailsSequence = DicomSequence([xr])
-    cb = Dataset()
-    cb.ContrastBolusAgentNumber = 1
-    cb.ContrastBolusAgentAdministered = "YES"
-    cb.ContrastBolusAgentDetected = "YES"
-    cb.ContrastBolusAgentPhase = "PORTAL_VENOUS"
-    shared.ContrastBolusUsageSequence = DicomSequence([cb])
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
 
-    # Per-frame functional groups: position, frame content, table position.
-    frames = []
-    centre_offset = (
+def _shared_image_groups(shared: Dataset, ctx: _SeriesContext) -> None:
+    """Shared functional groups of the image: plane, anatomy, pixel values, frame type."""
+    g = ctx.geometry
+    shared.PixelMeasuresSequence = _sequence_of(
+        PixelSpacing=_ds_list(g.pixel_spacing), SliceThickness=_ds(g.spacing[0]), SpacingBetweenSlices=_ds(g.spacing[0])
+    )
+    shared.PlaneOrientationSequence = _sequence_of(ImageOrientationPatient=_ds_list(g.image_orientation))
+    shared.FrameAnatomySequence = _sequence_of(
+        AnatomicRegionSequence=DicomSequence([_code("818981001", "SCT", "Abdomen")]), FrameLaterality="U"
+    )
+    shared.PixelValueTransformationSequence = _sequence_of(RescaleIntercept="-1024", RescaleSlope="1", RescaleType="HU")
+    shared.FrameVOILUTSequence = _sequence_of(WindowCenter=_ds(ctx.window[0]), WindowWidth=_ds(ctx.window[1]))
+    shared.CTImageFrameTypeSequence = _sequence_of(
+        FrameType=list(_ENHANCED_CT_FRAME_TYPE),
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+    )
+
+
+def _shared_ct_acquisition_groups(shared: Dataset, ctx: _SeriesContext) -> None:
+    """Shared functional groups of the helical acquisition (the same scanner settings as the single-frame CT)."""
+    shared.IrradiationEventIdentificationSequence = _sequence_of(
+        IrradiationEventUID=deterministic_uid(ctx.series_uid, "irradiation-event")
+    )
+    shared.CTAcquisitionTypeSequence = _sequence_of(
+        AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO"
+    )
+    shared.CTAcquisitionDetailsSequence = _sequence_of(
+        DataCollectionDiameter="500",
+        RotationDirection="CW",
+        RevolutionTime=0.5,
+        SingleCollimationWidth=0.625,
+        TotalCollimationWidth=40.0,
+        TableHeight="150",
+        GantryDetectorTilt="0",
+    )
+    shared.CTTableDynamicsSequence = _sequence_of(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)
+    shared.CTGeometrySequence = _sequence_of(
+        DistanceSourceToDetector="1085.6", DistanceSourceToDataCollectionCenter=595.0
+    )
+    shared.CTExposureSequence = _sequence_of(
+        ExposureTimeInms=500.0,
+        XRayTubeCurrentInmA=200.0,
+        ExposureInmAs=100.0,
+        ExposureModulationType="NONE",
+        CTDIvol=10.0,
+        CTDIPhantomTypeCodeSequence=DicomSequence([_code("113691", "DCM", "IEC Body Dosimetry Phantom")]),
+    )
+    shared.CTXRayDetailsSequence = _sequence_of(
+        KVP="120", FocalSpots=["1.2"], FilterType="BODY", FilterMaterial=["ALUMINUM"]
+    )
+    shared.ContrastBolusUsageSequence = _sequence_of(
+        ContrastBolusAgentNumber=1,
+        ContrastBolusAgentAdministered="YES",
+        ContrastBolusAgentDetected="YES",
+        ContrastBolusAgentPhase="PORTAL_VENOUS",
+    )
+
+
+def _shared_ct_reconstruction_groups(shared: Dataset, g: Geometry) -> None:
+    """Shared CT Reconstruction functional group: a soft-tissue filtered back projection over the field of view."""
+    shared.CTReconstructionSequence = _sequence_of(
+        ConvolutionKernel="B30f",
+        ConvolutionKernelGroup="SOFT_TISSUE",
+        ReconstructionDiameter=_ds(g.spacing[2] * g.shape[2]),
+        ReconstructionAlgorithm="FILTER_BACK_PROJ",
+        ReconstructionAngle=360.0,
+        ReconstructionPixelSpacing=[g.spacing[1], g.spacing[2]],
+        ImageFilter="NONE",
+    )
+
+
+def _ct_frame_groups(g: Geometry, k: int, acq_dt: str) -> Dataset:
+    """Per-frame functional groups of slice ``k``: frame content, plane position, CT position."""
+    item = Dataset()
+    item.FrameContentSequence = _sequence_of(
+        FrameAcquisitionNumber=1,
+        FrameReferenceDateTime=acq_dt,
+        FrameAcquisitionDateTime=acq_dt,
+        FrameAcquisitionDuration=500.0,
+        StackID="1",
+        InStackPositionNumber=k + 1,
+        DimensionIndexValues=[1, k + 1],
+    )
+    pos = g.slice_position(k)
+    item.PlanePositionSequence = _sequence_of(ImagePositionPatient=_ds_list(pos))
+    # The reconstruction target is the middle of the slice; the table moves along z.
+    half_plane = (
         g.row_direction * g.spacing[2] * (g.shape[2] - 1) / 2 + g.column_direction * g.spacing[1] * (g.shape[1] - 1) / 2
     )
-    for k in order:
-        item = Dataset()
-        fc = Dataset()
-        fc.FrameAcquisitionNumber = 1
-        fc.FrameReferenceDateTime = acq_dt
-        fc.FrameAcquisitionDateTime = acq_dt
-        fc.FrameAcquisitionDuration = 500.0
-        fc.StackID = "1"
-        fc.InStackPositionNumber = k + 1
-        fc.DimensionIndexValues = [1, k + 1]
-        item.FrameContentSequence = DicomSequence([fc])
-        pp = Dataset()
-        pos = g.slice_position(k)
-        pp.ImagePositionPatient = _ds_list(pos)
-        item.PlanePositionSequence = DicomSequence([pp])
-        cp = Dataset()
-        centre = pos + centre_offset
-        cp.TablePosition = float(-centre[2])
-        cp.ReconstructionTargetCenterPatient = [float(v) for v in centre]
-        cp.DataCollectionCenterPatient = [0.0, 0.0, float(centre[2])]
-        item.CTPositionSequence = DicomSequence([cp])
-        frames.append(item)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
-    ds.PixelData = np.ascontiguousarray(stored[order]).tobytes()
-    return ds
+    centre = pos + half_plane
+    item.CTPositionSequence = _sequence_of(
+        TablePosition=float(-centre[2]),
+        ReconstructionTargetCenterPatient=[float(v) for v in centre],
+        DataCollectionCenterPatient=[0.0, 0.0, float(centre[2])],
+    )
+    return item
 
 
 # -- public API ------------------------------------------------------------------
@@ -676,15 +681,13 @@ def write_series(
     Parameters
     ----------
     image : numpy.ndarray
-        ``(slices, rows, columns)`` real-world values: HU (CT), signal (MR)
-        or Bq/ml (PT).
+        ``(slices, rows, columns)`` real-world values: HU (CT), signal (MR) or Bq/ml (PT).
     geometry : Geometry
         Where the voxels are; slice ``k`` gets ``geometry.slice_position(k)``.
     modality : str
         ``CT``, ``MR`` or ``PT``.
     out_dir : pathlib.Path
-        Folder for the files (created); names are
-        ``<modality>_<InstanceNumber:04d>.dcm`` (multi-frame: ``_0001``).
+        Folder for the files (created); names are ``<modality>_<InstanceNumber:04d>.dcm`` (multi-frame: ``_0001``).
     study : StudyInfo
         Patient/study attributes.
     series_number : int
@@ -692,8 +695,7 @@ def write_series(
     series_description : str
         Series Description (and Protocol Name).
     reverse_order : bool
-        Number instances (or order frames) against spatial order: instance 1
-        is the last slice of ``geometry``.
+        Number instances (or order frames) against spatial order: instance 1 is the last slice of ``geometry``.
     multiframe : bool
         Write one multi-frame object (:data:`MULTIFRAME_IODS`) instead.
     frame_of_reference_uid : str
@@ -716,53 +718,67 @@ def write_series(
     list of pathlib.Path
         Written files in instance-number order.
     """
-    if modality not in SOP_CLASSES:
-        raise ValueError(f"modality must be CT, MR or PT, got {modality!r}")
-    image = np.asarray(image)
-    if tuple(image.shape) != geometry.shape:
-        raise ValueError(f"image shape {image.shape} does not match geometry {geometry.shape}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    series_uid = series_instance_uid or deterministic_uid(
-        study.study_instance_uid, "series", modality, series_number, multiframe, reverse_order
-    )
-    default_window = {"CT": (40.0, 400.0), "MR": (400.0, 900.0), "PT": (15000.0, 30000.0)}[modality]
+    image = _checked_image(image, geometry, modality)
     ctx = _SeriesContext(
         modality=modality,
         study=study,
         geometry=geometry,
-        series_uid=series_uid,
+        series_uid=series_instance_uid or _series_uid(study, modality, series_number, multiframe, reverse_order),
         series_number=series_number,
         series_description=series_description,
         frame_of_reference_uid=frame_of_reference_uid,
         series_time=series_time or study.study_time,
         pet=pet or PetInfo(),
-        window=window or default_window,
+        window=window or _DEFAULT_WINDOWS[modality],
         body_part=body_part,
         mr=mr_protocol or MrProtocol(),
     )
+    return _write_context(ctx, image, Path(out_dir), reverse_order=reverse_order, multiframe=multiframe)
+
+
+#: Default VOI window (centre, width) per modality: abdominal soft tissue, the phantoms' MR and PET ranges.
+_DEFAULT_WINDOWS = {"CT": (40.0, 400.0), "MR": (400.0, 900.0), "PT": (15000.0, 30000.0)}
+
+
+def _checked_image(image: np.ndarray, geometry: Geometry, modality: str) -> np.ndarray:
+    """``image`` as an array, once the modality is one this writer knows and the shape matches ``geometry``."""
+    if modality not in SOP_CLASSES:
+        raise ValueError(f"modality must be CT, MR or PT, got {modality!r}")
+    image = np.asarray(image)
+    if tuple(image.shape) != geometry.shape:
+        raise ValueError(f"image shape {image.shape} does not match geometry {geometry.shape}")
+    return image
+
+
+def _series_uid(study: StudyInfo, modality: str, series_number: int, multiframe: bool, reverse_order: bool) -> str:
+    """The Series Instance UID a series gets when none is given: the same arguments give the same UID."""
+    return deterministic_uid(study.study_instance_uid, "series", modality, series_number, multiframe, reverse_order)
+
+
+def _write_context(
+    ctx: _SeriesContext, image: np.ndarray, out_dir: Path, *, reverse_order: bool, multiframe: bool
+) -> list[Path]:
+    """Encode ``image`` and write it as the series ``ctx`` describes; the files in instance order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modality = ctx.modality
     stored, slopes, intercept, bits, signed = _encode(image, modality)
-    n = geometry.shape[0]
+    n = ctx.geometry.shape[0]
     order = list(range(n))[::-1] if reverse_order else list(range(n))  # order[i]: slice of instance/frame i+1
-
     if multiframe and modality == "CT":
-        ds = _enhanced_ct(ctx, order, stored)
-        path = out_dir / f"{modality}_0001.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        return [path]
-
+        return [_save(_enhanced_ct(ctx, order, stored), out_dir / f"{modality}_0001.dcm")]
     singles = [_single_frame(ctx, k, i + 1, stored[k], slopes[k], intercept, bits, signed) for i, k in enumerate(order)]
     if multiframe:
         if modality == "MR":  # Enhanced MR "image flavor" terms differ from the single-frame ones
             for ds in singles:
                 ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
         return [_write_legacy_converted(singles, ctx, order, out_dir)]
-    paths = []
-    for i, ds in enumerate(singles):
-        path = out_dir / f"{modality}_{i + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return [_save(ds, out_dir / f"{modality}_{i + 1:04d}.dcm") for i, ds in enumerate(singles)]
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM file (with its File Meta Information) at ``path``."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def _dimension_organization(ds: Dataset, series_uid: str) -> str:
@@ -820,9 +836,7 @@ def _write_legacy_converted(singles: list[Dataset], ctx: _SeriesContext, order: 
     for item in obj.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = ctx.study.study_date + ctx.series_time
-    path = out_dir / f"{ctx.modality}_0001.dcm"
-    obj.save_as(path, enforce_file_format=True)
-    return path
+    return _save(obj, out_dir / f"{ctx.modality}_0001.dcm")
 
 
 @dataclass
@@ -906,10 +920,6 @@ def write_phantom(
     PhantomFiles
         Paths and UIDs written.
     """
-    import nibabel as nib
-
-    from .phantom import PET_INJECTED_DOSE_BQ, PET_UPTAKE_S, SUV_BQML
-
     out_dir = Path(out_dir)
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
@@ -917,13 +927,11 @@ def write_phantom(
     frame_uid = deterministic_uid(phantom.uid_key, "frame-of-reference")
     files = PhantomFiles(out_dir, dicom_dir)
     files.uids = {"study": study.study_instance_uid, "frame_of_reference": frame_uid}
-    # Decay correction is to the PET series start, which is PET_UPTAKE_S after injection.
-    injection = _add_seconds(study.study_time, _SERIES_PLAN["PT"][2] - PET_UPTAKE_S)
-    pet = PetInfo(injected_dose_bq=PET_INJECTED_DOSE_BQ, injection_time=injection)
+    pet, pet_window = _phantom_pet(study)
     for modality, (image, geometry) in sorted(phantom.images.items()):
         number, description, offset = _SERIES_PLAN[modality]
-        series_uid = deterministic_uid(study.study_instance_uid, "series", modality, number, multiframe, reverse_order)
-        paths = write_series(
+        series_uid = _series_uid(study, modality, number, multiframe, reverse_order)
+        files.series[modality] = write_series(
             image,
             geometry,
             modality,
@@ -937,10 +945,28 @@ def write_phantom(
             series_instance_uid=series_uid,
             series_time=_add_seconds(study.study_time, offset),
             pet=pet if modality == "PT" else None,
-            window=(4.0 * SUV_BQML, 8.0 * SUV_BQML) if modality == "PT" else None,
+            window=pet_window if modality == "PT" else None,
         )
-        files.series[modality] = paths
         files.uids[f"series_{modality}"] = series_uid
+    files.truth = _write_truth(phantom, out_dir / "truth.nii.gz")
+    files.labels_json = out_dir / "labels.json"
+    meta = _phantom_description(phantom, study, files, reverse_order=reverse_order, multiframe=multiframe)
+    files.labels_json.write_text(json.dumps(meta, indent=2) + "\n")
+    return files
+
+
+def _phantom_pet(study: StudyInfo) -> tuple[PetInfo, tuple[float, float]]:
+    """The phantoms' PET administration (FDG) and VOI window (SUV 0-8)."""
+    from .phantom import PET_INJECTED_DOSE_BQ, PET_UPTAKE_S, SUV_BQML
+
+    # Decay correction is to the PET series start, which is PET_UPTAKE_S after injection.
+    injection = _add_seconds(study.study_time, _SERIES_PLAN["PT"][2] - PET_UPTAKE_S)
+    return PetInfo(injected_dose_bq=PET_INJECTED_DOSE_BQ, injection_time=injection), (4.0 * SUV_BQML, 8.0 * SUV_BQML)
+
+
+def _write_truth(phantom: Phantom, path: Path) -> Path:
+    """Write the phantom's label map as a uint8 NIfTI image in RAS at ``path``."""
+    import nibabel as nib
 
     g = phantom.geometry
     truth = nib.Nifti1Image(np.ascontiguousarray(phantom.labels.transpose(2, 1, 0)), g.nifti_affine())
@@ -949,10 +975,18 @@ def write_phantom(
     truth.set_qform(g.nifti_affine(), code=1)
     truth.set_sform(g.nifti_affine(), code=1)
     truth.header.set_xyzt_units("mm")
-    files.truth = out_dir / "truth.nii.gz"
-    nib.save(truth, files.truth)
+    nib.save(truth, path)
+    return path
 
-    meta = {
+
+def _phantom_description(
+    phantom: Phantom, study: StudyInfo, files: PhantomFiles, *, reverse_order: bool, multiframe: bool
+) -> dict[str, object]:
+    """The content of ``labels.json``: labels, how the study was written, its geometry, volumes and UIDs."""
+    from .phantom import PET_INJECTED_DOSE_BQ, SUV_BQML
+
+    g = phantom.geometry
+    meta: dict[str, object] = {
         "labels": {str(k): v for k, v in phantom.label_names.items()},
         "modality": phantom.modality,
         "seed": phantom.seed,
@@ -981,6 +1015,4 @@ def write_phantom(
             "injected_dose_bq": PET_INJECTED_DOSE_BQ,
             "patient_weight_kg": study.patient_weight_kg,
         }
-    files.labels_json = out_dir / "labels.json"
-    files.labels_json.write_text(json.dumps(meta, indent=2) + "\n")
-    return files
+    return meta
