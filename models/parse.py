@@ -1052,7 +1052,7 @@ def _apply_list_rules(
         # "gluteus maximus, medius and minimus on the left": the side closes the whole list.
         lat = _LATERAL[side.group(1) or side.group(2)]
         targets = [
-            t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat)), t)
+            t if t.concept.laterality or t.negated else _borrow_head(ParsedTarget("", Concept((), lat), (lat,)), t)
             for t in targets
         ]
     targets = _both_sides_named(_spread_leading_side(_other_side_remains(_share_qualifiers(targets))))
@@ -1372,6 +1372,15 @@ def _both_sides_named(targets: list[ParsedTarget]) -> list[ParsedTarget]:
             t = _with_side(t, None) if t.concept.laterality else t
         out.append(t)
     return out
+
+
+def names_side(target: ParsedTarget) -> bool:
+    """Whether the request names the side of ``target`` itself ("left kidney", "kidneys, right side").
+
+    False for a side spread from the first item of a list ("right kidney and liver": the liver
+    may have no side at all).
+    """
+    return any(w in _LATERAL for w in target.words)
 
 
 def _spread_leading_side(targets: list[ParsedTarget]) -> list[ParsedTarget]:

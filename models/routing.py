@@ -1042,14 +1042,18 @@ class Router:
         c = pt.concept
         cap = 1.0
         why_cap = ""
-        # Laterality: a sided target never takes the other side; a sideless label of a
-        # paired structure covers more than asked.
+        # Laterality: a sided target takes only labels of its side (held-out convention 4): not
+        # the other side, nor a sideless label of a paired structure, which would deliver both.
         if c.laterality in ("left", "right"):
             if e.laterality in ("left", "right") and e.laterality != c.laterality:
                 return None
-            # A sideless lesion label ("kidney masses") finds lesions on either side: no cap.
-            paired = not e.lesion and any(f.core in self._index.paired for f in e.forms)
-            if e.laterality == "bilateral" or (e.laterality is None and paired):
+            # A sideless lesion label ("kidney masses") finds lesions on either side.
+            sideless = e.laterality == "bilateral" or (e.laterality is None and not e.lesion)
+            if sideless and grammar.names_side(pt):
+                return None
+            # A side spread from the list's first item ("right kidney and liver") may not concern
+            # this structure: a sideless label of an unpaired one stands, a paired one's is capped.
+            if sideless and any(f.core in self._index.paired for f in e.forms):
                 cap, why_cap = SCORE_COARSE, f"label covers both sides, {c.laterality} asked"
         # Indices (rib numbers, vertebral levels).
         if c.index:

@@ -734,6 +734,13 @@ add("myocardium of the left ventricle", "MR", None, MYOCARDIUM)
 add("LV and RV cavities, short axis", "MR", None, LV, RV)
 add("left ventricular wall", "CT", None, MYOCARDIUM)
 
+# one side named of a structure whose labels have none: nothing (convention 4); a side spread from
+# the first item of a list does not take a single organ's label away
+add("the left kneecap only", "CT", None)
+add("R breast", "CT", None)
+add("tibia, left side", "CT", None)
+add("left kidney and the spleen", "CT", None, KIDNEY.on("left"), SPLEEN)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
