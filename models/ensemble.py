@@ -278,27 +278,10 @@ def fuse_target(
     TargetResult
         An all-zero score when every member was dropped.
     """
-    exclude = exclude or {}
-    ranked = sorted(members, key=lambda m: (m.rank_key, m.model))
     # Competition ranking ("1, 1, 3"): members with equal keys share a rank, and so a weight.
     ranks = {m.model: 1 + sum(o.rank_key < m.rank_key for o in members) for m in members}
-    dropped: dict[str, str] = {}
-    kept: list[_Kept] = []
-    for member in ranked:
-        rank = ranks[member.model]
-        if member.model in exclude:
-            dropped[member.model] = exclude[member.model]
-            continue
-        boxed = as_boxed(member.probability)
-        if shape is None:
-            shape = boxed.shape
-        elif boxed.shape != shape:
-            raise ValueError(f"member {member.model} has grid {boxed.shape}, expected {shape}")
-        reason = _implausible(boxed, voxel_ml, volume_range_ml, max_speckle_share, speckle_ml)
-        if reason:
-            dropped[member.model] = reason
-        else:
-            kept.append(_Kept(rank, member.model, boxed, boxed.count(0.5)))
+    rules = FusionRules(volume_range_ml, max_speckle_share, speckle_ml, min_agreement)
+    kept, dropped, shape = _screen(members, ranks, exclude or {}, shape, voxel_ml=voxel_ml, rules=rules)
     pairs = {(a.model, b.model): _dice(a.map, b.map) for i, a in enumerate(kept) for b in kept[i + 1 :]}
     agreement = float(np.mean(list(pairs.values()))) if pairs else None
     if image is not None and min_misplacement is not None and len(kept) >= 2:
@@ -307,6 +290,47 @@ def fuse_target(
     if min_agreement is not None and len(kept) >= 2:
         kept, outliers = _drop_outliers(kept, min_agreement, pairs)
         dropped.update(outliers)
+    return _fused(target, shape, kept, ranks, dropped, agreement)
+
+
+def _screen(
+    members: Sequence[Member],
+    ranks: Mapping[str, int],
+    exclude: Mapping[str, str],
+    shape: tuple[int, int, int] | None,
+    *,
+    voxel_ml: float,
+    rules: FusionRules,
+) -> tuple[list[_Kept], dict[str, str], tuple[int, int, int] | None]:
+    """Members whose masks are plausible, best first; why the others were dropped; the grid they share."""
+    dropped: dict[str, str] = {}
+    kept: list[_Kept] = []
+    for member in sorted(members, key=lambda m: (m.rank_key, m.model)):
+        if member.model in exclude:
+            dropped[member.model] = exclude[member.model]
+            continue
+        boxed = as_boxed(member.probability)
+        if shape is None:
+            shape = boxed.shape
+        elif boxed.shape != shape:
+            raise ValueError(f"member {member.model} has grid {boxed.shape}, expected {shape}")
+        reason = _implausible(boxed, voxel_ml, rules.volume_range_ml, rules.max_speckle_share, rules.speckle_ml)
+        if reason:
+            dropped[member.model] = reason
+        else:
+            kept.append(_Kept(ranks[member.model], member.model, boxed, boxed.count(0.5)))
+    return kept, dropped, shape
+
+
+def _fused(
+    target: str,
+    shape: tuple[int, int, int] | None,
+    kept: list[_Kept],
+    ranks: dict[str, int],
+    dropped: dict[str, str],
+    agreement: float | None,
+) -> TargetResult:
+    """The rank-weighted sum of the kept members' maps; an all-zero score when none is left."""
     if shape is None:
         return TargetResult(target, BoxedMap.empty((0, 0, 0)), {}, ranks, dropped, agreement)
     if not kept:
@@ -633,17 +657,27 @@ def placement_evidence(
         ``None`` when a mask is empty, the masks do not overlap at any shift,
         or they are best aligned as they are (``d = 0``: nothing to decide).
     """
-    from scipy import ndimage
-
-    found = [_mask_of(m) for m in (a, b)]
-    if found[0] is None or found[1] is None:
+    found_a, found_b = (_mask_of(m) for m in (a, b))
+    if found_a is None or found_b is None:
         return None
+    box, step, (mask_a, mask_b) = _test_grid((found_a, found_b), image.shape, max_voxels)
+    if not mask_a.any() or not mask_b.any():
+        return None
+    d, overlap = _peak_offset(mask_a, mask_b)
+    if not d.any() or overlap == 0:
+        return None  # aligned as they are, or never overlapping: not two views of one structure
+    rho_a, rho_b = _edge_fits(image[box], step, d, mask_a, mask_b, sigma)
+    return Placement(tuple(int(v) * step for v in d), rho_a, rho_b)  # type: ignore[arg-type]
+
+
+def _test_grid(
+    found: tuple[tuple[tuple[slice, ...], np.ndarray], ...], shape: tuple[int, ...], max_voxels: int
+) -> tuple[tuple[slice, ...], int, list[np.ndarray]]:
+    """The box both masks lie in (with a margin), its coarsening step, and each mask on it, coarsened."""
     (box_a, _), (box_b, _) = found
     union = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(box_a, box_b, strict=True))
     margin = 3  # room for the shells and the gradient's support
-    box = tuple(
-        slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(union, image.shape, strict=True)
-    )
+    box = tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(union, shape, strict=True))
     extent = tuple(s.stop - s.start for s in box)
     step = max(1, int(np.ceil((np.prod(extent) / max_voxels) ** (1 / 3))))
     masks = []
@@ -651,14 +685,20 @@ def placement_evidence(
         mask = np.zeros(extent, bool)
         mask[_local(own_box, box)] = own_mask
         masks.append(_coarsen(mask, step) > 0.5 if step > 1 else mask)
-    mask_a, mask_b = masks
-    if not mask_a.any() or not mask_b.any():
-        return None
-    d, overlap = _peak_offset(mask_a, mask_b)
-    if not d.any() or overlap == 0:
-        return None  # aligned as they are, or never overlapping: not two views of one structure
+    return box, step, masks
+
+
+def _edge_fits(
+    image: np.ndarray, step: int, d: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, sigma: float
+) -> tuple[float, float]:
+    """``rho_a`` and ``rho_b`` of :func:`placement_evidence`: each shell's edge strength moved onto the other's place.
+
+    ``image`` is the test box of the study's image; ``d`` the shift, in test-grid voxels, of ``b`` onto ``a``.
+    """
+    from scipy import ndimage
+
     # NaNs (a corrupt or padded image) would spread through the gradient and silence the rule.
-    crop = np.nan_to_num(_coarsen(image[box], step).astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    crop = np.nan_to_num(_coarsen(image, step).astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     edges = ndimage.gaussian_gradient_magnitude(crop, sigma)
     reach = np.abs(d)
     # Pad each axis by its own shift only: a shell moved out of the box reads the box's border.
@@ -672,7 +712,7 @@ def placement_evidence(
     tiny = 1e-12  # a flat image gives no evidence either way
     rho_a = float(np.log((fit(shell_a, -d) + tiny) / (fit(shell_a, 0 * d) + tiny)))
     rho_b = float(np.log((fit(shell_b, d) + tiny) / (fit(shell_b, 0 * d) + tiny)))
-    return Placement(tuple(int(v) * step for v in d), rho_a, rho_b)  # type: ignore[arg-type]
+    return rho_a, rho_b
 
 
 def study_outliers(
