@@ -125,36 +125,11 @@ def target_grid(
         return source
     lo_idx, hi_idx, cropped = _index_box(source.shape, foreground)
     margin = margin_mm if cropped else 0.0
-    corners = np.array(
-        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])],
-        dtype=float,
-    )
-    points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
-    coords = points @ axes.T  # position along each target axis
-    low, high = coords.min(axis=0), coords.max(axis=0)
+    low, high = _extent_along(source, axes, lo_idx, hi_idx)
     if size is not None:
-        n = np.array([int(v) for v in size])
-        if n.shape != (3,) or (n < 1).any():
-            raise ValueError(f"size must be three positive ints (x, y, z), got {size!r}")
-        low, high = low - margin, high + margin
-        step = np.maximum((high - low) / np.maximum(n - 1, 1), 1e-3)
-        start = low
+        n, step, start = _sized_axes(size, low, high, margin)
     else:
-        if spacing is None:
-            # The source axis (column, row, slice) closest to each target axis lends its spacing.
-            source_axes = np.stack([source.row_direction, source.column_direction, source.slice_direction])
-            source_spacing = np.array([source.spacing[2], source.spacing[1], source.spacing[0]])
-            step = source_spacing[np.argmax(np.abs(axes @ source_axes.T), axis=1)]
-        else:
-            step = np.array([float(v) for v in spacing])
-            if step.shape != (3,) or (step <= 0).any():
-                raise ValueError(f"spacing must be three positive numbers (x, y, z), got {spacing!r}")
-        extent = (high - low) / step
-        # Whole voxels, so an aligned source keeps its voxel centres (no interpolation).
-        whole = np.where(np.isclose(extent, np.round(extent), atol=1e-3), np.round(extent), np.ceil(extent))
-        pad = np.ceil(margin / step - 1e-9)
-        n = (whole + 1 + 2 * pad).astype(int)
-        start = (low + high) / 2 - (n - 1) * step / 2
+        n, step, start = _spaced_axes(source, axes, spacing, low, high, margin)
     origin = axes.T @ start
     return Geometry(
         shape=(int(n[2]), int(n[1]), int(n[0])),
@@ -164,6 +139,57 @@ def target_grid(
         slice_direction=axes[2],
         spacing=(float(step[2]), float(step[1]), float(step[0])),
     )
+
+
+def _extent_along(
+    source: Geometry, axes: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest position along each of ``axes`` of the index box's corner voxel centres."""
+    corners = np.array(
+        [[c, r, s] for c in (lo_idx[2], hi_idx[2]) for r in (lo_idx[1], hi_idx[1]) for s in (lo_idx[0], hi_idx[0])],
+        dtype=float,
+    )
+    points = source.index_to_lps(corners[:, 0], corners[:, 1], corners[:, 2])
+    coords = points @ axes.T  # position along each target axis
+    return coords.min(axis=0), coords.max(axis=0)
+
+
+def _sized_axes(
+    size: Sequence[int], low: np.ndarray, high: np.ndarray, margin: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel counts, spacing and first voxel centre of a fixed-size grid whose end voxels sit on the box's faces."""
+    n = np.array([int(v) for v in size])
+    if n.shape != (3,) or (n < 1).any():
+        raise ValueError(f"size must be three positive ints (x, y, z), got {size!r}")
+    low, high = low - margin, high + margin
+    step = np.maximum((high - low) / np.maximum(n - 1, 1), 1e-3)
+    return n, step, low
+
+
+def _spaced_axes(
+    source: Geometry,
+    axes: np.ndarray,
+    spacing: Sequence[float] | None,
+    low: np.ndarray,
+    high: np.ndarray,
+    margin: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel counts, spacing and first voxel centre of a grid of given (or the source's) spacing, centred on the box."""
+    if spacing is None:
+        # The source axis (column, row, slice) closest to each target axis lends its spacing.
+        source_axes = np.stack([source.row_direction, source.column_direction, source.slice_direction])
+        source_spacing = np.array([source.spacing[2], source.spacing[1], source.spacing[0]])
+        step = source_spacing[np.argmax(np.abs(axes @ source_axes.T), axis=1)]
+    else:
+        step = np.array([float(v) for v in spacing])
+        if step.shape != (3,) or (step <= 0).any():
+            raise ValueError(f"spacing must be three positive numbers (x, y, z), got {spacing!r}")
+    extent = (high - low) / step
+    # Whole voxels, so an aligned source keeps its voxel centres (no interpolation).
+    whole = np.where(np.isclose(extent, np.round(extent), atol=1e-3), np.round(extent), np.ceil(extent))
+    pad = np.ceil(margin / step - 1e-9)
+    n = (whole + 1 + 2 * pad).astype(int)
+    return n, step, (low + high) / 2 - (n - 1) * step / 2
 
 
 def model_grid(
