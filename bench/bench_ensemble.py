@@ -46,7 +46,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,10 @@ TOLERANCE = 0.01  # one Dice point
 #: apart score like two sound members on the image, so no rule can tell which is right without a third.
 JUDGED_SHIFT_VOXELS = 1.5
 SEGMENTED = 0.5  # a model "segments" an organ from this Dice on
+
+
+#: ``(scenario, broken model, mode, shift mm)``; mode and model are ``None`` in the clean run.
+Scenario = tuple[str, str | None, str | None, float]
 
 
 @dataclass
@@ -185,14 +189,42 @@ def verdict(holds: bool, judged: bool) -> str:
     return "yes" if holds else "**no**"
 
 
-def scenarios_of(names: list[str], shifts: list[float]) -> list[tuple[str, str | None, str | None, float]]:
+def scenarios_of(names: list[str], shifts: list[float]) -> list[Scenario]:
     """``(scenario, broken model, mode, shift mm)``: clean, then every way of breaking every member."""
-    out: list[tuple[str, str | None, str | None, float]] = [("clean", None, None, 0.0)]
+    out: list[Scenario] = [("clean", None, None, 0.0)]
     for name in names:
         out += [(f"failed {name}", name, "failed", 0.0), (f"emptied {name}", name, "emptied", 0.0)]
         out += [(f"shifted {mm:g} mm {name}", name, "shifted", mm) for mm in shifts]
         out.append((f"noisy {name}", name, "noisy", 0.0))
     return out
+
+
+@dataclass
+class Tally:
+    """What one modality's runs collected, over phantoms and scenarios."""
+
+    #: scenario -> model (or ``ensemble``) -> organ -> Dice per phantom.
+    scores: dict[str, dict[str, dict[str, list[float]]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    )
+    #: organ -> the models that got the highest weight in a clean run.
+    top: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: scenario -> ``organ: model (reason)`` per member the ensemble dropped.
+    drops: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    #: Mean Dice of each pair of clean models per phantom.
+    agreement: list[float] = field(default_factory=list)
+    #: |placement evidence| between the clean models, per target.
+    sound_target: list[float] = field(default_factory=list)
+    #: The same summed over a study, as the study rule sums it.
+    sound_study: list[float] = field(default_factory=list)
+    #: Seconds of each fusion.
+    fusion_s: list[float] = field(default_factory=list)
+    #: Finest voxel spacing (mm) of the phantoms.
+    voxel_mm: float = float("inf")
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values))
 
 
 def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> bool:
@@ -212,137 +244,164 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
     direction = np.asarray(args.shift_direction, float)
     direction /= np.linalg.norm(direction)
     scenarios = scenarios_of(names, args.shifts_mm)
-    scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    top: dict[str, set[str]] = defaultdict(set)
-    drops: dict[str, list[str]] = defaultdict(list)
-    agreement: list[float] = []
-    sound_target: list[float] = []  # |placement evidence| between the clean models, per target
-    sound_study: list[float] = []  # the same summed over a study, as the study rule sums it
-    fusion_s: list[float] = []
-    voxel_mm = float("inf")
+    tally = Tally()
     t_start = time.perf_counter()
     for i in range(args.phantoms):
         seed, orientation = args.seed + i, ORIENTATIONS[i % len(ORIENTATIONS)]
         t0 = time.perf_counter()
         case = run_case(modality, seed, orientation, args.size, args.slices, executor, jobs)
-        voxel_mm = min(voxel_mm, float(min(case.geometry.spacing)))
-        # How much the sound models agree per study, and how much placement evidence they raise against
-        # each other: the study rule's gate must sit below the first, the placement thresholds above the rest.
-        for a, b in [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]:
-            shared = [o for o in ORGANS if case.maps[a][o].count() and case.maps[b][o].count()]
-            pairs = [dice(case.maps[a][o].dense() > 0.5, case.maps[b][o].dense() > 0.5) for o in shared]
-            agreement.append(float(np.mean(pairs)) if pairs else float("nan"))
-            found = [placement_evidence(case.maps[a][o], case.maps[b][o], case.image) for o in shared]
-            evidence = [0.0 if p is None else p.against_a for p in found]
-            sound_target.extend(abs(e) for e in evidence)
-            if evidence:
-                sound_study.append(abs(sum(evidence)) / np.sqrt(len(evidence)))
-        for scenario, broken, mode, mm in scenarios:
-            maps: dict[str, dict[str, BoxedMap] | None] = {}
-            for name in names:
-                if name != broken:
-                    maps[name] = case.maps[name]
-                elif mode == "failed":
-                    maps[name] = None
-                else:
-                    shift = tuple(mm * direction)
-                    maps[name] = {
-                        o: break_map(m, mode, case.geometry, rng, shift, args.noise)  # type: ignore[arg-type]
-                        for o, m in case.maps[name].items()
-                    }
-            for name, model_maps in maps.items():
-                single = single_dice(case, model_maps) if model_maps is not None else dict.fromkeys(ORGANS, 0.0)
-                for organ, value in single.items():
-                    scores[scenario][name][organ].append(value)
-            fused, decisions, seconds = ensemble_dice(case, dataset, refs, maps)
-            fusion_s.append(seconds)
-            for organ, value in fused.items():
-                scores[scenario]["ensemble"][organ].append(value)
-                if scenario == "clean":
-                    weights = decisions[organ]["weights"]
-                    top[organ].add(max(weights, key=weights.get) if weights else "-")
-                for name, why in decisions[organ]["dropped"].items():
-                    drops[scenario].append(f"{organ}: {name} ({why.split(' (')[0]})")
+        tally.voxel_mm = min(tally.voxel_mm, float(min(case.geometry.spacing)))
+        _tally_sound_models(case, names, tally)
+        for scenario in scenarios:
+            maps = _scenario_maps(case, names, scenario, direction, rng, args.noise)
+            _tally_scenario(case, dataset, refs, scenario[0], maps, tally)
         print(f"  {modality} phantom seed {seed} ({orientation}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    def mean(values: list[float]) -> float:
-        return float(np.mean(values))
-
     lines = [f"## {modality} ({args.phantoms} phantoms, {args.size}x{args.size}x{args.slices})", ""]
-    lines += ["Clean run, mean Dice over phantoms:", ""]
+    lines += _clean_report(names, tally)
+    table, failures = _scenario_report(modality, names, scenarios, tally)
+    lines += table
+    lines += _drops_report(scenarios, tally)
+    lines += [
+        "",
+        f"Fusion (`fuse_study` + `resolve_overlaps`) per study: mean {_mean(tally.fusion_s):.3f} s,"
+        f" max {max(tally.fusion_s):.3f} s over {len(tally.fusion_s)} fusions.",
+        "",
+    ]
+    lines += ["Criteria that failed:" if failures else "Criteria that failed: none.", ""]
+    lines += [f"* {f}" for f in failures]
+    lines += ["", f"{modality}: {time.perf_counter() - t_start:.0f} s", ""]
+    out.extend(lines)
+    print("\n".join(lines))
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return not failures
+
+
+def _tally_sound_models(case: Case, names: list[str], tally: Tally) -> None:
+    """How much the sound models agree per study, and how much placement evidence they raise against each other.
+
+    The study rule's gate must sit below the first, the placement thresholds above the rest.
+    """
+    for a, b in [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]:
+        shared = [o for o in ORGANS if case.maps[a][o].count() and case.maps[b][o].count()]
+        pairs = [dice(case.maps[a][o].dense() > 0.5, case.maps[b][o].dense() > 0.5) for o in shared]
+        tally.agreement.append(float(np.mean(pairs)) if pairs else float("nan"))
+        found = [placement_evidence(case.maps[a][o], case.maps[b][o], case.image) for o in shared]
+        evidence = [0.0 if p is None else p.against_a for p in found]
+        tally.sound_target.extend(abs(e) for e in evidence)
+        if evidence:
+            tally.sound_study.append(abs(sum(evidence)) / np.sqrt(len(evidence)))
+
+
+def _scenario_maps(
+    case: Case,
+    names: list[str],
+    scenario: Scenario,
+    direction: np.ndarray,
+    rng: np.random.Generator,
+    noise: float,
+) -> dict[str, dict[str, BoxedMap] | None]:
+    """Each model's maps in ``scenario``: the broken model's broken (``None``: it failed), the others' as they are."""
+    _, broken, mode, mm = scenario
+    maps: dict[str, dict[str, BoxedMap] | None] = {}
+    for name in names:
+        if name != broken:
+            maps[name] = case.maps[name]
+        elif mode == "failed":
+            maps[name] = None
+        else:
+            shift = tuple(mm * direction)
+            maps[name] = {
+                o: break_map(m, mode, case.geometry, rng, shift, noise)  # type: ignore[arg-type]
+                for o, m in case.maps[name].items()
+            }
+    return maps
+
+
+def _tally_scenario(
+    case: Case,
+    dataset: Dataset,
+    refs: dict[str, ModelRef],
+    scenario: str,
+    maps: dict[str, dict[str, BoxedMap] | None],
+    tally: Tally,
+) -> None:
+    """Score each model alone and the ensemble on one phantom in one scenario; note what the ensemble dropped."""
+    scores = tally.scores[scenario]
+    for name, model_maps in maps.items():
+        single = single_dice(case, model_maps) if model_maps is not None else dict.fromkeys(ORGANS, 0.0)
+        for organ, value in single.items():
+            scores[name][organ].append(value)
+    fused, decisions, seconds = ensemble_dice(case, dataset, refs, maps)
+    tally.fusion_s.append(seconds)
+    for organ, value in fused.items():
+        scores["ensemble"][organ].append(value)
+        if scenario == "clean":
+            weights = decisions[organ]["weights"]
+            tally.top[organ].add(max(weights, key=weights.get) if weights else "-")
+        for name, why in decisions[organ]["dropped"].items():
+            tally.drops[scenario].append(f"{organ}: {name} ({why.split(' (')[0]})")
+
+
+def _clean_report(names: list[str], tally: Tally) -> list[str]:
+    """The clean run's table, the sound models' agreement and placement evidence, and who ranked first."""
+    lines = ["Clean run, mean Dice over phantoms:", ""]
     header = "| organ | " + " | ".join(names) + " | ensemble | ensemble - best single | rank 1 |"
     lines += [header, "|" + "---|" * (len(names) + 4)]
-    clean = scores["clean"]
+    clean, top = tally.scores["clean"], tally.top
     for organ in ORGANS:
-        singles = [mean(clean[n][organ]) for n in names]
-        ens = mean(clean["ensemble"][organ])
+        singles = [_mean(clean[n][organ]) for n in names]
+        ens = _mean(clean["ensemble"][organ])
         lines.append(
             f"| {organ} | "
             + " | ".join(f"{v:.3f}" for v in singles)
             + f" | **{ens:.3f}** | {ens - max(singles):+.3f} | {', '.join(sorted(top[organ]))} |"
         )
     ranks_first = {n: [o for o in ORGANS if top[o] == {n}] for n in names}
-    lines += [
+    return [
+        *lines,
         "",
         "Agreement of the clean models per phantom (mean Dice over organs both segment): "
-        + ", ".join(f"{v:.2f}" for v in agreement)
+        + ", ".join(f"{v:.2f}" for v in tally.agreement)
         + f" (study rule gate: {MIN_STUDY_AGREEMENT}).",
         "",
-        f"Placement evidence between the clean models: largest |e| per target {max(sound_target, default=0):.2f}"
-        f" (drop threshold {MIN_MISPLACEMENT}), largest |S| per study {max(sound_study, default=0):.2f}"
+        f"Placement evidence between the clean models: largest |e| per target {max(tally.sound_target, default=0):.2f}"
+        f" (drop threshold {MIN_MISPLACEMENT}), largest |S| per study {max(tally.sound_study, default=0):.2f}"
         f" (drop threshold {MIN_STUDY_MISPLACEMENT}).",
         "",
         "Top-ranked (weight 2/3 of two) in the clean run: "
         + "; ".join(f"{n} for {len(o)} organs" for n, o in ranks_first.items())
         + ".",
     ]
-    lines += [
+
+
+def _scenario_report(
+    modality: str, names: list[str], scenarios: list[Scenario], tally: Tally
+) -> tuple[list[str], list[str]]:
+    """The scenarios' table with a verdict per criterion, its notes, and the criteria that failed."""
+    clean = tally.scores["clean"]
+    segmented = [o for o in ORGANS if max(_mean(clean[n][o]) for n in names) >= SEGMENTED]
+    lines = [
         "",
         "Scenarios (mean Dice over organs and phantoms; criteria per organ on phantom means; `recovers`: ensemble"
         f" >= best intact member - {TOLERANCE}, for `clean` the best member):",
         "",
-    ]
-    segmented = [o for o in ORGANS if max(mean(clean[n][o]) for n in names) >= SEGMENTED]
-    lines += [
         "| scenario | "
         + " | ".join(names)
         + " | ensemble | worst organ: ensemble - best intact | recovers | holds where a model segments the organ"
-        + " | strict: ensemble - best of all members |"
+        + " | strict: ensemble - best of all members |",
+        "|" + "---|" * (len(names) + 6),
     ]
-    lines += ["|" + "---|" * (len(names) + 6)]
     failures: list[str] = []
     unjudged: list[str] = []
-    for scenario, broken, mode, mm in scenarios:
-        table = scores[scenario]
-        judged = not (mode == "shifted" and mm < JUDGED_SHIFT_VOXELS * voxel_mm)
+    for scenario in scenarios:
+        row, failed, judged = _scenario_row(modality, names, scenario, tally, segmented)
+        lines.append(row)
+        failures += failed
         if not judged:
-            unjudged.append(scenario)
-        intact = [n for n in names if n != broken]
-        gaps, strict = {}, {}
-        for organ in ORGANS:
-            ens = mean(table["ensemble"][organ])
-            gaps[organ] = ens - max(mean(table[n][organ]) for n in intact)
-            strict[organ] = ens - max(mean(table[n][organ]) for n in names)
-        worst = min(gaps, key=gaps.get)
-        worst_strict = min(strict, key=strict.get)
-        holds = gaps[worst] >= -TOLERANCE
-        holds_segmented = all(gaps[o] >= -TOLERANCE for o in segmented)
-        criterion = "ensemble >= best single member" if broken is None else "recovers the best intact member"
-        failures += [
-            f"{modality} {scenario}: {organ} {gap:+.3f} (criterion: {criterion} - {TOLERANCE}"
-            + ("" if organ in segmented else f"; no model reaches Dice {SEGMENTED} on it")
-            + ")"
-            for organ, gap in gaps.items()
-            if gap < -TOLERANCE and judged
-        ]
-        means = [mean([v for o in ORGANS for v in table[n][o]]) for n in [*names, "ensemble"]]
-        lines.append(
-            f"| {scenario} | "
-            + " | ".join(f"{v:.3f}" for v in means[:-1])
-            + f" | **{means[-1]:.3f}** | {gaps[worst]:+.3f} ({worst}) | {verdict(holds, judged)}"
-            + f" | {verdict(holds_segmented, judged)} | {strict[worst_strict]:+.3f} ({worst_strict}) |"
-        )
+            unjudged.append(scenario[0])
     if unjudged:
+        voxel_mm = tally.voxel_mm
         lines += [
             "",
             f"Not judged (reported only): {', '.join(unjudged)} -- a shift below {JUDGED_SHIFT_VOXELS:g} voxels"
@@ -356,28 +415,55 @@ def bench_modality(modality: str, args: argparse.Namespace, out: list[str]) -> b
             f"No single model reaches Dice {SEGMENTED} on: {', '.join(unsegmented)} (clean run); the"
             " 'holds where a model segments the organ' column leaves those out.",
         ]
-    lines += ["", "Members the ensemble dropped (organ: model (reason), over phantoms):", ""]
+    return lines, failures
+
+
+def _scenario_row(
+    modality: str, names: list[str], scenario: Scenario, tally: Tally, segmented: list[str]
+) -> tuple[str, list[str], bool]:
+    """One scenario's table row, the criteria it failed, and whether it is judged at all."""
+    name, broken, mode, mm = scenario
+    table = tally.scores[name]
+    judged = not (mode == "shifted" and mm < JUDGED_SHIFT_VOXELS * tally.voxel_mm)
+    intact = [n for n in names if n != broken]
+    gaps, strict = {}, {}
+    for organ in ORGANS:
+        ens = _mean(table["ensemble"][organ])
+        gaps[organ] = ens - max(_mean(table[n][organ]) for n in intact)
+        strict[organ] = ens - max(_mean(table[n][organ]) for n in names)
+    worst = min(gaps, key=gaps.get)
+    worst_strict = min(strict, key=strict.get)
+    holds = gaps[worst] >= -TOLERANCE
+    holds_segmented = all(gaps[o] >= -TOLERANCE for o in segmented)
+    criterion = "ensemble >= best single member" if broken is None else "recovers the best intact member"
+    failures = [
+        f"{modality} {name}: {organ} {gap:+.3f} (criterion: {criterion} - {TOLERANCE}"
+        + ("" if organ in segmented else f"; no model reaches Dice {SEGMENTED} on it")
+        + ")"
+        for organ, gap in gaps.items()
+        if gap < -TOLERANCE and judged
+    ]
+    means = [_mean([v for o in ORGANS for v in table[n][o]]) for n in [*names, "ensemble"]]
+    row = (
+        f"| {name} | "
+        + " | ".join(f"{v:.3f}" for v in means[:-1])
+        + f" | **{means[-1]:.3f}** | {gaps[worst]:+.3f} ({worst}) | {verdict(holds, judged)}"
+        + f" | {verdict(holds_segmented, judged)} | {strict[worst_strict]:+.3f} ({worst_strict}) |"
+    )
+    return row, failures, judged
+
+
+def _drops_report(scenarios: list[Scenario], tally: Tally) -> list[str]:
+    """Members the ensemble dropped per scenario, counted over phantoms."""
+    lines = ["", "Members the ensemble dropped (organ: model (reason), over phantoms):", ""]
     for scenario, _, _, _ in scenarios:
-        if drops[scenario]:
+        if tally.drops[scenario]:
             counted: dict[str, int] = defaultdict(int)
-            for item in drops[scenario]:
+            for item in tally.drops[scenario]:
                 counted[item] += 1
             summary = "; ".join(f"{k} x{v}" for k, v in sorted(counted.items()))
             lines.append(f"* {scenario}: {summary}")
-    lines += [
-        "",
-        f"Fusion (`fuse_study` + `resolve_overlaps`) per study: mean {mean(fusion_s):.3f} s,"
-        f" max {max(fusion_s):.3f} s over {len(fusion_s)} fusions.",
-        "",
-    ]
-    lines += ["Criteria that failed:" if failures else "Criteria that failed: none.", ""]
-    lines += [f"* {f}" for f in failures]
-    lines += ["", f"{modality}: {time.perf_counter() - t_start:.0f} s", ""]
-    out.extend(lines)
-    print("\n".join(lines))
-    for f in failures:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return not failures
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
