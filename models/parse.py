@@ -981,7 +981,35 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
-    return _rejoin_regions(raw_segments)
+    return _share_head_noun(_rejoin_regions(raw_segments))
+
+
+# Adjectives that tell one structure of a series from another: an item of a list made of them
+# alone takes the head noun of the item after it.
+# fmt: off
+_SERIES_ADJECTIVES = frozenset({
+    "medial", "lateral", "anterior", "posterior", "superior", "inferior", "upper", "lower", "middle",
+    "internal", "external", "common", "proximal", "distal",
+    "frontal", "parietal", "occipital", "temporal", "maxillary", "sphenoid", "ethmoid",
+})
+# fmt: on
+
+
+def _share_head_noun(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """ "medial and lateral menisci", "frontal, parietal and occipital lobes": each item is a meniscus, a lobe."""
+    out = list(segments)
+    for i in range(len(out) - 2, -1, -1):  # from the end, so that "upper, middle and lower lobes" chains
+        (seg, neg), (nxt, nxt_neg) = out[i], out[i + 1]
+        words = [w for w in _WORD.findall(seg) if w not in STOPWORDS]
+        nxt_words = _WORD.findall(nxt)
+        if not words or neg != nxt_neg or not set(words) <= _SERIES_ADJECTIVES:
+            continue
+        k = 0
+        while k < len(nxt_words) and (nxt_words[k] in _SERIES_ADJECTIVES or nxt_words[k] in _LATERAL):
+            k += 1
+        if 0 < k < len(nxt_words):
+            out[i] = (f"{seg} {' '.join(nxt_words[k:])}", neg)
+    return out
 
 
 def _segment_targets(

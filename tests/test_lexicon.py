@@ -107,7 +107,12 @@ def test_every_synonym_the_registry_held_still_reads_as_its_label():
 
     cases = load_cases()
     assert len(cases) > 3000
-    assert lost(Router(load_registry(), use_encoder=False), cases) == []
+    gone = lost(Router(load_registry(), use_encoder=False), cases)
+    # Round eight: the registry called the iliopsoas "psoas"; the psoas major is a part of it, and
+    # a part does not deliver the whole (held-out convention 2). Only these may be read otherwise.
+    part_not_whole = {"psoas", "psoas muscle"}
+    assert [c for c, _ in gone if c.synonym.split(" ", 1)[-1] not in part_not_whole] == []
+    assert len(gone) == 16  # left and right, two phrasings, four datasets: nothing else changed
 
 
 def test_general_synonyms_live_in_the_lexicon_not_the_registry():

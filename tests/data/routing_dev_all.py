@@ -741,6 +741,15 @@ add("R breast", "CT", None)
 add("tibia, left side", "CT", None)
 add("left kidney and the spleen", "CT", None, KIDNEY.on("left"), SPLEEN)
 
+# an item made of series adjectives takes the next item's head noun; the psoas major is a part of
+# the iliopsoas, not the whole (convention 2)
+PSOAS_MAJOR = c("102292000", name=r"psoas_major")
+add("frontal and temporal lobes", "CT", None, FRONTAL, TEMPORAL_LOBE)
+add("the upper and lower lobes of the left lung", "CT", None, UPPER_LOBE_L, LOWER_LOBE.on("left"))
+add("psoas major, both sides", "CT", None, PSOAS_MAJOR)
+add("the right psoas", "CT", None, PSOAS_MAJOR.on("right"))
+add("iliopsoas on both sides", "CT", None, ILIOPSOAS)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
