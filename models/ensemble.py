@@ -821,33 +821,12 @@ def fuse_study(
     list of TargetResult
         In ``targets`` order.
     """
-    regions = [_region(target.members, shape) for target in targets]
-    pending = [(i, m) for i, target in enumerate(targets) for m in target.members]
-
-    def materialise(item: tuple[int, Member]) -> BoxedMap:
-        i, member = item
-        if regions[i] is _NOWHERE:
-            return BoxedMap.empty(shape)
-        return as_boxed(member.probability, regions[i])
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        boxed = list(pool.map(materialise, pending))
-        materialised: list[list[Member]] = [[] for _ in targets]
-        for (i, member), value in zip(pending, boxed, strict=True):
-            materialised[i].append(Member(member.model, value, member.rank_key))
-        del boxed
+        materialised = _materialise(pool, targets, shape)
         outliers = _study_outliers_of(targets, materialised, image, min_study_agreement) if image is not None else {}
         placements: list[dict[tuple[str, str], Placement | None]] = [{} for _ in targets]
         if image is not None and (min_misplacement is not None or min_study_misplacement is not None):
-            pairs = [
-                (i, a, b)
-                for i, members in enumerate(materialised)
-                for a, b in combinations(sorted(members, key=lambda m: m.model), 2)
-                if a.model not in outliers and b.model not in outliers
-            ]
-            tested = pool.map(lambda item: placement_evidence(item[1].probability, item[2].probability, image), pairs)
-            for (i, a, b), placement in zip(pairs, tested, strict=True):
-                placements[i][a.model, b.model] = placement
+            placements = _test_placements(pool, materialised, outliers, image)
     if min_study_misplacement is not None:
         outliers.update(study_misplaced(materialised, placements, min_study_misplacement))
     results = []
@@ -860,6 +839,43 @@ def fuse_study(
         results.append(fuse_target(target.name, members, voxel_ml=voxel_ml, exclude=outliers, shape=shape, **options))
         members.clear()  # the target's boxes are no longer needed
     return results
+
+
+def _materialise(
+    pool: ThreadPoolExecutor, targets: Sequence[StudyTarget], shape: tuple[int, int, int]
+) -> list[list[Member]]:
+    """Each target's members with their maps made, an :class:`OnDemand` one only inside the target's region."""
+    regions = [_region(target.members, shape) for target in targets]
+    pending = [(i, m) for i, target in enumerate(targets) for m in target.members]
+
+    def materialise(item: tuple[int, Member]) -> BoxedMap:
+        i, member = item
+        if regions[i] is _NOWHERE:
+            return BoxedMap.empty(shape)
+        return as_boxed(member.probability, regions[i])
+
+    boxed = pool.map(materialise, pending)
+    materialised: list[list[Member]] = [[] for _ in targets]
+    for (i, member), value in zip(pending, boxed, strict=True):
+        materialised[i].append(Member(member.model, value, member.rank_key))
+    return materialised
+
+
+def _test_placements(
+    pool: ThreadPoolExecutor, materialised: list[list[Member]], outliers: Mapping[str, str], image: np.ndarray
+) -> list[dict[tuple[str, str], Placement | None]]:
+    """Per target, ``(a, b) -> Placement`` of every pair of members (``a < b`` by name) that are not outliers."""
+    pairs = [
+        (i, a, b)
+        for i, members in enumerate(materialised)
+        for a, b in combinations(sorted(members, key=lambda m: m.model), 2)
+        if a.model not in outliers and b.model not in outliers
+    ]
+    tested = pool.map(lambda item: placement_evidence(item[1].probability, item[2].probability, image), pairs)
+    placements: list[dict[tuple[str, str], Placement | None]] = [{} for _ in materialised]
+    for (i, a, b), placement in zip(pairs, tested, strict=True):
+        placements[i][a.model, b.model] = placement
+    return placements
 
 
 #: A target none of whose members has a mask anywhere (see :func:`_region`).
