@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medsegagent.dicom.preview import preview_rgb
-from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, truncate_text
+from medsegagent.dicom.seg import MANUFACTURER, MODEL_NAME, save_atomically, truncate_text
 from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import Volume
 
@@ -97,18 +97,15 @@ def write_preview_sc(
     """
     if labels.shape != volume.geometry.shape:
         raise ValueError(f"labels {labels.shape} are not on the volume grid {volume.geometry.shape}")
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
     if {str(ds.SeriesInstanceUID) for ds in source_datasets} != {volume.series_instance_uid}:
         raise ValueError("source datasets must be the volume's own series")
     preview = preview_rgb(volume.array, labels, colors, modality=volume.modality)
-    sop_class, sop_uid, frame = volume.source_instances[preview.slice_index]
-    if sop_uid not in by_uid:
-        raise ValueError(f"source instance {sop_uid} of the shown slice is not among source_datasets")
+    source, reference = _shown_source(volume, source_datasets, preview.slice_index)
     geometry = volume.geometry
     key = f"{uid_key}|{volume.series_instance_uid}"
     orientation = [patient_direction(geometry.row_direction), patient_direction(geometry.column_direction)]
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=by_uid[sop_uid],
+        ref_dataset=source,
         pixel_array=preview.rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -124,27 +121,39 @@ def write_preview_sc(
         series_description=truncate_text(f"Preview {request_text}" if request_text else "MedSegAgent preview"),
         manufacturer_model_name=MODEL_NAME,
     )
+    sc.PatientOrientation = orientation
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = PREVIEW_NOTE
+    sc.BurnedInAnnotation = "NO"  # colours only; no text or identifiers are drawn
+    _copy_body_part(sc, source)
+    save_atomically(sc, out_path)
+    return sc
+
+
+def _shown_source(volume: Volume, source_datasets: Sequence[Dataset], slice_index: int) -> tuple[Dataset, Dataset]:
+    """The source header of the slice shown, and the Source Image Sequence item that references it."""
+    sop_class, sop_uid, frame = volume.source_instances[slice_index]
+    source = next((ds for ds in source_datasets if str(ds.SOPInstanceUID) == sop_uid), None)
+    if source is None:
+        raise ValueError(f"source instance {sop_uid} of the shown slice is not among source_datasets")
     reference = Dataset()
     reference.ReferencedSOPClassUID = sop_class
     reference.ReferencedSOPInstanceUID = sop_uid
     if frame is not None:
         reference.ReferencedFrameNumber = frame
-    sc.PatientOrientation = orientation
-    sc.SourceImageSequence = [reference]
-    sc.DerivationDescription = PREVIEW_NOTE
-    sc.BurnedInAnnotation = "NO"  # colours only; no text or identifiers are drawn
-    # General Series Laterality is 2C (required for paired body parts): copy what
-    # the source says about the body part so a validator can tell; when the source
-    # says nothing, Laterality is present and empty ("unknown") rather than guessed.
-    source = by_uid[sop_uid]
+    return source, reference
+
+
+def _copy_body_part(sc: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality as the source says them.
+
+    General Series Laterality is 2C (required for paired body parts): copying
+    what the source says about the body part lets a validator tell; when the
+    source says nothing, Laterality is present and empty ("unknown") rather
+    than guessed.
+    """
     for keyword in ("BodyPartExamined", "Laterality"):
         if source.get(keyword):
             setattr(sc, keyword, source.get(keyword))
     if not source.get("BodyPartExamined") and not source.get("Laterality"):
         sc.Laterality = ""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    sc.save_as(tmp, enforce_file_format=True)
-    tmp.replace(out_path)
-    return sc

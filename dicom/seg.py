@@ -32,11 +32,12 @@ import enum
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -48,6 +49,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from medsegagent import __version__
+from medsegagent.dicom.streamwrite import write_multiframe
 from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import Volume
 
@@ -538,58 +540,102 @@ def write_segmentation(
     models: Sequence[ContributingModel | tuple[str, str]] = (),
     caution: str | None = None,
 ) -> Dataset:
-    """Encode ``masks`` as a DICOM SEG referencing the source series.
+    """Encode ``masks`` as a DICOM SEG referencing the source series, and write it.
 
     Parameters
     ----------
     volume : Volume
         Source volume; masks are on its grid, slices in its order.
     source_datasets : sequence of Dataset
-        Source instance headers from :func:`load_source_datasets`; all of
-        one series, the volume's (one SEG per source series).
+        The volume's source headers (:func:`load_source_datasets`): one SEG per source series.
     masks : numpy.ndarray
-        A label map ``(slices, rows, columns)`` with values
-        ``0..len(segments)`` (the ensemble's output), or a stack
-        ``(segments, slices, rows, columns)`` of binary masks, or — for
-        ``FRACTIONAL`` only — of probabilities in ``[0, 1]``.
+        The ensemble's label map ``(slices, rows, columns)``, values ``0..len(segments)``, or a stack
+        ``(segments, slices, rows, columns)`` of binary masks (or, ``FRACTIONAL`` only, probabilities).
     segments : sequence of SegmentSpec
-        One per segment, in segment-number order.  Segments whose mask is
-        empty are still described, with a Segment Description saying so.
+        One per segment, in segment-number order; an empty segment is still described.
     out_path : Path
-        Where to write; the file is written to a temporary name and renamed.
+        Where to write (through a temporary name).
     uid_key : str
-        Stable key of the job (e.g. the job id); combined with the source
-        Series Instance UID and ``seg_type`` into the SEG's Series and SOP
-        Instance UIDs.
+        Stable key of the job; with the source series and ``seg_type`` it makes the UIDs.
     request_text, request_source : str
-        The instruction and where it came from (Series / Content
-        Description, truncated to the VR limit).
+        The instruction and where it came from (Series / Content Description).
     algorithm : AlgorithmInfo, optional
         Ensemble identification; defaults to the ensemble's name and version.
     seg_type : SegType
-        ``BINARY`` (widest viewer support, default), ``LABELMAP`` (RLE
-        compressed) or ``FRACTIONAL``.
+        ``BINARY`` (default), ``LABELMAP`` (RLE) or ``FRACTIONAL``.
     series_number : int
         Series Number of the SEG series.
     models : sequence of ContributingModel or (name, version_or_hash)
-        Models of the run: written into the IHE AIR Contributing Equipment
-        item and hashed into the Device UID.
+        Models of the run: the IHE AIR Contributing Equipment item and the Device UID.
     caution : str, optional
-        A warning for readers of the whole result (``MODELS DISAGREE``): it
-        leads the Series Description in brackets, where a PACS series list
-        shows it before the request text is cut at 64 characters.
+        A warning (``MODELS DISAGREE``) that leads the Series Description in brackets.
 
     Returns
     -------
     pydicom.dataset.Dataset
-        The written SEG.
+        The SEG as written.
 
     Raises
     ------
     ValueError
-        On masks that do not fit the volume or the segments, sources of
-        another series, or values the SEG type cannot carry.
+        On masks off the volume or the segments, sources of another series, values the type cannot carry.
     """
+    _check_arguments(segments, seg_type, uid_key, series_number)
+    _check_sources(volume, source_datasets)
+    algorithm = algorithm or AlgorithmInfo()
+    pixel_array, present = _pixel_array(masks, len(segments), volume.geometry.shape, seg_type)
+    pixel_array, sources = _to_source_frame_order(volume, source_datasets, pixel_array)
+    key = f"{uid_key}|{volume.series_instance_uid}"
+    descriptions = [
+        segment_description(n, s, algorithm, key, empty=not present[n - 1]) for n, s in enumerate(segments, 1)
+    ]
+    now = datetime.now()
+    equipment = ai_model_equipment([ContributingModel.coerce(m) for m in models], algorithm, now)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=seg_type.value,
+        segment_descriptions=descriptions,
+        omit_empty_frames=True,
+        contributing_equipment=[equipment],
+        **_seg_texts(request_text, request_source, caution),
+        **_seg_header(key, seg_type, series_number, now),
+    )
+    _complete_header(seg, equipment)
+    save_atomically(seg, out_path, write=write_multiframe)
+    return seg
+
+
+#: Transfer syntax per SEG type.  RLE keeps a label map small and stays readable
+#: by dcmqi (JPEG-LS does not); BINARY stays uncompressed because a PACS that
+#: transcodes 1-bit JPEG 2000 breaks it.
+_TRANSFER_SYNTAX = {
+    SegType.BINARY: ExplicitVRLittleEndian,
+    SegType.LABELMAP: RLELossless,
+    SegType.FRACTIONAL: ExplicitVRLittleEndian,
+}
+
+
+def _seg_header(key: str, seg_type: SegType, series_number: int, now: datetime) -> dict[str, Any]:
+    """highdicom's keyword arguments for the SEG's identity, equipment, encoding and content time."""
+    return {
+        "series_instance_uid": derived_uid(key, "seg-series", seg_type.value),
+        "series_number": series_number,
+        "sop_instance_uid": derived_uid(key, "seg-instance", seg_type.value),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": __version__,
+        "device_serial_number": "0",
+        "transfer_syntax_uid": _TRANSFER_SYNTAX[seg_type],
+        "coding_schemes": [IHE_CODING_SCHEME],
+        "content_date": now.date(),
+        "content_time": now.time(),
+    }
+
+
+def _check_arguments(segments: Sequence[SegmentSpec], seg_type: SegType, uid_key: str, series_number: int) -> None:
+    """Refuse arguments of :func:`write_segmentation` that no SEG can carry."""
     if not segments:
         raise ValueError("a SEG needs at least one segment")
     if not all(isinstance(s, SegmentSpec) for s in segments):
@@ -599,48 +645,18 @@ def write_segmentation(
     _check_text("uid_key", uid_key, 10_000, multi_value=True)
     if not isinstance(series_number, int) or not 1 <= series_number < 2**31:
         raise ValueError(f"series_number must be a positive int (IS), got {series_number!r}")
-    contributors = [ContributingModel.coerce(m) for m in models]
-    algorithm = algorithm or AlgorithmInfo()
-    _check_sources(volume, source_datasets)
 
-    pixel_array, present = _pixel_array(masks, len(segments), volume.geometry.shape, seg_type)
-    pixel_array, sources = _to_source_frame_order(volume, source_datasets, pixel_array)
-    key = f"{uid_key}|{volume.series_instance_uid}"
-    descriptions = [
-        segment_description(number, spec, algorithm, key, empty=not present[number - 1])
-        for number, spec in enumerate(segments, start=1)
-    ]
+
+def _seg_texts(request_text: str, request_source: str, caution: str | None) -> dict[str, str]:
+    """Series Description, Content Description and Content Label of a SEG (highdicom's keywords)."""
     description = f"SEG {request_text}" if request_text else "MedSegAgent SEG"
     description = truncate_text(f"[{caution}] {description}" if caution else description)
     content = truncate_text(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
-    now = datetime.now()
-    equipment = ai_model_equipment(contributors, algorithm, now)
-    # RLE keeps a label map small and stays readable by dcmqi (JPEG-LS does not);
-    # BINARY stays uncompressed because a PACS that transcodes 1-bit J2K breaks it.
-    syntax = RLELossless if seg_type is SegType.LABELMAP else ExplicitVRLittleEndian
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel_array,
-        segmentation_type=seg_type.value,
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(key, "seg-series", seg_type.value),
-        series_number=series_number,
-        sop_instance_uid=derived_uid(key, "seg-instance", seg_type.value),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
-        device_serial_number="0",
-        content_description=content,
-        content_label="SEGMENTATION",
-        series_description=description,
-        omit_empty_frames=True,
-        transfer_syntax_uid=syntax,
-        contributing_equipment=[equipment],
-        coding_schemes=[IHE_CODING_SCHEME],
-        content_date=now.date(),
-        content_time=now.time(),
-    )
+    return {"series_description": description, "content_description": content, "content_label": "SEGMENTATION"}
+
+
+def _complete_header(seg: Dataset, equipment: hd.ContributingEquipment) -> None:
+    """Attributes highdicom's constructor does not take."""
     # Content Creator's Name is type 2 in the Content Identification macro: an
     # automatic result has no human creator, so it is present and empty.
     seg.ContentCreatorName = ""
@@ -651,12 +667,34 @@ def write_segmentation(
     # sort and label series by them; the series is created now, with its content.
     seg.SeriesDate = seg.ContentDate
     seg.SeriesTime = seg.ContentTime
+
+
+def save_atomically(dataset: Dataset, out_path: Path, *, write: Callable[[Dataset, Path], None] | None = None) -> None:
+    """Write ``dataset`` as a DICOM file under a temporary name, then rename it to ``out_path``.
+
+    A reader (the dispatcher, a PACS poller) never sees a half-written file.
+
+    Parameters
+    ----------
+    dataset : pydicom.dataset.Dataset
+        The object to write, with its file meta information.
+    out_path : Path
+        Final name; its folder is created when missing.
+    write : callable, optional
+        ``write(dataset, path)``; default pydicom's ``save_as`` with the
+        DICOM File Format enforced.
+    """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
-    seg.save_as(tmp, enforce_file_format=True)
-    tmp.replace(out_path)
-    return seg
+    try:
+        if write is None:
+            dataset.save_as(tmp, enforce_file_format=True)
+        else:
+            write(dataset, tmp)
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_sources(volume: Volume, source_datasets: Sequence[Dataset]) -> None:

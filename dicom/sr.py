@@ -31,6 +31,7 @@ from medsegagent.dicom.seg import (
     MODEL_NAME,
     AlgorithmInfo,
     label_counts,
+    save_atomically,
     segment_specs_by_number,
     truncate_text,
 )
@@ -158,79 +159,17 @@ def write_volume_report(
         volumes do not match its segments, or a volume is negative / not
         finite.
     """
-    if seg_dataset.get("Modality") != "SEG" or "SegmentSequence" not in seg_dataset:
-        raise ValueError("seg_dataset is not a DICOM Segmentation")
-    if str(seg_dataset.SOPClassUID) == LABEL_MAP_SEGMENTATION:
-        # dciodvfy (dicom3tools 2026) still allows Referenced Segment Number only for
-        # Segmentation Storage, so a reference into a Label Map SEG fails validation.
-        raise ValueError(
-            "the report must reference a BINARY or FRACTIONAL SEG (Segmentation Storage); write the job's "
-            "BINARY SEG and report against it, even when a destination receives the LABELMAP SEG"
-        )
-    segments = segment_specs_by_number(seg_dataset)
-    missing = sorted(set(segments) - set(volumes_ml))
-    extra = sorted(set(volumes_ml) - set(segments))
-    if missing or extra:
-        raise ValueError(f"volumes do not match the SEG's segments: missing {missing}, not in the SEG {extra}")
-    for number, value in volumes_ml.items():
-        if not math.isfinite(float(value)) or float(value) < 0:
-            raise ValueError(f"volume of segment {number} must be finite and >= 0, got {value}")
+    segments = _reported_segments(seg_dataset, volumes_ml)
     algorithm = algorithm or AlgorithmInfo()
     modality = source_modality or _source_modality(seg_dataset)
-    procedure = _PROCEDURES.get(modality or "", _IMAGING_PROCEDURE)
-
-    device_uid = str(seg_dataset.get("DeviceUID", "")) or derived_uid("device", MANUFACTURER, __version__)
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=MODEL_NAME,
-            manufacturer_name=MANUFACTURER,
-            model_name=truncate_text(f"{algorithm.name} {algorithm.version}"),
-        ),
-    )
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
-    source_series = hd.sr.SourceSeriesForSegmentation(str(seg_dataset.ReferencedSeriesSequence[0].SeriesInstanceUID))
-    groups = []
-    for number, item in sorted(segments.items()):
-        label = str(item.SegmentLabel)
-        tracking_uid = str(item.get("TrackingUID", "")) or derived_uid(uid_key, "sr-tracking", label)
-        type_item = item.SegmentedPropertyTypeCodeSequence[0]
-        finding_type = _plain_code(type_item)
-        finding_sites = None
-        if "SegmentedPropertyTypeModifierCodeSequence" in type_item:
-            # TID 1411 carries laterality on the Finding Site, not on the finding type.
-            finding_sites = [
-                hd.sr.FindingSite(
-                    anatomic_location=finding_type,
-                    laterality=_plain_code(type_item.SegmentedPropertyTypeModifierCodeSequence[0]),
-                )
-            ]
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=truncate_text(label)),
-                referenced_segment=hd.sr.ReferencedSegment(
-                    sop_class_uid=str(seg_dataset.SOPClassUID),
-                    sop_instance_uid=str(seg_dataset.SOPInstanceUID),
-                    segment_number=number,
-                    source_series=source_series,
-                ),
-                finding_type=finding_type,
-                finding_category=_plain_code(item.SegmentedPropertyCategoryCodeSequence[0]),
-                finding_sites=finding_sites,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=VOLUME,
-                        value=round(float(volumes_ml[number]), 3),
-                        unit=MILLILITER,
-                        algorithm_id=algorithm_id,
-                    )
-                ],
-            )
-        )
+    groups = [
+        _volume_group(seg_dataset, number, item, volumes_ml[number], uid_key, algorithm_id)
+        for number, item in sorted(segments.items())
+    ]
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
+        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(seg_dataset, algorithm)),
+        procedure_reported=_PROCEDURES.get(modality or "", _IMAGING_PROCEDURE),
         imaging_measurements=groups,
     )
     key = f"{uid_key}|{seg_dataset.SOPInstanceUID}"
@@ -250,12 +189,80 @@ def write_volume_report(
         is_final=False,  # automatic, unverified results: PRELIMINARY until a reader signs them
         is_verified=False,
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    sr.save_as(tmp, enforce_file_format=True)
-    tmp.replace(out_path)
+    save_atomically(sr, out_path)
     return sr
+
+
+def _reported_segments(seg_dataset: Dataset, volumes_ml: Mapping[int, float]) -> Mapping[int, Dataset]:
+    """The SEG's Segment Sequence items by number, once the SEG and the volumes are known to fit a report."""
+    if seg_dataset.get("Modality") != "SEG" or "SegmentSequence" not in seg_dataset:
+        raise ValueError("seg_dataset is not a DICOM Segmentation")
+    if str(seg_dataset.SOPClassUID) == LABEL_MAP_SEGMENTATION:
+        # dciodvfy (dicom3tools 2026) still allows Referenced Segment Number only for
+        # Segmentation Storage, so a reference into a Label Map SEG fails validation.
+        raise ValueError(
+            "the report must reference a BINARY or FRACTIONAL SEG (Segmentation Storage); write the job's "
+            "BINARY SEG and report against it, even when a destination receives the LABELMAP SEG"
+        )
+    segments = segment_specs_by_number(seg_dataset)
+    missing = sorted(set(segments) - set(volumes_ml))
+    extra = sorted(set(volumes_ml) - set(segments))
+    if missing or extra:
+        raise ValueError(f"volumes do not match the SEG's segments: missing {missing}, not in the SEG {extra}")
+    for number, value in volumes_ml.items():
+        if not math.isfinite(float(value)) or float(value) < 0:
+            raise ValueError(f"volume of segment {number} must be finite and >= 0, got {value}")
+    return segments
+
+
+def _observer(seg_dataset: Dataset, algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
+    """The device observer: the node that made the SEG, under the SEG's Device UID."""
+    device_uid = str(seg_dataset.get("DeviceUID", "")) or derived_uid("device", MANUFACTURER, __version__)
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=truncate_text(f"{algorithm.name} {algorithm.version}"),
+        ),
+    )
+
+
+def _volume_group(
+    seg_dataset: Dataset,
+    number: int,
+    item: Dataset,
+    volume_ml: float,
+    uid_key: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1411 group of one segment: what it is, where it is in the SEG, and its volume."""
+    label = str(item.SegmentLabel)
+    tracking_uid = str(item.get("TrackingUID", "")) or derived_uid(uid_key, "sr-tracking", label)
+    type_item = item.SegmentedPropertyTypeCodeSequence[0]
+    finding_type = _plain_code(type_item)
+    finding_sites = None
+    if "SegmentedPropertyTypeModifierCodeSequence" in type_item:
+        # TID 1411 carries laterality on the Finding Site, not on the finding type.
+        laterality = _plain_code(type_item.SegmentedPropertyTypeModifierCodeSequence[0])
+        finding_sites = [hd.sr.FindingSite(anatomic_location=finding_type, laterality=laterality)]
+    source_series = hd.sr.SourceSeriesForSegmentation(str(seg_dataset.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=truncate_text(label)),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg_dataset.SOPClassUID),
+            sop_instance_uid=str(seg_dataset.SOPInstanceUID),
+            segment_number=number,
+            source_series=source_series,
+        ),
+        finding_type=finding_type,
+        finding_category=_plain_code(item.SegmentedPropertyCategoryCodeSequence[0]),
+        finding_sites=finding_sites,
+        measurements=[
+            hd.sr.Measurement(name=VOLUME, value=round(float(volume_ml), 3), unit=MILLILITER, algorithm_id=algorithm_id)
+        ],
+    )
 
 
 def read_volumes_ml(sr_path: Path | str) -> dict[int, tuple[str, float, str]]:

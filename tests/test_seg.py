@@ -43,6 +43,7 @@ from medsegagent.dicom.seg import (
     segment_label,
     write_segmentation,
 )
+from medsegagent.dicom.streamwrite import write_multiframe
 from medsegagent.dicom.uids import derived_uid
 from medsegagent.dicom.volume import LPS_TO_RAS, Geometry
 from medsegagent.models.registry import load_registry
@@ -418,3 +419,30 @@ def test_result_uids_follow_the_one_derived_scheme_and_series_differ_by_type(seg
     # Two encodings of one result are two series (each with its own Series Number in the node).
     assert binary.SeriesInstanceUID != labelmap.SeriesInstanceUID
     assert image_writer.deterministic_uid is derived_uid  # the phantoms' UIDs come from the same scheme
+
+
+@pytest.mark.parametrize("seg_type", list(SegType), ids=lambda t: t.value.lower())
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[5]])
+def test_seg_file_is_byte_for_byte_what_pydicom_writes(seg_factory, tmp_path, geometry, seg_type):
+    # write_segmentation streams the SEG (functional group items encoded once each, pixel data
+    # not copied); pydicom's own writer, run afterwards on the same dataset, must give the same bytes.
+    modality, geometry = _geometry_args(geometry)
+    written = seg_factory(tmp_path, seg_type, modality=modality, **geometry)
+    reference = tmp_path / "pydicom.dcm"
+    written.dataset.save_as(reference, enforce_file_format=True)
+    assert len(written.dataset.PerFrameFunctionalGroupsSequence) > 1
+    assert written.path.read_bytes() == reference.read_bytes()
+
+
+def test_stream_writer_leaves_other_datasets_to_pydicom(seg_factory, tmp_path):
+    written = seg_factory(tmp_path, SegType.BINARY)
+    # Implicit VR is not streamed: the file is pydicom's, and still the same data set.
+    seg = pydicom.dcmread(written.path)
+    seg.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    write_multiframe(seg, tmp_path / "implicit.dcm")
+    seg.save_as(tmp_path / "reference.dcm", enforce_file_format=True)
+    assert (tmp_path / "implicit.dcm").read_bytes() == (tmp_path / "reference.dcm").read_bytes()
+    # No per-frame functional groups (a single-frame object): pydicom's file too.
+    del seg.PerFrameFunctionalGroupsSequence
+    write_multiframe(seg, tmp_path / "no-groups.dcm")
+    assert pydicom.dcmread(tmp_path / "no-groups.dcm").SOPInstanceUID == seg.SOPInstanceUID
