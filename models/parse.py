@@ -231,6 +231,13 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             re.I,
         ),
     ),
+    # Modalities no dataset accepts: named so that the modality stage refuses them, not ignored.
+    ("DX", re.compile(r"\b(?:x[\s-]?rays?|radiographs?|radiography|plain\s+films?|cxr)\b", re.I)),
+    ("MG", re.compile(r"\b(?:mammogra\w*|tomosynthesis)\b", re.I)),
+    (
+        "NM",
+        re.compile(r"\b(?:scintigra\w*|pertechnetate|spect|bone\s+scan|nuclear\s+medicine|mibg|dat\s*scan)\b", re.I),
+    ),
     (
         "US",
         re.compile(
@@ -1149,6 +1156,8 @@ def _parse_segment(
         for w in purpose:
             for tok in vocab.canonical_tokens([w])[0]:
                 regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+    if not label_form:
+        words = _drop_location(words, vocab, regions)
     read = _read_words(words, regions)
     composite = any(w in _COMPOSITE_WORDS for w in read.rest)
     tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)
@@ -1181,6 +1190,31 @@ def _parse_segment(
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+# Prepositions that place a structure ("glands on top of the kidneys", "T6-T8 on the spine MR").
+_LOCATIVES = (("on", "top", "of"), ("in", "front", "of"), ("next", "to"), ("on",), ("under",), ("underneath",),
+              ("beneath",), ("behind",), ("above",), ("below",), ("near",))  # fmt: skip
+
+
+def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
+    """A structure's words without the phrase that places it; that phrase's organs become regions.
+
+    A lesion keeps its place, which names its organ ("cysts on the kidneys").
+    """
+    for i in range(1, len(words)):
+        prep = next((p for p in _LOCATIVES if tuple(words[i : i + len(p)]) == p), None)
+        if prep is None:
+            continue
+        head = [t for t in vocab.canonical_tokens(words[:i])[0] if t not in REGION_WORDS]
+        place = [w for w in words[i + len(prep) :] if w not in STOPWORDS and w != "side"]
+        if not head or set(head) & LESION_TOKENS or all(w in _LATERAL for w in place):
+            return words  # "ribs 1-3 on the right": a side, not a place
+        for w in words[i + len(prep) :]:
+            for tok in vocab.canonical_tokens([w])[0]:
+                regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+        return words[:i]
+    return words
 
 
 @dataclass

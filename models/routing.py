@@ -1086,7 +1086,7 @@ class Router:
                         continue
                     s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
                     w = _WHY_CONTEXT
-            elif core < f.core and not core <= grammar.CLASS_NOUNS:
+            elif core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS:
                 extra = f.core - core
                 if (extra & grammar.LESION_TOKENS) and not target_lesion:
                     continue  # organ asked, lesion label: never

@@ -750,6 +750,17 @@ add("psoas major, both sides", "CT", None, PSOAS_MAJOR)
 add("the right psoas", "CT", None, PSOAS_MAJOR.on("right"))
 add("iliopsoas on both sides", "CT", None, ILIOPSOAS)
 
+# a phrase that places a structure is not the structure (its lesion keeps it: "cysts on the kidneys");
+# radiographs, mammograms and scintigraphy are modalities no dataset accepts (negatives)
+add("the adrenals on top of the kidneys", "CT", None, ADRENAL)
+add("L4 and L5 on the lumbar spine MRI", "MR", None, vertebrae("L4", "L5"))
+add("gallbladder beneath the liver", "CT", None, GALLBLADDER)
+add("ribs 9 to 11 on the left side", "CT", None, ribs("left", 9, 10, 11))
+add("lumen", "CT", None)
+add("both clavicles on the chest radiograph", None, None)
+add("breast tissue on the mammogram", None, None)
+add("thyroid scintigraphy - thyroid lobes", None, None)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
