@@ -406,7 +406,7 @@ def singular(word: str) -> str:
         return word
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "xes", "sses")):
+    if word.endswith(("ches", "shes", "xes", "sses", "uses")):  # "sinuses", "plexuses"
         return word[:-2]
     if word.endswith("s") and not word.endswith("ss"):
         return word[:-1]
@@ -923,13 +923,12 @@ def _split_structure_names(text: str) -> str:
         parts = m.group(0).split("_")
         if parts[-1] in ("L", "R", "l", "r", "Lt", "Rt"):
             parts[-1] = "left" if parts[-1][0] in "Ll" else "right"
-        return " ".join(_CAMEL_CASE.sub(" ", p) for p in parts)
+        return " ".join(_CAMEL.sub(" ", p) for p in parts)
 
     return _IDENTIFIER.sub(words, text)
 
 
 _IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b")
-_CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
 _COUINAUD_ROMAN = re.compile(

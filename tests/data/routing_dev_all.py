@@ -761,6 +761,16 @@ add("both clavicles on the chest radiograph", None, None)
 add("breast tissue on the mammogram", None, None)
 add("thyroid scintigraphy - thyroid lobes", None, None)
 
+# lexicon: the aortic sinuses (a side and "sinus of Valsalva" / "coronary cusp"), finger and toe bones
+# (TotalSegmentator's phalanges), the hepatic portal system; "sinuses" is the plural of "sinus"
+add("left sinus of Valsalva", "CT", None, c("36371001"))
+add("right coronary cusp of the aortic valve", "CT", None, c("89093001"))
+add("finger bones", "CT", None, c("7569003"))
+add("phalanges of the feet", "CT", None, c("29707007"))
+add("hepatic portal system", "CT", None, PORTAL)
+add("aortic centreline", "CT", None, AORTA)
+add("frontal and maxillary sinuses", "CT", None, FRONTAL_SINUS, MAXILLARY_SINUS)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
