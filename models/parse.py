@@ -154,6 +154,7 @@ _LATERAL = {
     "dx": "right",
     "bilateral": "bilateral",
     "bilat": "bilateral",
+    "bilaterally": "bilateral",
     "both": "bilateral",
     "bl": "bilateral",
     "b l": "bilateral",
@@ -252,7 +253,7 @@ _US_UPPER = re.compile(r"\bUS\b")  # "US" only in capitals: "help us" is not ult
 #: A T1/T2 that is a vertebra, not a sequence: "T1 vertebra", "T1-T4", "T1 through L2", "T12".
 _VERTEBRA_T = re.compile(
     r"\bt(?:1[0-2]?|[2-9])\b(?=\s*(?:-|–|to|through|thru|until|and|,)?\s*(?:vertebra|vert\b|level|body|[ctls]\d))"
-    r"|(?:(?<=[-–])|(?<=\bto\s)|(?<=through\s)|(?<=thru\s))\s*t(?:1[0-2]?|[2-9])\b",
+    r"|(?:(?<=[-–])|(?<=\bto\s)|(?<=through\s)|(?<=thru\s)|(?<=[cls]\d/)|(?<=[cls]\d\d/))\s*t(?:1[0-2]?|[2-9])\b",
     re.I,
 )
 
@@ -1244,7 +1245,7 @@ class _SegmentWords:
 def _read_words(words: list[str], regions: list[str]) -> _SegmentWords:
     """Sort a segment's words into sides, levels, numbers, region hints and the rest."""
     out = _SegmentWords()
-    level_context = any(w in _LEVEL_CONTEXT for w in words)
+    level_context = any(w in _LEVEL_CONTEXT or _LEVEL.match(w) for w in words)  # "cervicothoracic C7"
     rib_context = any(w in ("rib", "ribs") for w in words)
     i = 0
     while i < len(words):

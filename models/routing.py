@@ -406,6 +406,12 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
     return _Entry(dataset, label, laterality, index, lesion, forms, generic, strings)
 
 
+def _inside(m: _Match, core: Iterable[str]) -> bool:
+    """Whether a label's name adds a class noun to the target: a canal, artery ... in it, not a part of it."""
+    asked = frozenset(core)
+    return any(f.source == "name" and asked < f.core and (f.core - asked) & grammar.CLASS_NOUNS for f in m.entry.forms)
+
+
 def _derive_part_values(entries: list[_Entry]) -> None:
     # "kidney and masses" = [1, 2, 3] and "kidney masses" = [2, 3] in one dataset: the part
     # "kidney" alone is [1].  Region labels are unions, so a part's values are the whole's
@@ -817,8 +823,13 @@ class Router:
             top = best[name]
             chosen = [m for m in ms if m.score >= top - 1e-9]
             if top >= TIERS[0] and not pt.lesion:
-                # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx).
-                chosen += [m for m in ms if m.why == _WHY_SPECIFIC and m.source == "name" and m not in chosen]
+                # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx),
+                # not another kind of structure inside it ("mandible" -> a mandibular canal).
+                chosen += [
+                    m
+                    for m in ms
+                    if m.why == _WHY_SPECIFIC and m.source == "name" and m not in chosen and not _inside(m, c.core)
+                ]
             d = self.registry.datasets[name]
             # registry order, not match order: matches come from set walks, and a plan must not depend on the hash seed
             order = {label: i for i, label in enumerate(d.labels)}

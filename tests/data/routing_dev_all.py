@@ -771,6 +771,15 @@ add("hepatic portal system", "CT", None, PORTAL)
 add("aortic centreline", "CT", None, AORTA)
 add("frontal and maxillary sinuses", "CT", None, FRONTAL_SINUS, MAXILLARY_SINUS)
 
+# "bilaterally"; "CN" is a cranial nerve; a junction or a tree is its structures; external ear canals;
+# a canal inside a bone is not a part of the bone ("mandible" is not its incisive canals)
+add("twelfth ribs bilaterally", "CT", None, ribs(None, 12))
+add("CN II, left", "CT", None, OPTIC_NERVE.on("left"))
+add("cervicothoracic junction C7/T1", "CT", None, vertebrae("C7", "T1"))
+add("pulmonary arterial tree", "CT", None, PULM_ARTERY)
+add("both external ear canals", "CT", None, c("84301002"))
+add("mandible", "CT", None, MANDIBLE)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
