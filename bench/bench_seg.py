@@ -28,19 +28,31 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
 import pydicom
 
+from medsegagent.dicom import seg as seg_module
+from medsegagent.dicom import sr as sr_module
 from medsegagent.dicom.image_writer import StudyInfo, deterministic_uid, write_series
-from medsegagent.dicom.seg import SegmentSpec, SegType, load_source_datasets, write_segmentation
+from medsegagent.dicom.phantom import make_phantom, write_phantom
+from medsegagent.dicom.preview import render_preview
+from medsegagent.dicom.secondary_capture import write_preview_sc
+from medsegagent.dicom.seg import SegmentSpec, SegType, label_counts, load_source_datasets, write_segmentation
 from medsegagent.dicom.series import read_series
+from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
+from medsegagent.dicom.streamwrite import write_multiframe
 from medsegagent.dicom.volume import Geometry, Volume
 from medsegagent.models.registry import load_registry
+from medsegagent.node.memory import retain_freed_memory
 from medsegagent.node.pipeline import segment_spec
 
 ROOT = Path(__file__).resolve().parent
@@ -243,6 +255,143 @@ def table(rows: list[Row], shape: tuple[int, int, int], n_segments: int, command
     return "\n".join(lines) + "\n"
 
 
+# --- The node's write stage, before/after the streamed SEG writer -----------------------------------
+
+#: Heading of the write-stage section in bench/results/seg.md (the encode table above it is kept).
+STAGE_HEADING = "## Write stage, before and after the streamed SEG writer"
+#: Label set of the phantom's organs (the node's demo CT dataset: liver, spleen, kidneys, pancreas, aorta).
+STAGE_LABELS = "Demo_CT_Abdomen"
+
+
+def _pydicom_save(dataset: pydicom.Dataset, path: Path) -> None:
+    """The SEG writer before the streamed one: pydicom's ``save_as``."""
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def _whole_map_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label as counted before: through one mask of the whole map (78 MB for 300 x 512²)."""
+    counts = np.bincount(labels[labels > 0])
+    counts[:1] = 0
+    return counts
+
+
+#: Before: pydicom's save_as and whole-map label counts.  After: the streamed writer, counts slab by slab.
+VARIANTS: dict[str, tuple[Callable, Callable]] = {
+    "before": (_pydicom_save, _whole_map_counts),
+    "after": (write_multiframe, label_counts),
+}
+
+
+@contextmanager
+def _variant(save: Callable, counts: Callable) -> Iterator[None]:
+    with (
+        mock.patch.object(seg_module, "write_multiframe", save),
+        mock.patch.object(seg_module, "label_counts", counts),
+        mock.patch.object(sr_module, "label_counts", counts),
+    ):
+        yield
+
+
+def stage_once(volume: Volume, files: list[Path], labels: np.ndarray, out: Path, variant: tuple) -> dict[str, float]:
+    """One write stage as ``node.pipeline._write_outputs`` runs it with every output on: seconds per part."""
+    specs = [segment_spec(label) for label in load_registry().datasets[STAGE_LABELS].labels.values()]
+    colors = [spec.color or (255, 0, 0) for spec in specs]
+    parts: dict[str, float] = {}
+    with _variant(*variant):
+        clock = time.perf_counter(), time.process_time()
+        sources = load_source_datasets(volume, files)
+        seg = write_segmentation(volume, sources, labels, specs, out / "seg.dcm", uid_key="bench")
+        parts["SEG (BINARY)"] = time.perf_counter() - clock[0]
+        parts["SEG CPU"] = time.process_time() - clock[1]
+        start = time.perf_counter()
+        volumes = segment_volumes_ml(labels, len(specs), volume.geometry.voxel_volume_ml)
+        write_volume_report(seg, volumes, out / "sr.dcm", "bench")
+        parts["SR"] = time.perf_counter() - start
+        start = time.perf_counter()
+        write_preview_sc(volume, sources, labels, colors, out / "preview-sc.dcm", uid_key="bench")
+        parts["preview SC"] = time.perf_counter() - start
+        start = time.perf_counter()
+        render_preview(volume.array, labels, colors, out / "preview.png", modality=volume.modality)
+        parts["preview PNG"] = time.perf_counter() - start
+    parts["frames"] = float(seg.NumberOfFrames)
+    return parts
+
+
+def stage_peaks_mb(volume: Volume, files: list[Path], labels: np.ndarray, out: Path, variant: tuple) -> tuple:
+    """Most memory (Python and numpy, tracemalloc) allocated above the start: the whole stage, the SEG file write."""
+    peaks = {"stage": 0, "write": 0}
+
+    def traced(dataset: pydicom.Dataset, path: Path) -> None:
+        before, peaks["stage"] = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        variant[0](dataset, path)
+        peaks["write"] = tracemalloc.get_traced_memory()[1] - before
+
+    tracemalloc.start()
+    try:
+        stage_once(volume, files, labels, out, (traced, variant[1]))
+        peaks["stage"] = max(peaks["stage"], tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    return peaks["stage"] / 1e6, peaks["write"] / 1e6
+
+
+def run_stage(study: Path, runs: int, out_md: Path, command: str) -> str:
+    """Time the write stage with each SEG writer, alternating, in one process; write the section."""
+    retain_freed_memory()  # as the node does: measure the work, not the VM's first-touch page faults
+    files = sorted((study / "dicom").glob("*.dcm"))
+    volume = read_series(files)
+    truth = np.asarray(nib.load(study / "truth.nii.gz").dataobj).transpose(2, 1, 0)
+    labels = np.where(truth == 7, 1, truth).astype(np.uint8)  # the demo label set counts the tumour as liver
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="bench-seg-stage-") as work:
+        for variant in VARIANTS.values():  # warm-up: imports, registry, first-call caches
+            stage_once(volume, files, labels, Path(work), variant)
+        for _ in range(runs):
+            for name, variant in VARIANTS.items():
+                times[name].append(stage_once(volume, files, labels, Path(work), variant))
+        peaks = {name: stage_peaks_mb(volume, files, labels, Path(work), v) for name, v in VARIANTS.items()}
+    section = _stage_table(times, peaks, volume.geometry.shape, int(times["after"][0]["frames"]), command)
+    _replace_section(out_md, STAGE_HEADING, section)
+    return section
+
+
+def _stage_table(times: dict, peaks: dict, shape: tuple, frames: int, command: str) -> str:
+    parts = ["SEG (BINARY)", "SEG CPU", "SR", "preview SC", "preview PNG"]
+    lines = [
+        STAGE_HEADING,
+        "",
+        f"* command: `{command}`; {datetime.now().isoformat(timespec='seconds')}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; glibc keeps freed memory (`retain_freed_memory`, as the node)",
+        f"* study: phantom CT {shape[0]} x {shape[1]} x {shape[2]}, six organs, BINARY SEG of {frames} frames",
+        "* before: pydicom's `save_as`, label counts through a whole-map mask; after: the streamed writer "
+        "(`dicom/streamwrite.py`), counts slab by slab; both in one process, alternating",
+        "* fastest of the runs (seconds); peak = most memory allocated "
+        "above the start of the stage / of the SEG file write (tracemalloc, a separate run)",
+        "",
+        "| part | before | after | runs (before) | runs (after) |",
+        "|---|---|---|---|---|",
+    ]
+    for part in parts:
+        before = [t[part] for t in times["before"]]
+        after = [t[part] for t in times["after"]]
+        runs = [" / ".join(f"{v:.2f}" for v in values) for values in (before, after)]
+        lines.append(f"| {part} | {min(before):.2f} | {min(after):.2f} | {runs[0]} | {runs[1]} |")
+    total = {w: min(sum(t[p] for p in parts if p != "SEG CPU") for t in times[w]) for w in times}
+    lines.append(f"| **stage** (SEG, SR, SC, PNG) | **{total['before']:.2f}** | **{total['after']:.2f}** | | |")
+    lines.append(f"| peak allocated, stage (MB) | {peaks['before'][0]:.0f} | {peaks['after'][0]:.0f} | | |")
+    lines.append(f"| peak allocated, SEG file write (MB) | {peaks['before'][1]:.0f} | {peaks['after'][1]:.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _replace_section(path: Path, heading: str, section: str) -> None:
+    """Put ``section`` at the end of ``path`` in place of an earlier one under the same heading."""
+    text = path.read_text() if path.exists() else ""
+    kept = text.split(heading)[0].rstrip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((kept + "\n\n" if kept else "") + section)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 x 64 x 64 (seconds; for the test suite)")
@@ -251,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", type=int, default=10)
     parser.add_argument("--out", type=Path, help="markdown file (default bench/results/seg.md, seg-quick.md)")
     parser.add_argument("--keep", type=Path, help="keep the source series and the SEGs in this folder")
+    parser.add_argument("--stage", action="store_true", help="time the node's write stage, before/after (see below)")
+    parser.add_argument(
+        "--study", type=Path, help="--stage: a written phantom (dicom/, truth.nii.gz); default: make one"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="--stage: runs per writer (default 3)")
     args = parser.parse_args(argv)
+    command = "python bench/bench_seg.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    if args.stage:
+        return _stage_main(args, command)
     slices = args.slices or (16 if args.quick else 300)
     size = args.size or (64 if args.quick else 512)
     if slices < 4 or size < 16 or not 1 <= args.segments <= 15:
@@ -280,11 +437,25 @@ def main(argv: list[str] | None = None) -> int:
     dcmqi_binary = next(r for r in rows if r.seg_type == "BINARY" and r.writer.startswith("dcmqi"))
     if ours_binary.frames != dcmqi_binary.frames:  # both omit empty frames: the counts must agree
         print(f"warning: {ours_binary.frames} BINARY frames vs dcmqi's {dcmqi_binary.frames}", file=sys.stderr)
-    command = "python bench/bench_seg.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     report = table(rows, shape, args.segments, command)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(report)
+    stage = out_md.read_text().partition(STAGE_HEADING)[1:] if out_md.exists() else ("", "")
+    out_md.write_text(report + ("\n" + "".join(stage) if stage[0] else ""))  # keep the write-stage section
     print(report)
+    return 0
+
+
+def _stage_main(args: argparse.Namespace, command: str) -> int:
+    """``--stage``: the write-stage section of bench/results/seg.md (a 300 x 512² phantom unless --study)."""
+    out_md = args.out or ROOT / "results" / "seg.md"
+    if args.study is not None:
+        print(run_stage(args.study, args.runs, out_md, command))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-seg-study-") as work:
+        slices, size = args.slices or (16 if args.quick else 300), args.size or (64 if args.quick else 512)
+        print(f"writing a {slices} x {size}² phantom CT to {work} ...", file=sys.stderr)
+        write_phantom(make_phantom("CT", seed=11, slices=slices, size=size), work)
+        print(run_stage(Path(work), args.runs, out_md, command))
     return 0
 
 

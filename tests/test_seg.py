@@ -392,6 +392,18 @@ def test_benchmark_quick_writes_its_table(tmp_path):
         assert row in table
     assert "| type |" in proc.stdout
 
+    # --stage adds the write-stage section (before / after the streamed writer) and keeps the table above.
+    proc = subprocess.run(
+        [sys.executable, str(script), "--stage", "--quick", "--runs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = out.read_text()
+    assert report.startswith(table.rstrip()) and report.count("## Write stage") == 1
+    stage = report.split("## Write stage")[1]
+    for row in ("| SEG (BINARY) |", "| SR |", "| preview SC |", "| preview PNG |", "| peak allocated, SEG file write"):
+        assert row in stage
+
 
 @pytest.mark.parametrize(
     ("name", "label"),
