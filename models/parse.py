@@ -997,7 +997,7 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
 _SERIES_ADJECTIVES = frozenset({
     "medial", "lateral", "anterior", "posterior", "superior", "inferior", "upper", "lower", "middle",
     "internal", "external", "common", "proximal", "distal",
-    "frontal", "parietal", "occipital", "temporal", "maxillary", "sphenoid", "ethmoid",
+    "frontal", "parietal", "occipital", "temporal", "maxillary", "sphenoid", "ethmoid", "primary", "nodal",
 })
 # fmt: on
 

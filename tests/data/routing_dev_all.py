@@ -780,6 +780,19 @@ add("pulmonary arterial tree", "CT", None, PULM_ARTERY)
 add("both external ear canals", "CT", None, c("84301002"))
 add("mandible", "CT", None, MANDIBLE)
 
+# lexicon: salivary glands (parotids and submandibular glands), "panc", the infrarenal IVC, the face's
+# soft tissue, signal words ("hyperintense", "gross", a pancreatic "tail") are filler; accessory spleen and papillary
+# muscles known but uncovered; "primary" and "nodal" share the head noun after them
+FACE = c("89545001")
+add("major salivary glands", "CT", None, PAROTID, SUBMANDIBULAR)
+add("panc tail lesion", "CT", None, c("108369006", name=r"pancrea"))
+add("the infrarenal IVC", "CT", None, IVC)
+add("soft tissue of the face", "CT", None, FACE)
+add("DWI hyperintense stroke", "MR:DWI", None, STROKE)
+add("splenule", "CT", None)
+add("papillary muscle of the left ventricle", "CT", None)
+add("primary and nodal gross tumour volumes", "PT+CT", None, GTVP, GTVN)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
