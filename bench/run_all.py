@@ -13,6 +13,7 @@ key                what                                                        p
 =================  ==========================================================  ===========================
 routing-public     ``medsegagent bench routing`` on the public 343-query set   the paper's expected models
 routing-dev        the same on the development set (``routing_dev.jsonl``)     expected models
+routing-dev-blind  the same on the blind dev set (``routing_dev_blind``)       expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -57,7 +58,9 @@ DEV = REPO / "tests" / "data" / "routing_dev.jsonl"
 DEV_FALLBACK = REPO / "tests" / "data" / "routing_requests.jsonl"
 HELDOUT = REPO / "tests" / "data" / "heldout" / "requests.jsonl"
 DEV_ALL = REPO / "tests" / "data" / "routing_dev_all.jsonl"
-ROUTING_KEYS = ("routing-public", "routing-dev", "routing-dev-all", "routing-heldout")
+#: Written without sight of the rules, but open to the router's engineers (not frozen).
+DEV_BLIND = REPO / "tests" / "data" / "routing_dev_blind" / "requests.jsonl"
+ROUTING_KEYS = ("routing-public", "routing-dev", "routing-dev-all", "routing-dev-blind", "routing-heldout")
 
 
 @dataclass
@@ -101,6 +104,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-all",
             "Routing, development set (whole registry)",
             DEV_ALL.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind",
+            "Routing, blind development set (whole registry)",
+            DEV_BLIND.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),

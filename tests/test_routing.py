@@ -22,6 +22,7 @@ from medsegagent.models.routing import Plan, Router, UnmatchedKind, admits
 DATA = Path(__file__).parent / "data" / "routing_requests.jsonl"
 DEV = Path(__file__).parent / "data" / "routing_dev.jsonl"
 DEV_ALL = Path(__file__).parent / "data" / "routing_dev_all.jsonl"
+DEV_BLIND = Path(__file__).parent / "data" / "routing_dev_blind" / "requests.jsonl"
 COLLECTION = "medsegagent-23"
 
 
@@ -336,8 +337,18 @@ def test_dev_set_over_the_whole_registry(router):
     # Requests written over the full registry, expectations computed from its type codes
     # (tests/data/routing_dev_all.py), never from the router.
     result = run_bench(DEV_ALL, collection=None, router=router)
-    assert result.n >= 440
-    assert result.strict >= 0.90, result.strict  # 0.917 on 446 after round six: a regression fails here
+    assert result.n >= 540
+    assert result.strict >= 0.93, result.strict  # 0.932 on 545 after round eight: a regression fails here
+
+
+def test_blind_dev_set_over_the_whole_registry(router):
+    # Written without sight of the rules (tests/data/routing_dev_blind/README.md), open to the
+    # router's engineers. Its misses that remain are mostly where its conventions and the public
+    # benchmark's disagree (docs/routing.md, round eight).
+    result = run_bench(DEV_BLIND, collection=None, router=router)
+    assert result.n >= 500
+    assert result.strict >= 0.88, result.strict  # 0.735 at the baseline (fec671e), 0.882 after round eight
+    assert result.negatives_correct >= 0.98, result.negatives_correct
 
 
 def test_embedding_cache_is_keyed_and_reused(tmp_path, router):
