@@ -233,7 +233,8 @@ def table(rows: list[Row], shape: tuple[int, int, int], n_segments: int, command
         f"{os.cpu_count()} cores, Python {platform.python_version()}",
         f"* source: single-frame CT, {shape[0]} x {shape[1]} x {shape[2]}; {n_segments} non-overlapping "
         "ellipsoid segments (label map in memory)",
-        "* node time = read the source headers + build + write the SEG; dcmqi time = the whole "
+        "* glibc keeps freed memory (`retain_freed_memory`, as the node); node time = read the source headers + "
+        "build + write the SEG; dcmqi time = the whole "
         "`itkimage2segimage` process (reads the DICOM series and one NIfTI per segment)",
         "* ratios: *time x* = dcmqi time / this time (above 1: faster than dcmqi); *size x* = this size / "
         "dcmqi size; FRACTIONAL and node rows compare with dcmqi's encoding of the same type (BINARY for FRACTIONAL)",
@@ -336,9 +337,32 @@ def stage_peaks_mb(volume: Volume, files: list[Path], labels: np.ndarray, out: P
     return peaks["stage"] / 1e6, peaks["write"] / 1e6
 
 
+def file_writes(volume: Volume, files: list[Path], labels: np.ndarray, out: Path, runs: int) -> list[str]:
+    """Per SEG type: the file written by ``save_as`` and by the streamed writer (fastest CPU s), and whether equal."""
+    specs = [segment_spec(label) for label in load_registry().datasets[STAGE_LABELS].labels.values()]
+    sources = load_source_datasets(volume, files)
+    rows = []
+    for seg_type in SegType:
+        seg = write_segmentation(volume, sources, labels, specs, out / "seg.dcm", uid_key="bench", seg_type=seg_type)
+        seconds = {}
+        for name, (save, _) in VARIANTS.items():
+            cpu = []
+            for _ in range(runs):
+                start = time.process_time()
+                save(seg, out / f"{name}.dcm")
+                cpu.append(time.process_time() - start)
+            seconds[name] = min(cpu)
+        same = (out / "before.dcm").read_bytes() == (out / "after.dcm").read_bytes()
+        size = (out / "after.dcm").stat().st_size / 1e6
+        rows.append(
+            f"| {seg_type.value} | {int(seg.NumberOfFrames)} | {size:.1f} | {seconds['before']:.2f} | "
+            f"{seconds['after']:.2f} | {'yes' if same else '**no**'} |"
+        )
+    return rows
+
+
 def run_stage(study: Path, runs: int, out_md: Path, command: str) -> str:
     """Time the write stage with each SEG writer, alternating, in one process; write the section."""
-    retain_freed_memory()  # as the node does: measure the work, not the VM's first-touch page faults
     files = sorted((study / "dicom").glob("*.dcm"))
     volume = read_series(files)
     truth = np.asarray(nib.load(study / "truth.nii.gz").dataobj).transpose(2, 1, 0)
@@ -351,7 +375,9 @@ def run_stage(study: Path, runs: int, out_md: Path, command: str) -> str:
             for name, variant in VARIANTS.items():
                 times[name].append(stage_once(volume, files, labels, Path(work), variant))
         peaks = {name: stage_peaks_mb(volume, files, labels, Path(work), v) for name, v in VARIANTS.items()}
+        writes = file_writes(volume, files, labels, Path(work), runs)
     section = _stage_table(times, peaks, volume.geometry.shape, int(times["after"][0]["frames"]), command)
+    section += "\n".join(["", *_FILE_WRITE_HEADER, *writes]) + "\n"
     _replace_section(out_md, STAGE_HEADING, section)
     return section
 
@@ -384,6 +410,14 @@ def _stage_table(times: dict, peaks: dict, shape: tuple, frames: int, command: s
     return "\n".join(lines) + "\n"
 
 
+_FILE_WRITE_HEADER = [
+    "The SEG file alone, per type (the same data set written both ways; CPU seconds, fastest run):",
+    "",
+    "| type | frames | size MB | pydicom `save_as` | streamed | same bytes |",
+    "|---|---|---|---|---|---|",
+]
+
+
 def _replace_section(path: Path, heading: str, section: str) -> None:
     """Put ``section`` at the end of ``path`` in place of an earlier one under the same heading."""
     text = path.read_text() if path.exists() else ""
@@ -407,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="--stage: runs per writer (default 3)")
     args = parser.parse_args(argv)
     command = "python bench/bench_seg.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    retain_freed_memory()  # as the node does: measure the work, not the VM's first-touch page faults
     if args.stage:
         return _stage_main(args, command)
     slices = args.slices or (16 if args.quick else 300)
