@@ -895,7 +895,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         low = detect_modality(text[head.end() :])[1]
     else:
         head = None
-    low = _expand_shorthand(low, protected)
+    low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
     regions: list[str] = list(header_regions)
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low), vocab, regions, notes)
@@ -935,6 +935,21 @@ _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii":
 _COUINAUD_ROMAN = re.compile(
     r"\b(couinaud|segments?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
 )
+
+
+def _complete_prefixes(low: str, vocab: Vocabulary) -> str:
+    """ "naso-, oro- and hypopharynx": a prefix with a hyphen takes the stem of the word that ends the list."""
+
+    def complete(m: re.Match[str]) -> str:
+        word = m.group(2)
+        stem = next((word[k:] for k in range(1, len(word) - 3) if word[k:] in vocab.known), None)
+        return m.group(0) if stem is None else m.group(1) + stem + m.group(0)[len(m.group(1)) + 1 :]
+
+    return _PREFIX_HYPHEN.sub(complete, low)
+
+
+# "oro-" before ", " / " and " ... up to the list's last word (group 2)
+_PREFIX_HYPHEN = re.compile(r"\b([a-z]{2,})-(?=(?:\s*(?:,|and|or|&)\s*[a-z]{2,}-)*\s*(?:,|and|or|&)\s*([a-z]{5,})\b)")
 
 
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:

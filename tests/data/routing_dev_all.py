@@ -793,6 +793,10 @@ add("splenule", "CT", None)
 add("papillary muscle of the left ventricle", "CT", None)
 add("primary and nodal gross tumour volumes", "PT+CT", None, GTVP, GTVN)
 
+# a hyphenated prefix takes the stem of the list's last word; "common carotid" without "artery"
+add("oro- and hypopharynx", "CT", None, OROPHARYNX, c("81502006"))
+add("left common carotid", "CT", None, c("113263003"))
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
