@@ -887,6 +887,7 @@ class Router:
         if len(words) > 8:
             return []
         pieces: list[grammar.ParsedTarget] = []
+        starts: list[int] = []
         i = 0
         regions = set(parsed.regions)
         while i < len(words):
@@ -903,6 +904,7 @@ class Router:
                 matches, _ = self._match(cand, regions, everywhere, use_encoder=False)
                 if any(m.score >= TIERS[0] for m in matches):
                     pieces.append(cand)
+                    starts.append(i)
                     i = j
                     break
             else:
@@ -910,6 +912,12 @@ class Router:
                     i += 1
                     continue
                 return []
+        if "of" in words and len(pieces) > 1:
+            # "thyroid cartilage of the larynx": a part named with its whole is the part (a lesion
+            # named with its organ is that organ's: "tumour of the kidney" is not split here).
+            before = [p for p, start in zip(pieces, starts, strict=True) if start < words.index("of")]
+            if before and not any(set(p.concept.core) & grammar.LESION_TOKENS for p in pieces):
+                return before
         return pieces if len(pieces) > 1 else []
 
     def _why_unmatched(

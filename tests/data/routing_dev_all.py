@@ -797,6 +797,10 @@ add("primary and nodal gross tumour volumes", "PT+CT", None, GTVP, GTVN)
 add("oro- and hypopharynx", "CT", None, OROPHARYNX, c("81502006"))
 add("left common carotid", "CT", None, c("113263003"))
 
+# a part named with its whole ("X of the Y") is the part
+add("cricoid cartilage of the larynx", "CT", None, c("309312004", name=r"cricoid"))
+add("the septum of the heart", "CT", None)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
