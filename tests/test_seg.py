@@ -39,6 +39,7 @@ from medsegagent.dicom.seg import (
     device_uid,
     members_from_ranks,
     model_fingerprint,
+    save_atomically,
     segment_description,
     segment_label,
     write_segmentation,
@@ -458,3 +459,16 @@ def test_stream_writer_leaves_other_datasets_to_pydicom(seg_factory, tmp_path):
     del seg.PerFrameFunctionalGroupsSequence
     write_multiframe(seg, tmp_path / "no-groups.dcm")
     assert pydicom.dcmread(tmp_path / "no-groups.dcm").SOPInstanceUID == seg.SOPInstanceUID
+
+
+def test_a_failed_write_leaves_no_file(seg_factory, tmp_path):
+    written = seg_factory(tmp_path, SegType.BINARY)
+
+    def failing(dataset, path):
+        path.write_bytes(b"half a SEG")
+        raise OSError("disk full")
+
+    out = tmp_path / "out" / "seg.dcm"
+    with pytest.raises(OSError, match="disk full"):
+        save_atomically(written.dataset, out, write=failing)
+    assert list(out.parent.iterdir()) == []  # neither the SEG nor its partial file
