@@ -769,6 +769,8 @@ _NEGATION = re.compile(
     # "without" excludes a structure ("kidneys without the tumours"), not the contrast agent
     r"|without(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b))\b"
 )
+# A clinical indication or timing clause says why the study is done, not what to segment.
+_INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;()]*")
 # An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
 _NOT_NEEDED = re.compile(
     r"(^|[,;])([^,;]*?)\s+(?:is\s+|are\s+)?(?:not\s+(?:needed|required|necessary|wanted)|unnecessary)\b"
@@ -975,6 +977,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
     low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"
+    low = _INDICATION.sub(" ; ", low)  # "history of cirrhosis", "rule out HCC": why, not what
     for phrase in protected:
         if phrase in low:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)

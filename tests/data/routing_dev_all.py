@@ -801,6 +801,12 @@ add("left common carotid", "CT", None, c("113263003"))
 add("cricoid cartilage of the larynx", "CT", None, c("309312004", name=r"cricoid"))
 add("the septum of the heart", "CT", None)
 
+# an indication or timing clause says why, not what; "paediatric" names the patient, not a structure
+add("liver volumetry, rule out metastases", "CT", None, LIVER)
+add("pancreas; history of pancreatitis", "CT", None, PANCREAS)
+add("spleen size after splenic trauma", "CT", None, SPLEEN)
+add("paediatric spleen", "CT", None, SPLEEN)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
