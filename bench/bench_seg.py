@@ -46,7 +46,14 @@ from medsegagent.dicom.image_writer import StudyInfo, deterministic_uid, write_s
 from medsegagent.dicom.phantom import make_phantom, write_phantom
 from medsegagent.dicom.preview import render_preview
 from medsegagent.dicom.secondary_capture import write_preview_sc
-from medsegagent.dicom.seg import SegmentSpec, SegType, label_counts, load_source_datasets, write_segmentation
+from medsegagent.dicom.seg import (
+    SegmentSpec,
+    SegType,
+    label_counts,
+    load_source_datasets,
+    save_as_file,
+    write_segmentation,
+)
 from medsegagent.dicom.series import read_series
 from medsegagent.dicom.sr import segment_volumes_ml, write_volume_report
 from medsegagent.dicom.streamwrite import write_multiframe
@@ -264,11 +271,6 @@ STAGE_HEADING = "## Write stage, before and after the streamed SEG writer"
 STAGE_LABELS = "Demo_CT_Abdomen"
 
 
-def _pydicom_save(dataset: pydicom.Dataset, path: Path) -> None:
-    """The SEG writer before the streamed one: pydicom's ``save_as``."""
-    dataset.save_as(path, enforce_file_format=True)
-
-
 def _whole_map_counts(labels: np.ndarray) -> np.ndarray:
     """Voxels per label as counted before: through one mask of the whole map (78 MB for 300 x 512²)."""
     counts = np.bincount(labels[labels > 0])
@@ -278,7 +280,7 @@ def _whole_map_counts(labels: np.ndarray) -> np.ndarray:
 
 #: Before: pydicom's save_as and whole-map label counts.  After: the streamed writer, counts slab by slab.
 VARIANTS: dict[str, tuple[Callable, Callable]] = {
-    "before": (_pydicom_save, _whole_map_counts),
+    "before": (save_as_file, _whole_map_counts),
     "after": (write_multiframe, label_counts),
 }
 

@@ -650,6 +650,7 @@ def _check_arguments(segments: Sequence[SegmentSpec], seg_type: SegType, uid_key
 def _seg_texts(request_text: str, request_source: str, caution: str | None) -> dict[str, str]:
     """Series Description, Content Description and Content Label of a SEG (highdicom's keywords)."""
     description = f"SEG {request_text}" if request_text else "MedSegAgent SEG"
+    # The caution leads, in brackets: a PACS series list shows it before the text is cut at 64 characters.
     description = truncate_text(f"[{caution}] {description}" if caution else description)
     content = truncate_text(f"{request_source}: {request_text}" if request_source else request_text or "segmentation")
     return {"series_description": description, "content_description": content, "content_label": "SEGMENTATION"}
@@ -669,7 +670,12 @@ def _complete_header(seg: Dataset, equipment: hd.ContributingEquipment) -> None:
     seg.SeriesTime = seg.ContentTime
 
 
-def save_atomically(dataset: Dataset, out_path: Path, *, write: Callable[[Dataset, Path], None] | None = None) -> None:
+def save_as_file(dataset: Dataset, path: Path) -> None:
+    """pydicom's ``save_as`` in the DICOM File Format (preamble, File Meta Information)."""
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def save_atomically(dataset: Dataset, out_path: Path, *, write: Callable[[Dataset, Path], None] = save_as_file) -> None:
     """Write ``dataset`` as a DICOM file under a temporary name, then rename it to ``out_path``.
 
     A reader (the dispatcher, a PACS poller) never sees a half-written file.
@@ -681,17 +687,14 @@ def save_atomically(dataset: Dataset, out_path: Path, *, write: Callable[[Datase
     out_path : Path
         Final name; its folder is created when missing.
     write : callable, optional
-        ``write(dataset, path)``; default pydicom's ``save_as`` with the
-        DICOM File Format enforced.
+        ``write(dataset, path)``: :func:`save_as_file` (pydicom) by default,
+        :func:`~medsegagent.dicom.streamwrite.write_multiframe` for a SEG.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
-        if write is None:
-            dataset.save_as(tmp, enforce_file_format=True)
-        else:
-            write(dataset, tmp)
+        write(dataset, tmp)
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
