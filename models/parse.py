@@ -902,6 +902,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low), vocab, regions, notes)
     targets = _apply_list_rules(targets, low, text, header_targets if head else None)
+    targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
     unique: list[ParsedTarget] = []
     seen: set[tuple] = set()
@@ -913,6 +914,19 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     return ParsedRequest(
         text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
     )
+
+
+def _ordinal_name(target: ParsedTarget, vocab: Vocabulary) -> ParsedTarget:
+    """A numbered structure whose number is part of its name ("3rd ventricle" is the third ventricle)."""
+    index = target.concept.index
+    if not index or len(index) != 1 or not next(iter(index)).isdigit():
+        return target
+    number = int(next(iter(index)))
+    word = next((w for w, n in _ORDINALS.items() if n == number), None)
+    named = tuple(sorted((*target.concept.core, word))) if word else ()
+    if named not in vocab.concepts:
+        return target
+    return replace(target, concept=replace(target.concept, core=named, index=None))
 
 
 def _split_structure_names(text: str) -> str:

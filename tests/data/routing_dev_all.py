@@ -807,6 +807,9 @@ add("pancreas; history of pancreatitis", "CT", None, PANCREAS)
 add("spleen size after splenic trauma", "CT", None, SPLEEN)
 add("paediatric spleen", "CT", None, SPLEEN)
 
+# a number that is part of a structure's name ("4th ventricle") names it, not an index
+add("the 4th ventricle", "CT", None, c("35918002"))
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
