@@ -406,10 +406,18 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
     return _Entry(dataset, label, laterality, index, lesion, forms, generic, strings)
 
 
-def _inside(m: _Match, core: Iterable[str]) -> bool:
-    """Whether a label's name adds a class noun to the target: a canal, artery ... in it, not a part of it."""
+def _subdivision(m: _Match, core: Iterable[str]) -> bool:
+    """Whether a label is a named subdivision of the target (the glottic larynx of the larynx).
+
+    Not when its name adds a class noun: a canal or an artery inside the structure is another
+    kind of structure ("mandible" does not bring the mandibular incisive canals).
+    """
+    if m.why != _WHY_SPECIFIC or m.source != "name":
+        return False
     asked = frozenset(core)
-    return any(f.source == "name" and asked < f.core and (f.core - asked) & grammar.CLASS_NOUNS for f in m.entry.forms)
+    return not any(
+        f.source == "name" and asked < f.core and (f.core - asked) & grammar.CLASS_NOUNS for f in m.entry.forms
+    )
 
 
 def _derive_part_values(entries: list[_Entry]) -> None:
@@ -631,6 +639,16 @@ class Router:
                 self._phrase_cache[phrase] = vec
         return vec
 
+    def _read_ahead(self, targets: list[grammar.ParsedTarget]) -> None:
+        # Phrases with words the grammar does not know go to the encoder: all of a request's in
+        # one pass ("ankle and heel bones"), not one pass each.
+        if not self.use_encoder:
+            return
+        phrases = dict.fromkeys(self._phrase(pt) for pt in targets if pt.unknown)
+        todo = [p for p in phrases if p and p not in self._index.string_row and p not in self._phrase_cache]
+        if len(todo) > 1 and len(self._phrase_cache) + len(todo) <= 4096:
+            self._phrase_cache.update(zip(todo, self._get_encoder().encode(todo), strict=True))
+
     # -- planning ----------------------------------------------------------------
     def plan(
         self,
@@ -722,6 +740,7 @@ class Router:
         self, parsed: grammar.ParsedRequest, kept_names: set[str], all_names: set[str]
     ) -> list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]:
         """Stages 2 and 3 for every parsed target, re-reading targets the grammar split badly."""
+        self._read_ahead(parsed.targets)
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in parsed.targets:
             target, explain = self._route_target(pt, parsed, kept_names)
@@ -823,13 +842,8 @@ class Router:
             top = best[name]
             chosen = [m for m in ms if m.score >= top - 1e-9]
             if top >= TIERS[0] and not pt.lesion:
-                # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx),
-                # not another kind of structure inside it ("mandible" -> a mandibular canal).
-                chosen += [
-                    m
-                    for m in ms
-                    if m.why == _WHY_SPECIFIC and m.source == "name" and m not in chosen and not _inside(m, c.core)
-                ]
+                # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx).
+                chosen += [m for m in ms if m not in chosen and _subdivision(m, c.core)]
             d = self.registry.datasets[name]
             # registry order, not match order: matches come from set walks, and a plan must not depend on the hash seed
             order = {label: i for i, label in enumerate(d.labels)}
@@ -1059,21 +1073,10 @@ class Router:
         e: _Entry,
     ) -> _Match | None:
         c = pt.concept
-        cap = 1.0
-        why_cap = ""
-        # Laterality: a sided target takes only labels of its side (held-out convention 4): not
-        # the other side, nor a sideless label of a paired structure, which would deliver both.
-        if c.laterality in ("left", "right"):
-            if e.laterality in ("left", "right") and e.laterality != c.laterality:
-                return None
-            # A sideless lesion label ("kidney masses") finds lesions on either side.
-            sideless = e.laterality == "bilateral" or (e.laterality is None and not e.lesion)
-            if sideless and grammar.names_side(pt):
-                return None
-            # A side spread from the list's first item ("right kidney and liver") may not concern
-            # this structure: a sideless label of an unpaired one stands, a paired one's is capped.
-            if sideless and any(f.core in self._index.paired for f in e.forms):
-                cap, why_cap = SCORE_COARSE, f"label covers both sides, {c.laterality} asked"
+        side = self._side_cap(pt, e)
+        if side is None:
+            return None
+        cap, why_cap = side
         # Indices (rib numbers, vertebral levels).
         if c.index:
             if e.index:
@@ -1131,6 +1134,25 @@ class Router:
                 source = {"member of the requested group": "group", _WHY_CONTEXT: "context"}.get(w, f.source)
                 best = _Match(e, s, w, source, f.values)
         return best
+
+    def _side_cap(self, pt: grammar.ParsedTarget, e: _Entry) -> tuple[float, str] | None:
+        """The most a label may score for the target's side, or None when its side excludes it."""
+        side = pt.concept.laterality
+        if side not in ("left", "right"):
+            return 1.0, ""
+        # A sided target takes only labels of its side (held-out convention 4): not the other
+        # side, nor a sideless label, which would deliver both.
+        if e.laterality in ("left", "right") and e.laterality != side:
+            return None
+        # A sideless lesion label ("kidney masses") finds lesions on either side.
+        sideless = e.laterality == "bilateral" or (e.laterality is None and not e.lesion)
+        if sideless and grammar.names_side(pt):
+            return None
+        # A side spread from the list's first item ("right kidney and liver") may not concern
+        # this structure: a sideless label of an unpaired one stands, a paired one's is capped.
+        if sideless and any(f.core in self._index.paired for f in e.forms):
+            return SCORE_COARSE, f"label covers both sides, {side} asked"
+        return 1.0, ""
 
     def _skeleton(
         self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str], has_bone: set[str]
