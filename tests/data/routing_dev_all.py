@@ -809,6 +809,7 @@ add("paediatric spleen", "CT", None, SPLEEN)
 
 # a number that is part of a structure's name ("4th ventricle") names it, not an index
 add("the 4th ventricle", "CT", None, c("35918002"))
+add("lower jaw bone", "CT", None, MANDIBLE)
 
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
