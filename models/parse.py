@@ -65,9 +65,25 @@ STOPWORDS = frozenset(
         request requests requesting requested require requires required requiring wish wanted obtain
         appreciate appreciated grateful kind one ones
         using use used via through about around between combined combination
+        vol vols thx thnx workup sizing morphology add adding too
         """
     )
 )
+#: A report's findings describe appearance and course, not which structure: "diffusely enlarged
+#: thyroid", "hypoattenuating hepatic metastases, increased since prior".
+STOPWORDS = STOPWORDS | frozenset(
+    word_list(
+        """
+        impression findings finding conclusion recommendation indication
+        enlarged dilated diffuse diffusely thickened thickening heterogeneous homogeneous
+        hypoattenuating hyperattenuating hypodense hyperdense cirrhotic increased decreased
+        numerous multiple simple suspected known prior since mild mildly moderate moderately severe severely
+        markedly slightly extension
+        """
+    )
+)
+#: Surgical and endoscopic procedures ("pre hepatectomy", "post cholecystectomy") are why, not what.
+_PROCEDURE_WORD = re.compile(r"[a-z]{3,}(?:ectomy|otomy|ostomy|plasty|pexy|scopy|graphy)")
 
 #: Token marking a composite concept ("kidney and masses"): it only ever matches exactly.
 COMPOSITE = "&"
@@ -656,6 +672,8 @@ class Vocabulary:
             for t in rep.split():
                 if t in STOPWORDS:
                     continue
+                if _PROCEDURE_WORD.fullmatch(t):
+                    continue
                 if t not in self.known and not t.isdigit():
                     unknown.append(t)  # kept out of a request's concept: the encoder looks at these
                     if not keep_unknown:
@@ -881,7 +899,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _split_structure_names(text)
+    written, text = text, _split_structure_names(_corrected(text))
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -897,7 +915,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         low = detect_modality(text[head.end() :])[1]
     else:
         head = None
-    low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
+    low = _complete_prefixes(_expand_shorthand(_SENTENCE_END.sub(" ; ", low), protected), vocab)
     regions: list[str] = list(header_regions)
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low), vocab, regions, notes)
@@ -914,6 +932,30 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     return ParsedRequest(
         text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
     )
+
+
+def _corrected(text: str) -> str:
+    """The request as its writer corrected it ("liver. Correction: the spleen", "no, sorry, the spleen").
+
+    What follows the last correction replaces what came before, unless it adds to it ("on second
+    thought add the IVC as well").
+    """
+    last = max(_CORRECTION.finditer(text), key=lambda m: m.start(), default=None)
+    if last is None or not text[last.end() :].strip():
+        return text
+    after = text[last.end() :]
+    return f"{text[: last.start()]}; {after}" if _ADDITION.search(after) else after
+
+
+# A correction starts a sentence or a clause: "Correction:", "Typo - meant", "no, sorry,", "I meant".
+_CORRECTION = re.compile(
+    r"(?:^|(?<=[.;!?,])|(?<=\.\.\.))\s*(?:no,?\s+)?(?:correction|typo|sorry|scratch that|on second thought"
+    r"|i meant|meant|actually|i mean|rather)\b[\s:,\-\u2013]*(?:(?:i\s+)?meant\b[\s:,]*)?",
+    re.I,
+)
+_ADDITION = re.compile(r"\b(?:add|also|as well|too|in addition)\b", re.I)
+# A sentence ends at ". " (not "2.5", not "1." numbering, handled before): the next sentence is another item.
+_SENTENCE_END = re.compile(r"(?<=[a-z)\]])[.!?]+\s+(?=\S)")
 
 
 def _ordinal_name(target: ParsedTarget, vocab: Vocabulary) -> ParsedTarget:

@@ -758,6 +758,17 @@ add("gallbladder beneath the liver", "CT", None, GALLBLADDER)
 add("ribs 9 to 11 on the left side", "CT", None, ribs("left", 9, 10, 11))
 add("lumen", "CT", None)
 add("both clavicles on the chest radiograph", None, None)
+
+# -- round nine: report sentences (findings words and section headers are not anatomy), order-entry
+# -- shorthand ("vol", "thx"), procedures are why, not what ("pre nephrectomy"), and corrections
+add("FINDINGS: markedly enlarged spleen. Please measure the spleen volume.", "CT", None, SPLEEN)
+add("Conclusion: heterogeneous thyroid, mildly enlarged; outline the thyroid", "CT", None, THYROID)
+add("pancreas vol thx", "CT", None, PANCREAS)
+add("gallbladder seg post cholecystostomy", "CT", None, GALLBLADDER)
+add("spleen before splenectomy", "CT", None, SPLEEN)
+add("the left kidney. Sorry, I meant the right kidney", "CT", None, KIDNEY.on("right"))
+add("liver only; actually add the spleen too", "CT", None, LIVER, SPLEEN)
+add("stomach, correction: duodenum", "CT", None, DUODENUM)
 add("breast tissue on the mammogram", None, None)
 add("thyroid scintigraphy - thyroid lobes", None, None)
 
