@@ -78,7 +78,7 @@ STOPWORDS = STOPWORDS | frozenset(
         enlarged dilated diffuse diffusely thickened thickening heterogeneous homogeneous
         hypoattenuating hyperattenuating hypodense hyperdense cirrhotic increased decreased
         numerous multiple simple suspected known prior since mild mildly moderate moderately severe severely
-        markedly slightly extension
+        markedly slightly extension impacted
         """
     )
 )
@@ -244,7 +244,7 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "CT",
         re.compile(
-            r"\b(?:ct|cta|ctpa|cect|ncct|nect|hrct|mdct|ldct|cat\s+scan|computed\s+tomography|computerized\s+tomography|computerised\s+tomography|ct\s+angiography|ctu|ctc|cac)\b",
+            r"\b(?:ct|cta|ctpa|cect|ncct|nect|hrct|mdct|ldct|cat\s+scan|computed\s+tomography|computerized\s+tomography|computerised\s+tomography|ct\s+angiography|ctu|ctc|cac|cbct|cone[\s-]*beam\s+ct)\b",
             re.I,
         ),
     ),
@@ -959,14 +959,19 @@ _SENTENCE_END = re.compile(r"(?<=[a-z)\]])[.!?]+\s+(?=\S)")
 
 
 def _ordinal_name(target: ParsedTarget, vocab: Vocabulary) -> ParsedTarget:
-    """A numbered structure whose number is part of its name ("3rd ventricle" is the third ventricle)."""
+    """A numbered structure whose number is part of its name.
+
+    "3rd ventricle" is the third ventricle; in "upper right first molar" the ordinal is a word of
+    the tooth's name (lexicon concepts name the first molar), not an index over molars.
+    """
     index = target.concept.index
     if not index or len(index) != 1 or not next(iter(index)).isdigit():
         return target
     number = int(next(iter(index)))
     word = next((w for w, n in _ORDINALS.items() if n == number), None)
     named = tuple(sorted((*target.concept.core, word))) if word else ()
-    if named not in vocab.concepts:
+    core = set(target.concept.core)
+    if named not in vocab.concepts and not any(word in key and core & set(key) for key in vocab.concepts):
         return target
     return replace(target, concept=replace(target.concept, core=named, index=None))
 
@@ -1032,6 +1037,8 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    if _DENTAL.search(low):
+        low = _FDI_TEETH.sub(_fdi_names, low)
     low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"
     low = _INDICATION.sub(" ; ", low)  # "history of cirrhosis", "rule out HCC": why, not what
     for phrase in protected:
@@ -1039,6 +1046,32 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
             low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
     return low
+
+
+def _fdi_names(m: re.Match[str]) -> str:
+    """ "incisors 11 and 21", "tooth 36": FDI two-digit tooth numbers (quadrant, position) as tooth names."""
+    names = []
+    for number in re.findall(r"\d\d", m.group("numbers")):
+        quadrant, position = int(number[0]), int(number[1])
+        jaw = "upper" if quadrant in (1, 2) else "lower"
+        side = "right" if quadrant in (1, 4) else "left"
+        names.append(f"{jaw} {side} {_FDI_POSITIONS[position - 1]}")
+    return " ; ".join(names)
+
+
+# The permanent dentition by FDI position, 1 (central incisor) to 8 (third molar).
+_FDI_POSITIONS = (
+    "central incisor", "lateral incisor", "canine", "first premolar", "second premolar",
+    "first molar", "second molar", "third molar",
+)  # fmt: skip
+_DENTAL = re.compile(r"\b(?:tooth|teeth|incisors?|canines?|premolars?|molars?|fdi|dental|dentition|cbct)\b")
+# An FDI number, or a list of them, with the tooth words in front of it that it makes precise.
+_FDI = r"[1-4][1-8]"
+_FDI_TEETH = re.compile(
+    r"(?:\b(?:upper|lower|maxillary|mandibular|left|right|central|lateral|first|second|third)\s+)*"
+    r"(?:\b(?:teeth|tooth|incisors?|canines?|premolars?|molars?)\s+)?(?:\bfdi\s*)?"
+    rf"(?P<numbers>\b{_FDI}\b(?:\s*(?:,|and|&|/)?\s*\b{_FDI}\b)*)"
+)
 
 
 def _split_segments(low: str) -> list[tuple[str, bool]]:

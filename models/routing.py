@@ -420,6 +420,27 @@ def _subdivision(m: _Match, core: Iterable[str]) -> bool:
     )
 
 
+#: Nouns that name a part inside a structure ("the pulp of tooth 11", "the incisive canal").
+_INNER_PARTS = frozenset({"pulp", "canal"})
+
+
+def _wholes_first(matches: list[_Match], core: Iterable[str]) -> list[_Match]:
+    """Equal matches less those naming a part inside another (a tooth, not its pulp: convention 2).
+
+    When a request names neither, a label more specific than the request whose name adds an
+    inner-part noun is the part of a whole that matched as well, so it goes. Group members
+    ("head and neck OARs") all stay.
+    """
+    asked = set(core)
+
+    def inner(m: _Match) -> bool:
+        specific = m.why == _WHY_SPECIFIC
+        return specific and any(f.source == "name" and (f.core - asked) & _INNER_PARTS for f in m.entry.forms)
+
+    wholes = [m for m in matches if not inner(m)]
+    return wholes if wholes and len(wholes) < len(matches) else matches
+
+
 def _derive_part_values(entries: list[_Entry]) -> None:
     # "kidney and masses" = [1, 2, 3] and "kidney masses" = [2, 3] in one dataset: the part
     # "kidney" alone is [1].  Region labels are unions, so a part's values are the whole's
@@ -840,7 +861,7 @@ class Router:
         label_explain: dict[str, Any] = {}
         for name, ms in per_dataset.items():
             top = best[name]
-            chosen = [m for m in ms if m.score >= top - 1e-9]
+            chosen = _wholes_first([m for m in ms if m.score >= top - 1e-9], c.core)
             if top >= TIERS[0] and not pt.lesion:
                 # A structure's named subdivisions come with it ("larynx" -> glottic, supraglottic larynx).
                 chosen += [m for m in ms if m not in chosen and _subdivision(m, c.core)]

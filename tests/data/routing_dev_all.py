@@ -769,6 +769,18 @@ add("spleen before splenectomy", "CT", None, SPLEEN)
 add("the left kidney. Sorry, I meant the right kidney", "CT", None, KIDNEY.on("right"))
 add("liver only; actually add the spleen too", "CT", None, LIVER, SPLEEN)
 add("stomach, correction: duodenum", "CT", None, DUODENUM)
+
+
+# FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
+# a tooth is not its pulp (convention 2)
+def tooth(code: str, fdi: int) -> C:
+    return c(code, name=rf"_fdi{fdi}$")
+
+
+add("cone beam CT, teeth 26 and 43", None, "CT", tooth("865988009", 26), tooth("860785004", 43))
+add("FDI 35 please, dental CBCT", None, "CT", tooth("24573005", 35))
+add("the upper left first molar on the CBCT", None, "CT", tooth("865988009", 26))
+add("upper right central incisor", "CT", None, tooth("422653006", 11))
 add("breast tissue on the mammogram", None, None)
 add("thyroid scintigraphy - thyroid lobes", None, None)
 
