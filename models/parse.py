@@ -916,6 +916,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     else:
         head = None
     low = _complete_prefixes(_expand_shorthand(_SENTENCE_END.sub(" ; ", low), protected), vocab)
+    low = _drop_purposes(low, vocab)
     regions: list[str] = list(header_regions)
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low), vocab, regions, notes)
@@ -932,6 +933,26 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     return ParsedRequest(
         text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
     )
+
+
+def _drop_purposes(low: str, vocab: Vocabulary) -> str:
+    """Drop what a study is for when it names no structure ("liver vol for TIPS", "kidney, donor eval").
+
+    Order entry adds the purpose after the structure; a clause after "for"/"pre"/"post" (or a
+    bare "?query") with no word of the vocabulary says why, not what.
+    """
+
+    def purpose(m: re.Match[str]) -> str:
+        if m.group(0).lstrip().startswith("?"):
+            return " ; "
+        tokens, unknown = vocab.canonical_tokens(_WORD.findall(m.group(1)), fix_spelling=False)
+        return " ; " if unknown and not tokens else m.group(0)
+
+    return _PURPOSE.sub(purpose, low)
+
+
+# "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
+_PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;()?]*)")
 
 
 def _corrected(text: str) -> str:
@@ -1017,7 +1038,7 @@ _PREFIX_HYPHEN = re.compile(r"\b([a-z]{2,})-(?=(?:\s*(?:,|and|or|&)\s*[a-z]{2,}-
 
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
-    low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ")
+    low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ").replace("f/u", " followup ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
     # Spelled out, "head and neck" is one region, not a list of two items.
     low = re.sub(r"\bhead\s*(?:and|&|/|\+)\s*neck\b", " hn ", low)

@@ -769,6 +769,9 @@ add("spleen before splenectomy", "CT", None, SPLEEN)
 add("the left kidney. Sorry, I meant the right kidney", "CT", None, KIDNEY.on("right"))
 add("liver only; actually add the spleen too", "CT", None, LIVER, SPLEEN)
 add("stomach, correction: duodenum", "CT", None, DUODENUM)
+add("spleen vol for ITP", "CT", None, SPLEEN)
+add("gallbladder ?cholecystitis", "CT", None, GALLBLADDER)
+add("bladder volume post TURBT f/u", "CT", None, BLADDER)
 
 
 # FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
