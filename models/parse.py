@@ -964,16 +964,24 @@ def _corrected(text: str) -> str:
     last = max(_CORRECTION.finditer(text), key=lambda m: m.start(), default=None)
     if last is None or not text[last.end() :].strip():
         return text
-    after = text[last.end() :]
-    return f"{text[: last.start()]}; {after}" if _ADDITION.search(after) else after
+    before, after = text[: last.start()], text[last.end() :]
+    if _ADDITION.search(after):
+        return f"{before}; {after}"
+    side = _SIDE_ONLY.fullmatch(after.strip(" .!").lower())
+    if side:  # "the kidneys. actually only the left one": the side of what came before
+        before = re.sub(r"\b(?:left|right|both|bilateral)\b", " ", before, flags=re.I)
+        return f"{before.rstrip(' .,;')}, {side.group(1)} side"
+    return after
 
 
 # A correction starts a sentence or a clause: "Correction:", "Typo - meant", "no, sorry,", "I meant".
 _CORRECTION = re.compile(
     r"(?:^|(?<=[.;!?,])|(?<=\.\.\.))\s*(?:no,?\s+)?(?:correction|typo|sorry|scratch that|on second thought"
-    r"|i meant|meant|actually|i mean|rather)\b[\s:,\-\u2013]*(?:(?:i\s+)?meant\b[\s:,]*)?",
+    r"|i meant|meant|actually|i mean|rather|never\s*mind|disregard|cancel(?:led)?)\b"
+    r"[\s:,\-\u2013]*(?:(?:i\s+)?meant\b[\s:,]*)?",
     re.I,
 )
+_SIDE_ONLY = re.compile(r"(?:(?:just|only|the)\s+)*(left|right)(?:\s+(?:one|ones|side|only))*")
 _ADDITION = re.compile(r"\b(?:add|also|as well|too|in addition)\b", re.I)
 # A sentence ends at ". " (not "2.5", not "1." numbering, handled before): the next sentence is another item.
 _SENTENCE_END = re.compile(r"(?<=[a-z)\]])[.!?]+\s+(?=\S)")

@@ -772,6 +772,9 @@ add("stomach, correction: duodenum", "CT", None, DUODENUM)
 add("spleen vol for ITP", "CT", None, SPLEEN)
 add("gallbladder ?cholecystitis", "CT", None, GALLBLADDER)
 add("bladder volume post TURBT f/u", "CT", None, BLADDER)
+add("both adrenals. sorry, just the right one", "CT", None, ADRENAL.on("right"))
+add("left kidney, I meant right", "CT", None, KIDNEY.on("right"))
+add("spleen please. disregard, wrong patient", "CT", None)
 
 
 # FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
