@@ -65,7 +65,7 @@ STOPWORDS = frozenset(
         request requests requesting requested require requires required requiring wish wanted obtain
         appreciate appreciated grateful kind one ones
         using use used via through about around between combined combination
-        vol vols thx thnx workup sizing morphology add adding too
+        vol vols thx thnx workup sizing morphology add adding too stent stents filter donor
         """
     )
 )

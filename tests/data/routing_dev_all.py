@@ -776,6 +776,14 @@ add("both adrenals. sorry, just the right one", "CT", None, ADRENAL.on("right"))
 add("left kidney, I meant right", "CT", None, KIDNEY.on("right"))
 add("spleen please. disregard, wrong patient", "CT", None)
 
+# order-entry abbreviations and Latin plurals of the lexicon; TG-263's VB is the vertebral body;
+# devices (stent, filter) are what the study is for
+add("VB_T12 and VB_L1", "CT", None, vertebrae("T12", "L1"))
+add("duod and panc", "CT", None, DUODENUM, PANCREAS)
+add("trach and oesophagus, stent planning", "CT", None, TRACHEA, ESOPHAGUS)
+add("glutei maximi", "CT", None, GLUTEUS_MAX)
+add("gaster", "CT", None, STOMACH)
+
 
 # FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
 # a tooth is not its pulp (convention 2)
