@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
@@ -64,7 +64,11 @@ FRAME_OF_REFERENCE_UID = 0x00200052
 REQUEST_ATTRIBUTES_SEQUENCE = 0x00400275
 #: Read at the top level (a text attribute) and inside the Request Attributes Sequence's items.
 REQUESTED_PROCEDURE_DESCRIPTION = 0x00321060
+#: Items of a Request Attributes Sequence walked for it; a sequence with more is left to pydicom.
+MAX_REQUEST_ITEMS = 64
 SHARED_FUNCTIONAL_GROUPS_SEQUENCE = 0x52009229
+#: Found, but their values are not copied (pixels; sequences, whose items are walked in place).
+_NOT_COPIED = frozenset({PIXEL_DATA, REQUEST_ATTRIBUTES_SEQUENCE, SHARED_FUNCTIONAL_GROUPS_SEQUENCE})
 #: Text attributes kept by keyword, decoded in the instance's Specific Character Set.
 TEXT_ATTRIBUTES = {
     0x00080050: "AccessionNumber",
@@ -93,14 +97,17 @@ class ScannedElement:
         The value length; ``None`` for an undefined length (a sequence, or
         encapsulated pixel data).
     value : bytes
-        The value as encoded (empty for Pixel Data and undefined lengths: not kept).
+        The value as encoded (empty for Pixel Data, sequences and undefined lengths: not kept).
     offset : int
         Where the value starts in the data set (a sequence's items are read from there).
+    vr : str or None
+        The explicit VR (``None`` in Implicit VR).
     """
 
     length: int | None
     value: bytes
     offset: int = 0
+    vr: str | None = None
 
 
 def inflate(data: bytes | bytearray, limit: int) -> bytes:
@@ -172,42 +179,48 @@ class _Walker:
                 raise DataSetScanError(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at the top level")
             if length == _UNDEFINED:
                 if tag in wanted:
-                    found[tag] = ScannedElement(None, b"", offset)
+                    found[tag] = ScannedElement(None, b"", offset, vr)
                 offset = self._skip_undefined(offset, vr, 1)
                 continue
             if length > end - offset:
                 raise DataSetScanError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes, "
                                        f"{end - offset} are left")  # fmt: skip
             if tag in wanted:
-                value = b"" if tag == PIXEL_DATA else bytes(self.view[offset : offset + length])
-                found[tag] = ScannedElement(length, value, offset)
+                value = b"" if tag in _NOT_COPIED or vr == "SQ" else bytes(self.view[offset : offset + length])
+                found[tag] = ScannedElement(length, value, offset, vr)
             offset += length
         return found
 
-    def item_data_sets(self, element: ScannedElement) -> list[memoryview]:
-        """The data set of each item of a sequence that :meth:`top_level` found (Explicit or Implicit VR)."""
-        items: list[memoryview] = []
+    def item_data_sets(self, element: ScannedElement, limit: int) -> Iterator[memoryview]:
+        """The data set of each item of a sequence :meth:`top_level` found, lazily, at most ``limit`` of them.
+
+        An item may not reach beyond its sequence's defined length; more than
+        ``limit`` items raise (a crafted sequence of a million empty items costs
+        no more than ``limit``).
+        """
         offset = element.offset
         end = len(self.view) if element.length is None else element.offset + element.length
-        while offset < end:
+        for _ in range(limit + 1):
+            if offset >= end:
+                return
             if end - offset < 8:
                 raise DataSetScanError("sequence ends inside an item header")
             group, number, length = self.tag_length.unpack_from(self.view, offset)
             tag, offset = group << 16 | number, offset + 8
             if tag == _SEQUENCE_DELIMITER:
-                break
+                return
             if tag != _ITEM:
                 raise DataSetScanError(f"({group:04X},{number:04X}) where an item was expected")
             if length == _UNDEFINED:
-                after = self._skip_item_data_set(offset, 1)
-                items.append(self.view[offset : after - 8])  # up to its item delimiter
+                after = self._skip_item_data_set(offset, 1, end)
+                yield self.view[offset : after - 8]  # up to its item delimiter
                 offset = after
             elif length > end - offset:
                 raise DataSetScanError(f"item claims {length} bytes, {end - offset} are left")
             else:
-                items.append(self.view[offset : offset + length])
+                yield self.view[offset : offset + length]
                 offset += length
-        return items
+        raise DataSetScanError(f"sequence has more than {limit} items")
 
     def _header(self, offset: int, end: int) -> tuple[int, str | None, int, int]:
         """Decode an element header at ``offset``: tag, VR, value length, offset of the value."""
@@ -258,15 +271,20 @@ class _Walker:
             else:
                 offset += length
 
-    def _skip_item_data_set(self, offset: int, depth: int) -> int:
-        """Step over the elements of an undefined-length item up to its item delimiter; offset after it."""
-        end = len(self.view)
+    def _skip_item_data_set(self, offset: int, depth: int, end: int | None = None) -> int:
+        """Step over the elements of an undefined-length item up to its item delimiter; offset after it.
+
+        ``end``: where the enclosing value ends (the data set's end by default); the item may not pass it.
+        """
+        end = len(self.view) if end is None else end
         while True:
             tag, vr, length, offset = self._header(offset, end)
             if tag == _ITEM_DELIMITER:
                 return offset
             if length == _UNDEFINED:
                 offset = self._skip_undefined(offset, vr, depth + 1)
+                if offset > end:
+                    raise DataSetScanError("a sequence inside an item runs past the end of its enclosing value")
             elif length > end - offset:
                 raise DataSetScanError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
             else:
@@ -316,20 +334,31 @@ def _requested_procedure(
 ) -> str | None:
     """The first Requested Procedure Description in a Request Attributes Sequence's items ("" if none has one).
 
-    ``None`` when the sequence is absent or its items cannot be walked (a UN-encoded sequence,
-    say): the tags source then reads the file with pydicom instead.
+    ``None`` when the sequence is absent, or its items cannot be walked or are more
+    than :data:`MAX_REQUEST_ITEMS`: the tags source then reads the file with pydicom.
+    A sequence sent as UN holds Implicit VR items (PS3.5 6.2.2); Explicit VR ones,
+    which some encoders leave there, are tried next, as pydicom does.
     """
     if sequence is None:
         return None
-    try:
-        for item in walker.item_data_sets(sequence):
-            inner = _Walker(item, walker.implicit, walker.order == "<").top_level({REQUESTED_PROCEDURE_DESCRIPTION})
-            element = inner.get(REQUESTED_PROCEDURE_DESCRIPTION)
-            text = _decoded(element.value, charset).strip() if element is not None else ""
-            if text:
-                return text
-    except DataSetScanError:
-        return None
+    walkers = [walker]
+    if sequence.vr == "UN" and not walker.implicit:
+        walkers.insert(0, _Walker(walker.view, True, True))
+    for items_walker in walkers:
+        try:
+            return _first_procedure(items_walker, sequence, charset)
+        except DataSetScanError:
+            continue
+    return None
+
+
+def _first_procedure(walker: _Walker, sequence: ScannedElement, charset: tuple[str, ...] | None) -> str:
+    for item in walker.item_data_sets(sequence, MAX_REQUEST_ITEMS):
+        inner = _Walker(item, walker.implicit, walker.order == "<").top_level({REQUESTED_PROCEDURE_DESCRIPTION})
+        element = inner.get(REQUESTED_PROCEDURE_DESCRIPTION)
+        text = _decoded(element.value, charset).strip() if element is not None else ""
+        if text:
+            return text
     return ""
 
 

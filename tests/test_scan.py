@@ -339,7 +339,7 @@ def test_request_attributes_without_a_procedure_and_without_the_sequence():
 
 @pytest.mark.parametrize("inside", ["implicit", "explicit"])
 def test_a_request_attributes_sequence_in_un_is_read_or_left_to_pydicom(inside):
-    """A UN-encoded sequence: Explicit VR items are read; Implicit VR ones are flagged for the tags source."""
+    """A UN-encoded sequence holds Implicit VR items (PS3.5 6.2.2); Explicit VR ones, as some encoders send, too."""
     text = b"LIVER VOL "
     element = (struct.pack("<HHL", 0x0032, 0x1060, len(text)) if inside == "implicit"
                else struct.pack("<HH2sH", 0x0032, 0x1060, b"LO", len(text))) + text  # fmt: skip
@@ -349,5 +349,32 @@ def test_a_request_attributes_sequence_in_un_is_read_or_left_to_pydicom(inside):
     data = _element(0x0008, 0x0018, b"UI", b"1.2.3.4\x00") + un + _element(0x0008, 0x0060, b"CS", b"CT")
     facts = scan_instance(data, ExplicitVRLittleEndian)
     assert facts.modality == "CT"  # not refused, and the walk went on
-    expected = (None, True) if inside == "implicit" else ("LIVER VOL", False)
-    assert (facts.request_attributes_procedure, facts.has_request_attributes) == expected
+    assert (facts.request_attributes_procedure, facts.has_request_attributes) == ("LIVER VOL", False)
+
+
+def _request_attributes(items: bytes, length: int = 0xFFFFFFFF) -> bytes:
+    """UIDs, a Request Attributes Sequence holding ``items`` (undefined length by default), then the Modality."""
+    sequence = struct.pack("<HH2sHL", 0x0040, 0x0275, b"SQ", 0, length) + items
+    if length == 0xFFFFFFFF:
+        sequence += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return _element(0x0008, 0x0018, b"UI", b"1.2.3.4\x00") + sequence + _element(0x0008, 0x0060, b"CS", b"CT")
+
+
+def test_a_sequence_of_a_million_empty_items_costs_no_more_than_its_first_items():
+    """A crafted sequence (8 MB of empty items, far more once a deflated set inflates) is left to pydicom.
+
+    Walked whole, it took seconds of CPU and hundreds of MB per instance; past the cap of 64 items
+    the scan stops and flags the file (without the cap it would report "no procedure named").
+    """
+    data = _request_attributes(struct.pack("<HHL", 0xFFFE, 0xE000, 0) * 1_000_000)
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    assert facts.modality == "CT" and facts.has_request_attributes and facts.request_attributes_procedure is None
+
+
+def test_an_undefined_length_item_may_not_run_past_its_defined_length_sequence():
+    """Its item delimiter beyond the sequence's end: the walk does not read top-level elements as the item's."""
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)  # the sequence's 8 bytes end right after the header
+    stray = _element(0x0032, 0x1060, b"LO", b"NOT IN THE ITEM ") + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    data = _request_attributes(item, length=len(item))[:-10] + stray + _element(0x0008, 0x0060, b"CS", b"CT")
+    facts = scan_instance(data, ExplicitVRLittleEndian)
+    assert facts.request_attributes_procedure is None and facts.has_request_attributes
