@@ -32,6 +32,7 @@ import enum
 import hashlib
 import logging
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -692,7 +693,8 @@ def save_atomically(dataset: Dataset, out_path: Path, *, write: Callable[[Datase
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
+    # A name of its own: two writers of one path (a job re-run while its first run ends) never share it.
+    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         write(dataset, tmp)
         tmp.replace(out_path)

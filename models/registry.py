@@ -1245,8 +1245,13 @@ def _location(location: str) -> str:
     return location
 
 
+def _relative(path: str) -> bool:
+    """Whether ``path`` stays inside the folder it is joined to (no absolute path, no ``..``)."""
+    return not os.path.isabs(path) and ".." not in Path(path).parts
+
+
 def _inside_folder(path: str) -> str:
-    if os.path.isabs(path) or ".." in Path(path).parts:
+    if not _relative(path):
         raise _rule(f"must be a relative path inside the model folder, got {path!r}")
     return path
 
@@ -1262,7 +1267,7 @@ def _digest(algorithm: str, regex: str) -> BeforeValidator:
 
 def _folder_names(weights: object) -> bool:
     return (
-        isinstance(weights, list) and bool(weights) and all(isinstance(w, str) and w and ".." not in w for w in weights)
+        isinstance(weights, list) and bool(weights) and all(isinstance(w, str) and w and _relative(w) for w in weights)
     )
 
 
@@ -1454,6 +1459,15 @@ class ModelEntry(_Entry):
         if self.backend is Backend.TOTALSEGMENTATOR and weights is not None and not _folder_names(weights):
             problems = _Problems()
             problems.add(("options", "weights"), f"expected a list of folder names, got {weights!r}", weights)
+            problems.raise_any()
+        if (
+            self.backend is Backend.MONAI_BUNDLE
+            and weights is not None
+            and not (isinstance(weights, str) and weights and _relative(weights))
+        ):
+            problems = _Problems()
+            problems.add(("options", "weights"), f"expected a file name in the bundle's models/, got {weights!r}",
+                         weights)  # fmt: skip
             problems.raise_any()
         return self
 

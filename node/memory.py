@@ -2,19 +2,22 @@
 
 A study's working set is a few large arrays: the 300 x 512² CT as float32 is
 315 MB, and label maps, masks and model outputs add as much again.  glibc
-serves every allocation above 32 MB with its own ``mmap`` and gives it back
-to the kernel on ``free``.  The next study then faults every page in afresh.
+serves a large allocation (above its mmap threshold: 128 kB at first, rising
+with use to at most 32 MB) with its own ``mmap`` and gives it back to the
+kernel on ``free``.  The next study then faults every page in afresh.
 
 On bare metal a first touch costs about 0.1 s/GB (the kernel zeroes the
 page).  On a virtual machine whose guest reports free pages back to the host
 (virtio-balloon free-page reporting, as Firecracker and many clouds do) the
 host must back the page again: measured on our 2-core VM, touching a fresh
 315 MB array took 2.4-3.3 s, and the same array again in the process 0.045 s
-(``FIELD-NOTES``-style figures in ``docs/node.md``, "Memory").
+(``docs/node.md``, "Memory").
 
 :func:`retain_freed_memory` asks glibc to keep what the process frees: no
 ``mmap`` per allocation, no trimming of the heap's top, one arena (so a
-model thread's arrays land in the same reusable heap).  The resident set then
+model thread's arrays land in the same reusable heap; the price is one
+allocator lock for all threads, which the node's few large allocations do
+not feel).  The resident set then
 stays at the high-water mark of the largest study so far, which is what a
 dedicated node wants; ``node.retain_memory: false`` turns it off for a
 machine shared with other services.

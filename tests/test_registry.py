@@ -568,6 +568,14 @@ _MODEL = "datasets.Tiny.models[tiny_unet]"
             f"{_MODEL}.options.weights: expected a list of folder names, got ['../x']",
         ),
         (
+            lambda d: _mod(d).update(backend="totalsegmentator", options={"weights": ["/etc"]}),
+            f"{_MODEL}.options.weights: expected a list of folder names, got ['/etc']",
+        ),
+        (
+            lambda d: _mod(d).update(backend="monai_bundle", options={"weights": "/etc/passwd"}),
+            f"{_MODEL}.options.weights: expected a file name in the bundle's models/, got '/etc/passwd'",
+        ),
+        (
             lambda d: _mod(d).update(bakend="onnx"),
             f"{_MODEL}.bakend: unknown key (did you mean backend? allowed: name, ",
         ),

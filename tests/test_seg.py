@@ -436,11 +436,21 @@ def test_result_uids_follow_the_one_derived_scheme_and_series_differ_by_type(seg
 
 @pytest.mark.parametrize("seg_type", list(SegType), ids=lambda t: t.value.lower())
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[5]])
-def test_seg_file_is_byte_for_byte_what_pydicom_writes(seg_factory, tmp_path, geometry, seg_type):
+def test_seg_file_is_byte_for_byte_what_pydicom_writes(seg_factory, tmp_path, geometry, seg_type, monkeypatch):
     # write_segmentation streams the SEG (functional group items encoded once each, pixel data
     # not copied); pydicom's own writer, run afterwards on the same dataset, must give the same bytes.
     modality, geometry = _geometry_args(geometry)
-    written = seg_factory(tmp_path, seg_type, modality=modality, **geometry)
+
+    save_as = pydicom.Dataset.save_as
+
+    def no_fallback(self, *args, **kwargs):  # a silent fallback to save_as would match byte for byte too
+        if str(self.get("Modality", "")) == "SEG":
+            raise AssertionError("the SEG was not streamed: write_multiframe fell back to save_as")
+        return save_as(self, *args, **kwargs)  # the phantom's source images
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pydicom.Dataset, "save_as", no_fallback)
+        written = seg_factory(tmp_path, seg_type, modality=modality, **geometry)
     reference = tmp_path / "pydicom.dcm"
     written.dataset.save_as(reference, enforce_file_format=True)
     assert len(written.dataset.PerFrameFunctionalGroupsSequence) > 1
