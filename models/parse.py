@@ -78,7 +78,8 @@ STOPWORDS = STOPWORDS | frozenset(
         enlarged dilated diffuse diffusely thickened thickening heterogeneous homogeneous
         hypoattenuating hyperattenuating hypodense hyperdense cirrhotic increased decreased
         numerous multiple simple suspected known prior since mild mildly moderate moderately severe severely
-        markedly slightly extension impacted
+        markedly slightly extension impacted flail fractured displaced comminuted injured polytrauma trauma
+        function functional gated prospective retrospective tracking flap
         """
     )
 )

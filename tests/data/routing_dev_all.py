@@ -784,6 +784,12 @@ add("trach and oesophagus, stent planning", "CT", None, TRACHEA, ESOPHAGUS)
 add("glutei maximi", "CT", None, GLUTEUS_MAX)
 add("gaster", "CT", None, STOMACH)
 
+# findings of trauma and protocol boilerplate (function, gated, tracking) are not anatomy; the
+# endocardial contour of a ventricle is its cavity
+add("displaced fractures of the right ribs 5 to 8", "CT", None, ribs("right", 5, 6, 7, 8))
+add("CT SHOULDER - humerus, instability tracking", "CT", None, c("85050009"))
+add("LV endocardium on the cine", None, "MR", LV)
+
 
 # FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
 # a tooth is not its pulp (convention 2)
