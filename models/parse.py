@@ -1603,14 +1603,21 @@ def _spread_leading_side(targets: list[ParsedTarget]) -> list[ParsedTarget]:
 
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     # "liver and its tumours", "kidney + masses": a bare lesion word after an
-    # organ means a lesion of that organ.
+    # organ means a lesion of that organ; after an organ's lesion ("renal cysts. Please
+    # segment the cysts"), the same lesion word refers back to it.
     out: list[ParsedTarget] = []
     organ: tuple[str, ...] = ()
+    named: dict[str, tuple[str, ...]] = {}  # lesion word -> the organ's lesion written with it
     for t in targets:
         core = t.concept.core
-        if core and all(tok in LESION_TOKENS for tok in core) and organ and t.group is None:
+        bare = bool(core) and all(tok in LESION_TOKENS for tok in core) and t.group is None
+        if bare and organ:
             t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
+        elif bare and len(core) == 1 and core[0] in named:
+            t = replace(t, concept=replace(t.concept, core=named[core[0]]))
         elif core and not any(tok in LESION_TOKENS for tok in core):
             organ = core
+        elif core and not t.negated:
+            named.update(dict.fromkeys((tok for tok in core if tok in LESION_TOKENS), core))
         out.append(t)
     return out

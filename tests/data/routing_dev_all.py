@@ -790,6 +790,10 @@ add("displaced fractures of the right ribs 5 to 8", "CT", None, ribs("right", 5,
 add("CT SHOULDER - humerus, instability tracking", "CT", None, c("85050009"))
 add("LV endocardium on the cine", None, "MR", LV)
 
+# a bare lesion word refers back to an organ's lesion named before it
+add("Known hepatic metastases. Please contour the metastases for SBRT.", "CT", None, LIVER_TUMOUR)
+add("kidney cysts, segment all cysts", "CT", None, KIDNEY_CYST)
+
 
 # FDI tooth numbers (quadrant, position) are tooth names; an ordinal in a tooth's name is no index;
 # a tooth is not its pulp (convention 2)
