@@ -14,6 +14,7 @@ key                what                                                        p
 routing-public     ``medsegagent bench routing`` on the public 343-query set   the paper's expected models
 routing-dev        the same on the development set (``routing_dev.jsonl``)     expected models
 routing-dev-blind  the same on the blind dev set (``routing_dev_blind``)       expected models
+routing-dev-blind2 the same on the second blind dev set (``routing_dev_blind2``) expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -60,7 +61,16 @@ HELDOUT = REPO / "tests" / "data" / "heldout" / "requests.jsonl"
 DEV_ALL = REPO / "tests" / "data" / "routing_dev_all.jsonl"
 #: Written without sight of the rules, but open to the router's engineers (not frozen).
 DEV_BLIND = REPO / "tests" / "data" / "routing_dev_blind" / "requests.jsonl"
-ROUTING_KEYS = ("routing-public", "routing-dev", "routing-dev-all", "routing-dev-blind", "routing-heldout")
+#: The second blind set, from other phrasing sources; open like the first (round nine).
+DEV_BLIND2 = REPO / "tests" / "data" / "routing_dev_blind2" / "requests.jsonl"
+ROUTING_KEYS = (
+    "routing-public",
+    "routing-dev",
+    "routing-dev-all",
+    "routing-dev-blind",
+    "routing-dev-blind2",
+    "routing-heldout",
+)
 
 
 @dataclass
@@ -110,6 +120,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind",
             "Routing, blind development set (whole registry)",
             DEV_BLIND.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind2",
+            "Routing, second blind development set (whole registry)",
+            DEV_BLIND2.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),

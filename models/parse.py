@@ -965,7 +965,7 @@ def _corrected(text: str) -> str:
     last = max(_CORRECTION.finditer(text), key=lambda m: m.start(), default=None)
     if last is None or not text[last.end() :].strip():
         return text
-    before, after = text[: last.start()], text[last.end() :]
+    before, after = text[: last.start()], _CANCEL.sub("", text[last.end() :])
     if _ADDITION.search(after):
         return f"{before}; {after}"
     side = _SIDE_ONLY.fullmatch(after.strip(" .!").lower())
@@ -981,6 +981,10 @@ _CORRECTION = re.compile(
     r"|i meant|meant|actually|i mean|rather|never\s*mind|disregard|cancel(?:led)?)\b"
     r"[\s:,\-\u2013]*(?:(?:i\s+)?meant\b[\s:,]*)?",
     re.I,
+)
+# "actually cancel that, no segmentation needed": the cancelling words themselves name nothing.
+_CANCEL = re.compile(
+    r"^\s*(?:cancel(?:led)?|never\s*mind|disregard|scratch|forget)\b(?:\s+(?:that|it|this))?[\s,.;:]*", re.I
 )
 _SIDE_ONLY = re.compile(r"(?:(?:just|only|the)\s+)*(left|right)(?:\s+(?:one|ones|side|only))*")
 _ADDITION = re.compile(r"\b(?:add|also|as well|too|in addition)\b", re.I)

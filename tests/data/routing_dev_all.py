@@ -775,6 +775,7 @@ add("bladder volume post TURBT f/u", "CT", None, BLADDER)
 add("both adrenals. sorry, just the right one", "CT", None, ADRENAL.on("right"))
 add("left kidney, I meant right", "CT", None, KIDNEY.on("right"))
 add("spleen please. disregard, wrong patient", "CT", None)
+add("pancreas. Actually cancel that, the study is withdrawn", "CT", None)
 
 # order-entry abbreviations and Latin plurals of the lexicon; TG-263's VB is the vertebral body;
 # devices (stent, filter) are what the study is for
