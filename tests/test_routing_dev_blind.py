@@ -1,16 +1,18 @@
-"""The blind routing development set is well formed and derived from the registry alone.
+"""The blind routing development sets are well formed and derived from the registry alone.
 
-``tests/data/routing_dev_blind/`` holds requests written without sight of the
-routing rules (README.md there).  Its expectations come from ``build.py``
-(registry concepts, never the router); these tests keep the committed
-``requests.jsonl`` equal to that derivation and valid against the registry.
-No routing score is asserted here.
+``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` hold requests written
+without sight of the routing rules (the second also without sight of the earlier
+sets' requests; README.md in each).  Their expectations come from each folder's
+``build.py`` (registry concepts, never the router); these tests keep each committed
+``requests.jsonl`` equal to that derivation and valid against the registry.  No
+routing score is asserted here (``tests/test_routing.py`` holds the floors).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,20 +21,38 @@ import pytest
 
 from medsegagent.models.registry import Registry, load_registry
 
-HERE = Path(__file__).parent / "data" / "routing_dev_blind"
-REQUESTS = HERE / "requests.jsonl"
-
-MIN_REQUESTS = 350
+DATA = Path(__file__).parent / "data"
 MIN_NEGATIVE_SHARE = 0.20
 FIELDS = {"query", "expected_datasets", "modality", "category", "source"}
 
 
-def _build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("routing_dev_blind_build", HERE / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@dataclass(frozen=True)
+class BlindSet:
+    folder: str
+    min_requests: int
+
+    @property
+    def here(self) -> Path:
+        return DATA / self.folder
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.here / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    def rows(self) -> list[str]:
+        """The request rows of ``requests.txt`` (comments and blank lines dropped)."""
+        lines = (self.here / "requests.txt").read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip() and not line.startswith("#")]
+
+    def module(self, name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"{self.folder}_{name}", self.here / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+SETS = [BlindSet("routing_dev_blind", 350), BlindSet("routing_dev_blind2", 300)]
+pytestmark = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +60,17 @@ def registry() -> Registry:
     return load_registry()
 
 
-@pytest.fixture(scope="module")
-def records() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in REQUESTS.read_text(encoding="utf-8").splitlines()]
-
-
-def test_size_and_negative_share(records: list[dict[str, Any]]) -> None:
+def test_size_and_negative_share(blind: BlindSet) -> None:
+    records = blind.records()
     negatives = sum(1 for r in records if not r["expected_datasets"])
-    assert len(records) >= MIN_REQUESTS
+    assert len(records) >= blind.min_requests
     assert negatives / len(records) >= MIN_NEGATIVE_SHARE
 
 
-def test_records_are_well_formed(records: list[dict[str, Any]]) -> None:
+def test_records_are_well_formed(blind: BlindSet) -> None:
+    records = blind.records()
     for r in records:
-        assert set(r) <= FIELDS and {"query", "expected_datasets", "category", "source"} <= set(r), r
+        assert set(r) <= FIELDS and FIELDS - {"modality"} <= set(r), r
         assert r["query"].strip() and r["category"] and r["source"], r
         # a negative category is exactly a request that expects nothing
         assert r["category"].startswith("negative") == (not r["expected_datasets"]), r
@@ -61,9 +78,9 @@ def test_records_are_well_formed(records: list[dict[str, Any]]) -> None:
     assert len(set(keys)) == len(keys), "a (query, modality) pair occurs twice"
 
 
-def test_datasets_and_label_values_exist_in_registry(records: list[dict[str, Any]], registry: Registry) -> None:
+def test_datasets_and_label_values_exist_in_registry(blind: BlindSet, registry: Registry) -> None:
     values = {d.name: {v for label in d.labels.values() for v in label.values} for d in registry}
-    for r in records:
+    for r in blind.records():
         modality = r.get("modality")
         for name, wanted in r["expected_datasets"].items():
             assert name in values, f"{r['query']!r}: unknown dataset {name}"
@@ -74,16 +91,23 @@ def test_datasets_and_label_values_exist_in_registry(records: list[dict[str, Any
                 assert registry[name].accepts(modality), f"{r['query']!r}: {name} does not accept {modality}"
 
 
-def test_committed_file_is_the_build_output(registry: Registry) -> None:
-    build = _build_module()
-    text = build.to_jsonl(build.build(registry))
-    assert REQUESTS.read_text(encoding="utf-8") == text, (
+def test_every_named_concept_delivers_something(blind: BlindSet, registry: Registry) -> None:
+    # a concept that matches no label would silently shrink a positive row's expectation
+    build, concepts = blind.module("build"), blind.module("concepts")
+    for row in blind.rows():
+        _, names, modality = build.parse_row(row, set(concepts.CONCEPTS))
+        empty = [n for n in names if not concepts.expected(registry, [n], modality)]
+        assert not empty, f"concept(s) {empty} select nothing on {modality}: {row}"
+
+
+def test_committed_file_is_the_build_output(blind: BlindSet, registry: Registry) -> None:
+    build = blind.module("build")
+    assert (blind.here / "requests.jsonl").read_text(encoding="utf-8") == build.to_jsonl(build.build(registry)), (
         "requests.jsonl differs from build.py's derivation: re-run build.py after a registry "
         "change or a corrected row (README.md), never to follow the router"
     )
 
 
-def test_build_rejects_an_unknown_concept() -> None:
-    build = _build_module()
+def test_build_rejects_an_unknown_concept(blind: BlindSet) -> None:
     with pytest.raises(ValueError, match="unknown concept"):
-        build.parse_row("synonym | test | CT | no_such_concept | anything", {"liver"})
+        blind.module("build").parse_row("synonym | test | CT | no_such_concept | anything", {"liver"})
