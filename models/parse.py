@@ -473,6 +473,21 @@ def _damerau(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
+_SOUND_SPELLINGS = (("ph", "f"), ("ch", "c"), ("ck", "c"), ("k", "c"), ("q", "c"), ("z", "s"))
+
+
+def _sound_key(word: str) -> str:
+    """A word's consonant skeleton as it sounds ("hart", "heart" -> "hrt"; "hard" -> "hrd").
+
+    Typing errors by ear keep the consonants and change the spelling of a sound or a vowel;
+    the first letter stays, later vowels, ``h`` and doubled letters go.
+    """
+    for spelt, sound in _SOUND_SPELLINGS:
+        word = word.replace(spelt, sound)
+    head, rest = word[:1], re.sub(r"[aeiouyh]", "", word[1:])
+    return re.sub(r"(.)\1+", r"\1", head + rest)
+
+
 def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     toks = [t for t in tokens if t]
     # "stroke lesion", "tumor lesion": the generic word adds nothing next to a specific one.
@@ -600,7 +615,8 @@ class Vocabulary:
         """Closest known word for a misspelt ``word`` (unchanged when none is close).
 
         One edit is allowed for words of 4-7 letters, two for longer ones; ties
-        keep the word unchanged (a guess between two structures is worse than none).
+        go to the one candidate that sounds the same (:func:`_sound_key`), else keep the
+        word unchanged (a guess between two structures is worse than none).
         """
         if word in self.known or len(word) < 4 or not word.isalpha():
             return word
@@ -619,7 +635,10 @@ class Vocabulary:
                     best_d, best = d, [cand]
                 elif d == best_d:
                     best.append(cand)
-        fixed = best[0] if best_d <= limit and len({singular(b) for b in best}) == 1 else word
+        if best_d <= limit and len({singular(b) for b in best}) > 1:
+            # A tie ("hart": heart or hard) goes to the one candidate that also sounds the same.
+            best = [b for b in best if _sound_key(b) == _sound_key(word)]
+        fixed = best[0] if best_d <= limit and best and len({singular(b) for b in best}) == 1 else word
         if len(self._memo) < 16384:  # a memo, not state: the answer never changes
             self._memo[("spell", word)] = fixed
         return fixed

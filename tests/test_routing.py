@@ -231,6 +231,8 @@ def test_abbreviations_synonyms_typos(router):
     assert ivc == plan(router, "inferior vena cava", "CT").selection == plan(router, "postcava", "CT").selection
     assert plan(router, "suprarenal glands", "MR").selection == plan(router, "adrenal glands", "MR").selection
     assert plan(router, "pancrease", "CT").selection == plan(router, "pancreas", "CT").selection
+    # A tie at one edit (heart or hard) goes to the word with the same consonants.
+    assert plan(router, "hart", "CT").selection == plan(router, "heart", "CT").selection
     assert plan(router, "PROSTRATE", "MR").selection == {"AMOS22_Task2": [15], "TotalSegmentator_MRI": [17]}
     assert plan(router, "LV RV MYO", "MR").selection == {"MM-WHS": [1, 3, 5], "MMs": [1, 2, 3]}
     assert plan(router, "ICH", "CT").selection == {"Instance22": [1]}
