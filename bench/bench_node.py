@@ -26,6 +26,7 @@ from pathlib import Path
 from medsegagent.dicom.image_writer import write_phantom
 from medsegagent.dicom.phantom import make_phantom
 from medsegagent.node.config import parse_config
+from medsegagent.node.memory import resident_mb
 from medsegagent.node.service import Node
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -39,12 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _resident_mb() -> float:
-    """The process's resident set now (retained memory stays; glibc's defaults give large arrays back)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
 def run_once(args: argparse.Namespace) -> dict[str, float]:
@@ -91,7 +86,7 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         "inference": inference,
         "overhead": total - QUIET - inference,
         "cpu": cpu,
-        "rss": _resident_mb(),
+        "rss": resident_mb(),  # retained memory stays; glibc's defaults give large arrays back
         **{f"pipeline: {k}": float(v) for k, v in timings.items() if k != "inference"},
     }
 

@@ -35,16 +35,10 @@ import threading
 import time
 from pathlib import Path
 
+from medsegagent.node.memory import resident_mb
+
 REQUEST = "liver, spleen, both kidneys, pancreas and aorta"
 STAGES = ("read", "plan", "inference", "ensemble", "write")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
 
 
 class MemorySampler:
@@ -63,13 +57,13 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = _rss_mb()
+            rss = resident_mb()
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
             time.sleep(self.interval)
 
     def mark(self, stage: str) -> None:
         """Start ``stage`` (the sample at the boundary counts for both)."""
-        rss = _rss_mb()
+        rss = resident_mb()
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
         now = time.process_time()
         self.cpu[self.stage] = self.cpu.get(self.stage, 0.0) + now - self._cpu_at

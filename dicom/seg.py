@@ -781,11 +781,8 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     for start in range(0, labels.shape[0], step):
         slab = labels[start : start + step]
         found = np.bincount(slab[slab > 0])
-        if found.size > counts.size:
-            found[: counts.size] += counts
-            counts = found
-        else:
-            counts[: found.size] += found
+        counts = np.pad(counts, (0, max(0, found.size - counts.size)))
+        counts[: found.size] += found
     counts[:1] = 0
     return counts
 

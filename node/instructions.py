@@ -197,8 +197,9 @@ def tag_request(study_dir: Path, job_id: str | None = None, manifest: StudyManif
     """
     if manifest is not None:
         keys = manifest.keys
-        if keys.requested_procedure_description or keys.request_attributes_procedure:
-            return keys.requested_procedure_description or keys.request_attributes_procedure
+        named = keys.requested_procedure_description or keys.request_attributes_procedure
+        if named:
+            return named
         carriers = study_headers(study_dir, job_id, manifest.request_attribute_files)
         return _requested_procedure(carriers) or keys.study_description or None
     headers = list(study_headers(study_dir, job_id))

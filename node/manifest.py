@@ -356,11 +356,11 @@ def build_manifest(study_uid: str, facts: Mapping[str, InstanceFacts]) -> StudyM
         by_series.setdefault(facts[name].series_instance_uid or "", []).append((name, facts[name]))
     series = tuple(_series_entry(uid, members) for uid, members in sorted(by_series.items()) if uid)
     texts: dict[str, str] = {}
+    in_request = ""
     for name in sorted(facts):
         for keyword, value in facts[name].text_attributes:
             texts.setdefault(keyword, value)
-    in_request = next((f.request_attributes_procedure for _, f in sorted(facts.items())
-                       if f.request_attributes_procedure), "")  # fmt: skip
+        in_request = in_request or facts[name].request_attributes_procedure or ""
     keys = RequestKeys(texts.get("AccessionNumber", ""), texts.get("PatientID", ""), texts.get("PatientName", ""),
                        texts.get("RequestedProcedureDescription", ""), texts.get("StudyDescription", ""),
                        in_request)  # fmt: skip

@@ -9,15 +9,14 @@ kernel on ``free``.  The next study then faults every page in afresh.
 On bare metal a first touch costs about 0.1 s/GB (the kernel zeroes the
 page).  On a virtual machine whose guest reports free pages back to the host
 (virtio-balloon free-page reporting, as Firecracker and many clouds do) the
-host must back the page again: measured on our 2-core VM, touching a fresh
-315 MB array took 2.4-3.3 s, and the same array again in the process 0.045 s
-(``docs/node.md``, "Memory").
+host must back the page again: on our 2-core VM, filling a fresh 315 MB
+array took 3.6-4.0 s each time, and 0.03 s with this module's setting
+(``python bench/bench_memory.py``; ``docs/node.md``, "Memory").
 
 :func:`retain_freed_memory` asks glibc to keep what the process frees: no
 ``mmap`` per allocation, no trimming of the heap's top, one arena (so a
 model thread's arrays land in the same reusable heap; the price is one
-allocator lock for all threads, which the node's few large allocations do
-not feel).  The resident set then
+allocator lock for all threads; the node makes few, large allocations).  The resident set then
 stays at the high-water mark of the largest study so far, which is what a
 dedicated node wants; ``node.retain_memory: false`` turns it off for a
 machine shared with other services.
@@ -40,6 +39,15 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1
 
 _applied = False
+
+
+def resident_mb() -> float:
+    """The process's resident set now, in MB (``VmRSS``; 0 where ``/proc`` has none)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def retain_freed_memory() -> bool:

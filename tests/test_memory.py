@@ -12,18 +12,14 @@ from medsegagent.node.config import parse_config
 PROBE = textwrap.dedent(
     """
     import numpy as np
-    from medsegagent.node.memory import retain_freed_memory
-
-    def rss_mb():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    from medsegagent.node.memory import resident_mb, retain_freed_memory
 
     if RETAIN:
         assert retain_freed_memory() and retain_freed_memory()  # applied, then idempotent
     array = np.ones((64, 1024, 1024), np.uint8)  # 64 MB: above glibc's largest mmap threshold (32 MB)
-    held = rss_mb()
+    held = resident_mb()
     del array
-    print(held - rss_mb())
+    print(held - resident_mb())
     """
 )
 

@@ -38,11 +38,6 @@ class BlindSet:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (self.here / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
 
-    def rows(self) -> list[str]:
-        """The request rows of ``requests.txt`` (comments and blank lines dropped)."""
-        lines = (self.here / "requests.txt").read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip() and not line.startswith("#")]
-
     def module(self, name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"{self.folder}_{name}", self.here / f"{name}.py")
         assert spec is not None and spec.loader is not None
@@ -94,7 +89,7 @@ def test_datasets_and_label_values_exist_in_registry(blind: BlindSet, registry: 
 def test_every_named_concept_delivers_something(blind: BlindSet, registry: Registry) -> None:
     # a concept that matches no label would silently shrink a positive row's expectation
     build, concepts = blind.module("build"), blind.module("concepts")
-    for row in blind.rows():
+    for row in build.rows():
         _, names, modality = build.parse_row(row, set(concepts.CONCEPTS))
         empty = [n for n in names if not concepts.expected(registry, [n], modality)]
         assert not empty, f"concept(s) {empty} select nothing on {modality}: {row}"

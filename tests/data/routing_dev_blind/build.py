@@ -6,6 +6,10 @@ X and the record carries none, ``-`` means no modality at all.  Re-run after a
 registry change or a corrected row, never to follow the router:
 
     .venv/bin/python tests/data/routing_dev_blind/build.py
+
+``rows``, ``build`` and ``main`` take the set's folder: the second blind set
+(``routing_dev_blind2/build.py``) derives its own rows with its own concepts
+through them.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ from typing import Any
 from medsegagent.models.registry import Registry, load_registry
 
 HERE = Path(__file__).resolve().parent
-REQUESTS_TXT = HERE / "requests.txt"
-REQUESTS_JSONL = HERE / "requests.jsonl"
 
 
-def _concepts() -> Any:
-    spec = importlib.util.spec_from_file_location("routing_dev_blind_concepts", HERE / "concepts.py")
+def _concepts(folder: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"{folder.name}_concepts", folder / "concepts.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def rows(folder: Path = HERE) -> list[str]:
+    """The request rows of the folder's ``requests.txt`` (comments and blank lines dropped)."""
+    lines = (folder / "requests.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
 
 
 def parse_row(line: str, known: set[str]) -> tuple[dict[str, Any], list[str], str | None]:
@@ -43,8 +51,8 @@ def parse_row(line: str, known: set[str]) -> tuple[dict[str, Any], list[str], st
     return record, names, None if modality == "-" else modality.lstrip("~")
 
 
-def build(registry: Registry) -> list[dict[str, Any]]:
-    """Every request of ``requests.txt`` with its expectation over ``registry``.
+def build(registry: Registry, folder: Path = HERE) -> list[dict[str, Any]]:
+    """Every request of the folder's ``requests.txt`` with its expectation over ``registry``.
 
     Raises
     ------
@@ -52,10 +60,9 @@ def build(registry: Registry) -> list[dict[str, Any]]:
         On an unknown concept, a negative category whose expectation is not
         empty (or the reverse), or the same (query, modality) twice.
     """
-    concepts = _concepts()
-    rows = [ln for ln in REQUESTS_TXT.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    concepts = _concepts(folder)
     out = []
-    for row in rows:
+    for row in rows(folder):
         record, names, modality = parse_row(row, set(concepts.CONCEPTS))
         record["expected_datasets"] = concepts.expected(registry, names, modality)
         if record["category"].startswith("negative") != (not record["expected_datasets"]):
@@ -74,10 +81,11 @@ def to_jsonl(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def main() -> None:
+def main(folder: Path = HERE) -> None:
+    """Write the folder's ``requests.jsonl`` from its rows and the default registry."""
     registry = load_registry()
-    records = build(registry)
-    REQUESTS_JSONL.write_text(to_jsonl(records), encoding="utf-8")
+    records = build(registry, folder)
+    (folder / "requests.jsonl").write_text(to_jsonl(records), encoding="utf-8")
     negatives = sum(not r["expected_datasets"] for r in records)
     print(f"{len(records)} requests, {negatives} negatives, registry {registry.content_hash}")
 
