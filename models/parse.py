@@ -1627,7 +1627,8 @@ def _spread_leading_side(targets: list[ParsedTarget]) -> list[ParsedTarget]:
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     # "liver and its tumours", "kidney + masses": a bare lesion word after an
     # organ means a lesion of that organ; after an organ's lesion ("renal cysts. Please
-    # segment the cysts"), the same lesion word refers back to it.
+    # segment the cysts", "a mass in the pancreatic head; contour the tumour"), the same
+    # lesion word, or another word for a tumour, refers back to it.
     out: list[ParsedTarget] = []
     organ: tuple[str, ...] = ()
     named: dict[str, tuple[str, ...]] = {}  # lesion word -> the organ's lesion written with it
@@ -1636,11 +1637,25 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
         bare = bool(core) and all(tok in LESION_TOKENS for tok in core) and t.group is None
         if bare and organ:
             t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
-        elif bare and len(core) == 1 and core[0] in named:
-            t = replace(t, concept=replace(t.concept, core=named[core[0]]))
+        elif bare and len(core) == 1 and _named_before(core[0], named):
+            t = replace(t, concept=replace(t.concept, core=_named_before(core[0], named)))
         elif core and not any(tok in LESION_TOKENS for tok in core):
             organ = core
         elif core and not t.negated:
-            named.update(dict.fromkeys((tok for tok in core if tok in LESION_TOKENS), core))
+            for tok in (tok for tok in core if tok in LESION_TOKENS):
+                named.pop(tok, None)  # the last named is the one referred to
+                named[tok] = core
         out.append(t)
     return out
+
+
+def _named_before(word: str, named: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The organ's lesion that a bare lesion word refers back to (empty when none was named).
+
+    Tumour, mass, lesion and nodule are one referent: the last of them named with an organ.
+    """
+    if word in named:
+        return named[word]
+    if word in SOFT_LESION:
+        return next((named[w] for w in reversed(named) if w in SOFT_LESION), ())
+    return ()

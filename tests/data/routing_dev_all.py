@@ -859,6 +859,12 @@ add("paediatric spleen", "CT", None, SPLEEN)
 add("the 4th ventricle", "CT", None, c("35918002"))
 add("lower jaw bone", "CT", None, MANDIBLE)
 
+# round eleven: tumour, mass, lesion and nodule are one referent; a bare one of them refers back to the
+# organ's lesion named before it under another of these words
+add("hepatic mass on the previous CT. Outline the tumour, please", "CT", None, LIVER_TUMOUR)
+add("renal tumour found on ultrasound; CT to contour the lesion", "CT", None, KIDNEY_TUMOUR)
+add("pulmonary nodule follow-up: segment the lesion", "CT", None, LUNG_NODULE)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
