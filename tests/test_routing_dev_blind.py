@@ -1,8 +1,8 @@
 """The blind routing development sets are well formed and derived from the registry alone.
 
-``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` hold requests written
-without sight of the routing rules (the second also without sight of the earlier
-sets' requests; README.md in each).  Their expectations come from each folder's
+``tests/data/routing_dev_blind/``, ``routing_dev_blind2/`` and ``routing_dev_blind3/``
+hold requests written without sight of the routing rules (the second and third
+also without sight of the earlier sets' requests; README.md in each).  Their expectations come from each folder's
 ``build.py`` (registry concepts, never the router); these tests keep each committed
 ``requests.jsonl`` equal to that derivation and valid against the registry.  No
 routing score is asserted here (``tests/test_routing.py`` holds the floors).
@@ -46,7 +46,11 @@ class BlindSet:
         return module
 
 
-SETS = [BlindSet("routing_dev_blind", 350), BlindSet("routing_dev_blind2", 300)]
+SETS = [
+    BlindSet("routing_dev_blind", 350),
+    BlindSet("routing_dev_blind2", 300),
+    BlindSet("routing_dev_blind3", 300),
+]
 pytestmark = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
 
 
