@@ -1318,6 +1318,8 @@ def _parse_segment(
                 regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
     if not label_form:
         words = _drop_location(words, vocab, regions)
+    if not label_form:
+        words = _without_reason(words, vocab)
     read = _read_words(words, regions)
     composite = any(w in _COMPOSITE_WORDS for w in read.rest)
     tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)
@@ -1350,6 +1352,31 @@ def _parse_segment(
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+def _without_reason(words: list[str], vocab: Vocabulary) -> list[str]:
+    """An order line without the reason written after its command ("cord seg ms pt", "kidneys vol ckd").
+
+    Order entry writes the structure, then the command or quantity, then why; after a command that
+    follows a known structure, words the vocabulary does not know are the why. Words before the
+    command stay: "uterine fibroids seg" is still not the uterus.
+    """
+    for k, w in enumerate(words):
+        if w not in _ORDER_WORDS:
+            continue
+        if k == 0 or not vocab.canonical_tokens(words[:k])[0]:
+            return words
+        tail = [t for t in words[k + 1 :] if _KEPT_INDEX.match(t) or not vocab.canonical_tokens([t])[1]]
+        return words[: k + 1] + tail
+    return words
+
+
+_KEPT_INDEX = re.compile(r"^(?:[ctls]|th|n)?\d{1,2}(?:st|nd|rd|th)?$")  # levels, numbers, rib indices
+# Commands and quantities of an order line ("liver seg", "spleen vol pls").
+_ORDER_WORDS = frozenset({
+    "seg", "segment", "segmentation", "vol", "vols", "volume", "volumes", "volumetry", "only", "pls", "please",
+    "area", "size", "sizing", "contour", "contours", "outline", "mask",
+})  # fmt: skip
 
 
 # Prepositions that place a structure ("glands on top of the kidneys", "T6-T8 on the spine MR").

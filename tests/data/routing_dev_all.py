@@ -865,6 +865,13 @@ add("hepatic mass on the previous CT. Outline the tumour, please", "CT", None, L
 add("renal tumour found on ultrasound; CT to contour the lesion", "CT", None, KIDNEY_TUMOUR)
 add("pulmonary nodule follow-up: segment the lesion", "CT", None, LUNG_NODULE)
 
+# round eleven: an order line writes the structure, the command or quantity, then why: unknown words after
+# the command are the reason (words before it still count: a diverticulum is not the bladder)
+add("liver vol nafld baseline", "CT", None, LIVER)
+add("pancreas seg ipmn surveillance", "CT", None, PANCREAS)
+add("aorta seg marfan yearly", "CT", None, AORTA)
+add("bladder diverticulum seg", "CT", None)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
