@@ -919,7 +919,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _split_structure_names(_corrected(text))
+    written, text = text, _split_structure_names(_corrected(_values_only(text)))
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -973,6 +973,22 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
 
 # "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
 _PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;()?]*)")
+
+
+def _values_only(text: str) -> str:
+    """A request written for a machine without its keys ("organ=liver", ``{"organ": "liver"}``, "step 2 =").
+
+    Keys, tags and pipeline step numbers name the form, not a structure; the values are the request.
+    """
+    text = _MARKUP_TAG.sub(" , ", _JSON_KEY.sub(" , ", text))
+    text = _PIPELINE_STEP.sub(" , ", text)
+    return _KEY_EQUALS.sub(" , ", text)
+
+
+_JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
+_MARKUP_TAG = re.compile(r"</?[A-Za-z_][\w.-]*\s*/?>")
+_PIPELINE_STEP = re.compile(r"\b(?:step|stage)\s*#?\d+\b\s*[:=]?", re.I)
+_KEY_EQUALS = re.compile(r"(?<![\w=<>!])[A-Za-z_][\w.]*\s*=(?!=)")
 
 
 def _corrected(text: str) -> str:
@@ -1317,9 +1333,7 @@ def _parse_segment(
             for tok in vocab.canonical_tokens([w])[0]:
                 regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
     if not label_form:
-        words = _drop_location(words, vocab, regions)
-    if not label_form:
-        words = _without_reason(words, vocab)
+        words = _without_reason(_drop_location(words, vocab, regions), vocab)
     read = _read_words(words, regions)
     composite = any(w in _COMPOSITE_WORDS for w in read.rest)
     tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)

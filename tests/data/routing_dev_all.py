@@ -872,6 +872,12 @@ add("pancreas seg ipmn surveillance", "CT", None, PANCREAS)
 add("aorta seg marfan yearly", "CT", None, AORTA)
 add("bladder diverticulum seg", "CT", None)
 
+# round eleven: a request written for a machine: keys, tags and pipeline steps are the form, values the request
+add("stage 3 = pancreas segmentation", "CT", None, PANCREAS)
+add("<target>spleen</target>", "CT", None, SPLEEN)
+add('job.target=aorta; job.output=seg', "CT", None, AORTA)
+add('{"roi": "stomach", "format": "nifti"}', "CT", None, STOMACH)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
