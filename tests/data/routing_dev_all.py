@@ -875,7 +875,7 @@ add("bladder diverticulum seg", "CT", None)
 # round eleven: a request written for a machine: keys, tags and pipeline steps are the form, values the request
 add("stage 3 = pancreas segmentation", "CT", None, PANCREAS)
 add("<target>spleen</target>", "CT", None, SPLEEN)
-add('job.target=aorta; job.output=seg', "CT", None, AORTA)
+add("job.target=aorta; job.output=seg", "CT", None, AORTA)
 add('{"roi": "stomach", "format": "nifti"}', "CT", None, STOMACH)
 
 
