@@ -919,7 +919,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _split_structure_names(_corrected(_values_only(text)))
+    written, text = text, _split_structure_names(_corrected(_values_only(text)), vocab)
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -1045,7 +1045,7 @@ def _ordinal_name(target: ParsedTarget, vocab: Vocabulary) -> ParsedTarget:
     return replace(target, concept=replace(target.concept, core=named, index=None))
 
 
-def _split_structure_names(text: str) -> str:
+def _split_structure_names(text: str, vocab: Vocabulary) -> str:
     """Spell out structure names written as identifiers (AAPM TG-263: ``OpticNrv_L``, ``Glnd_Submand_R``).
 
     The parts of a name joined by underscores are words, a part in camel case is several, and
@@ -1056,12 +1056,35 @@ def _split_structure_names(text: str) -> str:
         parts = m.group(0).split("_")
         if parts[-1] in ("L", "R", "l", "r", "Lt", "Rt"):
             parts[-1] = "left" if parts[-1][0] in "Ll" else "right"
-        return " ".join(_CAMEL.sub(" ", p) for p in parts)
+        parts[1:] = [_TG263_QUALIFIER.get(p, p) for p in parts[1:]]
+        if len(parts) > 1 and parts[0].lower() in _TG263_CLASS:
+            parts[0] = _tg263_class(
+                parts[0].lower(), [w for p in parts[1:] for w in _CAMEL.sub(" ", p).lower().split()], vocab
+            )
+        return " ".join(_CAMEL.sub(" ", p) for p in parts if p)
 
     return _IDENTIFIER.sub(words, text)
 
 
+def _tg263_class(prefix: str, rest: list[str], vocab: Vocabulary) -> str:
+    """What a TG-263 class prefix adds to the rest of the name ("Musc_Constrict": the muscle).
+
+    Nothing when the rest names a structure by itself ("Bone_Mandible", "A_Aorta"); the class noun
+    when the rest needs it; the prefix as written when the rest is not known ("A_LAD" stays unread).
+    """
+    if not all(vocab.correct_spelling(singular(w)) in vocab.known for w in rest):
+        return prefix
+    if tuple(sorted(vocab.canonical_tokens(rest)[0])) in vocab.concepts:
+        return ""
+    return _TG263_CLASS[prefix]
+
+
 _IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b")
+# AAPM TG-263's class prefixes and qualifiers.
+_TG263_CLASS = {"a": "artery", "v": "vein", "musc": "muscle", "glnd": "gland", "nrv": "nerve", "ln": "lymph node",
+                "lig": "ligament", "bone": "bone"}  # fmt: skip
+_TG263_QUALIFIER = {"I": "inferior", "S": "superior", "Ant": "anterior", "Post": "posterior", "Ext": "external",
+                    "Int": "internal", "Prox": "proximal", "Dist": "distal"}  # fmt: skip
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
 _COUINAUD_ROMAN = re.compile(

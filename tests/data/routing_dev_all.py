@@ -878,6 +878,13 @@ add("<target>spleen</target>", "CT", None, SPLEEN)
 add("job.target=aorta; job.output=seg", "CT", None, AORTA)
 add('{"roi": "stomach", "format": "nifti"}', "CT", None, STOMACH)
 
+# round eleven: TG-263 class prefixes (A_, V_, Musc_, Glnd_, Bone_ ...) name the class of the rest of the name,
+# and add nothing when the rest names a structure by itself; with an unknown rest the prefix stays unread
+add("Bone_Sacrum", "CT", None, SACRUM)
+add("V_Venacava_I", "CT", None, IVC)
+add("A_Mesenteric_S", "CT", None, SMA)
+add("A_LCX", "CT", None)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
