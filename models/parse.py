@@ -1063,7 +1063,7 @@ def _split_structure_names(text: str, vocab: Vocabulary) -> str:
             )
         return " ".join(_CAMEL.sub(" ", p) for p in parts if p)
 
-    return _IDENTIFIER.sub(words, text)
+    return _CAMEL_NAME.sub(lambda m: _CAMEL.sub(" ", m.group(0)), _IDENTIFIER.sub(words, text))
 
 
 def _tg263_class(prefix: str, rest: list[str], vocab: Vocabulary) -> str:
@@ -1080,6 +1080,7 @@ def _tg263_class(prefix: str, rest: list[str], vocab: Vocabulary) -> str:
 
 
 _IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b")
+_CAMEL_NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:[A-Z][a-z]{2,})+\b")  # "PenileBulb", "BrachialPlexus"
 # AAPM TG-263's class prefixes and qualifiers.
 _TG263_CLASS = {"a": "artery", "v": "vein", "musc": "muscle", "glnd": "gland", "nrv": "nerve", "ln": "lymph node",
                 "lig": "ligament", "bone": "bone"}  # fmt: skip

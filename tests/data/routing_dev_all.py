@@ -885,6 +885,11 @@ add("V_Venacava_I", "CT", None, IVC)
 add("A_Mesenteric_S", "CT", None, SMA)
 add("A_LCX", "CT", None)
 
+# round eleven: a name written in camel case is its words ("UrinaryBladder", "SubmandibularGland_R" above)
+add("UrinaryBladder", "CT", None, BLADDER)
+add("RightAdrenal", "CT", None, ADRENAL.on("right"))
+add("PenileBulb", "CT", None)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
