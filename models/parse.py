@@ -1525,7 +1525,8 @@ def _region_phrase(words: list[str], i: int, rest: list[str], regions: list[str]
         n = len(phrase.split())
         if words[i : i + n] != phrase.split():
             continue
-        structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of")
+        # "pelvic bones", "cranial nerve II": the region's adjective is part of a structure's name.
+        structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of", "nerve")
         # "femoral head", "head of pancreas": a part of a structure, not the body region.
         part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
         if phrase in ("spine", "breast") or structure_follows or part_of:
