@@ -15,6 +15,7 @@ routing-public     ``medsegagent bench routing`` on the public 343-query set   t
 routing-dev        the same on the development set (``routing_dev.jsonl``)     expected models
 routing-dev-blind  the same on the blind dev set (``routing_dev_blind``)       expected models
 routing-dev-blind2 the same on the second blind dev set (``routing_dev_blind2``) expected models
+routing-dev-blind3 the same on the third blind dev set (``routing_dev_blind3``)  expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -27,7 +28,7 @@ throughput         studies/hour with 1 and 2 executors                         i
 
 The summary has one row per benchmark (headline figures, wall time, the
 peak resident memory of its largest process, the command that reproduces
-it), then each benchmark's own tables.  The three routing sets are reported
+it), then each benchmark's own tables.  The routing sets are reported
 side by side in one table (also written to ``bench/results/routing.md``):
 the public and development sets are scored within ``medsegagent-23`` (the
 library they were written for), the held-out set over every registry dataset
@@ -63,12 +64,15 @@ DEV_ALL = REPO / "tests" / "data" / "routing_dev_all.jsonl"
 DEV_BLIND = REPO / "tests" / "data" / "routing_dev_blind" / "requests.jsonl"
 #: The second blind set, from other phrasing sources; open like the first (round nine).
 DEV_BLIND2 = REPO / "tests" / "data" / "routing_dev_blind2" / "requests.jsonl"
+#: The third blind set (session seven), weighted to the held-out set's weakest categories.
+DEV_BLIND3 = REPO / "tests" / "data" / "routing_dev_blind3" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
     "routing-dev-all",
     "routing-dev-blind",
     "routing-dev-blind2",
+    "routing-dev-blind3",
     "routing-heldout",
 )
 
@@ -103,7 +107,7 @@ def _medsegagent() -> list[str]:
 
 
 def _routing(public: Path, dev: Path) -> list[Bench]:
-    """The three routing sets; each runs at the same size in full and quick runs."""
+    """The routing sets; each runs at the same size in full and quick runs."""
     heldout = HELDOUT.relative_to(REPO)
     sets = [
         ("routing-public", "Routing, public benchmark", public, ["--collection", "medsegagent-23"]),
@@ -126,6 +130,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind2",
             "Routing, second blind development set (whole registry)",
             DEV_BLIND2.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind3",
+            "Routing, third blind development set (whole registry)",
+            DEV_BLIND3.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -225,7 +235,7 @@ def _run(bench: Bench, quick: bool, timeout: float) -> None:
 
 
 def routing_table(benches: list[Bench]) -> str:
-    """Public, development and held-out routing side by side, then the held-out set per category."""
+    """Every routing set side by side, then the held-out and third blind sets per category."""
     lines = [
         "| set | file | collection | queries | strict | hit rate | soft | negatives correct | p50 ms | p95 ms |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -242,13 +252,30 @@ def routing_table(benches: list[Bench]) -> str:
             f"| {b.title} | `{path}` | {d['collection'] or 'all'} | {d['n']} | {d['strict']:.3f} | {d['hit_rate']:.3f}"
             f" | {d['soft']:.3f} | {neg} | {d['p50_ms']:.2f} | {d['p95_ms']:.2f} |"
         )
-    heldout = next((b for b in benches if b.key == "routing-heldout" and b.status == "ok"), None)
-    if heldout is not None and heldout.extra.get("by_category"):
-        lines += ["", "Held-out set per category (aggregates only; the set is frozen, its misses are not read):", ""]
-        lines += ["| category | queries | strict | hit rate |", "|---|---:|---:|---:|"]
-        for name, c in heldout.extra["by_category"].items():
-            lines.append(f"| {name} | {c['n']} | {c['strict']:.3f} | {c['hit_rate']:.3f} |")
+    lines += _category_table(benches)
     return "\n".join(lines)
+
+
+#: Sets whose rows carry a category: the frozen held-out set and the blind set written alongside it.
+_CATEGORY_SETS = (("routing-heldout", "held-out"), ("routing-dev-blind3", "blind3"))
+
+
+def _category_table(benches: list[Bench]) -> list[str]:
+    """Held-out and third blind set per category, side by side (aggregates only)."""
+    done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
+    sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
+    if not sets:
+        return []
+    lines = ["", "Per category (aggregates only; the held-out set is frozen, its misses are not read):", ""]
+    lines.append("| category | " + " | ".join(f"{n} queries | {n} strict | {n} hit rate" for _, n in sets) + " |")
+    lines.append("|---|" + "---:|---:|---:|" * len(sets))
+    for category in sorted({c for key, _ in sets for c in done[key]}):
+        cells = []
+        for key, _ in sets:
+            c = done[key].get(category)
+            cells.append(f"{c['n']} | {c['strict']:.3f} | {c['hit_rate']:.3f}" if c else " | | ")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _machine() -> str:
