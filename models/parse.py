@@ -21,9 +21,10 @@ the registry.
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from types import MappingProxyType
@@ -488,6 +489,20 @@ def _sound_key(word: str) -> str:
     return re.sub(r"(.)\1+", r"\1", head + rest)
 
 
+#: Words that run into a structure's name in dictation ("leftkidney", "liverandspleen").
+_JOINING_WORDS = frozenset({"and", "or", "with", "of", "the", "left", "right", "both", "bilateral", "plus"})
+
+
+def _split_into(word: str, known: Callable[[str], bool]) -> list[str] | None:
+    # Fewest parts of two letters or more, each ``known`` (breadth-first over the split points).
+    best: dict[int, list[str]] = {0: []}
+    for end in range(2, len(word) + 1):
+        options = [best[start] + [word[start:end]] for start in best if end - start >= 2 and known(word[start:end])]
+        if options:
+            best[end] = min(options, key=len)
+    return best.get(len(word))
+
+
 def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     toks = [t for t in tokens if t]
     # "stroke lesion", "tumor lesion": the generic word adds nothing next to a specific one.
@@ -540,6 +555,9 @@ class Vocabulary:
     concepts: Mapping[tuple[str, ...], LexiconConcept] = field(repr=False)
     _by_length: Mapping[int, tuple[str, ...]] = field(repr=False)
     _memo: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False, compare=False)
+    #: One-word names of structures, and the word pairs of the longer names (dictation repairs).
+    anatomy: frozenset[str] = field(default=frozenset(), repr=False)
+    name_pairs: frozenset[tuple[str, str]] = field(default=frozenset(), repr=False)
 
     @classmethod
     def build(cls, lexicon: Lexicon | None = None, extra_words: Iterable[str] = ()) -> Vocabulary:
@@ -602,6 +620,9 @@ class Vocabulary:
         for concept in lexicon.concepts.values():
             concepts.setdefault(vocab._core(concept.canonical), concept)
         object.__setattr__(vocab, "concepts", MappingProxyType(concepts))
+        names = [t.lower().split() for c in lexicon.concepts.values() for t in (*c.all_terms, c.canonical)]
+        object.__setattr__(vocab, "anatomy", frozenset(n[0] for n in names if len(n) == 1 and len(n[0]) > 3))
+        object.__setattr__(vocab, "name_pairs", frozenset(pair for n in names for pair in itertools.pairwise(n)))
         return vocab
 
     def _core(self, phrase: str) -> tuple[str, ...]:
@@ -642,6 +663,54 @@ class Vocabulary:
         if len(self._memo) < 16384:  # a memo, not state: the answer never changes
             self._memo[("spell", word)] = fixed
         return fixed
+
+    def joined_reading(self, first: str, second: str) -> str | None:
+        """The structure two words spell when written as one ("stern um", "man dibble"), else None.
+
+        Dictation breaks a name into sounds that are words or nothing; when one of the two is not
+        a known word, the pair is read as the one structure name it spells exactly or one edit
+        from it. A correction that keeps one of the two words whole does not count ("kidney ca").
+        """
+        if len(first) + len(second) < 5 or (first in self.known and second in self.known):
+            return None
+        whole = first + second
+        if whole in self.anatomy:
+            return whole
+        near = {
+            c for c in self.anatomy - {first, second} if abs(len(c) - len(whole)) <= 1 and _damerau(whole, c, 1) <= 1
+        }
+        return next(iter(near)) if len(near) == 1 else None
+
+    def split_reading(self, word: str) -> list[str] | None:
+        """The words of a run-together word ("liverand", "leftkidney"), else None.
+
+        Only a word that reads nothing, even corrected, is split; its parts are structure names and
+        the list and side words between them, with at least one structure, fewest parts first.
+        """
+        if len(word) < 6 or word in self.known or self.correct_spelling(word) != word:
+            return None
+        parts = _split_into(word, lambda w: w in _JOINING_WORDS or singular(w) in self.anatomy)
+        if parts is None or not any(singular(w) in self.anatomy for w in parts):
+            return None
+        return parts
+
+    def sound_in_name(self, word: str, before: str | None, after: str | None) -> str | None:
+        """The word of a structure name that ``word`` sounds like, beside the rest of that name.
+
+        "inferior vienna cava": a real word heard for a name's word is read as it when its
+        neighbour completes that name and one word of the lexicon's names fits (:func:`_sound_key`).
+        """
+        if word in self.known or singular(word) in self.known or len(word) < 3:
+            return None
+        # The neighbour must be a name's own word: "and", "of" pair with too many names to say which.
+        before, after = (w if w not in STOPWORDS and w not in _JOINING_WORDS else None for w in (before, after))
+        key = _sound_key(word)
+        fits = {
+            a if b == after else b
+            for a, b in self.name_pairs
+            if (b == after and _sound_key(a) == key) or (a == before and _sound_key(b) == key)
+        }
+        return next(iter(fits)) if len(fits) == 1 else None
 
     def _apply_phrases(self, tokens: list[str]) -> list[str]:
         out: list[str] = []
@@ -936,6 +1005,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     else:
         head = None
     low = _complete_prefixes(_expand_shorthand(_SENTENCE_END.sub(" ; ", low), protected), vocab)
+    low = _mend_dictation(low, vocab)
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header_regions)
     notes: list[str] = []
@@ -953,6 +1023,38 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     return ParsedRequest(
         text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
     )
+
+
+def _mend_dictation(low: str, vocab: Vocabulary) -> str:
+    """Undo dictation's word breaks: a name heard as two words, words run together, a sound-alike.
+
+    "the a orta" -> "the aorta", "leftkidney" -> "left kidney", "inferior vienna cava" ->
+    "inferior vena cava" (:meth:`Vocabulary.joined_reading`, :meth:`~Vocabulary.split_reading`,
+    :meth:`~Vocabulary.sound_in_name`). Words joined only by spaces are read together.
+    """
+    pieces = re.split(r"([^a-z]+)", low)  # words at even positions, what separates them at odd
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        word = pieces[i]
+        if i + 2 < len(pieces) and word and pieces[i + 2] and pieces[i + 1].isspace():
+            joined = vocab.joined_reading(word, pieces[i + 2])
+            if joined is not None:  # read on as one word: it may join or sound with the next
+                pieces[i + 2] = joined
+                i += 2
+                continue
+        split = vocab.split_reading(word) if word else None
+        if split is not None:
+            word = " ".join(split)
+        elif word:
+            before = pieces[i - 2] if i >= 2 and pieces[i - 1].isspace() else None
+            after = pieces[i + 2] if i + 2 < len(pieces) and pieces[i + 1].isspace() else None
+            word = vocab.sound_in_name(word, before, after) or word
+        out.append(word)
+        if i + 1 < len(pieces):
+            out.append(pieces[i + 1])
+        i += 2
+    return "".join(out)
 
 
 def _drop_purposes(low: str, vocab: Vocabulary) -> str:

@@ -890,6 +890,15 @@ add("UrinaryBladder", "CT", None, BLADDER)
 add("RightAdrenal", "CT", None, ADRENAL.on("right"))
 add("PenileBulb", "CT", None)
 
+# round twelve: dictation breaks a name into two heard words ("tra chea"), runs words together ("rightkidney"),
+# or hears a sound-alike for one word of a longer name ("superior vayna cava"); a pair whose words are both
+# known is not joined ("kidney ca": the kidney's cancer)
+add("contour the tra chea", "CT", None, TRACHEA)
+add("clavicle and scap ula", "CT", None, SCAPULA, CLAVICLE)
+add("rightkidney only", "CT", None, KIDNEY.on("right"))
+add("spleenandliver volumes", "CT", None, SPLEEN, LIVER)
+add("superior vayna cava", "CT", None, SVC)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
