@@ -95,6 +95,52 @@ def test_terms_read_as_their_concept(lexicon):
     assert vocab.concepts[("peripheral", "prostate", "zone")].sctid == "279706003"
 
 
+@pytest.mark.parametrize(
+    ("text", "core"),
+    [
+        # consumer-health names (round twelve)
+        ("the main artery", ("aorta",)),
+        ("heart arteries", ("artery", "coronary")),
+        ("tongue bone", ("bone", "hyoid")),
+        ("upper jaw", ("maxilla",)),
+        ("master gland", ("pituitary",)),
+        ("heart sac", ("pericardium",)),
+        ("back passage", ("rectum",)),
+        ("a lump in the liver", ("liver", "mass")),
+        ("fluid around the heart", ("effusion", "pericardial")),
+        # TA98 Latin, eponyms and RadLex names
+        ("cavitas oris", ("cavity", "oral")),
+        ("cornu ammonis", ("hippocampus",)),
+        ("Ammon's horn", ("hippocampus",)),
+        ("island of Reil", ("insula",)),
+        ("ventricular system", ("brain", "ventricle")),
+        ("coeliac trunk", ("axis", "celiac")),
+        ("hydrothorax", ("effusion", "pleural")),
+    ],
+)
+def test_lay_latin_and_eponym_names_read_as_their_concept(text, core):
+    target = parse.parse_request(text, parse.default_vocabulary()).targets[0]
+    assert target.concept.core == core
+
+
+def test_lay_names_of_covered_structures_are_routed():
+    # A lay name reads as its concept and so reaches the concept's labels, with nothing else.
+    from medsegagent.models.routing import Router
+
+    router = Router(load_registry(), use_encoder=False)
+    for lay, name, modality in [
+        ("master gland", "pituitary", "CT"),
+        ("heart sac", "pericardium", "CT"),
+        ("the main artery", "aorta", "CT"),
+        ("back passage", "rectum", "CT"),
+    ]:
+        expected = router.plan(name, modality).selection
+        assert expected and router.plan(lay, modality).selection == expected, lay
+    # "atlas" (C1) and "axis" (C2) are not lexicon terms: a dataset is called AbdomenAtlas, and
+    # the celiac axis must stay the vessel.
+    assert "TotalSegmentator_vertebrae_pp" not in router.plan("celiac axis", "CT").selection
+
+
 def test_every_synonym_the_registry_held_still_reads_as_its_label():
     # The registry's label synonyms moved into the lexicon (issue #14, "no duplicates"): each
     # one the registry held, routed within its dataset, still selects its label.
