@@ -1394,9 +1394,13 @@ def _apply_list_rules(
         ]
     targets = _both_sides_named(_spread_leading_side(_other_side_remains(_share_qualifiers(targets))))
     organs = [t for t in header_targets or () if not set(t.concept.core) & LESION_TOKENS]
+    lesions = [t for t in header_targets or () if set(t.concept.core) & LESION_TOKENS]
     if header_targets is not None and len(organs) == 1:
         # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ.
         targets = _inherit_lesion_organ(organs + targets)[1:]
+    elif not organs and lesions:
+        # "CT RENAL MASS PROTOCOL - MASS VOLUME": a bare lesion refers back to the header's.
+        targets = _inherit_lesion_organ(lesions + targets)[len(lesions) :]
     targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
     if header_targets and not any(t.concept.core for t in targets):
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ.

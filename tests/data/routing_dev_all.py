@@ -899,6 +899,10 @@ add("rightkidney only", "CT", None, KIDNEY.on("right"))
 add("spleenandliver volumes", "CT", None, SPLEEN, LIVER)
 add("superior vayna cava", "CT", None, SVC)
 
+# round twelve: a bare lesion under a header that names an organ's lesion is that lesion
+add("CT LIVER MASS PROTOCOL - MASS VOLUME", None, "CT", LIVER_TUMOUR)
+add("CT RENAL TUMOUR STAGING - TUMOR SEG", None, "CT", KIDNEY_TUMOUR)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
