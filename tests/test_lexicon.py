@@ -123,6 +123,20 @@ def test_lay_latin_and_eponym_names_read_as_their_concept(text, core):
     assert target.concept.core == core
 
 
+def test_a_patients_narration_is_filler_not_unknown_words():
+    # Who asks, auxiliary verbs and pain say nothing of the structure; known words, they are
+    # neither left for the encoder to dilute the phrase nor spelling-corrected ("pain" -> "pair").
+    vocab = parse.default_vocabulary()
+    for text, core, side in [
+        ("my left kidney has been hurting", ("kidney",), "left"),
+        ("pain in my left kidney", ("kidney",), "left"),
+        ("my husband's spleen", ("spleen",), None),
+        ("the doctor wants to see my liver", ("liver",), None),
+    ]:
+        target = parse.parse_request(text, vocab).targets[0]
+        assert (target.concept.core, target.concept.laterality, target.unknown) == (core, side, ()), text
+
+
 def test_lay_names_of_covered_structures_are_routed():
     # A lay name reads as its concept and so reaches the concept's labels, with nothing else.
     from medsegagent.models.routing import Router
