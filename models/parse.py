@@ -84,6 +84,14 @@ STOPWORDS = STOPWORDS | frozenset(
         """
     )
 )
+#: Imaging IT words: the systems and records a worklist line comes from name no structure.
+STOPWORDS = STOPWORDS | frozenset(
+    word_list(
+        """
+        pacs ris hl7 dicom worklist accession mrn cpt loinc modality
+        """
+    )
+)
 #: Surgical and endoscopic procedures ("pre hepatectomy", "post cholecystectomy") are why, not what.
 _PROCEDURE_WORD = re.compile(r"[a-z]{3,}(?:ectomy|otomy|ostomy|plasty|pexy|scopy|graphy)")
 
@@ -377,7 +385,7 @@ _NO_SINGULAR = frozenset(
         meatus bronchus hippocampus ductus corpus plexus sinus fundus globus isthmus thalamus esophagus
         oesophagus gluteus quadriceps biceps triceps femoris mass chiasm ascites diabetes axis canalis
         analysis diagnosis metastasis stenosis thrombosis sclerosis process gas always hips ribs series ileus
-        tibialis bus us is has was this thus plus vas cavas cava vena
+        tibialis bus us is has was this thus plus vas cavas cava vena pacs
         """
     )
 ) - {"hips", "ribs"}
@@ -988,7 +996,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _split_structure_names(_corrected(_values_only(text)), vocab)
+    written, text = text, _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -1075,6 +1083,35 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
 
 # "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
 _PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;()?]*)")
+
+
+def _without_record_ids(text: str) -> str:
+    """A worklist line without its record keys: HL7 segment and field names, accession and order numbers.
+
+    "ORM^O01 OBR-4 74150^CT ABDOMEN", "ACC# RAD-88123401 CT KUB", "OBR|1|...": identifiers, codes and
+    dates (three digits or more), HL7 segment IDs with their field numbers, and a field that holds only a
+    set number are the record, not the request; ``|`` separates fields, ``^`` components.
+    """
+    text = _HL7_SEGMENT.sub(" ", text)
+    text = _RECORD_ID.sub(" ", text)
+    text = _SET_ID_FIELD.sub("|", text)
+    return text.replace("|", " ; ").replace("^", " ")
+
+
+# Segment IDs with field numbers ("OBR-4"), the message type ("ORM^O01"), a code's coding system ("^C4").
+_HL7_SEGMENT = re.compile(
+    r"\b(?:MSH|EVN|PID|PV1|ORC|OBR|OBX|NTE|ORM|ORU|OMI|ADT|SCH|TQ1)(?:[-.]\d+)*\b(?:\^[A-Z]\d{2}\b)?"
+    r"|\^(?:C4|CPT4?|LN|LOINC|SCT|SNM3?|I10|I9C?|99\w*)(?=[\s|^~]|$)",
+    re.I,
+)
+# Three digits or more, after a record's label ("ACC#", "MRN:") or a letter prefix ("RAD-", "CT"), but
+# not a b-value ("b800"); levels and indices have two digits at most.
+_RECORD_ID = re.compile(
+    r"(?:\b(?:acc(?:ession)?|mrn|order|req)\s*(?:#|no\.?|number)?\s*:?\s*)?"
+    r"(?<![\w.])(?!b\d{2,4}\b)#?(?:[A-Za-z]+[-#]?)?\d{3,}[\w-]*",
+    re.I,
+)
+_SET_ID_FIELD = re.compile(r"\|\s*\d{1,2}\s*(?=\|)")
 
 
 def _values_only(text: str) -> str:

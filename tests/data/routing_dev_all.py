@@ -903,6 +903,14 @@ add("superior vayna cava", "CT", None, SVC)
 add("CT LIVER MASS PROTOCOL - MASS VOLUME", None, "CT", LIVER_TUMOUR)
 add("CT RENAL TUMOUR STAGING - TUMOR SEG", None, "CT", KIDNEY_TUMOUR)
 
+# round twelve: a worklist line's record keys (HL7 segment and field names, a code's coding system, accession,
+# order and record numbers) are not the request ("ACC:" before a number is not adrenocortical carcinoma); "|"
+# separates HL7 fields, "^" their components
+add("OBR|1|ORD55210|RX77104|74160^CT ABDOMEN W CONTRAST^C4||||||||segment pancreas", None, "CT", PANCREAS)
+add("Accession #RX-4410923 CT CHEST WO - esophagus", None, "CT", ESOPHAGUS)
+add("MRN: 00112233 CT NECK - thyroid gland", None, "CT", THYROID)
+add("ACC: A5512340 CT CHEST - trachea", None, "CT", TRACHEA)
+
 
 def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) -> bool:
     if modality:
