@@ -115,6 +115,8 @@ def test_terms_read_as_their_concept(lexicon):
         ("ventricular system", ("brain", "ventricle")),
         ("coeliac trunk", ("axis", "celiac")),
         ("hydrothorax", ("effusion", "pleural")),
+        ("laryngopharynx", ("hypopharynx",)),
+        ("mammary gland", ("breast",)),
     ],
 )
 def test_lay_latin_and_eponym_names_read_as_their_concept(text, core):
