@@ -138,6 +138,18 @@ def test_a_patients_narration_is_filler_not_unknown_words():
         assert (target.concept.core, target.concept.laterality, target.unknown) == (core, side, ()), text
 
 
+def test_worklist_truncations_read_as_their_words():
+    # RIS shorthand ("FEM HEADS") is a form of the word, never a spelling error ("scap" -> "scan").
+    vocab = parse.default_vocabulary()
+    for short, full in [
+        ("FEM HEADS", "femoral heads"),
+        ("sup mesenteric art", "superior mesenteric artery"),
+        ("scap", "scapula"),
+    ]:
+        target = parse.parse_request(short, vocab).targets[0]
+        assert target.unknown == () and target.concept == parse.parse_request(full, vocab).targets[0].concept, short
+
+
 def test_lay_names_of_covered_structures_are_routed():
     # A lay name reads as its concept and so reaches the concept's labels, with nothing else.
     from medsegagent.models.routing import Router
