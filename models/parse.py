@@ -684,10 +684,24 @@ class Vocabulary:
         whole = first + second
         if whole in self.anatomy:
             return whole
+        memo = self._memo.get(("join", f"{first} {second}"), False)
+        if memo is not False:
+            return memo
+        # One edit leaves ``k`` letters untouched at the start or at the end: an exact filter that
+        # spares the edit distance (the costliest step of parsing before it) most of the names.
+        k = (len(whole) - 3) // 2
         near = {
-            c for c in self.anatomy - {first, second} if abs(len(c) - len(whole)) <= 1 and _damerau(whole, c, 1) <= 1
+            c
+            for c in self.anatomy
+            if abs(len(c) - len(whole)) <= 1
+            and c not in (first, second)
+            and (c[:k] == whole[:k] or c[len(c) - k :] == whole[len(whole) - k :])
+            and _damerau(whole, c, 1) <= 1
         }
-        return next(iter(near)) if len(near) == 1 else None
+        joined = next(iter(near)) if len(near) == 1 else None
+        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+            self._memo[("join", f"{first} {second}")] = joined
+        return joined
 
     def split_reading(self, word: str) -> list[str] | None:
         """The words of a run-together word ("liverand", "leftkidney"), else None.
@@ -1846,8 +1860,8 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
         bare = bool(core) and all(tok in LESION_TOKENS for tok in core) and t.group is None
         if bare and organ:
             t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
-        elif bare and len(core) == 1 and _named_before(core[0], named):
-            t = replace(t, concept=replace(t.concept, core=_named_before(core[0], named)))
+        elif bare and len(core) == 1 and (referent := _named_before(core[0], named)):
+            t = replace(t, concept=replace(t.concept, core=referent))
         elif core and not any(tok in LESION_TOKENS for tok in core):
             organ = core
         elif core and not t.negated:
