@@ -2,8 +2,9 @@
 
 ``tests/data/routing_dev_blind/``, ``routing_dev_blind2/`` and ``routing_dev_blind3/``
 hold requests written without sight of the routing rules (the second and third
-also without sight of the earlier sets' requests; README.md in each).  Their expectations come from each folder's
-``build.py`` (registry concepts, never the router); these tests keep each committed
+also without sight of the earlier sets' requests; README.md in each).  Their expectations come
+from one builder, ``routing_dev_blind/build.py``, run on each folder with that folder's
+``concepts.py`` (registry concepts, never the router); these tests keep each committed
 ``requests.jsonl`` equal to that derivation and valid against the registry.  No
 routing score is asserted here (``tests/test_routing.py`` holds the floors).
 """
@@ -38,12 +39,21 @@ class BlindSet:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (self.here / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
 
-    def module(self, name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"{self.folder}_{name}", self.here / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    def concepts(self) -> ModuleType:
+        return _load(f"{self.folder}_concepts", self.here / "concepts.py")
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    # by path: tests/data is not a package
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The one builder of every blind set, run on each set's folder.
+BUILD = _load("routing_dev_blind_build", DATA / "routing_dev_blind" / "build.py")
 
 
 SETS = [
@@ -51,7 +61,7 @@ SETS = [
     BlindSet("routing_dev_blind2", 300),
     BlindSet("routing_dev_blind3", 300),
 ]
-pytestmark = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
+each_set = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +69,7 @@ def registry() -> Registry:
     return load_registry()
 
 
+@each_set
 def test_size_and_negative_share(blind: BlindSet) -> None:
     records = blind.records()
     negatives = sum(1 for r in records if not r["expected_datasets"])
@@ -66,6 +77,7 @@ def test_size_and_negative_share(blind: BlindSet) -> None:
     assert negatives / len(records) >= MIN_NEGATIVE_SHARE
 
 
+@each_set
 def test_records_are_well_formed(blind: BlindSet) -> None:
     records = blind.records()
     for r in records:
@@ -77,6 +89,7 @@ def test_records_are_well_formed(blind: BlindSet) -> None:
     assert len(set(keys)) == len(keys), "a (query, modality) pair occurs twice"
 
 
+@each_set
 def test_datasets_and_label_values_exist_in_registry(blind: BlindSet, registry: Registry) -> None:
     values = {d.name: {v for label in d.labels.values() for v in label.values} for d in registry}
     for r in blind.records():
@@ -90,23 +103,25 @@ def test_datasets_and_label_values_exist_in_registry(blind: BlindSet, registry: 
                 assert registry[name].accepts(modality), f"{r['query']!r}: {name} does not accept {modality}"
 
 
+@each_set
 def test_every_named_concept_delivers_something(blind: BlindSet, registry: Registry) -> None:
     # a concept that matches no label would silently shrink a positive row's expectation
-    build, concepts = blind.module("build"), blind.module("concepts")
-    for row in build.rows():
-        _, names, modality = build.parse_row(row, set(concepts.CONCEPTS))
+    concepts = blind.concepts()
+    for row in BUILD.rows(blind.here):
+        _, names, modality = BUILD.parse_row(row, set(concepts.CONCEPTS))
         empty = [n for n in names if not concepts.expected(registry, [n], modality)]
         assert not empty, f"concept(s) {empty} select nothing on {modality}: {row}"
 
 
+@each_set
 def test_committed_file_is_the_build_output(blind: BlindSet, registry: Registry) -> None:
-    build = blind.module("build")
-    assert (blind.here / "requests.jsonl").read_text(encoding="utf-8") == build.to_jsonl(build.build(registry)), (
-        "requests.jsonl differs from build.py's derivation: re-run build.py after a registry "
+    built = BUILD.to_jsonl(BUILD.build(registry, blind.here))
+    assert (blind.here / "requests.jsonl").read_text(encoding="utf-8") == built, (
+        f"requests.jsonl differs from the builder's derivation: re-run build.py {blind.folder} after a registry "
         "change or a corrected row (README.md), never to follow the router"
     )
 
 
-def test_build_rejects_an_unknown_concept(blind: BlindSet) -> None:
+def test_build_rejects_an_unknown_concept() -> None:
     with pytest.raises(ValueError, match="unknown concept"):
-        blind.module("build").parse_row("synonym | test | CT | no_such_concept | anything", {"liver"})
+        BUILD.parse_row("synonym | test | CT | no_such_concept | anything", {"liver"})

@@ -5,17 +5,18 @@ set (``tests/data/heldout/README.md``); the modality ``~X`` means the text says
 X and the record carries none, ``-`` means no modality at all.  Re-run after a
 registry change or a corrected row, never to follow the router:
 
-    .venv/bin/python tests/data/routing_dev_blind/build.py
+    .venv/bin/python tests/data/routing_dev_blind/build.py [FOLDER]
 
-``rows``, ``build`` and ``main`` take the set's folder: the second blind set
-(``routing_dev_blind2/build.py``) derives its own rows with its own concepts
-through them.
+One builder for every blind set: ``rows``, ``build`` and ``main`` take the set's
+folder (default this one), whose ``requests.txt`` and ``concepts.py`` they read;
+``routing_dev_blind2`` and ``routing_dev_blind3`` are built by passing their folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,4 +92,4 @@ def main(folder: Path = HERE) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE)
