@@ -89,6 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.add_argument("--failures", action="store_true", help="also list the failing queries")
+    b.add_argument(
+        "--half",
+        choices=["even", "odd"],
+        help="score only the even or odd requests (0-based): a tuned half and a held-back half of a blind set",
+    )
     b.add_argument("--registry", metavar="PATH", help="registry file (default: $MEDSEGAGENT_REGISTRY or packaged)")
     b.set_defaults(func=_cmd_bench_routing)
 
@@ -212,7 +217,7 @@ def format_plan(plan: Any, explain: bool = False) -> str:
 
 
 def _cmd_bench_routing(args: argparse.Namespace) -> int:
-    from medsegagent.models.bench_routing import run_bench
+    from medsegagent.models.bench_routing import Half, run_bench
 
     if not Path(args.file).is_file():
         print(f"medsegagent bench routing: no such file {args.file}", file=sys.stderr)
@@ -222,7 +227,8 @@ def _cmd_bench_routing(args: argparse.Namespace) -> int:
     registry_s = time.perf_counter() - t0
     collection = None if args.collection in ("all", "") else args.collection
     try:
-        result = run_bench(args.file, collection=collection, registry=registry)
+        half = Half(args.half) if args.half else None
+        result = run_bench(args.file, collection=collection, registry=registry, half=half)
     except ValueError as exc:
         print(f"medsegagent bench routing: {exc}", file=sys.stderr)
         return 2

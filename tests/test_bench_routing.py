@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from medsegagent.models.bench_routing import run_bench
+from medsegagent.models.bench_routing import Half, run_bench
 from medsegagent.models.registry import load_registry
 
 
@@ -81,3 +81,12 @@ def test_no_negative_queries_gives_no_share(tmp_path: Path) -> None:
     result = run_bench(path, collection=None, registry=load_registry(), router=_Router(ANSWERS))
     assert result.negatives == 0 and result.negatives_correct is None
     assert result.to_json()["negatives_correct"] is None
+
+
+def test_a_half_scores_only_its_rows(bench_file: Path) -> None:
+    # even rows 0, 2, 4: liver (right), meniscus (a near neighbour), echo LV (right)
+    even = run_bench(bench_file, collection=None, registry=load_registry(), router=_Router(ANSWERS), half=Half.EVEN)
+    odd = run_bench(bench_file, collection=None, registry=load_registry(), router=_Router(ANSWERS), half=Half.ODD)
+    assert (even.n, odd.n) == (3, 2)
+    assert even.strict == pytest.approx(2 / 3) and odd.strict == pytest.approx(1 / 2)  # odd: spleen wrong, retina right
+    assert even.negatives == 2 and odd.negatives == 1
