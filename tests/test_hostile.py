@@ -33,6 +33,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
+from medsegagent.models.lexicon import load_lexicon
 from medsegagent.node.intake import StorageSCP
 from medsegagent.node.jobs import FailureReason, Job, JobState
 from medsegagent.node.service import Node
@@ -277,7 +278,12 @@ JOB_CASES = {
     "one-slice CT": (_changed(lambda ds, index: None, keep=1), _R.IMPLAUSIBLE_GEOMETRY),
     "pixel spacing 1e300": (_changed(_set(PixelSpacing=[1e300, 1e300])), _R.IMPLAUSIBLE_GEOMETRY),
     "100 kB SR request": (_with_request_sr("liver and spleen " * 6_000), _R.REQUEST_UNUSABLE),
-    "SR naming 500 targets": (_with_request_sr(", ".join(f"lesion {i}" for i in range(500))), _R.REQUEST_UNUSABLE),
+    # Every structure the lexicon knows, each a target of its own (hundreds; numbered "lesion 0..499" no
+    # longer serve: numbers of three digits are record numbers to the worklist grammar, not indices).
+    "SR naming every structure": (
+        _with_request_sr(", ".join(sorted(c.canonical for c in load_lexicon().concepts.values()))),
+        _R.REQUEST_UNUSABLE,
+    ),
     "inconsistent frame of reference": (_changed(_other_frame_of_reference), _R.INCONSISTENT_FRAME_OF_REFERENCE),
     "non-finite image position": (_changed(_nan_position), _R.NON_FINITE_GEOMETRY),
     "unknown character set": (_changed(_set(SpecificCharacterSet="ISO_IR 999")), _R.UNKNOWN_CHARACTER_SET),
@@ -322,7 +328,7 @@ def test_bad_studies_fail_with_a_named_reason_no_seg_and_the_node_keeps_serving(
 ):
     pacs = StoreSCP(tmp_path / "pacs").start()
     try:
-        # Longer texts than the default 2,000 characters, so that the 500 targets meet their own limit.
+        # Longer texts than the default 2,000 characters, so that the hundreds of targets meet their own limit.
         node = serving(pacs.port, instructions={"max_request_chars": 10_000})
         _, files = phantom_factory("CT", seed=2, size=96, slices=32)
         cases = {_spool(node, build(files.series["CT"], tmp_path)): case for case, (build, _) in JOB_CASES.items()}
@@ -337,7 +343,7 @@ def test_bad_studies_fail_with_a_named_reason_no_seg_and_the_node_keeps_serving(
             assert f"job {job.id} (study {job.study_uid}) failed: {job.reason.value}: " in caplog.text
         too_long = next(j.error for j in jobs if cases[j.study_uid] == "100 kB SR request")
         assert "the sr request is unusable: the request has 101,999 characters, more than the 10,000" in too_long
-        too_many = next(j.error for j in jobs if cases[j.study_uid] == "SR naming 500 targets")
+        too_many = next(j.error for j in jobs if cases[j.study_uid] == "SR naming every structure")
         assert "targets, more than the 64 allowed (instructions.max_targets)" in too_many
         assert pacs.segs() == []
         assert echo_ok(node.scp.port, GOOD_CALLER)
