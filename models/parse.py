@@ -14,9 +14,10 @@ A request such as ``"CT ABD/PEL W CON - LIVER + SPLEEN VOLUMETRY"`` or
 Label names of the registry go through the same canonicaliser
 (:func:`label_concept`), so matching is a comparison of concepts rather than of
 strings: ``"suprarenal_gland_left"`` and ``"left adrenal"`` both become
-``(("adrenal",), left)``.  The lexicon below is general medical vocabulary
-(synonyms, abbreviations, adjectival forms); dataset-specific synonyms live in
-the registry.
+``(("adrenal",), left)``.  This module holds the rules only.  Every way to name a
+structure is data in ``lexicon.yaml`` (:mod:`medsegagent.models.lexicon`); the words
+the rules apply to (stop words, sides, lesion and region words, plural forms) are
+data in ``grammar_words.yaml`` (:mod:`medsegagent.models.grammar_words`).
 """
 
 from __future__ import annotations
@@ -30,198 +31,45 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
+from medsegagent.models.grammar_words import SPINE_LEVELS, load_grammar_words
 from medsegagent.models.lexicon import Concept as LexiconConcept
 from medsegagent.models.lexicon import Lexicon, load_lexicon
 
-
-def word_list(text: str) -> list[str]:
-    """The whitespace-separated words of a block of text (vocabulary tables)."""
-    return text.split()
-
-
 # ---------------------------------------------------------------------------
-# Vocabulary
+# Word classes (models/grammar_words.yaml): the words the rules below apply to
 # ---------------------------------------------------------------------------
 
-#: Words that carry no structure: commands, politeness, imaging boilerplate.
-STOPWORDS = frozenset(
-    word_list(
-        """
-        a an the of in on at to for from into onto by with within without and or plus also as well along
-        together this that these those its it their his her patient patients pt pts case cases study studies
-        exam exams examination scan scans image images imaging series volume volumes dataset data file
-        sequence sequences please pls kindly can could would will you i we me my our us need want like get
-        give show do make run perform performing performed provide produce generate create compute calculate
-        return output segment segments segmented segmenting segmentation segmentations seg delineate
-        delineation delineating contour contours contouring outline outlining outlined label labels labeling
-        labelling labelled mask masks masking mark annotate annotation annotations identify identification
-        find extract extraction detect detection localize localise localization localisation isolate isolation
-        draw trace volumetry volumetric volumes measure measurement measurements quantify quantification
-        assess assessment evaluate evaluation eval analysis analyze analyse auto automatic automated ai tool
-        model models each every entire whole total complete full complete only just some any structure
-        structures region regions area areas part parts view views study routine protocol followup follow up
-        fu f rule r o staging restaging planning plan radiotherapy rt treatment contouring tx pre post preop
-        postop op w wo con contrast iv enhanced enhancement noncontrast unenhanced non nc is are be been there
-        here which what where how where's please thanks thank hi hello help side sides sided
-        request requests requesting requested require requires required requiring wish wanted obtain
-        appreciate appreciated grateful kind one ones
-        using use used via through about around between combined combination
-        vol vols thx thnx workup sizing morphology add adding too stent stents filter donor
-        """
-    )
-)
-#: A report's findings describe appearance and course, not which structure: "diffusely enlarged
-#: thyroid", "hypoattenuating hepatic metastases, increased since prior".
-STOPWORDS = STOPWORDS | frozenset(
-    word_list(
-        """
-        impression findings finding conclusion recommendation indication
-        enlarged dilated diffuse diffusely thickened thickening heterogeneous homogeneous
-        hypoattenuating hyperattenuating hypodense hyperdense cirrhotic increased decreased
-        numerous multiple simple suspected known prior since mild mildly moderate moderately severe severely
-        markedly slightly extension impacted flail fractured displaced comminuted injured polytrauma trauma
-        function functional gated prospective retrospective tracking flap
-        """
-    )
-)
-#: Imaging IT words: the systems and records a worklist line comes from name no structure.
-STOPWORDS = STOPWORDS | frozenset(
-    word_list(
-        """
-        pacs ris hl7 dicom worklist accession mrn cpt loinc modality
-        """
-    )
-)
+WORDS = load_grammar_words()
+#: Words that carry no structure: commands, politeness, imaging boilerplate, findings.
+STOPWORDS = WORDS.all_stopwords
 #: Surgical and endoscopic procedures ("pre hepatectomy", "post cholecystectomy") are why, not what.
 _PROCEDURE_WORD = re.compile(r"[a-z]{3,}(?:ectomy|otomy|ostomy|plasty|pexy|scopy|graphy)")
 
 #: Token marking a composite concept ("kidney and masses"): it only ever matches exactly.
 COMPOSITE = "&"
-_COMPOSITE_WORDS = frozenset({"and", "with", "including", "plus", "incl"})
-
-#: Tokens that make a concept a lesion (after canonicalisation).
-LESION_TOKENS = frozenset(
-    {"tumor", "mass", "lesion", "cyst", "hemorrhage", "embolism", "stroke", "nodule", "neuroblastoma", "gtv"}
-)
-
-#: Lesion tokens that can stand in for each other at a lower score ("liver lesion" ~ "liver tumor").
-SOFT_LESION = frozenset({"tumor", "mass", "lesion", "nodule"})
-
-#: Class nouns too vague to stand alone ("arteries"): they never match a more specific label.
-CLASS_NOUNS = frozenset({"artery", "vein", "vessel", "muscle", "nerve", "lobe", "cavity", "gland", "joint", "canal"})
-#: Generic nouns a request may add to a structure's name ("left atrium cavity", "LV wall"):
-#: dropped when the reading with them matches nothing.
-GENERIC_NOUNS = frozenset(
-    {"cavity", "chamber", "wall", "lumen", "pool", "blood", "space", "volume", "proper", "contour"}
-)
-
+_COMPOSITE_WORDS = WORDS.composite_words
+#: Tokens that make a concept a lesion (after canonicalisation), and those that stand in
+#: for each other at a lower score ("liver lesion" ~ "liver tumor").
+LESION_TOKENS = WORDS.lesion_words
+SOFT_LESION = WORDS.soft_lesion_words
+#: Class nouns too vague to stand alone ("arteries"), and generic nouns a request may add
+#: to a structure's name ("left atrium cavity"): see grammar_words.yaml.
+CLASS_NOUNS = WORDS.class_nouns
+GENERIC_NOUNS = WORDS.generic_nouns
 #: Region words: context for the anatomy stage, not targets by themselves.
-REGION_WORDS: dict[str, tuple[str, ...]] = {
-    "abdomen": ("abdomen",),
-    "abdominal": ("abdomen",),
-    "abd": ("abdomen",),
-    "abdo": ("abdomen",),
-    "belly": ("abdomen",),
-    "upper abdomen": ("abdomen",),
-    "pelvis": ("pelvis",),
-    "pelvic": ("pelvis",),
-    "pel": ("pelvis",),
-    "abdominopelvic": ("abdomen", "pelvis"),
-    "chest": ("thorax",),
-    "thorax": ("thorax",),
-    "thoracic": ("thorax",),
-    "mediastinum": ("thorax",),
-    "head": ("head",),
-    "cranial": ("head",),
-    "neuro": ("head",),
-    "neck": ("neck",),
-    "cervical": ("neck",),
-    "head and neck": ("head", "neck"),
-    "hn": ("head", "neck"),
-    "h n": ("head", "neck"),
-    "cardiac": ("heart",),
-    "whole body": ("whole_body",),
-    "skull base to mid thigh": ("whole_body",),
-    "skull base to thigh": ("whole_body",),
-    "base of skull to mid thigh": ("whole_body",),
-    "vertex to toe": ("whole_body",),
-    "vertex to toes": ("whole_body",),
-    "eyes to thighs": ("whole_body",),
-    "wholebody": ("whole_body",),
-    "wb": ("whole_body",),
-    "total body": ("whole_body",),
-    "body": ("whole_body",),
-    "skull base": ("head",),
-    "spine": ("spine",),
-    "breast": ("breast",),
-    "extremity": ("lower_limb", "upper_limb"),
-    "leg": ("lower_limb",),
-    "legs": ("lower_limb",),
-    "lower limb": ("lower_limb",),
-    "lower extremity": ("lower_limb",),
-    "arm": ("upper_limb",),
-    "upper limb": ("upper_limb",),
-    "upper extremity": ("upper_limb",),
-    "tap": ("thorax", "abdomen", "pelvis"),
-    "cap": ("thorax", "abdomen", "pelvis"),
-}
-
-#: Lateral words.  ``l``/``r`` only count as laterality when standing alone.
-_LATERAL = {
-    "left": "left",
-    "lt": "left",
-    "l": "left",
-    "sinister": "left",
-    "sin": "left",
-    "right": "right",
-    "rt": "right",
-    "r": "right",
-    "dexter": "right",
-    "dx": "right",
-    "bilateral": "bilateral",
-    "bilat": "bilateral",
-    "bilaterally": "bilateral",
-    "both": "bilateral",
-    "bl": "bilateral",
-    "b l": "bilateral",
-    "paired": "bilateral",
-    "pair": "bilateral",
-}
+REGION_WORDS: Mapping[str, tuple[str, ...]] = MappingProxyType(WORDS.regions)
+#: Side words.  ``l``/``r`` only count as laterality when standing alone.
+_LATERAL = MappingProxyType(WORDS.side_of)
 
 _ORDINALS = {
     "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
     "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12,
 }  # fmt: skip
 
-#: Vertebral levels in cranio-caudal order (ranges like "T10 through L2" walk this list).
-SPINE_LEVELS: tuple[str, ...] = (
-    *(f"C{i}" for i in range(1, 8)),
-    *(f"T{i}" for i in range(1, 13)),
-    *(f"L{i}" for i in range(1, 6)),
-    *(f"S{i}" for i in range(1, 6)),
-)
-_LEVEL_CONTEXT = frozenset(
-    {"vertebra", "vertebrae", "vertebral", "vert", "verts", "spine", "spinal", "level", "levels", "body", "bodies"}
-)
-_HNC_WORDS = frozenset({"cancer", "cancers", "carcinoma", "tumor", "tumors", "tumour", "tumours", "scc", "malignancy"})
-#: Anatomical classes of ribs by number.
-_RIB_CLASSES: dict[str, tuple[int, ...]] = {
-    "true": tuple(range(1, 8)),
-    "vertebrosternal": tuple(range(1, 8)),
-    "false": tuple(range(8, 13)),
-    "vertebrochondral": (8, 9, 10),
-    "floating": (11, 12),
-}
-_SEGMENT_LEVELS = {
-    "cervical": tuple(f"C{i}" for i in range(1, 8)),
-    "thoracic": tuple(f"T{i}" for i in range(1, 13)),
-    "dorsal": tuple(f"T{i}" for i in range(1, 13)),
-    "lumbar": tuple(f"L{i}" for i in range(1, 6)),
-    "sacral": tuple(f"S{i}" for i in range(1, 6)),
-    "lumbosacral": (*(f"L{i}" for i in range(1, 6)), "S1"),
-    "thoracolumbar": (*(f"T{i}" for i in range(1, 13)), *(f"L{i}" for i in range(1, 6))),
-    "cervicothoracic": (*(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 13))),
-}
+_LEVEL_CONTEXT = WORDS.level_context
+_HNC_WORDS = WORDS.head_and_neck_disease
+_RIB_CLASSES = MappingProxyType(WORDS.rib_classes)
+_SEGMENT_LEVELS = MappingProxyType(WORDS.segment_levels)
 
 # ---------------------------------------------------------------------------
 # Modality hints
@@ -378,50 +226,9 @@ class ParsedRequest:
 # Token helpers
 # ---------------------------------------------------------------------------
 
-_NO_SINGULAR = frozenset(
-    word_list(
-        """
-        lens pancreas humerus uterus sartorius medius minimus maximus iliopsoas thorax abdomen pelvis iris os
-        meatus bronchus hippocampus ductus corpus plexus sinus fundus globus isthmus thalamus esophagus
-        oesophagus gluteus quadriceps biceps triceps femoris mass chiasm ascites diabetes axis canalis
-        analysis diagnosis metastasis stenosis thrombosis sclerosis process gas always hips ribs series ileus
-        tibialis bus us is has was this thus plus vas cavas cava vena pacs
-        """
-    )
-) - {"hips", "ribs"}
-
-_IRREGULAR = {
-    "vertebrae": "vertebra",
-    "atria": "atrium",
-    "metastases": "metastasis",
-    "hippocampi": "hippocampus",
-    "bronchi": "bronchus",
-    "emboli": "embolus",
-    "femora": "femur",
-    "masses": "mass",
-    "glutei": "gluteus",
-    "cavae": "cava",
-    "venae": "vena",
-    "lenses": "lens",
-    "diagnoses": "diagnosis",
-    "axes": "axis",
-    "vertebraes": "vertebra",
-    "cochleae": "cochlea",
-    "scapulae": "scapula",
-    "claviculae": "clavicula",
-    "tibiae": "tibia",
-    "fibulae": "fibula",
-    "ovaries": "ovary",
-    "arteries": "artery",
-    "cavities": "cavity",
-    "humeri": "humerus",
-    "radii": "radius",
-    "ulnae": "ulna",
-    "pelves": "pelvis",
-    "testes": "testis",
-    "nuclei": "nucleus",
-    "coronaries": "coronaries",
-}
+#: Words that end like a plural but are not one, and irregular plurals -> singular.
+_NO_SINGULAR = WORDS.not_plural
+_IRREGULAR = MappingProxyType(WORDS.irregular_plurals)
 
 
 @lru_cache(maxsize=8192)
@@ -438,6 +245,10 @@ def singular(word: str) -> str:
     if word.endswith("s") and not word.endswith("ss"):
         return word[:-1]
     return word
+
+
+# Targets are read after singularisation: a stop word's singular is one too ("cheers" -> "cheer").
+STOPWORDS = STOPWORDS | frozenset(singular(w) for w in STOPWORDS)
 
 
 def _ascii(text: str) -> str:
@@ -457,7 +268,7 @@ _NUMBER = re.compile(r"^(\d{1,2})(?:st|nd|rd|th)?$")
 
 
 #: Words of the grammar itself (lists, exclusions): known, so never "corrected" into anatomy.
-_STRUCTURE_WORDS = frozenset({"all", "and", "with", "except", "excluding", "but", "not"})
+_STRUCTURE_WORDS = WORDS.structure_words
 
 
 def _damerau(a: str, b: str, limit: int) -> int:
@@ -498,7 +309,7 @@ def _sound_key(word: str) -> str:
 
 
 #: Words that run into a structure's name in dictation ("leftkidney", "liverandspleen").
-_JOINING_WORDS = frozenset({"and", "or", "with", "of", "the", "left", "right", "both", "bilateral", "plus"})
+_JOINING_WORDS = WORDS.joining_words
 
 
 def _split_into(word: str, known: Callable[[str], bool]) -> list[str] | None:
@@ -517,12 +328,14 @@ def _finish_core(tokens: list[str]) -> tuple[str, ...]:
     for generic in ("lesion", "gtv"):
         if generic in toks and any(t in LESION_TOKENS and t not in ("lesion", "gtv") for t in toks):
             toks = [t for t in toks if t != generic]
-    # "heart left ventricle", "heart ascending aorta": the heart prefix adds nothing to a part of it.
-    if "heart" in toks and {"ventricle", "atrium", "myocardium", "ascending", "atrial", "appendage"} & set(toks):
-        toks = [t for t in toks if t != "heart"]
-    # A lobe is a lung lobe unless another organ is named.
-    if "lobe" in toks and "lung" not in toks and not ({"temporal", "liver", "frontal", "brain"} & set(toks)):
-        toks.append("lung")
+    # "heart left ventricle", "heart ascending aorta": the whole's name adds nothing to a part of it.
+    for whole, parts in WORDS.whole_before_part.items():
+        if whole in toks and parts & set(toks):
+            toks = [t for t in toks if t != whole]
+    # "upper lobe" is the lung's, unless another whole it may belong to is named ("temporal lobe").
+    for part, default in WORDS.default_whole.items():
+        if part in toks and default.whole not in toks and not (default.unless & set(toks)):
+            toks.append(default.whole)
     return tuple(sorted(set(toks)))
 
 
@@ -917,7 +730,7 @@ _ORDINAL_RANGE = re.compile(
     r"\b(" + "|".join(_NUMBER_WORDS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_NUMBER_WORDS) + r")\b"
 )
 #: How many of each counted structure there are, for "the last two ribs".
-_COUNTS = {"rib": 12, "cervical": 7, "thoracic": 12, "dorsal": 12, "lumbar": 5, "sacral": 5}
+_COUNTS = {"rib": 12, **{word: len(levels) for word, levels in _SEGMENT_LEVELS.items()}}
 #: "the first three lumbar vertebrae", "last 2 ribs": a count from one end of a series.
 _FIRST_N = re.compile(
     r"\b(first|upper|uppermost|top|last|lower|lowest|bottom)\s+(\d{1,2}|" + "|".join(_CARDINALS) + r")\b"
@@ -1235,10 +1048,8 @@ def _tg263_class(prefix: str, rest: list[str], vocab: Vocabulary) -> str:
 _IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b")
 _CAMEL_NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:[A-Z][a-z]{2,})+\b")  # "PenileBulb", "BrachialPlexus"
 # AAPM TG-263's class prefixes and qualifiers.
-_TG263_CLASS = {"a": "artery", "v": "vein", "musc": "muscle", "glnd": "gland", "nrv": "nerve", "ln": "lymph node",
-                "lig": "ligament", "bone": "bone"}  # fmt: skip
-_TG263_QUALIFIER = {"I": "inferior", "S": "superior", "Ant": "anterior", "Post": "posterior", "Ext": "external",
-                    "Int": "internal", "Prox": "proximal", "Dist": "distal"}  # fmt: skip
+_TG263_CLASS = MappingProxyType(WORDS.tg263.classes)
+_TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
 _COUINAUD_ROMAN = re.compile(
@@ -1346,13 +1157,7 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
 
 # Adjectives that tell one structure of a series from another: an item of a list made of them
 # alone takes the head noun of the item after it.
-# fmt: off
-_SERIES_ADJECTIVES = frozenset({
-    "medial", "lateral", "anterior", "posterior", "superior", "inferior", "upper", "lower", "middle",
-    "internal", "external", "common", "proximal", "distal",
-    "frontal", "parietal", "occipital", "temporal", "maxillary", "sphenoid", "ethmoid", "primary", "nodal",
-})
-# fmt: on
+_SERIES_ADJECTIVES = WORDS.series_adjectives
 
 
 def _share_head_noun(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -1568,15 +1373,11 @@ def _without_reason(words: list[str], vocab: Vocabulary) -> list[str]:
 
 _KEPT_INDEX = re.compile(r"^(?:[ctls]|th|n)?\d{1,2}(?:st|nd|rd|th)?$")  # levels, numbers, rib indices
 # Commands and quantities of an order line ("liver seg", "spleen vol pls").
-_ORDER_WORDS = frozenset({
-    "seg", "segment", "segmentation", "vol", "vols", "volume", "volumes", "volumetry", "only", "pls", "please",
-    "area", "size", "sizing", "contour", "contours", "outline", "mask",
-})  # fmt: skip
+_ORDER_WORDS = WORDS.order_words
 
 
 # Prepositions that place a structure ("glands on top of the kidneys", "T6-T8 on the spine MR").
-_LOCATIVES = (("on", "top", "of"), ("in", "front", "of"), ("next", "to"), ("on",), ("under",), ("underneath",),
-              ("beneath",), ("behind",), ("above",), ("below",), ("near",))  # fmt: skip
+_LOCATIVES = tuple(tuple(phrase.split()) for phrase in WORDS.locatives)  # longest first
 
 
 def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
@@ -1683,7 +1484,7 @@ def _region_phrase(words: list[str], i: int, rest: list[str], regions: list[str]
         if words[i : i + n] != phrase.split():
             continue
         # "pelvic bones", "cranial nerve II": the region's adjective is part of a structure's name.
-        structure_follows = i + n < len(words) and words[i + n] in ("bone", "bones", "organ", "organs", "of", "nerve")
+        structure_follows = i + n < len(words) and words[i + n] in WORDS.structure_after_region
         # "femoral head", "head of pancreas": a part of a structure, not the body region.
         part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
         if phrase in ("spine", "breast") or structure_follows or part_of:

@@ -44,7 +44,6 @@ import numpy as np
 
 from medsegagent.models import parse as grammar
 from medsegagent.models.lexicon import Concept as LexiconConcept
-from medsegagent.models.parse import word_list
 from medsegagent.models.registry import Dataset, Label, Registry, load_registry, normalize_modality
 
 log = logging.getLogger(__name__)
@@ -421,7 +420,7 @@ def _subdivision(m: _Match, core: Iterable[str]) -> bool:
 
 
 #: Nouns that name a part inside a structure ("the pulp of tooth 11", "the incisive canal").
-_INNER_PARTS = frozenset({"pulp", "canal"})
+_INNER_PARTS = grammar.WORDS.inner_parts
 
 
 def _wholes_first(matches: list[_Match], core: Iterable[str]) -> list[_Match]:
@@ -465,17 +464,10 @@ def _derive_part_values(entries: list[_Entry]) -> None:
 
 
 #: Tokens that name an organ/structure a lesion may be in (for "liver tumour" vs a generic "tumor" label).
-_ORGAN_TOKENS = frozenset(
-    word_list(
-        """
-        liver kidney adrenal pancreas spleen brain lung breast bone prostate bladder stomach colon head neck
-        node thyroid esophagus uterus ovary skin bowel intestine heart pulmonary vestibular primary
-        """
-    )
-)
+_ORGAN_TOKENS = grammar.WORDS.lesion_organs
 
 #: Label kinds making up "the bones"/"skeleton" of a dataset without a bone label of its own.
-_SKELETAL_TOKENS = frozenset({"cartilage", "disc"})
+_SKELETAL_TOKENS = grammar.WORDS.skeletal_parts
 _NEIGHBOURS = 40  # encoder neighbours looked through for one of the target's kind (organ/lesion)
 
 
