@@ -939,6 +939,10 @@ class Router:
                     i += 1
                     continue
                 return []
+        if len(pieces) > 1 and set(pieces[-1].concept.core) <= grammar.CLASS_NOUNS:
+            # "femoral artery": a class noun last is the head the words before it modify,
+            # a structure of its own that no label names, not the femur and every artery.
+            return []
         if "of" in words and len(pieces) > 1:
             # "thyroid cartilage of the larynx": a part named with its whole is the part (a lesion
             # named with its organ is that organ's: "tumour of the kidney" is not split here).
