@@ -108,6 +108,7 @@ class GrammarWords(_Frozen):
     series_adjectives: frozenset[Word]
     order_words: frozenset[Word]
     locatives: tuple[Word, ...]
+    prepositions: frozenset[Word]
     level_context: frozenset[Word]
     spine_segments: dict[Word, tuple[Level, Level]]
     rib_classes: dict[Word, tuple[int, ...]]

@@ -247,7 +247,8 @@ def singular(word: str) -> str:
     return word
 
 
-# Targets are read after singularisation: a stop word's singular is one too ("cheers" -> "cheer").
+# Targets are read after singularisation: a stop word's singular is one too ("cheers" -> "cheer"),
+# though not a word the spelling corrector knows ("hurts" must not make "hart" a tie with "hurt").
 STOPWORDS = STOPWORDS | frozenset(singular(w) for w in STOPWORDS)
 
 
@@ -404,7 +405,7 @@ class Vocabulary:
             if " " in k:
                 toks = tuple(singular(t) for t in k.split())
                 phrases.setdefault(len(toks), {})[toks] = tuple(v.split())
-        known = set(STOPWORDS) | set(_LATERAL) | set(_ORDINALS) | set(_SEGMENT_LEVELS) | _STRUCTURE_WORDS
+        known = set(WORDS.all_stopwords) | set(_LATERAL) | set(_ORDINALS) | set(_SEGMENT_LEVELS) | _STRUCTURE_WORDS
         for key in REGION_WORDS:
             known.update(key.split())
         for term, canonical in mapping.items():

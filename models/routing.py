@@ -29,6 +29,7 @@ The result is a :class:`Plan` (JSON via :meth:`Plan.to_json`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -1034,7 +1035,7 @@ class Router:
                 has_bone = {m.entry.dataset.name for m in out if m.score >= TIERS[0]}
                 out += self._skeleton(pt, regions, allowed, has_bone)
             out = _enough_members(out, len(member_sets))
-        if out and pt.unknown and use_encoder and self.use_encoder:
+        if out and pt.unknown and use_encoder and self.use_encoder and self._unknown_in_phrase(pt):
             score, term = self._partial_reading(pt, out)
             how = f"'{' '.join(pt.unknown)}' unknown; '{self._phrase(pt)}' ~ '{term}' {score:.3f}"
             if score < self.threshold:
@@ -1238,6 +1239,34 @@ class Router:
         how = f"encoder: '{phrase}' ~ '{self._index.strings[best]}' ({best_s:.3f}) -> {' '.join(core)}"
         via = f" (via encoder {best_s:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
+
+    @staticmethod
+    def _unknown_in_phrase(pt: grammar.ParsedTarget) -> bool:
+        """Whether an unknown word belongs to the structure's phrase ("uterine fibroids").
+
+        It does when it stands next to the structure's words (unknown words between them
+        count as next) or before a preposition that leads to them ("water on the lungs").
+        One set off by words that say nothing ("my husband's spleen got hurt in the car
+        crash", "can you work out my liver volume") is in another clause, and does not put
+        the reading in doubt.
+        """
+        unknown = set(pt.unknown)
+
+        def is_unknown(word: str) -> bool:
+            return word in unknown or grammar.singular(word) in unknown
+
+        words = pt.words
+        named = [j for j, w in enumerate(words) if not is_unknown(w) and w not in grammar.STOPWORDS]
+        found = [i for i, w in enumerate(words) if is_unknown(w)]
+        if not found:
+            return True  # the unknown words are not words of the phrase as written: stay careful
+        for i, j in itertools.product(found, named):
+            between = words[min(i, j) + 1 : max(i, j)]
+            if all(is_unknown(w) for w in between):
+                return True
+            if i < j and set(between) & grammar.WORDS.prepositions:
+                return True
+        return False
 
     def _partial_reading(self, pt: grammar.ParsedTarget, matches: list[_Match]) -> tuple[float, str]:
         # Some words were unknown and dropped ("uterine fibroids" read as the uterus): the

@@ -557,3 +557,37 @@ def test_structure_rules_of_round_five(text: str, expected: set) -> None:
 )
 def test_list_grammar_exclusions_sides_and_number_words(router, text, dataset, values):
     assert plan(router, text, "CT").selection.get(dataset) == values
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # words a clause away from the structure do not put its reading in doubt (round thirteen)
+        ("my husband's spleen got hurt in the car crash, can you outline it", "WORD", [2]),
+        ("can you work out my liver volume", "LiTS", [1]),
+        # an order's priority is when, not what ("stat" was read as subcutaneous adipose tissue)
+        ("spleen stat", "WORD", [2]),
+        ("Wilms tumour of the left kidney", "KiTS23", [3]),
+        ("left ilium", "TotalSegmentator_v2", [77]),
+    ],
+)
+def test_round_thirteen_readings(router, text, dataset, values):
+    selection = plan(router, text, "CT").selection
+    assert selection.get(dataset) == values, selection
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "water on the lungs",  # the unknown word before a preposition is what lies at the lungs
+        "femoral artery",  # a class noun last is the head: not the femur and every artery
+        "segment the hepatic artery",
+        "vertebral arteries",  # known to the lexicon, segmented by no dataset
+        "descending aorta",  # no longer corrected to "ascending aorta"
+        "pls process asap",  # a bare "process" is a class noun, too vague to stand alone
+    ],
+)
+def test_round_thirteen_refusals(router, text):
+    p = plan(router, text, "CT")
+    assert p.selection == {}, p.selection
+    assert text == "pls process asap" or p.unmatched, p.unmatched
