@@ -716,7 +716,8 @@ _NEGATION = re.compile(
 _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;()]*")
 # An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
 _NOT_NEEDED = re.compile(
-    r"(^|[,;])([^,;]*?)\s+(?:is\s+|are\s+)?(?:not\s+(?:needed|required|necessary|wanted)|unnecessary)\b"
+    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
+    r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out)\b"
 )
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
@@ -1073,8 +1074,32 @@ def _complete_prefixes(low: str, vocab: Vocabulary) -> str:
 _PREFIX_HYPHEN = re.compile(r"\b([a-z]{2,})-(?=(?:\s*(?:,|and|or|&)\s*[a-z]{2,}-)*\s*(?:,|and|or|&)\s*([a-z]{5,})\b)")
 
 
+# Contractions: "don't need the spleen", "isn't needed" ("won't" and "can't" change their stem).
+_CONTRACTION = re.compile(r"\b(won|can|\w+)n['\u2019]t\b")
+# The other ways to write an exclusion, in the one form the list grammar reads ("except"):
+# "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
+# "leave the trachea alone / out", "no need for the spleen", "ignore / drop / remove the spleen".
+_ALL_BUT = re.compile(r"\b((?:all|every|everything|anything)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b)")
+_LEAVE_ALONE = re.compile(r"\bleave\s+(?!out\b)([^,;:.]{1,60}?)\s+(?:alone|out)\b")
+_EXCLUDING_VERB = re.compile(r"\b(?:no\s+need\s+(?:for|of|to\s+(?:do|include|segment))|ignore|drop|remove)\b")
+# "kidneys, but only the left": a side-only correction, not an exclusion.
+_BUT_ONLY = re.compile(
+    r"\bbut\s+(?=(?:just|only|except|exclude|excluding|skip|skipping|omit|omitting|minus|without|leaving)\b)"
+)
+
+
+def _exclusion_forms(low: str) -> str:
+    """Contractions spelt out and every exclusion written as "except"."""
+    low = _CONTRACTION.sub(lambda m: {"won": "will", "can": "can"}.get(m.group(1), m.group(1)) + " not", low)
+    low = _ALL_BUT.sub(r"\1 except ", low)
+    low = _LEAVE_ALONE.sub(r" except \1 ", low)
+    low = _EXCLUDING_VERB.sub(" except ", low)
+    return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
+
+
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
+    low = _exclusion_forms(low)
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ").replace("f/u", " followup ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
     # Spelled out, "head and neck" is one region, not a list of two items.
@@ -1238,8 +1263,9 @@ def _apply_list_rules(
 
     ``header_targets`` are the targets a worklist header names (None without a header).
     """
-    if any(t.group is None for t in targets):
-        # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header.
+    if any(t.group is None and not t.negated for t in targets):
+        # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header (one
+        # followed by an exclusion only is the request: "all abdominal organs except the spleen").
         targets = [t for t in targets if t.group not in ("organs", "oars")]
     side = _TRAILING_SIDE.search(low.rstrip(" ;,."))
     if side and len(targets) > 1:

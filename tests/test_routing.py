@@ -591,3 +591,29 @@ def test_round_thirteen_refusals(router, text):
     p = plan(router, text, "CT")
     assert p.selection == {}, p.selection
     assert text == "pls process asap" or p.unmatched, p.unmatched
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "liver and spleen; don't need the spleen",  # contractions are spelt out
+        "liver and spleen; spleen isn't needed",
+        "liver and spleen, no need for the spleen",
+        "liver and spleen, leave the spleen out",
+        "liver and spleen but leave the spleen alone",
+        "liver and spleen, ignore the spleen",
+        "liver and spleen but exclude spleen",
+        "liver and spleen - spleen can be skipped",
+        "liver and spleen, spleen excluded",
+        "liver, spleen and kidneys - everything but the spleen and kidneys",
+    ],
+)
+def test_every_way_to_write_an_exclusion(router, text):
+    assert plan(router, text, "CT").selection.get("WORD") == [1]
+
+
+def test_a_group_followed_by_an_exclusion_only_is_the_request(router):
+    # "OARs: parotids, brainstem" makes the group word a header; an exclusion after it does not.
+    selection = plan(router, "all abdominal organs but the spleen", "CT").selection
+    assert selection["WORD"] and 2 not in selection["WORD"]  # WORD: spleen = 2
+    assert plan(router, "kidneys, but only the left", "CT").selection.get("WORD") == [3]
