@@ -126,7 +126,9 @@ _US_UPPER = re.compile(r"\bUS\b")  # "US" only in capitals: "help us" is not ult
 
 #: A T1/T2 that is a vertebra, not a sequence: "T1 vertebra", "T1-T4", "T1 through L2", "T12".
 _VERTEBRA_T = re.compile(
-    r"\bt(?:1[0-2]?|[2-9])\b(?=\s*(?:-|–|to|through|thru|until|and|,)?\s*(?:vertebra|vert\b|level|body|[ctls]\d))"
+    # (a "T2" listed after it does not make "T1" a level: "T1 and T2" are the two sequences)
+    r"\bt(?:1[0-2]?|[2-9])\b(?=\s*(?:(?:-|–|to|through|thru|until)\s*t[12]\b|(?:-|–|to|through|thru|until|and|,)?\s*"
+    r"(?:vertebra|vert\b|level|body|[cls]\d|t(?:1[0-2]|[3-9])\b)))"
     r"|(?:(?<=[-–])|(?<=\bto\s)|(?<=through\s)|(?<=thru\s)|(?<=[cls]\d/)|(?<=[cls]\d\d/))\s*t(?:1[0-2]?|[2-9])\b",
     re.I,
 )
@@ -220,6 +222,9 @@ class ParsedRequest:
     regions: tuple[str, ...]
     targets: list[ParsedTarget] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The side a worklist header names ("CT HIP RT - FEMORAL HEAD") when no target below it
+    #: names one: the router gives it to the targets that have sides.
+    side: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -775,7 +780,8 @@ def detect_modality(text: str) -> tuple[str | None, str]:
         return key
 
     low = _VERTEBRA_T.sub(_protect, low)
-    if re.search(r"\b(?:vertebra\w*|spine|spinal|rib|ribs)\b", low) and not re.search(
+    levels = re.search(r"\b(?:[cls]\d{1,2}|t(?:1[0-2]|[3-9]))\b", low)  # "C5, C6, C7 and T1": a list of levels
+    if (levels or re.search(r"\b(?:vertebra\w*|spine|spinal|rib|ribs)\b", low)) and not re.search(
         r"\b(?:mri?|magnetic|weighted|flair|sequence)\b", low
     ):
         # A bare "T7" in a spine request is a level, never a sequence.
@@ -829,12 +835,14 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
+    header_sides: set[str] = set()
     head = _WORKLIST_HEADER.match(text)
     if head and detect_modality(head.group(1))[0] is not None and _WORD.search(text[head.end() :].lower()):
         # "MR BRAIN W/WO - TUMOR": the part before the dash names the exam (modality and body
         # part); the body part is context for what follows, not a target itself.
         header = parse_request(head.group(1), vocab)
         header_targets = [t for t in header.targets if t.concept.core and not t.negated]
+        header_sides = _sides_written(head.group(1))
         header_regions = list(header.regions) + [
             r for t in header.targets for tok in t.concept.core for r in vocab.organ_regions.get(tok, ())
         ]
@@ -857,9 +865,23 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         if key not in seen:
             seen.add(key)
             unique.append(t)
+    sided = any(t.concept.laterality for t in unique if not t.negated)
+    side = header_sides.pop() if len(header_sides) == 1 and not sided else None
     return ParsedRequest(
-        text=written, modality_hint=hint, regions=tuple(dict.fromkeys(regions)), targets=unique, notes=notes
+        text=written,
+        modality_hint=hint,
+        regions=tuple(dict.fromkeys(regions)),
+        targets=unique,
+        notes=notes,
+        side=side if side in ("left", "right") else None,
     )
+
+
+def _sides_written(header: str) -> set[str]:
+    """The sides a worklist header names as written ("CT HIP RT", "XR L HAND"; not "L SPINE",
+    "RT PLAN", nor "sinus lift", which the spelling corrector would make "left")."""
+    low = _RADIOTHERAPY.sub(" ", _LETTER_SPINE.sub(" ", header.lower()))
+    return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt|l|r)\b", low)}
 
 
 def _mend_dictation(low: str, vocab: Vocabulary) -> str:
@@ -1088,6 +1110,10 @@ _BUT_ONLY = re.compile(
 )
 
 
+# "RT" before planning words is radiotherapy, not the right side.
+_RADIOTHERAPY = re.compile(r"\brt\b(?=\s*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)")
+
+
 def _exclusion_forms(low: str) -> str:
     """Contractions spelt out and every exclusion written as "except"."""
     low = _CONTRACTION.sub(lambda m: {"won": "will", "can": "can"}.get(m.group(1), m.group(1)) + " not", low)
@@ -1100,6 +1126,7 @@ def _exclusion_forms(low: str) -> str:
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _exclusion_forms(low)
+    low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ").replace("f/u", " followup ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
     # Spelled out, "head and neck" is one region, not a list of two items.

@@ -29,6 +29,7 @@ The result is a :class:`Plan` (JSON via :meth:`Plan.to_json`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -36,7 +37,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -756,7 +757,7 @@ class Router:
         """Stages 2 and 3 for every parsed target, re-reading targets the grammar split badly."""
         self._read_ahead(parsed.targets)
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
-        for pt in parsed.targets:
+        for pt in map(self._header_side(parsed), parsed.targets):
             target, explain = self._route_target(pt, parsed, kept_names)
             loose = not any(c.selected for c in target.candidates) or explain["method"].startswith("encoder")
             if loose and len(pt.words) > 1:
@@ -774,6 +775,17 @@ class Router:
                     continue
             routed.append((pt, target, explain))
         return routed
+
+    def _header_side(self, parsed: grammar.ParsedRequest) -> Callable[[grammar.ParsedTarget], grammar.ParsedTarget]:
+        """The header's side ("CT HIP RT - FEMORAL HEAD") for a target of a structure that has sides."""
+
+        def sided(pt: grammar.ParsedTarget) -> grammar.ParsedTarget:
+            core = frozenset(pt.concept.core)
+            if parsed.side is None or pt.negated or pt.concept.laterality or core not in self._index.paired:
+                return pt
+            return dataclasses.replace(pt, concept=dataclasses.replace(pt.concept, laterality=parsed.side))
+
+        return sided
 
     def _collect(
         self,

@@ -617,3 +617,26 @@ def test_a_group_followed_by_an_exclusion_only_is_the_request(router):
     selection = plan(router, "all abdominal organs but the spleen", "CT").selection
     assert selection["WORD"] and 2 not in selection["WORD"]  # WORD: spleen = 2
     assert plan(router, "kidneys, but only the left", "CT").selection.get("WORD") == [3]
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # a header's side goes to the targets below it that have sides (WORD: femur head L 15, R 16)
+        ("CT HIP RT - FEMORAL HEAD", "WORD", [16]),
+        ("CT HIP RT - FEMORAL HEAD, BLADDER", "WORD", [14, 16]),
+        ("CT PELVIS LT - FEMORAL HEADS", "WORD", [15]),
+        ("CT PELVIS - FEMORAL HEADS", "WORD", [15, 16]),
+        # "RT" before planning words is radiotherapy, not the right side
+        ("CT CHEST W - BREAST (RT PLAN)", "TotalSegmentator_breasts", [1]),
+        # "T1" listed with other levels is a vertebra (TotalSegmentator: C5 46, C6 45, C7 44, T1 43)
+        ("C5, C6, C7 and T1", "TotalSegmentator_v2", [43, 44, 45, 46]),
+    ],
+)
+def test_header_sides_radiotherapy_and_levels(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_t1_and_t2_together_are_two_sequences(router):
+    assert parse.parse_request("T1 and T2 brain tumour").modality_hint == "MR"
+    assert parse.parse_request("T1 to T2").targets[0].concept.index == frozenset({"T1", "T2"})
