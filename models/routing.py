@@ -855,6 +855,17 @@ class Router:
                 if m not in inside:
                     anatomy_dropped[m.entry.dataset.name] = f"regions {', '.join(m.entry.dataset.regions)}"
             matches = inside
+        elif c.core in self.vocab.groups and matches:
+            # A group's members stay where the group is ("heart chambers": the heart's ventricles,
+            # not the brain's), and in the hinted regions ("CT CARDIAC - chambers").
+            known_regions = set(known.regions) if known is not None else set()
+            where = (known_regions | regions) - {"whole_body"}
+            inside = [m for m in matches if set(m.entry.dataset.regions) & where]
+            if where and inside:
+                for m in matches:
+                    if m not in inside:
+                        anatomy_dropped[m.entry.dataset.name] = f"regions {', '.join(m.entry.dataset.regions)}"
+                matches = inside
         explain["anatomy"] = {"regions": sorted(regions), "dropped": anatomy_dropped}
         matches = _demote_synonym_only(matches)
         per_dataset: dict[str, list[_Match]] = defaultdict(list)

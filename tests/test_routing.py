@@ -640,3 +640,12 @@ def test_header_sides_radiotherapy_and_levels(router, text, dataset, values):
 def test_t1_and_t2_together_are_two_sequences(router):
     assert parse.parse_request("T1 and T2 brain tumour").modality_hint == "MR"
     assert parse.parse_request("T1 to T2").targets[0].concept.index == frozenset({"T1", "T2"})
+
+
+@pytest.mark.parametrize("text", ["the four heart chambers", "CT CARDIAC FUNCTION - chambers and LV myocardium"])
+def test_a_group_stays_in_its_region(router, text):
+    # The heart's chambers are ventricles and atria, never the brain's ventricle
+    # (TotalSegmentator brain_structures: ventricle = 10).
+    selection = plan(router, text, "CT", collection=None).selection
+    assert "TotalSegmentator_brain_structures" not in selection
+    assert selection["MM-WHS"][:4] in ([1, 2, 3, 4], [2, 3, 4, 5])
