@@ -16,6 +16,7 @@ routing-dev        the same on the development set (``routing_dev.jsonl``)     e
 routing-dev-blind  the same on the blind dev set (``routing_dev_blind``)       expected models
 routing-dev-blind2 the same on the second blind dev set (``routing_dev_blind2``) expected models
 routing-dev-blind3 the same on the third blind dev set (``routing_dev_blind3``)  expected models
+routing-dev-blind4 the same on the fourth blind dev set (``routing_dev_blind4``)  expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -66,6 +67,8 @@ DEV_BLIND = REPO / "tests" / "data" / "routing_dev_blind" / "requests.jsonl"
 DEV_BLIND2 = REPO / "tests" / "data" / "routing_dev_blind2" / "requests.jsonl"
 #: The third blind set (session seven), weighted to the held-out set's weakest categories.
 DEV_BLIND3 = REPO / "tests" / "data" / "routing_dev_blind3" / "requests.jsonl"
+#: The fourth (session eight): not tuned on in the session it was written, to measure that round.
+DEV_BLIND4 = REPO / "tests" / "data" / "routing_dev_blind4" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -73,6 +76,7 @@ ROUTING_KEYS = (
     "routing-dev-blind",
     "routing-dev-blind2",
     "routing-dev-blind3",
+    "routing-dev-blind4",
     "routing-heldout",
 )
 
@@ -136,6 +140,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind3",
             "Routing, third blind development set (whole registry)",
             DEV_BLIND3.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind4",
+            "Routing, fourth blind development set (whole registry)",
+            DEV_BLIND4.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -256,12 +266,12 @@ def routing_table(benches: list[Bench]) -> str:
     return "\n".join(lines)
 
 
-#: Sets whose rows carry a category: the frozen held-out set and the blind set written alongside it.
-_CATEGORY_SETS = (("routing-heldout", "held-out"), ("routing-dev-blind3", "blind3"))
+#: Sets whose rows carry a category: the frozen held-out set and the blind sets written alongside it.
+_CATEGORY_SETS = (("routing-heldout", "held-out"), ("routing-dev-blind3", "blind3"), ("routing-dev-blind4", "blind4"))
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and third blind set per category, side by side (aggregates only)."""
+    """Held-out and the third and fourth blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:
