@@ -741,7 +741,7 @@ _COUNTS = {"rib": 12, **{word: len(levels) for word, levels in _SEGMENT_LEVELS.i
 #: "the first three lumbar vertebrae", "last 2 ribs": a count from one end of a series.
 _FIRST_N = re.compile(
     r"\b(first|upper|uppermost|top|last|lower|lowest|bottom)\s+(\d{1,2}|" + "|".join(_CARDINALS) + r")\b"
-    r"(?=\s+(?:pairs?\s+of\s+)?(rib|cervical|thoracic|dorsal|lumbar|sacral))"
+    r"(?=\s+(?:(?:left|right|lt|rt|bilateral)\s+)?(?:pairs?\s+of\s+)?(rib|cervical|thoracic|dorsal|lumbar|sacral))"
 )
 #: "T-spine", "L spine": the segment of the spine the letter names.
 _LETTER_SPINE = re.compile(r"\b([ctl])[\s-]?spine\b")
@@ -849,7 +849,8 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         low = detect_modality(text[head.end() :])[1]
     else:
         head = None
-    low = _complete_prefixes(_expand_shorthand(_SENTENCE_END.sub(" ; ", low), protected), vocab)
+    low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
+    low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
     low = _mend_dictation(low, vocab)
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header_regions)
@@ -875,6 +876,18 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         notes=notes,
         side=side if side in ("left", "right") else None,
     )
+
+
+def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
+    """Dots that close an abbreviation, not a sentence: "renal v.", "sup. mesenteric a.", "lt. kidney"."""
+    low = _VESSEL_DOT.sub(lambda m: _VESSEL_DOTS[m.group(1)], low)
+
+    def truncation(m: re.Match[str]) -> str:
+        word = m.group(1)
+        full = vocab.lexicon.forms.get(word, "")
+        return word if word in _LATERAL or (full.startswith(word[0]) and len(full) > len(word)) else m.group(0)
+
+    return _TRUNCATION_DOT.sub(truncation, low)
 
 
 def _sides_written(header: str) -> set[str]:
@@ -1101,7 +1114,9 @@ _CONTRACTION = re.compile(r"\b(won|can|\w+)n['\u2019]t\b")
 # The other ways to write an exclusion, in the one form the list grammar reads ("except"):
 # "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
 # "leave the trachea alone / out", "no need for the spleen", "ignore / drop / remove the spleen".
-_ALL_BUT = re.compile(r"\b((?:all|every|everything|anything)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b)")
+_ALL_BUT = re.compile(
+    r"\b((?:all|every|everything|anything|whole|entire)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b)"
+)
 _LEAVE_ALONE = re.compile(r"\bleave\s+(?!out\b)([^,;:.]{1,60}?)\s+(?:alone|out)\b")
 _EXCLUDING_VERB = re.compile(r"\b(?:no\s+need\s+(?:for|of|to\s+(?:do|include|segment))|ignore|drop|remove)\b")
 # "kidneys, but only the left": a side-only correction, not an exclusion.
@@ -1110,6 +1125,12 @@ _BUT_ONLY = re.compile(
 )
 
 
+# Anatomists' abbreviations after a name: "a." artery, "v." vein, "aa." / "vv." their plurals.
+_VESSEL_DOT = re.compile(r"(?<=[a-z])\s+(aa|vv|a|v)\.(?!\w)")
+_VESSEL_DOTS = {"a": " artery ", "v": " vein ", "aa": " arteries ", "vv": " veins "}
+_TRUNCATION_DOT = re.compile(r"\b([a-z]{2,6})\.(?=\s)")
+# An ordinal before an article orders the request, not a series: "first the liver, then ...".
+_DISCOURSE_ORDINAL = re.compile(r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)")
 # "RT" before planning words is radiotherapy, not the right side.
 _RADIOTHERAPY = re.compile(r"\brt\b(?=\s*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)")
 
@@ -1127,6 +1148,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _exclusion_forms(low)
     low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
+    low = _DISCOURSE_ORDINAL.sub(" ", low)  # "First the liver": no first liver segment
     low = low.replace("w/o", " without ").replace("w/", " with ").replace("s/p", " ").replace("f/u", " followup ")
     low = re.sub(r"\bh\s*[&/+]\s*n\b", " hn ", low)  # "H&N", "H/N": head and neck
     # Spelled out, "head and neck" is one region, not a list of two items.
@@ -1186,9 +1208,8 @@ _FDI_TEETH = re.compile(
 
 def _split_segments(low: str) -> list[tuple[str, bool]]:
     """List items in order, each with whether it lies in an exclusion."""
-    neg = _NEGATION.search(low)
-    if neg:
-        low = low[: neg.start()] + " \x00 " + low[neg.end() :]  # \x00 marks where the exclusion starts
+    # \x00 marks where an exclusion starts ("right kidney; not the left kidney, not the liver").
+    low = _NEGATION.sub(" \x00 ", low)
     # Segments with the separator before each; an exclusion lasts until a comma/semicolon.
     raw_segments: list[tuple[str, bool]] = []
     negated = False
@@ -1312,9 +1333,10 @@ def _apply_list_rules(
         # "CT RENAL MASS PROTOCOL - MASS VOLUME": a bare lesion refers back to the header's.
         targets = _inherit_lesion_organ(lesions + targets)[len(lesions) :]
     targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
-    if header_targets and not any(t.concept.core for t in targets):
-        # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ.
-        targets = header_targets
+    if header_targets and not any(t.concept.core and not t.negated for t in targets):
+        # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ, or excludes
+        # something from it ("MR LIVER - LESIONS NOT WANTED").
+        targets = header_targets + [t for t in targets if t.negated and t.concept.core]
     return targets
 
 

@@ -649,3 +649,24 @@ def test_a_group_stays_in_its_region(router, text):
     selection = plan(router, text, "CT", collection=None).selection
     assert "TotalSegmentator_brain_structures" not in selection
     assert selection["MM-WHS"][:4] in ([1, 2, 3, 4], [2, 3, 4, 5])
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # every exclusion of a list counts, not only the first (WORD: liver 1, spleen 2, R 4, L 3)
+        ("right kidney; not the left kidney, not the liver, not the spleen", "WORD", [4]),
+        ("the whole lumbar spine but L5", "TotalSegmentator_v2", [28, 29, 30, 31]),
+        # a header's organ less what the body excludes
+        ("MR LIVER - LESIONS NOT WANTED", "LiTS", [1]),
+        # discourse, not a series: no first segment of the liver
+        ("First the liver. Then the spleen.", "WORD", [1, 2]),
+        ("first three right ribs", "TotalSegmentator_v2", [93, 106, 107]),
+        # anatomists' abbreviations and Latin sides
+        ("renal v.", "renalStructures_CECT_segmentation", [2]),
+        ("sup. mesenteric a.", "TotalSegmentator_renal_arteries", [2]),
+        ("clavicula dextra", "TotalSegmentator_v2", [74]),
+    ],
+)
+def test_round_fourteen_readings(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
