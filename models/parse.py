@@ -466,8 +466,8 @@ class Vocabulary:
         go to the one candidate that sounds the same (:func:`_sound_key`), else keep the
         word unchanged (a guess between two structures is worse than none).
         """
-        if word in self.known or len(word) < 4 or not word.isalpha():
-            return word
+        if word in self.known or len(word) < 4 or not word.isalpha() or singular(word) in self.known:
+            return word  # the plural of a known word is known ("iacs" is no typo for "icas")
         memo = self._memo.get(("spell", word))
         if memo is not None:
             return memo
