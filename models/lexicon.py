@@ -47,7 +47,7 @@ REGIONS = frozenset(
 )
 
 _SECTIONS = frozenset({"version", "concepts", "forms", "qualifiers", "filler", "groups"})
-_CONCEPT_KEYS = frozenset({"name", "canonical", "regions", *TERM_FIELDS})
+_CONCEPT_KEYS = frozenset({"name", "canonical", "regions", "gloss", *TERM_FIELDS})
 _TERM = re.compile(r"^[a-z0-9]+(?: [a-z0-9]+)*$")
 _LOCAL_KEY = re.compile(r"^x-[a-z0-9]+(?:-[a-z0-9]+)*$")
 
@@ -72,6 +72,10 @@ class Concept:
         Term lists by kind (:data:`TERM_FIELDS`).
     regions : tuple of str
         Body regions the structure lies in.
+    gloss : str or None
+        A plain-language definition ("a long gland lying behind the stomach that makes
+        insulin"): what the sentence encoder compares a request that describes the
+        structure instead of naming it with.
     """
 
     key: str
@@ -79,6 +83,7 @@ class Concept:
     canonical: str
     terms: Mapping[str, tuple[str, ...]]
     regions: tuple[str, ...] = ()
+    gloss: str | None = None
 
     @property
     def sctid(self) -> str | None:
@@ -203,7 +208,11 @@ class _Checker:
             canonical = name
         terms = {f: self.terms(f"{where}.{f}", entry[f]) for f in TERM_FIELDS if entry.get(f) is not None}
         regions = self.regions(f"{where}.regions", entry.get("regions", []))
-        return Concept(key, name, canonical, MappingProxyType(terms), regions)
+        gloss = entry.get("gloss")
+        if gloss is not None and (not isinstance(gloss, str) or len(gloss.split()) < 4):
+            self.err(f"{where}.gloss", f"a definition of four words or more expected, got {gloss!r}")
+            gloss = None
+        return Concept(key, name, canonical, MappingProxyType(terms), regions, gloss)
 
 
 def parse_lexicon(data: Any, path: Path, digest: str = "") -> Lexicon:

@@ -63,6 +63,14 @@ SCORE_COARSE = 0.6  # the label covers more than asked (no side / no level)
 #: encoder neighbour its cosine similarity.  Calibrated on the development sets
 #: (docs/routing.md, "The threshold"); below it the target is unmatched.
 ACCEPT_THRESHOLD = 0.78
+#: A request that describes a structure instead of naming it ("the gland behind the stomach
+#: that makes insulin") is compared with the lexicon's plain-language definitions (glosses):
+#: the nearest is taken at this similarity or more, and only when it leads the nearest
+#: definition of another concept by the margin.  Calibrated on the development sets
+#: (docs/routing.md, "Descriptions").
+GLOSS_THRESHOLD = 0.65
+GLOSS_MARGIN = 0.08
+_DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 
 
 def _tier(score: float) -> int:
@@ -527,6 +535,11 @@ class _Index:
         self.string_core: list[frozenset[str]] = [terms[t][0] for t in self.strings]
         self.string_lesion: list[bool] = [terms[t][1] for t in self.strings]
         self.string_row: dict[str, int] = {t: i for i, t in enumerate(self.strings)}
+        # What a description is compared with: each concept's plain-language definition.
+        glossed = [c for c in self.vocab.lexicon.concepts.values() if c.gloss]
+        self.glosses: list[str] = [c.gloss or "" for c in glossed]
+        self.gloss_concept: list[LexiconConcept] = glossed
+        self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
 
     def lookup(self, tokens: Iterable[str]) -> set[int]:
         out: set[int] = set()
@@ -604,6 +617,7 @@ class Router:
         self.use_encoder = use_encoder
         self._encoder = encoder
         self._label_emb: np.ndarray | None = None
+        self._gloss_emb: np.ndarray | None = None
         self._lock = threading.Lock()
         self._phrase_cache: dict[str, np.ndarray] = {}
         self.init_seconds = time.perf_counter() - t0
@@ -620,6 +634,8 @@ class Router:
         t0 = time.perf_counter()
         if self.use_encoder:
             self._embeddings()
+            if self._index.glosses:
+                self._gloss_embeddings()
             self._get_encoder().encode(["liver"])  # known terms skip the model: load it now
         return time.perf_counter() - t0
 
@@ -642,6 +658,17 @@ class Router:
                         encoder=self._encoder,
                     )
         return self._label_emb
+
+    def _gloss_embeddings(self) -> np.ndarray:
+        if self._gloss_emb is None:
+            with self._lock:
+                if self._gloss_emb is None:
+                    from medsegagent.models.encoder import cached_embeddings
+
+                    self._gloss_emb = cached_embeddings(
+                        self._index.glosses, key=f"glosses-{self.vocab.lexicon.digest[:16]}", encoder=self._encoder
+                    )
+        return self._gloss_emb
 
     def _encode_phrase(self, phrase: str) -> np.ndarray:
         row = self._index.string_row.get(phrase)
@@ -1062,7 +1089,8 @@ class Router:
             score, term = self._partial_reading(pt, out)
             how = f"'{' '.join(pt.unknown)}' unknown; '{self._phrase(pt)}' ~ '{term}' {score:.3f}"
             if score < self.threshold:
-                return [], f"encoder: {how} < threshold {self.threshold}"
+                described = self._described(pt, regions, allowed)
+                return described or ([], f"encoder: {how} < threshold {self.threshold}")
             return out, f"grammar, {how}"
         if out:
             return out, "grammar"
@@ -1082,8 +1110,38 @@ class Router:
             # The encoder reads words the grammar does not know, or a reading that no label of
             # the whole registry has.  A known structure that the allowed datasets do not cover
             # stays unmatched (with its reason), never "something similar".
-            return self._encoder_match(pt, regions, allowed)
+            found = self._encoder_match(pt, regions, allowed)
+            return found if found[0] else self._described(pt, regions, allowed) or found
         return [], "grammar"
+
+    def _described(
+        self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str]
+    ) -> tuple[list[_Match], str] | None:
+        """The concept a description defines ("the tubes that carry urine down from the kidneys").
+
+        The written phrase is compared with every concept's plain-language definition; the
+        nearest one stands when it is close enough and clearly nearer than any other concept's.
+        None when the phrase is no description or no definition is near.
+        """
+        text = " ".join(grammar._WORD.findall(pt.text.lower()))
+        if len([w for w in text.split() if w not in grammar.STOPWORDS]) < _DESCRIPTION_WORDS:
+            return None
+        if not self._index.glosses:
+            return None
+        sims = self._gloss_embeddings() @ self._encode_phrase(text)
+        order = np.argsort(-sims, kind="stable")
+        best, core = int(order[0]), self._index.gloss_core[int(order[0])]
+        runner = next((float(sims[i]) for i in order[1:] if self._index.gloss_core[i] != core), 0.0)
+        score = float(sims[best])
+        concept = self._index.gloss_concept[best]
+        if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
+            return None
+        how = f"description: '{text}' ~ definition of {_concept_ref(concept)} {score:.3f}"
+        matches, _ = self._match(self._with_core(pt, tuple(sorted(core))), regions, allowed, use_encoder=False)
+        if not matches:
+            return [], f"{how}, which no dataset segments"
+        via = f" (via definition {score:.3f})"
+        return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
         # The largest lexicon concept inside the target whose words no registry label uses.
