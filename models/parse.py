@@ -1129,6 +1129,11 @@ _BUT_ONLY = re.compile(
 _VESSEL_DOT = re.compile(r"(?<=[a-z])\s+(aa|vv|a|v)\.(?!\w)")
 _VESSEL_DOTS = {"a": " artery ", "v": " vein ", "aa": " arteries ", "vv": " veins "}
 _TRUNCATION_DOT = re.compile(r"\b([a-z]{2,6})\.(?=\s)")
+# Words that carry a structure on into the next (level ranges are read before): a list.
+_EXTENT = re.compile(
+    r"\b(?:(?:all\s+the\s+way\s+)?down\s+(?:to|through|into)|through\s+to|as\s+far\s+as"
+    r"|extending\s+(?:in)?to|continuing\s+(?:in)?to)\b"
+)
 # An ordinal before an article orders the request, not a series: "first the liver, then ...".
 _DISCOURSE_ORDINAL = re.compile(r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)")
 # "RT" before planning words is radiotherapy, not the right side.
@@ -1169,6 +1174,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    low = _EXTENT.sub(" and ", low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
     low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"

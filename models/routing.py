@@ -1337,7 +1337,7 @@ class Router:
             return word in unknown or grammar.singular(word) in unknown
 
         words = pt.words
-        named = [j for j, w in enumerate(words) if not is_unknown(w) and w not in grammar.STOPWORDS]
+        named = [j for j, w in enumerate(words) if not is_unknown(w) and grammar.singular(w) not in grammar.STOPWORDS]
         found = [i for i, w in enumerate(words) if is_unknown(w)]
         if not found:
             return True  # the unknown words are not words of the phrase as written: stay careful

@@ -670,3 +670,16 @@ def test_a_group_stays_in_its_region(router, text):
 )
 def test_round_fourteen_readings(router, text, dataset, values):
     assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # words that carry one structure on into the next make a list (TotalSegmentator: aorta 52,
+        # common iliac arteries 65 and 66)
+        ("aorta down through both CIAs", "TotalSegmentator_v2", [52, 65, 66]),
+        ("The sternum needs doing. Costal cartilages too.", "TotalSegmentator_v2", [116, 117]),
+    ],
+)
+def test_extents_and_verbs_around_a_list(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
