@@ -102,7 +102,7 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "CT",
         re.compile(
-            r"\b(?:ct|cta|ctpa|cect|ncct|nect|hrct|mdct|ldct|cat\s+scan|computed\s+tomography|computerized\s+tomography|computerised\s+tomography|ct\s+angiography|ctu|ctc|cac|cbct|cone[\s-]*beam\s+ct)\b",
+            r"\b(?:ct|cta|ctpa|cect|ncct|nect|hrct|mdct|ldct|cat\s+scan|computed\s+tomography|computerized\s+tomography|computerised\s+tomography|ct\s+angiography|ctu|ctc|cac|cbct|ccta|ctca|cone[\s-]*beam\s+ct)\b",
             re.I,
         ),
     ),
