@@ -68,7 +68,7 @@ ACCEPT_THRESHOLD = 0.78
 #: the nearest is taken at this similarity or more, and only when it leads the nearest
 #: definition of another concept by the margin.  Calibrated on the development sets
 #: (docs/routing.md, "Descriptions").
-GLOSS_THRESHOLD = 0.65
+GLOSS_THRESHOLD = 0.60
 GLOSS_MARGIN = 0.08
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 
@@ -1101,6 +1101,11 @@ class Router:
             out, _ = self._match(relaxed, regions, allowed, use_encoder=False)
             if out:
                 return out, f"grammar (without '{' '.join(sorted(generic))}')"
+        described = self._described(pt, regions, allowed) if use_encoder and self.use_encoder and pt.unknown else None
+        if described is not None:
+            # "the pouch under the liver where bile is stored": a description, though it uses the
+            # name of a structure no dataset segments (bile) on the way.
+            return described
         refused = self._uncovered_concept(core)
         if refused is not None:
             # A structure the lexicon knows but no label of the registry names (a meniscus, a

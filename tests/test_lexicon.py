@@ -222,3 +222,13 @@ def test_the_documented_worked_example_adds_a_synonym_without_code(tmp_path, mon
     edited.write_text(text.replace(entry, entry + "    synonyms: [laryngeal skeleton]\n"), encoding="utf-8")
     monkeypatch.setattr(parse, "load_lexicon", lambda path=None: load_lexicon(edited))  # as if shipped so
     assert larynx_plan() == {"SegRap2023_Task1": [48, 49, 50, 51]}
+
+
+def test_most_concepts_carry_a_definition_and_a_definition_is_a_phrase(lexicon):
+    glossed = [c for c in lexicon.concepts.values() if c.gloss]
+    assert len(glossed) >= 300
+    assert all(4 <= len(c.gloss.split()) <= 30 for c in glossed)
+    data = yaml.safe_load(DEFAULT_PATH.read_text(encoding="utf-8"))
+    data["concepts"]["10200004"]["gloss"] = "liver"
+    with pytest.raises(LexiconError, match=r"concepts\.10200004\.gloss"):
+        parse_lexicon(data, Path("edited.yaml"))

@@ -683,3 +683,23 @@ def test_round_fourteen_readings(router, text, dataset, values):
 )
 def test_extents_and_verbs_around_a_list(router, text, dataset, values):
     assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_a_description_is_read_by_its_definition(router):
+    # A structure described, not named: the encoder compares the phrase with the lexicon's
+    # plain-language definitions (docs/routing.md, "Descriptions").
+    p = plan(router, "the cord of nerves that runs inside my backbone", "CT", collection=None)
+    assert p.selection.get("TotalSegmentator_v2") == [79]  # spinal cord
+    assert any(str(e.get("method", "")).startswith("description:") for e in p.explain), p.explain
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the tube I pee through",  # the urethra: defined, but no dataset segments it
+        "the big muscle at the back of my thigh",  # two definitions too close to choose
+        "please do the usual for this patient",  # no description of anything
+    ],
+)
+def test_a_description_of_nothing_covered_selects_nothing(router, text):
+    assert plan(router, text, "CT", collection=None).selection == {}
