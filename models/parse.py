@@ -1131,6 +1131,9 @@ _VESSEL_DOTS = {"a": " artery ", "v": " vein ", "aa": " arteries ", "vv": " vein
 _TRUNCATION_DOT = re.compile(r"\b([a-z]{2,6})\.(?=\s)")
 # Words that carry a structure on into the next (level ranges are read before): a list.
 _EXTENT = re.compile(
+    # (not after a verb of motion: "the air tube that goes down to my lungs" describes one structure)
+    r"(?<!\bgoes\s)(?<!\bgo\s)(?<!\bruns\s)(?<!\bleads\s)(?<!\bcomes\s)(?<!\bpasses\s)(?<!\bgoing\s)"
+    r"(?<!\brunning\s)(?<!\btravels\s)"
     r"\b(?:(?:all\s+the\s+way\s+)?down\s+(?:to|through|into)|through\s+to|as\s+far\s+as"
     r"|extending\s+(?:in)?to|continuing\s+(?:in)?to)\b"
 )

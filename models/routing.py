@@ -540,6 +540,7 @@ class _Index:
         self.glosses: list[str] = [c.gloss or "" for c in glossed]
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
+        self.gloss_lesion = np.array([bool(core & grammar.LESION_TOKENS) for core in self.gloss_core], dtype=bool)
 
     def lookup(self, tokens: Iterable[str]) -> set[int]:
         out: set[int] = set()
@@ -1134,6 +1135,10 @@ class Router:
         if not self._index.glosses:
             return None
         sims = self._gloss_embeddings() @ self._encode_phrase(text)
+        # Structure-checked like the term neighbours: a description of an organ never reads as
+        # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
+        lesion = bool(set(pt.concept.core) & grammar.LESION_TOKENS)
+        sims = np.where(self._index.gloss_lesion == lesion, sims, -1.0)
         order = np.argsort(-sims, kind="stable")
         best, core = int(order[0]), self._index.gloss_core[int(order[0])]
         runner = next((float(sims[i]) for i in order[1:] if self._index.gloss_core[i] != core), 0.0)
@@ -1212,7 +1217,7 @@ class Router:
                         continue
                     s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
                     w = _WHY_CONTEXT
-            elif core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS:
+            elif core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | grammar.WORDS.size_words:
                 extra = f.core - core
                 if (extra & grammar.LESION_TOKENS) and not target_lesion:
                     continue  # organ asked, lesion label: never
