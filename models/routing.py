@@ -1348,8 +1348,15 @@ class Router:
 
         words = pt.words
         named = [j for j, w in enumerate(words) if not is_unknown(w) and grammar.singular(w) not in grammar.STOPWORDS]
-        found = [i for i, w in enumerate(words) if is_unknown(w)]
-        if not found:
+        # A participle after the structure, with words of its own, opens a clause ("collarbone
+        # playing rugby"); one that ends the phrase may be its head noun ("tongue piercing").
+        participle = next(
+            (i for i, w in enumerate(words[:-1]) if named and i > named[0] and is_unknown(w) and w.endswith("ing")),
+            len(words),
+        )
+        named = [j for j in named if j < participle]
+        found = [i for i, w in enumerate(words) if is_unknown(w) and i < participle]
+        if not found and participle == len(words):
             return True  # the unknown words are not words of the phrase as written: stay careful
         for i, j in itertools.product(found, named):
             between = words[min(i, j) + 1 : max(i, j)]

@@ -703,3 +703,20 @@ def test_a_description_is_read_by_its_definition(router):
 )
 def test_a_description_of_nothing_covered_selects_nothing(router, text):
     assert plan(router, text, "CT", collection=None).selection == {}
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        ("caudate lobe of the liver", "TotalSegmentator_liver_segments", [1]),  # Couinaud I
+        ("rt glut med", "TotalSegmentator_v2", [83]),  # gluteus medius right
+        ("my son broke his right collarbone playing rugby", "TotalSegmentator_v2", [74]),
+    ],
+)
+def test_numbered_names_truncations_and_participles(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_gtv_primary_and_nodal_are_both_tumour_volumes(router):
+    assert plan(router, "GTV primary and nodal", "PT+CT", collection=None).selection == {"HECKTOR2022": [1, 2]}
+    assert plan(router, "tongue piercing", "CT", collection=None).selection == {}  # a noun in -ing stays
