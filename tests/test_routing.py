@@ -25,6 +25,7 @@ DEV_ALL = Path(__file__).parent / "data" / "routing_dev_all.jsonl"
 DEV_BLIND = Path(__file__).parent / "data" / "routing_dev_blind" / "requests.jsonl"
 DEV_BLIND2 = Path(__file__).parent / "data" / "routing_dev_blind2" / "requests.jsonl"
 DEV_BLIND3 = Path(__file__).parent / "data" / "routing_dev_blind3" / "requests.jsonl"
+DEV_BLIND4 = Path(__file__).parent / "data" / "routing_dev_blind4" / "requests.jsonl"
 COLLECTION = "medsegagent-23"
 
 
@@ -342,7 +343,7 @@ def test_dev_set_over_the_whole_registry(router):
     # (tests/data/routing_dev_all.py), never from the router.
     result = run_bench(DEV_ALL, collection=None, router=router)
     assert result.n >= 540
-    assert result.strict >= 0.93, result.strict  # 0.935 on 555 after round eight: a regression fails here
+    assert result.strict >= 0.94, result.strict  # 0.935 on 555 after round eight, 0.946 on 613 after round 14
 
 
 def test_blind_dev_set_over_the_whole_registry(router):
@@ -360,7 +361,7 @@ def test_second_blind_dev_set_over_the_whole_registry(router):
     # corrections), written without sight of the rules (tests/data/routing_dev_blind2/README.md).
     result = run_bench(DEV_BLIND2, collection=None, router=router)
     assert result.n >= 500
-    assert result.strict >= 0.77, result.strict  # 0.691 untuned (86bbd00), 0.773 after round nine
+    assert result.strict >= 0.80, result.strict  # 0.691 untuned (86bbd00), 0.773 after round nine, 0.814 now
     assert result.negatives_correct >= 0.95, result.negatives_correct
 
 
@@ -370,8 +371,18 @@ def test_third_blind_dev_set_over_the_whole_registry(router):
     # even rows only (docs/routing.md).
     result = run_bench(DEV_BLIND3, collection=None, router=router)
     assert result.n >= 400
-    assert result.strict >= 0.79, result.strict  # 0.732 untuned (b44697b), 0.80 after round twelve
+    assert result.strict >= 0.85, result.strict  # 0.732 untuned (b44697b), 0.80 after round twelve, 0.860 now
     assert result.negatives_correct >= 0.93, result.negatives_correct
+
+
+def test_fourth_blind_dev_set_over_the_whole_registry(router):
+    # Written in session eight without sight of the rules (tests/data/routing_dev_blind4/README.md):
+    # round thirteen was measured on it untouched (0.780 -> 0.786), round fourteen tuned on its even
+    # rows only (docs/routing.md).
+    result = run_bench(DEV_BLIND4, collection=None, router=router)
+    assert result.n >= 450
+    assert result.strict >= 0.84, result.strict  # 0.780 untuned (8efc881), 0.854 after round fourteen
+    assert result.negatives_correct >= 0.95, result.negatives_correct
 
 
 def test_embedding_cache_is_keyed_and_reused(tmp_path, router):
