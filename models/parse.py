@@ -257,8 +257,12 @@ def singular(word: str) -> str:
 STOPWORDS = STOPWORDS | frozenset(singular(w) for w in STOPWORDS)
 
 
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def _ascii(text: str) -> str:
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    # Typographic quotes first, or "don\u2019t" would lose its apostrophe and its negation.
+    return unicodedata.normalize("NFKD", text.translate(_QUOTES)).encode("ascii", "ignore").decode("ascii")
 
 
 def _index_order(key: str) -> tuple[int, int]:
@@ -780,7 +784,9 @@ def detect_modality(text: str) -> tuple[str | None, str]:
         return key
 
     low = _VERTEBRA_T.sub(_protect, low)
-    levels = re.search(r"\b(?:[cls]\d{1,2}|t(?:1[0-2]|[3-9]))\b", low)  # "C5, C6, C7 and T1": a list of levels
+    # "C5, C6, C7 and T1": a list of levels ("S7" beside the liver is a Couinaud segment)
+    sacral = "" if _LIVER_CONTEXT.search(low) else "|s[1-5]"
+    levels = re.search(rf"\b(?:[cl]\d{{1,2}}|t(?:1[0-2]|[3-9]){sacral})\b", low)
     if (levels or re.search(r"\b(?:vertebra\w*|spine|spinal|rib|ribs)\b", low)) and not re.search(
         r"\b(?:mri?|magnetic|weighted|flair|sequence)\b", low
     ):
@@ -885,7 +891,8 @@ def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
     def truncation(m: re.Match[str]) -> str:
         word = m.group(1)
         full = vocab.lexicon.forms.get(word, "")
-        return word if word in _LATERAL or (full.startswith(word[0]) and len(full) > len(word)) else m.group(0)
+        abbreviated_side = word in _LATERAL and _LATERAL[word] != word  # "lt." yes; "left." ends a sentence
+        return word if abbreviated_side or (full.startswith(word[0]) and len(full) > len(word)) else m.group(0)
 
     return _TRUNCATION_DOT.sub(truncation, low)
 
@@ -894,7 +901,8 @@ def _sides_written(header: str) -> set[str]:
     """The sides a worklist header names as written ("CT HIP RT", "XR L HAND"; not "L SPINE",
     "RT PLAN", nor "sinus lift", which the spelling corrector would make "left")."""
     low = _RADIOTHERAPY.sub(" ", _LETTER_SPINE.sub(" ", header.lower()))
-    return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt|l|r)\b", low)}
+    # (a letter beside a slash is shorthand, not a side: "R/O PE", "L/S SPINE"; "L/R" is both sides)
+    return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt)\b|(?<![/\w])[lr](?![/\w])", low)}
 
 
 def _mend_dictation(low: str, vocab: Vocabulary) -> str:
@@ -1089,6 +1097,8 @@ _TG263_CLASS = MappingProxyType(WORDS.tg263.classes)
 _TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
+_LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|lobe|lobes)\b")
+_COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
     r"\b(couinaud|segments?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
 )
@@ -1110,15 +1120,21 @@ _PREFIX_HYPHEN = re.compile(r"\b([a-z]{2,})-(?=(?:\s*(?:,|and|or|&)\s*[a-z]{2,}-
 
 
 # Contractions: "don't need the spleen", "isn't needed" ("won't" and "can't" change their stem).
-_CONTRACTION = re.compile(r"\b(won|can|\w+)n['\u2019]t\b")
+_CONTRACTION = re.compile(r"\b(\w+?)n't\b")
+_CONTRACTED = {"wo": "will", "ca": "can", "sha": "shall"}  # the stems "won't", "can't", "shan't" change
 # The other ways to write an exclusion, in the one form the list grammar reads ("except"):
 # "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
 # "leave the trachea alone / out", "no need for the spleen", "ignore / drop / remove the spleen".
 _ALL_BUT = re.compile(
-    r"\b((?:all|every|everything|anything|whole|entire)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b)"
+    r"\b((?:all|every|everything|anything|whole|entire)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b|especially\b|mainly\b|mostly\b|particularly\b|above\s+all\b|with\b|including\b)"
 )
 _LEAVE_ALONE = re.compile(r"\bleave\s+(?!out\b)([^,;:.]{1,60}?)\s+(?:alone|out)\b")
-_EXCLUDING_VERB = re.compile(r"\b(?:no\s+need\s+(?:for|of|to\s+(?:do|include|segment))|ignore|drop|remove)\b")
+_EXCLUDING_VERB = re.compile(
+    # ("ignore", "drop", "remove" only where a clause opens: "drop metastases" is a finding)
+    r"\bno\s+need\s+(?:for|of|to\s+(?:do|include|segment))\b"
+    r"|(?:^|(?<=[,;:.])|(?<=\band)|(?<=\bbut)|(?<=\bthen)|(?<=\bplease))\s*(?:please\s+)?(?:ignore|drop|remove)\b"
+)
+_BUT_FOCUS = re.compile(r"\bbut\s+(?:especially|mainly|mostly|particularly|above\s+all)\b")
 # "kidneys, but only the left": a side-only correction, not an exclusion.
 _BUT_ONLY = re.compile(
     r"\bbut\s+(?=(?:just|only|except|exclude|excluding|skip|skipping|omit|omitting|minus|without|leaving)\b)"
@@ -1126,7 +1142,8 @@ _BUT_ONLY = re.compile(
 
 
 # Anatomists' abbreviations after a name: "a." artery, "v." vein, "aa." / "vv." their plurals.
-_VESSEL_DOT = re.compile(r"(?<=[a-z])\s+(aa|vv|a|v)\.(?!\w)")
+# (not a class letter: "type A.", "grade V.", "zone A.")
+_VESSEL_DOT = re.compile(r"(?<=[a-z])(?<!\btype)(?<!\bgrade)(?<!\bzone)(?<!\bclass)(?<!\bstage)\s+(aa|vv|a|v)\.(?!\w)")
 _VESSEL_DOTS = {"a": " artery ", "v": " vein ", "aa": " arteries ", "vv": " veins "}
 _TRUNCATION_DOT = re.compile(r"\b([a-z]{2,6})\.(?=\s)")
 # Words that carry a structure on into the next (level ranges are read before): a list.
@@ -1145,10 +1162,11 @@ _RADIOTHERAPY = re.compile(r"\brt\b(?=\s*(?:plan|planning|sim|simulation|contour
 
 def _exclusion_forms(low: str) -> str:
     """Contractions spelt out and every exclusion written as "except"."""
-    low = _CONTRACTION.sub(lambda m: {"won": "will", "can": "can"}.get(m.group(1), m.group(1)) + " not", low)
+    low = _CONTRACTION.sub(lambda m: _CONTRACTED.get(m.group(1), m.group(1)) + " not", low)
     low = _ALL_BUT.sub(r"\1 except ", low)
     low = _LEAVE_ALONE.sub(r" except \1 ", low)
     low = _EXCLUDING_VERB.sub(" except ", low)
+    low = _BUT_FOCUS.sub(" , ", low)  # "all organs but especially the liver": nothing excluded
     return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
 
 
@@ -1168,6 +1186,8 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
+    if _LIVER_CONTEXT.search(low):
+        low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
     low = _COUINAUD_ROMAN.sub(
         lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
     )
@@ -1177,7 +1197,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
-    low = _EXTENT.sub(" and ", low)  # "aorta down through both CIAs": the aorta and the CIAs
+    low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
     low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"
@@ -1187,6 +1207,19 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
             low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
     return low
+
+
+def _extent_as_list(m: re.Match[str]) -> str:
+    """An extent word as a list's "and", except inside a relative clause, where it describes.
+
+    "aorta down through both CIAs" is two structures; "the pipe that carries food down to the
+    stomach" is one, described.
+    """
+    clause = re.split(r"[,;:.]", m.string[: m.start()])[-1]
+    return m.group(0) if _RELATIVE.search(clause) else " and "
+
+
+_RELATIVE = re.compile(r"\b(?:that|which|who|where)\b")
 
 
 def _fdi_names(m: re.Match[str]) -> str:

@@ -991,7 +991,7 @@ class Router:
                     i += 1
                     continue
                 return []
-        if len(pieces) > 1 and set(pieces[-1].concept.core) <= grammar.CLASS_NOUNS:
+        if len(pieces) == 2 and set(pieces[-1].concept.core) <= grammar.CLASS_NOUNS:
             # "femoral artery": a class noun last is the head the words before it modify,
             # a structure of its own that no label names, not the femur and every artery.
             return []

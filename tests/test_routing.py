@@ -705,3 +705,31 @@ def test_gtv_primary_and_nodal_are_both_tumour_volumes(router):
 def test_readings_of_rounds_thirteen_and_fourteen(router, text, dataset, values):
     # Over the whole registry; each row is one mechanism (docs/routing.md, rounds 13 and 14).
     assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # a letter beside a slash is shorthand, not a side: both lungs' lobes (TotalSegmentator 10-14)
+        ("CT CHEST R/O PE - LUNGS", "TotalSegmentator_v2", [10, 11, 12, 13, 14]),
+        # a full side word before a full stop ends the sentence; it is not an abbreviation's dot
+        ("liver and left. kidneys too", "WORD", [1, 3, 4]),
+        # a class letter after "type" is no artery: the aorta, without the dissection
+        ("aortic dissection type A. aorta please", "TotalSegmentator_v2", [52]),
+        # "drop" excludes only where a clause opens; "drop metastases" is a finding
+        ("liver and spleen; drop metastases", "WORD", [1, 2]),
+        ("liver and spleen; remove the spleen", "WORD", [1]),
+        ("liver, don\u2019t do the spleen", "WORD", [1]),  # a typographic apostrophe
+        # an extent word inside a relative clause describes; it makes no list (WORD: oesophagus 7)
+        ("the pipe that carries food down to the stomach", "WORD", [7]),
+        # "S7" beside the liver is a Couinaud segment, not a sacral level
+        ("liver S7 and S8", "TotalSegmentator_liver_segments", [7, 8]),
+        ("Couinaud S4a", "TotalSegmentator_liver_segments", [4]),
+    ],
+)
+def test_shorthand_that_is_not_what_it_looks_like(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_a_couinaud_segment_beside_t2_leaves_t2_a_sequence():
+    assert parse.parse_request("Couinaud S7 on T2").modality_hint == "MR:T2"
