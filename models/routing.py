@@ -1104,7 +1104,7 @@ class Router:
                 return out, f"grammar (without '{' '.join(sorted(generic))}')"
         described = self._described(pt, regions, allowed) if use_encoder and self.use_encoder and pt.unknown else None
         if described is not None:
-            # "the pouch under the liver where bile is stored": a description, though it uses the
+            # "the bag under the liver that stores bile": a description, though it uses the
             # name of a structure no dataset segments (bile) on the way.
             return described
         refused = self._uncovered_concept(core)
