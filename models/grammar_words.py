@@ -117,6 +117,7 @@ class GrammarWords(_Frozen):
     not_plural: frozenset[Word]
     tg263: TG263
     whole_before_part: dict[Word, frozenset[Word]]
+    enlargement_forms: dict[Word, Word]
     default_whole: dict[Word, DefaultWhole]
 
     @model_validator(mode="after")

@@ -707,7 +707,7 @@ def _split_composite(words: list[str]) -> list[list[str]]:
 
 _SPLIT = re.compile(
     r"\s*(?:[,;:\n\u2022]|\band\b|\bor\b|&|\+|/|\bplus\b|\bas well as\b|\balong with\b|\btogether with\b"
-    r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s)\s*"
+    r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s|[-=]*>+)\s*"  # (arrows: "CT C-SPINE >> C1-C7")
 )
 _SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
 _BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left\s+and\s+right|right\s+and\s+left)\b")
@@ -715,6 +715,7 @@ _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+sid
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
     r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|aside from|minus|sparing"
+    r"|(?:but )?none of"
     r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
     # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
     r"|(?:but )?no(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b)"
@@ -1197,6 +1198,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
@@ -1207,6 +1209,17 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
             joined = re.sub(r"\s*(?:\band\b|\bwith\b|\bincluding\b|&|\+)\s*", " incl ", phrase)
             low = re.sub(r"\b" + re.escape(phrase) + r"\b", joined, low)
     return low
+
+
+_ENLARGEMENT = re.compile(
+    r"\b((?:(?:" + "|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)) + r")o?)+)megal(?:y|ic|ies)\b"
+)
+
+
+def _enlarged_organs(m: re.Match[str]) -> str:
+    """ "hepatosplenomegaly" -> "liver and spleen": an enlargement named is a volume request for the organs."""
+    forms = re.findall("|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)), m.group(1))
+    return " " + " and ".join(WORDS.enlargement_forms[f] for f in forms) + " "
 
 
 def _extent_as_list(m: re.Match[str]) -> str:
@@ -1252,13 +1265,13 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
     """List items in order, each with whether it lies in an exclusion."""
     # \x00 marks where an exclusion starts ("right kidney; not the left kidney, not the liver").
     low = _NEGATION.sub(" \x00 ", low)
-    # Segments with the separator before each; an exclusion lasts until a comma/semicolon.
+    # Segments with the separator before each; an exclusion lasts until a comma, semicolon, colon or dash.
     raw_segments: list[tuple[str, bool]] = []
     negated = False
     pieces = _SPLIT_KEEP.split(low)
     for k in range(0, len(pieces), 2):
         piece, sep = pieces[k], (pieces[k - 1] if k else "")
-        if sep.strip() in (",", ";") and "\x00" not in piece:
+        if sep.strip() in (",", ";", ":", "-") and "\x00" not in piece:  # ("-" only as " - ")
             negated = False
         if "\x00" in piece:
             before, _, piece = piece.partition("\x00")

@@ -73,6 +73,15 @@ GLOSS_MARGIN = 0.08
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 
 
+def _by_encoder(explain: dict[str, Any]) -> bool:
+    """Whether a routed target was read by the encoder's nearest term, not by the lexicon."""
+    return str(explain.get("method", "")).startswith("encoder:")
+
+
+def _union(a: dict[str, set[int]], b: dict[str, set[int]]) -> dict[str, set[int]]:
+    return {k: a.get(k, set()) | b.get(k, set()) for k in a.keys() | b.keys()}
+
+
 def _tier(score: float) -> int:
     for i, floor in enumerate(TIERS):
         if score >= floor - 1e-9:
@@ -787,7 +796,12 @@ class Router:
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in map(self._header_side(parsed), parsed.targets):
             target, explain = self._route_target(pt, parsed, kept_names)
-            loose = not any(c.selected for c in target.candidates) or explain["method"].startswith("encoder")
+            # (a phrase the lexicon knows whole is one structure, even one no dataset segments:
+            # "breast implants" is not the breast and the hip implant)
+            known_whole = explain["method"].startswith("lexicon:")
+            loose = not known_whole and (
+                not any(c.selected for c in target.candidates) or explain["method"].startswith("encoder")
+            )
             if loose and len(pt.words) > 1:
                 pieces = self._split_unseparated(pt, parsed, all_names)
                 if pieces:
@@ -824,13 +838,18 @@ class Router:
         kept_names: set[str],
     ) -> None:
         """Fill the plan's targets, exclusions, unmatched targets and selection from the routed targets."""
-        # "all ribs except the 12th": excluded targets remove their values from the others.
+        # "all ribs except the 12th": excluded targets remove their values from the others. An
+        # exclusion only the encoder read (a neighbour, not the structure named) removes nothing
+        # from a target the lexicon read: "portal vein (not the hepatic veins)" keeps the portal
+        # vein, though the hepatic veins' nearest label is the portal vein's.
         removal: dict[str, set[int]] = defaultdict(set)
-        for pt, target, _ in routed:
+        guessed: dict[str, set[int]] = defaultdict(set)
+        for pt, target, explain in routed:
             if pt.negated:
+                into = guessed if _by_encoder(explain) else removal
                 for c in target.candidates:
                     if c.selected:
-                        removal[c.dataset].update(c.values)
+                        into[c.dataset].update(c.values)
         selection: dict[str, set[int]] = defaultdict(set)
         for pt, target, explain in routed:
             plan.explain.append(explain)
@@ -841,9 +860,10 @@ class Router:
             if not any(c.selected for c in target.candidates):
                 kind, reason = self._why_unmatched(pt, parsed, all_names, kept_names, plan.modality, plan.collection)
                 plan.unmatched.append(Unmatched(pt.text, kind, reason))
+            removed = removal if not _by_encoder(explain) else _union(removal, guessed)
             for c in target.candidates:
-                if c.selected and removal.get(c.dataset):
-                    self._apply_exclusion(c, removal[c.dataset])
+                if c.selected and removed.get(c.dataset):
+                    self._apply_exclusion(c, removed[c.dataset])
             # Consumers run every listed candidate: only the selected ones are candidates.
             target.alternatives = [c for c in target.candidates if not c.selected]
             target.candidates = [c for c in target.candidates if c.selected]
@@ -1154,13 +1174,22 @@ class Router:
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
-        # The largest lexicon concept inside the target whose words no registry label uses.
+        # The largest lexicon concept inside the target whose words no registry label uses
+        # together ("breast implant": labels name the breast and implants, none both).
         best: LexiconConcept | None = None
         size = 0
         for key, concept in self.vocab.concepts.items():
-            if key and set(key) <= core and len(key) > size and any(t not in self._index.by_token for t in key):
+            # (a lesion's organ is often its dataset's region, not a word of its label: "brain tumor")
+            lesion = bool(set(key) & grammar.LESION_TOKENS)
+            uncovered = any(t not in self._index.by_token for t in key) if lesion else not self._labelled_together(key)
+            if key and set(key) <= core and len(key) > size and uncovered:
                 best, size = concept, len(key)
         return best
+
+    def _labelled_together(self, tokens: Iterable[str]) -> bool:
+        """Whether one registry label's reading uses every one of these tokens."""
+        rows = [set(self._index.by_token.get(t, ())) for t in tokens]
+        return bool(rows) and bool(set.intersection(*rows))
 
     def _known(self, pt: grammar.ParsedTarget, regions: set[str]) -> bool:
         everywhere = set(self.registry.datasets)

@@ -733,3 +733,41 @@ def test_shorthand_that_is_not_what_it_looks_like(router, text, dataset, values)
 
 def test_a_couinaud_segment_beside_t2_leaves_t2_a_sequence():
     assert parse.parse_request("Couinaud S7 on T2").modality_hint == "MR:T2"
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # an exclusion lasts until a colon or a dash, as until a comma (WORD: liver 1, spleen 2, kidneys 3 4)
+        ("leave the kidneys out: liver and spleen", "WORD", [1, 2]),
+        ("Not the left kidney - just the right one.", "WORD", [4]),
+        ("SCMs but none of the scalenes", "TotalSegmentator_headneck_muscles", [1, 2]),
+        # an exclusion only the encoder read removes nothing the lexicon read (TotalSegmentator:
+        # portal and splenic vein 64, which is also the hepatic veins' nearest term)
+        ("portal vein (not the hepatic veins)", "TotalSegmentator_v2", [64]),
+        # arrows separate a worklist's parts (C1-C7: TotalSegmentator 44-50)
+        ("72125 CT C-SPINE W/O CONTRAST>>LEVELS C1-C7", "TotalSegmentator_v2", [44, 45, 46, 47, 48, 49, 50]),
+        # contrast phases say when, not what
+        ("Abdomen_Liver_Triphase / segment IV volume", "TotalSegmentator_liver_segments", [4]),
+        # an enlargement named by its combining form is the organ's volume
+        ("CT ABD W - HEPATOMEGALY/SPLENOMEGALY VOLS", "WORD", [1, 2]),
+        ("hepatosplenomegaly", "TotalSegmentator_v2", [1, 5]),
+        # groups of the lexicon: the forearm's bones, the brain's lobes
+        ("the two forearm bones and the carpus", "TotalSegmentator_appendicular_bones", [7, 8, 9]),
+        ("all four lobes of the cerebrum", "TotalSegmentator_brain_structures", [12, 13, 14, 15]),
+        # an adjective describes the structure to segment
+        ("fractured left femur", "TotalSegmentator_v2", [75]),
+    ],
+)
+def test_readings_of_round_fifteen(router, text, dataset, values):
+    # Over the whole registry; each row is one mechanism (docs/routing.md, round 15).
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+@pytest.mark.parametrize("text", ["breast implants", "rib fractures", "the break in my arm bone"])
+def test_a_phrase_the_lexicon_knows_whole_is_not_split_into_covered_parts(router, text):
+    # "breast implants" is neither the breast nor the hip implant; a fracture is a finding no
+    # dataset segments: each is refused by name.
+    p = plan(router, text, "CT", collection=None)
+    assert p.selection == {}, p.selection
+    assert [u.kind.value for u in p.unmatched] == ["not_covered"]
