@@ -118,6 +118,9 @@ class GrammarWords(_Frozen):
     tg263: TG263
     whole_before_part: dict[Word, frozenset[Word]]
     enlargement_forms: dict[Word, Word]
+    other_tasks: frozenset[Word]
+    segmentation_words: frozenset[Word]
+    withdrawal: frozenset[Word]
     default_whole: dict[Word, DefaultWhole]
 
     @model_validator(mode="after")

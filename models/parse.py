@@ -109,6 +109,8 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Modalities no dataset accepts: named so that the modality stage refuses them, not ignored.
     ("DX", re.compile(r"\b(?:x[\s-]?rays?|radiographs?|radiography|plain\s+films?|cxr)\b", re.I)),
     ("MG", re.compile(r"\b(?:mammogra\w*|tomosynthesis)\b", re.I)),
+    # catheter angiography; a "CT/MR angiogram" is CT or MR (XA is read only when neither is named)
+    ("XA", re.compile(r"\b(?:angiogra(?:m|ms|phy)|cath(?:eter)?\s+lab|dsa|digital\s+subtraction\s+angio\w*)\b", re.I)),
     (
         "NM",
         re.compile(r"\b(?:scintigra\w*|pertechnetate|spect|bone\s+scan|nuclear\s+medicine|mibg|dat\s*scan)\b", re.I),
@@ -225,6 +227,9 @@ class ParsedRequest:
     #: The side a worklist header names ("CT HIP RT - FEMORAL HEAD") when no target below it
     #: names one: the router gives it to the targets that have sides.
     side: str | None = None
+    #: The word that makes the request one for another task than a segmentation ("burn",
+    #: "fuse", "cancel"; :func:`other_task`); None for a segmentation request.
+    other_task: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -794,6 +799,8 @@ def detect_modality(text: str) -> tuple[str | None, str]:
         # A bare "T7" in a spine request is a level, never a sequence.
         low = re.sub(r"\bt(?:1[0-2]?|[2-9])\b", _protect, low)
     for modality, pattern in _MODALITY_PATTERNS:
+        if modality == "XA" and any(m == "CT" or m.startswith("MR") for m in found):
+            continue
         if pattern.search(low):
             found.append(modality)
             low = pattern.sub(" ; ", low)
@@ -882,7 +889,25 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         targets=unique,
         notes=notes,
         side=side if side in ("left", "right") else None,
+        other_task=other_task(written),
     )
+
+
+def other_task(text: str) -> str | None:
+    """The word that asks for another task than a segmentation, if the request is one.
+
+    "Please burn my liver CT onto a disc" -> ``"burn"``; "cancel the spleen segmentation" ->
+    ``"cancel"``; "segment the liver and export the mask" -> None (a segmentation word is there).
+    The word classes are ``other_tasks``, ``segmentation_words`` and ``withdrawal`` of
+    ``grammar_words.yaml``.
+    """
+    words = _WORD.findall(_ascii(text).lower())
+    withdrawn = next((w for w in words if w in WORDS.withdrawal), None)
+    if withdrawn is not None:
+        return withdrawn
+    if any(w in WORDS.segmentation_words for w in words):
+        return None
+    return next((w for w in words if w in WORDS.other_tasks), None)
 
 
 def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:

@@ -223,6 +223,8 @@ class UnmatchedKind(StrEnum):
     OTHER_MODALITY = "other_modality"
     #: Datasets cover it, but outside the collection routed within.
     OUTSIDE_COLLECTION = "outside_collection"
+    #: The request asks for another task (burn to disc, anonymise, fuse, window, cancel ...).
+    NOT_SEGMENTATION = "not_segmentation"
 
 
 @dataclass(frozen=True)
@@ -751,6 +753,12 @@ class Router:
         kept = self._modality_stage(plan, datasets, installed_only)
         kept_names = {d.name for d in kept}
         all_names = {d.name for d in datasets}
+        if parsed.other_task is not None:
+            # "Please burn my liver CT onto a disc": the liver is named, but nothing is to be segmented.
+            reason = f"not a segmentation request: '{parsed.other_task}' asks for another task"
+            plan.unmatched.append(Unmatched(text, UnmatchedKind.NOT_SEGMENTATION, reason))
+            plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            return plan
         if not parsed.targets:
             reason = "no segmentable structure found in the request"
             if parsed.regions:

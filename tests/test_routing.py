@@ -771,3 +771,46 @@ def test_a_phrase_the_lexicon_knows_whole_is_not_split_into_covered_parts(router
     p = plan(router, text, "CT", collection=None)
     assert p.selection == {}, p.selection
     assert [u.kind.value for u in p.unmatched] == ["not_covered"]
+
+
+@pytest.mark.parametrize(
+    "text, word",
+    [
+        ("Please burn my liver CT onto a disc for a second opinion.", "burn"),
+        ("Anonymise the pancreas study before the trial upload.", "anonymise"),
+        ("Fuse the PET with the MR of the prostate.", "fuse"),
+        ("Cancel the spleen segmentation - patient declined the study.", "cancel"),  # withdrawn, whatever it names
+    ],
+)
+def test_a_request_for_another_task_is_refused_as_one(router, text, word):
+    p = plan(router, text, "CT", collection=None)
+    assert p.selection == {}
+    assert [(u.kind, u.reason) for u in p.unmatched] == [
+        (UnmatchedKind.NOT_SEGMENTATION, f"not a segmentation request: '{word}' asks for another task")
+    ]
+
+
+def test_a_segmentation_word_keeps_a_request_with_another_task_word_a_segmentation(router):
+    assert parse.parse_request("segment the liver and export the mask").other_task is None
+    assert parse.parse_request("C3-C7 for the fusion").other_task is None  # spinal fusion is surgery
+    assert plan(router, "liver and spleen, then send the masks to PACS", "CT").selection.get("WORD") == [1, 2]
+
+
+@pytest.mark.parametrize("text", ["aorta on the angiogram", "cath lab coronary angiogram: the coronaries"])
+def test_catheter_angiography_is_a_modality_no_dataset_accepts(router, text):
+    p = plan(router, text, None, collection=None)
+    assert p.modality == "XA" and p.selection == {}
+    assert parse.parse_request("coronary CT angiogram").modality_hint == "CT"
+
+
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        # TotalSegmentator tissue_4_types: subcutaneous 1, torso (visceral) 2, skeletal muscle 3, intermuscular 4
+        ("SAT/VAT", [1, 2]),
+        ("subcutaneous fat, visceral fat and skeletal muscle", [1, 2, 3]),
+        ("IMAT", [4]),
+    ],
+)
+def test_body_composition_compartments(router, text, values):
+    assert plan(router, text, "CT", collection=None).selection.get("TotalSegmentator_tissue_4_types") == values
