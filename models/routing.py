@@ -765,7 +765,6 @@ class Router:
                 reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
         routed = self._route_targets(parsed, kept_names, all_names)
-        _pair_organs_with_lesions(routed, self.vocab)
         self._collect(plan, routed, parsed, all_names, kept_names)
         for name in plan.selection:
             d = self.registry.datasets[name]
@@ -1476,34 +1475,6 @@ def _demote_synonym_only(matches: list[_Match]) -> list[_Match]:
             m = _Match(m.entry, SCORE_SPECIFIC + 0.05, "synonym only, another dataset names it", m.source, m.values)
         out.append(m)
     return out
-
-
-def _pair_organs_with_lesions(
-    routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]], vocab: grammar.Vocabulary
-) -> None:
-    # "liver and its tumours": when datasets segment both the organ and its lesion, the organ
-    # comes from them too, so that the lesion lies inside the organ it was found in.  A lesion
-    # that names its organ itself ("liver and liver lesions", "kidneys and renal cysts") is a
-    # target of its own, and the organ is every dataset's organ.
-    for pt, target, explain in routed:
-        if pt.lesion or pt.negated:
-            continue
-        organ = set(pt.concept.core)
-        for lt, ltarget, _ in routed:
-            if not lt.lesion or lt.negated or not organ or not organ < set(lt.concept.core):
-                continue
-            if organ <= set(vocab.canonical_tokens(list(lt.words))[0]):
-                continue
-            lesion_sets = {c.dataset for c in ltarget.candidates if c.selected}
-            organ_sets = {c.dataset for c in target.candidates if c.selected}
-            both = lesion_sets & organ_sets
-            if both and both != organ_sets:
-                for cand in target.candidates:
-                    if cand.selected and cand.dataset not in both:
-                        cand.selected = False
-                        explain["label"][cand.dataset]["selected"] = False
-                        why = f"'{lt.text}' is segmented by {', '.join(sorted(both))}"
-                        explain["label"][cand.dataset]["reason"] = why
 
 
 def _soft_equal(a: frozenset[str], b: frozenset[str]) -> bool:
