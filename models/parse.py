@@ -719,7 +719,7 @@ _BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left
 _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+side)?$|,\s*(left|right)\s+side$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
-    r"\b(?:except(?: for)?|excluding|exclude|but not|other than|apart from|aside from|minus|sparing"
+    r"\b(?:except(?: for)?|excluding|exclude|excl|exc|but not|other than|apart from|aside from|minus|sparing"
     r"|(?:but )?none of"
     r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
     # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
@@ -733,6 +733,21 @@ _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|a
 _NOT_NEEDED = re.compile(
     r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out)\b"
+)
+_LETTER_NAMES = {"el": "l", "ell": "l", "cee": "c", "ess": "s"}  # (not "tee": TEE is an echo)
+_SPELLED_LEVEL = re.compile(
+    r"\b(el|ell|cee|ess)\s+(\d{1,2}|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)\b"
+)
+
+
+def _spelled_level(m: re.Match[str]) -> str:
+    number = m.group(2)
+    return f"{_LETTER_NAMES[m.group(1)]}{number if number.isdigit() else _CARDINALS[number]}"
+
+
+_RIB_SIDE = re.compile(
+    r"\b(ribs?\s+)([lr])\s?(?=\d)"
+    r"|\b([lr])\s?(?=\d{1,2}(?:st|nd|rd|th)?\s*(?:-|\u2013|to|/|,|and|\+)\s*\d{1,2}(?:st|nd|rd|th)?\s+ribs?\b)"
 )
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
@@ -918,7 +933,9 @@ def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
         word = m.group(1)
         full = vocab.lexicon.forms.get(word, "")
         abbreviated_side = word in _LATERAL and _LATERAL[word] != word  # "lt." yes; "left." ends a sentence
-        return word if abbreviated_side or (full.startswith(word[0]) and len(full) > len(word)) else m.group(0)
+        if abbreviated_side or word in ("excl", "exc") or (full.startswith(word[0]) and len(full) > len(word)):
+            return word
+        return m.group(0)
 
     return _TRUNCATION_DOT.sub(truncation, low)
 
@@ -970,6 +987,8 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
     bare "?query") with no word of the vocabulary says why, not what.
     """
 
+    low = _FRACTURE_SIGN.sub(" fractured ", low)  # "?# sternum": the sternum, queried for a fracture
+
     def purpose(m: re.Match[str]) -> str:
         if m.group(0).lstrip().startswith("?"):
             return " ; "
@@ -979,6 +998,8 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
     return _PURPOSE.sub(purpose, low)
 
 
+# "#" is clinical shorthand for a fracture ("# NOF", "?# sternum"): it describes what follows.
+_FRACTURE_SIGN = re.compile(r"(?<![\w#])\??\s*#\s*(?=[a-z])")
 # "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
 _PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;()?]*)")
 
@@ -1019,12 +1040,15 @@ def _values_only(text: str) -> str:
     """
     text = _MARKUP_TAG.sub(" , ", _JSON_KEY.sub(" , ", text))
     text = _PIPELINE_STEP.sub(" , ", text)
+    text = _DROPDOWN.sub(" ", text)
     return _KEY_EQUALS.sub(" , ", text)
 
 
 _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
 _MARKUP_TAG = re.compile(r"</?[A-Za-z_][\w.-]*\s*/?>")
 _PIPELINE_STEP = re.compile(r"\b(?:step|stage)\s*#?\d+\b\s*[:=]?", re.I)
+# A drop-down's arrow copied as "v" after its value: "Body part: Pelvis v ; Structures v :".
+_DROPDOWN = re.compile(r"(?<=\w)(?<!segment)(?<!segments)(?<!seg)\s+[vV\u25bc\u25be](?=\s*(?:[;:|]|\s\w+\s*:))")
 _KEY_EQUALS = re.compile(r"(?<![\w=<>!])[A-Za-z_][\w.]*\s*=(?!=)")
 
 
@@ -1160,6 +1184,7 @@ _EXCLUDING_VERB = re.compile(
     r"\bno\s+need\s+(?:for|of|to\s+(?:do|include|segment))\b"
     r"|(?:^|(?<=[,;:.])|(?<=\band)|(?<=\bbut)|(?<=\bthen)|(?<=\bplease))\s*(?:please\s+)?(?:ignore|drop|remove)\b"
 )
+_POSTFIX_NOT = re.compile(r"(^|[,;:])([^,;:]*?[a-z][^,;:]*?)\s+not\s*(?=$|[,;:.])")
 _BUT_FOCUS = re.compile(r"\bbut\s+(?:especially|mainly|mostly|particularly|above\s+all)\b")
 # "kidneys, but only the left": a side-only correction, not an exclusion.
 _BUT_ONLY = re.compile(
@@ -1180,8 +1205,16 @@ _EXTENT = re.compile(
     r"\b(?:(?:all\s+the\s+way\s+)?down\s+(?:to|through|into)|through\s+to|as\s+far\s+as"
     r"|extending\s+(?:in)?to|continuing\s+(?:in)?to)\b"
 )
+# "VS" that stands alone or before what is measured is a vestibular schwannoma, not "versus".
+_VS_ALONE = re.compile(
+    r"(^\s*|[-:;,>(/]\s*|\bthe\s+)vs(?=\s*(?:$|[;,.)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right)\b))"
+)
+# An order form's check boxes: "[x] Liver [ ] Kidneys" asks for the liver, not the kidneys.
+_CHECKBOX = re.compile(r"\[\s*([x\u2713\u2714\u2612*]?)\s*\]")
 # An ordinal before an article orders the request, not a series: "first the liver, then ...".
-_DISCOURSE_ORDINAL = re.compile(r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)")
+_DISCOURSE_ORDINAL = re.compile(
+    r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)|\b(?:last|this|next)\s+time\b"
+)
 # "RT" before planning words is radiotherapy, not the right side.
 _RADIOTHERAPY = re.compile(r"\brt\b(?=\s*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)")
 
@@ -1192,12 +1225,15 @@ def _exclusion_forms(low: str) -> str:
     low = _ALL_BUT.sub(r"\1 except ", low)
     low = _LEAVE_ALONE.sub(r" except \1 ", low)
     low = _EXCLUDING_VERB.sub(" except ", low)
+    low = _POSTFIX_NOT.sub(r"\1 except \2 ", low)  # "the right kidney, the left one not"
     low = _BUT_FOCUS.sub(" , ", low)  # "all organs but especially the liver": nothing excluded
     return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
 
 
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
+    low = _CHECKBOX.sub(lambda m: " ; " if m.group(1).strip() else " ; except ", low)  # "[x] liver [ ] spleen"
+    low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume": no "versus" without two sides
     low = _exclusion_forms(low)
     low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
     low = _DISCOURSE_ORDINAL.sub(" ", low)  # "First the liver": no first liver segment
@@ -1217,6 +1253,9 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _COUINAUD_ROMAN.sub(
         lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
     )
+    low = _SPELLED_LEVEL.sub(_spelled_level, low)  # dictated "el four and el five": L4 and L5
+    # "ribs L5-8", "R 9-10 ribs": beside ribs, L and R are sides, not lumbar levels.
+    low = _RIB_SIDE.sub(lambda m: f"{m.group(1) or ''} {_LATERAL[m.group(2) or m.group(3)]} ", low)
     # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
     low = _LEVEL_RANGE.sub(_expand_level_range, low)
     low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
@@ -1346,11 +1385,20 @@ def _segment_targets(
             if target.concept.laterality or target.concept.index:
                 pending.append(target)  # "left and right kidney", "3rd, 4th and 5th ribs"
             continue
+        if pending and targets and targets[-1].concept.index and not target.concept.index:
+            # Numbers that go on a numbered series end it ("ribs 9, 10 and the liver"): they are
+            # the series', not the unnumbered structure's after them.
+            targets.extend(_borrow_head(p, targets[-1]) for p in pending if p.concept.index)
+            pending = [p for p in pending if not p.concept.index]
         if pending:
             # Modifiers take the next head noun ("left and right kidney") unless that one is on
             # the other side of an exclusion ("ribs except the 12th, left kidney").
             same = [p for p in pending if p.negated == target.negated]
             other = [p for p in pending if p.negated != target.negated]
+            sides = {p.concept.laterality for p in same}
+            if len(sides) == 1 and None not in sides and target.concept.index and not target.concept.laterality:
+                # "L 4th/5th ribs": a side written before numbered items holds for the last one too
+                target = _with_side(target, sides.pop())
             targets.extend(_borrow_head(p, target) for p in same)
             for p in other:
                 head = next((t for t in reversed(targets) if t.concept.core), None)

@@ -1002,8 +1002,11 @@ class Router:
                 cand = grammar.phrase_target(sub, self.vocab)
                 if cand is None or not cand.concept.core or cand.unknown:
                     continue
-                if not (set(cand.concept.core) - grammar.LESION_TOKENS):
-                    return []  # "lung nodules" is one lesion concept, never "lung" + "nodules"
+                written = {grammar.singular(w) for w in grammar._WORD.findall(sub)} - grammar.STOPWORDS
+                if not (set(cand.concept.core) - grammar.LESION_TOKENS) or written <= grammar.LESION_TOKENS:
+                    # "lung nodules" is one lesion concept, never "lung" + "nodules"; nor is "thyroid
+                    # nodule" the thyroid and a nodule (which, unplaced, would be the lung's)
+                    return []
                 cand = grammar.ParsedTarget(
                     sub, cand.concept, cand.words, (), pt.negated, cand.group, cand.context or pt.context
                 )

@@ -818,3 +818,35 @@ def test_catheter_angiography_is_a_modality_no_dataset_accepts(router, text):
 )
 def test_body_composition_compartments(router, text, values):
     assert plan(router, text, "CT", collection=None).selection.get("TotalSegmentator_tissue_4_types") == values
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # an order form's check boxes (WORD: liver 1, spleen 2)
+        ("[x] Liver [x] Spleen [ ] Kidneys [ ] Pancreas", "WORD", [1, 2]),
+        # a drop-down's arrow is no Couinaud segment V (TotalSegmentator: sacrum 25, hips 77 78)
+        ("Body part: Pelvis v ; Structures v : Hip bone L, Hip bone R, Sacrum", "TotalSegmentator_v2", [25, 77, 78]),
+        # "VS" alone or before what is measured is a vestibular schwannoma
+        ("MR IAMS W/WO GAD - VS VOLUME", "CrossMoDA2023", [1, 2]),
+        ("Gluteal muscles excl. minimus", "TotalSegmentator_v2", [80, 81, 82, 83]),
+        # a nodule no organ is named for is the lung's
+        ("nodules and any pleural effusion", "TotalSegmentator_lung_nodules", [2]),
+        # numbers that go on a numbered series end it (TotalSegmentator: liver 5, right ribs 9, 10: 112, 113)
+        ("R ribs 9+10 and liver", "TotalSegmentator_v2", [5, 112, 113]),
+        # beside ribs, L and R are sides (left ribs 5-8: 98-101); a side before numbered items holds
+        ("ribs L5-8", "TotalSegmentator_v2", [98, 99, 100, 101]),
+        ("?# sternum and L 4th/5th ribs", "TotalSegmentator_v2", [97, 98, 116]),
+        # an item closed by "not" is an exclusion; "this time" orders nothing
+        ("Only the right kidney, the left one not.", "WORD", [4]),
+        ("Last time both kidneys were done; this time the right one is not needed.", "WORD", [3]),
+        ("el four and el five", "TotalSegmentator_v2", [27, 28]),  # dictated levels
+    ],
+)
+def test_readings_of_round_fifteen_order_forms_and_shorthand(router, text, dataset, values):
+    selection = plan(router, text, "MR:T1C" if "IAMS" in text else "CT", collection=None).selection
+    assert selection.get(dataset) == values
+
+
+def test_an_unplaced_nodule_is_the_lungs_but_a_placed_one_is_its_organs(router):
+    assert plan(router, "thyroid nodule", "CT", collection=None).selection == {}
