@@ -118,6 +118,7 @@ class GrammarWords(_Frozen):
     tg263: TG263
     whole_before_part: dict[Word, frozenset[Word]]
     enlargement_forms: dict[Word, Word]
+    organ_part_words: frozenset[Word]
     other_tasks: frozenset[Word]
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]

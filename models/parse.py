@@ -720,7 +720,7 @@ _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+sid
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
     r"\b(?:except(?: for)?|excluding|exclude|excl|exc|but not|other than|apart from|aside from|minus|sparing"
-    r"|(?:but )?none of"
+    r"|(?:but )?none of|bar(?=\s+(?:the|one|two|three|first|second|last)\b)"
     r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
     # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
     r"|(?:but )?no(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b)"
@@ -728,11 +728,12 @@ _NEGATION = re.compile(
     r"|without(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b))\b"
 )
 # A clinical indication or timing clause says why the study is done, not what to segment.
-_INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;()]*")
+_INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;:()]*")
 # An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
 _NOT_NEEDED = re.compile(
     r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
-    r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out)\b"
+    r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
+    r"|removed|resected|already\s+done|done\s+already)\b"
 )
 _LETTER_NAMES = {"el": "l", "ell": "l", "cee": "c", "ess": "s"}  # (not "tee": TEE is an echo)
 _SPELLED_LEVEL = re.compile(
@@ -944,6 +945,8 @@ def _sides_written(header: str) -> set[str]:
     """The sides a worklist header names as written ("CT HIP RT", "XR L HAND"; not "L SPINE",
     "RT PLAN", nor "sinus lift", which the spelling corrector would make "left")."""
     low = _RADIOTHERAPY.sub(" ", _LETTER_SPINE.sub(" ", header.lower()))
+    if re.search(r"\b(?:sim|simulation|planning|oars?)\b", low):
+        low = re.sub(r"\brt\b", " ", low)  # "CT SIM H&N RT": radiotherapy
     # (a letter beside a slash is shorthand, not a side: "R/O PE", "L/S SPINE"; "L/R" is both sides)
     return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt)\b|(?<![/\w])[lr](?![/\w])", low)}
 
@@ -1209,6 +1212,8 @@ _EXTENT = re.compile(
 _VS_ALONE = re.compile(
     r"(^\s*|[-:;,>(/]\s*|\bthe\s+)vs(?=\s*(?:$|[;,.)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right)\b))"
 )
+# Punctuation spoken into a dictation system.
+_DICTATED_PUNCTUATION = re.compile(r"\bcomma\b|\b(?:full\s+stop|period|new\s+line|next\s+line|semicolon)\b")
 # An order form's check boxes: "[x] Liver [ ] Kidneys" asks for the liver, not the kidneys.
 _CHECKBOX = re.compile(r"\[\s*([x\u2713\u2714\u2612*]?)\s*\]")
 # An ordinal before an article orders the request, not a series: "first the liver, then ...".
@@ -1216,7 +1221,9 @@ _DISCOURSE_ORDINAL = re.compile(
     r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)|\b(?:last|this|next)\s+time\b"
 )
 # "RT" before planning words is radiotherapy, not the right side.
-_RADIOTHERAPY = re.compile(r"\brt\b(?=\s*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)")
+_RADIOTHERAPY = re.compile(
+    r"\brt\b(?=[\s:-]*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)|(?<=\bsim\s)rt\b"
+)
 
 
 def _exclusion_forms(low: str) -> str:
@@ -1232,6 +1239,7 @@ def _exclusion_forms(low: str) -> str:
 
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
+    low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
     low = _CHECKBOX.sub(lambda m: " ; " if m.group(1).strip() else " ; except ", low)  # "[x] liver [ ] spleen"
     low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume": no "versus" without two sides
     low = _exclusion_forms(low)

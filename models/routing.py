@@ -73,6 +73,13 @@ GLOSS_MARGIN = 0.08
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 
 
+def _only_places(tokens: set[str] | frozenset[str]) -> bool:
+    """Whether these words only place a lesion in a part of its organ ("right upper lobe", "segment 4")."""
+    return any(t in grammar.WORDS.organ_part_words for t in tokens) and all(
+        t in grammar.WORDS.organ_part_words or t in grammar.WORDS.series_adjectives or t.isdigit() for t in tokens
+    )
+
+
 def _by_encoder(explain: dict[str, Any]) -> bool:
     """Whether a routed target was read by the encoder's nearest term, not by the lexicon."""
     return str(explain.get("method", "")).startswith("encoder:")
@@ -1132,6 +1139,14 @@ class Router:
             out, _ = self._match(relaxed, regions, allowed, use_encoder=False)
             if out:
                 return out, f"grammar (without '{' '.join(sorted(generic))}')"
+        placed = core & (grammar.LESION_TOKENS | _ORGAN_TOKENS)
+        where = core - placed  # the part of the organ, and its place
+        if pt.lesion and where and placed - grammar.LESION_TOKENS and _only_places(where) and use_encoder:
+            # "nodule, right upper lobe": a lesion of an organ's part is the organ's lesion when no
+            # dataset segments the part's own (the lung nodule).
+            out, _ = self._match(self._with_core(pt, tuple(sorted(placed))), regions, allowed, use_encoder=False)
+            if out:
+                return out, f"grammar (the lesion of the organ: '{' '.join(sorted(core - placed))}' dropped)"
         described = self._described(pt, regions, allowed) if use_encoder and self.use_encoder and pt.unknown else None
         if described is not None:
             # "the bag under the liver that stores bile": a description, though it uses the

@@ -850,3 +850,29 @@ def test_readings_of_round_fifteen_order_forms_and_shorthand(router, text, datas
 
 def test_an_unplaced_nodule_is_the_lungs_but_a_placed_one_is_its_organs(router):
     assert plan(router, "thyroid nodule", "CT", collection=None).selection == {}
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        ("ok computer segment aorta comma inferior vena cava full stop", "TotalSegmentator_v2", [52, 63]),
+        ("Ta for this - GB, liver and pancreas when you get a chance this arvo.", "TotalSegmentator_v2", [4, 5, 7]),
+        ("CT LARYNX - HYOID + THYROID CART", "TotalSegmentator_headneck_bones_vessels", [2, 3]),
+        # a lesion of an organ's part is the organ's lesion where no dataset segments the part's
+        ("CT CHEST W/O (71250) - NODULE F/U RUL", "TotalSegmentator_lung_nodules", [2]),
+        ("CT RENAL MASS (4-PHASE) - MASS CHARACTERISATION/SEG", "KiTS23", [2, 3]),
+        ("All the left ribs bar the first.", "TotalSegmentator_v2", list(range(95, 106))),
+        ("solid organs - liver, spleen, kidneys - spleen removed 2019 so skip", "WORD", [1, 3, 4]),
+        # an indication ends at a colon: the list after it is the request
+        ("Abductor weakness after THR: gluteus medius and minimus", "TotalSegmentator_v2", [82, 83, 84, 85]),
+        ("the dental crowns", "TotalSegmentator_teeth", [9]),
+        ("the dental bridge", "TotalSegmentator_teeth", [8]),
+    ],
+)
+def test_readings_of_round_fifteen_dictation_and_worklists(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_rt_in_a_simulation_header_is_radiotherapy_not_the_right_side(router):
+    p = plan(router, "CT SIM H&N RT - OARS: PAROTIDS, CORD, BRAINSTEM", "CT", collection=None)
+    assert p.selection["TotalSegmentator_head_glands_cavities"] == [7, 8]  # both parotids
