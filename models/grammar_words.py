@@ -119,6 +119,7 @@ class GrammarWords(_Frozen):
     whole_before_part: dict[Word, frozenset[Word]]
     enlargement_forms: dict[Word, Word]
     organ_part_words: frozenset[Word]
+    procedure_words: frozenset[Word]
     other_tasks: frozenset[Word]
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]

@@ -861,7 +861,8 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
+    written, text = text, _rule_action(text, vocab)
+    text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     hint, low = detect_modality(text)
     header_regions: list[str] = []
     header_targets: list[ParsedTarget] = []
@@ -995,6 +996,8 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
     def purpose(m: re.Match[str]) -> str:
         if m.group(0).lstrip().startswith("?"):
             return " ; "
+        if any(singular(w) in WORDS.procedure_words for w in _WORD.findall(m.group(1))):
+            return " ; "  # "for the wisdom tooth extraction": what the study is for, though it names a tooth
         tokens, unknown = vocab.canonical_tokens(_WORD.findall(m.group(1)), fix_spelling=False)
         return " ; " if unknown and not tokens else m.group(0)
 
@@ -1034,6 +1037,25 @@ _RECORD_ID = re.compile(
     re.I,
 )
 _SET_ID_FIELD = re.compile(r"\|\s*\d{1,2}\s*(?=\|)")
+
+
+def _rule_action(text: str, vocab: Vocabulary) -> str:
+    """What a routing rule asks for, without its condition.
+
+    "Mirth route: OBR-4 contains 'RT KIDNEY' -> task = segment right kidney", "IF StudyDescription
+    MATCHES 'LIVER' THEN liver volume": the condition matches studies, the action is the request
+    when it names a structure (not "... then SendToModality('AISEG')").
+    """
+    arrows = list(_RULE_ARROW.finditer(text))
+    if not arrows or not _RULE_CONDITION.search(text[: arrows[-1].start()]):
+        return text
+    action = text[arrows[-1].end() :]
+    tokens, _ = vocab.canonical_tokens(_WORD.findall(_ascii(action).lower()), fix_spelling=False)
+    return action if tokens else text
+
+
+_RULE_ARROW = re.compile(r"->|=>|\u2192|\bthen\b", re.I)
+_RULE_CONDITION = re.compile(r"\b(?:contains?|matches|like|where|if|when)\b|==|~", re.I)
 
 
 def _values_only(text: str) -> str:

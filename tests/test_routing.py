@@ -876,3 +876,17 @@ def test_readings_of_round_fifteen_dictation_and_worklists(router, text, dataset
 def test_rt_in_a_simulation_header_is_radiotherapy_not_the_right_side(router):
     p = plan(router, "CT SIM H&N RT - OARS: PAROTIDS, CORD, BRAINSTEM", "CT", collection=None)
     assert p.selection["TotalSegmentator_head_glands_cavities"] == [7, 8]  # both parotids
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # a routing rule's condition matches studies; its action, when it names a structure, is the request
+        ("Mirth route seg-renal: OBR-4 contains 'RT KIDNEY' -> task = segment right kidney", "WORD", [4]),
+        ("Lua: if string.find(tags.StudyDescription, 'SPLEEN') then SendToModality(id, 'AISEG') end", "WORD", [2]),
+        # a procedure the study is for is no target, though it names a tooth
+        ("right mandibular canal, for the wisdom tooth extraction", "TotalSegmentator_teeth", [4]),
+    ],
+)
+def test_routing_rules_and_purposes(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
