@@ -17,6 +17,7 @@ routing-dev-blind  the same on the blind dev set (``routing_dev_blind``)       e
 routing-dev-blind2 the same on the second blind dev set (``routing_dev_blind2``) expected models
 routing-dev-blind3 the same on the third blind dev set (``routing_dev_blind3``)  expected models
 routing-dev-blind4 the same on the fourth blind dev set (``routing_dev_blind4``)  expected models
+routing-dev-blind5 the same on the fifth blind dev set (``routing_dev_blind5``)  expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -69,6 +70,8 @@ DEV_BLIND2 = REPO / "tests" / "data" / "routing_dev_blind2" / "requests.jsonl"
 DEV_BLIND3 = REPO / "tests" / "data" / "routing_dev_blind3" / "requests.jsonl"
 #: The fourth (session eight): not tuned on in the session it was written, to measure that round.
 DEV_BLIND4 = REPO / "tests" / "data" / "routing_dev_blind4" / "requests.jsonl"
+#: The fifth (session nine): tuned on its even rows only, its odd rows held back as the round's measure.
+DEV_BLIND5 = REPO / "tests" / "data" / "routing_dev_blind5" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -77,6 +80,7 @@ ROUTING_KEYS = (
     "routing-dev-blind2",
     "routing-dev-blind3",
     "routing-dev-blind4",
+    "routing-dev-blind5",
     "routing-heldout",
 )
 
@@ -146,6 +150,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind4",
             "Routing, fourth blind development set (whole registry)",
             DEV_BLIND4.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind5",
+            "Routing, fifth blind development set (whole registry)",
+            DEV_BLIND5.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -267,11 +277,16 @@ def routing_table(benches: list[Bench]) -> str:
 
 
 #: Sets whose rows carry a category: the frozen held-out set and the blind sets written alongside it.
-_CATEGORY_SETS = (("routing-heldout", "held-out"), ("routing-dev-blind3", "blind3"), ("routing-dev-blind4", "blind4"))
+_CATEGORY_SETS = (
+    ("routing-heldout", "held-out"),
+    ("routing-dev-blind3", "blind3"),
+    ("routing-dev-blind4", "blind4"),
+    ("routing-dev-blind5", "blind5"),
+)
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and the third and fourth blind sets per category, side by side (aggregates only)."""
+    """Held-out and the third to fifth blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:
