@@ -2,7 +2,7 @@
 
     python bench/run_all.py            # full sizes: tens of minutes on 2 cores; run it once
     python bench/run_all.py --quick    # small sizes, minutes -> bench/results/SUMMARY-quick.md
-    python bench/run_all.py --only routing-public,routing-dev,routing-heldout   # routing only, seconds
+    python bench/run_all.py --only routing-public,routing-heldout   # a few: -> SUMMARY-partial.md (and routing.md)
     python bench/run_all.py --routing-benchmark PATH   # default ../shared/benchmarks/... beside the repo
 
 Runs, one after the other (2 cores: never two at once), each in its own
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes), for a smoke run")
     parser.add_argument("--routing-benchmark", type=Path, default=PUBLIC, help=f"public routing set (default {PUBLIC})")
     parser.add_argument("--only", help="comma-separated keys (default: all)")
-    parser.add_argument("--out", type=Path, help="summary file (default bench/results/SUMMARY[-quick].md)")
+    parser.add_argument("--out", type=Path, help="summary file (default bench/results/SUMMARY[-quick][-partial].md)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
     args = parser.parse_args(argv)
     public = Path(os.path.relpath(args.routing_benchmark.resolve(), REPO))  # shown as typed from the repo root
@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(b.key for b in benches)}")
         benches = [b for b in benches if b.key in keys]
-    out = args.out or RESULTS / f"SUMMARY{'-quick' if args.quick else ''}.md"
+    # A partial run (--only) does not overwrite the full summary with a few rows.
+    out = args.out or RESULTS / f"SUMMARY{'-quick' if args.quick else ''}{'-partial' if args.only else ''}.md"
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for bench in benches:
