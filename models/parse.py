@@ -864,41 +864,26 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     written, text = text, _rule_action(text, vocab)
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     hint, low = detect_modality(text)
-    header_regions: list[str] = []
-    header_targets: list[ParsedTarget] = []
-    header_sides: set[str] = set()
-    head = _WORKLIST_HEADER.match(text)
-    if head and detect_modality(head.group(1))[0] is not None and _WORD.search(text[head.end() :].lower()):
-        # "MR BRAIN W/WO - TUMOR": the part before the dash names the exam (modality and body
-        # part); the body part is context for what follows, not a target itself.
-        header = parse_request(head.group(1), vocab)
-        header_targets = [t for t in header.targets if t.concept.core and not t.negated]
-        header_sides = _sides_written(head.group(1))
-        header_regions = list(header.regions) + [
-            r for t in header.targets for tok in t.concept.core for r in vocab.organ_regions.get(tok, ())
-        ]
-        low = detect_modality(text[head.end() :])[1]
-    else:
-        head = None
+    header = _read_header(text, vocab)
+    if header is not None:
+        low = detect_modality(header.body)[1]
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
     low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
     low = _mend_dictation(low, vocab)
     low = _drop_purposes(low, vocab)
-    regions: list[str] = list(header_regions)
+    regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low), vocab, regions, notes)
-    targets = _apply_list_rules(targets, low, text, header_targets if head else None)
+    targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None)
     targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
-    unique: list[ParsedTarget] = []
-    seen: set[tuple] = set()
+    first: dict[tuple, ParsedTarget] = {}
     for t in targets:
-        key = (t.concept, t.negated, t.group, t.unknown)
-        if key not in seen:
-            seen.add(key)
-            unique.append(t)
+        first.setdefault((t.concept, t.negated, t.group, t.unknown), t)
+    unique = list(first.values())
     sided = any(t.concept.laterality for t in unique if not t.negated)
-    side = header_sides.pop() if len(header_sides) == 1 and not sided else None
+    sides = header.sides if header is not None else set()
+    side = next(iter(sides)) if len(sides) == 1 and not sided else None
     return ParsedRequest(
         text=written,
         modality_hint=hint,
@@ -908,6 +893,29 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         side=side if side in ("left", "right") else None,
         other_task=other_task(written),
     )
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A worklist header ("MR BRAIN W/WO - TUMOR"): the exam's body parts are context, not targets."""
+
+    body: str  # the request after the header
+    targets: list[ParsedTarget]
+    regions: list[str]
+    sides: set[str]
+
+
+def _read_header(text: str, vocab: Vocabulary) -> _Header | None:
+    """The header before a dash or colon when it names a modality and a request follows it."""
+    head = _WORKLIST_HEADER.match(text)
+    if not head or detect_modality(head.group(1))[0] is None or not _WORD.search(text[head.end() :].lower()):
+        return None
+    header = parse_request(head.group(1), vocab)
+    regions = list(header.regions) + [
+        r for t in header.targets for tok in t.concept.core for r in vocab.organ_regions.get(tok, ())
+    ]
+    targets = [t for t in header.targets if t.concept.core and not t.negated]
+    return _Header(text[head.end() :], targets, regions, _sides_written(head.group(1)))
 
 
 def other_task(text: str) -> str | None:

@@ -907,27 +907,7 @@ class Router:
         regions = set(pt.context) | set(parsed.regions)
         matches, how = self._match(pt, regions, kept)
         explain["method"] = how
-        # Anatomy stage: targets without an organ of their own stay in the hinted regions.
-        anatomy_dropped: dict[str, str] = {}
-        organless = not (set(c.core) - grammar.LESION_TOKENS - {grammar.COMPOSITE})
-        # "Whole body" names every region: it restricts nothing.
-        if regions and "whole_body" not in regions and matches and (pt.group in ("organs", "oars") or organless):
-            inside = [m for m in matches if set(m.entry.dataset.regions) & regions]
-            for m in matches:
-                if m not in inside:
-                    anatomy_dropped[m.entry.dataset.name] = f"regions {', '.join(m.entry.dataset.regions)}"
-            matches = inside
-        elif c.core in self.vocab.groups and matches:
-            # A group's members stay where the group is ("heart chambers": the heart's ventricles,
-            # not the brain's), and in the hinted regions ("CT CARDIAC - chambers").
-            known_regions = set(known.regions) if known is not None else set()
-            where = (known_regions | regions) - {"whole_body"}
-            inside = [m for m in matches if set(m.entry.dataset.regions) & where]
-            if where and inside:
-                for m in matches:
-                    if m not in inside:
-                        anatomy_dropped[m.entry.dataset.name] = f"regions {', '.join(m.entry.dataset.regions)}"
-                matches = inside
+        matches, anatomy_dropped = self._anatomy_stage(pt, matches, regions, known)
         explain["anatomy"] = {"regions": sorted(regions), "dropped": anatomy_dropped}
         matches = _demote_synonym_only(matches)
         per_dataset: dict[str, list[_Match]] = defaultdict(list)
@@ -972,6 +952,29 @@ class Router:
         kind = max(sorted(set(kinds)), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
+
+    def _anatomy_stage(
+        self, pt: grammar.ParsedTarget, matches: list[_Match], regions: set[str], known: LexiconConcept | None
+    ) -> tuple[list[_Match], dict[str, str]]:
+        """Stage 2: the matches that lie in the request's regions, and why the others were dropped."""
+        where: set[str] = set()
+        organless = not (set(pt.concept.core) - grammar.LESION_TOKENS - {grammar.COMPOSITE})
+        # "Whole body" names every region: it restricts nothing.
+        if regions and "whole_body" not in regions and (pt.group in ("organs", "oars") or organless):
+            where = regions  # targets without an organ of their own stay in the hinted regions
+        elif pt.concept.core in self.vocab.groups:
+            # A group's members stay where the group is ("heart chambers": the heart's ventricles,
+            # not the brain's), and in the hinted regions ("CT CARDIAC - chambers").
+            where = ((set(known.regions) if known is not None else set()) | regions) - {"whole_body"}
+            if not any(set(m.entry.dataset.regions) & where for m in matches):
+                where = set()  # (a group no dataset of its regions has stays where it is found)
+        if not where or not matches:
+            return matches, {}
+        inside = [m for m in matches if set(m.entry.dataset.regions) & where]
+        dropped = {
+            m.entry.dataset.name: f"regions {', '.join(m.entry.dataset.regions)}" for m in matches if m not in inside
+        }
+        return inside, dropped
 
     def _sibling(
         self, pt: grammar.ParsedTarget, prev: grammar.ParsedTarget, parsed: grammar.ParsedRequest, everywhere: set[str]
@@ -1132,21 +1135,9 @@ class Router:
             return out, f"grammar, {how}"
         if out:
             return out, "grammar"
-        generic = core & grammar.GENERIC_NOUNS
-        if generic and core - generic and use_encoder:
-            # "left atrium cavity": retry without the generic noun.
-            relaxed = self._with_core(pt, tuple(sorted(core - generic)))
-            out, _ = self._match(relaxed, regions, allowed, use_encoder=False)
-            if out:
-                return out, f"grammar (without '{' '.join(sorted(generic))}')"
-        placed = core & (grammar.LESION_TOKENS | _ORGAN_TOKENS)
-        where = core - placed  # the part of the organ, and its place
-        if pt.lesion and where and placed - grammar.LESION_TOKENS and _only_places(where) and use_encoder:
-            # "nodule, right upper lobe": a lesion of an organ's part is the organ's lesion when no
-            # dataset segments the part's own (the lung nodule).
-            out, _ = self._match(self._with_core(pt, tuple(sorted(placed))), regions, allowed, use_encoder=False)
-            if out:
-                return out, f"grammar (the lesion of the organ: '{' '.join(sorted(core - placed))}' dropped)"
+        relaxed = self._relaxed(pt, regions, allowed) if use_encoder else None
+        if relaxed is not None:
+            return relaxed
         described = self._described(pt, regions, allowed) if use_encoder and self.use_encoder and pt.unknown else None
         if described is not None:
             # "the bag under the liver that stores bile": a description, though it uses the
@@ -1164,6 +1155,29 @@ class Router:
             found = self._encoder_match(pt, regions, allowed)
             return found if found[0] else self._described(pt, regions, allowed) or found
         return [], "grammar"
+
+    def _relaxed(
+        self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str]
+    ) -> tuple[list[_Match], str] | None:
+        """A reading without the words that only qualify the structure, when the whole reads as nothing."""
+        core = frozenset(pt.concept.core)
+        generic = core & grammar.GENERIC_NOUNS
+        if generic and core - generic:
+            # "left atrium cavity": retry without the generic noun.
+            out, _ = self._match(
+                self._with_core(pt, tuple(sorted(core - generic))), regions, allowed, use_encoder=False
+            )
+            if out:
+                return out, f"grammar (without '{' '.join(sorted(generic))}')"
+        placed = core & (grammar.LESION_TOKENS | _ORGAN_TOKENS)
+        where = core - placed  # the part of the organ, and its place
+        if pt.lesion and where and placed - grammar.LESION_TOKENS and _only_places(where):
+            # "nodule, right upper lobe": a lesion of an organ's part is the organ's lesion when no
+            # dataset segments the part's own (the lung nodule).
+            out, _ = self._match(self._with_core(pt, tuple(sorted(placed))), regions, allowed, use_encoder=False)
+            if out:
+                return out, f"grammar (the lesion of the organ: '{' '.join(sorted(where))}' dropped)"
+        return None
 
     def _described(
         self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str]
