@@ -120,6 +120,8 @@ class GrammarWords(_Frozen):
     enlargement_forms: dict[Word, Word]
     organ_part_words: frozenset[Word]
     procedure_words: frozenset[Word]
+    motion_verbs: frozenset[Word]
+    radiotherapy_context: frozenset[Word]
     other_tasks: frozenset[Word]
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]

@@ -955,7 +955,7 @@ def _sides_written(header: str) -> set[str]:
     "RT PLAN", nor "sinus lift", which the spelling corrector would make "left")."""
     low = _RADIOTHERAPY.sub(" ", _LETTER_SPINE.sub(" ", header.lower()))
     if re.search(r"\b(?:sim|simulation|planning|oars?)\b", low):
-        low = re.sub(r"\brt\b", " ", low)  # "CT SIM H&N RT": radiotherapy
+        low = re.sub(r"\brt\b", " ", low)  # "CT SIM H&N RT": radiotherapy ("CT KIDNEY RT VOLUME" is a side)
     # (a letter beside a slash is shorthand, not a side: "R/O PE", "L/S SPINE"; "L/R" is both sides)
     return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt)\b|(?<![/\w])[lr](?![/\w])", low)}
 
@@ -1232,9 +1232,6 @@ _VESSEL_DOTS = {"a": " artery ", "v": " vein ", "aa": " arteries ", "vv": " vein
 _TRUNCATION_DOT = re.compile(r"\b([a-z]{2,6})\.(?=\s)")
 # Words that carry a structure on into the next (level ranges are read before): a list.
 _EXTENT = re.compile(
-    # (not after a verb of motion: "the air tube that goes down to my lungs" describes one structure)
-    r"(?<!\bgoes\s)(?<!\bgo\s)(?<!\bruns\s)(?<!\bleads\s)(?<!\bcomes\s)(?<!\bpasses\s)(?<!\bgoing\s)"
-    r"(?<!\brunning\s)(?<!\btravels\s)"
     r"\b(?:(?:all\s+the\s+way\s+)?down\s+(?:to|through|into)|through\s+to|as\s+far\s+as"
     r"|extending\s+(?:in)?to|continuing\s+(?:in)?to)\b"
 )
@@ -1251,9 +1248,8 @@ _DISCOURSE_ORDINAL = re.compile(
     r"\b(?:first|second|third|last)\b(?=\s*,?\s*(?:the|a|an|my|of\s+all)\b)|\b(?:last|this|next)\s+time\b"
 )
 # "RT" before planning words is radiotherapy, not the right side.
-_RADIOTHERAPY = re.compile(
-    r"\brt\b(?=[\s:-]*(?:plan|planning|sim|simulation|contours?|contouring|oars?|volumes?)\b)|(?<=\bsim\s)rt\b"
-)
+_RADIOTHERAPY_WORDS = "|".join(sorted(WORDS.radiotherapy_context, key=len, reverse=True))
+_RADIOTHERAPY = re.compile(rf"\brt\b(?=[\s:-]*(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b")
 
 
 def _exclusion_forms(low: str) -> str:
@@ -1331,7 +1327,10 @@ def _extent_as_list(m: re.Match[str]) -> str:
     stomach" is one, described.
     """
     clause = re.split(r"[,;:.]", m.string[: m.start()])[-1]
-    return m.group(0) if _RELATIVE.search(clause) else " and "
+    before = _WORD.findall(clause)[-1:]
+    # (nor after a verb of motion: "the air tube that goes down to my lungs" describes one structure)
+    describes = _RELATIVE.search(clause) or (before and before[0] in WORDS.motion_verbs)
+    return m.group(0) if describes else " and "
 
 
 _RELATIVE = re.compile(r"\b(?:that|which|who|where)\b")
