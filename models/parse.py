@@ -873,7 +873,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
-    targets = _segment_targets(_split_segments(low), vocab, regions, notes)
+    targets = _segment_targets(_split_segments(low, _adjectives(vocab)), vocab, regions, notes)
     targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None)
     targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
@@ -1297,6 +1297,8 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
+    low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
+    low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
@@ -1312,6 +1314,10 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
 _ENLARGEMENT = re.compile(
     r"\b((?:(?:" + "|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)) + r")o?)+)megal(?:y|ic|ies)\b"
 )
+
+
+_MEASURE_OF = re.compile(r"\b(?:volumes?|segmentations?|contours?|masks?|outlines?)\s+of\b")
+_MUSCLE_MASS = re.compile(r"\b(muscle|ventricular|myocardial|lv)\s+mass\b")
 
 
 def _enlarged_organs(m: re.Match[str]) -> str:
@@ -1362,7 +1368,16 @@ _FDI_TEETH = re.compile(
 )
 
 
-def _split_segments(low: str) -> list[tuple[str, bool]]:
+def _adjectives(vocab: Vocabulary) -> frozenset[str]:
+    """The lexicon's one-word adjectives of structures ("femoral", "renal"), once per vocabulary."""
+    key = ("adjectives", "")
+    if key not in vocab._memo:
+        concepts = vocab.lexicon.concepts.values()
+        vocab._memo[key] = frozenset(a for c in concepts for a in c.terms.get("adjectives", ()) if " " not in a)
+    return vocab._memo[key]
+
+
+def _split_segments(low: str, adjectives: frozenset[str] = frozenset()) -> list[tuple[str, bool]]:
     """List items in order, each with whether it lies in an exclusion."""
     # \x00 marks where an exclusion starts ("right kidney; not the left kidney, not the liver").
     low = _NEGATION.sub(" \x00 ", low)
@@ -1382,7 +1397,7 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
-    return _share_head_noun(_rejoin_regions(raw_segments))
+    return _share_head_noun(_rejoin_regions(raw_segments), adjectives)
 
 
 # Adjectives that tell one structure of a series from another: an item of a list made of them
@@ -1390,14 +1405,23 @@ def _split_segments(low: str) -> list[tuple[str, bool]]:
 _SERIES_ADJECTIVES = WORDS.series_adjectives
 
 
-def _share_head_noun(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """ "medial and lateral menisci", "frontal, parietal and occipital lobes": each item is a meniscus, a lobe."""
+def _share_head_noun(segments: list[tuple[str, bool]], adjectives: frozenset[str]) -> list[tuple[str, bool]]:
+    """ "medial and lateral menisci", "frontal, parietal and occipital lobes": each item is a meniscus, a lobe.
+
+    An organ's adjective alone before a class noun's item takes that noun too: "femoral and popliteal
+    arteries" are two arteries, not the femur and an artery.
+    """
     out = list(segments)
     for i in range(len(out) - 2, -1, -1):  # from the end, so that "upper, middle and lower lobes" chains
         (seg, neg), (nxt, nxt_neg) = out[i], out[i + 1]
         words = [w for w in _WORD.findall(seg) if w not in STOPWORDS]
         nxt_words = _WORD.findall(nxt)
-        if not words or neg != nxt_neg or not set(words) <= _SERIES_ADJECTIVES:
+        if not words or neg != nxt_neg:
+            continue
+        if len(words) == 1 and words[0] in adjectives and len(nxt_words) > 1 and singular(nxt_words[-1]) in CLASS_NOUNS:
+            out[i] = (f"{seg} {nxt_words[-1]}", neg)
+            continue
+        if not set(words) <= _SERIES_ADJECTIVES:
             continue
         k = 0
         while k < len(nxt_words) and (nxt_words[k] in _SERIES_ADJECTIVES or nxt_words[k] in _LATERAL):
@@ -1551,10 +1575,10 @@ def _parse_segment(
     if not words:
         return None, []
     regions: list[str] = []
-    if not label_form and "for" in words[1:]:
+    cut = words.index("for", 1) if "for" in words[1:] else 0
+    if not label_form and cut and any(w not in STOPWORDS for w in words[:cut]):
         # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
-        # purpose; its organs are region context, not targets.
-        cut = words.index("for", 1)
+        # purpose; its organs are region context, not targets ("asks for the liver" names none before).
         purpose, words = words[cut + 1 :], words[:cut]
         for w in purpose:
             for tok in vocab.canonical_tokens([w])[0]:

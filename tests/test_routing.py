@@ -900,3 +900,27 @@ def test_rt_in_a_simulation_header_is_radiotherapy_not_the_right_side(router):
 )
 def test_routing_rules_and_purposes(router, text, dataset, values):
     assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # "for" after words that name nothing introduces the object, not a purpose (WORD: liver 1, spleen 2)
+        ("Reporting registrar asks for liver, spleen and both kidneys", "WORD", [1, 2, 3, 4]),
+        ("we would be grateful for volumes of the left kidney and of the bladder", "WORD", [3, 14]),
+        (
+            "colour the frontal, parietal, temporal and occipital lobes",
+            "TotalSegmentator_brain_structures",
+            [12, 13, 14, 15],
+        ),
+    ],
+)
+def test_readings_of_round_sixteen(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+def test_an_organs_adjective_before_a_class_nouns_item_takes_the_noun(router):
+    # "femoral and popliteal arteries" are two arteries no dataset segments, not the femur.
+    p = plan(router, "femoral and popliteal arteries for the bypass", "CT", collection=None)
+    assert p.selection == {}
+    assert [u.target for u in p.unmatched] == ["femoral arteries", "popliteal arteries"]
