@@ -120,6 +120,7 @@ class GrammarWords(_Frozen):
     enlargement_forms: dict[Word, Word]
     organ_part_words: frozenset[Word]
     procedure_words: frozenset[Word]
+    default_organ: dict[Word, Word]
     motion_verbs: frozenset[Word]
     radiotherapy_context: frozenset[Word]
     other_tasks: frozenset[Word]

@@ -733,7 +733,7 @@ _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|a
 _NOT_NEEDED = re.compile(
     r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
-    r"|removed|resected|already\s+done|done\s+already)\b"
+    r"|already\s+done|done\s+already)\b"
 )
 _LETTER_NAMES = {"el": "l", "ell": "l", "cee": "c", "ess": "s"}  # (not "tee": TEE is an echo)
 _SPELLED_LEVEL = re.compile(
@@ -748,7 +748,9 @@ def _spelled_level(m: re.Match[str]) -> str:
 
 _RIB_SIDE = re.compile(
     r"\b(ribs?\s+)([lr])\s?(?=\d)"
-    r"|\b([lr])\s?(?=\d{1,2}(?:st|nd|rd|th)?\s*(?:-|\u2013|to|/|,|and|\+)\s*\d{1,2}(?:st|nd|rd|th)?\s+ribs?\b)"
+    # (an ordinal, or a range: "L 4th/5th ribs", "R 9-10 ribs"; not "L1 and 12th ribs")
+    r"|\b([lr])\s?(?=(?:\d{1,2}(?:st|nd|rd|th)\s*(?:-|\u2013|to|/|,|and|\+)\s*\d{1,2}(?:st|nd|rd|th)?"
+    r"|\d{1,2}\s*(?:-|\u2013|to|/)\s*\d{1,2})\s+ribs?\b)"
 )
 _LEVEL_RANGE = re.compile(
     r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
@@ -921,18 +923,20 @@ def _read_header(text: str, vocab: Vocabulary) -> _Header | None:
 def other_task(text: str) -> str | None:
     """The word that asks for another task than a segmentation, if the request is one.
 
-    "Please burn my liver CT onto a disc" -> ``"burn"``; "cancel the spleen segmentation" ->
-    ``"cancel"``; "segment the liver and export the mask" -> None (a segmentation word is there).
+    The request's first word besides stop words is the verb: "Please burn my liver CT onto a disc" ->
+    ``"burn"``; "cancel the spleen segmentation" -> ``"cancel"``; "CT CHEST W MIP - LUNG NODULES",
+    "liver and spleen, send results to PACS" -> None.
     The word classes are ``other_tasks``, ``segmentation_words`` and ``withdrawal`` of
     ``grammar_words.yaml``.
     """
-    words = _WORD.findall(_ascii(text).lower())
-    withdrawn = next((w for w in words if w in WORDS.withdrawal), None)
-    if withdrawn is not None:
-        return withdrawn
-    if any(w in WORDS.segmentation_words for w in words):
-        return None
-    return next((w for w in words if w in WORDS.other_tasks), None)
+    words = [singular(w) for w in _WORD.findall(_ascii(text).lower())]
+    first = next((w for w in words if w not in STOPWORDS or w in WORDS.other_tasks), None)
+    # (the task is the request's verb, its first word: not "CT CHEST W MIP - NODULES", "round window")
+    if first in WORDS.withdrawal:
+        return first
+    if first in WORDS.other_tasks and not any(w in WORDS.segmentation_words for w in words):
+        return first
+    return None
 
 
 def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
@@ -943,7 +947,7 @@ def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
         word = m.group(1)
         full = vocab.lexicon.forms.get(word, "")
         abbreviated_side = word in _LATERAL and _LATERAL[word] != word  # "lt." yes; "left." ends a sentence
-        if abbreviated_side or word in ("excl", "exc") or (full.startswith(word[0]) and len(full) > len(word)):
+        if abbreviated_side or word in ("excl", "exc", "vs") or (full.startswith(word[0]) and len(full) > len(word)):
             return word
         return m.group(0)
 
@@ -954,8 +958,8 @@ def _sides_written(header: str) -> set[str]:
     """The sides a worklist header names as written ("CT HIP RT", "XR L HAND"; not "L SPINE",
     "RT PLAN", nor "sinus lift", which the spelling corrector would make "left")."""
     low = _RADIOTHERAPY.sub(" ", _LETTER_SPINE.sub(" ", header.lower()))
-    if re.search(r"\b(?:sim|simulation|planning|oars?)\b", low):
-        low = re.sub(r"\brt\b", " ", low)  # "CT SIM H&N RT": radiotherapy ("CT KIDNEY RT VOLUME" is a side)
+    if re.search(r"\b(?:sim|simulation|oars?)\b", low):
+        low = re.sub(r"\brt\b", " ", low)  # "CT SIM H&N RT": radiotherapy ("... RT KIDNEY ... PLANNING" is a side)
     # (a letter beside a slash is shorthand, not a side: "R/O PE", "L/S SPINE"; "L/R" is both sides)
     return {_LATERAL[w] for w in re.findall(r"\b(?:left|right|lt|rt)\b|(?<![/\w])[lr](?![/\w])", low)}
 
@@ -1015,7 +1019,8 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
 # "#" is clinical shorthand for a fracture ("# NOF", "?# sternum"): it describes what follows.
 _FRACTURE_SIGN = re.compile(r"(?<![\w#])\??\s*#\s*(?=[a-z])")
 # "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
-_PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;()?]*)")
+# (up to the item's end: a comma, semicolon, colon, bracket, dash or question mark)
+_PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;:()?]*?)(?=\s[-\u2013\u2014]\s|[,;:()?]|$)")
 
 
 def _without_record_ids(text: str) -> str:
@@ -1026,6 +1031,7 @@ def _without_record_ids(text: str) -> str:
     set number are the record, not the request; ``|`` separates fields, ``^`` components.
     """
     text = _HL7_SEGMENT.sub(" ", text)
+    text = _BRACKETED_ID.sub(" ", text)  # "[RPID1734]" with its brackets: no empty check box is left
     text = _RECORD_ID.sub(" ", text)
     text = _SET_ID_FIELD.sub("|", text)
     return text.replace("|", " ; ").replace("^", " ")
@@ -1039,6 +1045,7 @@ _HL7_SEGMENT = re.compile(
 )
 # Three digits or more, after a record's label ("ACC#", "MRN:") or a letter prefix ("RAD-", "CT"), but
 # not a b-value ("b800"); levels and indices have two digits at most.
+_BRACKETED_ID = re.compile(r"[\[(]\s*#?(?:[A-Za-z]+[-#]?)?\d{3,}[\w-]*\s*[\])]")
 _RECORD_ID = re.compile(
     r"(?:\b(?:acc(?:ession)?|mrn|order|req)\s*(?:#|no\.?|number)?\s*:?\s*)?"
     r"(?<![\w.])(?!b\d{2,4}\b)#?(?:[A-Za-z]+[-#]?)?\d{3,}[\w-]*",
@@ -1063,7 +1070,7 @@ def _rule_action(text: str, vocab: Vocabulary) -> str:
 
 
 _RULE_ARROW = re.compile(r"->|=>|\u2192|\bthen\b", re.I)
-_RULE_CONDITION = re.compile(r"\b(?:contains?|matches|like|where|if|when)\b|==|~", re.I)
+_RULE_CONDITION = re.compile(r"\b(?:contains?|matches)\b|==|~|\blike\s*['\"]|=\s*['\"]", re.I)  # an operator
 
 
 def _values_only(text: str) -> str:
@@ -1081,7 +1088,11 @@ _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
 _MARKUP_TAG = re.compile(r"</?[A-Za-z_][\w.-]*\s*/?>")
 _PIPELINE_STEP = re.compile(r"\b(?:step|stage)\s*#?\d+\b\s*[:=]?", re.I)
 # A drop-down's arrow copied as "v" after its value: "Body part: Pelvis v ; Structures v :".
-_DROPDOWN = re.compile(r"(?<=\w)(?<!segment)(?<!segments)(?<!seg)\s+[vV\u25bc\u25be](?=\s*(?:[;:|]|\s\w+\s*:))")
+_DROPDOWN = re.compile(
+    # (not a Roman V in a list: "segments IV and V; spleen")
+    r"(?<=\w)(?<!segment)(?<!segments)(?<!seg)(?<!\band)(?<!\bor)(?<!\bto)(?<!\biv)(?<!\bvi)(?<!\bii)(?<!\bi)"
+    r"\s+[vV\u25bc\u25be](?=\s*(?:[;:|]|\s\w+\s*:))"
+)
 _KEY_EQUALS = re.compile(r"(?<![\w=<>!])[A-Za-z_][\w.]*\s*=(?!=)")
 
 
@@ -1213,11 +1224,13 @@ _ALL_BUT = re.compile(
 )
 _LEAVE_ALONE = re.compile(r"\bleave\s+(?!out\b)([^,;:.]{1,60}?)\s+(?:alone|out)\b")
 _EXCLUDING_VERB = re.compile(
-    # ("ignore", "drop", "remove" only where a clause opens: "drop metastases" is a finding)
+    # ("ignore", "drop", "remove" only where a clause opens, perhaps after "you can", "please":
+    # "drop metastases" is a finding)
     r"\bno\s+need\s+(?:for|of|to\s+(?:do|include|segment))\b"
-    r"|(?:^|(?<=[,;:.])|(?<=\band)|(?<=\bbut)|(?<=\bthen)|(?<=\bplease))\s*(?:please\s+)?(?:ignore|drop|remove)\b"
+    r"|(^|[,;:.]|\s-\s|\band\b|\bbut\b|\bthen\b)((?:\s*\b(?:you|we|can|could|may|please|just|also)\b)*)"
+    r"\s*(?:ignore|drop|remove)\b"
 )
-_POSTFIX_NOT = re.compile(r"(^|[,;:])([^,;:]*?[a-z][^,;:]*?)\s+not\s*(?=$|[,;:.])")
+_POSTFIX_NOT = re.compile(r"(^|[,;:])([^,;:]*?[a-z][^,;:]*?)(?<!\bor)\s+not\s*(?=$|[,;:.])")  # (not "... or not")
 _BUT_FOCUS = re.compile(r"\bbut\s+(?:especially|mainly|mostly|particularly|above\s+all)\b")
 # "kidneys, but only the left": a side-only correction, not an exclusion.
 _BUT_ONLY = re.compile(
@@ -1235,9 +1248,11 @@ _EXTENT = re.compile(
     r"\b(?:(?:all\s+the\s+way\s+)?down\s+(?:to|through|into)|through\s+to|as\s+far\s+as"
     r"|extending\s+(?:in)?to|continuing\s+(?:in)?to)\b"
 )
-# "VS" that stands alone or before what is measured is a vestibular schwannoma, not "versus".
+# "VS" that stands alone or before what is measured is a vestibular schwannoma; "versus" compares
+# two things or one with a prior ("tumour volume (vs. prior)", "vs 2019").
 _VS_ALONE = re.compile(
-    r"(^\s*|[-:;,>(/]\s*|\bthe\s+)vs(?=\s*(?:$|[;,.)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right)\b))"
+    r"(^\s*|[-:;,>(/]\s*|\bthe\s+)vs(?!\s*(?:prior|previous|baseline|last|\d))"
+    r"(?=\s*(?:$|[;,)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right)\b))"
 )
 # Punctuation spoken into a dictation system.
 _DICTATED_PUNCTUATION = re.compile(r"\bcomma\b|\b(?:full\s+stop|period|new\s+line|next\s+line|semicolon)\b")
@@ -1257,7 +1272,7 @@ def _exclusion_forms(low: str) -> str:
     low = _CONTRACTION.sub(lambda m: _CONTRACTED.get(m.group(1), m.group(1)) + " not", low)
     low = _ALL_BUT.sub(r"\1 except ", low)
     low = _LEAVE_ALONE.sub(r" except \1 ", low)
-    low = _EXCLUDING_VERB.sub(" except ", low)
+    low = _EXCLUDING_VERB.sub(lambda m: f"{m.group(1) or ''} except ", low)
     low = _POSTFIX_NOT.sub(r"\1 except \2 ", low)  # "the right kidney, the left one not"
     low = _BUT_FOCUS.sub(" , ", low)  # "all organs but especially the liver": nothing excluded
     return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
@@ -1266,7 +1281,7 @@ def _exclusion_forms(low: str) -> str:
 def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
-    low = _CHECKBOX.sub(lambda m: " ; " if m.group(1).strip() else " ; except ", low)  # "[x] liver [ ] spleen"
+    low = _check_boxes(low)  # "[x] liver [ ] spleen", "liver [x] spleen [ ]"
     low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume": no "versus" without two sides
     low = _exclusion_forms(low)
     low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
@@ -1324,6 +1339,24 @@ def _enlarged_organs(m: re.Match[str]) -> str:
     """ "hepatosplenomegaly" -> "liver and spleen": an enlargement named is a volume request for the organs."""
     forms = re.findall("|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)), m.group(1))
     return " " + " and ".join(WORDS.enlargement_forms[f] for f in forms) + " "
+
+
+def _check_boxes(low: str) -> str:
+    """An order form's check boxes as list items and exclusions.
+
+    A box belongs to the item after it ("[x] Liver [ ] Spleen") unless the form ends with a box,
+    which puts each box after its item ("Liver [x] Spleen [ ]", "Liver: [x]").
+    """
+    if not _CHECKBOX.search(low):
+        return low
+    if not re.search(r"\]\s*[.;,]?\s*$", low):
+        return _CHECKBOX.sub(lambda m: " ; " if m.group(1).strip() else " ; except ", low)
+    parts = _CHECKBOX.split(low)  # item, mark, item, mark, ..., trailing text
+    items = [
+        f" ; {'' if mark.strip() else 'except '}{item.strip(' :')}"
+        for item, mark in zip(parts[0:-1:2], parts[1::2], strict=True)
+    ]
+    return " ".join(items) + " ; " + parts[-1]
 
 
 def _extent_as_list(m: re.Match[str]) -> str:
@@ -1385,15 +1418,18 @@ def _split_segments(low: str, adjectives: frozenset[str] = frozenset()) -> list[
     raw_segments: list[tuple[str, bool]] = []
     negated = False
     pieces = _SPLIT_KEEP.split(low)
+    carried = False  # an exclusion word with nothing after it goes on: "excluding: spleen", "skip - GB"
     for k in range(0, len(pieces), 2):
         piece, sep = pieces[k], (pieces[k - 1] if k else "")
-        if sep.strip() in (",", ";", ":", "-") and "\x00" not in piece:  # ("-" only as " - ")
+        if sep.strip() in (",", ";", ":", "-") and "\x00" not in piece and not carried:  # ("-" only as " - ")
             negated = False
+        carried = False
         if "\x00" in piece:
             before, _, piece = piece.partition("\x00")
             if before.strip():
                 raw_segments.append((before.strip(), negated))
             negated = True
+            carried = all(w in STOPWORDS for w in _WORD.findall(piece))
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
@@ -1526,7 +1562,16 @@ def _apply_list_rules(
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ, or excludes
         # something from it ("MR LIVER - LESIONS NOT WANTED").
         targets = header_targets + [t for t in targets if t.negated and t.concept.core]
-    return targets
+    return [_in_default_organ(t) for t in targets]
+
+
+def _in_default_organ(t: ParsedTarget) -> ParsedTarget:
+    """A bare lesion still without an organ after the list rules (header included): "nodules" are the lung's."""
+    organ = WORDS.default_organ.get(t.concept.core[0]) if len(t.concept.core) == 1 else None
+    if organ is None:
+        return t
+    c = t.concept
+    return replace(t, concept=Concept(tuple(sorted((*c.core, organ))), c.laterality, c.index))
 
 
 def _expand_level_range(m: re.Match[str]) -> str:

@@ -1200,7 +1200,10 @@ class Router:
         sims = np.where(self._index.gloss_lesion == lesion, sims, -1.0)
         order = np.argsort(-sims, kind="stable")
         best, core = int(order[0]), self._index.gloss_core[int(order[0])]
-        runner = next((float(sims[i]) for i in order[1:] if self._index.gloss_core[i] != core), 0.0)
+        # (the runner-up is another structure: not the same one, nor a kind of it or its kind,
+        # as "nodule" is of "lung nodule")
+        others = (i for i in order[1:] if not (self._index.gloss_core[i] <= core or core <= self._index.gloss_core[i]))
+        runner = next((float(sims[i]) for i in others), 0.0)
         score = float(sims[best])
         concept = self._index.gloss_concept[best]
         if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:

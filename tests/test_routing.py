@@ -872,7 +872,7 @@ def test_an_unplaced_nodule_is_the_lungs_but_a_placed_one_is_its_organs(router):
         ("CT CHEST W/O (71250) - NODULE F/U RUL", "TotalSegmentator_lung_nodules", [2]),
         ("CT RENAL MASS (4-PHASE) - MASS CHARACTERISATION/SEG", "KiTS23", [2, 3]),
         ("All the left ribs bar the first.", "TotalSegmentator_v2", list(range(95, 106))),
-        ("solid organs - liver, spleen, kidneys - spleen removed 2019 so skip", "WORD", [1, 3, 4]),
+        ("solid organs - liver, spleen, kidneys - spleen not needed", "WORD", [1, 3, 4]),
         # an indication ends at a colon: the list after it is the request
         ("Abductor weakness after THR: gluteus medius and minimus", "TotalSegmentator_v2", [82, 83, 84, 85]),
         ("the dental crowns", "TotalSegmentator_teeth", [9]),
@@ -924,3 +924,40 @@ def test_an_organs_adjective_before_a_class_nouns_item_takes_the_noun(router):
     p = plan(router, "femoral and popliteal arteries for the bypass", "CT", collection=None)
     assert p.selection == {}
     assert [u.target for u in p.unmatched] == ["femoral arteries", "popliteal arteries"]
+
+
+@pytest.mark.parametrize(
+    "text, dataset, values",
+    [
+        # found in review of round fifteen: each was read wrongly by a new rule
+        ("Segment the abdominal organs, excluding: spleen", "WORD", [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]),
+        ("CT CHEST W MIP - LUNG NODULES", "TotalSegmentator_lung_nodules", [2]),  # a reformat in a header
+        ("liver and spleen, send results to PACS", "WORD", [1, 2]),  # delivery is no other task
+        ("I'd like the liver, then the spleen", "WORD", [1, 2]),  # "like ... then" is no routing rule
+        ("post nephrectomy: right kidney", "WORD", [4]),  # a purpose ends at a colon
+        ("liver, spleen and kidneys, you can ignore the kidneys", "WORD", [1, 2]),
+        ("CT LIVER - nodules", "LiTS", [2]),  # the header's organ before the lung's default
+        ("Liver [x] Spleen [ ] Kidneys [x]", "WORD", [1, 3, 4]),  # boxes after their items
+        ("is the spleen enlarged or not", "WORD", [2]),
+        ("CT ABDO RT KIDNEY PARTIAL NEPHRECTOMY PLANNING - kidney and tumour", "WORD", [4]),
+        ("liver segments IV and V; spleen", "TotalSegmentator_liver_segments", [4, 5]),
+        ("Segment the liver lesion to be resected", "LiTS", [2]),
+        ("L1 and 12th ribs", "TotalSegmentator_v2", [31, 105, 115]),  # L1 stays a vertebra
+    ],
+)
+def test_readings_the_review_of_round_fifteen_found_wrong(router, text, dataset, values):
+    assert plan(router, text, "CT", collection=None).selection.get(dataset) == values
+
+
+@pytest.mark.parametrize("text", ["liver mets, FH", "left femur (AO 32-A)", "VATS planning: right upper lobe"])
+def test_order_entry_shorthand_that_is_no_structure(router, text):
+    # FH is family history, AO a fracture classification, VATS a thoracoscopic operation.
+    selection = plan(router, text, "CT", collection=None).selection
+    assert 52 not in selection.get("TotalSegmentator_v2", [])  # no aorta
+    assert "TotalSegmentator_tissue_4_types" not in selection  # no visceral fat
+    assert not set(selection.get("WORD", [])) & {15, 16} or "femur" in text  # no femoral heads for FH
+
+
+def test_versus_a_prior_is_no_vestibular_schwannoma(router):
+    assert "CrossMoDA2023" not in plan(router, "MR brain - tumour volume (vs. prior)", "MR:T1C").selection
+    assert parse.parse_request("cochlea and round window").other_task is None
