@@ -1270,35 +1270,10 @@ class Router:
         for f in e.forms:
             if f.context and not f.context <= ctx:
                 continue  # "thoracic aorta" is not just "aorta"... unless the context is given
-            s, w = 0.0, ""
-            if f.core == core:
-                s, w = (SCORE_PART, "part of a composite label") if f.source == "part" else (SCORE_EXACT, "exact")
-            elif grammar.COMPOSITE in f.core or grammar.COMPOSITE in core:
-                continue  # composite names ("kidney and masses") match exactly or not at all
-            elif _soft_equal(f.core, core):
-                s, w = SCORE_SOFT_LESION, "lesion word stands in for another"
-            elif f.core in members:
-                s, w = SCORE_GROUP, "member of the requested group"
-            elif f.core < core:
-                extra = core - f.core
-                if e.generic_lesion and target_lesion and all(t in self.vocab.organ_regions for t in extra):
-                    # "brain tumour" vs a label "tumor": fine if the dataset covers that organ's region.
-                    organ_regions = set().union(*(self.vocab.organ_regions[t] for t in extra))
-                    if not (organ_regions & set(e.dataset.regions)):
-                        continue
-                    s = 0.7 + 0.25 * float(e.dataset.specificity or 0.0)
-                    w = _WHY_CONTEXT
-            elif core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | grammar.WORDS.size_words:
-                extra = f.core - core
-                if (extra & grammar.LESION_TOKENS) and not target_lesion:
-                    continue  # organ asked, lesion label: never
-                if target_lesion and not (core - grammar.LESION_TOKENS) and not (extra - grammar.LESION_TOKENS):
-                    continue  # "tumor" vs "tumor core": a sub-region of the lesion, not the lesion
-                s, w = SCORE_SPECIFIC, _WHY_SPECIFIC
-                if target_lesion and not (core & f.core & grammar.LESION_TOKENS):
-                    s -= 0.05  # "mass" vs "kidney tumor": the lesion word differs too
-            elif target_lesion and _soft_subset(core, f.core):
-                s, w = SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC
+            kind = self._form_kind(f, core, members, target_lesion, e)
+            if kind is None:
+                continue
+            s, w = kind
             # Generic lesion labels of whole-body datasets lose against region-specific ones
             # when the target names a place.
             place = e.generic_lesion and bool(ctx - {"whole_body"}) and not f.context
@@ -1314,6 +1289,40 @@ class Router:
                 source = {"member of the requested group": "group", _WHY_CONTEXT: "context"}.get(w, f.source)
                 best = _Match(e, s, w, source, f.values)
         return best
+
+    def _form_kind(
+        self, f: _Form, core: frozenset[str], members: set[frozenset[str]], target_lesion: bool, e: _Entry
+    ) -> tuple[float, str] | None:
+        """How one form of a label meets the target's core: its score and why; None when it must not."""
+        if f.core == core:
+            return (SCORE_PART, "part of a composite label") if f.source == "part" else (SCORE_EXACT, "exact")
+        if grammar.COMPOSITE in f.core or grammar.COMPOSITE in core:
+            return None  # composite names ("kidney and masses") match exactly or not at all
+        if _soft_equal(f.core, core):
+            return SCORE_SOFT_LESION, "lesion word stands in for another"
+        if f.core in members:
+            return SCORE_GROUP, "member of the requested group"
+        if f.core < core:
+            extra = core - f.core
+            if e.generic_lesion and target_lesion and all(t in self.vocab.organ_regions for t in extra):
+                # "brain tumour" vs a label "tumor": fine if the dataset covers that organ's region.
+                organ_regions = set().union(*(self.vocab.organ_regions[t] for t in extra))
+                if not (organ_regions & set(e.dataset.regions)):
+                    return None
+                return 0.7 + 0.25 * float(e.dataset.specificity or 0.0), _WHY_CONTEXT
+            return 0.0, ""
+        if core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | grammar.WORDS.size_words:
+            extra = f.core - core
+            if (extra & grammar.LESION_TOKENS) and not target_lesion:
+                return None  # organ asked, lesion label: never
+            if target_lesion and not (core - grammar.LESION_TOKENS) and not (extra - grammar.LESION_TOKENS):
+                return None  # "tumor" vs "tumor core": a sub-region of the lesion, not the lesion
+            if target_lesion and not (core & f.core & grammar.LESION_TOKENS):
+                return SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC  # "mass" vs "kidney tumor": the lesion word differs too
+            return SCORE_SPECIFIC, _WHY_SPECIFIC
+        if target_lesion and _soft_subset(core, f.core):
+            return SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC
+        return 0.0, ""
 
     def _side_cap(self, pt: grammar.ParsedTarget, e: _Entry) -> tuple[float, str] | None:
         """The most a label may score for the target's side, or None when its side excludes it."""
