@@ -735,17 +735,6 @@ _NOT_NEEDED = re.compile(
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
     r"|already\s+done|done\s+already)\b"
 )
-_LETTER_NAMES = {"el": "l", "ell": "l", "cee": "c", "ess": "s"}  # (not "tee": TEE is an echo)
-_SPELLED_LEVEL = re.compile(
-    r"\b(el|ell|cee|ess)\s+(\d{1,2}|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)\b"
-)
-
-
-def _spelled_level(m: re.Match[str]) -> str:
-    number = m.group(2)
-    return f"{_LETTER_NAMES[m.group(1)]}{number if number.isdigit() else _CARDINALS[number]}"
-
-
 _RIB_SIDE = re.compile(
     r"\b(ribs?\s+)([lr])\s?(?=\d)"
     # (an ordinal, or a range: "L 4th/5th ribs", "R 9-10 ribs"; not "L1 and 12th ribs")
@@ -761,6 +750,16 @@ _CARDINALS = {
     "ten": 10, "eleven": 11, "twelve": 12,
 }  # fmt: skip
 _NUMBER_WORDS = {**_ORDINALS, **_CARDINALS}
+# Levels dictated letter by letter ("el four and el five"): the letters' names.
+_LETTER_NAMES = {"el": "l", "ell": "l", "cee": "c", "ess": "s"}  # (not "tee": TEE is an echo)
+_SPELLED_LEVEL = re.compile(rf"\b({'|'.join(_LETTER_NAMES)})\s+(\d{{1,2}}|{'|'.join(_CARDINALS)})\b")
+
+
+def _spelled_level(m: re.Match[str]) -> str:
+    number = m.group(2)
+    return f"{_LETTER_NAMES[m.group(1)]}{number if number.isdigit() else _CARDINALS[number]}"
+
+
 _ORDINAL_RANGE = re.compile(
     r"\b(" + "|".join(_NUMBER_WORDS) + r")\s*(?:-|–|to|through|thru)\s*(" + "|".join(_NUMBER_WORDS) + r")\b"
 )
@@ -1219,8 +1218,11 @@ _CONTRACTED = {"wo": "will", "ca": "can", "sha": "shall"}  # the stems "won't", 
 # The other ways to write an exclusion, in the one form the list grammar reads ("except"):
 # "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
 # "leave the trachea alone / out", "no need for the spleen", "ignore / drop / remove the spleen".
+# "but" before a focus word adds weight, it excludes nothing ("all organs but especially the liver").
+_FOCUS = r"(?:especially|mainly|mostly|particularly|above\s+all)\b"
 _ALL_BUT = re.compile(
-    r"\b((?:all|every|everything|anything|whole|entire)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b|especially\b|mainly\b|mostly\b|particularly\b|above\s+all\b|with\b|including\b)"
+    rf"\b((?:all|every|everything|anything|whole|entire)\b[^,;:.]*?)\s+but\s+(?!not\b|also\b|only\b|no\b|with\b"
+    rf"|including\b|{_FOCUS})"
 )
 _LEAVE_ALONE = re.compile(r"\bleave\s+(?!out\b)([^,;:.]{1,60}?)\s+(?:alone|out)\b")
 _EXCLUDING_VERB = re.compile(
@@ -1231,7 +1233,7 @@ _EXCLUDING_VERB = re.compile(
     r"\s*(?:ignore|drop|remove)\b"
 )
 _POSTFIX_NOT = re.compile(r"(^|[,;:])([^,;:]*?[a-z][^,;:]*?)(?<!\bor)\s+not\s*(?=$|[,;:.])")  # (not "... or not")
-_BUT_FOCUS = re.compile(r"\bbut\s+(?:especially|mainly|mostly|particularly|above\s+all)\b")
+_BUT_FOCUS = re.compile(rf"\bbut\s+{_FOCUS}")
 # "kidneys, but only the left": a side-only correction, not an exclusion.
 _BUT_ONLY = re.compile(
     r"\bbut\s+(?=(?:just|only|except|exclude|excluding|skip|skipping|omit|omitting|minus|without|leaving)\b)"
@@ -1282,7 +1284,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
     low = _check_boxes(low)  # "[x] liver [ ] spleen", "liver [x] spleen [ ]"
-    low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume": no "versus" without two sides
+    low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume"; not "versus" ("vs. prior")
     low = _exclusion_forms(low)
     low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
     low = _DISCOURSE_ORDINAL.sub(" ", low)  # "First the liver": no first liver segment
@@ -1326,9 +1328,8 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     return low
 
 
-_ENLARGEMENT = re.compile(
-    r"\b((?:(?:" + "|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)) + r")o?)+)megal(?:y|ic|ies)\b"
-)
+_ENLARGEMENT_FORM = re.compile("|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)))
+_ENLARGEMENT = re.compile(rf"\b((?:(?:{_ENLARGEMENT_FORM.pattern})o?)+)megal(?:y|ic|ies)\b")
 
 
 _MEASURE_OF = re.compile(r"\b(?:volumes?|segmentations?|contours?|masks?|outlines?)\s+of\b")
@@ -1337,7 +1338,7 @@ _MUSCLE_MASS = re.compile(r"\b(muscle|ventricular|myocardial|lv)\s+mass\b")
 
 def _enlarged_organs(m: re.Match[str]) -> str:
     """ "hepatosplenomegaly" -> "liver and spleen": an enlargement named is a volume request for the organs."""
-    forms = re.findall("|".join(sorted(WORDS.enlargement_forms, key=len, reverse=True)), m.group(1))
+    forms = _ENLARGEMENT_FORM.findall(m.group(1))
     return " " + " and ".join(WORDS.enlargement_forms[f] for f in forms) + " "
 
 
