@@ -394,6 +394,9 @@ class Vocabulary:
     #: One-word names of structures, and the word pairs of the longer names (dictation repairs).
     anatomy: frozenset[str] = field(default=frozenset(), repr=False)
     name_pairs: frozenset[tuple[str, str]] = field(default=frozenset(), repr=False)
+    #: The cores of every name the lexicon knows (and, in a router's vocabulary, every label's
+    #: form): what a list item with a shared head noun must read as ("thyroid and cricoid cartilages").
+    names: frozenset[tuple[str, ...]] = field(default=frozenset(), repr=False)
 
     @classmethod
     def build(cls, lexicon: Lexicon | None = None, extra_words: Iterable[str] = ()) -> Vocabulary:
@@ -459,7 +462,13 @@ class Vocabulary:
         names = [t.lower().split() for c in lexicon.concepts.values() for t in (*c.all_terms, c.canonical)]
         object.__setattr__(vocab, "anatomy", frozenset(n[0] for n in names if len(n) == 1 and len(n[0]) > 3))
         object.__setattr__(vocab, "name_pairs", frozenset(pair for n in names for pair in itertools.pairwise(n)))
+        cores = (tuple(t for t in vocab._core(" ".join(n)) if t not in _LATERAL) for n in names)
+        object.__setattr__(vocab, "names", frozenset(cores) - {()})
         return vocab
+
+    def with_names(self, cores: Iterable[Iterable[str]]) -> Vocabulary:
+        """This vocabulary, knowing ``cores`` as names too (a registry's label forms)."""
+        return replace(self, names=self.names | {tuple(sorted(c)) for c in cores}, _memo={})
 
     def _core(self, phrase: str) -> tuple[str, ...]:
         return _finish_core(self.canonical_tokens(phrase.split(), False, True)[0])
@@ -874,7 +883,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
-    targets = _segment_targets(_split_segments(low, _adjectives(vocab)), vocab, regions, notes)
+    targets = _segment_targets(_split_segments(low, vocab), vocab, regions, notes)
     targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None)
     targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
@@ -1411,7 +1420,7 @@ def _adjectives(vocab: Vocabulary) -> frozenset[str]:
     return vocab._memo[key]
 
 
-def _split_segments(low: str, adjectives: frozenset[str] = frozenset()) -> list[tuple[str, bool]]:
+def _split_segments(low: str, vocab: Vocabulary) -> list[tuple[str, bool]]:
     """List items in order, each with whether it lies in an exclusion."""
     # \x00 marks where an exclusion starts ("right kidney; not the left kidney, not the liver").
     low = _NEGATION.sub(" \x00 ", low)
@@ -1434,7 +1443,7 @@ def _split_segments(low: str, adjectives: frozenset[str] = frozenset()) -> list[
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
-    return _share_head_noun(_rejoin_regions(raw_segments), adjectives)
+    return _share_head_noun(_rejoin_regions(raw_segments), vocab)
 
 
 # Adjectives that tell one structure of a series from another: an item of a list made of them
@@ -1442,12 +1451,14 @@ def _split_segments(low: str, adjectives: frozenset[str] = frozenset()) -> list[
 _SERIES_ADJECTIVES = WORDS.series_adjectives
 
 
-def _share_head_noun(segments: list[tuple[str, bool]], adjectives: frozenset[str]) -> list[tuple[str, bool]]:
+def _share_head_noun(segments: list[tuple[str, bool]], vocab: Vocabulary) -> list[tuple[str, bool]]:
     """ "medial and lateral menisci", "frontal, parietal and occipital lobes": each item is a meniscus, a lobe.
 
     An organ's adjective alone before a class noun's item takes that noun too: "femoral and popliteal
-    arteries" are two arteries, not the femur and an artery.
+    arteries" are two arteries, not the femur and an artery. So does a word that names a structure
+    only with the next item's noun ("middle and inner ear", "thyroid and cricoid cartilages").
     """
+    adjectives = _adjectives(vocab)
     out = list(segments)
     for i in range(len(out) - 2, -1, -1):  # from the end, so that "upper, middle and lower lobes" chains
         (seg, neg), (nxt, nxt_neg) = out[i], out[i + 1]
@@ -1458,14 +1469,32 @@ def _share_head_noun(segments: list[tuple[str, bool]], adjectives: frozenset[str
         if len(words) == 1 and words[0] in adjectives and len(nxt_words) > 1 and singular(nxt_words[-1]) in CLASS_NOUNS:
             out[i] = (f"{seg} {nxt_words[-1]}", neg)
             continue
-        if not set(words) <= _SERIES_ADJECTIVES:
-            continue
         k = 0
         while k < len(nxt_words) and (nxt_words[k] in _SERIES_ADJECTIVES or nxt_words[k] in _LATERAL):
             k += 1
-        if 0 < k < len(nxt_words):
+        if set(words) <= _SERIES_ADJECTIVES and 0 < k < len(nxt_words):
             out[i] = (f"{seg} {' '.join(nxt_words[k:])}", neg)
+        elif len(words) == 1 and _takes_head_noun(words[0], [w for w in nxt_words if w not in STOPWORDS], vocab):
+            out[i] = (f"{seg} {nxt_words[-1]}", neg)
     return out
+
+
+def _takes_head_noun(word: str, nxt: list[str], vocab: Vocabulary) -> bool:
+    """Whether ``word``, a list item of its own, means ``word`` + the next item's last noun.
+
+    It does when only that phrase names a structure ("middle" + "ear"); a word that names one
+    by itself only before a plural noun whose item is one modifier and the noun, and never when
+    both items then name the same structure ("kidney and renal cysts" is the kidney and its cysts).
+    """
+    if len(nxt) < 2 or word in _LATERAL:
+        return False
+    joined, alone = vocab._core(f"{word} {nxt[-1]}"), vocab._core(word)
+    if joined == alone or joined not in vocab.names:
+        return False
+    if alone not in vocab.names and word not in vocab.anatomy:
+        return True
+    plural = singular(nxt[-1]) != nxt[-1]
+    return plural and len(nxt) == 2 and singular(word) == word and joined != vocab._core(" ".join(nxt))
 
 
 def _segment_targets(

@@ -517,6 +517,8 @@ class _Index:
             for label in dataset.labels.values()
         ]
         _derive_part_values(self.entries)
+        # Label names join the lexicon's as names a list item can take a head noun into.
+        self.vocab = self.vocab.with_names(f.core for e in self.entries for f in e.forms)
         self.by_token: dict[str, list[int]] = defaultdict(list)
         for n, entry in enumerate(self.entries):
             for token in {t for f in entry.forms for t in f.core}:
