@@ -729,6 +729,7 @@ _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+sid
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
     r"\b(?:except(?: for)?|excluding|exclude|excl|exc|but not|other than|apart from|aside from|minus|sparing"
+    r"|with the exception of"
     r"|(?:but )?none of|bar(?=\s+(?:the|one|two|three|first|second|last)\b)"
     r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
     # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
@@ -742,7 +743,9 @@ _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|a
 _NOT_NEEDED = re.compile(
     r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
-    r"|already\s+done|done\s+already)\b"
+    r"|already\s+done|done\s+already|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need"
+    # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
+    r"|(?:out|no)(?=\s*(?:$|[,;.])))\b"
 )
 _RIB_SIDE = re.compile(
     r"\b(ribs?\s+)([lr])\s?(?=\d)"
