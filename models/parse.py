@@ -887,7 +887,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low, vocab), vocab, regions, notes)
-    targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None)
+    targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None, vocab)
     targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
     first: dict[tuple, ParsedTarget] = {}
@@ -1129,7 +1129,9 @@ def _corrected(text: str) -> str:
 # A correction starts a sentence or a clause: "Correction:", "Typo - meant", "no, sorry,", "I meant".
 _CORRECTION = re.compile(
     r"(?:^|(?<=[.;!?,])|(?<=\.\.\.))\s*(?:no,?\s+)?(?:correction|typo|sorry|scratch that|on second thought"
-    r"|i meant|meant|actually|i mean|rather|never\s*mind|disregard|cancel(?:led)?)\b"
+    r"|i meant|meant|actually|i mean|rather|never\s*mind|cancel(?:led)?"
+    # ("disregard that": a correction; "disregard the parathyroids": an exclusion)
+    r"|disregard(?=\s*(?:[,.;:!]|$)|\s+(?:that|it|this|my|the\s+(?:above|previous|last|first))\b))\b"
     r"[\s:,\-\u2013]*(?:(?:i\s+)?meant\b[\s:,]*)?",
     re.I,
 )
@@ -1242,7 +1244,7 @@ _EXCLUDING_VERB = re.compile(
     # "drop metastases" is a finding)
     r"\bno\s+need\s+(?:for|of|to\s+(?:do|include|segment))\b"
     r"|(^|[,;:.]|\s-\s|\band\b|\bbut\b|\bthen\b)((?:\s*\b(?:you|we|can|could|may|please|just|also)\b)*)"
-    r"\s*(?:ignore|drop|remove)\b"
+    r"\s*(?:ignore|disregard|drop|remove)\b"
 )
 _POSTFIX_NOT = re.compile(r"(^|[,;:])([^,;:]*?[a-z][^,;:]*?)(?<!\bor)\s+not\s*(?=$|[,;:.])")  # (not "... or not")
 _BUT_FOCUS = re.compile(rf"\bbut\s+{_FOCUS}")
@@ -1310,9 +1312,12 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
+    low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
+        # "the liver, segments 5 to 8": a numbered segment is the liver's, not the command "segment"
+        low = re.sub(r"(?<!couinaud )\bsegments?\s+(?=\d)", " couinaud segment ", low)
     low = _COUINAUD_ROMAN.sub(
         lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
     )
@@ -1492,8 +1497,8 @@ def _takes_head_noun(word: str, nxt: list[str], vocab: Vocabulary) -> bool:
     if len(nxt) < 2 or word in _LATERAL:
         return False
     joined, alone = vocab._core(f"{word} {nxt[-1]}"), vocab._core(word)
-    if joined == alone or joined not in vocab.names:
-        return False
+    if joined == alone or joined not in vocab.names or set(alone) & LESION_TOKENS:
+        return False  # (a lesion takes no head noun: "tumour and peritumoral oedema")
     if alone not in vocab.names and word not in vocab.anatomy:
         return True
     plural = singular(nxt[-1]) != nxt[-1]
@@ -1563,7 +1568,11 @@ def _trailing_modifiers(
 
 
 def _apply_list_rules(
-    targets: list[ParsedTarget], low: str, text: str, header_targets: list[ParsedTarget] | None
+    targets: list[ParsedTarget],
+    low: str,
+    text: str,
+    header_targets: list[ParsedTarget] | None,
+    vocab: Vocabulary,
 ) -> list[ParsedTarget]:
     """Rules over the whole list: headers, sides that close or open a list, lesion heads.
 
@@ -1590,7 +1599,7 @@ def _apply_list_rules(
     elif not organs and lesions:
         # "CT RENAL MASS PROTOCOL - MASS VOLUME": a bare lesion refers back to the header's.
         targets = _inherit_lesion_organ(lesions + targets)[len(lesions) :]
-    targets = _inherit_lesion_organ(_distribute_lesion_head(targets, text))
+    targets = _lesion_before_organ(_inherit_lesion_organ(_distribute_lesion_head(targets, text)), vocab)
     if header_targets and not any(t.concept.core and not t.negated for t in targets):
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ, or excludes
         # something from it ("MR LIVER - LESIONS NOT WANTED").
@@ -2013,6 +2022,33 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
                 named.pop(tok, None)  # the last named is the one referred to
                 named[tok] = core
         out.append(t)
+    return out
+
+
+def _lesion_before_organ(targets: list[ParsedTarget], vocab: Vocabulary) -> list[ParsedTarget]:
+    """ "the mass and the left kidney": a bare lesion before the one organ a request names is that organ's.
+
+    A word with an organ of its own ("nodules": the lung's) keeps it; a finding ("tumour and
+    peritumoral oedema") is no organ.
+    """
+    organs = [
+        t
+        for t in targets
+        if t.concept.core
+        and not t.lesion
+        and not t.negated
+        and t.group is None
+        and all(tok in vocab.organ_regions for tok in t.concept.core)
+    ]
+    if len({t.concept.core for t in organs}) != 1:
+        return targets
+    organ, first = organs[0].concept.core, targets.index(organs[0])
+    out = list(targets)
+    for i, t in enumerate(targets[:first]):
+        core = t.concept.core
+        bare = len(core) == 1 and core[0] in LESION_TOKENS and t.group is None and not t.negated
+        if bare and core[0] not in WORDS.default_organ:
+            out[i] = replace(t, concept=replace(t.concept, core=tuple(sorted({*core, *organ}))))
     return out
 
 
