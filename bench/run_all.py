@@ -18,6 +18,7 @@ routing-dev-blind2 the same on the second blind dev set (``routing_dev_blind2``)
 routing-dev-blind3 the same on the third blind dev set (``routing_dev_blind3``)  expected models
 routing-dev-blind4 the same on the fourth blind dev set (``routing_dev_blind4``)  expected models
 routing-dev-blind5 the same on the fifth blind dev set (``routing_dev_blind5``)  expected models
+routing-dev-blind6 the same on the sixth blind dev set (``routing_dev_blind6``)  expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -72,6 +73,8 @@ DEV_BLIND3 = REPO / "tests" / "data" / "routing_dev_blind3" / "requests.jsonl"
 DEV_BLIND4 = REPO / "tests" / "data" / "routing_dev_blind4" / "requests.jsonl"
 #: The fifth (session nine): tuned on its even rows only, its odd rows held back as the round's measure.
 DEV_BLIND5 = REPO / "tests" / "data" / "routing_dev_blind5" / "requests.jsonl"
+#: The sixth (session ten): never opened by the router engineer; the measure of round seventeen.
+DEV_BLIND6 = REPO / "tests" / "data" / "routing_dev_blind6" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -81,6 +84,7 @@ ROUTING_KEYS = (
     "routing-dev-blind3",
     "routing-dev-blind4",
     "routing-dev-blind5",
+    "routing-dev-blind6",
     "routing-heldout",
 )
 
@@ -156,6 +160,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind5",
             "Routing, fifth blind development set (whole registry)",
             DEV_BLIND5.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind6",
+            "Routing, sixth blind development set (whole registry)",
+            DEV_BLIND6.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -282,11 +292,12 @@ _CATEGORY_SETS = (
     ("routing-dev-blind3", "blind3"),
     ("routing-dev-blind4", "blind4"),
     ("routing-dev-blind5", "blind5"),
+    ("routing-dev-blind6", "blind6"),
 )
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and the third to fifth blind sets per category, side by side (aggregates only)."""
+    """Held-out and the third to sixth blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:

@@ -965,3 +965,56 @@ def test_order_entry_shorthand_that_is_no_structure(router, text, dataset, never
 def test_versus_a_prior_is_no_vestibular_schwannoma(router):
     assert "CrossMoDA2023" not in plan(router, "MR brain - tumour volume (vs. prior)", "MR:T1C").selection
     assert parse.parse_request("cochlea and round window").other_task is None
+
+
+def _values(router, dataset: str, *labels: str) -> list[int]:
+    return sorted(v for name in labels for v in router.registry[dataset].label_values(name))
+
+
+@pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # a word that names a structure only with the next item's noun takes that noun
+        (
+            "the thyroid and cricoid cartilages",
+            "TotalSegmentator_headneck_bones_vessels",
+            ["thyroid_cartilage", "cricoid_cartilage"],
+        ),
+        # ... but a lesion takes none, and two names of one structure stay two items
+        (
+            "kidney and renal cysts",
+            "TotalSegmentator_total_v3",
+            ["kidney_right", "kidney_left", "kidney_cyst_left", "kidney_cyst_right"],
+        ),
+        ("lungs and pulmonary arteries", "TotalSegmentator_lung_nodules", ["lung"]),
+        # exclusions written as "with the exception of", "out", "we do not need"
+        (
+            "Couinaud 1 to 4 with the exception of segment 1",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_2", "liver_segment_3", "liver_segment_4"],
+        ),
+        ("cerebellum and brainstem, fourth ventricle out", "TotalSegmentator_ventricle_parts", []),
+        ("Only the nodules please, the lung itself we do not need.", "TotalSegmentator_lung_nodules", ["lung_nodules"]),
+        ("Thyroid please; disregard the parathyroids.", "TotalSegmentator_total_v3", ["thyroid_gland"]),
+        # a numbered segment beside the liver is a Couinaud segment, not the command "segment"
+        (
+            "Segment the liver, segments 5 to 8 and the hepatic vessels.",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_5", "liver_segment_6", "liver_segment_7", "liver_segment_8"],
+        ),
+        ('Template "Upper abdo organs" = liver; spleen', "WORD", ["liver", "spleen"]),
+        # a bare lesion before the one organ named is that organ's
+        ("Segment the mass and the left kidney", "LiTS", []),
+        ("Segment the mass and the left kidney", "renalStructures_CECT_segmentation", ["renal_neoplasm"]),
+    ],
+)
+def test_readings_of_round_seventeen(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+def test_disregard_that_is_still_a_correction(router):
+    assert (
+        "spleen_ct_segmentation" in plan(router, "liver. disregard that, the spleen", "CT", collection=None).selection
+    )
+    assert plan(router, "spleen please. disregard, wrong patient", "CT", collection=None).selection == {}
