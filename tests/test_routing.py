@@ -27,6 +27,7 @@ DEV_BLIND2 = Path(__file__).parent / "data" / "routing_dev_blind2" / "requests.j
 DEV_BLIND3 = Path(__file__).parent / "data" / "routing_dev_blind3" / "requests.jsonl"
 DEV_BLIND4 = Path(__file__).parent / "data" / "routing_dev_blind4" / "requests.jsonl"
 DEV_BLIND5 = Path(__file__).parent / "data" / "routing_dev_blind5" / "requests.jsonl"
+DEV_BLIND6 = Path(__file__).parent / "data" / "routing_dev_blind6" / "requests.jsonl"
 COLLECTION = "medsegagent-23"
 
 
@@ -395,8 +396,17 @@ def test_fifth_blind_dev_set_over_the_whole_registry(router):
     # round fifteen tuned on its even rows only; the odd rows are its measure (docs/routing.md).
     result = run_bench(DEV_BLIND5, collection=None, router=router)
     assert result.n >= 600
-    assert result.strict >= 0.75, result.strict  # 0.684 untuned (3e5ac57), 0.769 after round fifteen
+    assert result.strict >= 0.78, result.strict  # 0.684 untuned (3e5ac57), 0.769 round 15, 0.796 round 17
     assert result.negatives_correct >= 0.90, result.negatives_correct  # 0.867 untuned, 0.916
+
+
+def test_sixth_blind_dev_set_over_the_whole_registry(router):
+    # Written in session ten without sight of the rules (tests/data/routing_dev_blind6/README.md)
+    # and never opened by the router engineer: round seventeen's measure (docs/routing.md).
+    result = run_bench(DEV_BLIND6, collection=None, router=router)
+    assert result.n >= 600
+    assert result.strict >= 0.63, result.strict  # 0.640 untuned (4021bec), 0.651 after round seventeen
+    assert result.negatives_correct >= 0.84, result.negatives_correct  # 0.857 both
 
 
 def test_embedding_cache_is_keyed_and_reused(tmp_path, router):
