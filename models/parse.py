@@ -882,7 +882,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         low = detect_modality(header.body)[1]
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
     low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
-    low = _mend_dictation(low, vocab)
+    low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
@@ -1005,6 +1005,24 @@ def _mend_dictation(low: str, vocab: Vocabulary) -> str:
             out.append(pieces[i + 1])
         i += 2
     return "".join(out)
+
+
+_SIDE_AFTER_SIDED = re.compile(r"\b(left|right)\s+([a-z]+)\s+(?=(?:left|right)\s+[a-z])")
+_THE_AFTER_NAME = re.compile(r"\b([a-z]+)\s+(?=the\s+[a-z])")
+
+
+def _unpunctuated_items(low: str, vocab: Vocabulary) -> str:
+    """Items spoken or typed without commas: "the eyes the lenses", "left masseter left temporalis".
+
+    A "the" after a structure's name, or a side after a sided structure's name, starts a new item.
+    """
+
+    def named(word: str) -> bool:
+        core = vocab._core(word)
+        return bool(core) and core in vocab.names and not set(core) & LESION_TOKENS
+
+    low = _SIDE_AFTER_SIDED.sub(lambda m: f"{m.group(1)} {m.group(2)} , " if named(m.group(2)) else m.group(0), low)
+    return _THE_AFTER_NAME.sub(lambda m: f"{m.group(1)} , " if named(m.group(1)) else m.group(0), low)
 
 
 def _drop_purposes(low: str, vocab: Vocabulary) -> str:
