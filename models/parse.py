@@ -724,7 +724,9 @@ _SPLIT = re.compile(
     r"|\balso\b|\bthen\b|\bwith\b|\bvs\b|\bversus\b|\s-\s|[-=]*>+)\s*"  # (arrows: "CT C-SPINE >> C1-C7")
 )
 _SPLIT_KEEP = re.compile("(" + _SPLIT.pattern + ")")
-_BOTH_SIDES = re.compile(r"\b(?:l\s*/\s*r|r\s*/\s*l|lt\s*/\s*rt|rt\s*/\s*lt|left\s+and\s+right|right\s+and\s+left)\b")
+_BOTH_SIDES = re.compile(
+    r"\b(?:(?:l|lt|left)\s*(?:/|&|\+|\band\b)\s*(?:r|rt|right)|(?:r|rt|right)\s*(?:/|&|\+|\band\b)\s*(?:l|lt|left))\b"
+)
 _TRAILING_SIDE = re.compile(r"(?:\b(?:on|of)\s+the\s+|,\s*)(left|right)(?:\s+side)?$|,\s*(left|right)\s+side$")
 _WORKLIST_HEADER = re.compile(r"^\s*([^:;\n]{2,80}?)(?:\s[-\u2013\u2014]\s|\s*:\s)")
 _NEGATION = re.compile(
@@ -1548,10 +1550,13 @@ def _segment_targets(
             # the other side of an exclusion ("ribs except the 12th, left kidney").
             same = [p for p in pending if p.negated == target.negated]
             other = [p for p in pending if p.negated != target.negated]
-            sides = {p.concept.laterality for p in same}
-            if len(sides) == 1 and None not in sides and target.concept.index and not target.concept.laterality:
-                # "L 4th/5th ribs": a side written before numbered items holds for the last one too
-                target = _with_side(target, sides.pop())
+            sides = {p.concept.laterality for p in same} - {None}
+            if len(sides) == 1 and same[0].concept.laterality and target.concept.index and not target.concept.laterality:
+                # "L 4th/5th ribs", "left 9th, 10th and 11th ribs": a side written before the first
+                # numbered item holds for the whole series
+                side = sides.pop()
+                target = _with_side(target, side)
+                same = [p if p.concept.laterality else _with_side(p, side) for p in same]
             targets.extend(_borrow_head(p, target) for p in same)
             for p in other:
                 head = next((t for t in reversed(targets) if t.concept.core), None)
