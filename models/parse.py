@@ -1065,13 +1065,14 @@ def _without_record_ids(text: str) -> str:
     text = _BRACKETED_ID.sub(" ", text)  # "[RPID1734]" with its brackets: no empty check box is left
     text = _RECORD_ID.sub(" ", text)
     text = _SET_ID_FIELD.sub("|", text)
+    text = _CODE_FIELD.sub("|", text)  # "NTE|1|L|": the comment's source code, not the left side
     return text.replace("|", " ; ").replace("^", " ")
 
 
 # Segment IDs with field numbers ("OBR-4"), the message type ("ORM^O01"), a code's coding system ("^C4").
 _HL7_SEGMENT = re.compile(
     r"\b(?:MSH|EVN|PID|PV1|ORC|OBR|OBX|NTE|ORM|ORU|OMI|ADT|SCH|TQ1)(?:[-.]\d+)*\b(?:\^[A-Z]\d{2}\b)?"
-    r"|\^(?:C4|CPT4?|LN|LOINC|SCT|SNM3?|I10|I9C?|99\w*)(?=[\s|^~]|$)",
+    r"|\^(?:C4|CPT4?|LN|LOINC|SCT|SNM3?|I10|I9C?|99\w*|L|LOCAL)(?=[\s|^~]|$)",
     re.I,
 )
 # Three digits or more, after a record's label ("ACC#", "MRN:") or a letter prefix ("RAD-", "CT"), but
@@ -1083,6 +1084,7 @@ _RECORD_ID = re.compile(
     re.I,
 )
 _SET_ID_FIELD = re.compile(r"\|\s*\d{1,2}\s*(?=\|)")
+_CODE_FIELD = re.compile(r"\|\s*[A-Za-z]\s*(?=\|)")
 
 
 def _rule_action(text: str, vocab: Vocabulary) -> str:
