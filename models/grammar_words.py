@@ -82,6 +82,13 @@ class DefaultWhole(_Frozen):
     unless: frozenset[Word]
 
 
+class ContextReading(_Frozen):
+    """What a bare word that names several structures reads as in a request with a context word."""
+
+    context: frozenset[Word]
+    reads: Word
+
+
 class GrammarWords(_Frozen):
     """The grammar's word classes, validated.
 
@@ -127,6 +134,7 @@ class GrammarWords(_Frozen):
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]
     default_whole: dict[Word, DefaultWhole]
+    context_readings: dict[Word, ContextReading]
 
     @model_validator(mode="after")
     def _consistent(self) -> GrammarWords:

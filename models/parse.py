@@ -1335,6 +1335,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
+    low = _context_readings(low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
@@ -1373,6 +1374,22 @@ _ENLARGEMENT = re.compile(rf"\b((?:(?:{_ENLARGEMENT_FORM.pattern})o?)+)megal(?:y
 
 _MEASURE_OF = re.compile(r"\b(?:volumes?|segmentations?|contours?|masks?|outlines?)\s+of\b")
 _MUSCLE_MASS = re.compile(r"\b(muscle|ventricular|myocardial|lv)\s+mass\b")
+
+
+_CLASS_AFTER = r"(?!\s+(?:arter\w*|veins?|venous|vessels?|bones?|crests?|wings?|fossa\w*|muscles?|nodes?|spines?))"
+
+
+def _context_readings(low: str) -> str:
+    """A bare word that names structures of several kinds, read as the kind its request's context names.
+
+    "?AAA leak: aorta + both iliacs" are the iliac arteries, "CT TAVI - ANNULUS" the aortic annulus
+    (``context_readings`` in ``grammar_words.yaml``).
+    """
+    words = set(_WORD.findall(low))
+    for bare, reading in WORDS.context_readings.items():
+        if bare in words and words & reading.context:
+            low = re.sub(rf"\b(?<!aortic ){bare}\b{_CLASS_AFTER}", reading.reads, low)
+    return low
 
 
 def _enlarged_organs(m: re.Match[str]) -> str:
@@ -1553,7 +1570,8 @@ def _segment_targets(
             same = [p for p in pending if p.negated == target.negated]
             other = [p for p in pending if p.negated != target.negated]
             sides = {p.concept.laterality for p in same} - {None}
-            if len(sides) == 1 and same[0].concept.laterality and target.concept.index and not target.concept.laterality:
+            numbered = target.concept.index and not target.concept.laterality
+            if len(sides) == 1 and same[0].concept.laterality and numbered:
                 # "L 4th/5th ribs", "left 9th, 10th and 11th ribs": a side written before the first
                 # numbered item holds for the whole series
                 side = sides.pop()
