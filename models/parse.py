@@ -883,7 +883,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     if header is not None:
         low = detect_modality(header.body)[1]
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
-    low = _complete_prefixes(_expand_shorthand(low, protected), vocab)
+    low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected), vocab), text.lower())
     low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
     low = _drop_purposes(low, vocab)
     regions: list[str] = list(header.regions) if header is not None else []
@@ -1335,7 +1335,6 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
     low = _BOTH_SIDES.sub(" bilateral ", low)
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
-    low = _context_readings(low)
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
@@ -1376,19 +1375,29 @@ _MEASURE_OF = re.compile(r"\b(?:volumes?|segmentations?|contours?|masks?|outline
 _MUSCLE_MASS = re.compile(r"\b(muscle|ventricular|myocardial|lv)\s+mass\b")
 
 
-_CLASS_AFTER = r"(?!\s+(?:arter\w*|veins?|venous|vessels?|bones?|crests?|wings?|fossa\w*|muscles?|nodes?|spines?))"
+def _names_nothing(word: str) -> bool:
+    # no word, a stop word or an order's quantity ("annulus plane", "iliacs stat")
+    return not word or word in STOPWORDS or word in _ORDER_WORDS
 
 
-def _context_readings(low: str) -> str:
+def _context_readings(low: str, request: str) -> str:
     """A bare word that names structures of several kinds, read as the kind its request's context names.
 
-    "?AAA leak: aorta + both iliacs" are the iliac arteries, "CT TAVI - ANNULUS" the aortic annulus
-    (``context_readings`` in ``grammar_words.yaml``).
+    "?AAA leak: aorta + both iliacs" are the iliac arteries, "CT TAVI - ANNULUS" the aortic annulus,
+    "CT SINUS - MAXILLARY + FRONTAL" the sinuses (``context_readings`` in ``grammar_words.yaml``).
+    The word is bare when nothing but stop words follows it in its item ("iliac veins" is no
+    bare "iliac"); the context may be anywhere in the request, its worklist header included.
     """
-    words = set(_WORD.findall(low))
+    words = set(_WORD.findall(request))
     for bare, reading in WORDS.context_readings.items():
-        if bare in words and words & reading.context:
-            low = re.sub(rf"\b(?<!aortic ){bare}\b{_CLASS_AFTER}", reading.reads, low)
+        if bare in _WORD.findall(low) and words & reading.context:
+            first = reading.reads.split()[0]
+            pattern = rf"(?<!\b{first} )\b{bare}\b(?=((?:\s+[a-z']+)?))"
+            low = re.sub(
+                pattern,
+                lambda m, reads=reading.reads: reads if _names_nothing(m.group(1).strip()) else m.group(0),
+                low,
+            )
     return low
 
 
