@@ -1742,7 +1742,8 @@ def _parse_segment(
         tokens = ["vertebra"]
     core = _finish_core(tokens)
     group: str | None = None
-    if "oar" in core or "organ" in core:
+    described = any(w in _RELATIVE_WORDS for w in words)  # "the organ that makes insulin": no group
+    if ("oar" in core or "organ" in core) and not described:
         # Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors).
         group = "oars" if "oar" in core else "organs"
         region_words = [t for t in core if t in REGION_WORDS]
@@ -1756,6 +1757,9 @@ def _parse_segment(
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+_RELATIVE_WORDS = frozenset({"that", "which", "where", "whose"})
 
 
 def _without_reason(words: list[str], vocab: Vocabulary) -> list[str]:

@@ -562,6 +562,10 @@ class _Index:
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
         self.gloss_lesion = np.array([bool(core & grammar.LESION_TOKENS) for core in self.gloss_core], dtype=bool)
+        # A class's definition ("organ", "abdominal organ", "vein") fits every member's description:
+        # it is never the runner-up that makes a description ambiguous.
+        kinds = grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | frozenset(grammar.REGION_WORDS) | {"organ"}
+        self.gloss_class: list[bool] = [bool(core) and core <= kinds for core in self.gloss_core]
 
     def lookup(self, tokens: Iterable[str]) -> set[int]:
         out: set[int] = set()
@@ -1205,7 +1209,12 @@ class Router:
         best, core = int(order[0]), self._index.gloss_core[int(order[0])]
         # (the runner-up is another structure: not the same one, nor a kind of it or its kind,
         # as "nodule" is of "lung nodule")
-        others = (i for i in order[1:] if not (self._index.gloss_core[i] <= core or core <= self._index.gloss_core[i]))
+        others = (
+            i
+            for i in order[1:]
+            if not (self._index.gloss_core[i] <= core or core <= self._index.gloss_core[i])
+            and not self._index.gloss_class[i]
+        )
         runner = next((float(sims[i]) for i in others), 0.0)
         score = float(sims[best])
         concept = self._index.gloss_concept[best]
