@@ -885,7 +885,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
     low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected), vocab), text.lower())
     low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
-    low = _drop_purposes(low, vocab)
+    low = _drop_purposes(_SITE_PLAN.sub(" ", low), vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
     targets = _segment_targets(_split_segments(low, vocab), vocab, regions, notes)
@@ -1054,6 +1054,10 @@ _FRACTURE_SIGN = re.compile(r"(?<![\w#])\??\s*#\s*(?=[a-z])")
 _PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;:()?]*?)(?=\s[-\u2013\u2014]\s|[,;:()?]|$)")
 
 
+# "Oropharynx plan, OARs to auto-contour: ...": a plan's site opening a request is context, not a target.
+_SITE_PLAN = re.compile(r"^\s*(?:[a-z]+\s+){1,2}plan\s*(?=[,;:])")
+
+
 def _without_record_ids(text: str) -> str:
     """A worklist line without its record keys: HL7 segment and field names, accession and order numbers.
 
@@ -1111,6 +1115,7 @@ def _values_only(text: str) -> str:
 
     Keys, tags and pipeline step numbers name the form, not a structure; the values are the request.
     """
+    text = _DICOM_KEYWORD.sub(" , ", text)
     text = _MARKUP_TAG.sub(" , ", _JSON_KEY.sub(" , ", text))
     text = _PIPELINE_STEP.sub(" , ", text)
     text = _DROPDOWN.sub(" ", text)
@@ -1118,6 +1123,12 @@ def _values_only(text: str) -> str:
 
 
 _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
+# A DICOM attribute's tag and keyword before its value: "(0040,0254) PerformedProcedureStepDescription:".
+_DICOM_KEYWORD = re.compile(
+    r"(?:\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\)\s*)"
+    r"(?:[A-Z][a-z]+(?:[A-Z][a-z]*)*\s*[:=]?)?"
+    r"|\b[A-Z][a-z]+(?:[A-Z][a-z]*)*(?:Description|Comments?|Reason\w*|Sequence|Name)\s*[:=]"
+)
 _MARKUP_TAG = re.compile(r"</?[A-Za-z_][\w.-]*\s*/?>")
 _PIPELINE_STEP = re.compile(r"\b(?:step|stage)\s*#?\d+\b\s*[:=]?", re.I)
 # A drop-down's arrow copied as "v" after its value: "Body part: Pelvis v ; Structures v :".
