@@ -1028,3 +1028,72 @@ def test_disregard_that_is_still_a_correction(router):
         "spleen_ct_segmentation" in plan(router, "liver. disregard that, the spleen", "CT", collection=None).selection
     )
     assert plan(router, "spleen please. disregard, wrong patient", "CT", collection=None).selection == {}
+
+
+@pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # items without commas
+        (
+            "the eyes the lenses and the optic nerves",
+            "TotalSegmentator_oculomotor_muscles",
+            ["eyeball_right", "eyeball_left", "optic_nerve_left", "optic_nerve_right"],
+        ),
+        ("left masseter left temporalis", "TotalSegmentator_head_muscles", ["masseter_left", "temporalis_left"]),
+        # a side before the first numbered item holds for the series; "L and R" is both sides
+        (
+            "spleen plus left 9th, 10th and 11th ribs",
+            "TotalSegmentator_v2",
+            ["spleen", "rib_left_9", "rib_left_10", "rib_left_11"],
+        ),
+        ("optic nerves L and R", "TotalSegmentator_head_glands_cavities", ["optic_nerve_left", "optic_nerve_right"]),
+        (
+            "Right side ribs except number 11 and number 12",
+            "TotalSegmentator_v2",
+            [f"rib_right_{n}" for n in range(1, 11)],
+        ),
+        # "cord" alone is the spinal cord, not a vocal cord
+        ("parotids both sides and the cord", "SegRap2023_Task1", ["Parotid_L", "Parotid_R", "SpinalCord"]),
+        # an HL7 field's one-letter code is no side
+        ("NTE|1|L|Please seg spleen", "TotalSegmentator_v2", ["spleen"]),
+        # context readings
+        (
+            "?AAA leak. Seg aorta + both iliacs stat.",
+            "TotalSegmentator_v2",
+            ["aorta", "iliac_artery_left", "iliac_artery_right"],
+        ),
+        ("aorta and both iliac veins", "TotalSegmentator_v2", ["aorta", "iliac_vena_left", "iliac_vena_right"]),
+        ("CT TAVI PLANNING - ANNULUS", "TotalSegmentator_aorta_annulus", ["annulus_proper"]),
+        (
+            "CT SINUS LTD - MAXILLARY + FRONTAL",
+            "TotalSegmentator_craniofacial_structures",
+            ["sinus_maxillary", "sinus_frontal"],
+        ),
+        ("CT SINUS LTD - MAXILLARY + FRONTAL", "TotalSegmentator_brain_structures", []),
+        ("frontal lobe and frontal sinus", "TotalSegmentator_brain_structures", ["frontal_lobe"]),
+        (
+            "arch vessels: innominate, both subclavians",
+            "TotalSegmentator_v2",
+            ["brachiocephalic_trunk", "subclavian_artery_left", "subclavian_artery_right"],
+        ),
+        # a description of an organ is no group of organs
+        ("the organ that makes insulin, I'm diabetic", "TotalSegmentator_v2", ["pancreas"]),
+        # a plan's site opening the request is context
+        (
+            "Oropharynx plan, OARs: left parotid, oral cavity",
+            "SegRap2023_Task1",
+            ["OralCavity", "Parotid_L"],
+        ),
+        (
+            "Please delineate both parotid glands for the radiotherapy plan.",
+            "SegRap2023_Task1",
+            ["Parotid_L", "Parotid_R"],
+        ),
+        # a DICOM attribute's tag and keyword name the form
+        ("(0040,0254) PerformedProcedureStepDescription: MR PROSTATE - WHOLE GLAND", "Prostate_T2", ["prostate"]),
+    ],
+)
+def test_readings_of_round_eighteen(router, text, dataset, labels):
+    modality = "MR:T2" if dataset == "Prostate_T2" else "CT"
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
