@@ -1085,6 +1085,11 @@ def test_disregard_that_is_still_a_correction(router):
             ["OralCavity", "Parotid_L"],
         ),
         (
+            "Oropharynx plan, OARs: left parotid, oral cavity",
+            "TotalSegmentator_head_glands_cavities",
+            ["parotid_gland_left"],
+        ),
+        (
             "Please delineate both parotid glands for the radiotherapy plan.",
             "SegRap2023_Task1",
             ["Parotid_L", "Parotid_R"],
