@@ -396,7 +396,7 @@ def test_fifth_blind_dev_set_over_the_whole_registry(router):
     # round fifteen tuned on its even rows only; the odd rows are its measure (docs/routing.md).
     result = run_bench(DEV_BLIND5, collection=None, router=router)
     assert result.n >= 600
-    assert result.strict >= 0.78, result.strict  # 0.684 untuned (3e5ac57), 0.769 round 15, 0.796 round 17
+    assert result.strict >= 0.80, result.strict  # 0.684 untuned (3e5ac57), 0.769 round 15, 0.812 round 18
     assert result.negatives_correct >= 0.90, result.negatives_correct  # 0.867 untuned, 0.916
 
 
@@ -405,7 +405,7 @@ def test_sixth_blind_dev_set_over_the_whole_registry(router):
     # and never opened by the router engineer: round seventeen's measure (docs/routing.md).
     result = run_bench(DEV_BLIND6, collection=None, router=router)
     assert result.n >= 600
-    assert result.strict >= 0.63, result.strict  # 0.640 untuned (4021bec), 0.651 after round seventeen
+    assert result.strict >= 0.64, result.strict  # 0.640 untuned (4021bec), 0.651 round 17, 0.659 round 18
     assert result.negatives_correct >= 0.84, result.negatives_correct  # 0.857 both
 
 
