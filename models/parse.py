@@ -1400,9 +1400,9 @@ def _context_readings(low: str, request: str) -> str:
     The word is bare when nothing but stop words follows it in its item ("iliac veins" is no
     bare "iliac"); the context may be anywhere in the request, its worklist header included.
     """
-    words = set(_WORD.findall(request))
+    context, written = set(_WORD.findall(request)), set(_WORD.findall(low))
     for bare, reading in WORDS.context_readings.items():
-        if bare in _WORD.findall(low) and words & reading.context:
+        if bare in written and context & reading.context:
             first = reading.reads.split()[0]
             pattern = rf"(?<!\b{first} )\b{bare}\b(?=((?:\s+[a-z']+)?))"
             low = re.sub(

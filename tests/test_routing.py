@@ -1004,6 +1004,11 @@ def _values(router, dataset: str, *labels: str) -> list[int]:
             ["liver_segment_2", "liver_segment_3", "liver_segment_4"],
         ),
         ("cerebellum and brainstem, fourth ventricle out", "TotalSegmentator_ventricle_parts", []),
+        (
+            "cerebellum and brainstem, fourth ventricle out",
+            "TotalSegmentator_brain_structures",
+            ["brainstem", "cerebellum"],
+        ),
         ("Only the nodules please, the lung itself we do not need.", "TotalSegmentator_lung_nodules", ["lung_nodules"]),
         ("Thyroid please; disregard the parathyroids.", "TotalSegmentator_total_v3", ["thyroid_gland"]),
         # a numbered segment beside the liver is a Couinaud segment, not the command "segment"
