@@ -71,6 +71,8 @@ ACCEPT_THRESHOLD = 0.78
 GLOSS_THRESHOLD = 0.60
 GLOSS_MARGIN = 0.08
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
+_PHRASES_PER_PASS = 16  # at most this many phrases in one forward pass
+_PHRASE_CACHE_SIZE = 4096  # query phrases kept across requests
 
 
 def _only_places(tokens: set[str] | frozenset[str]) -> bool:
@@ -524,6 +526,13 @@ class _Index:
         for n, entry in enumerate(self.entries):
             for token in {t for f in entry.forms for t in f.core}:
                 self.by_token[token].append(n)
+        # Lexicon concepts no label reads as (Router._uncovered_concept): worked out once, as
+        # reading every concept for every unmatched target cost ~1.5 ms a target.
+        self.unlabelled: list[tuple[tuple[str, ...], frozenset[str], LexiconConcept]] = [
+            (key, frozenset(key), concept)
+            for key, concept in self.vocab.concepts.items()
+            if key and not self._labels_every(key)
+        ]
         # Phrases that contain a list word but name one structure ("kidney and masses").
         protected: set[str] = set()
         for e in self.entries:
@@ -566,6 +575,17 @@ class _Index:
         # it is never the runner-up that makes a description ambiguous.
         kinds = grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | frozenset(grammar.REGION_WORDS) | {"organ"}
         self.gloss_class: list[bool] = [bool(core) and core <= kinds for core in self.gloss_core]
+
+    def _labels_every(self, key: tuple[str, ...]) -> bool:
+        """Whether a registry label reads as the concept ``key``.
+
+        One label's reading uses every word of it; a lesion's organ is often its dataset's
+        region, not a word of its label ("brain tumor"), so a lesion needs only each word in
+        some label.
+        """
+        if set(key) & grammar.LESION_TOKENS:
+            return all(t in self.by_token for t in key)
+        return bool(set.intersection(*(set(self.by_token.get(t, ())) for t in key)))
 
     def lookup(self, tokens: Iterable[str]) -> set[int]:
         out: set[int] = set()
@@ -646,6 +666,8 @@ class Router:
         self._gloss_emb: np.ndarray | None = None
         self._lock = threading.Lock()
         self._phrase_cache: dict[str, np.ndarray] = {}
+        #: This thread's request: the phrases it may still ask the encoder for, and their vectors.
+        self._request = threading.local()
         self.init_seconds = time.perf_counter() - t0
 
     # -- encoder -----------------------------------------------------------------
@@ -702,20 +724,40 @@ class Router:
             return self._embeddings()[row]
         vec = self._phrase_cache.get(phrase)
         if vec is None:
-            vec = self._get_encoder().encode([phrase])[0]
-            if len(self._phrase_cache) < 4096:
-                self._phrase_cache[phrase] = vec
+            vec = getattr(self._request, "vectors", {}).get(phrase)
+        if vec is None:
+            vec = self._encode_with_request(phrase)
         return vec
 
-    def _read_ahead(self, targets: list[grammar.ParsedTarget]) -> None:
-        # Phrases with words the grammar does not know go to the encoder: all of a request's in
-        # one pass ("ankle and heel bones"), not one pass each.
-        if not self.use_encoder:
-            return
-        phrases = dict.fromkeys(self._phrase(pt) for pt in targets if pt.unknown)
-        todo = [p for p in phrases if p and p not in self._index.string_row and p not in self._phrase_cache]
-        if len(todo) > 1 and len(self._phrase_cache) + len(todo) <= 4096:
-            self._phrase_cache.update(zip(todo, self._get_encoder().encode(todo), strict=True))
+    def _encode_with_request(self, phrase: str) -> np.ndarray:
+        # A pass costs ~10 ms on one CPU thread, and each further short sequence in it ~2 ms:
+        # the first phrase a request needs takes every phrase the request may still need along,
+        # so a request makes one pass, not one per phrase (docs/routing.md, "Latency").
+        pending: list[str] = getattr(self._request, "pending", [])
+        batch = [phrase, *(p for p in pending if p != phrase)][:_PHRASES_PER_PASS]
+        self._request.pending = [p for p in pending if p not in batch]
+        vectors = dict(zip(batch, self._get_encoder().encode(batch), strict=True))
+        self._request.vectors = {**getattr(self._request, "vectors", {}), **vectors}
+        if len(self._phrase_cache) + len(vectors) <= _PHRASE_CACHE_SIZE:
+            self._phrase_cache.update(vectors)
+        return vectors[phrase]
+
+    def _expect_phrases(self, targets: list[grammar.ParsedTarget]) -> None:
+        """Note the phrases this request's targets may ask the encoder for (none is encoded yet).
+
+        Those are a target's structure words (:meth:`_phrase`: the encoder's neighbours and the
+        check of a partial reading) and, when they are many, its words as written
+        (:meth:`_described`). The list is a guess: a target the grammar reads whole asks for
+        nothing, and a request that needs no pass makes none.
+        """
+        phrases: dict[str, None] = {}
+        if self.use_encoder:
+            for pt in targets:
+                phrases[self._phrase(pt)] = None
+                phrases[self._description(pt)] = None
+        known = self._index.string_row
+        self._request.pending = [p for p in phrases if p and p not in known and p not in self._phrase_cache]
+        self._request.vectors = {}
 
     # -- planning ----------------------------------------------------------------
     def plan(
@@ -813,7 +855,7 @@ class Router:
         self, parsed: grammar.ParsedRequest, kept_names: set[str], all_names: set[str]
     ) -> list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]:
         """Stages 2 and 3 for every parsed target, re-reading targets the grammar split badly."""
-        self._read_ahead(parsed.targets)
+        self._expect_phrases(parsed.targets)
         routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]] = []
         for pt in map(self._header_side(parsed), parsed.targets):
             target, explain = self._route_target(pt, parsed, kept_names)
@@ -1195,10 +1237,8 @@ class Router:
         nearest one stands when it is close enough and clearly nearer than any other concept's.
         None when the phrase is no description or no definition is near.
         """
-        text = " ".join(grammar._WORD.findall(pt.text.lower()))
-        if len([w for w in text.split() if w not in grammar.STOPWORDS]) < _DESCRIPTION_WORDS:
-            return None
-        if not self._index.glosses:
+        text = self._description(pt)
+        if not text or not self._index.glosses:
             return None
         sims = self._gloss_embeddings() @ self._encode_phrase(text)
         # Structure-checked like the term neighbours: a description of an organ never reads as
@@ -1232,18 +1272,10 @@ class Router:
         # together ("breast implant": labels name the breast and implants, none both).
         best: LexiconConcept | None = None
         size = 0
-        for key, concept in self.vocab.concepts.items():
-            # (a lesion's organ is often its dataset's region, not a word of its label: "brain tumor")
-            lesion = bool(set(key) & grammar.LESION_TOKENS)
-            uncovered = any(t not in self._index.by_token for t in key) if lesion else not self._labelled_together(key)
-            if key and set(key) <= core and len(key) > size and uncovered:
+        for key, words, concept in self._index.unlabelled:
+            if len(key) > size and words <= core:
                 best, size = concept, len(key)
         return best
-
-    def _labelled_together(self, tokens: Iterable[str]) -> bool:
-        """Whether one registry label's reading uses every one of these tokens."""
-        rows = [set(self._index.by_token.get(t, ())) for t in tokens]
-        return bool(rows) and bool(set.intersection(*rows))
 
     def _known(self, pt: grammar.ParsedTarget, regions: set[str]) -> bool:
         everywhere = set(self.registry.datasets)
@@ -1388,6 +1420,12 @@ class Router:
             if set(d.regions) & regions and (d.specificity or 0.0) >= 0.5:
                 out.append(_Match(e, SCORE_GROUP, "organ of a dataset of the named region", "group"))
         return out
+
+    @staticmethod
+    def _description(pt: grammar.ParsedTarget) -> str:
+        """The target's words as written, when enough of them say something to be a description."""
+        text = " ".join(grammar._WORD.findall(pt.text.lower()))
+        return text if len([w for w in text.split() if w not in grammar.STOPWORDS]) >= _DESCRIPTION_WORDS else ""
 
     def _phrase(self, pt: grammar.ParsedTarget) -> str:
         # The words that name the structure: no commands, sides, numbers or levels.

@@ -523,6 +523,20 @@ def test_encoder_runs_one_thread_per_pass_and_leaves_torch_as_it_was(router):
     assert enc.forward_passes == passes and again.selection
 
 
+def test_a_request_makes_one_encoder_pass_for_all_its_phrases(router, monkeypatch):
+    # Latency (#14): a pass costs ~10 ms on one thread and each further short phrase in it ~1-2 ms,
+    # so the first phrase a request needs takes the request's other phrases along.
+    enc = router._get_encoder()
+    asked: list[str] = []
+    encode_phrase = router._encode_phrase
+    monkeypatch.setattr(router, "_encode_phrase", lambda phrase: asked.append(phrase) or encode_phrase(phrase))
+    before = enc.forward_passes
+    result = plan(router, "the cobalt screws in the lower jaw; seroma and granulation tissue are not wanted", "CT")
+    assert len(set(asked)) >= 4  # a neighbour reading, a description and the two exclusions
+    assert enc.forward_passes == before + 1
+    assert result.selection == {}
+
+
 _SEEDED_PLANS = """
 import json
 from medsegagent.models.registry import load_registry
