@@ -110,6 +110,7 @@ class GrammarWords(_Frozen):
     lesion_organs: frozenset[Word]
     class_nouns: frozenset[Word]
     generic_nouns: frozenset[Word]
+    generic_modifiers: frozenset[Word]
     size_words: frozenset[Word]
     inner_parts: frozenset[Word]
     skeletal_parts: frozenset[Word]

@@ -57,7 +57,7 @@ SOFT_LESION = WORDS.soft_lesion_words
 #: Class nouns too vague to stand alone ("arteries"), and generic nouns a request may add
 #: to a structure's name ("left atrium cavity"): see grammar_words.yaml.
 CLASS_NOUNS = WORDS.class_nouns
-GENERIC_NOUNS = WORDS.generic_nouns
+GENERIC_NOUNS = WORDS.generic_nouns | WORDS.generic_modifiers  # dropped when the rest reads alone
 #: Region words: context for the anatomy stage, not targets by themselves.
 REGION_WORDS: Mapping[str, tuple[str, ...]] = MappingProxyType(WORDS.regions)
 #: Side words.  ``l``/``r`` only count as laterality when standing alone.
@@ -443,16 +443,16 @@ class Vocabulary:
             MappingProxyType({n: tuple(ws) for n, ws in by_length.items()}),
         )
         # Both need the tables above; set once here, before anyone sees the object.
-        groups = {vocab._core(key): tuple(vocab._core(m) for m in members) for key, members in lexicon.groups.items()}
+        groups = {vocab.core(key): tuple(vocab.core(m) for m in members) for key, members in lexicon.groups.items()}
         object.__setattr__(vocab, "groups", MappingProxyType(groups))
         concepts: dict[tuple[str, ...], LexiconConcept] = {}
         for concept in lexicon.concepts.values():
-            concepts.setdefault(vocab._core(concept.canonical), concept)
+            concepts.setdefault(vocab.core(concept.canonical), concept)
         object.__setattr__(vocab, "concepts", MappingProxyType(concepts))
         names = [t.lower().split() for c in lexicon.concepts.values() for t in (*c.all_terms, c.canonical)]
         object.__setattr__(vocab, "anatomy", frozenset(n[0] for n in names if len(n) == 1 and len(n[0]) > 3))
         object.__setattr__(vocab, "name_pairs", frozenset(pair for n in names for pair in itertools.pairwise(n)))
-        cores = (tuple(t for t in vocab._core(" ".join(n)) if t not in _LATERAL) for n in names)
+        cores = (tuple(t for t in vocab.core(" ".join(n)) if t not in _LATERAL) for n in names)
         object.__setattr__(vocab, "names", frozenset(cores) - {()})
         return vocab
 
@@ -460,12 +460,22 @@ class Vocabulary:
         """This vocabulary, knowing ``cores`` as names too (a registry's label forms)."""
         return replace(self, names=self.names | {tuple(sorted(c)) for c in cores}, _memo={})
 
-    def _core(self, phrase: str) -> tuple[str, ...]:
-        return _finish_core(self.canonical_tokens(phrase.split(), False, True)[0])
+    def core(self, phrase: str) -> tuple[str, ...]:
+        """The canonical core ``phrase`` reads as: sorted tokens, sides and stop words gone.
+
+        ``"Adrenal glands"`` and ``"suprarenal"`` read alike; whether a core names a structure
+        is ``core in self.names``.
+        """
+        memo = self._memo.get(("core", phrase))
+        if memo is None:
+            memo = _finish_core(self.canonical_tokens(phrase.split(), False, True)[0])
+            if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+                self._memo[("core", phrase)] = memo
+        return memo
 
     def concept_core(self, concept: LexiconConcept) -> tuple[str, ...]:
         """The canonical core a lexicon concept reads as (e.g. ``("adrenal",)``)."""
-        return self._core(concept.canonical)
+        return self.core(concept.canonical)
 
     def correct_spelling(self, word: str) -> str:
         """Closest known word for a misspelt ``word`` (unchanged when none is close).
@@ -1012,7 +1022,7 @@ def _unpunctuated_items(low: str, vocab: Vocabulary) -> str:
     """
 
     def named(word: str) -> bool:
-        core = vocab._core(word)
+        core = vocab.core(word)
         return bool(core) and core in vocab.names and not set(core) & LESION_TOKENS
 
     low = _SIDE_AFTER_SIDED.sub(lambda m: f"{m.group(1)} {m.group(2)} , " if named(m.group(2)) else m.group(0), low)
@@ -1548,13 +1558,13 @@ def _takes_head_noun(word: str, nxt: list[str], vocab: Vocabulary) -> bool:
     """
     if len(nxt) < 2 or word in _LATERAL:
         return False
-    joined, alone = vocab._core(f"{word} {nxt[-1]}"), vocab._core(word)
+    joined, alone = vocab.core(f"{word} {nxt[-1]}"), vocab.core(word)
     if joined == alone or joined not in vocab.names or set(alone) & LESION_TOKENS:
         return False  # (a lesion takes no head noun: "tumour and peritumoral oedema")
     if alone not in vocab.names and word not in vocab.anatomy:
         return True
     plural = singular(nxt[-1]) != nxt[-1]
-    return plural and len(nxt) == 2 and singular(word) == word and joined != vocab._core(" ".join(nxt))
+    return plural and len(nxt) == 2 and singular(word) == word and joined != vocab.core(" ".join(nxt))
 
 
 def _segment_targets(

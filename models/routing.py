@@ -423,8 +423,8 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
             # A type that is one side's structure (ACDC's "Myocardium" is the Left ventricle
             # myocardium) gives the label that side, as its name would ("left ventricle").
             laterality, core = next(iter(side)), core - side
-        # "aorta_true_lumen" is a part of the aorta ("annulus_proper" is the annulus itself)
-        part = forms[0].core & grammar.GENERIC_NOUNS - {"proper"}
+        # "aorta_true_lumen" is a part of the aorta ("annulus_proper", a modifier, is the annulus)
+        part = forms[0].core & grammar.WORDS.generic_nouns
         if core and not core & grammar.LESION_TOKENS and core & forms[0].core and not part:
             add(core, (), "lexicon")
     if not forms:  # a name of stopwords only: keep the raw words
