@@ -551,9 +551,16 @@ class Vocabulary:
         if len(word) < 6 or word in self.known or self.correct_spelling(word) != word:
             return None
         parts = _split_into(word, lambda w: w in _JOINING_WORDS or singular(w) in self.anatomy)
-        if parts is None or not any(singular(w) in self.anatomy for w in parts):
-            return None
-        return parts
+        if parts is not None and any(singular(w) in self.anatomy for w in parts):
+            return parts
+        # A label's name written as one word ("sternothyroid" for sterno_thyroid): its parts are
+        # words of the registry's names and, together, one structure's name.
+        # (every part a word of that name: "tailbone" is no "tail" of a "bone")
+        parts = _split_into(word, lambda w: len(w) > 3 and w in self.known)
+        core = self.core(" ".join(parts)) if parts is not None and len(parts) > 1 else ()
+        if parts is not None and core in self.names and len(core) >= len(parts):
+            return parts
+        return None
 
     def sound_in_name(self, word: str, before: str | None, after: str | None) -> str | None:
         """The word of a structure name that ``word`` sounds like, beside the rest of that name.
@@ -1559,8 +1566,10 @@ def _takes_head_noun(word: str, nxt: list[str], vocab: Vocabulary) -> bool:
     if len(nxt) < 2 or word in _LATERAL:
         return False
     joined, alone = vocab.core(f"{word} {nxt[-1]}"), vocab.core(word)
-    if joined == alone or joined not in vocab.names or set(alone) & LESION_TOKENS:
-        return False  # (a lesion takes no head noun: "tumour and peritumoral oedema")
+    if not alone or joined == alone or joined not in vocab.names or set(alone) & LESION_TOKENS:
+        # (a lesion takes no head noun: "tumour and peritumoral oedema"; nor does a word that
+        # reads as nothing: "laryngectomy: thyroid cartilage")
+        return False
     if alone not in vocab.names and word not in vocab.anatomy:
         return True
     plural = singular(nxt[-1]) != nxt[-1]
@@ -1725,7 +1734,7 @@ def _parse_segment(
     seg: str, negated: bool, vocab: Vocabulary, label_form: bool = False
 ) -> tuple[ParsedTarget | None, list[str]]:
     words = _WORD.findall(seg)
-    if not words:
+    if not words or _names_requester(words):
         return None, []
     regions: list[str] = []
     cut = words.index("for", 1) if "for" in words[1:] else 0
@@ -1737,7 +1746,7 @@ def _parse_segment(
             for tok in vocab.canonical_tokens([w])[0]:
                 regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
     if not label_form:
-        words = _without_reason(_drop_location(words, vocab, regions), vocab)
+        words = _without_reason(_drop_location(_without_relative_clause(words, vocab, regions), vocab, regions), vocab)
     read = _read_words(words, regions)
     composite = any(w in _COMPOSITE_WORDS for w in read.rest)
     tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)
@@ -1756,7 +1765,7 @@ def _parse_segment(
         tokens = ["vertebra"]
     core = _finish_core(tokens)
     group: str | None = None
-    described = any(w in _RELATIVE_WORDS for w in words)  # "the organ that makes insulin": no group
+    described = any(w in RELATIVE_WORDS for w in words)  # "the organ that makes insulin": no group
     if ("oar" in core or "organ" in core) and not described:
         # Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors).
         group = "oars" if "oar" in core else "organs"
@@ -1773,7 +1782,35 @@ def _parse_segment(
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
 
 
-_RELATIVE_WORDS = frozenset({"that", "which", "where", "whose"})
+def _names_requester(words: list[str]) -> bool:
+    """Whether a list item is who asks ("Spinal surgeons:", "the liver team"): a specialty and a requester."""
+    content = [w for w in words if w not in STOPWORDS or singular(w) in _REQUESTERS]
+    last = singular(content[-1]) if content else ""
+    return len(content) <= 3 and (last in _REQUESTERS or last.endswith("ologist"))
+
+
+_REQUESTERS = WORDS.requesters
+RELATIVE_WORDS = frozenset({"that", "which", "where", "whose"})
+
+
+def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
+    """A name without the relative clause that follows it ("the nerve cable [that runs down my spine]").
+
+    Only after words that name a structure as they stand, none unknown: the clause then says
+    something about it, and its organs are region context. A description keeps its clause ("the
+    bag under the liver that stores bile" names no structure before "that").
+    """
+    k = next((i for i, w in enumerate(words) if i and w in RELATIVE_WORDS), 0)
+    if not k:
+        return words
+    tokens, unknown = vocab.canonical_tokens(words[:k])
+    core = vocab.core(" ".join(words[:k]))
+    if unknown or not tokens or core not in vocab.names or set(core) <= CLASS_NOUNS | {"organ", "oar"}:
+        return words
+    for w in words[k + 1 :]:
+        for tok in vocab.canonical_tokens([w])[0]:
+            regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+    return words[:k]
 
 
 def _without_reason(words: list[str], vocab: Vocabulary) -> list[str]:

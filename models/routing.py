@@ -1480,8 +1480,13 @@ class Router:
         named = [j for j, w in enumerate(words) if not is_unknown(w) and grammar.singular(w) not in grammar.STOPWORDS]
         # A participle after the structure, with words of its own, opens a clause ("collarbone
         # playing rugby"); one that ends the phrase may be its head noun ("tongue piercing").
+        # A relative word after it opens one too ("the breast bone where they opened my chest").
         participle = next(
-            (i for i, w in enumerate(words[:-1]) if named and i > named[0] and is_unknown(w) and w.endswith("ing")),
+            (
+                i
+                for i, w in enumerate(words[:-1])
+                if named and i > named[0] and ((is_unknown(w) and w.endswith("ing")) or w in grammar.RELATIVE_WORDS)
+            ),
             len(words),
         )
         named = [j for j in named if j < participle]

@@ -1121,3 +1121,33 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
     modality = "MR:T2" if dataset == "Prostate_T2" else "CT"
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # a relative clause after a structure's name says something about it
+        ("the breast bone where they opened my chest", "TotalSegmentator_v2", ["sternum"]),
+        ("the nerve cable that runs down inside my spine", "TotalSegmentator_v2", ["spinal_cord"]),
+        # ... while a description keeps its clause: no structure is named before "that"
+        ("the bag under the liver that stores bile", "TotalSegmentator_v2", ["gallbladder"]),
+        # a label's name written as one word; a word that reads as nothing takes no head noun
+        (
+            "Laryngectomy flap planning: sternothyroid and thyrohyoid muscles",
+            "TotalSegmentator_headneck_muscles",
+            ["sterno_thyroid_left", "sterno_thyroid_right", "thyrohyoid_left", "thyrohyoid_right"],
+        ),
+        ("Laryngectomy flap planning: sternothyroid and thyrohyoid muscles", "TotalSegmentator_v2", []),
+        # ... but only when every part is a word of that name ("tailbone" is no tail of a bone)
+        ("my tailbone", "TotalSegmentator_v2", []),
+        # who asks is no structure: no spinal cord for "Spinal surgeons"
+        (
+            "Spinal surgeons: L4, L5 and the sacrum for pedicle screw planning.",
+            "TotalSegmentator_v2",
+            ["sacrum", "vertebrae_L4", "vertebrae_L5"],
+        ),
+    ],
+)
+def test_readings_of_round_nineteen(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
