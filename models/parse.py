@@ -1669,8 +1669,9 @@ def _apply_list_rules(
     organs = [t for t in header_targets or () if not set(t.concept.core) & LESION_TOKENS]
     lesions = [t for t in header_targets or () if set(t.concept.core) & LESION_TOKENS]
     if header_targets is not None and len(organs) == 1:
-        # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ.
-        targets = _inherit_lesion_organ(organs + targets)[1:]
+        # "MR LIVER - SEGMENT LESIONS": bare lesions under a one-organ header are of that organ,
+        # and so are bare vessels, joints or muscles ("CT TMJ BILAT - JOINTS").
+        targets = [_of_header_structure(organs[0], t) for t in _inherit_lesion_organ(organs + targets)[1:]]
     elif not organs and lesions:
         # "CT RENAL MASS PROTOCOL - MASS VOLUME": a bare lesion refers back to the header's.
         targets = _inherit_lesion_organ(lesions + targets)[len(lesions) :]
@@ -1680,6 +1681,15 @@ def _apply_list_rules(
         # something from it ("MR LIVER - LESIONS NOT WANTED").
         targets = header_targets + [t for t in targets if t.negated and t.concept.core]
     return [_in_default_organ(t) for t in targets]
+
+
+def _of_header_structure(structure: ParsedTarget, t: ParsedTarget) -> ParsedTarget:
+    """A class noun under a one-structure worklist header is that structure's ("CT LIVER - VESSELS")."""
+    core = set(t.concept.core)
+    if t.negated or not core or not core <= CLASS_NOUNS:
+        return t
+    concept = replace(t.concept, core=_finish_core([*structure.concept.core, *core]))
+    return replace(t, concept=replace(concept, laterality=t.concept.laterality or structure.concept.laterality))
 
 
 def _in_default_organ(t: ParsedTarget) -> ParsedTarget:

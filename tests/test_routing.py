@@ -1146,6 +1146,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
             "TotalSegmentator_v2",
             ["sacrum", "vertebrae_L4", "vertebrae_L5"],
         ),
+        # a class noun under a one-structure worklist header is that structure's
+        ("CT TMJS BILAT (OPEN/CLOSED) - JOINTS", "SegRap2023_Task1", ["TMjoint_L", "TMjoint_R"]),
+        ("CT LIVER - VESSELS", "TotalSegmentator_liver_vessels", ["liver_vessels"]),
     ],
 )
 def test_readings_of_round_nineteen(router, text, dataset, labels):
