@@ -135,6 +135,7 @@ class GrammarWords(_Frozen):
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]
     requesters: frozenset[Word]
+    pronouns: frozenset[Word]
     default_whole: dict[Word, DefaultWhole]
     context_readings: dict[Word, ContextReading]
 

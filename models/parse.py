@@ -793,6 +793,11 @@ _FIRST_N = re.compile(
     r"\b(first|upper|uppermost|top|last|lower|lowest|bottom)\s+(\d{1,2}|" + "|".join(_CARDINALS) + r")\b"
     r"(?=\s+(?:(?:left|right|lt|rt|bilateral)\s+)?(?:pairs?\s+of\s+)?(rib|cervical|thoracic|dorsal|lumbar|sacral))"
 )
+#: "the last lumbar vertebra", "lowest rib": the one at the end of a series.
+_LAST_ONE = re.compile(
+    r"\b(?:last|lowest|bottom)\s+(?=(?:(?:left|right|lt|rt)\s+)?"
+    r"(?:(rib)\b(?!s)|(cervical|thoracic|dorsal|lumbar|sacral)\s+vertebra\b))"
+)
 #: "T-spine", "L spine": the segment of the spine the letter names.
 _LETTER_SPINE = re.compile(r"\b([ctl])[\s-]?spine\b")
 _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spine"}
@@ -897,7 +902,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     low = _drop_purposes(_SITE_PLAN.sub(" ", low), vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
-    targets = _segment_targets(_split_segments(low, vocab), vocab, regions, notes)
+    targets = _segment_targets(_pronoun_exclusions(_split_segments(low, vocab)), vocab, regions, notes)
     targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None, vocab)
     targets = [_ordinal_name(t, vocab) for t in targets]
     # Several mentions of one concept are one target.
@@ -1372,6 +1377,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
     low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
     low = _FIRST_N.sub(_expand_first_n, low)
+    low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
@@ -1574,6 +1580,22 @@ def _takes_head_noun(word: str, nxt: list[str], vocab: Vocabulary) -> bool:
         return True
     plural = singular(nxt[-1]) != nxt[-1]
     return plural and len(nxt) == 2 and singular(word) == word and joined != vocab.core(" ".join(nxt))
+
+
+def _pronoun_exclusions(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """An exclusion of a pronoun excludes what the item before it names ("the cyst ..., leave it out")."""
+    out: list[tuple[str, bool]] = []
+    for seg, negated in segments:
+        words = _WORD.findall(seg)
+        pronoun = any(w in _PRONOUNS for w in words) and all(w in _PRONOUNS or w in STOPWORDS for w in words)
+        if negated and pronoun and out and not out[-1][1]:
+            out[-1] = (out[-1][0], True)
+            continue
+        out.append((seg, negated))
+    return out
+
+
+_PRONOUNS = WORDS.pronouns
 
 
 def _segment_targets(

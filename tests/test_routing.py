@@ -1149,6 +1149,27 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # a class noun under a one-structure worklist header is that structure's
         ("CT TMJS BILAT (OPEN/CLOSED) - JOINTS", "SegRap2023_Task1", ["TMjoint_L", "TMjoint_R"]),
         ("CT LIVER - VESSELS", "TotalSegmentator_liver_vessels", ["liver_vessels"]),
+        # an excluded pronoun excludes what the item before it names
+        ("liver and spleen, the spleen was removed so skip it", "TotalSegmentator_v2", ["liver"]),
+        (
+            "Pancreas only; the cyst is being followed in another study, leave it out.",
+            "pancreas_ct_dints_segmentation",
+            ["pancreas"],
+        ),
+        # words of time are no anatomy ("months" is not "mouth", "last" not "lat") ...
+        (
+            "True and false lumen volumes every 6 months",
+            "TotalSegmentator_aortic_dissection",
+            ["aorta_true_lumen", "aorta_false_lumen"],
+        ),
+        (
+            "frontal and temporal lobes - the temporal ones were done last week, drop them",
+            "TotalSegmentator_brain_structures",
+            ["frontal_lobe"],
+        ),
+        # ... while "the last" of a series is its final member
+        ("the last lumbar vertebra", "TotalSegmentator_v2", ["vertebrae_L5"]),
+        ("my lowest rib on the left", "TotalSegmentator_v2", ["rib_left_12"]),
     ],
 )
 def test_readings_of_round_nineteen(router, text, dataset, labels):
