@@ -131,3 +131,13 @@ def test_the_default_path_is_packaged():
     # A wheel must carry both data files (pyproject package-data), or an installed node cannot route.
     text = (Path(grammar_words.__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert '"grammar_words.yaml"' in text and '"lexicon.yaml"' in text
+
+
+@pytest.mark.parametrize(
+    "word",
+    ["size", "lift", "value", "metal", "crohn", "copd", "months", "last", "axillary", "abductor", "intrahepatic"],
+)
+def test_a_real_word_is_no_typo_of_a_structure(word):
+    # Everyday, report and time words one edit from a structure's or side's name ("size" -> side,
+    # "months" -> mouth, "axillary" -> maxillary) are known, so the spelling check leaves them.
+    assert parse.default_vocabulary().correct_spelling(word) == word
