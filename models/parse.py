@@ -758,6 +758,14 @@ _NOT_NEEDED = re.compile(
     # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
     r"|(?:out|no)(?=\s*(?:$|[,;.])))\b"
 )
+
+
+def _not_needed_item(m: re.Match[str]) -> str:
+    # "liver with the tumour excluded": only what follows "with" is closed by the exclusion.
+    kept, _, item = m.group(2).rpartition(" with ")
+    return f"{m.group(1)} {kept} , except {item} " if kept.strip() else f"{m.group(1)} except {m.group(2)} "
+
+
 _RIB_SIDE = re.compile(
     r"\b(ribs?\s+)([lr])\s?(?=\d)"
     # (an ordinal, or a range: "L 4th/5th ribs", "R 9-10 ribs"; not "L1 and 12th ribs")
@@ -1385,7 +1393,7 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
-    low = _NOT_NEEDED.sub(r"\1 except \2 ", low)  # "femoral heads not needed"
+    low = _NOT_NEEDED.sub(_not_needed_item, low)  # "femoral heads not needed"
     low = _INDICATION.sub(" ; ", low)  # "history of cirrhosis", "rule out HCC": why, not what
     for phrase in protected:
         if phrase in low:

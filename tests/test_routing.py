@@ -1170,6 +1170,8 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # ... while "the last" of a series is its final member
         ("the last lumbar vertebra", "TotalSegmentator_v2", ["vertebrae_L5"]),
         ("my lowest rib on the left", "TotalSegmentator_v2", ["rib_left_12"]),
+        # "X with Y excluded" excludes Y only
+        ("Liver volumetry with the tumour excluded from the volume", "LiTS", ["liver"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
