@@ -1170,6 +1170,12 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # ... while "the last" of a series is its final member
         ("the last lumbar vertebra", "TotalSegmentator_v2", ["vertebrae_L5"]),
         ("my lowest rib on the left", "TotalSegmentator_v2", ["rib_left_12"]),
+        # "muscle" beside the fat compartments is the skeletal muscle tissue
+        (
+            "CT ABDOMEN SARCOPENIA - MUSCLE + SUBCUT FAT",
+            "TotalSegmentator_tissue_types",
+            ["subcutaneous_fat", "skeletal_muscle"],
+        ),
         # "X with Y excluded" excludes Y only
         ("Liver volumetry with the tumour excluded from the volume", "LiTS", ["liver"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
