@@ -421,6 +421,8 @@ class Vocabulary:
         for concept in lexicon.concepts.values():
             known.update(concept.canonical.split())
         known.update(lexicon.qualifiers)
+        # The grammar's own nouns ("THR component", "LV wall") are words, whether a term has them or not.
+        known.update(WORDS.generic_nouns | WORDS.generic_modifiers | WORDS.class_nouns)
         for group, members in lexicon.groups.items():
             known.update(group.split())
             for member in members:

@@ -1176,6 +1176,8 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
             "TotalSegmentator_tissue_types",
             ["subcutaneous_fat", "skeletal_muscle"],
         ),
+        # the grammar's generic nouns are words: "component" does not doubt "THA"
+        ("THA component", "TotalSegmentator_hip_implant", ["hip_implant"]),
         # "X with Y excluded" excludes Y only
         ("Liver volumetry with the tumour excluded from the volume", "LiTS", ["liver"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
