@@ -1180,6 +1180,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         ("THA component", "TotalSegmentator_hip_implant", ["hip_implant"]),
         # "X with Y excluded" excludes Y only
         ("Liver volumetry with the tumour excluded from the volume", "LiTS", ["liver"]),
+        # booking, scheduling and questions about people ask for another task
+        ("Book a follow-up CT of the liver in 6 months.", "TotalSegmentator_v2", []),
+        ("Who reported the CT of his liver?", "TotalSegmentator_v2", []),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
