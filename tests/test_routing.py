@@ -1193,6 +1193,16 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # booking, scheduling and questions about people ask for another task
         ("Book a follow-up CT of the liver in 6 months.", "TotalSegmentator_v2", []),
         ("Who reported the CT of his liver?", "TotalSegmentator_v2", []),
+        # clinical and radiotherapy shorthand, with and without a side (lexicon data)
+        ("seg LIJV", "TotalSegmentator_headneck_bones_vessels", ["internal_jugular_vein_left"]),
+        ("LK please", "TotalSegmentator_v2", ["kidney_left"]),
+        ("NPx, OPx, HPx", "TotalSegmentator_head_glands_cavities", ["nasopharynx", "oropharynx", "hypopharynx"]),
+        (
+            "EO and IO both sides",
+            "TotalSegmentator_abdominal_muscles",
+            ["external_oblique_left", "external_oblique_right", "internal_oblique_left", "internal_oblique_right"],
+        ),
+        ("Segment PDAC.", "pancreas_ct_dints_segmentation", ["pancreatic_tumor"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
