@@ -73,6 +73,7 @@ GLOSS_MARGIN = 0.08
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 _PHRASES_PER_PASS = 16  # at most this many phrases in one forward pass
 _PHRASE_CACHE_SIZE = 4096  # query phrases kept across requests
+_SURE_CORRECTION = 6  # letters from which a word's spelling correction stands in for it
 
 
 def _only_places(tokens: set[str] | frozenset[str]) -> bool:
@@ -1428,9 +1429,18 @@ class Router:
         return text if len([w for w in text.split() if w not in grammar.STOPWORDS]) >= _DESCRIPTION_WORDS else ""
 
     def _phrase(self, pt: grammar.ParsedTarget) -> str:
-        # The words that name the structure: no commands, sides, numbers or levels.
+        # The words that name the structure: no commands, sides, numbers or levels; a long
+        # misspelt word that the reading comes from as the grammar corrected it ("galbladder plz"
+        # is compared as "gallbladder plz"). A short word stays as written: one edit in four
+        # letters is weak evidence ("Lars" in a signature is no "lats", "Desc" no "disc").
         skip = grammar.STOPWORDS | {"left", "right", "l", "r", "lt", "rt", "bilateral", "both"}
-        return " ".join(w for w in pt.words if w not in skip and not any(ch.isdigit() for ch in w))
+        core = set(pt.concept.core)
+
+        def spelt(word: str) -> str:
+            fixed = self.vocab.correct_spelling(word) if len(word) >= _SURE_CORRECTION else word
+            return fixed if fixed != word and set(self.vocab.core(fixed)) & core else word
+
+        return " ".join(spelt(w) for w in pt.words if w not in skip and not any(ch.isdigit() for ch in w))
 
     def _encoder_match(
         self, pt: grammar.ParsedTarget, regions: set[str], allowed: set[str]

@@ -1203,6 +1203,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
             ["external_oblique_left", "external_oblique_right", "internal_oblique_left", "internal_oblique_right"],
         ),
         ("Segment PDAC.", "pancreas_ct_dints_segmentation", ["pancreatic_tumor"]),
+        # a long misspelt word is checked as the grammar corrected it, a short one as written
+        ("galbladder plz", "TotalSegmentator_v2", ["gallbladder"]),
+        ("(0040,0007) SPS Desc: CT CHEST ROUTINE", "TotalSegmentator_vertebrae_body", []),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
