@@ -1206,6 +1206,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # a long misspelt word is checked as the grammar corrected it, a short one as written
         ("galbladder plz", "TotalSegmentator_v2", ["gallbladder"]),
         ("(0040,0007) SPS Desc: CT CHEST ROUTINE", "TotalSegmentator_vertebrae_body", []),
+        # "inside" places a structure like "under" does; a lay name of the trachea
+        ("team want the nerve cord inside his spine outlined", "TotalSegmentator_v2", ["spinal_cord"]),
+        ("the air pipe in his neck being squashed - please outline it", "TotalSegmentator_v2", ["trachea"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
