@@ -1074,8 +1074,12 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
 # "#" is clinical shorthand for a fracture ("# NOF", "?# sternum"): it describes what follows.
 _FRACTURE_SIGN = re.compile(r"(?<![\w#])\??\s*#\s*(?=[a-z])")
 # "for TIPS", "pre op", "post void", "?mesenteric ischaemia": up to the end of the list item.
-# (up to the item's end: a comma, semicolon, colon, bracket, dash or question mark)
-_PURPOSE = re.compile(r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;:()?]*?)(?=\s[-\u2013\u2014]\s|[,;:()?]|$)")
+# (up to the item's end: a comma, semicolon, colon, bracket, dash or question mark, or the
+# request that follows a purpose written first: "For the prosthesis planning we want ...")
+_PURPOSE = re.compile(
+    r"(?:\b(?:for|pre|post)\s+|(?<![\w?])\?\s*)([^,;:()?]*?)"
+    r"(?=\s[-\u2013\u2014]\s|[,;:()?]|\s(?:we|i)\s+(?:want|need|would|require)\b|\s(?:please|kindly)\b|$)"
+)
 
 
 # "Oropharynx plan, OARs to auto-contour: ...": a plan's site opening a request is context, not a target.

@@ -1209,6 +1209,16 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # "inside" places a structure like "under" does; a lay name of the trachea
         ("team want the nerve cord inside his spine outlined", "TotalSegmentator_v2", ["spinal_cord"]),
         ("the air pipe in his neck being squashed - please outline it", "TotalSegmentator_v2", ["trachea"]),
+        # a purpose written first ends where the request begins
+        (
+            "For the prosthesis planning we want femur left, femur right",
+            "TotalSegmentator_v2",
+            ["femur_left", "femur_right"],
+        ),
+        # "sx" (sinister) is the left side
+        ("Parotid sx, for the radiotherapy.", "TotalSegmentator_head_glands_cavities", ["parotid_gland_left"]),
+        # "epigastric" is a place, not the digastric muscle
+        ("Epigastric pain: please show the gallbladder and pancreas", "TotalSegmentator_head_muscles", []),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
