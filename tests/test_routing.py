@@ -1219,6 +1219,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         ("Parotid sx, for the radiotherapy.", "TotalSegmentator_head_glands_cavities", ["parotid_gland_left"]),
         # "epigastric" is a place, not the digastric muscle
         ("Epigastric pain: please show the gallbladder and pancreas", "TotalSegmentator_head_muscles", []),
+        # "no need" closes an item as "not needed" does; "keep" is a request word
+        ("Left adrenal please, the right adrenal is normal no need.", "TotalSegmentator_v2", ["adrenal_gland_left"]),
+        ("remove kidneys; keep liver, spleen.", "TotalSegmentator_v2", ["liver", "spleen"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
