@@ -1222,6 +1222,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # "no need" closes an item as "not needed" does; "keep" is a request word
         ("Left adrenal please, the right adrenal is normal no need.", "TotalSegmentator_v2", ["adrenal_gland_left"]),
         ("remove kidneys; keep liver, spleen.", "TotalSegmentator_v2", ["liver", "spleen"]),
+        # what is measured on a structure, a fracture's shorthand, a RIS code: no structure
+        ("CT CHEST WO 71250 RT RIBS 4-6 FX", "TotalSegmentator_v2", ["rib_right_4", "rib_right_5", "rib_right_6"]),
+        ("CT LEFT THIGH WO CONTRAST - FEMUR LENGTH AND ROTATION", "TotalSegmentator_v2", ["femur_left"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
