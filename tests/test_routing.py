@@ -1225,6 +1225,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # what is measured on a structure, a fracture's shorthand, a RIS code: no structure
         ("CT CHEST WO 71250 RT RIBS 4-6 FX", "TotalSegmentator_v2", ["rib_right_4", "rib_right_5", "rib_right_6"]),
         ("CT LEFT THIGH WO CONTRAST - FEMUR LENGTH AND ROTATION", "TotalSegmentator_v2", ["femur_left"]),
+        # context readings: PVs beside the left atrium, a prosthesis in a hip study
+        ("PA + PVs", "TotalSegmentator_lung_vessels", ["lung_arteries", "lung_veins"]),
+        ("CT HIP MARS - prosthesis", "TotalSegmentator_hip_implant", ["hip_implant"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
