@@ -1095,6 +1095,7 @@ def _without_record_ids(text: str) -> str:
     """
     text = _HL7_SEGMENT.sub(" ", text)
     text = _BRACKETED_ID.sub(" ", text)  # "[RPID1734]" with its brackets: no empty check box is left
+    text = _ENUMERATOR.sub(" ; ", text)  # "[1] spleen [2] liver": item numbers, not segment 2
     text = _RECORD_ID.sub(" ", text)
     text = _SET_ID_FIELD.sub("|", text)
     text = _CODE_FIELD.sub("|", text)  # "NTE|1|L|": the comment's source code, not the left side
@@ -1109,6 +1110,8 @@ _HL7_SEGMENT = re.compile(
 )
 # Three digits or more, after a record's label ("ACC#", "MRN:") or a letter prefix ("RAD-", "CT"), but
 # not a b-value ("b800"); levels and indices have two digits at most.
+# A form's or list's item numbers: "[1] spleen [2] liver", "1) liver 2) spleen", "(1) liver".
+_ENUMERATOR = re.compile(r"\[\s*\d{1,2}\s*\]|(?:^|(?<=[\s;:,]))\(?\d{1,2}\)(?=\s+[A-Za-z])")
 _BRACKETED_ID = re.compile(r"[\[(]\s*#?(?:[A-Za-z]+[-#]?)?\d{3,}[\w-]*\s*[\])]")
 _RECORD_ID = re.compile(
     r"(?:\b(?:acc(?:ession)?|mrn|order|req)\s*(?:#|no\.?|number)?\s*:?\s*)?"

@@ -1228,6 +1228,9 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # context readings: PVs beside the left atrium, a prosthesis in a hip study
         ("PA + PVs", "TotalSegmentator_lung_vessels", ["lung_arteries", "lung_veins"]),
         ("CT HIP MARS - prosthesis", "TotalSegmentator_hip_implant", ["hip_implant"]),
+        # a form's item numbers are no segment numbers
+        ("CRF item 14 (organs for volume): [1] spleen [2] liver", "TotalSegmentator_liver_segments", []),
+        ("1) liver 2) spleen", "TotalSegmentator_v2", ["liver", "spleen"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
