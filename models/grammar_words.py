@@ -134,6 +134,7 @@ class GrammarWords(_Frozen):
     other_tasks: frozenset[Word]
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]
+    questions: frozenset[Word]
     requesters: frozenset[Word]
     pronouns: frozenset[Word]
     default_whole: dict[Word, DefaultWhole]

@@ -115,7 +115,11 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("XA", re.compile(r"\b(?:angiogra(?:m|ms|phy)|cath(?:eter)?\s+lab|dsa|digital\s+subtraction\s+angio\w*)\b", re.I)),
     (
         "NM",
-        re.compile(r"\b(?:scintigra\w*|pertechnetate|spect|bone\s+scan|nuclear\s+medicine|mibg|dat\s*scan)\b", re.I),
+        re.compile(
+            r"\b(?:scintigra\w*|pertechnetate|spect|bone\s+scan|nuclear\s+medicine|mibg|dat\s*scan|nm|dmsa|mag3"
+            r"|tc[\s-]?99m?|99m[\s-]?tc|uptake\s+scan|hida|renogra\w*|sestamibi|mibi|v\s*/?\s*q\s+scan)\b",
+            re.I,
+        ),
     ),
     (
         "US",
@@ -963,13 +967,13 @@ def other_task(text: str) -> str | None:
     The request's first word besides stop words is the verb: "Please burn my liver CT onto a disc" ->
     ``"burn"``; "cancel the spleen segmentation" -> ``"cancel"``; "CT CHEST W MIP - LUNG NODULES",
     "liver and spleen, send results to PACS" -> None.
-    The word classes are ``other_tasks``, ``segmentation_words`` and ``withdrawal`` of
-    ``grammar_words.yaml``.
+    The word classes are ``other_tasks``, ``segmentation_words``, ``withdrawal`` and ``questions``
+    of ``grammar_words.yaml``.
     """
     words = [singular(w) for w in _WORD.findall(_ascii(text).lower())]
     first = next((w for w in words if w not in STOPWORDS or w in WORDS.other_tasks), None)
     # (the task is the request's verb, its first word: not "CT CHEST W MIP - NODULES", "round window")
-    if first in WORDS.withdrawal:
+    if first in WORDS.withdrawal or first in WORDS.questions:
         return first
     if first in WORDS.other_tasks and not any(w in WORDS.segmentation_words for w in words):
         return first

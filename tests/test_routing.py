@@ -1231,6 +1231,10 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         # a form's item numbers are no segment numbers
         ("CRF item 14 (organs for volume): [1] spleen [2] liver", "TotalSegmentator_liver_segments", []),
         ("1) liver 2) spleen", "TotalSegmentator_v2", ["liver", "spleen"]),
+        # deleting a segmentation, a question why, vetting, translating: other tasks
+        ("Please delete the liver segmentation sent in error - wrong patient.", "TotalSegmentator_v2", []),
+        ("Why did the kidney segmentation job fail last night?", "TotalSegmentator_v2", []),
+        ("Kindly translate the kidney CT report into Arabic.", "TotalSegmentator_v2", []),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
@@ -1238,3 +1242,14 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
 def test_readings_of_round_nineteen(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    "text", ["NM DMSA SCAN 78700 - SEGMENT BOTH KIDNEYS", "Thyroid uptake scan (Tc-99m) - the thyroid"]
+)
+def test_a_nuclear_medicine_study_is_refused_by_its_modality(router, text):
+    # The text names the modality (no caller modality): nuclear medicine, which no dataset accepts.
+    result = plan(router, text, None, collection=None)
+    assert result.modality == "NM"
+    assert result.selection == {}
+    assert {u.kind for u in result.unmatched} == {UnmatchedKind.OTHER_MODALITY}
