@@ -918,7 +918,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     notes: list[str] = []
     targets = _segment_targets(_pronoun_exclusions(_split_segments(low, vocab)), vocab, regions, notes)
     targets = _apply_list_rules(targets, low, text, header.targets if header is not None else None, vocab)
-    targets = [_ordinal_name(t, vocab) for t in targets]
+    targets = _same_as_before([_ordinal_name(t, vocab) for t in targets])
     # Several mentions of one concept are one target.
     first: dict[tuple, ParsedTarget] = {}
     for t in targets:
@@ -959,6 +959,25 @@ def _read_header(text: str, vocab: Vocabulary) -> _Header | None:
     ]
     targets = [t for t in header.targets if t.concept.core and not t.negated]
     return _Header(text[head.end() :], targets, regions, _sides_written(head.group(1)))
+
+
+def _same_as_before(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    """A later "the cyst" is the lesion named before with its side ("Cyst on the left kidney ... the cyst")."""
+    out: list[ParsedTarget] = []
+    for t in targets:
+        sided_before = any(
+            p.concept.core == t.concept.core and p.concept.index == t.concept.index and p.concept.laterality
+            for p in out
+            if not p.negated
+        )
+        definite = _DEFINITE.search(t.text) is not None
+        if sided_before and definite and t.concept.lesion and not t.negated and t.concept.laterality is None:
+            continue
+        out.append(t)
+    return out
+
+
+_DEFINITE = re.compile(r"\b(?:the|this|that|these|those)\b")
 
 
 def other_task(text: str) -> str | None:

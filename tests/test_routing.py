@@ -1235,11 +1235,20 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
         ("Please delete the liver segmentation sent in error - wrong patient.", "TotalSegmentator_v2", []),
         ("Why did the kidney segmentation job fail last night?", "TotalSegmentator_v2", []),
         ("Kindly translate the kidney CT report into Arabic.", "TotalSegmentator_v2", []),
+        # sides in French and Spanish
+        ("The adrenal gland, right side (droite), please.", "TotalSegmentator_v2", ["adrenal_gland_right"]),
+        ("Humerus izquierdo - the left humerus please.", "TotalSegmentator_v2", ["humerus_left"]),
+        # a later "the cyst" is the cyst named before, with its side
+        (
+            "Cyst on the left kidney getting bigger - they want the cyst measured.",
+            "TotalSegmentator_kidney_cysts",
+            ["kidney_cyst_left"],
+        ),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
 )
-def test_readings_of_round_nineteen(router, text, dataset, labels):
+def test_readings_of_rounds_nineteen_and_twenty(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
 
