@@ -992,8 +992,8 @@ def other_task(text: str) -> str | None:
     words = [singular(w) for w in _WORD.findall(_ascii(text).lower())]
     first = next((w for w in words if w not in STOPWORDS or w in WORDS.other_tasks), None)
     # (the task is the request's verb, its first word: not "CT CHEST W MIP - NODULES", "round window")
-    if first in WORDS.withdrawal or first in WORDS.questions:
-        return first
+    if first in WORDS.withdrawal or (first in WORDS.questions and "?" in text):
+        return first  # (a question only when asked: "Why: staging. Segment the liver" is a form)
     if first in WORDS.other_tasks and not any(w in WORDS.segmentation_words for w in words):
         return first
     return None
@@ -1425,7 +1425,8 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if _DENTAL.search(low):
         low = _FDI_TEETH.sub(_fdi_names, low)
-    low = _NOT_NEEDED.sub(_not_needed_item, low)  # "femoral heads not needed"
+    # (runs of spaces collapsed first: the item's lazy match before "\s+" is quadratic in them)
+    low = _NOT_NEEDED.sub(_not_needed_item, re.sub(r"[ \t]{2,}", " ", low))  # "femoral heads not needed"
     low = _INDICATION.sub(" ; ", low)  # "history of cirrhosis", "rule out HCC": why, not what
     for phrase in protected:
         if phrase in low:
@@ -1855,7 +1856,13 @@ def _parse_segment(
 
 
 def _names_requester(words: list[str]) -> bool:
-    """Whether a list item is who asks ("Spinal surgeons:", "the liver team"): a specialty and a requester."""
+    """Whether a list item is who asks ("Spinal surgeons:", "the liver team"): a specialty and a requester.
+
+    Not an item that names a structure for or to someone ("liver for the surgeon", "the liver
+    which the surgeons asked for").
+    """
+    if any(w in _FOR_SOMEONE for w in words):
+        return False
     content = [w for w in words if w not in STOPWORDS or singular(w) in _REQUESTERS]
     last = singular(content[-1]) if content else ""
     return len(content) <= 3 and (last in _REQUESTERS or last.endswith("ologist"))
@@ -1863,6 +1870,7 @@ def _names_requester(words: list[str]) -> bool:
 
 _REQUESTERS = WORDS.requesters
 RELATIVE_WORDS = frozenset({"that", "which", "where", "whose"})
+_FOR_SOMEONE = RELATIVE_WORDS | {"for", "to", "by", "who"}  # "liver for the surgeon"
 
 
 def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
@@ -1879,6 +1887,8 @@ def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[
     core = vocab.core(" ".join(words[:k]))
     if unknown or not tokens or core not in vocab.names or set(core) <= CLASS_NOUNS | {"organ", "oar"}:
         return words
+    if set(vocab.canonical_tokens(words[k + 1 :])[0]) & LESION_TOKENS:
+        return words  # a lesion in the clause is the structure's ("the kidney that has the cyst")
     for w in words[k + 1 :]:
         for tok in vocab.canonical_tokens([w])[0]:
             regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))

@@ -746,16 +746,17 @@ class Router:
     def _expect_phrases(self, targets: list[grammar.ParsedTarget]) -> None:
         """Note the phrases this request's targets may ask the encoder for (none is encoded yet).
 
-        Those are a target's structure words (:meth:`_phrase`: the encoder's neighbours and the
-        check of a partial reading) and, when they are many, its words as written
-        (:meth:`_described`). The list is a guess: a target the grammar reads whole asks for
-        nothing, and a request that needs no pass makes none.
+        Those are, for a target with unknown words or a reading that names no known structure, its
+        structure words (:meth:`_phrase`: the encoder's neighbours and the check of a partial
+        reading) and, when they are many, its words as written (:meth:`_description`). The list
+        is a guess: a request that needs no pass makes none.
         """
         phrases: dict[str, None] = {}
         if self.use_encoder:
             for pt in targets:
-                phrases[self._phrase(pt)] = None
-                phrases[self._description(pt)] = None
+                if pt.unknown or tuple(sorted(pt.concept.core)) not in self.vocab.names:
+                    phrases[self._phrase(pt)] = None
+                    phrases[self._description(pt)] = None
         known = self._index.string_row
         self._request.pending = [p for p in phrases if p and p not in known and p not in self._phrase_cache]
         self._request.vectors = {}

@@ -1244,6 +1244,11 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
             "TotalSegmentator_kidney_cysts",
             ["kidney_cyst_left"],
         ),
+        # review: a structure for or to a requester stays; a lesion in a relative clause is the
+        # structure's; a form's "Why:" field is no question
+        ("liver for the surgeon", "TotalSegmentator_v2", ["liver"]),
+        ("the kidney that has the cyst", "TotalSegmentator_v2", ["kidney_cyst_left", "kidney_cyst_right"]),
+        ("Why: staging. Segment liver and spleen", "TotalSegmentator_v2", ["liver", "spleen"]),
         # an anatomical word is not another's typo ("abductor" is not "adductor")
         ("Abductor insufficiency: gluteus medius and minimus", "TotalSegmentator_thigh_shoulder_muscles", []),
     ],
