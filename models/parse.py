@@ -1815,9 +1815,7 @@ def _parse_segment(
         # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
         # purpose; its organs are region context, not targets ("asks for the liver" names none before).
         purpose, words = words[cut + 1 :], words[:cut]
-        for w in purpose:
-            for tok in vocab.canonical_tokens([w])[0]:
-                regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+        regions.extend(_context_regions(purpose, vocab))
     if not label_form:
         words = _without_reason(_drop_location(_without_relative_clause(words, vocab, regions), vocab, regions), vocab)
     read = _read_words(words, regions)
@@ -1873,6 +1871,16 @@ RELATIVE_WORDS = frozenset({"that", "which", "where", "whose"})
 _FOR_SOMEONE = RELATIVE_WORDS | {"for", "to", "by", "who"}  # "liver for the surgeon"
 
 
+def _context_regions(words: list[str], vocab: Vocabulary) -> list[str]:
+    """The body regions the structures and region words of a clause place a request in (context, no target)."""
+    return [
+        r
+        for w in words
+        for tok in vocab.canonical_tokens([w])[0]
+        for r in vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ()))
+    ]
+
+
 def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
     """A name without the relative clause that follows it ("the nerve cable [that runs down my spine]").
 
@@ -1889,9 +1897,7 @@ def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[
         return words
     if set(vocab.canonical_tokens(words[k + 1 :])[0]) & LESION_TOKENS:
         return words  # a lesion in the clause is the structure's ("the kidney that has the cyst")
-    for w in words[k + 1 :]:
-        for tok in vocab.canonical_tokens([w])[0]:
-            regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+    regions.extend(_context_regions(words[k + 1 :], vocab))
     return words[:k]
 
 
@@ -1934,9 +1940,7 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
         place = [w for w in words[i + len(prep) :] if w not in STOPWORDS and w != "side"]
         if not head or set(head) & LESION_TOKENS or all(w in _LATERAL for w in place):
             return words  # "ribs 1-3 on the right": a side, not a place
-        for w in words[i + len(prep) :]:
-            for tok in vocab.canonical_tokens([w])[0]:
-                regions.extend(vocab.organ_regions.get(tok, REGION_WORDS.get(tok, ())))
+        regions.extend(_context_regions(words[i + len(prep) :], vocab))
         return words[:i]
     return words
 
