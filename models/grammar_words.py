@@ -54,6 +54,7 @@ GroupName = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z][a-z0-
 Region = Annotated[str, StringConstraints(strict=True), AfterValidator(_known_region)]
 Level = Annotated[str, StringConstraints(strict=True), AfterValidator(_known_level)]
 Qualifier = Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Z][a-z]*$")]
+Side = Literal["left", "right", "bilateral"]
 
 
 class _Frozen(BaseModel):
@@ -102,6 +103,8 @@ class GrammarWords(_Frozen):
     composite_words: frozenset[Word]
     joining_words: frozenset[Word]
     laterality: Laterality
+    eye_sides: dict[Word, Side]
+    eye_words: frozenset[Word]
     regions: dict[Word, tuple[Region, ...]]
     structure_after_region: frozenset[Word]
     head_and_neck_disease: frozenset[Word]
@@ -134,6 +137,8 @@ class GrammarWords(_Frozen):
     other_tasks: frozenset[Word]
     segmentation_words: frozenset[Word]
     withdrawal: frozenset[Word]
+    result_tasks: frozenset[Word]
+    consent_words: frozenset[Word]
     questions: frozenset[Word]
     requesters: frozenset[Word]
     pronouns: frozenset[Word]

@@ -302,6 +302,12 @@ def _edits(a: str, b: str, limit: int) -> int:
     return int(OSA.distance(a, b, score_cutoff=limit))
 
 
+#: A letter that optical character recognition reads as a digit: the digit's letters.
+_OCR_DIGITS = {"0": "o", "1": "il", "5": "s"}
+#: A word of letters with such digits inside or in front, never at its end ("l1ver", not "t12").
+_OCR_WORD = re.compile(r"[a-z]*[015][a-z015]*[a-z]")
+
+
 _SOUND_SPELLINGS = (("ph", "f"), ("ch", "c"), ("ck", "c"), ("k", "c"), ("q", "c"), ("z", "s"))
 
 
@@ -490,7 +496,9 @@ class Vocabulary:
         go to the one candidate that sounds the same (:func:`_sound_key`), else keep the
         word unchanged (a guess between two structures is worse than none).
         """
-        if word in self.known or len(word) < 4 or not word.isalpha() or singular(word) in self.known:
+        if not word.isalpha():
+            return self._ocr_reading(word)
+        if word in self.known or len(word) < 4 or singular(word) in self.known:
             return word  # the plural of a known word is known ("iacs" is no typo for "icas")
         memo = self._memo.get(("spell", word))
         if memo is not None:
@@ -513,9 +521,33 @@ class Vocabulary:
             # A tie ("hart": heart or hard) goes to the one candidate that also sounds the same.
             best = [b for b in best if _sound_key(b) == _sound_key(word)]
         fixed = best[0] if best_d <= limit and best and len({singular(b) for b in best}) == 1 else word
+        if fixed == word and len(word) > 5 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
+            # The plural of a misspelt name ("pattellas"): its singular, one edit off and sounding the
+            # same, is corrected ("cheers" is not "cheek").
+            stem = self.correct_spelling(word[:-1])
+            same = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
+            fixed = stem if same else word
         if len(self._memo) < 16384:  # a memo, not state: the answer never changes
             self._memo[("spell", word)] = fixed
         return fixed
+
+    def _ocr_reading(self, word: str) -> str:
+        """The known word a scanned request's letters-read-as-digits spell ("l1ver", "0esophagus").
+
+        Optical character recognition of a faxed referral reads I and l as 1, O as 0, S as 5.  Only a
+        word of letters with at most two such digits inside or in front is read, and only when every
+        way of reading its digits that gives a known word gives the same one; "t12", "fdi11" and
+        "covid19" stay as written.
+        """
+        digits = sum(c.isdigit() for c in word)
+        if not _OCR_WORD.fullmatch(word) or digits > 2 or len(word) - digits < 3:
+            return word
+        spellings = [""]
+        for c in word:
+            spellings = [s + letter for s in spellings for letter in _OCR_DIGITS.get(c, c)]
+        readings = {self.correct_spelling(s) for s in spellings}
+        known = {r for r in readings if r in self.known or singular(r) in self.known}
+        return known.pop() if len(known) == 1 else word
 
     def joined_reading(self, first: str, second: str) -> str | None:
         """The structure two words spell when written as one ("stern um", "man dibble"), else None.
@@ -925,7 +957,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         first.setdefault((t.concept, t.negated, t.group, t.unknown), t)
     unique = list(first.values())
     sided = any(t.concept.laterality for t in unique if not t.negated)
-    sides = header.sides if header is not None else set()
+    sides = (header.sides if header is not None else set()) | _form_sides(written)
     side = next(iter(sides)) if len(sides) == 1 and not sided else None
     return ParsedRequest(
         text=written,
@@ -977,6 +1009,16 @@ def _same_as_before(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     return out
 
 
+def other_task_kind(word: str) -> str:
+    """What :func:`other_task`'s ``word`` does, for a plan's reason ("'who' asks a question")."""
+    if word in WORDS.withdrawal or word in WORDS.consent_words:
+        return "withdraws the request"
+    if word in WORDS.questions:
+        return "asks a question"
+    return "asks for another task"
+
+
+_REDO = re.compile(r"\bre-\s*([a-z]+)")
 _DEFINITE = re.compile(r"\b(?:the|this|that|these|those)\b")
 
 
@@ -989,7 +1031,13 @@ def other_task(text: str) -> str | None:
     The word classes are ``other_tasks``, ``segmentation_words``, ``withdrawal`` and ``questions``
     of ``grammar_words.yaml``.
     """
-    words = [singular(w) for w in _WORD.findall(_ascii(text).lower())]
+    low = _REDO.sub(r"re\1", _ascii(text).lower())  # "re-send" is "resend"
+    words = [singular(w) for w in _WORD.findall(low)]
+    task = next((w for w in words if w in WORDS.result_tasks), None)
+    if task is not None:
+        return task  # (a result that exists: "re-send the liver SEG", "approve the kidney contours")
+    if any(w in WORDS.consent_words for w in words) and any(w in WORDS.withdrawal for w in words):
+        return "consent"  # "consent for AI processing withdrawn, including the pancreas request"
     first = next((w for w in words if w not in STOPWORDS or w in WORDS.other_tasks), None)
     # (the task is the request's verb, its first word: not "CT CHEST W MIP - NODULES", "round window")
     if first in WORDS.withdrawal or (first in WORDS.questions and "?" in text):
@@ -1012,6 +1060,14 @@ def _abbreviation_dots(low: str, vocab: Vocabulary) -> str:
         return m.group(0)
 
     return _TRUNCATION_DOT.sub(truncation, low)
+
+
+def _form_sides(text: str) -> set[str]:
+    """The sides a form's own field gives ("Side: LEFT | Organ: KIDNEY", "laterality = R")."""
+    return {_LATERAL[m.group(1).lower()] for m in _SIDE_FIELD.finditer(_ascii(text))}
+
+
+_SIDE_FIELD = re.compile(r"\b(?:side|laterality)\s*[:=]\s*(left|right|lt|rt|l|r)\b", re.I)
 
 
 def _sides_written(header: str) -> set[str]:
@@ -1117,6 +1173,7 @@ def _without_record_ids(text: str) -> str:
     set number are the record, not the request; ``|`` separates fields, ``^`` components.
     """
     text = _HL7_SEGMENT.sub(" ", text)
+    text = _UID.sub(" ", text)  # "input=series 1.2.3.4.5": a DICOM UID, not five indices
     text = _BRACKETED_ID.sub(" ", text)  # "[RPID1734]" with its brackets: no empty check box is left
     text = _ENUMERATOR.sub(" ; ", text)  # "[1] spleen [2] liver": item numbers, not segment 2
     text = _RECORD_ID.sub(" ", text)
@@ -1131,6 +1188,8 @@ _HL7_SEGMENT = re.compile(
     r"|\^(?:C4|CPT4?|LN|LOINC|SCT|SNM3?|I10|I9C?|99\w*|L|LOCAL)(?=[\s|^~]|$)",
     re.I,
 )
+# A DICOM UID: four or more dot-separated numbers ("1.2.840.10008.5.1.4", "1.2.3.4.5").
+_UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){3,}(?!\w|\.\d)")
 # Three digits or more, after a record's label ("ACC#", "MRN:") or a letter prefix ("RAD-", "CT"), but
 # not a b-value ("b800"); levels and indices have two digits at most.
 # A form's or list's item numbers: "[1] spleen [2] liver", "1) liver 2) spleen", "(1) liver".
@@ -1172,11 +1231,13 @@ def _values_only(text: str) -> str:
     text = _DICOM_KEYWORD.sub(" , ", text)
     text = _MARKUP_TAG.sub(" , ", _JSON_KEY.sub(" , ", text))
     text = _PIPELINE_STEP.sub(" , ", text)
+    text = _SIDE_COMPARISON.sub(" ", text)  # "proptosis R>L" compares the sides; it asks for neither
     text = _DROPDOWN.sub(" ", text)
     return _KEY_EQUALS.sub(" , ", text)
 
 
 _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
+_SIDE_COMPARISON = re.compile(r"\b(?:[LR]|left|right)\s*(?:>|<|=|>=|<=)\s*(?:[LR]|left|right)\b", re.I)
 # A DICOM attribute's tag and keyword before its value: "(0040,0254) PerformedProcedureStepDescription:".
 _DICOM_KEYWORD = re.compile(
     r"(?:\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\)\s*)"
@@ -1975,6 +2036,7 @@ def _read_words(words: list[str], regions: list[str]) -> _SegmentWords:
     out = _SegmentWords()
     level_context = any(w in _LEVEL_CONTEXT or _LEVEL.match(w) for w in words)  # "cervicothoracic C7"
     rib_context = any(w in ("rib", "ribs") for w in words)
+    eye_context = any(w in WORDS.eye_words for w in words)  # "lens OS": the left one
     i = 0
     while i < len(words):
         w = words[i]
@@ -2009,8 +2071,8 @@ def _read_words(words: list[str], regions: list[str]) -> _SegmentWords:
         elif w == "b" and i + 1 < len(words) and words[i + 1] == "l":
             out.laterality = "bilateral"
             i += 1
-        elif w in _LATERAL:
-            lat = _LATERAL[w]
+        elif w in _LATERAL or (w in WORDS.eye_sides and eye_context):
+            lat = _LATERAL.get(w) or WORDS.eye_sides[w]
             out.laterality = lat if out.laterality in (None, lat) else "bilateral"
         elif w not in ("all", "every", "entire", "whole"):
             out.rest.append(w)

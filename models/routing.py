@@ -813,7 +813,7 @@ class Router:
         all_names = {d.name for d in datasets}
         if parsed.other_task is not None:
             # "Please burn my liver CT onto a disc": the liver is named, but nothing is to be segmented.
-            reason = f"not a segmentation request: '{parsed.other_task}' asks for another task"
+            reason = f"not a segmentation request: '{parsed.other_task}' {grammar.other_task_kind(parsed.other_task)}"
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NOT_SEGMENTATION, reason))
             plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
             return plan

@@ -822,19 +822,25 @@ def test_a_phrase_the_lexicon_knows_whole_is_not_split_into_covered_parts(router
 
 
 @pytest.mark.parametrize(
-    "text, word",
+    "text, reason",
     [
-        ("Please burn my liver CT onto a disc for a second opinion.", "burn"),
-        ("Anonymise the pancreas study before the trial upload.", "anonymise"),
-        ("Fuse the PET with the MR of the prostate.", "fuse"),
-        ("Cancel the spleen segmentation - patient declined the study.", "cancel"),  # withdrawn, whatever it names
+        ("Please burn my liver CT onto a disc for a second opinion.", "'burn' asks for another task"),
+        ("Anonymise the pancreas study before the trial upload.", "'anonymise' asks for another task"),
+        ("Fuse the PET with the MR of the prostate.", "'fuse' asks for another task"),
+        # withdrawn, whatever it names
+        ("Cancel the spleen segmentation - patient declined the study.", "'cancel' withdraws the request"),
+        # a result that exists, beside a segmentation word too
+        ("Re-send the liver SEG to PACS, the first one never arrived.", "'resend' asks for another task"),
+        ("Please review the kidney contours and approve them.", "'approve' asks for another task"),
+        ("No segmentation: consent for AI processing was withdrawn (pancreas).", "'consent' withdraws the request"),
+        ("Who contoured the parotids?", "'who' asks a question"),
     ],
 )
-def test_a_request_for_another_task_is_refused_as_one(router, text, word):
+def test_a_request_for_another_task_is_refused_as_one(router, text, reason):
     p = plan(router, text, "CT", collection=None)
     assert p.selection == {}
     assert [(u.kind, u.reason) for u in p.unmatched] == [
-        (UnmatchedKind.NOT_SEGMENTATION, f"not a segmentation request: '{word}' asks for another task")
+        (UnmatchedKind.NOT_SEGMENTATION, f"not a segmentation request: {reason}")
     ]
 
 
@@ -1254,6 +1260,48 @@ def test_readings_of_round_eighteen(router, text, dataset, labels):
     ],
 )
 def test_readings_of_rounds_nineteen_and_twenty(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # a faxed referral's letters read as digits ("1" for I or l, "0" for O)
+        ("CT ABDO: SPLEEN AND L1VER", "TotalSegmentator_v2", ["spleen", "liver"]),
+        ("gal1bladder please", "TotalSegmentator_v2", ["gallbladder"]),
+        ("0esophagus", "TotalSegmentator_v2", ["esophagus"]),
+        ("T12 and L1 vertebrae", "TotalSegmentator_v2", ["vertebrae_L1", "vertebrae_T12"]),
+        # the plural of a misspelt name; an English plural is no typo of a structure
+        ("both pattellas", "TotalSegmentator_appendicular_bones", ["patella"]),
+        ("psoas muscles. Cheers", "TotalSegmentator_headneck_bones_vessels", []),
+        # a DICOM UID is no list of indices; the node that a routing rule names is no lymph node
+        ("series 1.2.840.113619.2.55; targets=left kidney", "TotalSegmentator_v2", ["kidney_left"]),
+        ("route to seg-node: spleen", "LNQ2023", []),
+        # an eye's own sides, only beside a word of the eye; "dextral"; a comparison of the sides
+        ("globe OS", "TotalSegmentator_head_glands_cavities", ["eye_left"]),
+        ("optic nerve OD", "TotalSegmentator_head_glands_cavities", ["optic_nerve_right"]),
+        ("os coxae", "TotalSegmentator_v2", ["hip_left", "hip_right"]),
+        ("kidney (sinistral)", "TotalSegmentator_v2", ["kidney_left"]),
+        ("left optic nerve (swelling L>R)", "TotalSegmentator_head_glands_cavities", ["optic_nerve_left"]),
+        # a form's side field gives the side of its organ
+        ("Laterality: RIGHT | Organ: ADRENAL", "TotalSegmentator_v2", ["adrenal_gland_right"]),
+        # worklist and report shorthand (lexicon data)
+        (
+            "pl eff and pericard eff",
+            "TotalSegmentator_pleural_pericard_effusion",
+            ["pleural_effusion", "pericardial_effusion"],
+        ),
+        ("R SCA", "TotalSegmentator_v2", ["subclavian_artery_right"]),
+        ("A_Brachioceph", "TotalSegmentator_v2", ["brachiocephalic_trunk"]),
+        ("sICH", "TotalSegmentator_cerebral_bleed", ["intracerebral_hemorrhage"]),
+        ("FEM x2", "TotalSegmentator_v2", ["femur_left", "femur_right"]),
+        # Latin names and synonyms (lexicon data)
+        ("glandula suprarenalis dextra", "TotalSegmentator_v2", ["adrenal_gland_right"]),
+        ("capita femorum", "WORD", ["femur left", "femur right"]),
+    ],
+)
+def test_readings_of_round_twenty_one(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
 
