@@ -20,6 +20,7 @@ routing-dev-blind4 the same on the fourth blind dev set (``routing_dev_blind4``)
 routing-dev-blind5 the same on the fifth blind dev set (``routing_dev_blind5``)  expected models
 routing-dev-blind6 the same on the sixth blind dev set (``routing_dev_blind6``)  expected models
 routing-dev-blind7 the same on the seventh blind dev set (``routing_dev_blind7``) expected models
+routing-dev-blind8 the same on the eighth blind dev set (``routing_dev_blind8``)  expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -76,8 +77,10 @@ DEV_BLIND4 = REPO / "tests" / "data" / "routing_dev_blind4" / "requests.jsonl"
 DEV_BLIND5 = REPO / "tests" / "data" / "routing_dev_blind5" / "requests.jsonl"
 #: The sixth (session ten): never opened by the router engineer; the measure of round seventeen.
 DEV_BLIND6 = REPO / "tests" / "data" / "routing_dev_blind6" / "requests.jsonl"
-#: The seventh (session eleven): never opened by the router engineer; the measure of round nineteen on.
+#: The seventh (session eleven): the measure of rounds nineteen and twenty; opened for round twenty-one.
 DEV_BLIND7 = REPO / "tests" / "data" / "routing_dev_blind7" / "requests.jsonl"
+#: The eighth (session twelve): never opened by the router engineer; the measure of round twenty-one on.
+DEV_BLIND8 = REPO / "tests" / "data" / "routing_dev_blind8" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -89,6 +92,7 @@ ROUTING_KEYS = (
     "routing-dev-blind5",
     "routing-dev-blind6",
     "routing-dev-blind7",
+    "routing-dev-blind8",
     "routing-heldout",
 )
 
@@ -176,6 +180,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind7",
             "Routing, seventh blind development set (whole registry)",
             DEV_BLIND7.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind8",
+            "Routing, eighth blind development set (whole registry)",
+            DEV_BLIND8.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -304,11 +314,12 @@ _CATEGORY_SETS = (
     ("routing-dev-blind5", "blind5"),
     ("routing-dev-blind6", "blind6"),
     ("routing-dev-blind7", "blind7"),
+    ("routing-dev-blind8", "blind8"),
 )
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and the third to seventh blind sets per category, side by side (aggregates only)."""
+    """Held-out and the third to eighth blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:
