@@ -47,7 +47,7 @@ REGIONS = frozenset(
 )
 
 _SECTIONS = frozenset({"version", "concepts", "forms", "qualifiers", "filler", "groups"})
-_CONCEPT_KEYS = frozenset({"name", "canonical", "regions", "gloss", *TERM_FIELDS})
+_CONCEPT_KEYS = frozenset({"name", "canonical", "regions", "gloss", "descriptions", *TERM_FIELDS})
 _TERM = re.compile(r"^[a-z0-9]+(?: [a-z0-9]+)*$")
 _LOCAL_KEY = re.compile(r"^x-[a-z0-9]+(?:-[a-z0-9]+)*$")
 
@@ -76,6 +76,10 @@ class Concept:
         A plain-language definition ("a long gland lying behind the stomach that makes
         insulin"): what the sentence encoder compares a request that describes the
         structure instead of naming it with.
+    descriptions : tuple of str
+        More ways a patient or a referrer describes the structure, by where it is, what
+        it does or what it looks like ("the organ under the left ribs that swells with
+        glandular fever"); compared like the definition.
     """
 
     key: str
@@ -84,6 +88,12 @@ class Concept:
     terms: Mapping[str, tuple[str, ...]]
     regions: tuple[str, ...] = ()
     gloss: str | None = None
+    descriptions: tuple[str, ...] = ()
+
+    @property
+    def described(self) -> tuple[str, ...]:
+        """The definition, then the other descriptions: what a description is compared with."""
+        return ((self.gloss,) if self.gloss else ()) + self.descriptions
 
     @property
     def sctid(self) -> str | None:
@@ -212,7 +222,14 @@ class _Checker:
         if gloss is not None and (not isinstance(gloss, str) or len(gloss.split()) < 4):
             self.err(f"{where}.gloss", f"a definition of four words or more expected, got {gloss!r}")
             gloss = None
-        return Concept(key, name, canonical, MappingProxyType(terms), regions, gloss)
+        descriptions = self.descriptions(f"{where}.descriptions", entry.get("descriptions", []))
+        return Concept(key, name, canonical, MappingProxyType(terms), regions, gloss, descriptions)
+
+    def descriptions(self, where: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(d, str) and len(d.split()) >= 4 for d in value):
+            self.err(where, f"a list of descriptions of four words or more expected, got {value!r}")
+            return ()
+        return tuple(value)
 
 
 def parse_lexicon(data: Any, path: Path, digest: str = "") -> Lexicon:

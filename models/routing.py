@@ -70,6 +70,10 @@ ACCEPT_THRESHOLD = 0.78
 #: (docs/routing.md, "Descriptions").
 GLOSS_THRESHOLD = 0.60
 GLOSS_MARGIN = 0.08
+#: A concept's other descriptions (lexicon ``descriptions``) say where a structure is or what it does,
+#: which a phrase about something else there shares ("the screws in the lower jaw"): their
+#: similarity counts this much less than the definition's, for the threshold and the margin alike.
+DESCRIPTION_HANDICAP = 0.05
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 _PHRASES_PER_PASS = 16  # at most this many phrases in one forward pass
 _PHRASE_CACHE_SIZE = 4096  # query phrases kept across requests
@@ -566,9 +570,14 @@ class _Index:
         self.string_core: list[frozenset[str]] = [terms[t][0] for t in self.strings]
         self.string_lesion: list[bool] = [terms[t][1] for t in self.strings]
         self.string_row: dict[str, int] = {t: i for i, t in enumerate(self.strings)}
-        # What a description is compared with: each concept's plain-language definition.
-        glossed = [c for c in self.vocab.lexicon.concepts.values() if c.gloss]
-        self.glosses: list[str] = [c.gloss or "" for c in glossed]
+        # What a description is compared with: each concept's plain-language definition and its
+        # other descriptions, one row each (a concept's rows never compete: they share its core).
+        rows = [(text, c) for c in self.vocab.lexicon.concepts.values() for text in c.described]
+        self.glosses: list[str] = [text for text, _ in rows]
+        self.gloss_handicap = np.array(
+            [0.0 if text == c.gloss else DESCRIPTION_HANDICAP for text, c in rows], dtype=np.float32
+        )
+        glossed = [c for _, c in rows]
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
         self.gloss_lesion = np.array([bool(core & grammar.LESION_TOKENS) for core in self.gloss_core], dtype=bool)
@@ -1235,14 +1244,15 @@ class Router:
     ) -> tuple[list[_Match], str] | None:
         """The concept a description defines ("the tubes that carry urine down from the kidneys").
 
-        The written phrase is compared with every concept's plain-language definition; the
-        nearest one stands when it is close enough and clearly nearer than any other concept's.
-        None when the phrase is no description or no definition is near.
+        The written phrase is compared with every concept's plain-language definition and its
+        other descriptions (which count :data:`DESCRIPTION_HANDICAP` less); the nearest one stands
+        when it is close enough and clearly nearer than any other concept's.  None when the phrase
+        is no description or no definition is near.
         """
         text = self._description(pt)
         if not text or not self._index.glosses:
             return None
-        sims = self._gloss_embeddings() @ self._encode_phrase(text)
+        sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
         # Structure-checked like the term neighbours: a description of an organ never reads as
         # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
         lesion = bool(set(pt.concept.core) & grammar.LESION_TOKENS)
@@ -1262,7 +1272,8 @@ class Router:
         concept = self._index.gloss_concept[best]
         if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
             return None
-        how = f"description: '{text}' ~ definition of {_concept_ref(concept)} {score:.3f}"
+        row = "definition" if not self._index.gloss_handicap[best] else f"description '{self._index.glosses[best]}'"
+        how = f"description: '{text}' ~ {row} of {_concept_ref(concept)} {score:.3f}"
         matches, _ = self._match(self._with_core(pt, tuple(sorted(core))), regions, allowed, use_encoder=False)
         if not matches:
             return [], f"{how}, which no dataset segments"

@@ -232,3 +232,12 @@ def test_most_concepts_carry_a_definition_and_a_definition_is_a_phrase(lexicon):
     data["concepts"]["10200004"]["gloss"] = "liver"
     with pytest.raises(LexiconError, match=r"concepts\.10200004\.gloss"):
         parse_lexicon(data, Path("edited.yaml"))
+
+
+def test_a_description_is_a_phrase_and_follows_the_definition(lexicon):
+    spleen = lexicon.concepts["78961009"]
+    assert spleen.described[0] == spleen.gloss and len(spleen.described) > 1
+    data = yaml.safe_load(DEFAULT_PATH.read_text(encoding="utf-8"))
+    data["concepts"]["78961009"]["descriptions"] = ["the spleen", "the organ on the left under the ribs"]
+    with pytest.raises(LexiconError, match=r"concepts\.78961009\.descriptions"):
+        parse_lexicon(data, Path("edited.yaml"))

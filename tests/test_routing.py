@@ -711,6 +711,32 @@ def test_a_description_is_read_by_its_definition(router):
 
 
 @pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # a concept's other descriptions (lexicon `descriptions`) are compared like its definition,
+        # counting DESCRIPTION_HANDICAP less
+        ("the lymph glands in the centre of my chest", "LNQ2023", ["mediastinal lymph nodes"]),
+        (
+            "the big flat muscles on my back below the armpits",
+            "TotalSegmentator_abdominal_muscles",
+            ["latissimus_dorsi_right", "latissimus_dorsi_left"],
+        ),
+        (
+            "the soft floppy part at the back of the roof of her mouth",
+            "TotalSegmentator_head_glands_cavities",
+            ["soft_palate"],
+        ),
+        # ... but a description of something else where a structure is stays no description of it
+        ("the cobalt screws in the lower jaw", "TotalSegmentator_v2", []),
+        ("the big muscle at the back of my thigh", "TotalSegmentator_thigh_shoulder_muscles", []),
+    ],
+)
+def test_a_description_is_read_by_any_of_its_concepts_descriptions(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "the tube I pee through",  # the urethra: defined, but no dataset segments it
