@@ -937,6 +937,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     """
     vocab = vocab or default_vocabulary()
     written, text = text, _rule_action(text, vocab)
+    text = _SIDE_COMPARISON.sub(" ", text)  # "proptosis R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     hint, low = detect_modality(text)
     header = _read_header(text, vocab)
@@ -1231,13 +1232,12 @@ def _values_only(text: str) -> str:
     text = _DICOM_KEYWORD.sub(" , ", text)
     text = _MARKUP_TAG.sub(" , ", _JSON_KEY.sub(" , ", text))
     text = _PIPELINE_STEP.sub(" , ", text)
-    text = _SIDE_COMPARISON.sub(" ", text)  # "proptosis R>L" compares the sides; it asks for neither
     text = _DROPDOWN.sub(" ", text)
     return _KEY_EQUALS.sub(" , ", text)
 
 
 _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
-_SIDE_COMPARISON = re.compile(r"\b(?:[LR]|left|right)\s*(?:>|<|=|>=|<=)\s*(?:[LR]|left|right)\b", re.I)
+_SIDE_COMPARISON = re.compile(r"\b(?:[LR]|left|right)\s*(?:>=|<=|>|<|=)\s*(?:[LR]|left|right)\b", re.I)
 # A DICOM attribute's tag and keyword before its value: "(0040,0254) PerformedProcedureStepDescription:".
 _DICOM_KEYWORD = re.compile(
     r"(?:\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\)\s*)"
