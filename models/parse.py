@@ -937,7 +937,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     """
     vocab = vocab or default_vocabulary()
     written, text = text, _rule_action(text, vocab)
-    text = _SIDE_COMPARISON.sub(" ", text)  # "proptosis R>L" compares the sides; it asks for neither
+    text = _patients_side(_SIDE_COMPARISON.sub(" ", text))  # "R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     hint, low = detect_modality(text)
     header = _read_header(text, vocab)
@@ -1237,6 +1237,28 @@ def _values_only(text: str) -> str:
 
 
 _JSON_KEY = re.compile(r'"[\w .-]+"\s*:')
+
+
+def _patients_side(text: str) -> str:
+    """Sides as the patient's and as named ("the image's left (the patient's right)").
+
+    Only a request that says which side is the patient's loses the image's: a side on its own is
+    the patient's already.  A side described, then named ("on the symptomatic side (left)"), is the
+    named one.
+    """
+    text = _DESCRIBED_SIDE.sub(r" \1 ", text)
+    if not _PATIENTS_SIDE.search(text):
+        return text
+    return _PATIENTS_SIDE.sub(r"\1", _IMAGE_SIDE.sub(" ", text))
+
+
+_DESCRIBED_SIDE = re.compile(r"\b(?:on\s+)?the\s+[a-z]+\s+side\s*\(\s*(left|right)\s*\)", re.I)
+
+
+_PATIENTS_SIDE = re.compile(r"\b(?:the\s+)?(?:patient|pt)'?s?'?\s+(left|right)\b", re.I)
+_IMAGE_SIDE = re.compile(
+    r"\b(?:on\s+)?(?:the\s+)?(?:image|screen|film|monitor|picture|viewer)'?s?'?\s+(?:left|right)(?:\s+side)?\b", re.I
+)
 _SIDE_COMPARISON = re.compile(r"\b(?:[LR]|left|right)\s*(?:>=|<=|>|<|=)\s*(?:[LR]|left|right)\b", re.I)
 # A DICOM attribute's tag and keyword before its value: "(0040,0254) PerformedProcedureStepDescription:".
 _DICOM_KEYWORD = re.compile(

@@ -1320,6 +1320,10 @@ def test_readings_of_rounds_nineteen_and_twenty(router, text, dataset, labels):
         ("os coxae", "TotalSegmentator_v2", ["hip_left", "hip_right"]),
         ("kidney (sinistral)", "TotalSegmentator_v2", ["kidney_left"]),
         ("left optic nerve (swelling L>R)", "TotalSegmentator_head_glands_cavities", ["optic_nerve_left"]),
+        # the patient's side, not the image's; a side described, then named
+        ("adrenal on the screen's right (patient's left)", "TotalSegmentator_v2", ["adrenal_gland_left"]),
+        ("the femur on the operated side (left)", "TotalSegmentator_v2", ["femur_left"]),
+        ("L hemipelvis", "TotalSegmentator_v2", ["hip_left"]),
         # a form's side field gives the side of its organ
         ("Laterality: RIGHT | Organ: ADRENAL", "TotalSegmentator_v2", ["adrenal_gland_right"]),
         # worklist and report shorthand (lexicon data)
