@@ -790,9 +790,18 @@ _NEGATION = re.compile(
 _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;:()]*")
 # An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
 _NOT_NEEDED = re.compile(
-    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+(?:is\s+|are\s+|can\s+be\s+|may\s+be\s+)?"
+    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
+    r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
-    r"|already\s+done|done\s+already|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need|(?:is\s+\w+\s+)?no\s+need"
+    # work done before ("the prostate is already contoured", "bladder and rectum done by hand", "the
+    # parotids were done last week") and an organ that is gone ("the left one was removed in 2019")
+    r"|already\s+(?:done|contoured|segmented|delineated|outlined|drawn|assessed)"
+    r"|(?:done|contoured|segmented|delineated|outlined|drawn|assessed)\s+(?:already|by\s+hand|manually|previously"
+    r"|elsewhere|last\s+(?:week|month|time))"
+    # (not one still to go: "the lesion to be resected", "can be removed")
+    r"|(?<!\bbe\s)(?:surgically\s+)?(?:removed|resected|excised|absent|taken\s+out)"
+    r"(?=\s*(?:$|[,;.]|\(|\b(?:in|so|and|at|on)\b|\d))"
+    r"|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need|(?:is\s+\w+\s+)?no\s+need"
     # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
     r"|(?:out|no)(?=\s*(?:$|[,;.])))\b"
 )
@@ -1398,6 +1407,21 @@ _PREFIX_HYPHEN = re.compile(r"\b([a-z]{2,})-(?=(?:\s*(?:,|and|or|&)\s*[a-z]{2,}-
 
 # Contractions: "don't need the spleen", "isn't needed" ("won't" and "can't" change their stem).
 _CONTRACTION = re.compile(r"\b(\w+?)n't\b")
+_STRUCK = re.compile(r"~~([^~]{1,60})~~")
+# A form's list of what not to segment: "Exclusions: ...", "Non-targets (do not segment): ...".
+_EXCLUDED_LIST = re.compile(
+    r"\b(?:non[- ]?targets?|exclusions?|excluded(?:\s+structures?)?|do\s+not\s+(?:segment|contour|include)"
+    r"|not\s+to\s+be\s+segmented)\b[^:;.\n]{0,30}:\s*([^.;|\n]+)"
+)
+
+
+def _excluded_items(m: re.Match[str]) -> str:
+    items = re.split(r",|\band\b|&|\+", m.group(1))
+    return " ; " + " , ".join(f"except {item.strip()}" for item in items if item.strip()) + " ; "
+
+
+# A form's answer for a structure: "Liver: Y | Spleen: N", "Left lung: n/a (pneumonectomy)".
+_FORM_ANSWER = re.compile(r"([a-z][a-z ]{1,40}?)\s*:\s*(y|n|yes|no|n/a|none)(?=\s*(?:$|[|;,.(]))")
 _CONTRACTED = {"wo": "will", "ca": "can", "sha": "shall"}  # the stems "won't", "can't", "shan't" change
 # The other ways to write an exclusion, in the one form the list grammar reads ("except"):
 # "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
@@ -1455,6 +1479,11 @@ _RADIOTHERAPY = re.compile(rf"\brt\b(?=[\s:-]*(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\
 
 def _exclusion_forms(low: str) -> str:
     """Contractions spelt out and every exclusion written as "except"."""
+    low = _STRUCK.sub(r" , except \1 , ", low)  # "~~Cochlea_L~~": struck off a template's list
+    low = _EXCLUDED_LIST.sub(_excluded_items, low)  # "Non-targets (do not segment): liver lesions, vessels"
+    low = _FORM_ANSWER.sub(
+        lambda m: f" , {m.group(1)} , " if m.group(2) in ("y", "yes") else f" , except {m.group(1)} , ", low
+    )
     low = _CONTRACTION.sub(lambda m: _CONTRACTED.get(m.group(1), m.group(1)) + " not", low)
     low = _ALL_BUT.sub(r"\1 except ", low)
     low = _LEAVE_ALONE.sub(r" except \1 ", low)
@@ -1683,6 +1712,21 @@ def _share_head_noun(segments: list[tuple[str, bool]], vocab: Vocabulary) -> lis
             out[i] = (f"{seg} {' '.join(nxt_words[k:])}", neg)
         elif len(words) == 1 and _takes_head_noun(words[0], [w for w in nxt_words if w not in STOPWORDS], vocab):
             out[i] = (f"{seg} {nxt_words[-1]}", neg)
+    return _head_noun_before(out)
+
+
+def _head_noun_before(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Series adjectives left without a noun take the one before them ("right lung lobes - upper, middle, lower")."""
+    out = list(segments)
+    for i in range(1, len(out)):
+        (prev, prev_neg), (seg, neg) = out[i - 1], out[i]
+        words = [w for w in _WORD.findall(seg) if w not in STOPWORDS]
+        before = [w for w in _WORD.findall(prev) if w not in STOPWORDS]
+        k = 0
+        while k < len(before) and (before[k] in _SERIES_ADJECTIVES or before[k] in _LATERAL):
+            k += 1
+        if words and set(words) <= _SERIES_ADJECTIVES and neg == prev_neg and 0 < k < len(before):
+            out[i] = (f"{seg} {' '.join(before[k:])}", neg)
     return out
 
 
@@ -1712,8 +1756,10 @@ def _pronoun_exclusions(segments: list[tuple[str, bool]]) -> list[tuple[str, boo
     for seg, negated in segments:
         words = _WORD.findall(seg)
         pronoun = any(w in _PRONOUNS for w in words) and all(w in _PRONOUNS or w in STOPWORDS for w in words)
-        if negated and pronoun and out and not out[-1][1]:
-            out[-1] = (out[-1][0], True)
+        # (the item before: past items of stop words only, "don't bother with it")
+        named = [i for i, (s, _) in enumerate(out) if any(w not in STOPWORDS for w in _WORD.findall(s))]
+        if negated and pronoun and named and not out[named[-1]][1]:
+            out[named[-1]] = (out[named[-1]][0], True)
             continue
         out.append((seg, negated))
     return out

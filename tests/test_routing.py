@@ -1347,6 +1347,38 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
 
 
 @pytest.mark.parametrize(
+    "text, dataset, labels",
+    [
+        # work done before, and an organ that is gone, are exclusions
+        ("Liver and spleen; the spleen was already segmented by the fellow.", "TotalSegmentator_v2", ["liver"]),
+        (
+            "Kidneys only (gallbladder and pancreas contoured by hand)",
+            "TotalSegmentator_v2",
+            ["kidney_right", "kidney_left"],
+        ),
+        ("Duodenum and stomach - stomach resected in 2021.", "TotalSegmentator_v2", ["duodenum"]),
+        ("Kidneys, left only - the right one was taken out.", "TotalSegmentator_v2", ["kidney_left"]),
+        ("the spleen was removed", "TotalSegmentator_v2", []),
+        ("the spleen, to be removed next week", "TotalSegmentator_v2", ["spleen"]),
+        # a struck item, a form's no, a list of non-targets, "don't bother with it"
+        ("Liver, ~~Spleen~~, Pancreas", "TotalSegmentator_v2", ["liver", "pancreas"]),
+        ("Liver: Yes | Spleen: No | Pancreas: n/a", "TotalSegmentator_v2", ["liver"]),
+        ("Targets: aorta. Exclusions: IVC, portal vein.", "TotalSegmentator_v2", ["aorta"]),
+        ("Aorta please. The IVC looks normal, don't bother with it.", "TotalSegmentator_v2", ["aorta"]),
+        # series adjectives with no noun after them take the one before them
+        (
+            "left lung lobes - upper and lower. Right lung: n/a",
+            "TotalSegmentator_v2",
+            ["lung_upper_lobe_left", "lung_lower_lobe_left"],
+        ),
+    ],
+)
+def test_readings_of_round_twenty_two(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
     "text", ["NM DMSA SCAN 78700 - SEGMENT BOTH KIDNEYS", "Thyroid uptake scan (Tc-99m) - the thyroid"]
 )
 def test_a_nuclear_medicine_study_is_refused_by_its_modality(router, text):
