@@ -112,6 +112,7 @@ class GrammarWords(_Frozen):
     soft_lesion_words: frozenset[Word]
     lesion_organs: frozenset[Word]
     class_nouns: frozenset[Word]
+    kind_nouns: frozenset[Word]
     generic_nouns: frozenset[Word]
     generic_modifiers: frozenset[Word]
     size_words: frozenset[Word]

@@ -1876,8 +1876,12 @@ def _apply_list_rules(
 
 
 def _of_header_structure(structure: ParsedTarget, t: ParsedTarget) -> ParsedTarget:
-    """A class noun under a one-structure worklist header is that structure's ("CT LIVER - VESSELS")."""
+    """A class noun under a one-structure worklist header is that structure's ("CT LIVER - VESSELS"),
+    and the structure's own kind is the structure ("CT R FEMUR - BONE MODEL")."""
     core = set(t.concept.core)
+    if not t.negated and core and core <= WORDS.kind_nouns:
+        laterality = t.concept.laterality or structure.concept.laterality
+        return replace(t, concept=replace(structure.concept, laterality=laterality))
     if t.negated or not core or not core <= CLASS_NOUNS:
         return t
     concept = replace(t.concept, core=_finish_core([*structure.concept.core, *core]))

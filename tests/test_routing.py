@@ -1365,6 +1365,16 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
         ("Liver: Yes | Spleen: No | Pancreas: n/a", "TotalSegmentator_v2", ["liver"]),
         ("Targets: aorta. Exclusions: IVC, portal vein.", "TotalSegmentator_v2", ["aorta"]),
         ("Aorta please. The IVC looks normal, don't bother with it.", "TotalSegmentator_v2", ["aorta"]),
+        # under a one-structure header, the structure's own kind is the structure
+        ("CT HUMERUS RT - BONE SEG", "TotalSegmentator_v2", ["humerus_right"]),
+        # skull stripping is the brain's mask; "vv" the veins; a pericardial collection its effusion
+        ("skull-strip the head CT", "TotalSegmentator_v2", ["brain"]),
+        (
+            "SVC and brachiocephalic vv",
+            "TotalSegmentator_v2",
+            ["superior_vena_cava", "brachiocephalic_vein_left", "brachiocephalic_vein_right"],
+        ),
+        ("pericardial collection", "TotalSegmentator_pleural_pericard_effusion", ["pericardial_effusion"]),
         # series adjectives with no noun after them take the one before them
         (
             "left lung lobes - upper and lower. Right lung: n/a",
