@@ -1572,7 +1572,11 @@ def _context_readings(low: str, request: str) -> str:
     for bare, reading in WORDS.context_readings.items():
         if bare in written and context & reading.context:
             first = reading.reads.split()[0]
-            pattern = rf"(?<!\b{first} )\b{bare}\b(?=((?:\s+[a-z']+)?))"
+            # (nor after a number or a part's name: "3rd and 4th ventricles", "lateral ventricles")
+            pattern = (
+                rf"(?<!\b{first} )(?<!\d )(?<!\d(?:st|nd|rd|th) )(?<!\bthird )(?<!\bfourth )(?<!\blateral )"
+                rf"\b{bare}\b(?=((?:\s+[a-z']+)?))"
+            )
             low = re.sub(
                 pattern,
                 lambda m, reads=reading.reads: reads if _names_nothing(m.group(1).strip()) else m.group(0),

@@ -1375,6 +1375,15 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
             ["superior_vena_cava", "brachiocephalic_vein_left", "brachiocephalic_vein_right"],
         ),
         ("pericardial collection", "TotalSegmentator_pleural_pericard_effusion", ["pericardial_effusion"]),
+        # ventricles in a study of the head are the brain's, chambers beside the heart's parts the heart's
+        ("VP shunt check: ventricles", "MM-WHS", []),
+        ("VP shunt check: ventricles", "TotalSegmentator_brain_structures", ["ventricle"]),
+        ("chambers and myocardium", "TotalSegmentator_brain_structures", []),
+        (
+            "hydrocephalus: 3rd and 4th ventricles",
+            "TotalSegmentator_ventricle_parts",
+            ["third_ventricle", "fourth_ventricle"],
+        ),
         # series adjectives with no noun after them take the one before them
         (
             "left lung lobes - upper and lower. Right lung: n/a",
