@@ -1162,6 +1162,10 @@ class Router:
         c = pt.concept
         core = frozenset(c.core)
         if pt.group in ("organs", "oars"):
+            # "the organ under my left ribs that swelled with glandular fever" describes one organ
+            described = self._described(pt, regions, allowed) if use_encoder and self.use_encoder else None
+            if described is not None and described[0]:
+                return described
             return self._organ_group(regions, allowed, pt.group == "oars"), "group: organs of the named region"
         members = list(self.vocab.groups.get(c.core, ()))
         if "vessel" in core and len(core) > 1:

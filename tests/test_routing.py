@@ -726,6 +726,12 @@ def test_a_description_is_read_by_its_definition(router):
             "TotalSegmentator_head_glands_cavities",
             ["soft_palate"],
         ),
+        # "the organ ..." with a clause describes one organ; "abdominal organs" stay the group
+        (
+            "the organ under his left ribs that swelled up when he had glandular fever",
+            "TotalSegmentator_v2",
+            ["spleen"],
+        ),
         # ... but a description of something else where a structure is stays no description of it
         ("the cobalt screws in the lower jaw", "TotalSegmentator_v2", []),
         ("the big muscle at the back of my thigh", "TotalSegmentator_thigh_shoulder_muscles", []),
