@@ -504,6 +504,36 @@ class Vocabulary:
         if memo is not None:
             return memo
         limit = 1 if len(word) <= 7 else 2
+        best_d, best = self._nearest(word, limit)
+        fixed = self._one_of(word, best) if best_d <= limit else None
+        if fixed is None and best_d <= limit and len(word) >= 6:
+            # A tie that sound does not settle goes to the one structure among the candidates
+            # ("kindey": kidney, not "kindly"; not in a short word: "live" is no "liver").
+            fixed = self._one_of(word, [c for c in best if singular(c) in self.anatomy])
+        if fixed is None and best_d > limit and 5 <= len(word) <= 7:
+            # Spelt by ear, two edits off ("trakea"): the one structure that sounds the same and
+            # keeps the word's first two letters and its last ("sppin" is no spine, "clinic" no "colonic").
+            far_d, far = self._nearest(word, limit + 1)
+            key = _sound_key(word)
+            same = [
+                c
+                for c in far
+                if _sound_key(c) == key and c[:2] == word[:2] and c[-1] == word[-1] and singular(c) in self.anatomy
+            ]
+            fixed = self._one_of(word, same) if far_d == limit + 1 else None
+        fixed = fixed or word
+        if fixed == word and len(word) > 5 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
+            # The plural of a misspelt name ("pattellas"): its singular, one edit off and sounding the
+            # same, is corrected ("cheers" is not "cheek").
+            stem = self.correct_spelling(word[:-1])
+            same = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
+            fixed = stem if same else word
+        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+            self._memo[("spell", word)] = fixed
+        return fixed
+
+    def _nearest(self, word: str, limit: int) -> tuple[int, list[str]]:
+        """The known words nearest ``word`` within ``limit`` edits, and their distance."""
         best: list[str] = []
         best_d = limit + 1
         for length in range(len(word) - limit, len(word) + limit + 1):
@@ -517,19 +547,15 @@ class Vocabulary:
                     best_d, best = d, [cand]
                 elif d == best_d:
                     best.append(cand)
-        if best_d <= limit and len({singular(b) for b in best}) > 1:
+        return best_d, best
+
+    @staticmethod
+    def _one_of(word: str, candidates: list[str]) -> str | None:
+        """The one word ``candidates`` stand for, else None (a guess between two is worse than none)."""
+        if len({singular(c) for c in candidates}) > 1:
             # A tie ("hart": heart or hard) goes to the one candidate that also sounds the same.
-            best = [b for b in best if _sound_key(b) == _sound_key(word)]
-        fixed = best[0] if best_d <= limit and best and len({singular(b) for b in best}) == 1 else word
-        if fixed == word and len(word) > 5 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
-            # The plural of a misspelt name ("pattellas"): its singular, one edit off and sounding the
-            # same, is corrected ("cheers" is not "cheek").
-            stem = self.correct_spelling(word[:-1])
-            same = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
-            fixed = stem if same else word
-        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
-            self._memo[("spell", word)] = fixed
-        return fixed
+            candidates = [c for c in candidates if _sound_key(c) == _sound_key(word)]
+        return candidates[0] if candidates and len({singular(c) for c in candidates}) == 1 else None
 
     def _ocr_reading(self, word: str) -> str:
         """The known word a scanned request's letters-read-as-digits spell ("l1ver", "0esophagus").
