@@ -302,6 +302,14 @@ def _edits(a: str, b: str, limit: int) -> int:
     return int(OSA.distance(a, b, score_cutoff=limit))
 
 
+def _swapped(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with two neighbouring letters swapped ("aotra", "aorta")."""
+    if len(a) != len(b):
+        return False
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+
+
 #: A letter that optical character recognition reads as a digit: the digit's letters.
 _OCR_DIGITS = {"0": "o", "1": "il", "5": "s"}
 #: A word of letters with such digits inside or in front, never at its end ("l1ver", not "t12").
@@ -506,6 +514,9 @@ class Vocabulary:
         limit = 1 if len(word) <= 7 else 2
         best_d, best = self._nearest(word, limit)
         fixed = self._one_of(word, best) if best_d <= limit else None
+        if fixed is None and best_d == 1:
+            # ... else to the one that swaps two neighbouring letters, the commonest slip ("aotra")
+            fixed = self._one_of(word, [c for c in best if _swapped(word, c)])
         if fixed is None and best_d <= limit and len(word) >= 6:
             # A tie that sound does not settle goes to the one structure among the candidates
             # ("kindey": kidney, not "kindly"; not in a short word: "live" is no "liver").

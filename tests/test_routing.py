@@ -1395,6 +1395,10 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
         ("left kindey", "TotalSegmentator_v2", ["kidney_left"]),
         ("live donor: left kidney", "TotalSegmentator_v2", ["kidney_left"]),
         ("Chest pain clinic: the coronary tree", "WORD", []),  # "clinic" is no "colonic"
+        ("aotra and both maxillary antra", "TotalSegmentator_v2", ["aorta"]),  # a swap of neighbours wins the tie
+        # synonyms and other languages' names (lexicon data)
+        ("the lingual bone and the thyroid body", "TotalSegmentator_headneck_bones_vessels", ["hyoid"]),
+        ("rotula and perone", "TotalSegmentator_appendicular_bones", ["patella", "fibula"]),
         # series adjectives with no noun after them take the one before them
         (
             "left lung lobes - upper and lower. Right lung: n/a",
