@@ -990,7 +990,8 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     if header is not None:
         low = detect_modality(header.body)[1]
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
-    low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected), vocab), text.lower())
+    dental = _DENTAL.search(text.lower()) is not None  # (a header's "CBCT" too: "CBCT: UR1 and UL1")
+    low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected, dental), vocab), text.lower())
     low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
     low = _drop_purposes(_SITE_PLAN.sub(" ", low), vocab)
     regions: list[str] = list(header.regions) if header is not None else []
@@ -1530,7 +1531,7 @@ def _exclusion_forms(low: str) -> str:
     return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
 
 
-def _expand_shorthand(low: str, protected: Collection[str]) -> str:
+def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
     low = _check_boxes(low)  # "[x] liver [ ] spleen", "liver [x] spleen [ ]"
@@ -1572,7 +1573,10 @@ def _expand_shorthand(low: str, protected: Collection[str]) -> str:
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
     low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
-    if _DENTAL.search(low):
+    if dental or _DENTAL.search(low):
+        low = _PALMER.sub(lambda m: f" {_PALMER_QUADRANTS[m.group(1)]}{m.group(2)} ", low)  # "UR1", "LL8"
+        if re.search(r"\buniversal\b", low):  # "tooth #19 (Universal numbering)": 1-32 to FDI
+            low = re.sub(r"#?\b(\d{1,2})\b", lambda m: _universal_to_fdi(int(m.group(1))) or m.group(0), low)
         low = _FDI_TEETH.sub(_fdi_names, low)
     # (runs of spaces collapsed first: the item's lazy match before "\s+" is quadratic in them)
     low = _NOT_NEEDED.sub(_not_needed_item, re.sub(r"[ \t]{2,}", " ", low))  # "femoral heads not needed"
@@ -1671,6 +1675,20 @@ def _fdi_names(m: re.Match[str]) -> str:
         side = "right" if quadrant in (1, 4) else "left"
         names.append(f"{jaw} {side} {_FDI_POSITIONS[position - 1]}")
     return " ; ".join(names)
+
+
+# Palmer notation: a quadrant (upper/lower, right/left) and a position ("UR1" is FDI 11, "LL8" 38).
+_PALMER_QUADRANTS = {"ur": 1, "ul": 2, "ll": 3, "lr": 4}
+_PALMER = re.compile(r"\b(ur|ul|ll|lr)\s?([1-8])\b")
+
+
+def _universal_to_fdi(n: int) -> str | None:
+    """The FDI number of a tooth in the Universal (American) numbering, 1-32 ("19" is 36)."""
+    if not 1 <= n <= 32:
+        return None
+    quadrant, k = divmod(n - 1, 8)  # 1-8 upper right from the third molar, 9-16 upper left, ...
+    position = 8 - k if quadrant in (0, 2) else k + 1
+    return f"{quadrant + 1}{position}"
 
 
 # The permanent dentition by FDI position, 1 (central incisor) to 8 (third molar).

@@ -1396,6 +1396,15 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
         ("live donor: left kidney", "TotalSegmentator_v2", ["kidney_left"]),
         ("Chest pain clinic: the coronary tree", "WORD", []),  # "clinic" is no "colonic"
         ("aotra and both maxillary antra", "TotalSegmentator_v2", ["aorta"]),  # a swap of neighbours wins the tie
+        # dental notations: Palmer, Universal (when named), the arches; a sinus lift is a procedure
+        (
+            "CBCT: UL1 and LR8",
+            "TotalSegmentator_teeth",
+            ["upper_left_central_incisor_fdi21", "lower_right_third_molar_fdi48"],
+        ),
+        ("CBCT - tooth #30, Universal numbering", "TotalSegmentator_teeth", ["lower_right_first_molar_fdi46"]),
+        ("CBCT: lower dental arch", "TotalSegmentator_craniofacial_structures", ["teeth_lower"]),
+        ("CBCT for sinus lift: right maxillary sinus", "TotalSegmentator_aortic_sinuses", []),
         # synonyms and other languages' names (lexicon data)
         ("the lingual bone and the thyroid body", "TotalSegmentator_headneck_bones_vessels", ["hyoid"]),
         ("rotula and perone", "TotalSegmentator_appendicular_bones", ["patella", "fibula"]),
