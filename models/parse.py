@@ -1421,10 +1421,10 @@ _TG263_CLASS = MappingProxyType(WORDS.tg263.classes)
 _TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
-_LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|lobe|lobes)\b")
+_LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb)\b")
 _COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
-    r"\b(couinaud|segments?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
+    r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
 )
 
 
@@ -1552,13 +1552,13 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
     low = re.sub(r"\b(?:numbers?|nos?\.|#)\s*(?=\d)", " ", low)  # "ribs except number 11 and number 12"
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
-    if _LIVER_CONTEXT.search(low):
-        low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
-        # "the liver, segments 5 to 8": a numbered segment is the liver's, not the command "segment"
-        low = re.sub(r"(?<!couinaud )\bsegments?\s+(?=\d)", " couinaud segment ", low)
     low = _COUINAUD_ROMAN.sub(
         lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
     )
+    if _LIVER_CONTEXT.search(low):
+        low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
+        # "the liver, segments (from) 5 to 8": a numbered segment is the liver's, not the command "segment"
+        low = re.sub(r"(?<!couinaud )\bsegments?\s+(?:from\s+)?(?=\d)", " couinaud segment ", low)
     low = _SPELLED_LEVEL.sub(_spelled_level, low)  # dictated "el four and el five": L4 and L5
     # "ribs L5-8", "R 9-10 ribs": beside ribs, L and R are sides, not lumbar levels.
     low = _RIB_SIDE.sub(lambda m: f"{m.group(1) or ''} {_LATERAL[m.group(2) or m.group(3)]} ", low)

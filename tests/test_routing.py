@@ -1396,6 +1396,13 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
         ("live donor: left kidney", "TotalSegmentator_v2", ["kidney_left"]),
         ("Chest pain clinic: the coronary tree", "WORD", []),  # "clinic" is no "colonic"
         ("aotra and both maxillary antra", "TotalSegmentator_v2", ["aorta"]),  # a swap of neighbours wins the tie
+        # an epidural is a procedure; roman segments "from V to VIII" in a liver or hepatectomy request
+        ("Lumbar epidural L3 to L5", "TotalSegmentator_v2", ["vertebrae_L5", "vertebrae_L4", "vertebrae_L3"]),
+        (
+            "Left liver, segments from II to IV",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_2", "liver_segment_3", "liver_segment_4"],
+        ),
         # dental notations: Palmer, Universal (when named), the arches; a sinus lift is a procedure
         (
             "CBCT: UL1 and LR8",
