@@ -88,6 +88,10 @@ class ContextReading(_Frozen):
 
     context: frozenset[Word]
     reads: Word
+    #: Words of another reading's context that keep the word as it is ("cardiac" for "ventricles").
+    unless: frozenset[Word] = frozenset()
+    #: Words that, written just before the word, make it no bare word ("3rd ventricle", "left ventricle").
+    not_after: frozenset[Word] = frozenset()
 
 
 class GrammarWords(_Frozen):
@@ -113,6 +117,8 @@ class GrammarWords(_Frozen):
     lesion_organs: frozenset[Word]
     class_nouns: frozenset[Word]
     kind_nouns: frozenset[Word]
+    image_guidance: frozenset[Word]
+    clause_words: frozenset[Word]
     generic_nouns: frozenset[Word]
     generic_modifiers: frozenset[Word]
     size_words: frozenset[Word]

@@ -33,7 +33,7 @@ from typing import Any
 
 from rapidfuzz.distance import OSA
 
-from medsegagent.models.grammar_words import SPINE_LEVELS, load_grammar_words
+from medsegagent.models.grammar_words import SPINE_LEVELS, ContextReading, load_grammar_words
 from medsegagent.models.lexicon import Concept as LexiconConcept
 from medsegagent.models.lexicon import Lexicon, load_lexicon
 
@@ -504,13 +504,16 @@ class Vocabulary:
         go to the one candidate that sounds the same (:func:`_sound_key`), else keep the
         word unchanged (a guess between two structures is worse than none).
         """
-        if not word.isalpha():
-            return self._ocr_reading(word)
         if word in self.known or len(word) < 4 or singular(word) in self.known:
             return word  # the plural of a known word is known ("iacs" is no typo for "icas")
         memo = self._memo.get(("spell", word))
         if memo is not None:
             return memo
+        if not word.isalpha():
+            fixed = self._ocr_reading(word)
+            if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+                self._memo[("spell", word)] = fixed
+            return fixed
         limit = 1 if len(word) <= 7 else 2
         best_d, best = self._nearest(word, limit)
         fixed = self._one_of(word, best) if best_d <= limit else None
@@ -830,18 +833,32 @@ _NOT_NEEDED = re.compile(
     r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
     r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
-    # work done before ("the prostate is already contoured", "bladder and rectum done by hand", "the
-    # parotids were done last week") and an organ that is gone ("the left one was removed in 2019")
-    r"|already\s+(?:done|contoured|segmented|delineated|outlined|drawn|assessed)"
-    r"|(?:done|contoured|segmented|delineated|outlined|drawn|assessed)\s+(?:already|by\s+hand|manually|previously"
-    r"|elsewhere|last\s+(?:week|month|time))"
-    # (not one still to go: "the lesion to be resected", "can be removed")
-    r"|(?<!\bbe\s)(?:surgically\s+)?(?:removed|resected|excised|absent|taken\s+out)"
-    r"(?=\s*(?:$|[,;.]|\(|\b(?:in|so|and|at|on)\b|\d))"
     r"|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need|(?:is\s+\w+\s+)?no\s+need"
     # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
     r"|(?:out|no)(?=\s*(?:$|[,;.])))\b"
 )
+
+
+# Work done before ("the prostate is already contoured", "bladder and rectum done by hand", "the parotids
+# were done last week") and an organ that is gone ("the left one was removed in 2019"), closing an item
+# that is a structure's name only (not "segment the brain where the tumour was resected").
+_DONE_OR_GONE = re.compile(
+    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
+    r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+)?"
+    r"(?:already\s+(?:done|contoured|segmented|delineated|outlined|drawn|assessed)"
+    r"|(?:done|contoured|segmented|delineated|outlined|drawn|assessed)\s+(?:already|by\s+hand|manually|previously"
+    r"|elsewhere|last\s+(?:week|month|time))"
+    # (not one still to go: "the lesion to be resected", "can be removed")
+    r"|(?<!\bbe\s)(?:surgically\s+)?(?:removed|resected|excised|absent|taken\s+out)"
+    r"(?=\s*(?:$|[,;.]|\(|\b(?:in|so|and|at|on)\b|\d)))\b"
+)
+
+
+def _done_or_gone_item(m: re.Match[str]) -> str:
+    words = _WORD.findall(m.group(2))
+    if any(w in WORDS.segmentation_words or w in WORDS.clause_words for w in words):
+        return m.group(0)
+    return _not_needed_item(m)
 
 
 def _not_needed_item(m: re.Match[str]) -> str:
@@ -990,7 +1007,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     if header is not None:
         low = detect_modality(header.body)[1]
     low = _SENTENCE_END.sub(" ; ", _abbreviation_dots(low, vocab))
-    dental = _DENTAL.search(text.lower()) is not None  # (a header's "CBCT" too: "CBCT: UR1 and UL1")
+    dental = _is_dental(text.lower())
     low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected, dental), vocab), text.lower())
     low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
     low = _drop_purposes(_SITE_PLAN.sub(" ", low), vocab)
@@ -1084,8 +1101,10 @@ def other_task(text: str) -> str | None:
     task = next((w for w in words if w in WORDS.result_tasks), None)
     if task is not None:
         return task  # (a result that exists: "re-send the liver SEG", "approve the kidney contours")
-    if any(w in WORDS.consent_words for w in words) and any(w in WORDS.withdrawal for w in words):
-        return "consent"  # "consent for AI processing withdrawn, including the pancreas request"
+    for clause in re.split(r"[.;!?]", low):
+        said = set(_WORD.findall(clause))
+        if said & WORDS.consent_words and said & WORDS.withdrawal:
+            return "consent"  # "consent for AI processing withdrawn, including the pancreas request"
     first = next((w for w in words if w not in STOPWORDS or w in WORDS.other_tasks), None)
     # (the task is the request's verb, its first word: not "CT CHEST W MIP - NODULES", "round window")
     if first in WORDS.withdrawal or (first in WORDS.questions and "?" in text):
@@ -1115,7 +1134,7 @@ def _form_sides(text: str) -> set[str]:
     return {_LATERAL[m.group(1).lower()] for m in _SIDE_FIELD.finditer(_ascii(text))}
 
 
-_SIDE_FIELD = re.compile(r"\b(?:side|laterality)\s*[:=]\s*(left|right|lt|rt|l|r)\b", re.I)
+_SIDE_FIELD = re.compile(r"(?:^|(?<=[|;\n]))\s*(?:side|laterality)\s*[:=]\s*(left|right|lt|rt|l|r)\b", re.I)
 
 
 def _sides_written(header: str) -> set[str]:
@@ -1454,12 +1473,23 @@ _EXCLUDED_LIST = re.compile(
 
 
 def _excluded_items(m: re.Match[str]) -> str:
-    items = re.split(r",|\band\b|&|\+", m.group(1))
-    return " ; " + " , ".join(f"except {item.strip()}" for item in items if item.strip()) + " ; "
+    # (an aside in brackets says why: "liver (segmented at screening)")
+    items = [item.strip() for item in re.split(r",|\band\b|&|\+", re.sub(r"\([^)]*\)", " ", m.group(1)))]
+    out: list[str] = []
+    for i, item in enumerate(items):
+        words = _WORD.findall(item)
+        if any(w in WORDS.segmentation_words or w == "please" for w in words):
+            # the list ended and the request goes on ("Exclusions: none, please segment the liver")
+            return " ; " + " , ".join(out) + " ; " + " , ".join(items[i:]) + " "
+        if item and item not in ("none", "nil", "n/a", "na", "nothing"):
+            out.append(f"except {item}")
+    return " ; " + " , ".join(out) + " ; "
 
 
 # A form's answer for a structure: "Liver: Y | Spleen: N", "Left lung: n/a (pneumonectomy)".
-_FORM_ANSWER = re.compile(r"([a-z][a-z ]{1,40}?)\s*:\s*(y|n|yes|no|n/a|none)(?=\s*(?:$|[|;,.(]))")
+_FORM_ANSWER = re.compile(
+    r"(?:^|(?<=[|;,.\n]))\s*([a-z]+(?: [a-z]+){0,2})\s*:\s*(y|n|yes|no|n/a|none)(?=\s*(?:$|[|;,.(]))"
+)
 _CONTRACTED = {"wo": "will", "ca": "can", "sha": "shall"}  # the stems "won't", "can't", "shan't" change
 # The other ways to write an exclusion, in the one form the list grammar reads ("except"):
 # "everything but the bladder", "all organs but the spleen" (not "but not", "but also", "but only"),
@@ -1531,6 +1561,16 @@ def _exclusion_forms(low: str) -> str:
     return _BUT_ONLY.sub("", low)  # also "thyroid but except the trachea": the "but" adds nothing
 
 
+def _is_dental(text: str) -> bool:
+    """A dental request: a word of teeth, or a cone-beam CT that guides no radiotherapy fraction.
+
+    Read from the whole request, its header included ("CBCT: UR1 and UL1").
+    """
+    if _DENTAL_WORD.search(text):
+        return True
+    return _DENTAL.search(text) is not None and not set(_WORD.findall(text)) & WORDS.image_guidance
+
+
 def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
@@ -1573,13 +1613,14 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
     low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
-    if dental or _DENTAL.search(low):
+    if dental:
         low = _PALMER.sub(lambda m: f" {_PALMER_QUADRANTS[m.group(1)]}{m.group(2)} ", low)  # "UR1", "LL8"
         if re.search(r"\buniversal\b", low):  # "tooth #19 (Universal numbering)": 1-32 to FDI
-            low = re.sub(r"#?\b(\d{1,2})\b", lambda m: _universal_to_fdi(int(m.group(1))) or m.group(0), low)
+            low = _UNIVERSAL.sub(lambda m: _universal_to_fdi(int(m.group(1))) or m.group(0), low)
         low = _FDI_TEETH.sub(_fdi_names, low)
     # (runs of spaces collapsed first: the item's lazy match before "\s+" is quadratic in them)
-    low = _NOT_NEEDED.sub(_not_needed_item, re.sub(r"[ \t]{2,}", " ", low))  # "femoral heads not needed"
+    low = _DONE_OR_GONE.sub(_done_or_gone_item, re.sub(r"[ \t]{2,}", " ", low))  # "the prostate is already contoured"
+    low = _NOT_NEEDED.sub(_not_needed_item, low)  # "femoral heads not needed"
     low = _INDICATION.sub(" ; ", low)  # "history of cirrhosis", "rule out HCC": why, not what
     for phrase in protected:
         if phrase in low:
@@ -1611,19 +1652,22 @@ def _context_readings(low: str, request: str) -> str:
     """
     context, written = set(_WORD.findall(request)), set(_WORD.findall(low))
     for bare, reading in WORDS.context_readings.items():
-        if bare in written and context & reading.context:
-            first = reading.reads.split()[0]
-            # (nor after a number or a part's name: "3rd and 4th ventricles", "lateral ventricles")
-            pattern = (
-                rf"(?<!\b{first} )(?<!\d )(?<!\d(?:st|nd|rd|th) )(?<!\bthird )(?<!\bfourth )(?<!\blateral )"
-                rf"\b{bare}\b(?=((?:\s+[a-z']+)?))"
-            )
-            low = re.sub(
-                pattern,
+        if bare in written and context & reading.context and not context & reading.unless:
+            low = _CONTEXT_PATTERNS[bare].sub(
                 lambda m, reads=reading.reads: reads if _names_nothing(m.group(1).strip()) else m.group(0),
                 low,
             )
     return low
+
+
+def _context_pattern(bare: str, reading: ContextReading) -> re.Pattern[str]:
+    # The bare word, not after its reading's first word nor after a word that makes it no bare word.
+    after = [reading.reads.split()[0], *sorted(reading.not_after)]
+    behind = "".join(rf"(?<!\b{re.escape(w)} )" for w in after)
+    return re.compile(rf"{behind}\b{bare}\b(?=((?:\s+[a-z']+)?))")
+
+
+_CONTEXT_PATTERNS = {bare: _context_pattern(bare, reading) for bare, reading in WORDS.context_readings.items()}
 
 
 def _enlarged_organs(m: re.Match[str]) -> str:
@@ -1680,6 +1724,10 @@ def _fdi_names(m: re.Match[str]) -> str:
 # Palmer notation: a quadrant (upper/lower, right/left) and a position ("UR1" is FDI 11, "LL8" 38).
 _PALMER_QUADRANTS = {"ur": 1, "ul": 2, "ll": 3, "lr": 4}
 _PALMER = re.compile(r"\b(ur|ul|ll|lr)\s?([1-8])\b")
+# A Universal tooth number: after "#" or a tooth word ("tooth #19", "teeth 3 and 14" takes the first).
+_UNIVERSAL = re.compile(r"(?:#|\b(?:tooth|teeth)\s+#?)(\d{1,2})\b")
+# A word of teeth, without "CBCT" (which radiotherapy takes too: "the prostate on the CBCT").
+_DENTAL_WORD = re.compile(r"\b(?:tooth|teeth|incisors?|canines?|premolars?|molars?|fdi|dental|dentition|palmer)\b")
 
 
 def _universal_to_fdi(n: int) -> str | None:

@@ -572,12 +572,18 @@ class _Index:
         self.string_row: dict[str, int] = {t: i for i, t in enumerate(self.strings)}
         # What a description is compared with: each concept's plain-language definition and its
         # other descriptions, one row each (a concept's rows never compete: they share its core).
-        rows = [(text, c) for c in self.vocab.lexicon.concepts.values() for text in c.described]
-        self.glosses: list[str] = [text for text, _ in rows]
+        rows = [
+            (text, c, i == 0 and bool(c.gloss))
+            for c in self.vocab.lexicon.concepts.values()
+            for i, text in enumerate(c.described)
+        ]
+        self.glosses: list[str] = [text for text, _, _ in rows]
+        #: Whether a row is its concept's definition (else one of its other descriptions).
+        self.gloss_is_definition: list[bool] = [definition for _, _, definition in rows]
         self.gloss_handicap = np.array(
-            [0.0 if text == c.gloss else DESCRIPTION_HANDICAP for text, c in rows], dtype=np.float32
+            [0.0 if definition else DESCRIPTION_HANDICAP for _, _, definition in rows], dtype=np.float32
         )
-        glossed = [c for _, c in rows]
+        glossed = [c for _, c, _ in rows]
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
         self.gloss_lesion = np.array([bool(core & grammar.LESION_TOKENS) for core in self.gloss_core], dtype=bool)
@@ -1276,12 +1282,12 @@ class Router:
         concept = self._index.gloss_concept[best]
         if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
             return None
-        row = "definition" if not self._index.gloss_handicap[best] else f"description '{self._index.glosses[best]}'"
+        row = "definition" if self._index.gloss_is_definition[best] else f"description '{self._index.glosses[best]}'"
         how = f"description: '{text}' ~ {row} of {_concept_ref(concept)} {score:.3f}"
         matches, _ = self._match(self._with_core(pt, tuple(sorted(core))), regions, allowed, use_encoder=False)
         if not matches:
             return [], f"{how}, which no dataset segments"
-        via = f" (via definition {score:.3f})"
+        via = f" (via {'definition' if self._index.gloss_is_definition[best] else 'description'} {score:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:

@@ -1338,7 +1338,6 @@ def test_readings_of_rounds_nineteen_and_twenty(router, text, dataset, labels):
             "TotalSegmentator_pleural_pericard_effusion",
             ["pleural_effusion", "pericardial_effusion"],
         ),
-        ("R SCA", "TotalSegmentator_v2", ["subclavian_artery_right"]),
         ("A_Brachioceph", "TotalSegmentator_v2", ["brachiocephalic_trunk"]),
         ("sICH", "TotalSegmentator_cerebral_bleed", ["intracerebral_hemorrhage"]),
         ("FEM x2", "TotalSegmentator_v2", ["femur_left", "femur_right"]),
@@ -1415,6 +1414,33 @@ def test_readings_of_round_twenty_one(router, text, dataset, labels):
         # synonyms and other languages' names (lexicon data)
         ("the lingual bone and the thyroid body", "TotalSegmentator_headneck_bones_vessels", ["hyoid"]),
         ("rotula and perone", "TotalSegmentator_appendicular_bones", ["patella", "fibula"]),
+        # the review of round twenty-two: none of these loses its structure
+        (
+            "Segment the remaining lung after the right upper lobe was resected",
+            "TotalSegmentator_v2",
+            [
+                "lung_upper_lobe_left",
+                "lung_lower_lobe_left",
+                "lung_upper_lobe_right",
+                "lung_middle_lobe_right",
+                "lung_lower_lobe_right",
+            ],
+        ),
+        ("IRB approval obtained: segment the pancreas", "TotalSegmentator_v2", ["pancreas"]),
+        (
+            "Patient consented. Segment the liver; the old request was withdrawn",
+            "TotalSegmentator_v2",
+            ["liver"],
+        ),
+        ("Segment the prostate and bladder on the CBCT, fraction 12 of 20", "TotalSegmentator_teeth", []),
+        (
+            "CBCT: tooth #19 (Universal numbering), 2 mm margin",
+            "TotalSegmentator_teeth",
+            ["lower_left_first_molar_fdi36"],
+        ),
+        ("Exclusions: none, please segment the liver and spleen", "TotalSegmentator_v2", ["spleen", "liver"]),
+        ("Cardiac CT: the ventricles; history of cerebral infarct", "TotalSegmentator_brain_structures", []),
+        ("CTA head: the SCA aneurysm", "TotalSegmentator_v2", []),
         # series adjectives with no noun after them take the one before them
         (
             "left lung lobes - upper and lower. Right lung: n/a",
