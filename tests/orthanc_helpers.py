@@ -73,15 +73,14 @@ class OrthancProcess:
                  extra_config: dict[str, Any] | None = None, plugins: Iterable[str] = (), user: str | None = None,
                  password: str | None = None) -> None:  # fmt: skip
         self.root = root
-        self.http_port, self.dicom_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
         self.aet = str((config or {}).get("DicomAet", "ORTHANC"))
         self.log_path = root / "orthanc.log"
         self.worklists = root / "worklists"
         self.plugins = tuple(plugins)
         self.env = {**os.environ, "TCP_NODELAY": "1", **(env or {}), "ORTHANC_DATA": str(root),
-                    "ORTHANC_HTTP_PORT": str(self.http_port), "ORTHANC_DICOM_PORT": str(self.dicom_port),
                     "ORTHANC_STABLE_AGE": "2"}  # fmt: skip
+        self._credentials = (user, password)
+        self._pick_ports()
         root.mkdir(parents=True, exist_ok=True)
         if config is not None:
             (root / "base.json").write_text(json.dumps(config))
@@ -89,13 +88,37 @@ class OrthancProcess:
         if extra_config is not None:
             (root / "extra.json").write_text(json.dumps(extra_config))
             self.env["ORTHANC_EXTRA_CONFIG"] = str(root / "extra.json")
-        self.client = OrthancApiClient(self.url, user=user, pwd=password)
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> OrthancProcess:
-        """Start Orthanc and wait until it answers with every plugin asked for loaded."""
+    def _pick_ports(self, *, http_only: bool = False) -> None:
+        # (the DICOM port may already be in a node's configuration: only the HTTP port is picked again)
+        self.http_port = free_port()
+        if not http_only:
+            self.dicom_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.env.update(ORTHANC_HTTP_PORT=str(self.http_port), ORTHANC_DICOM_PORT=str(self.dicom_port))
+        self.client = OrthancApiClient(self.url, user=self._credentials[0], pwd=self._credentials[1])
+
+    def start(self, timeout: float = 60, attempts: int = 3) -> OrthancProcess:
+        """Start Orthanc and wait until it answers with every plugin asked for loaded.
+
+        An HTTP port that another process took between :func:`free_port` and Orthanc's bind (a node
+        started on port 0 may be handed the same one) is a race of the test, not a failure of Orthanc:
+        the start is tried again on a new HTTP port, ``attempts`` times in all.
+        """
         if shutil.which("Orthanc") is None:
             pytest.fail("Orthanc is not installed; run scripts/bootstrap.sh test (apt package 'orthanc')")
+        for _ in range(attempts - 1):
+            if self._start(timeout):
+                return self
+            if "port of the HTTP server is privileged or already in use" not in self.log():
+                break
+            self._pick_ports(http_only=True)
+        if self._start(timeout):
+            return self
+        pytest.fail(f"Orthanc did not start:\n{self.log()[-3000:]}")
+
+    def _start(self, timeout: float) -> bool:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([str(ORTHANC_DIR / "start-orthanc.sh")], env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT)  # fmt: skip
@@ -104,12 +127,12 @@ class OrthancProcess:
             try:
                 loaded = self.client.get_json("/plugins", timeout=2)
                 if all(name in loaded for name in self.plugins):
-                    return self
+                    return True
             except OrthancApiException:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"Orthanc did not start:\n{self.log()[-3000:]}")
+                return False
             time.sleep(0.2)
 
     def stop(self) -> None:
