@@ -509,11 +509,13 @@ class Vocabulary:
         memo = self._memo.get(("spell", word))
         if memo is not None:
             return memo
-        if not word.isalpha():
-            fixed = self._ocr_reading(word)
-            if len(self._memo) < 16384:  # a memo, not state: the answer never changes
-                self._memo[("spell", word)] = fixed
-            return fixed
+        fixed = self._ocr_reading(word) if not word.isalpha() else self._spelt(word)
+        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
+            self._memo[("spell", word)] = fixed
+        return fixed
+
+    def _spelt(self, word: str) -> str:
+        """The known word a word of letters is a misspelling of, else the word (:meth:`correct_spelling`)."""
         limit = 1 if len(word) <= 7 else 2
         best_d, best = self._nearest(word, limit)
         fixed = self._one_of(word, best) if best_d <= limit else None
@@ -535,16 +537,13 @@ class Vocabulary:
                 if _sound_key(c) == key and c[:2] == word[:2] and c[-1] == word[-1] and singular(c) in self.anatomy
             ]
             fixed = self._one_of(word, same) if far_d == limit + 1 else None
-        fixed = fixed or word
-        if fixed == word and len(word) > 5 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
+        if fixed is None and len(word) > 5 and word.endswith("s") and not word.endswith(("ss", "is", "us")):
             # The plural of a misspelt name ("pattellas"): its singular, one edit off and sounding the
             # same, is corrected ("cheers" is not "cheek").
             stem = self.correct_spelling(word[:-1])
-            same = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
-            fixed = stem if same else word
-        if len(self._memo) < 16384:  # a memo, not state: the answer never changes
-            self._memo[("spell", word)] = fixed
-        return fixed
+            same_word = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
+            fixed = stem if same_word else None
+        return fixed or word
 
     def _nearest(self, word: str, limit: int) -> tuple[int, list[str]]:
         """The known words nearest ``word`` within ``limit`` edits, and their distance."""
@@ -829,9 +828,10 @@ _NEGATION = re.compile(
 # A clinical indication or timing clause says why the study is done, not what to segment.
 _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|after|prior\s+to)\b[^,;:()]*")
 # An item closed by "not needed" is an exclusion: written before it, it is moved after "except".
+# A list item (its opening separator, then its words) up to the words that close it.
+_ITEM_BEFORE = r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
 _NOT_NEEDED = re.compile(
-    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
-    r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+|can\s+be\s+|may\s+be\s+)?"
+    _ITEM_BEFORE + r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+|can\s+be\s+|may\s+be\s+)?"
     r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
     r"|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need|(?:is\s+\w+\s+)?no\s+need"
     # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
@@ -843,8 +843,7 @@ _NOT_NEEDED = re.compile(
 # were done last week") and an organ that is gone ("the left one was removed in 2019"), closing an item
 # that is a structure's name only (not "segment the brain where the tumour was resected").
 _DONE_OR_GONE = re.compile(
-    r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
-    r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+)?"
+    _ITEM_BEFORE + r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+)?"
     r"(?:already\s+(?:done|contoured|segmented|delineated|outlined|drawn|assessed)"
     r"|(?:done|contoured|segmented|delineated|outlined|drawn|assessed)\s+(?:already|by\s+hand|manually|previously"
     r"|elsewhere|last\s+(?:week|month|time))"

@@ -579,10 +579,8 @@ class _Index:
         ]
         self.glosses: list[str] = [text for text, _, _ in rows]
         #: Whether a row is its concept's definition (else one of its other descriptions).
-        self.gloss_is_definition: list[bool] = [definition for _, _, definition in rows]
-        self.gloss_handicap = np.array(
-            [0.0 if definition else DESCRIPTION_HANDICAP for _, _, definition in rows], dtype=np.float32
-        )
+        self.gloss_is_definition = np.array([definition for _, _, definition in rows], dtype=bool)
+        self.gloss_handicap = np.where(self.gloss_is_definition, 0.0, DESCRIPTION_HANDICAP).astype(np.float32)
         glossed = [c for _, c, _ in rows]
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
@@ -1282,12 +1280,13 @@ class Router:
         concept = self._index.gloss_concept[best]
         if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
             return None
-        row = "definition" if self._index.gloss_is_definition[best] else f"description '{self._index.glosses[best]}'"
+        kind = "definition" if self._index.gloss_is_definition[best] else "description"
+        row = kind if kind == "definition" else f"description '{self._index.glosses[best]}'"
         how = f"description: '{text}' ~ {row} of {_concept_ref(concept)} {score:.3f}"
         matches, _ = self._match(self._with_core(pt, tuple(sorted(core))), regions, allowed, use_encoder=False)
         if not matches:
             return [], f"{how}, which no dataset segments"
-        via = f" (via {'definition' if self._index.gloss_is_definition[best] else 'description'} {score:.3f})"
+        via = f" (via {kind} {score:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
