@@ -46,7 +46,7 @@ REGIONS = frozenset(
     }
 )
 
-_SECTIONS = frozenset({"version", "concepts", "forms", "qualifiers", "filler", "groups"})
+_SECTIONS = frozenset({"version", "concepts", "forms", "qualifiers", "filler", "groups", "wholes"})
 _CONCEPT_KEYS = frozenset({"name", "canonical", "regions", "gloss", "descriptions", *TERM_FIELDS})
 _TERM = re.compile(r"^[a-z0-9]+(?: [a-z0-9]+)*$")
 _LOCAL_KEY = re.compile(r"^x-[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -123,6 +123,10 @@ class Lexicon:
         Words dropped from a target.
     groups : mapping of str to tuple of str
         A group's phrase -> its members' phrases (not yet canonicalised).
+    wholes : frozenset of str
+        Groups that are an organ made of its members (the heart of its chambers, a lung of
+        its lobes): in a list of structures the organ is wanted whole, and its parts stand in
+        for it only where no dataset has the whole organ.
     digest : str
         SHA-256 of the file (cache keys).
     path : Path
@@ -134,6 +138,7 @@ class Lexicon:
     qualifiers: Mapping[str, tuple[str, ...]]
     filler: frozenset[str]
     groups: Mapping[str, tuple[str, ...]]
+    wholes: frozenset[str]
     digest: str
     path: Path
 
@@ -273,6 +278,10 @@ def parse_lexicon(data: Any, path: Path, digest: str = "") -> Lexicon:
     qualifiers = {str(w): check.regions(f"qualifiers.{w}", r) for w, r in (data.get("qualifiers") or {}).items()}
     groups = {str(g): check.terms(f"groups.{g}", m) for g, m in (data.get("groups") or {}).items()}
     filler = check.terms("filler", data.get("filler") or [])
+    wholes = check.terms("wholes", data.get("wholes") or [])
+    for whole in wholes:
+        if whole not in groups:
+            check.err(f"wholes.{whole}", "not a group: an organ made of parts must list them under groups")
     _check_ambiguous(check, concepts, forms)
     if check.errors:
         raise LexiconError(f"{path}: {len(check.errors)} problem(s):\n  " + "\n  ".join(check.errors))
@@ -282,6 +291,7 @@ def parse_lexicon(data: Any, path: Path, digest: str = "") -> Lexicon:
         MappingProxyType(qualifiers),
         frozenset(filler),
         MappingProxyType(groups),
+        frozenset(wholes),
         digest,
         path,
     )

@@ -384,6 +384,8 @@ class Vocabulary:
         The spelling vocabulary.
     groups : mapping
         Group core -> member cores (canonical, sorted tokens).
+    wholes : frozenset
+        The cores of the groups that are an organ made of its members (lexicon ``wholes``).
     organ_regions : mapping of str to tuple of str
         Canonical token -> body regions it lies in.
     concepts : mapping of tuple of str to Concept
@@ -399,6 +401,7 @@ class Vocabulary:
     concepts: Mapping[tuple[str, ...], LexiconConcept] = field(repr=False)
     _by_length: Mapping[int, tuple[str, ...]] = field(repr=False)
     _memo: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False, compare=False)
+    wholes: frozenset[tuple[str, ...]] = field(default=frozenset(), repr=False)
     #: One-word names of structures, and the word pairs of the longer names (dictation repairs).
     anatomy: frozenset[str] = field(default=frozenset(), repr=False)
     name_pairs: frozenset[tuple[str, str]] = field(default=frozenset(), repr=False)
@@ -465,6 +468,7 @@ class Vocabulary:
         # Both need the tables above; set once here, before anyone sees the object.
         groups = {vocab.core(key): tuple(vocab.core(m) for m in members) for key, members in lexicon.groups.items()}
         object.__setattr__(vocab, "groups", MappingProxyType(groups))
+        object.__setattr__(vocab, "wholes", frozenset(vocab.core(w) for w in lexicon.wholes))
         concepts: dict[tuple[str, ...], LexiconConcept] = {}
         for concept in lexicon.concepts.values():
             concepts.setdefault(vocab.core(concept.canonical), concept)

@@ -56,6 +56,7 @@ TIERS: tuple[float, ...] = (0.9, 0.7, 0.5)
 SCORE_EXACT = 1.0
 SCORE_PART = 0.95  # a part of a composite label ("prostate_or_uterus", "kidney and masses")
 SCORE_GROUP = 0.93  # a member of a group ("lung" -> its lobes)
+_PARTS_ONLY = "only the organ's parts: listed with other structures, the organ is wanted whole"
 SCORE_SOFT_LESION = 0.9  # "liver lesion" ~ "liver tumour"
 SCORE_SPECIFIC = 0.75  # the label is a more specific kind of the target ("vena cava" -> "inferior vena cava")
 SCORE_COARSE = 0.6  # the label covers more than asked (no side / no level)
@@ -894,6 +895,7 @@ class Router:
                     routed.append((sibling, *self._route_target(sibling, parsed, kept_names)))
                     continue
             routed.append((pt, target, explain))
+        self._wholes_in_lists(routed)
         return routed
 
     def _header_side(self, parsed: grammar.ParsedRequest) -> Callable[[grammar.ParsedTarget], grammar.ParsedTarget]:
@@ -1016,6 +1018,28 @@ class Router:
         kind = max(sorted(set(kinds)), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
+
+    def _wholes_in_lists(self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
+        """Leave out the parts of an organ that is listed with other structures.
+
+        "Oesophagus, heart, lungs, cord" (an OAR list, a volumetry) wants each organ whole: the
+        heart's chambers and a lobes-only dataset's lobes are left out when another dataset of
+        the study's modality segments the organ itself.  Asked for alone, an organ keeps its
+        parts ("the heart": whole-heart segmentation).
+        """
+        found = {
+            pt.concept.core for pt, target, _ in routed if not pt.negated and any(c.selected for c in target.candidates)
+        }
+        if len(found) < 2:
+            return
+        for pt, target, explain in routed:
+            selected = [c for c in target.candidates if c.selected]
+            if pt.concept.core not in self.vocab.wholes or not any(c.score >= SCORE_EXACT - 1e-9 for c in selected):
+                continue  # (no dataset has the organ whole: its parts are the answer)
+            for c in selected:
+                if abs(c.score - SCORE_GROUP) < 1e-9:
+                    c.selected = False
+                    explain["label"][c.dataset].update(selected=False, reason=_PARTS_ONLY)
 
     def _anatomy_stage(
         self, pt: grammar.ParsedTarget, matches: list[_Match], regions: set[str], known: LexiconConcept | None

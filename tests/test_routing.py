@@ -1455,6 +1455,48 @@ def test_readings_of_round_twenty_two(router, text, dataset, labels):
 
 
 @pytest.mark.parametrize(
+    ("text", "whole"),
+    [
+        ("Oesophageal cancer RT: oesophagus, heart, lungs, cord", True),
+        ("targets: heart; lungs (bilateral)", True),
+        ("heart + pericardial effusion", True),
+        ("the heart", False),
+        ("both lungs", False),
+        # one structure, named twice, is no list
+        ("heart seg for the cardiac dose", False),
+    ],
+)
+def test_an_organ_listed_with_other_structures_is_wanted_whole(router, text, whole):
+    # Asked for alone, the heart brings its chambers (whole-heart segmentation) and a lung the
+    # lobes of a dataset without a lung label; in a list, each organ is one structure.
+    selection = plan(router, text, "CT", collection=None).selection
+    chambers = {"MM-WHS", "TotalSegmentator_heartchambers_highres"} & set(selection)
+    lobes = set(_values(router, "TotalSegmentator_v2", *_LOBES)) & set(selection.get("TotalSegmentator_v2", []))
+    if whole:
+        assert not chambers and not lobes
+    else:
+        assert chambers if "heart" in text else lobes
+
+
+_LOBES = (
+    "lung_upper_lobe_left",
+    "lung_lower_lobe_left",
+    "lung_upper_lobe_right",
+    "lung_middle_lobe_right",
+    "lung_lower_lobe_right",
+)
+
+
+def test_the_parts_left_out_of_a_list_say_why(router):
+    result = plan(router, "heart and lungs", "CT", collection=None)
+    heart = next(step for step in result.explain if step.get("target") == "heart")
+    assert heart["label"]["MM-WHS"]["selected"] is False
+    assert "wanted whole" in heart["label"]["MM-WHS"]["reason"]
+    assert result.selection["TotalSegmentator_v2"] == sorted(_values(router, "TotalSegmentator_v2", "heart"))
+    assert result.selection["CT-ORG"] == _values(router, "CT-ORG", "Lungs")
+
+
+@pytest.mark.parametrize(
     "text", ["NM DMSA SCAN 78700 - SEGMENT BOTH KIDNEYS", "Thyroid uptake scan (Tc-99m) - the thyroid"]
 )
 def test_a_nuclear_medicine_study_is_refused_by_its_modality(router, text):
