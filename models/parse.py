@@ -233,6 +233,9 @@ class ParsedRequest:
     #: The side a worklist header names ("CT HIP RT - FEMORAL HEAD") when no target below it
     #: names one: the router gives it to the targets that have sides.
     side: str | None = None
+    #: The MR sequences the text names when it names several ("ADC, DWI and FLAIR"); the
+    #: modality hint is then plain ``MR``.
+    sequences: tuple[str, ...] = ()
     #: The word that makes the request one for another task than a segmentation ("burn",
     #: "fuse", "cancel"; :func:`other_task`); None for a segmentation request.
     other_task: str | None = None
@@ -918,6 +921,8 @@ _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spi
 def detect_modality(text: str) -> tuple[str | None, str]:
     """Modality hint named in ``text`` and the text with the hint removed.
 
+    :func:`named_modalities` gives every modality and sequence named, before they are combined.
+
     Parameters
     ----------
     text
@@ -929,6 +934,25 @@ def detect_modality(text: str) -> tuple[str | None, str]:
         ``CT``, ``MR``, ``MR:T1``, ``MR:T1C``, ``MR:T2``, ``MR:FLAIR``,
         ``MR:DWI``, ``MR:ADC``, ``PT``, ``PT+CT``, ``US`` or None.  Several MR
         sequences give ``MR``; PET and CT named separately give ``PT+CT``.
+    rest : str
+        Lower-case text with the modality words replaced by separators.
+    """
+    found, low = named_modalities(text)
+    return _combine(found), low
+
+
+def named_modalities(text: str) -> tuple[list[str], str]:
+    """Every modality and MR sequence ``text`` names, in order, and the text without them.
+
+    Parameters
+    ----------
+    text
+        Raw request text.
+
+    Returns
+    -------
+    found : list of str
+        ``CT``, ``MR``, ``MR:FLAIR`` ... as named ("ADC, DWI and FLAIR" names three).
     rest : str
         Lower-case text with the modality words replaced by separators.
     """
@@ -963,7 +987,7 @@ def detect_modality(text: str) -> tuple[str | None, str]:
             low = pattern.sub(" ; ", low)
     for key, value in protected.items():
         low = low.replace(key, value)
-    return _combine(found), low
+    return found, low
 
 
 def _combine(found: list[str]) -> str | None:
@@ -1005,7 +1029,9 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     written, text = text, _rule_action(text, vocab)
     text = _patients_side(_SIDE_COMPARISON.sub(" ", text))  # "R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
-    hint, low = detect_modality(text)
+    found, low = named_modalities(text)
+    hint = _combine(found)
+    sequences = tuple(sorted({m for m in found if m.startswith("MR:")})) if hint == "MR" else ()
     header = _read_header(text, vocab)
     if header is not None:
         low = detect_modality(header.body)[1]
@@ -1034,6 +1060,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         targets=unique,
         notes=notes,
         side=side if side in ("left", "right") else None,
+        sequences=sequences,
         other_task=other_task(written),
     )
 
@@ -2331,7 +2358,13 @@ _LIST_INTRO = re.compile(r"^[^:;\n]{2,80}?(?:\s[-\u2013\u2014]\s|\s*:\s)")
 def _distribute_lesion_head(targets: list[ParsedTarget], text: str) -> list[ParsedTarget]:
     # "abdominal tumours - liver, kidney and adrenal": a lesion word introducing a list of
     # organs is the lesion of each of them, not a target of its own.
-    if len(targets) < 2 or not _LIST_INTRO.match(text):
+    intro = _LIST_INTRO.match(text)
+    if len(targets) < 2 or not intro:
+        return targets
+    # "Staging for a neuroendocrine tumour - please segment the pancreas, the liver": a request
+    # of its own follows the heading, and the lesion is the reason, not the head of the list.
+    body = _WORD.findall(text[intro.end() :].lower())[:3]
+    if any(w in WORDS.segmentation_words for w in body):
         return targets
     head, organs = targets[0], targets[1:]
     if not head.concept.core or set(head.concept.core) - LESION_TOKENS or head.negated:

@@ -416,6 +416,11 @@ def _label_entry(dataset: Dataset, label: Label, vocab: grammar.Vocabulary) -> _
             continue  # a synonym naming the other side is a registry slip; ignore it
         if t.concept.index and index and not (t.concept.index <= index):
             continue
+        core = frozenset(t.concept.core)
+        if (core, frozenset(t.context)) in seen:
+            # "kidneys" for KiTS23's "kidney and masses": the part is the whole label, not the
+            # label's values minus the other part's (_derive_part_values)
+            forms[:] = [_whole_part(f, label) if f.core == core and f.source == "part" else f for f in forms]
         add(t.concept.core, t.context, "synonym")
     concept = vocab.lexicon.concept(label.type.value)
     if concept is not None and forms:
@@ -477,6 +482,10 @@ def _wholes_first(matches: list[_Match], core: Iterable[str]) -> list[_Match]:
     return wholes if wholes and len(wholes) < len(matches) else matches
 
 
+def _whole_part(form: _Form, label: Label) -> _Form:
+    return _Form(form.core, form.context, form.source, tuple(label.values))
+
+
 def _derive_part_values(entries: list[_Entry]) -> None:
     # "kidney and masses" = [1, 2, 3] and "kidney masses" = [2, 3] in one dataset: the part
     # "kidney" alone is [1].  Region labels are unions, so a part's values are the whole's
@@ -490,6 +499,8 @@ def _derive_part_values(entries: list[_Entry]) -> None:
                 continue
             parts = [f for f in e.forms if f.source == "part"]
             for k, part in enumerate(parts):
+                if part.values is not None:
+                    continue  # the registry calls the whole label by the part's name
                 others: set[int] = set()
                 for other_part in parts[:k] + parts[k + 1 :]:
                     for o in group:
@@ -822,7 +833,8 @@ class Router:
         datasets = self.registry.in_collection(collection) if collection else list(self.registry.datasets.values())
         if collection and not datasets:
             raise ValueError(f"no dataset in collection {collection!r} (known: {', '.join(self.registry.collections)})")
-        kept = self._modality_stage(plan, datasets, installed_only)
+        sequences = parsed.sequences if source == "text" else ()
+        kept = self._modality_stage(plan, datasets, installed_only, sequences)
         kept_names = {d.name for d in kept}
         all_names = {d.name for d in datasets}
         if parsed.other_task is not None:
@@ -845,13 +857,21 @@ class Router:
         plan.elapsed_ms = (time.perf_counter() - t0) * 1000.0
         return plan
 
-    def _modality_stage(self, plan: Plan, datasets: list[Dataset], installed_only: bool) -> list[Dataset]:
-        """Stage 1 (coarse): the datasets that accept the plan's modality; never relaxed later."""
+    def _modality_stage(
+        self, plan: Plan, datasets: list[Dataset], installed_only: bool, sequences: tuple[str, ...] = ()
+    ) -> list[Dataset]:
+        """Stage 1 (coarse): the datasets that accept the plan's modality; never relaxed later.
+
+        ``sequences`` are the MR sequences a request names when it names several ("ADC, DWI
+        and FLAIR"): a dataset that accepts none of them (a T1-only model) is dropped too.
+        """
         kept: list[Dataset] = []
         dropped: dict[str, str] = {}
         for d in datasets:
             if plan.modality and not admits(d, plan.modality, plan.modality_source):
                 dropped[d.name] = f"does not accept {plan.modality} (accepts {', '.join(d.modalities)})"
+            elif sequences and not any(d.accepts(seq) for seq in sequences):
+                dropped[d.name] = f"accepts {', '.join(d.modalities)}; the request names {', '.join(sequences)}"
             elif installed_only and not d.installed_models:
                 dropped[d.name] = "no installed model"
             else:
@@ -942,7 +962,10 @@ class Router:
                 plan.unmatched.append(Unmatched(pt.text, kind, reason))
             removed = removal if not _by_encoder(explain) else _union(removal, guessed)
             for c in target.candidates:
-                if c.selected and removed.get(c.dataset):
+                # (an exclusion holding all of a target and more is the organ around it: "the renal
+                # tumour, not the kidney", where one label is the kidney with its masses)
+                around = pt.lesion and set(c.values) < removed.get(c.dataset, set())
+                if c.selected and removed.get(c.dataset) and not around:
                     self._apply_exclusion(c, removed[c.dataset])
             # Consumers run every listed candidate: only the selected ones are candidates.
             target.alternatives = [c for c in target.candidates if not c.selected]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medsegagent.models import parse
 from medsegagent.models.bench_routing import load_cases, run_bench, score_query
@@ -137,11 +138,37 @@ def test_organ_is_not_its_lesion(router):
 
 
 def test_composite_region_labels(router):
-    # "kidney and masses" = [1,2,3] and "kidney masses" = [2,3]: the kidney alone is [1].
-    assert plan(router, "kidneys", "CT").selection["KiTS23"] == [1]
+    # KiTS23's "kidney and masses" [1,2,3] has the synonym "kidneys": the kidney is the whole label
+    # (every blind set, and KiTS23's own evaluation region); the public benchmark expects [1].
+    assert plan(router, "kidneys", "CT").selection["KiTS23"] == [1, 2, 3]
     assert plan(router, "renal masses", "CT").selection == {"KiTS23": [2, 3]}
     assert plan(router, "kidney and masses", "CT").selection == {"KiTS23": [1, 2, 3]}
     assert plan(router, "uterus", "CT").selection == {"AMOS22_Task2": [15]}
+
+
+def test_a_composite_labels_part_is_its_values_minus_the_other_parts(tmp_path):
+    # Without a synonym naming the part, "kidney and masses" = [1,2,3] and "kidney masses" =
+    # [2,3] in one dataset: the kidney alone is [1].
+    labels = {
+        "kidney and masses": {"value": [1, 2, 3], "kind": "organ", "type": ["SCT", "64033007", "Kidney"]},
+        "kidney masses": {"value": [2, 3], "kind": "lesion", "type": ["SCT", "4147007", "Mass"]},
+    }
+    for shade, label in enumerate(labels.values()):
+        label.update(category=["SCT", "91723000", "Anatomical Structure"], color=[185, 102, 83 + shade])
+    dataset = {
+        "description": "a kidney dataset",
+        "collections": ["test"],
+        "modalities": ["CT"],
+        "inputs": [{"channel": 0, "modality": "CT"}],
+        "regions": ["abdomen"],
+        "labels": labels,
+        "models": [],
+    }
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"schema_version": 1, "datasets": {"Renal": dataset}}))
+    own = Router(load_registry(path), use_encoder=False)
+    assert own.plan("kidneys", "CT").selection == {"Renal": [1]}
+    assert own.plan("kidney and masses", "CT").selection == {"Renal": [1, 2, 3]}
 
 
 def test_an_organ_with_its_lesion_is_the_organ_of_every_dataset_and_the_lesion(router):
@@ -608,7 +635,8 @@ def test_structure_rules_of_round_five(text: str, expected: set) -> None:
     "text, dataset, values",
     [
         # an exclusion by "without" / "not" (but not "without contrast")
-        ("kidneys without the tumours", "KiTS23", [1]),
+        # (KiTS23: the kidney with its masses [1,2,3] less the tumour [3]; the cysts stay)
+        ("kidneys without the tumours", "KiTS23", [1, 2]),
         ("bladder, not the prostate", "AMOS22_Task2", [14]),
         ("CT abdomen without contrast - liver", "LiTS", [1]),
         # excluding one side of a paired structure leaves the other side only

@@ -17,8 +17,9 @@ modality and has a label of a requested concept gets exactly those label values
 * modality: ``Dataset.accepts``; a ``CT`` named only in the text also admits
   PET/CT datasets (docs/routing.md, "Modality").
 
-A composite label ("kidney and masses") delivers its organ by the organ's own
-value (:data:`PARTS`), as in the public benchmark.
+A composite label that the registry calls by its organ's name ("kidney and
+masses", synonym "kidneys") delivers the organ whole, as every blind set
+expects; the public benchmark expects KiTS23's value 1 alone.
 
 Run ``python tests/data/routing_dev_all.py`` after changing a request or the
 registry, and read the diff.
@@ -35,8 +36,6 @@ from medsegagent.models.registry import Dataset, Label, load_registry
 
 OUT = Path(__file__).with_name("routing_dev_all.jsonl")
 
-#: Composite labels: (dataset, label) -> the values of the organ part alone.
-PARTS = {("KiTS23", "kidney and masses"): (1,)}
 #: A whole that comes with its named parts in the public benchmark ("larynx" -> glottis, supraglottis).
 WITH_PARTS = {("SegRap2023_Task1", "Larynx"): (48, 49, 50, 51)}
 
@@ -144,6 +143,10 @@ ALL_RIBS = range(1, 13)
 #: (request, modality in the record or None, modality the text names or None, concepts)
 Request = tuple[str, str | None, str | None, list[C]]
 REQUESTS: list[Request] = []
+
+#: Requests that exclude a lesion from an organ: a region label holding both ("kidney and
+#: masses") loses the lesion's values.
+WITHOUT: dict[str, C] = {}
 
 
 def add(query: str, modality: str | None, text_modality: str | None, *concepts: C) -> None:
@@ -529,6 +532,7 @@ add("stomach and duodenum but not the esophagus", "CT", None, STOMACH, DUODENUM)
 add("parotids other than the left one", "CT", None, PAROTID.on("right"))
 add("bladder, not the prostate", "CT", None, BLADDER)
 add("kidneys without the tumours", "CT", None, KIDNEY)
+WITHOUT["kidneys without the tumours"] = KIDNEY_TUMOUR
 add("trachea and esophagus, except the thyroid", "CT", None, TRACHEA, ESOPHAGUS)
 add("ribs 1-12 left, except rib 12", "CT", None, ribs("left", *range(1, 12)))
 # MR sequences
@@ -923,7 +927,9 @@ def admitted(dataset: Dataset, modality: str | None, text_modality: str | None) 
     return True
 
 
-def expected(modality: str | None, text_modality: str | None, concepts: list[C]) -> dict[str, list[int]]:
+def expected(
+    modality: str | None, text_modality: str | None, concepts: list[C], without: C | None = None
+) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for dataset in REGISTRY.datasets.values():
         if not admitted(dataset, modality, text_modality):
@@ -932,7 +938,9 @@ def expected(modality: str | None, text_modality: str | None, concepts: list[C])
         for label in dataset.labels.values():
             if any(concept(label) for concept in concepts):
                 key = (dataset.name, label.name)
-                values.update(PARTS.get(key, WITH_PARTS.get(key, label.values)))
+                values.update(WITH_PARTS.get(key, label.values))
+        if without is not None:
+            values -= {v for label in dataset.labels.values() if without(label) for v in label.values}
         if values:
             out[dataset.name] = sorted(values)
     return dict(sorted(out.items()))
@@ -944,7 +952,7 @@ def main() -> None:
         row: dict[str, object] = {"query": query}
         if modality:
             row["modality"] = modality
-        row["expected_datasets"] = expected(modality, text_modality, concepts)
+        row["expected_datasets"] = expected(modality, text_modality, concepts, WITHOUT.get(query))
         if concepts and not row["expected_datasets"]:
             raise SystemExit(f"{query!r}: its concepts match no label of the registry")
         lines.append(json.dumps(row))
