@@ -1482,6 +1482,37 @@ def test_readings_of_round_twenty_two(router, text, dataset, labels):
     assert got == _values(router, dataset, *labels)
 
 
+def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
+    # "ADC, DWI and FLAIR" make the modality MR; a T1-only model (ISLES22 ATLAS) cannot read them.
+    result = plan(router, "the stroke lesions on ADC, DWI and FLAIR", None, collection=None)
+    assert result.modality == "MR" and "ISLES22" in result.selection
+    assert "ISLES22_ATLAS" not in result.selection
+    stage = next(step for step in result.explain if step["stage"] == "modality")
+    assert "the request names MR:ADC, MR:DWI, MR:FLAIR" in stage["dropped"]["ISLES22_ATLAS"]
+    # a model of one of the sequences named stays
+    assert "BraTS21" in plan(router, "brain tumour on T1 and FLAIR", None, collection=None).selection
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a request of its own after a heading: the lesion is the reason, not the list's head noun
+        (
+            "Staging for a neuroendocrine tumour - please segment the pancreas, the liver and the adrenals.",
+            "TotalSegmentator_v2",
+            ["adrenal_gland_right", "adrenal_gland_left", "liver", "pancreas"],
+        ),
+        ("abdominal tumours - liver and pancreas", "TotalSegmentator_v2", []),
+        # excluding the organ around a lesion keeps the lesion of a label holding both
+        ("Right renal tumour only, not the kidney", "KiTS23", ["kidney tumor"]),
+        ("Kidney masses only, the kidney itself not needed", "KiTS23", ["kidney masses"]),
+    ],
+)
+def test_readings_of_round_twenty_three(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
 @pytest.mark.parametrize(
     ("text", "whole"),
     [
