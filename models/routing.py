@@ -451,14 +451,15 @@ def _subdivision(m: _Match, core: Iterable[str]) -> bool:
     """Whether a label is a named subdivision of the target (the glottic larynx of the larynx).
 
     Not when its name adds a class noun: a canal or an artery inside the structure is another
-    kind of structure ("mandible" does not bring the mandibular incisive canals).
+    kind of structure ("mandible" does not bring the mandibular incisive canals); nor a generic
+    noun: a wall or a lumen is a part of every tube, not a named division of this one (the
+    airways do not bring their walls, the aorta not a dissection's true lumen).
     """
     if m.why != _WHY_SPECIFIC or m.source != "name":
         return False
     asked = frozenset(core)
-    return not any(
-        f.source == "name" and asked < f.core and (f.core - asked) & grammar.CLASS_NOUNS for f in m.entry.forms
-    )
+    other = grammar.CLASS_NOUNS | grammar.WORDS.generic_nouns
+    return not any(f.source == "name" and asked < f.core and (f.core - asked) & other for f in m.entry.forms)
 
 
 #: Nouns that name a part inside a structure ("the pulp of tooth 11", "the incisive canal").

@@ -1506,6 +1506,12 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         # excluding the organ around a lesion keeps the lesion of a label holding both
         ("Right renal tumour only, not the kidney", "KiTS23", ["kidney tumor"]),
         ("Kidney masses only, the kidney itself not needed", "KiTS23", ["kidney masses"]),
+        # the airway tree is the airways with the trachea, not the airway walls
+        ("tracheobronchial tree", "TotalSegmentator_lung_vessels", ["lung_airways"]),
+        ("CT AIRWAYS INSP/EXP - BRONCHIAL TREE", "TotalSegmentator_lung_vessels_LEGACY", ["lung_trachea_bronchia"]),
+        ("bronchial walls", "TotalSegmentator_lung_vessels", ["lung_airways_wall"]),
+        # a systemic artery of the airways is no lung artery
+        ("bronchial artery embolisation planning", "TotalSegmentator_lung_vessels", []),
     ],
 )
 def test_readings_of_round_twenty_three(router, text, dataset, labels):
