@@ -826,7 +826,8 @@ _NEGATION = re.compile(
     r"\b(?:except(?: for)?|excluding|exclude|excl|exc|but not|other than|apart from|aside from|minus|sparing"
     r"|with the exception of"
     r"|(?:but )?none of|bar(?=\s+(?:the|one|two|three|first|second|last)\b)"
-    r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?|(?:do |does )?not(?: including| include)?(?! only\b)"
+    r"|leaving out|leave out|skip(?:ping)?|omit(?:ting)?"
+    r"|(?:do |does )?not(?: including| include)?(?! (?:only|just|merely)\b)"
     # "heart, no coronaries", "but no bowel" (not "no contrast", "no IV con")
     r"|(?:but )?no(?!\s+(?:iv\s+|oral\s+)?(?:contrast|con|gad\w*|gd|enhancement|cm)\b)"
     # "without" excludes a structure ("kidneys without the tumours"), not the contrast agent
@@ -1575,6 +1576,11 @@ _RADIOTHERAPY_WORDS = "|".join(sorted(WORDS.radiotherapy_context, key=len, rever
 _RADIOTHERAPY = re.compile(rf"\brt\b(?=[\s:-]*(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b")
 
 
+#: "Do not segment the enhancing tumour separately": no exclusion, the part stays inside its whole.
+_NOT_JUST = re.compile(r"\b(?:but )?not (?:just|only|merely)\b")
+_NOT_SEPARATELY = re.compile(r"\b(?:do not|does not|no need(?: to| for)?|not)\b[^,;.:]*?\bseparately\b")
+
+
 def _exclusion_forms(low: str) -> str:
     """Contractions spelt out and every exclusion written as "except"."""
     low = _STRUCK.sub(r" , except \1 , ", low)  # "~~Cochlea_L~~": struck off a template's list
@@ -1583,6 +1589,8 @@ def _exclusion_forms(low: str) -> str:
         lambda m: f" , {m.group(1)} , " if m.group(2) in ("y", "yes") else f" , except {m.group(1)} , ", low
     )
     low = _CONTRACTION.sub(lambda m: _CONTRACTED.get(m.group(1), m.group(1)) + " not", low)
+    low = _NOT_SEPARATELY.sub(" , ", low)  # "no need for the core separately": it stays in the whole
+    low = _NOT_JUST.sub(" and ", low)  # "the whole tumour, not just the enhancing part": both
     low = _ALL_BUT.sub(r"\1 except ", low)
     low = _LEAVE_ALONE.sub(r" except \1 ", low)
     low = _EXCLUDING_VERB.sub(lambda m: f"{m.group(1) or ''} except ", low)

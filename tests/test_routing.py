@@ -1512,11 +1512,28 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("bronchial walls", "TotalSegmentator_lung_vessels", ["lung_airways_wall"]),
         # a systemic artery of the airways is no lung artery
         ("bronchial artery embolisation planning", "TotalSegmentator_lung_vessels", []),
+        # ("airway and pulmonary arteries" are not the airways' arteries)
+        ("CT thorax: airway and pulmonary arteries", "ATM22", ["pulmonary airway"]),
     ],
 )
 def test_readings_of_round_twenty_three(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "labels"),
+    [
+        # the enhancing tumour named by its enhancement; the contrast agent is no structure
+        ("post-gadolinium enhancing component", "MR:T1C", ["enhancing_tumor"]),
+        ("Post-gad T1: enhancing rim (RANO)", "MR:T1C", ["enhancing_tumor"]),
+        # "not just X" adds X; "no need for X separately" keeps X inside its whole
+        ("whole tumour, not just the enhancing part", "MR:FLAIR", ["whole_tumor"]),
+        ("Whole tumour on FLAIR - no need for the core or enhancing parts separately", "MR:FLAIR", ["whole_tumor"]),
+    ],
+)
+def test_readings_of_round_twenty_three_on_brain_tumour_mr(router, text, modality, labels):
+    assert plan(router, text, modality, collection=None).selection.get("BraTS21") == _values(router, "BraTS21", *labels)
 
 
 @pytest.mark.parametrize(
