@@ -1006,6 +1006,11 @@ def _combine(found: list[str]) -> str | None:
     return found[0] if len(kinds) == 1 else None
 
 
+#: "T2 CISS: cochlea and VS": a capital VS that compares nothing (no word after it, or a list
+#: word before it) is the vestibular schwannoma, not "versus".
+_VS_NOUN = re.compile(r"(?:(?<=\band )|(?<=[,:;(] )|(?<=\bthe )|^)VS\b|(?<![A-Za-z] )\bVS(?=\s*(?:$|[,.;:)]))")
+
+
 def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collection[str] = ()) -> ParsedRequest:
     """Parse a request into a modality hint, region hints and targets.
 
@@ -1027,7 +1032,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _rule_action(text, vocab)
+    written, text = text, _rule_action(_VS_NOUN.sub("vestibular schwannoma", text), vocab)
     text = _patients_side(_SIDE_COMPARISON.sub(" ", text))  # "R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     found, low = named_modalities(text)

@@ -1537,6 +1537,22 @@ def test_readings_of_round_twenty_three_on_brain_tumour_mr(router, text, modalit
 
 
 @pytest.mark.parametrize(
+    ("text", "modality", "labels"),
+    [
+        # a capital VS that compares nothing is the vestibular schwannoma
+        ("T2 CISS: cochlea and VS", None, ["intra-meatal tumor", "extra-meatal tumor", "cochlea"]),
+        ("liver VS spleen", "MR", []),
+        ("T1+Gd: the intracanalicular part of the VS only", "MR:T1C", ["intra-meatal tumor"]),
+        # a cerebellopontine angle schwannoma is the whole tumour
+        ("cerebellopontine angle schwannoma", "MR:T2", ["intra-meatal tumor", "extra-meatal tumor"]),
+    ],
+)
+def test_readings_of_round_twenty_three_on_vestibular_schwannoma(router, text, modality, labels):
+    got = plan(router, text, modality, collection=None).selection.get("CrossMoDA2023", [])
+    assert got == _values(router, "CrossMoDA2023", *labels)
+
+
+@pytest.mark.parametrize(
     ("text", "whole"),
     [
         ("Oesophageal cancer RT: oesophagus, heart, lungs, cord", True),
