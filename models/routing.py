@@ -1415,7 +1415,9 @@ class Router:
         if _soft_equal(f.core, core):
             return SCORE_SOFT_LESION, "lesion word stands in for another"
         if f.core in members:
-            return SCORE_GROUP, "member of the requested group"
+            # (a group that counts itself among its members names kinds of one structure, all
+            # equal: "sinuses of Valsalva" are the left, right and non-coronary sinus)
+            return (SCORE_EXACT if core in members else SCORE_GROUP), "member of the requested group"
         if f.core < core:
             extra = core - f.core
             if e.generic_lesion and target_lesion and all(t in self.vocab.organ_regions for t in extra):

@@ -1512,6 +1512,13 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("bronchial walls", "TotalSegmentator_lung_vessels", ["lung_airways_wall"]),
         # a systemic artery of the airways is no lung artery
         ("bronchial artery embolisation planning", "TotalSegmentator_lung_vessels", []),
+        # the sinuses of Valsalva are all three, the non-coronary one too
+        (
+            "CT TAVR PLANNING - ANNULUS AND SINUSES OF VALSALVA",
+            "TotalSegmentator_aortic_sinuses",
+            ["right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
+        ),
+        ("left sinus of Valsalva", "TotalSegmentator_aortic_sinuses", ["left_coronary_cusp"]),
         # ("airway and pulmonary arteries" are not the airways' arteries)
         ("CT thorax: airway and pulmonary arteries", "ATM22", ["pulmonary airway"]),
     ],
