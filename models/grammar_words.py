@@ -130,6 +130,7 @@ class GrammarWords(_Frozen):
     prepositions: frozenset[Word]
     level_context: frozenset[Word]
     spine_segments: dict[Word, tuple[Level, Level]]
+    lay_spine_parts: dict[str, Word]
     rib_classes: dict[Word, tuple[int, ...]]
     irregular_plurals: dict[Word, Word]
     not_plural: frozenset[Word]
@@ -159,6 +160,9 @@ class GrammarWords(_Frozen):
         for name, (first, last) in self.spine_segments.items():
             if SPINE_LEVELS.index(first) > SPINE_LEVELS.index(last):
                 raise ValueError(f"spine_segments.{name}: {first} comes after {last}")
+        for part, segment in self.lay_spine_parts.items():
+            if segment not in self.spine_segments:
+                raise ValueError(f"lay_spine_parts.{part}: {segment} is no spine segment")
         for name, ribs in self.rib_classes.items():
             if not ribs or not all(1 <= r <= 12 for r in ribs):
                 raise ValueError(f"rib_classes.{name}: rib numbers 1-12 expected, got {list(ribs)}")

@@ -917,6 +917,11 @@ _LAST_ONE = re.compile(
 #: "T-spine", "L spine": the segment of the spine the letter names.
 _LETTER_SPINE = re.compile(r"\b([ctl])[\s-]?spine\b")
 _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spine"}
+#: "The bones in my neck", "my lower back bones": a segment of the spine in a patient's words.
+_PARTS = "|".join(sorted(map(re.escape, WORDS.lay_spine_parts), key=len, reverse=True))
+_LAY_SPINE = re.compile(
+    rf"\bbones?\s+(?:in|of)\s+(?:the\s+|my\s+|his\s+|her\s+|their\s+)?({_PARTS})\b|\b({_PARTS})\s+bones?\b"
+)
 
 
 def detect_modality(text: str) -> tuple[str | None, str]:
@@ -1652,6 +1657,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    low = _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
     low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour

@@ -1519,6 +1519,10 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             ["right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
         ),
         ("left sinus of Valsalva", "TotalSegmentator_aortic_sinuses", ["left_coronary_cusp"]),
+        # a patient's part of the back is a segment of the spine; a hand's or foot's bones are a group
+        ("my lower back bones", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
+        ("the bones in my neck", "TotalSegmentator_v2", [f"vertebrae_C{n}" for n in range(1, 8)]),
+        ("all the bones in my foot", "TotalSegmentator_appendicular_bones", ["tarsal", "metatarsal", "phalanges_feet"]),
         # ("airway and pulmonary arteries" are not the airways' arteries)
         ("CT thorax: airway and pulmonary arteries", "ATM22", ["pulmonary airway"]),
     ],
