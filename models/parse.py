@@ -1583,7 +1583,12 @@ _DISCOURSE_ORDINAL = re.compile(
 )
 # "RT" before planning words is radiotherapy, not the right side.
 _RADIOTHERAPY_WORDS = "|".join(sorted(WORDS.radiotherapy_context, key=len, reverse=True))
-_RADIOTHERAPY = re.compile(rf"\brt\b(?=[\s:-]*(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b")
+_RADIOTHERAPY = re.compile(
+    rf"\brt(?=[\s:_-]+(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b"
+    # "RT_BRAIN_OAR", "RT PROSTATE PLAN": a site between RT and a planning word (not "volume":
+    # "rt kidney volume" is the right kidney's)
+    r"|\brt(?=[\s:_-]+[a-z]+[\s:_-]+(?:oars?|plan|planning|sim|simulation)\b)"
+)
 
 
 #: "Do not segment the enhancing tumour separately": no exclusion, the part stays inside its whole.

@@ -1519,6 +1519,17 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             ["right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
         ),
         ("left sinus of Valsalva", "TotalSegmentator_aortic_sinuses", ["left_coronary_cusp"]),
+        # "coronary" asks for no non-coronary cusp; a form's "info" is no inferior structure
+        ("CTA CORONARY ARTERIES W CONTRAST + CORONARY SEG", "TotalSegmentator_aortic_sinuses", []),
+        ('Relevant clinical info: "ACC staging - segment the adrenal tumour"', "AMOS22_Task2", []),
+        ("TKV (ADPKD), both sides", "TotalSegmentator_v2", ["kidney_right", "kidney_left"]),
+        ("CT ABDOMEN - LIVER IRON / VOLUME", "TotalSegmentator_v2", ["liver"]),
+        # RT before a site and a planning word is radiotherapy: both optic nerves
+        (
+            '(0018,1030) ProtocolName = "RT_BRAIN_OAR" | requested: optic nerves',
+            "TotalSegmentator_head_glands_cavities",
+            ["optic_nerve_left", "optic_nerve_right"],
+        ),
         # a patient's part of the back is a segment of the spine; a hand's or foot's bones are a group
         ("my lower back bones", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
         ("the bones in my neck", "TotalSegmentator_v2", [f"vertebrae_C{n}" for n in range(1, 8)]),
