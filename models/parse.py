@@ -90,7 +90,8 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("MR:T1", re.compile(r"\b(?:t1(?:w|wi)?|t1[\s-]*weighted|mprage|spgr)\b", re.I)),
     ("MR:T2", re.compile(r"\b(?:t2(?:w|wi)?|t2[\s-]*weighted|haste)\b(?![\s-]*flair)", re.I)),
     ("MR:FLAIR", re.compile(r"\b(?:t2[\s-]*)?flair\b", re.I)),
-    ("MR:DWI", re.compile(r"\b(?:dwi|diffusion(?:[\s-]*weighted)?(?:\s+imaging)?|b1000)\b", re.I)),
+    # ("restricted diffusion" is a finding, the stroke's sign on DWI: its words stay, see below)
+    ("MR:DWI", re.compile(r"\b(?:dwi|(?<!restricted )diffusion(?:[\s-]*weighted)?(?:\s+imaging)?|b1000)\b", re.I)),
     ("MR:ADC", re.compile(r"\b(?:adc(?:\s+map)?|apparent\s+diffusion\s+coefficient)\b", re.I)),
     (
         "MR",
@@ -993,6 +994,8 @@ def named_modalities(text: str) -> tuple[list[str], str]:
             low = pattern.sub(" ; ", low)
     for key, value in protected.items():
         low = low.replace(key, value)
+    if "MR:DWI" not in found and re.search(r"\brestricted diffusion\b", low):
+        found.append("MR:DWI")
     return found, low
 
 

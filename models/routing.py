@@ -56,6 +56,7 @@ TIERS: tuple[float, ...] = (0.9, 0.7, 0.5)
 SCORE_EXACT = 1.0
 SCORE_PART = 0.95  # a part of a composite label ("prostate_or_uterus", "kidney and masses")
 SCORE_GROUP = 0.93  # a member of a group ("lung" -> its lobes)
+_NOT_MADE_FOR = "a lesion without an organ: other models are made for"
 _PARTS_ONLY = "only the organ's parts: listed with other structures, the organ is wanted whole"
 SCORE_SOFT_LESION = 0.9  # "liver lesion" ~ "liver tumour"
 SCORE_SPECIFIC = 0.75  # the label is a more specific kind of the target ("vena cava" -> "inferior vena cava")
@@ -850,6 +851,7 @@ class Router:
                 reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
         routed = self._route_targets(parsed, kept_names, all_names)
+        self._sequence_models_first(routed, plan.modality)
         self._collect(plan, routed, parsed, all_names, kept_names)
         for name in plan.selection:
             d = self.registry.datasets[name]
@@ -1042,6 +1044,28 @@ class Router:
         kind = max(sorted(set(kinds)), key=kinds.count) if kinds else ("lesion" if pt.lesion else "organ")
         target = Target(pt.text, c.phrase() or pt.text, c.laterality, kind, candidates, pt.negated)
         return target, explain
+
+    def _sequence_models_first(
+        self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]], modality: str | None
+    ) -> None:
+        """For a lesion that names no organ, the models made for the study's MR sequence.
+
+        "Lesion" on a DWI or ADC study is the stroke model's (ISLES lists DWI and ADC), not a
+        liver-lesion model that takes any MR; with no organ named, the sequence is the only hint.
+        """
+        if not modality or not modality.startswith("MR:"):
+            return
+        for pt, target, explain in routed:
+            if pt.negated or set(pt.concept.core) - grammar.LESION_TOKENS:
+                continue
+            selected = [c for c in target.candidates if c.selected]
+            made_for = [c for c in selected if modality in self.registry.datasets[c.dataset].modalities]
+            if not made_for or len(made_for) == len(selected):
+                continue
+            for c in selected:
+                if c not in made_for:
+                    c.selected = False
+                    explain["label"][c.dataset].update(selected=False, reason=f"{_NOT_MADE_FOR} {modality}")
 
     def _wholes_in_lists(self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
         """Leave out the parts of an organ that is listed with other structures.

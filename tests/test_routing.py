@@ -1575,6 +1575,26 @@ def test_readings_of_round_twenty_three_on_vestibular_schwannoma(router, text, m
 
 
 @pytest.mark.parametrize(
+    ("text", "modality"),
+    [
+        ("restricted diffusion lesion", "MR:DWI"),
+        ("DWI trace: area of restricted diffusion", "MR:DWI"),
+        ("ADC map - acute ischaemic lesion", "MR:ADC"),
+        ("b1000 diffusion lesion", "MR:DWI"),
+        ("lesion", "MR:ADC"),
+    ],
+)
+def test_a_lesion_without_an_organ_on_diffusion_mr_is_the_stroke_models(router, text, modality):
+    # "Restricted diffusion" is the finding (not the sequence's name); a lesion with no organ goes
+    # to the models made for the study's sequence (ISLES lists DWI and ADC), not to one taking any MR.
+    result = plan(router, text, modality, collection=None)
+    assert result.selection == {"ISLES22": [1]}
+    if text == "lesion":
+        step = next(s for s in result.explain if s.get("target") == "lesion")
+        assert "made for MR:ADC" in step["label"]["TotalSegmentator_liver_lesions_mr"]["reason"]
+
+
+@pytest.mark.parametrize(
     ("text", "whole"),
     [
         ("Oesophageal cancer RT: oesophagus, heart, lungs, cord", True),
