@@ -1068,21 +1068,22 @@ class Router:
                     explain["label"][c.dataset].update(selected=False, reason=f"{_NOT_MADE_FOR} {modality}")
 
     def _wholes_in_lists(self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
-        """Leave out the parts of an organ that is listed with other structures.
+        """Leave out the parts of an organ that is listed with other structures (or against them).
 
         "Oesophagus, heart, lungs, cord" (an OAR list, a volumetry) wants each organ whole: the
         heart's chambers and a lobes-only dataset's lobes are left out when another dataset of
         the study's modality segments the organ itself.  Asked for alone, an organ keeps its
         parts ("the heart": whole-heart segmentation).
         """
-        found = {
-            pt.concept.core for pt, target, _ in routed if not pt.negated and any(c.selected for c in target.candidates)
-        }
+        # (an excluded structure counts: "lungs, but not the nodules" names the lungs as one organ)
+        found = {pt.concept.core for pt, target, _ in routed if any(c.selected for c in target.candidates)}
         if len(found) < 2:
             return
         for pt, target, explain in routed:
             selected = [c for c in target.candidates if c.selected]
-            if pt.concept.core not in self.vocab.wholes or not any(c.score >= SCORE_EXACT - 1e-9 for c in selected):
+            if pt.negated or pt.concept.core not in self.vocab.wholes:
+                continue
+            if not any(c.score >= SCORE_EXACT - 1e-9 for c in selected):
                 continue  # (no dataset has the organ whole: its parts are the answer)
             for c in selected:
                 if abs(c.score - SCORE_GROUP) < 1e-9:

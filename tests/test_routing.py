@@ -1519,6 +1519,13 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             ["right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
         ),
         ("left sinus of Valsalva", "TotalSegmentator_aortic_sinuses", ["left_coronary_cusp"]),
+        # the caudate of a liver request is Couinaud segment I
+        (
+            "Couinaud I to IV, leave out the caudate.",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_2", "liver_segment_3", "liver_segment_4"],
+        ),
+        ("thalamus and caudate", "TotalSegmentator_brain_structures", ["caudate_nucleus", "thalamus"]),
         # "coronary" asks for no non-coronary cusp; a form's "info" is no inferior structure
         ("CTA CORONARY ARTERIES W CONTRAST + CORONARY SEG", "TotalSegmentator_aortic_sinuses", []),
         ('Relevant clinical info: "ACC staging - segment the adrenal tumour"', "AMOS22_Task2", []),
@@ -1600,6 +1607,9 @@ def test_a_lesion_without_an_organ_on_diffusion_mr_is_the_stroke_models(router, 
         ("Oesophageal cancer RT: oesophagus, heart, lungs, cord", True),
         ("targets: heart; lungs (bilateral)", True),
         ("heart + pericardial effusion", True),
+        # a structure left out names the organ among others too
+        ("heart, no coronaries", True),
+        ("lungs only, skip the nodules", True),
         ("the heart", False),
         ("both lungs", False),
         # one structure, named twice, is no list
