@@ -2227,8 +2227,11 @@ _LOCATIVES = tuple(tuple(phrase.split()) for phrase in WORDS.locatives)  # longe
 def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
     """A structure's words without the phrase that places it; that phrase's organs become regions.
 
-    A lesion keeps its place, which names its organ ("cysts on the kidneys").
+    A lesion keeps its place, which names its organ ("cysts on the kidneys"); so does a lexicon
+    term that holds one ("water on the lungs" is a pleural effusion).
     """
+    if vocab.core(" ".join(words)) in vocab.names:
+        return words
     for i in range(1, len(words)):
         prep = next((p for p in _LOCATIVES if tuple(words[i : i + len(p)]) == p), None)
         if prep is None:

@@ -1519,6 +1519,19 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             ["right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
         ),
         ("left sinus of Valsalva", "TotalSegmentator_aortic_sinuses", ["left_coronary_cusp"]),
+        # lay names (a lexicon term may hold a place: "water on the lungs")
+        ("water on the lungs", "TotalSegmentator_pleural_pericard_effusion", ["pleural_effusion"]),
+        ("glands on top of the kidneys", "WORD", ["adrenal"]),
+        ("my cheek sinuses", "TotalSegmentator_craniofacial_structures", ["sinus_maxillary"]),
+        (
+            "my chewing muscles",
+            "TotalSegmentator_head_muscles",
+            [
+                f"{m}_{side}"
+                for m in ("masseter", "temporalis", "lateral_pterygoid", "medial_pterygoid")
+                for side in ("left", "right")
+            ],
+        ),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
