@@ -1532,6 +1532,14 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
                 for side in ("left", "right")
             ],
         ),
+        # request verbs and list words are no structure; "the two kidneys" are both
+        ("Surgeons asking for stomach and colon", "TotalSegmentator_v2", ["stomach", "colon"]),
+        (
+            "cardiac profile should also include myocardium - full list LV RV",
+            "TotalSegmentator_heartchambers_highres",
+            ["heart_myocardium", "heart_ventricle_left", "heart_ventricle_right"],
+        ),
+        ("Segmentation of the two kidneys", "TotalSegmentator_v2", ["kidney_right", "kidney_left"]),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
