@@ -1540,6 +1540,9 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             ["heart_myocardium", "heart_ventricle_left", "heart_ventricle_right"],
         ),
         ("Segmentation of the two kidneys", "TotalSegmentator_v2", ["kidney_right", "kidney_left"]),
+        # a bowel's loops are the bowel; lexicon names of deep-brain and intracranial structures
+        ("small bowel loops", "TotalSegmentator_v2", ["small_bowel"]),
+        ("lenticular nuclei", "TotalSegmentator_brain_structures", ["lentiform_nucleus"]),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
