@@ -918,6 +918,11 @@ _LAST_ONE = re.compile(
 #: "T-spine", "L spine": the segment of the spine the letter names.
 _LETTER_SPINE = re.compile(r"\b([ctl])[\s-]?spine\b")
 _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spine"}
+#: "Primary" as a noun, at the end of its item ("oropharyngeal primary on PET/CT", "the primary
+#: and the nodes"), is the primary tumour; as an adjective ("primary visual cortex") it is not.
+_PRIMARY_NOUN = re.compile(
+    r"(?<!gtv )(?<!volume )\bprimary\b(?=\s*(?:$|[,.;:)(/+&-]|\b(?:on|in|at|and|only|please|plus|with|for|site)\b))"
+)
 #: A count after an article names all of a plural structure, not an index ("the two kidneys").
 _ALL_OF_A_COUNT = re.compile(r"\b(the|my|his|her|their|its)\s+two\s+(?=([a-z]+s)\b)")
 #: "The bones in my neck", "my lower back bones": a segment of the spine in a patient's words.
@@ -1667,6 +1672,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+    low = _PRIMARY_NOUN.sub("primary tumour", low)  # "the tonsil primary": the primary tumour
     # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
     low = _ALL_OF_A_COUNT.sub(lambda m: m.group(0) if singular(m.group(2)) in CLASS_NOUNS else f"{m.group(1)} ", low)
     low = _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)

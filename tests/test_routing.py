@@ -1626,6 +1626,25 @@ def test_a_lesion_without_an_organ_on_diffusion_mr_is_the_stroke_models(router, 
 
 
 @pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # "primary" as a noun is the primary tumour; an adjective or "GTV primary" stays as it was
+        ("oropharyngeal primary on PET/CT", "HECKTOR2022", ["GTVp"]),
+        ("primary and nodal volumes for RT planning", "HECKTOR2022", ["GTVp", "GTVnd"]),
+        ("GTV primary and nodal", "HECKTOR2022", ["GTVp", "GTVnd"]),
+        ("PET-positive neck nodes only", "HECKTOR2022", ["GTVnd"]),
+        # deposits and active disease on PET are its lesions
+        ("melanoma staging PET: every FDG-avid deposit", "AutoPET", ["tumor"]),
+        ("restaging after 2 cycles ABVD: metabolically active disease", "AutoPET", ["tumor"]),
+        ("PET: hypermetabolic deposits - seg for SUV / MTV.", "AutoPET", ["tumor"]),
+    ],
+)
+def test_readings_of_round_twenty_three_on_pet_ct(router, text, dataset, labels):
+    got = plan(router, text, "PT+CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
     ("text", "whole"),
     [
         ("Oesophageal cancer RT: oesophagus, heart, lungs, cord", True),
