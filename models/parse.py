@@ -1491,7 +1491,9 @@ _TG263_CLASS = MappingProxyType(WORDS.tg263.classes)
 _TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
-_LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb)\b")
+_LIVER_CONTEXT = re.compile(
+    r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb|flr|segmentectomy|sectionectomy)\b"
+)
 _COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
     r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
@@ -1655,8 +1657,11 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
     low = re.sub(r"\b(?:numbers?|nos?\.|#)\s*(?=\d)", " ", low)  # "ribs except number 11 and number 12"
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
+    # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
     low = _COUINAUD_ROMAN.sub(
-        lambda m: m.group(1) + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)), low
+        lambda m: ("couinaud segments" if m.group(1).startswith("segment") else m.group(1))
+        + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)),
+        low,
     )
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels

@@ -1543,6 +1543,13 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         # a bowel's loops are the bowel; lexicon names of deep-brain and intracranial structures
         ("small bowel loops", "TotalSegmentator_v2", ["small_bowel"]),
         ("lenticular nuclei", "TotalSegmentator_brain_structures", ["lentiform_nucleus"]),
+        # Roman numerals after "segments" are Couinaud's
+        ("segments VI and VII", "TotalSegmentator_liver_segments", ["liver_segment_6", "liver_segment_7"]),
+        (
+            "Segments V to VIII, segment VI excepted",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_5", "liver_segment_7", "liver_segment_8"],
+        ),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
