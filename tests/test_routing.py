@@ -1550,6 +1550,10 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
             "TotalSegmentator_liver_segments",
             ["liver_segment_5", "liver_segment_7", "liver_segment_8"],
         ),
+        # a finding's words describe the structure; they do not hide it
+        ("Trachae narrowing? please segment", "TotalSegmentator_v2", ["trachea"]),
+        ("Known multinodular thyriod, please measure.", "TotalSegmentator_v2", ["thyroid_gland"]),
+        ("CTPA - PE QUANT", "FUMPE", ["Pulmonary Embolism"]),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
