@@ -712,8 +712,8 @@ class Vocabulary:
         for tok in self._apply_phrases(fixed):
             rep = self.words.get(tok, tok)
             for t in rep.split():
-                if t in STOPWORDS:
-                    continue
+                if t in STOPWORDS or (rep != tok and self.words.get(t) == ""):
+                    continue  # (a filler word an expansion brings: "SCM" is the sternocleidomastoid muscle)
                 if _PROCEDURE_WORD.fullmatch(t):
                     continue
                 if t not in self.known and not t.isdigit():
@@ -2348,7 +2348,7 @@ def _region_phrase(words: list[str], i: int, rest: list[str], regions: list[str]
         structure_follows = i + n < len(words) and words[i + n] in WORDS.structure_after_region
         # "femoral head", "head of pancreas": a part of a structure, not the body region.
         part_of = phrase == "head" and bool(rest) and rest[-1] not in STOPWORDS
-        if phrase in ("spine", "breast") or structure_follows or part_of:
+        if phrase in ("spine", "breast", "mediastinum") or structure_follows or part_of:
             return 0  # a structure itself ("the spine", "pelvic bones")
         regions.extend(REGION_WORDS[phrase])
         if phrase in ("head and neck", "hn", "h n") and i + n < len(words) and words[i + n] in _HNC_WORDS:

@@ -1554,6 +1554,10 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("Trachae narrowing? please segment", "TotalSegmentator_v2", ["trachea"]),
         ("Known multinodular thyriod, please measure.", "TotalSegmentator_v2", ["thyroid_gland"]),
         ("CTPA - PE QUANT", "FUMPE", ["Pulmonary Embolism"]),
+        # the mediastinum is a structure too (a region word alone); an expansion's filler goes
+        ("mediastinum", "TotalSegmentator_trunk_cavities", ["mediastinum"]),
+        ("CT mediastinum - lymph nodes", "TotalSegmentator_trunk_cavities", []),
+        ("SCM muscles", "TotalSegmentator_headneck_muscles", ["sternocleidomastoid_right", "sternocleidomastoid_left"]),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
