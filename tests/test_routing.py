@@ -1558,6 +1558,7 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("mediastinum", "TotalSegmentator_trunk_cavities", ["mediastinum"]),
         ("CT mediastinum - lymph nodes", "TotalSegmentator_trunk_cavities", []),
         ("SCM muscles", "TotalSegmentator_headneck_muscles", ["sternocleidomastoid_right", "sternocleidomastoid_left"]),
+        ("CT AORTA ANGIO - AORTIC DISSECTION FALSE LUMEN", "TotalSegmentator_aortic_dissection", ["aorta_false_lumen"]),
         # the caudate of a liver request is Couinaud segment I
         (
             "Couinaud I to IV, leave out the caudate.",
