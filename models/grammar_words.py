@@ -21,6 +21,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from medsegagent.models.lexicon import REGIONS
+from medsegagent.models.yaml_strict import load_unique
 
 #: The word classes shipped with the package.
 DEFAULT_PATH = Path(__file__).with_name("grammar_words.yaml")
@@ -209,7 +210,10 @@ def load_grammar_words(path: Path | None = None) -> GrammarWords:
         When the file is malformed: every problem, with its section and entry.
     """
     path = Path(path) if path is not None else DEFAULT_PATH
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = load_unique(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise GrammarWordsError(f"{path}: {exc}") from None
     try:
         return GrammarWords.model_validate(data)
     except ValidationError as exc:

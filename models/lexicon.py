@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from medsegagent.models.yaml_strict import load_unique
+
 #: The lexicon shipped with the package.
 DEFAULT_PATH = Path(__file__).with_name("lexicon.yaml")
 
@@ -332,4 +334,8 @@ def load_lexicon(path: Path | None = None) -> Lexicon:
     """
     path = Path(path) if path is not None else DEFAULT_PATH
     raw = path.read_bytes()
-    return parse_lexicon(yaml.safe_load(raw), path, hashlib.sha256(raw).hexdigest())
+    try:
+        data = load_unique(raw)
+    except yaml.YAMLError as exc:
+        raise LexiconError(f"{path}: {exc}") from None
+    return parse_lexicon(data, path, hashlib.sha256(raw).hexdigest())

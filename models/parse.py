@@ -1659,8 +1659,10 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
     low = _COUINAUD_ROMAN.sub(
-        lambda m: ("couinaud segments" if m.group(1).startswith("segment") else m.group(1))
-        + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2)),
+        lambda m: (
+            ("couinaud segments" if m.group(1).startswith("segment") else m.group(1))
+            + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2))
+        ),
         low,
     )
     if _LIVER_CONTEXT.search(low):

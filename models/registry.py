@@ -55,6 +55,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from medsegagent.models.yaml_strict import UniqueKeyLoader
+
 if TYPE_CHECKING:  # pragma: no cover
     import highdicom
     import pydicom.sr.coding
@@ -895,35 +897,6 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     return registry
 
 
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """Safe loader that rejects duplicate mapping keys (PyYAML keeps the last silently)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in out
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"unhashable key {key!r}", key_node.start_mark
-            ) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
-            )
-        out[key] = loader.construct_object(value_node, deep=deep)
-    return out
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _yaml(path: Path) -> tuple[bytes, object]:
     """A registry file's bytes and document."""
     try:
@@ -931,7 +904,7 @@ def _yaml(path: Path) -> tuple[bytes, object]:
     except OSError as exc:
         raise RegistryError(path, [f"cannot read registry: {exc.strerror or exc}"]) from None
     try:
-        return data, yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
+        return data, yaml.load(data.decode("utf-8"), Loader=UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise RegistryError(path, [f"not UTF-8 text: {exc}"]) from None
     except yaml.YAMLError as exc:

@@ -141,3 +141,12 @@ def test_a_real_word_is_no_typo_of_a_structure(word):
     # Everyday, report and time words one edit from a structure's or side's name ("size" -> side,
     # "months" -> mouth, "axillary" -> maxillary) are known, so the spelling check leaves them.
     assert parse.default_vocabulary().correct_spelling(word) == word
+
+
+def test_a_duplicate_key_is_refused_not_kept_last(tmp_path):
+    # PyYAML keeps the last of two equal keys; a hand-edited word list must not lose an entry so.
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    path = tmp_path / "words.yaml"
+    path.write_text(text + "\nclass_nouns: [artery]\n", encoding="utf-8")
+    with pytest.raises(GrammarWordsError, match="duplicate key 'class_nouns'"):
+        load_grammar_words(path)

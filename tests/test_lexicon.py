@@ -245,3 +245,11 @@ def test_a_description_is_a_phrase_and_follows_the_definition(lexicon):
     data["concepts"]["78961009"]["descriptions"] = ["the spleen", "the organ on the left under the ribs"]
     with pytest.raises(LexiconError, match=r"concepts\.78961009\.descriptions"):
         parse_lexicon(data, Path("edited.yaml"))
+
+
+def test_a_duplicate_key_in_the_lexicon_file_is_refused(tmp_path):
+    # Two entries of one word form ("ischaemic: ischemic" twice) would silently keep the last.
+    path = tmp_path / "lexicon.yaml"
+    path.write_text("version: 1\nconcepts: {}\nforms:\n  ischaemic: ischemic\n  ischaemic: ischaemia\n")
+    with pytest.raises(LexiconError, match="duplicate key 'ischaemic'"):
+        load_lexicon(path)
