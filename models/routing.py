@@ -902,7 +902,8 @@ class Router:
             # "breast implants" is not the breast and the hip implant)
             known_whole = explain["method"].startswith("lexicon:")
             loose = not known_whole and (
-                not any(c.selected for c in target.candidates) or explain["method"].startswith("encoder")
+                not any(c.selected for c in target.candidates)
+                or explain["method"].startswith(("encoder", "description"))
             )
             if loose and len(pt.words) > 1:
                 pieces = self._split_unseparated(pt, parsed, all_names)

@@ -1559,6 +1559,8 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("CT mediastinum - lymph nodes", "TotalSegmentator_trunk_cavities", []),
         ("SCM muscles", "TotalSegmentator_headneck_muscles", ["sternocleidomastoid_right", "sternocleidomastoid_left"]),
         ("CT AORTA ANGIO - AORTIC DISSECTION FALSE LUMEN", "TotalSegmentator_aortic_dissection", ["aorta_false_lumen"]),
+        # names written without separators are a list before they are a description
+        ("liver spleen kidneys pls", "TotalSegmentator_v2", ["spleen", "kidney_right", "kidney_left", "liver"]),
         # order entry's "kid" beside a side or a volume is the kidney; elsewhere a child
         ("lt kid vol pre donor nephrectomy", "TotalSegmentator_v2", ["kidney_left"]),
         ("my kid's CT: the liver please", "TotalSegmentator_v2", ["liver"]),
