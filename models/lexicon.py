@@ -190,6 +190,9 @@ class _Checker:
         bad = [v for v in value if not isinstance(v, str) or not _TERM.match(v)]
         if bad:
             self.err(where, f"terms must be lower-case words separated by single spaces: {bad!r}")
+        repeated = sorted({v for v in value if isinstance(v, str) and value.count(v) > 1})
+        if repeated:
+            self.err(where, f"terms listed twice: {repeated!r}")
         return tuple(v for v in value if v not in bad)
 
     def regions(self, where: str, value: Any) -> tuple[str, ...]:

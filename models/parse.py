@@ -921,14 +921,19 @@ _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spi
 #: "Primary" as a noun, at the end of its item ("oropharyngeal primary on PET/CT", "the primary
 #: and the nodes"), is the primary tumour; as an adjective ("primary visual cortex") it is not.
 _PRIMARY_NOUN = re.compile(
-    r"(?<!gtv )(?<!volume )\bprimary\b(?=\s*(?:$|[,.;:)(/+&-]|\b(?:on|in|at|and|only|please|plus|with|for|site)\b))"
+    r"(^|\b(?:the|oropharyngeal|nasopharyngeal|hypopharyngeal|laryngeal|tonsil|tonsillar|tongue|oral|hn|neck)\s+)"
+    r"primary\b"
+    r"(?=\s*(?:$|[,.;:)(/+-]|\b(?:on|in|at|only|please|plus|with|for|site)\b|\band\s+(?:the\s+)?(?:nod|gtv|neck)))"
 )
+#: Order entry's "kid" right after a side is the kidney ("lt kid vol"); elsewhere it is a child.
+_KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 #: A count after an article names all of a plural structure, not an index ("the two kidneys").
 _ALL_OF_A_COUNT = re.compile(r"\b(the|my|his|her|their|its)\s+two\s+(?=([a-z]+s)\b)")
 #: "The bones in my neck", "my lower back bones": a segment of the spine in a patient's words.
-_PARTS = "|".join(sorted(map(re.escape, WORDS.lay_spine_parts), key=len, reverse=True))
+_LAY_SPINE_PARTS = "|".join(sorted(map(re.escape, WORDS.lay_spine_parts), key=len, reverse=True))
 _LAY_SPINE = re.compile(
-    rf"\bbones?\s+(?:in|of)\s+(?:the\s+|my\s+|his\s+|her\s+|their\s+)?({_PARTS})\b|\b({_PARTS})\s+bones?\b"
+    rf"\bbones?\s+(?:in|of)\s+(?:the\s+|my\s+|his\s+|her\s+|their\s+)?({_LAY_SPINE_PARTS})\b(?!\s+of\b)"
+    rf"|\b({_LAY_SPINE_PARTS})\s+bones?\b"
 )
 
 
@@ -1026,6 +1031,11 @@ def _combine(found: list[str]) -> str | None:
 _VS_NOUN = re.compile(r"(?:(?<=\band )|(?<=[,:;(] )|(?<=\bthe )|^)VS\b|(?<![A-Za-z] )\bVS(?=\s*(?:$|[,.;:)]))")
 
 
+#: "RT_BRAIN_OAR": a protocol's name, RT, a site and a planning word joined by underscores, is
+#: radiotherapy ("rt parotid oar", with spaces, keeps its side).
+_RT_PROTOCOL = re.compile(r"\bRT_(?=[A-Za-z]+_(?:OARs?|PLAN|PLANNING|SIM|SIMULATION)\b)", re.IGNORECASE)
+
+
 def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collection[str] = ()) -> ParsedRequest:
     """Parse a request into a modality hint, region hints and targets.
 
@@ -1047,7 +1057,8 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
         still returned (the router may resolve it with the sentence encoder).
     """
     vocab = vocab or default_vocabulary()
-    written, text = text, _rule_action(_VS_NOUN.sub("vestibular schwannoma", text), vocab)
+    written = text
+    text = _rule_action(_RT_PROTOCOL.sub("radiotherapy_", _VS_NOUN.sub("vestibular schwannoma", text)), vocab)
     text = _patients_side(_SIDE_COMPARISON.sub(" ", text))  # "R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     found, low = named_modalities(text)
@@ -1491,9 +1502,7 @@ _TG263_CLASS = MappingProxyType(WORDS.tg263.classes)
 _TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
-_LIVER_CONTEXT = re.compile(
-    r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb|flr|segmentectomy|sectionectomy)\b"
-)
+_LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb|flr|sectionectomy)\b")
 _COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
     r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
@@ -1595,17 +1604,14 @@ _DISCOURSE_ORDINAL = re.compile(
 )
 # "RT" before planning words is radiotherapy, not the right side.
 _RADIOTHERAPY_WORDS = "|".join(sorted(WORDS.radiotherapy_context, key=len, reverse=True))
-_RADIOTHERAPY = re.compile(
-    rf"\brt(?=[\s:_-]+(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b"
-    # "RT_BRAIN_OAR", "RT PROSTATE PLAN": a site between RT and a planning word (not "volume":
-    # "rt kidney volume" is the right kidney's)
-    r"|\brt(?=[\s:_-]+[a-z]+[\s:_-]+(?:oars?|plan|planning|sim|simulation)\b)"
-)
+_RADIOTHERAPY = re.compile(rf"\brt(?=[\s:_-]+(?:{_RADIOTHERAPY_WORDS})\b)|(?<=\bsim\s)rt\b")
 
 
 #: "Do not segment the enhancing tumour separately": no exclusion, the part stays inside its whole.
 _NOT_JUST = re.compile(r"\b(?:but )?not (?:just|only|merely)\b")
-_NOT_SEPARATELY = re.compile(r"\b(?:do not|does not|no need(?: to| for)?|not)\b[^,;.:]*?\bseparately\b")
+_NOT_SEPARATELY = re.compile(
+    r"\b(?:do not|does not|no need(?: to| for)?|not)\b(?:(?!\band\b|\s-\s)[^,;.:])*?\bseparately\b"
+)
 
 
 def _exclusion_forms(low: str) -> str:
@@ -1636,6 +1642,18 @@ def _is_dental(text: str) -> bool:
     return _DENTAL.search(text) is not None and not set(_WORD.findall(text)) & WORDS.image_guidance
 
 
+def _couinaud_roman(m: re.Match[str]) -> str:
+    """Couinaud segments in Roman numerals as numbers; after "segments" they are Couinaud's too.
+
+    A lone "i" after the verb "segment" is the pronoun ("segment, I need the spleen").
+    """
+    word, numerals = m.group(1), m.group(2)
+    if word.startswith("segment") and re.fullmatch(r"[\s,]*i", numerals):
+        return m.group(0)
+    head = "couinaud segments" if word.startswith("segment") else word
+    return head + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), numerals)
+
+
 def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
@@ -1658,13 +1676,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\b(?:numbers?|nos?\.|#)\s*(?=\d)", " ", low)  # "ribs except number 11 and number 12"
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
-    low = _COUINAUD_ROMAN.sub(
-        lambda m: (
-            ("couinaud segments" if m.group(1).startswith("segment") else m.group(1))
-            + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), m.group(2))
-        ),
-        low,
-    )
+    low = _COUINAUD_ROMAN.sub(_couinaud_roman, low)
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
         # "the liver, segments (from) 5 to 8": a numbered segment is the liver's, not the command "segment"
@@ -1679,8 +1691,9 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = _FIRST_N.sub(_expand_first_n, low)
     low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
     low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
-    low = _PRIMARY_NOUN.sub("primary tumour", low)  # "the tonsil primary": the primary tumour
+    low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
     # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
+    low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
     low = _ALL_OF_A_COUNT.sub(lambda m: m.group(0) if singular(m.group(2)) in CLASS_NOUNS else f"{m.group(1)} ", low)
     low = _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
@@ -2403,15 +2416,14 @@ _LIST_INTRO = re.compile(r"^[^:;\n]{2,80}?(?:\s[-\u2013\u2014]\s|\s*:\s)")
 
 
 def _distribute_lesion_head(targets: list[ParsedTarget], text: str) -> list[ParsedTarget]:
-    # "abdominal tumours - liver, kidney and adrenal": a lesion word introducing a list of
-    # organs is the lesion of each of them, not a target of its own.
+    """A lesion heading a list of organs is the lesion of each ("abdominal tumours - liver, kidney")."""
     intro = _LIST_INTRO.match(text)
     if len(targets) < 2 or not intro:
         return targets
-    # "Staging for a neuroendocrine tumour - please segment the pancreas, the liver": a request
-    # of its own follows the heading, and the lesion is the reason, not the head of the list.
-    body = _WORD.findall(text[intro.end() :].lower())[:3]
-    if any(w in WORDS.segmentation_words for w in body):
+    # "Staging for a neuroendocrine tumour - please segment the pancreas, the liver": a heading
+    # that says what the study is for names the reason, not the head of the list
+    # ("Metastases: please segment liver and adrenals" is still the lesions of each).
+    if re.search(r"\bfor\b", text[: intro.end()].lower()):
         return targets
     head, organs = targets[0], targets[1:]
     if not head.concept.core or set(head.concept.core) - LESION_TOKENS or head.negated:

@@ -56,11 +56,13 @@ TIERS: tuple[float, ...] = (0.9, 0.7, 0.5)
 SCORE_EXACT = 1.0
 SCORE_PART = 0.95  # a part of a composite label ("prostate_or_uterus", "kidney and masses")
 SCORE_GROUP = 0.93  # a member of a group ("lung" -> its lobes)
-_NOT_MADE_FOR = "a lesion without an organ: other models are made for"
-_PARTS_ONLY = "only the organ's parts: listed with other structures, the organ is wanted whole"
 SCORE_SOFT_LESION = 0.9  # "liver lesion" ~ "liver tumour"
 SCORE_SPECIFIC = 0.75  # the label is a more specific kind of the target ("vena cava" -> "inferior vena cava")
 SCORE_COARSE = 0.6  # the label covers more than asked (no side / no level)
+
+# Why a candidate of a matching tier is left out (the plan's explanation).
+_NOT_MADE_FOR = "a lesion without an organ: other models are made for"
+_PARTS_ONLY = "only the organ's parts: listed with other structures, the organ is wanted whole"
 #: The one acceptance threshold on a target's score: an exact lexicon reading scores 1, an
 #: encoder neighbour its cosine similarity.  Calibrated on the development sets
 #: (docs/routing.md, "The threshold"); below it the target is unmatched.
@@ -485,10 +487,12 @@ def _wholes_first(matches: list[_Match], core: Iterable[str]) -> list[_Match]:
 
 
 def _whole_part(form: _Form, label: Label) -> _Form:
+    """A composite label's part that the registry names as the label's synonym: the whole label."""
     return _Form(form.core, form.context, form.source, tuple(label.values))
 
 
 def _derive_part_values(entries: list[_Entry]) -> None:
+    """Give each part of a composite label its own values, unless the registry named it whole."""
     # "kidney and masses" = [1, 2, 3] and "kidney masses" = [2, 3] in one dataset: the part
     # "kidney" alone is [1].  Region labels are unions, so a part's values are the whole's
     # values minus those of the dataset's labels that are the other parts.
@@ -1072,9 +1076,9 @@ class Router:
         """Leave out the parts of an organ that is listed with other structures (or against them).
 
         "Oesophagus, heart, lungs, cord" (an OAR list, a volumetry) wants each organ whole: the
-        heart's chambers and a lobes-only dataset's lobes are left out when another dataset of
-        the study's modality segments the organ itself.  Asked for alone, an organ keeps its
-        parts ("the heart": whole-heart segmentation).
+        heart's chambers and a lobes-only dataset's lobes are left out when another candidate
+        dataset (the modality stage kept only those that accept the study) segments the organ
+        itself.  Asked for alone, an organ keeps its parts ("the heart": whole-heart segmentation).
         """
         # (an excluded structure counts: "lungs, but not the nodules" names the lungs as one organ)
         found = {pt.concept.core for pt, target, _ in routed if any(c.selected for c in target.candidates)}

@@ -1561,6 +1561,15 @@ def test_several_named_sequences_leave_out_a_model_of_another_sequence(router):
         ("CT AORTA ANGIO - AORTIC DISSECTION FALSE LUMEN", "TotalSegmentator_aortic_dissection", ["aorta_false_lumen"]),
         # names written without separators are a list before they are a description
         ("liver spleen kidneys pls", "TotalSegmentator_v2", ["spleen", "kidney_right", "kidney_left", "liver"]),
+        # the review of round twenty-three: none of these changes its reading
+        ("rt parotid oar", "TotalSegmentator_head_glands_cavities", ["parotid_gland_right"]),
+        ("8 year old kid with a left humerus fracture: the humerus", "KiTS23", []),
+        ("Metastases: please segment liver and adrenals", "LiTS", ["liver_tumour"]),
+        ("Could you segment, I need the spleen volume", "TotalSegmentator_liver_segments", []),
+        ("lung segmentectomy planning S6", "TotalSegmentator_liver_segments", []),
+        ("liver primary", "SegRap2023_Task2", []),
+        ("fat deposits in the liver", "LiTS", []),
+        ("kidneys but not the cysts and label the tumours separately", "KiTS23", ["kidney and masses"]),
         # order entry's "kid" beside a side or a volume is the kidney; elsewhere a child
         ("lt kid vol pre donor nephrectomy", "TotalSegmentator_v2", ["kidney_left"]),
         ("my kid's CT: the liver please", "TotalSegmentator_v2", ["liver"]),
@@ -1600,7 +1609,7 @@ def test_readings_of_round_twenty_three(router, text, dataset, labels):
     [
         # the enhancing tumour named by its enhancement; the contrast agent is no structure
         ("post-gadolinium enhancing component", "MR:T1C", ["enhancing_tumor"]),
-        ("Post-gad T1: enhancing rim (RANO)", "MR:T1C", ["enhancing_tumor"]),
+        ("Post-gad T1: enhancing component (RANO)", "MR:T1C", ["enhancing_tumor"]),
         # "not just X" adds X; "no need for X separately" keeps X inside its whole
         ("whole tumour, not just the enhancing part", "MR:FLAIR", ["whole_tumor"]),
         ("Whole tumour on FLAIR - no need for the core or enhancing parts separately", "MR:FLAIR", ["whole_tumor"]),
