@@ -1654,6 +1654,43 @@ def _couinaud_roman(m: re.Match[str]) -> str:
     return head + re.sub(r"\b[iv]+\b", lambda r: str(_ROMAN[r.group(0)]), numerals)
 
 
+def _numbers_and_levels(low: str) -> str:
+    """Couinaud segments, vertebral levels, rib sides and ranges spelt out as single items."""
+    # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
+    low = _COUINAUD_ROMAN.sub(_couinaud_roman, low)
+    if _LIVER_CONTEXT.search(low):
+        low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
+        # "the liver, segments (from) 5 to 8": a numbered segment is the liver's, not the command "segment"
+        low = re.sub(r"(?<!couinaud )\bsegments?\s+(?:from\s+)?(?=\d)", " couinaud segment ", low)
+    low = _SPELLED_LEVEL.sub(_spelled_level, low)  # dictated "el four and el five": L4 and L5
+    # "ribs L5-8", "R 9-10 ribs": beside ribs, L and R are sides, not lumbar levels.
+    low = _RIB_SIDE.sub(lambda m: f"{m.group(1) or ''} {_LATERAL[m.group(2) or m.group(3)]} ", low)
+    # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
+    low = _LEVEL_RANGE.sub(_expand_level_range, low)
+    low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
+    low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
+    low = _FIRST_N.sub(_expand_first_n, low)
+    low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
+    return _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
+
+
+def _spoken_forms(low: str) -> str:
+    """How patients, referrers and order entry name a structure, in the grammar's words."""
+    low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
+    low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
+    # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
+    low = _ALL_OF_A_COUNT.sub(lambda m: m.group(0) if singular(m.group(2)) in CLASS_NOUNS else f"{m.group(1)} ", low)
+    return _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)
+
+
+def _dental_notations(low: str) -> str:
+    """Palmer and (when named) Universal tooth numbers as FDI numbers, FDI numbers as tooth names."""
+    low = _PALMER.sub(lambda m: f" {_PALMER_QUADRANTS[m.group(1)]}{m.group(2)} ", low)  # "UR1", "LL8"
+    if re.search(r"\buniversal\b", low):  # "tooth #19 (Universal numbering)": 1-32 to FDI
+        low = _UNIVERSAL.sub(lambda m: _universal_to_fdi(int(m.group(1))) or m.group(0), low)
+    return _FDI_TEETH.sub(_fdi_names, low)
+
+
 def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False) -> str:
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
@@ -1675,36 +1712,13 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
     low = re.sub(r"\b(?:numbers?|nos?\.|#)\s*(?=\d)", " ", low)  # "ribs except number 11 and number 12"
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
-    # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
-    low = _COUINAUD_ROMAN.sub(_couinaud_roman, low)
-    if _LIVER_CONTEXT.search(low):
-        low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
-        # "the liver, segments (from) 5 to 8": a numbered segment is the liver's, not the command "segment"
-        low = re.sub(r"(?<!couinaud )\bsegments?\s+(?:from\s+)?(?=\d)", " couinaud segment ", low)
-    low = _SPELLED_LEVEL.sub(_spelled_level, low)  # dictated "el four and el five": L4 and L5
-    # "ribs L5-8", "R 9-10 ribs": beside ribs, L and R are sides, not lumbar levels.
-    low = _RIB_SIDE.sub(lambda m: f"{m.group(1) or ''} {_LATERAL[m.group(2) or m.group(3)]} ", low)
-    # Ranges first: they contain separators ("T10-L2", "ribs 3-5").
-    low = _LEVEL_RANGE.sub(_expand_level_range, low)
-    low = _NUM_RANGE.sub(lambda m: _expand_numbers(int(m.group(1)), int(m.group(2))), low)
-    low = _ORDINAL_RANGE.sub(lambda m: _expand_numbers(_NUMBER_WORDS[m.group(1)], _NUMBER_WORDS[m.group(2)]), low)
-    low = _FIRST_N.sub(_expand_first_n, low)
-    low = _LAST_ONE.sub(lambda m: f"n{_COUNTS[m.group(1) or m.group(2)]} ", low)
-    low = _LETTER_SPINE.sub(lambda m: _SPINE_SEGMENT[m.group(1)], low)
-    low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
-    # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
-    low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
-    low = _ALL_OF_A_COUNT.sub(lambda m: m.group(0) if singular(m.group(2)) in CLASS_NOUNS else f"{m.group(1)} ", low)
-    low = _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)
+    low = _spoken_forms(_numbers_and_levels(low))
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
     low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
     if dental:
-        low = _PALMER.sub(lambda m: f" {_PALMER_QUADRANTS[m.group(1)]}{m.group(2)} ", low)  # "UR1", "LL8"
-        if re.search(r"\buniversal\b", low):  # "tooth #19 (Universal numbering)": 1-32 to FDI
-            low = _UNIVERSAL.sub(lambda m: _universal_to_fdi(int(m.group(1))) or m.group(0), low)
-        low = _FDI_TEETH.sub(_fdi_names, low)
+        low = _dental_notations(low)
     # (runs of spaces collapsed first: the item's lazy match before "\s+" is quadratic in them)
     low = _DONE_OR_GONE.sub(_done_or_gone_item, re.sub(r"[ \t]{2,}", " ", low))  # "the prostate is already contoured"
     low = _NOT_NEEDED.sub(_not_needed_item, low)  # "femoral heads not needed"
