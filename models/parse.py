@@ -1026,11 +1026,6 @@ def _combine(found: list[str]) -> str | None:
     return found[0] if len(kinds) == 1 else None
 
 
-#: "T2 CISS: cochlea and VS": a capital VS that compares nothing (no word after it, or a list
-#: word before it) is the vestibular schwannoma, not "versus".
-_VS_NOUN = re.compile(r"(?:(?<=\band )|(?<=[,:;(] )|(?<=\bthe )|^)VS\b|(?<![A-Za-z] )\bVS(?=\s*(?:$|[,.;:)]))")
-
-
 #: "RT_BRAIN_OAR": a protocol's name, RT, a site and a planning word joined by underscores, is
 #: radiotherapy ("rt parotid oar", with spaces, keeps its side).
 _RT_PROTOCOL = re.compile(r"\bRT_(?=[A-Za-z]+_(?:OARs?|PLAN|PLANNING|SIM|SIMULATION)\b)", re.IGNORECASE)
@@ -1058,7 +1053,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     """
     vocab = vocab or default_vocabulary()
     written = text
-    text = _rule_action(_RT_PROTOCOL.sub("radiotherapy_", _VS_NOUN.sub("vestibular schwannoma", text)), vocab)
+    text = _rule_action(_RT_PROTOCOL.sub("radiotherapy_", text), vocab)
     text = _patients_side(_SIDE_COMPARISON.sub(" ", text))  # "R>L" compares the sides; it asks for neither
     text = _split_structure_names(_corrected(_values_only(_without_record_ids(text))), vocab)
     found, low = named_modalities(text)
@@ -1591,8 +1586,8 @@ _EXTENT = re.compile(
 # "VS" that stands alone or before what is measured is a vestibular schwannoma; "versus" compares
 # two things or one with a prior ("tumour volume (vs. prior)", "vs 2019").
 _VS_ALONE = re.compile(
-    r"(^\s*|[-:;,>(/]\s*|\bthe\s+)vs(?!\s*(?:prior|previous|baseline|last|\d))"
-    r"(?=\s*(?:$|[;,)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right)\b))"
+    r"(^\s*|[-:;,>(/]\s*|\b(?:the|and)\s+)vs(?!\s*(?:prior|previous|baseline|last|\d))"
+    r"(?=\s*(?:$|[;,.)]|\b(?:volume|volumetry|size|seg\w*|tumou?r|left|right|only)\b))"
 )
 # Punctuation spoken into a dictation system.
 _DICTATED_PUNCTUATION = re.compile(r"\bcomma\b|\b(?:full\s+stop|period|new\s+line|next\s+line|semicolon)\b")
@@ -1695,7 +1690,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     """Spell out worklist shorthand, sides, ranges and protected names before splitting."""
     low = _DICTATED_PUNCTUATION.sub(lambda m: " , " if m.group(0) == "comma" else " ; ", low)  # "aorta comma IVC"
     low = _check_boxes(low)  # "[x] liver [ ] spleen", "liver [x] spleen [ ]"
-    low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume"; not "versus" ("vs. prior")
+    low = _VS_ALONE.sub(r"\1 vestibular schwannoma ", low)  # "IAC - VS volume", "cochlea and VS"; not "vs. prior"
     low = _exclusion_forms(low)
     low = _RADIOTHERAPY.sub(" radiotherapy ", low)  # "BREAST (RT PLAN)" is no right breast
     low = _DISCOURSE_ORDINAL.sub(" ", low)  # "First the liver": no first liver segment

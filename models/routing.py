@@ -486,6 +486,12 @@ def _wholes_first(matches: list[_Match], core: Iterable[str]) -> list[_Match]:
     return wholes if wholes and len(wholes) < len(matches) else matches
 
 
+def _leave_out(c: Candidate, explain: dict[str, Any], reason: str) -> None:
+    """Deselect a candidate of a selected tier, and say why in the target's explanation."""
+    c.selected = False
+    explain["label"][c.dataset].update(selected=False, reason=reason)
+
+
 def _whole_part(form: _Form, label: Label) -> _Form:
     """A composite label's part that the registry names as the label's synonym: the whole label."""
     return _Form(form.core, form.context, form.source, tuple(label.values))
@@ -855,6 +861,7 @@ class Router:
                 reason += f" (only the region {', '.join(parsed.regions)}: name the structures)"
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
         routed = self._route_targets(parsed, kept_names, all_names)
+        self._wholes_in_lists(routed)
         self._sequence_models_first(routed, plan.modality)
         self._collect(plan, routed, parsed, all_names, kept_names)
         for name in plan.selection:
@@ -923,7 +930,6 @@ class Router:
                     routed.append((sibling, *self._route_target(sibling, parsed, kept_names)))
                     continue
             routed.append((pt, target, explain))
-        self._wholes_in_lists(routed)
         return routed
 
     def _header_side(self, parsed: grammar.ParsedRequest) -> Callable[[grammar.ParsedTarget], grammar.ParsedTarget]:
@@ -970,11 +976,11 @@ class Router:
                 plan.unmatched.append(Unmatched(pt.text, kind, reason))
             removed = removal if not _by_encoder(explain) else _union(removal, guessed)
             for c in target.candidates:
+                gone = removed.get(c.dataset)
                 # (an exclusion holding all of a target and more is the organ around it: "the renal
                 # tumour, not the kidney", where one label is the kidney with its masses)
-                around = pt.lesion and set(c.values) < removed.get(c.dataset, set())
-                if c.selected and removed.get(c.dataset) and not around:
-                    self._apply_exclusion(c, removed[c.dataset])
+                if c.selected and gone and not (pt.lesion and set(c.values) < gone):
+                    self._apply_exclusion(c, gone)
             # Consumers run every listed candidate: only the selected ones are candidates.
             target.alternatives = [c for c in target.candidates if not c.selected]
             target.candidates = [c for c in target.candidates if c.selected]
@@ -1069,8 +1075,7 @@ class Router:
                 continue
             for c in selected:
                 if c not in made_for:
-                    c.selected = False
-                    explain["label"][c.dataset].update(selected=False, reason=f"{_NOT_MADE_FOR} {modality}")
+                    _leave_out(c, explain, f"{_NOT_MADE_FOR} {modality}")
 
     def _wholes_in_lists(self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
         """Leave out the parts of an organ that is listed with other structures (or against them).
@@ -1092,8 +1097,7 @@ class Router:
                 continue  # (no dataset has the organ whole: its parts are the answer)
             for c in selected:
                 if abs(c.score - SCORE_GROUP) < 1e-9:
-                    c.selected = False
-                    explain["label"][c.dataset].update(selected=False, reason=_PARTS_ONLY)
+                    _leave_out(c, explain, _PARTS_ONLY)
 
     def _anatomy_stage(
         self, pt: grammar.ParsedTarget, matches: list[_Match], regions: set[str], known: LexiconConcept | None
