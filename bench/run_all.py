@@ -21,6 +21,7 @@ routing-dev-blind5 the same on the fifth blind dev set (``routing_dev_blind5``) 
 routing-dev-blind6 the same on the sixth blind dev set (``routing_dev_blind6``)  expected models
 routing-dev-blind7 the same on the seventh blind dev set (``routing_dev_blind7``) expected models
 routing-dev-blind8 the same on the eighth blind dev set (``routing_dev_blind8``)  expected models
+routing-dev-blind9 the same on the ninth blind dev set (``routing_dev_blind9``)   expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -79,8 +80,10 @@ DEV_BLIND5 = REPO / "tests" / "data" / "routing_dev_blind5" / "requests.jsonl"
 DEV_BLIND6 = REPO / "tests" / "data" / "routing_dev_blind6" / "requests.jsonl"
 #: The seventh (session eleven): the measure of rounds nineteen and twenty; opened for round twenty-one.
 DEV_BLIND7 = REPO / "tests" / "data" / "routing_dev_blind7" / "requests.jsonl"
-#: The eighth (session twelve): never opened by the router engineer; the measure of round twenty-one on.
+#: The eighth (session twelve): the measure of rounds twenty-one to twenty-three; opened for round twenty-four.
 DEV_BLIND8 = REPO / "tests" / "data" / "routing_dev_blind8" / "requests.jsonl"
+#: The ninth (session fourteen): never opened by the router engineer; the measure of round twenty-four on.
+DEV_BLIND9 = REPO / "tests" / "data" / "routing_dev_blind9" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -93,6 +96,7 @@ ROUTING_KEYS = (
     "routing-dev-blind6",
     "routing-dev-blind7",
     "routing-dev-blind8",
+    "routing-dev-blind9",
     "routing-heldout",
 )
 
@@ -186,6 +190,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind8",
             "Routing, eighth blind development set (whole registry)",
             DEV_BLIND8.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind9",
+            "Routing, ninth blind development set (whole registry)",
+            DEV_BLIND9.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -315,11 +325,12 @@ _CATEGORY_SETS = (
     ("routing-dev-blind6", "blind6"),
     ("routing-dev-blind7", "blind7"),
     ("routing-dev-blind8", "blind8"),
+    ("routing-dev-blind9", "blind9"),
 )
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and the third to eighth blind sets per category, side by side (aggregates only)."""
+    """Held-out and the third to ninth blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:

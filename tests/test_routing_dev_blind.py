@@ -1,6 +1,6 @@
 """The blind routing development sets are well formed and derived from the registry alone.
 
-``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` to ``routing_dev_blind8/``
+``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` to ``routing_dev_blind9/``
 hold requests written without sight of the routing rules (the second to eighth
 also without sight of the earlier sets' requests; README.md in each).  Their expectations come
 from one builder, ``routing_dev_blind/build.py``, run on each folder with that folder's
@@ -65,6 +65,7 @@ SETS = [
     BlindSet("routing_dev_blind6", 400),
     BlindSet("routing_dev_blind7", 400),
     BlindSet("routing_dev_blind8", 400),
+    BlindSet("routing_dev_blind9", 400),
 ]
 each_set = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
 
