@@ -306,6 +306,15 @@ def _edits(a: str, b: str, limit: int) -> int:
     return int(OSA.distance(a, b, score_cutoff=limit))
 
 
+def _has_vowel(word: str) -> bool:
+    return any(c in "aeiou" for c in word)
+
+
+def _consonants(word: str) -> str:
+    """A word's consonants, each run of one letter once ("gallbladder" -> "glbldr")."""
+    return "".join(k for k, _ in itertools.groupby(c for c in word if c not in "aeiou"))
+
+
 def _swapped(a: str, b: str) -> bool:
     """Whether ``b`` is ``a`` with two neighbouring letters swapped ("aotra", "aorta")."""
     if len(a) != len(b):
@@ -512,12 +521,18 @@ class Vocabulary:
         go to the one candidate that sounds the same (:func:`_sound_key`), else keep the
         word unchanged (a guess between two structures is worse than none).
         """
-        if word in self.known or len(word) < 4 or singular(word) in self.known:
+        if word in self.known or len(word) < 3 or singular(word) in self.known:
             return word  # the plural of a known word is known ("iacs" is no typo for "icas")
         memo = self._memo.get(("spell", word))
         if memo is not None:
             return memo
-        fixed = self._ocr_reading(word) if not word.isalpha() else self._spelt(word)
+        if not word.isalpha():
+            fixed = self._ocr_reading(word)
+        else:
+            # (a word without vowels is shorthand before it is a slip: "spln" is no "spn")
+            fixed = self._shorthand(word) if not _has_vowel(word) else word
+            fixed = self._spelt(word) if fixed == word and len(word) >= 4 else fixed
+            fixed = self._shorthand(word) if fixed == word and _has_vowel(word) else fixed
         if len(self._memo) < 16384:  # a memo, not state: the answer never changes
             self._memo[("spell", word)] = fixed
         return fixed
@@ -552,6 +567,35 @@ class Vocabulary:
             same_word = _edits(word[:-1], stem, 1) == 1 and _sound_key(stem) == _sound_key(word[:-1])
             fixed = stem if same_word else None
         return fixed or word
+
+    def _shorthand(self, word: str) -> str:
+        """The structure a note's shorthand stands for ("lvr", "kdnys"; "liv", "oes").
+
+        Text messages and order lines drop a word's vowels or cut it short.  A word with no vowel
+        is read as the one word of the structure names with the same consonants
+        (doubled letters count once); else a word of three to six letters as the one structure whose
+        names begin with it, the shortest reading of the names that do ("spl": spleen, not the
+        accessory spleen).  Else the word stays as written.
+        """
+        if not _has_vowel(word):
+            same = {c for c in self._shorthand_pool() if _consonants(c) == _consonants(word)}
+            fixed = self._one_of(word, sorted(same))
+            if fixed:
+                return fixed
+        if len(word) > 6:
+            return word
+        cores = {self.core(c) for c in self.anatomy if c.startswith(word) and len(c) >= len(word) + 2}
+        least = min(cores, key=len, default=())
+        if least and all(set(least) <= set(c) for c in cores):
+            return next(c for c in sorted(self.anatomy, key=len) if c.startswith(word) and self.core(c) == least)
+        return word
+
+    def _shorthand_pool(self) -> frozenset[str]:
+        pool = self._memo.get(("pool", ""))
+        if pool is None:
+            pool = self.anatomy | {singular(a) for a in self.anatomy}
+            self._memo[("pool", "")] = pool
+        return pool
 
     def _nearest(self, word: str, limit: int) -> tuple[int, list[str]]:
         """The known words nearest ``word`` within ``limit`` edits, and their distance."""
@@ -926,6 +970,7 @@ _PRIMARY_NOUN = re.compile(
     r"(?=\s*(?:$|[,.;:)(/+-]|\b(?:on|in|at|only|please|plus|with|for|site)\b|\band\s+(?:the\s+)?(?:nod|gtv|neck)))"
 )
 #: Order entry's "kid" right after a side is the kidney ("lt kid vol"); elsewhere it is a child.
+_RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: BI-, LI-, PI-, TI-RADS
 _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 #: A count after an article names all of a plural structure, not an index ("the two kidneys").
 _ALL_OF_A_COUNT = re.compile(r"\b(the|my|his|her|their|its)\s+two\s+(?=([a-z]+s)\b)")
@@ -1671,6 +1716,7 @@ def _numbers_and_levels(low: str) -> str:
 
 def _spoken_forms(low: str) -> str:
     """How patients, referrers and order entry name a structure, in the grammar's words."""
+    low = _RADS_SCALE.sub(r"\1rads", low)  # "PI-RADS 4": one findings word, as "pirads" is
     low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
     low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
     # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
@@ -2075,7 +2121,8 @@ def _apply_list_rules(
         # "MR PROSTATE - WHOLE GLAND": the rest only qualifies the exam's organ, or excludes
         # something from it ("MR LIVER - LESIONS NOT WANTED").
         targets = header_targets + [t for t in targets if t.negated and t.concept.core]
-    return [_in_default_organ(t) for t in targets]
+    scale = next((organ for word, organ in WORDS.scale_organs.items() if re.search(rf"\b{word}\b", low)), None)
+    return [_in_default_organ(t, scale) for t in targets]
 
 
 def _of_header_structure(structure: ParsedTarget, t: ParsedTarget) -> ParsedTarget:
@@ -2091,12 +2138,22 @@ def _of_header_structure(structure: ParsedTarget, t: ParsedTarget) -> ParsedTarg
     return replace(t, concept=replace(concept, laterality=t.concept.laterality or structure.concept.laterality))
 
 
-def _in_default_organ(t: ParsedTarget) -> ParsedTarget:
-    """A bare lesion still without an organ after the list rules (header included): "nodules" are the lung's."""
-    organ = WORDS.default_organ.get(t.concept.core[0]) if len(t.concept.core) == 1 else None
-    if organ is None:
+def _in_default_organ(t: ParsedTarget, scale_organ: str | None = None) -> ParsedTarget:
+    """A bare lesion still without an organ after the list rules (header included): "nodules" are the lung's.
+
+    A request that grades its lesion on one organ's reporting scale places it in that organ
+    (``scale_organ``: "PI-RADS 4 lesion" is the prostate's).
+    """
+    if len(t.concept.core) != 1 or t.group is not None:
         return t
     c = t.concept
+    if scale_organ and c.core[0] in LESION_TOKENS:
+        # (its words too: the encoder reads "lesion" alone as any lesion)
+        concept = Concept(tuple(sorted((*c.core, scale_organ))), c.laterality, c.index)
+        return replace(t, concept=concept, words=(*t.words, scale_organ))
+    organ = WORDS.default_organ.get(c.core[0])
+    if organ is None:
+        return t
     return replace(t, concept=Concept(tuple(sorted((*c.core, organ))), c.laterality, c.index))
 
 
@@ -2146,6 +2203,8 @@ def _parse_segment(
     if not words or _names_requester(words):
         return None, []
     regions: list[str] = []
+    if not label_form:
+        words = _after_command(words)
     cut = words.index("for", 1) if "for" in words[1:] else 0
     if not label_form and cut and any(w not in STOPWORDS for w in words[:cut]):
         # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
@@ -2187,6 +2246,26 @@ def _parse_segment(
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+def _after_command(words: list[str]) -> list[str]:
+    """A list item from the verb that hands its structures over ("the central reader will segment [the liver]").
+
+    What comes before a command verb followed by an article is who asks or why ("dose calculation
+    needs the liver volume", "LUQ trauma still needs the spleen"); only an item that says
+    something before the verb is cut, so "segment the liver" and "liver segment 4" stay whole.
+    """
+    k = next(
+        (
+            i
+            for i in range(len(words) - 2, 0, -1)
+            if words[i] in WORDS.command_verbs and words[i + 1] in WORDS.determiners
+        ),
+        0,
+    )
+    if not k or all(w in STOPWORDS for w in words[:k]):
+        return words
+    return words[k + 1 :]
 
 
 def _names_requester(words: list[str]) -> bool:
