@@ -120,6 +120,7 @@ class GrammarWords(_Frozen):
     kind_nouns: frozenset[Word]
     image_guidance: frozenset[Word]
     clause_words: frozenset[Word]
+    story_words: frozenset[Word]
     generic_nouns: frozenset[Word]
     generic_modifiers: frozenset[Word]
     size_words: frozenset[Word]

@@ -1529,9 +1529,23 @@ class Router:
 
     @staticmethod
     def _description(pt: grammar.ParsedTarget) -> str:
-        """The target's words as written, when enough of them say something to be a description."""
-        text = " ".join(grammar._WORD.findall(pt.text.lower()))
-        return text if len([w for w in text.split() if w not in grammar.STOPWORDS]) >= _DESCRIPTION_WORDS else ""
+        """The target's words as written, when enough of them say something to be a description.
+
+        The story told after the description is left out ("the flat bone in my chest [they sawed
+        through]"): from a story word (:attr:`GrammarWords.story_words`) that follows the
+        description's own words, before any clause that describes it further ("the gland that is ...").
+        """
+        words = grammar._WORD.findall(pt.text.lower())
+        said = 0
+        for i, w in enumerate(words):
+            if w in grammar.RELATIVE_WORDS or w in grammar.WORDS.clause_words:
+                said += sum(v not in grammar.STOPWORDS for v in words[i:])  # the clause describes too
+                break
+            if said >= _DESCRIPTION_WORDS and w in grammar.WORDS.story_words:
+                words = words[:i]
+                break
+            said += w not in grammar.STOPWORDS
+        return " ".join(words) if said >= _DESCRIPTION_WORDS else ""
 
     def _phrase(self, pt: grammar.ParsedTarget) -> str:
         # The words that name the structure: no commands, sides, numbers or levels; a long

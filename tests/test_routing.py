@@ -1784,3 +1784,23 @@ def test_a_lesion_graded_on_an_organs_scale_is_that_organs(router, text, modalit
         assert dataset in result.selection
         if labels is not None:
             assert result.selection[dataset] == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a patient's description ends where their story about it begins
+        ("the large blood vessel leaving my heart has got wider", "TotalSegmentator_v2", ["aorta"]),
+        # clinical and Latin names, and words that were "corrected" into others
+        ("solitary lung nodule", "TotalSegmentator_lung_nodules", ["lung_nodules"]),
+        ("precaval and postcaval veins", "TotalSegmentator_v2", ["superior_vena_cava", "inferior_vena_cava"]),
+        ("os innominatum, right", "TotalSegmentator_v2", ["hip_right"]),
+        ("auricular appendage of the left atrium", "TotalSegmentator_v2", ["atrial_appendage_left"]),
+        ("the false lumen", "TotalSegmentator_aortic_dissection", ["aorta_false_lumen"]),
+        ("visceral adipose depots", "TotalSegmentator_tissue_types", ["torso_fat"]),
+        ("the vascular tree of the liver", "TotalSegmentator_liver_vessels", ["liver_vessels"]),
+    ],
+)
+def test_readings_of_round_twenty_four_in_other_words(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
