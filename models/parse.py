@@ -542,6 +542,8 @@ class Vocabulary:
         limit = 1 if len(word) <= 7 else 2
         best_d, best = self._nearest(word, limit)
         fixed = self._one_of(word, best) if best_d <= limit else None
+        if fixed is None and best_d <= limit and len({self.core(c) for c in best}) == 1 and self.core(best[0]):
+            fixed = best[0]  # a tie between two names of one structure ("prostat": prostate, prostata)
         if fixed is None and best_d == 1:
             # ... else to the one that swaps two neighbouring letters, the commonest slip ("aotra")
             fixed = self._one_of(word, [c for c in best if _swapped(word, c)])
@@ -926,7 +928,8 @@ _RIB_SIDE = re.compile(
     r"|\d{1,2}\s*(?:-|\u2013|to|/)\s*\d{1,2})\s+ribs?\b)"
 )
 _LEVEL_RANGE = re.compile(
-    r"\b(?:from\s+)?([ctls])\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*(?:([ctls])\s?)?(\d{1,2})\b"
+    r"\b(?:from\s+)?([ctls]|th(?=\d))\s?(\d{1,2})\s*(?:-|–|—|to|through|thru|until|down to)\s*"
+    r"(?:([ctls]|th(?=\d))\s?)?(\d{1,2})\b"
 )
 _NUM_RANGE = re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s*(?:-|–|—|to|through|thru)\s*(\d{1,2})(?:st|nd|rd|th)?\b")
 _CARDINALS = {
@@ -970,6 +973,10 @@ _PRIMARY_NOUN = re.compile(
     r"(?=\s*(?:$|[,.;:)(/+-]|\b(?:on|in|at|only|please|plus|with|for|site)\b|\band\s+(?:the\s+)?(?:nod|gtv|neck)))"
 )
 #: Order entry's "kid" right after a side is the kidney ("lt kid vol"); elsewhere it is a child.
+_CONTRAST_PHASE = re.compile(
+    r"\b(?:(?:early|late)\s+)?(?:arterial|portal[\s-]*venous|portal|venous|hepatobiliary|equilibrium)[\s-]+phase\b"
+    r"|\bportal[\s-]venous\b(?!\s+(?:system|anatomy|vasculature|branch|branches|thromb\w*|inflow|confluence))"
+)
 _RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: BI-, LI-, PI-, TI-RADS
 _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 #: A count after an article names all of a plural structure, not an index ("the two kidneys").
@@ -1545,7 +1552,7 @@ _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii":
 _LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb|flr|sectionectomy)\b")
 _COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
-    r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
+    r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|through|thru|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
 )
 
 
@@ -1716,6 +1723,7 @@ def _numbers_and_levels(low: str) -> str:
 
 def _spoken_forms(low: str) -> str:
     """How patients, referrers and order entry name a structure, in the grammar's words."""
+    low = _CONTRAST_PHASE.sub("phase", low)  # "on the arterial phase": when, not the arteries
     low = _RADS_SCALE.sub(r"\1rads", low)  # "PI-RADS 4": one findings word, as "pirads" is
     low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
     low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
@@ -2158,8 +2166,9 @@ def _in_default_organ(t: ParsedTarget, scale_organ: str | None = None) -> Parsed
 
 
 def _expand_level_range(m: re.Match[str]) -> str:
-    a = f"{m.group(1).upper()}{int(m.group(2))}"
-    b = f"{(m.group(3) or m.group(1)).upper()}{int(m.group(4))}"
+    # (German-style "Th10" is T10)
+    a = f"{m.group(1)[0].upper()}{int(m.group(2))}"
+    b = f"{(m.group(3) or m.group(1))[0].upper()}{int(m.group(4))}"
     if a not in SPINE_LEVELS or b not in SPINE_LEVELS:
         return m.group(0)
     i, j = sorted((SPINE_LEVELS.index(a), SPINE_LEVELS.index(b)))
@@ -2310,8 +2319,13 @@ def _without_relative_clause(words: list[str], vocab: Vocabulary, regions: list[
     core = vocab.core(" ".join(words[:k]))
     if unknown or not tokens or core not in vocab.names or set(core) <= CLASS_NOUNS | {"organ", "oar"}:
         return words
-    if set(vocab.canonical_tokens(words[k + 1 :])[0]) & LESION_TOKENS:
+    clause = vocab.canonical_tokens(words[k + 1 :])[0]
+    if set(clause) & LESION_TOKENS:
         return words  # a lesion in the clause is the structure's ("the kidney that has the cyst")
+    organs = [t for t in clause if t in WORDS.lesion_organs]
+    if set(core) <= LESION_TOKENS and len(set(organs)) == 1:
+        # the clause says whose lesion ("the cancer that has spread to his liver", "... in her left kidney")
+        return [*words[:k], *[w for w in words[k + 1 :] if _LATERAL.get(w) in ("left", "right")][:1], organs[0]]
     regions.extend(_context_regions(words[k + 1 :], vocab))
     return words[:k]
 
@@ -2345,6 +2359,8 @@ _LOCATIVES = tuple(tuple(phrase.split()) for phrase in WORDS.locatives)  # longe
 def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
     """A structure's words without the phrase that places it; that phrase's organs become regions.
 
+    The place's side stays with a class noun: the nerve behind the left eye is on the left.
+
     A lesion keeps its place, which names its organ ("cysts on the kidneys"); so does a lexicon
     term that holds one ("water on the lungs" is a pleural effusion).
     """
@@ -2359,7 +2375,10 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
         if not head or set(head) & LESION_TOKENS or all(w in _LATERAL for w in place):
             return words  # "ribs 1-3 on the right": a side, not a place
         regions.extend(_context_regions(words[i + len(prep) :], vocab))
-        return words[:i]
+        # the side of the place is a class noun's ("the gland on top of the left kidney"; "the
+        # organ under my left ribs" may be the spleen, which has none)
+        side = [w for w in place if _LATERAL.get(w) in ("left", "right")][:1] if set(head) <= CLASS_NOUNS else []
+        return words[:i] + side
     return words
 
 

@@ -1253,6 +1253,12 @@ class Router:
             if described is not None and described[0]:
                 return described
             return self._organ_group(regions, allowed, pt.group == "oars"), "group: organs of the named region"
+        if core and core <= grammar.CLASS_NOUNS and use_encoder and self.use_encoder:
+            # "the nerve behind my left eye that carries the sight": a class noun alone names no
+            # structure; what the phrase says about it does, when it says enough.
+            described = self._described(pt, regions, allowed)
+            if described is not None and described[0]:
+                return described
         members = list(self.vocab.groups.get(c.core, ()))
         if "vessel" in core and len(core) > 1:
             # "iliac vessels" = the iliac arteries and veins.
@@ -1626,7 +1632,9 @@ class Router:
             between = words[min(i, j) + 1 : max(i, j)]
             if all(is_unknown(w) for w in between):
                 return True
-            if i < j and set(between) & grammar.WORDS.prepositions:
+            # "water on the lungs", "stones in my kidney"; not "depends on how big my liver is"
+            placing = set(between) <= grammar.WORDS.prepositions | grammar.WORDS.determiners
+            if i < j and set(between) & grammar.WORDS.prepositions and placing:
                 return True
         return False
 

@@ -1804,3 +1804,31 @@ def test_a_lesion_graded_on_an_organs_scale_is_that_organs(router, text, modalit
 def test_readings_of_round_twenty_four_in_other_words(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a class noun alone is read by what the phrase says of it, with the side of its place
+        ("the nerve behind my right eye that carries sight to the brain", "SegRap2023_Task1", ["OpticNerve_R"]),
+        # a lesion's relative clause says whose it is
+        ("the tumour that has spread into her liver", "LiTS", ["liver_tumour"]),
+        ("Please work out the size of the spleen", "TotalSegmentator_v2", ["spleen"]),
+        # a contrast phase is when, not the arteries or the portal vein
+        ("HCC: liver and viable tumour on the late arterial phase", "LiTS", ["liver", "liver_tumour"]),
+        ("CT CAP portal venous - spleen volume", "TotalSegmentator_v2", ["spleen"]),
+        ("portal venous system", "TotalSegmentator_v2", ["portal_vein_and_splenic_vein"]),
+        # ranges: German-style thoracic levels, Roman Couinaud numerals "through"
+        ("Th11-L1 vertebrae", "TotalSegmentator_v2", ["vertebrae_L1", "vertebrae_T12", "vertebrae_T11"]),
+        (
+            "Couinaud segments V through VIII",
+            "TotalSegmentator_liver_segments",
+            [f"liver_segment_{n}" for n in range(5, 9)],
+        ),
+        # a slip one letter from two names of one structure is that structure
+        ("prostat and bladder", "TotalSegmentator_v2", ["urinary_bladder", "prostate"]),
+    ],
+)
+def test_readings_of_round_twenty_four_second_batch(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
