@@ -77,9 +77,12 @@ _SEGMENT_LEVELS = MappingProxyType(WORDS.segment_levels)
 # Modality hints
 # ---------------------------------------------------------------------------
 
+_SUV_LIMIT = r"(?:\s*(?:max|mean|peak))?(?:\s*(?:of|above|over|>=?|greater\s+than))?(?:\s*\d+(?:\.\d+)?)?\b"
 _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("PT+CT", re.compile(r"\b(?:fdg[\s-]*)?pet\s*(?:[/+\-&]|and|with)?\s*ct\b|\bpetct\b|\bpet\s*/\s*ct\b", re.I)),
-    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg(?![\s-]*avid)|psma|suv|pt)\b", re.I)),
+    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg(?![\s-]*avid)|psma|pt)\b", re.I)),
+    # an SUV threshold is the PET's, and says which lesions count, not what they are ("lesions above SUV 2.5")
+    ("PT", re.compile(rf"(?:\b(?:above|over|exceeding|with|greater\s+than)\s+(?:an?\s+)?)?\bsuv{_SUV_LIMIT}", re.I)),
     (
         "MR:T1C",
         re.compile(

@@ -1832,3 +1832,24 @@ def test_readings_of_round_twenty_four_in_other_words(router, text, dataset, lab
 def test_readings_of_round_twenty_four_second_batch(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # PET: an SUV threshold says which lesions count; sites, others and measurability say nothing
+        ("PET: every lesion over SUV 3", None, "AutoPET", ["tumor"]),
+        ("all FDG-avid disease sites on the PET/CT", "PT+CT", "AutoPET", ["tumor"]),
+        ("the index lesion and all other measurable lesions", "PT", "AutoPET", ["tumor"]),
+        # the oropharynx's subsites place an oropharyngeal cancer
+        ("tonsillar primary", "PT+CT", "HECKTOR2022", ["GTVp"]),
+        ("base of tongue primary tumour", "PT+CT", "HECKTOR2022", ["GTVp"]),
+    ],
+)
+def test_readings_of_round_twenty_four_on_pet(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+def test_the_tonsil_alone_is_still_refused(router):
+    assert plan(router, "the tonsils", "CT", collection=None).selection == {}
