@@ -73,7 +73,7 @@ ACCEPT_THRESHOLD = 0.78
 #: definition of another concept by the margin.  Calibrated on the development sets
 #: (docs/routing.md, "Descriptions").
 GLOSS_THRESHOLD = 0.60
-GLOSS_MARGIN = 0.08
+GLOSS_MARGIN = 0.04
 #: A concept's other descriptions (lexicon ``descriptions``) say where a structure is or what it does,
 #: which a phrase about something else there shares ("the screws in the lower jaw"): their
 #: similarity counts this much less than the definition's, for the threshold and the margin alike.
@@ -1533,15 +1533,17 @@ class Router:
                 out.append(_Match(e, SCORE_GROUP, "organ of a dataset of the named region", "group"))
         return out
 
-    @staticmethod
-    def _description(pt: grammar.ParsedTarget) -> str:
+    def _description(self, pt: grammar.ParsedTarget) -> str:
         """The target's words as written, when enough of them say something to be a description.
 
         The story told after the description is left out ("the flat bone in my chest [they sawed
         through]"): from a story word (:attr:`GrammarWords.story_words`) that follows the
         description's own words, before any clause that describes it further ("the gland that is ...").
+        A clause on its own ("where things get stuck when I swallow") describes no structure.
         """
         words = grammar._WORD.findall(pt.text.lower())
+        if not words or words[0] in grammar.RELATIVE_WORDS or words[0] in grammar.WORDS.clause_words:
+            return ""
         said = 0
         for i, w in enumerate(words):
             if w in grammar.RELATIVE_WORDS or w in grammar.WORDS.clause_words:

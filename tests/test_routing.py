@@ -1853,3 +1853,22 @@ def test_readings_of_round_twenty_four_on_pet(router, text, modality, dataset, l
 
 def test_the_tonsil_alone_is_still_refused(router):
     assert plan(router, "the tonsils", "CT", collection=None).selection == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # descriptions: the nearest definition now stands when it leads the next concept's by 0.04
+        ("the nerves running from my eyes back to my brain", "SegRap2023_Task1", ["OpticNerve_L", "OpticNerve_R"]),
+        ("the little bag tucked under his liver", "TotalSegmentator_v2", ["gallbladder"]),
+    ],
+)
+def test_descriptions_of_round_twenty_four(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+def test_a_clause_alone_describes_no_structure(router):
+    # "where things get stuck when I swallow" follows the structure it speaks of; alone, it is no description
+    result = plan(router, "my gullet, where food sticks when I swallow", "CT", collection=None)
+    assert set(result.selection) == set(plan(router, "my gullet", "CT", collection=None).selection)
