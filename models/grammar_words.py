@@ -145,6 +145,7 @@ class GrammarWords(_Frozen):
     procedure_words: frozenset[Word]
     default_organ: dict[Word, Word]
     scale_organs: dict[Word, Word]
+    liver_divisions: dict[str, tuple[int, ...]]
     motion_verbs: frozenset[Word]
     radiotherapy_context: frozenset[Word]
     other_tasks: frozenset[Word]
@@ -168,6 +169,9 @@ class GrammarWords(_Frozen):
         for part, segment in self.lay_spine_parts.items():
             if segment not in self.spine_segments:
                 raise ValueError(f"lay_spine_parts.{part}: {segment} is no spine segment")
+        for name, segments in self.liver_divisions.items():
+            if not segments or not all(1 <= n <= 8 for n in segments):
+                raise ValueError(f"liver_divisions.{name}: Couinaud segments 1-8 expected, got {list(segments)}")
         for name, ribs in self.rib_classes.items():
             if not ribs or not all(1 <= r <= 12 for r in ribs):
                 raise ValueError(f"rib_classes.{name}: rib numbers 1-12 expected, got {list(ribs)}")

@@ -545,8 +545,9 @@ class Vocabulary:
         limit = 1 if len(word) <= 7 else 2
         best_d, best = self._nearest(word, limit)
         fixed = self._one_of(word, best) if best_d <= limit else None
-        if fixed is None and best_d <= limit and len({self.core(c) for c in best}) == 1 and self.core(best[0]):
-            fixed = best[0]  # a tie between two names of one structure ("prostat": prostate, prostata)
+        if fixed is None and best_d <= limit and len({_LATERAL.get(c) or self.core(c) for c in best}) == 1:
+            # a tie between two names of one structure ("prostat": prostate, prostata) or one side
+            fixed = best[0] if _LATERAL.get(best[0]) or self.core(best[0]) else None
         if fixed is None and best_d == 1:
             # ... else to the one that swaps two neighbouring letters, the commonest slip ("aotra")
             fixed = self._one_of(word, [c for c in best if _swapped(word, c)])
@@ -1553,6 +1554,16 @@ _TG263_QUALIFIER = MappingProxyType(WORDS.tg263.qualifiers)
 _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8}
 # Couinaud segments are written in Roman numerals ("segments V-VI", "Couinaud IV").
 _LIVER_CONTEXT = re.compile(r"\b(?:couinaud|liver|hepatic|hepato\w*|hepatectomy|lobe|lobes|hpb|flr|sectionectomy)\b")
+_LIVER_DIVISIONS = {" ".join(name.split()): tuple(segments) for name, segments in WORDS.liver_divisions.items()}
+_LIVER_DIVISION = re.compile(
+    r"\b("
+    + "|".join(sorted(map(re.escape, _LIVER_DIVISIONS), key=len, reverse=True))
+    + r")(?:\s+of\s+the\s+liver)?\b"
+    # ("the left liver lobe" is the anatomical lobe; a "right liver lesion" is the liver's lesion)
+    + r"(?!\s+(?:lobe|"
+    + "|".join(sorted(WORDS.lesion_words | {"tumour", "metastasis", "metastases"}))
+    + r"))"
+)
 _COUINAUD_S = re.compile(r"\b(?:s|seg)\s?([1-8])[ab]?\b")
 _COUINAUD_ROMAN = re.compile(
     r"\b(couinaud|segments?(?:\s+from)?)((?:\s*(?:,|-|–|to|through|thru|and|&|/)?\s*\b(?:viii|vii|vi|iv|v|iii|ii|i)\b)+)"
@@ -1708,6 +1719,10 @@ def _numbers_and_levels(low: str) -> str:
     """Couinaud segments, vertebral levels, rib sides and ranges spelt out as single items."""
     # (Roman numerals after "segments" are Couinaud's notation: "segments VI and VII" are the liver's)
     low = _COUINAUD_ROMAN.sub(_couinaud_roman, low)
+    # "right hemiliver", "left lateral section": the liver's divisions are their Couinaud segments
+    low = _LIVER_DIVISION.sub(
+        lambda m: " couinaud " + " ".join(f"n{n}" for n in _LIVER_DIVISIONS[m.group(1)]) + " ", low
+    )
     if _LIVER_CONTEXT.search(low):
         low = _COUINAUD_S.sub(r" segment \1 ", low)  # "liver S7", "Couinaud S4a": segments, not sacral levels
         # "the liver, segments (from) 5 to 8": a numbered segment is the liver's, not the command "segment"
@@ -2232,7 +2247,7 @@ def _parse_segment(
         tokens.append(COMPOSITE)
     laterality = read.laterality
     # A lateral lung-lobe abbreviation ("RML") carries its own side.
-    for side in ("left", "right"):
+    for side in ("left", "right", "bilateral"):  # (or a side word the spelling check mended: "bilaterall")
         if side in tokens:
             tokens = [t for t in tokens if t != side]
             laterality = side if laterality in (None, side) else "bilateral"

@@ -920,7 +920,7 @@ class Router:
                 pieces = self._split_unseparated(pt, parsed, all_names)
                 if pieces:
                     # "LV RV MYO", "LIVER SPLEEN": a list written without separators.
-                    for piece in pieces:
+                    for piece in map(self._header_side(parsed), pieces):
                         routed.append((piece, *self._route_target(piece, parsed, kept_names)))
                     continue
             if loose and routed:
@@ -1163,8 +1163,10 @@ class Router:
                     # "lung nodules" is one lesion concept, never "lung" + "nodules"; nor is "thyroid
                     # nodule" the thyroid and a nodule (which, unplaced, would be the lung's)
                     return []
+                # (the segment's side is each name's: "CT SHOULDER RT - HUMERUS SCAPULA")
+                concept = dataclasses.replace(cand.concept, laterality=cand.concept.laterality or pt.concept.laterality)
                 cand = grammar.ParsedTarget(
-                    sub, cand.concept, cand.words, (), pt.negated, cand.group, cand.context or pt.context
+                    sub, concept, cand.words, (), pt.negated, cand.group, cand.context or pt.context
                 )
                 matches, _ = self._match(cand, regions, everywhere, use_encoder=False)
                 if any(m.score >= TIERS[0] for m in matches):

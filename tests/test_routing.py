@@ -1872,3 +1872,52 @@ def test_a_clause_alone_describes_no_structure(router):
     # "where things get stuck when I swallow" follows the structure it speaks of; alone, it is no description
     result = plan(router, "my gullet, where food sticks when I swallow", "CT", collection=None)
     assert set(result.selection) == set(plan(router, "my gullet", "CT", collection=None).selection)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # PET words for nodal and total tumour burden
+        ("hypermetabolic lymph nodes in the neck", "PT+CT", "HECKTOR2022", ["GTVnd"]),
+        ("whole-body total metabolic tumour volume", "PT+CT", "AutoPET", ["tumor"]),
+        ("restaging: all FDG avid disease", "PT+CT", "AutoPET", ["tumor"]),
+        # the haemorrhages by their abbreviations and a patient's words
+        ("acute SDH, volume please", "CT", "Instance22", ["Intracranial Hemorrhage"]),
+        ("the blood clot on my brain", "CT", "Instance22", ["Intracranial Hemorrhage"]),
+        # the eye's muscles as a group, with a side
+        (
+            "right extraocular muscles",
+            "CT",
+            "TotalSegmentator_oculomotor_muscles",
+            [
+                "superior_rectus_muscle_right",
+                "inferior_rectus_muscle_right",
+                "medial_rectus_muscle_right",
+                "lateral_rectus_muscle_right",
+                "superior_oblique_muscle_right",
+                "inferior_oblique_muscle_right",
+            ],
+        ),
+        # a worklist header's side reaches names written without separators
+        ("CT SHOULDER LT - HUMERUS SCAPULA", "CT", "TotalSegmentator_v2", ["humerus_left", "scapula_left"]),
+        # a misspelt side word is still a side
+        ("kidneys bilaterall", "CT", "TotalSegmentator_v2", ["kidney_right", "kidney_left"]),
+        # the liver's functional divisions (Brisbane 2000) are their Couinaud segments
+        (
+            "right hemiliver volume",
+            "CT",
+            "TotalSegmentator_liver_segments",
+            [f"liver_segment_{n}" for n in (5, 6, 7, 8)],
+        ),
+        (
+            "left lateral section of the liver",
+            "CT",
+            "TotalSegmentator_liver_segments",
+            ["liver_segment_2", "liver_segment_3"],
+        ),
+        ("right liver lesion", "CT", "LiTS", ["liver_tumour"]),
+    ],
+)
+def test_readings_of_round_twenty_four_third_batch(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
