@@ -73,7 +73,7 @@ ACCEPT_THRESHOLD = 0.78
 #: definition of another concept by the margin.  Calibrated on the development sets
 #: (docs/routing.md, "Descriptions").
 GLOSS_THRESHOLD = 0.60
-GLOSS_MARGIN = 0.04
+GLOSS_MARGIN = 0.045
 #: A concept's other descriptions (lexicon ``descriptions``) say where a structure is or what it does,
 #: which a phrase about something else there shares ("the screws in the lower jaw"): their
 #: similarity counts this much less than the definition's, for the threshold and the margin alike.
