@@ -2120,6 +2120,7 @@ def _apply_list_rules(
 
     ``header_targets`` are the targets a worklist header names (None without a header).
     """
+    targets = _whole_heading_its_parts(targets, low, vocab)
     if any(t.group is None and not t.negated for t in targets):
         # "OARs: parotids, brainstem ..." - a vague group word heading a list is a header (one
         # followed by an exclusion only is the request: "all abdominal organs except the spleen").
@@ -2149,6 +2150,29 @@ def _apply_list_rules(
         targets = header_targets + [t for t in targets if t.negated and t.concept.core]
     scale = next((organ for word, organ in WORDS.scale_organs.items() if re.search(rf"\b{word}\b", low)), None)
     return [_in_default_organ(t, scale) for t in targets]
+
+
+def _whole_heading_its_parts(targets: list[ParsedTarget], low: str, vocab: Vocabulary) -> list[ParsedTarget]:
+    """A whole written before " - " and then only its parts heads them ("Spine - L1 to L5").
+
+    Free text with a dash is no worklist header without a modality, so the whole stays a target
+    of its own, unless everything after the dash is a part of it: vertebrae of the spine, lobes of
+    the lung, Couinaud segments of the liver (:attr:`Vocabulary.groups`).
+    """
+    head = re.match(r"\s*([^-\u2013\u2014:;,]+?)\s[-\u2013\u2014]\s", low)
+    if head is None or len(targets) < 2 or targets[0].negated or targets[0].concept.index:
+        return targets
+    first, rest = targets[0], [t for t in targets[1:] if not t.negated]
+    if first.text.strip() != head.group(1).strip() or not rest:
+        return targets
+    parts = set(vocab.groups.get(first.concept.core, ())) | (
+        {("couinaud",)} if first.concept.core == ("liver",) else set()
+    )
+    if all(t.concept.core in parts and t.concept.index for t in rest) or all(
+        t.concept.core in parts and first.concept.core != t.concept.core for t in rest
+    ):
+        return targets[1:]
+    return targets
 
 
 def _of_header_structure(structure: ParsedTarget, t: ParsedTarget) -> ParsedTarget:

@@ -1921,3 +1921,19 @@ def test_a_clause_alone_describes_no_structure(router):
 def test_readings_of_round_twenty_four_third_batch(router, text, modality, dataset, labels):
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a whole written before " - " and then only its parts heads them
+        ("Spine - L1 to L5", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
+        ("Liver - segments 5 to 8", "TotalSegmentator_liver_segments", [f"liver_segment_{n}" for n in range(5, 9)]),
+        ("Liver - segments 5 to 8", "TotalSegmentator_v2", []),
+        # (a structure that is no part of it stays a target of its own)
+        ("Liver - spleen too", "TotalSegmentator_v2", ["spleen", "liver"]),
+    ],
+)
+def test_a_whole_heading_its_parts(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
