@@ -1285,11 +1285,19 @@ class Router:
                 out += self._skeleton(pt, regions, allowed, has_bone)
             out = _enough_members(out, len(member_sets))
         if out and pt.unknown and use_encoder and self.use_encoder and self._unknown_in_phrase(pt):
-            score, term = self._partial_reading(pt, out)
+            score, term, term_core = self._partial_reading(pt, out)
             how = f"'{' '.join(pt.unknown)}' unknown; '{self._phrase(pt)}' ~ '{term}' {score:.3f}"
             if score < self.threshold:
                 described = self._described(pt, regions, allowed)
                 return described or ([], f"encoder: {how} < threshold {self.threshold}")
+            if term_core > core:
+                # The nearest term names a kind of the reading ("Wilms tumour" ~ "wilms tumor", the
+                # kidney's): the unknown word was what made it that kind.
+                narrower, _ = self._match(
+                    self._with_core(pt, tuple(sorted(term_core))), regions, allowed, use_encoder=False
+                )
+                if narrower:
+                    return narrower, f"grammar, {how} (a kind of '{' '.join(sorted(core))}')"
             return out, f"grammar, {how}"
         if out:
             return out, "grammar"
@@ -1642,18 +1650,18 @@ class Router:
                 return True
         return False
 
-    def _partial_reading(self, pt: grammar.ParsedTarget, matches: list[_Match]) -> tuple[float, str]:
+    def _partial_reading(self, pt: grammar.ParsedTarget, matches: list[_Match]) -> tuple[float, str, frozenset[str]]:
         # Some words were unknown and dropped ("uterine fibroids" read as the uterus): the
         # reading stands only if the whole phrase is as close to the concept's terms as the
-        # threshold asks.
+        # threshold asks.  The nearest term and its core come back too.
         phrase = self._phrase(pt)
         cores = {m.entry.name_core for m in matches} | {frozenset(pt.concept.core)}
         rows = [i for i, c in enumerate(self._index.string_core) if c in cores]
         if not phrase or not rows:
-            return 0.0, "-"
+            return 0.0, "-", frozenset()
         sims = self._embeddings()[rows] @ self._encode_phrase(phrase)
         k = int(np.argmax(sims))
-        return float(sims[k]), self._index.strings[rows[k]]
+        return float(sims[k]), self._index.strings[rows[k]], frozenset(self._index.string_core[rows[k]])
 
 
 def admits(dataset: Dataset, modality: str, source: str | None) -> bool:

@@ -1937,3 +1937,16 @@ def test_readings_of_round_twenty_four_third_batch(router, text, modality, datas
 def test_a_whole_heading_its_parts(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "selected"),
+    [
+        # an unknown word that makes the reading a kind of it: the nearest term's concept
+        ("Wilms tumour", {"KiTS23", "renalStructures_CECT_segmentation"}),
+        # a known structure no dataset segments is refused by name, not read as any cyst
+        ("Baker's cyst behind the right knee", set()),
+    ],
+)
+def test_eponymous_lesions(router, text, selected):
+    assert set(plan(router, text, "CT", collection=None).selection) == selected
