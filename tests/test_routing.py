@@ -1950,3 +1950,19 @@ def test_a_whole_heading_its_parts(router, text, dataset, labels):
 )
 def test_eponymous_lesions(router, text, selected):
     assert set(plan(router, text, "CT", collection=None).selection) == selected
+
+
+@pytest.mark.parametrize(
+    ("text", "selected"),
+    [
+        # an adenocarcinoma is a cancer; colorectal liver metastases are the liver's tumours
+        ("pancreatic adenocarcinoma", {"pancreas_ct_dints_segmentation"}),
+        ("colorectal liver metastases", {"LiTS", "TotalSegmentator_liver_lesions", "TotalSegmentator_liver_vessels"}),
+        # an adenoma is benign, no carcinoma: known, and segmented by no dataset
+        ("lipid-rich adrenal adenoma", set()),
+        # lay words for the heart's sac and the ureters
+        ("the bag around my heart", {"TotalSegmentator_trunk_cavities"}),
+    ],
+)
+def test_readings_of_round_twenty_four_tumour_words(router, text, selected):
+    assert set(plan(router, text, "CT", collection=None).selection) == selected
