@@ -1426,11 +1426,29 @@ def _patients_side(text: str) -> str:
     named one.
     """
     text = _DESCRIBED_SIDE.sub(r" \1 ", text)
+    text = _relative_side(text)
     if not _PATIENTS_SIDE.search(text):
         return text
     return _PATIENTS_SIDE.sub(r"\1", _IMAGE_SIDE.sub(" ", text))
 
 
+def _relative_side(text: str) -> str:
+    """ "Contralateral" and "ipsilateral" as the side they mean, when the request names one side.
+
+    "Tumour in the left kidney - segment the contralateral kidney" asks for the right one; with
+    no side, or both, named, the words stay as written.
+    """
+    if not _RELATIVE_SIDE.search(text):
+        return text
+    named = {_LATERAL[w.lower()] for w in re.findall(r"\b(left|right)\b", text, re.I)}
+    if len(named) != 1:
+        return text
+    side = named.pop()
+    other = "right" if side == "left" else "left"
+    return _RELATIVE_SIDE.sub(lambda m: side if m.group(0).lower().startswith("ipsi") else other, text)
+
+
+_RELATIVE_SIDE = re.compile(r"\b(?:contralateral|ipsilateral)\b", re.I)
 _DESCRIBED_SIDE = re.compile(r"\b(?:on\s+)?the\s+[a-z]+\s+side\s*\(\s*(left|right)\s*\)", re.I)
 
 

@@ -1966,3 +1966,21 @@ def test_eponymous_lesions(router, text, selected):
 )
 def test_readings_of_round_twenty_four_tumour_words(router, text, selected):
     assert set(plan(router, text, "CT", collection=None).selection) == selected
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # "contralateral" and "ipsilateral" are the side they mean when one side is named
+        ("Right renal tumour; please segment the contralateral kidney", "TotalSegmentator_v2", ["kidney_left"]),
+        (
+            "left adrenal nodule - and the ipsilateral kidney",
+            "TotalSegmentator_v2",
+            ["kidney_left"],
+        ),
+        ("the contralateral kidney", "TotalSegmentator_v2", []),
+    ],
+)
+def test_a_relative_side_is_the_side_it_means(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
