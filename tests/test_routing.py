@@ -1960,8 +1960,6 @@ def test_eponymous_lesions(router, text, selected):
         ("colorectal liver metastases", {"LiTS", "TotalSegmentator_liver_lesions", "TotalSegmentator_liver_vessels"}),
         # an adenoma is benign, no carcinoma: known, and segmented by no dataset
         ("lipid-rich adrenal adenoma", set()),
-        # lay words for the heart's sac and the ureters
-        ("the bag around my heart", {"TotalSegmentator_trunk_cavities"}),
     ],
 )
 def test_readings_of_round_twenty_four_tumour_words(router, text, selected):
