@@ -1272,7 +1272,9 @@ def _mend_dictation(low: str, vocab: Vocabulary) -> str:
     i = 0
     while i < len(pieces):
         word = pieces[i]
-        if i + 2 < len(pieces) and word and pieces[i + 2] and pieces[i + 1].isspace():
+        # (not with a letter glued to a number: "vertabra L3" is no "vertebral" and 3)
+        level = i + 3 < len(pieces) and pieces[i + 3][:1].isdigit()
+        if i + 2 < len(pieces) and word and pieces[i + 2] and pieces[i + 1].isspace() and not level:
             joined = vocab.joined_reading(word, pieces[i + 2])
             if joined is not None:  # read on as one word: it may join or sound with the next
                 pieces[i + 2] = joined

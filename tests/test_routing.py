@@ -1992,3 +1992,17 @@ def test_readings_of_round_twenty_four_tumour_words(router, text, selected):
 def test_a_relative_side_is_the_side_it_means(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a letter glued to a number is a level, never the end of a word heard in two ("vertabra L3")
+        ("lumbar vertabra L3", "TotalSegmentator_v2", ["vertebrae_L3"]),
+        # the brachial plexus is known, and segmented by no dataset ("brachial" was corrected to tracheal)
+        ("Brachial_Plex_L, Brachial_Plex_R", "TotalSegmentator_v2", []),
+    ],
+)
+def test_readings_of_round_twenty_four_spelling(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
