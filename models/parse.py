@@ -424,6 +424,11 @@ class Vocabulary:
     #: The cores of every name the lexicon knows (and, in a router's vocabulary, every label's
     #: form): what a list item with a shared head noun must read as ("thyroid and cricoid cartilages").
     names: frozenset[tuple[str, ...]] = field(default=frozenset(), repr=False)
+    #: A several-word term's words in any order -> the core it reads as ("sac around my heart" is the
+    #: lay "heart sac"); words that two terms share in different readings are left out.
+    unordered: Mapping[tuple[str, ...], tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
 
     @classmethod
     def build(cls, lexicon: Lexicon | None = None, extra_words: Iterable[str] = ()) -> Vocabulary:
@@ -494,7 +499,16 @@ class Vocabulary:
         object.__setattr__(vocab, "name_pairs", frozenset(pair for n in names for pair in itertools.pairwise(n)))
         cores = (tuple(t for t in vocab.core(" ".join(n)) if t not in _LATERAL) for n in names)
         object.__setattr__(vocab, "names", frozenset(cores) - {()})
+        object.__setattr__(vocab, "unordered", MappingProxyType(vocab._unordered_terms(mapping)))
         return vocab
+
+    def _unordered_terms(self, mapping: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, ...]]:
+        readings: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+        for term, canonical in mapping.items():
+            words = tuple(sorted(singular(w) for w in term.split() if w not in STOPWORDS))
+            if len(words) > 1 and canonical:
+                readings.setdefault(words, set()).add(self.core(canonical))
+        return {words: next(iter(cores)) for words, cores in readings.items() if len(cores) == 1}
 
     def with_names(self, cores: Iterable[Iterable[str]]) -> Vocabulary:
         """This vocabulary, knowing ``cores`` as names too (a registry's label forms)."""
@@ -2301,6 +2315,8 @@ def _parse_segment(
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]
     core = _finish_core(tokens)
+    if core not in vocab.names and core in vocab.unordered:
+        core = vocab.unordered[core]  # a term's words in another order ("the sac around my heart")
     group: str | None = None
     described = any(w in RELATIVE_WORDS for w in words)  # "the organ that makes insulin": no group
     if ("oar" in core or "organ" in core) and not described:

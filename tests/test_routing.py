@@ -2006,3 +2006,17 @@ def test_a_relative_side_is_the_side_it_means(router, text, dataset, labels):
 def test_readings_of_round_twenty_four_spelling(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "selected"),
+    [
+        # a several-word term's words in another order are still the term ("heart sac")
+        ("the sac around my heart", {"TotalSegmentator_trunk_cavities"}),
+        ("the heart", {"MM-WHS", "TotalSegmentator_heartchambers_highres", "TotalSegmentator_total_v3"}),
+    ],
+)
+def test_a_terms_words_in_another_order(router, text, selected):
+    assert selected <= set(plan(router, text, "CT", collection=None).selection)
+    if "sac" in text:
+        assert set(plan(router, text, "CT", collection=None).selection) == selected
