@@ -80,9 +80,15 @@ _SEGMENT_LEVELS = MappingProxyType(WORDS.segment_levels)
 _SUV_LIMIT = r"(?:\s*(?:max|mean|peak))?(?:\s*(?:of|above|over|>=?|greater\s+than))?(?:\s*\d+(?:\.\d+)?)?\b"
 _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("PT+CT", re.compile(r"\b(?:fdg[\s-]*)?pet\s*(?:[/+\-&]|and|with)?\s*ct\b|\bpetct\b|\bpet\s*/\s*ct\b", re.I)),
-    ("PT", re.compile(r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg(?![\s-]*avid)|psma|pt)\b", re.I)),
-    # an SUV threshold is the PET's, and says which lesions count, not what they are ("lesions above SUV 2.5")
-    ("PT", re.compile(rf"(?:\b(?:above|over|exceeding|with|greater\s+than)\s+(?:an?\s+)?)?\bsuv{_SUV_LIMIT}", re.I)),
+    # (an SUV threshold is the PET's, and says which lesions count, not what they are: "lesions above SUV 2.5")
+    (
+        "PT",
+        re.compile(
+            r"\b(?:pet|positron\s+emission(?:\s+tomography)?|fdg(?![\s-]*avid)|psma|pt)\b"
+            rf"|(?:\b(?:above|over|exceeding|with|greater\s+than)\s+(?:an?\s+)?)?\bsuv{_SUV_LIMIT}",
+            re.I,
+        ),
+    ),
     (
         "MR:T1C",
         re.compile(
@@ -598,7 +604,8 @@ class Vocabulary:
         accessory spleen).  Else the word stays as written.
         """
         if not _has_vowel(word):
-            same = {c for c in self._shorthand_pool() if _consonants(c) == _consonants(word)}
+            names = self.anatomy | {singular(a) for a in self.anatomy}  # (only for a word without vowels: rare)
+            same = {c for c in names if _consonants(c) == _consonants(word)}
             fixed = self._one_of(word, sorted(same))
             if fixed:
                 return fixed
@@ -609,13 +616,6 @@ class Vocabulary:
         if least and all(set(least) <= set(c) for c in cores):
             return next(c for c in sorted(self.anatomy, key=len) if c.startswith(word) and self.core(c) == least)
         return word
-
-    def _shorthand_pool(self) -> frozenset[str]:
-        pool = self._memo.get(("pool", ""))
-        if pool is None:
-            pool = self.anatomy | {singular(a) for a in self.anatomy}
-            self._memo[("pool", "")] = pool
-        return pool
 
     def _nearest(self, word: str, limit: int) -> tuple[int, list[str]]:
         """The known words nearest ``word`` within ``limit`` edits, and their distance."""
@@ -2202,9 +2202,8 @@ def _whole_heading_its_parts(targets: list[ParsedTarget], low: str, vocab: Vocab
     parts = set(vocab.groups.get(first.concept.core, ())) | (
         {("couinaud",)} if first.concept.core == ("liver",) else set()
     )
-    if all(t.concept.core in parts and t.concept.index for t in rest) or all(
-        t.concept.core in parts and first.concept.core != t.concept.core for t in rest
-    ):
+    # (a part indexed, or other than the whole: a group may count itself among its members)
+    if all(t.concept.core in parts and (t.concept.index or t.concept.core != first.concept.core) for t in rest):
         return targets[1:]
     return targets
 
