@@ -96,8 +96,8 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             re.I,
         ),
     ),
-    ("MR:T1", re.compile(r"\b(?:t1(?:w|wi)?|t1[\s-]*weighted|mprage|spgr)\b", re.I)),
-    ("MR:T2", re.compile(r"\b(?:t2(?:w|wi)?|t2[\s-]*weighted|haste)\b(?![\s-]*flair)", re.I)),
+    ("MR:T1", re.compile(r"\b(?:t1[\s-]*weighted|t1(?:w|wi)?|mprage|spgr)\b", re.I)),
+    ("MR:T2", re.compile(r"\b(?:t2[\s-]*weighted|t2(?:w|wi)?|haste)\b(?![\s-]*flair)", re.I)),
     ("MR:FLAIR", re.compile(r"\b(?:t2[\s-]*)?flair\b", re.I)),
     # ("restricted diffusion" is a finding, the stroke's sign on DWI: its words stay, see below)
     ("MR:DWI", re.compile(r"\b(?:dwi|(?<!restricted )diffusion(?:[\s-]*weighted)?(?:\s+imaging)?|b1000)\b", re.I)),
@@ -997,8 +997,13 @@ _CONTRAST_PHASE = re.compile(
 )
 _RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: BI-, LI-, PI-, TI-RADS
 _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
-#: A count after an article names all of a plural structure, not an index ("the two kidneys").
-_ALL_OF_A_COUNT = re.compile(r"\b(the|my|his|her|their|its)\s+two\s+(?=([a-z]+s)\b)")
+#: A count after an article names all of a plural structure, not an index ("the two kidneys",
+#: "all eight Couinaud segments", "the seven bones of my neck").
+_ALL_OF_A_COUNT = re.compile(
+    r"\b(the|my|his|her|their|its|all(?:\s+(?:of\s+)?the)?)\s+"
+    r"(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|[2-9]|1[0-2])\s+"
+    r"(?=(?:[a-z]+\s+)?([a-z]+s)\b)"
+)
 #: "The bones in my neck", "my lower back bones": a segment of the spine in a patient's words.
 _LAY_SPINE_PARTS = "|".join(sorted(map(re.escape, WORDS.lay_spine_parts), key=len, reverse=True))
 _LAY_SPINE = re.compile(
@@ -1064,7 +1069,7 @@ def named_modalities(text: str) -> tuple[list[str], str]:
     sacral = "" if _LIVER_CONTEXT.search(low) else "|s[1-5]"
     levels = re.search(rf"\b(?:[cl]\d{{1,2}}|t(?:1[0-2]|[3-9]){sacral})\b", low)
     if (levels or re.search(r"\b(?:vertebra\w*|spine|spinal|rib|ribs)\b", low)) and not re.search(
-        r"\b(?:mri?|magnetic|weighted|flair|sequence)\b", low
+        r"\b(?:mri?|magnetic|weighted|flair|sequence|sagittal|axial|coronal)\b", low
     ):
         # A bare "T7" in a spine request is a level, never a sequence.
         low = re.sub(r"\bt(?:1[0-2]?|[2-9])\b", _protect, low)
@@ -1073,7 +1078,8 @@ def named_modalities(text: str) -> tuple[list[str], str]:
             continue
         if pattern.search(low):
             found.append(modality)
-            low = pattern.sub(" ; ", low)
+            # (a sequence qualifies the series and ends no list item: "lumbar vertebrae on sagittal T2 spine")
+            low = pattern.sub(" " if modality.startswith("MR:") else " ; ", low)
     for key, value in protected.items():
         low = low.replace(key, value)
     if "MR:DWI" not in found and re.search(r"\brestricted diffusion\b", low):
@@ -1784,6 +1790,17 @@ def _spoken_forms(low: str) -> str:
     return _LAY_SPINE.sub(lambda m: f"{WORDS.lay_spine_parts[m.group(1) or m.group(2)]} spine", low)
 
 
+#: An abbreviation and, a few words on, its expansion in brackets ("SMA at L3 (skeletal muscle area)").
+_SPELLED_OUT = re.compile(r"\b([a-z]{2,6})\b((?:\s+[a-z0-9]+){0,3}?)\s*\(\s*([a-z][a-z -]*[a-z])\s*\)")
+
+
+def _spelled_out(m: re.Match[str]) -> str:
+    """The expansion in place of the abbreviation whose letters its words' initials spell."""
+    abbreviation, between, expansion = m.groups()
+    initials = "".join(w[0] for w in re.split(r"[\s-]+", expansion) if w not in WORDS.acronym_fillers)
+    return f"{expansion}{between}" if initials == abbreviation else m.group(0)
+
+
 def _dental_notations(low: str) -> str:
     """Palmer and (when named) Universal tooth numbers as FDI numbers, FDI numbers as tooth names."""
     low = _PALMER.sub(lambda m: f" {_PALMER_QUADRANTS[m.group(1)]}{m.group(2)} ", low)  # "UR1", "LL8"
@@ -1806,6 +1823,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\bhead\s*(?:and|&|/|\+)\s*neck\b", " hn ", low)
     low = re.sub(r"(?:^|(?<=\s))\(?\d{1,2}[).](?=\s)", " ; ", low)  # "1) liver 2) spleen", "1. liver"
     low = re.sub(r"[(\[]\s*(left|right|l|r|lt|rt|bilateral|both)\s*[)\]]", r" \1 ", low)  # "kidney (R)"
+    low = _SPELLED_OUT.sub(_spelled_out, low)  # "SMA (skeletal muscle area)": the words, not the artery
     low = re.sub(r"[()\[\]]", " , ", low)  # any other bracket: an aside, i.e. another item
     low = re.sub(r"\b(?:b/l|b\\l)\b", " bilateral ", low)
     # "L/R", "left and right": both sides, i.e. left, right and unsided labels alike.
@@ -1813,13 +1831,13 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"\s=\s", " : ", low)  # 'Template "Upper abdo organs" = liver; spleen'
     low = re.sub(r"\b(?:numbers?|nos?\.|#)\s*(?=\d)", " ", low)  # "ribs except number 11 and number 12"
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
+    if dental:  # (before number ranges: "teeth 44-47" runs along one quadrant)
+        low = _dental_notations(low)
     low = _spoken_forms(_numbers_and_levels(low))
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"
     low = _MUSCLE_MASS.sub(r"\1", low)  # "left ventricular muscle mass" is the myocardium, no tumour
     low = _EXTENT.sub(_extent_as_list, low)  # "aorta down through both CIAs": the aorta and the CIAs
-    if dental:
-        low = _dental_notations(low)
     # (runs of spaces collapsed first: the item's lazy match before "\s+" is quadratic in them)
     low = _DONE_OR_GONE.sub(_done_or_gone_item, re.sub(r"[ \t]{2,}", " ", low))  # "the prostate is already contoured"
     low = _NOT_NEEDED.sub(_not_needed_item, low)  # "femoral heads not needed"
@@ -1913,14 +1931,30 @@ _RELATIVE = re.compile(r"\b(?:that|which|who|where)\b")
 
 
 def _fdi_names(m: re.Match[str]) -> str:
-    """ "incisors 11 and 21", "tooth 36": FDI two-digit tooth numbers (quadrant, position) as tooth names."""
-    names = []
-    for number in re.findall(r"\d\d", m.group("numbers")):
-        quadrant, position = int(number[0]), int(number[1])
-        jaw = "upper" if quadrant in (1, 2) else "lower"
-        side = "right" if quadrant in (1, 4) else "left"
-        names.append(f"{jaw} {side} {_FDI_POSITIONS[position - 1]}")
-    return " ; ".join(names)
+    """ "incisors 11 and 21", "tooth 36": FDI two-digit tooth numbers (quadrant, position) as tooth names.
+
+    A range runs along one quadrant ("teeth 44-47", "11 to 13"); ends in two quadrants are two teeth.
+    A span is no range ("the bridge from 44 to 46" rests on 44 and 46): it is left as written.
+    """
+    if m.string[: m.start()].rstrip().endswith("from"):
+        return m.group(0)  # a span, read as before dental notation
+    numbers: list[str] = []
+    for first, last in _FDI_RANGE.findall(m.group("numbers")):
+        along = last and last[0] == first[0] and last[1] > first[1]
+        numbers.extend(
+            [f"{first[0]}{p}" for p in range(int(first[1]), int(last[1]) + 1)]
+            if along
+            else [first, last][: 1 + bool(last)]
+        )
+    return " ; ".join(_fdi_name(n) for n in numbers)
+
+
+def _fdi_name(number: str) -> str:
+    """The name of the tooth an FDI number ("36") stands for ("lower left first molar")."""
+    quadrant, position = int(number[0]), int(number[1])
+    jaw = "upper" if quadrant in (1, 2) else "lower"
+    side = "right" if quadrant in (1, 4) else "left"
+    return f"{jaw} {side} {_FDI_POSITIONS[position - 1]}"
 
 
 # Palmer notation: a quadrant (upper/lower, right/left) and a position ("UR1" is FDI 11, "LL8" 38).
@@ -1949,10 +1983,13 @@ _FDI_POSITIONS = (
 _DENTAL = re.compile(r"\b(?:tooth|teeth|incisors?|canines?|premolars?|molars?|fdi|dental|dentition|cbct)\b")
 # An FDI number, or a list of them, with the tooth words in front of it that it makes precise.
 _FDI = r"[1-4][1-8]"
+_FDI_TO = r"\s*(?:-|\u2013|to|through|thru)\s*"
+_FDI_ITEM = rf"\b{_FDI}\b(?:{_FDI_TO}\b{_FDI}\b)?"  # a number, or a range of them
+_FDI_RANGE = re.compile(rf"\b({_FDI})\b(?:{_FDI_TO}\b({_FDI})\b)?")
 _FDI_TEETH = re.compile(
     r"(?:\b(?:upper|lower|maxillary|mandibular|left|right|central|lateral|first|second|third)\s+)*"
     r"(?:\b(?:teeth|tooth|incisors?|canines?|premolars?|molars?)\s+)?(?:\bfdi\s*)?"
-    rf"(?P<numbers>\b{_FDI}\b(?:\s*(?:,|and|&|/)?\s*\b{_FDI}\b)*)"
+    rf"(?P<numbers>{_FDI_ITEM}(?:\s*(?:,|and|&|/)?\s*{_FDI_ITEM})*)"
 )
 
 
@@ -2017,7 +2054,8 @@ def _share_head_noun(segments: list[tuple[str, bool]], vocab: Vocabulary) -> lis
         k = 0
         while k < len(nxt_words) and (nxt_words[k] in _SERIES_ADJECTIVES or nxt_words[k] in _LATERAL):
             k += 1
-        if set(words) <= _SERIES_ADJECTIVES and 0 < k < len(nxt_words):
+        series = set(words) - _LATERAL.keys()  # "right upper, middle and lower lobes": a side goes along
+        if series and series <= _SERIES_ADJECTIVES and 0 < k < len(nxt_words):
             out[i] = (f"{seg} {' '.join(nxt_words[k:])}", neg)
         elif len(words) == 1 and _takes_head_noun(words[0], [w for w in nxt_words if w not in STOPWORDS], vocab):
             out[i] = (f"{seg} {nxt_words[-1]}", neg)
@@ -2183,7 +2221,36 @@ def _apply_list_rules(
         # something from it ("MR LIVER - LESIONS NOT WANTED").
         targets = header_targets + [t for t in targets if t.negated and t.concept.core]
     scale = next((organ for word, organ in WORDS.scale_organs.items() if re.search(rf"\b{word}\b", low)), None)
-    return [_in_default_organ(t, scale) for t in targets]
+    return [_in_default_organ(t, scale) for t in _vertebrae_at_levels(targets)]
+
+
+_VERTEBRA = ("vertebra",)
+
+
+def _vertebrae_at_levels(targets: list[ParsedTarget]) -> list[ParsedTarget]:
+    """A bare "the vertebrae" in a request that names spine levels is the vertebrae at those levels.
+
+    The levels may come with a finding ("Chance fracture at L1 - vertebra segmentation", "Pott's
+    disease T11-T12, segment both vertebrae") or alone ("L4-S1 levels, segment the vertebrae").
+    "All" or "every" vertebra still asks for the whole spine.
+    """
+    levels = {
+        i
+        for t in targets
+        if t.concept.index and not t.negated and all(i in SPINE_LEVELS for i in t.concept.index)
+        for i in t.concept.index
+    }
+    if not levels:
+        return targets
+    return [
+        replace(t, concept=replace(t.concept, index=frozenset(levels)))
+        if t.concept.core == _VERTEBRA
+        and not t.concept.index
+        and not t.negated
+        and not set(_WORD.findall(t.text)) & WORDS.totality
+        else t
+        for t in targets
+    ]
 
 
 def _whole_heading_its_parts(targets: list[ParsedTarget], low: str, vocab: Vocabulary) -> list[ParsedTarget]:
@@ -2295,11 +2362,18 @@ def _parse_segment(
         # purpose; its organs are region context, not targets ("asks for the liver" names none before).
         purpose, words = words[cut + 1 :], words[:cut]
         regions.extend(_context_regions(purpose, vocab))
+    placed = False  # whether a phrase placing the structure was left out
     if not label_form:
-        words = _without_reason(_drop_location(_without_relative_clause(words, vocab, regions), vocab, regions), vocab)
+        kept = _without_course(_without_relative_clause(words, vocab, regions), vocab)
+        words = _drop_location(kept, vocab, regions)
+        placed = words != kept
+        words = _without_reason(words, vocab)
     read = _read_words(words, regions)
     composite = any(w in _COMPOSITE_WORDS for w in read.rest)
     tokens, unknown = vocab.canonical_tokens(read.rest, fix_spelling=not label_form, keep_unknown=label_form)
+    if not tokens and not unknown and placed:
+        # "the gland beside my windpipe": a class noun alone, which names by what is said of it
+        tokens = [singular(w) for w in read.rest if singular(w) in CLASS_NOUNS][:1]
     if composite and tokens:
         tokens.append(COMPOSITE)
     laterality = read.laterality
@@ -2314,6 +2388,10 @@ def _parse_segment(
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]
     core = _finish_core(tokens)
+    if not negated and set(core) <= WORDS.positions and {w for w in words if w not in STOPWORDS} <= WORDS.positions:
+        # A position alone names nothing ("central line planning"); an excluded one is of the
+        # series before it ("the right lung lobes, not the middle one").
+        core = ()
     if core not in vocab.names and core in vocab.unordered:
         core = vocab.unordered[core]  # a term's words in another order ("the sac around my heart")
     group: str | None = None
@@ -2324,7 +2402,10 @@ def _parse_segment(
         region_words = [t for t in core if t in REGION_WORDS]
         for rw in region_words:
             regions.extend(REGION_WORDS[rw])
-        core = tuple(t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS)
+        # (a region's position is the region's: "upper abdominal organs" are no upper teeth)
+        core = tuple(
+            t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS and t not in WORDS.positions
+        )
         if core:
             group = None  # "liver organ": just the liver
     if laterality == "bilateral":
@@ -2448,6 +2529,9 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
         if prep is None:
             continue
         head = [t for t in vocab.canonical_tokens(words[:i])[0] if t not in REGION_WORDS]
+        # (a class noun the vocabulary reads as no word of its own is a head too: "the gland at
+        # the front of my throat")
+        head = head or [singular(w) for w in words[:i] if singular(w) in CLASS_NOUNS][:1]
         place = [w for w in words[i + len(prep) :] if w not in STOPWORDS and w != "side"]
         if not head or set(head) & LESION_TOKENS or all(w in _LATERAL for w in place):
             return words  # "ribs 1-3 on the right": a side, not a place
@@ -2456,6 +2540,14 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
         # organ under my left ribs" may be the spleen, which has none)
         side = [w for w in place if _LATERAL.get(w) in ("left", "right")][:1] if set(head) <= CLASS_NOUNS else []
         return words[:i] + side
+    return words
+
+
+def _without_course(words: list[str], vocab: Vocabulary) -> list[str]:
+    """A structure's name without the course a verb of motion gives it ("the spinal cord [running through my back]")."""
+    for k, w in enumerate(words):
+        if k and w in WORDS.motion_verbs and vocab.core(" ".join(words[:k])) in vocab.names:
+            return words[:k]
     return words
 
 
@@ -2713,6 +2805,9 @@ def _spread_leading_side(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     return out + targets[len(out) :]
 
 
+_PRIMARY = "primary"  # the canonical token of a primary tumour's core
+
+
 def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     # "liver and its tumours", "kidney + masses": a bare lesion word after an
     # organ means a lesion of that organ; after an organ's lesion ("renal cysts. Please
@@ -2724,6 +2819,10 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
     for t in targets:
         core = t.concept.core
         bare = bool(core) and all(tok in LESION_TOKENS for tok in core) and t.group is None
+        if bare and set(t.words) & WORDS.metastasis_words:
+            # (a metastasis is not the primary before it: "primary tumour and metastases")
+            named = {w: c for w, c in named.items() if _PRIMARY not in c}
+            organ = () if _PRIMARY in organ else organ
         if bare and organ:
             t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
         elif bare and len(core) == 1 and (referent := _named_before(core[0], named)):

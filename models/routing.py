@@ -613,6 +613,13 @@ class _Index:
         # it is never the runner-up that makes a description ambiguous.
         kinds = grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | frozenset(grammar.REGION_WORDS) | {"organ"}
         self.gloss_class: list[bool] = [bool(core) and core <= kinds for core in self.gloss_core]
+        #: The classes ("gland", "muscle") each row's concept is a member of, as its name and its
+        #: definition say ("the thyroid: a butterfly-shaped gland ...").
+        self.gloss_member_of: list[frozenset[str]] = [
+            frozenset(grammar.singular(w) for w in re.findall(r"[a-z]+", f"{c.name} {c.gloss}".lower()))
+            & grammar.CLASS_NOUNS
+            for c in glossed
+        ]
 
     def _labels_every(self, key: tuple[str, ...]) -> bool:
         """Whether a registry label reads as the concept ``key``.
@@ -635,6 +642,22 @@ class _Index:
 # ---------------------------------------------------------------------------
 # Router
 # ---------------------------------------------------------------------------
+
+
+_OPPOSITES = {**grammar.WORDS.opposites, **{b: a for a, b in grammar.WORDS.opposites.items()}}
+_SERIES = grammar.WORDS.series_adjectives
+
+
+def _opposed(written: set[str], term: str) -> bool:
+    """Whether a term tells its structure from the phrase's by another position.
+
+    "inferior mesenteric artery" is no superior one, "external iliac" no common iliac, "sphenoid
+    sinus" no maxillary sinus; a term without a position of its own ("pulmonary vein") may
+    still be the nearest.
+    """
+    words = set(term.split())
+    mine = written & (_SERIES | _OPPOSITES.keys())
+    return bool(mine - words) and any(w in _SERIES or _OPPOSITES.get(w) in mine for w in words - written)
 
 
 @dataclass
@@ -1314,7 +1337,10 @@ class Router:
             # A structure the lexicon knows but no label of the registry names (a meniscus, a
             # prostate zone): refused by name, never handed to the encoder's nearest neighbour.
             return [], f"lexicon: {_concept_ref(refused)} is known, but no dataset segments it"
-        if use_encoder and self.use_encoder and (pt.unknown or (core and not self._known(pt, regions))):
+        # (a class noun written alone has no neighbour term: "the glands"; "chest cavity" has)
+        written = {grammar.singular(w) for w in pt.words} - grammar.STOPWORDS
+        alone = bool(core) and core <= grammar.CLASS_NOUNS and written <= grammar.CLASS_NOUNS
+        if use_encoder and self.use_encoder and not alone and (pt.unknown or (core and not self._known(pt, regions))):
             # The encoder reads words the grammar does not know, or a reading that no label of
             # the whole registry has.  A known structure that the allowed datasets do not cover
             # stays unmatched (with its reason), never "something similar".
@@ -1363,6 +1389,11 @@ class Router:
         # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
         lesion = bool(set(pt.concept.core) & grammar.LESION_TOKENS)
         sims = np.where(self._index.gloss_lesion == lesion, sims, -1.0)
+        named = frozenset(pt.concept.core)
+        if named and named <= grammar.CLASS_NOUNS:
+            # "the gland in front of my windpipe" is a gland: the thyroid, not the windpipe
+            member = np.array([named <= classes for classes in self._index.gloss_member_of], dtype=bool)
+            sims = np.where(member, sims, -1.0)
         order = np.argsort(-sims, kind="stable")
         best, core = int(order[0]), self._index.gloss_core[int(order[0])]
         # (the runner-up is another structure: not the same one, nor a kind of it or its kind,
@@ -1594,9 +1625,12 @@ class Router:
         # The 40 nearest terms, nearest first: a partition, then a sort of those 40 only.
         k = min(_NEIGHBOURS, len(sims))
         top = np.argpartition(-sims, k - 1)[:k] if k else np.empty(0, dtype=np.intp)
+        written = set(phrase.split())
         for i in top[np.argsort(-sims[top], kind="stable")]:
             if pt.concept.core and self._index.string_lesion[i] != lesion:
                 continue  # an organ request never takes a lesion concept, nor vice versa
+            if _opposed(written, self._index.strings[i]):
+                continue  # "inferior mesenteric artery" is no superior one
             best, best_s = int(i), float(sims[i])
             break
         if best < 0 or best_s < self.threshold:
@@ -1648,6 +1682,8 @@ class Router:
             placing = set(between) <= grammar.WORDS.prepositions | grammar.WORDS.determiners
             if i < j and set(between) & grammar.WORDS.prepositions and placing:
                 return True
+            if j < i and between == ("of",) and grammar.singular(words[j]) in grammar.CLASS_NOUNS:
+                return True  # "the vein of Galen": the unknown name says which vein
         return False
 
     def _partial_reading(self, pt: grammar.ParsedTarget, matches: list[_Match]) -> tuple[float, str, frozenset[str]]:

@@ -2020,3 +2020,80 @@ def test_a_terms_words_in_another_order(router, text, selected):
     assert selected <= set(plan(router, text, "CT", collection=None).selection)
     if "sac" in text:
         assert set(plan(router, text, "CT", collection=None).selection) == selected
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a position alone names nothing: no upper teeth in an upper-abdominal list, no central
+        # incisor in a central line; a side before a series adjective goes along with it
+        ("upper abdominal organs: the spleen, not the liver", "TotalSegmentator_teeth", []),
+        ("Central line planning: segment the IJVs", "TotalSegmentator_teeth", []),
+        ("left upper and lower lobes", "TotalSegmentator_teeth", []),
+        ("left upper and lower lobes", "TotalSegmentator_v2", ["lung_upper_lobe_left", "lung_lower_lobe_left"]),
+        # (and "line" is no misspelt lien, the spleen)
+        ("L IJV for line insertion", "TotalSegmentator_v2", []),
+        # a bare "the vertebrae" where levels are named is the vertebrae at those levels
+        ("Chance fracture at L2 - vertebra segmentation", "TotalSegmentator_v2", ["vertebrae_L2"]),
+        ("Pott disease T9-T10, segment both vertebrae", "TotalSegmentator_v2", ["vertebrae_T9", "vertebrae_T10"]),
+        # an FDI range runs along one quadrant
+        (
+            "teeth 21 to 23",
+            "TotalSegmentator_teeth",
+            ["upper_left_central_incisor_fdi21", "upper_left_lateral_incisor_fdi22", "upper_left_canine_fdi23"],
+        ),
+        (
+            "CBCT: teeth 34-36",
+            "TotalSegmentator_teeth",
+            ["lower_left_first_premolar_fdi34", "lower_left_second_premolar_fdi35", "lower_left_first_molar_fdi36"],
+        ),
+        # a count after an article is all of a series, not an index
+        ("all eight Couinaud segments", "TotalSegmentator_liver_segments", [f"liver_segment_{n}" for n in range(1, 9)]),
+        ("the five bones of my lower back", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
+        # a verb of motion after a structure's name gives its course
+        ("the spinal cord running down my neck", "TotalSegmentator_v2", ["spinal_cord"]),
+        # a region word before "cavity" names the cavity
+        (
+            "thoracic cavity and abdominal cavity",
+            "TotalSegmentator_trunk_cavities",
+            ["thoracic_cavity", "abdominal_cavity"],
+        ),
+        # a class noun placed by a structure is read by its description, among members of its class
+        ("the gland in front of my windpipe", "TotalSegmentator_v2", ["thyroid_gland"]),
+        ("the muscles down either side of my spine", "TotalSegmentator_v2", ["autochthon_left", "autochthon_right"]),
+        # a class noun with an eponym is no member the registry names; the nearest term with
+        # another position is no neighbour
+        ("vein of Galen", "renalStructures_CECT_segmentation", []),
+        ("inferior mesenteric artery", "TotalSegmentator_renal_arteries", []),
+        # an abbreviation spelt out in brackets is what the brackets say
+        ("SMA at L3 (skeletal muscle area)", "TotalSegmentator_renal_arteries", []),
+        ("SMA at L3 (skeletal muscle area)", "TotalSegmentator_tissue_types", ["skeletal_muscle"]),
+    ],
+)
+def test_readings_of_round_twenty_five(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # PET lesions: uptake, residual and suspicion say which lesions, not which structure
+        ("residual avid masses after chemo", "PT", "AutoPET", ["tumor"]),
+        ("hot spots suspicious for lymphoma", "PT", "AutoPET", ["tumor"]),
+        ("staging PET: the primary and any avid metastatic foci", "PT+CT", "AutoPET", ["tumor"]),
+        # a metastasis is not the primary named before it
+        ("melanoma PET: primary tumour and metastases", "PT", "AutoPET", ["tumor"]),
+        # an MR sequence named with its plane is no vertebral level, and "T2-weighted" one word
+        (
+            "sagittal T2 lumbar spine: L2-L4 vertebrae",
+            "MR:T2",
+            "TotalSegmentator_vertebrae_mr",
+            ["vertebrae_L2", "vertebrae_L3", "vertebrae_L4"],
+        ),
+        ("T2-weighted glioma", "MR:T2", "BraTS21", ["whole_tumor"]),
+    ],
+)
+def test_readings_of_round_twenty_five_by_modality(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
