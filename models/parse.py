@@ -2522,8 +2522,9 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
     A lesion keeps its place, which names its organ ("cysts on the kidneys"); so does a lexicon
     term that holds one ("water on the lungs" is a pleural effusion).
     """
-    if vocab.core(" ".join(words)) in vocab.names:
-        return words
+    whole = vocab.core(" ".join(words))
+    if whole in vocab.names or whole in vocab.unordered:
+        return words  # (a term with its place in it: "the fat just under my skin")
     for i in range(1, len(words)):
         prep = next((p for p in _LOCATIVES if tuple(words[i : i + len(p)]) == p), None)
         if prep is None:

@@ -1387,9 +1387,12 @@ class Router:
         sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
         # Structure-checked like the term neighbours: a description of an organ never reads as
         # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
-        lesion = bool(set(pt.concept.core) & grammar.LESION_TOKENS)
-        sims = np.where(self._index.gloss_lesion == lesion, sims, -1.0)
         named = frozenset(pt.concept.core)
+        lesion = bool(named & grammar.LESION_TOKENS)
+        if lesion or pt.concept.core in self.vocab.names or named <= grammar.CLASS_NOUNS | grammar.WORDS.size_words:
+            # (words that name nothing themselves may describe either: "the fluid-filled bubbles
+            # on my kidneys" are its cysts)
+            sims = np.where(self._index.gloss_lesion == lesion, sims, -1.0)
         if named and named <= grammar.CLASS_NOUNS:
             # "the gland in front of my windpipe" is a gland: the thyroid, not the windpipe
             member = np.array([named <= classes for classes in self._index.gloss_member_of], dtype=bool)

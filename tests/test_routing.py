@@ -2097,3 +2097,34 @@ def test_readings_of_round_twenty_five(router, text, dataset, labels):
 def test_readings_of_round_twenty_five_by_modality(router, text, modality, dataset, labels):
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # names: the Rolandic fissure, secondaries, a gland named with its class
+        ("the Rolandic fissure", "TotalSegmentator_brain_structures", ["central_sulcus"]),
+        ("secondaries in the liver", "LiTS", ["liver_tumour"]),
+        (
+            "submaxillary salivary glands",
+            "TotalSegmentator_head_glands_cavities",
+            ["submandibular_gland_right", "submandibular_gland_left"],
+        ),
+        # a liver's segmental anatomy is Couinaud's; "dual phase" is how the images were taken
+        (
+            "CT LIVER - SEGMENTAL ANATOMY PRE RESECTION",
+            "TotalSegmentator_liver_segments",
+            [f"liver_segment_{n}" for n in range(1, 9)],
+        ),
+        ("CT PANCREAS DUAL PHASE - OUTLINE", "TotalSegmentator_v2", ["pancreas"]),
+        # a term with its place in it keeps the place ("fat under the skin")
+        ("the fat just under my skin", "TotalSegmentator_tissue_types", ["subcutaneous_fat"]),
+        ("how much fat is there under my skin", "TotalSegmentator_tissue_types", ["subcutaneous_fat"]),
+        # words that name nothing may describe a lesion; a class noun's description stays an organ's
+        ("the water bubbles on my kidneys", "TotalSegmentator_kidney_cysts", ["kidney_cyst_left", "kidney_cyst_right"]),
+        ("the little glands that sit on top of my kidneys", "Adrenal-ACC-Ki67-Seg", []),
+    ],
+)
+def test_readings_of_round_twenty_five_in_other_words(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
