@@ -150,6 +150,7 @@ class GrammarWords(_Frozen):
     scale_organs: dict[Word, Word]
     opposites: dict[Word, Word]
     acronym_fillers: frozenset[Word]
+    purpose_verbs: frozenset[Word]
     liver_divisions: dict[str, tuple[int, ...]]
     motion_verbs: frozenset[Word]
     radiotherapy_context: frozenset[Word]

@@ -1922,12 +1922,14 @@ def _extent_as_list(m: re.Match[str]) -> str:
     """
     clause = re.split(r"[,;:.]", m.string[: m.start()])[-1]
     before = _WORD.findall(clause)[-1:]
-    # (nor after a verb of motion: "the air tube that goes down to my lungs" describes one structure)
-    describes = _RELATIVE.search(clause) or (before and before[0] in WORDS.motion_verbs)
+    # (nor after a verb of motion: "the air tube that goes down to my lungs" describes one structure;
+    # nor on a course: "from the heart down to the belly")
+    describes = _RELATIVE.search(clause) or (before and before[0] in WORDS.motion_verbs) or _FROM.search(clause)
     return m.group(0) if describes else " and "
 
 
 _RELATIVE = re.compile(r"\b(?:that|which|who|where)\b")
+_FROM = re.compile(r"\bfrom\b")
 
 
 def _fdi_names(m: re.Match[str]) -> str:
@@ -2338,10 +2340,18 @@ _REGION_PHRASES = sorted(REGION_WORDS, key=lambda k: -len(k.split()))
 
 
 def _rejoin_regions(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Items split where no list is: "head" and "neck", and a course after a description.
+
+    An item that opens with "from" and no number goes on describing the one before it ("the
+    biggest artery in my body, from the heart down to the belly"); "from T4 to T8" is levels.
+    """
     out: list[tuple[str, bool]] = []
     for seg, neg in segments:
-        if out and seg.split()[:1] == ["neck"] and out[-1][0].split()[-1:] == ["head"]:
+        first = seg.split()[:1]
+        if out and first == ["neck"] and out[-1][0].split()[-1:] == ["head"]:
             out[-1] = (out[-1][0] + " and " + seg, neg)
+        elif out and first == ["from"] and not re.search(r"\d", seg) and neg == out[-1][1]:
+            out[-1] = (out[-1][0] + " " + seg, neg)
         else:
             out.append((seg, neg))
     return out
@@ -2357,6 +2367,11 @@ def _parse_segment(
     if not label_form:
         words = _after_command(words)
     cut = words.index("for", 1) if "for" in words[1:] else 0
+    # "heart outline to check myocardial uptake": an infinitive of purpose is the why, as "for" is
+    # (after a structure: "the doctor wants to see my liver" names it after the verb)
+    why = next((k for k in range(1, len(words) - 1) if words[k] == "to" and words[k + 1] in WORDS.purpose_verbs), 0)
+    why = why if why and vocab.canonical_tokens(words[:why])[0] else 0
+    cut = min(c for c in (cut, why) if c) if cut or why else 0
     if not label_form and cut and any(w not in STOPWORDS for w in words[:cut]):
         # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
         # purpose; its organs are region context, not targets ("asks for the liver" names none before).

@@ -1506,11 +1506,13 @@ class Router:
             extra = core - f.core
             if e.generic_lesion and target_lesion and all(t in self.vocab.organ_regions for t in extra):
                 # "brain tumour" vs a label "tumor": fine if the dataset covers that organ's region.
-                organ_regions = set().union(*(self.vocab.organ_regions[t] for t in extra))
-                if not (organ_regions & set(e.dataset.regions)):
-                    return None
-                return 0.7 + 0.25 * float(e.dataset.specificity or 0.0), _WHY_CONTEXT
+                return self._organ_lesion(extra, e, 0.0)
             return 0.0, ""
+        if e.generic_lesion and _soft_subset(f.core, core):
+            # "bone lesions" vs a label "tumor": the organ's lesion, called by another lesion word
+            extra = (core - grammar.SOFT_LESION) - f.core
+            if all(t in self.vocab.organ_regions for t in extra):
+                return self._organ_lesion(extra, e, 0.05)
         if core < f.core and not core <= grammar.CLASS_NOUNS | grammar.GENERIC_NOUNS | grammar.WORDS.size_words:
             extra = f.core - core
             if (extra & grammar.LESION_TOKENS) and not target_lesion:
@@ -1523,6 +1525,13 @@ class Router:
         if target_lesion and _soft_subset(core, f.core):
             return SCORE_SPECIFIC - 0.05, _WHY_SPECIFIC
         return 0.0, ""
+
+    def _organ_lesion(self, organs: frozenset[str], e: _Entry, handicap: float) -> tuple[float, str] | None:
+        """An organ's lesion read by a dataset's generic lesion label: only where it covers that organ's region."""
+        organ_regions = set().union(*(self.vocab.organ_regions[t] for t in organs))
+        if not (organ_regions & set(e.dataset.regions)):
+            return None
+        return 0.7 + 0.25 * float(e.dataset.specificity or 0.0) - handicap, _WHY_CONTEXT
 
     def _side_cap(self, pt: grammar.ParsedTarget, e: _Entry) -> tuple[float, str] | None:
         """The most a label may score for the target's side, or None when its side excludes it."""

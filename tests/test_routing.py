@@ -2128,3 +2128,25 @@ def test_readings_of_round_twenty_five_by_modality(router, text, modality, datas
 def test_readings_of_round_twenty_five_in_other_words(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # an organ's lesion called by another lesion word is the PET lesion on a whole-body PET
+        ("myeloma PET: the focal bone lesions", "PT", "AutoPET", ["tumor"]),
+        ("myeloma PET: the focal bone lesions", "CT", "AutoPET", []),
+        # an infinitive of purpose is the why
+        (
+            "CT of the PET/CT: the liver, to check the reference uptake in the heart",
+            "CT",
+            "TotalSegmentator_v2",
+            ["liver"],
+        ),
+        # a list item that opens with "from" goes on describing the one before it
+        ("the largest artery in the body, from the heart down into the tummy", "CT", "TotalSegmentator_v2", ["aorta"]),
+    ],
+)
+def test_readings_of_round_twenty_five_lesions_and_clauses(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
