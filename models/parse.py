@@ -2529,6 +2529,16 @@ _ORDER_WORDS = WORDS.order_words
 _LOCATIVES = tuple(tuple(phrase.split()) for phrase in WORDS.locatives)  # longest first
 
 
+def places(text: str, vocab: Vocabulary) -> bool:
+    """Whether a phrase places its structure by another ("the spit glands in front of my ears")."""
+    words = _WORD.findall(text.lower())
+    return any(
+        tuple(words[i : i + len(p)]) == p and vocab.canonical_tokens(words[i + len(p) :])[0]
+        for i in range(1, len(words))
+        for p in _LOCATIVES
+    )
+
+
 def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> list[str]:
     """A structure's words without the phrase that places it; that phrase's organs become regions.
 

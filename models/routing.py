@@ -1285,6 +1285,13 @@ class Router:
             if described is not None and described[0]:
                 return described
         members = list(self.vocab.groups.get(c.core, ()))
+        if len(members) > 1 and use_encoder and self.use_encoder and grammar.places(pt.text, self.vocab):
+            # "the spit glands in front of my ears": the place says which member of the group
+            member = self._member_described(pt, members)
+            if member is not None:
+                out, how = self._match(self._with_core(pt, member), regions, allowed, use_encoder=False)
+                if out:
+                    return out, f"{how}, the member of '{' '.join(c.core)}' its place describes"
         if "vessel" in core and len(core) > 1:
             # "iliac vessels" = the iliac arteries and veins.
             rest = core - {"vessel"}
@@ -1420,6 +1427,23 @@ class Router:
             return [], f"{how}, which no dataset segments"
         via = f" (via {kind} {score:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
+
+    def _member_described(self, pt: grammar.ParsedTarget, members: list[tuple[str, ...]]) -> tuple[str, ...] | None:
+        """The one member of a group the written phrase describes, when it is clearly nearer than the others."""
+        text = self._description(pt)
+        if not text:
+            return None
+        sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
+        best: dict[frozenset[str], float] = {}
+        for i, core in enumerate(self._index.gloss_core):
+            if core in {frozenset(m) for m in members}:
+                best[core] = max(best.get(core, -1.0), float(sims[i]))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        if not ranked or ranked[0][1] < GLOSS_THRESHOLD:
+            return None
+        if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < GLOSS_MARGIN:
+            return None
+        return tuple(sorted(ranked[0][0]))
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
         # The largest lexicon concept inside the target whose words no registry label uses

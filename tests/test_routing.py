@@ -2150,3 +2150,30 @@ def test_readings_of_round_twenty_five_in_other_words(router, text, dataset, lab
 def test_readings_of_round_twenty_five_lesions_and_clauses(router, text, modality, dataset, labels):
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a group placed by another structure is the member its place describes
+        (
+            "the spit glands just in front of the ears",
+            "TotalSegmentator_head_glands_cavities",
+            ["parotid_gland_left", "parotid_gland_right"],
+        ),
+        (
+            "the saliva glands under the jaw",
+            "TotalSegmentator_head_glands_cavities",
+            ["submandibular_gland_right", "submandibular_gland_left"],
+        ),
+        # (a modality is no place)
+        (
+            "the spit glands on CT",
+            "TotalSegmentator_head_glands_cavities",
+            ["parotid_gland_left", "parotid_gland_right", "submandibular_gland_right", "submandibular_gland_left"],
+        ),
+    ],
+)
+def test_a_groups_place_says_which_member(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
