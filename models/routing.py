@@ -885,6 +885,7 @@ class Router:
             plan.unmatched.append(Unmatched(text, UnmatchedKind.NO_TARGET, reason))
         routed = self._route_targets(parsed, kept_names, all_names)
         self._wholes_in_lists(routed)
+        self._one_body_area(routed)
         self._sequence_models_first(routed, plan.modality)
         self._collect(plan, routed, parsed, all_names, kept_names)
         for name in plan.selection:
@@ -954,6 +955,33 @@ class Router:
                     continue
             routed.append((pt, target, explain))
         return routed
+
+    def _one_body_area(self, routed: list[tuple[grammar.ParsedTarget, Target, dict[str, Any]]]) -> None:
+        """An item read in two body areas is read in the one its list's other items share.
+
+        "annulus, LVOT, sinuses" are the aortic sinuses, not the paranasal or the venous ones:
+        of the kinds an item names (labels of a more specific kind, never its exact name), one
+        is left out when its dataset's regions miss the regions every other item's datasets
+        reach, provided another kind's dataset reaches them.
+        """
+        positive = [target for pt, target, _ in routed if not pt.negated]
+
+        def regions(c: Candidate) -> set[str]:
+            return set(self.registry.datasets[c.dataset].regions)
+
+        def areas(target: Target) -> list[set[str]]:
+            return [regions(c) for c in target.candidates if c.selected]
+
+        for target in positive:
+            kinds = [c for c in target.candidates if c.selected and c.score < SCORE_EXACT]
+            if not any(regions(a).isdisjoint(regions(b)) for a, b in itertools.combinations(kinds, 2)):
+                continue  # one body area already
+            others = [set().union(*theirs) for t in positive if t is not target and (theirs := areas(t))]
+            shared = set.intersection(*others) if others else set()
+            inside = [c for c in kinds if shared & regions(c)]
+            if inside:
+                for c in kinds:
+                    c.selected = c in inside
 
     def _header_side(self, parsed: grammar.ParsedRequest) -> Callable[[grammar.ParsedTarget], grammar.ParsedTarget]:
         """The header's side ("CT HIP RT - FEMORAL HEAD") for a target of a structure that has sides."""

@@ -2177,3 +2177,26 @@ def test_readings_of_round_twenty_five_lesions_and_clauses(router, text, modalit
 def test_a_groups_place_says_which_member(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # the organ named with the organs at risk is the treated site, never one of them ...
+        ("prostate RT OARs - bladder and rectum", "TotalSegmentator_v2", ["urinary_bladder"]),
+        # ... unless it is named as one
+        ("the spinal cord as an organ at risk", "TotalSegmentator_v2", ["spinal_cord"]),
+        # an item read in two body areas is read in the one its list shares
+        ("TAVI planning: annulus, LVOT and sinuses", "TotalSegmentator_craniofacial_structures", []),
+        (
+            "TAVI planning: annulus, LVOT and sinuses",
+            "TotalSegmentator_aortic_sinuses",
+            ["left_ventricular_outflow_tract", "right_coronary_cusp", "left_coronary_cusp", "non_coronary_cusp"],
+        ),
+        # (a structure that spans areas keeps every dataset that names it)
+        ("the coronaries and the aorta", "AMOS22_Task2", ["aorta"]),
+    ],
+)
+def test_readings_of_round_twenty_five_in_lists(router, text, dataset, labels):
+    got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
