@@ -2421,10 +2421,10 @@ def _parse_segment(
         core = tuple(
             t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS and t not in WORDS.positions
         )
-        if core and group == "oars" and "as" not in words:
+        if core and group == "oars" and "as" not in words and {"oars", "organs"} & set(words):
             # "prostate RT OARs": the organ named with the organs at risk is the treated site,
             # whose region they lie in, never one of them (as "OARs for prostate RT" say); "the
-            # cord as an OAR" is one
+            # cord as an OAR" and "RT parotid OAR" are one
             regions.extend(r for t in core for r in vocab.organ_regions.get(t, ()))
             core = ()
         if core:
