@@ -905,7 +905,7 @@ _INDICATION = re.compile(r"\b(?:rule\s+out|r/o|history\s+of|h/o|hx\s+of|before|a
 _ITEM_BEFORE = r"(^|[,;]|\s[-\u2013\u2014]\s)((?:(?!\s[-\u2013\u2014]\s)[^,;])*?)\s+"
 _NOT_NEEDED = re.compile(
     _ITEM_BEFORE + r"(?:is\s+|are\s+|was\s+|were\s+|(?:has|have|had)\s+been\s+|can\s+be\s+|may\s+be\s+)?"
-    r"(?:not\s+(?:needed|required|necessary|wanted|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
+    r"(?:not\s+(?:needed|required|necessary|wanted|collected|of\s+interest)|unnecessary|excluded|omitted|skipped|left\s+out"
     r"|excepted|(?:we\s+|i\s+)?(?:do\s+|does\s+)?not\s+need|(?:is\s+\w+\s+)?no\s+need"
     # ("fourth ventricle out", "cysts no" only at the item's end: not "out of the FOV", "no renal vessels")
     r"|(?:out|no)(?=\s*(?:$|[,;.])))\b"

@@ -2200,3 +2200,25 @@ def test_a_groups_place_says_which_member(router, text, dataset, labels):
 def test_readings_of_round_twenty_five_in_lists(router, text, dataset, labels):
     got = plan(router, text, "CT", collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # a compartment is a generic noun: "SAT compartment" is the subcutaneous fat
+        ("the SAT compartment at L3", "CT", "TotalSegmentator_tissue_types", ["subcutaneous_fat"]),
+        (
+            "posterior compartment of the thigh",
+            "CT",
+            "TotalSegmentator_thigh_shoulder_muscles",
+            ["thigh_posterior_compartment_left", "thigh_posterior_compartment_right"],
+        ),
+        # "not collected" leaves an item out
+        ("skeletal muscle; fat compartments not collected", "CT", "TotalSegmentator_tissue_types", ["skeletal_muscle"]),
+        # AIS is an acute ischaemic stroke
+        ("AIS lesion", "MR:DWI", "ISLES22", ["stroke lesion"]),
+    ],
+)
+def test_readings_of_round_twenty_five_abbreviations(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
