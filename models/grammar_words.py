@@ -151,6 +151,7 @@ class GrammarWords(_Frozen):
     opposites: dict[Word, Word]
     acronym_fillers: frozenset[Word]
     purpose_verbs: frozenset[Word]
+    grading_scales: frozenset[Word]
     liver_divisions: dict[str, tuple[int, ...]]
     motion_verbs: frozenset[Word]
     radiotherapy_context: frozenset[Word]

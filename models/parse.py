@@ -996,6 +996,11 @@ _CONTRAST_PHASE = re.compile(
     r"|\bportal[\s-]venous\b(?!\s+(?:system|anatomy|vasculature|branch|branches|thromb\w*|inflow|confluence))"
 )
 _RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: BI-, LI-, PI-, TI-RADS
+#: A grade on a reporting scale, after the scale's name ("Deauville 4", "LI-RADS 5", "Bosniak IIF").
+_GRADE = re.compile(
+    rf"\b({'|'.join(sorted(WORDS.grading_scales))}|[a-z]{{1,2}}rads)(?:\s+(?:score|category|grade))?\s*"
+    r"(?:\d[a-z]?|(?:i{1,3}|iv|v)f?)\b"
+)
 _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 #: A count after an article names all of a plural structure, not an index ("the two kidneys",
 #: "all eight Couinaud segments", "the seven bones of my neck").
@@ -1783,6 +1788,7 @@ def _spoken_forms(low: str) -> str:
     """How patients, referrers and order entry name a structure, in the grammar's words."""
     low = _CONTRAST_PHASE.sub("phase", low)  # "on the arterial phase": when, not the arteries
     low = _RADS_SCALE.sub(r"\1rads", low)  # "PI-RADS 4": one findings word, as "pirads" is
+    low = _GRADE.sub(r"\1", low)  # "Deauville 4 lesions": a grade, no index of the lesions
     low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
     low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
     # "the two kidneys": both of them ("the two arteries to the legs" stays a description)

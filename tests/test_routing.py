@@ -2222,3 +2222,22 @@ def test_readings_of_round_twenty_five_in_lists(router, text, dataset, labels):
 def test_readings_of_round_twenty_five_abbreviations(router, text, modality, dataset, labels):
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "dataset", "labels"),
+    [
+        # a grade on a reporting scale is no index, and a response scale is a findings word
+        ("Deauville 5 lesions", "AutoPET", ["tumor"]),
+        ("Bosniak IIF cyst", "TotalSegmentator_kidney_cysts", ["kidney_cyst_left", "kidney_cyst_right"]),
+        # PET quantities and words of uptake say which lesions, not which structure
+        ("total lesion glycolysis", "AutoPET", ["tumor"]),
+        ("SUV-hot lesions", "AutoPET", ["tumor"]),
+        ("all PSMA-positive disease", "AutoPET", ["tumor"]),
+        ("metabolically active lymph nodes in the neck", "HECKTOR2022", ["GTVnd"]),
+    ],
+)
+def test_readings_of_round_twenty_five_on_pet(router, text, dataset, labels):
+    modality = "CT" if "Bosniak" in text else "PT"
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
