@@ -983,6 +983,13 @@ class Router:
                 for c in kinds:
                     c.selected = c in inside
 
+    def _organless_lesion(self, pt: grammar.ParsedTarget, regions: set[str], kept: set[str]) -> bool:
+        """Whether a target is a bare lesion ("the mass", "all the lesions") on a CT, with no organ or region named."""
+        core = frozenset(pt.concept.core)
+        if not core or not core <= grammar.SOFT_LESION or regions or pt.negated or pt.unknown or not kept:
+            return False  # (an unknown word may name it: "Wilms tumour")
+        return all(self.registry.datasets[name].accepts("CT") for name in kept)
+
     def _header_side(self, parsed: grammar.ParsedRequest) -> Callable[[grammar.ParsedTarget], grammar.ParsedTarget]:
         """The header's side ("CT HIP RT - FEMORAL HEAD") for a target of a structure that has sides."""
 
@@ -1059,7 +1066,12 @@ class Router:
             # Which lexicon concept the grammar read (SNOMED CT code + preferred name).
             explain["lexicon"] = {"code": known.sctid or known.key, "name": known.name}
         regions = set(pt.context) | set(parsed.regions)
-        matches, how = self._match(pt, regions, kept)
+        if self._organless_lesion(pt, regions, kept):
+            # "measure the tumour volume" on a CT: whose? (a PET's lesions are the whole body's,
+            # and "nodules" are the lung's by default)
+            matches, how = [], "grammar: a lesion with no organ or region named, on a CT, says not whose it is"
+        else:
+            matches, how = self._match(pt, regions, kept)
         explain["method"] = how
         matches, anatomy_dropped = self._anatomy_stage(pt, matches, regions, known)
         explain["anatomy"] = {"regions": sorted(regions), "dropped": anatomy_dropped}
@@ -1262,6 +1274,8 @@ class Router:
                 UnmatchedKind.NOT_COVERED,
                 f"no region-specific dataset for the organs of {', '.join(sorted(regions))}",
             )
+        if self._organless_lesion(pt, regions, kept):
+            return UnmatchedKind.TOO_VAGUE, "too vague: name the organ the lesion lies in (e.g. 'liver lesions')"
         if not pt.concept.core and pt.unknown:
             return (
                 UnmatchedKind.UNKNOWN_STRUCTURE,

@@ -2251,3 +2251,23 @@ def test_readings_of_round_twenty_five_on_pet(router, text, dataset, labels):
     modality = "CT" if "Bosniak" in text else "PT"
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "modality", "selected"),
+    [
+        # a bare lesion on a CT, with no organ or region named anywhere, says not whose it is ...
+        ("please outline the mass", "CT", set()),
+        ("all tumours, thanks", "CT", set()),
+        # ... unless a header, an organ or a region names it, or the study is a whole-body PET
+        ("CT LIVER - LESIONS", "CT", {"LiTS"}),
+        ("abdominal tumours", "CT", {"LiTS"}),
+        ("lesions", "PT", {"AutoPET"}),
+    ],
+)
+def test_a_lesion_with_no_organ_on_a_ct_is_too_vague(router, text, modality, selected):
+    result = plan(router, text, modality, collection=None)
+    assert selected <= set(result.selection)
+    if not selected:
+        assert result.selection == {}
+        assert {u.kind for u in result.unmatched} == {UnmatchedKind.TOO_VAGUE}
