@@ -2372,12 +2372,7 @@ def _parse_segment(
     regions: list[str] = []
     if not label_form:
         words = _after_command(words)
-    cut = words.index("for", 1) if "for" in words[1:] else 0
-    # "heart outline to check myocardial uptake": an infinitive of purpose is the why, as "for" is
-    # (after a structure: "the doctor wants to see my liver" names it after the verb)
-    why = next((k for k in range(1, len(words) - 1) if words[k] == "to" and words[k + 1] in WORDS.purpose_verbs), 0)
-    why = why if why and vocab.canonical_tokens(words[:why])[0] else 0
-    cut = min(c for c in (cut, why) if c) if cut or why else 0
+    cut = _purpose_start(words, vocab)
     if not label_form and cut and any(w not in STOPWORDS for w in words[:cut]):
         # "OARs for prostate RT", "kidneys for ADPKD follow-up": what follows "for" is the
         # purpose; its organs are region context, not targets ("asks for the liver" names none before).
@@ -2418,28 +2413,44 @@ def _parse_segment(
     group: str | None = None
     described = any(w in RELATIVE_WORDS for w in words)  # "the organ that makes insulin": no group
     if ("oar" in core or "organ" in core) and not described:
-        # Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors).
-        group = "oars" if "oar" in core else "organs"
-        region_words = [t for t in core if t in REGION_WORDS]
-        for rw in region_words:
-            regions.extend(REGION_WORDS[rw])
-        # (a region's position is the region's: "upper abdominal organs" are no upper teeth)
-        core = tuple(
-            t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS and t not in WORDS.positions
-        )
-        if core and group == "oars" and "as" not in words and {"oars", "organs"} & set(words):
-            # "prostate RT OARs": the organ named with the organs at risk is the treated site,
-            # whose region they lie in, never one of them (as "OARs for prostate RT" say); "the
-            # cord as an OAR" and "RT parotid OAR" are one
-            regions.extend(r for t in core for r in vocab.organ_regions.get(t, ()))
-            core = ()
-        if core:
-            group = None  # "liver organ": just the liver
+        core, group = _organ_group(core, words, vocab, regions)
     if laterality == "bilateral":
         laterality = None  # both sides = the structure without a side restriction
     concept = Concept(core, laterality, frozenset(index) or None)
     context = tuple(sorted(set(regions)))
     return ParsedTarget(seg, concept, tuple(words), tuple(unknown), negated, group, context), regions
+
+
+def _purpose_start(words: list[str], vocab: Vocabulary) -> int:
+    """Where a list item's purpose begins: at "for", or at an infinitive of purpose after a structure.
+
+    "heart outline to check myocardial uptake" is the heart, as "for" would say; "the doctor
+    wants to see my liver" names its structure after the verb. 0 when the item has no purpose.
+    """
+    cut = words.index("for", 1) if "for" in words[1:] else 0
+    why = next((k for k in range(1, len(words) - 1) if words[k] == "to" and words[k + 1] in WORDS.purpose_verbs), 0)
+    why = why if why and vocab.canonical_tokens(words[:why])[0] else 0
+    return min((c for c in (cut, why) if c), default=0)
+
+
+def _organ_group(
+    core: tuple[str, ...], words: list[str], vocab: Vocabulary, regions: list[str]
+) -> tuple[tuple[str, ...], str | None]:
+    """The core and group of an item naming organs or organs at risk; their regions go to ``regions``.
+
+    Organs at risk (radiotherapy) include bones and muscles (mandible, constrictors). A region's
+    words and positions are the group's place ("upper abdominal organs" are no upper teeth); an
+    organ left over is the item itself ("liver organ"), except beside the plural organs at risk,
+    where it is the treated site they lie around ("prostate RT OARs", as "OARs for prostate RT"
+    say; "the cord as an OAR" and "RT parotid OAR" are the organ).
+    """
+    group = "oars" if "oar" in core else "organs"
+    regions.extend(r for t in core if t in REGION_WORDS for r in REGION_WORDS[t])
+    core = tuple(t for t in core if t not in ("oar", "organ") and t not in REGION_WORDS and t not in WORDS.positions)
+    if core and group == "oars" and "as" not in words and {"oars", "organs"} & set(words):
+        regions.extend(r for t in core for r in vocab.organ_regions.get(t, ()))
+        core = ()
+    return core, (None if core else group)
 
 
 def _after_command(words: list[str]) -> list[str]:
@@ -2541,13 +2552,17 @@ _ORDER_WORDS = WORDS.order_words
 _LOCATIVES = tuple(tuple(phrase.split()) for phrase in WORDS.locatives)  # longest first
 
 
+def _locative_at(words: list[str], i: int) -> tuple[str, ...] | None:
+    """The locative phrase that starts at ``words[i]``, if one does (the longest)."""
+    return next((p for p in _LOCATIVES if tuple(words[i : i + len(p)]) == p), None)
+
+
 def places(text: str, vocab: Vocabulary) -> bool:
     """Whether a phrase places its structure by another ("the spit glands in front of my ears")."""
     words = _WORD.findall(text.lower())
     return any(
-        tuple(words[i : i + len(p)]) == p and vocab.canonical_tokens(words[i + len(p) :])[0]
+        (prep := _locative_at(words, i)) is not None and vocab.canonical_tokens(words[i + len(prep) :])[0]
         for i in range(1, len(words))
-        for p in _LOCATIVES
     )
 
 
@@ -2563,7 +2578,7 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
     if whole in vocab.names or whole in vocab.unordered:
         return words  # (a term with its place in it: "the fat just under my skin")
     for i in range(1, len(words)):
-        prep = next((p for p in _LOCATIVES if tuple(words[i : i + len(p)]) == p), None)
+        prep = _locative_at(words, i)
         if prep is None:
             continue
         head = [t for t in vocab.canonical_tokens(words[:i])[0] if t not in REGION_WORDS]

@@ -615,11 +615,7 @@ class _Index:
         self.gloss_class: list[bool] = [bool(core) and core <= kinds for core in self.gloss_core]
         #: The classes ("gland", "muscle") each row's concept is a member of, as its name and its
         #: definition say ("the thyroid: a butterfly-shaped gland ...").
-        self.gloss_member_of: list[frozenset[str]] = [
-            frozenset(grammar.singular(w) for w in re.findall(r"[a-z]+", f"{c.name} {c.gloss}".lower()))
-            & grammar.CLASS_NOUNS
-            for c in glossed
-        ]
+        self.gloss_member_of: list[frozenset[str]] = [_classes_of(c) for c in glossed]
 
     def _labels_every(self, key: tuple[str, ...]) -> bool:
         """Whether a registry label reads as the concept ``key``.
@@ -644,6 +640,13 @@ class _Index:
 # ---------------------------------------------------------------------------
 
 
+def _classes_of(concept: LexiconConcept) -> frozenset[str]:
+    """The class nouns a concept's name and definition use: the classes it is a member of."""
+    words = re.findall(r"[a-z]+", f"{concept.name} {concept.gloss}".lower())
+    return frozenset(grammar.singular(w) for w in words) & grammar.CLASS_NOUNS
+
+
+_ORGANLESS = "grammar: a lesion with no organ or region named, on a CT, says not whose it is"
 _OPPOSITES = {**grammar.WORDS.opposites, **{b: a for a, b in grammar.WORDS.opposites.items()}}
 _SERIES = grammar.WORDS.series_adjectives
 
@@ -1066,12 +1069,10 @@ class Router:
             # Which lexicon concept the grammar read (SNOMED CT code + preferred name).
             explain["lexicon"] = {"code": known.sctid or known.key, "name": known.name}
         regions = set(pt.context) | set(parsed.regions)
-        if self._organless_lesion(pt, regions, kept):
-            # "measure the tumour volume" on a CT: whose? (a PET's lesions are the whole body's,
-            # and "nodules" are the lung's by default)
-            matches, how = [], "grammar: a lesion with no organ or region named, on a CT, says not whose it is"
-        else:
-            matches, how = self._match(pt, regions, kept)
+        # ("measure the tumour volume" on a CT: whose? A PET's lesions are the whole body's, and
+        # "nodules" are the lung's by default.)
+        organless = self._organless_lesion(pt, regions, kept)
+        matches, how = ([], _ORGANLESS) if organless else self._match(pt, regions, kept)
         explain["method"] = how
         matches, anatomy_dropped = self._anatomy_stage(pt, matches, regions, known)
         explain["anatomy"] = {"regions": sorted(regions), "dropped": anatomy_dropped}
@@ -1327,13 +1328,9 @@ class Router:
             if described is not None and described[0]:
                 return described
         members = list(self.vocab.groups.get(c.core, ()))
-        if len(members) > 1 and use_encoder and self.use_encoder and grammar.places(pt.text, self.vocab):
-            # "the spit glands in front of my ears": the place says which member of the group
-            member = self._member_described(pt, members)
-            if member is not None:
-                out, how = self._match(self._with_core(pt, member), regions, allowed, use_encoder=False)
-                if out:
-                    return out, f"{how}, the member of '{' '.join(c.core)}' its place describes"
+        placed = self._placed_member(pt, members, regions, allowed) if use_encoder and self.use_encoder else None
+        if placed is not None:
+            return placed
         if "vessel" in core and len(core) > 1:
             # "iliac vessels" = the iliac arteries and veins.
             rest = core - {"vessel"}
@@ -1386,9 +1383,7 @@ class Router:
             # A structure the lexicon knows but no label of the registry names (a meniscus, a
             # prostate zone): refused by name, never handed to the encoder's nearest neighbour.
             return [], f"lexicon: {_concept_ref(refused)} is known, but no dataset segments it"
-        # (a class noun written alone has no neighbour term: "the glands"; "chest cavity" has)
-        written = {grammar.singular(w) for w in pt.words} - grammar.STOPWORDS
-        alone = bool(core) and core <= grammar.CLASS_NOUNS and written <= grammar.CLASS_NOUNS
+        alone = _class_noun_alone(pt)  # (which has no neighbour term)
         if use_encoder and self.use_encoder and not alone and (pt.unknown or (core and not self._known(pt, regions))):
             # The encoder reads words the grammar does not know, or a reading that no label of
             # the whole registry has.  A known structure that the allowed datasets do not cover
@@ -1433,7 +1428,7 @@ class Router:
         text = self._description(pt)
         if not text or not self._index.glosses:
             return None
-        sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
+        sims = self._gloss_similarities(text)
         # Structure-checked like the term neighbours: a description of an organ never reads as
         # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
         named = frozenset(pt.concept.core)
@@ -1470,15 +1465,28 @@ class Router:
         via = f" (via {kind} {score:.3f})"
         return [_Match(m.entry, m.score, m.why + via, "encoder", m.values) for m in matches], how
 
+    def _placed_member(
+        self, pt: grammar.ParsedTarget, members: list[tuple[str, ...]], regions: set[str], allowed: set[str]
+    ) -> tuple[list[_Match], str] | None:
+        """ "the spit glands in front of my ears": the member of a group that the group's place describes."""
+        if len(members) < 2 or not grammar.places(pt.text, self.vocab):
+            return None
+        member = self._member_described(pt, members)
+        if member is None:
+            return None
+        out, how = self._match(self._with_core(pt, member), regions, allowed, use_encoder=False)
+        return (out, f"{how}, the member of '{' '.join(pt.concept.core)}' its place describes") if out else None
+
     def _member_described(self, pt: grammar.ParsedTarget, members: list[tuple[str, ...]]) -> tuple[str, ...] | None:
         """The one member of a group the written phrase describes, when it is clearly nearer than the others."""
         text = self._description(pt)
         if not text:
             return None
-        sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
+        sims = self._gloss_similarities(text)
+        wanted = {frozenset(m) for m in members}
         best: dict[frozenset[str], float] = {}
         for i, core in enumerate(self._index.gloss_core):
-            if core in {frozenset(m) for m in members}:
+            if core in wanted:
                 best[core] = max(best.get(core, -1.0), float(sims[i]))
         ranked = sorted(best.items(), key=lambda kv: -kv[1])
         if not ranked or ranked[0][1] < GLOSS_THRESHOLD:
@@ -1486,6 +1494,10 @@ class Router:
         if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < GLOSS_MARGIN:
             return None
         return tuple(sorted(ranked[0][0]))
+
+    def _gloss_similarities(self, text: str) -> np.ndarray:
+        """How near ``text`` is to every definition and description row, other descriptions handicapped."""
+        return self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
         # The largest lexicon concept inside the target whose words no registry label uses
@@ -1837,6 +1849,13 @@ def _demote_synonym_only(matches: list[_Match]) -> list[_Match]:
             m = _Match(m.entry, SCORE_SPECIFIC + 0.05, "synonym only, another dataset names it", m.source, m.values)
         out.append(m)
     return out
+
+
+def _class_noun_alone(pt: grammar.ParsedTarget) -> bool:
+    """Whether a target is a class noun written alone ("the glands"; not "chest cavity")."""
+    written = {grammar.singular(w) for w in pt.words} - grammar.STOPWORDS
+    core = frozenset(pt.concept.core)
+    return bool(core) and core <= grammar.CLASS_NOUNS and written <= grammar.CLASS_NOUNS
 
 
 def _soft_equal(a: frozenset[str], b: frozenset[str]) -> bool:
