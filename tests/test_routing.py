@@ -463,8 +463,8 @@ def test_ninth_blind_dev_set_over_the_whole_registry(router):
     # the measure of round twenty-four, opened for round twenty-five (docs/routing.md).
     result = run_bench(DEV_BLIND9, collection=None, router=router)
     assert result.n >= 650
-    assert result.strict >= 0.90, result.strict  # 0.852 untuned (783f070), 0.864 unread after round 24, 0.916 round 25
-    assert result.negatives_correct >= 0.93, result.negatives_correct  # 0.930 untuned, 0.949 round 25
+    assert result.strict >= 0.90, result.strict  # 0.852 untuned (783f070), 0.864 unread after round 24, 0.919 round 25
+    assert result.negatives_correct >= 0.93, result.negatives_correct  # 0.930 untuned, 0.956 round 25
 
 
 def test_tenth_blind_dev_set_over_the_whole_registry(router):
@@ -472,8 +472,8 @@ def test_tenth_blind_dev_set_over_the_whole_registry(router):
     # and never opened by the router engineer: the measure of round twenty-five on (docs/routing.md).
     result = run_bench(DEV_BLIND10, collection=None, router=router)
     assert result.n >= 700
-    assert result.strict >= 0.85, result.strict  # 0.853 untuned (3d6c876), 0.862 unread after round 25
-    assert result.negatives_correct >= 0.91, result.negatives_correct  # 0.924 untuned, 0.918 after round 25
+    assert result.strict >= 0.85, result.strict  # 0.853 untuned (3d6c876), 0.865 unread after round 25
+    assert result.negatives_correct >= 0.91, result.negatives_correct  # 0.924 untuned, 0.929 after round 25
 
 
 def test_embedding_cache_is_keyed_and_reused(tmp_path, router):
