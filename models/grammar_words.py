@@ -152,6 +152,7 @@ class GrammarWords(_Frozen):
     acronym_fillers: frozenset[Word]
     purpose_verbs: frozenset[Word]
     grading_scales: frozenset[Word]
+    eponym_diseases: frozenset[Word]
     liver_divisions: dict[str, tuple[int, ...]]
     motion_verbs: frozenset[Word]
     radiotherapy_context: frozenset[Word]

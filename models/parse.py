@@ -1147,7 +1147,7 @@ def parse_request(text: str, vocab: Vocabulary | None = None, protected: Collect
     dental = _is_dental(text.lower())
     low = _context_readings(_complete_prefixes(_expand_shorthand(low, protected, dental), vocab), text.lower())
     low = _unpunctuated_items(_mend_dictation(low, vocab), vocab)
-    low = _drop_purposes(_SITE_PLAN.sub(" ", low), vocab)
+    low = _eponym_contexts(_drop_purposes(_SITE_PLAN.sub(" ", low), vocab), vocab)
     regions: list[str] = list(header.regions) if header is not None else []
     notes: list[str] = []
     targets = _segment_targets(_pronoun_exclusions(_split_segments(low, vocab)), vocab, regions, notes)
@@ -1355,6 +1355,33 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
         return " ; " if unknown and not tokens else m.group(0)
 
     return _PURPOSE.sub(purpose, low)
+
+
+def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
+    """An eponymous disease as context: the structure written with it is the target.
+
+    "Kawasaki disease coronary arteries", "Pott's disease T8 to T10", "hangman's fracture of the
+    axis": the eponym (a word the vocabulary does not know, and at most one more such word) and
+    its disease noun (``eponym_diseases``) end the list item before the structure. A known word
+    before the noun keeps it ("polycystic kidney disease" names the kidneys).
+    """
+
+    def context(m: re.Match[str]) -> str:
+        words = [w for w in (m.group(1), m.group(2)) if w]
+        readings = [vocab.canonical_tokens(_WORD.findall(w), fix_spelling=False) for w in words]
+        eponym = _WORD.findall(m.group(1))  # every part unknown: "DOTATATE-avid disease" is PET disease
+        if len(readings[0][1]) == len(eponym) and not any(tokens for tokens, _ in readings):
+            return " ; "
+        return m.group(0)
+
+    return _EPONYM_DISEASE.sub(context, low)
+
+
+_EPONYM_DISEASE = re.compile(
+    r"(?<![\w'-])([a-z][a-z-]+?)(?:'s|s'|')?\s+(?:([a-z]+)\s+)?"
+    rf"(?:{'|'.join(sorted(WORDS.eponym_diseases))})s?\b"
+    r"(?:\s+(?:of|at|in|affecting)\s+(?:the\s+)?|\s*[-\u2013\u2014:,](?=\s))?"
+)
 
 
 # "#" is clinical shorthand for a fracture ("# NOF", "?# sternum"): it describes what follows.
@@ -2597,11 +2624,20 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
 
 
 def _without_course(words: list[str], vocab: Vocabulary) -> list[str]:
-    """A structure's name without the course a verb of motion gives it ("the spinal cord [running through my back]")."""
+    """A structure's name without the course a verb of motion or an extent gives it.
+
+    "the spinal cord [running through my back]", "the aorta [from the root down to the bifurcation]".
+    """
     for k, w in enumerate(words):
-        if k and w in WORDS.motion_verbs and vocab.core(" ".join(words[:k])) in vocab.names:
+        if k and (w in WORDS.motion_verbs or w == "from") and _names_structure(words[:k], vocab):
             return words[:k]
     return words
+
+
+def _names_structure(words: list[str], vocab: Vocabulary) -> bool:
+    """Whether the words name one structure of the vocabulary, a generic noun aside ("the tracheal lumen")."""
+    core = vocab.core(" ".join(words))
+    return core in vocab.names or tuple(t for t in core if t not in WORDS.generic_nouns) in vocab.names
 
 
 @dataclass

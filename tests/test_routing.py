@@ -2253,6 +2253,30 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
 
 
 @pytest.mark.parametrize(
+    ("text", "modality", "dataset", "labels"),
+    [
+        # an eponymous disease is the context: the structure written with it is the target
+        (
+            "Scheuermann's disease T7 to T9",
+            "CT",
+            "TotalSegmentator_v2",
+            ["vertebrae_T7", "vertebrae_T8", "vertebrae_T9"],
+        ),
+        ("Kawasaki syndrome: the coronary arteries", "CT", "ImageCAS", ["Coronary Artery"]),
+        ("Jefferson fracture of the atlas", "CT", "TotalSegmentator_v2", ["vertebrae_C1"]),
+        # ... but a known word before the noun is no eponym ("DOTATATE-avid disease" is PET disease)
+        ("all DOTATATE-avid disease", "PT", "AutoPET", ["tumor"]),
+        # an extent after a structure's name ("from ... to ...") is its course, not another target
+        ("the oesophagus from the cricopharyngeus down to the cardia", "CT", "TotalSegmentator_v2", ["esophagus"]),
+        ("tracheal lumen from the larynx to the carina", "CT", "TotalSegmentator_v2", ["trachea"]),
+    ],
+)
+def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
+    got = plan(router, text, modality, collection=None).selection.get(dataset, [])
+    assert got == _values(router, dataset, *labels)
+
+
+@pytest.mark.parametrize(
     ("text", "modality", "selected"),
     [
         # a bare lesion on a CT, with no organ or region named anywhere, says not whose it is ...
