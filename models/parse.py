@@ -993,7 +993,7 @@ _PRIMARY_NOUN = re.compile(
 #: Order entry's "kid" right after a side is the kidney ("lt kid vol"); elsewhere it is a child.
 _CONTRAST_PHASE = re.compile(
     r"\b(?:(?:early|late)\s+)?(?:arterial|portal[\s-]*venous|portal|venous|hepatobiliary|equilibrium)[\s-]+phase\b"
-    r"|\bportal[\s-]venous\b(?!\s+(?:system|anatomy|vasculature|branch|branches|thromb\w*|inflow|confluence))"
+    r"|\bportal[\s-]venous\b(?!\s+(?:system|anatomy|vasculature|branch|branches|thromb\w*|inflow|confluence|trunk))"
 )
 _RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: BI-, LI-, PI-, TI-RADS
 #: A grade on a reporting scale, after the scale's name ("Deauville 4", "LI-RADS 5", "Bosniak IIF").
