@@ -23,6 +23,7 @@ routing-dev-blind7 the same on the seventh blind dev set (``routing_dev_blind7``
 routing-dev-blind8 the same on the eighth blind dev set (``routing_dev_blind8``)  expected models
 routing-dev-blind9 the same on the ninth blind dev set (``routing_dev_blind9``)   expected models
 routing-dev-blind10 the same on the tenth blind dev set (``routing_dev_blind10``) expected models
+routing-dev-blind11 the same on the eleventh blind dev set (``routing_dev_blind11``) expected models
 routing-heldout    the same on the frozen held-out set (``tests/data/heldout``)  expected models
 ingest             C-STORE into the node (durable) vs DCMTK ``storescp``       DCMTK storescp
 seg                DICOM-SEG encode vs dcmqi ``itkimage2segimage``             dcmqi
@@ -85,8 +86,10 @@ DEV_BLIND7 = REPO / "tests" / "data" / "routing_dev_blind7" / "requests.jsonl"
 DEV_BLIND8 = REPO / "tests" / "data" / "routing_dev_blind8" / "requests.jsonl"
 #: The ninth (session fourteen): the measure of round twenty-four; opened for round twenty-five.
 DEV_BLIND9 = REPO / "tests" / "data" / "routing_dev_blind9" / "requests.jsonl"
-#: The tenth (session fifteen): never opened by the router engineer; the measure of round twenty-five on.
+#: The tenth (session fifteen): the measure of round twenty-five; opened for round twenty-six.
 DEV_BLIND10 = REPO / "tests" / "data" / "routing_dev_blind10" / "requests.jsonl"
+#: The eleventh (session sixteen): never opened by the router engineer; the measure of round twenty-six on.
+DEV_BLIND11 = REPO / "tests" / "data" / "routing_dev_blind11" / "requests.jsonl"
 ROUTING_KEYS = (
     "routing-public",
     "routing-dev",
@@ -101,6 +104,7 @@ ROUTING_KEYS = (
     "routing-dev-blind8",
     "routing-dev-blind9",
     "routing-dev-blind10",
+    "routing-dev-blind11",
     "routing-heldout",
 )
 
@@ -206,6 +210,12 @@ def _routing(public: Path, dev: Path) -> list[Bench]:
             "routing-dev-blind10",
             "Routing, tenth blind development set (whole registry)",
             DEV_BLIND10.relative_to(REPO),
+            ["--collection", "all"],
+        ),
+        (
+            "routing-dev-blind11",
+            "Routing, eleventh blind development set (whole registry)",
+            DEV_BLIND11.relative_to(REPO),
             ["--collection", "all"],
         ),
         ("routing-heldout", "Routing, held-out set (frozen)", heldout, ["--collection", "all"]),
@@ -337,11 +347,12 @@ _CATEGORY_SETS = (
     ("routing-dev-blind8", "blind8"),
     ("routing-dev-blind9", "blind9"),
     ("routing-dev-blind10", "blind10"),
+    ("routing-dev-blind11", "blind11"),
 )
 
 
 def _category_table(benches: list[Bench]) -> list[str]:
-    """Held-out and the third to tenth blind sets per category, side by side (aggregates only)."""
+    """Held-out and the third to eleventh blind sets per category, side by side (aggregates only)."""
     done = {b.key: b.extra["by_category"] for b in benches if b.status == "ok" and b.extra.get("by_category")}
     sets = [(key, name) for key, name in _CATEGORY_SETS if key in done]
     if not sets:

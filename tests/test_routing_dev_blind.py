@@ -1,7 +1,7 @@
 """The blind routing development sets are well formed and derived from the registry alone.
 
-``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` to ``routing_dev_blind10/``
-hold requests written without sight of the routing rules (the second to tenth
+``tests/data/routing_dev_blind/`` and ``routing_dev_blind2/`` to ``routing_dev_blind11/``
+hold requests written without sight of the routing rules (the second to eleventh
 also without sight of the earlier sets' requests; README.md in each).  Their expectations come
 from one builder, ``routing_dev_blind/build.py``, run on each folder with that folder's
 ``concepts.py`` (registry concepts, never the router); these tests keep each committed
@@ -67,6 +67,7 @@ SETS = [
     BlindSet("routing_dev_blind8", 400),
     BlindSet("routing_dev_blind9", 400),
     BlindSet("routing_dev_blind10", 400),
+    BlindSet("routing_dev_blind11", 400),
 ]
 each_set = pytest.mark.parametrize("blind", SETS, ids=[s.folder for s in SETS])
 
