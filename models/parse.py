@@ -988,7 +988,8 @@ _SPINE_SEGMENT = {"c": "cervical spine", "t": "thoracic spine", "l": "lumbar spi
 _PRIMARY_NOUN = re.compile(
     r"(^|\b(?:the|oropharyngeal|nasopharyngeal|hypopharyngeal|laryngeal|tonsil|tonsillar|tongue|oral|hn|neck)\s+)"
     r"primary\b"
-    r"(?=\s*(?:$|[,.;:)(/+-]|\b(?:on|in|at|only|please|plus|with|for|site)\b|\band\s+(?:the\s+)?(?:nod|gtv|neck)))"
+    r"(?=\s*(?:$|[,.;:)(/+-]|\b(?:on|in|at|only|please|plus|with|for|site)\b"
+    r"|\band\s+(?:the\s+)?(?:[a-z]+\s+)?(?:nod|gtv|neck)))"
 )
 #: Order entry's "kid" right after a side is the kidney ("lt kid vol"); elsewhere it is a child.
 _CONTRAST_PHASE = re.compile(
@@ -1007,7 +1008,7 @@ _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 _ALL_OF_A_COUNT = re.compile(
     r"\b(the|my|his|her|their|its|all(?:\s+(?:of\s+)?the)?)\s+"
     r"(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|[2-9]|1[0-2])\s+"
-    r"(?=(?:[a-z]+\s+)?([a-z]+s)\b)"
+    r"(?:of\s+(?:the|my|his|her|their)\s+)?(?=(?:[a-z]+\s+)?([a-z]+s)\b)"
 )
 #: "The bones in my neck", "my lower back bones": a segment of the spine in a patient's words.
 _LAY_SPINE_PARTS = "|".join(sorted(map(re.escape, WORDS.lay_spine_parts), key=len, reverse=True))
@@ -2427,6 +2428,8 @@ def _parse_segment(
             laterality = side if laterality in (None, side) else "bilateral"
     index = read.index()
     if index and all(i in SPINE_LEVELS for i in index) and not tokens:
+        if words[0] == "at":
+            return None, regions  # "at the level of L3, segment ...": where the slice is, for the items after
         tokens = ["vertebra"]
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]

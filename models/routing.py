@@ -78,6 +78,19 @@ GLOSS_MARGIN = 0.045
 #: which a phrase about something else there shares ("the screws in the lower jaw"): their
 #: similarity counts this much less than the definition's, for the threshold and the margin alike.
 DESCRIPTION_HANDICAP = 0.05
+#: Patients reuse the plain words a definition is written in ("the flat bone down the middle of
+#: my chest"), which the sentence encoder weighs no more than any other: the share of the
+#: description's words a row also uses, each weighted by how few rows use it, adds this much to
+#: the row's similarity for choosing between rows and for the margin, never for the threshold.
+#: Calibrated on the open development sets (docs/routing.md, "Shared words").
+SHARED_WORDS_WEIGHT = 0.10
+
+
+def _content_words(text: str) -> frozenset[str]:
+    """A phrase's words that say something, in the singular."""
+    return frozenset(grammar.singular(w) for w in grammar._WORD.findall(text.lower()) if w not in grammar.STOPWORDS)
+
+
 _DESCRIPTION_WORDS = 3  # words besides stop words that make a phrase a description
 _PHRASES_PER_PASS = 16  # at most this many phrases in one forward pass
 _PHRASE_CACHE_SIZE = 4096  # query phrases kept across requests
@@ -605,6 +618,14 @@ class _Index:
         #: Whether a row is its concept's definition (else one of its other descriptions).
         self.gloss_is_definition = np.array([definition for _, _, definition in rows], dtype=bool)
         self.gloss_handicap = np.where(self.gloss_is_definition, 0.0, DESCRIPTION_HANDICAP).astype(np.float32)
+        # Which rows use each word, and how rare it is among rows (its inverse document frequency).
+        users: dict[str, list[int]] = {}
+        for i, (text, _, _) in enumerate(rows):
+            for word in _content_words(text):
+                users.setdefault(word, []).append(i)
+        self.gloss_users: dict[str, np.ndarray] = {w: np.array(ix, dtype=np.intp) for w, ix in users.items()}
+        self.gloss_rarity: dict[str, float] = {w: float(np.log(len(rows) / len(ix))) for w, ix in users.items()}
+        self.gloss_rarity_unused = float(np.log(max(len(rows), 1)))
         glossed = [c for _, c, _ in rows]
         self.gloss_concept: list[LexiconConcept] = glossed
         self.gloss_core: list[frozenset[str]] = [frozenset(self.vocab.concept_core(c)) for c in glossed]
@@ -1428,7 +1449,7 @@ class Router:
         text = self._description(pt)
         if not text or not self._index.glosses:
             return None
-        sims = self._gloss_similarities(text)
+        raw, sims = self._gloss_similarities(text)
         # Structure-checked like the term neighbours: a description of an organ never reads as
         # a lesion of it ("the small glands that sit on top of the kidneys"), nor vice versa.
         named = frozenset(pt.concept.core)
@@ -1454,7 +1475,7 @@ class Router:
         runner = next((float(sims[i]) for i in others), 0.0)
         score = float(sims[best])
         concept = self._index.gloss_concept[best]
-        if score < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
+        if float(raw[best]) < GLOSS_THRESHOLD or score - runner < GLOSS_MARGIN:
             return None
         kind = "definition" if self._index.gloss_is_definition[best] else "description"
         row = kind if kind == "definition" else f"description '{self._index.glosses[best]}'"
@@ -1482,22 +1503,39 @@ class Router:
         text = self._description(pt)
         if not text:
             return None
-        sims = self._gloss_similarities(text)
+        raw, sims = self._gloss_similarities(text)
         wanted = {frozenset(m) for m in members}
-        best: dict[frozenset[str], float] = {}
+        best: dict[frozenset[str], tuple[float, float]] = {}
         for i, core in enumerate(self._index.gloss_core):
-            if core in wanted:
-                best[core] = max(best.get(core, -1.0), float(sims[i]))
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])
-        if not ranked or ranked[0][1] < GLOSS_THRESHOLD:
+            if core in wanted and float(sims[i]) > best.get(core, (-1.0, -1.0))[0]:
+                best[core] = (float(sims[i]), float(raw[i]))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+        if not ranked or ranked[0][1][1] < GLOSS_THRESHOLD:
             return None
-        if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < GLOSS_MARGIN:
+        if len(ranked) > 1 and ranked[0][1][0] - ranked[1][1][0] < GLOSS_MARGIN:
             return None
         return tuple(sorted(ranked[0][0]))
 
-    def _gloss_similarities(self, text: str) -> np.ndarray:
-        """How near ``text`` is to every definition and description row, other descriptions handicapped."""
-        return self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
+    def _gloss_similarities(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """How near ``text`` is to every definition and description row, other descriptions handicapped.
+
+        Returns the encoder's similarities (for the threshold) and the same with the shared
+        words' bonus (for choosing a row and for the margin).
+        """
+        sims = self._gloss_embeddings() @ self._encode_phrase(text) - self._index.gloss_handicap
+        return sims, sims + self._shared_words(text)
+
+    def _shared_words(self, text: str) -> np.ndarray:
+        """Each row's share of ``text``'s words, rare words counting more, times :data:`SHARED_WORDS_WEIGHT`."""
+        ix = self._index
+        shared = np.zeros(len(ix.glosses), dtype=np.float32)
+        said = _content_words(text)
+        total = sum(ix.gloss_rarity.get(w, ix.gloss_rarity_unused) for w in said)
+        if not total:
+            return shared
+        for word in said & ix.gloss_users.keys():
+            shared[ix.gloss_users[word]] += ix.gloss_rarity[word]
+        return SHARED_WORDS_WEIGHT * shared / total
 
     def _uncovered_concept(self, core: frozenset[str]) -> LexiconConcept | None:
         # The largest lexicon concept inside the target whose words no registry label uses

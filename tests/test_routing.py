@@ -2279,6 +2279,21 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         # an extent after a structure's name ("from ... to ...") is its course, not another target
         ("the oesophagus from the cricopharyngeus down to the cardia", "CT", "TotalSegmentator_v2", ["esophagus"]),
         ("tracheal lumen from the larynx to the carina", "CT", "TotalSegmentator_v2", ["trachea"]),
+        # a description's rare words shared with a definition choose between near definitions
+        ("the flat bone down the middle of his chest", "CT", "TotalSegmentator_v2", ["sternum"]),
+        # lay spine parts, a count "of my", a pronoun inside, a position of its own
+        ("the bones in the small of her back", "CT", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
+        ("all five of the lumbar vertebrae", "CT", "TotalSegmentator_v2", [f"vertebrae_L{n}" for n in range(1, 6)]),
+        ("the liver and all the metastases inside it", "CT", "LiTS", ["liver", "liver_tumour"]),
+        ("at the level of L3: skeletal muscle, then subcutaneous fat", "CT", "TotalSegmentator_v2", []),
+        (
+            "at the level of L3: skeletal muscle, then subcutaneous fat",
+            "CT",
+            "TotalSegmentator_tissue_types",
+            ["skeletal_muscle", "subcutaneous_fat"],
+        ),
+        ("oropharyngeal primary and the positive nodes", "PT", "HECKTOR2022", ["GTVp", "GTVnd"]),
+        ("all the ribs, individually", "CT", "TotalSegmentator_appendicular_bones", []),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
