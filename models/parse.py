@@ -1000,7 +1000,7 @@ _RADS_SCALE = re.compile(r"\b([a-z]{1,2})-rads\b")  # the ACR reporting scales: 
 #: A grade on a reporting scale, after the scale's name ("Deauville 4", "LI-RADS 5", "Bosniak IIF").
 _GRADE = re.compile(
     rf"\b({'|'.join(sorted(WORDS.grading_scales))}|[a-z]{{1,2}}rads)(?:\s+(?:score|category|grade))?\s*"
-    r"(?:\d[a-z]?|(?:i{1,3}|iv|v)f?)\b"
+    r"(?:\d[a-z]?(?:\s*(?:-|\u2013|to|or|/)\s*\d[a-z]?)?|(?:i{1,3}|iv|v)f?)\b"
 )
 _KID = re.compile(r"\b(lt|rt|left|right|l|r|bilat|both)\s+kids?\b")
 #: A count after an article names all of a plural structure, not an index ("the two kidneys",
@@ -1816,7 +1816,6 @@ def _spoken_forms(low: str) -> str:
     """How patients, referrers and order entry name a structure, in the grammar's words."""
     low = _CONTRAST_PHASE.sub("phase", low)  # "on the arterial phase": when, not the arteries
     low = _RADS_SCALE.sub(r"\1rads", low)  # "PI-RADS 4": one findings word, as "pirads" is
-    low = _GRADE.sub(r"\1", low)  # "Deauville 4 lesions": a grade, no index of the lesions
     low = _PRIMARY_NOUN.sub(r"\1primary tumour", low)  # "the tonsil primary": the primary tumour
     low = _KID.sub(r"\1 kidney", low)  # order entry's "lt kid vol", "Rt kid"
     # "the two kidneys": both of them ("the two arteries to the legs" stays a description)
@@ -1867,6 +1866,7 @@ def _expand_shorthand(low: str, protected: Collection[str], dental: bool = False
     low = re.sub(r"(?<=[a-z])'s\b", "", low)
     if dental:  # (before number ranges: "teeth 44-47" runs along one quadrant)
         low = _dental_notations(low)
+    low = _GRADE.sub(r"\1", low)  # "Deauville 4-5 lesions": a grade, no index of the lesions (before ranges)
     low = _spoken_forms(_numbers_and_levels(low))
     low = _ENLARGEMENT.sub(_enlarged_organs, low)
     low = _MEASURE_OF.sub(" ; ", low)  # "volumes of the left kidney and of the bladder"

@@ -2294,6 +2294,18 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         ),
         ("oropharyngeal primary and the positive nodes", "PT", "HECKTOR2022", ["GTVp", "GTVnd"]),
         ("all the ribs, individually", "CT", "TotalSegmentator_appendicular_bones", []),
+        # PET: a grade range is no index; timing, VOIs and lymphoma abbreviations say which lesions
+        ("Deauville 4-5 lesions", "PT+CT", "HECKTOR2022", []),
+        ("DLBCL baseline", "PT+CT", "AutoPET", ["tumor"]),
+        ("lymphoma baseline, all nodes", "PT", "AutoPET", ["tumor"]),
+        ("CT of the PET/CT: a spleen VOI for the reference", "CT", "TotalSegmentator_v2", ["spleen"]),
+        # a group of muscles with its members
+        (
+            "the pharyngeal constrictor muscles",
+            "CT",
+            "TotalSegmentator_headneck_muscles",
+            [f"{level}_pharyngeal_constrictor" for level in ("superior", "middle", "inferior")],
+        ),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
