@@ -2306,6 +2306,16 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
             "TotalSegmentator_headneck_muscles",
             [f"{level}_pharyngeal_constrictor" for level in ("superior", "middle", "inferior")],
         ),
+        # radiotherapy shorthand: "SC" beside organs at risk, "ONs", "SCA"; "SC fat" stays fat
+        ("BS, SC and both parotids", "CT", "TotalSegmentator_v2", ["spinal_cord"]),
+        ("SC fat at L3", "CT", "TotalSegmentator_tissue_types", ["subcutaneous_fat"]),
+        (
+            "ONs, globes and lenses",
+            "CT",
+            "TotalSegmentator_head_glands_cavities",
+            ["eye_left", "eye_right", "eye_lens_left", "eye_lens_right", "optic_nerve_left", "optic_nerve_right"],
+        ),
+        ("R SCA", "CT", "TotalSegmentator_v2", ["subclavian_artery_right"]),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
