@@ -2607,6 +2607,10 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
     whole = vocab.core(" ".join(words))
     if whole in vocab.names or whole in vocab.unordered:
         return words  # (a term with its place in it: "the fat just under my skin")
+    term = _placed_term(words, vocab)
+    if term:
+        regions.extend(_context_regions(words[len(term) :], vocab))
+        return term
     for i in range(1, len(words)):
         prep = _locative_at(words, i)
         if prep is None:
@@ -2624,6 +2628,24 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
         side = [w for w in place if _LATERAL.get(w) in ("left", "right")][:1] if set(head) <= CLASS_NOUNS else []
         return words[:i] + side
     return words
+
+
+def _placed_term(words: list[str], vocab: Vocabulary) -> list[str]:
+    """The longest start of ``words`` that is a term with its place in it, placed further itself.
+
+    "the fat just under the skin [of my tummy]": the lexicon's "fat under the skin" is the
+    subcutaneous fat; what follows places it, as any place does.  Empty when there is none.
+    """
+    for j in range(len(words) - 1, 1, -1):
+        if words[j] != "of" and _locative_at(words, j) is None:
+            continue
+        start = words[:j]
+        core = vocab.core(" ".join(start))
+        if (core in vocab.names or core in vocab.unordered) and any(
+            _locative_at(start, i) is not None for i in range(1, j)
+        ):
+            return start
+    return []
 
 
 def _without_course(words: list[str], vocab: Vocabulary) -> list[str]:

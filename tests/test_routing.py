@@ -2316,6 +2316,9 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
             ["eye_left", "eye_right", "eye_lens_left", "eye_lens_right", "optic_nerve_left", "optic_nerve_right"],
         ),
         ("R SCA", "CT", "TotalSegmentator_v2", ["subclavian_artery_right"]),
+        # the visceral fat's other names; a term with its place in it, placed further
+        ("visceral adipose compartment at L3", "CT", "TotalSegmentator_tissue_4_types", ["torso_fat"]),
+        ("the fat under the skin of his belly", "CT", "TotalSegmentator_tissue_4_types", ["subcutaneous_fat"]),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
