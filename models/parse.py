@@ -123,11 +123,20 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("MG", re.compile(r"\b(?:mammogra\w*|tomosynthesis)\b", re.I)),
     # catheter angiography; a "CT/MR angiogram" is CT or MR (XA is read only when neither is named)
     ("XA", re.compile(r"\b(?:angiogra(?:m|ms|phy)|cath(?:eter)?\s+lab|dsa|digital\s+subtraction\s+angio\w*)\b", re.I)),
+    # fluoroscopy: barium and water-soluble contrast studies
+    (
+        "RF",
+        re.compile(
+            r"\b(?:fluoroscop\w*|videofluoroscop\w*|barium\s+(?:swallow|meal|enema|follow[\s-]*through)"
+            r"|contrast\s+swallow|swallow\s+study)\b",
+            re.I,
+        ),
+    ),
     (
         "NM",
         re.compile(
             r"\b(?:scintigra\w*|pertechnetate|spect|bone\s+scan|nuclear\s+medicine|mibg|dat\s*scan|nm|dmsa|mag3"
-            r"|tc[\s-]?99m?|99m[\s-]?tc|uptake\s+scan|hida|renogra\w*|sestamibi|mibi|v\s*/?\s*q\s+scan)\b",
+            r"|tc[\s-]?99m?|99m[\s-]?tc|technetium|uptake\s+scan|hida|renogra\w*|sestamibi|mibi|v\s*/?\s*q\s+scan)\b",
             re.I,
         ),
     ),

@@ -2319,6 +2319,14 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         # the visceral fat's other names; a term with its place in it, placed further
         ("visceral adipose compartment at L3", "CT", "TotalSegmentator_tissue_4_types", ["torso_fat"]),
         ("the fat under the skin of his belly", "CT", "TotalSegmentator_tissue_4_types", ["subcutaneous_fat"]),
+        # vessels no dataset segments are no neighbour's: the SMV is no SMA, the ECA no common carotid
+        ("the superior mesenteric vein before the Whipple", "CT", "TotalSegmentator_renal_arteries", []),
+        ("external carotid artery, right side", "CT", "TotalSegmentator_v2", []),
+        ("hepatic veins for the TIPS", "CT", "TotalSegmentator_v2", []),
+        ("vena portae hepatis", "CT", "TotalSegmentator_v2", ["portal_vein_and_splenic_vein"]),
+        # fluoroscopy and technetium studies are modalities no dataset accepts
+        ("stomach on the barium meal", None, "TotalSegmentator_v2", []),
+        ("thyroid, technetium uptake", None, "TotalSegmentator_v2", []),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
