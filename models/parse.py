@@ -1050,6 +1050,15 @@ def detect_modality(text: str) -> tuple[str | None, str]:
     return _combine(found), low
 
 
+_AFTER_ARTICLE = re.compile(r"\b(?:the|this|that|my|his|her)\s*$")
+_NOUN_NEXT = re.compile(r"\s*(?!(?:of|from|on|at|in|dated|done|for|scan|scans|study|exam|images?|series)\b)[a-z]")
+
+
+def _adjective(m: re.Match[str]) -> bool:
+    """Whether a modality word qualifies the noun after it ("on the MR spine", "the CT part")."""
+    return bool(_AFTER_ARTICLE.search(m.string, 0, m.start()) and _NOUN_NEXT.match(m.string, m.end()))
+
+
 def named_modalities(text: str) -> tuple[list[str], str]:
     """Every modality and MR sequence ``text`` names, in order, and the text without them.
 
@@ -1093,8 +1102,10 @@ def named_modalities(text: str) -> tuple[list[str], str]:
             continue
         if pattern.search(low):
             found.append(modality)
-            # (a sequence qualifies the series and ends no list item: "lumbar vertebrae on sagittal T2 spine")
-            low = pattern.sub(" " if modality.startswith("MR:") else " ; ", low)
+            # (a sequence qualifies the series and ends no list item: "lumbar vertebrae on sagittal T2 spine";
+            # nor does a modality after an article: "thoracic levels on the MR spine")
+            sequence = modality.startswith("MR:")
+            low = pattern.sub(lambda m, seq=sequence: " " if seq or _adjective(m) else " ; ", low)
     for key, value in protected.items():
         low = low.replace(key, value)
     if "MR:DWI" not in found and re.search(r"\brestricted diffusion\b", low):

@@ -1264,6 +1264,8 @@ class Router:
                     i += 1
                     continue
                 return []
+        if len(pieces) == 2 and grammar.singular(pieces[-1].text) == "bone":
+            return pieces[:1]  # "mandibular bone": the bone the adjective names, not every bone too
         if len(pieces) == 2 and set(pieces[-1].concept.core) <= grammar.CLASS_NOUNS:
             # "femoral artery": a class noun last is the head the words before it modify,
             # a structure of its own that no label names, not the femur and every artery.

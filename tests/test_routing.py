@@ -2327,6 +2327,18 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         # fluoroscopy and technetium studies are modalities no dataset accepts
         ("stomach on the barium meal", None, "TotalSegmentator_v2", []),
         ("thyroid, technetium uptake", None, "TotalSegmentator_v2", []),
+        # a modality after an article qualifies the noun after it, and ends no list item
+        (
+            "the upper thoracic levels on the MR spine, T1 to T4",
+            "MR",
+            "TotalSegmentator_vertebrae_mr",
+            ["vertebrae_T1", "vertebrae_T2", "vertebrae_T3", "vertebrae_T4"],
+        ),
+        # a radionuclide is no lung lobe; a PICC is a device; a bone's adjective with "bone" is that bone
+        ("Lu-177 dosimetry: the spleen", "CT", "TotalSegmentator_v2", ["spleen"]),
+        ("the PICC tip", "CT", "KiTS23", []),
+        ("sternal bone", "CT", "TotalSegmentator_v2", ["sternum"]),
+        ("left coxal bone", "CT", "TotalSegmentator_v2", ["hip_left"]),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
