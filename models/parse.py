@@ -2454,7 +2454,9 @@ def _parse_segment(
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]
     core = _finish_core(tokens)
-    if not negated and set(core) <= WORDS.positions and {w for w in words if w not in STOPWORDS} <= WORDS.positions:
+    said = {w for w in words if w not in STOPWORDS and w not in _LATERAL}
+    said -= set(REGION_WORDS) - set(_SEGMENT_LEVELS)  # ("upper thoracic" places a range of levels)
+    if not negated and set(core) <= WORDS.positions and said <= WORDS.positions:
         # A position alone names nothing ("central line planning"); an excluded one is of the
         # series before it ("the right lung lobes, not the middle one").
         core = ()

@@ -2339,6 +2339,8 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         ("the PICC tip", "CT", "KiTS23", []),
         ("sternal bone", "CT", "TotalSegmentator_v2", ["sternum"]),
         ("left coxal bone", "CT", "TotalSegmentator_v2", ["hip_left"]),
+        # a position with a region and a side names nothing ("upper left" is no tooth here)
+        ("CT EXTREMITY UPPER LEFT WO", "CT", "TotalSegmentator_teeth", []),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
