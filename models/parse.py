@@ -1381,19 +1381,18 @@ def _drop_purposes(low: str, vocab: Vocabulary) -> str:
 def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
     """An eponymous disease as context: the structure written with it is the target.
 
-    "Kawasaki disease coronary arteries", "Pott's disease T8 to T10", "hangman's fracture of the
-    axis": the eponym (a word the vocabulary does not know, and at most one more such word) and
-    its disease noun (``eponym_diseases``) end the list item before the structure. A known word
-    before the noun keeps it ("polycystic kidney disease" names the kidneys).
+    "Kawasaki disease coronary arteries", "Pott's disease T8 to T10", "Jefferson burst fracture of
+    the atlas": the eponym (a word the vocabulary does not know, every part of it when hyphenated),
+    at most one more word that names nothing, and the disease noun (``eponym_diseases``) end the
+    list item before the structure. A word the vocabulary reads keeps them ("polycystic kidney
+    disease" names the kidneys; "DOTATATE-avid disease" is PET disease).
     """
 
     def context(m: re.Match[str]) -> str:
-        words = [w for w in (m.group(1), m.group(2)) if w]
-        readings = [vocab.canonical_tokens(_WORD.findall(w), fix_spelling=False) for w in words]
-        eponym = _WORD.findall(m.group(1))  # every part unknown: "DOTATATE-avid disease" is PET disease
-        if len(readings[0][1]) == len(eponym) and not any(tokens for tokens, _ in readings):
-            return " ; "
-        return m.group(0)
+        eponym = _WORD.findall(m.group(1))
+        tokens, unknown = vocab.canonical_tokens(eponym, fix_spelling=False)
+        between = vocab.canonical_tokens(_WORD.findall(m.group(2) or ""), fix_spelling=False)[0]
+        return " ; " if len(unknown) == len(eponym) and not tokens and not between else m.group(0)
 
     return _EPONYM_DISEASE.sub(context, low)
 
@@ -2454,8 +2453,7 @@ def _parse_segment(
     if tokens and tokens[0] == "spine" and index:
         tokens = ["vertebra"]
     core = _finish_core(tokens)
-    said = {w for w in words if w not in STOPWORDS and w not in _LATERAL}
-    said -= set(REGION_WORDS) - set(_SEGMENT_LEVELS)  # ("upper thoracic" places a range of levels)
+    said = {w for w in words if w not in STOPWORDS and w not in _LATERAL and w not in _PLACE_ONLY}
     if not negated and set(core) <= WORDS.positions and said <= WORDS.positions:
         # A position alone names nothing ("central line planning"); an excluded one is of the
         # series before it ("the right lung lobes, not the middle one").
@@ -2626,8 +2624,7 @@ def _drop_location(words: list[str], vocab: Vocabulary, regions: list[str]) -> l
     A lesion keeps its place, which names its organ ("cysts on the kidneys"); so does a lexicon
     term that holds one ("water on the lungs" is a pleural effusion).
     """
-    whole = vocab.core(" ".join(words))
-    if whole in vocab.names or whole in vocab.unordered:
+    if _is_term(words, vocab):
         return words  # (a term with its place in it: "the fat just under my skin")
     term = _placed_term(words, vocab)
     if term:
@@ -2662,12 +2659,15 @@ def _placed_term(words: list[str], vocab: Vocabulary) -> list[str]:
         if words[j] != "of" and _locative_at(words, j) is None:
             continue
         start = words[:j]
-        core = vocab.core(" ".join(start))
-        if (core in vocab.names or core in vocab.unordered) and any(
-            _locative_at(start, i) is not None for i in range(1, j)
-        ):
+        if _is_term(start, vocab) and any(_locative_at(start, i) is not None for i in range(1, j)):
             return start
     return []
+
+
+def _is_term(words: list[str], vocab: Vocabulary) -> bool:
+    """Whether the words are one lexicon term, in its order or another ("fat under the skin")."""
+    core = vocab.core(" ".join(words))
+    return core in vocab.names or core in vocab.unordered
 
 
 def _without_course(words: list[str], vocab: Vocabulary) -> list[str]:
@@ -2685,6 +2685,10 @@ def _names_structure(words: list[str], vocab: Vocabulary) -> bool:
     """Whether the words name one structure of the vocabulary, a generic noun aside ("the tracheal lumen")."""
     core = vocab.core(" ".join(words))
     return core in vocab.names or tuple(t for t in core if t not in WORDS.generic_nouns) in vocab.names
+
+
+#: Region words that only place ("CT EXTREMITY LOWER RIGHT"); a spine segment places a range of levels.
+_PLACE_ONLY = frozenset(REGION_WORDS) - frozenset(_SEGMENT_LEVELS)
 
 
 @dataclass

@@ -1481,7 +1481,8 @@ class Router:
             return None
         kind = "definition" if self._index.gloss_is_definition[best] else "description"
         row = kind if kind == "definition" else f"description '{self._index.glosses[best]}'"
-        how = f"description: '{text}' ~ {row} of {_concept_ref(concept)} {score:.3f}"
+        shared = f" (encoder {float(raw[best]):.3f}, shared words)" if score > float(raw[best]) else ""
+        how = f"description: '{text}' ~ {row} of {_concept_ref(concept)} {score:.3f}{shared}"
         matches, _ = self._match(self._with_core(pt, tuple(sorted(core))), regions, allowed, use_encoder=False)
         if not matches:
             return [], f"{how}, which no dataset segments"
