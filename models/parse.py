@@ -2077,6 +2077,10 @@ def _split_segments(low: str, vocab: Vocabulary) -> list[tuple[str, bool]]:
                 raw_segments.append((before.strip(), negated))
             negated = True
             carried = all(w in STOPWORDS for w in _WORD.findall(piece))
+        if sep.strip() == "with" and raw_segments and _RELATIVE.search(raw_segments[-1][0]) and piece.strip():
+            # a relative clause goes on past "with": "the glands that swell up with mumps"
+            raw_segments[-1] = (f"{raw_segments[-1][0]} with {piece.strip()}", raw_segments[-1][1])
+            continue
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
     # "head and neck" is a region, not two targets: rejoin before interpreting.
@@ -2392,18 +2396,22 @@ def _expand_numbers(a: int, b: int) -> str:
 _REGION_PHRASES = sorted(REGION_WORDS, key=lambda k: -len(k.split()))
 
 
+_SIDES_OF = re.compile(r"(?:on\s+)?(?:both|either|each)\s+sides?\s+of\b")
+
+
 def _rejoin_regions(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """Items split where no list is: "head" and "neck", and a course after a description.
 
     An item that opens with "from" and no number goes on describing the one before it ("the
-    biggest artery in my body, from the heart down to the belly"); "from T4 to T8" is levels.
+    biggest artery in my body, from the heart down to the belly"); "from T4 to T8" is levels. So
+    does one that places it on both sides ("the glands that swell with mumps, on both sides of my face").
     """
     out: list[tuple[str, bool]] = []
     for seg, neg in segments:
         first = seg.split()[:1]
         if out and first == ["neck"] and out[-1][0].split()[-1:] == ["head"]:
             out[-1] = (out[-1][0] + " and " + seg, neg)
-        elif out and first == ["from"] and not re.search(r"\d", seg) and neg == out[-1][1]:
+        elif out and neg == out[-1][1] and (_SIDES_OF.match(seg) or (first == ["from"] and not re.search(r"\d", seg))):
             out[-1] = (out[-1][0] + " " + seg, neg)
         else:
             out.append((seg, neg))

@@ -2341,6 +2341,32 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         ("left coxal bone", "CT", "TotalSegmentator_v2", ["hip_left"]),
         # a position with a region and a side names nothing ("upper left" is no tooth here)
         ("CT EXTREMITY UPPER LEFT WO", "CT", "TotalSegmentator_teeth", []),
+        # a relative clause goes on past "with"; "on both sides of" places the item before it
+        (
+            "the glands that swelled with his mumps, on both sides of his face",
+            "CT",
+            "TotalSegmentator_head_glands_cavities",
+            ["parotid_gland_left", "parotid_gland_right"],
+        ),
+        (
+            "the organ behind my stomach that stopped working with my diabetes",
+            "CT",
+            "TotalSegmentator_v2",
+            ["pancreas"],
+        ),
+        # the heart's upper chambers receive (atria), its lower ones pump (ventricles)
+        (
+            "the upper right chamber of his heart",
+            "CT",
+            "TotalSegmentator_heartchambers_highres",
+            ["heart_atrium_right"],
+        ),
+        (
+            "the bottom right chamber of the heart",
+            "CT",
+            "TotalSegmentator_heartchambers_highres",
+            ["heart_ventricle_right"],
+        ),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
