@@ -2057,6 +2057,14 @@ def _adjectives(vocab: Vocabulary) -> frozenset[str]:
     return vocab._memo[key]
 
 
+def _clause_goes_on(sep: str, piece: str, before: list[tuple[str, bool]]) -> bool:
+    """Whether a list word continues the relative clause of the item before it."""
+    if not before or not piece.strip() or not _RELATIVE.search(before[-1][0]):
+        return False
+    said = [w for w in _WORD.findall(piece) if w not in STOPWORDS]
+    return sep == "with" or (sep == "and" and bool(said) and all(w in REGION_WORDS for w in said))
+
+
 def _split_segments(low: str, vocab: Vocabulary) -> list[tuple[str, bool]]:
     """List items in order, each with whether it lies in an exclusion."""
     # \x00 marks where an exclusion starts ("right kidney; not the left kidney, not the liver").
@@ -2077,9 +2085,10 @@ def _split_segments(low: str, vocab: Vocabulary) -> list[tuple[str, bool]]:
                 raw_segments.append((before.strip(), negated))
             negated = True
             carried = all(w in STOPWORDS for w in _WORD.findall(piece))
-        if sep.strip() == "with" and raw_segments and _RELATIVE.search(raw_segments[-1][0]) and piece.strip():
-            # a relative clause goes on past "with": "the glands that swell up with mumps"
-            raw_segments[-1] = (f"{raw_segments[-1][0]} with {piece.strip()}", raw_segments[-1][1])
+        if _clause_goes_on(sep.strip(), piece, raw_segments):
+            # a relative clause goes on past "with" ("the glands that swell up with mumps") and past
+            # "and" before a body region ("the vein that carries blood up from my legs and belly")
+            raw_segments[-1] = (f"{raw_segments[-1][0]} {sep.strip()} {piece.strip()}", raw_segments[-1][1])
             continue
         if piece.strip():
             raw_segments.append((piece.strip(), negated))
@@ -2973,7 +2982,9 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
             organ = () if _PRIMARY in organ else organ
         if bare and organ:
             t = replace(t, concept=replace(t.concept, core=tuple(sorted(set(core) | set(organ)))))
-        elif bare and len(core) == 1 and (referent := _named_before(core[0], named)):
+        elif (
+            bare and len(core) == 1 and (referent := _named_before(core[0], named)) and not _whole_of_part(t, referent)
+        ):
             t = replace(t, concept=replace(t.concept, core=referent))
         elif core and not any(tok in LESION_TOKENS for tok in core):
             organ = core
@@ -2983,6 +2994,12 @@ def _inherit_lesion_organ(targets: list[ParsedTarget]) -> list[ParsedTarget]:
                 named[tok] = core
         out.append(t)
     return out
+
+
+def _whole_of_part(target: ParsedTarget, referent: tuple[str, ...]) -> bool:
+    """ "tumour core and whole tumour": the whole lesion is not the part of it named before."""
+    part = set(referent) - LESION_TOKENS - set(WORDS.lesion_organs)
+    return bool(part and set(target.words) & WORDS.totality)
 
 
 def _lesion_before_organ(targets: list[ParsedTarget], vocab: Vocabulary) -> list[ParsedTarget]:

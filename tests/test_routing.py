@@ -2367,6 +2367,16 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
             "TotalSegmentator_heartchambers_highres",
             ["heart_ventricle_right"],
         ),
+        # ... and past "and" before a body region
+        (
+            "the large vein that carries blood up to the heart from the legs and belly",
+            "CT",
+            "TotalSegmentator_v2",
+            ["inferior_vena_cava"],
+        ),
+        # the whole lesion is not the part of it named before
+        ("tumour core, then the whole tumour", "MR:T1C", "BraTS21", ["whole_tumor"]),
+        ("the enhancing tumour and the entire tumour", "MR:T1C", "BraTS21", ["whole_tumor"]),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
