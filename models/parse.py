@@ -1384,7 +1384,8 @@ def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
     "Kawasaki disease coronary arteries", "Pott's disease T8 to T10", "Jefferson burst fracture of
     the atlas": the eponym (a word the vocabulary does not know, every part of it when hyphenated),
     at most one more word that names nothing, and the disease noun (``eponym_diseases``) end the
-    list item before the structure. A word the vocabulary reads keeps them ("polycystic kidney
+    list item before the structure; an inflammation ("-itis") the lexicon reads stays, as its
+    organ ("Hashimoto's thyroiditis" is the thyroid). A word the vocabulary reads keeps them ("polycystic kidney
     disease" names the kidneys; "DOTATATE-avid disease" is PET disease).
     """
 
@@ -1392,14 +1393,18 @@ def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
         eponym = _WORD.findall(m.group(1))
         tokens, unknown = vocab.canonical_tokens(eponym, fix_spelling=False)
         between = vocab.canonical_tokens(_WORD.findall(m.group(2) or ""), fix_spelling=False)[0]
-        return " ; " if len(unknown) == len(eponym) and not tokens and not between else m.group(0)
+        if len(unknown) != len(eponym) or tokens or between:
+            return m.group(0)
+        # an inflammation names its organ ("Hashimoto's thyroiditis" is the thyroid's)
+        organ = m.group("itis") and vocab.canonical_tokens([m.group("itis")], fix_spelling=False)[0]
+        return f" ; {m.group('itis')} ; " if organ else " ; "
 
     return _EPONYM_DISEASE.sub(context, low)
 
 
 _EPONYM_DISEASE = re.compile(
     r"(?<![\w'-])([a-z][a-z-]+?)(?:'s|s'|')?\s+(?:([a-z]+)\s+)?"
-    rf"(?:{'|'.join(sorted(WORDS.eponym_diseases))})s?\b"
+    rf"(?:(?:{'|'.join(sorted(WORDS.eponym_diseases))})s?|(?P<itis>[a-z]{{3,}}itis))\b"
     r"(?:\s+(?:of|at|in|affecting)\s+(?:the\s+)?|\s*[-\u2013\u2014:,](?=\s))?"
 )
 

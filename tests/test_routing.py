@@ -2377,6 +2377,8 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
         # the whole lesion is not the part of it named before
         ("tumour core, then the whole tumour", "MR:T1C", "BraTS21", ["whole_tumor"]),
         ("the enhancing tumour and the entire tumour", "MR:T1C", "BraTS21", ["whole_tumor"]),
+        # an eponymous inflammation names its organ
+        ("Riedel's thyroiditis: the gland", "CT", "TotalSegmentator_v2", ["thyroid_gland"]),
     ],
 )
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
