@@ -1384,9 +1384,10 @@ def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
     "Kawasaki disease coronary arteries", "Pott's disease T8 to T10", "Jefferson burst fracture of
     the atlas": the eponym (a word the vocabulary does not know, every part of it when hyphenated),
     at most one more word that names nothing, and the disease noun (``eponym_diseases``) end the
-    list item before the structure; an inflammation ("-itis") the lexicon reads stays, as its
-    organ ("Hashimoto's thyroiditis" is the thyroid). A word the vocabulary reads keeps them ("polycystic kidney
-    disease" names the kidneys; "DOTATATE-avid disease" is PET disease).
+    list item before the structure. An inflammation ("-itis") the lexicon reads stays, as its
+    organ ("Hashimoto's thyroiditis" is the thyroid). A word the vocabulary reads before the noun
+    keeps them all ("polycystic kidney disease" names the kidneys; "DOTATATE-avid disease" is PET
+    disease).
     """
 
     def context(m: re.Match[str]) -> str:
@@ -1395,9 +1396,10 @@ def _eponym_contexts(low: str, vocab: Vocabulary) -> str:
         between = vocab.canonical_tokens(_WORD.findall(m.group(2) or ""), fix_spelling=False)[0]
         if len(unknown) != len(eponym) or tokens or between:
             return m.group(0)
-        # an inflammation names its organ ("Hashimoto's thyroiditis" is the thyroid's)
-        organ = m.group("itis") and vocab.canonical_tokens([m.group("itis")], fix_spelling=False)[0]
-        return f" ; {m.group('itis')} ; " if organ else " ; "
+        inflammation = m.group("itis")
+        if inflammation and vocab.canonical_tokens([inflammation], fix_spelling=False)[0]:
+            return f" ; {inflammation} ; "
+        return " ; "
 
     return _EPONYM_DISEASE.sub(context, low)
 
