@@ -2293,7 +2293,6 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
             ["skeletal_muscle", "subcutaneous_fat"],
         ),
         ("oropharyngeal primary and the positive nodes", "PT", "HECKTOR2022", ["GTVp", "GTVnd"]),
-        ("all the ribs, individually", "CT", "TotalSegmentator_appendicular_bones", []),
         # PET: a grade range is no index; timing, VOIs and lymphoma abbreviations say which lesions
         ("Deauville 4-5 lesions", "PT+CT", "HECKTOR2022", []),
         ("DLBCL baseline", "PT+CT", "AutoPET", ["tumor"]),
@@ -2384,6 +2383,17 @@ def test_readings_of_round_twenty_five_on_pet(router, text, modality, dataset, l
 def test_readings_of_round_twenty_six(router, text, modality, dataset, labels):
     got = plan(router, text, modality, collection=None).selection.get(dataset, [])
     assert got == _values(router, dataset, *labels)
+
+
+def test_individually_says_how_not_what(router):
+    # "individually" is a function word: "all the ribs individually" is every rib, each its own label
+    # (it was an unknown word, and the phrase was left to the encoder, which read nothing)
+    got = plan(router, "all the ribs individually", "CT", collection=None).selection
+    ribs = [
+        e.name for e in router.registry.datasets["TotalSegmentator_v2"].labels.values() if e.name.startswith("rib_")
+    ]
+    assert sorted(got.get("TotalSegmentator_v2", [])) == sorted(_values(router, "TotalSegmentator_v2", *ribs))
+    assert len(ribs) == 24
 
 
 @pytest.mark.parametrize(
